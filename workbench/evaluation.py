@@ -1,0 +1,193 @@
+"""Fact accuracy of a model, with or without an update, in full precision or quantized.
+
+Conventions:
+
+- A cloze fact is scored at the last prompt token: top-1 is correct when the argmax of
+  the next-token distribution is the *first token* of ``" " + answer`` (for the built-in
+  word-level models that is the whole answer; for BPE models like SmolLM2 the first piece).
+- Multiple choice scores each candidate by the summed log-probability of its tokens after
+  the prompt and picks the best (chance = 1/len(choices), 0.25 for the built-ins).
+- ``mean_prob`` is the mean probability of the answer's first token.
+
+Prompts are right-padded into one batch; with causal attention the last real token never
+attends to padding, so no attention mask is needed and results equal unpadded runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from workbench.errors import WorkbenchError
+
+if TYPE_CHECKING:
+    from workbench.facts import Fact, FactSplit
+    from workbench.models import LoadedModel
+    from workbench.quant import QuantConfig
+
+
+def answer_token(tokenizer: Any, answer: str) -> int:
+    """First token id of ``" " + answer`` (see the module docstring)."""
+    ids = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise WorkbenchError(f"answer {answer!r} encodes to no tokens")
+    return int(ids[0])
+
+
+def encode_prompts(
+    tokenizer: Any, prompts: Sequence[str], answers: Sequence[str] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tokenize prompts into a right-padded batch.
+
+    Returns:
+        ids: ``[n, max_len]`` token ids, padded with the pad token.
+        last: ``[n]`` index of each prompt's last real token.
+        answers: ``[n]`` first-token ids of the answers (empty if ``answers`` is None).
+    """
+    if len(prompts) == 0:
+        raise WorkbenchError("no prompts to encode")
+    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    for prompt, ids in zip(prompts, encoded):
+        if not ids:
+            raise WorkbenchError(f"prompt {prompt!r} encodes to no tokens")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    width = max(len(ids) for ids in encoded)
+    batch = torch.full((len(encoded), width), pad, dtype=torch.long)
+    for row, ids in enumerate(encoded):
+        batch[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    last = torch.tensor([len(ids) - 1 for ids in encoded], dtype=torch.long)
+    if answers is None:
+        return batch, last, torch.empty(0, dtype=torch.long)
+    if len(answers) != len(prompts):
+        raise WorkbenchError(f"{len(prompts)} prompts but {len(answers)} answers")
+    ans = torch.tensor([answer_token(tokenizer, a) for a in answers], dtype=torch.long)
+    return batch, last, ans
+
+
+@dataclass(frozen=True)
+class FactScores:
+    """Accuracy of one model on one fact set.
+
+    Attributes:
+        top1: fraction of facts whose answer's first token is the argmax.
+        mc: multiple-choice accuracy (``nan`` if no fact has choices).
+        mean_prob: mean probability of the answer's first token.
+        n: number of facts.
+        correct: per-fact top-1 correctness, in input order.
+    """
+
+    top1: float
+    mc: float
+    mean_prob: float
+    n: int
+    correct: tuple[bool, ...] = field(repr=False, default=())
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {"top1": self.top1, "mc": self.mc, "mean_prob": self.mean_prob, "n": self.n}
+
+
+def last_token_logits(hf: torch.nn.Module, ids: torch.Tensor, last: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+    """``[n, vocab]`` logits at each prompt's last real token (no grad)."""
+    out = []
+    with torch.no_grad():
+        for start in range(0, ids.shape[0], batch_size):
+            chunk = ids[start : start + batch_size]
+            logits = hf(chunk).logits
+            out.append(logits[torch.arange(chunk.shape[0]), last[start : start + batch_size]])
+    return torch.cat(out)
+
+
+def _mc_accuracy(hf: torch.nn.Module, tokenizer: Any, facts: Sequence[Fact], batch_size: int) -> float:
+    """Multiple-choice accuracy by summed candidate log-probability."""
+    with_choices = [f for f in facts if f.choices]
+    if not with_choices:
+        return float("nan")
+    seqs: list[list[int]] = []
+    spans: list[tuple[int, int]] = []  # (prompt_len, total_len)
+    owner: list[tuple[int, int]] = []  # (fact index, choice index)
+    for i, fact in enumerate(with_choices):
+        p_ids = tokenizer(fact.prompt)["input_ids"]
+        for j, choice in enumerate(fact.choices):
+            c_ids = tokenizer(" " + choice, add_special_tokens=False)["input_ids"]
+            seqs.append(p_ids + c_ids)
+            spans.append((len(p_ids), len(p_ids) + len(c_ids)))
+            owner.append((i, j))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    scores = torch.full((len(with_choices), max(len(f.choices) for f in with_choices)), -float("inf"))
+    with torch.no_grad():
+        for start in range(0, len(seqs), batch_size):
+            chunk = seqs[start : start + batch_size]
+            width = max(len(s) for s in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            for r, s in enumerate(chunk):
+                ids[r, : len(s)] = torch.tensor(s)
+            logp = torch.log_softmax(hf(ids).logits.float(), dim=-1)
+            for r, s in enumerate(chunk):
+                p_len, total = spans[start + r]
+                targets = torch.tensor(s[p_len:total])
+                positions = torch.arange(p_len - 1, total - 1)
+                i, j = owner[start + r]
+                scores[i, j] = logp[r, positions, targets].sum()
+    answers = torch.tensor([f.choices.index(f.answer) for f in with_choices])
+    return float((scores.argmax(-1) == answers).float().mean())
+
+
+def evaluate_facts(
+    model: LoadedModel | torch.nn.Module,
+    facts: Sequence[Fact],
+    *,
+    tokenizer: Any = None,
+    batch_size: int = 128,
+    multiple_choice: bool = True,
+) -> FactScores:
+    """Top-1, multiple-choice accuracy and mean answer probability of ``model`` on ``facts``."""
+    hf = getattr(model, "hf", model)
+    tokenizer = tokenizer or getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise WorkbenchError("evaluate_facts needs a tokenizer for a bare module")
+    if len(facts) == 0:
+        return FactScores(top1=float("nan"), mc=float("nan"), mean_prob=float("nan"), n=0)
+    ids, last, answers = encode_prompts(tokenizer, [f.prompt for f in facts], [f.answer for f in facts])
+    logits = last_token_logits(hf, ids, last, batch_size)
+    correct = logits.argmax(-1) == answers
+    probs = torch.softmax(logits.float(), dim=-1)[torch.arange(len(facts)), answers]
+    mc = _mc_accuracy(hf, tokenizer, facts, batch_size) if multiple_choice else float("nan")
+    return FactScores(
+        top1=float(correct.float().mean()),
+        mc=mc,
+        mean_prob=float(probs.mean()),
+        n=len(facts),
+        correct=tuple(bool(c) for c in correct),
+    )
+
+
+def evaluate_split(
+    model: LoadedModel,
+    split: FactSplit,
+    *,
+    quant: QuantConfig | None = None,
+    multiple_choice: bool = True,
+) -> dict[str, FactScores]:
+    """Scores on forget/retain/paraphrase sets, in full precision or through ``quant``.
+
+    With ``quant`` the model is fake-quantized into a copy first; the base is untouched.
+    """
+    target = model
+    if quant is not None:
+        from workbench.quant import fake_quantize_model
+
+        target = fake_quantize_model(model.hf, quant)
+    sets = {
+        "forget": split.forget,
+        "retain": split.retain,
+        "forget_paraphrase": split.forget_paraphrase,
+        "retain_paraphrase": split.retain_paraphrase,
+    }
+    return {
+        key: evaluate_facts(target, facts, tokenizer=model.tokenizer, multiple_choice=multiple_choice)
+        for key, facts in sets.items()
+        if facts
+    }
