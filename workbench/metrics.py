@@ -1,0 +1,244 @@
+"""Everything measured about one unlearning update: the numbers behind ``metrics.json``.
+
+Five models are compared, all built from the base without modifying it:
+
+========================  ===========================================================
+``base_fp``               w — the base in full precision
+``base_q``                Q(w) — the base quantized
+``after_fp``              w + Δ — the unlearned model in full precision
+``after_qbase_delta``     Q(w) + Δ — the exact, unrounded update on the quantized base
+``after_q``               Q(w + Δ) — the unlearned model quantized (what gets deployed)
+========================  ===========================================================
+
+The PTQ gap ``forget(after_q) − forget(after_fp)`` is decomposed (REFERENCE.md §6) into
+``base_shift = forget(Q(w)+Δ) − forget(w+Δ)`` — the base's own quantization noise — and
+``rounding = forget(Q(w+Δ)) − forget(Q(w)+Δ)`` — the update being rounded away. Only the
+second is "quantization undoing the update".
+
+Parameters the quantizer does not touch (embeddings, norms, biases) keep their exact
+update in every quantized model, as they would in a bitsandbytes 4-bit deployment.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from workbench.errors import WorkbenchError
+from workbench.evaluation import evaluate_facts, last_token_logits
+from workbench.update import Update
+
+if TYPE_CHECKING:
+    from workbench.facts import FactSplit
+    from workbench.models import LoadedModel
+    from workbench.nodes import Component
+    from workbench.quant import QuantConfig
+
+VARIANTS = ("base_fp", "base_q", "after_fp", "after_qbase_delta", "after_q")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Pass/fail thresholds of the four-property report card.
+
+    Attributes:
+        forget_max: forgetting passes when forget top-1 is at most this in full precision
+            *and* quantized. ``None``: the retrain oracle's forget top-1 + 0.05 when an
+            oracle exists, else 0.2 — but never above half the base's forget top-1.
+        retain_tolerance: retain top-1 may drop at most this much (full precision and
+            quantized, each against the base in the same precision).
+        ptq_max_gap: the PTQ gap (quantized − full-precision forget top-1) must be at most this.
+        cad_min: structural erasure passes when CAD (full precision and quantized) is at least this.
+    """
+
+    forget_max: float | None = None
+    retain_tolerance: float = 0.05
+    ptq_max_gap: float = 0.0
+    cad_min: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.forget_max is not None and not 0 <= self.forget_max <= 1:
+            raise WorkbenchError(f"forget_max must be in [0, 1], got {self.forget_max}")
+        if not 0 <= self.retain_tolerance <= 1:
+            raise WorkbenchError(f"retain_tolerance must be in [0, 1], got {self.retain_tolerance}")
+        if not 0 <= self.cad_min <= 1:
+            raise WorkbenchError(f"cad_min must be in [0, 1], got {self.cad_min}")
+
+
+def quantized_states(
+    model: LoadedModel, update: Update, quant: QuantConfig
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Replacement states for the quantized variants (only names that differ from the base)."""
+    from workbench.quant import quantizable_parameters, quantize_dequantize
+
+    base = model.state()
+    names = quantizable_parameters(model.hf, quant)
+    qbase = {n: quantize_dequantize(base[n], quant) for n in names}
+    after_q = dict(qbase)
+    for n, d in update.deltas.items():
+        after_q[n] = quantize_dequantize(base[n] + d, quant) if n in qbase else base[n] + d
+    qbase_delta = dict(qbase)
+    for n, d in update.deltas.items():
+        qbase_delta[n] = qbase.get(n, base[n]) + d
+    return {"base_q": qbase, "after_q": after_q, "after_qbase_delta": qbase_delta}
+
+
+def build_variants(model: LoadedModel, update: Update, quant: QuantConfig) -> dict[str, LoadedModel]:
+    """The five models of the module docstring."""
+    states = quantized_states(model, update, quant)
+    return {
+        "base_fp": model,
+        "base_q": model.with_state(states["base_q"], f"{model.name}|{quant.label}"),
+        "after_fp": update.apply(model, f"{model.name}+Δ"),
+        "after_qbase_delta": model.with_state(states["after_qbase_delta"], f"{model.name}|{quant.label}+Δ"),
+        "after_q": model.with_state(states["after_q"], f"{model.name}+Δ|{quant.label}"),
+    }
+
+
+def retain_kl(base: LoadedModel, after: LoadedModel, facts: Any) -> float:
+    """Mean KL(p_base ‖ p_after) of the next-token distribution at the retain prompts' answer position."""
+    from workbench.evaluation import encode_prompts
+
+    ids, last, _ = encode_prompts(base.tokenizer, [f.prompt for f in facts])
+    lb = torch.log_softmax(last_token_logits(base.hf, ids, last).float(), -1)
+    la = torch.log_softmax(last_token_logits(after.hf, ids, last).float(), -1)
+    return float((lb.exp() * (lb - la)).sum(-1).mean())
+
+
+def _finite(x: float) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
+
+
+def measure_update(
+    model: LoadedModel,
+    split: FactSplit,
+    update: Update,
+    *,
+    quant: QuantConfig,
+    circuit: Iterable[Component] | None = None,
+    oracle: LoadedModel | None = None,
+    thresholds: Thresholds = Thresholds(),
+    cad: bool = True,
+    attribution_config: Any = None,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """All metrics of one update (the body of ``metrics.json`` minus run bookkeeping)."""
+    from workbench.quant import compare_quantization, quantizable_parameters
+
+    report = progress or (lambda _f, _m: None)
+    update.check_fits(model)
+    report(0.05, "building full-precision and quantized variants")
+    variants = build_variants(model, update, quant)
+    sets = {"forget": split.forget, "retain": split.retain,
+            "forget_paraphrase": split.forget_paraphrase, "retain_paraphrase": split.retain_paraphrase}
+    acc: dict[str, dict[str, Any]] = {k: {} for k in sets if sets[k]}
+    mc: dict[str, dict[str, Any]] = {"forget": {}}
+    for i, (vname, vmodel) in enumerate(variants.items()):
+        report(0.1 + 0.4 * i / len(variants), f"evaluating {vname}")
+        for sname, facts in sets.items():
+            if not facts:
+                continue
+            scores = evaluate_facts(vmodel, facts, multiple_choice=(sname == "forget"))
+            acc[sname][vname] = scores.top1
+            if sname == "forget":
+                mc["forget"][vname] = _finite(scores.mc)
+    f = acc["forget"]
+    metrics: dict[str, Any] = {
+        "quant": quant.to_dict(),
+        "forget": {
+            "base_fp": f["base_fp"], "base_q": f["base_q"], "after_fp": f["after_fp"], "after_q": f["after_q"],
+            "after_qbase_delta": f["after_qbase_delta"],
+        },
+        "retain": dict(acc["retain"]),
+        "paraphrase": {k: v for k, v in acc.items() if k.endswith("paraphrase")},
+        "multiple_choice": mc,
+        "ptq_gap": f["after_q"] - f["after_fp"],
+        "ptq_gap_decomposition": {
+            "base_shift": f["after_qbase_delta"] - f["after_fp"],
+            "rounding": f["after_q"] - f["after_qbase_delta"],
+        },
+    }
+    report(0.55, "quantization analysis of the update")
+    names = quantizable_parameters(model.hf, quant)
+    qdeltas = {n: d for n, d in update.deltas.items() if n in names}
+    comparison = compare_quantization(model.state(), qdeltas, names, quant)
+    overall = comparison.to_dict()["overall"]
+    metrics.update({
+        "bucket_overlap": overall["bucket_overlap"],
+        "codes_changed": overall["code_flips"],
+        "codes_changed_fraction": overall["code_flips"] / max(1, overall["n_weights"]),
+        "params_changed": update.nnz(),
+        "params_changed_unquantized": update.nnz() - sum(int((d != 0).sum()) for d in qdeltas.values()),
+        "moved_code_changed_fraction": overall.get("moved_code_changed_fraction"),
+        "absmax_changes": overall.get("absmax_changes"),
+        "update_to_bin_width": {"median": overall.get("ratio_median"), "p90": overall.get("ratio_p90")},
+        "update_norm": update.norm(),
+        "quantization": comparison.to_dict(),
+    })
+    report(0.65, "retain KL")
+    metrics["retain_kl"] = retain_kl(model, variants["after_fp"], split.retain)
+    if oracle is not None:
+        metrics["oracle"] = {"forget_fp": evaluate_facts(oracle, split.forget, multiple_choice=False).top1,
+                             "retain_fp": evaluate_facts(oracle, split.retain, multiple_choice=False).top1}
+    circuit_list = list(circuit) if circuit is not None else None
+    if cad:
+        report(0.7, "attribution before/after for CAD")
+        metrics["cad"] = cad_for_variants(variants, split.forget, circuit_list, attribution_config)
+    metrics["properties"] = report_card(metrics, thresholds)
+    return metrics
+
+
+def cad_for_variants(variants: dict[str, LoadedModel], forget: Any, circuit: list[Component] | None,
+                     attribution_config: Any = None) -> dict[str, Any]:
+    """CAD in full precision (base_fp vs after_fp) and quantized (base_q vs after_q)."""
+    from workbench.attribution import AttributionConfig, attribute
+    from workbench.cad import circuit_attribution_divergence
+
+    config = attribution_config or AttributionConfig()
+    out: dict[str, Any] = {}
+    for label, (b, a) in {"fp": ("base_fp", "after_fp"), "quantized": ("base_q", "after_q")}.items():
+        before = attribute(variants[b], forget, config, progress=lambda *_: None)
+        after = attribute(variants[a], forget, config, progress=lambda *_: None)
+        result = circuit_attribution_divergence(
+            before.scores, after.scores, circuit=circuit,
+            metric_before=before.clean_metric, metric_after=after.clean_metric,
+        )
+        out[label] = result.cad
+        out[f"{label}_detail"] = result.to_dict()
+    return out
+
+
+def report_card(metrics: dict[str, Any], thresholds: Thresholds = Thresholds()) -> dict[str, dict[str, Any]]:
+    """The four properties of REFERENCE.md §3 with pass/fail and margin (positive = passes by that much)."""
+    f, r = metrics["forget"], metrics["retain"]
+    forget_max = thresholds.forget_max
+    if forget_max is None:
+        oracle = metrics.get("oracle", {}).get("forget_fp")
+        forget_max = oracle + 0.05 if oracle is not None else 0.2
+        forget_max = min(forget_max, 0.5 * f["base_fp"])
+    worst_forget = max(f["after_fp"], f["after_q"])
+    drop = max(r["base_fp"] - r["after_fp"], r["base_q"] - r["after_q"])
+    card: dict[str, dict[str, Any]] = {
+        "forgetting": {"pass": worst_forget <= forget_max, "margin": forget_max - worst_forget,
+                       "threshold": forget_max, "value": worst_forget},
+        "retain": {"pass": drop <= thresholds.retain_tolerance, "margin": thresholds.retain_tolerance - drop,
+                   "threshold": thresholds.retain_tolerance, "value": drop},
+        "ptq": {"pass": metrics["ptq_gap"] <= thresholds.ptq_max_gap,
+                "margin": thresholds.ptq_max_gap - metrics["ptq_gap"],
+                "threshold": thresholds.ptq_max_gap, "value": metrics["ptq_gap"]},
+    }
+    if "cad" in metrics:
+        worst_cad = min(metrics["cad"]["fp"], metrics["cad"]["quantized"])
+        card["structural"] = {"pass": worst_cad >= thresholds.cad_min, "margin": worst_cad - thresholds.cad_min,
+                              "threshold": thresholds.cad_min, "value": worst_cad}
+    else:
+        card["structural"] = {"pass": None, "margin": None, "threshold": thresholds.cad_min, "value": None}
+    return card
+
+
+def thresholds_to_dict(t: Thresholds) -> dict[str, Any]:
+    return asdict(t)

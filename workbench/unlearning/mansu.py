@@ -1,0 +1,468 @@
+"""MANSU — Mechanistic-Aligned Null-Space Unlearning, as this workbench reads the paper.
+
+The paper (Sadhu, Seth, Sankarapu, 2026) has no public code; this is our reading of its
+abstract (REFERENCE.md §3), every component switchable for ablations:
+
+(a) **circuit restriction** — only weights of circuit components may move
+    (:func:`workbench.circuit.circuit_parameters`); among them the moved ones are chosen by
+    forget saliency against retain Fisher.
+(b) **null-space projection** — the forget direction of each linear map is projected onto
+    the near-null space of its retain-set inputs: with ``C = K_R K_Rᵀ`` (``K_R`` = inputs
+    ``[d_in, n_tokens]``) and ``U₀`` the eigenvectors whose eigenvalue is at most
+    ``null_threshold · λ_max``, ``P = U₀ U₀ᵀ`` and ``D ← D P`` (``P D`` for GPT-2's Conv1D,
+    whose weight is ``[in, out]``), so ``D K_R ≈ 0``. One projector per module serves a fused
+    ``c_attn`` / ``query_key_value`` (its Q, K and V read the same input) and each of
+    Llama's separate q/k/v projections (GQA changes nothing here: K and V read the same
+    normalised residual as Q).
+(c) **diagonal-Fisher retain bound** — ``F_i = E_retain[(∂ log p(y|x)/∂θ_i)²]``; to second
+    order the retain KL of a change Δ is ``½ Σ F_i Δ_i²``. Saliency is ``|D_i| / √(F_i + λ)``
+    and a candidate is only moved while the running bound stays within ``fisher_budget``.
+(d) **quantization magnitude floor** — a moved weight is set to the *value of its
+    neighbouring quantization code* in the direction of ``D`` (``code_steps`` codes away):
+    ``w_i + Δ_i = code[c_i ± k] · absmax_b``. That is past the decision boundary by at least
+    half a bin, so the quantized code changes by construction, and ``Q(w+Δ) = w+Δ`` on the
+    moved weights. A block's absmax element is never moved (its block scale, and so every
+    other code of the block, stays put); the real bitsandbytes quantizer verifies both.
+
+The edit is built in rounds: each round takes the gradient of the forget loss at the
+current after-model, projects it, ranks candidates and moves ``params_per_round`` new
+weights by the floor rule. It stops when full-precision *and* quantized forget top-1 reach
+``forget_target``, when the Fisher budget is spent, or after ``max_rounds``.
+
+Without the floor (ablation) a selected weight moves by ``no_floor_step`` local bin widths
+scaled by its relative saliency — a sparse but sub-bin update, the regime quantization erases.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from workbench.errors import WorkbenchError
+from workbench.unlearning.batches import FactBatch, answer_logits
+from workbench.unlearning.loop import Batches, UnlearningResult
+from workbench.update import Update
+
+if TYPE_CHECKING:
+    from workbench.models import LoadedModel
+    from workbench.nodes import Component
+    from workbench.quant import QuantConfig
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass(frozen=True)
+class MansuConfig:
+    """MANSU's switches and budgets (see the module docstring for each component).
+
+    Attributes:
+        use_circuit, use_projection, use_fisher, use_floor: the four components.
+        params_per_round: weights moved per round.
+        max_rounds: round budget.
+        forget_target: stop when fp and quantized forget top-1 are both <= this.
+        null_threshold: relative eigenvalue threshold of the near-null space.
+        min_null_fraction: keep at least this fraction of input directions as "null" (the
+            smallest-eigenvalue ones) when the threshold leaves fewer.
+        fisher_budget: ε on ½ Σ F_i Δ_i² (nats); ``None`` = no cap (saliency still uses F).
+        fisher_samples: retain examples for the Fisher estimate.
+        fisher_damping: λ in the saliency, relative to the mean Fisher value.
+        code_steps: codes moved per weight (floor rule).
+        no_floor_step: sub-bin step (in bin widths) when the floor is off.
+        retain_batch: retain examples for the projector's activations (all if larger).
+    """
+
+    use_circuit: bool = True
+    use_projection: bool = True
+    use_fisher: bool = True
+    use_floor: bool = True
+    params_per_round: int = 32
+    max_rounds: int = 60
+    forget_target: float = 0.1
+    null_threshold: float = 1e-2
+    min_null_fraction: float = 0.25
+    fisher_budget: float | None = 0.5
+    fisher_samples: int = 64
+    fisher_damping: float = 0.1
+    code_steps: int = 1
+    no_floor_step: float = 0.2
+    retain_batch: int = 256
+
+    def __post_init__(self) -> None:
+        if self.params_per_round < 1 or self.max_rounds < 1:
+            raise WorkbenchError("params_per_round and max_rounds must be >= 1")
+        if not 0.0 <= self.forget_target <= 1.0:
+            raise WorkbenchError(f"forget_target must be in [0, 1], got {self.forget_target}")
+        if not 0.0 < self.null_threshold < 1.0:
+            raise WorkbenchError(f"null_threshold must be in (0, 1), got {self.null_threshold}")
+        if not 0.0 <= self.min_null_fraction <= 1.0:
+            raise WorkbenchError(f"min_null_fraction must be in [0, 1], got {self.min_null_fraction}")
+        if self.fisher_budget is not None and not self.fisher_budget > 0:
+            raise WorkbenchError(f"fisher_budget must be > 0 or None, got {self.fisher_budget}")
+        if self.code_steps < 1:
+            raise WorkbenchError(f"code_steps must be >= 1, got {self.code_steps}")
+        if self.fisher_samples < 1:
+            raise WorkbenchError("fisher_samples must be >= 1")
+
+    @property
+    def label(self) -> str:
+        off = [n for n, on in (("circuit", self.use_circuit), ("projection", self.use_projection),
+                               ("fisher", self.use_fisher), ("floor", self.use_floor)) if not on]
+        return "mansu" + "".join(f"-no_{n}" for n in off)
+
+
+# --- (b) null-space projection ---------------------------------------------------------
+
+
+def null_space_projector(inputs: torch.Tensor, threshold: float = 1e-2, min_fraction: float = 0.0) -> torch.Tensor:
+    """Projector onto the near-null space of ``inputs``' second moment.
+
+    Args:
+        inputs: ``[n_tokens, d]`` activations (rows are the retain inputs k_j).
+        threshold: eigenvalues of ``C = Σ k_j k_jᵀ`` at most ``threshold · λ_max`` count as null.
+        min_fraction: at least this fraction of the ``d`` directions is kept (smallest first).
+
+    Returns:
+        ``P`` ``[d, d]``, symmetric, idempotent; ``P k ≈ 0`` for retain inputs k.
+    """
+    if inputs.ndim != 2 or inputs.shape[0] == 0:
+        raise WorkbenchError(f"null_space_projector needs [n_tokens, d] inputs, got {tuple(inputs.shape)}")
+    x = inputs.double()
+    cov = x.T @ x
+    evals, evecs = torch.linalg.eigh(cov)  # ascending
+    d = cov.shape[0]
+    n_null = int((evals <= threshold * evals[-1].clamp_min(1e-30)).sum())
+    n_null = max(n_null, int(round(min_fraction * d)))
+    basis = evecs[:, :n_null]
+    return (basis @ basis.T).float()
+
+
+def _linear_inputs(work: torch.nn.Module, names: Iterable[str], batch: FactBatch) -> dict[str, torch.Tensor]:
+    """``[n_real_tokens, d_in]`` inputs of the modules owning the weights ``names`` on ``batch``."""
+    modules = dict(work.named_modules())
+    owners = {n: n.rsplit(".", 1)[0] for n in names}
+    captured: dict[str, list[torch.Tensor]] = {m: [] for m in set(owners.values())}
+    real = torch.arange(batch.ids.shape[1])[None, :] <= batch.last[:, None]  # padding excluded
+    handles = []
+    for mod_name in captured:
+        def hook(_m: torch.nn.Module, args: tuple[torch.Tensor, ...], key: str = mod_name) -> None:
+            captured[key].append(args[0].detach()[real])
+        handles.append(modules[mod_name].register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            work(batch.ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: torch.cat(captured[owners[n]]) for n in names}
+
+
+def _is_conv1d(work: torch.nn.Module, name: str) -> bool:
+    module = dict(work.named_modules())[name.rsplit(".", 1)[0]]
+    return type(module).__name__ == "Conv1D"
+
+
+def project_update(delta: torch.Tensor, projector: torch.Tensor, *, conv1d: bool) -> torch.Tensor:
+    """Project a weight change so that it leaves retain outputs unchanged to first order.
+
+    ``nn.Linear`` weights are ``[out, in]`` (y = W x): ``ΔW P``. GPT-2 ``Conv1D`` weights are
+    ``[in, out]`` (y = x W): ``P ΔW``.
+    """
+    return projector @ delta if conv1d else delta @ projector
+
+
+# --- (c) diagonal Fisher -----------------------------------------------------------------
+
+
+def diagonal_fisher(work: torch.nn.Module, names: list[str], batch: FactBatch, samples: int) -> dict[str, torch.Tensor]:
+    """``E[(∂ log p(y|x)/∂θ)²]`` over up to ``samples`` retain facts, one example per backward.
+
+    The empirical Fisher with the true answers (the facts the model knows), per example
+    so that the square is of a per-example gradient, as the definition requires.
+    """
+    params = dict(work.named_parameters())
+    for n, p in params.items():
+        p.requires_grad_(n in names)
+    fisher = {n: torch.zeros_like(params[n]) for n in names}
+    count = min(samples, len(batch))
+    for i in range(count):
+        row = batch.subset(torch.tensor([i]))
+        logp = torch.log_softmax(answer_logits(work, row).float(), -1)[0, row.answers[0]]
+        grads = torch.autograd.grad(logp, [params[n] for n in names], allow_unused=True)
+        for n, g in zip(names, grads):
+            if g is not None:
+                fisher[n] += g.detach() ** 2
+    for p in params.values():
+        p.requires_grad_(False)
+    return {n: f / count for n, f in fisher.items()}
+
+
+def fisher_bound(fisher: dict[str, torch.Tensor], update: Update) -> float:
+    """Second-order retain KL estimate ½ Σ F_i Δ_i² of an update."""
+    return float(sum(0.5 * (fisher[n] * d**2).sum() for n, d in update.deltas.items() if n in fisher))
+
+
+# --- (d) quantization grid ---------------------------------------------------------------
+
+
+@dataclass
+class _Grid:
+    """Per weight of one tensor: its code, its block's effective absmax, the code table."""
+
+    codes: torch.Tensor  # [numel] long
+    absmax: torch.Tensor  # [numel] float (the block scale each weight dequantizes with)
+    table: torch.Tensor  # [n_codes] float, ascending
+    is_block_max: torch.Tensor  # [numel] bool — moving it could change the block scale
+
+
+def _grid(w: torch.Tensor, quant: QuantConfig) -> _Grid:
+    from workbench.quant import quantize_codes
+
+    qw = quantize_codes(w, quant)
+    flat = w.reshape(-1)
+    codes = qw.codes.reshape(-1).long()[: flat.numel()]
+    absmax_blocks = qw.absmax.reshape(-1).float()
+    block = torch.arange(flat.numel()) // quant.blocksize
+    absmax = absmax_blocks[block]
+    true_max = torch.zeros(absmax_blocks.numel()).scatter_reduce(0, block, flat.abs(), reduce="amax")
+    is_block_max = flat.abs() >= true_max[block]
+    table = qw.code_values.float()
+    if not bool((table[1:] >= table[:-1]).all()):
+        raise WorkbenchError("the quantizer's code table is not sorted; MANSU's floor assumes it is")
+    return _Grid(codes, absmax, table, is_block_max)
+
+
+def floor_targets(w: torch.Tensor, direction: torch.Tensor, grid: _Grid, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per weight (flat): the value of the code ``steps`` away in ``sign(direction)``, and validity.
+
+    Invalid where the direction is 0, the code would leave the table, or the weight is its
+    block's absmax.
+    """
+    sign = torch.sign(direction.reshape(-1)).long()
+    target_code = grid.codes + steps * sign
+    valid = (sign != 0) & (target_code >= 0) & (target_code < grid.table.numel()) & ~grid.is_block_max
+    target = grid.table[target_code.clamp(0, grid.table.numel() - 1)] * grid.absmax
+    return target, valid
+
+
+def local_bin_width(grid: _Grid) -> torch.Tensor:
+    """Per weight: absmax × the gap between the codes around it (mean of the two gaps inside)."""
+    t = grid.table
+    gaps = t[1:] - t[:-1]
+    lo = torch.cat([gaps[:1], gaps])  # gap below each code (edge: the first gap)
+    hi = torch.cat([gaps, gaps[-1:]])  # gap above each code
+    return 0.5 * (lo + hi)[grid.codes] * grid.absmax
+
+
+# --- the method ----------------------------------------------------------------------------
+
+
+@dataclass
+class _State:
+    names: list[str]
+    masks: dict[str, torch.Tensor]
+    projectors: dict[str, torch.Tensor] = field(default_factory=dict)
+    fisher: dict[str, torch.Tensor] = field(default_factory=dict)
+    grids: dict[str, _Grid] = field(default_factory=dict)
+    conv1d: dict[str, bool] = field(default_factory=dict)
+
+
+def mansu(
+    model: LoadedModel,
+    batches: Batches,
+    *,
+    circuit: Iterable[Component] | None,
+    quant: QuantConfig,
+    config: MansuConfig = MansuConfig(),
+    progress: Progress | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> UnlearningResult:
+    """Run MANSU on ``model`` for the forget/retain ``batches``; returns a sparse update."""
+    from workbench.quant import quantizable_parameters, quantize_dequantize
+
+    start = time.perf_counter()
+    report = progress or (lambda _f, _m: None)
+    quantizable = quantizable_parameters(model.hf, quant)
+    if config.use_circuit:
+        from workbench.circuit import circuit_parameters
+
+        components = list(circuit or [])
+        if not components:
+            raise WorkbenchError("MANSU with circuit restriction needs a non-empty circuit")
+        masks = {n: m for n, m in circuit_parameters(model, components).items() if n in quantizable and bool(m.any())}
+        if not masks:
+            raise WorkbenchError("the circuit maps to no quantized weight (only embeddings?); add heads or MLPs")
+    else:
+        masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in model.hf.named_parameters() if n in quantizable}
+    names = sorted(masks)
+    work = copy.deepcopy(model.hf).eval()
+    for p in work.parameters():
+        p.requires_grad_(False)
+    state = _State(names=names, masks=masks)
+    state.conv1d = {n: _is_conv1d(work, n) for n in names}
+
+    report(0.02, "quantization grid of the moved modules")
+    base = model.state()
+    for n in names:
+        state.grids[n] = _grid(base[n], quant)
+
+    retain_proj = batches.retain.sample(config.retain_batch, torch.Generator().manual_seed(0))
+    if config.use_projection:
+        report(0.05, "retain activations → null-space projectors")
+        inputs = _linear_inputs(work, names, retain_proj)
+        cache: dict[str, torch.Tensor] = {}
+        for n in names:
+            key = n.rsplit(".", 1)[0]
+            if key not in cache:
+                cache[key] = null_space_projector(inputs[n], config.null_threshold, config.min_null_fraction)
+            state.projectors[n] = cache[key]
+    if config.use_fisher:
+        report(0.1, "retain Fisher")
+        state.fisher = diagonal_fisher(work, names, batches.retain, config.fisher_samples)
+
+    # Quantized base of the moved modules: Q(after) only differs from Q(base) where we move.
+    deltas = {n: torch.zeros_like(base[n]) for n in names}
+    moved = {n: torch.zeros(base[n].numel(), dtype=torch.bool) for n in names}
+    params = dict(work.named_parameters())
+    history: list[dict[str, float]] = []
+    bound = 0.0
+    stopped = "budget"
+    rounds = 0
+    qwork = _quantized_copy(model, quant)
+    qparams = dict(qwork.named_parameters())
+    fisher_mean = {n: float(f.mean()) for n, f in state.fisher.items()}
+    global_fisher_mean = sum(fisher_mean.values()) / max(1, len(fisher_mean))
+
+    for rounds in range(1, config.max_rounds + 1):
+        if should_stop is not None and should_stop():
+            stopped = "cancelled"
+            rounds -= 1
+            break
+        direction = _forget_direction(work, names, batches.forget)
+        candidates: list[tuple[float, str, int, float]] = []  # (saliency, name, flat index, delta)
+        for n in names:
+            d = direction[n] * masks[n]
+            if config.use_projection:
+                d = project_update(d, state.projectors[n], conv1d=state.conv1d[n]) * masks[n]
+            flat = d.reshape(-1)
+            sal = flat.abs()
+            if config.use_fisher:
+                sal = sal / torch.sqrt(state.fisher[n].reshape(-1) + config.fisher_damping * global_fisher_mean + 1e-30)
+            grid = state.grids[n]
+            w_now = (base[n] + deltas[n]).reshape(-1)
+            if config.use_floor:
+                target, valid = floor_targets(base[n], flat, grid, config.code_steps)
+                valid &= ~moved[n]
+                step = target - base[n].reshape(-1)
+            else:
+                valid = (flat != 0) & ~grid.is_block_max
+                width = local_bin_width(grid)
+                rel = flat.abs() / flat.abs().max().clamp_min(1e-30)
+                step = torch.sign(flat) * config.no_floor_step * width * rel
+                step = (w_now + step) - base[n].reshape(-1)
+            valid &= masks[n].reshape(-1)
+            sal = torch.where(valid, sal, torch.zeros_like(sal))
+            k = min(config.params_per_round, int(valid.sum()))
+            if k == 0:
+                continue
+            top = torch.topk(sal, k)
+            for s, i in zip(top.values.tolist(), top.indices.tolist()):
+                if s > 0:
+                    candidates.append((s, n, i, float(step[i])))
+        candidates.sort(key=lambda c: -c[0])
+        chosen = 0
+        for _s, n, i, new_delta in candidates:
+            if chosen >= config.params_per_round:
+                break
+            old = float(deltas[n].view(-1)[i])
+            if config.use_fisher and config.fisher_budget is not None:
+                cost = 0.5 * float(state.fisher[n].view(-1)[i]) * (new_delta**2 - old**2)
+                if bound + cost > config.fisher_budget:
+                    continue
+                bound += cost
+            deltas[n].view(-1)[i] = new_delta
+            moved[n][i] = True
+            chosen += 1
+        if chosen == 0:
+            stopped = "fisher budget" if config.use_fisher and config.fisher_budget is not None else "no candidates"
+            break
+        with torch.no_grad():
+            for n in names:
+                params[n].copy_(base[n] + deltas[n])
+                qparams[n].copy_(quantize_dequantize(base[n] + deltas[n], quant))
+        fp = _top1(work, batches.forget)
+        q = _top1(qwork, batches.forget)
+        record = {"step": rounds, "forget_top1": fp, "forget_top1_q": q, "moved": float(sum(int(m.sum()) for m in moved.values())),
+                  "fisher_bound": bound}
+        history.append(record)
+        report(min(0.99, 0.15 + 0.85 * rounds / config.max_rounds),
+               f"MANSU round {rounds}: moved {int(record['moved'])}, forget top-1 {fp:.3f} (quantized {q:.3f})")
+        if fp <= config.forget_target and q <= config.forget_target:
+            stopped = "target"
+            break
+
+    update = Update({n: d for n, d in deltas.items() if bool((d != 0).any())},
+                    {"method": config.label, "base_fingerprint": model.fingerprint})
+    diagnostics: dict[str, Any] = {
+        "fisher_bound": fisher_bound(state.fisher, update) if state.fisher else None,
+        "fisher_budget": config.fisher_budget if config.use_fisher else None,
+        "n_candidate_params": int(sum(int(m.sum()) for m in masks.values())),
+        "n_modules": len(names),
+        "config": config.__dict__,
+    }
+    if state.projectors:
+        dims = {n.rsplit(".", 1)[0]: int(round(float(torch.trace(p)))) for n, p in state.projectors.items()}
+        diagnostics["null_space_dims"] = dims
+        diagnostics["retain_output_change"] = retain_output_change(work, update, state, retain_proj)
+    return UnlearningResult(update=update, method=config.label, steps=rounds, stopped=stopped,
+                            seconds=time.perf_counter() - start, history=history, diagnostics=diagnostics)
+
+
+def retain_output_change(work: torch.nn.Module, update: Update, state: _State, batch: FactBatch) -> float:
+    """‖ΔW K_R‖ / (‖ΔW‖·‖K_R‖) summed over modules: how far the final sparse edit is from the null space."""
+    if update.is_empty():
+        return 0.0
+    inputs = _linear_inputs(work, list(update.deltas), batch)
+    num = den = 0.0
+    for n, d in update.deltas.items():
+        k = inputs[n]
+        out = k @ d if state.conv1d.get(n) else k @ d.T
+        num += float(out.norm())
+        den += float(d.norm() * k.norm())
+    return num / den if den else 0.0
+
+
+def _forget_direction(work: torch.nn.Module, names: list[str], forget: FactBatch) -> dict[str, torch.Tensor]:
+    """−∇ mean log p(answer) over the forget facts the model still gets right (all if none)."""
+    params = dict(work.named_parameters())
+    for n in names:
+        params[n].requires_grad_(True)
+    try:
+        logits = answer_logits(work, forget)
+        still = logits.argmax(-1) == forget.answers
+        rows = still if bool(still.any()) else torch.ones_like(still)
+        logp = torch.log_softmax(logits.float(), -1).gather(-1, forget.answers[:, None]).squeeze(-1)
+        loss = logp[rows].mean()
+        grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+    finally:
+        for n in names:
+            params[n].requires_grad_(False)
+    return {n: (-g if g is not None else torch.zeros_like(params[n])) for n, g in zip(names, grads)}
+
+
+def _top1(module: torch.nn.Module, batch: FactBatch) -> float:
+    with torch.no_grad():
+        return float((answer_logits(module, batch).argmax(-1) == batch.answers).float().mean())
+
+
+def _quantized_copy(model: LoadedModel, quant: QuantConfig) -> torch.nn.Module:
+    from workbench.quant import fake_quantize_model
+
+    q = fake_quantize_model(model.hf, quant)
+    for p in q.parameters():
+        p.requires_grad_(False)
+    return q.eval()
