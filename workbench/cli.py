@@ -114,7 +114,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_quant_report(args: argparse.Namespace) -> int:
     from workbench.models import load_model
-    from workbench.quant import bin_occupancy, compare_quantization, quantizable_parameters, weight_relative_error
+    from workbench.quant import (
+        bin_occupancy,
+        compare_quantization,
+        quantizable_parameters,
+        transposed_parameters,
+        weight_relative_error,
+    )
     from workbench.tables import text_histogram, text_table
     from workbench.update import Update
 
@@ -124,8 +130,9 @@ def cmd_quant_report(args: argparse.Namespace) -> int:
         raise WorkbenchError("quant-report needs a quantizer: --quant nf4, fp4 or int8")
     names = quantizable_parameters(model.hf, q)
     state = model.state()
-    err = weight_relative_error(state, names, q)
-    occupancy = bin_occupancy(state, names, q)
+    tr = transposed_parameters(model.hf)
+    err = weight_relative_error(state, names, q, transposed=tr)
+    occupancy = bin_occupancy(state, names, q, transposed=tr)
     report: dict[str, Any] = {
         "model": args.model,
         "quant": q.to_dict(),
@@ -137,7 +144,8 @@ def cmd_quant_report(args: argparse.Namespace) -> int:
     if args.update:
         update = Update.load(args.update)
         update.check_fits(model)
-        comparison = compare_quantization(state, update.deltas, names, q)
+        deltas = {n: d for n, d in update.deltas.items() if n in names}
+        comparison = compare_quantization(state, deltas, names, q, transposed=tr)
         report["comparison"] = comparison.to_dict()
     if args.json:
         print(json.dumps(report, indent=2, default=float))
@@ -156,7 +164,13 @@ def cmd_quant_report(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Headless end-to-end: build the default, evaluate full precision vs NF4, summarise bins."""
     from workbench.models import DEFAULT_MODEL, load_model
-    from workbench.quant import QuantConfig, bin_occupancy, quantizable_parameters, weight_relative_error
+    from workbench.quant import (
+        QuantConfig,
+        bin_occupancy,
+        quantizable_parameters,
+        transposed_parameters,
+        weight_relative_error,
+    )
     from workbench.splits import builtin_split
     from workbench.tables import text_histogram, text_table
 
@@ -171,9 +185,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(text_table(evaluation_rows(model, split, [None, q])))
     names = quantizable_parameters(model.hf, q)
     state = model.state()
-    err = weight_relative_error(state, names, q)
+    tr = transposed_parameters(model.hf)
+    err = weight_relative_error(state, names, q, transposed=tr)
     print(f"== NF4 of {len(names)} weight matrices: relative error {err['overall']:.4f}")
-    counts = bin_occupancy(state, names, q)["overall"]
+    counts = bin_occupancy(state, names, q, transposed=tr)["overall"]
     print(text_histogram(list(counts), [f"code {i:>2}" for i in range(len(counts))]))
     print(f"== done in {time.perf_counter() - t0:.1f} s")
     return 0

@@ -209,53 +209,49 @@ def fisher_bound(fisher: dict[str, torch.Tensor], update: Update) -> float:
 # --- (d) quantization grid ---------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class _Grid:
-    """Per weight of one tensor: its code, its block's effective absmax, the code table."""
+    """Per weight of one tensor (flattened in the weight's own layout): where it sits on the grid.
 
-    codes: torch.Tensor  # [numel] long
-    absmax: torch.Tensor  # [numel] float (the block scale each weight dequantizes with)
-    table: torch.Tensor  # [n_codes] float, ascending
-    is_block_max: torch.Tensor  # [numel] bool — moving it could change the block scale
+    Attributes:
+        rank: ``[numel]`` position of its code in ascending code-value order.
+        absmax: ``[numel]`` exact absmax of its block (what bnb divides by to pick codes).
+        values: ``[n_codes]`` code values in ascending order.
+        bin_width: ``[numel]`` local bin width (:class:`workbench.quant.BinGeometry`).
+        is_block_max: ``[numel]`` moving it could change the block scale.
+    """
 
-
-def _grid(w: torch.Tensor, quant: QuantConfig) -> _Grid:
-    from workbench.quant import quantize_codes
-
-    qw = quantize_codes(w, quant)
-    flat = w.reshape(-1)
-    codes = qw.codes.reshape(-1).long()[: flat.numel()]
-    absmax_blocks = qw.absmax.reshape(-1).float()
-    block = torch.arange(flat.numel()) // quant.blocksize
-    absmax = absmax_blocks[block]
-    true_max = torch.zeros(absmax_blocks.numel()).scatter_reduce(0, block, flat.abs(), reduce="amax")
-    is_block_max = flat.abs() >= true_max[block]
-    table = qw.code_values.float()
-    if not bool((table[1:] >= table[:-1]).all()):
-        raise WorkbenchError("the quantizer's code table is not sorted; MANSU's floor assumes it is")
-    return _Grid(codes, absmax, table, is_block_max)
+    rank: torch.Tensor
+    absmax: torch.Tensor
+    values: torch.Tensor
+    bin_width: torch.Tensor
+    is_block_max: torch.Tensor
 
 
-def floor_targets(w: torch.Tensor, direction: torch.Tensor, grid: _Grid, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _grid(w: torch.Tensor, quant: QuantConfig, *, transposed: bool) -> _Grid:
+    from workbench.quant import bin_geometry, code_order, code_table
+
+    geo = bin_geometry(w, quant, transposed=transposed)
+    values = code_table(quant)[code_order(quant)]
+    return _Grid(
+        rank=geo.rank.reshape(-1).long(), absmax=geo.absmax.reshape(-1).float(), values=values.float(),
+        bin_width=geo.bin_width.reshape(-1).float(), is_block_max=geo.is_block_max.reshape(-1),
+    )
+
+
+def floor_targets(direction: torch.Tensor, grid: _Grid, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per weight (flat): the value of the code ``steps`` away in ``sign(direction)``, and validity.
 
-    Invalid where the direction is 0, the code would leave the table, or the weight is its
-    block's absmax.
+    The target sits *on* a code value, half a bin or more past the decision boundary, so the
+    real quantizer maps it to that code. Invalid where the direction is 0, the code would
+    leave the table, or the weight is its block's absmax (moving it rescales the block).
     """
     sign = torch.sign(direction.reshape(-1)).long()
-    target_code = grid.codes + steps * sign
-    valid = (sign != 0) & (target_code >= 0) & (target_code < grid.table.numel()) & ~grid.is_block_max
-    target = grid.table[target_code.clamp(0, grid.table.numel() - 1)] * grid.absmax
+    target_rank = grid.rank + steps * sign
+    n = grid.values.numel()
+    valid = (sign != 0) & (target_rank >= 0) & (target_rank < n) & ~grid.is_block_max
+    target = grid.values[target_rank.clamp(0, n - 1)] * grid.absmax
     return target, valid
-
-
-def local_bin_width(grid: _Grid) -> torch.Tensor:
-    """Per weight: absmax × the gap between the codes around it (mean of the two gaps inside)."""
-    t = grid.table
-    gaps = t[1:] - t[:-1]
-    lo = torch.cat([gaps[:1], gaps])  # gap below each code (edge: the first gap)
-    hi = torch.cat([gaps, gaps[-1:]])  # gap above each code
-    return 0.5 * (lo + hi)[grid.codes] * grid.absmax
 
 
 # --- the method ----------------------------------------------------------------------------
@@ -269,6 +265,7 @@ class _State:
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)
     grids: dict[str, _Grid] = field(default_factory=dict)
     conv1d: dict[str, bool] = field(default_factory=dict)
+    transposed: dict[str, bool] = field(default_factory=dict)
 
 
 def mansu(
@@ -307,8 +304,12 @@ def mansu(
 
     report(0.02, "quantization grid of the moved modules")
     base = model.state()
+    from workbench.quant import transposed_parameters
+
+    transposed = transposed_parameters(model.hf)
+    state.transposed = {n: n in transposed for n in names}
     for n in names:
-        state.grids[n] = _grid(base[n], quant)
+        state.grids[n] = _grid(base[n], quant, transposed=state.transposed[n])
 
     retain_proj = batches.retain.sample(config.retain_batch, torch.Generator().manual_seed(0))
     if config.use_projection:
@@ -355,12 +356,12 @@ def mansu(
             grid = state.grids[n]
             w_now = (base[n] + deltas[n]).reshape(-1)
             if config.use_floor:
-                target, valid = floor_targets(base[n], flat, grid, config.code_steps)
+                target, valid = floor_targets(flat, grid, config.code_steps)
                 valid &= ~moved[n]
                 step = target - base[n].reshape(-1)
             else:
                 valid = (flat != 0) & ~grid.is_block_max
-                width = local_bin_width(grid)
+                width = grid.bin_width
                 rel = flat.abs() / flat.abs().max().clamp_min(1e-30)
                 step = torch.sign(flat) * config.no_floor_step * width * rel
                 step = (w_now + step) - base[n].reshape(-1)
@@ -393,7 +394,7 @@ def mansu(
         with torch.no_grad():
             for n in names:
                 params[n].copy_(base[n] + deltas[n])
-                qparams[n].copy_(quantize_dequantize(base[n] + deltas[n], quant))
+                qparams[n].copy_(quantize_dequantize(base[n] + deltas[n], quant, transposed=state.transposed[n]))
         fp = _top1(work, batches.forget)
         q = _top1(qwork, batches.forget)
         record = {"step": rounds, "forget_top1": fp, "forget_top1_q": q, "moved": float(sum(int(m.sum()) for m in moved.values())),
