@@ -221,6 +221,7 @@ class _Grid:
         is_block_max: ``[numel]`` moving it could change the block scale.
     """
 
+    code: torch.Tensor
     rank: torch.Tensor
     absmax: torch.Tensor
     values: torch.Tensor
@@ -234,7 +235,7 @@ def _grid(w: torch.Tensor, quant: QuantConfig, *, transposed: bool) -> _Grid:
     geo = bin_geometry(w, quant, transposed=transposed)
     values = code_table(quant)[code_order(quant)]
     return _Grid(
-        rank=geo.rank.reshape(-1).long(), absmax=geo.absmax.reshape(-1).float(), values=values.float(),
+        code=geo.code.reshape(-1).long(), rank=geo.rank.reshape(-1).long(), absmax=geo.absmax.reshape(-1).float(), values=values.float(),
         bin_width=geo.bin_width.reshape(-1).float(), is_block_max=geo.is_block_max.reshape(-1),
     )
 
@@ -279,7 +280,7 @@ def mansu(
     should_stop: Callable[[], bool] | None = None,
 ) -> UnlearningResult:
     """Run MANSU on ``model`` for the forget/retain ``batches``; returns a sparse update."""
-    from workbench.quant import quantizable_parameters, quantize_dequantize
+    from workbench.quant import quantizable_parameters, quantize_codes, quantize_dequantize
 
     start = time.perf_counter()
     report = progress or (lambda _f, _m: None)
@@ -331,6 +332,7 @@ def mansu(
     params = dict(work.named_parameters())
     history: list[dict[str, float]] = []
     bound = 0.0
+    reverted = 0
     stopped = "budget"
     rounds = 0
     qwork = _quantized_copy(model, quant)
@@ -376,6 +378,7 @@ def mansu(
                     candidates.append((s, n, i, float(step[i])))
         candidates.sort(key=lambda c: -c[0])
         chosen = 0
+        touched: dict[str, list[int]] = {}
         for _s, n, i, new_delta in candidates:
             if chosen >= config.params_per_round:
                 break
@@ -387,7 +390,23 @@ def mansu(
                 bound += cost
             deltas[n].view(-1)[i] = new_delta
             moved[n][i] = True
+            touched.setdefault(n, []).append(i)
             chosen += 1
+        if config.use_floor:
+            # Verify with the real quantizer; a move whose code did not change (possible
+            # only where bnb's own thresholds are not midpoints, e.g. int8 on CPU) is undone
+            # and never tried again, so "every moved code changes" holds by construction.
+            for n, idx in touched.items():
+                codes = quantize_codes(base[n] + deltas[n], quant, transposed=state.transposed[n])
+                new = codes.codes_like_weight().reshape(-1).long()
+                index = torch.tensor(idx)
+                stuck = index[new[index] == state.grids[n].code[index]]
+                if stuck.numel():
+                    deltas[n].view(-1)[stuck] = 0.0
+                    masks[n].view(-1)[stuck] = False
+                    moved[n][stuck] = False
+                    reverted += int(stuck.numel())
+                    chosen -= int(stuck.numel())
         if chosen == 0:
             stopped = "fisher budget" if config.use_fisher and config.fisher_budget is not None else "no candidates"
             break
@@ -413,6 +432,7 @@ def mansu(
         "fisher_budget": config.fisher_budget if config.use_fisher else None,
         "n_candidate_params": int(sum(int(m.sum()) for m in masks.values())),
         "n_modules": len(names),
+        "floor_reverted": reverted,
         "config": config.__dict__,
     }
     if state.projectors:

@@ -1,0 +1,32 @@
+"""The attribution benchmark's table structure (no timing assertions)."""
+
+from __future__ import annotations
+
+import math
+
+from workbench.bench import COLUMNS, bench_attribution, format_table, toy_pairs
+
+
+def test_bench_quick_table_structure():
+    from workbench.models import toy_model
+
+    tiny = toy_model("gpt2", n_layers=2, d_model=32, n_heads=4)
+    gqa = toy_model("llama", n_layers=2, d_model=32, n_heads=4, n_kv_heads=2)
+    rows = bench_attribution(
+        quick=True, models=[(tiny, toy_pairs(tiny, 8, 6)), (gqa, toy_pairs(gqa, 8, 6, seed=1))]
+    )
+    assert [r["model"] for r in rows] == [tiny.name, gqa.name]
+    for row in rows:
+        for key, _title, _fmt in COLUMNS:
+            assert key in row, key
+        for key in ("ours_s", "exact_over_ours", "tl_over_ours", "ig_over_plain"):
+            assert row[key] > 0 and math.isfinite(row[key])
+        assert row["max_abs_diff_tl"] < 1e-4  # equal scores
+        assert -1.0 <= row["spearman_top20"] <= 1.0
+        assert row["pairs"] == 8 and row["seq"] == 6
+    table = format_table(rows)
+    lines = table.splitlines()
+    assert len(lines) == 2 + len(rows)
+    assert "exact/ours" in lines[0] and "max|ours-tl|" in lines[0]
+    assert set(lines[1]) <= {"-", " "}
+    assert len({len(line) for line in lines}) == 1  # aligned columns
