@@ -233,3 +233,39 @@ if __name__ == "__main__":  # pragma: no cover
     import sys
 
     print(format_table(bench_attribution(quick="--quick" in sys.argv)))
+
+
+SECTIONS = ("attribution",)
+
+
+def run_bench(sections: Sequence[str] = (), *, quick: bool = False, json_path: str | None = None) -> int:
+    """``workbench bench``: run the named sections (all by default), print tables, optionally write JSON.
+
+    The attribution section uses the trained ``facts`` model (``facts-tiny`` with ``--quick``)
+    on its forget set, plus the default random 12-layer GPT-2-small-shaped model.
+    """
+    import json
+
+    from workbench.errors import WorkbenchError
+    from workbench.models import load_model, toy_model
+    from workbench.splits import builtin_split
+
+    chosen = list(sections) or list(SECTIONS)
+    unknown = [s for s in chosen if s not in SECTIONS]
+    if unknown:
+        raise WorkbenchError(f"unknown bench section(s) {unknown}; choose from {', '.join(SECTIONS)}")
+    report: dict[str, Any] = {"quick": quick}
+    if "attribution" in chosen:
+        facts_model = load_model("facts-tiny" if quick else "facts")
+        forget = builtin_split(facts_model).forget
+        big = toy_model("gpt2", n_layers=12, d_model=48 if quick else 768, n_heads=12)
+        n_pairs, seq = (8, 6) if quick else (64, 10)
+        rows = bench_attribution(quick, models=[(facts_model, forget), (big, toy_pairs(big, n_pairs, seq))])
+        print("== attribution: wall-time ratios in one process (targets: exact/ours >= 50 on 12 layers, "
+              "TL/ours >= 5 at batch 64)")
+        print(format_table(rows))
+        report["attribution"] = rows
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump(report, fh, indent=2, default=float)
+    return 0

@@ -194,6 +194,176 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_attribute(args: argparse.Namespace) -> int:
+    from workbench.attribution import AttributionConfig
+    from workbench.circuit import Circuit
+    from workbench.experiment import attribute_forget_set
+    from workbench.models import load_model
+    from workbench.tables import text_table
+
+    model = load_model(args.model)
+    split = load_split(model, args)
+    config = AttributionConfig(method=args.method, ig_steps=args.ig_steps, metric=args.metric, edges=args.edges)
+    attribution = attribute_forget_set(model, split, config)
+    circuit = Circuit.from_attribution(attribution).select_top_k(args.top_k, include_embed=False)
+    path = circuit.save(args.out)
+    print(f"{attribution.n_pairs} prompt pairs · clean metric {attribution.clean_metric:.3f} · "
+          f"corrupt {attribution.corrupt_metric:.3f} ({attribution.metric})")
+    rows = [{"component": c.name, "score": s, "in circuit": c in circuit.selected} for c, s in attribution.top(max(args.top_k, 10))]
+    print(text_table(rows))
+    print(f"circuit with {len(circuit.selected)} components saved to {path}")
+    return 0
+
+
+def cmd_circuit_show(args: argparse.Namespace) -> int:
+    from workbench.circuit import Circuit
+    from workbench.tables import text_table
+
+    circuit = Circuit.load(args.file)
+    meta = circuit.metadata
+    print(", ".join(f"{k}={v}" for k, v in meta.items() if v is not None))
+    ranked = sorted(circuit.scores.items(), key=lambda kv: -abs(kv[1]))
+    rows = [{"component": c.name, "score": s, "selected": c in circuit.selected} for c, s in ranked[: args.rows]]
+    print(text_table(rows))
+    print(f"{len(circuit.selected)} of {len(circuit.components)} components selected")
+    return 0
+
+
+def cmd_circuit_faithfulness(args: argparse.Namespace) -> int:
+    from workbench.attribution import make_prompt_pairs
+    from workbench.circuit import Circuit, faithfulness
+    from workbench.models import load_model
+
+    model = load_model(args.model)
+    circuit = Circuit.load(args.file, model=model)
+    split = load_split(model, args)
+    pairs = make_prompt_pairs(model, split.forget, metric=circuit.metric)
+    f = faithfulness(circuit, model, pairs, ablation=args.ablation)
+    print(f"circuit of {f.n_components} components, {args.ablation} ablation:")
+    print(f"  recovered (everything outside ablated): {f.recovered:.3f}")
+    print(f"  drop (circuit itself ablated):          {f.drop:.3f}")
+    print(f"  metric clean {f.clean_metric:.3f} · corrupt {f.corrupt_metric:.3f}")
+    return 0
+
+
+def report_card_text(metrics: dict[str, Any]) -> str:
+    """The four properties as a small table."""
+    from workbench.tables import text_table
+
+    rows = []
+    for name, p in metrics["properties"].items():
+        rows.append({"property": name, "pass": "–" if p["pass"] is None else ("PASS" if p["pass"] else "fail"),
+                     "value": p["value"], "threshold": p["threshold"], "margin": p["margin"]})
+    return text_table(rows)
+
+
+def metrics_summary_text(metrics: dict[str, Any]) -> str:
+    from workbench.tables import text_table
+
+    f, r = metrics["forget"], metrics["retain"]
+    rows = [
+        {"set": "forget", "base fp": f["base_fp"], "base Q": f["base_q"], "after fp": f["after_fp"],
+         "Q(w)+Δ": f["after_qbase_delta"], "after Q": f["after_q"]},
+        {"set": "retain", "base fp": r["base_fp"], "base Q": r["base_q"], "after fp": r["after_fp"],
+         "Q(w)+Δ": r["after_qbase_delta"], "after Q": r["after_q"]},
+    ]
+    d = metrics["ptq_gap_decomposition"]
+    ratio = metrics["update_to_bin_width"]
+    lines = [
+        text_table(rows),
+        f"PTQ gap {metrics['ptq_gap']:+.3f} = base shift {d['base_shift']:+.3f} + rounding {d['rounding']:+.3f}",
+        f"params changed {metrics['params_changed']:,} · codes changed {metrics['codes_changed']:,} "
+        f"({100 * metrics['codes_changed_fraction']:.4f}%) · code overlap {metrics['code_overlap']:.6f} · "
+        f"bucket overlap {metrics['bucket_overlap']:.6f}",
+        f"|Δw|/bin width: median {_fmt(ratio['median'])} · p90 {_fmt(ratio['p90'])} · "
+        f"moved weights whose code changed: {_fmt(metrics.get('moved_code_changed_fraction'))}",
+        f"retain KL {metrics['retain_kl']:.4g}",
+    ]
+    if "cad" in metrics:
+        lines.append(f"CAD fp {metrics['cad']['fp']:.3f} · quantized {metrics['cad']['quantized']:.3f}")
+    return "\n".join(lines)
+
+
+def _fmt(x: Any) -> str:
+    return "–" if x is None else f"{x:.3g}"
+
+
+def cmd_unlearn(args: argparse.Namespace) -> int:
+    from workbench.circuit import Circuit
+    from workbench.experiment import oracle_for, run_unlearning
+    from workbench.metrics import Thresholds
+    from workbench.models import load_model
+    from workbench.unlearning import MansuConfig, OptimConfig, StopRule, default_lr
+
+    model = load_model(args.model)
+    split = load_split(model, args)
+    circuit = Circuit.load(args.circuit, model=model) if args.circuit else None
+    q = _quant(args)
+    if q is None:
+        raise WorkbenchError("unlearn needs a quantizer to measure against: --quant nf4, fp4 or int8")
+    mansu_config = None
+    optim = stop = None
+    if args.method == "mansu":
+        mansu_config = MansuConfig(
+            use_circuit=not args.no_circuit, use_projection=not args.no_projection,
+            use_fisher=not args.no_fisher, use_floor=not args.no_floor,
+            params_per_round=args.params_per_round, max_rounds=args.max_rounds, forget_target=args.forget_target,
+            fisher_budget=args.fisher_budget,
+        )
+    else:
+        optim = OptimConfig(lr=args.lr or default_lr(model))
+        stop = StopRule(max_steps=args.max_steps, forget_target=args.forget_target)
+    oracle = None if args.no_oracle else oracle_for(model)
+    result, metrics, run = run_unlearning(
+        model, split, method=args.method, quant=q, circuit=circuit, mansu_config=mansu_config, optim=optim, stop=stop,
+        thresholds=Thresholds(cad_min=args.cad_min), oracle=oracle, runs_root=args.out,
+    )
+    print(f"{metrics['method']} on {model.name} ({split.name}): {result.steps} steps, stopped by {result.stopped}, "
+          f"{metrics['seconds']:.1f} s")
+    print(metrics_summary_text(metrics))
+    print(report_card_text(metrics))
+    if run is not None:
+        print(f"run saved: {run.path}")
+    return 0
+
+
+def cmd_runs_list(args: argparse.Namespace) -> int:
+    from workbench.runs import list_runs
+    from workbench.tables import text_table
+
+    rows = []
+    for run in list_runs(root=args.root):
+        m = run.metrics
+        props = m.get("properties", {})
+        rows.append({"run": run.id, "method": m.get("method"), "model": m.get("model"),
+                     "forget fp": m.get("forget", {}).get("after_fp"), "forget Q": m.get("forget", {}).get("after_q"),
+                     "ptq gap": m.get("ptq_gap"),
+                     "passes": sum(1 for p in props.values() if p.get("pass")), "seconds": m.get("seconds")})
+    print(text_table(rows) if rows else "no runs yet")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from workbench.runs import load_run
+
+    run = load_run(args.run, root=args.root)
+    if args.json:
+        print(json.dumps(run.metrics, indent=2))
+        return 0
+    m = run.metrics
+    size = (run.path / "update.safetensors").stat().st_size
+    print(f"run {run.id}: {m['method']} on {m['model']} ({m.get('split')}), {m['seconds']:.1f} s, update file {size:,} bytes")
+    print(metrics_summary_text(m))
+    print(report_card_text(m))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from workbench.bench import run_bench
+
+    return run_bench(sections=args.sections, quick=args.quick, json_path=args.json)
+
+
 # --- entry point -------------------------------------------------------------------------
 
 Command = Callable[[argparse.Namespace], int]
@@ -230,6 +400,69 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="headless end-to-end run on the default model")
     p.add_argument("--model", help="default: smollm2")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("attribute", help="attribute the forget-set behaviour to heads and MLPs; save a circuit")
+    p.add_argument("--model", required=True)
+    _add_data_args(p)
+    p.add_argument("--method", choices=("atp", "ig", "exact"), default="atp")
+    p.add_argument("--ig-steps", type=int, default=8)
+    p.add_argument("--metric", choices=("logit_diff", "logprob"), default="logit_diff")
+    p.add_argument("--edges", action="store_true", help="also score edges (EAP)")
+    p.add_argument("--top-k", type=int, default=10, help="components selected into the circuit")
+    p.add_argument("--out", default="circuit.json")
+    p.set_defaults(func=cmd_attribute)
+
+    p = sub.add_parser("circuit", help="inspect a saved circuit")
+    csub = p.add_subparsers(dest="circuit_command", required=True)
+    c = csub.add_parser("show", help="print a circuit's components and scores")
+    c.add_argument("file")
+    c.add_argument("--rows", type=int, default=20)
+    c.set_defaults(func=cmd_circuit_show)
+    c = csub.add_parser("faithfulness", help="how much of the behaviour the circuit alone carries")
+    c.add_argument("file")
+    c.add_argument("--model", required=True)
+    _add_data_args(c)
+    c.add_argument("--ablation", choices=("corrupt", "mean"), default="corrupt")
+    c.set_defaults(func=cmd_circuit_faithfulness)
+
+    from workbench.unlearning import METHODS
+
+    p = sub.add_parser("unlearn", help="run MANSU or a baseline, measure it, save the run")
+    p.add_argument("--model", required=True)
+    _add_data_args(p)
+    p.add_argument("--method", choices=METHODS, default="mansu")
+    p.add_argument("--circuit", help="circuit JSON (default for MANSU: attribute and take the top 10)")
+    _add_quant_args(p)
+    p.add_argument("--out", help="runs directory (default ./runs or $WORKBENCH_RUNS)")
+    p.add_argument("--forget-target", type=float, default=0.1, help="stop when forget top-1 <= this")
+    p.add_argument("--max-steps", type=int, default=100, help="gradient methods: step budget")
+    p.add_argument("--lr", type=float, help="gradient methods: Adam learning rate (default per model)")
+    p.add_argument("--params-per-round", type=int, default=32, help="MANSU: weights moved per round")
+    p.add_argument("--max-rounds", type=int, default=60, help="MANSU: round budget")
+    p.add_argument("--fisher-budget", type=float, default=0.5, help="MANSU: ε on ½ΣFΔ² (nats)")
+    for flag in ("circuit", "projection", "fisher", "floor"):
+        p.add_argument(f"--no-{flag}", action="store_true", help=f"MANSU ablation: switch off the {flag} component")
+    p.add_argument("--cad-min", type=float, default=0.1, help="structural-erasure threshold τ on CAD")
+    p.add_argument("--no-oracle", action="store_true", help="skip the retrain oracle comparison")
+    p.set_defaults(func=cmd_unlearn)
+
+    p = sub.add_parser("runs", help="saved runs")
+    rsub = p.add_subparsers(dest="runs_command", required=True)
+    r = rsub.add_parser("list", help="list complete runs, newest first")
+    r.add_argument("--root", help="runs directory")
+    r.set_defaults(func=cmd_runs_list)
+
+    p = sub.add_parser("report", help="a saved run's metrics and report card")
+    p.add_argument("run")
+    p.add_argument("--root", help="runs directory")
+    p.add_argument("--json", action="store_true", help="print metrics.json")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("bench", help="speed and memory ratios, measured in one process")
+    p.add_argument("sections", nargs="*", help="attribution (default: all)")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--json", help="also write the table as JSON to this file")
+    p.set_defaults(func=cmd_bench)
 
     for register in _EXTRA_COMMANDS:
         register(sub)

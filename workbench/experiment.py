@@ -1,0 +1,143 @@
+"""The whole flow as plain functions the three faces share: attribute → circuit → unlearn → measure → save.
+
+Each function takes and returns plain objects; a face adds only widgets around them, so a
+number on screen is the number the CLI prints for the same inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+from workbench.errors import WorkbenchError
+
+if TYPE_CHECKING:
+    from workbench.attribution import Attribution, AttributionConfig
+    from workbench.circuit import Circuit
+    from workbench.facts import FactSplit
+    from workbench.metrics import Thresholds
+    from workbench.models import LoadedModel
+    from workbench.quant import QuantConfig
+    from workbench.runs import Run
+    from workbench.unlearning import UnlearningResult
+
+Progress = Callable[[float, str], None]
+
+DEFAULT_TOP_K = 10
+
+
+def _silent(_f: float, _m: str) -> None:
+    return None
+
+
+def attribute_forget_set(
+    model: LoadedModel, split: FactSplit, config: AttributionConfig | None = None, *, progress: Progress | None = None
+) -> Attribution:
+    """Attribution of the forget-set behaviour (clean = forget prompts, corrupt = other subjects)."""
+    from workbench.attribution import AttributionConfig, attribute
+
+    if not split.forget:
+        raise WorkbenchError("the forget set is empty: nothing to attribute")
+    return attribute(model, split.forget, config or AttributionConfig(), progress=progress)
+
+
+def default_circuit(attribution: Attribution, top_k: int = DEFAULT_TOP_K) -> Circuit:
+    """The circuit the faces start from: the top-k components by |score| (embeddings excluded,
+    since MANSU never moves them)."""
+    from workbench.circuit import Circuit
+
+    return Circuit.from_attribution(attribution).select_top_k(top_k, include_embed=False)
+
+
+def run_unlearning(
+    model: LoadedModel,
+    split: FactSplit,
+    *,
+    method: str = "mansu",
+    quant: QuantConfig | None = None,
+    circuit: Circuit | None = None,
+    mansu_config: Any = None,
+    optim: Any = None,
+    stop: Any = None,
+    baseline: Any = None,
+    thresholds: Thresholds | None = None,
+    oracle: LoadedModel | None = None,
+    measure_cad: bool = True,
+    save: bool = True,
+    runs_root: str | None = None,
+    progress: Progress | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> tuple[UnlearningResult, dict[str, Any], Run | None]:
+    """Unlearn, measure everything, and (by default) save the run atomically.
+
+    MANSU needs a circuit; when none is given, the forget set is attributed and the
+    default top-k circuit is used. Baselines record the circuit too (for CAD's circuit share).
+    """
+    from workbench.metrics import Thresholds, measure_update
+    from workbench.quant import QuantConfig
+    from workbench.runs import save_run
+    from workbench.unlearning import unlearn
+
+    report = progress or _silent
+    quant = quant or QuantConfig("nf4")
+    start = time.perf_counter()
+    if circuit is None and method == "mansu":
+        report(0.0, "no circuit given: attributing the forget set")
+        circuit = default_circuit(attribute_forget_set(model, split))
+    if circuit is not None and circuit.model_fingerprint != model.fingerprint:
+        raise WorkbenchError(
+            f"the circuit was computed on another model (fingerprint {circuit.model_fingerprint}, "
+            f"this model {model.fingerprint})"
+        )
+    components = sorted(circuit.selected) if circuit is not None else None
+
+    def sub(lo: float, hi: float) -> Progress:
+        return lambda f, m: report(lo + (hi - lo) * f, m)
+
+    result = unlearn(model, split, method=method, quant=quant, circuit=components, mansu_config=mansu_config,
+                     optim=optim, stop=stop, baseline=baseline, progress=sub(0.0, 0.6), should_stop=should_stop)
+    if result.stopped == "cancelled":
+        raise WorkbenchError("the run was cancelled; nothing was saved")
+    metrics = measure_update(model, split, result.update, quant=quant, circuit=components, oracle=oracle,
+                             thresholds=thresholds or Thresholds(), cad=measure_cad, progress=sub(0.6, 0.98))
+    seconds = time.perf_counter() - start
+    metrics.update({
+        "method": result.method,
+        "model": model.name,
+        "model_fingerprint": model.fingerprint,
+        "split": split.name,
+        "n_forget": len(split.forget),
+        "n_retain": len(split.retain),
+        "steps": result.steps,
+        "stopped": result.stopped,
+        "seconds": seconds,
+        "unlearning_seconds": result.seconds,
+        "diagnostics": result.diagnostics,
+        "circuit": [c.name for c in components] if components else None,
+    })
+    run = None
+    if save:
+        config = {
+            "method": method, "model": model.name, "model_fingerprint": model.fingerprint, "split": split.name,
+            "quant": quant.to_dict(),
+            "mansu": asdict(mansu_config) if mansu_config is not None and method == "mansu" else None,
+            "optim": asdict(optim) if optim is not None else None,
+            "stop": asdict(stop) if stop is not None else None,
+            "thresholds": asdict(thresholds or Thresholds()),
+        }
+        circuit_json = json.dumps(circuit.to_dict()) if circuit is not None else None
+        run = save_run(config=config, metrics=metrics, update=result.update, history=result.history,
+                       circuit_json=circuit_json, root=runs_root)
+    report(1.0, "done")
+    return result, metrics, run
+
+
+def oracle_for(model: LoadedModel) -> LoadedModel | None:
+    """The retrain oracle of a built-in facts model (built on first use), else None."""
+    from workbench.models import ORACLES, load_model
+
+    name = ORACLES.get(model.name)
+    return load_model(name) if name else None
