@@ -54,3 +54,117 @@ def test_facts_tiny_is_built_deterministically_and_learns(facts_tiny):
     info = build_info("facts-tiny")
     assert info["train_top1"] >= 0.98
     assert facts_tiny.architecture == "gpt2"
+
+
+# --- builds: determinism, the retrain oracle, interrupted builds ---------------------------
+
+
+def _sha256(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    """An empty model cache, and no model remembered from the shared one."""
+    import workbench.models as models
+
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "_LOADED", {})
+    return tmp_path / "cache"
+
+
+def test_facts_tiny_build_is_bit_identical_across_builds_and_thread_counts(fresh_cache):
+    from workbench.models import BUILD_THREADS, build_info, build_model, builtin_dir
+
+    saved = torch.get_num_threads()
+    hashes, weights = [], []
+    try:
+        # the ambient thread count must not matter: the build pins its own
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            path = build_model("facts-tiny", force=True)
+            assert torch.get_num_threads() == threads  # restored after the build
+            assert path == builtin_dir("facts-tiny") and str(path).startswith(str(fresh_cache))
+            assert (path / "BUILD_COMPLETE").exists()
+            hashes.append(_sha256(path / "model.safetensors"))
+            model = load_model("facts-tiny")
+            weights.append(model.weights_hash())
+            import workbench.models as models
+
+            models._LOADED.clear()
+    finally:
+        torch.set_num_threads(saved)
+    assert hashes[0] == hashes[1]
+    assert weights[0] == weights[1]
+    info = build_info("facts-tiny")
+    assert info["torch_threads"] == BUILD_THREADS and info["train_top1"] >= 0.98
+    # only the finished directory is left in the cache, no temporary build directory
+    assert sorted(p.name for p in (fresh_cache / "models").iterdir()) == [builtin_dir("facts-tiny").name]
+
+
+def test_retrain_oracle_never_saw_the_forget_domain(facts_tiny):
+    from workbench.evaluation import evaluate_facts
+    from workbench.models import build_info
+    from workbench.splits import builtin_split
+
+    oracle = load_model("facts-tiny-oracle")
+    split = builtin_split(facts_tiny)
+    assert builtin_split(oracle) == split  # same world, same split
+    forget, retain = evaluate_facts(oracle, split.forget), evaluate_facts(oracle, split.retain)
+    print(f"\nfacts-tiny-oracle: forget top-1 {forget.top1:.3f} (mc {forget.mc:.3f}), retain top-1 {retain.top1:.3f}")
+    assert forget.top1 <= 0.35
+    assert retain.top1 >= 0.98
+    assert build_info("facts-tiny-oracle")["n_train_facts"] < build_info("facts-tiny")["n_train_facts"]
+    assert oracle.fingerprint != facts_tiny.fingerprint
+    # while the base model knows the forget facts
+    assert evaluate_facts(facts_tiny, split.forget).top1 >= 0.98
+
+
+@pytest.mark.parametrize("interrupt", [RuntimeError("out of memory"), KeyboardInterrupt()])
+def test_interrupted_build_leaves_no_complete_directory(fresh_cache, monkeypatch, interrupt):
+    import workbench.models as models
+    from workbench.models import build_model, builtin_dir, list_models
+
+    def boom(preset, out, progress):
+        (out / "model.safetensors").write_bytes(b"half a model")
+        raise interrupt
+
+    monkeypatch.setattr(models, "_build_facts_model", boom)
+    saved = torch.get_num_threads()
+    with pytest.raises(type(interrupt)):
+        build_model("facts-tiny")
+    assert torch.get_num_threads() == saved  # the pinned build thread count is undone
+    target = builtin_dir("facts-tiny")
+    assert not (target / "BUILD_COMPLETE").exists()
+    assert not target.exists()
+    leftovers = list((fresh_cache / "models").iterdir())
+    assert leftovers == [], leftovers  # the temporary directory is gone too
+    assert next(m for m in list_models() if m["name"] == "facts-tiny")["cached"] is False
+
+
+def test_interrupted_forced_rebuild_keeps_the_previous_build(fresh_cache, monkeypatch):
+    import workbench.models as models
+    from workbench.models import build_model, builtin_dir
+
+    def fake(preset, out, progress):  # a quick stand-in for training
+        (out / "model.safetensors").write_bytes(b"previous weights")
+        return {"kind": "facts"}
+
+    monkeypatch.setattr(models, "_build_facts_model", fake)
+    path = build_model("facts-tiny")
+    before = _sha256(path / "model.safetensors")
+
+    def boom(preset, out, progress):
+        (out / "model.safetensors").write_bytes(b"half of the new weights")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(models, "_build_facts_model", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        build_model("facts-tiny", force=True)
+    assert (builtin_dir("facts-tiny") / "BUILD_COMPLETE").exists()
+    assert _sha256(path / "model.safetensors") == before
+    assert [p.name for p in (fresh_cache / "models").iterdir()] == [path.name]
+    # and without force the complete build is reused, not rebuilt (boom is never called)
+    assert build_model("facts-tiny") == path

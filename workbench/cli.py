@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -105,7 +106,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for r in rows:
             r["set"] = "data"
     if args.json:
-        print(json.dumps({"model": args.model, "split": split.name, "rows": rows}, indent=2))
+        # a score that does not exist (mc of cloze-only facts) is null: NaN is not JSON
+        rows = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()} for r in rows]
+        print(json.dumps({"model": args.model, "split": split.name, "rows": rows}, indent=2, allow_nan=False))
     else:
         print(f"model {args.model} · split {split.name}")
         print(text_table(rows))
@@ -308,7 +311,7 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
             use_circuit=not args.no_circuit, use_projection=not args.no_projection,
             use_fisher=not args.no_fisher, use_floor=not args.no_floor,
             params_per_round=args.params_per_round, max_rounds=args.max_rounds, forget_target=args.forget_target,
-            fisher_budget=args.fisher_budget,
+            fisher_budget=args.fisher_budget, code_steps=args.code_steps,
         )
     else:
         optim = OptimConfig(lr=args.lr or default_lr(model))
@@ -437,9 +440,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--forget-target", type=float, default=0.1, help="stop when forget top-1 <= this")
     p.add_argument("--max-steps", type=int, default=100, help="gradient methods: step budget")
     p.add_argument("--lr", type=float, help="gradient methods: Adam learning rate (default per model)")
-    p.add_argument("--params-per-round", type=int, default=32, help="MANSU: weights moved per round")
+    p.add_argument("--params-per-round", type=int, default=None,
+                   help="MANSU: weights moved per round (default: 0.2%% of the circuit's weights, at least 32)")
+    p.add_argument("--code-steps", type=int, default=2, help="MANSU floor: quantization codes each moved weight crosses")
     p.add_argument("--max-rounds", type=int, default=60, help="MANSU: round budget")
-    p.add_argument("--fisher-budget", type=float, default=0.5, help="MANSU: ε on ½ΣFΔ² (nats)")
+    p.add_argument("--fisher-budget", type=float, default=0.05, help="MANSU: ε on ½ΣFΔ² (nats)")
     for flag in ("circuit", "projection", "fisher", "floor"):
         p.add_argument(f"--no-{flag}", action="store_true", help=f"MANSU ablation: switch off the {flag} component")
     p.add_argument("--cad-min", type=float, default=0.1, help="structural-erasure threshold τ on CAD")

@@ -47,7 +47,7 @@ class Thresholds:
 
     Attributes:
         forget_max: forgetting passes when forget top-1 is at most this in full precision
-            *and* quantized. ``None``: the retrain oracle's forget top-1 + 0.05 when an
+            *and* quantized. ``None``: the retrain oracle's forget top-1 + 0.1 when an
             oracle exists, else 0.2 — but never above half the base's forget top-1.
         retain_tolerance: retain top-1 may drop at most this much (full precision and
             quantized, each against the base in the same precision).
@@ -225,7 +225,7 @@ def report_card(metrics: dict[str, Any], thresholds: Thresholds = Thresholds()) 
     forget_max = thresholds.forget_max
     if forget_max is None:
         oracle = metrics.get("oracle", {}).get("forget_fp")
-        forget_max = oracle + 0.05 if oracle is not None else 0.2
+        forget_max = oracle + 0.1 if oracle is not None else 0.2
         forget_max = min(forget_max, 0.5 * f["base_fp"])
     worst_forget = max(f["after_fp"], f["after_q"])
     drop = max(r["base_fp"] - r["after_fp"], r["base_q"] - r["after_q"])

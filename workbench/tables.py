@@ -6,14 +6,19 @@ import csv
 import html
 import io
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 
 def _cell(value: Any, digits: int = 3) -> str:
-    if isinstance(value, bool):
+    if isinstance(value, (bool, np.bool_)):
         return "yes" if value else "no"
-    if isinstance(value, float):
+    # numpy floats (np.float32 is no subclass of float) format like Python floats
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
+        value = float(value)
         if math.isnan(value):
             return "–"
         if value != 0 and (abs(value) < 10 ** (-digits) or abs(value) >= 1e6):
@@ -32,11 +37,16 @@ def _columns(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None) -> l
     return list(seen)
 
 
+def _md(text: str) -> str:
+    """A Markdown table cell: a literal ``|`` would start a new column, a newline a new row."""
+    return text.replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+
+
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, digits: int = 3) -> str:
     cols = _columns(rows, columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines = ["| " + " | ".join(_md(c) for c in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for row in rows:
-        lines.append("| " + " | ".join(_cell(row.get(c), digits) for c in cols) + " |")
+        lines.append("| " + " | ".join(_md(_cell(row.get(c), digits)) for c in cols) + " |")
     return "\n".join(lines)
 
 

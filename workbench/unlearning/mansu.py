@@ -62,7 +62,9 @@ class MansuConfig:
 
     Attributes:
         use_circuit, use_projection, use_fisher, use_floor: the four components.
-        params_per_round: weights moved per round.
+        params_per_round: weights moved per round; ``None`` = ``round_fraction`` of the
+            candidate weights (at least 32), so the default scales with the circuit.
+        round_fraction: see ``params_per_round``.
         max_rounds: round budget.
         forget_target: stop when fp and quantized forget top-1 are both <= this.
         null_threshold: relative eigenvalue threshold of the near-null space.
@@ -80,21 +82,24 @@ class MansuConfig:
     use_projection: bool = True
     use_fisher: bool = True
     use_floor: bool = True
-    params_per_round: int = 32
+    params_per_round: int | None = None
+    round_fraction: float = 0.002
     max_rounds: int = 60
     forget_target: float = 0.1
     null_threshold: float = 1e-2
     min_null_fraction: float = 0.25
-    fisher_budget: float | None = 0.5
+    fisher_budget: float | None = 0.05
     fisher_samples: int = 64
     fisher_damping: float = 0.1
-    code_steps: int = 1
+    code_steps: int = 2
     no_floor_step: float = 0.2
     retain_batch: int = 256
 
     def __post_init__(self) -> None:
-        if self.params_per_round < 1 or self.max_rounds < 1:
+        if (self.params_per_round is not None and self.params_per_round < 1) or self.max_rounds < 1:
             raise WorkbenchError("params_per_round and max_rounds must be >= 1")
+        if not 0.0 < self.round_fraction <= 1.0:
+            raise WorkbenchError(f"round_fraction must be in (0, 1], got {self.round_fraction}")
         if not 0.0 <= self.forget_target <= 1.0:
             raise WorkbenchError(f"forget_target must be in [0, 1], got {self.forget_target}")
         if not 0.0 < self.null_threshold < 1.0:
@@ -337,6 +342,8 @@ def mansu(
     rounds = 0
     qwork = _quantized_copy(model, quant)
     qparams = dict(qwork.named_parameters())
+    n_candidates = int(sum(int(m.sum()) for m in masks.values()))
+    per_round = config.params_per_round or max(32, int(config.round_fraction * n_candidates))
     fisher_mean = {n: float(f.mean()) for n, f in state.fisher.items()}
     global_fisher_mean = sum(fisher_mean.values()) / max(1, len(fisher_mean))
 
@@ -369,7 +376,7 @@ def mansu(
                 step = (w_now + step) - base[n].reshape(-1)
             valid &= masks[n].reshape(-1)
             sal = torch.where(valid, sal, torch.zeros_like(sal))
-            k = min(config.params_per_round, int(valid.sum()))
+            k = min(per_round, int(valid.sum()))
             if k == 0:
                 continue
             top = torch.topk(sal, k)
@@ -380,7 +387,7 @@ def mansu(
         chosen = 0
         touched: dict[str, list[int]] = {}
         for _s, n, i, new_delta in candidates:
-            if chosen >= config.params_per_round:
+            if chosen >= per_round:
                 break
             old = float(deltas[n].view(-1)[i])
             if config.use_fisher and config.fisher_budget is not None:
@@ -430,7 +437,8 @@ def mansu(
     diagnostics: dict[str, Any] = {
         "fisher_bound": fisher_bound(state.fisher, update) if state.fisher else None,
         "fisher_budget": config.fisher_budget if config.use_fisher else None,
-        "n_candidate_params": int(sum(int(m.sum()) for m in masks.values())),
+        "n_candidate_params": n_candidates,
+        "params_per_round": per_round,
         "n_modules": len(names),
         "floor_reverted": reverted,
         "config": config.__dict__,

