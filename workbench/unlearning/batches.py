@@ -61,6 +61,13 @@ class FactBatch:
 
 
 def answer_logits(model: torch.nn.Module, batch: FactBatch) -> torch.Tensor:
-    """``[n, vocab]`` logits at each prompt's last token (with grad if the model has it)."""
-    logits = model(batch.ids).logits
-    return logits[torch.arange(len(batch)), batch.last]
+    """``[n, vocab]`` logits at each prompt's last token (with grad if the model has it).
+
+    The unembedding runs only at the read positions (it dominates a small model's cost).
+    """
+    pick = torch.arange(len(batch)), batch.last
+    body = getattr(model, "base_model", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if body is not None and head is not None and body is not model:
+        return head(body(batch.ids).last_hidden_state[pick])
+    return model(batch.ids).logits[pick]
