@@ -223,8 +223,8 @@ def test_attribute_then_circuit_show_and_faithfulness(capsys, facts_tiny, split,
     code, out, _ = run(capsys, "attribute", "--model", "facts-tiny", "--out", str(out_file), "--top-k", "5")
     assert code == 0
     assert out_file.exists()
-    assert re.match(rf"{len(split.forget)} prompt pairs · clean metric -?\d+\.\d+ · corrupt -?\d+\.\d+ \(logit_diff\)",
-                    out)
+    head = rf"{len(split.forget)} prompt pairs · clean metric -?\d+\.\d+ · corrupt -?\d+\.\d+ \(logit_diff\)"
+    assert re.match(head, out), out
     assert f"circuit with 5 components saved to {out_file}" in out
     marked = [r for r in table_rows(out) if r[-1] == "yes"]
     assert len(marked) == 5

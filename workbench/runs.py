@@ -30,7 +30,7 @@ from workbench.errors import WorkbenchError
 from workbench.paths import runs_dir
 from workbench.update import Update
 
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")  # \Z: "$" would accept a trailing newline
 REQUIRED = ("config.json", "metrics.json", "update.safetensors")
 
 

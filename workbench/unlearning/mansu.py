@@ -399,9 +399,9 @@ def mansu(
             if chosen >= per_round:
                 break
             old = float(deltas[n].view(-1)[i])
-            if config.use_fisher and config.fisher_budget is not None:
+            if config.use_fisher:
                 cost = 0.5 * float(state.fisher[n].view(-1)[i]) * (new_delta**2 - old**2)
-                if bound + cost > config.fisher_budget:
+                if config.fisher_budget is not None and bound + cost > config.fisher_budget:
                     continue
                 bound += cost
             deltas[n].view(-1)[i] = new_delta
