@@ -1,0 +1,351 @@
+"""MANSU's four components checked against what they promise (REFERENCE.md §3):
+null-space projection, the quantization floor (every moved code changes, under the real
+bitsandbytes quantizer), the diagonal-Fisher budget, and circuit restriction."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from workbench.circuit import circuit_parameters
+from workbench.errors import WorkbenchError
+from workbench.facts import Fact, FactSplit
+from workbench.nodes import EMBED, all_components, head, mlp
+from workbench.quant import QuantConfig, quantizable_parameters, quantize_codes, quantize_dequantize, transposed_parameters
+from workbench.unlearning import MansuConfig, unlearn
+from workbench.unlearning.batches import FactBatch
+from workbench.unlearning.loop import Batches
+from workbench.unlearning.mansu import (
+    diagonal_fisher,
+    fisher_bound,
+    null_space_projector,
+    project_update,
+)
+from workbench.update import Update
+
+SMALL = dict(params_per_round=16, max_rounds=3, fisher_samples=32)
+
+
+# --- (b) null-space projection ---------------------------------------------------------------
+
+
+def _low_rank_inputs(n: int = 200, d: int = 32, rank: int = 8, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, rank, generator=gen) @ torch.randn(rank, d, generator=gen)
+
+
+def test_projector_is_symmetric_idempotent_and_kills_retain_inputs():
+    k = _low_rank_inputs()
+    p = null_space_projector(k, threshold=1e-6)
+    assert p.shape == (32, 32)
+    torch.testing.assert_close(p, p.T, atol=1e-6, rtol=0)
+    torch.testing.assert_close(p @ p, p, atol=1e-5, rtol=0)
+    assert round(float(torch.trace(p))) == 32 - 8  # the null space of a rank-8 input set
+    assert float((k @ p).norm() / k.norm()) < 1e-5  # P k ≈ 0 for every retain input
+    # ... but P is not the zero map: directions outside the retain span survive.
+    v = torch.randn(32, generator=torch.Generator().manual_seed(1))
+    assert float((p @ v).norm()) > 0.5 * float(v.norm())
+
+
+def test_projector_min_fraction_keeps_the_smallest_eigendirections():
+    k = torch.randn(300, 16, generator=torch.Generator().manual_seed(2)) * torch.linspace(0.5, 3.0, 16)
+    p = null_space_projector(k, threshold=1e-9, min_fraction=0.5)  # full rank: threshold keeps none
+    assert round(float(torch.trace(p))) == 8
+    evals = torch.linalg.eigvalsh(k.double().T @ k.double())
+    # ‖K P‖² is the sum of the eigenvalues of the kept directions: the 8 smallest.
+    assert float((k.double() @ p.double()).pow(2).sum()) == pytest.approx(float(evals[:8].sum()), rel=1e-3)
+    with pytest.raises(WorkbenchError):
+        null_space_projector(torch.zeros(0, 4))
+
+
+def _retain_and_delta(d_in: int, d_out: int, seed: int = 3):
+    k = _low_rank_inputs(d=d_in, seed=seed)
+    delta = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(seed + 1))
+    return k, delta, null_space_projector(k)
+
+
+def test_projected_update_leaves_nn_linear_retain_outputs_unchanged():
+    d_in, d_out = 32, 24
+    k, delta, p = _retain_and_delta(d_in, d_out)  # delta in nn.Linear layout [out, in]
+    torch.manual_seed(0)
+    layer = nn.Linear(d_in, d_out)
+    with torch.no_grad():
+        base_out = layer(k)
+        moved = copy.deepcopy(layer)
+        moved.weight += project_update(delta, p, conv1d=False)
+        raw = copy.deepcopy(layer)
+        raw.weight += delta
+        scale = float(base_out.abs().max())
+        assert float((moved(k) - base_out).abs().max()) < 1e-4 * scale
+        assert float((raw(k) - base_out).abs().max()) > 0.1 * scale  # the unprojected update does change them
+        off = torch.randn(5, d_in, generator=torch.Generator().manual_seed(9))  # off the retain span
+        assert float((moved(off) - layer(off)).abs().max()) > 1e-2
+
+
+def test_projected_update_leaves_gpt2_conv1d_retain_outputs_unchanged():
+    from transformers.pytorch_utils import Conv1D
+
+    d_in, d_out = 32, 24
+    k, delta_lin, p = _retain_and_delta(d_in, d_out)
+    delta = delta_lin.T.contiguous()  # Conv1D layout [in, out]
+    torch.manual_seed(0)
+    layer = Conv1D(d_out, d_in)
+    nn.init.normal_(layer.weight, std=0.2)
+    with torch.no_grad():
+        base_out = layer(k)
+        moved = copy.deepcopy(layer)
+        moved.weight += project_update(delta, p, conv1d=True)
+        raw = copy.deepcopy(layer)
+        raw.weight += delta
+        scale = float(base_out.abs().max())
+        assert float((moved(k) - base_out).abs().max()) < 1e-4 * scale
+        assert float((raw(k) - base_out).abs().max()) > 0.1 * scale
+
+
+def test_projection_layout_matters_for_square_conv1d():
+    """With a square weight both products exist; only P ΔW is right for Conv1D ([in, out])."""
+    from transformers.pytorch_utils import Conv1D
+
+    k, delta, p = _retain_and_delta(32, 32, seed=5)
+    layer = Conv1D(32, 32)
+    nn.init.normal_(layer.weight, std=0.2)
+    with torch.no_grad():
+        base_out = layer(k)
+        right, wrong = copy.deepcopy(layer), copy.deepcopy(layer)
+        right.weight += project_update(delta, p, conv1d=True)
+        wrong.weight += project_update(delta, p, conv1d=False)
+        scale = float(base_out.abs().max())
+        assert float((right(k) - base_out).abs().max()) < 1e-4 * scale
+        assert float((wrong(k) - base_out).abs().max()) > 0.1 * scale
+
+
+# --- facts-tiny MANSU runs shared by the tests below --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def split(facts_tiny):
+    from workbench.splits import builtin_split
+
+    return builtin_split(facts_tiny)
+
+
+@pytest.fixture(scope="module")
+def every_module(facts_tiny):
+    return all_components(facts_tiny.n_layers, facts_tiny.n_heads, include_embed=False)
+
+
+def _run(model, split, circuit, quant=QuantConfig("nf4"), **cfg):
+    return unlearn(model, split, method="mansu", circuit=circuit, quant=quant,
+                   mansu_config=MansuConfig(**{**SMALL, **cfg}))
+
+
+# --- (d) the floor: every moved code changes ----------------------------------------------------
+
+
+def _assert_every_move_changes_code(model, update: Update, quant: QuantConfig) -> None:
+    assert update.nnz() > 0, "MANSU moved nothing; the property would hold vacuously"
+    base = model.state()
+    tr = transposed_parameters(model.hf)
+    quantizable = set(quantizable_parameters(model.hf, quant))
+    for name, delta in update.deltas.items():
+        assert name in quantizable, f"{name} is not quantized: its move cannot change a code"
+        t = name in tr
+        before = quantize_codes(base[name], quant, transposed=t)
+        after = quantize_codes(base[name] + delta, quant, transposed=t)
+        c0, c1 = before.codes_like_weight(), after.codes_like_weight()
+        moved = delta != 0
+        unchanged = int((c1[moved] == c0[moved]).sum())
+        assert unchanged == 0, f"{name}: {unchanged} of {int(moved.sum())} moved weights kept their code"
+        assert torch.equal(c1[~moved], c0[~moved]), f"{name}: a code changed where nothing moved"
+        assert torch.equal(before.absmax_exact, after.absmax_exact), f"{name}: a block absmax changed"
+        assert torch.equal(before.absmax, after.absmax)
+        if quant.double_quant:
+            continue  # the dequantization scale is the double-quantized absmax: values differ slightly
+        # The floor puts a moved weight on a code value: Q(w+Δ) = w+Δ there.
+        after_w = base[name] + delta
+        deq = quantize_dequantize(after_w, quant, transposed=t)
+        torch.testing.assert_close(deq[moved], after_w[moved], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("qtype", ["nf4", "fp4", "int8"])
+def test_every_moved_code_changes_under_bitsandbytes(facts_tiny, split, every_module, qtype):
+    quant = QuantConfig(qtype)
+    before = facts_tiny.weights_hash()
+    result = _run(facts_tiny, split, every_module, quant)
+    assert facts_tiny.weights_hash() == before, "MANSU modified the base model"
+    assert result.method == "mansu"
+    assert result.update.meta["base_fingerprint"] == facts_tiny.fingerprint
+    assert result.update.nnz() <= SMALL["params_per_round"] * result.steps
+    _assert_every_move_changes_code(facts_tiny, result.update, quant)
+
+
+def test_floor_property_holds_with_double_quant(facts_tiny, split, every_module):
+    quant = QuantConfig("nf4", double_quant=True, blocksize=128)
+    result = _run(facts_tiny, split, every_module, quant, max_rounds=2)
+    _assert_every_move_changes_code(facts_tiny, result.update, quant)
+
+
+def test_floor_verification_reverts_moves_that_keep_their_code(facts_tiny, split, every_module, monkeypatch):
+    """Sabotage half of the floor targets (put them on the weight's *own* code value, which the
+    quantizer maps back to the same code): the bnb verification must undo exactly those."""
+    import importlib
+
+    # ``workbench.unlearning.mansu`` as an attribute is the function (re-exported); get the module.
+    mansu_mod = importlib.import_module("workbench.unlearning.mansu")
+    real = mansu_mod.floor_targets
+
+    def half_sabotaged(direction, grid, steps):
+        target, valid = real(direction, grid, steps)
+        own = grid.values[grid.rank] * grid.absmax
+        odd = torch.arange(target.numel()) % 2 == 1
+        return torch.where(odd, own, target), valid
+
+    monkeypatch.setattr(mansu_mod, "floor_targets", half_sabotaged)
+    quant = QuantConfig("int8")
+    result = _run(facts_tiny, split, every_module, quant, max_rounds=2)
+    assert result.diagnostics["floor_reverted"] > 0
+    _assert_every_move_changes_code(facts_tiny, result.update, quant)
+    for delta in result.update.deltas.values():
+        idx = torch.nonzero(delta.reshape(-1)).reshape(-1)
+        assert bool((idx % 2 == 0).all()), "a sabotaged (code-preserving) move survived verification"
+
+
+# --- (c) diagonal Fisher --------------------------------------------------------------------------
+
+
+def test_diagonal_fisher_is_the_mean_per_example_squared_gradient(toy_gpt2):
+    from workbench.evaluation import answer_token
+
+    facts = [Fact("w1 w2", "w3", ()), Fact("w4 w5 w6 w7", "w8", ()), Fact("w9 w10 w11", "w12", ()),
+             Fact("w20", "w21", ())]
+    name = "transformer.h.0.mlp.c_fc.weight"
+    hand = copy.deepcopy(toy_gpt2.hf)
+    param = dict(hand.named_parameters())[name]
+    param.requires_grad_(True)
+    grads = []
+    for f in facts:
+        ids = torch.tensor([toy_gpt2.tokenizer(f.prompt)["input_ids"]])
+        logp = torch.log_softmax(hand(ids).logits[0, -1].float(), -1)[answer_token(toy_gpt2.tokenizer, f.answer)]
+        (g,) = torch.autograd.grad(logp, [param])
+        grads.append(g)
+    expected = torch.stack([g**2 for g in grads]).mean(0)
+    batch = FactBatch.from_facts(toy_gpt2.tokenizer, facts)
+    before = toy_gpt2.weights_hash()
+    got = diagonal_fisher(copy.deepcopy(toy_gpt2.hf), [name], batch, samples=len(facts))[name]
+    assert toy_gpt2.weights_hash() == before
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-12)
+    # per-example squares, not the square of the mean gradient
+    assert not torch.allclose(got, torch.stack(grads).mean(0) ** 2, rtol=1e-2)
+    # ``samples`` caps the examples used (the first ones)
+    two = diagonal_fisher(copy.deepcopy(toy_gpt2.hf), [name], batch, samples=2)[name]
+    torch.testing.assert_close(two, (grads[0] ** 2 + grads[1] ** 2) / 2, rtol=1e-4, atol=1e-12)
+
+
+def test_fisher_bound_is_half_sum_f_delta_squared():
+    fisher = {"a": torch.tensor([1.0, 2.0, 4.0]), "b": torch.tensor([[3.0]])}
+    update = Update({"a": torch.tensor([3.0, 0.0, -0.5]), "c": torch.tensor([100.0])})
+    assert fisher_bound(fisher, update) == pytest.approx(0.5 * (1 * 9 + 4 * 0.25))
+
+
+def test_fisher_budget_holds(facts_tiny, split, every_module):
+    free = _run(facts_tiny, split, every_module, fisher_budget=None, max_rounds=2)
+    unbounded = free.diagnostics["fisher_bound"]
+    assert unbounded > 0
+    # Without a cap the running bound is still reported per round (live plots) ...
+    assert free.history and free.history[-1]["fisher_bound"] > 0
+    if free.diagnostics["floor_reverted"] == 0 and not free.diagnostics.get("rounds_undone_by_retain_guard"):
+        # ... and, when nothing was undone, it is the final update's bound.
+        assert free.history[-1]["fisher_bound"] == pytest.approx(unbounded, rel=1e-4)
+    budget = unbounded / 4
+    result = _run(facts_tiny, split, every_module, fisher_budget=budget, max_rounds=4)
+    assert result.update.nnz() > 0
+    bound = result.diagnostics["fisher_bound"]
+    assert 0 < bound <= budget * (1 + 1e-5)
+    assert result.diagnostics["fisher_budget"] == budget
+    assert all(h["fisher_bound"] <= budget * (1 + 1e-5) for h in result.history)
+    # An independent Fisher estimate over the same retain examples gives the same bound.
+    batches = Batches.build(facts_tiny, split)
+    names = sorted(result.update.deltas)
+    fisher = diagonal_fisher(copy.deepcopy(facts_tiny.hf), names, batches.retain, SMALL["fisher_samples"])
+    assert fisher_bound(fisher, result.update) == pytest.approx(bound, rel=1e-3)
+    assert fisher_bound(fisher, result.update) <= budget * (1 + 1e-3)
+    # The budget binds: the run ends because no further move fits, not by its round budget.
+    assert result.stopped == "fisher budget"
+
+
+# --- (a) circuit restriction -----------------------------------------------------------------------
+
+
+def _assert_inside(update: Update, masks: dict[str, torch.Tensor]) -> None:
+    assert update.nnz() > 0
+    for name, delta in update.deltas.items():
+        assert name in masks, f"{name} moved but belongs to no circuit component"
+        outside = int(((delta != 0) & ~masks[name]).sum())
+        assert outside == 0, f"{name}: {outside} moved entries outside the circuit"
+
+
+def _outside(update: Update, masks: dict[str, torch.Tensor]) -> int:
+    return sum(int(((d != 0) & ~masks.get(n, torch.zeros_like(d, dtype=torch.bool))).sum())
+               for n, d in update.deltas.items())
+
+
+def test_nothing_outside_the_circuit_moves_gpt2(facts_tiny, split):
+    components = [head(1, 2), mlp(0)]
+    masks = circuit_parameters(facts_tiny, components)
+    result = _run(facts_tiny, split, components)
+    _assert_inside(result.update, masks)
+    free = _run(facts_tiny, split, components, use_circuit=False, max_rounds=2)
+    assert _outside(free.update, masks) > 0, "without the circuit restriction MANSU never left the circuit"
+
+
+@pytest.fixture(scope="module")
+def llama_split(toy_llama_gqa):
+    """Hand-made facts whose answers are the toy model's own top-1 (forget accuracy starts at 1)."""
+    from workbench.evaluation import encode_prompts, last_token_logits
+
+    m = toy_llama_gqa
+    prompts = [f"w{i} w{i + 1} w{(3 * i) % 97}" for i in range(60)]
+    ids, last, _ = encode_prompts(m.tokenizer, prompts)
+    with torch.no_grad():
+        top = last_token_logits(m.hf, ids, last).argmax(-1)
+    facts = []
+    for prompt, t in zip(prompts, top.tolist()):
+        answer = m.tokenizer.convert_ids_to_tokens(int(t))
+        if answer.startswith("w"):  # skip special tokens
+            facts.append(Fact(prompt, answer, ()))
+    assert len(facts) >= 30
+    return FactSplit("toy-llama", forget=tuple(facts[:10]), retain=tuple(facts[10:]))
+
+
+def test_nothing_outside_the_circuit_moves_llama_gqa(toy_llama_gqa, llama_split):
+    from workbench.evaluation import evaluate_facts
+
+    assert evaluate_facts(toy_llama_gqa, llama_split.forget, multiple_choice=False).top1 == 1.0
+    components = [head(0, 1), mlp(1)]
+    masks = circuit_parameters(toy_llama_gqa, components)
+    assert any("k_proj" in n for n in masks) and any("o_proj" in n for n in masks)
+    before = toy_llama_gqa.weights_hash()
+    result = _run(toy_llama_gqa, llama_split, components)
+    assert toy_llama_gqa.weights_hash() == before
+    _assert_inside(result.update, masks)
+    _assert_every_move_changes_code(toy_llama_gqa, result.update, QuantConfig("nf4"))
+    free = _run(toy_llama_gqa, llama_split, components, use_circuit=False, max_rounds=2)
+    assert _outside(free.update, masks) > 0
+
+
+def test_circuit_restriction_needs_a_circuit_with_weights(facts_tiny, split):
+    with pytest.raises(WorkbenchError, match="non-empty circuit"):
+        _run(facts_tiny, split, None)
+    with pytest.raises(WorkbenchError, match="no quantized weight"):
+        _run(facts_tiny, split, [EMBED])
+
+
+def test_mansu_config_is_validated():
+    for bad in (dict(params_per_round=0), dict(forget_target=1.5), dict(null_threshold=0.0),
+                dict(fisher_budget=0.0), dict(code_steps=0), dict(fisher_samples=0)):
+        with pytest.raises(WorkbenchError):
+            MansuConfig(**bad)
+    assert MansuConfig(use_floor=False, use_circuit=False).label == "mansu-no_circuit-no_floor"

@@ -1,0 +1,216 @@
+"""measure_update: every metrics.json number the issue asks for, cross-checked against independent
+computations (evaluation of the variants, the real quantizer), and the report card's logic."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from workbench.errors import WorkbenchError
+from workbench.evaluation import evaluate_facts
+from workbench.metrics import Thresholds, build_variants, measure_update, report_card
+from workbench.nodes import all_components
+from workbench.quant import QuantConfig, quantize_dequantize, transposed_parameters
+from workbench.unlearning import MansuConfig, OptimConfig, StopRule, unlearn
+from workbench.update import Update
+
+NF4 = QuantConfig("nf4")
+
+
+@pytest.fixture(scope="module")
+def split(facts_tiny):
+    from workbench.splits import builtin_split
+
+    return builtin_split(facts_tiny)
+
+
+@pytest.fixture(scope="module")
+def mansu_measured(facts_tiny, split):
+    circuit = all_components(facts_tiny.n_layers, facts_tiny.n_heads, include_embed=False)
+    result = unlearn(facts_tiny, split, method="mansu", quant=NF4, circuit=circuit,
+                     mansu_config=MansuConfig(params_per_round=16, max_rounds=3, fisher_samples=32))
+    before = facts_tiny.weights_hash()
+    metrics = measure_update(facts_tiny, split, result.update, quant=NF4, circuit=circuit)
+    return result, metrics, before == facts_tiny.weights_hash()
+
+
+@pytest.fixture(scope="module")
+def graddiff_measured(facts_tiny, split):
+    """A dense baseline update that really moves the forget accuracy (non-trivial PTQ numbers)."""
+    result = unlearn(facts_tiny, split, method="graddiff", optim=OptimConfig(lr=1e-3),
+                     stop=StopRule(max_steps=3, forget_target=None))
+    metrics = measure_update(facts_tiny, split, result.update, quant=NF4, cad=False)
+    return result, metrics
+
+
+REQUIRED = {
+    "quant", "forget", "retain", "paraphrase", "multiple_choice", "ptq_gap", "ptq_gap_decomposition",
+    "bucket_overlap", "code_overlap", "codes_changed", "codes_changed_fraction", "params_changed",
+    "params_changed_unquantized", "moved_code_changed_fraction", "absmax_changes", "update_to_bin_width",
+    "update_norm", "quantization", "retain_kl", "cad", "properties",
+}
+
+
+def test_measure_update_reports_every_key(mansu_measured):
+    result, m, untouched = mansu_measured
+    assert untouched, "measure_update modified the base model"
+    assert REQUIRED <= set(m)
+    assert m["quant"] == {"type": "nf4", "blocksize": 64, "double_quant": False,
+                          "include_embeddings": False, "include_lm_head": False}
+    for variant in ("base_fp", "base_q", "after_fp", "after_q", "after_qbase_delta"):
+        assert 0.0 <= m["forget"][variant] <= 1.0
+        assert 0.0 <= m["retain"][variant] <= 1.0
+    assert set(m["update_to_bin_width"]) == {"median", "p90"}
+    assert set(m["cad"]) >= {"fp", "quantized", "fp_detail", "quantized_detail"}
+    assert set(m["properties"]) == {"forgetting", "retain", "ptq", "structural"}
+    for prop in m["properties"].values():
+        assert {"pass", "margin", "threshold", "value"} <= set(prop)
+        assert isinstance(prop["pass"], bool)
+    assert set(m["paraphrase"]) == {"forget_paraphrase", "retain_paraphrase"}
+
+
+def test_mansu_quantization_numbers_match_the_floor(facts_tiny, mansu_measured):
+    result, m, _ = mansu_measured
+    nnz = result.update.nnz()
+    assert nnz > 0
+    assert m["params_changed"] == nnz
+    assert m["params_changed_unquantized"] == 0
+    assert m["codes_changed"] == nnz, "every weight MANSU moves must change its NF4 code"
+    assert m["moved_code_changed_fraction"] == 1.0
+    assert m["absmax_changes"] == 0
+    n_weights = m["quantization"]["overall"]["n_weights"]
+    assert m["codes_changed_fraction"] == pytest.approx(nnz / n_weights)
+    assert m["code_overlap"] == pytest.approx(1 - nnz / n_weights)
+    assert m["bucket_overlap"] <= m["code_overlap"] < 1.0
+    # floor-sized moves: |Δw| is of the order of a bin width, not a sliver of one
+    assert m["update_to_bin_width"]["median"] > 0.4
+    assert m["update_to_bin_width"]["p90"] >= m["update_to_bin_width"]["median"]
+    assert m["update_norm"] == pytest.approx(result.update.norm())
+    assert m["retain_kl"] >= 0.0
+    assert 0.0 <= m["cad"]["fp"] <= 1.0 and 0.0 <= m["cad"]["quantized"] <= 1.0
+
+
+def test_ptq_gap_and_its_decomposition(graddiff_measured):
+    _, m = graddiff_measured
+    f = m["forget"]
+    # part-way (here: about half the forget facts still right), so the variants can disagree
+    assert 0.0 < f["after_fp"] < f["base_fp"], "the baseline update did not move forget accuracy part-way"
+    assert m["ptq_gap"] == pytest.approx(f["after_q"] - f["after_fp"], abs=1e-12)
+    d = m["ptq_gap_decomposition"]
+    assert d["base_shift"] == pytest.approx(f["after_qbase_delta"] - f["after_fp"], abs=1e-12)
+    assert d["rounding"] == pytest.approx(f["after_q"] - f["after_qbase_delta"], abs=1e-12)
+    assert d["base_shift"] + d["rounding"] == pytest.approx(m["ptq_gap"], abs=1e-12)
+    assert "cad" not in m and m["properties"]["structural"]["pass"] is None
+    # A dense update moves almost every block's absmax: bucket overlap far below code overlap.
+    assert m["absmax_changes"] > 0
+    assert m["bucket_overlap"] < m["code_overlap"]
+
+
+def test_variants_and_gap_decomposition_with_distinct_accuracies(toy_gpt2, monkeypatch):
+    """Give each of the five variants its own forget accuracy (identified by its weights, built
+    here independently) so every difference in the decomposition is distinct and non-zero."""
+    import workbench.metrics as metrics_mod
+    from workbench.evaluation import FactScores
+    from workbench.facts import Fact, FactSplit
+
+    name = "transformer.h.0.mlp.c_fc.weight"
+    base = toy_gpt2.state()[name]
+    delta = 0.3 * torch.randn(base.shape, generator=torch.Generator().manual_seed(0))
+    update = Update({name: delta})
+    q = lambda w: quantize_dequantize(w, NF4, transposed=True)  # noqa: E731  (GPT-2 Conv1D)
+    expected = {"base_fp": base, "base_q": q(base), "after_fp": base + delta,
+                "after_qbase_delta": q(base) + delta, "after_q": q(base + delta)}
+    assert all(not torch.equal(expected[a], expected[b]) for a in expected for b in expected if a < b)
+    forget_acc = {"base_fp": 1.0, "base_q": 0.875, "after_fp": 0.25, "after_qbase_delta": 0.375, "after_q": 0.625}
+    retain_acc = {"base_fp": 0.9, "base_q": 0.8, "after_fp": 0.7, "after_qbase_delta": 0.6, "after_q": 0.5}
+
+    def fake_evaluate(model, facts, multiple_choice=True, **_):
+        w = model.state()[name]
+        (variant,) = [k for k, v in expected.items() if torch.equal(w, v)]
+        table = forget_acc if facts[0].prompt.startswith("w1 ") else retain_acc
+        return FactScores(top1=table[variant], mc=float("nan"), mean_prob=0.5, n=len(facts))
+
+    monkeypatch.setattr(metrics_mod, "evaluate_facts", fake_evaluate)
+    split = FactSplit("toy", forget=(Fact("w1 w2", "w3", ()),), retain=(Fact("w4 w5", "w6", ()),))
+    m = measure_update(toy_gpt2, split, update, quant=NF4, cad=False)
+    assert {k: m["forget"][k] for k in forget_acc} == forget_acc
+    assert {k: m["retain"][k] for k in retain_acc} == retain_acc
+    assert m["ptq_gap"] == pytest.approx(0.625 - 0.25)
+    assert m["ptq_gap_decomposition"]["base_shift"] == pytest.approx(0.375 - 0.25)
+    assert m["ptq_gap_decomposition"]["rounding"] == pytest.approx(0.625 - 0.375)
+    assert m["multiple_choice"]["forget"]["after_q"] is None  # NaN is reported as null
+    assert m["properties"]["ptq"]["pass"] is False
+    assert m["properties"]["retain"]["value"] == pytest.approx(0.3)  # max(0.9-0.7, 0.8-0.5)
+
+
+def test_variant_accuracies_match_independent_evaluation(facts_tiny, split, graddiff_measured):
+    result, m = graddiff_measured
+    update = result.update
+    tr = transposed_parameters(facts_tiny.hf)
+    base = facts_tiny.state()
+    after_fp = update.apply(facts_tiny)
+    names = [n for n in base if n.endswith("weight") and n in update.deltas and n != "transformer.wte.weight"]
+    assert names
+    after_q_state = {n: quantize_dequantize(base[n] + update.deltas[n], NF4, transposed=n in tr) for n in names}
+    variants = build_variants(facts_tiny, update, NF4)
+    torch.testing.assert_close(variants["after_q"].state()[names[0]], after_q_state[names[0]], rtol=0, atol=0)
+
+    def top1(model, facts):
+        return evaluate_facts(model, facts, multiple_choice=False).top1
+
+    assert m["forget"]["base_fp"] == top1(facts_tiny, split.forget)
+    assert m["forget"]["after_fp"] == top1(after_fp, split.forget)
+    assert m["retain"]["after_fp"] == top1(after_fp, split.retain)
+    assert m["forget"]["after_q"] == top1(variants["after_q"], split.forget)
+
+
+def test_measure_update_refuses_an_update_for_another_model(facts_tiny, split):
+    with pytest.raises(WorkbenchError, match="does not have"):
+        measure_update(facts_tiny, split, Update({"model.layers.0.mlp.up_proj.weight": torch.zeros(2, 2)}),
+                       quant=NF4, cad=False)
+
+
+def _synthetic(forget, retain, ptq_gap, cad=None, oracle=None):
+    m = {"forget": dict(zip(("base_fp", "base_q", "after_fp", "after_q"), forget)),
+         "retain": dict(zip(("base_fp", "base_q", "after_fp", "after_q"), retain)), "ptq_gap": ptq_gap}
+    if cad is not None:
+        m["cad"] = {"fp": cad[0], "quantized": cad[1]}
+    if oracle is not None:
+        m["oracle"] = {"forget_fp": oracle}
+    return m
+
+
+def test_report_card_logic():
+    m = _synthetic(forget=(1.0, 1.0, 0.1, 0.15), retain=(0.9, 0.88, 0.87, 0.86), ptq_gap=0.05, cad=(0.3, 0.2))
+    card = report_card(m, Thresholds())
+    # forgetting: worst of fp and quantized (0.15) against 0.2 (no oracle)
+    assert card["forgetting"]["pass"] is True
+    assert card["forgetting"]["margin"] == pytest.approx(0.05)
+    # retain: worst drop over fp (0.03) and quantized (0.02) against 0.05
+    assert card["retain"]["pass"] is True and card["retain"]["value"] == pytest.approx(0.03)
+    # ptq: a positive gap fails the non-positive-gap property
+    assert card["ptq"]["pass"] is False and card["ptq"]["margin"] == pytest.approx(-0.05)
+    # structural: worst CAD (0.2) >= 0.1
+    assert card["structural"]["pass"] is True and card["structural"]["margin"] == pytest.approx(0.1)
+    # the forget threshold never exceeds half the base's forget accuracy
+    low = report_card(_synthetic((0.3, 0.3, 0.16, 0.16), (1, 1, 1, 1), 0.0), Thresholds())
+    assert low["forgetting"]["threshold"] == pytest.approx(0.15) and low["forgetting"]["pass"] is False
+    # with an oracle the threshold follows it (capped the same way)
+    with_oracle = report_card(_synthetic((1.0, 1.0, 0.3, 0.3), (1, 1, 1, 1), 0.0, oracle=0.25), Thresholds())
+    assert with_oracle["forgetting"]["threshold"] > 0.25 and with_oracle["forgetting"]["pass"] is True
+    explicit = report_card(_synthetic((1.0, 1.0, 0.3, 0.3), (1, 1, 1, 1), -0.1), Thresholds(forget_max=0.25))
+    assert explicit["forgetting"]["pass"] is False and explicit["ptq"]["pass"] is True
+    # retain drop measured in each precision against the base in the same precision
+    drop_q = report_card(_synthetic((1, 1, 0, 0), (0.9, 0.8, 0.9, 0.7), 0.0), Thresholds())
+    assert drop_q["retain"]["value"] == pytest.approx(0.1) and drop_q["retain"]["pass"] is False
+    no_cad = report_card(_synthetic((1, 1, 0, 0), (1, 1, 1, 1), 0.0), Thresholds())
+    assert no_cad["structural"]["pass"] is None
+
+
+def test_thresholds_are_validated():
+    for bad in (dict(forget_max=1.5), dict(retain_tolerance=-0.1), dict(cad_min=2.0)):
+        with pytest.raises(WorkbenchError):
+            Thresholds(**bad)
+    assert math.isfinite(Thresholds().cad_min)
