@@ -395,6 +395,8 @@ def mansu(
         candidates.sort(key=lambda c: -c[0])
         chosen = 0
         touched: dict[str, list[int]] = {}
+        previous: dict[str, list[float]] = {}  # pre-round deltas, to undo a round exactly
+        round_cost = 0.0
         for _s, n, i, new_delta in candidates:
             if chosen >= per_round:
                 break
@@ -404,9 +406,11 @@ def mansu(
                 if config.fisher_budget is not None and bound + cost > config.fisher_budget:
                     continue
                 bound += cost
+                round_cost += cost
             deltas[n].view(-1)[i] = new_delta
             moved[n][i] = True
             touched.setdefault(n, []).append(i)
+            previous.setdefault(n, []).append(old)
             chosen += 1
         if config.use_floor:
             # Verify with the real quantizer; a move whose code did not change (possible
@@ -435,11 +439,13 @@ def mansu(
             with torch.no_grad():
                 for n, idx in touched.items():
                     index = torch.tensor(idx)
-                    deltas[n].view(-1)[index] = 0.0
-                    moved[n][index] = False
+                    old_values = torch.tensor(previous[n], dtype=deltas[n].dtype)
+                    deltas[n].view(-1)[index] = old_values
+                    moved[n][index] = old_values != 0
                     params[n].copy_(base[n] + deltas[n])
                     qparams[n].copy_(quantize_dequantize(base[n] + deltas[n], quant, transposed=state.transposed[n]))
             guard_undone += 1
+            bound -= round_cost
             if per_round <= 8:
                 stopped = "retain guard"
                 break
