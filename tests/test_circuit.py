@@ -524,12 +524,7 @@ def test_embed_and_validation(toy):
 
 # --- faithfulness -------------------------------------------------------------------------
 
-_attribution = pytest.importorskip("workbench.attribution")
-_HAS_ABLATION = all(hasattr(_attribution, f) for f in ("ablated_metric", "metric_baselines", "PromptPairs"))
-needs_ablation = pytest.mark.skipif(not _HAS_ABLATION, reason="attribution.ablated_metric not written yet")
 
-
-@needs_ablation
 @pytest.mark.parametrize("arch", ["gpt2", "llama_gqa"])
 def test_faithfulness_full_and_empty(arch):
     from workbench.attribution import PromptPairs
