@@ -77,14 +77,14 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def evaluation_rows(model, split, quants: Sequence[Any]) -> list[dict[str, Any]]:
+def evaluation_rows(model, split, quants: Sequence[Any], multiple_choice: bool = True) -> list[dict[str, Any]]:
     """One row per (set, precision): top-1, multiple choice, mean answer probability."""
     from workbench.evaluation import evaluate_split
 
     rows = []
     for q in quants:
         label = "fp32" if q is None else q.label
-        for set_name, s in evaluate_split(model, split, quant=q).items():
+        for set_name, s in evaluate_split(model, split, quant=q, multiple_choice=multiple_choice).items():
             rows.append({"set": set_name, "precision": label, "n": s.n, "top1": s.top1, "mc": s.mc, "p(answer)": s.mean_prob})
     return rows
 
@@ -185,7 +185,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"   {time.perf_counter() - t0:.1f} s · split {split.name}: forget {len(split.forget)}, retain {len(split.retain)}")
     q = QuantConfig("nf4")
     print("== accuracy, full precision vs NF4 of the base")
-    print(text_table(evaluation_rows(model, split, [None, q])))
+    # Top-1 only: multiple choice over ~1000 SmolLM2 facts costs minutes (use `workbench eval`).
+    print(text_table(evaluation_rows(model, split, [None, q], multiple_choice=False)))
     names = quantizable_parameters(model.hf, q)
     state = model.state()
     tr = transposed_parameters(model.hf)
