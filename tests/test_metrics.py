@@ -214,3 +214,59 @@ def test_thresholds_are_validated():
         with pytest.raises(WorkbenchError):
             Thresholds(**bad)
     assert math.isfinite(Thresholds().cad_min)
+
+
+def test_bin_occupancy_before_and_after_match_the_quantizer(facts_tiny, mansu_measured):
+    """The occupancy stored in metrics.json equals bin_occupancy of w and of w+Δ (bnb codes)."""
+    from workbench.quant import bin_occupancy, code_order, quantizable_parameters
+
+    result, metrics, _ = mansu_measured
+    names = quantizable_parameters(facts_tiny.hf, NF4)
+    tr = transposed_parameters(facts_tiny.hf)
+    order = code_order(NF4).numpy()
+    before = bin_occupancy(facts_tiny.state(), names, NF4, transposed=tr, progress=lambda *_: None)
+    after = bin_occupancy({**facts_tiny.state(), **result.update.after_state(facts_tiny.state())}, names, NF4, transposed=tr, progress=lambda *_: None)
+    overall = metrics["quantization"]["overall"]
+    assert overall["occupancy_before"] == before["overall"][order].tolist()
+    assert overall["occupancy_after"] == after["overall"][order].tolist()
+    assert sum(overall["occupancy_after"]) == overall["n_weights"]
+    # every code change moves one weight out of one bar into another
+    moved = sum(abs(a - b) for a, b in zip(overall["occupancy_before"], overall["occupancy_after"], strict=True))
+    assert 0 < moved <= 2 * overall["code_flips"]
+
+
+def test_before_after_figures_draw_the_measured_numbers(mansu_measured, graddiff_measured):
+    from workbench import plots
+    from workbench.metrics import report_card_rows
+
+    _, m, _ = mansu_measured
+    _, g = graddiff_measured
+    q = m["quantization"]
+    fig = plots.occupancy_figure(q)
+    assert [list(t.y) for t in fig.data[:2]] == [q["overall"]["occupancy_before"], q["overall"]["occupancy_after"]]
+    assert list(fig.data[2].y) == [a - b for a, b in zip(q["overall"]["occupancy_after"], q["overall"]["occupancy_before"], strict=True)]
+    module = q["modules"][0]["name"]
+    assert "of" in plots.occupancy_figure(q, module).layout.title.text
+    with pytest.raises(WorkbenchError, match="no quantization analysis"):
+        plots.occupancy_figure(q, "no.such.weight")
+
+    ratio = plots.update_ratio_figure({"mansu": q, "graddiff": g["quantization"]})
+    assert [t.name for t in ratio.data] == ["mansu", "graddiff"]
+    assert all(0 < sum(t.y) <= 1.0 + 1e-9 for t in ratio.data)  # below/above-range ratios are not drawn
+    # MANSU's moves sit at or beyond one bin width more often than the dense baseline's
+    def mass_above_one(trace):
+        return sum(y for x, y in zip(trace.x, trace.y, strict=True) if x >= 1.0)
+    assert mass_above_one(ratio.data[0]) > mass_above_one(ratio.data[1])
+
+    acc = plots.accuracy_figure({"mansu": m, "graddiff": g})
+    assert list(acc.data[0].y) == [m["forget"][v] for v in plots.VARIANT_LABELS]
+    assert list(acc.data[3].y) == [g["retain"][v] for v in plots.VARIANT_LABELS]
+
+    cad = plots.cad_diff_figure(m)
+    assert f"{m['cad']['fp']:.3f}" in cad.layout.title.text
+    with pytest.raises(WorkbenchError, match="without CAD"):
+        plots.cad_diff_figure(g)
+
+    rows = report_card_rows(m)
+    assert len(rows) == 4 and {r["verdict"] for r in rows} <= {"PASS", "fail", "–"}
+    assert rows[0]["verdict"] == ("PASS" if m["properties"]["forgetting"]["pass"] else "fail")

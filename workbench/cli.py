@@ -252,13 +252,10 @@ def cmd_circuit_faithfulness(args: argparse.Namespace) -> int:
 
 def report_card_text(metrics: dict[str, Any]) -> str:
     """The four properties as a small table."""
+    from workbench.metrics import report_card_rows
     from workbench.tables import text_table
 
-    rows = []
-    for name, p in metrics["properties"].items():
-        rows.append({"property": name, "pass": "–" if p["pass"] is None else ("PASS" if p["pass"] else "fail"),
-                     "value": p["value"], "threshold": p["threshold"], "margin": p["margin"]})
-    return text_table(rows)
+    return text_table(report_card_rows(metrics))
 
 
 def metrics_summary_text(metrics: dict[str, Any]) -> str:

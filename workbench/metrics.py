@@ -247,5 +247,24 @@ def report_card(metrics: dict[str, Any], thresholds: Thresholds = Thresholds()) 
     return card
 
 
+PROPERTY_LABELS = {
+    "forgetting": "forgetting (fp and quantized)",
+    "retain": "retain preserved",
+    "ptq": "PTQ gap ≤ threshold",
+    "structural": "structural erasure (CAD)",
+}
+
+
+def report_card_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """The report card as table rows: property, verdict (``PASS``/``fail``/``–`` when not
+    measured), value, threshold, margin (positive = passes by that much)."""
+    rows = []
+    for name, p in metrics["properties"].items():
+        verdict = "–" if p["pass"] is None else ("PASS" if p["pass"] else "fail")
+        rows.append({"property": PROPERTY_LABELS.get(name, name), "verdict": verdict, "value": p["value"],
+                     "threshold": p["threshold"], "margin": p["margin"]})
+    return rows
+
+
 def thresholds_to_dict(t: Thresholds) -> dict[str, Any]:
     return asdict(t)

@@ -314,12 +314,156 @@ def circuit_diff_figure(
     return fig
 
 
+# --------------------------------------------------------------------------- before/after of an update
+# These read the plain dicts of ``metrics.json`` (``metrics["quantization"]`` is
+# ``QuantComparison.to_dict()``), so a saved run draws the same figures as a live one.
+
+BEFORE_COLOUR, AFTER_COLOUR = "#7f7f7f", "#d62728"
+VARIANT_LABELS = {"base_fp": "base fp", "base_q": "base Q(w)", "after_fp": "after fp w+Δ",
+                  "after_qbase_delta": "Q(w)+Δ", "after_q": "after Q(w+Δ)"}
+
+
+def quantization_module(quantization: Mapping[str, Any], module: str = "overall") -> dict[str, Any]:
+    """One module's comparison dict (``"overall"`` or an HF parameter name)."""
+    from workbench.errors import WorkbenchError
+
+    if module == "overall":
+        return dict(quantization["overall"])
+    for m in quantization["modules"]:
+        if m["name"] == module:
+            return dict(m)
+    raise WorkbenchError(f"no quantization analysis for module {module!r}")
+
+
+def _code_labels(quantization: Mapping[str, Any], n: int) -> list[str]:
+    from workbench.quant import QuantConfig, code_order, code_table
+
+    cfg = QuantConfig.from_dict(quantization["config"])
+    values = code_table(cfg)[code_order(cfg)].tolist()
+    if len(values) != n:
+        return [str(i) for i in range(n)]
+    return [f"{v:+.3f}" for v in values] if n <= 16 else [f"{v:+.2f}" for v in values]
+
+
+def occupancy_figure(quantization: Mapping[str, Any], module: str = "overall", *, title: str | None = None) -> go.Figure:
+    """Code occupancy of ``Q(w)`` | ``Q(w+Δ)`` | the difference, for one module or overall.
+
+    Bars are codes in ascending value (x labels are the normalised code values); y is the
+    number of weights per code. A sparse update that crosses bins shows as a visible
+    difference panel; an update rounded away leaves it empty.
+    """
+    m = quantization_module(quantization, module)
+    before, after = list(m.get("occupancy_before") or []), list(m.get("occupancy_after") or [])
+    if not before:
+        from workbench.errors import WorkbenchError
+
+        raise WorkbenchError("this run's metrics have no bin occupancy (saved by an older version)")
+    labels = _code_labels(quantization, len(before))
+    diff = [b - a for a, b in zip(before, after, strict=True)]
+    label = quantization.get("label", "quantized")
+    fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.06,
+                        subplot_titles=(f"before: {label} of w", f"after: {label} of w+Δ", "after − before"))
+    fig.add_trace(go.Bar(x=labels, y=before, name="before", marker_color=BEFORE_COLOUR,
+                         hovertemplate="code %{x}<br>%{y:,} weights<extra>before</extra>"), row=1, col=1)
+    fig.add_trace(go.Bar(x=labels, y=after, name="after", marker_color=AFTER_COLOUR,
+                         hovertemplate="code %{x}<br>%{y:,} weights<extra>after</extra>"), row=1, col=2)
+    fig.add_trace(go.Bar(x=labels, y=diff, name="after − before",
+                         marker_color=[POSITIVE if d >= 0 else NEGATIVE for d in diff],
+                         hovertemplate="code %{x}<br>%{y:+,} weights<extra>difference</extra>"), row=1, col=3)
+    fig.update_yaxes(matches="y", row=1, col=2)
+    fig.update_xaxes(type="category", tickangle=-60, tickfont=dict(size=9))
+    flips = m.get("code_flips", 0)
+    fig.update_layout(
+        title=title or f"Bin occupancy, {module} ({flips:,} of {m['n_weights']:,} codes changed)",
+        showlegend=False, plot_bgcolor="white", height=360, bargap=0.1, margin=dict(l=60, r=20, t=70, b=70),
+    )
+    return fig
+
+
+def update_ratio_figure(runs: Mapping[str, Mapping[str, Any]], *, title: str | None = None) -> go.Figure:
+    """Distribution of ``|Δw| / bin width`` over changed weights, one line per run, log x.
+
+    ``runs`` maps a label to ``metrics["quantization"]``. y is the fraction of the run's
+    changed weights per histogram bin. The dashed line at 1 is one local bin width: a move
+    that large always changes the code; a move of r < 1 bin crosses a boundary with
+    probability ≈ r (the distance to the next boundary is spread over the bin).
+    """
+    fig = go.Figure()
+    for label, q in runs.items():
+        o = q["overall"]
+        counts = list(o.get("ratio_counts") or [])
+        edges = list(q.get("ratio_edges") or [])
+        total = sum(counts) + o.get("ratio_below", 0) + o.get("ratio_above", 0)
+        if not counts or total == 0:
+            continue
+        centres = [math.sqrt(a * b) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+        fig.add_trace(go.Scatter(x=centres, y=[c / total for c in counts], mode="lines", name=label,
+                                 line=dict(shape="hvh"),
+                                 hovertemplate=f"{label}<br>|Δw|/bin ≈ %{{x:.3g}}<br>%{{y:.2%}} of changed weights<extra></extra>"))
+    fig.add_vline(x=1.0, line_dash="dash", line_color="#333333",
+                  annotation_text="one bin width: always crosses", annotation_position="top left")
+    fig.update_xaxes(type="log", title="|Δw| / local bin width (changed weights)")
+    fig.update_yaxes(title="fraction of changed weights", tickformat=".0%")
+    fig.update_layout(title=title or "How far each changed weight moved, in bin widths",
+                      plot_bgcolor="white", height=360, margin=dict(l=60, r=20, t=60, b=50))
+    return fig
+
+
+def accuracy_figure(metrics: Mapping[str, Any], *, title: str | None = None) -> go.Figure:
+    """Forget | retain top-1 for the five variants (base fp, Q(w), w+Δ, Q(w)+Δ, Q(w+Δ)).
+
+    ``metrics`` is one run's metrics, or a mapping label → metrics for several runs (one
+    bar series per run). The PTQ gap is the step from "after fp" to "after Q(w+Δ)";
+    Q(w)+Δ splits it into the base's own quantization shift and the rounding of Δ.
+    """
+    runs = {"run": metrics} if "forget" in metrics else dict(metrics)
+    variants = list(VARIANT_LABELS)
+    fig = make_subplots(rows=1, cols=2, shared_yaxes=True, subplot_titles=("forget top-1 (lower = forgotten)",
+                                                                          "retain top-1 (higher = kept)"))
+    palette = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+    for i, (label, m) in enumerate(runs.items()):
+        for col, key in ((1, "forget"), (2, "retain")):
+            ys = [m[key].get(v) for v in variants]
+            fig.add_trace(go.Bar(x=[VARIANT_LABELS[v] for v in variants], y=ys, name=label,
+                                 marker_color=palette[i % len(palette)], showlegend=(col == 1 and len(runs) > 1),
+                                 text=[None if y is None else f"{y:.2f}" for y in ys], textposition="outside",
+                                 hovertemplate=f"{label}<br>%{{x}}: %{{y:.3f}}<extra>{key}</extra>"),
+                          row=1, col=col)
+    gaps = ", ".join(f"{label} {m['ptq_gap']:+.3f}" for label, m in runs.items())
+    fig.update_yaxes(range=[0, 1.12], tickformat=".0%")
+    fig.update_layout(title=title or f"Accuracy in full precision vs quantized (PTQ gap: {gaps})",
+                      barmode="group", plot_bgcolor="white", height=380, margin=dict(l=60, r=20, t=70, b=60))
+    return fig
+
+
+def cad_diff_figure(metrics: Mapping[str, Any], which: str = "fp", *, top: int | None = 30) -> go.Figure:
+    """Per-node attribution before | after | difference behind a run's CAD (``which``:
+    ``"fp"`` = w vs w+Δ, ``"quantized"`` = Q(w) vs Q(w+Δ))."""
+    from workbench.errors import WorkbenchError
+
+    cad = metrics.get("cad")
+    if not cad or f"{which}_detail" not in cad:
+        raise WorkbenchError("this run was measured without CAD (no attribution before/after)")
+    per_node = cad[f"{which}_detail"]["per_node"]
+    before = {name: v[0] for name, v in per_node.items()}
+    after = {name: v[1] for name, v in per_node.items()}
+    label = "full precision" if which == "fp" else "quantized"
+    fig = circuit_diff_figure(before, after, labels=("before", "after"), top=top)
+    fig.update_layout(title=f"Attribution per component, {label} (CAD {cad[which]:.3f})")
+    return fig
+
+
 __all__ = [
     "DIVERGING",
+    "accuracy_figure",
     "agreement_scatter",
+    "cad_diff_figure",
     "circuit_diff_figure",
     "circuit_figure",
     "head_heatmap",
     "node_positions",
+    "occupancy_figure",
+    "quantization_module",
+    "update_ratio_figure",
     "spearman",
 ]

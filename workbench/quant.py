@@ -967,6 +967,9 @@ class ModuleComparison:
         qdelta_sq: ``‖Q(w+Δ) − Q(w)‖²``.
         qdelta_dot: ``⟨Q(w+Δ) − Q(w), Δ⟩``. Both computed in float64 from codes and block
             scales (bnb's float32 rounding of each dequantized product is ignored).
+        occupancy_before, occupancy_after: weights per code of ``Q(w)`` and ``Q(w+Δ)``,
+            indexed by code **in ascending value order** (``code_order``), so bars plot
+            left to right; ``(16,)`` for 4-bit, ``(256,)`` for int8.
     """
 
     name: str
@@ -987,6 +990,8 @@ class ModuleComparison:
     delta_sq: float
     qdelta_sq: float
     qdelta_dot: float
+    occupancy_before: tuple[int, ...] = ()
+    occupancy_after: tuple[int, ...] = ()
 
     @property
     def bucket_overlap(self) -> float:
@@ -1030,6 +1035,8 @@ class ModuleComparison:
         """JSON-ready dict (non-finite floats become None)."""
         d: dict[str, Any] = dataclasses.asdict(self)
         d["ratio_counts"] = list(self.ratio_counts)
+        d["occupancy_before"] = list(self.occupancy_before)
+        d["occupancy_after"] = list(self.occupancy_after)
         for key in ("ratio_median", "ratio_p90"):
             d[key] = _json_float(d[key])
         for key in (
@@ -1081,6 +1088,12 @@ def _block_sums(x: Tensor, bs: int, dtype: torch.dtype | None = None) -> Tensor:
     return sums
 
 
+def _occupancy(codes: Tensor, cfg: QuantConfig, t: _Tables) -> tuple[int, ...]:
+    """Weights per code in ascending value order (what a histogram plots left to right)."""
+    counts = torch.bincount(codes.long(), minlength=cfg.n_codes)
+    return tuple(int(c) for c in counts[t.order])
+
+
 def _compare_one(
     name: str, base: Tensor, delta: Tensor | None, cfg: QuantConfig, transposed: bool
 ) -> tuple[ModuleComparison, np.ndarray, np.ndarray | None]:
@@ -1090,9 +1103,11 @@ def _compare_one(
     xb = _layout(base, transposed, f"parameter {name!r}")
     qb = _bnb_codes(xb, cfg)
     n, nb = xb.numel(), qb.absmax.numel()
+    occ_before = _occupancy(qb.codes, cfg, t)
     no_hist = np.zeros(_FINE_BINS + 2, dtype=np.int64)
     unchanged = ModuleComparison(
-        name, n, nb, 0, 0, 0, 0, n, 0, 0, None, None, _coarse(no_hist)[0], 0, 0, 0.0, 0.0, 0.0
+        name, n, nb, 0, 0, 0, 0, n, 0, 0, None, None, _coarse(no_hist)[0], 0, 0, 0.0, 0.0, 0.0,
+        occ_before, occ_before,
     )
     if delta is None:
         return unchanged, no_hist, np.zeros(0, dtype=np.float32)
@@ -1178,8 +1193,14 @@ def _compare_one(
         delta_sq=delta_sq,
         qdelta_sq=qdelta_sq,
         qdelta_dot=qdelta_dot,
+        occupancy_before=occ_before,
+        occupancy_after=_occupancy(qa.codes, cfg, t),
     )
     return module, fine, exact
+
+
+def _sum_occupancy(rows: list[tuple[int, ...]]) -> tuple[int, ...]:
+    return tuple(int(x) for x in np.sum(np.array(rows, dtype=np.int64), axis=0)) if rows else ()
 
 
 def compare_quantization(
@@ -1267,5 +1288,7 @@ def compare_quantization(
         delta_sq=float(total("delta_sq")),
         qdelta_sq=float(total("qdelta_sq")),
         qdelta_dot=float(total("qdelta_dot")),
+        occupancy_before=_sum_occupancy([m.occupancy_before for m in modules]),
+        occupancy_after=_sum_occupancy([m.occupancy_after for m in modules]),
     )
     return QuantComparison(config=cfg, modules=tuple(modules), overall=overall)
