@@ -1,6 +1,9 @@
-"""Wall-time benchmark of the attribution methods, in one process.
+"""``workbench bench``: speed and memory as ratios measured in one process (never timed assertions).
 
-For each model, on one set of clean/corrupt pairs:
+Three sections: ``attribution`` (below), ``quantization`` (:func:`bench_quantization`) and
+``unlearning`` (:func:`bench_unlearning`); peak memory is measured with :class:`PeakMemory`.
+
+Attribution, for each model, on one set of clean/corrupt pairs:
 
 ==================  ==========================================================================
 column              meaning
@@ -212,11 +215,183 @@ def bench_attribution(
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """The rows as a fixed-width text table (columns of :data:`COLUMNS`)."""
-    header = [title for _key, title, _fmt in COLUMNS]
+    return format_rows(rows, COLUMNS)
+
+
+# --------------------------------------------------------------------------- memory
+
+
+class PeakMemory:
+    """Peak resident memory (RSS) above the starting level while the ``with`` block runs.
+
+    A daemon thread samples ``/proc/self/statm`` every ``interval`` seconds. torch's CPU
+    allocations bypass ``tracemalloc``, so RSS is the number that matters to a user; it
+    is process-wide, hence the benchmarks run their steps one after another.
+    """
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        self.start_bytes = 0
+        self.peak_bytes = 0
+        self._stop = False
+        self._thread: Any = None
+
+    @staticmethod
+    def rss_bytes() -> int:
+        import os
+
+        try:
+            with open("/proc/self/statm") as fh:
+                return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:  # not Linux: fall back to the (monotone) high-water mark
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _sample(self) -> None:
+        while not self._stop:
+            self.peak_bytes = max(self.peak_bytes, self.rss_bytes())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakMemory:
+        import gc
+        import threading
+
+        gc.collect()
+        self.start_bytes = self.peak_bytes = self.rss_bytes()
+        self._stop = False
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop = True
+        self._thread.join()
+        self.peak_bytes = max(self.peak_bytes, self.rss_bytes())
+
+    @property
+    def peak_mb(self) -> float:
+        """Peak extra RSS in MiB."""
+        return (self.peak_bytes - self.start_bytes) / 2**20
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[float, float, Any]:
+    """(seconds, peak extra MiB, result) of one call."""
+    with PeakMemory() as mem:
+        start = time.perf_counter()
+        out = fn()
+        seconds = time.perf_counter() - start
+    return seconds, mem.peak_mb, out
+
+
+# --------------------------------------------------------------------------- quantization analysis
+
+
+def bench_quantization(model: LoadedModel, *, density: float = 0.01, seed: int = 0) -> dict[str, Any]:
+    """Our full before/after analysis (:func:`workbench.quant.compare_quantization`) ÷ one plain
+    bitsandbytes quantize+dequantize pass over both weight sets (``w`` and ``w+Δ``).
+
+    Δ is a random sparse update touching ``density`` of every quantized weight by about one
+    bin, the shape of a MANSU update. Target: analysis/plain ≤ 2.
+    """
+    from workbench.quant import QuantConfig, compare_quantization, quantizable_parameters, quantize_dequantize, \
+        transposed_parameters
+
+    cfg = QuantConfig("nf4")
+    state = model.state()
+    names = quantizable_parameters(model.hf, cfg)
+    tr = transposed_parameters(model.hf)
+    gen = torch.Generator().manual_seed(seed)
+    delta = {}
+    for n in names:
+        w = state[n]
+        mask = torch.rand(w.shape, generator=gen) < density
+        delta[n] = mask * torch.randn(w.shape, generator=gen) * w.abs().mean() * 0.3
+
+    def plain() -> None:
+        for n in names:
+            quantize_dequantize(state[n], cfg, transposed=n in tr)
+            quantize_dequantize(state[n] + delta[n], cfg, transposed=n in tr)
+
+    def ours() -> Any:
+        return compare_quantization(state, delta, names, cfg, transposed=tr, progress=lambda *_: None)
+
+    plain()  # warm-up: bnb tables, allocator
+    t_plain, m_plain, _ = _timed(plain)
+    t_ours, m_ours, comparison = _timed(ours)
+    n_weights = sum(state[n].numel() for n in names)
+    return {
+        "model": model.name, "weights": n_weights, "analysis_s": t_ours, "bnb_pass_s": t_plain,
+        "analysis_over_bnb": t_ours / t_plain, "analysis_peak_mb": m_ours, "bnb_pass_peak_mb": m_plain,
+        "largest_weight_mb": max(state[n].numel() for n in names) * 4 / 2**20,
+        "codes_changed": comparison.overall.code_flips,
+    }
+
+
+# --------------------------------------------------------------------------- unlearning
+
+
+def bench_unlearning(model: LoadedModel, *, steps: int = 5) -> dict[str, Any]:
+    """MANSU ÷ GradDiff wall time at equal step counts (MANSU rounds = GradDiff steps), and
+    the saved update's size ÷ the model's size (float32 parameters). Targets: time ≤ 2×,
+    MANSU update ≤ 5% of the model."""
+    import tempfile
+    from pathlib import Path
+
+    from workbench.nodes import all_components
+    from workbench.quant import QuantConfig
+    from workbench.splits import builtin_split
+    from workbench.unlearning import MansuConfig, OptimConfig, StopRule, default_lr, unlearn
+
+    split = builtin_split(model)
+    circuit = all_components(model.n_layers, model.n_heads, include_embed=False)
+    silent = lambda fraction, message: None  # noqa: E731
+    quant = QuantConfig("nf4")
+    # forget_target 0 and no guard: both run exactly ``steps`` iterations
+    t_mansu, m_mansu, mansu = _timed(lambda: unlearn(
+        model, split, method="mansu", quant=quant, circuit=circuit, progress=silent,
+        mansu_config=MansuConfig(max_rounds=steps, forget_target=0.0, retain_guard=None)))
+    t_gd, m_gd, graddiff = _timed(lambda: unlearn(
+        model, split, method="graddiff", quant=quant, progress=silent,
+        optim=OptimConfig(lr=default_lr(model)), stop=StopRule(max_steps=steps, forget_target=None)))
+    model_bytes = sum(p.numel() * 4 for p in model.hf.parameters())
+    with tempfile.TemporaryDirectory() as tmp:
+        size = {name: Path(r.update.save(Path(tmp) / f"{name}.safetensors")).stat().st_size
+                for name, r in (("mansu", mansu), ("graddiff", graddiff))}
+    return {
+        "model": model.name, "steps": steps, "mansu_steps": mansu.steps, "graddiff_steps": graddiff.steps,
+        "mansu_s": t_mansu, "graddiff_s": t_gd,
+        "mansu_over_graddiff": (t_mansu / max(1, mansu.steps)) / (t_gd / max(1, graddiff.steps)),
+        "mansu_peak_mb": m_mansu, "graddiff_peak_mb": m_gd,
+        "mansu_params_changed": mansu.update.nnz(), "graddiff_params_changed": graddiff.update.nnz(),
+        "mansu_update_over_model": size["mansu"] / model_bytes,
+        "graddiff_update_over_model": size["graddiff"] / model_bytes,
+        "model_mb": model_bytes / 2**20,
+    }
+
+
+QUANT_COLUMNS = (
+    ("model", "model", "{}"), ("weights", "weights", "{:,}"), ("analysis_s", "ours s", "{:.2f}"),
+    ("bnb_pass_s", "bnb pass s", "{:.2f}"), ("analysis_over_bnb", "ours/bnb", "{:.2f}"),
+    ("analysis_peak_mb", "ours peak MiB", "{:.0f}"), ("bnb_pass_peak_mb", "bnb peak MiB", "{:.0f}"),
+    ("largest_weight_mb", "largest weight MiB", "{:.1f}"),
+)
+UNLEARN_COLUMNS = (
+    ("model", "model", "{}"), ("steps", "steps", "{}"), ("mansu_s", "MANSU s", "{:.2f}"),
+    ("graddiff_s", "GradDiff s", "{:.2f}"), ("mansu_over_graddiff", "MANSU/GD per step", "{:.2f}"),
+    ("mansu_update_over_model", "MANSU update/model", "{:.2%}"),
+    ("graddiff_update_over_model", "GD update/model", "{:.2%}"),
+    ("mansu_peak_mb", "MANSU peak MiB", "{:.0f}"), ("graddiff_peak_mb", "GD peak MiB", "{:.0f}"),
+)
+
+
+def format_rows(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
+    """Rows as a fixed-width text table."""
+    header = [title for _key, title, _fmt in columns]
     body = []
     for row in rows:
         cells = []
-        for key, _title, fmt in COLUMNS:
+        for key, _title, fmt in columns:
             value = row.get(key, "")
             try:
                 cells.append(fmt.format(value))
@@ -229,20 +404,16 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    import sys
-
-    print(format_table(bench_attribution(quick="--quick" in sys.argv)))
-
-
-SECTIONS = ("attribution",)
+SECTIONS = ("attribution", "quantization", "unlearning")
 
 
 def run_bench(sections: Sequence[str] = (), *, quick: bool = False, json_path: str | None = None) -> int:
     """``workbench bench``: run the named sections (all by default), print tables, optionally write JSON.
 
     The attribution section uses the trained ``facts`` model (``facts-tiny`` with ``--quick``)
-    on its forget set, plus the default random 12-layer GPT-2-small-shaped model.
+    on its forget set, plus the default random 12-layer GPT-2-small-shaped model; the
+    quantization section ``smollm2`` (``facts-tiny`` with ``--quick``); the unlearning
+    section ``facts`` (``facts-tiny``). Torch runs on one thread throughout (see above).
     """
     import json
 
@@ -265,6 +436,23 @@ def run_bench(sections: Sequence[str] = (), *, quick: bool = False, json_path: s
               "TL/ours >= 5 at batch 64)")
         print(format_table(rows))
         report["attribution"] = rows
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if "quantization" in chosen:
+            row = bench_quantization(load_model("facts-tiny" if quick else "smollm2"))
+            print("== quantization analysis: our before/after NF4 analysis / one bnb quantize+dequantize pass "
+                  "over w and w+Δ (target <= 2)")
+            print(format_rows([row], QUANT_COLUMNS))
+            report["quantization"] = [row]
+        if "unlearning" in chosen:
+            row = bench_unlearning(load_model("facts-tiny" if quick else "facts"), steps=3 if quick else 5)
+            print("== unlearning: MANSU / GradDiff wall time per step at equal steps (target <= 2); "
+                  "saved update / model size (target <= 5% for MANSU)")
+            print(format_rows([row], UNLEARN_COLUMNS))
+            report["unlearning"] = [row]
+    finally:
+        torch.set_num_threads(saved)
     if json_path:
         with open(json_path, "w") as fh:
             json.dump(report, fh, indent=2, default=float)

@@ -462,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("bench", help="speed and memory ratios, measured in one process")
-    p.add_argument("sections", nargs="*", help="attribution (default: all)")
+    p.add_argument("sections", nargs="*", help="attribution, quantization, unlearning (default: all)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", help="also write the table as JSON to this file")
     p.set_defaults(func=cmd_bench)
