@@ -722,15 +722,17 @@ def faithfulness(
 ) -> Faithfulness:
     """Ablate everything outside the circuit (→ ``recovered``) and the circuit itself (→ ``drop``).
 
-    ``pairs`` are the clean/corrupt prompt pairs of :func:`workbench.attribution.make_prompt_pairs`.
-    Uses :func:`workbench.attribution.ablated_metric` with the kept set; the writer
+    ``pairs`` are the clean/corrupt prompt pairs of :func:`workbench.attribution.make_prompt_pairs`,
+    or facts (paired here with that function). Uses :func:`workbench.attribution.ablated_metric` with the kept set; the writer
     components are the model's embed, heads and MLPs. ``metric`` overrides the pairs'
     metric (default: the one the pairs were built for). The circuit must come from
     ``model`` (same fingerprint) unless ``allow_other_model`` (e.g. asking whether a
     base-model circuit still carries the behaviour in an unlearned model of the same shape).
     """
-    from workbench.attribution import ablated_metric, metric_baselines
+    from workbench.attribution import PromptPairs, ablated_metric, make_prompt_pairs, metric_baselines
 
+    if not isinstance(pairs, PromptPairs):
+        pairs = make_prompt_pairs(model, list(pairs))
     if ablation not in ("corrupt", "mean"):
         raise WorkbenchError(f"ablation must be 'corrupt' or 'mean', got {ablation!r}")
     if not allow_other_model and circuit.model_fingerprint != model.fingerprint:
