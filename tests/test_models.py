@@ -168,3 +168,39 @@ def test_interrupted_forced_rebuild_keeps_the_previous_build(fresh_cache, monkey
     assert [p.name for p in (fresh_cache / "models").iterdir()] == [path.name]
     # and without force the complete build is reused, not rebuilt (boom is never called)
     assert build_model("facts-tiny") == path
+
+
+def test_explicit_device_map_loads_a_placed_model_that_computes_the_same(tmp_path):
+    """The large-model path: accelerate places each module by an explicit map (all CPU here,
+    the map is what matters); logits, attribution and quantization analysis are unchanged."""
+    import torch
+
+    from workbench.attribution import attribute
+    from workbench.bench import toy_pairs
+    from workbench.quant import QuantConfig, compare_quantization, quantizable_parameters
+
+    toy = toy_model("llama", n_layers=2, d_model=32, n_heads=4, n_kv_heads=2)
+    toy.hf.save_pretrained(tmp_path / "m")
+    toy.tokenizer.save_pretrained(tmp_path / "m")
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu",
+                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    plain = load_model(tmp_path / "m")
+    placed = load_model(tmp_path / "m", device_map=device_map)
+    assert placed is not plain and load_model(tmp_path / "m", device_map=device_map) is placed
+    assert {p.device.type for p in placed.hf.parameters()} == {"cpu"}
+    ids = torch.tensor([[3, 5, 7, 9]])
+    torch.testing.assert_close(placed.hf(ids).logits, plain.hf(ids).logits)
+    pairs = toy_pairs(plain, 4, 5)
+    a, b = attribute(plain, pairs, progress=lambda *_: None), attribute(placed, pairs, progress=lambda *_: None)
+    assert max(abs(a.scores[c] - b.scores[c]) for c in a.scores) < 1e-5
+    cfg = QuantConfig("nf4")
+    names = quantizable_parameters(placed.hf, cfg)
+    assert names == quantizable_parameters(plain.hf, cfg)
+    one = compare_quantization(placed.state(), {}, names, cfg, progress=lambda *_: None)
+    assert one.overall.n_weights == sum(plain.state()[n].numel() for n in names)
+    with pytest.raises(WorkbenchError, match="device_map is for local"):
+        load_model("facts-tiny", device_map="auto")
+    # offloading to disk leaves weights on "meta": refused with a clear message, not NaNs later
+    offload = {**device_map, "model.layers.1": "disk"}
+    with pytest.raises(WorkbenchError, match="offloads .* parameters"):
+        load_model(tmp_path / "m", device_map=offload)

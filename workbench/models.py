@@ -241,20 +241,34 @@ def _is_complete(path: Path) -> bool:
     return (path / "BUILD_COMPLETE").exists()
 
 
-def load_model(name_or_dir: str | os.PathLike[str], *, progress: Progress | None = None) -> LoadedModel:
+def load_model(
+    name_or_dir: str | os.PathLike[str],
+    *,
+    progress: Progress | None = None,
+    device_map: str | dict[str, Any] | None = None,
+) -> LoadedModel:
     """Load a built-in (building and caching it on first use) or a local HF directory.
 
     The result is shared: loading the same name twice returns the same object, which
     nobody may modify (the base model is read-only everywhere in the workbench).
+
+    ``device_map`` (local directories only) is handed to ``from_pretrained`` (accelerate
+    places the modules: ``"auto"``, or a dict module name → device, e.g.
+    ``{"model.embed_tokens": "cpu", "model.layers.0": "cpu", ...}``), for models larger
+    than one device's memory. Every analysis reads parameters by name through the same
+    HF model, so a placed model needs no other change; a model loaded with a map is
+    cached under its own key.
     """
-    key = str(name_or_dir)
+    key = str(name_or_dir) if device_map is None else f"{name_or_dir}|device_map={device_map!r}"
     with _LOAD_LOCK:
         if key in _LOADED:
             return _LOADED[key]
-        if key in BUILTINS:
-            path = build_model(key, progress=progress)
+        if str(name_or_dir) in BUILTINS:
+            if device_map is not None:
+                raise WorkbenchError("device_map is for local model directories; built-ins load on the CPU")
+            path = build_model(str(name_or_dir), progress=progress)
         else:
-            path = Path(key).expanduser()
+            path = Path(str(name_or_dir)).expanduser()
             if not path.exists():
                 names = ", ".join(BUILTINS)
                 raise WorkbenchError(
@@ -264,12 +278,12 @@ def load_model(name_or_dir: str | os.PathLike[str], *, progress: Progress | None
                 raise WorkbenchError(
                     f"{path} is not a Hugging Face model directory (no config.json in it)"
                 )
-        model = _load_hf_dir(path, name=key)
+        model = _load_hf_dir(path, name=str(name_or_dir), device_map=device_map)
         _LOADED[key] = model
         return model
 
 
-def _load_hf_dir(path: Path, name: str) -> LoadedModel:
+def _load_hf_dir(path: Path, name: str, device_map: str | dict[str, Any] | None = None) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -277,11 +291,18 @@ def _load_hf_dir(path: Path, name: str) -> LoadedModel:
     except Exception as exc:  # transformers raises many types here; the user needs one message
         raise WorkbenchError(f"could not load a tokenizer from {path}: {exc}") from exc
     try:
+        extra = {} if device_map is None else {"device_map": device_map}
         hf = AutoModelForCausalLM.from_pretrained(
-            str(path), local_files_only=True, dtype=torch.float32, attn_implementation="eager"
+            str(path), local_files_only=True, dtype=torch.float32, attn_implementation="eager", **extra
         )
     except Exception as exc:
         raise WorkbenchError(f"could not load a causal LM from {path}: {exc}") from exc
+    offloaded = [n for n, p in hf.named_parameters() if p.device.type == "meta"]
+    if offloaded:
+        raise WorkbenchError(
+            f"device_map offloads {len(offloaded)} parameters (e.g. {offloaded[0]}) to disk or 'meta'; the "
+            "workbench reads every weight's values, so map each module to a device that holds it (cpu, cuda:N)"
+        )
     hf.eval()
     for p in hf.parameters():
         p.requires_grad_(False)
