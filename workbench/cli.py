@@ -285,6 +285,23 @@ def metrics_summary_text(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+class _Bar:
+    """A ``progress(fraction, message)`` callback drawn as one tqdm bar on stderr."""
+
+    def __init__(self, desc: str) -> None:
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=1000, desc=desc, bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed} {postfix}")
+
+    def __call__(self, fraction: float, message: str) -> None:
+        self._bar.n = int(1000 * min(1.0, max(0.0, fraction)))
+        self._bar.set_postfix_str(message[:80], refresh=False)
+        self._bar.refresh()
+
+    def close(self) -> None:
+        self._bar.close()
+
+
 def _fmt(x: Any) -> str:
     return "–" if x is None else f"{x:.3g}"
 
@@ -315,10 +332,14 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
         optim = OptimConfig(lr=args.lr or default_lr(model))
         stop = StopRule(max_steps=args.max_steps, forget_target=args.forget_target)
     oracle = None if args.no_oracle else oracle_for(model)
-    result, metrics, run = run_unlearning(
-        model, split, method=args.method, quant=q, circuit=circuit, mansu_config=mansu_config, optim=optim, stop=stop,
-        thresholds=Thresholds(cad_min=args.cad_min), oracle=oracle, runs_root=args.out,
-    )
+    bar = _Bar(f"{args.method} on {model.name}")
+    try:
+        result, metrics, run = run_unlearning(
+            model, split, method=args.method, quant=q, circuit=circuit, mansu_config=mansu_config, optim=optim,
+            stop=stop, thresholds=Thresholds(cad_min=args.cad_min), oracle=oracle, runs_root=args.out, progress=bar,
+        )
+    finally:
+        bar.close()
     print(f"{metrics['method']} on {model.name} ({split.name}): {result.steps} steps, stopped by {result.stopped}, "
           f"{metrics['seconds']:.1f} s")
     print(metrics_summary_text(metrics))
