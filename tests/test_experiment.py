@@ -146,7 +146,8 @@ def test_cli_unlearn_runs_list_and_report(capsys, facts_tiny, tmp_path):
     code, out, err = _cli(capsys, "unlearn", "--model", "facts-tiny", "--method", "mansu", "--max-rounds", "2",
                           "--params-per-round", "8", "--out", str(out_dir), "--no-oracle")
     assert code == 0, err
-    for needle in ("mansu on facts-tiny", "PTQ gap", "forgetting", "retain", "ptq", "structural", "run saved:"):
+    for needle in ("mansu on facts-tiny", "PTQ gap", "forgetting", "retain preserved", "PTQ gap ≤ threshold",
+                   "structural erasure", "run saved:"):
         assert needle in out, needle
     (run,) = list_runs(root=out_dir)
     assert str(run.path) in out

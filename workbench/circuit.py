@@ -729,9 +729,10 @@ def faithfulness(
     ``model`` (same fingerprint) unless ``allow_other_model`` (e.g. asking whether a
     base-model circuit still carries the behaviour in an unlearned model of the same shape).
     """
-    from workbench.attribution import PromptPairs, ablated_metric, make_prompt_pairs, metric_baselines
+    from workbench.attribution import ablated_metric, make_prompt_pairs, metric_baselines
+    from workbench.facts import Fact
 
-    if not isinstance(pairs, PromptPairs):
+    if isinstance(pairs, (list, tuple)) and pairs and isinstance(pairs[0], Fact):
         pairs = make_prompt_pairs(model, list(pairs))
     if ablation not in ("corrupt", "mean"):
         raise WorkbenchError(f"ablation must be 'corrupt' or 'mean', got {ablation!r}")
