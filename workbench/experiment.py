@@ -63,6 +63,7 @@ def run_unlearning(
     optim: Any = None,
     stop: Any = None,
     baseline: Any = None,
+    method_config: Any = None,
     thresholds: Thresholds | None = None,
     oracle: LoadedModel | None = None,
     measure_cad: bool = True,
@@ -98,7 +99,8 @@ def run_unlearning(
         return lambda f, m: report(lo + (hi - lo) * f, m)
 
     result = unlearn(model, split, method=method, quant=quant, circuit=components, mansu_config=mansu_config,
-                     optim=optim, stop=stop, baseline=baseline, progress=sub(0.0, 0.6), should_stop=should_stop)
+                     optim=optim, stop=stop, baseline=baseline, method_config=method_config,
+                     progress=sub(0.0, 0.6), should_stop=should_stop)
     if result.stopped == "cancelled":
         raise WorkbenchError("the run was cancelled; nothing was saved")
     metrics = measure_update(model, split, result.update, quant=quant, circuit=components, oracle=oracle,
@@ -126,6 +128,8 @@ def run_unlearning(
             "mansu": asdict(mansu_config) if mansu_config is not None and method == "mansu" else None,
             "optim": asdict(optim) if optim is not None else None,
             "stop": asdict(stop) if stop is not None else None,
+            "baseline": asdict(baseline) if baseline is not None else None,
+            "method_config": asdict(method_config) if method_config is not None else None,
             "thresholds": asdict(thresholds or Thresholds()),
         }
         circuit_json = json.dumps(circuit.to_dict()) if circuit is not None else None
