@@ -388,8 +388,10 @@ def paper_table(
     stop = stop or StopRule()
     quant = quant or QuantConfig("nf4")
     report = progress or (lambda _f, _m: None)
-    report(0.0, "attributing the forget set (one circuit for every method)")
-    circuit = default_circuit(attribute_forget_set(model, split))
+    circuit = None
+    if "mansu" in methods or measure_cad:  # otherwise no method reads the circuit
+        report(0.0, "attributing the forget set (one circuit for every method)")
+        circuit = default_circuit(attribute_forget_set(model, split))
     runs: list[Run] = []
     bar = tqdm(total=len(methods), desc="paper table", disable=progress is not None)
     try:
