@@ -388,8 +388,10 @@ def _methods_arg(value: str | None) -> list[str] | None:
         return None
     methods = [m.strip() for m in value.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise WorkbenchError(f"unknown method(s) {', '.join(unknown) or value!r}; choose from {', '.join(METHODS)}")
+    if not methods:
+        raise WorkbenchError(f"--methods {value!r} names no method; choose from {', '.join(METHODS)}")
+    if unknown:
+        raise WorkbenchError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     return methods
 
 
