@@ -432,8 +432,12 @@ def cmd_paper_table(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     split = load_split(model, args)
     oracle = None if args.no_oracle else oracle_for(model)
-    runs = paper_table(model, methods=methods, split=split, stop=stop, quant=q, measure_cad=not args.no_cad,
-                       oracle=oracle, runs_root=args.runs_root)
+    bar = _Bar(f"paper table on {model.name}")
+    try:
+        runs = paper_table(model, methods=methods, split=split, stop=stop, quant=q, measure_cad=not args.no_cad,
+                           oracle=oracle, runs_root=args.runs_root, progress=bar)
+    finally:
+        bar.close()
     rows = compare_table(runs, all_quantizers=args.all_quantizers)
     print(f"{len(runs)} runs on {model.name} ({split.name}), saved under {runs[0].path.parent}")
     _emit_comparison(rows, runs, args.out)
@@ -450,7 +454,11 @@ def cmd_probe(args: argparse.Namespace) -> int:
     split = None
     if args.forget or args.retain:
         split = load_split(load_model(run.metrics["model"]), args)
-    result = probe_run(run, relearn_steps=args.relearn_steps, relearn_lr=args.relearn_lr, split=split)
+    bar = _Bar(f"probes of {run.id}")
+    try:
+        result = probe_run(run, relearn_steps=args.relearn_steps, relearn_lr=args.relearn_lr, split=split, progress=bar)
+    finally:
+        bar.close()
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
