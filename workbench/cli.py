@@ -380,6 +380,95 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _methods_arg(value: str | None) -> list[str] | None:
+    """``--methods a,b,c`` → a list, each checked against METHODS."""
+    from workbench.unlearning import METHODS
+
+    if not value:
+        return None
+    methods = [m.strip() for m in value.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if not methods:
+        raise WorkbenchError(f"--methods {value!r} names no method; choose from {', '.join(METHODS)}")
+    if unknown:
+        raise WorkbenchError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    return methods
+
+
+def _emit_comparison(rows: list[dict[str, Any]], runs: list[Any], out: str | None) -> None:
+    from workbench.compare import comparison_markdown, write_comparison
+
+    if out:
+        path = write_comparison(rows, out, runs)
+        print(f"comparison of {len(rows)} runs written to {path}")
+    else:
+        print(comparison_markdown(rows))
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from workbench.compare import compare_table, load_runs, output_format
+
+    if args.out:
+        output_format(args.out)  # a bad extension fails before any work
+    runs = load_runs(args.runs, root=args.root)
+    rows = compare_table(runs, all_quantizers=args.all_quantizers)
+    _emit_comparison(rows, runs, args.out)
+    return 0
+
+
+def cmd_paper_table(args: argparse.Namespace) -> int:
+    from workbench.compare import compare_table, output_format, paper_table
+    from workbench.experiment import oracle_for
+    from workbench.models import load_model
+    from workbench.unlearning import StopRule
+
+    if args.out:
+        output_format(args.out)
+    methods = _methods_arg(args.methods)
+    stop = StopRule(max_steps=args.max_steps, forget_target=args.forget_target)
+    q = _quant(args)
+    if q is None:
+        raise WorkbenchError("paper-table needs a quantizer: --quant nf4, fp4 or int8")
+    model = load_model(args.model)
+    split = load_split(model, args)
+    oracle = None if args.no_oracle else oracle_for(model)
+    bar = _Bar(f"paper table on {model.name}")
+    try:
+        runs = paper_table(model, methods=methods, split=split, stop=stop, quant=q, measure_cad=not args.no_cad,
+                           oracle=oracle, runs_root=args.runs_root, progress=bar)
+    finally:
+        bar.close()
+    rows = compare_table(runs, all_quantizers=args.all_quantizers)
+    print(f"{len(runs)} runs on {model.name} ({split.name}), saved under {runs[0].path.parent}")
+    _emit_comparison(rows, runs, args.out)
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from workbench.models import load_model
+    from workbench.probes import probe_rows, probe_run
+    from workbench.runs import load_run
+    from workbench.tables import text_table
+
+    run = load_run(args.run, root=args.root)
+    split = None
+    if args.forget or args.retain:
+        split = load_split(load_model(run.metrics["model"]), args)
+    bar = _Bar(f"probes of {run.id}")
+    try:
+        result = probe_run(run, relearn_steps=args.relearn_steps, relearn_lr=args.relearn_lr, split=split, progress=bar)
+    finally:
+        bar.close()
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"probes of run {run.id}: {result['method']} on {result['model']} ({result['split']}), {result['quant']}")
+    print(text_table(probe_rows(result)))
+    if result.get("membership_skipped"):
+        print(f"membership inference skipped: {result['membership_skipped']}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from workbench.bench import run_bench
 
@@ -481,6 +570,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", help="runs directory")
     p.add_argument("--json", action="store_true", help="print metrics.json")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compare", help="compare saved runs side by side (table and figures)")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run ids")
+    p.add_argument("--root", help="runs directory")
+    p.add_argument("--out", help="write the table to FILE (.md, .csv, or .html with figures); default: markdown to stdout")
+    p.add_argument("--all-quantizers", action="store_true",
+                   help="also evaluate each run's after-model under NF4, FP4 and int8 (forget/retain top-1)")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("paper-table", help="run MANSU and every baseline on one split with one budget; compare them")
+    p.add_argument("--model", required=True)
+    _add_data_args(p)
+    _add_quant_args(p)
+    p.add_argument("--methods", help=f"comma-separated subset of: {', '.join(METHODS)} (default: all)")
+    p.add_argument("--max-steps", type=int, default=100, help="gradient methods: step budget (shared)")
+    p.add_argument("--forget-target", type=float, default=0.1, help="shared stopping rule: forget top-1 <= this")
+    p.add_argument("--out", help="write the table to FILE (.md, .csv, .html); default: markdown to stdout")
+    p.add_argument("--runs-root", help="where the runs are saved (default ./runs or $WORKBENCH_RUNS)")
+    p.add_argument("--all-quantizers", action="store_true", help="fill NF4/FP4/int8 columns for every run")
+    p.add_argument("--no-cad", action="store_true", help="skip CAD (attribution before/after) for speed")
+    p.add_argument("--no-oracle", action="store_true", help="skip the retrain oracle comparison")
+    p.set_defaults(func=cmd_paper_table)
+
+    p = sub.add_parser("probe", help="robustness probes of a saved run: paraphrase, relearning attack, membership inference")
+    p.add_argument("run")
+    p.add_argument("--root", help="runs directory")
+    _add_data_args(p)
+    p.add_argument("--relearn-steps", type=int, default=10, help="relearning attack: fine-tuning steps")
+    p.add_argument("--relearn-lr", type=float, help="relearning attack: Adam learning rate (default per model)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("bench", help="speed and memory ratios, measured in one process")
     p.add_argument("sections", nargs="*", help="attribution, quantization, unlearning (default: all)")

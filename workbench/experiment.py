@@ -63,6 +63,7 @@ def run_unlearning(
     optim: Any = None,
     stop: Any = None,
     baseline: Any = None,
+    method_config: Any = None,
     thresholds: Thresholds | None = None,
     oracle: LoadedModel | None = None,
     measure_cad: bool = True,
@@ -98,7 +99,8 @@ def run_unlearning(
         return lambda f, m: report(lo + (hi - lo) * f, m)
 
     result = unlearn(model, split, method=method, quant=quant, circuit=components, mansu_config=mansu_config,
-                     optim=optim, stop=stop, baseline=baseline, progress=sub(0.0, 0.6), should_stop=should_stop)
+                     optim=optim, stop=stop, baseline=baseline, method_config=method_config,
+                     progress=sub(0.0, 0.6), should_stop=should_stop)
     if result.stopped == "cancelled":
         raise WorkbenchError("the run was cancelled; nothing was saved")
     metrics = measure_update(model, split, result.update, quant=quant, circuit=components, oracle=oracle,
@@ -126,6 +128,8 @@ def run_unlearning(
             "mansu": asdict(mansu_config) if mansu_config is not None and method == "mansu" else None,
             "optim": asdict(optim) if optim is not None else None,
             "stop": asdict(stop) if stop is not None else None,
+            "baseline": asdict(baseline) if baseline is not None else None,
+            "method_config": asdict(method_config) if method_config is not None else None,
             "thresholds": asdict(thresholds or Thresholds()),
         }
         circuit_json = json.dumps(circuit.to_dict()) if circuit is not None else None
@@ -141,3 +145,37 @@ def oracle_for(model: LoadedModel) -> LoadedModel | None:
 
     name = ORACLES.get(model.name)
     return load_model(name) if name else None
+
+
+def model_and_split_for_run(run: Run, *, model: LoadedModel | None = None,
+                            split: FactSplit | None = None) -> tuple[LoadedModel, FactSplit]:
+    """The base model and the split a saved run was measured on (for probes and re-evaluation).
+
+    The model is loaded by the name in ``metrics.json`` and must have the run's fingerprint.
+    A built-in split is rebuilt from its name (``<domain>-seed<s>-<size>`` for the facts
+    models, ``smollm2:<domain>``); a run on user fact files needs ``split`` passed in.
+    """
+    from workbench.models import load_model
+    from workbench.splits import builtin_split
+
+    m = run.metrics
+    model = model or load_model(m["model"])
+    if m.get("model_fingerprint") and model.fingerprint != m["model_fingerprint"]:
+        raise WorkbenchError(
+            f"run {run.id} was made on a model with fingerprint {m['model_fingerprint']}, "
+            f"but {model.name!r} now has {model.fingerprint}"
+        )
+    if split is not None:
+        return model, split
+    name = str(m.get("split") or "")
+    domain = name.split(":", 1)[1] if ":" in name else name.rsplit("-seed", 1)[0]
+    try:
+        candidate = builtin_split(model) if not domain else builtin_split(model, forget_domain=domain)
+    except WorkbenchError:
+        candidate = None
+    if candidate is None or candidate.name != name:
+        raise WorkbenchError(
+            f"run {run.id} used the split {name!r}, which is not a built-in split of {model.name!r}; "
+            "pass the forget and retain fact files it was made with"
+        )
+    return model, candidate

@@ -157,23 +157,36 @@ def run_gradient_method(
     stop: StopRule = StopRule(),
     names: list[str] | None = None,
     grad_mask: dict[str, torch.Tensor] | None = None,
+    work: torch.nn.Module | None = None,
+    finish: Callable[[torch.nn.Module], dict[str, torch.Tensor]] | None = None,
     progress: Progress | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> UnlearningResult:
     """Minimise ``objective`` on a copy of the model; return the change as an update.
 
     Args:
-        names: parameters that may move (default: by ``optim.trainable``).
+        names: parameters that may move (default: by ``optim.trainable``); names of
+            ``work``'s parameters when ``work`` is given.
         grad_mask: optional per-name boolean masks; gradients outside them are zeroed
-            (used by SURE's row selection and by circuit-restricted variants).
+            (used by SURE's row selection and by circuit-restricted variants). Adam's
+            moments of a masked entry stay 0, so it never moves.
+        work: a prepared trainable module the caller owns (e.g. a copy carrying LoRA
+            adapters); default a deep copy of ``model.hf``. Never the base itself.
+        finish: maps the trained ``work`` to after-tensors under the *base's* HF names
+            (LoRA: merge the adapters); default the trained ``names`` of ``work``.
     """
     start = time.perf_counter()
+    if work is not None and work is model.hf:
+        raise WorkbenchError("the shared loop must train a copy, never the base model itself")
     names = names if names is not None else trainable_names(model, optim.trainable)
     if not names:
         raise WorkbenchError("no parameter may move: the trainable set is empty")
-    work = copy.deepcopy(model.hf)
+    work = work if work is not None else copy.deepcopy(model.hf)
     work.train()
     params = dict(work.named_parameters())
+    unknown = [n for n in names if n not in params]
+    if unknown:
+        raise WorkbenchError(f"{method}: trainable names not in the model: {unknown[:3]}")
     for n, p in params.items():
         p.requires_grad_(n in names)
     trained = [params[n] for n in names]
@@ -208,7 +221,7 @@ def run_gradient_method(
                     if n in grad_mask and params[n].grad is not None:
                         params[n].grad.mul_(grad_mask[n].to(params[n].grad.dtype))
             opt.step()
-            record: dict[str, float] = {"step": step, "loss": float(loss)}
+            record: dict[str, float] = {"step": step, "loss": float(loss.detach())}
             if step % stop.eval_every == 0 or step == stop.max_steps:
                 work.eval()
                 record["forget_top1"] = forget_top1(work, batches.forget)
@@ -228,7 +241,8 @@ def run_gradient_method(
         bar.close()
     work.eval()
     base = model.state()
-    after = {n: params[n].detach() for n in names}
+    with torch.no_grad():
+        after = finish(work) if finish is not None else {n: params[n].detach() for n in names}
     update = Update.between(base, after)
     update.meta.update({"method": method, "base_fingerprint": model.fingerprint})
     return UnlearningResult(

@@ -46,6 +46,38 @@ def simnpo(logits: torch.Tensor, answers: torch.Tensor, beta: float = 0.1, gamma
     return -(2.0 / beta) * F.logsigmoid(-beta * answer_logprob(logits, answers) / length - gamma).mean()
 
 
+def rmu_forget(acts: torch.Tensor, mask: torch.Tensor, control: torch.Tensor) -> torch.Tensor:
+    """RMU's forget term: mean squared distance of the steered activations to ``c·u``.
+
+    Args:
+        acts: ``[n, seq, d]`` residual activations of the trained model at the RMU layer.
+        mask: ``[n, seq]`` bool, the real (non-padding) tokens.
+        control: ``[d]`` the fixed control vector ``c·u`` (u a random unit vector).
+
+    Returns ``Σ_real ‖h_t − c·u‖² / (n_real · d)`` (``F.mse_loss`` over the real tokens).
+    """
+    diff = acts[mask] - control.to(acts.dtype)
+    return (diff.float() ** 2).mean()
+
+
+def rmu_retain(acts: torch.Tensor, frozen: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """RMU's retain term: mean squared distance to the frozen base's activations on retain
+    prompts, ``Σ_real ‖h_t − h⁰_t‖² / (n_real · d)`` (shapes as in :func:`rmu_forget`)."""
+    return ((acts[mask].float() - frozen[mask].float().detach()) ** 2).mean()
+
+
+def quail_hinge(logits: torch.Tensor, ref_logits: torch.Tensor, answers: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+    """QUAIL's logit-space hinge: ``mean_i max(0, m_i − (z_ref,i − z_θ,i))``.
+
+    ``z`` is the raw logit of row i's answer token, ``m_i`` its margin (``[n]`` or a
+    scalar, in logit units; see :mod:`workbench.unlearning.quail`). The loss is zero once
+    the answer's logit has fallen at least ``m_i`` below the original model's.
+    """
+    z = logits.float().gather(-1, answers[:, None]).squeeze(-1)
+    z_ref = ref_logits.float().gather(-1, answers[:, None]).squeeze(-1).detach()
+    return torch.relu(margin.to(z.dtype) - (z_ref - z)).mean()
+
+
 def kl_on_retain(model_logits: torch.Tensor, ref_logits: torch.Tensor) -> float:
     """Measured retain KL(p_ref ‖ p_θ) as a number (for reports)."""
     with torch.no_grad():
