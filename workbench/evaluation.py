@@ -130,6 +130,9 @@ def _mc_accuracy(hf: torch.nn.Module, tokenizer: Any, facts: Sequence[Fact], bat
             owner.append((i, j))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     scores = torch.full((len(with_choices), max(len(f.choices) for f in with_choices)), -float("inf"))
+    body = getattr(hf, "base_model", None)
+    head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
+    split_head = body is not None and head is not None and body is not hf
     with torch.no_grad():
         for start in range(0, len(seqs), batch_size):
             chunk = seqs[start : start + batch_size]
@@ -137,13 +140,20 @@ def _mc_accuracy(hf: torch.nn.Module, tokenizer: Any, facts: Sequence[Fact], bat
             ids = torch.full((len(chunk), width), pad, dtype=torch.long)
             for r, s in enumerate(chunk):
                 ids[r, : len(s)] = torch.tensor(s)
-            logp = torch.log_softmax(hf(ids).logits.float(), dim=-1)
+            # Only the positions that predict a choice token need the (vocab-sized) unembedding.
+            rows, positions, targets = [], [], []
             for r, s in enumerate(chunk):
                 p_len, total = spans[start + r]
-                targets = torch.tensor(s[p_len:total])
-                positions = torch.arange(p_len - 1, total - 1)
+                rows += [r] * (total - p_len)
+                positions += list(range(p_len - 1, total - 1))
+                targets += s[p_len:total]
+            pick = torch.tensor(rows), torch.tensor(positions)
+            logits = head(body(ids).last_hidden_state[pick]) if split_head else hf(ids).logits[pick]
+            token_logp = torch.log_softmax(logits.float(), -1)[torch.arange(len(targets)), torch.tensor(targets)]
+            sums = torch.zeros(len(chunk)).index_add_(0, torch.tensor(rows), token_logp)
+            for r in range(len(chunk)):
                 i, j = owner[start + r]
-                scores[i, j] = logp[r, positions, targets].sum()
+                scores[i, j] = sums[r]
     answers = torch.tensor([f.choices.index(f.answer) for f in with_choices])
     return float((scores.argmax(-1) == answers).float().mean())
 
