@@ -326,7 +326,7 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
             use_circuit=not args.no_circuit, use_projection=not args.no_projection,
             use_fisher=not args.no_fisher, use_floor=not args.no_floor,
             params_per_round=args.params_per_round, max_rounds=args.max_rounds, forget_target=args.forget_target,
-            fisher_budget=args.fisher_budget, code_steps=args.code_steps,
+            fisher_budget=args.fisher_budget, code_steps=args.code_steps, retain_guard=args.retain_guard,
         )
     else:
         optim = OptimConfig(lr=args.lr or default_lr(model))
@@ -553,6 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--code-steps", type=int, default=2, help="MANSU floor: quantization codes each moved weight crosses")
     p.add_argument("--max-rounds", type=int, default=60, help="MANSU: round budget")
     p.add_argument("--fisher-budget", type=float, default=0.05, help="MANSU: ε on ½ΣFΔ² (nats)")
+    p.add_argument("--retain-guard", type=float, default=0.02,
+                   help="MANSU: undo a round that drops retain top-1 by more than this (default 0.02)")
     for flag in ("circuit", "projection", "fisher", "floor"):
         p.add_argument(f"--no-{flag}", action="store_true", help=f"MANSU ablation: switch off the {flag} component")
     p.add_argument("--cad-min", type=float, default=0.1, help="structural-erasure threshold τ on CAD")

@@ -85,6 +85,10 @@ class MansuConfig:
             bin-sized moves are far outside the region where the second-order Fisher term
             alone is accurate.
         max_round_growth: cap on round-size growth (see ``retain_guard``).
+        quantized_direction: the forget direction averages the gradients at ``w+Δ`` and at
+            the deployed ``Q(w+Δ)``. MANSU's moves survive rounding by construction, but the
+            quantized base is a different starting point (REFERENCE.md §6: the PTQ gap is
+            mostly this "base shift"), so the quantized model is steered explicitly.
         code_steps: codes moved per weight (floor rule).
         no_floor_step: sub-bin step (in bin widths) when the floor is off.
         retain_batch: retain examples for the projector's activations (all if larger).
@@ -106,6 +110,7 @@ class MansuConfig:
     fisher_damping: float = 0.1
     retain_first_order: bool = True
     max_round_growth: float = 4.0
+    quantized_direction: bool = True
     code_steps: int = 2
     no_floor_step: float = 0.2
     retain_batch: int = 256
@@ -373,6 +378,9 @@ def mansu(
             rounds -= 1
             break
         direction = _forget_direction(work, names, batches.forget)
+        if config.quantized_direction:
+            q_direction = _forget_direction(qwork, names, batches.forget)
+            direction = {n: 0.5 * (direction[n] + q_direction[n]) for n in names}
         # a different retain sample from the guard's, so the guard stays an independent check
         retain_grad = (_retain_gradient(work, names, retain_proj)
                        if config.use_fisher and config.retain_first_order else None)
