@@ -640,8 +640,14 @@ class Session:
         return True
 
     def live_text(self) -> str:
-        """The last progress messages of the current or last run (newest last)."""
-        return "\n".join(self.live[-8:])
+        """The newest step of the run with its forget numbers, and what it is doing now."""
+        if not self.live:
+            return ""
+        steps = [m for m in self.live if "forget top-1" in m]
+        lines = [f"last step: {steps[-1]}"] if steps else []
+        if not steps or self.live[-1] != steps[-1]:
+            lines.append(f"now: {self.live[-1]}")
+        return "\n".join(lines)
 
     # --- compare ----------------------------------------------------------------------------
     def pin(self) -> RunView:

@@ -1,0 +1,341 @@
+"""The app's session logic without a browser: setup, attribution, circuit edits, unlearning,
+compare views, runs — on facts-tiny, through the same core calls the CLI makes."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from workbench.errors import WorkbenchError
+from workbench.session import (
+    MAX_UPLOAD_BYTES,
+    SHARED,
+    RunView,
+    Session,
+    SharedModels,
+    compare_figures,
+    read_fact_upload,
+    runs_table,
+    shared_figures,
+)
+
+
+@pytest.fixture(scope="module")
+def runs_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("session-runs")
+
+
+@pytest.fixture(scope="module")
+def attributed(runs_root):
+    """A session set up on facts-tiny with an attribution (shared by the read-mostly tests)."""
+    s = Session(runs_root=runs_root)
+    s.setup("facts-tiny")
+    s.attribute("atp", edges=True)
+    return s
+
+
+def test_setup_builtin_split_and_base_accuracy():
+    s = Session()
+    result = s.setup("facts-tiny", quant_type="fp4", blocksize=128)
+    assert s.quant.label == "fp4/b128"
+    rows = {r["set"]: r for r in result.accuracy}
+    assert {"forget", "retain"} <= set(rows)
+    assert rows["forget"]["facts"] == len(s.split.forget) > 0
+    for r in rows.values():
+        assert 0.0 <= r["full precision"] <= 1.0 and 0.0 <= r["fp4/b128"] <= 1.0
+        assert r["difference"] == pytest.approx(r["fp4/b128"] - r["full precision"])
+    assert "pathogens" in result.domains and result.domain == "pathogens"
+    assert "facts-tiny" in result.summary and "fp4/b128" in result.summary
+
+
+def test_setup_other_forget_domain():
+    s = Session()
+    result = s.setup("facts-tiny", forget_domain="cities")
+    assert result.domain == "cities"
+    assert {f.domain for f in s.split.forget} == {"cities"}
+
+
+def test_sessions_share_one_read_only_model(attributed):
+    other = Session()
+    other.setup("facts-tiny")
+    assert other.model is attributed.model  # one base model per name, process-wide
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"quant_type": "nf5"}, "unknown quantizer"),
+        ({"blocksize": 48}, "not supported"),
+        ({"blocksize": "big"}, "whole number"),
+    ],
+)
+def test_setup_rejects_bad_quantizer(kwargs, needle):
+    with pytest.raises(WorkbenchError, match=needle):
+        Session().setup("facts-tiny", **kwargs)
+
+
+def test_setup_unknown_model_and_local_dir_without_data(tmp_path):
+    with pytest.raises(WorkbenchError, match="neither a built-in"):
+        Session().setup(str(tmp_path / "nope"))
+    with pytest.raises(WorkbenchError, match="choose a model"):
+        Session().setup("  ")
+
+
+def _write_split_files(split, tmp_path):
+    from workbench.facts import save_fact_file
+
+    forget = save_fact_file(split.forget[:6], tmp_path / "forget.jsonl")
+    retain = save_fact_file(split.retain[:10], tmp_path / "retain.jsonl")
+    return forget, retain
+
+
+def test_setup_with_uploaded_files(attributed, tmp_path):
+    forget, retain = _write_split_files(attributed.split, tmp_path)
+    s = Session()
+    result = s.setup("facts-tiny", forget_file=forget, retain_file=retain)
+    assert s.split.name == "user:forget.jsonl"
+    assert len(s.split.forget) == 6 and len(s.split.retain) == 10
+    assert result.domains == [] and result.domain is None
+    with pytest.raises(WorkbenchError, match="both a forget file and a retain file"):
+        Session().setup("facts-tiny", forget_file=forget)
+
+
+def test_malformed_upload_names_file_and_line(tmp_path, attributed):
+    bad = tmp_path / "upload-dir" / "broken.jsonl"
+    bad.parent.mkdir()
+    bad.write_text('{"prompt": "The sky is", "answer": "blue"}\n{"prompt": "no answer here"\n')
+    with pytest.raises(WorkbenchError) as info:
+        read_fact_upload(bad, "forget file")
+    message = str(info.value)
+    assert "broken.jsonl" in message and "line 2" in message
+    assert str(bad.parent) not in message  # the server's temporary directory is not shown
+    with pytest.raises(WorkbenchError, match="line 2"):
+        Session().setup("facts-tiny", forget_file=bad, retain_file=bad)
+
+
+def test_upload_limits(tmp_path):
+    big = tmp_path / "big.jsonl"
+    big.write_bytes(b" " * (MAX_UPLOAD_BYTES + 1))
+    with pytest.raises(WorkbenchError, match="limit"):
+        read_fact_upload(big, "forget file")
+    wrong = tmp_path / "facts.pkl"
+    wrong.write_bytes(b"\x80\x04N.")
+    with pytest.raises(WorkbenchError, match="expected a"):
+        read_fact_upload(wrong, "forget file")
+
+
+def test_upload_checks_tokens_against_the_model(tmp_path, attributed):
+    f = tmp_path / "multi.jsonl"
+    f.write_text(json.dumps({"prompt": "The vector of Veltrax is", "answer": "certainly not one token"}) + "\n")
+    read_fact_upload(f, "forget file")  # format only: fine
+    with pytest.raises(WorkbenchError, match="token"):
+        read_fact_upload(f, "forget file", attributed.model)
+
+
+def test_steps_before_setup_say_what_to_do():
+    s = Session()
+    with pytest.raises(WorkbenchError, match="Load model and data"):
+        s.attribute()
+    with pytest.raises(WorkbenchError, match="Load model and data"):
+        s.unlearn("mansu")
+    with pytest.raises(WorkbenchError, match="Run attribution"):
+        s.edit("top_k", 3)
+    with pytest.raises(WorkbenchError, match="pin"):
+        s.pin()
+
+
+def test_attribution_gives_default_circuit_and_faithfulness(attributed):
+    s = attributed
+    from workbench.experiment import default_circuit
+
+    assert s.circuit is not None and s.attribution.n_pairs > 0
+    assert s.circuit.selected == default_circuit(s.attribution).selected  # the same start as the CLI
+    assert s.faithfulness_result is not None or s.faithfulness_error
+    rows = s.node_rows()
+    assert [abs(r["score"]) for r in rows] == sorted((abs(r["score"]) for r in rows), reverse=True)
+    assert {r["component"] for r in rows if r["in circuit"]} == {c.name for c in s.circuit.selected}
+    graph, heat = s.circuit_figures()
+    assert any(t.name == "selected" for t in graph.data) and heat.data[0].type == "heatmap"
+
+
+def test_edits_undo_redo_and_live_faithfulness(attributed):
+    s = Session()
+    s.setup("facts-tiny")
+    s.attribute("atp", edges=False)
+    s.edit("top_k", 3)
+    assert len(s.circuit.selected) == 3
+    before = s.faithfulness_result
+    strongest = max(s.circuit.selected, key=lambda c: abs(s.circuit.scores[c]))
+    after = s.edit("exclude", strongest.name)
+    assert strongest not in s.circuit.selected and len(s.circuit.selected) == 2
+    assert (after.recovered, after.drop) != (before.recovered, before.drop)  # measured again, on the new circuit
+    assert "2 components selected" in s.faithfulness_text()
+    s.edit("undo")
+    assert strongest in s.circuit.selected and s.faithfulness_result.drop == pytest.approx(before.drop)
+    s.edit("redo")
+    assert strongest not in s.circuit.selected
+    with pytest.raises(WorkbenchError, match="nothing to redo"):
+        s.edit("redo")
+    s.edit("threshold", 0.0)
+    assert len(s.circuit.selected) == len([c for c in s.circuit.components if c.kind.value != "embed"])
+    s.edit("mass", 0.5)
+    assert 0 < len(s.circuit.selected) < len(s.circuit.components)
+    with pytest.raises(WorkbenchError, match="whole number"):
+        s.edit("top_k", 2.5)
+    with pytest.raises(WorkbenchError, match="not in this circuit"):
+        s.edit("include", "L9.H9")
+    with pytest.raises(WorkbenchError, match="choose a component"):
+        s.edit("exclude", None)
+
+
+def test_node_table_sets_the_selection(attributed):
+    s = Session()
+    s.setup("facts-tiny")
+    s.attribute("atp", edges=False)
+    rows = [[r["in circuit"], r["component"]] for r in s.node_rows()]
+    assert s.apply_node_table(rows) is False  # unchanged table: no undo step
+    rows = [[name in ("L0.H1", "L1.MLP"), name] for _flag, name in rows]
+    assert s.apply_node_table(rows) is True
+    assert {c.name for c in s.circuit.selected} == {"L0.H1", "L1.MLP"}
+    assert s.circuit.can_undo
+
+
+def test_two_sessions_keep_separate_circuits():
+    a, b = Session(), Session()
+    for s in (a, b):
+        s.setup("facts-tiny")
+        s.attribute("atp", edges=False)
+    a.edit("top_k", 2)
+    assert len(a.circuit.selected) == 2 and len(b.circuit.selected) != 2
+    assert a.circuit is not b.circuit and a.model is b.model
+
+
+def test_circuit_download_upload_roundtrip(attributed, tmp_path):
+    s = Session()
+    s.setup("facts-tiny")
+    s.attribute("atp", edges=False)
+    s.edit("top_k", 4)
+    path = s.save_circuit()
+    assert json.loads(path.read_text())["kind"] == "mansu-workbench-circuit"
+    t = Session()
+    t.setup("facts-tiny")
+    t.load_circuit(path)
+    assert t.circuit.selected == s.circuit.selected and t.faithfulness_result is not None
+    garbage = tmp_path / "garbage.json"
+    garbage.write_text("{not json")
+    with pytest.raises(WorkbenchError, match="garbage.json"):
+        t.load_circuit(garbage)
+    other = json.loads(path.read_text())
+    other["model_fingerprint"] = "0" * 16
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text(json.dumps(other))
+    with pytest.raises(WorkbenchError, match="fingerprint"):
+        t.load_circuit(foreign)
+    s.close()
+    assert not path.exists()
+
+
+def test_agreement_with_exact_patching(attributed):
+    numbers, figure = attributed.agreement("exact")
+    assert numbers["n"] >= 10 and -1.0 <= numbers["spearman"] <= 1.0
+    assert "Spearman" in figure.layout.title.text
+    with pytest.raises(WorkbenchError, match="already uses"):
+        attributed.agreement("atp")
+
+
+def test_unlearn_compare_and_runs(attributed, runs_root):
+    s = attributed
+    base_hash = s.model.weights_hash()
+    seen = []
+    view = s.unlearn("mansu", mansu={"max_rounds": 2}, progress=lambda f, m: seen.append((f, m)))
+    assert s.model.weights_hash() == base_hash  # the shared base is never modified
+    assert any("MANSU round" in m for _f, m in seen) and "MANSU round" in s.live_text()
+    m = view.metrics
+    assert m["method"] == "mansu" and m["steps"] <= 2 and view.run_id and (runs_root / view.run_id).is_dir()
+    assert set(m["properties"]) == {"forgetting", "retain", "ptq", "structural"}
+
+    figs = compare_figures(view, "overall", "fp")
+    assert [t.type for t in figs.occupancy.data] == ["bar", "bar", "bar"]
+    before, after = figs.occupancy.data[0].y, figs.occupancy.data[1].y
+    assert sum(before) == sum(after) == m["quantization"]["overall"]["n_weights"]
+    assert figs.cad is not None and len(figs.cad.data) == 3  # before | after | difference
+    assert [r["property"] for r in figs.report][0].startswith("forgetting") and len(figs.report) == 4
+    module = view.modules[1]
+    assert module in compare_figures(view, module).occupancy.layout.title.text
+
+    s.pin()
+    graddiff = s.unlearn("graddiff", stop={"max_steps": 2, "forget_target": None}, measure_cad=False,
+                         use_oracle=False)
+    assert graddiff.metrics["method"] == "graddiff" and s.pinned is view
+    accuracy, ratios = shared_figures([s.current, s.pinned])
+    assert len({t.name for t in accuracy.data}) == 2
+    assert compare_figures(graddiff).cad is None and compare_figures(graddiff).notes  # measured without CAD
+
+    rows = runs_table(runs_root)
+    assert {r["run"] for r in rows} >= {view.run_id, graddiff.run_id}
+    reopened = s.open_run(view.run_id)
+    assert reopened.metrics["ptq_gap"] == m["ptq_gap"]
+    names = {p.name for p in s.run_files(view.run_id)}
+    assert names == {"metrics.json", "config.json", "update.safetensors"}
+    with pytest.raises(WorkbenchError, match="invalid run id"):
+        s.open_run("../etc")
+
+
+def test_unlearn_rejects_bad_settings(attributed):
+    with pytest.raises(WorkbenchError, match="unknown method"):
+        attributed.unlearn("nope")
+    with pytest.raises(WorkbenchError, match="max_rounds"):
+        attributed.unlearn("mansu", mansu={"max_rounds": 0})
+    with pytest.raises(WorkbenchError, match="bad hyper-parameter"):
+        attributed.unlearn("mansu", mansu={"rounds": 3})
+
+
+def test_cancel_stops_a_run_and_saves_nothing(tmp_path):
+    s = Session(runs_root=tmp_path)
+    s.setup("facts-tiny")
+    s.attribute("atp", edges=False)
+    assert s.cancel() is False  # nothing running
+
+    def progress(_f: float, message: str) -> None:
+        if "round" in message:
+            assert s.cancel() is True
+
+    with pytest.raises(WorkbenchError, match="cancelled"):
+        s.unlearn("mansu", mansu={"max_rounds": 50, "forget_target": 0.0}, progress=progress)
+    assert not s.running and runs_table(tmp_path) == []
+
+
+def test_shared_models_preload_status():
+    shared = SharedModels()
+    assert shared.status("facts-tiny") == "not loaded"
+    shared.preload("facts-tiny")
+    shared.wait("facts-tiny", timeout=120)
+    assert shared.status("facts-tiny") == "ready"
+    shared.preload("/no/such/model")
+    shared.wait("/no/such/model", timeout=30)
+    assert shared.status("/no/such/model").startswith("error:")
+
+
+def test_shared_base_accuracy_is_computed_once(attributed, monkeypatch):
+    calls = []
+    import workbench.evaluation as evaluation
+
+    real = evaluation.evaluate_split
+    monkeypatch.setattr(evaluation, "evaluate_split", lambda *a, **k: calls.append(1) or real(*a, **k))
+    shared = SharedModels()
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(shared.base_accuracy(
+        attributed.model, attributed.split, attributed.quant))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 2 and results[0] == results[1] == results[2]  # fp + quantized, once for 3 sessions
+    assert SHARED is not shared
+
+
+def test_runview_modules():
+    view = RunView(label="x", metrics={"quantization": {"modules": [{"name": "a.weight"}]}})
+    assert view.modules == ["overall", "a.weight"]
