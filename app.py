@@ -330,7 +330,8 @@ def build_app(start_model: str, heavy_jobs: int = 1) -> gr.Blocks:
                 retain_check = gr.Markdown(elem_id="retain-check")
         setup_btn = gr.Button("Load model and data", variant="primary", elem_id="setup-btn")
         setup_summary = gr.Markdown(elem_id="setup-summary")
-        base_acc = gr.Dataframe(label="Base accuracy (top-1), full precision vs quantized", interactive=False)
+        base_acc = gr.Dataframe(label="Base accuracy (top-1), full precision vs quantized", interactive=False,
+                                elem_id="base-accuracy")
 
         # 2 --- attribution
         gr.Markdown("## 2 · Attribution: which heads and MLPs carry the forget facts")

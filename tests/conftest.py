@@ -39,3 +39,55 @@ def facts_tiny():
     from workbench.models import load_model
 
     return load_model("facts-tiny")
+
+
+# --- the Gradio app, started once per test session for the browser and API tests -------------
+
+
+@pytest.fixture(scope="session")
+def app_server(tmp_path_factory):
+    """``python app.py`` on facts-tiny, on a free port of 127.0.0.1; yields its URL.
+
+    The start model comes from ``WORKBENCH_MODEL`` and the port from ``GRADIO_SERVER_PORT``
+    (the variables the README documents), and runs go to a temporary directory.
+    """
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log_path = tmp_path_factory.mktemp("app") / "app.log"
+    env = {**os.environ, "WORKBENCH_MODEL": "facts-tiny", "GRADIO_SERVER_PORT": str(port),
+           "WORKBENCH_RUNS": str(tmp_path_factory.mktemp("app-runs")), "GRADIO_ANALYTICS_ENABLED": "False",
+           "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "app.py"], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 180
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"app.py exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"app.py did not answer on {url} within 180 s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
