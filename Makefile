@@ -25,13 +25,16 @@ install: $(STAMP)
 browser-deps:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
+# The Gradio app on http://127.0.0.1:7860 (WORKBENCH_MODEL=facts make app for another start model;
+# APP_ARGS="--host 0.0.0.0 --open-browser" for more, see `python app.py --help`).
 app: install
-	$(PY) -m workbench.cli demo
+	$(PY) app.py $(APP_ARGS)
 
 demo: install
 	$(PY) -m workbench.cli demo
 
-test: install
+# The suite includes the browser tests (Playwright driving Debian's Chromium) and the gradio_client tests.
+test: install browser-deps
 	$(PY) -m pytest -q
 
 lab: install

@@ -505,6 +505,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heavy-jobs", type=int, default=1,
                    help="attribution/unlearning jobs run at once across all sessions (default 1)")
     p.add_argument("--no-preload", action="store_true", help="do not load the start model in the background")
+    p.add_argument("--open-browser", action="store_true", help="open the page in the default web browser")
     return p.parse_args(argv)
 
 
@@ -520,7 +521,7 @@ def main(argv: list[str] | None = None) -> None:
         SHARED.preload(args.model)
     demo = build_app(args.model, heavy_jobs=args.heavy_jobs)
     demo.queue(default_concurrency_limit=4)
-    demo.launch(server_name=args.host, server_port=args.port, share=False, max_file_size=MAX_FILE_SIZE,
+    demo.launch(server_name=args.host, server_port=args.port, share=False, inbrowser=args.open_browser, max_file_size=MAX_FILE_SIZE,
                 allowed_paths=[str(runs_dir())], show_error=False, ssr_mode=False, quiet=False,
                 footer_links=["api"], theme=gr.themes.Default(font=["system-ui", "sans-serif"],
                                                               font_mono=["ui-monospace", "monospace"]))

@@ -141,8 +141,13 @@ class SharedModels:
                 try:
                     model = self.model(name)
                     if name in BUILTINS:
+                        from workbench.quant import QuantConfig
+
                         self._status[name] = "preparing the built-in fact split"
-                        self.builtin_split(model)
+                        split = self.builtin_split(model)
+                        # The setup panel's first click then only reads this cache.
+                        self._status[name] = "measuring base accuracy, full precision vs NF4"
+                        self.base_accuracy(model, split, QuantConfig("nf4"))
                     self._status[name] = "ready"
                 except WorkbenchError as exc:
                     self._status[name] = f"error: {exc}"
@@ -155,11 +160,17 @@ class SharedModels:
             self._threads[name] = thread
         thread.start()
 
-    def wait(self, name: str, timeout: float | None = None) -> None:
-        """Wait for a preload of ``name`` started by :meth:`preload` (no-op if none)."""
+    def wait(self, name: str, timeout: float | None = None, progress: Progress | None = None) -> None:
+        """Wait for a preload of ``name`` started by :meth:`preload` (no-op if none),
+        reporting its status every second to ``progress``."""
         thread = self._threads.get(name)
-        if thread is not None:
-            thread.join(timeout)
+        if thread is None:
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while thread.is_alive() and (deadline is None or time.monotonic() < deadline):
+            if progress is not None:
+                progress(0.05, f"{name}: {self.status(name)} (loading in the background since the app started)")
+            thread.join(1.0)
 
     def status(self, name: str) -> str:
         """``"ready"``, ``"loading"``, ``"error: …"``, another step, or ``"not loaded"``."""
@@ -317,7 +328,7 @@ class Session:
         quant = QuantConfig(quant_type, blocksize=blocksize, double_quant=bool(double_quant))
         name = str(model_name or "").strip()
         report(0.05, f"loading {name} (built and cached on first use)")
-        SHARED.wait(name)  # a background preload of the same model: join it rather than race it
+        SHARED.wait(name, progress=report)  # a background preload of the same model: join it, don't race it
         model = SHARED.model(name, progress=lambda f, m: report(0.05 + 0.4 * f, m))
         if (forget_file is None) != (retain_file is None):
             raise WorkbenchError("upload both a forget file and a retain file, or neither for the built-in split")

@@ -1,0 +1,75 @@
+"""The app's HTTP API through ``gradio_client``: the same flow as the browser test
+(setup → attribution → an edit → MANSU → report card → runs), one client = one session."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture(scope="module")
+def client(app_server):
+    from gradio_client import Client
+
+    return Client(app_server, verbose=False)
+
+
+def _rows(table) -> list[list]:
+    return table["value"]["data"] if "value" in table else table["data"]
+
+
+def test_api_lists_only_the_public_endpoints(client):
+    endpoints = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+    assert {"/setup", "/attribute", "/top_k", "/exclude", "/undo", "/unlearn", "/runs", "/run_files"} <= endpoints
+    assert not any(e.startswith("/lambda") for e in endpoints)  # timers and page-load helpers stay private
+
+
+def test_api_flow(client):
+    from gradio_client.exceptions import AppError
+
+    summary, accuracy, domain = client.predict("facts-tiny", None, None, None, "nf4", 64, False, api_name="/setup")
+    assert "facts-tiny" in summary and "nf4/b64" in summary
+    rows = {r[0]: r for r in _rows(accuracy)}
+    assert rows["forget"][1] == 24 and 0.0 <= rows["forget"][3] <= 1.0
+    assert domain["value"] == "pathogens"
+
+    out = client.predict("atp", 8, True, api_name="/attribute")
+    assert "24 prompt pairs" in out[0] and "10 components selected" in out[3]
+    nodes = _rows(out[4])
+    assert sum(1 for r in nodes if r[0]) == 10
+
+    out = client.predict(3, api_name="/top_k")
+    assert "3 components selected" in out[2]
+    chosen = next(r[1] for r in _rows(out[3]) if r[0])
+    out = client.predict(chosen, api_name="/exclude")
+    assert "2 components selected" in out[2]
+    assert not any(r[0] and r[1] == chosen for r in _rows(out[3]))
+    with pytest.raises(AppError, match="L9.H9 is not in the list of choices"):  # Gradio checks the picker
+        client.predict("L9.H9", api_name="/include")
+
+    live, *compare = client.predict("mansu", True, True, True, True, 3, 0.05, 0, 0.1, 2, 0, 100, True, True,
+                                    "overall", "fp", api_name="/unlearn")
+    summary = compare[1]
+    report = _rows(compare[2])
+    runs, run_pick = compare[-2], compare[-1]
+    assert "MANSU round" in live and "PTQ gap" in summary
+    assert [r[0] for r in report] == ["forgetting (fp and quantized)", "retain preserved", "PTQ gap ≤ threshold",
+                                      "structural erasure (CAD)"]
+    assert all(r[1] in ("PASS", "fail") for r in report)
+    run_id = run_pick["value"]
+    assert run_id in summary and any(r[0] == run_id for r in _rows(runs))
+
+    files = client.predict(run_id, api_name="/run_files")
+    assert sorted(f.rsplit("/", 1)[-1] for f in files) == ["config.json", "metrics.json", "update.safetensors"]
+
+
+def test_api_errors_are_messages(client):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    fresh = Client(client.src, verbose=False)  # a new session: nothing loaded yet
+    with pytest.raises(AppError, match="Run attribution"):
+        fresh.predict(3, api_name="/top_k")
+    with pytest.raises(AppError, match="neither a built-in"):
+        fresh.predict("/no/such/model", None, None, None, "nf4", 64, False, api_name="/setup")
