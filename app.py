@@ -439,7 +439,8 @@ def build_app(start_model: str, heavy_jobs: int = 1) -> gr.Blocks:
             files_btn = gr.Button("Download run files", scale=1)
         runs = gr.Dataframe(headers=["run", "method", "model", "split", "forget after fp", "forget after Q",
                                      "retain after Q", "PTQ gap", "report card"], interactive=False, label="History")
-        run_files = gr.File(label="Run files (metrics, config, update)", file_count="multiple", interactive=False)
+        run_files = gr.File(label="Run files (metrics, config, update)", file_count="multiple", interactive=False,
+                            elem_id="run-files")
 
         # --- wiring
         status_timer.tick(lambda: model_status(start_model), outputs=[status, status_timer], concurrency_limit=None,

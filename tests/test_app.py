@@ -186,3 +186,52 @@ def test_two_browser_contexts_keep_separate_circuits(browser, app_server):
     finally:
         for c in contexts:
             c.close()
+
+
+def test_node_table_cancel_pin_and_runs(page):
+    """Tick a node in the table; live numbers and cancel; pin a MANSU run and compare a
+    baseline with it; reopen and download from the run history."""
+    from playwright.sync_api import expect
+
+    setup_and_attribute(page)
+    page.locator("#faithfulness").get_by_text("10 components selected").wait_for(timeout=LONG)
+    page.locator("#node-table").get_by_test_id("cell-1-0").locator("input[type=checkbox]").click()
+    page.locator("#faithfulness").get_by_text("9 components selected").wait_for(timeout=LONG)
+
+    # A run too long to finish (forget target 0, thousands of rounds): live numbers, then cancel.
+    page.get_by_label("max rounds").fill("5000")
+    page.get_by_label("Forget target (top-1)").fill("0")
+    page.get_by_role("button", name="Run MANSU").click()
+    expect(page.locator("#live textarea")).to_have_value(re.compile(r"MANSU round \d+: .*forget top-1"), timeout=LONG)
+    page.get_by_role("button", name="Cancel run").click()
+    expect(page.get_by_text("the run was cancelled; nothing was saved")).to_be_visible(timeout=LONG)
+    shot(page, "08-cancelled")
+
+    page.get_by_label("max rounds").fill("3")
+    page.get_by_label("Forget target (top-1)").fill("0.1")
+    page.get_by_role("button", name="Run MANSU").click()
+    expect(page.locator("#run-summary")).to_contain_text("mansu ·", timeout=LONG)
+    page.get_by_role("button", name="Pin this run for comparison").click()
+    expect(page.locator("#pinned-summary")).to_contain_text("mansu ·", timeout=LONG)
+
+    method = page.get_by_role("combobox", name="Method")
+    method.click()
+    page.get_by_role("option", name="GradDiff (graddiff)").click()
+    page.get_by_label("max steps").fill("3")
+    page.get_by_role("button", name="Run GradDiff").click()
+    expect(page.locator("#run-summary")).to_contain_text("graddiff ·", timeout=LONG)
+    expect(page.locator("#pinned-summary")).to_contain_text("mansu ·")
+    expect(page.locator("#accuracy")).to_contain_text("graddiff")
+    expect(page.locator("#accuracy")).to_contain_text("mansu")
+    page.locator("#accuracy").scroll_into_view_if_needed()
+    shot(page, "09-pinned-comparison")
+
+    page.get_by_role("button", name="Refresh run history").click()
+    page.get_by_role("button", name="Open run").click()
+    expect(page.locator("#run-summary")).to_contain_text("graddiff ·", timeout=LONG)
+    page.get_by_role("button", name="Download run files").click()
+    for name in ("metrics.json", "config.json", "update.safetensors"):
+        expect(page.locator(f"#run-files a[href$='/{name}']")).to_have_count(1, timeout=LONG)
+    expect(page.get_by_text("Traceback")).to_have_count(0)
+    page.locator("#run-files").scroll_into_view_if_needed()
+    shot(page, "10-runs")
