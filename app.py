@@ -60,7 +60,7 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
         except gr.Error:
             raise
         except WorkbenchError as exc:
-            raise gr.Error(html.escape(str(exc)), duration=30, print_exception=False) from None
+            raise gr.Error(html.escape(str(exc), quote=False), duration=30, print_exception=False) from None
         except Exception as exc:
             log.exception("unexpected error in %s", fn.__name__)
             raise gr.Error(
@@ -143,7 +143,8 @@ def on_setup(s: Session, model: str, forget_file: str | None, retain_file: str |
     result = s.setup(model, forget_file=forget_file, retain_file=retain_file, forget_domain=domain or None,
                      quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
                      progress=_progress(progress))
-    rows = [[r["set"], r["facts"], r["full precision"], r[s.quant.label], r["difference"]] for r in result.accuracy]
+    rows = [[r["set"], r["facts"], round(r["full precision"], 4), round(r[s.quant.label], 4), round(r["difference"], 4)]
+            for r in result.accuracy]
     accuracy = gr.Dataframe(value=rows, headers=["set", "facts", "full precision", s.quant.label, "difference"])
     return (result.summary, accuracy,
             gr.Dropdown(choices=result.domains, value=result.domain, interactive=bool(result.domains)))
@@ -156,7 +157,7 @@ def on_check_file(s: Session, path: str | None, which: str) -> str:
     try:
         facts = read_fact_upload(path, f"{which} file", s.model)
     except WorkbenchError as exc:
-        return f"⚠️ **Cannot use this {which} file:** {html.escape(str(exc))}"
+        return f"⚠️ **Cannot use this {which} file:** {html.escape(str(exc), quote=False)}"
     checked = f"answers checked against {s.model.name}'s tokenizer" if s.model else "tokens are checked when the model loads"
     return f"✓ {which} file: {len(facts)} facts ({checked})."
 
@@ -287,7 +288,7 @@ def model_status(name: str) -> tuple[str, Any]:
     status = SHARED.status(name)
     done = status == "ready" or status.startswith("error")
     text = {"ready": f"Model **{name}** is loaded and shared by every session: click “Load model and data”."}.get(
-        status, f"Model **{name}**: {html.escape(status)}" + ("" if done else " … (first use builds and caches it)"))
+        status, f"Model **{name}**: {html.escape(status, quote=False)}" + ("" if done else " … (first use builds and caches it)"))
     return text, gr.Timer(active=not done)
 
 

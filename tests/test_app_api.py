@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-pytestmark = pytest.mark.browser
-
-
 @pytest.fixture(scope="module")
 def client(app_server):
     from gradio_client import Client
@@ -73,3 +70,28 @@ def test_api_errors_are_messages(client):
         fresh.predict(3, api_name="/top_k")
     with pytest.raises(AppError, match="neither a built-in"):
         fresh.predict("/no/such/model", None, None, None, "nf4", 64, False, api_name="/setup")
+
+
+def test_errors_become_page_messages_never_tracebacks(caplog):
+    """User errors keep their message (HTML-escaped); anything else is logged, the page gets a note."""
+    import gradio as gr
+
+    from app import friendly
+    from workbench.errors import WorkbenchError
+
+    @friendly
+    def user_error():
+        raise WorkbenchError("broken.jsonl, line 2: <b>bad</b> field")
+
+    @friendly
+    def bug():
+        raise KeyError("secret internal detail")
+
+    with pytest.raises(gr.Error) as info:
+        user_error()
+    assert info.value.message == "broken.jsonl, line 2: &lt;b&gt;bad&lt;/b&gt; field"
+    with caplog.at_level("ERROR", logger="workbench.app"), pytest.raises(gr.Error) as info:
+        bug()
+    assert "KeyError" in info.value.message and "secret internal detail" not in info.value.message
+    assert "server log" in info.value.message
+    assert any("secret internal detail" in (r.exc_text or "") or r.exc_info for r in caplog.records)

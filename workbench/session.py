@@ -20,7 +20,6 @@ Uploaded files are size-limited (:data:`MAX_UPLOAD_BYTES`) and parsed as text on
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -847,11 +846,6 @@ def _fmt(x: Any) -> str:
 def _split_domain(split: FactSplit) -> str | None:
     domains = {f.domain for f in split.forget}
     return next(iter(domains)) if len(domains) == 1 else None
-
-
-def metrics_json(view: RunView) -> str:
-    """The run's metrics as JSON text (what the run store saved)."""
-    return json.dumps(view.metrics, indent=2)
 
 
 __all__ = [
