@@ -238,8 +238,14 @@ def on_unlearn(s: Session, method: str, use_circuit: bool, use_projection: bool,
     }
     optim = {"lr": num(lr, "learning rate") or None}
     stop = {"max_steps": num(max_steps, "max steps", int), "forget_target": num(forget_target, "forget target")}
-    s.unlearn(method, mansu=mansu, optim=optim, stop=stop, measure_cad=measure_cad, use_oracle=use_oracle,
-              progress=_progress(progress))
+    try:
+        s.unlearn(method, mansu=mansu, optim=optim, stop=stop, measure_cad=measure_cad, use_oracle=use_oracle,
+                  progress=_progress(progress))
+    except WorkbenchError as exc:
+        if s.cancel_requested:  # the user asked for it: say so, not as a failure
+            raise gr.Error(html.escape(str(exc), quote=False), title="Run cancelled", duration=15,
+                           print_exception=False) from None
+        raise
     return (s.live_text(), *compare_outputs(s, module, cad), *runs_outputs(s))
 
 
@@ -317,6 +323,7 @@ def build_app(start_model: str, heavy_jobs: int = 1) -> gr.Blocks:
             model = gr.Dropdown(models, value=start_model, allow_custom_value=True, label="Model",
                                 info="a built-in, or the path of a local Hugging Face model directory", scale=2)
             domain = gr.Dropdown([], value=None, allow_custom_value=True, label="Forget domain (built-in data)",
+                                 info="filled in by “Load model and data”; change it and load again",
                                  interactive=False, scale=2)
             quant_type = gr.Radio(["nf4", "fp4", "int8"], value="nf4", label="Quantizer", scale=1)
             blocksize = gr.Dropdown([32, 64, 128, 256, 512, 1024, 2048, 4096], value=64, label="Block size", scale=1)
@@ -331,7 +338,8 @@ def build_app(start_model: str, heavy_jobs: int = 1) -> gr.Blocks:
                 retain_check = gr.Markdown(elem_id="retain-check")
         setup_btn = gr.Button("Load model and data", variant="primary", elem_id="setup-btn")
         setup_summary = gr.Markdown(elem_id="setup-summary")
-        base_acc = gr.Dataframe(label="Base accuracy (top-1), full precision vs quantized", interactive=False,
+        base_acc = gr.Dataframe(headers=["set", "facts", "full precision", "quantized", "difference"],
+                                label="Base accuracy (top-1), full precision vs quantized", interactive=False,
                                 elem_id="base-accuracy")
 
         # 2 --- attribution

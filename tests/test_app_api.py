@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 @pytest.fixture(scope="module")
@@ -59,6 +61,19 @@ def test_api_flow(client):
 
     files = client.predict(run_id, api_name="/run_files")
     assert sorted(f.rsplit("/", 1)[-1] for f in files) == ["config.json", "metrics.json", "update.safetensors"]
+
+    # A run that would take thousands of rounds, cancelled from a second request of the same session.
+    n_runs = len(_rows(client.predict(api_name="/runs")[0]))
+    job = client.submit("mansu", True, True, True, True, 5000, 0.05, 0, 0.0, 2, 0, 100, True, True, "overall", "fp",
+                        api_name="/unlearn")
+    deadline = time.monotonic() + 120
+    while client.predict(api_name="/cancel") != "Cancelling at the next step…":
+        assert time.monotonic() < deadline and not job.done(), "the run never started"
+        time.sleep(0.5)
+    with pytest.raises(AppError, match="the run was cancelled; nothing was saved") as info:
+        job.result(timeout=120)
+    assert info.value.title == "Run cancelled"
+    assert len(_rows(client.predict(api_name="/runs")[0])) == n_runs  # nothing saved for the cancelled run
 
 
 def test_api_errors_are_messages(client):

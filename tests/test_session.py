@@ -304,7 +304,7 @@ def test_cancel_stops_a_run_and_saves_nothing(tmp_path):
 
     with pytest.raises(WorkbenchError, match="cancelled"):
         s.unlearn("mansu", mansu={"max_rounds": 50, "forget_target": 0.0}, progress=progress)
-    assert not s.running and runs_table(tmp_path) == []
+    assert not s.running and s.cancel_requested and runs_table(tmp_path) == []
 
 
 def test_shared_models_preload_status():

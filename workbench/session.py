@@ -649,6 +649,11 @@ class Session:
         self._cancel = True
         return True
 
+    @property
+    def cancel_requested(self) -> bool:
+        """Whether :meth:`cancel` was called for the current or last run."""
+        return self._cancel
+
     def live_text(self) -> str:
         """The newest step of the run with its forget numbers, and what it is doing now."""
         if not self.live:
