@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import functools
 import html
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -28,9 +29,11 @@ from workbench.session import (
     ATTRIBUTION_METHODS,
     MAX_UPLOAD_BYTES,
     SHARED,
+    RUN_COLUMNS,
     RunView,
     Session,
     compare_figures,
+    method_settings,
     read_fact_upload,
     runs_table,
     shared_figures,
@@ -127,9 +130,7 @@ def runs_outputs(s: Session) -> tuple[Any, ...]:
     rows = runs_table(s.runs_root)
     ids = [r["run"] for r in rows]
     current = s.current.run_id if s.current is not None and s.current.run_id in ids else (ids[0] if ids else None)
-    headers = ["run", "method", "model", "split", "forget after fp", "forget after Q", "retain after Q",
-               "PTQ gap", "report card"]
-    return ([[r[h] for h in headers] for r in rows], gr.Dropdown(choices=ids, value=current))
+    return ([[r[h] for h in RUN_COLUMNS] for r in rows], gr.Dropdown(choices=ids, value=current))
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,7 +211,10 @@ def on_upload_circuit(s: Session, path: str | None):
 
 def on_method(method: str):
     mansu = method == "mansu"
-    return (gr.Button(value=f"Run {_method_label(method)}"), gr.Group(visible=mansu), gr.Group(visible=not mansu))
+    defaults = method_settings(method)
+    settings = gr.Code(value=json.dumps(defaults, indent=1) if defaults else "", visible=bool(defaults))
+    return (gr.Button(value=f"Run {_method_label(method)}"), gr.Group(visible=mansu), gr.Group(visible=not mansu),
+            settings)
 
 
 def on_run_start(s: Session):
@@ -221,7 +225,7 @@ def on_run_start(s: Session):
 @friendly
 def on_unlearn(s: Session, method: str, use_circuit: bool, use_projection: bool, use_fisher: bool, use_floor: bool,
                max_rounds: Any, fisher_budget: Any, params_per_round: Any, forget_target: Any, code_steps: Any,
-               lr: Any, max_steps: Any, measure_cad: bool, use_oracle: bool, module: str | None, cad: str | None,
+               lr: Any, max_steps: Any, settings: str | None, measure_cad: bool, use_oracle: bool, module: str | None, cad: str | None,
                progress: gr.Progress = gr.Progress()):
     def num(x: Any, what: str, kind: type = float) -> Any:
         try:
@@ -239,8 +243,8 @@ def on_unlearn(s: Session, method: str, use_circuit: bool, use_projection: bool,
     optim = {"lr": num(lr, "learning rate") or None}
     stop = {"max_steps": num(max_steps, "max steps", int), "forget_target": num(forget_target, "forget target")}
     try:
-        s.unlearn(method, mansu=mansu, optim=optim, stop=stop, measure_cad=measure_cad, use_oracle=use_oracle,
-                  progress=_progress(progress))
+        s.unlearn(method, mansu=mansu, optim=optim, stop=stop, settings=settings, measure_cad=measure_cad,
+                  use_oracle=use_oracle, progress=_progress(progress))
     except WorkbenchError as exc:
         if s.cancel_requested:  # the user asked for it: say so, not as a failure
             raise gr.Error(html.escape(str(exc), quote=False), title="Run cancelled", duration=15,
@@ -405,6 +409,8 @@ def build_app(start_model: str, heavy_jobs: int = 1) -> gr.Blocks:
             with gr.Row():
                 lr = gr.Number(0, label="learning rate (0 = the model's default)")
                 max_steps = gr.Number(100, precision=0, label="max steps")
+            settings = gr.Code("", language="json", visible=False, interactive=True,
+                               label="The method's own settings (JSON; defaults shown)")
         with gr.Row():
             run_btn = gr.Button("Run MANSU", variant="primary", elem_id="run-btn")
             cancel_btn = gr.Button("Cancel run", variant="stop", elem_id="cancel-btn")
@@ -446,8 +452,7 @@ def build_app(start_model: str, heavy_jobs: int = 1) -> gr.Blocks:
             run_pick = gr.Dropdown([], label="Run", scale=3, elem_id="run-pick")
             open_btn = gr.Button("Open run", scale=1)
             files_btn = gr.Button("Download run files", scale=1)
-        runs = gr.Dataframe(headers=["run", "method", "model", "split", "forget after fp", "forget after Q",
-                                     "retain after Q", "PTQ gap", "report card"], interactive=False, label="History")
+        runs = gr.Dataframe(headers=list(RUN_COLUMNS), interactive=False, label="History", elem_id="runs")
         run_files = gr.File(label="Run files (metrics, config, update)", file_count="multiple", interactive=False,
                             elem_id="run-files")
 
@@ -478,14 +483,16 @@ def build_app(start_model: str, heavy_jobs: int = 1) -> gr.Blocks:
         nodes.input(on_table, [session, nodes], circuit_views, api_visibility="private")
         upload_circuit.upload(on_upload_circuit, [session, upload_circuit], circuit_views, api_name="upload_circuit")
 
-        unlearn_method.change(on_method, unlearn_method, [run_btn, mansu_box, baseline_box], api_visibility="private")
+        unlearn_method.change(on_method, unlearn_method, [run_btn, mansu_box, baseline_box, settings],
+                              api_visibility="private")
         compare_views = [module, cur_summary, cur_report, cur_occ, cur_cad, pin_summary, pin_report, pin_occ,
                          pin_cad, accuracy_plot, ratio_plot]
         run_event = run_btn.click(on_run_start, [session], [live_timer, live], api_visibility="private", queue=False)
         run_event.then(
             on_unlearn,
             [session, unlearn_method, use_circuit, use_projection, use_fisher, use_floor, max_rounds, fisher_budget,
-             params_per_round, forget_target, code_steps, lr, max_steps, measure_cad, use_oracle, module, cad_which],
+             params_per_round, forget_target, code_steps, lr, max_steps, settings, measure_cad, use_oracle, module,
+             cad_which],
             [live, *compare_views, runs, run_pick], api_name="unlearn", **heavy,
         ).then(on_run_end, [session], [live_timer, live], api_visibility="private")
         live_timer.tick(lambda s: s.live_text(), [session], live, concurrency_limit=None, show_progress="hidden",

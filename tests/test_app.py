@@ -198,8 +198,10 @@ def test_node_table_cancel_pin_and_runs(page):
     page.locator("#node-table").get_by_test_id("cell-1-0").locator("input[type=checkbox]").click()
     page.locator("#faithfulness").get_by_text("9 components selected").wait_for(timeout=LONG)
 
-    # A run too long to finish (forget target 0, thousands of rounds): live numbers, then cancel.
+    # A run far too long to finish (one weight per round, thousands of rounds, forget target 0):
+    # live numbers, then cancel.
     page.get_by_label("max rounds").fill("5000")
+    page.get_by_label("weights per round (0 = auto)").fill("1")
     page.get_by_label("Forget target (top-1)").fill("0")
     page.get_by_role("button", name="Run MANSU").click()
     expect(page.locator("#live textarea")).to_have_value(re.compile(r"MANSU round \d+: .*forget top-1"), timeout=LONG)
@@ -208,6 +210,7 @@ def test_node_table_cancel_pin_and_runs(page):
     shot(page, "08-cancelled")
 
     page.get_by_label("max rounds").fill("3")
+    page.get_by_label("weights per round (0 = auto)").fill("0")
     page.get_by_label("Forget target (top-1)").fill("0.1")
     page.get_by_role("button", name="Run MANSU").click()
     expect(page.locator("#run-summary")).to_contain_text("mansu ·", timeout=LONG)

@@ -47,7 +47,7 @@ def test_api_flow(client):
     with pytest.raises(AppError, match="L9.H9 is not in the list of choices"):  # Gradio checks the picker
         client.predict("L9.H9", api_name="/include")
 
-    live, *compare = client.predict("mansu", True, True, True, True, 3, 0.05, 0, 0.1, 2, 0, 100, True, True,
+    live, *compare = client.predict("mansu", True, True, True, True, 3, 0.05, 0, 0.1, 2, 0, 100, "", True, True,
                                     "overall", "fp", api_name="/unlearn")
     summary = compare[1]
     report = _rows(compare[2])
@@ -62,9 +62,10 @@ def test_api_flow(client):
     files = client.predict(run_id, api_name="/run_files")
     assert sorted(f.rsplit("/", 1)[-1] for f in files) == ["config.json", "metrics.json", "update.safetensors"]
 
-    # A run that would take thousands of rounds, cancelled from a second request of the same session.
+    # A run that would take thousands of rounds (one weight each), cancelled from a second request
+    # of the same session.
     n_runs = len(_rows(client.predict(api_name="/runs")[0]))
-    job = client.submit("mansu", True, True, True, True, 5000, 0.05, 0, 0.0, 2, 0, 100, True, True, "overall", "fp",
+    job = client.submit("mansu", True, True, True, True, 5000, 0.05, 1, 0.0, 2, 0, 100, "", True, True, "overall", "fp",
                         api_name="/unlearn")
     deadline = time.monotonic() + 120
     while client.predict(api_name="/cancel") != "Cancelling at the next step…":

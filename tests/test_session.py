@@ -339,3 +339,21 @@ def test_shared_base_accuracy_is_computed_once(attributed, monkeypatch):
 def test_runview_modules():
     view = RunView(label="x", metrics={"quantization": {"modules": [{"name": "a.weight"}]}})
     assert view.modules == ["overall", "a.weight"]
+
+
+def test_baseline_with_its_own_settings(attributed):
+    from workbench.session import method_settings
+
+    assert method_settings("mansu") == {} and method_settings("graddiff") == {}
+    defaults = method_settings("rmu")
+    assert "steering_scale" in defaults
+    view = attributed.unlearn("rmu", settings=json.dumps({**defaults, "steering_scale": 2.0}),
+                              stop={"max_steps": 2, "forget_target": None}, measure_cad=False, use_oracle=False)
+    assert view.metrics["method"] == "rmu" and view.metrics["steps"] == 2
+    assert json.loads((view.path / "config.json").read_text())["method_config"]["steering_scale"] == 2.0
+    with pytest.raises(WorkbenchError, match="not valid JSON"):
+        attributed.unlearn("rmu", settings="{steering_scale: 2")
+    with pytest.raises(WorkbenchError, match="bad hyper-parameter"):
+        attributed.unlearn("rmu", settings={"no_such_field": 1})
+    with pytest.raises(WorkbenchError, match="no settings of its own"):
+        attributed.unlearn("graddiff", settings={"alpha": 1})

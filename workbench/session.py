@@ -20,6 +20,7 @@ Uploaded files are size-limited (:data:`MAX_UPLOAD_BYTES`) and parsed as text on
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -587,6 +588,7 @@ class Session:
         mansu: Mapping[str, Any] | None = None,
         optim: Mapping[str, Any] | None = None,
         stop: Mapping[str, Any] | None = None,
+        settings: Mapping[str, Any] | str | None = None,
         measure_cad: bool = True,
         use_oracle: bool = True,
         progress: Progress | None = None,
@@ -595,22 +597,29 @@ class Session:
 
         ``mansu`` holds :class:`~workbench.unlearning.MansuConfig` fields, ``optim`` and
         ``stop`` those of ``OptimConfig`` / ``StopRule`` (baselines; ``lr`` None = the core's
-        default for the model). Progress messages are also kept in :attr:`live`.
+        default for the model). ``settings`` (a dict or JSON text) holds the fields of a
+        baseline's own config (``METHOD_CONFIGS``, e.g. RMU's), see :func:`method_settings`.
+        Progress messages are also kept in :attr:`live`.
         :meth:`cancel` stops the run between steps; nothing is saved then.
         """
         from workbench.experiment import oracle_for, run_unlearning
-        from workbench.unlearning import METHODS, MansuConfig, OptimConfig, StopRule, default_lr
+        from workbench.unlearning import METHOD_CONFIGS, METHODS, MansuConfig, OptimConfig, StopRule, default_lr
 
         model, split, quant = self._require()
         if method not in METHODS:
             raise WorkbenchError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
         if self.running:
             raise WorkbenchError("a run is already in progress in this session; wait for it or cancel it")
-        mansu_config = optim_config = stop_rule = None
+        mansu_config = optim_config = stop_rule = method_config = None
         try:
             if method == "mansu":
                 mansu_config = MansuConfig(**dict(mansu or {}))
             else:
+                fields = _settings_dict(settings)
+                if fields and method not in METHOD_CONFIGS:
+                    raise WorkbenchError(f"{method} has no settings of its own; leave them empty")
+                if method in METHOD_CONFIGS:
+                    method_config = METHOD_CONFIGS[method](**fields)
                 o = dict(optim or {})
                 if o.get("lr") in (None, 0, 0.0):
                     o["lr"] = default_lr(model)
@@ -632,7 +641,8 @@ class Session:
         try:
             _result, metrics, run = run_unlearning(
                 model, split, method=method, quant=quant, circuit=self.circuit, mansu_config=mansu_config,
-                optim=optim_config, stop=stop_rule, oracle=oracle, measure_cad=bool(measure_cad),
+                optim=optim_config, stop=stop_rule, method_config=method_config, oracle=oracle,
+                measure_cad=bool(measure_cad),
                 runs_root=str(self.runs_root) if self.runs_root is not None else None,
                 progress=tracked, should_stop=lambda: self._cancel,
             )
@@ -711,22 +721,25 @@ class Session:
 # --------------------------------------------------------------------------------------------
 
 
+RUN_COLUMNS = ("run", "method", "model", "split", "quantizer", "forget fp", "forget quantized", "retain fp",
+               "retain quantized", "PTQ gap", "forgetting", "retain kept", "PTQ gap ok", "structural")
+"""Columns of :func:`runs_table` (values from :func:`workbench.compare.compare_row`, the CLI's comparison)."""
+
+
 def runs_table(runs_root: str | Path | None = None, limit: int = 100) -> list[dict[str, Any]]:
-    """The run history, newest first: id, method, model, split, accuracies, PTQ gap, verdicts."""
+    """The run history, newest first, as the core's comparison rows (one quantizer column pair:
+    the run's own)."""
+    from workbench.compare import compare_row
     from workbench.runs import list_runs
 
     rows = []
     for run in list_runs(root=runs_root)[:limit]:
-        m = run.metrics
-        props = m.get("properties", {})
-        verdicts = " ".join(
-            f"{k}:{'–' if v.get('pass') is None else ('PASS' if v['pass'] else 'fail')}" for k, v in props.items()
-        )
-        f, r = m.get("forget", {}), m.get("retain", {})
+        row = compare_row(run)
+        q = row.get("quantizer")
         rows.append({
-            "run": run.id, "method": m.get("method"), "model": m.get("model"), "split": m.get("split"),
-            "forget after fp": f.get("after_fp"), "forget after Q": f.get("after_q"),
-            "retain after Q": r.get("after_q"), "PTQ gap": m.get("ptq_gap"), "report card": verdicts,
+            **{k: row.get(k) for k in RUN_COLUMNS},
+            "model": run.metrics.get("model"), "split": run.metrics.get("split"),
+            "forget quantized": row.get(f"forget {q}"), "retain quantized": row.get(f"retain {q}"),
         })
     return rows
 
@@ -810,6 +823,34 @@ def _unique_labels(views: Sequence[RunView]) -> dict[str, RunView]:
 # --------------------------------------------------------------------------------------------
 
 
+def method_settings(method: str) -> dict[str, Any]:
+    """The default fields of a baseline's own config (``{}`` for MANSU and plain gradient methods)."""
+    from dataclasses import asdict
+
+    from workbench.unlearning import METHOD_CONFIGS
+
+    if method == "mansu" or method not in METHOD_CONFIGS:
+        return {}
+    return asdict(METHOD_CONFIGS[method]())
+
+
+def _settings_dict(settings: Mapping[str, Any] | str | None) -> dict[str, Any]:
+    """Settings as a dict; JSON text is parsed as data only (an object of field → value)."""
+    if settings is None:
+        return {}
+    if isinstance(settings, str):
+        if not settings.strip():
+            return {}
+        try:
+            settings = json.loads(settings)
+        except json.JSONDecodeError as exc:
+            raise WorkbenchError(f"method settings: not valid JSON ({exc.msg} at line {exc.lineno}, "
+                                 f"column {exc.colno})") from None
+    if not isinstance(settings, Mapping):
+        raise WorkbenchError("method settings must be a JSON object of field → value")
+    return dict(settings)
+
+
 def _whole(value: Any, what: str) -> int:
     try:
         number = float(value)
@@ -863,6 +904,7 @@ __all__ = [
     "SharedModels",
     "check_upload",
     "compare_figures",
+    "method_settings",
     "read_fact_upload",
     "report_card_table",
     "run_summary",
