@@ -91,3 +91,21 @@ def app_server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for modules of many tiny-model steps: on a shared 2-core machine
+    that is several times faster than two threads competing with other processes."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def split(facts_tiny):
+    """facts-tiny's built-in forget/retain split (modules may override with their own)."""
+    from workbench.splits import builtin_split
+
+    return builtin_split(facts_tiny)

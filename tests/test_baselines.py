@@ -14,7 +14,6 @@ import torch
 from workbench.errors import WorkbenchError
 from workbench.experiment import run_unlearning
 from workbench.quant import QuantConfig, quantizable_parameters, transposed_parameters
-from workbench.splits import builtin_split
 from workbench.unlearning import (
     BASELINES,
     METHODS,
@@ -31,19 +30,7 @@ from workbench.unlearning.batches import answer_logits
 from workbench.unlearning.loop import Batches
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These tests run many tiny models: on a shared 2-core machine one intra-op thread is
-    several times faster than two competing with other processes."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def split(facts_tiny):
-    return builtin_split(facts_tiny)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import io
 import json
 
 import pytest
-import torch
 
 from workbench.cli import main
 from workbench.compare import (
@@ -29,21 +28,10 @@ from workbench.compare import (
 from workbench.errors import WorkbenchError
 from workbench.experiment import run_unlearning
 from workbench.runs import list_runs
-from workbench.splits import builtin_split
 from workbench.unlearning import OptimConfig, StopRule
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def split(facts_tiny):
-    return builtin_split(facts_tiny)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -24,24 +24,13 @@ from workbench.probes import (
     relearning_attack,
 )
 from workbench.quant import QuantConfig
-from workbench.splits import builtin_split
 from workbench.unlearning import OptimConfig, StopRule, unlearn
 from workbench.update import Update
 
 NF4 = QuantConfig("nf4")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def split(facts_tiny):
-    return builtin_split(facts_tiny)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

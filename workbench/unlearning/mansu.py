@@ -542,37 +542,38 @@ def retain_output_change(work: torch.nn.Module, update: Update, state: _State, b
     return num / den if den else 0.0
 
 
-def _forget_direction(work: torch.nn.Module, names: list[str], forget: FactBatch) -> dict[str, torch.Tensor]:
-    """−∇ mean log p(answer) over the forget facts the model still gets right (all if none)."""
+def _answer_logprob_gradient(
+    work: torch.nn.Module, names: list[str], batch: FactBatch, *, only_correct: bool
+) -> dict[str, torch.Tensor]:
+    """∇ mean log p(answer) over ``batch`` w.r.t. the named parameters (zeros where unused).
+
+    ``only_correct``: average over the facts the model still gets right (all if none), so
+    already-forgotten facts stop pulling on the direction.
+    """
     params = dict(work.named_parameters())
     for n in names:
         params[n].requires_grad_(True)
     try:
-        logits = answer_logits(work, forget)
-        still = logits.argmax(-1) == forget.answers
-        rows = still if bool(still.any()) else torch.ones_like(still)
-        logp = torch.log_softmax(logits.float(), -1).gather(-1, forget.answers[:, None]).squeeze(-1)
-        loss = logp[rows].mean()
-        grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
-    finally:
-        for n in names:
-            params[n].requires_grad_(False)
-    return {n: (-g if g is not None else torch.zeros_like(params[n])) for n, g in zip(names, grads)}
-
-
-def _retain_gradient(work: torch.nn.Module, names: list[str], retain: FactBatch) -> dict[str, torch.Tensor]:
-    """∇ mean log p(answer) over the retain facts (a move along it keeps them; against it hurts)."""
-    params = dict(work.named_parameters())
-    for n in names:
-        params[n].requires_grad_(True)
-    try:
-        logits = answer_logits(work, retain)
-        logp = torch.log_softmax(logits.float(), -1).gather(-1, retain.answers[:, None]).squeeze(-1)
+        logits = answer_logits(work, batch)
+        logp = torch.log_softmax(logits.float(), -1).gather(-1, batch.answers[:, None]).squeeze(-1)
+        if only_correct:
+            still = logits.argmax(-1) == batch.answers
+            logp = logp[still] if bool(still.any()) else logp
         grads = torch.autograd.grad(logp.mean(), [params[n] for n in names], allow_unused=True)
     finally:
         for n in names:
             params[n].requires_grad_(False)
     return {n: (g if g is not None else torch.zeros_like(params[n])) for n, g in zip(names, grads)}
+
+
+def _forget_direction(work: torch.nn.Module, names: list[str], forget: FactBatch) -> dict[str, torch.Tensor]:
+    """−∇ mean log p(answer) over the forget facts the model still gets right (all if none)."""
+    return {n: -g for n, g in _answer_logprob_gradient(work, names, forget, only_correct=True).items()}
+
+
+def _retain_gradient(work: torch.nn.Module, names: list[str], retain: FactBatch) -> dict[str, torch.Tensor]:
+    """∇ mean log p(answer) over the retain facts (a move along it keeps them; against it hurts)."""
+    return _answer_logprob_gradient(work, names, retain, only_correct=False)
 
 
 def _top1(module: torch.nn.Module, batch: FactBatch) -> float:
