@@ -184,3 +184,16 @@ def test_tradeoff_figure(tiny):
     assert list(measured.y) == [p["code_changed_fraction"] for p in sorted(curve, key=lambda p: p["k"])]
     with pytest.raises(WorkbenchError):
         tradeoff_figure([])
+
+
+def test_several_budgets_in_one_call_match_separate_calls(tiny):
+    model, split, direction, curve, _ = tiny
+    both = survival_curve(model, split, [1024, 16], [SMALL_BUDGET, 2 * SMALL_BUDGET], NF4, direction=direction,
+                          evaluate=False)
+    assert [(p["budget"], p["k"]) for p in both] == [(SMALL_BUDGET, 1024), (SMALL_BUDGET, 16),
+                                                     (2 * SMALL_BUDGET, 1024), (2 * SMALL_BUDGET, 16)]
+    same = {p["k"]: p for p in curve}
+    for p in both[:2]:
+        assert p["code_changed_fraction"] == same[p["k"]]["code_changed_fraction"] and p["forget"] is None
+    # twice the budget never changes fewer codes at the same k (same weights, larger moves)
+    assert both[2]["code_changed_fraction"] >= both[0]["code_changed_fraction"]

@@ -316,7 +316,7 @@ def survival_curve(
     model: LoadedModel,
     split: FactSplit,
     ks: Sequence[int],
-    budget: float,
+    budget: float | Sequence[float],
     quant: QuantConfig | None = None,
     *,
     profile: Profile = "equal",
@@ -325,6 +325,9 @@ def survival_curve(
     progress: Progress | None = None,
 ) -> list[dict[str, Any]]:
     """Measure how much of a budget-``B`` update survives quantization, for each ``k``.
+
+    ``budget`` may be one number or several (then every budget × every ``k``, budget-major;
+    the gradient, Q(w) and the base's accuracies are computed once for all of them).
 
     For each ``k``: ``Δ = spread_budget(direction, k, budget, profile=profile)``, then bnb
     quantizes ``w`` and ``w + Δ`` (:func:`workbench.quant.compare_quantization`) and,
@@ -378,9 +381,13 @@ def survival_curve(
         acc_base = {key: {"base_fp": _top1(model, facts), "base_q": _top1(base_q, facts)}
                     for key, facts in sets.items() if facts}
         del base_q
+    budgets = [float(budget)] if isinstance(budget, (int, float)) else [float(b) for b in budget]
+    if not budgets:
+        raise WorkbenchError("no budget given")
+    grid = [(b, k) for b in budgets for k in ks]
     rows = []
-    for i, k in enumerate(ks):
-        report(0.05 + 0.95 * i / len(ks), f"k = {k:,}")
+    for i, (budget, k) in enumerate(grid):
+        report(0.05 + 0.95 * i / len(grid), f"B = {budget:.3g}, k = {k:,}")
         upd = spread_budget(direction, int(k), budget, profile=profile)
         cmp = compare_quantization(base, upd.deltas, list(upd.deltas), quant, transposed=tr,
                                    progress=_silent).overall
