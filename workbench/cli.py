@@ -259,6 +259,7 @@ def report_card_text(metrics: dict[str, Any]) -> str:
 
 
 def metrics_summary_text(metrics: dict[str, Any]) -> str:
+    from workbench.metrics import summary_lines
     from workbench.tables import text_table
 
     f, r = metrics["forget"], metrics["retain"]
@@ -268,21 +269,7 @@ def metrics_summary_text(metrics: dict[str, Any]) -> str:
         {"set": "retain", "base fp": r["base_fp"], "base Q": r["base_q"], "after fp": r["after_fp"],
          "Q(w)+Δ": r["after_qbase_delta"], "after Q": r["after_q"]},
     ]
-    d = metrics["ptq_gap_decomposition"]
-    ratio = metrics["update_to_bin_width"]
-    lines = [
-        text_table(rows),
-        f"PTQ gap {metrics['ptq_gap']:+.3f} = base shift {d['base_shift']:+.3f} + rounding {d['rounding']:+.3f}",
-        f"params changed {metrics['params_changed']:,} · codes changed {metrics['codes_changed']:,} "
-        f"({100 * metrics['codes_changed_fraction']:.4f}%) · code overlap {metrics['code_overlap']:.6f} · "
-        f"bucket overlap {metrics['bucket_overlap']:.6f}",
-        f"|Δw|/bin width: median {_fmt(ratio['median'])} · p90 {_fmt(ratio['p90'])} · "
-        f"moved weights whose code changed: {_fmt(metrics.get('moved_code_changed_fraction'))}",
-        f"retain KL {metrics['retain_kl']:.4g}",
-    ]
-    if "cad" in metrics:
-        lines.append(f"CAD fp {metrics['cad']['fp']:.3f} · quantized {metrics['cad']['quantized']:.3f}")
-    return "\n".join(lines)
+    return "\n".join([text_table(rows), *summary_lines(metrics)])
 
 
 class _Bar:
@@ -301,9 +288,6 @@ class _Bar:
     def close(self) -> None:
         self._bar.close()
 
-
-def _fmt(x: Any) -> str:
-    return "–" if x is None else f"{x:.3g}"
 
 
 def cmd_unlearn(args: argparse.Namespace) -> int:

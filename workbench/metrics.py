@@ -266,5 +266,29 @@ def report_card_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def summary_lines(metrics: dict[str, Any]) -> list[str]:
+    """The headline numbers of a run in words, one line each (the CLI and the app print these)."""
+
+    def fmt(x: Any) -> str:
+        return "–" if x is None else f"{x:.3g}"
+
+    d = metrics.get("ptq_gap_decomposition", {})
+    ratio = metrics.get("update_to_bin_width", {})
+    lines = [
+        f"PTQ gap {metrics['ptq_gap']:+.3f} = base shift {d.get('base_shift', float('nan')):+.3f} "
+        f"+ rounding {d.get('rounding', float('nan')):+.3f}",
+        f"params changed {metrics.get('params_changed', 0):,} · codes changed {metrics.get('codes_changed', 0):,} "
+        f"({100 * metrics.get('codes_changed_fraction', 0.0):.4f}%) · code overlap "
+        f"{metrics.get('code_overlap', float('nan')):.6f} · bucket overlap {metrics.get('bucket_overlap', float('nan')):.6f}",
+        f"|Δw|/bin width: median {fmt(ratio.get('median'))} · p90 {fmt(ratio.get('p90'))} · "
+        f"moved weights whose code changed: {fmt(metrics.get('moved_code_changed_fraction'))}",
+    ]
+    if "retain_kl" in metrics:
+        lines.append(f"retain KL {metrics['retain_kl']:.4g}")
+    if "cad" in metrics:
+        lines.append(f"CAD fp {metrics['cad']['fp']:.3f} · quantized {metrics['cad']['quantized']:.3f}")
+    return lines
+
+
 def thresholds_to_dict(t: Thresholds) -> dict[str, Any]:
     return asdict(t)

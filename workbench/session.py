@@ -754,20 +754,14 @@ def report_card_table(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 def run_summary(view: RunView) -> str:
     """The run's headline numbers in words (Markdown), the same the CLI prints."""
+    from workbench.metrics import summary_lines
+
     m = view.metrics
-    d = m.get("ptq_gap_decomposition", {})
-    ratio = m.get("update_to_bin_width", {})
     lines = [
         f"**{view.label}** — {m.get('model')} · {m.get('split')} · {m.get('steps')} steps, stopped by "
         f"{m.get('stopped')} · {m.get('seconds', float('nan')):.1f} s",
-        f"PTQ gap {m['ptq_gap']:+.3f} = base shift {d.get('base_shift', float('nan')):+.3f} "
-        f"+ rounding {d.get('rounding', float('nan')):+.3f}",
-        f"params changed {m.get('params_changed', 0):,} · codes changed {m.get('codes_changed', 0):,} "
-        f"({100 * m.get('codes_changed_fraction', 0.0):.4f}%) · code overlap {m.get('code_overlap', float('nan')):.6f}",
-        f"|Δw| / bin width: median {_fmt(ratio.get('median'))} · p90 {_fmt(ratio.get('p90'))}",
+        *summary_lines(dict(m)),
     ]
-    if "cad" in m:
-        lines.append(f"CAD full precision {m['cad']['fp']:.3f} · quantized {m['cad']['quantized']:.3f}")
     return "  \n".join(lines)
 
 
@@ -884,9 +878,6 @@ def _truthy(flag: Any) -> bool:
         return flag.strip().lower() in ("true", "1", "yes", "✓", "x")
     return bool(flag)
 
-
-def _fmt(x: Any) -> str:
-    return "–" if x is None else f"{x:.3g}"
 
 
 def _split_domain(split: FactSplit) -> str | None:
