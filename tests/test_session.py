@@ -184,6 +184,10 @@ def test_edits_undo_redo_and_live_faithfulness(attributed):
     assert 0 < len(s.circuit.selected) < len(s.circuit.components)
     with pytest.raises(WorkbenchError, match="whole number"):
         s.edit("top_k", 2.5)
+    with pytest.raises(WorkbenchError, match="threshold must be a number"):
+        s.edit("threshold", "high")
+    with pytest.raises(WorkbenchError, match="mass fraction must be finite"):
+        s.edit("mass", float("nan"))
     with pytest.raises(WorkbenchError, match="not in this circuit"):
         s.edit("include", "L9.H9")
     with pytest.raises(WorkbenchError, match="choose a component"):

@@ -471,9 +471,9 @@ class Session:
         if action == "top_k":
             circuit.select_top_k(_whole(value, "top-k"), include_embed=False)
         elif action == "threshold":
-            circuit.select_threshold(_number(value, "threshold"), include_embed=False)
+            circuit.select_threshold(value, include_embed=False)  # the core validates the value
         elif action == "mass":
-            circuit.select_mass(_number(value, "cumulative mass"), include_embed=False)
+            circuit.select_mass(value, include_embed=False)
         elif action in ("include", "exclude"):
             names = _names(value)
             if not names:
@@ -853,16 +853,6 @@ def _whole(value: Any, what: str) -> int:
     if not math.isfinite(number) or number != int(number):
         raise WorkbenchError(f"{what} must be a whole number, got {value!r}")
     return int(number)
-
-
-def _number(value: Any, what: str) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise WorkbenchError(f"{what} must be a number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise WorkbenchError(f"{what} must be a finite number, got {value!r}")
-    return number
 
 
 def _names(value: Any) -> list[str]:
