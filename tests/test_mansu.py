@@ -278,6 +278,36 @@ def test_fisher_budget_holds(facts_tiny, split, every_module):
     assert result.stopped == "fisher budget"
 
 
+# --- the retain guard ------------------------------------------------------------------------------
+
+
+def test_retain_guard_stops_when_passing_and_undone_rounds_alternate(facts_tiny, split, every_module, monkeypatch):
+    """The failure seen on SmolLM2: every other round is undone by the guard, the rounds in
+    between barely forget. The guard's patience counts undone rounds over the whole run, so
+    the run ends after ``guard_patience`` of them instead of running its round budget."""
+    import importlib
+
+    mansu_mod = importlib.import_module("workbench.unlearning.mansu")
+    n_forget = len(split.forget)
+    guard_calls = []
+
+    def scripted_top1(module, batch):
+        if batch.answers.numel() == n_forget:
+            return 1.0  # forgetting never reaches the target
+        guard_calls.append(1)
+        # first call: the guard's baseline; then rounds alternate undone (retain 0) / passing (1)
+        return 1.0 if len(guard_calls) == 1 or len(guard_calls) % 2 == 1 else 0.0
+
+    monkeypatch.setattr(mansu_mod, "_top1", scripted_top1)
+    result = _run(facts_tiny, split, every_module, params_per_round=8, max_rounds=40, guard_patience=3)
+    assert result.stopped == "retain guard"
+    # undone rounds are 1, 3, 5: the third ends the run at round 5, long before the budget of 40
+    assert result.steps == 5
+    assert result.diagnostics["rounds_undone_by_retain_guard"] == 3
+    assert result.diagnostics["rounds_blocked_at_smallest_size"] == 3
+    assert len(result.history) == 2  # only the passing rounds are recorded
+
+
 # --- (a) circuit restriction -----------------------------------------------------------------------
 
 
@@ -347,7 +377,7 @@ def test_circuit_restriction_needs_a_circuit_with_weights(facts_tiny, split):
 
 def test_mansu_config_is_validated():
     for bad in (dict(params_per_round=0), dict(forget_target=1.5), dict(null_threshold=0.0),
-                dict(fisher_budget=0.0), dict(code_steps=0), dict(fisher_samples=0)):
+                dict(fisher_budget=0.0), dict(code_steps=0), dict(fisher_samples=0), dict(guard_patience=0)):
         with pytest.raises(WorkbenchError):
             MansuConfig(**bad)
     assert MansuConfig(use_floor=False, use_circuit=False).label == "mansu-no_circuit-no_floor"

@@ -72,6 +72,10 @@ class MansuConfig:
             to ``max_round_growth`` × the initial size. The Fisher bound is second-order and underestimates the damage of
             bin-sized moves (measured on SmolLM2: bound 0.03 nats, real retain KL 4.5), so
             the guard measures instead of trusting it. ``None`` switches it off.
+        guard_patience: stop after this many rounds undone at the smallest round size,
+            counted over the whole run. Not consecutively: on SmolLM2 passing and undone
+            rounds alternate (each pass lets the round grow, the next is undone), and a
+            consecutive count never stopped a run that made almost no progress.
         max_rounds: round budget.
         forget_target: stop when fp and quantized forget top-1 are both <= this.
         null_threshold: relative eigenvalue threshold of the near-null space.
@@ -110,6 +114,7 @@ class MansuConfig:
     fisher_damping: float = 0.1
     retain_first_order: bool = True
     max_round_growth: float = 4.0
+    guard_patience: int = 5
     quantized_direction: bool = True
     code_steps: int = 2
     no_floor_step: float = 0.2
@@ -132,6 +137,8 @@ class MansuConfig:
             raise WorkbenchError(f"code_steps must be >= 1, got {self.code_steps}")
         if self.fisher_samples < 1:
             raise WorkbenchError("fisher_samples must be >= 1")
+        if self.guard_patience < 1:
+            raise WorkbenchError(f"guard_patience must be >= 1, got {self.guard_patience}")
         if self.max_round_growth < 1.0:
             raise WorkbenchError(f"max_round_growth must be >= 1, got {self.max_round_growth}")
 
@@ -489,12 +496,11 @@ def mansu(
                 for n, idx in touched.items():
                     masks[n].view(-1)[torch.tensor(idx)] = False
                 blocked += 1
-                if blocked >= 5:
+                if blocked >= config.guard_patience:
                     stopped = "retain guard"
                     break
             per_round = max(8, per_round // 2)
             continue
-        blocked = 0
         if config.retain_guard is not None and retain_drop <= config.retain_guard / 2:
             per_round = min(max_per_round, int(per_round * 1.5) + 1)
         fp = _top1(work, batches.forget)
@@ -518,6 +524,7 @@ def mansu(
         "n_modules": len(names),
         "floor_reverted": reverted,
         "rounds_undone_by_retain_guard": guard_undone,
+        "rounds_blocked_at_smallest_size": blocked,
         "config": config.__dict__,
     }
     if state.projectors:
