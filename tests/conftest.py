@@ -19,6 +19,16 @@ def _runs_in_tmp(tmp_path, monkeypatch):
     monkeypatch.setenv("WORKBENCH_RUNS", str(tmp_path / "runs"))
 
 
+@pytest.fixture(autouse=True)
+def _fresh_base_memo():
+    """Tests that fake the evaluator must not leave fake base numbers for the next test."""
+    from workbench.metrics import clear_base_memo
+
+    clear_base_memo()
+    yield
+    clear_base_memo()
+
+
 @pytest.fixture(scope="session")
 def toy_gpt2():
     from workbench.models import toy_model

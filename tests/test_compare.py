@@ -19,6 +19,7 @@ from workbench.compare import (
     comparison_markdown,
     forget_fp_vs_quantized_figure,
     output_format,
+    ablation_table,
     paper_table,
     ptq_decomposition_figure,
     quantizer_accuracies,
@@ -147,6 +148,27 @@ def test_paper_table_runs_every_method_with_one_rule(facts_tiny, split, tmp_path
         paper_table(facts_tiny, methods=["ga", "retrain"], runs_root=str(tmp_path))
 
 
+def test_ablation_table_switches_off_one_component_per_run(facts_tiny, split, tmp_path):
+    from workbench.unlearning import MansuConfig
+
+    config = MansuConfig(params_per_round=16, max_rounds=2, fisher_samples=32)
+    runs = ablation_table(facts_tiny, ablations=["floor", "fisher"], config=config, split=split,
+                          measure_cad=False, runs_root=str(tmp_path))
+    assert [r.metrics["method"] for r in runs] == ["mansu", "mansu-no_floor", "mansu-no_fisher"]
+    switches = [{k: r.config["mansu"][f"use_{k}"] for k in ("circuit", "projection", "fisher", "floor")} for r in runs]
+    assert switches[0] == dict(circuit=True, projection=True, fisher=True, floor=True)
+    assert switches[1] == dict(circuit=True, projection=True, fisher=True, floor=False)
+    assert switches[2] == dict(circuit=True, projection=True, fisher=False, floor=True)
+    # everything else is shared: budget, split, circuit
+    assert {r.config["mansu"]["max_rounds"] for r in runs} == {2}
+    assert len({r.metrics["split"] for r in runs}) == 1 and len({tuple(r.metrics["circuit"]) for r in runs}) == 1
+    # no floor: sub-bin moves, so (unlike MANSU) not every moved weight changes its code
+    assert runs[0].metrics["moved_code_changed_fraction"] == 1.0
+    assert runs[1].metrics["moved_code_changed_fraction"] < 1.0
+    with pytest.raises(WorkbenchError, match="unknown ablation"):
+        ablation_table(facts_tiny, ablations=["circuit", "dropout"], runs_root=str(tmp_path))
+
+
 # --- CLI --------------------------------------------------------------------------------------------
 
 
@@ -186,6 +208,20 @@ def test_cli_paper_table(capsys, facts_tiny, tmp_path):
     code, _, err = _cli(capsys, "paper-table", "--model", "facts-tiny", "--methods", "graddiff,bogus",
                         "--runs-root", str(tmp_path / "r2"))
     assert code == 2 and "unknown method(s) bogus" in err
+    assert not (tmp_path / "r2").exists() or list_runs(root=tmp_path / "r2") == []
+
+
+def test_cli_ablate(capsys, facts_tiny, tmp_path):
+    out_file = tmp_path / "ablations.md"
+    code, out, err = _cli(capsys, "ablate", "--model", "facts-tiny", "--ablations", "projection", "--max-rounds", "1",
+                          "--no-cad", "--no-oracle", "--runs-root", str(tmp_path / "r"), "--out", str(out_file))
+    assert code == 0, err
+    table = out_file.read_text()
+    assert "| mansu |" in table and "| mansu-no_projection |" in table
+    assert len(list_runs(root=tmp_path / "r")) == 2
+    code, _, err = _cli(capsys, "ablate", "--model", "facts-tiny", "--ablations", "floor,dropout",
+                        "--runs-root", str(tmp_path / "r2"))
+    assert code == 2 and "choose from circuit, projection, fisher, floor" in err
     assert not (tmp_path / "r2").exists() or list_runs(root=tmp_path / "r2") == []
 
 

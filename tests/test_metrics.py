@@ -166,6 +166,47 @@ def test_variant_accuracies_match_independent_evaluation(facts_tiny, split, grad
     assert m["forget"]["after_q"] == top1(variants["after_q"], split.forget)
 
 
+def test_base_measurements_are_memoised_per_model_and_quantizer(facts_tiny, split, monkeypatch):
+    """A second update on the same model re-measures only its own variants; the base numbers
+    (w, Q(w), their attributions) are reused and equal; another quantizer recomputes Q(w)."""
+    import workbench.attribution as attribution_mod
+    import workbench.metrics as metrics_mod
+
+    evaluated: list[str] = []
+    attributed: list[str] = []
+    real_evaluate, real_attribute = metrics_mod.evaluate_facts, attribution_mod.attribute
+    monkeypatch.setattr(metrics_mod, "evaluate_facts",
+                        lambda m, facts, **kw: evaluated.append(m.name) or real_evaluate(m, facts, **kw))
+    monkeypatch.setattr(attribution_mod, "attribute",
+                        lambda m, facts, *a, **kw: attributed.append(m.name) or real_attribute(m, facts, *a, **kw))
+    name = "transformer.h.1.mlp.c_fc.weight"
+    delta = torch.zeros_like(facts_tiny.state()[name])
+    delta[:4, :4] = 0.5
+    circuit = all_components(facts_tiny.n_layers, facts_tiny.n_heads, include_embed=False)
+    first = measure_update(facts_tiny, split, Update({name: delta}), quant=NF4, circuit=circuit)
+    n_sets = sum(1 for s in (split.forget, split.retain, split.forget_paraphrase, split.retain_paraphrase) if s)
+    assert len(evaluated) == 5 * n_sets and len(attributed) == 4
+    evaluated.clear()
+    attributed.clear()
+    second = measure_update(facts_tiny, split, Update({name: 2 * delta}), quant=NF4, circuit=circuit)
+    assert len(evaluated) == 3 * n_sets, "the base variants were evaluated again"
+    assert facts_tiny.name not in evaluated
+    assert len(attributed) == 2, "the base attributions were recomputed"
+    for key in ("base_fp", "base_q"):
+        assert second["forget"][key] == first["forget"][key]
+        assert second["retain"][key] == first["retain"][key]
+    assert second["update_norm"] == pytest.approx(2 * first["update_norm"])  # the after side is its own
+    # the memoised numbers are the ones a fresh measurement gives
+    metrics_mod.clear_base_memo()
+    fresh = measure_update(facts_tiny, split, Update({name: 2 * delta}), quant=NF4, circuit=circuit)
+    assert fresh["forget"] == second["forget"] and fresh["retain"] == second["retain"]
+    assert fresh["cad"]["fp"] == pytest.approx(second["cad"]["fp"])
+    # another quantizer is another Q(w)
+    evaluated.clear()
+    measure_update(facts_tiny, split, Update({name: delta}), quant=QuantConfig("fp4"), cad=False)
+    assert len(evaluated) == 5 * n_sets
+
+
 def test_measure_update_refuses_an_update_for_another_model(facts_tiny, split):
     with pytest.raises(WorkbenchError, match="does not have"):
         measure_update(facts_tiny, split, Update({"model.layers.0.mlp.up_proj.weight": torch.zeros(2, 2)}),

@@ -428,6 +428,40 @@ def cmd_paper_table(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from workbench.circuit import Circuit
+    from workbench.compare import ABLATIONS, ablation_table, compare_table, output_format
+    from workbench.experiment import oracle_for
+    from workbench.models import load_model
+    from workbench.unlearning import MansuConfig
+
+    if args.out:
+        output_format(args.out)
+    ablations = [a.strip() for a in (args.ablations or ",".join(ABLATIONS)).split(",") if a.strip()]
+    unknown = [a for a in ablations if a not in ABLATIONS]
+    if not ablations or unknown:
+        raise WorkbenchError(f"--ablations {args.ablations!r}: choose from {', '.join(ABLATIONS)}")
+    q = _quant(args)
+    if q is None:
+        raise WorkbenchError("ablate needs a quantizer: --quant nf4, fp4 or int8")
+    config = MansuConfig(**{k: v for k, v in {"max_rounds": args.max_rounds, "retain_guard": args.retain_guard,
+                                                "forget_target": args.forget_target}.items() if v is not None})
+    model = load_model(args.model)
+    split = load_split(model, args)
+    circuit = Circuit.load(args.circuit, model=model) if args.circuit else None
+    oracle = None if args.no_oracle else oracle_for(model)
+    bar = _Bar(f"ablations on {model.name}")
+    try:
+        runs = ablation_table(model, ablations=ablations, config=config, split=split, quant=q, circuit=circuit,
+                              measure_cad=not args.no_cad, oracle=oracle, runs_root=args.runs_root, progress=bar)
+    finally:
+        bar.close()
+    rows = compare_table(runs)
+    print(f"{len(runs)} runs on {model.name} ({split.name}), saved under {runs[0].path.parent}")
+    _emit_comparison(rows, runs, args.out)
+    return 0
+
+
 def cmd_probe(args: argparse.Namespace) -> int:
     from workbench.models import load_model
     from workbench.probes import probe_rows, probe_run
@@ -578,6 +612,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cad", action="store_true", help="skip CAD (attribution before/after) for speed")
     p.add_argument("--no-oracle", action="store_true", help="skip the retrain oracle comparison")
     p.set_defaults(func=cmd_paper_table)
+
+    p = sub.add_parser("ablate", help="MANSU and MANSU with each component switched off alone; compare them")
+    p.add_argument("--model", required=True)
+    _add_data_args(p)
+    _add_quant_args(p)
+    p.add_argument("--ablations", help="comma-separated subset of: circuit, projection, fisher, floor (default: all)")
+    p.add_argument("--circuit", help="circuit JSON shared by every run (default: attribute and take the top 10)")
+    p.add_argument("--max-rounds", type=int, help="MANSU round budget for every run")
+    p.add_argument("--retain-guard", type=float, help="MANSU retain guard for every run (default 0.02)")
+    p.add_argument("--forget-target", type=float, help="stop when fp and quantized forget top-1 <= this (default 0.1)")
+    p.add_argument("--out", help="write the table to FILE (.md, .csv, .html); default: markdown to stdout")
+    p.add_argument("--runs-root", help="where the runs are saved (default ./runs or $WORKBENCH_RUNS)")
+    p.add_argument("--no-cad", action="store_true", help="skip CAD (attribution before/after) for speed")
+    p.add_argument("--no-oracle", action="store_true", help="skip the retrain oracle comparison")
+    p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("probe", help="robustness probes of a saved run: paraphrase, relearning attack, membership inference")
     p.add_argument("run")

@@ -36,11 +36,12 @@ import plotly.graph_objects as go
 from workbench.errors import WorkbenchError
 
 if TYPE_CHECKING:
+    from workbench.circuit import Circuit
     from workbench.facts import FactSplit
     from workbench.models import LoadedModel
     from workbench.quant import QuantConfig
     from workbench.runs import Run
-    from workbench.unlearning import StopRule
+    from workbench.unlearning import MansuConfig, StopRule
 
 QUANT_TYPES = ("nf4", "fp4", "int8")
 FORMATS = {".md": "markdown", ".csv": "csv", ".html": "html"}
@@ -373,43 +374,106 @@ def paper_table(
     full-precision *and* quantized forget top-1 reach the same target, within its own round
     budget), and each method's default learning rate for this model.
     """
-    from tqdm.auto import tqdm
-
-    from workbench.experiment import attribute_forget_set, default_circuit, run_unlearning
-    from workbench.quant import QuantConfig
-    from workbench.splits import builtin_split
     from workbench.unlearning import METHODS, MansuConfig, OptimConfig, StopRule, default_lr
 
     methods = list(methods or METHODS)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise WorkbenchError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    split = split or builtin_split(model)
     stop = stop or StopRule()
+    jobs: list[tuple[str, dict[str, Any]]] = []
+    for method in methods:
+        if method == "mansu":
+            target = stop.forget_target if stop.forget_target is not None else 0.1
+            jobs.append((method, {"mansu_config": MansuConfig(forget_target=target)}))
+        else:
+            jobs.append((method, {"optim": OptimConfig(lr=default_lr(model)), "stop": stop}))
+    return _run_jobs(model, jobs, "paper table", split=split, quant=quant, measure_cad=measure_cad,
+                     needs_circuit="mansu" in methods, oracle=oracle, runs_root=runs_root, progress=progress)
+
+
+ABLATIONS = ("circuit", "projection", "fisher", "floor")
+"""MANSU's four components (REFERENCE.md §3), each switched off alone by :func:`ablation_table`."""
+
+
+def ablation_table(
+    model: LoadedModel,
+    *,
+    ablations: Sequence[str] = ABLATIONS,
+    config: MansuConfig | None = None,
+    split: FactSplit | None = None,
+    quant: QuantConfig | None = None,
+    circuit: Circuit | None = None,
+    measure_cad: bool = True,
+    oracle: LoadedModel | None = None,
+    runs_root: str | None = None,
+    progress: Callable[[float, str], None] | None = None,
+) -> list[Run]:
+    """Run MANSU, then MANSU with each component in ``ablations`` switched off alone.
+
+    Everything else is shared: ``config`` (default :class:`MansuConfig`), the split, the
+    quantizer and the circuit (attributed once when not given). The first run is the full
+    method; run labels (``mansu-no_floor`` …) name what was switched off. Which component
+    carries which property is read off the resulting comparison.
+    """
+    from dataclasses import replace
+
+    from workbench.unlearning import MansuConfig
+
+    unknown = [a for a in ablations if a not in ABLATIONS]
+    if unknown:
+        raise WorkbenchError(f"unknown ablation(s) {', '.join(unknown)}; choose from {', '.join(ABLATIONS)}")
+    config = config or MansuConfig()
+    jobs = [("mansu", {"mansu_config": config})]
+    jobs += [("mansu", {"mansu_config": replace(config, **{f"use_{a}": False})}) for a in dict.fromkeys(ablations)]
+    return _run_jobs(model, jobs, "ablation table", split=split, quant=quant, measure_cad=measure_cad,
+                     needs_circuit=True, circuit=circuit, oracle=oracle, runs_root=runs_root, progress=progress)
+
+
+def _run_jobs(
+    model: LoadedModel,
+    jobs: Sequence[tuple[str, dict[str, Any]]],
+    desc: str,
+    *,
+    split: FactSplit | None,
+    quant: QuantConfig | None,
+    measure_cad: bool,
+    needs_circuit: bool,
+    circuit: Circuit | None = None,
+    oracle: LoadedModel | None,
+    runs_root: str | None,
+    progress: Callable[[float, str], None] | None,
+) -> list[Run]:
+    """Run ``(method, run_unlearning kwargs)`` jobs in order on one split, quantizer and circuit.
+
+    One process for all jobs also lets the base's own measurements (w and Q(w) on every fact
+    set, their attributions) be computed once (:func:`workbench.metrics.base_memo`).
+    """
+    from tqdm.auto import tqdm
+
+    from workbench.experiment import attribute_forget_set, default_circuit, run_unlearning
+    from workbench.quant import QuantConfig
+    from workbench.splits import builtin_split
+
+    split = split or builtin_split(model)
     quant = quant or QuantConfig("nf4")
     report = progress or (lambda _f, _m: None)
-    circuit = None
-    if "mansu" in methods or measure_cad:  # otherwise no method reads the circuit
-        report(0.0, "attributing the forget set (one circuit for every method)")
+    if circuit is None and (needs_circuit or measure_cad):  # otherwise no run reads the circuit
+        report(0.0, "attributing the forget set (one circuit for every run)")
         circuit = default_circuit(attribute_forget_set(model, split))
     runs: list[Run] = []
-    bar = tqdm(total=len(methods), desc="paper table", disable=progress is not None)
+    bar = tqdm(total=len(jobs), desc=desc, disable=progress is not None)
     try:
-        for i, method in enumerate(methods):
+        for i, (method, kwargs) in enumerate(jobs):
             def sub(f: float, msg: str, i: int = i) -> None:
-                report((i + f) / len(methods), msg)
+                report((i + f) / len(jobs), msg)
 
-            if method == "mansu":
-                kwargs: dict[str, Any] = {"mansu_config": MansuConfig(forget_target=stop.forget_target
-                                                                      if stop.forget_target is not None else 0.1)}
-            else:
-                kwargs = {"optim": OptimConfig(lr=default_lr(model)), "stop": stop}
             _, _, run = run_unlearning(model, split, method=method, quant=quant, circuit=circuit, oracle=oracle,
                                        measure_cad=measure_cad, runs_root=runs_root, progress=sub, **kwargs)
             assert run is not None
             runs.append(run)
             bar.update(1)
-            bar.set_postfix_str(method)
+            bar.set_postfix_str(run.metrics.get("method", method))
     finally:
         bar.close()
     return runs

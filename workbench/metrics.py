@@ -22,7 +22,8 @@ update in every quantized model, as they would in a bitsandbytes 4-bit deploymen
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -111,6 +112,40 @@ def retain_kl(base: LoadedModel, after: LoadedModel, facts: Any) -> float:
     return float((lb.exp() * (lb - la)).sum(-1).mean())
 
 
+# The base's own numbers (w and Q(w) on each fact set, their attributions for CAD) are the
+# same for every update measured on one model: a paper table, an ablation table or an app
+# session would otherwise recompute them per run (about a third of a SmolLM2 run's
+# measurement). Memoised in-process by the model's weight fingerprint, never on disk, so a
+# cached number always comes from weights this process holds.
+_BASE_MEMO: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+_BASE_MEMO_SIZE = 64
+BASE_VARIANTS = ("base_fp", "base_q")
+
+
+def base_memo(key: tuple[Any, ...], compute: Callable[[], Any]) -> Any:
+    """``compute()`` once per ``key`` (least recently used entries are dropped)."""
+    if key in _BASE_MEMO:
+        _BASE_MEMO.move_to_end(key)
+        return _BASE_MEMO[key]
+    value = compute()
+    _BASE_MEMO[key] = value
+    while len(_BASE_MEMO) > _BASE_MEMO_SIZE:
+        _BASE_MEMO.popitem(last=False)
+    return value
+
+
+def clear_base_memo() -> None:
+    _BASE_MEMO.clear()
+
+
+def _evaluate_variant(vname: str, vmodel: LoadedModel, facts: Any, quant: QuantConfig,
+                      multiple_choice: bool) -> Any:
+    if vname not in BASE_VARIANTS:
+        return evaluate_facts(vmodel, facts, multiple_choice=multiple_choice)
+    key = ("evaluate", vname, vmodel.fingerprint, quant.label, tuple(facts), multiple_choice)
+    return base_memo(key, lambda: evaluate_facts(vmodel, facts, multiple_choice=multiple_choice))
+
+
 def _finite(x: float) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
 
@@ -144,7 +179,7 @@ def measure_update(
         for sname, facts in sets.items():
             if not facts:
                 continue
-            scores = evaluate_facts(vmodel, facts, multiple_choice=(sname == "forget"))
+            scores = _evaluate_variant(vname, vmodel, facts, quant, multiple_choice=(sname == "forget"))
             acc[sname][vname] = scores.top1
             if sname == "forget":
                 mc["forget"][vname] = _finite(scores.mc)
@@ -194,21 +229,28 @@ def measure_update(
     circuit_list = list(circuit) if circuit is not None else None
     if cad:
         report(0.7, "attribution before/after for CAD")
-        metrics["cad"] = cad_for_variants(variants, split.forget, circuit_list, attribution_config)
+        metrics["cad"] = cad_for_variants(variants, split.forget, circuit_list, attribution_config, quant=quant)
     metrics["properties"] = report_card(metrics, thresholds)
     return metrics
 
 
 def cad_for_variants(variants: dict[str, LoadedModel], forget: Any, circuit: list[Component] | None,
-                     attribution_config: Any = None) -> dict[str, Any]:
-    """CAD in full precision (base_fp vs after_fp) and quantized (base_q vs after_q)."""
+                     attribution_config: Any = None, quant: QuantConfig | None = None) -> dict[str, Any]:
+    """CAD in full precision (base_fp vs after_fp) and quantized (base_q vs after_q).
+
+    With ``quant`` (the quantizer that built ``base_q``) the base attributions are memoised
+    across calls on the same model."""
     from workbench.attribution import AttributionConfig, attribute
     from workbench.cad import circuit_attribution_divergence
 
     config = attribution_config or AttributionConfig()
     out: dict[str, Any] = {}
     for label, (b, a) in {"fp": ("base_fp", "after_fp"), "quantized": ("base_q", "after_q")}.items():
-        before = attribute(variants[b], forget, config, progress=lambda *_: None)
+        def attribute_base(b: str = b) -> Any:
+            return attribute(variants[b], forget, config, progress=lambda *_: None)
+
+        before = (base_memo(("attribute", b, variants[b].fingerprint, quant.label, tuple(forget), repr(config)),
+                            attribute_base) if quant is not None else attribute_base())
         after = attribute(variants[a], forget, config, progress=lambda *_: None)
         result = circuit_attribution_divergence(
             before.scores, after.scores, circuit=circuit,
