@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from workbench.bench import COLUMNS, bench_attribution, format_table, toy_pairs
 
 
@@ -58,4 +60,20 @@ def test_peak_memory_sees_an_allocation():
         x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
         x += 1
         del x
+    assert mem.peak_mb > 32
+
+
+def test_peak_memory_catches_a_peak_shorter_than_its_sampling_interval():
+    """A one-module dequantized copy lives ~1 ms: the kernel's high-water mark sees it, a
+    sampler with a 10 s interval cannot (so the reading comes from VmHWM, not sampling)."""
+    import torch
+
+    from workbench.bench import PeakMemory
+
+    with PeakMemory(interval=10.0) as mem:
+        x = torch.ones(48 * 2**20 // 4)  # 48 MiB, touched, freed at once
+        x += 1
+        del x
+    if not mem.exact:
+        pytest.skip("no /proc/self/clear_refs here (not Linux): only the sampling fallback exists")
     assert mem.peak_mb > 32

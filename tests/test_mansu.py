@@ -306,6 +306,19 @@ def test_retain_guard_stops_when_passing_and_undone_rounds_alternate(facts_tiny,
     assert result.diagnostics["rounds_undone_by_retain_guard"] == 3
     assert result.diagnostics["rounds_blocked_at_smallest_size"] == 3
     assert len(result.history) == 2  # only the passing rounds are recorded
+    # rounds 2 and 4 follow an undone round: same weights, so the gradients are reused ...
+    assert result.diagnostics["rounds_reusing_gradients"] == 2
+    phases = result.diagnostics["seconds_by_phase"]
+    assert set(phases) == {"setup", "gradients", "selection", "quantizer", "evaluation"}
+    assert all(v >= 0 for v in phases.values()) and sum(phases.values()) <= result.seconds * 1.01
+    # ... and reusing them changes nothing: recomputing every round gives the same update
+    guard_calls.clear()
+    monkeypatch.setattr(mansu_mod, "_REUSE_GRADIENTS", False)
+    reference = _run(facts_tiny, split, every_module, params_per_round=8, max_rounds=40, guard_patience=3)
+    assert reference.diagnostics["rounds_reusing_gradients"] == 0
+    assert sorted(reference.update.deltas) == sorted(result.update.deltas)
+    for name, delta in result.update.deltas.items():
+        assert torch.equal(delta, reference.update.deltas[name]), name
 
 
 # --- (a) circuit restriction -----------------------------------------------------------------------

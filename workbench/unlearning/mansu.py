@@ -317,6 +317,7 @@ def mansu(
     from workbench.quant import quantizable_parameters, quantize_codes, quantize_dequantize
 
     start = time.perf_counter()
+    timings = {"setup": 0.0, "gradients": 0.0, "selection": 0.0, "quantizer": 0.0, "evaluation": 0.0}
     report = progress or (lambda _f, _m: None)
     quantizable = quantizable_parameters(model.hf, quant)
     if config.use_circuit:
@@ -375,22 +376,34 @@ def mansu(
     per_round = config.params_per_round or min(512, max(32, int(config.round_fraction * n_candidates)))
     max_per_round = int(per_round * config.max_round_growth) if config.params_per_round is None else per_round
     blocked = 0
+    reused_gradients = 0
     guard_batch = batches.retain.sample(256, torch.Generator().manual_seed(1))
     guard_base = _top1(work, guard_batch)
     guard_undone = 0
 
+    timings["setup"] = time.perf_counter() - start
+    # Gradients at the current weights; an undone round restores the weights exactly, so the
+    # next round reuses them (on SmolLM2 most late rounds are undone).
+    gradients: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None] | None = None
     for rounds in range(1, config.max_rounds + 1):
         if should_stop is not None and should_stop():
             stopped = "cancelled"
             rounds -= 1
             break
-        direction = _forget_direction(work, names, batches.forget)
-        if config.quantized_direction:
-            q_direction = _forget_direction(qwork, names, batches.forget)
-            direction = {n: 0.5 * (direction[n] + q_direction[n]) for n in names}
-        # a different retain sample from the guard's, so the guard stays an independent check
-        retain_grad = (_retain_gradient(work, names, retain_proj)
-                       if config.use_fisher and config.retain_first_order else None)
+        tick = time.perf_counter()
+        if gradients is None or not _REUSE_GRADIENTS:
+            direction = _forget_direction(work, names, batches.forget)
+            if config.quantized_direction:
+                q_direction = _forget_direction(qwork, names, batches.forget)
+                direction = {n: 0.5 * (direction[n] + q_direction[n]) for n in names}
+            # a different retain sample from the guard's, so the guard stays an independent check
+            retain_grad = (_retain_gradient(work, names, retain_proj)
+                           if config.use_fisher and config.retain_first_order else None)
+            gradients = (direction, retain_grad)
+        else:
+            reused_gradients += 1
+        direction, retain_grad = gradients
+        tick = _lap(timings, "gradients", tick)
         per_module: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # name, gain, cost, step
         for n in names:
             raw = direction[n] * masks[n]
@@ -456,6 +469,7 @@ def mansu(
             touched.setdefault(n, []).append(i)
             previous.setdefault(n, []).append(old)
             chosen += 1
+        tick = _lap(timings, "selection", tick)
         if config.use_floor:
             # Verify with the real quantizer; a move whose code did not change (possible
             # only where bnb's own thresholds are not midpoints, e.g. int8 on CPU) is undone
@@ -478,6 +492,7 @@ def mansu(
             for n in names:
                 params[n].copy_(base[n] + deltas[n])
                 qparams[n].copy_(quantize_dequantize(base[n] + deltas[n], quant, transposed=state.transposed[n]))
+        tick = _lap(timings, "quantizer", tick)
         retain_drop = guard_base - _top1(work, guard_batch) if config.retain_guard is not None else 0.0
         if config.retain_guard is not None and retain_drop > config.retain_guard:
             # Undo the round (the Fisher bound let it through, the measurement does not).
@@ -500,11 +515,14 @@ def mansu(
                     stopped = "retain guard"
                     break
             per_round = max(8, per_round // 2)
+            _lap(timings, "evaluation", tick)
             continue
+        gradients = None  # the weights moved
         if config.retain_guard is not None and retain_drop <= config.retain_guard / 2:
             per_round = min(max_per_round, int(per_round * 1.5) + 1)
         fp = _top1(work, batches.forget)
         q = _top1(qwork, batches.forget)
+        _lap(timings, "evaluation", tick)
         record = {"step": rounds, "forget_top1": fp, "forget_top1_q": q, "moved": float(sum(int(m.sum()) for m in moved.values())),
                   "fisher_bound": bound}
         history.append(record)
@@ -525,6 +543,8 @@ def mansu(
         "floor_reverted": reverted,
         "rounds_undone_by_retain_guard": guard_undone,
         "rounds_blocked_at_smallest_size": blocked,
+        "rounds_reusing_gradients": reused_gradients,
+        "seconds_by_phase": timings,
         "config": config.__dict__,
     }
     if state.projectors:
@@ -581,6 +601,17 @@ def _forget_direction(work: torch.nn.Module, names: list[str], forget: FactBatch
 def _retain_gradient(work: torch.nn.Module, names: list[str], retain: FactBatch) -> dict[str, torch.Tensor]:
     """∇ mean log p(answer) over the retain facts (a move along it keeps them; against it hurts)."""
     return _answer_logprob_gradient(work, names, retain, only_correct=False)
+
+
+_REUSE_GRADIENTS = True
+"""Tests switch the reuse of gradients after an undone round off to check it changes nothing."""
+
+
+def _lap(timings: dict[str, float], phase: str, since: float) -> float:
+    """Add the time since ``since`` to ``timings[phase]``; return now."""
+    now = time.perf_counter()
+    timings[phase] += now - since
+    return now
 
 
 def _top1(module: torch.nn.Module, batch: FactBatch) -> float:
