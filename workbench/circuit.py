@@ -996,7 +996,7 @@ def circuit_parameters(
             params=params,
         ):
             if sl.param not in masks:
-                masks[sl.param] = torch.zeros(params[sl.param].shape, dtype=torch.bool)
+                masks[sl.param] = torch.zeros(params[sl.param].shape, dtype=torch.bool, device=params[sl.param].device)
             masks[sl.param][_torch_index(sl.index)] = True
     return {k: v for k, v in masks.items() if bool(v.any())}
 

@@ -93,15 +93,18 @@ def last_token_logits(hf: torch.nn.Module, ids: torch.Tensor, last: torch.Tensor
     """``[n, vocab]`` logits at each prompt's last real token (no grad)."""
     # Batches of similar length waste little on padding, and the unembedding (49k x 576 for
     # SmolLM2) runs on the one position we read instead of every position.
+    from workbench.device import module_device
+
     order = torch.argsort(last, stable=True)
     body = getattr(hf, "base_model", None)
     head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
+    device = module_device(hf)
     out = torch.empty(0)
     with torch.no_grad():
         for start in range(0, ids.shape[0], batch_size):
             rows = order[start : start + batch_size]
             width = int(last[rows].max()) + 1
-            chunk = ids[rows, :width]
+            chunk = ids[rows, :width].to(device)
             pick = torch.arange(rows.numel()), last[rows]
             if body is not None and head is not None and body is not hf:
                 logits = head(body(chunk).last_hidden_state[pick])
@@ -109,7 +112,7 @@ def last_token_logits(hf: torch.nn.Module, ids: torch.Tensor, last: torch.Tensor
                 logits = hf(chunk).logits[pick]
             if out.numel() == 0:
                 out = torch.empty(ids.shape[0], logits.shape[-1], dtype=logits.dtype)
-            out[rows] = logits
+            out[rows] = logits.cpu()
     return out
 
 
@@ -133,6 +136,9 @@ def _mc_accuracy(hf: torch.nn.Module, tokenizer: Any, facts: Sequence[Fact], bat
     body = getattr(hf, "base_model", None)
     head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
     split_head = body is not None and head is not None and body is not hf
+    from workbench.device import module_device
+
+    device = module_device(hf)
     with torch.no_grad():
         for start in range(0, len(seqs), batch_size):
             chunk = seqs[start : start + batch_size]
@@ -148,7 +154,8 @@ def _mc_accuracy(hf: torch.nn.Module, tokenizer: Any, facts: Sequence[Fact], bat
                 positions += list(range(p_len - 1, total - 1))
                 targets += s[p_len:total]
             pick = torch.tensor(rows), torch.tensor(positions)
-            logits = head(body(ids).last_hidden_state[pick]) if split_head else hf(ids).logits[pick]
+            ids = ids.to(device)
+            logits = (head(body(ids).last_hidden_state[pick]) if split_head else hf(ids).logits[pick]).cpu()
             token_logp = torch.log_softmax(logits.float(), -1)[torch.arange(len(targets)), torch.tensor(targets)]
             sums = torch.zeros(len(chunk)).index_add_(0, torch.tensor(rows), token_logp)
             for r in range(len(chunk)):

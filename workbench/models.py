@@ -165,7 +165,7 @@ class LoadedModel:
             h.update(f"{key}={getattr(cfg, key, None)};".encode())
         for name, p in self.hf.named_parameters():
             flat = p.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // 256)][:256].to(torch.float32).contiguous()
+            sample = flat[:: max(1, flat.numel() // 256)][:256].to(torch.float32).cpu().contiguous()
             h.update(name.encode())
             h.update(str(tuple(p.shape)).encode())
             h.update(sample.numpy().tobytes())
@@ -176,7 +176,7 @@ class LoadedModel:
         h = hashlib.sha256()
         for name, p in self.hf.named_parameters():
             h.update(name.encode())
-            h.update(p.detach().contiguous().numpy().tobytes())
+            h.update(p.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()
 
     def bridge(self) -> Any:
@@ -189,7 +189,10 @@ class LoadedModel:
             if self._bridge is None:
                 from transformer_lens.model_bridge import TransformerBridge
 
-                hf_copy = copy.deepcopy(self.hf)
+                # Attribution runs on the CPU whatever device the model is on: its
+                # accumulators are CPU tensors, and moving them is not yet done (nor testable
+                # here, without a GPU).
+                hf_copy = copy.deepcopy(self.hf).cpu()
                 # Booting with a name that is not a hub id is fine: with hf_model given,
                 # TransformerLens reads the architecture from the model's own config.
                 bridge = TransformerBridge.boot_transformers(
@@ -246,6 +249,7 @@ def load_model(
     *,
     progress: Progress | None = None,
     device_map: str | dict[str, Any] | None = None,
+    device: str | None = None,
 ) -> LoadedModel:
     """Load a built-in (building and caching it on first use) or a local HF directory.
 
@@ -258,8 +262,18 @@ def load_model(
     than one device's memory. Every analysis reads parameters by name through the same
     HF model, so a placed model needs no other change; a model loaded with a map is
     cached under its own key.
+
+    Without a map, the model is placed on :func:`workbench.device.choose_device` (``device``,
+    else ``$WORKBENCH_DEVICE``, else CUDA when present, else the CPU), once, at load.
     """
+    from workbench.device import choose_device
+
+    if device_map is not None and device is not None:
+        raise WorkbenchError("give device_map or device, not both")
+    target = choose_device(device) if device_map is None else None
     key = str(name_or_dir) if device_map is None else f"{name_or_dir}|device_map={device_map!r}"
+    if target is not None and target.type != "cpu":
+        key = f"{key}|device={target}"
     with _LOAD_LOCK:
         if key in _LOADED:
             return _LOADED[key]
@@ -279,6 +293,8 @@ def load_model(
                     f"{path} is not a Hugging Face model directory (no config.json in it)"
                 )
         model = _load_hf_dir(path, name=str(name_or_dir), device_map=device_map)
+        if target is not None and target.type != "cpu":
+            model.hf.to(target)
         _LOADED[key] = model
         return model
 

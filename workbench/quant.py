@@ -1255,7 +1255,9 @@ def compare_quantization(
     pool: list[np.ndarray] = [np.zeros(0, dtype=np.float32)]
     pool_size, pooling = 0, True
     for name in _steps(names, f"{cfg.label} compare", progress):
-        m, fine, exact = _compare_one(name, base[name], delta.get(name), cfg, name in tr)
+        # one module at a time on the CPU (numpy): at most one extra copy of one module's weights
+        d = delta.get(name)
+        m, fine, exact = _compare_one(name, base[name].cpu(), d.cpu() if d is not None else None, cfg, name in tr)
         modules.append(m)
         fine_total += fine
         pool_size += m.n_changed

@@ -40,6 +40,10 @@ class Update:
     meta: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # Kept on the CPU whatever device produced them (saved, compared, shipped as is);
+        # moved to the model's device only when applied. ``.cpu()`` of a CPU tensor is itself.
+        self.deltas = {name: delta.cpu() if isinstance(delta, torch.Tensor) else delta
+                       for name, delta in self.deltas.items()}
         for name, delta in self.deltas.items():
             if not isinstance(delta, torch.Tensor) or not delta.is_floating_point():
                 raise WorkbenchError(f"update entry {name!r} is not a floating-point tensor")
@@ -80,7 +84,8 @@ class Update:
 
     def after_state(self, base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """New tensors ``base[name] + delta`` for every updated name (base untouched)."""
-        return {name: base[name].detach() + delta.to(base[name].dtype) for name, delta in self.deltas.items()}
+        return {name: base[name].detach() + delta.to(base[name].device, base[name].dtype)
+                for name, delta in self.deltas.items()}
 
     def apply(self, model: LoadedModel, name: str | None = None) -> LoadedModel:
         """The after-model ``base + update`` as a new :class:`LoadedModel`."""

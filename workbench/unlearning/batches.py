@@ -47,7 +47,14 @@ class FactBatch:
         ids, last, answers = encode_prompts(tokenizer, [f.prompt for f in facts], [f.answer for f in facts])
         return cls(ids, last, answers)
 
+    def to(self, device: torch.device | str) -> FactBatch:
+        """The same batch on ``device`` (itself when already there)."""
+        if self.ids.device == torch.device(device):
+            return self
+        return FactBatch(self.ids.to(device), self.last.to(device), self.answers.to(device))
+
     def subset(self, index: torch.Tensor) -> FactBatch:
+        index = index.to(self.ids.device)
         ids = self.ids[index]
         # Trim columns that are padding for every row of the subset.
         width = int(self.last[index].max()) + 1
@@ -65,7 +72,7 @@ def answer_logits(model: torch.nn.Module, batch: FactBatch) -> torch.Tensor:
 
     The unembedding runs only at the read positions (it dominates a small model's cost).
     """
-    pick = torch.arange(len(batch)), batch.last
+    pick = torch.arange(len(batch), device=batch.last.device), batch.last
     body = getattr(model, "base_model", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if body is not None and head is not None and body is not model:

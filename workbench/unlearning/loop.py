@@ -94,8 +94,12 @@ class Batches:
             raise WorkbenchError("the forget set is empty")
         if not split.retain:
             raise WorkbenchError("the retain set is empty")
-        forget = FactBatch.from_facts(model.tokenizer, split.forget)
-        retain = FactBatch.from_facts(model.tokenizer, split.retain)
+        from workbench.device import module_device
+
+        # on the model's device: every loss and evaluation of a run then stays there
+        device = module_device(model.hf)
+        forget = FactBatch.from_facts(model.tokenizer, split.forget).to(device)
+        retain = FactBatch.from_facts(model.tokenizer, split.retain).to(device)
         with torch.no_grad():
             ref_f = answer_logits(model.hf, forget)
             ref_r = answer_logits(model.hf, retain)

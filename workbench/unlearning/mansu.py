@@ -180,7 +180,7 @@ def _linear_inputs(work: torch.nn.Module, names: Iterable[str], batch: FactBatch
     modules = dict(work.named_modules())
     owners = {n: n.rsplit(".", 1)[0] for n in names}
     captured: dict[str, list[torch.Tensor]] = {m: [] for m in set(owners.values())}
-    real = torch.arange(batch.ids.shape[1])[None, :] <= batch.last[:, None]  # padding excluded
+    real = torch.arange(batch.ids.shape[1], device=batch.last.device)[None, :] <= batch.last[:, None]  # padding excluded
     handles = []
     for mod_name in captured:
         def hook(_m: torch.nn.Module, args: tuple[torch.Tensor, ...], key: str = mod_name) -> None:
@@ -363,7 +363,7 @@ def mansu(
 
     # Quantized base of the moved modules: Q(after) only differs from Q(base) where we move.
     deltas = {n: torch.zeros_like(base[n]) for n in names}
-    moved = {n: torch.zeros(base[n].numel(), dtype=torch.bool) for n in names}
+    moved = {n: torch.zeros(base[n].numel(), dtype=torch.bool, device=base[n].device) for n in names}
     params = dict(work.named_parameters())
     history: list[dict[str, float]] = []
     bound = 0.0
@@ -477,7 +477,7 @@ def mansu(
             for n, idx in touched.items():
                 codes = quantize_codes(base[n] + deltas[n], quant, transposed=state.transposed[n])
                 new = codes.codes_like_weight().reshape(-1).long()
-                index = torch.tensor(idx)
+                index = torch.tensor(idx, device=deltas[n].device)
                 stuck = index[new[index] == state.grids[n].code[index]]
                 if stuck.numel():
                     deltas[n].view(-1)[stuck] = 0.0
@@ -498,8 +498,8 @@ def mansu(
             # Undo the round (the Fisher bound let it through, the measurement does not).
             with torch.no_grad():
                 for n, idx in touched.items():
-                    index = torch.tensor(idx)
-                    old_values = torch.tensor(previous[n], dtype=deltas[n].dtype)
+                    index = torch.tensor(idx, device=deltas[n].device)
+                    old_values = torch.tensor(previous[n], dtype=deltas[n].dtype, device=deltas[n].device)
                     deltas[n].view(-1)[index] = old_values
                     moved[n][index] = old_values != 0
                     params[n].copy_(base[n] + deltas[n])
@@ -509,7 +509,7 @@ def mansu(
             if per_round <= 8:
                 # Even the few most salient moves cost too much retain: never try them again.
                 for n, idx in touched.items():
-                    masks[n].view(-1)[torch.tensor(idx)] = False
+                    masks[n].view(-1)[torch.tensor(idx, device=masks[n].device)] = False
                 blocked += 1
                 if blocked >= config.guard_patience:
                     stopped = "retain guard"

@@ -67,7 +67,7 @@ def final_hidden(module: torch.nn.Module, batch: FactBatch) -> torch.Tensor:
     """``[n, d]`` final-norm hidden state at each prompt's last token (the unembedding's input)."""
     body = getattr(module, "base_model", module)
     with torch.no_grad():
-        return body(batch.ids).last_hidden_state[torch.arange(len(batch)), batch.last]
+        return body(batch.ids).last_hidden_state[torch.arange(len(batch), device=batch.last.device), batch.last]
 
 
 def local_logit_steps(model: LoadedModel, batch: FactBatch, quant: QuantConfig) -> torch.Tensor:
@@ -111,7 +111,7 @@ def quail(
     def objective(work: torch.nn.Module, fb: FactBatch, ref_f: torch.Tensor, rb: FactBatch,
                   _ref_r: torch.Tensor) -> torch.Tensor:
         logits = answer_logits(work, fb)
-        m = torch.tensor([by_row[_row_key(fb, i)] for i in range(len(fb))])
+        m = torch.tensor([by_row[_row_key(fb, i)] for i in range(len(fb))], device=fb.ids.device)
         loss = losses.gradient_ascent(logits, fb.answers)
         loss = loss + config.hinge_weight * losses.quail_hinge(logits, ref_f, fb.answers, m)
         if config.alpha > 0:

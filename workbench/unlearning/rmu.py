@@ -83,7 +83,7 @@ def hidden_at(module: torch.nn.Module, batch: FactBatch, layer: int) -> tuple[to
     body = getattr(module, "base_model", module)
     out = body(batch.ids, output_hidden_states=True)
     acts = out.hidden_states[layer + 1]
-    mask = torch.arange(batch.ids.shape[1])[None, :] <= batch.last[:, None]
+    mask = torch.arange(batch.ids.shape[1], device=batch.last.device)[None, :] <= batch.last[:, None]
     return acts, mask
 
 
