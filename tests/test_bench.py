@@ -43,6 +43,12 @@ def test_bench_quantization_and_unlearning_rows(facts_tiny):
     assert q["weights"] > 0 and 0 < q["codes_changed"] < q["weights"]
     u = bench_unlearning(facts_tiny, steps=2)
     assert u["mansu_steps"] == 2 and u["graddiff_steps"] == 2
+    assert sum(u["mansu_seconds_by_phase"].values()) <= u["mansu_s"]
+    assert u["mansu_round_over_graddiff_step"] < u["mansu_over_graddiff"]  # setup excluded
+    # the to-target runs are the methods' defaults, stopped by the shared rule (or their budgets)
+    assert u["mansu_to_target_stopped"] in {"target", "retain guard", "budget", "fisher budget"}
+    assert u["graddiff_to_target_stopped"] in {"target", "budget"}
+    assert u["to_target_mansu_over_graddiff"] == pytest.approx(u["mansu_to_target_s"] / u["graddiff_to_target_s"])
     # MANSU is sparse: its saved update is far smaller than GradDiff's dense one
     assert 0 < u["mansu_update_over_model"] < u["graddiff_update_over_model"]
     assert 0 < u["mansu_params_changed"] < u["graddiff_params_changed"]
