@@ -22,6 +22,7 @@ update in every quantized model, as they would in a bitsandbytes 4-bit deploymen
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -119,23 +120,30 @@ def retain_kl(base: LoadedModel, after: LoadedModel, facts: Any) -> float:
 # cached number always comes from weights this process holds.
 _BASE_MEMO: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
 _BASE_MEMO_SIZE = 64
+_BASE_MEMO_LOCK = threading.Lock()  # app sessions measure from several threads
 BASE_VARIANTS = ("base_fp", "base_q")
 
 
 def base_memo(key: tuple[Any, ...], compute: Callable[[], Any]) -> Any:
-    """``compute()`` once per ``key`` (least recently used entries are dropped)."""
-    if key in _BASE_MEMO:
-        _BASE_MEMO.move_to_end(key)
-        return _BASE_MEMO[key]
+    """``compute()`` once per ``key`` (least recently used entries are dropped).
+
+    Two threads asking for a missing key may both compute it (the lock is not held while
+    computing); the results are equal, so either may stay."""
+    with _BASE_MEMO_LOCK:
+        if key in _BASE_MEMO:
+            _BASE_MEMO.move_to_end(key)
+            return _BASE_MEMO[key]
     value = compute()
-    _BASE_MEMO[key] = value
-    while len(_BASE_MEMO) > _BASE_MEMO_SIZE:
-        _BASE_MEMO.popitem(last=False)
+    with _BASE_MEMO_LOCK:
+        _BASE_MEMO[key] = value
+        while len(_BASE_MEMO) > _BASE_MEMO_SIZE:
+            _BASE_MEMO.popitem(last=False)
     return value
 
 
 def clear_base_memo() -> None:
-    _BASE_MEMO.clear()
+    with _BASE_MEMO_LOCK:
+        _BASE_MEMO.clear()
 
 
 def _evaluate_variant(vname: str, vmodel: LoadedModel, facts: Any, quant: QuantConfig,
