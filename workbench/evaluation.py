@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from workbench.device import module_device
 from workbench.errors import WorkbenchError
 
 if TYPE_CHECKING:
@@ -93,8 +94,6 @@ def last_token_logits(hf: torch.nn.Module, ids: torch.Tensor, last: torch.Tensor
     """``[n, vocab]`` logits at each prompt's last real token (no grad)."""
     # Batches of similar length waste little on padding, and the unembedding (49k x 576 for
     # SmolLM2) runs on the one position we read instead of every position.
-    from workbench.device import module_device
-
     order = torch.argsort(last, stable=True)
     body = getattr(hf, "base_model", None)
     head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
@@ -136,8 +135,6 @@ def _mc_accuracy(hf: torch.nn.Module, tokenizer: Any, facts: Sequence[Fact], bat
     body = getattr(hf, "base_model", None)
     head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
     split_head = body is not None and head is not None and body is not hf
-    from workbench.device import module_device
-
     device = module_device(hf)
     with torch.no_grad():
         for start in range(0, len(seqs), batch_size):
