@@ -83,3 +83,22 @@ def test_peak_memory_catches_a_peak_shorter_than_its_sampling_interval():
     if not mem.exact:
         pytest.skip("no /proc/self/clear_refs here (not Linux): only the sampling fallback exists")
     assert mem.peak_mb > 32
+
+
+def test_cli_bench_quick_writes_every_section(tmp_path, capsys):
+    """``workbench bench --quick``, the fast version of the full bench, end to end."""
+    import json
+
+    from workbench.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["quick"] is True and report["seconds"] > 0
+    assert {"attribution", "quantization", "unlearning"} <= set(report)
+    assert report["attribution"][0]["max_abs_diff_tl"] < 1e-4  # ours agrees with TransformerLens
+    assert report["unlearning"][0]["mansu_update_over_model"] < 0.05  # the MANSU update-size target
+    for title in ("tl/ours", "ours/bnb", "MANSU/GD to target", "s in all"):
+        assert title in printed
+    assert main(["bench", "speed"]) == 2  # unknown section: a clear error, exit code 2

@@ -485,6 +485,7 @@ def run_bench(sections: Sequence[str] = (), *, quick: bool = False, json_path: s
     unknown = [s for s in chosen if s not in SECTIONS]
     if unknown:
         raise WorkbenchError(f"unknown bench section(s) {unknown}; choose from {', '.join(SECTIONS)}")
+    started = time.perf_counter()
     report: dict[str, Any] = {"quick": quick}
     if "attribution" in chosen:
         facts_model = load_model("facts-tiny" if quick else "facts")
@@ -514,6 +515,8 @@ def run_bench(sections: Sequence[str] = (), *, quick: bool = False, json_path: s
             report["unlearning"] = [row]
     finally:
         torch.set_num_threads(saved)
+    report["seconds"] = time.perf_counter() - started
+    print(f"bench: {report['seconds']:.0f} s in all")
     if json_path:
         with open(json_path, "w") as fh:
             json.dump(report, fh, indent=2, default=float)

@@ -180,7 +180,8 @@ def _linear_inputs(work: torch.nn.Module, names: Iterable[str], batch: FactBatch
     modules = dict(work.named_modules())
     owners = {n: n.rsplit(".", 1)[0] for n in names}
     captured: dict[str, list[torch.Tensor]] = {m: [] for m in set(owners.values())}
-    real = torch.arange(batch.ids.shape[1], device=batch.last.device)[None, :] <= batch.last[:, None]  # padding excluded
+    positions = torch.arange(batch.ids.shape[1], device=batch.last.device)
+    real = positions[None, :] <= batch.last[:, None]  # padding excluded
     handles = []
     for mod_name in captured:
         def hook(_m: torch.nn.Module, args: tuple[torch.Tensor, ...], key: str = mod_name) -> None:
