@@ -19,6 +19,7 @@ from workbench.compare import (
     comparison_markdown,
     forget_fp_vs_quantized_figure,
     output_format,
+    ablation_findings,
     ablation_table,
     paper_table,
     ptq_decomposition_figure,
@@ -169,6 +170,20 @@ def test_ablation_table_switches_off_one_component_per_run(facts_tiny, split, tm
         ablation_table(facts_tiny, ablations=["circuit", "dropout"], runs_root=str(tmp_path))
 
 
+def test_ablation_findings_name_the_flipped_properties():
+    def row(method, forgetting, ptq, forget_q, retain, params):
+        return {"method": method, "quantizer": "nf4", "forgetting": forgetting, "retain kept": "PASS",
+                "PTQ gap ok": ptq, "structural": "fail", "forget nf4": forget_q, "retain fp": retain,
+                "params changed": params}
+
+    rows = [row("mansu", "PASS", "PASS", 0.05, 1.0, 1000), row("mansu-no_floor", "fail", "PASS", 0.85, 1.0, 900),
+            row("mansu-no_circuit", "PASS", "PASS", 0.06, 1.0, 1000)]
+    lines = ablation_findings(rows)
+    assert lines[0] == "mansu-no_floor: forgetting PASS → fail (forget nf4 +0.800, retain fp +0.000, params changed -100)"
+    assert lines[1].startswith("mansu-no_circuit: no property flips (forget nf4 +0.010")
+    assert ablation_findings(rows[:1]) == []
+
+
 # --- CLI --------------------------------------------------------------------------------------------
 
 
@@ -218,6 +233,7 @@ def test_cli_ablate(capsys, facts_tiny, tmp_path):
     assert code == 0, err
     table = out_file.read_text()
     assert "| mansu |" in table and "| mansu-no_projection |" in table
+    assert "mansu-no_projection: " in out  # the findings line under the table
     assert len(list_runs(root=tmp_path / "r")) == 2
     code, _, err = _cli(capsys, "ablate", "--model", "facts-tiny", "--ablations", "floor,dropout",
                         "--runs-root", str(tmp_path / "r2"))

@@ -430,7 +430,7 @@ def cmd_paper_table(args: argparse.Namespace) -> int:
 
 def cmd_ablate(args: argparse.Namespace) -> int:
     from workbench.circuit import Circuit
-    from workbench.compare import ABLATIONS, ablation_table, compare_table, output_format
+    from workbench.compare import ABLATIONS, ablation_findings, ablation_table, compare_table, output_format
     from workbench.experiment import oracle_for
     from workbench.models import load_model
     from workbench.unlearning import MansuConfig
@@ -459,6 +459,9 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     rows = compare_table(runs)
     print(f"{len(runs)} runs on {model.name} ({split.name}), saved under {runs[0].path.parent}")
     _emit_comparison(rows, runs, args.out)
+    print("\nwhat each component carries here (full MANSU vs the component switched off):")
+    for line in ablation_findings(rows):
+        print(f"  {line}")
     return 0
 
 

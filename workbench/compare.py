@@ -430,6 +430,29 @@ def ablation_table(
                      needs_circuit=True, circuit=circuit, oracle=oracle, runs_root=runs_root, progress=progress)
 
 
+def ablation_findings(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """What switching each component off changed, read off :func:`compare_table` rows of an
+    ablation table (first row: the full method). One line per ablated row: the properties
+    whose verdict flipped, and the change in quantized forget accuracy, retain and weights moved.
+    """
+    if len(rows) < 2:
+        return []
+    full = rows[0]
+    own = full.get("quantizer") or "nf4"
+    lines = []
+    for row in rows[1:]:
+        flips = [f"{title} {full.get(title)} → {row.get(title)}" for title in PROPERTY_COLUMNS.values()
+                 if full.get(title) != row.get(title)]
+        changes = []
+        for key, fmt in ((f"forget {own}", "{:+.3f}"), ("retain fp", "{:+.3f}"), ("params changed", "{:+,}")):
+            a, b = full.get(key), row.get(key)
+            if a is not None and b is not None:
+                changes.append(f"{key} {fmt.format(b - a)}")
+        what = "; ".join(flips) if flips else "no property flips"
+        lines.append(f"{row.get('method')}: {what} ({', '.join(changes)})")
+    return lines
+
+
 def _run_jobs(
     model: LoadedModel,
     jobs: Sequence[tuple[str, dict[str, Any]]],
