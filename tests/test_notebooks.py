@@ -37,6 +37,8 @@ def test_notebook_is_stored_without_outputs(path):
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
     for i, cell in enumerate(nb.cells):
+        # nbformat >= 4.5 needs cell ids; today it only warns and patches them in memory
+        assert cell.get("id"), f"{path.name} cell {i} has no id"
         if cell.cell_type == "code":
             assert cell.outputs == [] and cell.execution_count is None, f"{path.name} cell {i} has stored output"
 
