@@ -168,6 +168,8 @@ def test_ablation_table_switches_off_one_component_per_run(facts_tiny, split, tm
     assert runs[1].metrics["moved_code_changed_fraction"] < 1.0
     with pytest.raises(WorkbenchError, match="unknown ablation"):
         ablation_table(facts_tiny, ablations=["circuit", "dropout"], runs_root=str(tmp_path))
+    with pytest.raises(WorkbenchError, match="no ablation named"):
+        ablation_table(facts_tiny, ablations=[" "], runs_root=str(tmp_path))
 
 
 def test_ablation_findings_name_the_flipped_properties():

@@ -430,17 +430,15 @@ def cmd_paper_table(args: argparse.Namespace) -> int:
 
 def cmd_ablate(args: argparse.Namespace) -> int:
     from workbench.circuit import Circuit
-    from workbench.compare import ABLATIONS, ablation_findings, ablation_table, compare_table, output_format
+    from workbench.compare import ABLATIONS, ablation_findings, ablation_table, check_ablations, compare_table, \
+        output_format
     from workbench.experiment import oracle_for
     from workbench.models import load_model
     from workbench.unlearning import MansuConfig
 
     if args.out:
         output_format(args.out)
-    ablations = [a.strip() for a in (args.ablations or ",".join(ABLATIONS)).split(",") if a.strip()]
-    unknown = [a for a in ablations if a not in ABLATIONS]
-    if not ablations or unknown:
-        raise WorkbenchError(f"--ablations {args.ablations!r}: choose from {', '.join(ABLATIONS)}")
+    ablations = check_ablations((args.ablations or ",".join(ABLATIONS)).split(","))  # before the model loads
     q = _quant(args)
     if q is None:
         raise WorkbenchError("ablate needs a quantizer: --quant nf4, fp4 or int8")

@@ -396,6 +396,16 @@ ABLATIONS = ("circuit", "projection", "fisher", "floor")
 """MANSU's four components (REFERENCE.md §3), each switched off alone by :func:`ablation_table`."""
 
 
+def check_ablations(ablations: Sequence[str]) -> list[str]:
+    """``ablations`` as a list without repeats, each one of :data:`ABLATIONS` (else a clear error)."""
+    names = list(dict.fromkeys(a.strip() for a in ablations if a.strip()))
+    unknown = [a for a in names if a not in ABLATIONS]
+    if not names or unknown:
+        what = f"unknown ablation(s) {', '.join(unknown)}" if unknown else "no ablation named"
+        raise WorkbenchError(f"{what}; choose from {', '.join(ABLATIONS)}")
+    return names
+
+
 def ablation_table(
     model: LoadedModel,
     *,
@@ -420,12 +430,9 @@ def ablation_table(
 
     from workbench.unlearning import MansuConfig
 
-    unknown = [a for a in ablations if a not in ABLATIONS]
-    if unknown:
-        raise WorkbenchError(f"unknown ablation(s) {', '.join(unknown)}; choose from {', '.join(ABLATIONS)}")
     config = config or MansuConfig()
     jobs = [("mansu", {"mansu_config": config})]
-    jobs += [("mansu", {"mansu_config": replace(config, **{f"use_{a}": False})}) for a in dict.fromkeys(ablations)]
+    jobs += [("mansu", {"mansu_config": replace(config, **{f"use_{a}": False})}) for a in check_ablations(ablations)]
     return _run_jobs(model, jobs, "ablation table", split=split, quant=quant, measure_cad=measure_cad,
                      needs_circuit=True, circuit=circuit, oracle=oracle, runs_root=runs_root, progress=progress)
 
