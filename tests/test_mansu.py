@@ -20,6 +20,7 @@ from workbench.unlearning.batches import FactBatch
 from workbench.unlearning.loop import Batches
 from workbench.unlearning.mansu import (
     diagonal_fisher,
+    diagonal_fisher_per_example,
     fisher_bound,
     null_space_projector,
     project_update,
@@ -122,6 +123,23 @@ def test_projection_layout_matters_for_square_conv1d():
         assert float((wrong(k) - base_out).abs().max()) > 0.1 * scale
 
 
+def test_modules_reading_one_input_share_it_and_its_projector(toy_llama_gqa):
+    """Llama's q/k/v read one normalised residual: one captured input, hence one eigh."""
+    from workbench.unlearning.mansu import _linear_inputs
+
+    facts = [Fact("w1 w2", "w3", ()), Fact("w4 w5 w6 w7", "w8", ()), Fact("w9", "w10", ())]
+    batch = FactBatch.from_facts(toy_llama_gqa.tokenizer, facts)
+    attn = "model.layers.0.self_attn"
+    names = [f"{attn}.{m}.weight" for m in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    inputs = _linear_inputs(toy_llama_gqa.hf, names, batch)
+    assert inputs[names[0]] is inputs[names[1]] is inputs[names[2]]
+    assert inputs[names[3]] is not inputs[names[0]]
+    # the real (unpadded) tokens only, and the same rows as capturing k_proj on its own
+    n_real = int((batch.last + 1).sum())
+    alone = _linear_inputs(toy_llama_gqa.hf, [names[1]], batch)[names[1]]
+    assert alone.shape[0] == n_real and torch.equal(alone, inputs[names[0]])
+
+
 # --- facts-tiny MANSU runs shared by the tests below --------------------------------------------
 
 
@@ -199,7 +217,7 @@ def test_floor_verification_reverts_moves_that_keep_their_code(facts_tiny, split
 
     def half_sabotaged(direction, grid, steps):
         target, valid = real(direction, grid, steps)
-        own = grid.values[grid.rank] * grid.absmax
+        own = grid.values[grid.rank.long()] * grid.absmax
         odd = torch.arange(target.numel()) % 2 == 1
         return torch.where(odd, own, target), valid
 
@@ -244,6 +262,38 @@ def test_diagonal_fisher_is_the_mean_per_example_squared_gradient(toy_gpt2):
     # ``samples`` caps the examples used (the first ones)
     two = diagonal_fisher(copy.deepcopy(toy_gpt2.hf), [name], batch, samples=2)[name]
     torch.testing.assert_close(two, (grads[0] ** 2 + grads[1] ** 2) / 2, rtol=1e-4, atol=1e-12)
+
+
+@pytest.mark.parametrize("fixture", ["toy_gpt2", "toy_llama_gqa", "facts_tiny"])
+def test_batched_fisher_equals_one_backward_per_example(fixture, request):
+    """The fast path (per-example gradients of Linear/Conv1D weights from one batched
+    backward) against the reference loop, on GPT-2 Conv1D, Llama Linear with GQA and a
+    trained model; the tied embedding takes the loop inside the fast function too."""
+    from workbench.unlearning.mansu import _single_use_linear_owners
+
+    model = request.getfixturevalue(fixture)
+    facts = [Fact("w1 w2", "w3", ()), Fact("w4 w5 w6 w7", "w8", ()), Fact("w9 w10 w11", "w12", ()),
+             Fact("w20", "w21", ()), Fact("w13 w14", "w15", ())]
+    if fixture == "facts_tiny":
+        from workbench.splits import builtin_split
+
+        facts = list(builtin_split(model).retain)[:20]
+    batch = FactBatch.from_facts(model.tokenizer, facts)
+    quantizable = quantizable_parameters(model.hf, QuantConfig("nf4"))
+    embedding = next(n for n, _ in model.hf.named_parameters() if "wte" in n or "embed_tokens" in n)
+    names = sorted({*quantizable, embedding})
+    before = model.weights_hash()
+    work = copy.deepcopy(model.hf)
+    # every quantized weight takes the batched path; the (tied) embedding does not
+    assert set(_single_use_linear_owners(work, names)) == set(quantizable) - {embedding}
+    fast = diagonal_fisher(work, names, batch, samples=len(facts) - 1)  # ``samples`` caps: the first ones
+    reference = diagonal_fisher_per_example(copy.deepcopy(model.hf), names, batch, samples=len(facts) - 1)
+    assert model.weights_hash() == before
+    assert not any(p.requires_grad for p in work.parameters())
+    assert list(fast) == names
+    for n in names:
+        assert fast[n].abs().sum() > 0, n
+        torch.testing.assert_close(fast[n], reference[n], rtol=1e-3, atol=1e-10, msg=n)
 
 
 def test_fisher_bound_is_half_sum_f_delta_squared():
@@ -291,13 +341,17 @@ def test_retain_guard_stops_when_passing_and_undone_rounds_alternate(facts_tiny,
     n_forget = len(split.forget)
     guard_calls = []
 
+    def scripted_correct(module, batch):
+        assert batch.answers.numel() == n_forget, "only the forget set is scored fact by fact"
+        return torch.ones(n_forget, dtype=torch.bool)  # forgetting never reaches the target
+
     def scripted_top1(module, batch):
-        if batch.answers.numel() == n_forget:
-            return 1.0  # forgetting never reaches the target
+        assert batch.answers.numel() != n_forget, "the forget set goes through _correct"
         guard_calls.append(1)
         # first call: the guard's baseline; then rounds alternate undone (retain 0) / passing (1)
         return 1.0 if len(guard_calls) == 1 or len(guard_calls) % 2 == 1 else 0.0
 
+    monkeypatch.setattr(mansu_mod, "_correct", scripted_correct)
     monkeypatch.setattr(mansu_mod, "_top1", scripted_top1)
     result = _run(facts_tiny, split, every_module, params_per_round=8, max_rounds=40, guard_patience=3)
     assert result.stopped == "retain guard"

@@ -389,6 +389,12 @@ def bench_unlearning(model: LoadedModel, *, steps: int = 5) -> dict[str, Any]:
     circuit = all_components(model.n_layers, model.n_heads, include_embed=False)
     silent = lambda fraction, message: None  # noqa: E731
     quant = QuantConfig("nf4")
+    # One untimed step of each first: whichever ran first would otherwise also pay the
+    # process's one-time costs (bitsandbytes' CPU backend, autograd's first graph).
+    unlearn(model, split, method="mansu", quant=quant, circuit=circuit, progress=silent,
+            mansu_config=MansuConfig(max_rounds=1, forget_target=0.0, retain_guard=None))
+    unlearn(model, split, method="graddiff", quant=quant, progress=silent,
+            optim=OptimConfig(lr=default_lr(model)), stop=StopRule(max_steps=1, forget_target=None))
     # forget_target 0 and no guard: both run exactly ``steps`` iterations
     t_mansu, m_mansu, mansu = _timed(lambda: unlearn(
         model, split, method="mansu", quant=quant, circuit=circuit, progress=silent,

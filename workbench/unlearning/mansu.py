@@ -176,16 +176,25 @@ def null_space_projector(inputs: torch.Tensor, threshold: float = 1e-2, min_frac
 
 
 def _linear_inputs(work: torch.nn.Module, names: Iterable[str], batch: FactBatch) -> dict[str, torch.Tensor]:
-    """``[n_real_tokens, d_in]`` inputs of the modules owning the weights ``names`` on ``batch``."""
+    """``[n_real_tokens, d_in]`` inputs of the modules owning the weights ``names`` on ``batch``.
+
+    Modules that read the same tensor (Llama's q/k/v projections, gate/up) get the very same
+    returned tensor, so callers can compute one projector per distinct input.
+    """
     modules = dict(work.named_modules())
     owners = {n: n.rsplit(".", 1)[0] for n in names}
     captured: dict[str, list[torch.Tensor]] = {m: [] for m in set(owners.values())}
+    # id → (the input itself, its real-token rows); holding the input keeps its id unique
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     positions = torch.arange(batch.ids.shape[1], device=batch.last.device)
     real = positions[None, :] <= batch.last[:, None]  # padding excluded
     handles = []
     for mod_name in captured:
         def hook(_m: torch.nn.Module, args: tuple[torch.Tensor, ...], key: str = mod_name) -> None:
-            captured[key].append(args[0].detach()[real])
+            x = args[0]
+            if id(x) not in seen:
+                seen[id(x)] = (x, x.detach()[real])
+            captured[key].append(seen[id(x)][1])
         handles.append(modules[mod_name].register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
@@ -193,7 +202,9 @@ def _linear_inputs(work: torch.nn.Module, names: Iterable[str], batch: FactBatch
     finally:
         for h in handles:
             h.remove()
-    return {n: torch.cat(captured[owners[n]]) for n in names}
+    # one forward, so one captured input per module (kept as is: shared inputs stay shared)
+    by_module = {m: xs[0] if len(xs) == 1 else torch.cat(xs) for m, xs in captured.items()}
+    return {n: by_module[owners[n]] for n in names}
 
 
 def _is_conv1d(work: torch.nn.Module, name: str) -> bool:
@@ -214,26 +225,126 @@ def project_update(delta: torch.Tensor, projector: torch.Tensor, *, conv1d: bool
 
 
 def diagonal_fisher(work: torch.nn.Module, names: list[str], batch: FactBatch, samples: int) -> dict[str, torch.Tensor]:
-    """``E[(∂ log p(y|x)/∂θ)²]`` over up to ``samples`` retain facts, one example per backward.
+    """``E[(∂ log p(y|x)/∂θ)²]`` over the first ``samples`` retain facts (all if fewer).
 
-    The empirical Fisher with the true answers (the facts the model knows), per example
-    so that the square is of a per-example gradient, as the definition requires.
+    The empirical Fisher with the true answers (the facts the model knows). The square must
+    be of a *per-example* gradient, as the definition requires. For the weight of an
+    ``nn.Linear`` or GPT-2 ``Conv1D`` used once per forward, the per-example gradient is
+    ``Σ_t g_{b,t} x_{b,t}ᵀ`` (output gradient times input, summed over the example's tokens),
+    so one batched forward/backward gives every example's gradient; examples do not
+    interact in a causal LM, and padding after an example's last token gets no gradient.
+    Any other weight (embeddings, shared tensors) takes one backward per example
+    (:func:`diagonal_fisher_per_example`, the reference the batched path is tested against).
     """
+    count = min(samples, len(batch))
+    if count == 0:
+        raise WorkbenchError("the diagonal Fisher needs at least one retain example")
+    rows = batch.subset(torch.arange(count))
+    owners = _single_use_linear_owners(work, names)
+    rest = [n for n in names if n not in owners]
+    fisher = diagonal_fisher_per_example(work, rest, rows, count) if rest else {}
+    if owners:
+        fisher.update(_batched_linear_fisher(work, owners, rows))
+    return {n: fisher[n] for n in names}
+
+
+def diagonal_fisher_per_example(work: torch.nn.Module, names: list[str], batch: FactBatch, samples: int) -> dict[str, torch.Tensor]:
+    """:func:`diagonal_fisher` by one backward pass per example: slow, for any parameter."""
     params = dict(work.named_parameters())
     for n, p in params.items():
         p.requires_grad_(n in names)
     fisher = {n: torch.zeros_like(params[n]) for n in names}
     count = min(samples, len(batch))
-    for i in range(count):
-        row = batch.subset(torch.tensor([i]))
-        logp = torch.log_softmax(answer_logits(work, row).float(), -1)[0, row.answers[0]]
-        grads = torch.autograd.grad(logp, [params[n] for n in names], allow_unused=True)
-        for n, g in zip(names, grads):
-            if g is not None:
-                fisher[n] += g.detach() ** 2
-    for p in params.values():
-        p.requires_grad_(False)
+    try:
+        for i in range(count):
+            row = batch.subset(torch.tensor([i]))
+            logp = torch.log_softmax(answer_logits(work, row).float(), -1)[0, row.answers[0]]
+            grads = torch.autograd.grad(logp, [params[n] for n in names], allow_unused=True)
+            for n, g in zip(names, grads):
+                if g is not None:
+                    fisher[n] += g.detach() ** 2
+    finally:
+        for p in params.values():
+            p.requires_grad_(False)
     return {n: f / count for n, f in fisher.items()}
+
+
+def _single_use_linear_owners(work: torch.nn.Module, names: list[str]) -> dict[str, torch.nn.Module]:
+    """``name → module`` for the named weights owned by a Linear/Conv1D and shared with no other module."""
+    from workbench.quant import _conv1d_class
+
+    conv1d = _conv1d_class()
+    uses: dict[int, int] = {}
+    for m in work.modules():
+        for p in m.parameters(recurse=False):
+            uses[id(p)] = uses.get(id(p), 0) + 1
+    modules = dict(work.named_modules())
+    owners = {}
+    for n in names:
+        owner, _, attr = n.rpartition(".")
+        module = modules.get(owner)
+        if attr != "weight" or module is None or uses.get(id(module.weight), 0) != 1:
+            continue
+        if isinstance(module, torch.nn.Linear) or (conv1d is not None and isinstance(module, conv1d)):
+            owners[n] = module
+    return owners
+
+
+def _batched_linear_fisher(
+    work: torch.nn.Module, owners: dict[str, torch.nn.Module], batch: FactBatch, chunk: int = 16
+) -> dict[str, torch.Tensor]:
+    """Per-example squared gradients of Linear/Conv1D weights, one forward/backward per ``chunk`` examples.
+
+    Memory: one ``[chunk, out, in]`` per-example gradient at a time.
+    """
+    from workbench.quant import _conv1d_class
+
+    conv1d = _conv1d_class()
+    fisher = {n: torch.zeros_like(m.weight) for n, m in owners.items()}
+    params = list(work.parameters())
+    flags = [p.requires_grad for p in params]
+    # Only the moved weights need grad: that puts their modules' outputs in the graph.
+    wanted = {id(m.weight) for m in owners.values()}
+    inputs: dict[str, torch.Tensor] = {}
+    outputs: dict[str, torch.Tensor] = {}
+
+    def capture(key: str) -> Callable[..., None]:
+        def hook(_m: torch.nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            if key in inputs:
+                raise WorkbenchError(f"{key}: its module ran twice in one forward; this Fisher needs one use")
+            inputs[key], outputs[key] = args[0].detach(), out
+        return hook
+
+    handles = [m.register_forward_hook(capture(n)) for n, m in owners.items()]
+    try:
+        for p in params:
+            p.requires_grad_(id(p) in wanted)
+        for start in range(0, len(batch), chunk):
+            part = batch.subset(torch.arange(start, min(start + chunk, len(batch))))
+            inputs.clear()
+            outputs.clear()
+            logits = answer_logits(work, part)
+            logp = torch.log_softmax(logits.float(), -1).gather(-1, part.answers[:, None]).sum()
+            keys = list(outputs)
+            # Row b of the gradient of Σ_b log p_b at a module's output is example b's own.
+            grads = torch.autograd.grad(logp, [outputs[k] for k in keys], allow_unused=True)
+            for k, g in zip(keys, grads):
+                if g is None:
+                    continue
+                x, g = inputs[k].float(), g.float()
+                if conv1d is not None and isinstance(owners[k], conv1d):  # weight [in, out]
+                    per_example = torch.einsum("bti,bto->bio", x, g)
+                else:  # nn.Linear weight [out, in]
+                    per_example = torch.einsum("bto,bti->boi", g, x)
+                fisher[k] += (per_example**2).sum(0).to(fisher[k].dtype)
+    finally:
+        for h in handles:
+            h.remove()
+        inputs.clear()
+        outputs.clear()
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+    return {n: f / len(batch) for n, f in fisher.items()}
 
 
 def fisher_bound(fisher: dict[str, torch.Tensor], update: Update) -> float:
@@ -249,7 +360,8 @@ class _Grid:
     """Per weight of one tensor (flattened in the weight's own layout): where it sits on the grid.
 
     Attributes:
-        rank: ``[numel]`` position of its code in ascending code-value order.
+        code: ``[numel]`` int16, its code index (as bitsandbytes numbers the codes).
+        rank: ``[numel]`` int16, position of its code in ascending code-value order.
         absmax: ``[numel]`` exact absmax of its block (what bnb divides by to pick codes).
         values: ``[n_codes]`` code values in ascending order.
         bin_width: ``[numel]`` local bin width (:class:`workbench.quant.BinGeometry`).
@@ -270,7 +382,9 @@ def _grid(w: torch.Tensor, quant: QuantConfig, *, transposed: bool) -> _Grid:
     geo = bin_geometry(w, quant, transposed=transposed)
     values = code_table(quant)[code_order(quant)]
     return _Grid(
-        code=geo.code.reshape(-1).long(), rank=geo.rank.reshape(-1).long(), absmax=geo.absmax.reshape(-1).float(), values=values.float(),
+        # int16 codes (≤ 256 of them): 4 bytes per candidate weight instead of 16 as int64
+        code=geo.code.reshape(-1).to(torch.int16), rank=geo.rank.reshape(-1).to(torch.int16),
+        absmax=geo.absmax.reshape(-1).float(), values=values.float(),
         bin_width=geo.bin_width.reshape(-1).float(), is_block_max=geo.is_block_max.reshape(-1),
     )
 
@@ -283,7 +397,7 @@ def floor_targets(direction: torch.Tensor, grid: _Grid, steps: int) -> tuple[tor
     leave the table, or the weight is its block's absmax (moving it rescales the block).
     """
     sign = torch.sign(direction.reshape(-1)).long()
-    target_rank = grid.rank + steps * sign
+    target_rank = grid.rank.long() + steps * sign
     n = grid.values.numel()
     valid = (sign != 0) & (target_rank >= 0) & (target_rank < n) & ~grid.is_block_max
     target = grid.values[target_rank.clamp(0, n - 1)] * grid.absmax
@@ -352,9 +466,9 @@ def mansu(
     if config.use_projection:
         report(0.05, "retain activations → null-space projectors")
         inputs = _linear_inputs(work, names, retain_proj)
-        cache: dict[str, torch.Tensor] = {}
+        cache: dict[int, torch.Tensor] = {}  # one projector per distinct input tensor
         for n in names:
-            key = n.rsplit(".", 1)[0]
+            key = id(inputs[n])
             if key not in cache:
                 cache[key] = null_space_projector(inputs[n], config.null_threshold, config.min_null_fraction)
             state.projectors[n] = cache[key]
@@ -381,6 +495,10 @@ def mansu(
     guard_batch = batches.retain.sample(256, torch.Generator().manual_seed(1))
     guard_base = _top1(work, guard_batch)
     guard_undone = 0
+    # Which forget facts each model still answers: the forget gradient only runs over those
+    # (forgotten facts contribute nothing to it), and each round's evaluation refreshes them.
+    still = _correct(work, batches.forget)
+    q_still = _correct(qwork, batches.forget) if config.quantized_direction else None
 
     timings["setup"] = time.perf_counter() - start
     # Gradients at the current weights; an undone round restores the weights exactly, so the
@@ -393,9 +511,9 @@ def mansu(
             break
         tick = time.perf_counter()
         if gradients is None or not _REUSE_GRADIENTS:
-            direction = _forget_direction(work, names, batches.forget)
-            if config.quantized_direction:
-                q_direction = _forget_direction(qwork, names, batches.forget)
+            direction = _forget_direction(work, names, batches.forget, still)
+            if q_still is not None:
+                q_direction = _forget_direction(qwork, names, batches.forget, q_still)
                 direction = {n: 0.5 * (direction[n] + q_direction[n]) for n in names}
             # a different retain sample from the guard's, so the guard stays an independent check
             retain_grad = (_retain_gradient(work, names, retain_proj)
@@ -490,7 +608,7 @@ def mansu(
             stopped = "fisher budget" if config.use_fisher and config.fisher_budget is not None else "no candidates"
             break
         with torch.no_grad():
-            for n in names:
+            for n in touched:  # the only modules whose deltas changed
                 params[n].copy_(base[n] + deltas[n])
                 qparams[n].copy_(quantize_dequantize(base[n] + deltas[n], quant, transposed=state.transposed[n]))
         tick = _lap(timings, "quantizer", tick)
@@ -521,8 +639,11 @@ def mansu(
         gradients = None  # the weights moved
         if config.retain_guard is not None and retain_drop <= config.retain_guard / 2:
             per_round = min(max_per_round, int(per_round * 1.5) + 1)
-        fp = _top1(work, batches.forget)
-        q = _top1(qwork, batches.forget)
+        still = _correct(work, batches.forget)
+        fp = float(still.float().mean())
+        answered_q = _correct(qwork, batches.forget)
+        q = float(answered_q.float().mean())
+        q_still = answered_q if config.quantized_direction else None
         _lap(timings, "evaluation", tick)
         record = {"step": rounds, "forget_top1": fp, "forget_top1_q": q, "moved": float(sum(int(m.sum()) for m in moved.values())),
                   "fisher_bound": bound}
@@ -570,23 +691,14 @@ def retain_output_change(work: torch.nn.Module, update: Update, state: _State, b
     return num / den if den else 0.0
 
 
-def _answer_logprob_gradient(
-    work: torch.nn.Module, names: list[str], batch: FactBatch, *, only_correct: bool
-) -> dict[str, torch.Tensor]:
-    """∇ mean log p(answer) over ``batch`` w.r.t. the named parameters (zeros where unused).
-
-    ``only_correct``: average over the facts the model still gets right (all if none), so
-    already-forgotten facts stop pulling on the direction.
-    """
+def _answer_logprob_gradient(work: torch.nn.Module, names: list[str], batch: FactBatch) -> dict[str, torch.Tensor]:
+    """∇ mean log p(answer) over ``batch`` w.r.t. the named parameters (zeros where unused)."""
     params = dict(work.named_parameters())
     for n in names:
         params[n].requires_grad_(True)
     try:
         logits = answer_logits(work, batch)
         logp = torch.log_softmax(logits.float(), -1).gather(-1, batch.answers[:, None]).squeeze(-1)
-        if only_correct:
-            still = logits.argmax(-1) == batch.answers
-            logp = logp[still] if bool(still.any()) else logp
         grads = torch.autograd.grad(logp.mean(), [params[n] for n in names], allow_unused=True)
     finally:
         for n in names:
@@ -594,14 +706,19 @@ def _answer_logprob_gradient(
     return {n: (g if g is not None else torch.zeros_like(params[n])) for n, g in zip(names, grads)}
 
 
-def _forget_direction(work: torch.nn.Module, names: list[str], forget: FactBatch) -> dict[str, torch.Tensor]:
-    """−∇ mean log p(answer) over the forget facts the model still gets right (all if none)."""
-    return {n: -g for n, g in _answer_logprob_gradient(work, names, forget, only_correct=True).items()}
+def _forget_direction(
+    work: torch.nn.Module, names: list[str], forget: FactBatch, still: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """−∇ mean log p(answer) over the forget facts ``work`` still answers (``still``, ``[n]``
+    bool, from :func:`_correct`; all facts once none is left), so already-forgotten facts stop
+    pulling on the direction. Only those facts are run: the same gradient, for less work."""
+    rows = forget.subset(still.nonzero().squeeze(-1)) if bool(still.any()) else forget
+    return {n: -g for n, g in _answer_logprob_gradient(work, names, rows).items()}
 
 
 def _retain_gradient(work: torch.nn.Module, names: list[str], retain: FactBatch) -> dict[str, torch.Tensor]:
     """∇ mean log p(answer) over the retain facts (a move along it keeps them; against it hurts)."""
-    return _answer_logprob_gradient(work, names, retain, only_correct=False)
+    return _answer_logprob_gradient(work, names, retain)
 
 
 _REUSE_GRADIENTS = True
@@ -615,9 +732,14 @@ def _lap(timings: dict[str, float], phase: str, since: float) -> float:
     return now
 
 
-def _top1(module: torch.nn.Module, batch: FactBatch) -> float:
+def _correct(module: torch.nn.Module, batch: FactBatch) -> torch.Tensor:
+    """``[n]`` bool: the facts whose answer is ``module``'s top-1."""
     with torch.no_grad():
-        return float((answer_logits(module, batch).argmax(-1) == batch.answers).float().mean())
+        return answer_logits(module, batch).argmax(-1) == batch.answers
+
+
+def _top1(module: torch.nn.Module, batch: FactBatch) -> float:
+    return float(_correct(module, batch).float().mean())
 
 
 def _quantized_copy(model: LoadedModel, quant: QuantConfig) -> torch.nn.Module:
