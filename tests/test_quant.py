@@ -445,6 +445,30 @@ def test_compare_transposed_matches_quantizing_the_transpose() -> None:
     assert a == b
 
 
+def test_compare_streams_so_its_peak_does_not_grow_with_the_model() -> None:
+    """The analysis holds one weight's working set at a time (after = base + delta, its codes
+    and bin geometry) and keeps only summaries: analysing 12 weights of 16 MiB peaks no higher
+    than analysing 2, where holding every after-copy would add 160 MiB or more. Resident
+    memory (the kernel's high-water mark) is noisy by tens of MiB, hence the wide margin."""
+    from workbench.bench import PeakMemory
+
+    cfg = QuantConfig("nf4")
+
+    def peak_mb(n: int) -> float:
+        g = torch.Generator().manual_seed(0)
+        base = {f"w{i}": torch.randn(2048, 2048, generator=g) for i in range(n)}
+        delta = {k: torch.zeros_like(v).index_fill_(0, torch.tensor([3, 700]), 0.5) for k, v in base.items()}
+        with PeakMemory() as mem:
+            result = compare_quantization(base, delta, list(base), cfg, progress=lambda *_: None)
+        assert result.overall.n_changed == n * 2 * 2048
+        return mem.peak_mb
+
+    peak_mb(1)  # warm-up: bitsandbytes' first call allocates its own buffers
+    small, large = peak_mb(2), peak_mb(12)
+    one_weight = 2048 * 2048 * 4 / 2**20
+    assert large - small < 5 * one_weight, (small, large)
+
+
 @pytest.mark.parametrize("dq", [False, True])
 def test_compare_dense_small_update_dithers_through(dq: bool) -> None:
     # REFERENCE.md section 6: tiny dense updates flip few codes, mostly along Δ
