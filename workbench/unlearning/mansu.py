@@ -46,6 +46,7 @@ import torch
 from workbench.errors import WorkbenchError
 from workbench.unlearning.batches import FactBatch, answer_logits
 from workbench.unlearning.loop import Batches, UnlearningResult
+from workbench.unlearning.losses import answer_logprob
 from workbench.update import Update
 
 if TYPE_CHECKING:
@@ -258,7 +259,7 @@ def diagonal_fisher_per_example(work: torch.nn.Module, names: list[str], batch: 
     try:
         for i in range(count):
             row = batch.subset(torch.tensor([i]))
-            logp = torch.log_softmax(answer_logits(work, row).float(), -1)[0, row.answers[0]]
+            logp = answer_logprob(answer_logits(work, row), row.answers)[0]
             grads = torch.autograd.grad(logp, [params[n] for n in names], allow_unused=True)
             for n, g in zip(names, grads):
                 if g is not None:
@@ -323,8 +324,7 @@ def _batched_linear_fisher(
             part = batch.subset(torch.arange(start, min(start + chunk, len(batch))))
             inputs.clear()
             outputs.clear()
-            logits = answer_logits(work, part)
-            logp = torch.log_softmax(logits.float(), -1).gather(-1, part.answers[:, None]).sum()
+            logp = answer_logprob(answer_logits(work, part), part.answers).sum()
             keys = list(outputs)
             # Row b of the gradient of Σ_b log p_b at a module's output is example b's own.
             grads = torch.autograd.grad(logp, [outputs[k] for k in keys], allow_unused=True)
@@ -697,8 +697,7 @@ def _answer_logprob_gradient(work: torch.nn.Module, names: list[str], batch: Fac
     for n in names:
         params[n].requires_grad_(True)
     try:
-        logits = answer_logits(work, batch)
-        logp = torch.log_softmax(logits.float(), -1).gather(-1, batch.answers[:, None]).squeeze(-1)
+        logp = answer_logprob(answer_logits(work, batch), batch.answers)
         grads = torch.autograd.grad(logp.mean(), [params[n] for n in names], allow_unused=True)
     finally:
         for n in names:
