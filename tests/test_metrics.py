@@ -250,6 +250,26 @@ def test_report_card_logic():
     assert no_cad["structural"]["pass"] is None
 
 
+def test_summary_says_where_the_time_went(mansu_measured, graddiff_measured):
+    from workbench.metrics import summary_lines
+
+    result, metrics, _ = mansu_measured
+    phases = result.diagnostics["seconds_by_phase"]
+    total = result.seconds + 2.0
+    line = summary_lines({**metrics, "seconds": total, "unlearning_seconds": result.seconds,
+                          "diagnostics": result.diagnostics})[-1]
+    assert line.startswith(f"time: unlearning {result.seconds:.1f} s (")
+    assert all(f"{name} {value:.1f}" in line for name, value in phases.items())
+    assert line.endswith(" · measuring 2.0 s")
+    # a baseline has no phases: the line has the two totals only
+    gd_result, gd_metrics = graddiff_measured
+    gd_line = summary_lines({**gd_metrics, "seconds": gd_result.seconds + 1.0, "unlearning_seconds": gd_result.seconds,
+                             "diagnostics": gd_result.diagnostics})[-1]
+    assert gd_line == f"time: unlearning {gd_result.seconds:.1f} s · measuring 1.0 s"
+    # metrics without timings (older runs) get no time line
+    assert not any(x.startswith("time:") for x in summary_lines(gd_metrics))
+
+
 def test_thresholds_are_validated():
     for bad in (dict(forget_max=1.5), dict(retain_tolerance=-0.1), dict(cad_min=2.0)):
         with pytest.raises(WorkbenchError):

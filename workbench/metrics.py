@@ -337,6 +337,12 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
         lines.append(f"retain KL {metrics['retain_kl']:.4g}")
     if "cad" in metrics:
         lines.append(f"CAD fp {metrics['cad']['fp']:.3f} · quantized {metrics['cad']['quantized']:.3f}")
+    if "unlearning_seconds" in metrics and "seconds" in metrics:
+        # where the time went: MANSU reports its phases, so slow runs can be read, not guessed at
+        phases = (metrics.get("diagnostics") or {}).get("seconds_by_phase") or {}
+        detail = f" ({', '.join(f'{k} {v:.1f}' for k, v in phases.items())})" if phases else ""
+        lines.append(f"time: unlearning {metrics['unlearning_seconds']:.1f} s{detail} · measuring "
+                     f"{metrics['seconds'] - metrics['unlearning_seconds']:.1f} s")
     return lines
 
 
