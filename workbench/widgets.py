@@ -397,15 +397,18 @@ class Workbench:
     # --- 4. comparison --------------------------------------------------------------------
     def show_comparison(self) -> None:
         """Report card of the last run, accuracy and occupancy figures, and |Δw|/bin width of every run."""
+        import html
+
         from workbench import plots
-        from workbench.metrics import report_card_rows
+        from workbench.metrics import report_card_rows, summary_lines
         from workbench.tables import html_table
 
         m = self.last_metrics
         if m is None:
             return
         label = list(self.runs)[-1]
-        self.report_html.value = f"<b>{label}</b> — report card" + html_table(report_card_rows(m))
+        summary = "<br>".join(html.escape(line) for line in summary_lines(m))
+        self.report_html.value = f"<b>{label}</b> — report card" + html_table(report_card_rows(m)) + f"<p>{summary}</p>"
         figures = [plots.accuracy_figure({k: v for k, v in self.runs.items()}),
                    plots.occupancy_figure(m["quantization"]),
                    plots.update_ratio_figure({k: v["quantization"] for k, v in self.runs.items()})]
