@@ -187,12 +187,23 @@ def test_explicit_device_map_loads_a_placed_model_that_computes_the_same(tmp_pat
     plain = load_model(tmp_path / "m")
     placed = load_model(tmp_path / "m", device_map=device_map)
     assert placed is not plain and load_model(tmp_path / "m", device_map=device_map) is placed
+    # Over several devices accelerate hooks every module to move its inputs; with one device it
+    # does not, so force the hooks to exercise that path on the CPU.
+    from accelerate import dispatch_model
+
+    dispatch_model(placed.hf, device_map=device_map, force_hooks=True)
     assert {p.device.type for p in placed.hf.parameters()} == {"cpu"}
     ids = torch.tensor([[3, 5, 7, 9]])
     torch.testing.assert_close(placed.hf(ids).logits, plain.hf(ids).logits)
     pairs = toy_pairs(plain, 4, 5)
     a, b = attribute(plain, pairs, progress=lambda *_: None), attribute(placed, pairs, progress=lambda *_: None)
     assert max(abs(a.scores[c] - b.scores[c]) for c in a.scores) < 1e-5
+    # the bridge's CPU copy is a plain model: no accelerate hook would move its inputs back
+    # to a mapped device; the placed model itself keeps its hooks and map
+    bridged = placed.bridge().original_model
+    assert not any(hasattr(m, "_hf_hook") for m in bridged.modules())
+    assert not getattr(bridged, "hf_device_map", None)
+    assert any(hasattr(m, "_hf_hook") for m in placed.hf.modules()) and placed.hf.hf_device_map == device_map
     cfg = QuantConfig("nf4")
     names = quantizable_parameters(placed.hf, cfg)
     assert names == quantizable_parameters(plain.hf, cfg)

@@ -192,7 +192,15 @@ class LoadedModel:
                 # Attribution runs on the CPU whatever device the model is on: its
                 # accumulators are CPU tensors, and moving them is not yet done (nor testable
                 # here, without a GPU).
-                hf_copy = copy.deepcopy(self.hf).cpu()
+                hf_copy = copy.deepcopy(self.hf)
+                if getattr(hf_copy, "hf_device_map", None):
+                    # A device_map'd model carries accelerate hooks that move every module's
+                    # inputs to its mapped device: on the CPU copy they would send them back.
+                    from accelerate.hooks import remove_hook_from_module
+
+                    remove_hook_from_module(hf_copy, recurse=True)
+                    del hf_copy.hf_device_map
+                hf_copy = hf_copy.cpu()
                 # Booting with a name that is not a hub id is fine: with hf_model given,
                 # TransformerLens reads the architecture from the model's own config.
                 bridge = TransformerBridge.boot_transformers(
