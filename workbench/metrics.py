@@ -339,10 +339,13 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
         lines.append(f"CAD fp {metrics['cad']['fp']:.3f} · quantized {metrics['cad']['quantized']:.3f}")
     if "unlearning_seconds" in metrics and "seconds" in metrics:
         # where the time went: MANSU reports its phases, so slow runs can be read, not guessed at
+        def secs(x: float) -> str:
+            return f"{x:.1f}" if x >= 1 else f"{x:.2f}"
+
         phases = (metrics.get("diagnostics") or {}).get("seconds_by_phase") or {}
-        detail = f" ({', '.join(f'{k} {v:.1f}' for k, v in phases.items())})" if phases else ""
-        lines.append(f"time: unlearning {metrics['unlearning_seconds']:.1f} s{detail} · measuring "
-                     f"{metrics['seconds'] - metrics['unlearning_seconds']:.1f} s")
+        detail = f" ({', '.join(f'{k} {secs(v)}' for k, v in phases.items())})" if phases else ""
+        lines.append(f"time: unlearning {secs(metrics['unlearning_seconds'])} s{detail} · measuring "
+                     f"{secs(metrics['seconds'] - metrics['unlearning_seconds'])} s")
     return lines
 
 
