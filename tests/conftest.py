@@ -22,7 +22,7 @@ def _runs_in_tmp(tmp_path, monkeypatch):
 @pytest.fixture(autouse=True)
 def _fresh_base_memo():
     """Tests that fake the evaluator must not leave fake base numbers for the next test."""
-    from workbench.metrics import clear_base_memo
+    from workbench.measurement.metrics import clear_base_memo
 
     clear_base_memo()
     yield
@@ -31,14 +31,14 @@ def _fresh_base_memo():
 
 @pytest.fixture(scope="session")
 def toy_gpt2():
-    from workbench.models import toy_model
+    from workbench.models.toy import toy_model
 
     return toy_model("gpt2")
 
 
 @pytest.fixture(scope="session")
 def toy_llama_gqa():
-    from workbench.models import toy_model
+    from workbench.models.toy import toy_model
 
     return toy_model("llama", n_kv_heads=2)
 
@@ -46,7 +46,7 @@ def toy_llama_gqa():
 @pytest.fixture(scope="session")
 def facts_tiny():
     """The trained facts-tiny model (built once per cache, < 30 s)."""
-    from workbench.models import load_model
+    from workbench.models.loading import load_model
 
     return load_model("facts-tiny")
 
@@ -116,6 +116,6 @@ def one_thread():
 @pytest.fixture(scope="session")
 def split(facts_tiny):
     """facts-tiny's built-in forget/retain split (modules may override with their own)."""
-    from workbench.splits import builtin_split
+    from workbench.models.builtin_splits import builtin_split
 
     return builtin_split(facts_tiny)

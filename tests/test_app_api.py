@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+
 @pytest.fixture(scope="module")
 def client(app_server):
     from gradio_client import Client
@@ -92,8 +93,8 @@ def test_errors_become_page_messages_never_tracebacks(caplog):
     """User errors keep their message (HTML-escaped); anything else is logged, the page gets a note."""
     import gradio as gr
 
-    from app import friendly
-    from workbench.errors import WorkbenchError
+    from workbench.core.errors import WorkbenchError
+    from workbench.faces.app import friendly
 
     @friendly
     def user_error():

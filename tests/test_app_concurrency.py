@@ -153,8 +153,8 @@ def test_run_ids_cannot_escape_the_runs_directory(client, endpoint, bad):
 
 def test_run_ids_cannot_escape_the_runs_directory_in_the_session(tmp_path):
     """Without Gradio's picker check: the session itself refuses the id and reads nothing outside."""
-    from workbench.errors import WorkbenchError
-    from workbench.session import Session
+    from workbench.core.errors import WorkbenchError
+    from workbench.faces.session import Session
 
     root = tmp_path / "runs"
     outside = tmp_path / "x"
@@ -174,7 +174,7 @@ def test_oversized_upload_is_refused_by_the_server_with_a_message(app_server):
     """The server itself (``launch(max_file_size=...)``) refuses the upload, whatever the client."""
     import httpx
 
-    from workbench.session import MAX_UPLOAD_BYTES
+    from workbench.faces.session import MAX_UPLOAD_BYTES
 
     big = b'{"pad": "' + b"x" * (MAX_UPLOAD_BYTES + 10) + b'"}'
     r = httpx.post(app_server + "gradio_api/upload", files={"files": ("big-circuit.json", big, "application/json")},
@@ -189,7 +189,7 @@ def test_oversized_upload_is_refused_by_the_server_with_a_message(app_server):
 def test_oversized_upload_is_refused_by_the_client_with_a_message(client, tmp_path):
     from gradio_client import handle_file
 
-    from workbench.session import MAX_UPLOAD_BYTES
+    from workbench.faces.session import MAX_UPLOAD_BYTES
 
     big = tmp_path / "big-circuit.json"
     big.write_text('{"pad": "' + "x" * (MAX_UPLOAD_BYTES + 10) + '"}')

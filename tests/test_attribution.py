@@ -8,7 +8,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from workbench.attribution import (
+from workbench.core.components import EMBED, LOGITS, Component, ComponentKind, all_components, head, mlp
+from workbench.core.errors import WorkbenchError
+from workbench.interpretability.attribution import (
     Attribution,
     AttributionConfig,
     PromptPairs,
@@ -18,11 +20,9 @@ from workbench.attribution import (
     make_prompt_pairs,
     metric_baselines,
 )
-from workbench.errors import WorkbenchError
-from workbench.nodes import EMBED, LOGITS, Component, ComponentKind, all_components, head, mlp
 
 try:  # facts.py is written concurrently; any object with these attributes works
-    from workbench.facts import Fact as _Fact
+    from workbench.data.facts import Fact as _Fact
 
     def Fact(prompt: str, answer: str, corrupt_prompt: str = "", relation: str = "", template: int = 0):  # noqa: N802
         return _Fact(prompt=prompt, answer=answer, choices=(), relation=relation, template=template,
@@ -52,7 +52,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def models():
-    from workbench.models import toy_model
+    from workbench.models.toy import toy_model
 
     return {
         "gpt2": toy_model("gpt2"),
@@ -147,7 +147,7 @@ def test_prompt_pairs_errors(models):
 
 @pytest.mark.parametrize("name", ["gpt2", "gpt_neox", "llama_gqa"])
 def test_node_scores_equal_transformer_lens(models, pairs, name):
-    from workbench.bench import tl_node_scores
+    from workbench.faces.bench import tl_node_scores
 
     m, p = models[name], pairs[name]
     ours = attribute(m, p, AttributionConfig(batch_size=64), progress=SILENT)
@@ -262,7 +262,7 @@ def test_gqa_edges_equal_those_of_the_equivalent_mha_model(models, pairs):
     """A GQA model equals an MHA model whose K/V weights repeat each kv head for its group
     (the ``repeat_kv`` layout). In the MHA model every query head has its own K/V input, so
     its edge scores are per query head by construction: our GQA split must reproduce them."""
-    from workbench.models import toy_model
+    from workbench.models.toy import toy_model
 
     gqa, p = models["llama_gqa"], pairs["llama_gqa"]
     group = gqa.n_heads // gqa.n_kv_heads
@@ -306,7 +306,7 @@ def test_ablated_metric_full_and_empty(models, pairs, name):
 
 
 def test_bad_inputs_raise_workbench_error(models):
-    from workbench.models import toy_model
+    from workbench.models.toy import toy_model
 
     m = models["gpt2"]
     with pytest.raises(WorkbenchError, match="unknown attribution method"):

@@ -7,12 +7,13 @@ import json
 
 import pytest
 
-from workbench.attribution import AttributionConfig, agreement, attribute, make_prompt_pairs
-from workbench.bench import tl_node_scores
-from workbench.circuit import Circuit, faithfulness
-from workbench.errors import WorkbenchError
-from workbench.nodes import EMBED, all_components
-from workbench.splits import builtin_split
+from workbench.core.components import EMBED, all_components
+from workbench.core.errors import WorkbenchError
+from workbench.faces.bench import tl_node_scores
+from workbench.interpretability.attribution import AttributionConfig, agreement, attribute, make_prompt_pairs
+from workbench.interpretability.circuit import Circuit
+from workbench.interpretability.faithfulness import faithfulness
+from workbench.models.builtin_splits import builtin_split
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,7 @@ def test_faithfulness_of_full_and_empty_circuits(facts_tiny, pairs, atp):
 
 
 def test_circuit_json_round_trip_and_fingerprint_check(facts_tiny, atp, tmp_path):
-    from workbench.models import load_model
+    from workbench.models.loading import load_model
 
     circuit = Circuit.from_attribution(atp).select_top_k(5, include_embed=False)
     path = circuit.save(tmp_path / "circuit.json")

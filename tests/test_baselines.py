@@ -11,26 +11,26 @@ import math
 import pytest
 import torch
 
-from workbench.errors import WorkbenchError
-from workbench.experiment import run_unlearning
+from workbench.core.errors import WorkbenchError
+from workbench.experiments.flow import run_unlearning
+from workbench.models.scoring import answer_logits
 from workbench.quant import QuantConfig, quantizable_parameters, transposed_parameters
-from workbench.unlearning import (
-    BASELINES,
-    METHODS,
-    LoraConfig,
-    OptimConfig,
-    QuailConfig,
-    RmuConfig,
-    StopRule,
-    SureConfig,
-    unlearn,
-)
 from workbench.unlearning import losses
-from workbench.unlearning.batches import answer_logits
-from workbench.unlearning.loop import Batches
-
+from workbench.unlearning.batches import Batches
+from workbench.unlearning.methods.lora import LoraConfig
+from workbench.unlearning.methods.quail import QuailConfig
+from workbench.unlearning.methods.rmu import RmuConfig
+from workbench.unlearning.methods.sure import SureConfig
+from workbench.unlearning.registry import BASELINES, METHODS, unlearn
+from workbench.unlearning.task import OptimConfig, StopRule, UnlearningTask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _task(model, batches, *, lr, max_steps):
+    """A task for calling one method's run function directly (no stopping by forgetting)."""
+    return UnlearningTask(model=model, batches=batches, quant=QuantConfig("nf4"), optim=OptimConfig(lr=lr),
+                          stop=StopRule(max_steps=max_steps, forget_target=None))
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def _independent_bin_widths(w: torch.Tensor, quant: QuantConfig) -> torch.Tensor
 
 @pytest.mark.parametrize("qtype", ["nf4", "fp4"])
 def test_quail_margin_is_half_the_local_step(facts_tiny, batches, qtype):
-    from workbench.unlearning.quail import final_hidden, quail_margins
+    from workbench.unlearning.methods.quail import final_hidden, quail_margins
 
     quant = QuantConfig(qtype)
     w = facts_tiny.hf.get_output_embeddings().weight.detach()
@@ -129,7 +129,7 @@ def test_quail_margin_is_half_the_local_step(facts_tiny, batches, qtype):
 
 
 def test_sure_moves_only_the_top_rows(facts_tiny, batches):
-    from workbench.unlearning.sure import row_masks, row_saliency, sure
+    from workbench.unlearning.methods.sure import row_masks, row_saliency, sure
 
     names = quantizable_parameters(facts_tiny.hf, QuantConfig("nf4"))
     saliency = row_saliency(facts_tiny, batches, names)
@@ -147,8 +147,7 @@ def test_sure_moves_only_the_top_rows(facts_tiny, batches):
     assert lowest_in >= highest_out
 
     before = facts_tiny.weights_hash()
-    result = sure(facts_tiny, batches, config=SureConfig(row_fraction=0.1, lr_scale=4.0),
-                  optim=OptimConfig(lr=1e-3), stop=StopRule(max_steps=2, forget_target=None))
+    result = sure(_task(facts_tiny, batches, lr=1e-3, max_steps=2), SureConfig(row_fraction=0.1, lr_scale=4.0))
     assert facts_tiny.weights_hash() == before
     assert result.diagnostics["lr"] == pytest.approx(4e-3)
     assert result.update.nnz() > 0
@@ -160,11 +159,10 @@ def test_sure_moves_only_the_top_rows(facts_tiny, batches):
 
 
 def test_rmu_moves_only_upstream_blocks_and_steers_activations(facts_tiny, batches):
-    from workbench.unlearning.rmu import control_vector, hidden_at, rmu
+    from workbench.unlearning.methods.rmu import control_vector, hidden_at, rmu
 
     cfg = RmuConfig(layer=0, steering_scale=4.0, alpha=10.0)
-    result = rmu(facts_tiny, batches, config=cfg, optim=OptimConfig(lr=3e-3),
-                 stop=StopRule(max_steps=5, forget_target=None))
+    result = rmu(_task(facts_tiny, batches, lr=3e-3, max_steps=5), cfg)
     assert result.update.nnz() > 0
     assert all(".h.0." in n for n in result.update.deltas), result.update.names
     d = result.diagnostics
@@ -177,14 +175,14 @@ def test_rmu_moves_only_upstream_blocks_and_steers_activations(facts_tiny, batch
         a1, _ = hidden_at(after.hf, batches.forget, 0)
     assert float(losses.rmu_forget(a1, mask, control)) < float(losses.rmu_forget(a0, mask, control))
     with pytest.raises(WorkbenchError, match="out of range"):
-        rmu(facts_tiny, batches, config=RmuConfig(layer=facts_tiny.n_layers - 1))
+        rmu(_task(facts_tiny, batches, lr=3e-3, max_steps=5), RmuConfig(layer=facts_tiny.n_layers - 1))
 
 
 # --- LoRA: the merged update is the adapters ---------------------------------------------------
 
 
 def test_lora_merged_update_equals_running_the_adapters(facts_tiny, batches):
-    from workbench.unlearning.lora import adapted_copy, adapter_names, merged_update
+    from workbench.unlearning.methods.lora import adapted_copy, adapter_names, merged_update
 
     peft_model = adapted_copy(facts_tiny, LoraConfig(rank=4, alpha=8.0))
     inner = peft_model.get_base_model()
@@ -211,11 +209,10 @@ def test_lora_merged_update_equals_running_the_adapters(facts_tiny, batches):
 
 
 def test_lora_run_returns_the_merged_difference(facts_tiny, batches):
-    from workbench.unlearning.lora import lora
+    from workbench.unlearning.methods.lora import lora
 
     before = facts_tiny.weights_hash()
-    result = lora(facts_tiny, batches, config=LoraConfig(rank=2, alpha=4.0), optim=OptimConfig(lr=3e-3),
-                  stop=StopRule(max_steps=2, forget_target=None))
+    result = lora(_task(facts_tiny, batches, lr=3e-3, max_steps=2), LoraConfig(rank=2, alpha=4.0))
     assert facts_tiny.weights_hash() == before
     assert result.steps == 2 and result.update.nnz() > 0
     for d in result.update.deltas.values():

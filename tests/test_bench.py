@@ -6,11 +6,11 @@ import math
 
 import pytest
 
-from workbench.bench import COLUMNS, bench_attribution, format_table, toy_pairs
+from workbench.faces.bench import COLUMNS, bench_attribution, format_table, toy_pairs
 
 
 def test_bench_quick_table_structure():
-    from workbench.models import toy_model
+    from workbench.models.toy import toy_model
 
     tiny = toy_model("gpt2", n_layers=2, d_model=32, n_heads=4)
     gqa = toy_model("llama", n_layers=2, d_model=32, n_heads=4, n_kv_heads=2)
@@ -36,7 +36,7 @@ def test_bench_quick_table_structure():
 
 def test_bench_quantization_and_unlearning_rows(facts_tiny):
     """The quantization and unlearning sections measure what their columns say (no timing asserts)."""
-    from workbench.bench import QUANT_COLUMNS, UNLEARN_COLUMNS, bench_quantization, bench_unlearning, format_rows
+    from workbench.faces.bench import QUANT_COLUMNS, UNLEARN_COLUMNS, bench_quantization, bench_unlearning, format_rows
 
     q = bench_quantization(facts_tiny, density=0.05)
     assert q["analysis_s"] > 0 and q["bnb_pass_s"] > 0 and math.isfinite(q["analysis_over_bnb"])
@@ -60,7 +60,7 @@ def test_bench_quantization_and_unlearning_rows(facts_tiny):
 def test_peak_memory_sees_an_allocation():
     import torch
 
-    from workbench.bench import PeakMemory
+    from workbench.faces.bench import PeakMemory
 
     with PeakMemory() as mem:
         x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
@@ -74,7 +74,7 @@ def test_peak_memory_catches_a_peak_shorter_than_its_sampling_interval():
     sampler with a 10 s interval cannot (so the reading comes from VmHWM, not sampling)."""
     import torch
 
-    from workbench.bench import PeakMemory
+    from workbench.faces.bench import PeakMemory
 
     with PeakMemory(interval=10.0) as mem:
         x = torch.ones(48 * 2**20 // 4)  # 48 MiB, touched, freed at once
@@ -89,7 +89,7 @@ def test_cli_bench_quick_writes_every_section(tmp_path, capsys):
     """``workbench bench --quick``, the fast version of the full bench, end to end."""
     import json
 
-    from workbench.cli import main
+    from workbench.faces.cli import main
 
     out = tmp_path / "bench.json"
     assert main(["bench", "--quick", "--json", str(out)]) == 0

@@ -9,11 +9,11 @@ import random
 import pytest
 import torch
 
-from workbench.cad import circuit_attribution_divergence, jensen_shannon_bits
-from workbench.errors import WorkbenchError
-from workbench.nodes import EMBED, ComponentKind, all_components, head, mlp
+from workbench.core.components import EMBED, ComponentKind, all_components, head, mlp
+from workbench.core.errors import WorkbenchError
+from workbench.interpretability.cad import circuit_attribution_divergence, jensen_shannon_bits
+from workbench.models.update import Update
 from workbench.quant import QuantConfig
-from workbench.update import Update
 
 COMPS = [EMBED, head(0, 0), head(0, 1), mlp(0), head(1, 0), mlp(1)]
 
@@ -106,14 +106,14 @@ def test_mismatched_or_empty_maps_are_refused():
 
 @pytest.fixture(scope="module")
 def split(facts_tiny):
-    from workbench.splits import builtin_split
+    from workbench.models.builtin_splits import builtin_split
 
     return builtin_split(facts_tiny)
 
 
 @pytest.fixture(scope="module")
 def base_attribution(facts_tiny, split):
-    from workbench.experiment import attribute_forget_set
+    from workbench.experiments.flow import attribute_forget_set
 
     return attribute_forget_set(facts_tiny, split)
 
@@ -122,7 +122,7 @@ def test_empty_update_has_exactly_zero_cad(facts_tiny, split):
     """measure_update → cad_for_variants: fp compares base_fp with after_fp, quantized compares
     base_q with after_q; an empty update changes neither, so both are exactly 0 (if the quantized
     CAD compared the full-precision base with the quantized after-model it would not be)."""
-    from workbench.metrics import measure_update
+    from workbench.measurement.metrics import measure_update
 
     before = facts_tiny.weights_hash()
     comps = [head(1, 2), mlp(0)]
@@ -141,7 +141,7 @@ def test_empty_update_has_exactly_zero_cad(facts_tiny, split):
 def _output_weights_update(model, component, fill) -> Update:
     """Change the *output* weights of one component (GPT-2: rows of attn.c_proj for a head, the
     whole mlp.c_proj for an MLP); ``fill(w, mask)`` gives the delta."""
-    from workbench.circuit import circuit_parameters
+    from workbench.interpretability.parameters import circuit_parameters
 
     masks = {n: m for n, m in circuit_parameters(model, [component]).items() if ".c_proj.weight" in n}
     assert masks, f"{component.name} owns no output weight"
@@ -150,8 +150,8 @@ def _output_weights_update(model, component, fill) -> Update:
 
 
 def test_cad_grows_with_real_erasure(facts_tiny, split, base_attribution):
-    from workbench.attribution import attribute
-    from workbench.cad import circuit_attribution_divergence as cad
+    from workbench.interpretability.attribution import attribute
+    from workbench.interpretability.cad import circuit_attribution_divergence as cad
 
     top = next(c for c, _ in base_attribution.top(20) if c.kind is not ComponentKind.EMBED)
     gen = torch.Generator().manual_seed(0)

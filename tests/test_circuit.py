@@ -9,20 +9,13 @@ import networkx as nx
 import pytest
 import torch
 
-from workbench.attribution import Attribution
-from workbench.circuit import (
-    SCHEMA_VERSION,
-    Circuit,
-    CircuitDiff,
-    Faithfulness,
-    _component_slices,
-    circuit_parameters,
-    faithfulness,
-    parameter_slices,
-)
-from workbench.errors import WorkbenchError
-from workbench.models import toy_model
-from workbench.nodes import EMBED, LOGITS, Component, head, mlp
+from workbench.core.components import EMBED, LOGITS, Component, head, mlp
+from workbench.core.errors import WorkbenchError
+from workbench.interpretability.attribution import Attribution
+from workbench.interpretability.circuit import SCHEMA_VERSION, Circuit, CircuitDiff
+from workbench.interpretability.faithfulness import Faithfulness, faithfulness
+from workbench.interpretability.parameters import _component_slices, circuit_parameters, parameter_slices
+from workbench.models.toy import toy_model
 
 # --- a hand-made attribution --------------------------------------------------------------
 
@@ -527,8 +520,8 @@ def test_embed_and_validation(toy):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama_gqa"])
 def test_faithfulness_full_and_empty(arch):
-    from workbench.attribution import PromptPairs
-    from workbench.nodes import all_components
+    from workbench.core.components import all_components
+    from workbench.interpretability.attribution import PromptPairs
 
     model = toy_model(n_layers=2, d_model=32, n_heads=4, **ARCHS[arch])
     gen = torch.Generator().manual_seed(0)
@@ -558,7 +551,7 @@ def test_faithfulness_full_and_empty(arch):
 
 
 def test_faithfulness_equal_metrics_is_a_clear_error(monkeypatch, toy2):
-    import workbench.attribution as attribution
+    import workbench.interpretability.faithfulness as attribution  # the names faithfulness() calls
 
     monkeypatch.setattr(attribution, "metric_baselines", lambda model, pairs: (1.25, 1.25), raising=False)
     monkeypatch.setattr(attribution, "ablated_metric", lambda *a, **k: 1.25, raising=False)
@@ -572,7 +565,7 @@ def test_faithfulness_equal_metrics_is_a_clear_error(monkeypatch, toy2):
 
 def test_faithfulness_arithmetic(monkeypatch, toy2):
     """recovered/drop follow the definitions, whatever ablated_metric returns."""
-    import workbench.attribution as attribution
+    import workbench.interpretability.faithfulness as attribution  # the names faithfulness() calls
 
     calls = []
 

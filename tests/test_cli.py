@@ -8,13 +8,13 @@ import re
 import pytest
 import torch
 
-from workbench.cli import main
-from workbench.evaluation import evaluate_facts, evaluate_split
-from workbench.facts import save_fact_file
-from workbench.models import BUILTINS
+from workbench.data.files import save_fact_file
+from workbench.faces.cli import main
+from workbench.measurement.evaluation import evaluate_facts, evaluate_split
+from workbench.models.builtin_splits import builtin_split
+from workbench.models.builtins import BUILTINS
+from workbench.models.update import Update
 from workbench.quant import QuantConfig, quantizable_parameters
-from workbench.splits import builtin_split
-from workbench.update import Update
 
 SETS = ("forget", "retain", "forget_paraphrase", "retain_paraphrase")
 
@@ -247,8 +247,8 @@ def test_attribute_then_circuit_show_and_faithfulness(capsys, facts_tiny, split,
 
 
 def test_circuit_faithfulness_against_another_model_is_an_error(capsys, facts_tiny, tmp_path):
-    from workbench.circuit import Circuit
-    from workbench.experiment import attribute_forget_set
+    from workbench.experiments.flow import attribute_forget_set
+    from workbench.interpretability.circuit import Circuit
 
     # a circuit whose recorded fingerprint is not facts-tiny's
     circuit = Circuit.from_attribution(attribute_forget_set(facts_tiny, builtin_split(facts_tiny)))
@@ -329,7 +329,7 @@ def test_bad_update_files(capsys, facts_tiny, tmp_path):
 
 
 def test_local_directory_without_fact_files(capsys, tmp_path):
-    from workbench.models import toy_model
+    from workbench.models.toy import toy_model
 
     toy = toy_model("gpt2", n_layers=1, d_model=32, n_heads=2)
     toy.hf.save_pretrained(tmp_path / "mine")

@@ -9,9 +9,14 @@ import json
 
 import pytest
 
-from workbench.cli import main
-from workbench.compare import (
+from workbench.core.errors import WorkbenchError
+from workbench.experiments.flow import run_unlearning
+from workbench.experiments.store import list_runs
+from workbench.faces.cli import main
+from workbench.faces.compare import (
     BIN_CROSSING_RATIO,
+    ablation_findings,
+    ablation_table,
     bucket_overlap_figure,
     compare_row,
     compare_table,
@@ -19,19 +24,13 @@ from workbench.compare import (
     comparison_markdown,
     forget_fp_vs_quantized_figure,
     output_format,
-    ablation_findings,
-    ablation_table,
     paper_table,
     ptq_decomposition_figure,
     quantizer_accuracies,
     update_ratio_figure,
     write_comparison,
 )
-from workbench.errors import WorkbenchError
-from workbench.experiment import run_unlearning
-from workbench.runs import list_runs
-from workbench.unlearning import OptimConfig, StopRule
-
+from workbench.unlearning.task import OptimConfig, StopRule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -121,7 +120,7 @@ def test_figures_have_the_expected_traces(runs):
 
 
 def test_other_quantizers_match_a_direct_evaluation(facts_tiny, split, runs):
-    from workbench.evaluation import evaluate_facts
+    from workbench.measurement.evaluation import evaluate_facts
     from workbench.quant import QuantConfig
 
     run = runs[0][1]  # SURE: a large sparse update, so the quantizers can disagree
@@ -150,7 +149,7 @@ def test_paper_table_runs_every_method_with_one_rule(facts_tiny, split, tmp_path
 
 
 def test_ablation_table_switches_off_one_component_per_run(facts_tiny, split, tmp_path):
-    from workbench.unlearning import MansuConfig
+    from workbench.unlearning.mansu import MansuConfig
 
     config = MansuConfig(params_per_round=16, max_rounds=2, fisher_samples=32)
     runs = ablation_table(facts_tiny, ablations=["floor", "fisher"], config=config, split=split,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workbench.device import ENV, choose_device, module_device
-from workbench.errors import WorkbenchError
+from workbench.core.device import ENV, choose_device, module_device
+from workbench.core.errors import WorkbenchError
 
 
 def test_auto_picks_cuda_only_when_torch_sees_one(monkeypatch):
@@ -39,7 +39,7 @@ def test_bad_device_requests_get_clear_errors(monkeypatch):
 
 
 def test_load_model_refuses_an_unavailable_device(monkeypatch):
-    from workbench.models import load_model
+    from workbench.models.loading import load_model
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(WorkbenchError, match="no CUDA device"):
@@ -50,7 +50,7 @@ def test_load_model_refuses_an_unavailable_device(monkeypatch):
 
 
 def test_update_deltas_live_on_the_cpu_and_follow_the_model_when_applied(facts_tiny):
-    from workbench.update import Update
+    from workbench.models.update import Update
 
     name = "transformer.h.0.mlp.c_fc.weight"
     update = Update({name: torch.ones_like(facts_tiny.state()[name])})

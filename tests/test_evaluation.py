@@ -8,10 +8,11 @@ import math
 import pytest
 import torch
 
-from workbench.evaluation import answer_token, evaluate_facts, evaluate_split
-from workbench.facts import Fact, FactSplit
+from workbench.data.facts import Fact, FactSplit
+from workbench.measurement.evaluation import evaluate_facts, evaluate_split
+from workbench.models.builtin_splits import builtin_split
+from workbench.models.scoring import answer_token
 from workbench.quant import QuantConfig, fake_quantize_model
-from workbench.splits import builtin_split
 
 
 def _loop_top1(hf, tokenizer, facts):
@@ -142,7 +143,7 @@ def test_facts_without_choices_have_no_multiple_choice_score(toy_gpt2):
 
 
 def test_bare_module_needs_a_tokenizer(toy_gpt2):
-    from workbench.errors import WorkbenchError
+    from workbench.core.errors import WorkbenchError
 
     with pytest.raises(WorkbenchError, match="tokenizer"):
         evaluate_facts(toy_gpt2.hf, _toy_facts())

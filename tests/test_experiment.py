@@ -7,20 +7,21 @@ import json
 
 import pytest
 
-from workbench.circuit import Circuit
-from workbench.cli import main
-from workbench.errors import WorkbenchError
-from workbench.experiment import attribute_forget_set, default_circuit, run_unlearning
+from workbench.core.errors import WorkbenchError
+from workbench.experiments.flow import attribute_forget_set, default_circuit, run_unlearning
+from workbench.experiments.store import list_runs, load_run
+from workbench.faces.cli import main
+from workbench.interpretability.circuit import Circuit
 from workbench.quant import QuantConfig
-from workbench.runs import list_runs, load_run
-from workbench.unlearning import MansuConfig, OptimConfig, StopRule
+from workbench.unlearning.mansu import MansuConfig
+from workbench.unlearning.task import OptimConfig, StopRule
 
 SMALL = MansuConfig(params_per_round=16, max_rounds=3, fisher_samples=32)
 
 
 @pytest.fixture(scope="module")
 def split(facts_tiny):
-    from workbench.splits import builtin_split
+    from workbench.models.builtin_splits import builtin_split
 
     return builtin_split(facts_tiny)
 
@@ -35,7 +36,7 @@ def mansu_run(facts_tiny, split, circuit, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     before = facts_tiny.weights_hash()
     result, metrics, run = run_unlearning(facts_tiny, split, method="mansu", circuit=circuit,
-                                          quant=QuantConfig("nf4"), mansu_config=SMALL, save=True, runs_root=root)
+                                          quant=QuantConfig("nf4"), method_config=SMALL, save=True, runs_root=root)
     return result, metrics, run, root, before == facts_tiny.weights_hash()
 
 
@@ -118,9 +119,9 @@ def test_circuit_of_another_model_and_cancellation_save_nothing(facts_tiny, spli
     other = circuit.copy()
     other.model_fingerprint = "0" * 16
     with pytest.raises(WorkbenchError, match="another model"):
-        run_unlearning(facts_tiny, split, circuit=other, mansu_config=SMALL, runs_root=str(tmp_path))
+        run_unlearning(facts_tiny, split, circuit=other, method_config=SMALL, runs_root=str(tmp_path))
     with pytest.raises(WorkbenchError, match="cancelled"):
-        run_unlearning(facts_tiny, split, circuit=circuit, mansu_config=SMALL, runs_root=str(tmp_path),
+        run_unlearning(facts_tiny, split, circuit=circuit, method_config=SMALL, runs_root=str(tmp_path),
                        should_stop=lambda: True)
     assert list_runs(root=tmp_path) == []
 

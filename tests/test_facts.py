@@ -9,16 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from workbench.errors import WorkbenchError
-from workbench.facts import (
-    CANONICAL_TEMPLATE,
-    Fact,
-    FactSplit,
-    fact_world,
-    load_fact_file,
-    real_fact_candidates,
-    save_fact_file,
-)
+from workbench.core.errors import WorkbenchError
+from workbench.data.facts import Fact, FactSplit
+from workbench.data.files import load_fact_file, save_fact_file
+from workbench.data.real import real_fact_candidates
+from workbench.data.world import CANONICAL_TEMPLATE, fact_world
 
 # --------------------------------------------------------------------------------------------
 # Synthetic fact world

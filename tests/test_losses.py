@@ -8,12 +8,17 @@ import math
 import pytest
 import torch
 
-from workbench.errors import WorkbenchError
-from workbench.facts import Fact, FactSplit
+from workbench.core.errors import WorkbenchError
+from workbench.data.facts import Fact, FactSplit
+from workbench.models.scoring import FactBatch, answer_logits
+from workbench.quant import QuantConfig
 from workbench.unlearning import losses
-from workbench.unlearning.baselines import BaselineConfig, objective_for
-from workbench.unlearning.batches import FactBatch, answer_logits
-from workbench.unlearning.loop import Batches, OptimConfig, StopRule, run_gradient_method
+from workbench.unlearning.batches import Batches
+from workbench.unlearning.loop import run_gradient_method
+from workbench.unlearning.methods import GRADIENT_OBJECTIVES
+from workbench.unlearning.objectives import BaselineConfig
+from workbench.unlearning.registry import REGISTRY, MethodSpec, unlearn
+from workbench.unlearning.task import OptimConfig, StopRule, UnlearningTask
 
 # A hand example: two rows, three classes.
 LOGITS = [[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]]
@@ -164,19 +169,20 @@ def perturbed(toy_gpt2, toy_batches):
 
 @pytest.mark.parametrize("method", sorted(COMBOS))
 @pytest.mark.parametrize("alpha", [0.0, 2.5])
-def test_objective_for_combines_terms_with_alpha(toy_batches, perturbed, method, alpha):
+def test_objectives_combine_terms_with_alpha(toy_batches, perturbed, method, alpha):
     model, terms = perturbed
     cfg = BaselineConfig(alpha=alpha, beta=BETA, gamma=GAMMA)
     forget, retain = COMBOS[method]
     expected = terms[forget] + (alpha * terms[retain] if retain else 0.0)
     b = toy_batches
-    got = objective_for(method, cfg)(model, b.forget, b.ref_forget, b.retain, b.ref_retain)
+    got = GRADIENT_OBJECTIVES[method](cfg)(model, b.forget, b.ref_forget, b.retain, b.ref_retain)
     assert float(got) == pytest.approx(expected, rel=1e-4, abs=1e-5)
 
 
-def test_objective_for_refuses_unknown_methods_and_bad_configs():
-    with pytest.raises(WorkbenchError, match="unknown baseline"):
-        objective_for("mansu")
+def test_the_family_is_registered_and_bad_configs_are_refused():
+    assert set(GRADIENT_OBJECTIVES) == set(COMBOS)
+    with pytest.raises(WorkbenchError, match="unknown method"):
+        unlearn(None, None, method="nope")  # type: ignore[arg-type]
     with pytest.raises(WorkbenchError, match="alpha"):
         BaselineConfig(alpha=-1.0)
     with pytest.raises(WorkbenchError, match="beta"):
@@ -193,35 +199,38 @@ def _nan_objective(model, fb, ref_f, rb, ref_r):
 def test_nan_loss_raises_and_leaves_the_base_untouched(toy_gpt2, toy_batches):
     before = toy_gpt2.weights_hash()
     with pytest.raises(WorkbenchError, match="(?i)nan") as err:
-        run_gradient_method(toy_gpt2, toy_batches, _nan_objective, method="ga",
-                            optim=OptimConfig(lr=1e-3), stop=StopRule(max_steps=5))
+        run_gradient_method(_task(toy_gpt2, toy_batches, lr=1e-3, max_steps=5), _nan_objective, method="ga")
     assert "step 1" in str(err.value)
     assert toy_gpt2.weights_hash() == before
     assert not any(p.requires_grad for p in toy_gpt2.hf.parameters())
 
 
-def test_nan_loss_through_unlearn(toy_gpt2, monkeypatch):
-    import workbench.unlearning as unlearning
+def _task(model, batches, *, lr, max_steps, forget_target=0.1):
+    return UnlearningTask(model=model, batches=batches, quant=QuantConfig("nf4"), optim=OptimConfig(lr=lr),
+                          stop=StopRule(max_steps=max_steps, forget_target=forget_target))
 
+
+def test_nan_loss_through_unlearn(toy_gpt2, monkeypatch):
+    """A method whose loss turns NaN, registered like any other: the error reaches the caller."""
     calls = []
 
-    def patched(method, cfg=BaselineConfig()):
-        calls.append(method)
-        return _nan_objective
+    def run(task, _config):
+        calls.append(task.stop.max_steps)
+        return run_gradient_method(task, _nan_objective, method="npo")
 
-    monkeypatch.setattr(unlearning, "objective_for", patched)
+    monkeypatch.setitem(REGISTRY, "npo", MethodSpec("npo", "NPO", "always NaN", run))
     split = FactSplit("toy", forget=tuple(_toy_facts(toy_gpt2, 4)), retain=tuple(_toy_facts(toy_gpt2, 4, 40)))
     before = toy_gpt2.weights_hash()
     with pytest.raises(WorkbenchError, match="(?i)nan"):
-        unlearning.unlearn(toy_gpt2, split, method="npo", stop=StopRule(max_steps=3))
-    assert calls == ["npo"]
+        unlearn(toy_gpt2, split, method="npo", stop=StopRule(max_steps=3))
+    assert calls == [3]
     assert toy_gpt2.weights_hash() == before
 
 
 def test_gradient_method_moves_only_trainable_weights_and_returns_the_difference(toy_gpt2, toy_batches):
     before = toy_gpt2.weights_hash()
-    result = run_gradient_method(toy_gpt2, toy_batches, objective_for("graddiff"), method="graddiff",
-                                 optim=OptimConfig(lr=1e-2), stop=StopRule(max_steps=3, forget_target=None))
+    result = run_gradient_method(_task(toy_gpt2, toy_batches, lr=1e-2, max_steps=3, forget_target=None),
+                                 GRADIENT_OBJECTIVES["graddiff"](), method="graddiff")
     assert toy_gpt2.weights_hash() == before
     assert result.steps == 3 and result.stopped == "budget" and len(result.history) == 3
     from workbench.quant import QuantConfig, quantizable_parameters

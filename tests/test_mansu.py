@@ -1,4 +1,4 @@
-"""MANSU's four components checked against what they promise (REFERENCE.md §3):
+"""MANSU's four components checked against what they promise (docs/SCIENCE.md):
 null-space projection, the quantization floor (every moved code changes, under the real
 bitsandbytes quantizer), the diagonal-Fisher budget, and circuit restriction."""
 
@@ -10,22 +10,30 @@ import pytest
 import torch
 from torch import nn
 
-from workbench.circuit import circuit_parameters
-from workbench.errors import WorkbenchError
-from workbench.facts import Fact, FactSplit
-from workbench.nodes import EMBED, all_components, head, mlp
-from workbench.quant import QuantConfig, quantizable_parameters, quantize_codes, quantize_dequantize, transposed_parameters
-from workbench.unlearning import MansuConfig, unlearn
-from workbench.unlearning.batches import FactBatch
-from workbench.unlearning.loop import Batches
-from workbench.unlearning.mansu import (
-    diagonal_fisher,
-    diagonal_fisher_per_example,
-    fisher_bound,
-    null_space_projector,
-    project_update,
+from workbench.core.components import EMBED, all_components, head, mlp
+from workbench.core.errors import WorkbenchError
+from workbench.data.facts import Fact, FactSplit
+from workbench.interpretability.parameters import circuit_parameters
+from workbench.measurement.reference import diagonal_fisher_per_example
+from workbench.models.scoring import FactBatch
+from workbench.models.update import Update
+from workbench.quant import (
+    QuantConfig,
+    quantizable_parameters,
+    quantize_codes,
+    quantize_dequantize,
+    transposed_parameters,
 )
-from workbench.update import Update
+from workbench.unlearning.batches import Batches
+from workbench.unlearning.mansu import MansuConfig
+from workbench.unlearning.mansu.candidates import rank_moves, round_gradients, score_module
+from workbench.unlearning.mansu.fisher import _single_use_linear_owners, diagonal_fisher, fisher_bound
+from workbench.unlearning.mansu.method import run_round
+from workbench.unlearning.mansu.projection import linear_inputs, null_space_projector, project_update
+from workbench.unlearning.mansu.rounds import take_moves, verify_codes
+from workbench.unlearning.mansu.state import setup_state
+from workbench.unlearning.registry import unlearn
+from workbench.unlearning.task import UnlearningTask
 
 SMALL = dict(params_per_round=16, max_rounds=3, fisher_samples=32)
 
@@ -125,18 +133,16 @@ def test_projection_layout_matters_for_square_conv1d():
 
 def test_modules_reading_one_input_share_it_and_its_projector(toy_llama_gqa):
     """Llama's q/k/v read one normalised residual: one captured input, hence one eigh."""
-    from workbench.unlearning.mansu import _linear_inputs
-
     facts = [Fact("w1 w2", "w3", ()), Fact("w4 w5 w6 w7", "w8", ()), Fact("w9", "w10", ())]
     batch = FactBatch.from_facts(toy_llama_gqa.tokenizer, facts)
     attn = "model.layers.0.self_attn"
     names = [f"{attn}.{m}.weight" for m in ("q_proj", "k_proj", "v_proj", "o_proj")]
-    inputs = _linear_inputs(toy_llama_gqa.hf, names, batch)
+    inputs = linear_inputs(toy_llama_gqa.hf, names, batch)
     assert inputs[names[0]] is inputs[names[1]] is inputs[names[2]]
     assert inputs[names[3]] is not inputs[names[0]]
     # the real (unpadded) tokens only, and the same rows as capturing k_proj on its own
     n_real = int((batch.last + 1).sum())
-    alone = _linear_inputs(toy_llama_gqa.hf, [names[1]], batch)[names[1]]
+    alone = linear_inputs(toy_llama_gqa.hf, [names[1]], batch)[names[1]]
     assert alone.shape[0] == n_real and torch.equal(alone, inputs[names[0]])
 
 
@@ -145,7 +151,7 @@ def test_modules_reading_one_input_share_it_and_its_projector(toy_llama_gqa):
 
 @pytest.fixture(scope="module")
 def split(facts_tiny):
-    from workbench.splits import builtin_split
+    from workbench.models.builtin_splits import builtin_split
 
     return builtin_split(facts_tiny)
 
@@ -157,7 +163,7 @@ def every_module(facts_tiny):
 
 def _run(model, split, circuit, quant=QuantConfig("nf4"), **cfg):
     return unlearn(model, split, method="mansu", circuit=circuit, quant=quant,
-                   mansu_config=MansuConfig(**{**SMALL, **cfg}))
+                   method_config=MansuConfig(**{**SMALL, **cfg}))
 
 
 # --- (d) the floor: every moved code changes ----------------------------------------------------
@@ -206,38 +212,45 @@ def test_floor_property_holds_with_double_quant(facts_tiny, split, every_module)
     _assert_every_move_changes_code(facts_tiny, result.update, quant)
 
 
-def test_floor_verification_reverts_moves_that_keep_their_code(facts_tiny, split, every_module, monkeypatch):
-    """Sabotage half of the floor targets (put them on the weight's *own* code value, which the
-    quantizer maps back to the same code): the bnb verification must undo exactly those."""
-    import importlib
+def _task(model, split, circuit, quant=QuantConfig("nf4")):
+    return UnlearningTask(model=model, batches=Batches.build(model, split), quant=quant, circuit=tuple(circuit))
 
-    # ``workbench.unlearning.mansu`` as an attribute is the function (re-exported); get the module.
-    mansu_mod = importlib.import_module("workbench.unlearning.mansu")
-    real = mansu_mod.floor_targets
 
-    def half_sabotaged(direction, grid, steps):
-        target, valid = real(direction, grid, steps)
-        own = grid.values[grid.rank.long()] * grid.absmax
-        odd = torch.arange(target.numel()) % 2 == 1
-        return torch.where(odd, own, target), valid
-
-    monkeypatch.setattr(mansu_mod, "floor_targets", half_sabotaged)
+def test_floor_verification_reverts_moves_that_keep_their_code(facts_tiny, split, every_module):
+    """Sabotage half of one round's floor moves (put them on the weight's *own* code value, which
+    the quantizer maps back to the same code): the bnb verification must undo exactly those."""
     quant = QuantConfig("int8")
-    # Without the Fisher term the saliency ignores the move's size, so sabotaged moves get
-    # chosen (with it, their tiny forget gain keeps them out and there is nothing to revert).
-    result = _run(facts_tiny, split, every_module, quant, max_rounds=2, use_fisher=False)
-    assert result.diagnostics["floor_reverted"] > 0
-    _assert_every_move_changes_code(facts_tiny, result.update, quant)
-    for delta in result.update.deltas.values():
-        idx = torch.nonzero(delta.reshape(-1)).reshape(-1)
-        assert bool((idx % 2 == 0).all()), "a sabotaged (code-preserving) move survived verification"
+    config = MansuConfig(**SMALL)
+    task = _task(facts_tiny, split, every_module, quant)
+    state = setup_state(facts_tiny, task.batches, task.circuit, quant, config, report=lambda *_: None)
+    gradients = round_gradients(state, task.batches, config)
+    moves = rank_moves([score_module(state, n, gradients, config) for n in state.names], state.per_round, config)
+    sabotaged = set()
+    for k, move in enumerate(moves[: state.per_round]):
+        if k % 2:
+            grid = state.grids[move.name]
+            own = float(grid.values[grid.rank[move.index].long()] * grid.absmax[move.index])
+            moves[k] = type(move)(move.saliency, move.name, move.index, own - float(state.base[move.name].view(-1)[move.index]))
+            sabotaged.add((move.name, move.index))
+    done = take_moves(state, moves, config)
+    assert done.chosen == state.per_round and sabotaged
+    verify_codes(state, done, quant)
+    assert state.floor_reverted == len(sabotaged) and done.chosen == state.per_round - len(sabotaged)
+    for name, index in sabotaged:
+        assert float(state.deltas[name].view(-1)[index]) == 0.0, "a code-preserving move survived"
+        assert not bool(state.masks[name].view(-1)[index]), "a code-preserving move may be tried again"
+    for name, idx in done.touched.items():
+        kept = [i for i in idx if (name, i) not in sabotaged]
+        codes = quantize_codes(state.base[name] + state.deltas[name], quant,
+                               transposed=state.transposed[name]).codes_like_weight().reshape(-1).long()
+        assert all(int(codes[i]) != int(state.grids[name].code[i]) for i in kept)
 
 
 # --- (c) diagonal Fisher --------------------------------------------------------------------------
 
 
 def test_diagonal_fisher_is_the_mean_per_example_squared_gradient(toy_gpt2):
-    from workbench.evaluation import answer_token
+    from workbench.models.scoring import answer_token
 
     facts = [Fact("w1 w2", "w3", ()), Fact("w4 w5 w6 w7", "w8", ()), Fact("w9 w10 w11", "w12", ()),
              Fact("w20", "w21", ())]
@@ -269,13 +282,11 @@ def test_batched_fisher_equals_one_backward_per_example(fixture, request):
     """The fast path (per-example gradients of Linear/Conv1D weights from one batched
     backward) against the reference loop, on GPT-2 Conv1D, Llama Linear with GQA and a
     trained model; the tied embedding takes the loop inside the fast function too."""
-    from workbench.unlearning.mansu import _single_use_linear_owners
-
     model = request.getfixturevalue(fixture)
     facts = [Fact("w1 w2", "w3", ()), Fact("w4 w5 w6 w7", "w8", ()), Fact("w9 w10 w11", "w12", ()),
              Fact("w20", "w21", ()), Fact("w13 w14", "w15", ())]
     if fixture == "facts_tiny":
-        from workbench.splits import builtin_split
+        from workbench.models.builtin_splits import builtin_split
 
         facts = list(builtin_split(model).retain)[:20]
     batch = FactBatch.from_facts(model.tokenizer, facts)
@@ -331,48 +342,49 @@ def test_fisher_budget_holds(facts_tiny, split, every_module):
 # --- the retain guard ------------------------------------------------------------------------------
 
 
-def test_retain_guard_stops_when_passing_and_undone_rounds_alternate(facts_tiny, split, every_module, monkeypatch):
+def _alternating_guard_run(model, split, components, **cfg):
+    """Rounds driven one by one, the guard made to fail on odd rounds and pass on even ones (its
+    baseline set above any reachable top-1, then back), forgetting never reaching its target."""
+    config = MansuConfig(**{**SMALL, "params_per_round": 8, "max_rounds": 40, "guard_patience": 3,
+                            "forget_target": 0.0, **cfg})
+    task = _task(model, split, components)
+    state = setup_state(model, task.batches, task.circuit, task.quant, config, report=lambda *_: None)
+    real_base = state.guard_base
+    for rounds in range(1, config.max_rounds + 1):
+        state.guard_base = 2.0 if rounds % 2 else real_base
+        stop, record = run_round(state, task, config, rounds)
+        assert (record is None) == (rounds % 2 == 1), "an undone round must leave no record"
+        if stop is not None:
+            return state, stop, rounds
+    return state, "budget", config.max_rounds
+
+
+def test_retain_guard_stops_when_passing_and_undone_rounds_alternate(facts_tiny, split, every_module):
     """The failure seen on SmolLM2: every other round is undone by the guard, the rounds in
     between barely forget. The guard's patience counts undone rounds over the whole run, so
     the run ends after ``guard_patience`` of them instead of running its round budget."""
-    import importlib
-
-    mansu_mod = importlib.import_module("workbench.unlearning.mansu")
-    n_forget = len(split.forget)
-    guard_calls = []
-
-    def scripted_correct(module, batch):
-        assert batch.answers.numel() == n_forget, "only the forget set is scored fact by fact"
-        return torch.ones(n_forget, dtype=torch.bool)  # forgetting never reaches the target
-
-    def scripted_top1(module, batch):
-        assert batch.answers.numel() != n_forget, "the forget set goes through _correct"
-        guard_calls.append(1)
-        # first call: the guard's baseline; then rounds alternate undone (retain 0) / passing (1)
-        return 1.0 if len(guard_calls) == 1 or len(guard_calls) % 2 == 1 else 0.0
-
-    monkeypatch.setattr(mansu_mod, "_correct", scripted_correct)
-    monkeypatch.setattr(mansu_mod, "_top1", scripted_top1)
-    result = _run(facts_tiny, split, every_module, params_per_round=8, max_rounds=40, guard_patience=3)
-    assert result.stopped == "retain guard"
+    state, stop, rounds = _alternating_guard_run(facts_tiny, split, every_module)
+    assert stop == "retain guard"
     # undone rounds are 1, 3, 5: the third ends the run at round 5, long before the budget of 40
-    assert result.steps == 5
-    assert result.diagnostics["rounds_undone_by_retain_guard"] == 3
-    assert result.diagnostics["rounds_blocked_at_smallest_size"] == 3
-    assert len(result.history) == 2  # only the passing rounds are recorded
+    assert rounds == 5
+    assert state.guard_undone == 3 and state.blocked == 3
+    assert len(state.history) == 2  # only the passing rounds are recorded
     # rounds 2 and 4 follow an undone round: same weights, so the gradients are reused ...
-    assert result.diagnostics["rounds_reusing_gradients"] == 2
+    assert state.reused_gradients == 2
+    assert all(v >= 0 for v in state.timings.values())
+    # ... and reusing them changes nothing: recomputing every round gives the same edit
+    reference, _, _ = _alternating_guard_run(facts_tiny, split, every_module, reuse_gradients=False)
+    assert reference.reused_gradients == 0
+    for name, delta in state.deltas.items():
+        assert torch.equal(delta, reference.deltas[name]), name
+
+
+def test_a_run_reports_every_phase(facts_tiny, split, every_module):
+    result = _run(facts_tiny, split, every_module, max_rounds=2)
     phases = result.diagnostics["seconds_by_phase"]
     assert set(phases) == {"setup", "gradients", "selection", "quantizer", "evaluation"}
+    assert phases == result.seconds_by_phase
     assert all(v >= 0 for v in phases.values()) and sum(phases.values()) <= result.seconds * 1.01
-    # ... and reusing them changes nothing: recomputing every round gives the same update
-    guard_calls.clear()
-    monkeypatch.setattr(mansu_mod, "_REUSE_GRADIENTS", False)
-    reference = _run(facts_tiny, split, every_module, params_per_round=8, max_rounds=40, guard_patience=3)
-    assert reference.diagnostics["rounds_reusing_gradients"] == 0
-    assert sorted(reference.update.deltas) == sorted(result.update.deltas)
-    for name, delta in result.update.deltas.items():
-        assert torch.equal(delta, reference.update.deltas[name]), name
 
 
 # --- (a) circuit restriction -----------------------------------------------------------------------
@@ -403,7 +415,7 @@ def test_nothing_outside_the_circuit_moves_gpt2(facts_tiny, split):
 @pytest.fixture(scope="module")
 def llama_split(toy_llama_gqa):
     """Hand-made facts whose answers are the toy model's own top-1 (forget accuracy starts at 1)."""
-    from workbench.evaluation import encode_prompts, last_token_logits
+    from workbench.models.scoring import encode_prompts, last_token_logits
 
     m = toy_llama_gqa
     prompts = [f"w{i} w{i + 1} w{(3 * i) % 97}" for i in range(60)]
@@ -420,7 +432,7 @@ def llama_split(toy_llama_gqa):
 
 
 def test_nothing_outside_the_circuit_moves_llama_gqa(toy_llama_gqa, llama_split):
-    from workbench.evaluation import evaluate_facts
+    from workbench.measurement.evaluation import evaluate_facts
 
     assert evaluate_facts(toy_llama_gqa, llama_split.forget, multiple_choice=False).top1 == 1.0
     components = [head(0, 1), mlp(1)]

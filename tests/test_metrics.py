@@ -8,20 +8,22 @@ import math
 import pytest
 import torch
 
-from workbench.errors import WorkbenchError
-from workbench.evaluation import evaluate_facts
-from workbench.metrics import Thresholds, build_variants, measure_update, report_card
-from workbench.nodes import all_components
+from workbench.core.components import all_components
+from workbench.core.errors import WorkbenchError
+from workbench.measurement.evaluation import evaluate_facts
+from workbench.measurement.metrics import Thresholds, build_variants, measure_update, report_card
+from workbench.models.update import Update
 from workbench.quant import QuantConfig, quantize_dequantize, transposed_parameters
-from workbench.unlearning import MansuConfig, OptimConfig, StopRule, unlearn
-from workbench.update import Update
+from workbench.unlearning.mansu import MansuConfig
+from workbench.unlearning.registry import unlearn
+from workbench.unlearning.task import OptimConfig, StopRule
 
 NF4 = QuantConfig("nf4")
 
 
 @pytest.fixture(scope="module")
 def split(facts_tiny):
-    from workbench.splits import builtin_split
+    from workbench.models.builtin_splits import builtin_split
 
     return builtin_split(facts_tiny)
 
@@ -30,7 +32,7 @@ def split(facts_tiny):
 def mansu_measured(facts_tiny, split):
     circuit = all_components(facts_tiny.n_layers, facts_tiny.n_heads, include_embed=False)
     result = unlearn(facts_tiny, split, method="mansu", quant=NF4, circuit=circuit,
-                     mansu_config=MansuConfig(params_per_round=16, max_rounds=3, fisher_samples=32))
+                     method_config=MansuConfig(params_per_round=16, max_rounds=3, fisher_samples=32))
     before = facts_tiny.weights_hash()
     metrics = measure_update(facts_tiny, split, result.update, quant=NF4, circuit=circuit)
     return result, metrics, before == facts_tiny.weights_hash()
@@ -111,9 +113,9 @@ def test_ptq_gap_and_its_decomposition(graddiff_measured):
 def test_variants_and_gap_decomposition_with_distinct_accuracies(toy_gpt2, monkeypatch):
     """Give each of the five variants its own forget accuracy (identified by its weights, built
     here independently) so every difference in the decomposition is distinct and non-zero."""
-    import workbench.metrics as metrics_mod
-    from workbench.evaluation import FactScores
-    from workbench.facts import Fact, FactSplit
+    import workbench.measurement.metrics as metrics_mod
+    from workbench.data.facts import Fact, FactSplit
+    from workbench.measurement.evaluation import FactScores
 
     name = "transformer.h.0.mlp.c_fc.weight"
     base = toy_gpt2.state()[name]
@@ -169,9 +171,9 @@ def test_variant_accuracies_match_independent_evaluation(facts_tiny, split, grad
 def test_base_measurements_are_memoised_per_model_and_quantizer(facts_tiny, split, monkeypatch):
     """A second update on the same model re-measures only its own variants; the base numbers
     (w, Q(w), their attributions) are reused and equal; another quantizer recomputes Q(w)."""
-    import workbench.attribution as attribution_mod
-    import workbench.metrics as metrics_mod
+    import workbench.measurement.metrics as metrics_mod
 
+    attribution_mod = metrics_mod  # metrics calls the attribute() it imported
     evaluated: list[str] = []
     attributed: list[str] = []
     real_evaluate, real_attribute = metrics_mod.evaluate_facts, attribution_mod.attribute
@@ -251,7 +253,7 @@ def test_report_card_logic():
 
 
 def test_summary_says_where_the_time_went(mansu_measured, graddiff_measured):
-    from workbench.metrics import summary_lines
+    from workbench.measurement.metrics import summary_lines
 
     def time_line(metrics):
         return next(line for line in summary_lines(metrics) if line.startswith("time:"))
@@ -302,8 +304,8 @@ def test_bin_occupancy_before_and_after_match_the_quantizer(facts_tiny, mansu_me
 
 
 def test_before_after_figures_draw_the_measured_numbers(mansu_measured, graddiff_measured):
-    from workbench import plots
-    from workbench.metrics import report_card_rows
+    from workbench.faces import plots
+    from workbench.measurement.metrics import report_card_rows
 
     _, m, _ = mansu_measured
     _, g = graddiff_measured

@@ -3,8 +3,9 @@ import json
 import pytest
 import torch
 
-from workbench.errors import WorkbenchError
-from workbench.models import load_model, toy_model
+from workbench.core.errors import WorkbenchError
+from workbench.models.loading import load_model
+from workbench.models.toy import toy_model
 
 
 @pytest.mark.parametrize("arch,kv", [("gpt2", None), ("gpt_neox", None), ("llama", 2)])
@@ -49,7 +50,7 @@ def test_bad_model_paths_get_clear_errors(tmp_path):
 
 
 def test_facts_tiny_is_built_deterministically_and_learns(facts_tiny):
-    from workbench.models import build_info
+    from workbench.models.builtins import build_info
 
     info = build_info("facts-tiny")
     assert info["train_top1"] >= 0.98
@@ -68,7 +69,7 @@ def _sha256(path) -> str:
 @pytest.fixture
 def fresh_cache(tmp_path, monkeypatch):
     """An empty model cache, and no model remembered from the shared one."""
-    import workbench.models as models
+    import workbench.models.loading as models
 
     monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(models, "_LOADED", {})
@@ -76,7 +77,7 @@ def fresh_cache(tmp_path, monkeypatch):
 
 
 def test_facts_tiny_build_is_bit_identical_across_builds_and_thread_counts(fresh_cache):
-    from workbench.models import BUILD_THREADS, build_info, build_model, builtin_dir
+    from workbench.models.builtins import BUILD_THREADS, build_info, build_model, builtin_dir
 
     saved = torch.get_num_threads()
     hashes, weights = [], []
@@ -91,7 +92,7 @@ def test_facts_tiny_build_is_bit_identical_across_builds_and_thread_counts(fresh
             hashes.append(_sha256(path / "model.safetensors"))
             model = load_model("facts-tiny")
             weights.append(model.weights_hash())
-            import workbench.models as models
+            import workbench.models.loading as models
 
             models._LOADED.clear()
     finally:
@@ -105,9 +106,9 @@ def test_facts_tiny_build_is_bit_identical_across_builds_and_thread_counts(fresh
 
 
 def test_retrain_oracle_never_saw_the_forget_domain(facts_tiny):
-    from workbench.evaluation import evaluate_facts
-    from workbench.models import build_info
-    from workbench.splits import builtin_split
+    from workbench.measurement.evaluation import evaluate_facts
+    from workbench.models.builtin_splits import builtin_split
+    from workbench.models.builtins import build_info
 
     oracle = load_model("facts-tiny-oracle")
     split = builtin_split(facts_tiny)
@@ -124,14 +125,14 @@ def test_retrain_oracle_never_saw_the_forget_domain(facts_tiny):
 
 @pytest.mark.parametrize("interrupt", [RuntimeError("out of memory"), KeyboardInterrupt()])
 def test_interrupted_build_leaves_no_complete_directory(fresh_cache, monkeypatch, interrupt):
-    import workbench.models as models
-    from workbench.models import build_model, builtin_dir, list_models
+    import workbench.models.builtins as builtins
+    from workbench.models.builtins import build_model, builtin_dir, list_models
 
     def boom(preset, out, progress):
         (out / "model.safetensors").write_bytes(b"half a model")
         raise interrupt
 
-    monkeypatch.setattr(models, "_build_facts_model", boom)
+    monkeypatch.setattr(builtins, "build_facts_model", boom)
     saved = torch.get_num_threads()
     with pytest.raises(type(interrupt)):
         build_model("facts-tiny")
@@ -145,14 +146,14 @@ def test_interrupted_build_leaves_no_complete_directory(fresh_cache, monkeypatch
 
 
 def test_interrupted_forced_rebuild_keeps_the_previous_build(fresh_cache, monkeypatch):
-    import workbench.models as models
-    from workbench.models import build_model, builtin_dir
+    import workbench.models.builtins as builtins
+    from workbench.models.builtins import build_model, builtin_dir
 
     def fake(preset, out, progress):  # a quick stand-in for training
         (out / "model.safetensors").write_bytes(b"previous weights")
         return {"kind": "facts"}
 
-    monkeypatch.setattr(models, "_build_facts_model", fake)
+    monkeypatch.setattr(builtins, "build_facts_model", fake)
     path = build_model("facts-tiny")
     before = _sha256(path / "model.safetensors")
 
@@ -160,7 +161,7 @@ def test_interrupted_forced_rebuild_keeps_the_previous_build(fresh_cache, monkey
         (out / "model.safetensors").write_bytes(b"half of the new weights")
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(models, "_build_facts_model", boom)
+    monkeypatch.setattr(builtins, "build_facts_model", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         build_model("facts-tiny", force=True)
     assert (builtin_dir("facts-tiny") / "BUILD_COMPLETE").exists()
@@ -175,8 +176,8 @@ def test_explicit_device_map_loads_a_placed_model_that_computes_the_same(tmp_pat
     the map is what matters); logits, attribution and quantization analysis are unchanged."""
     import torch
 
-    from workbench.attribution import attribute
-    from workbench.bench import toy_pairs
+    from workbench.faces.bench import toy_pairs
+    from workbench.interpretability.attribution import attribute
     from workbench.quant import QuantConfig, compare_quantization, quantizable_parameters
 
     toy = toy_model("llama", n_layers=2, d_model=32, n_heads=4, n_kv_heads=2)

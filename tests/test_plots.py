@@ -7,10 +7,8 @@ import math
 import plotly.graph_objects as go
 import pytest
 
-from workbench.attribution import Attribution
-from workbench.circuit import Circuit
-from workbench.nodes import EMBED, LOGITS, head, mlp
-from workbench.plots import (
+from workbench.core.components import EMBED, LOGITS, head, mlp
+from workbench.faces.plots import (
     agreement_scatter,
     circuit_diff_figure,
     circuit_figure,
@@ -18,6 +16,8 @@ from workbench.plots import (
     node_positions,
     spearman,
 )
+from workbench.interpretability.attribution import Attribution
+from workbench.interpretability.circuit import Circuit
 
 N_LAYERS, N_HEADS = 3, 4
 

@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 
-from workbench.cli import main
-from workbench.errors import WorkbenchError
-from workbench.evaluation import evaluate_facts
-from workbench.experiment import run_unlearning
-from workbench.facts import Fact
-from workbench.probes import (
+from workbench.core.errors import WorkbenchError
+from workbench.data.facts import Fact
+from workbench.experiments.flow import run_unlearning
+from workbench.faces.cli import main
+from workbench.measurement.evaluation import evaluate_facts
+from workbench.measurement.probes import (
     answer_losses,
     auc,
     counterfactual_twins,
@@ -23,9 +23,10 @@ from workbench.probes import (
     privleak,
     relearning_attack,
 )
+from workbench.models.update import Update
 from workbench.quant import QuantConfig
-from workbench.unlearning import OptimConfig, StopRule, unlearn
-from workbench.update import Update
+from workbench.unlearning.registry import unlearn
+from workbench.unlearning.task import OptimConfig, StopRule
 
 NF4 = QuantConfig("nf4")
 
@@ -65,7 +66,7 @@ def test_counterfactual_twins_keep_the_prompt_and_change_the_answer(split):
 
 
 def test_membership_inference_against_the_oracle(facts_tiny, split, unlearned):
-    from workbench.models import load_model
+    from workbench.models.loading import load_model
 
     oracle = load_model("facts-tiny-oracle")
     result = membership_inference(facts_tiny, unlearned, split, oracle, quant=NF4)

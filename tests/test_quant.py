@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from workbench.errors import WorkbenchError
+from workbench.core.errors import WorkbenchError
 from workbench.quant import (
     RATIO_EDGES,
     QuantConfig,
@@ -450,7 +450,7 @@ def test_compare_streams_so_its_peak_does_not_grow_with_the_model() -> None:
     and bin geometry) and keeps only summaries: analysing 12 weights of 16 MiB peaks no higher
     than analysing 2, where holding every after-copy would add 160 MiB or more. Resident
     memory (the kernel's high-water mark) is noisy by tens of MiB, hence the wide margin."""
-    from workbench.bench import PeakMemory
+    from workbench.faces.bench import PeakMemory
 
     cfg = QuantConfig("nf4")
 

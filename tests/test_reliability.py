@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from workbench.errors import WorkbenchError
+from workbench.core.errors import WorkbenchError
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -40,7 +40,7 @@ def _snapshot(directory: Path) -> dict[str, bytes]:
 @given(rows=st.lists(fact_rows | json_values, min_size=1, max_size=4), junk=st.binary(max_size=40),
        suffix=st.sampled_from([".jsonl", ".csv", ".json"]))
 def test_fuzzed_fact_files_load_or_fail_clearly(tmp_path, rows, junk, suffix):
-    from workbench.facts import load_fact_file
+    from workbench.data.files import load_fact_file
 
     path = tmp_path / f"facts{suffix}"
     if suffix == ".csv":
@@ -63,7 +63,7 @@ def test_fuzzed_fact_files_load_or_fail_clearly(tmp_path, rows, junk, suffix):
 @given(data=json_values | st.fixed_dictionaries({"schema": st.just(1), "nodes": json_values, "edges": json_values,
                                                   "metadata": json_values}))
 def test_fuzzed_circuit_json_fails_clearly(tmp_path, data):
-    from workbench.circuit import Circuit
+    from workbench.interpretability.circuit import Circuit
 
     path = tmp_path / "circuit.json"
     path.write_text(json.dumps(data))
@@ -80,7 +80,7 @@ def test_fuzzed_circuit_json_fails_clearly(tmp_path, data):
        metrics=st.binary(max_size=30) | json_values.map(lambda v: json.dumps(v).encode()),
        update=st.binary(max_size=64))
 def test_fuzzed_run_directories_fail_clearly(tmp_path, config, metrics, update):
-    from workbench.runs import list_runs, load_run
+    from workbench.experiments.store import list_runs, load_run
 
     root = tmp_path / "runs"
     run = root / "fuzzed-run"
@@ -100,7 +100,7 @@ def test_fuzzed_run_directories_fail_clearly(tmp_path, config, metrics, update):
 
 @pytest.mark.parametrize("bad", ["../x", "..", "a/b", "/etc", "x\n", ".hidden", "a" * 200, ""])
 def test_run_and_circuit_ids_cannot_escape(tmp_path, bad):
-    from workbench.runs import load_run
+    from workbench.experiments.store import load_run
 
     with pytest.raises(WorkbenchError):
         load_run(bad, root=tmp_path)
@@ -112,17 +112,17 @@ def test_a_killed_run_leaves_nothing_that_looks_complete(tmp_path):
     script = textwrap.dedent(f"""
         import os, time, torch
         torch.set_num_threads(1)
-        import workbench.runs as runs
+        import workbench.experiments.store as runs
         real = runs._write_json
         def slow(path, data):  # hold the write open so the parent can kill us mid-save
             real(path, data)
             print("WRITING", flush=True)
             time.sleep(60)
         runs._write_json = slow
-        from workbench.models import load_model
-        from workbench.splits import builtin_split
-        from workbench.experiment import run_unlearning
-        from workbench.unlearning import OptimConfig, StopRule
+        from workbench.models.loading import load_model
+        from workbench.models.builtin_splits import builtin_split
+        from workbench.experiments.flow import run_unlearning
+        from workbench.unlearning.task import OptimConfig, StopRule
         m = load_model("facts-tiny")
         run_unlearning(m, builtin_split(m), method="ga", optim=OptimConfig(lr=1e-3),
                        stop=StopRule(max_steps=1, forget_target=None), measure_cad=False, runs_root={str(root)!r})
@@ -140,7 +140,7 @@ def test_a_killed_run_leaves_nothing_that_looks_complete(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    from workbench.runs import list_runs
+    from workbench.experiments.store import list_runs
 
     assert list_runs(root=root) == []
     assert [p.name for p in root.iterdir() if not p.name.startswith(".")] == []
@@ -149,13 +149,14 @@ def test_a_killed_run_leaves_nothing_that_looks_complete(tmp_path):
 def test_public_operations_never_modify_the_base(facts_tiny, tmp_path):
     """Weights hash before == after for attribute, edit, unlearn (MANSU and a baseline), quantize,
     compare and evaluate."""
-    from workbench.circuit import faithfulness
-    from workbench.evaluation import evaluate_split
-    from workbench.experiment import attribute_forget_set, default_circuit, run_unlearning
-    from workbench.metrics import build_variants
+    from workbench.experiments.flow import attribute_forget_set, default_circuit, run_unlearning
+    from workbench.interpretability.faithfulness import faithfulness
+    from workbench.measurement.evaluation import evaluate_split
+    from workbench.measurement.metrics import build_variants
+    from workbench.models.builtin_splits import builtin_split
     from workbench.quant import QuantConfig, compare_quantization, fake_quantize_model, quantizable_parameters
-    from workbench.splits import builtin_split
-    from workbench.unlearning import MansuConfig, OptimConfig, StopRule
+    from workbench.unlearning.mansu import MansuConfig
+    from workbench.unlearning.task import OptimConfig, StopRule
 
     split = builtin_split(facts_tiny)
     before = facts_tiny.weights_hash()
@@ -165,7 +166,7 @@ def test_public_operations_never_modify_the_base(facts_tiny, tmp_path):
     circuit.exclude(sorted(circuit.selected)[0])
     faithfulness(circuit, facts_tiny, list(split.forget[:8]))
     result, _, _ = run_unlearning(facts_tiny, split, method="mansu", circuit=circuit, measure_cad=False,
-                                  mansu_config=MansuConfig(max_rounds=2, params_per_round=8), runs_root=str(tmp_path))
+                                  method_config=MansuConfig(max_rounds=2, params_per_round=8), runs_root=str(tmp_path))
     run_unlearning(facts_tiny, split, method="graddiff", optim=OptimConfig(lr=1e-3), measure_cad=False,
                    stop=StopRule(max_steps=1, forget_target=None), runs_root=str(tmp_path))
     fake_quantize_model(facts_tiny.hf, nf4, progress=lambda *_: None)

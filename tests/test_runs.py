@@ -8,10 +8,10 @@ import os
 import pytest
 import torch
 
-import workbench.runs as runs
-from workbench.errors import WorkbenchError
-from workbench.runs import check_run_id, list_runs, load_run, new_run_id, save_run
-from workbench.update import Update
+import workbench.experiments.store as runs
+from workbench.core.errors import WorkbenchError
+from workbench.experiments.store import check_run_id, list_runs, load_run, new_run_id, save_run
+from workbench.models.update import Update
 
 
 def _update() -> Update:

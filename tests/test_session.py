@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-from workbench.errors import WorkbenchError
-from workbench.session import (
+from workbench.core.errors import WorkbenchError
+from workbench.faces.session import (
     MAX_UPLOAD_BYTES,
     SHARED,
     RunView,
@@ -84,7 +84,7 @@ def test_setup_unknown_model_and_local_dir_without_data(tmp_path):
 
 
 def _write_split_files(split, tmp_path):
-    from workbench.facts import save_fact_file
+    from workbench.data.files import save_fact_file
 
     forget = save_fact_file(split.forget[:6], tmp_path / "forget.jsonl")
     retain = save_fact_file(split.retain[:10], tmp_path / "retain.jsonl")
@@ -148,7 +148,7 @@ def test_steps_before_setup_say_what_to_do():
 
 def test_attribution_gives_default_circuit_and_faithfulness(attributed):
     s = attributed
-    from workbench.experiment import default_circuit
+    from workbench.experiments.flow import default_circuit
 
     assert s.circuit is not None and s.attribution.n_pairs > 0
     assert s.circuit.selected == default_circuit(s.attribution).selected  # the same start as the CLI
@@ -324,7 +324,7 @@ def test_shared_models_preload_status():
 
 def test_shared_base_accuracy_is_computed_once(attributed, monkeypatch):
     calls = []
-    import workbench.evaluation as evaluation
+    import workbench.faces.session as evaluation  # the evaluate_split the session calls
 
     real = evaluation.evaluate_split
     monkeypatch.setattr(evaluation, "evaluate_split", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -346,7 +346,7 @@ def test_runview_modules():
 
 
 def test_baseline_with_its_own_settings(attributed):
-    from workbench.session import method_settings
+    from workbench.faces.session import method_settings
 
     assert method_settings("mansu") == {} and method_settings("graddiff") == {}
     defaults = method_settings("rmu")

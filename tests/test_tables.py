@@ -12,7 +12,7 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 
-from workbench.tables import csv_table, html_table, markdown_table, text_histogram, text_table
+from workbench.faces.tables import csv_table, html_table, markdown_table, text_histogram, text_table
 
 ROWS = [
     {"set": "forget", "precision": "fp32", "n": 24, "top1": 1.0, "mc": 0.958333, "p(answer)": 0.91234, "ok": True},

@@ -7,9 +7,8 @@ import math
 import pytest
 import torch
 
-from workbench.errors import WorkbenchError
-from workbench.quant import QuantConfig
-from workbench.tradeoff import (
+from workbench.core.errors import WorkbenchError
+from workbench.measurement.tradeoff import (
     crossover_budget,
     default_ks,
     direction_size,
@@ -21,6 +20,7 @@ from workbench.tradeoff import (
     tradeoff_figure,
     unlearning_direction,
 )
+from workbench.quant import QuantConfig
 
 NF4 = QuantConfig("nf4")
 SMALL_BUDGET = 0.05  # facts-tiny: B/√N ≈ 0.03 median bin widths at k = all weights
@@ -89,7 +89,7 @@ def test_default_ks():
 
 @pytest.fixture(scope="module")
 def tiny(facts_tiny):
-    from workbench.splits import builtin_split
+    from workbench.models.builtin_splits import builtin_split
 
     split = builtin_split(facts_tiny)
     before = facts_tiny.weights_hash()
@@ -143,8 +143,8 @@ def test_theory_agrees_with_the_measurement(tiny):
 
 
 def test_curve_accuracies_match_metrics_variants(tiny):
-    from workbench.evaluation import evaluate_facts
-    from workbench.metrics import build_variants
+    from workbench.measurement.evaluation import evaluate_facts
+    from workbench.measurement.metrics import build_variants
 
     model, split, direction, curve, _ = tiny
     point = next(p for p in curve if p["k"] == 1024)
@@ -157,7 +157,7 @@ def test_curve_accuracies_match_metrics_variants(tiny):
 
 
 def test_run_point_places_a_measured_update(tiny):
-    from workbench.metrics import measure_update
+    from workbench.measurement.metrics import measure_update
 
     model, split, direction, curve, _ = tiny
     upd = spread_budget(direction, 256, SMALL_BUDGET)

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from workbench.errors import WorkbenchError
-from workbench.update import Update
+from workbench.core.errors import WorkbenchError
+from workbench.models.update import Update
 
 
 def _sparse_update(model, n=5, seed=0):

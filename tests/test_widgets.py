@@ -6,8 +6,10 @@ import plotly.graph_objects as go
 import pytest
 from plotly.callbacks import Points
 
-from workbench.unlearning import METHODS, MansuConfig, StopRule
-from workbench.widgets import Workbench
+from workbench.faces.widgets import Workbench
+from workbench.unlearning.mansu import MansuConfig
+from workbench.unlearning.registry import METHODS
+from workbench.unlearning.task import StopRule
 
 SMALL = MansuConfig(params_per_round=16, max_rounds=3, fisher_samples=32)
 

@@ -1,0 +1,60 @@
+"""Where models run: chosen once per process, CUDA when torch sees one, else the CPU.
+
+Every model the workbench loads is placed on :func:`choose_device` (or spread over devices by
+an explicit ``device_map``); everything downstream takes its device from the model it is
+given (:func:`module_device`), so the same code runs on either. Weights stay float32 on
+every device: the quantization analysis compares a weight with its NF4 code value to a few
+ULPs, which half precision would blur.
+
+Override with ``$WORKBENCH_DEVICE`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) or
+``load_model(..., device=...)``.
+
+Tested on CPU only: the machine this was built on has no GPU. The selection logic is tested
+by simulating CUDA's presence; a real CUDA run is unverified.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from workbench.core.errors import WorkbenchError
+
+ENV = "WORKBENCH_DEVICE"
+
+
+def choose_device(requested: str | None = None) -> torch.device:
+    """The device models are placed on.
+
+    Args:
+        requested: ``"auto"`` (default; CUDA when available, else CPU), ``"cpu"``, ``"cuda"``
+            or ``"cuda:N"``. ``None`` reads ``$WORKBENCH_DEVICE``.
+
+    Raises:
+        WorkbenchError: for an unknown name, or CUDA asked for where torch sees none.
+    """
+    value = (requested if requested is not None else os.environ.get(ENV, "auto")).strip().lower() or "auto"
+    if value == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if value == "cpu":
+        return torch.device("cpu")
+    if value == "cuda" or value.startswith("cuda:"):
+        index = value.partition(":")[2]
+        if index and not index.isdigit():
+            raise WorkbenchError(f"device {value!r}: the CUDA index must be a number, e.g. cuda:0")
+        if not torch.cuda.is_available():
+            raise WorkbenchError(f"device {value!r} requested (via {ENV} or device=) but torch sees no CUDA device; "
+                                 "use 'cpu' or 'auto'")
+        if index and int(index) >= torch.cuda.device_count():
+            raise WorkbenchError(f"device {value!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        return torch.device(value)
+    raise WorkbenchError(f"unknown device {value!r}: choose auto, cpu, cuda or cuda:N")
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where ``module`` takes its inputs: the device of its first parameter (the embedding,
+    also for a model spread over devices by a ``device_map``)."""
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")

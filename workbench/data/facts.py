@@ -1,0 +1,162 @@
+"""Facts: the unit of knowledge the workbench attributes, unlearns and evaluates.
+
+A :class:`Fact` is a cloze prompt plus its answer (``prompt + " " + answer`` is the full
+sentence), optionally with multiple-choice candidates and a *corrupted* prompt for
+attribution patching. A :class:`FactSplit` is a forget set and a retain set (plus the same
+facts phrased with a held-out template). Three sources produce facts: the synthetic fact
+world (:mod:`workbench.data.world`), user fact files (:mod:`workbench.data.files`) and the
+real-fact candidates for SmolLM2 (:mod:`workbench.data.real`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+from workbench.core.errors import WorkbenchError
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One fact: a cloze prompt and its answer, optionally with multiple-choice candidates.
+
+    Attributes:
+        prompt: cloze prompt; the answer follows after one space, so the prompt has no
+            trailing whitespace.
+        answer: the answer (no surrounding whitespace). For cloze facts its token is the
+            tokenizer's encoding of ``" " + answer`` and must be exactly one token; facts from
+            multiple-choice rows may have multi-token answers (scored by summed log-prob).
+        choices: multiple-choice candidates including the answer (4 for built-ins; may be ()).
+        domain: e.g. ``"pathogens"`` or ``"capital/europe"``.
+        relation: e.g. ``"vector"``.
+        subject: e.g. ``"Veltrax"``; appears verbatim in ``prompt`` for built-in/real facts.
+        template: template index within the relation.
+        paraphrase: rendered with the held-out template.
+        corrupt_prompt: same template, another subject whose answer differs ("" if none).
+    """
+
+    prompt: str
+    answer: str
+    choices: tuple[str, ...]
+    domain: str = ""
+    relation: str = ""
+    subject: str = ""
+    template: int = 0
+    paraphrase: bool = False
+    corrupt_prompt: str = ""
+
+    def __post_init__(self) -> None:
+        # Lists are accepted for convenience but stored as tuples so facts stay hashable.
+        object.__setattr__(self, "choices", tuple(self.choices))
+        where = f"fact {self.prompt!r}"
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise WorkbenchError(f"{where}: the prompt is empty")
+        if self.prompt != self.prompt.rstrip():
+            raise WorkbenchError(
+                f"{where}: the prompt ends with whitespace; the answer is appended after one "
+                "space, so strip the prompt"
+            )
+        if not isinstance(self.answer, str) or not self.answer.strip():
+            raise WorkbenchError(f"{where}: the answer is empty")
+        if self.answer != self.answer.strip():
+            raise WorkbenchError(f"{where}: the answer {self.answer!r} has surrounding whitespace")
+        for c in self.choices:
+            if not isinstance(c, str) or not c.strip() or c != c.strip():
+                raise WorkbenchError(f"{where}: choice {c!r} is empty or has surrounding whitespace")
+        if self.choices:
+            if len(self.choices) < 2:
+                raise WorkbenchError(f"{where}: multiple choice needs at least 2 choices")
+            if len(set(self.choices)) != len(self.choices):
+                raise WorkbenchError(f"{where}: the choices {list(self.choices)} repeat a value")
+            if self.answer not in self.choices:
+                raise WorkbenchError(
+                    f"{where}: the answer {self.answer!r} is not among the choices {list(self.choices)}"
+                )
+        for name in ("domain", "relation", "subject", "corrupt_prompt"):
+            if not isinstance(getattr(self, name), str):
+                raise WorkbenchError(f"{where}: {name} must be text")
+        if isinstance(self.template, bool) or not isinstance(self.template, int) or self.template < 0:
+            raise WorkbenchError(f"{where}: template must be an integer >= 0, got {self.template!r}")
+        if not isinstance(self.paraphrase, bool):
+            raise WorkbenchError(f"{where}: paraphrase must be true or false, got {self.paraphrase!r}")
+        if self.corrupt_prompt:
+            if self.corrupt_prompt != self.corrupt_prompt.strip():
+                raise WorkbenchError(f"{where}: the corrupt prompt has surrounding whitespace")
+            if self.corrupt_prompt == self.prompt:
+                raise WorkbenchError(f"{where}: the corrupt prompt equals the prompt")
+
+    @property
+    def text(self) -> str:
+        """The full sentence: ``prompt + " " + answer``."""
+        return f"{self.prompt} {self.answer}"
+
+    @property
+    def answer_index(self) -> int | None:
+        """Index of the answer in ``choices`` (``None`` without choices)."""
+        return self.choices.index(self.answer) if self.choices else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (a cloze row): ``prompt``, ``answer``, then non-default fields."""
+        out: dict[str, Any] = {"prompt": self.prompt, "answer": self.answer}
+        if self.choices:
+            out["choices"] = list(self.choices)
+        for f in fields(self):
+            if f.name in out or f.name == "choices":
+                continue
+            value = getattr(self, f.name)
+            if value != f.default:
+                out[f.name] = value
+        return out
+
+
+@dataclass(frozen=True)
+class FactSplit:
+    """A forget set and a retain set, plus the same facts phrased with a held-out template.
+
+    Attributes:
+        name: display name, e.g. ``"pathogens-seed0-full"``.
+        forget: facts to unlearn (non-empty).
+        retain: facts to keep.
+        forget_paraphrase: the forget facts on the held-out template (may be empty).
+        retain_paraphrase: the retain facts on the held-out template (may be empty).
+
+    Forget and retain share no prompt (same for the paraphrase pair): one prompt cannot be both
+    forgotten and kept.
+    """
+
+    name: str
+    forget: tuple[Fact, ...]
+    retain: tuple[Fact, ...]
+    forget_paraphrase: tuple[Fact, ...] = ()
+    retain_paraphrase: tuple[Fact, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.name, os.PathLike):  # a split named after its fact file
+            object.__setattr__(self, "name", os.fspath(self.name))
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise WorkbenchError("a fact split needs a non-empty name")
+        for f in ("forget", "retain", "forget_paraphrase", "retain_paraphrase"):
+            value = tuple(getattr(self, f))
+            for item in value:
+                if not isinstance(item, Fact):
+                    raise WorkbenchError(f"split {self.name!r}: {f} holds {type(item).__name__}, not Fact")
+            object.__setattr__(self, f, value)
+        if not self.forget:
+            raise WorkbenchError(f"split {self.name!r}: the forget set is empty")
+        for a, b in (("forget", "retain"), ("forget_paraphrase", "retain_paraphrase")):
+            shared = {x.prompt for x in getattr(self, a)} & {x.prompt for x in getattr(self, b)}
+            if shared:
+                raise WorkbenchError(
+                    f"split {self.name!r}: {a} and {b} share {len(shared)} prompt(s), "
+                    f"e.g. {sorted(shared)[0]!r}"
+                )
+
+    def counts(self) -> dict[str, int]:
+        """Number of facts per field, e.g. for a summary table."""
+        return {
+            "forget": len(self.forget),
+            "retain": len(self.retain),
+            "forget_paraphrase": len(self.forget_paraphrase),
+            "retain_paraphrase": len(self.retain_paraphrase),
+        }

@@ -1,0 +1,168 @@
+"""The whole flow as plain functions the three faces share: attribute → circuit → unlearn → measure → save.
+
+Each function takes and returns plain objects; a face adds only widgets around them, so a
+number on screen is the number the CLI prints for the same inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+from workbench.core.errors import WorkbenchError
+from workbench.core.progress import Progress, scaled, silent
+from workbench.data.facts import FactSplit
+from workbench.experiments.store import Run, save_run
+from workbench.interpretability.attribution import Attribution, AttributionConfig, attribute
+from workbench.interpretability.circuit import Circuit
+from workbench.measurement.metrics import Thresholds, measure_update
+from workbench.models.builtin_splits import builtin_split
+from workbench.models.builtins import ORACLES
+from workbench.models.loaded import LoadedModel
+from workbench.models.loading import load_model
+from workbench.quant import QuantConfig
+from workbench.unlearning.objectives import BaselineConfig
+from workbench.unlearning.registry import MethodConfig, unlearn
+from workbench.unlearning.result import UnlearningResult
+from workbench.unlearning.task import OptimConfig, StopRule
+
+DEFAULT_TOP_K = 10
+
+
+
+def attribute_forget_set(
+    model: LoadedModel, split: FactSplit, config: AttributionConfig | None = None, *, progress: Progress | None = None
+) -> Attribution:
+    """Attribution of the forget-set behaviour (clean = forget prompts, corrupt = other subjects)."""
+
+    if not split.forget:
+        raise WorkbenchError("the forget set is empty: nothing to attribute")
+    return attribute(model, split.forget, config or AttributionConfig(), progress=progress)
+
+
+def default_circuit(attribution: Attribution, top_k: int = DEFAULT_TOP_K) -> Circuit:
+    """The circuit the faces start from: the top-k components by |score| (embeddings excluded,
+    since MANSU never moves them)."""
+
+    return Circuit.from_attribution(attribution).select_top_k(top_k, include_embed=False)
+
+
+def run_unlearning(
+    model: LoadedModel,
+    split: FactSplit,
+    *,
+    method: str = "mansu",
+    quant: QuantConfig | None = None,
+    circuit: Circuit | None = None,
+    method_config: MethodConfig | None = None,
+    optim: OptimConfig | None = None,
+    stop: StopRule | None = None,
+    baseline: BaselineConfig | None = None,
+    thresholds: Thresholds | None = None,
+    oracle: LoadedModel | None = None,
+    measure_cad: bool = True,
+    save: bool = True,
+    runs_root: str | None = None,
+    progress: Progress | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> tuple[UnlearningResult, dict[str, Any], Run | None]:
+    """Unlearn, measure everything, and (by default) save the run atomically.
+
+    ``method_config`` is the method's own config (e.g. :class:`MansuConfig`); ``optim``,
+    ``stop`` and ``baseline`` are the gradient methods' shared settings. MANSU needs a circuit; when none is given, the forget set is attributed and the
+    default top-k circuit is used. Baselines record the circuit too (for CAD's circuit share).
+    """
+
+    report = progress or silent
+    quant = quant or QuantConfig("nf4")
+    start = time.perf_counter()
+    if circuit is None and method == "mansu":
+        report(0.0, "no circuit given: attributing the forget set")
+        circuit = default_circuit(attribute_forget_set(model, split))
+    if circuit is not None and circuit.model_fingerprint != model.fingerprint:
+        raise WorkbenchError(
+            f"the circuit was computed on another model (fingerprint {circuit.model_fingerprint}, "
+            f"this model {model.fingerprint})"
+        )
+    components = sorted(circuit.selected) if circuit is not None else None
+    result = unlearn(model, split, method=method, quant=quant, circuit=components, method_config=method_config,
+                     optim=optim, stop=stop, baseline=baseline, progress=scaled(report, 0.0, 0.6),
+                     should_stop=should_stop)
+    if result.stopped == "cancelled":
+        raise WorkbenchError("the run was cancelled; nothing was saved")
+    metrics = measure_update(model, split, result.update, quant=quant, circuit=components, oracle=oracle,
+                             thresholds=thresholds or Thresholds(), cad=measure_cad, progress=scaled(report, 0.6, 0.98))
+    seconds = time.perf_counter() - start
+    metrics.update({
+        "method": result.method,
+        "model": model.name,
+        "model_fingerprint": model.fingerprint,
+        "split": split.name,
+        "n_forget": len(split.forget),
+        "n_retain": len(split.retain),
+        "steps": result.steps,
+        "stopped": result.stopped,
+        "seconds": seconds,
+        "unlearning_seconds": result.seconds,
+        "diagnostics": result.diagnostics,
+        "circuit": [c.name for c in components] if components else None,
+    })
+    run = None
+    if save:
+        config = {
+            "method": method, "model": model.name, "model_fingerprint": model.fingerprint, "split": split.name,
+            "quant": quant.to_dict(),
+            "mansu": asdict(method_config) if method_config is not None and method == "mansu" else None,
+            "optim": asdict(optim) if optim is not None else None,
+            "stop": asdict(stop) if stop is not None else None,
+            "baseline": asdict(baseline) if baseline is not None else None,
+            "method_config": asdict(method_config) if method_config is not None else None,
+            "thresholds": asdict(thresholds or Thresholds()),
+        }
+        circuit_json = json.dumps(circuit.to_dict()) if circuit is not None else None
+        run = save_run(config=config, metrics=metrics, update=result.update, history=result.history,
+                       circuit_json=circuit_json, root=runs_root)
+    report(1.0, "done")
+    return result, metrics, run
+
+
+def oracle_for(model: LoadedModel) -> LoadedModel | None:
+    """The retrain oracle of a built-in facts model (built on first use), else None."""
+
+    name = ORACLES.get(model.name)
+    return load_model(name) if name else None
+
+
+def model_and_split_for_run(run: Run, *, model: LoadedModel | None = None,
+                            split: FactSplit | None = None) -> tuple[LoadedModel, FactSplit]:
+    """The base model and the split a saved run was measured on (for probes and re-evaluation).
+
+    The model is loaded by the name in ``metrics.json`` and must have the run's fingerprint.
+    A built-in split is rebuilt from its name (``<domain>-seed<s>-<size>`` for the facts
+    models, ``smollm2:<domain>``); a run on user fact files needs ``split`` passed in.
+    """
+
+    m = run.metrics
+    model = model or load_model(m["model"])
+    if m.get("model_fingerprint") and model.fingerprint != m["model_fingerprint"]:
+        raise WorkbenchError(
+            f"run {run.id} was made on a model with fingerprint {m['model_fingerprint']}, "
+            f"but {model.name!r} now has {model.fingerprint}"
+        )
+    if split is not None:
+        return model, split
+    name = str(m.get("split") or "")
+    domain = name.split(":", 1)[1] if ":" in name else name.rsplit("-seed", 1)[0]
+    try:
+        candidate = builtin_split(model) if not domain else builtin_split(model, forget_domain=domain)
+    except WorkbenchError:
+        candidate = None
+    if candidate is None or candidate.name != name:
+        raise WorkbenchError(
+            f"run {run.id} used the split {name!r}, which is not a built-in split of {model.name!r}; "
+            "pass the forget and retain fact files it was made with"
+        )
+    return model, candidate

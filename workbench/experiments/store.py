@@ -1,0 +1,155 @@
+"""The run store: every unlearning run saved atomically, listable and reopenable.
+
+A run is a directory ``<root>/<run id>/`` holding
+
+- ``config.json``   what was asked (model, split, method, hyper-parameters, quantizer),
+- ``circuit.json``  the circuit the method used (if any),
+- ``metrics.json``  everything measured (see :mod:`workbench.metrics`),
+- ``history.json``  per-step records (for live and replayed plots),
+- ``update.safetensors`` the update itself (sparse where sparse).
+
+It is written into a hidden temporary directory and renamed into place in one step, so a
+run killed mid-way never leaves a directory that :func:`list_runs` shows as complete.
+Run ids are checked so that no id from a user or the UI can point outside the root.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from workbench.core.errors import WorkbenchError
+from workbench.core.paths import runs_dir
+from workbench.models.update import Update
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")  # \Z: "$" would accept a trailing newline
+REQUIRED = ("config.json", "metrics.json", "update.safetensors")
+
+
+@dataclass
+class Run:
+    """A saved run, as read back from disk (the update is loaded lazily)."""
+
+    id: str
+    path: Path
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+
+    @property
+    def circuit_path(self) -> Path | None:
+        p = self.path / "circuit.json"
+        return p if p.exists() else None
+
+    def update(self) -> Update:
+        return Update.load(self.path / "update.safetensors")
+
+
+def _root(root: str | os.PathLike[str] | None) -> Path:
+    path = Path(root) if root is not None else runs_dir()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def check_run_id(run_id: str) -> str:
+    """Refuse ids that are not plain names (no separators, no ``..``, no hidden files)."""
+    if not isinstance(run_id, str) or not _ID_RE.match(run_id) or ".." in run_id:
+        raise WorkbenchError(f"invalid run id {run_id!r}: use letters, digits, '.', '_' and '-' only")
+    return run_id
+
+
+def new_run_id(method: str, model: str) -> str:
+    model_tag = re.sub(r"[^A-Za-z0-9_-]+", "-", Path(model).name or model)[:32].strip("-") or "model"
+    method_tag = re.sub(r"[^A-Za-z0-9_-]+", "-", method)[:32]
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{method_tag}-{model_tag}-{secrets.token_hex(2)}"
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, default=_json_default))
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
+
+
+def save_run(
+    *,
+    config: dict[str, Any],
+    metrics: dict[str, Any],
+    update: Update,
+    history: list[dict[str, Any]] | None = None,
+    circuit_json: str | None = None,
+    run_id: str | None = None,
+    root: str | os.PathLike[str] | None = None,
+) -> Run:
+    """Write a run atomically and return it."""
+    base = _root(root)
+    run_id = check_run_id(run_id or new_run_id(str(config.get("method", "run")), str(config.get("model", "model"))))
+    target = base / run_id
+    if target.exists():
+        raise WorkbenchError(f"run {run_id} already exists in {base}")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{run_id}.", dir=base))
+    try:
+        _write_json(tmp / "config.json", config)
+        _write_json(tmp / "history.json", history or [])
+        if circuit_json is not None:
+            (tmp / "circuit.json").write_text(circuit_json)
+        update.save(tmp / "update.safetensors")
+        # metrics.json last: its presence in a finished directory is what "complete" means.
+        _write_json(tmp / "metrics.json", {**metrics, "run_id": run_id})
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return load_run(run_id, root=base)
+
+
+def load_run(run_id: str, *, root: str | os.PathLike[str] | None = None) -> Run:
+    base = _root(root)
+    path = base / check_run_id(run_id)
+    if not path.is_dir():
+        raise WorkbenchError(f"no run {run_id!r} in {base}")
+    missing = [f for f in REQUIRED if not (path / f).exists()]
+    if missing:
+        raise WorkbenchError(f"run {run_id} is incomplete (missing {', '.join(missing)})")
+    try:
+        config = json.loads((path / "config.json").read_text())
+        metrics = json.loads((path / "metrics.json").read_text())
+        history_file = path / "history.json"
+        history = json.loads(history_file.read_text()) if history_file.exists() else []
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise WorkbenchError(f"run {run_id}: damaged JSON ({exc})") from exc
+    if not isinstance(config, dict) or not isinstance(metrics, dict):
+        raise WorkbenchError(f"run {run_id}: config.json and metrics.json must hold JSON objects")
+    return Run(id=run_id, path=path, config=config, metrics=metrics, history=history)
+
+
+def list_runs(*, root: str | os.PathLike[str] | None = None) -> list[Run]:
+    """Complete runs, newest first (temporary and incomplete directories are skipped)."""
+    base = _root(root)
+    runs = []
+    for child in sorted(base.iterdir(), reverse=True):
+        if child.name.startswith(".") or not child.is_dir() or not _ID_RE.match(child.name):
+            continue
+        if all((child / f).exists() for f in REQUIRED):
+            try:
+                runs.append(load_run(child.name, root=base))
+            except WorkbenchError:
+                continue
+    return runs

@@ -1,0 +1,547 @@
+"""The Gradio face of the MANSU workbench: one page, the whole flow, no science of its own.
+
+Layout and wiring only. Every number and figure comes from the core library through
+:class:`workbench.session.Session` (one per browser session, kept in a ``gr.State``); the
+loaded base models are shared, read-only, by all sessions (:data:`workbench.session.SHARED`).
+
+    python app.py [--model M] [--host 127.0.0.1] [--port 7860] [--heavy-jobs 1]
+
+The start model can also come from ``WORKBENCH_MODEL`` and the port from Gradio's
+``GRADIO_SERVER_PORT``. The server binds 127.0.0.1 unless ``--host`` says otherwise and
+never creates a public share link.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import html
+import json
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import gradio as gr
+
+from workbench.core.errors import WorkbenchError
+from workbench.core.paths import runs_dir
+from workbench.faces.session import (
+    ATTRIBUTION_METHODS,
+    MAX_UPLOAD_BYTES,
+    RUN_COLUMNS,
+    SHARED,
+    RunView,
+    Session,
+    compare_figures,
+    method_settings,
+    read_fact_upload,
+    runs_table,
+    shared_figures,
+)
+from workbench.models.builtins import BUILTINS, DEFAULT_MODEL
+from workbench.unlearning.registry import METHODS
+
+log = logging.getLogger("workbench.app")
+
+METHOD_NAMES = {"mansu": "MANSU", "ga": "gradient ascent", "graddiff": "GradDiff", "ga_klr": "GA + KL retain",
+                "npo": "NPO", "npo_gdr": "NPO + GD retain", "npo_klr": "NPO + KL retain", "simnpo": "SimNPO",
+                "rmu": "RMU", "sure": "SURE", "quail": "QUAIL", "lora": "LoRA"}
+NODE_HEADERS = ["in circuit", "component", "kind", "layer", "head", "score"]
+MAX_FILE_SIZE = MAX_UPLOAD_BYTES
+
+
+# --------------------------------------------------------------------------------------------
+# Errors: user-caused ones as messages, anything else logged on the server, never a trace in the page
+# --------------------------------------------------------------------------------------------
+
+
+def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a WorkbenchError into a gr.Error with its message; log anything else, show a short note."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except WorkbenchError as exc:
+            raise gr.Error(html.escape(str(exc), quote=False), duration=30, print_exception=False) from None
+        except Exception as exc:
+            log.exception("unexpected error in %s", fn.__name__)
+            raise gr.Error(
+                f"Something went wrong inside the workbench ({type(exc).__name__}). "
+                "The details are in the server log; please report them.",
+                duration=30, print_exception=False,
+            ) from None
+
+    return wrapper
+
+
+def _progress(progress: gr.Progress) -> Callable[[float, str], None]:
+    return lambda f, message: progress(min(max(float(f), 0.0), 1.0), desc=message)
+
+
+def _method_label(method: str) -> str:
+    return METHOD_NAMES.get(method, method.upper())
+
+
+def _methods() -> list[tuple[str, str]]:
+    # Read at page build time so methods other engineers add to the core appear here.
+
+    return [(f"{_method_label(m)} ({m})" if m != "mansu" else "MANSU", m) for m in METHODS]
+
+
+# --------------------------------------------------------------------------------------------
+# Output bundles (what several events refresh at once)
+# --------------------------------------------------------------------------------------------
+
+
+def circuit_outputs(s: Session) -> tuple[Any, ...]:
+    """graph, heatmap, faithfulness readout, node table, component picker, circuit download."""
+    graph, heat = s.circuit_figures()
+    rows = [[r[h] for h in NODE_HEADERS] for r in s.node_rows()]
+    names = s.component_names()
+    path = s.save_circuit()
+    return (graph, heat, s.faithfulness_text(), rows,
+            gr.Dropdown(choices=names, value=None), gr.DownloadButton(value=str(path), interactive=True))
+
+
+def _view_outputs(view: RunView | None, module: str, cad: str) -> tuple[Any, ...]:
+    if view is None:
+        return ("*Pin a run to compare it here.*", None, None, None)
+    figs = compare_figures(view, module, cad)
+    summary = figs.summary + ("".join(f"  \n*{n}*" for n in figs.notes))
+    report = [[r["property"], r["verdict"], r["value"], r["threshold"], r["margin"]] for r in figs.report]
+    return (summary, report, figs.occupancy, figs.cad)
+
+
+def compare_outputs(s: Session, module: str | None, cad: str | None) -> tuple[Any, ...]:
+    """module picker, current run (4), pinned run (4), accuracy, |Δw|/bin width."""
+    if s.current is None:
+        raise WorkbenchError("no run yet: run unlearning or open a saved run")
+    module = module if module in s.current.modules else "overall"
+    cad = cad or "fp"
+    views = [s.current] + ([s.pinned] if s.pinned is not None and s.pinned is not s.current else [])
+    accuracy, ratios = shared_figures(views)
+    return (gr.Dropdown(choices=s.current.modules, value=module),
+            *_view_outputs(s.current, module, cad), *_view_outputs(s.pinned, module, cad), accuracy, ratios)
+
+
+def runs_outputs(s: Session) -> tuple[Any, ...]:
+    rows = runs_table(s.runs_root)
+    ids = [r["run"] for r in rows]
+    current = s.current.run_id if s.current is not None and s.current.run_id in ids else (ids[0] if ids else None)
+    return ([[r[h] for h in RUN_COLUMNS] for r in rows], gr.Dropdown(choices=ids, value=current))
+
+
+# --------------------------------------------------------------------------------------------
+# Event handlers (thin: parse widgets, call the session, format)
+# --------------------------------------------------------------------------------------------
+
+
+@friendly
+def on_setup(s: Session, model: str, forget_file: str | None, retain_file: str | None, domain: str | None,
+             quant_type: str, blocksize: Any, double_quant: bool, progress: gr.Progress = gr.Progress()):
+    result = s.setup(model, forget_file=forget_file, retain_file=retain_file, forget_domain=domain or None,
+                     quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
+                     progress=_progress(progress))
+    rows = [[r["set"], r["facts"], round(r["full precision"], 4), round(r[s.quant.label], 4), round(r["difference"], 4)]
+            for r in result.accuracy]
+    accuracy = gr.Dataframe(value=rows, headers=["set", "facts", "full precision", s.quant.label, "difference"])
+    return (result.summary, accuracy,
+            gr.Dropdown(choices=result.domains, value=result.domain, interactive=bool(result.domains)))
+
+
+@friendly
+def on_check_file(s: Session, path: str | None, which: str) -> str:
+    if not path:
+        return ""
+    try:
+        facts = read_fact_upload(path, f"{which} file", s.model)
+    except WorkbenchError as exc:
+        return f"⚠️ **Cannot use this {which} file:** {html.escape(str(exc), quote=False)}"
+    checked = f"answers checked against {s.model.name}'s tokenizer" if s.model else "tokens are checked when the model loads"
+    return f"✓ {which} file: {len(facts)} facts ({checked})."
+
+
+@friendly
+def on_attribute(s: Session, method: str, ig_steps: Any, edges: bool, progress: gr.Progress = gr.Progress()):
+    a = s.attribute(method, ig_steps=ig_steps, edges=edges, progress=_progress(progress))
+    dropped = f", {a.n_dropped} pairs dropped (clean and corrupt of different token length)" if a.n_dropped else ""
+    summary = (f"**{ATTRIBUTION_METHODS[a.method]}**{f' ({a.ig_steps} steps)' if a.method == 'ig' else ''} over "
+               f"{a.n_pairs} prompt pairs{dropped} · metric {a.metric}: clean {a.clean_metric:.3f}, "
+               f"corrupt {a.corrupt_metric:.3f} · {len(a.edge_scores)} edges scored. "
+               f"The circuit starts as the core's default (top-{len(s.circuit.selected)} heads/MLPs).")
+    return (summary, *circuit_outputs(s))
+
+
+@friendly
+def on_agreement(s: Session, reference: str, ig_steps: Any, progress: gr.Progress = gr.Progress()):
+    numbers, figure = s.agreement(reference, ig_steps=ig_steps, progress=_progress(progress))
+    text = (f"**{s.attribution.method} vs {reference}** over {int(numbers['n'])} components: "
+            f"Spearman {numbers['spearman']:.3f} · Kendall {numbers['kendall']:.3f} · "
+            f"Pearson {numbers['pearson']:.3f} · top-{int(numbers['top_k'])} overlap {numbers['top_k_overlap']:.2f} · "
+            f"max |difference| {numbers['max_abs_diff']:.3g}")
+    return text, figure
+
+
+def _edit(action: str) -> Callable[..., tuple[Any, ...]]:
+    @friendly
+    def handler(s: Session, value: Any = None):
+        s.edit(action, value)
+        return circuit_outputs(s)
+
+    handler.__name__ = f"on_{action}"
+    return handler
+
+
+@friendly
+def on_table(s: Session, table: Any):
+    rows = table.values.tolist() if hasattr(table, "values") else list(table or [])
+    s.apply_node_table(rows)
+    return circuit_outputs(s)
+
+
+@friendly
+def on_upload_circuit(s: Session, path: str | None):
+    if not path:
+        raise WorkbenchError("choose a circuit JSON file to upload")
+    s.load_circuit(path)
+    return circuit_outputs(s)
+
+
+def on_method(method: str):
+    mansu = method == "mansu"
+    defaults = method_settings(method)
+    settings = gr.Code(value=json.dumps(defaults, indent=1) if defaults else "", visible=bool(defaults))
+    return (gr.Button(value=f"Run {_method_label(method)}"), gr.Group(visible=mansu), gr.Group(visible=not mansu),
+            settings)
+
+
+def on_run_start(s: Session):
+    s.live = []
+    return gr.Timer(active=True), "Starting…"
+
+
+@friendly
+def on_unlearn(s: Session, method: str, use_circuit: bool, use_projection: bool, use_fisher: bool, use_floor: bool,
+               max_rounds: Any, fisher_budget: Any, params_per_round: Any, forget_target: Any, code_steps: Any,
+               lr: Any, max_steps: Any, settings: str | None, measure_cad: bool, use_oracle: bool, module: str | None, cad: str | None,
+               progress: gr.Progress = gr.Progress()):
+    def num(x: Any, what: str, kind: type = float) -> Any:
+        try:
+            return kind(x)
+        except (TypeError, ValueError):
+            raise WorkbenchError(f"{what} must be a number, got {x!r}") from None
+
+    mansu = {
+        "use_circuit": bool(use_circuit), "use_projection": bool(use_projection), "use_fisher": bool(use_fisher),
+        "use_floor": bool(use_floor), "max_rounds": num(max_rounds, "max rounds", int),
+        "fisher_budget": (num(fisher_budget, "Fisher budget") or None),
+        "params_per_round": (num(params_per_round, "weights per round", int) or None),
+        "forget_target": num(forget_target, "forget target"), "code_steps": num(code_steps, "codes per weight", int),
+    }
+    optim = {"lr": num(lr, "learning rate") or None}
+    stop = {"max_steps": num(max_steps, "max steps", int), "forget_target": num(forget_target, "forget target")}
+    try:
+        s.unlearn(method, mansu=mansu, optim=optim, stop=stop, settings=settings, measure_cad=measure_cad,
+                  use_oracle=use_oracle, progress=_progress(progress))
+    except WorkbenchError as exc:
+        if s.cancel_requested:  # the user asked for it: say so, not as a failure
+            raise gr.Error(html.escape(str(exc), quote=False), title="Run cancelled", duration=15,
+                           print_exception=False) from None
+        raise
+    return (s.live_text(), *compare_outputs(s, module, cad), *runs_outputs(s))
+
+
+def on_run_end(s: Session):
+    return gr.Timer(active=False), s.live_text()
+
+
+def on_cancel(s: Session) -> str:
+    return "Cancelling at the next step…" if s.cancel() else "Nothing is running."
+
+
+@friendly
+def on_compare(s: Session, module: str | None, cad: str | None):
+    return compare_outputs(s, module, cad)
+
+
+@friendly
+def on_pin(s: Session, module: str | None, cad: str | None):
+    s.pin()
+    return compare_outputs(s, module, cad)
+
+
+@friendly
+def on_unpin(s: Session, module: str | None, cad: str | None):
+    s.unpin()
+    return compare_outputs(s, module, cad)
+
+
+@friendly
+def on_runs(s: Session):
+    return runs_outputs(s)
+
+
+@friendly
+def on_open_run(s: Session, run_id: str | None, module: str | None, cad: str | None):
+    s.open_run(run_id or "")
+    return compare_outputs(s, module, cad)
+
+
+@friendly
+def on_run_files(s: Session, run_id: str | None):
+    return [str(p) for p in s.run_files(run_id or None)]
+
+
+def model_status(name: str) -> tuple[str, Any]:
+    status = SHARED.status(name)
+    done = status == "ready" or status.startswith("error")
+    text = {"ready": f"Model **{name}** is loaded and shared by every session: click “Load model and data”."}.get(
+        status, f"Model **{name}**: {html.escape(status, quote=False)}" + ("" if done else " … (first use builds and caches it)"))
+    return text, gr.Timer(active=not done)
+
+
+# --------------------------------------------------------------------------------------------
+# The page
+# --------------------------------------------------------------------------------------------
+
+
+def build_app(start_model: str, heavy_jobs: int = 1) -> gr.Blocks:
+    """The Blocks app; ``start_model`` is pre-selected (and preloaded by :func:`main`)."""
+
+    heavy = {"concurrency_id": "heavy", "concurrency_limit": heavy_jobs}
+    models = list(dict.fromkeys([start_model, *BUILTINS]))
+    with gr.Blocks(title="MANSU workbench", analytics_enabled=False) as demo:
+        session = gr.State(Session(), delete_callback=lambda s: s.close() if s is not None else None)
+        gr.Markdown("# MANSU workbench\nErase knowledge from a language model so the erasure survives "
+                    "4-bit quantization — and see why. Go top to bottom: setup → attribution → circuit → "
+                    "unlearning → compare → runs.")
+        status = gr.Markdown(elem_id="model-status")
+        status_timer = gr.Timer(1.0, active=True)
+
+        # 1 --- setup
+        gr.Markdown("## 1 · Setup: model, data, quantizer")
+        with gr.Row():
+            model = gr.Dropdown(models, value=start_model, allow_custom_value=True, label="Model",
+                                info="a built-in, or the path of a local Hugging Face model directory", scale=2)
+            domain = gr.Dropdown([], value=None, allow_custom_value=True, label="Forget domain (built-in data)",
+                                 info="filled in by “Load model and data”; change it and load again",
+                                 interactive=False, scale=2)
+            quant_type = gr.Radio(["nf4", "fp4", "int8"], value="nf4", label="Quantizer", scale=1)
+            blocksize = gr.Dropdown([32, 64, 128, 256, 512, 1024, 2048, 4096], value=64, label="Block size", scale=1)
+            double_quant = gr.Checkbox(False, label="Double quantization", scale=1)
+        with gr.Row():
+            forget_file = gr.File(label="Forget set (JSONL or CSV; optional)", file_types=[".jsonl", ".json", ".csv"],
+                                  type="filepath", elem_id="forget-file")
+            retain_file = gr.File(label="Retain set (JSONL or CSV; optional)", file_types=[".jsonl", ".json", ".csv"],
+                                  type="filepath", elem_id="retain-file")
+            with gr.Column():
+                forget_check = gr.Markdown(elem_id="forget-check")
+                retain_check = gr.Markdown(elem_id="retain-check")
+        setup_btn = gr.Button("Load model and data", variant="primary", elem_id="setup-btn")
+        setup_summary = gr.Markdown(elem_id="setup-summary")
+        base_acc = gr.Dataframe(headers=["set", "facts", "full precision", "quantized", "difference"],
+                                label="Base accuracy (top-1), full precision vs quantized", interactive=False,
+                                elem_id="base-accuracy")
+
+        # 2 --- attribution
+        gr.Markdown("## 2 · Attribution: which heads and MLPs carry the forget facts")
+        with gr.Row():
+            method = gr.Radio([(v, k) for k, v in ATTRIBUTION_METHODS.items()], value="atp", label="Method", scale=3)
+            ig_steps = gr.Slider(1, 64, value=8, step=1, label="IG steps (integrated gradients)", scale=2)
+            edges = gr.Checkbox(True, label="Score edges too (not with exact patching)", scale=1)
+        attr_btn = gr.Button("Run attribution", variant="primary", elem_id="attr-btn")
+        attr_summary = gr.Markdown(elem_id="attr-summary")
+        with gr.Row():
+            graph = gr.Plot(label="Circuit graph", elem_id="circuit-graph", scale=3)
+            heatmap = gr.Plot(label="Layer × head heatmap (● = in the circuit)", elem_id="heatmap", scale=2)
+        with gr.Row():
+            reference = gr.Radio([(v, k) for k, v in ATTRIBUTION_METHODS.items()], value="exact",
+                                 label="Compare with", scale=2)
+            agree_btn = gr.Button("Compare attribution methods", scale=1)
+        agreement_text = gr.Markdown(elem_id="agreement")
+        agreement_plot = gr.Plot(label="Method agreement")
+
+        # 3 --- circuit
+        gr.Markdown("## 3 · Circuit: edit the selection, watch faithfulness")
+        faith = gr.Markdown("Run attribution to get a circuit.", elem_id="faithfulness")
+        with gr.Row():
+            top_k = gr.Number(10, precision=0, label="k", scale=1)
+            top_k_btn = gr.Button("Select top-k", scale=1)
+            threshold = gr.Number(0.1, label="|score| ≥", scale=1)
+            threshold_btn = gr.Button("Select by threshold", scale=1)
+            mass = gr.Slider(0.0, 1.0, value=0.8, step=0.01, label="cumulative |score| mass", scale=2)
+            mass_btn = gr.Button("Select by mass", scale=1)
+        with gr.Row():
+            component = gr.Dropdown([], label="Component", elem_id="component-picker", scale=2)
+            include_btn = gr.Button("Include node", scale=1, elem_id="include-btn")
+            exclude_btn = gr.Button("Exclude node", scale=1, elem_id="exclude-btn")
+            undo_btn = gr.Button("Undo", scale=1, elem_id="undo-btn")
+            redo_btn = gr.Button("Redo", scale=1, elem_id="redo-btn")
+        nodes = gr.Dataframe(headers=NODE_HEADERS, datatype=["bool", "str", "str", "number", "number", "number"],
+                             type="array", interactive=True, static_columns=[1, 2, 3, 4, 5], max_height=360,
+                             label="Nodes (tick or untick “in circuit”; strongest first)", elem_id="node-table")
+        with gr.Row():
+            download_circuit = gr.DownloadButton("Download circuit JSON", interactive=False)
+            upload_circuit = gr.UploadButton("Upload circuit JSON", file_types=[".json"], type="filepath")
+
+        # 4 --- unlearning
+        gr.Markdown("## 4 · Unlearning: MANSU or a baseline")
+        with gr.Row():
+            unlearn_method = gr.Dropdown(_methods(), value="mansu", label="Method", scale=2)
+            forget_target = gr.Number(0.1, label="Forget target (top-1)", scale=1)
+            measure_cad = gr.Checkbox(True, label="Measure CAD (attribution before/after)", scale=1)
+            use_oracle = gr.Checkbox(True, label="Compare with the retrain oracle (built-ins)", scale=1)
+        with gr.Group(visible=True) as mansu_box:
+            with gr.Row():
+                use_circuit = gr.Checkbox(True, label="circuit restriction")
+                use_projection = gr.Checkbox(True, label="null-space projection")
+                use_fisher = gr.Checkbox(True, label="Fisher bound")
+                use_floor = gr.Checkbox(True, label="quantization floor")
+            with gr.Row():
+                max_rounds = gr.Number(60, precision=0, label="max rounds")
+                fisher_budget = gr.Number(0.05, label="Fisher budget ε (nats; 0 = no cap)")
+                params_per_round = gr.Number(0, precision=0, label="weights per round (0 = auto)")
+                code_steps = gr.Number(2, precision=0, label="codes moved per weight")
+        with gr.Group(visible=False) as baseline_box:
+            with gr.Row():
+                lr = gr.Number(0, label="learning rate (0 = the model's default)")
+                max_steps = gr.Number(100, precision=0, label="max steps")
+            settings = gr.Code("", language="json", visible=False, interactive=True,
+                               label="The method's own settings (JSON; defaults shown)")
+        with gr.Row():
+            run_btn = gr.Button("Run MANSU", variant="primary", elem_id="run-btn")
+            cancel_btn = gr.Button("Cancel run", variant="stop", elem_id="cancel-btn")
+        live = gr.Textbox(label="Live progress (forget top-1, full precision and quantized)", lines=4,
+                          interactive=False, elem_id="live")
+        live_timer = gr.Timer(1.0, active=False)
+
+        # 5 --- compare
+        gr.Markdown("## 5 · Compare: before/after quantization, side by side")
+        with gr.Row():
+            module = gr.Dropdown(["overall"], value="overall", label="Module (bin occupancy)", scale=3)
+            cad_which = gr.Radio([("full precision", "fp"), ("quantized", "quantized")], value="fp",
+                                 label="CAD attribution of", scale=2)
+            pin_btn = gr.Button("Pin this run for comparison", scale=1)
+            unpin_btn = gr.Button("Unpin", scale=1)
+        report_headers = ["property", "verdict", "value", "threshold", "margin"]
+        with gr.Row():
+            with gr.Column():
+                gr.Markdown("### This run")
+                cur_summary = gr.Markdown(elem_id="run-summary")
+                cur_report = gr.Dataframe(headers=report_headers, label="Report card", interactive=False,
+                                          elem_id="report-card")
+                cur_occ = gr.Plot(label="Bin occupancy before | after", elem_id="occupancy")
+                cur_cad = gr.Plot(label="CAD: attribution per node before | after | difference", elem_id="cad-diff")
+            with gr.Column():
+                gr.Markdown("### Pinned run")
+                pin_summary = gr.Markdown("*Pin a run to compare it here.*", elem_id="pinned-summary")
+                pin_report = gr.Dataframe(headers=report_headers, label="Report card (pinned)", interactive=False)
+                pin_occ = gr.Plot(label="Bin occupancy (pinned)")
+                pin_cad = gr.Plot(label="CAD (pinned)")
+        accuracy_plot = gr.Plot(label="Forget / retain accuracy, full precision vs quantized (PTQ gap)",
+                                elem_id="accuracy")
+        ratio_plot = gr.Plot(label="|Δw| / bin width of changed weights", elem_id="ratio")
+
+        # 6 --- runs
+        gr.Markdown("## 6 · Runs: every run is saved; reopen or download one")
+        with gr.Row():
+            refresh_btn = gr.Button("Refresh run history", scale=1)
+            run_pick = gr.Dropdown([], label="Run", scale=3, elem_id="run-pick")
+            open_btn = gr.Button("Open run", scale=1)
+            files_btn = gr.Button("Download run files", scale=1)
+        runs = gr.Dataframe(headers=list(RUN_COLUMNS), interactive=False, label="History", elem_id="runs")
+        run_files = gr.File(label="Run files (metrics, config, update)", file_count="multiple", interactive=False,
+                            elem_id="run-files")
+
+        # --- wiring
+        status_timer.tick(lambda: model_status(start_model), outputs=[status, status_timer], concurrency_limit=None,
+                          show_progress="hidden", api_visibility="private")
+        demo.load(lambda: model_status(start_model), outputs=[status, status_timer], api_visibility="private")
+        demo.load(on_runs, [session], [runs, run_pick], api_visibility="private")
+
+        setup_btn.click(on_setup, [session, model, forget_file, retain_file, domain, quant_type, blocksize,
+                                   double_quant], [setup_summary, base_acc, domain], api_name="setup", **heavy)
+        forget_file.change(functools.partial(on_check_file, which="forget"), [session, forget_file], forget_check,
+                           api_visibility="private")
+        retain_file.change(functools.partial(on_check_file, which="retain"), [session, retain_file], retain_check,
+                           api_visibility="private")
+
+        circuit_views = [graph, heatmap, faith, nodes, component, download_circuit]
+        attr_btn.click(on_attribute, [session, method, ig_steps, edges], [attr_summary, *circuit_views],
+                       api_name="attribute", **heavy)
+        agree_btn.click(on_agreement, [session, reference, ig_steps], [agreement_text, agreement_plot],
+                        api_name="agreement", **heavy)
+        for btn, action, value in ((top_k_btn, "top_k", top_k), (threshold_btn, "threshold", threshold),
+                                   (mass_btn, "mass", mass), (include_btn, "include", component),
+                                   (exclude_btn, "exclude", component)):
+            btn.click(_edit(action), [session, value], circuit_views, api_name=action)
+        undo_btn.click(_edit("undo"), [session], circuit_views, api_name="undo")
+        redo_btn.click(_edit("redo"), [session], circuit_views, api_name="redo")
+        nodes.input(on_table, [session, nodes], circuit_views, api_visibility="private")
+        upload_circuit.upload(on_upload_circuit, [session, upload_circuit], circuit_views, api_name="upload_circuit")
+
+        unlearn_method.change(on_method, unlearn_method, [run_btn, mansu_box, baseline_box, settings],
+                              api_visibility="private")
+        compare_views = [module, cur_summary, cur_report, cur_occ, cur_cad, pin_summary, pin_report, pin_occ,
+                         pin_cad, accuracy_plot, ratio_plot]
+        run_event = run_btn.click(on_run_start, [session], [live_timer, live], api_visibility="private", queue=False)
+        run_event.then(
+            on_unlearn,
+            [session, unlearn_method, use_circuit, use_projection, use_fisher, use_floor, max_rounds, fisher_budget,
+             params_per_round, forget_target, code_steps, lr, max_steps, settings, measure_cad, use_oracle, module,
+             cad_which],
+            [live, *compare_views, runs, run_pick], api_name="unlearn", **heavy,
+        ).then(on_run_end, [session], [live_timer, live], api_visibility="private")
+        live_timer.tick(lambda s: s.live_text(), [session], live, concurrency_limit=None, show_progress="hidden",
+                        api_visibility="private")
+        cancel_btn.click(on_cancel, [session], live, concurrency_limit=None, api_name="cancel")
+
+        for trigger in (module.input, cad_which.input):
+            trigger(on_compare, [session, module, cad_which], compare_views, api_visibility="private")
+        pin_btn.click(on_pin, [session, module, cad_which], compare_views, api_name="pin")
+        unpin_btn.click(on_unpin, [session, module, cad_which], compare_views, api_name="unpin")
+
+        refresh_btn.click(on_runs, [session], [runs, run_pick], api_name="runs")
+        open_btn.click(on_open_run, [session, run_pick, module, cad_which], compare_views, api_name="open_run")
+        files_btn.click(on_run_files, [session, run_pick], run_files, api_name="run_files")
+    return demo
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+
+    p = argparse.ArgumentParser(description="The MANSU workbench in the browser.")
+    p.add_argument("--model", default=os.environ.get("WORKBENCH_MODEL") or DEFAULT_MODEL,
+                   help="start model: a built-in or a local HF directory (default: $WORKBENCH_MODEL or %(default)s)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; 0.0.0.0 exposes the app to your network)")
+    p.add_argument("--port", type=int, default=None, help="port (default: $GRADIO_SERVER_PORT or 7860)")
+    p.add_argument("--heavy-jobs", type=int, default=1,
+                   help="attribution/unlearning jobs run at once across all sessions (default 1)")
+    p.add_argument("--no-preload", action="store_true", help="do not load the start model in the background")
+    p.add_argument("--open-browser", action="store_true", help="open the page in the default web browser")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    if args.heavy_jobs < 1:
+        raise SystemExit("--heavy-jobs must be >= 1")
+    if not args.no_preload:
+        # The page opens at once; the model loads (or builds, the first time) behind the status line.
+        SHARED.preload(args.model)
+    demo = build_app(args.model, heavy_jobs=args.heavy_jobs)
+    demo.queue(default_concurrency_limit=4)
+    demo.launch(server_name=args.host, server_port=args.port, share=False, inbrowser=args.open_browser, max_file_size=MAX_FILE_SIZE,
+                allowed_paths=[str(runs_dir())], show_error=False, ssr_mode=False, quiet=False,
+                footer_links=["api"], theme=gr.themes.Default(font=["system-ui", "sans-serif"],
+                                                              font_mono=["ui-monospace", "monospace"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,885 @@
+"""What one browser session of the app holds and does, with no UI code in it.
+
+The Gradio face (``app.py``) keeps one :class:`Session` per browser session (in a
+``gr.State``) and only wires widgets to its methods; everything a method returns is a
+plain object, a table (list of dicts) or a plotly figure from :mod:`workbench.plots`, so
+the same flow is testable without a browser and shows the numbers the CLI prints.
+
+Sharing. The loaded base models are process-wide and read-only: :data:`SHARED` (a
+:class:`SharedModels`) hands every session the same :class:`~workbench.models.LoadedModel`
+per model name, together with its built-in split and its base accuracies (both
+deterministic, so computing them once per process is safe). Sessions never modify a base
+model — the core never does (an unlearning run produces an ``Update``). What is per
+session: the chosen data and quantizer, the attribution and the editable circuit (with
+its undo history), the run on screen and a pinned run to compare with.
+
+Uploaded files are size-limited (:data:`MAX_UPLOAD_BYTES`) and parsed as text only
+(JSON lines / CSV through :func:`workbench.facts.load_fact_file`, circuits through
+:meth:`workbench.circuit.Circuit.load`); nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from workbench.core.errors import WorkbenchError
+from workbench.core.progress import Progress, silent
+from workbench.data.facts import Fact, FactSplit
+from workbench.data.files import load_fact_file
+from workbench.data.world import fact_world
+from workbench.experiments.flow import attribute_forget_set, default_circuit, oracle_for, run_unlearning
+from workbench.experiments.store import list_runs, load_run
+from workbench.faces.compare import compare_row
+from workbench.faces.plots import (
+    accuracy_figure,
+    agreement_scatter,
+    cad_diff_figure,
+    circuit_figure,
+    head_heatmap,
+    occupancy_figure,
+    update_ratio_figure,
+)
+from workbench.interpretability.attribution import (
+    Attribution,
+    AttributionConfig,
+    PromptPairs,
+    agreement,
+    make_prompt_pairs,
+)
+from workbench.interpretability.circuit import Circuit
+from workbench.interpretability.faithfulness import Faithfulness, faithfulness
+from workbench.measurement.evaluation import evaluate_split
+from workbench.measurement.metrics import report_card_rows, summary_lines
+from workbench.models.builtin_splits import builtin_split, facts_preset, filtered_real_facts
+from workbench.models.builtins import BUILTINS
+from workbench.models.loaded import LoadedModel
+from workbench.models.loading import load_model
+from workbench.quant import QuantConfig
+from workbench.unlearning.mansu import MansuConfig
+from workbench.unlearning.registry import MethodConfig, default_lr, method_spec
+from workbench.unlearning.task import OptimConfig, StopRule
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
+
+
+log = logging.getLogger(__name__)
+
+MAX_UPLOAD_BYTES = 5 * 1024 * 1024
+"""Largest fact or circuit file a session accepts (the app also caps uploads at this size)."""
+
+FACT_SUFFIXES = (".jsonl", ".json", ".csv")
+QUANT_TYPES = ("nf4", "fp4", "int8")
+ATTRIBUTION_METHODS = {"atp": "attribution patching (plain)", "ig": "integrated gradients", "exact": "exact patching"}
+
+
+
+# --------------------------------------------------------------------------------------------
+# Process-wide, read-only: one base model per name
+# --------------------------------------------------------------------------------------------
+
+
+class SharedModels:
+    """Thread-safe cache of base models, their built-in splits and base accuracies.
+
+    :func:`workbench.models.load_model` already returns one object per name; this adds
+    per-key locks (two sessions asking for the same split or accuracies compute them once,
+    different keys do not wait for each other), background preloading with a status line,
+    and caches for the derived read-only results.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._key_locks: dict[str, threading.Lock] = {}
+        self._splits: dict[tuple[str, str | None], FactSplit] = {}
+        self._accuracy: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+        self._status: dict[str, str] = {}
+        self._threads: dict[str, threading.Thread] = {}
+
+    def _key_lock(self, key: str) -> threading.Lock:
+        with self._lock:
+            return self._key_locks.setdefault(key, threading.Lock())
+
+    def model(self, name: str, progress: Progress | None = None) -> LoadedModel:
+        """The shared base model ``name`` (a built-in, built on first use, or a directory)."""
+
+        name = str(name).strip()
+        if not name:
+            raise WorkbenchError("choose a model: a built-in name or a local Hugging Face directory")
+        with self._key_lock(f"model:{name}"):
+            self._status.setdefault(name, "loading")
+            try:
+                model = load_model(name, progress=progress)
+            except WorkbenchError as exc:
+                self._status[name] = f"error: {exc}"
+                raise
+            self._status[name] = "ready"
+            return model
+
+    def builtin_split(self, model: LoadedModel, forget_domain: str | None = None) -> FactSplit:
+        """The model's built-in split (SmolLM2's is filtered once per process, then cached on disk)."""
+
+        key = (model.name, forget_domain or None)
+        with self._key_lock(f"split:{key}"):
+            if key not in self._splits:
+                self._splits[key] = builtin_split(model, forget_domain=forget_domain or None)
+            return self._splits[key]
+
+    def base_accuracy(self, model: LoadedModel, split: FactSplit, quant: QuantConfig) -> list[dict[str, Any]]:
+        """Top-1 of the base on every set of ``split``, full precision and quantized (rows)."""
+
+        key = (model.fingerprint + model.name, split_signature(split), quant.label)
+        with self._key_lock(f"acc:{key}"):
+            if key not in self._accuracy:
+                # Top-1 only: multiple choice over SmolLM2's ~1000 facts costs minutes.
+                fp = evaluate_split(model, split, multiple_choice=False)
+                q = evaluate_split(model, split, quant=quant, multiple_choice=False)
+                self._accuracy[key] = [
+                    {"set": name, "facts": fp[name].n, "full precision": fp[name].top1,
+                     quant.label: q[name].top1, "difference": q[name].top1 - fp[name].top1}
+                    for name in fp
+                ]
+            return [dict(r) for r in self._accuracy[key]]
+
+    def preload(self, name: str) -> None:
+        """Start loading ``name`` (and its built-in split) in a background thread, once."""
+
+        with self._lock:
+            if name in self._threads:
+                return
+
+            def work() -> None:
+                try:
+                    model = self.model(name)
+                    if name in BUILTINS:
+
+                        self._status[name] = "preparing the built-in fact split"
+                        split = self.builtin_split(model)
+                        # The setup panel's first click then only reads this cache.
+                        self._status[name] = "measuring base accuracy, full precision vs NF4"
+                        self.base_accuracy(model, split, QuantConfig("nf4"))
+                    self._status[name] = "ready"
+                except WorkbenchError as exc:
+                    self._status[name] = f"error: {exc}"
+                except Exception as exc:  # a background thread has nobody to raise to: log it
+                    log.exception("preloading %s failed", name)
+                    self._status[name] = f"error: {type(exc).__name__} (see the server log)"
+
+            self._status[name] = "loading"
+            thread = threading.Thread(target=work, name=f"preload-{name}", daemon=True)
+            self._threads[name] = thread
+        thread.start()
+
+    def wait(self, name: str, timeout: float | None = None, progress: Progress | None = None) -> None:
+        """Wait for a preload of ``name`` started by :meth:`preload` (no-op if none),
+        reporting its status every second to ``progress``."""
+        thread = self._threads.get(name)
+        if thread is None:
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while thread.is_alive() and (deadline is None or time.monotonic() < deadline):
+            if progress is not None:
+                progress(0.05, f"{name}: {self.status(name)} (loading in the background since the app started)")
+            thread.join(1.0)
+
+    def status(self, name: str) -> str:
+        """``"ready"``, ``"loading"``, ``"error: …"``, another step, or ``"not loaded"``."""
+        return self._status.get(name, "not loaded")
+
+
+SHARED = SharedModels()
+"""The process-wide model cache every session uses."""
+
+
+def split_signature(split: FactSplit) -> str:
+    """A short key that changes whenever the split's prompts or answers change."""
+    import hashlib
+
+    h = hashlib.sha256(split.name.encode())
+    for part in (split.forget, split.retain, split.forget_paraphrase, split.retain_paraphrase):
+        h.update(b"\x00")
+        for f in part:
+            h.update(f"{f.prompt}\x1f{f.answer}\x1e".encode())
+    return h.hexdigest()[:16]
+
+
+def check_upload(path: str | Path, what: str, suffixes: Sequence[str]) -> Path:
+    """An uploaded file's path, after the size and extension checks (message names the file)."""
+    p = Path(path)
+    if not p.is_file():
+        raise WorkbenchError(f"{what}: the upload {p.name!r} did not arrive; upload it again")
+    size = p.stat().st_size
+    if size > MAX_UPLOAD_BYTES:
+        raise WorkbenchError(
+            f"{what} {p.name!r} is {size / 1e6:.1f} MB; the limit is {MAX_UPLOAD_BYTES / 1e6:.0f} MB"
+        )
+    if p.suffix.lower() not in suffixes:
+        raise WorkbenchError(f"{what} {p.name!r}: expected a {' / '.join(suffixes)} file")
+    return p
+
+
+def _short_paths(exc: WorkbenchError, path: Path) -> WorkbenchError:
+    """The same error with the upload's temporary directory cut from the message."""
+    return WorkbenchError(str(exc).replace(str(path), path.name))
+
+
+def read_fact_upload(path: str | Path, what: str, model: LoadedModel | None = None) -> tuple[Fact, ...]:
+    """Validate an uploaded fact file with the core's parser; errors name the file and line.
+
+    With ``model``, cloze answers must be one token of its tokenizer and prompts must fit
+    its context (as the CLI checks).
+    """
+
+    p = check_upload(path, what, FACT_SUFFIXES)
+    kwargs: dict[str, Any] = {}
+    if model is not None:
+        kwargs = {"tokenizer": model.tokenizer, "max_context": model.n_ctx}
+    try:
+        facts = load_fact_file(p, **kwargs)
+    except WorkbenchError as exc:
+        raise _short_paths(exc, p) from None
+    if not facts:
+        raise WorkbenchError(f"{what} {p.name!r} holds no facts")
+    return facts
+
+
+# --------------------------------------------------------------------------------------------
+# Results handed to the face
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SetupResult:
+    """What the setup panel shows: a summary line, base accuracies, the forget domains."""
+
+    summary: str
+    accuracy: list[dict[str, Any]]
+    domains: list[str]
+    domain: str | None
+
+
+@dataclass
+class RunView:
+    """A run on screen: live or reopened from the run store."""
+
+    label: str
+    metrics: dict[str, Any]
+    run_id: str | None = None
+    path: Path | None = None
+
+    @property
+    def modules(self) -> list[str]:
+        """``"overall"`` and every quantized module of the run's analysis."""
+        q = self.metrics.get("quantization") or {}
+        return ["overall", *(m["name"] for m in q.get("modules", []))]
+
+
+# --------------------------------------------------------------------------------------------
+# One browser session
+# --------------------------------------------------------------------------------------------
+
+
+class Session:
+    """Everything one user has chosen and computed; see the module docstring.
+
+    Methods raise :class:`~workbench.errors.WorkbenchError` for anything the user can fix
+    (the face shows the message) and never modify the shared base model.
+    """
+
+    def __init__(self, runs_root: str | Path | None = None) -> None:
+        self.runs_root = runs_root
+        self.model: LoadedModel | None = None
+        self.split: FactSplit | None = None
+        self.quant: QuantConfig | None = None
+        self.attribution: Attribution | None = None
+        self.reference: dict[str, Attribution] = {}
+        self.circuit: Circuit | None = None
+        self.pairs: PromptPairs | None = None
+        self.faithfulness_result: Faithfulness | None = None
+        self.faithfulness_error: str | None = None
+        self.faithfulness_seconds: float | None = None
+        self.current: RunView | None = None
+        self.pinned: RunView | None = None
+        self.live: list[str] = []
+        self.running = False
+        self._cancel = False
+        self._workdir: Path | None = None
+
+    # --- setup ----------------------------------------------------------------------------
+    def setup(
+        self,
+        model_name: str,
+        *,
+        forget_file: str | Path | None = None,
+        retain_file: str | Path | None = None,
+        forget_domain: str | None = None,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        double_quant: bool = False,
+        progress: Progress | None = None,
+    ) -> SetupResult:
+        """Load (share) the model, choose the data and the quantizer; base accuracies fp vs quantized.
+
+        Both fact files, or neither (then the model's built-in split, optionally with
+        another forget domain). A new model or new data resets the attribution and circuit.
+        """
+
+        report = progress or silent
+        if quant_type not in QUANT_TYPES:
+            raise WorkbenchError(f"unknown quantizer {quant_type!r}; choose {', '.join(QUANT_TYPES)}")
+        try:
+            blocksize = int(blocksize)
+        except (TypeError, ValueError):
+            raise WorkbenchError(f"block size must be a whole number, got {blocksize!r}") from None
+        quant = QuantConfig(quant_type, blocksize=blocksize, double_quant=bool(double_quant))
+        name = str(model_name or "").strip()
+        report(0.05, f"loading {name} (built and cached on first use)")
+        SHARED.wait(name, progress=report)  # a background preload of the same model: join it, don't race it
+        model = SHARED.model(name, progress=lambda f, m: report(0.05 + 0.4 * f, m))
+        if (forget_file is None) != (retain_file is None):
+            raise WorkbenchError("upload both a forget file and a retain file, or neither for the built-in split")
+        domains: list[str] = []
+        if forget_file is not None and retain_file is not None:
+            report(0.5, "checking the uploaded fact files")
+            forget = read_fact_upload(forget_file, "forget file", model)
+            retain = read_fact_upload(retain_file, "retain file", model)
+            split = FactSplit(name=f"user:{Path(forget_file).name}", forget=forget, retain=retain)
+            domain = None
+        else:
+            if name not in BUILTINS:
+                raise WorkbenchError(
+                    f"{name} is a local model without a built-in fact split: upload a forget file and a retain file"
+                )
+            report(0.5, "preparing the built-in fact split")
+            split = SHARED.builtin_split(model, forget_domain or None)
+            domains = self.domains(model)
+            domain = forget_domain or _split_domain(split)
+        report(0.7, f"base accuracy, full precision vs {quant.label}")
+        rows = SHARED.base_accuracy(model, split, quant)
+        if self.model is not model or self.split is None or split_signature(self.split) != split_signature(split):
+            self._reset_analysis()
+        self.model, self.split, self.quant = model, split, quant
+        counts = split.counts()
+        summary = (
+            f"**{name}** ({model.architecture}, {model.n_layers} layers × {model.n_heads} heads) · "
+            f"split **{split.name}**: forget {counts['forget']}, retain {counts['retain']} facts · "
+            f"quantizer **{quant.label}**"
+        )
+        report(1.0, "ready")
+        return SetupResult(summary=summary, accuracy=rows, domains=domains, domain=domain)
+
+    def domains(self, model: LoadedModel | None = None) -> list[str]:
+        """Forget domains a built-in split can use (empty for user data or local models)."""
+
+        model = model or self.model
+        if model is None:
+            return []
+        preset = facts_preset(model)
+        if preset is not None:
+
+            return list(fact_world(seed=preset.seed, size=preset.world_size).domain_names)
+        if model.name == "smollm2":
+
+            facts = filtered_real_facts(model)
+            return sorted({f.domain for f in facts} | {f.relation for f in facts if f.relation})
+        return []
+
+    def _reset_analysis(self) -> None:
+        self.attribution = None
+        self.reference = {}
+        self.circuit = None
+        self.pairs = None
+        self.faithfulness_result = None
+        self.faithfulness_error = None
+
+    def _require(self) -> tuple[LoadedModel, FactSplit, QuantConfig]:
+        if self.model is None or self.split is None or self.quant is None:
+            raise WorkbenchError("load a model and its data first (Setup: “Load model and data”)")
+        return self.model, self.split, self.quant
+
+    def _require_circuit(self) -> Circuit:
+        if self.circuit is None:
+            raise WorkbenchError("run attribution first (Attribution: “Run attribution”), or upload a circuit")
+        return self.circuit
+
+    # --- attribution ----------------------------------------------------------------------
+    def attribute(
+        self, method: str = "atp", *, ig_steps: int = 8, edges: bool = True, progress: Progress | None = None
+    ) -> Attribution:
+        """Attribute the forget set and start a fresh circuit from the core's default (top-k)."""
+
+        model, split, _q = self._require()
+        config = AttributionConfig(method=method, ig_steps=_whole(ig_steps, "IG steps"), edges=bool(edges) and method != "exact")  # type: ignore[arg-type]
+        attribution = attribute_forget_set(model, split, config, progress=progress)
+        self.attribution = attribution
+        self.reference = {method: attribution}
+        self._set_circuit(default_circuit(attribution))
+        return attribution
+
+    def agreement(self, reference: str = "exact", *, ig_steps: int = 8, progress: Progress | None = None) -> tuple[dict[str, float], go.Figure]:
+        """How the current attribution agrees with another method's (rank correlations, top-k overlap)."""
+
+        model, split, _q = self._require()
+        if self.attribution is None:
+            raise WorkbenchError("run attribution first, then compare it with another method")
+        if reference == self.attribution.method and reference != "ig":
+            raise WorkbenchError(f"the attribution on screen already uses {reference}; pick another method to compare")
+        if reference not in self.reference:
+            config = AttributionConfig(method=reference, ig_steps=_whole(ig_steps, "IG steps"))  # type: ignore[arg-type]
+            self.reference[reference] = attribute_forget_set(model, split, config, progress=progress)
+        ref = self.reference[reference]
+        numbers = agreement(self.attribution, ref, top_k=10)
+        figure = agreement_scatter(self.attribution, ref, labels=(self.attribution.method, ref.method))
+        return numbers, figure
+
+    # --- circuit --------------------------------------------------------------------------
+    def _set_circuit(self, circuit: Circuit) -> None:
+
+        model, split, _q = self._require()
+        self.circuit = circuit
+        if self.pairs is None or self.pairs.metric != circuit.metric:
+            self.pairs = make_prompt_pairs(model, split.forget, metric=circuit.metric)  # type: ignore[arg-type]
+        self.measure_faithfulness()
+
+    def measure_faithfulness(self) -> Faithfulness | None:
+        """Recompute faithfulness of the current selection (kept on the session for the readout)."""
+
+        circuit = self._require_circuit()
+        model, _s, _q = self._require()
+        start = time.perf_counter()
+        try:
+            self.faithfulness_result = faithfulness(circuit, model, self.pairs)
+            self.faithfulness_error = None
+        except WorkbenchError as exc:
+            # Undefined faithfulness (e.g. clean == corrupt) is a fact about the data, not a failed edit.
+            self.faithfulness_result, self.faithfulness_error = None, str(exc)
+        self.faithfulness_seconds = time.perf_counter() - start
+        return self.faithfulness_result
+
+    def edit(self, action: str, value: Any = None) -> Faithfulness | None:
+        """One circuit edit, then faithfulness again. ``action``:
+
+        ``top_k`` (value k), ``threshold`` (|score| ≥ value), ``mass`` (fraction of total
+        |score|), ``include`` / ``exclude`` (component name or names), ``toggle`` (a name),
+        ``set`` (exactly these names), ``undo``, ``redo``.
+        """
+        circuit = self._require_circuit()
+        if action == "top_k":
+            circuit.select_top_k(_whole(value, "top-k"), include_embed=False)
+        elif action == "threshold":
+            circuit.select_threshold(value, include_embed=False)  # the core validates the value
+        elif action == "mass":
+            circuit.select_mass(value, include_embed=False)
+        elif action in ("include", "exclude"):
+            names = _names(value)
+            if not names:
+                raise WorkbenchError(f"choose a component to {action}")
+            getattr(circuit, action)(*names)
+        elif action == "toggle":
+            (name,) = _names(value) or [None]
+            if name is None:
+                raise WorkbenchError("choose a component to toggle")
+            circuit.toggle(name)
+        elif action == "set":
+            circuit.set_selection(_names(value))
+        elif action == "undo":
+            if not circuit.undo():
+                raise WorkbenchError("nothing to undo")
+        elif action == "redo":
+            if not circuit.redo():
+                raise WorkbenchError("nothing to redo")
+        else:
+            raise WorkbenchError(f"unknown circuit edit {action!r}")
+        return self.measure_faithfulness()
+
+    def apply_node_table(self, rows: Sequence[Sequence[Any]] | Sequence[Mapping[str, Any]]) -> bool:
+        """Make the selection what the node table's checkboxes say (one undoable step).
+
+        Rows are ``[in circuit, component, ...]`` (as :meth:`node_rows` gives, first two
+        columns) or dicts with those keys. Returns False when nothing changed.
+        """
+        circuit = self._require_circuit()
+        chosen = []
+        for row in rows:
+            flag, name = (row["in circuit"], row["component"]) if isinstance(row, Mapping) else (row[0], row[1])
+            if _truthy(flag):
+                chosen.append(str(name))
+        if set(chosen) == {c.name for c in circuit.selected}:
+            return False
+        self.edit("set", chosen)
+        return True
+
+    def node_rows(self) -> list[dict[str, Any]]:
+        """Every component, strongest |score| first: in circuit, name, kind, layer, head, score."""
+        circuit = self._require_circuit()
+        selected = circuit.selected
+        ranked = sorted(circuit.scores.items(), key=lambda kv: -abs(kv[1]) if math.isfinite(kv[1]) else 0.0)
+        return [
+            {"in circuit": c in selected, "component": c.name, "kind": c.kind.value,
+             "layer": c.layer, "head": c.head, "score": round(s, 6)}
+            for c, s in ranked
+        ]
+
+    def faithfulness_text(self) -> str:
+        """The live readout (Markdown)."""
+        if self.circuit is None:
+            return "No circuit yet."
+        n = len(self.circuit.selected)
+        if self.faithfulness_error:
+            return f"**{n} components selected.** Faithfulness: {self.faithfulness_error}"
+        f = self.faithfulness_result
+        if f is None:
+            return f"**{n} components selected.**"
+        took = f" · measured in {self.faithfulness_seconds:.2f} s" if self.faithfulness_seconds is not None else ""
+        return (
+            f"**{n} components selected.** Faithfulness ({f.ablation} ablation): "
+            f"circuit alone recovers **{f.recovered:.3f}** of the clean–corrupt gap; "
+            f"ablating the circuit drops **{f.drop:.3f}** of it "
+            f"(metric clean {f.clean_metric:.3f}, corrupt {f.corrupt_metric:.3f}, "
+            f"circuit only {f.circuit_only_metric:.3f}, without circuit {f.without_circuit_metric:.3f}){took}"
+        )
+
+    def circuit_figures(self) -> tuple[go.Figure, go.Figure]:
+        """The layered circuit graph and the layer × head heatmap of the current selection."""
+
+        circuit = self._require_circuit()
+        return circuit_figure(circuit), head_heatmap(circuit)
+
+    def component_names(self) -> list[str]:
+        """Components of the circuit graph in forward order (for pickers)."""
+        return [c.name for c in self._require_circuit().components]
+
+    def workdir(self) -> Path:
+        """This session's scratch directory for downloads (removed by :meth:`close`)."""
+        if self._workdir is None or not self._workdir.exists():
+            self._workdir = Path(tempfile.mkdtemp(prefix="workbench-session-"))
+        return self._workdir
+
+    def save_circuit(self) -> Path:
+        """Write the circuit as JSON for download; returns the file."""
+        circuit = self._require_circuit()
+        model, _s, _q = self._require()
+        tag = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in Path(model.name).name)
+        return circuit.save(self.workdir() / f"circuit-{tag}.json")
+
+    def load_circuit(self, path: str | Path) -> Circuit:
+        """Replace the circuit by an uploaded JSON file (validated against the loaded model)."""
+
+        model, _s, _q = self._require()
+        p = check_upload(path, "circuit file", (".json",))
+        try:
+            circuit = Circuit.load(p, model=model)
+        except WorkbenchError as exc:
+            raise _short_paths(exc, p) from None
+        self._set_circuit(circuit)
+        return circuit
+
+    # --- unlearning -------------------------------------------------------------------------
+    def unlearn(
+        self,
+        method: str = "mansu",
+        *,
+        mansu: Mapping[str, Any] | None = None,
+        optim: Mapping[str, Any] | None = None,
+        stop: Mapping[str, Any] | None = None,
+        settings: Mapping[str, Any] | str | None = None,
+        measure_cad: bool = True,
+        use_oracle: bool = True,
+        progress: Progress | None = None,
+    ) -> RunView:
+        """Run MANSU or a baseline through :func:`workbench.experiment.run_unlearning`, save the run.
+
+        ``mansu`` holds :class:`~workbench.unlearning.MansuConfig` fields, ``optim`` and
+        ``stop`` those of ``OptimConfig`` / ``StopRule`` (baselines; ``lr`` None = the core's
+        default for the model). ``settings`` (a dict or JSON text) holds the fields of a
+        baseline's own config (the registry's ``config_type``, e.g. RMU's), see :func:`method_settings`.
+        Progress messages are also kept in :attr:`live`.
+        :meth:`cancel` stops the run between steps; nothing is saved then.
+        """
+
+        model, split, quant = self._require()
+        spec = method_spec(method)
+        if self.running:
+            raise WorkbenchError("a run is already in progress in this session; wait for it or cancel it")
+        optim_config = stop_rule = None
+        method_config: MethodConfig | None = None
+        try:
+            if method == "mansu":
+                method_config = MansuConfig(**dict(mansu or {}))
+            else:
+                fields = _settings_dict(settings)
+                if fields and spec.config_type is None:
+                    raise WorkbenchError(f"{method} has no settings of its own; leave them empty")
+                if spec.config_type is not None:
+                    method_config = spec.config_type(**fields)
+                o = dict(optim or {})
+                if o.get("lr") in (None, 0, 0.0):
+                    o["lr"] = default_lr(model)
+                optim_config = OptimConfig(**o)
+                stop_rule = StopRule(**dict(stop or {}))
+        except TypeError as exc:  # a wrong field name from an API caller
+            raise WorkbenchError(f"bad hyper-parameter: {exc}") from None
+        report = progress or silent
+        self.live = []
+
+        def tracked(f: float, message: str) -> None:
+            self.live.append(message)
+            del self.live[:-200]
+            report(f, message)
+
+        oracle = oracle_for(model) if use_oracle else None
+        self._cancel = False
+        self.running = True
+        try:
+            _result, metrics, run = run_unlearning(
+                model, split, method=method, quant=quant, circuit=self.circuit,
+                optim=optim_config, stop=stop_rule, method_config=method_config, oracle=oracle,
+                measure_cad=bool(measure_cad),
+                runs_root=str(self.runs_root) if self.runs_root is not None else None,
+                progress=tracked, should_stop=lambda: self._cancel,
+            )
+        finally:
+            self.running = False
+        assert run is not None  # save=True always returns the saved run
+        self.current = RunView(label=f"{method} · {run.id}", metrics=run.metrics, run_id=run.id, path=run.path)
+        return self.current
+
+    def cancel(self) -> bool:
+        """Ask a run in progress to stop at its next step; False when nothing is running."""
+        if not self.running:
+            return False
+        self._cancel = True
+        return True
+
+    @property
+    def cancel_requested(self) -> bool:
+        """Whether :meth:`cancel` was called for the current or last run."""
+        return self._cancel
+
+    def live_text(self) -> str:
+        """The newest step of the run with its forget numbers, and what it is doing now."""
+        if not self.live:
+            return ""
+        steps = [m for m in self.live if "forget top-1" in m]
+        lines = [f"last step: {steps[-1]}"] if steps else []
+        if not steps or self.live[-1] != steps[-1]:
+            lines.append(f"now: {self.live[-1]}")
+        return "\n".join(lines)
+
+    # --- compare ----------------------------------------------------------------------------
+    def pin(self) -> RunView:
+        """Keep the run on screen as the comparison run."""
+        if self.current is None:
+            raise WorkbenchError("run unlearning (or open a saved run) first, then pin it")
+        self.pinned = self.current
+        return self.pinned
+
+    def unpin(self) -> None:
+        self.pinned = None
+
+    # --- runs -------------------------------------------------------------------------------
+    def open_run(self, run_id: str) -> RunView:
+        """Reopen a saved run's views (its metrics; the update stays on disk)."""
+
+        if not run_id:
+            raise WorkbenchError("choose a run from the history first")
+        run = load_run(str(run_id).strip(), root=self.runs_root)
+        self.current = RunView(label=f"{run.metrics.get('method', '?')} · {run.id}", metrics=run.metrics,
+                               run_id=run.id, path=run.path)
+        return self.current
+
+    def run_files(self, run_id: str | None = None) -> list[Path]:
+        """metrics.json, config.json and the update of a saved run (default: the run on screen)."""
+
+        rid = run_id or (self.current.run_id if self.current else None)
+        if not rid:
+            raise WorkbenchError("choose a saved run first")
+        run = load_run(rid, root=self.runs_root)
+        return [p for p in (run.path / "metrics.json", run.path / "config.json", run.path / "update.safetensors")
+                if p.exists()]
+
+    def close(self) -> None:
+        """Free this session's scratch files (the app calls it when the browser session ends)."""
+        self._cancel = True
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+
+# --------------------------------------------------------------------------------------------
+# Views of runs (plain functions over metrics dicts, so a reopened run draws the same)
+# --------------------------------------------------------------------------------------------
+
+
+RUN_COLUMNS = ("run", "method", "model", "split", "quantizer", "forget fp", "forget quantized", "retain fp",
+               "retain quantized", "PTQ gap", "forgetting", "retain kept", "PTQ gap ok", "structural")
+"""Columns of :func:`runs_table` (values from :func:`workbench.compare.compare_row`, the CLI's comparison)."""
+
+
+def runs_table(runs_root: str | Path | None = None, limit: int = 100) -> list[dict[str, Any]]:
+    """The run history, newest first, as the core's comparison rows (one quantizer column pair:
+    the run's own)."""
+
+    rows = []
+    for run in list_runs(root=runs_root)[:limit]:
+        row = compare_row(run)
+        q = row.get("quantizer")
+        rows.append({
+            **{k: row.get(k) for k in RUN_COLUMNS},
+            "model": run.metrics.get("model"), "split": run.metrics.get("split"),
+            "forget quantized": row.get(f"forget {q}"), "retain quantized": row.get(f"retain {q}"),
+        })
+    return rows
+
+
+def report_card_table(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The four-property report card as rows (the core's :func:`workbench.metrics.report_card_rows`)."""
+
+    rows = report_card_rows(dict(metrics))
+    return [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()} for row in rows]
+
+
+def run_summary(view: RunView) -> str:
+    """The run's headline numbers in words (Markdown), the same the CLI prints."""
+
+    m = view.metrics
+    lines = [
+        f"**{view.label}** — {m.get('model')} · {m.get('split')} · {m.get('steps')} steps, stopped by "
+        f"{m.get('stopped')} · {m.get('seconds', float('nan')):.1f} s",
+        *summary_lines(dict(m)),
+    ]
+    return "  \n".join(lines)
+
+
+@dataclass
+class CompareFigures:
+    """The compare panel of one run (the pinned run gets its own)."""
+
+    occupancy: go.Figure
+    cad: go.Figure | None
+    report: list[dict[str, Any]]
+    summary: str
+    notes: list[str] = field(default_factory=list)
+
+
+def compare_figures(view: RunView, module: str = "overall", cad: str = "fp") -> CompareFigures:
+    """Occupancy before/after of ``module``, the CAD per-node diff, the report card."""
+
+    m = view.metrics
+    if module not in view.modules:
+        module = "overall"
+    occupancy = occupancy_figure(m["quantization"], module)
+    notes = []
+    try:
+        cad_fig = cad_diff_figure(m, "quantized" if cad == "quantized" else "fp")
+    except WorkbenchError as exc:
+        cad_fig = None
+        notes.append(str(exc))
+    return CompareFigures(occupancy=occupancy, cad=cad_fig, report=report_card_table(m),
+                          summary=run_summary(view), notes=notes)
+
+
+def shared_figures(views: Sequence[RunView]) -> tuple[go.Figure, go.Figure]:
+    """Accuracy fp vs quantized and |Δw|/bin width, every given run overlaid."""
+
+    labelled = _unique_labels(views)
+    accuracy = accuracy_figure({label: v.metrics for label, v in labelled.items()})
+    ratios = update_ratio_figure({label: v.metrics["quantization"] for label, v in labelled.items()})
+    return accuracy, ratios
+
+
+def _unique_labels(views: Sequence[RunView]) -> dict[str, RunView]:
+    out: dict[str, RunView] = {}
+    for i, v in enumerate(views):
+        label = v.label if v.label not in out else f"{v.label} ({i + 1})"
+        out[label] = v
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Small parsers (values arrive from widgets or the HTTP API as str/float/None)
+# --------------------------------------------------------------------------------------------
+
+
+def method_settings(method: str) -> dict[str, Any]:
+    """The default fields of a baseline's own config (``{}`` for MANSU and plain gradient methods)."""
+    spec = method_spec(method)
+    if method == "mansu" or spec.config_type is None:
+        return {}
+    return asdict(spec.config_type())
+
+
+def _settings_dict(settings: Mapping[str, Any] | str | None) -> dict[str, Any]:
+    """Settings as a dict; JSON text is parsed as data only (an object of field → value)."""
+    if settings is None:
+        return {}
+    if isinstance(settings, str):
+        if not settings.strip():
+            return {}
+        try:
+            settings = json.loads(settings)
+        except json.JSONDecodeError as exc:
+            raise WorkbenchError(f"method settings: not valid JSON ({exc.msg} at line {exc.lineno}, "
+                                 f"column {exc.colno})") from None
+    if not isinstance(settings, Mapping):
+        raise WorkbenchError("method settings must be a JSON object of field → value")
+    return dict(settings)
+
+
+def _whole(value: Any, what: str) -> int:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise WorkbenchError(f"{what} must be a whole number, got {value!r}") from None
+    if not math.isfinite(number) or number != int(number):
+        raise WorkbenchError(f"{what} must be a whole number, got {value!r}")
+    return int(number)
+
+
+def _names(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return [str(v).strip() for v in value if str(v).strip()]
+
+
+def _truthy(flag: Any) -> bool:
+    if isinstance(flag, str):
+        return flag.strip().lower() in ("true", "1", "yes", "✓", "x")
+    return bool(flag)
+
+
+
+def _split_domain(split: FactSplit) -> str | None:
+    domains = {f.domain for f in split.forget}
+    return next(iter(domains)) if len(domains) == 1 else None
+
+
+__all__ = [
+    "MAX_UPLOAD_BYTES",
+    "SHARED",
+    "CompareFigures",
+    "RunView",
+    "Session",
+    "SetupResult",
+    "SharedModels",
+    "check_upload",
+    "compare_figures",
+    "method_settings",
+    "read_fact_upload",
+    "report_card_table",
+    "run_summary",
+    "runs_table",
+    "shared_figures",
+]

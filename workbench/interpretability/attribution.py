@@ -1,0 +1,1253 @@
+"""Circuit attribution on a ``TransformerBridge``: which heads and MLPs carry the forget facts.
+
+Everything here runs through TransformerLens hooks on ``LoadedModel.bridge()``; the
+model is only ever read (see *Never modifying the model* below).
+
+Prompt pairs
+    A *pair* is a clean prompt (a forget-set fact) and a corrupted prompt: the fact's
+    ``corrupt_prompt`` (same template, another subject), a user-supplied prompt, or else
+    another fact of the set with a different answer whose prompt has the same number of
+    tokens. Clean and corrupt prompts of one pair always have equal token length (pairs
+    that do not are dropped and counted); pairs of equal length form a :class:`PairGroup`,
+    so every forward runs unpadded on a ``[n, seq]`` batch and the metric is read at the
+    last position ``seq - 1``.
+
+Metric (per pair, at the last position)
+    ``logit_diff``: ``logit[answer] - logit[corrupt_answer]``, where ``corrupt_answer`` is
+    the first token of ``" " + answer`` of the corrupt prompt's fact (default);
+    ``logprob``: ``log_softmax(logits)[answer]``.
+
+Nodes (writers into the residual stream, :mod:`workbench.nodes`)
+    ``embed`` at ``hook_embed`` (+ ``hook_pos_embed`` on models with learned positions;
+    its clean-corrupt difference is zero because a pair has equal length, so it never
+    contributes a score), each head ``L.H`` at ``blocks.L.attn.hook_z[:, :, H]``
+    (``[batch, seq, n_heads, d_head]``, per *query* head also under GQA), each MLP at
+    ``blocks.L.hook_mlp_out``.
+
+Scores (denoising convention, as TransformerLens' ``attribution_patching``)
+    ``atp``: ``score(c) = mean_pairs sum_{pos, dim} (a_clean - a_corrupt) * dm/da``, the
+    gradient taken on the corrupt run; positive = moving ``c`` toward its clean value
+    restores the clean behaviour. One forward on the clean batch (no grad) and one
+    forward/backward on the corrupt batch per chunk of ``batch_size`` pairs — never a
+    loop over examples. The pairs of a batch are independent, so the gradient of the
+    *summed* metric gives every pair its own gradient.
+
+    ``ig`` (EAP-IG, *input-embedding path*): the token embedding is interpolated,
+    ``e(alpha) = e_corrupt + alpha (e_clean - e_corrupt)`` at ``hook_embed``, for
+    ``alpha_k = k / N, k = 0..N-1`` (left Riemann sum, so ``N = 1`` *is* ``atp``); the
+    gradients at every node are averaged over the ``N`` runs and dotted with the
+    endpoint difference ``a_clean - a_corrupt``. For the embed node this is ordinary
+    integrated gradients, so its score tends to the exact effect ``m_clean - m_corrupt``
+    as ``N`` grows (completeness).
+
+    ``exact``: activation patching — one forward per node (batched over pairs): the
+    corrupt run with that node's clean activation patched in; ``score = m_patched -
+    m_corrupt``. The reference the estimates are checked against.
+
+Edges (EAP, ``AttributionConfig(edges=True)``)
+    Writer -> reader, reader = a head's ``q``/``k``/``v`` input, an MLP's input or the
+    logits; ``score = mean_pairs sum_pos (w_clean - w_corrupt) . dm/d(reader input)``,
+    the writer's residual write measured in ``d_model`` (a head's write is
+    ``z_h @ W_O[h]``), the gradient read at the bridge's split-input hooks
+    (``blocks.L.attn.hook_{q,k,v}_input``, ``blocks.L.hook_mlp_in``) and at the final
+    ``hook_resid_post`` for the logits. Readers see only writers upstream of them (on
+    parallel-attention models such as GPT-NeoX an MLP does not read its own layer's
+    heads). Because the residual is a sum, a writer's outgoing edges (logits included)
+    add up to its node score.
+
+    *Grouped-query attention.* The bridge forks one K and one V input per *kv* head
+    (``[batch, seq, n_kv_heads, d_model]``), read by the ``n_heads / n_kv_heads`` query
+    heads of its group. The edge into query head ``h``'s ``k`` (``v``) input is scored
+    with the part of the kv head's input gradient that flows through query head ``h``
+    (an exact split, computed by a vector-Jacobian product from ``dm/d(attn_scores)``
+    for K and ``dm/d(z)`` for V restricted to head ``h``); the split parts of a group add
+    up to the kv head's input gradient, so the sum identity above holds under GQA too.
+    (TransformerLens' own edge attribution refuses GQA.)
+
+Never modifying the model
+    Parameters keep ``requires_grad=False``: gradients are taken with
+    ``torch.autograd.grad`` with respect to activations only (the embedding output is
+    made a leaf that requires grad), never touching any ``.grad``. Edge sweeps turn the
+    bridge's ``use_split_qkv_input`` / ``use_hook_mlp_in`` flags on and restore them in a
+    ``finally``; all hooks live in ``bridge.hooks(...)`` contexts. Hooked runs on one
+    bridge are serialised by a lock, because hooks are module-global and the bridge is
+    shared between app sessions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+import torch
+
+from workbench.core.components import EMBED, LOGITS, Component, ComponentKind, EdgeInput, all_components, head, mlp
+from workbench.core.errors import WorkbenchError
+from workbench.core.progress import Progress
+from workbench.models.loaded import LoadedModel
+from workbench.models.scoring import answer_token, last_token_logits
+
+AttributionMethod = Literal["atp", "ig", "exact"]
+"""``atp``: attribution patching (gradient x activation difference, one batched forward/backward);
+``ig``: integrated gradients along the corrupt->clean path (EAP-IG style, ``ig_steps`` points);
+``exact``: activation patching, one forward per component (the reference)."""
+
+MetricName = Literal["logit_diff", "logprob"]
+"""``logit_diff``: logit of the true answer minus logit of the corrupt prompt's answer (default);
+``logprob``: log-probability of the true answer."""
+
+AblationName = Literal["corrupt", "mean"]
+
+EdgeKey = tuple[Component, Component, EdgeInput]
+"""(writer, reader, which input of the reader)."""
+
+_METHODS: tuple[str, ...] = get_args(AttributionMethod)
+_METRICS: tuple[str, ...] = get_args(MetricName)
+_NO_TOKEN = -1
+"""Corrupt-answer id meaning "none" (allowed only with the ``logprob`` metric)."""
+
+
+# --- the result ------------------------------------------------------------------------
+
+
+@dataclass
+class Attribution:
+    """Scores of one attribution sweep over a set of clean/corrupt prompt pairs.
+
+    Attributes:
+        scores: per writer component (embed, heads, MLPs), the mean over pairs of the
+            estimated effect on the metric of patching it from corrupt to clean
+            (denoising convention: positive = restores the clean behaviour).
+        edge_scores: per edge, same convention; empty unless edges were requested.
+        method, ig_steps, metric: how the scores were computed.
+        n_pairs: number of clean/corrupt pairs averaged.
+        prompts_hash: sha256 (16 hex) of the clean and corrupt prompts, in order.
+        model_fingerprint: ``LoadedModel.fingerprint`` of the model attributed.
+        clean_metric, corrupt_metric: mean metric of the clean and corrupt runs.
+        n_layers, n_heads: the model's shape (so a circuit can be checked against a model).
+        n_kv_heads: key/value heads per layer (``< n_heads`` under grouped-query attention).
+        n_dropped: pairs dropped because clean and corrupt prompts differ in token length.
+    """
+
+    scores: dict[Component, float]
+    method: AttributionMethod
+    metric: MetricName
+    n_pairs: int
+    prompts_hash: str
+    model_fingerprint: str
+    clean_metric: float
+    corrupt_metric: float
+    n_layers: int
+    n_heads: int
+    ig_steps: int = 1
+    edge_scores: dict[EdgeKey, float] = field(default_factory=dict)
+    n_kv_heads: int | None = None
+    n_dropped: int = 0
+
+    def top(self, k: int = 20) -> list[tuple[Component, float]]:
+        """The ``k`` components with the largest ``|score|``, strongest first (ties: forward order)."""
+        ranked = sorted(self.scores.items(), key=lambda item: (-abs(item[1]), _order(item[0])))
+        return ranked[: max(0, int(k))]
+
+    def top_edges(self, k: int = 20) -> list[tuple[EdgeKey, float]]:
+        """The ``k`` edges with the largest ``|score|``, strongest first."""
+        ranked = sorted(self.edge_scores.items(), key=lambda item: -abs(item[1]))
+        return ranked[: max(0, int(k))]
+
+    def head_matrix(self) -> list[list[float]]:
+        """Head scores as ``[n_layers][n_heads]`` (``nan`` where a head has no score)."""
+        return [
+            [self.scores.get(head(layer, h), math.nan) for h in range(self.n_heads)]
+            for layer in range(self.n_layers)
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form: components by name, edges as ``[writer, reader, input, score]``."""
+        return {
+            "version": 1,
+            "method": self.method,
+            "metric": self.metric,
+            "ig_steps": self.ig_steps,
+            "n_pairs": self.n_pairs,
+            "n_dropped": self.n_dropped,
+            "prompts_hash": self.prompts_hash,
+            "model_fingerprint": self.model_fingerprint,
+            "clean_metric": _json_float(self.clean_metric),
+            "corrupt_metric": _json_float(self.corrupt_metric),
+            "n_layers": self.n_layers,
+            "n_heads": self.n_heads,
+            "n_kv_heads": self.n_kv_heads,
+            "scores": {c.name: _json_float(s) for c, s in sorted(self.scores.items(), key=lambda i: _order(i[0]))},
+            "edges": [[w.name, r.name, inp, _json_float(s)] for (w, r, inp), s in self.edge_scores.items()],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Attribution:
+        """Inverse of :meth:`to_dict`; raises ``WorkbenchError`` naming the bad field."""
+        try:
+            scores = {Component.parse(name): _from_json_float(v) for name, v in data["scores"].items()}
+            edges: dict[EdgeKey, float] = {}
+            for i, entry in enumerate(data.get("edges", [])):
+                if len(entry) != 4 or entry[2] not in get_args(EdgeInput):
+                    raise ValueError(f"edges[{i}] must be [writer, reader, q|k|v|mlp|logits, score], got {entry!r}")
+                edges[(Component.parse(entry[0]), Component.parse(entry[1]), entry[2])] = _from_json_float(entry[3])
+            method, metric = data["method"], data["metric"]
+            if method not in _METHODS:
+                raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+            if metric not in _METRICS:
+                raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
+            return cls(
+                scores=scores,
+                method=method,
+                metric=metric,
+                n_pairs=int(data["n_pairs"]),
+                prompts_hash=str(data["prompts_hash"]),
+                model_fingerprint=str(data["model_fingerprint"]),
+                clean_metric=_from_json_float(data["clean_metric"]),
+                corrupt_metric=_from_json_float(data["corrupt_metric"]),
+                n_layers=int(data["n_layers"]),
+                n_heads=int(data["n_heads"]),
+                ig_steps=int(data.get("ig_steps", 1)),
+                edge_scores=edges,
+                n_kv_heads=None if data.get("n_kv_heads") is None else int(data["n_kv_heads"]),
+                n_dropped=int(data.get("n_dropped", 0)),
+            )
+        except KeyError as exc:
+            raise WorkbenchError(f"attribution data: missing field {exc.args[0]!r}") from None
+        except (TypeError, ValueError) as exc:
+            raise WorkbenchError(f"attribution data: {exc}") from None
+
+
+def _json_float(x: float) -> float | None:
+    return None if x is None or not math.isfinite(float(x)) else float(x)
+
+
+def _from_json_float(x: Any) -> float:
+    return math.nan if x is None else float(x)
+
+
+def _order(c: Component) -> tuple[int, int, int]:
+    """Forward order: embed, then per layer its heads, then its MLP, then logits."""
+    if c.kind is ComponentKind.EMBED:
+        return (-1, 0, 0)
+    if c.kind is ComponentKind.LOGITS:
+        return (1 << 30, 0, 0)
+    return (int(c.layer), 0 if c.kind is ComponentKind.HEAD else 1, int(c.head or 0))
+
+
+# --- prompt pairs ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class PairGroup:
+    """Clean/corrupt pairs whose prompts all have the same token length ``seq``.
+
+    Attributes:
+        clean: ``[n, seq]`` clean token ids (long).
+        corrupt: ``[n, seq]`` corrupt token ids, row ``i`` paired with ``clean[i]``.
+        answers: ``[n]`` first token of ``" " + answer`` of each clean fact.
+        corrupt_answers: ``[n]`` first token of the corrupt prompt's answer, or ``-1``
+            when unknown (allowed with the ``logprob`` metric only).
+        index: ``[n]`` position of each pair in :attr:`PromptPairs.clean_prompts`.
+    """
+
+    clean: torch.Tensor
+    corrupt: torch.Tensor
+    answers: torch.Tensor
+    corrupt_answers: torch.Tensor
+    index: torch.Tensor
+
+    def __post_init__(self) -> None:
+        for name in ("clean", "corrupt", "answers", "corrupt_answers", "index"):
+            value = getattr(self, name)
+            if not isinstance(value, torch.Tensor) or value.dtype != torch.long:
+                raise WorkbenchError(f"PairGroup.{name} must be a long tensor")
+        if self.clean.ndim != 2 or self.clean.shape[0] == 0 or self.clean.shape[1] == 0:
+            raise WorkbenchError(f"PairGroup.clean must be a non-empty [n, seq] tensor, got {tuple(self.clean.shape)}")
+        if self.corrupt.shape != self.clean.shape:
+            raise WorkbenchError(
+                f"clean {tuple(self.clean.shape)} and corrupt {tuple(self.corrupt.shape)} ids differ in shape: "
+                "the prompts of a pair must have equal token length"
+            )
+        n = self.clean.shape[0]
+        for name in ("answers", "corrupt_answers", "index"):
+            if tuple(getattr(self, name).shape) != (n,):
+                raise WorkbenchError(f"PairGroup.{name} must have shape [{n}], got {tuple(getattr(self, name).shape)}")
+
+    @property
+    def n(self) -> int:
+        return int(self.clean.shape[0])
+
+    @property
+    def seq(self) -> int:
+        return int(self.clean.shape[1])
+
+    def chunks(self, batch_size: int) -> Iterator[PairGroup]:
+        """Consecutive sub-groups of at most ``batch_size`` pairs."""
+        for start in range(0, self.n, batch_size):
+            stop = start + batch_size
+            yield PairGroup(
+                self.clean[start:stop],
+                self.corrupt[start:stop],
+                self.answers[start:stop],
+                self.corrupt_answers[start:stop],
+                self.index[start:stop],
+            )
+
+
+@dataclass(frozen=True, eq=False)
+class PromptPairs:
+    """The clean/corrupt prompt pairs an attribution averages over.
+
+    Attributes:
+        groups: the pairs, grouped by token length (ascending); within a group in input order.
+        clean_prompts, corrupt_prompts: the kept pairs' texts, in input order (``""`` when
+            built from raw ids).
+        metric: the metric the pairs were built for; ``logit_diff`` needs every corrupt answer.
+        n_dropped: pairs dropped because clean and corrupt prompts differ in token length.
+        dropped: the clean prompts of the dropped pairs.
+        n_model_answers: corrupt answers taken from the model's own prediction on the
+            corrupt prompt because no fact of the set had that prompt (see :func:`make_prompt_pairs`).
+    """
+
+    groups: tuple[PairGroup, ...]
+    clean_prompts: tuple[str, ...]
+    corrupt_prompts: tuple[str, ...]
+    metric: MetricName = "logit_diff"
+    n_dropped: int = 0
+    dropped: tuple[str, ...] = ()
+    n_model_answers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.metric not in _METRICS:
+            raise WorkbenchError(f"metric must be one of {_METRICS}, got {self.metric!r}")
+        if not self.groups:
+            raise WorkbenchError("no prompt pairs")
+        n = sum(g.n for g in self.groups)
+        if len(self.clean_prompts) != n or len(self.corrupt_prompts) != n:
+            raise WorkbenchError(f"{n} pairs but {len(self.clean_prompts)}/{len(self.corrupt_prompts)} prompt texts")
+        if self.metric == "logit_diff":
+            for g in self.groups:
+                missing = (g.corrupt_answers < 0).nonzero().flatten().tolist()
+                if missing:
+                    raise WorkbenchError(
+                        f"the logit_diff metric needs a corrupt answer for every pair; pair "
+                        f"{int(g.index[missing[0]])} has none (use metric='logprob')"
+                    )
+
+    @property
+    def n_pairs(self) -> int:
+        return sum(g.n for g in self.groups)
+
+    @property
+    def prompts_hash(self) -> str:
+        """sha256 (16 hex) of the clean and corrupt prompts (their ids when built from ids)."""
+        h = hashlib.sha256()
+        if any(self.clean_prompts):
+            for c, k in zip(self.clean_prompts, self.corrupt_prompts):
+                h.update(c.encode() + b"\x00" + k.encode() + b"\x01")
+        else:
+            for g in self.groups:
+                h.update(g.clean.numpy().tobytes() + b"\x00" + g.corrupt.numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    @classmethod
+    def from_ids(
+        cls,
+        clean: torch.Tensor,
+        corrupt: torch.Tensor,
+        answers: torch.Tensor,
+        corrupt_answers: torch.Tensor | None = None,
+        *,
+        metric: MetricName = "logit_diff",
+    ) -> PromptPairs:
+        """One group of pairs from raw ``[n, seq]`` token ids (for tests and benchmarks)."""
+        n = int(clean.shape[0]) if clean.ndim == 2 else 0
+        if corrupt_answers is None:
+            corrupt_answers = torch.full((n,), _NO_TOKEN, dtype=torch.long)
+        group = PairGroup(
+            clean.long(), corrupt.long(), answers.long(), corrupt_answers.long(), torch.arange(n, dtype=torch.long)
+        )
+        return cls((group,), ("",) * n, ("",) * n, metric=metric)
+
+    def with_metric(self, metric: MetricName) -> PromptPairs:
+        """The same pairs, checked for (and labelled with) another metric."""
+        if metric == self.metric:
+            return self
+        return PromptPairs(self.groups, self.clean_prompts, self.corrupt_prompts, metric, self.n_dropped,
+                           self.dropped, self.n_model_answers)
+
+
+def make_prompt_pairs(
+    model: LoadedModel,
+    facts: Sequence[Any],
+    *,
+    corrupt_prompts: Sequence[str] | None = None,
+    metric: MetricName = "logit_diff",
+    corrupt_answers: Sequence[str] | None = None,
+) -> PromptPairs:
+    """Pair each fact's prompt (clean) with a corrupted prompt.
+
+    ``facts`` are :class:`workbench.facts.Fact` objects or anything with ``prompt`` and
+    ``answer`` attributes (``corrupt_prompt``, ``corrupt_answer``, ``relation`` and
+    ``template`` are read when present). The corrupt prompt of fact ``i`` is
+    ``corrupt_prompts[i]`` if given, else ``fact.corrupt_prompt``; without one, the fact
+    is paired with another fact of the set whose answer token differs and whose prompt
+    has the same token length (preferring the same relation and template, then the
+    next such fact in input order); if there is none, ``WorkbenchError``.
+
+    The corrupt answer (for ``logit_diff``) is ``corrupt_answers[i]`` if given, else the
+    fact's ``corrupt_answer`` attribute, else the answer of the fact in ``facts`` whose
+    prompt is the corrupt prompt, else — counted in ``n_model_answers`` — the model's
+    top prediction on the corrupt prompt other than the true answer. Pairs whose clean
+    and corrupt prompts differ in token length are dropped and counted; if none remain,
+    ``WorkbenchError``.
+    """
+    if metric not in _METRICS:
+        raise WorkbenchError(f"unknown metric {metric!r}; use one of {', '.join(_METRICS)}")
+    facts = list(facts)
+    if not facts:
+        raise WorkbenchError("no facts to attribute: the fact list is empty")
+    for name, given in (("corrupt_prompts", corrupt_prompts), ("corrupt_answers", corrupt_answers)):
+        if given is not None and len(given) != len(facts):
+            raise WorkbenchError(f"{len(facts)} facts but {len(given)} {name}")
+    tok = model.tokenizer
+    prompts: list[str] = []
+    for i, fact in enumerate(facts):
+        prompt, answer = getattr(fact, "prompt", None), getattr(fact, "answer", None)
+        if not isinstance(prompt, str) or not prompt or not isinstance(answer, str) or not answer:
+            raise WorkbenchError(f"fact {i}: needs a non-empty prompt and answer, got {fact!r}")
+        prompts.append(prompt)
+    clean_ids = [_encode(tok, p, f"fact {i} prompt") for i, p in enumerate(prompts)]
+    answers = [answer_token(tok, f.answer) for f in facts]
+    first_with_prompt: dict[str, int] = {}
+    for i, p in enumerate(prompts):
+        first_with_prompt.setdefault(p, i)
+
+    kept: list[tuple[int, list[int], str, int]] = []  # (fact index, corrupt ids, corrupt prompt, corrupt answer)
+    need_model_answer: list[int] = []  # positions in `kept`
+    dropped: list[str] = []
+    for i, fact in enumerate(facts):
+        cp = corrupt_prompts[i] if corrupt_prompts is not None else (getattr(fact, "corrupt_prompt", "") or "")
+        if cp:
+            c_ids = _encode(tok, cp, f"fact {i} corrupt prompt")
+            c_ans = _NO_TOKEN
+            if corrupt_answers is not None:
+                explicit = corrupt_answers[i]
+            else:
+                explicit = getattr(fact, "corrupt_answer", "") or ""
+            if explicit:
+                c_ans = answer_token(tok, explicit)
+                if c_ans == answers[i] and metric == "logit_diff":
+                    raise WorkbenchError(
+                        f"fact {i} ({fact.prompt!r}): the corrupt answer {explicit!r} starts with the same token "
+                        "as the answer, so the logit difference is identically 0"
+                    )
+            elif cp in first_with_prompt and answers[first_with_prompt[cp]] != answers[i]:
+                c_ans = answers[first_with_prompt[cp]]
+        else:
+            j = _partner(i, facts, clean_ids, answers)
+            if j is None:
+                raise WorkbenchError(
+                    f"fact {i} ({fact.prompt!r}) has no corrupt prompt, and no other fact has a different answer "
+                    f"and a prompt of the same token length ({len(clean_ids[i])}); give it a corrupt_prompt"
+                )
+            cp, c_ids, c_ans = prompts[j], clean_ids[j], answers[j]
+        if len(c_ids) != len(clean_ids[i]):
+            dropped.append(fact.prompt)
+            continue
+        if c_ans == _NO_TOKEN and metric == "logit_diff":
+            need_model_answer.append(len(kept))
+        kept.append((i, c_ids, cp, c_ans))
+    if not kept:
+        raise WorkbenchError(
+            f"no usable prompt pairs: all {len(facts)} corrupt prompts differ in token length from their clean "
+            f"prompts (first: {dropped[0]!r}); corrupt prompts must tokenize to the same length"
+        )
+    if need_model_answer:
+        _fill_model_answers(model, kept, need_model_answer, answers)
+
+    by_len: dict[int, list[int]] = {}
+    for pos, (i, _c, _cp, _a) in enumerate(kept):
+        by_len.setdefault(len(clean_ids[i]), []).append(pos)
+    groups = []
+    for length in sorted(by_len):
+        rows = by_len[length]
+        groups.append(
+            PairGroup(
+                clean=torch.tensor([clean_ids[kept[p][0]] for p in rows], dtype=torch.long),
+                corrupt=torch.tensor([kept[p][1] for p in rows], dtype=torch.long),
+                answers=torch.tensor([answers[kept[p][0]] for p in rows], dtype=torch.long),
+                corrupt_answers=torch.tensor([kept[p][3] for p in rows], dtype=torch.long),
+                index=torch.tensor(rows, dtype=torch.long),
+            )
+        )
+    return PromptPairs(
+        groups=tuple(groups),
+        clean_prompts=tuple(prompts[i] for i, _c, _cp, _a in kept),
+        corrupt_prompts=tuple(cp for _i, _c, cp, _a in kept),
+        metric=metric,
+        n_dropped=len(dropped),
+        dropped=tuple(dropped),
+        n_model_answers=len(need_model_answer),
+    )
+
+
+def _encode(tok: Any, text: str, what: str) -> list[int]:
+    ids = list(tok(text)["input_ids"])
+    if not ids:
+        raise WorkbenchError(f"{what} {text!r} encodes to no tokens")
+    return ids
+
+
+def _partner(i: int, facts: list[Any], clean_ids: list[list[int]], answers: list[int]) -> int | None:
+    """Another fact to corrupt fact ``i`` with (see :func:`make_prompt_pairs`)."""
+    n = len(facts)
+    order = [(i + step) % n for step in range(1, n)]
+    ok = [j for j in order if len(clean_ids[j]) == len(clean_ids[i]) and answers[j] != answers[i]]
+    if not ok:
+        return None
+    key = (getattr(facts[i], "relation", ""), getattr(facts[i], "template", 0))
+    same = [j for j in ok if key[0] and (getattr(facts[j], "relation", ""), getattr(facts[j], "template", 0)) == key]
+    return (same or ok)[0]
+
+
+def _fill_model_answers(model: LoadedModel, kept: list, positions: list[int], answers: list[int]) -> None:
+    """Corrupt answer = the model's top prediction on the corrupt prompt, other than the answer."""
+
+    ids = [kept[p][1] for p in positions]
+    width = max(len(x) for x in ids)
+    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    batch = torch.full((len(ids), width), pad, dtype=torch.long)
+    for r, x in enumerate(ids):
+        batch[r, : len(x)] = torch.tensor(x)
+    last = torch.tensor([len(x) - 1 for x in ids])
+    logits = last_token_logits(model.hf, batch, last).float()
+    for r, p in enumerate(positions):
+        i, c_ids, cp, _ = kept[p]
+        logits[r, answers[i]] = -math.inf
+        kept[p] = (i, c_ids, cp, int(logits[r].argmax()))
+
+
+# --- configuration ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttributionConfig:
+    """How to attribute.
+
+    Attributes:
+        method: ``atp`` (default), ``ig`` or ``exact`` (see :data:`AttributionMethod`).
+        ig_steps: points on the integration path for ``ig`` (>= 1; ``ig_steps=1`` equals ``atp``).
+        metric: ``logit_diff`` (default) or ``logprob``.
+        edges: also score writer->reader edges (``atp``/``ig`` only). Memory grows with
+            ``n_writers x batch_size x seq x d_model``; lower ``batch_size`` on big models.
+        batch_size: pairs per forward/backward.
+    """
+
+    method: AttributionMethod = "atp"
+    ig_steps: int = 8
+    metric: MetricName = "logit_diff"
+    edges: bool = False
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.method not in _METHODS:
+            raise WorkbenchError(f"unknown attribution method {self.method!r}; use one of {', '.join(_METHODS)}")
+        if self.metric not in _METRICS:
+            raise WorkbenchError(f"unknown metric {self.metric!r}; use one of {', '.join(_METRICS)}")
+        if isinstance(self.ig_steps, bool) or not isinstance(self.ig_steps, int) or self.ig_steps < 1:
+            raise WorkbenchError(f"ig_steps must be an integer >= 1, got {self.ig_steps!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise WorkbenchError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        if not isinstance(self.edges, bool):
+            raise WorkbenchError(f"edges must be True or False, got {self.edges!r}")
+        if self.edges and self.method == "exact":
+            raise WorkbenchError("edge scores need method 'atp' or 'ig' (exact patching scores nodes only)")
+
+    @property
+    def steps(self) -> int:
+        """Forward/backward runs per chunk on the corrupt side."""
+        return self.ig_steps if self.method == "ig" else 1
+
+
+# --- the model's graph on the bridge ---------------------------------------------------
+
+EMBED_HOOK = "hook_embed"
+POS_EMBED_HOOK = "hook_pos_embed"
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Hook names and shapes of one bridge (see the module docstring)."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_model: int
+    parallel: bool
+    pos_embed: bool
+
+    @classmethod
+    def of(cls, bridge: Any) -> _Layout:
+        cfg = bridge.cfg
+        n_heads = int(cfg.n_heads)
+        return cls(
+            n_layers=int(cfg.n_layers),
+            n_heads=n_heads,
+            n_kv_heads=int(getattr(cfg, "n_key_value_heads", None) or n_heads),
+            d_model=int(cfg.d_model),
+            parallel=bool(getattr(cfg, "parallel_attn_mlp", False)),
+            pos_embed=getattr(cfg, "positional_embedding_type", "standard") == "standard"
+            and POS_EMBED_HOOK in bridge.hook_dict,
+        )
+
+    @property
+    def group(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+    @property
+    def embed_hooks(self) -> list[str]:
+        return [EMBED_HOOK] + ([POS_EMBED_HOOK] if self.pos_embed else [])
+
+    def z(self, layer: int) -> str:
+        return f"blocks.{layer}.attn.hook_z"
+
+    def mlp_out(self, layer: int) -> str:
+        return f"blocks.{layer}.hook_mlp_out"
+
+    @property
+    def node_hooks(self) -> list[str]:
+        names = list(self.embed_hooks)
+        for layer in range(self.n_layers):
+            names += [self.z(layer), self.mlp_out(layer)]
+        return names
+
+    def reader_hooks(self) -> list[str]:
+        names = []
+        for layer in range(self.n_layers):
+            names += [f"blocks.{layer}.attn.hook_{x}_input" for x in "qkv"]
+            names.append(f"blocks.{layer}.hook_mlp_in")
+            if self.group > 1:
+                names.append(f"blocks.{layer}.attn.hook_attn_scores")
+        names.append(f"blocks.{self.n_layers - 1}.hook_resid_post")
+        return names
+
+    def writers(self) -> list[Component]:
+        return all_components(self.n_layers, self.n_heads)
+
+    def hook_of(self, c: Component) -> str:
+        if c.kind is ComponentKind.HEAD:
+            return self.z(int(c.layer))
+        if c.kind is ComponentKind.MLP:
+            return self.mlp_out(int(c.layer))
+        return EMBED_HOOK
+
+
+_BRIDGE_LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_LOCK = threading.Lock()
+
+
+def _bridge_lock(bridge: Any) -> threading.RLock:
+    """One lock per bridge: hooked runs must not interleave (hooks are module-global)."""
+    with _LOCKS_LOCK:
+        lock = _BRIDGE_LOCKS.get(bridge)
+        if lock is None:
+            lock = _BRIDGE_LOCKS[bridge] = threading.RLock()
+        return lock
+
+
+def _check_model(model: Any) -> Any:
+    """The model's bridge, after refusing a model in training mode."""
+    hf = getattr(model, "hf", None)
+    if hf is None or not hasattr(model, "bridge"):
+        raise WorkbenchError(f"expected a workbench LoadedModel, got {type(model).__name__}")
+    training = [name or "<root>" for name, m in hf.named_modules() if m.training]
+    if training:
+        raise WorkbenchError(
+            f"model {model.name!r} is in training mode ({', '.join(training[:3])}"
+            f"{' …' if len(training) > 3 else ''}); call model.hf.eval() first — attribution needs "
+            "deterministic forwards (no dropout)"
+        )
+    bridge = model.bridge()
+    from transformer_lens.tools.analysis._model_state import require_eval_mode
+
+    try:
+        require_eval_mode(bridge, operation="attribution")
+    except ValueError as exc:
+        raise WorkbenchError(f"model {model.name!r}: {exc}") from None
+    return bridge
+
+
+@contextmanager
+def _edge_flags(bridge: Any) -> Iterator[None]:
+    """Turn on the split q/k/v input and ``hook_mlp_in`` hooks; restore the caller's flags.
+
+    Mirrors TransformerLens' ``attribution_patching._edge_hook_flags`` (``use_attn_in`` is
+    exclusive with ``use_split_qkv_input`` and is switched off meanwhile).
+    """
+    cfg = bridge.cfg
+    saved = (bool(cfg.use_split_qkv_input), bool(cfg.use_hook_mlp_in), bool(getattr(cfg, "use_attn_in", False)))
+    try:
+        if saved[2]:
+            bridge.set_use_attn_in(False)
+        if not saved[0]:
+            bridge.set_use_split_qkv_input(True)
+        if not saved[1]:
+            bridge.set_use_hook_mlp_in(True)
+        yield
+    finally:
+        bridge.set_use_split_qkv_input(saved[0])
+        bridge.set_use_hook_mlp_in(saved[1])
+        if saved[2]:
+            bridge.set_use_attn_in(True)
+
+
+PatchFn = Callable[[str, torch.Tensor], "torch.Tensor | None"]
+
+
+def _forward(
+    bridge: Any,
+    tokens: torch.Tensor,
+    names: Sequence[str],
+    *,
+    patch: PatchFn | None = None,
+    leaf_embed: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One hooked forward; returns the logits and the live activation at each hook in ``names``.
+
+    Each hook returns a fresh view of its activation (or ``patch``'s replacement), which
+    puts that canonical-shape tensor on the forward path: ``torch.autograd.grad`` with
+    respect to it gives the metric's gradient at the hook, counting only the consumers of
+    the hook point (e.g. at ``hook_mlp_in`` the MLP branch alone, not the skip connection).
+    With ``leaf_embed`` the embedding outputs become leaves requiring grad, so gradients
+    exist although no parameter requires grad.
+    """
+    live: dict[str, torch.Tensor] = {}
+    embeds = (EMBED_HOOK, POS_EMBED_HOOK)
+
+    def make(name: str) -> Callable[..., torch.Tensor]:
+        def hook(tensor: torch.Tensor, *, hook: Any) -> torch.Tensor:
+            del hook
+            out = patch(name, tensor) if patch is not None else None
+            out = tensor.view_as(tensor) if out is None else out
+            if leaf_embed and name in embeds and not out.requires_grad:
+                out = out.detach().requires_grad_(True)
+            live[name] = out
+            return out
+
+        return hook
+
+    with bridge.hooks(fwd_hooks=[(n, make(n)) for n in names]):
+        logits = bridge(tokens)
+    return logits, live
+
+
+def _metric_values(logits: torch.Tensor, group: PairGroup, metric: MetricName) -> torch.Tensor:
+    """``[n]`` metric per pair at the last position (see the module docstring)."""
+    last = logits[:, -1, :].float()
+    rows = torch.arange(last.shape[0])
+    if metric == "logit_diff":
+        return last[rows, group.answers] - last[rows, group.corrupt_answers]
+    return torch.log_softmax(last, dim=-1)[rows, group.answers]
+
+
+class _Tracker:
+    """tqdm bar when ``progress`` is None, else the callback."""
+
+    def __init__(self, total: int, desc: str, progress: Progress | None):
+        from tqdm.auto import tqdm
+
+        self.total, self.done, self.progress = max(1, total), 0, progress
+        self.bar = tqdm(total=self.total, desc=desc, disable=progress is not None, leave=False)
+
+    def step(self, message: str) -> None:
+        self.done += 1
+        self.bar.update(1)
+        if self.progress is not None:
+            self.progress(min(1.0, self.done / self.total), message)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _n_chunks(pairs: PromptPairs, batch_size: int) -> int:
+    return sum((g.n + batch_size - 1) // batch_size for g in pairs.groups)
+
+
+# --- gradient sweeps (atp, ig, edges) --------------------------------------------------
+
+
+def _gradient_sweep(
+    bridge: Any, lay: _Layout, pairs: PromptPairs, config: AttributionConfig, tracker: _Tracker
+) -> tuple[dict[Component, float], dict[EdgeKey, float], float, float]:
+    """Sum over pairs of node (and edge) scores, and of the clean/corrupt metrics."""
+    writers = lay.writers()
+    node_totals = torch.zeros(len(writers), dtype=torch.float64)
+    steps = config.steps
+    names = lay.node_hooks + (lay.reader_hooks() if config.edges else [])
+    edges = _EdgeAccumulator(bridge, lay) if config.edges else None
+    clean_sum = corrupt_sum = 0.0
+    for group in pairs.groups:
+        for chunk in group.chunks(config.batch_size):
+            with torch.no_grad():
+                logits, live = _forward(bridge, chunk.clean, lay.node_hooks)
+                clean_acts = {n: t.detach().clone() for n, t in live.items()}
+                clean_sum += float(_metric_values(logits, chunk, config.metric).sum())
+            corrupt_acts: dict[str, torch.Tensor] = {}
+            for k in range(steps):
+                alpha = k / steps
+                patch = None if k == 0 else _interpolate_embed(clean_acts, corrupt_acts, alpha)
+                with torch.enable_grad():
+                    logits, live = _forward(bridge, chunk.corrupt, names, patch=patch, leaf_embed=True)
+                    values = _metric_values(logits, chunk, config.metric)
+                    present = [n for n in names if n in live]
+                    grads = torch.autograd.grad(
+                        values.sum(), [live[n] for n in present], allow_unused=True,
+                        retain_graph=edges is not None and lay.group > 1,
+                    )
+                    grad = {n: (torch.zeros_like(live[n]) if g is None else g) for n, g in zip(present, grads)}
+                    if edges is not None and lay.group > 1:
+                        edges.split_kv(live, grad)
+                if k == 0:
+                    corrupt_acts = {n: live[n].detach().clone() for n in lay.node_hooks if n in live}
+                    corrupt_sum += float(values.detach().sum())
+                    deltas = {n: clean_acts[n] - corrupt_acts[n] for n in corrupt_acts}
+                    if edges is not None:
+                        edges.set_deltas(deltas)
+                node_totals += _node_contributions(lay, deltas, grad) / steps
+                if edges is not None:
+                    edges.add(grad, 1.0 / steps)
+                del live, grads, grad, logits
+                tracker.step(f"{config.method}: {tracker.done + 1}/{tracker.total} passes")
+            if edges is not None:
+                edges.end_chunk()
+    scores = {c: float(s) for c, s in zip(writers, node_totals)}
+    return scores, (edges.result() if edges is not None else {}), clean_sum, corrupt_sum
+
+
+def _interpolate_embed(clean: dict[str, torch.Tensor], corrupt: dict[str, torch.Tensor], alpha: float) -> PatchFn:
+    """IG path: the token embedding moves from its corrupt toward its clean value."""
+
+    def patch(name: str, tensor: torch.Tensor) -> torch.Tensor | None:
+        if name != EMBED_HOOK:
+            return None
+        return corrupt[name] + alpha * (clean[name] - corrupt[name])
+
+    return patch
+
+
+def _node_contributions(lay: _Layout, deltas: dict[str, torch.Tensor], grad: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per writer (forward order), ``sum_{batch, pos, dim} delta * grad`` (float64)."""
+    out = []
+    embed = sum(float((deltas[n] * grad[n]).sum()) for n in lay.embed_hooks if n in deltas and n in grad)
+    out.append(torch.tensor([embed], dtype=torch.float64))
+    for layer in range(lay.n_layers):
+        z = lay.z(layer)
+        out.append((deltas[z] * grad[z]).sum(dim=(0, 1, 3)).double())
+        m = lay.mlp_out(layer)
+        out.append(torch.tensor([float((deltas[m] * grad[m]).sum())], dtype=torch.float64))
+    return torch.cat(out)
+
+
+class _EdgeAccumulator:
+    """Edge scores of one sweep (see *Edges* in the module docstring).
+
+    Writers are rows in forward order (embed, then per layer its heads and its MLP), so
+    the writers upstream of a reader are a prefix of the rows. Readers are columns: per
+    layer ``q`` of every head, ``k``, ``v``, then the MLP; finally the logits.
+    """
+
+    def __init__(self, bridge: Any, lay: _Layout):
+        self.lay = lay
+        h = lay.n_heads
+        self.w_o = [bridge.blocks[layer].attn.W_O.detach().float() for layer in range(lay.n_layers)]  # [h, d_head, d]
+        self.n_writers = 1 + lay.n_layers * (h + 1)
+        self.n_readers = lay.n_layers * (3 * h + 1) + 1
+        self.totals = torch.zeros(self.n_writers, self.n_readers, dtype=torch.float64)
+        self.chunk = torch.zeros_like(self.totals)
+        self.writer_rows: torch.Tensor | None = None
+        self.kv_split: dict[str, torch.Tensor] = {}
+
+    def set_deltas(self, deltas: dict[str, torch.Tensor]) -> None:
+        """Stack every writer's residual-write difference into ``[n_writers, batch*seq*d]``."""
+        lay = self.lay
+        rows = [sum(deltas[n] for n in lay.embed_hooks if n in deltas).unsqueeze(2)]  # [b, s, 1, d]
+        for layer in range(lay.n_layers):
+            result = torch.einsum("bshe,hed->bshd", deltas[lay.z(layer)].float(), self.w_o[layer])
+            rows += [result, deltas[lay.mlp_out(layer)].unsqueeze(2)]
+        stacked = torch.cat(rows, dim=2)  # [b, s, n_writers, d]
+        self.writer_rows = stacked.permute(2, 0, 1, 3).reshape(self.n_writers, -1)
+
+    def split_kv(self, live: dict[str, torch.Tensor], grad: dict[str, torch.Tensor]) -> None:
+        """Per-query-head parts of each kv head's K/V input gradient (GQA only).
+
+        For group member ``r`` (query heads ``g * group + r``, the ``repeat_kv`` layout),
+        a vector-Jacobian product from ``dm/d(attn_scores)`` (for K) or ``dm/d(z)`` (for V)
+        restricted to those heads back to the K/V input fork gives ``[b, s, n_kv, d]``; slot
+        ``g`` is query head ``g * group + r``'s part. Checked to add up to the full gradient.
+        """
+        lay, group = self.lay, self.lay.group
+        for layer in range(lay.n_layers):
+            for kind, out_name, head_dim in (("k", "attn.hook_attn_scores", 1), ("v", "attn.hook_z", 2)):
+                inp = f"blocks.{layer}.attn.hook_{kind}_input"
+                out = f"blocks.{layer}.{out_name}"
+                parts = torch.zeros(*grad[inp].shape[:2], lay.n_heads, grad[inp].shape[-1])
+                for r in range(group):
+                    mask_shape = [1] * grad[out].ndim
+                    mask_shape[head_dim] = lay.n_heads
+                    mask = (torch.arange(lay.n_heads) % group == r).float().reshape(mask_shape)
+                    (part,) = torch.autograd.grad(
+                        live[out], live[inp], grad_outputs=grad[out] * mask, retain_graph=True, allow_unused=True
+                    )
+                    if part is None:
+                        part = torch.zeros_like(grad[inp])
+                    parts[:, :, r::group] = part
+                total = parts.reshape(*parts.shape[:2], lay.n_kv_heads, group, -1).sum(3)
+                scale = float(grad[inp].abs().max()) + 1e-30
+                if float((total - grad[inp]).abs().max()) > 1e-4 * scale + 1e-7:
+                    raise WorkbenchError(
+                        f"internal: the per-query-head split of blocks.{layer} {kind.upper()} input gradients "
+                        "does not add up to the kv-head gradient; this bridge's GQA layout is not supported"
+                    )
+                self.kv_split[inp] = parts
+
+    def add(self, grad: dict[str, torch.Tensor], weight: float) -> None:
+        lay, h = self.lay, self.lay.n_heads
+        assert self.writer_rows is not None
+        col = 0
+        for layer in range(lay.n_layers):
+            readers = []
+            for kind in "qkv":
+                name = f"blocks.{layer}.attn.hook_{kind}_input"
+                g = self.kv_split.get(name, grad[name]) if kind != "q" else grad[name]
+                readers.append(g)  # [b, s, h, d]
+            attn = torch.cat(readers, dim=2).permute(2, 0, 1, 3).reshape(3 * h, -1)
+            upstream = 1 + layer * (h + 1)
+            self.chunk[:upstream, col : col + 3 * h] += weight * (self.writer_rows[:upstream] @ attn.T).double()
+            col += 3 * h
+            mlp_in = grad[f"blocks.{layer}.hook_mlp_in"].reshape(1, -1)
+            upstream_mlp = upstream if lay.parallel else upstream + h
+            self.chunk[:upstream_mlp, col] += weight * (self.writer_rows[:upstream_mlp] @ mlp_in.T).double()[:, 0]
+            col += 1
+        final = grad[f"blocks.{lay.n_layers - 1}.hook_resid_post"].reshape(1, -1)
+        self.chunk[:, col] += weight * (self.writer_rows @ final.T).double()[:, 0]
+        self.kv_split = {}
+
+    def end_chunk(self) -> None:
+        self.totals += self.chunk
+        self.chunk.zero_()
+        self.writer_rows = None
+
+    def result(self) -> dict[EdgeKey, float]:
+        lay, h = self.lay, self.lay.n_heads
+        writers = lay.writers()
+        readers: list[tuple[Component, EdgeInput, int]] = []  # (reader, input, number of upstream writers)
+        for layer in range(lay.n_layers):
+            upstream = 1 + layer * (h + 1)
+            for kind in ("q", "k", "v"):
+                readers += [(head(layer, i), kind, upstream) for i in range(h)]
+            readers.append((mlp(layer), "mlp", upstream if lay.parallel else upstream + h))
+        readers.append((LOGITS, "logits", self.n_writers))
+        out: dict[EdgeKey, float] = {}
+        values = self.totals.tolist()
+        for col, (reader, inp, upstream) in enumerate(readers):
+            for row in range(upstream):
+                out[(writers[row], reader, inp)] = values[row][col]
+        return out
+
+
+# --- exact patching and ablation -------------------------------------------------------
+
+
+def _node_patch(lay: _Layout, source: dict[str, torch.Tensor], current: list[Component | None]) -> PatchFn:
+    """Replace the output of ``current[0]`` by its value in ``source`` (same batch layout)."""
+
+    def patch(name: str, tensor: torch.Tensor) -> torch.Tensor | None:
+        c = current[0]
+        if c is None:
+            return None
+        if c.kind is ComponentKind.EMBED:
+            return source[name] if name in lay.embed_hooks else None
+        if name != lay.hook_of(c):
+            return None
+        if c.kind is ComponentKind.MLP:
+            return source[name]
+        out = tensor.clone()
+        out[:, :, c.head] = source[name][:, :, c.head]
+        return out
+
+    return patch
+
+
+def _exact_sweep(
+    bridge: Any, lay: _Layout, pairs: PromptPairs, config: AttributionConfig, tracker: _Tracker
+) -> tuple[dict[Component, float], float, float]:
+    writers = lay.writers()
+    totals = torch.zeros(len(writers), dtype=torch.float64)
+    clean_sum = corrupt_sum = 0.0
+    with torch.no_grad():
+        for group in pairs.groups:
+            for chunk in group.chunks(config.batch_size):
+                logits, live = _forward(bridge, chunk.clean, lay.node_hooks)
+                clean_acts = {n: t.clone() for n, t in live.items()}
+                clean_sum += float(_metric_values(logits, chunk, config.metric).sum())
+                logits, _ = _forward(bridge, chunk.corrupt, [])
+                base = _metric_values(logits, chunk, config.metric)
+                corrupt_sum += float(base.sum())
+                current: list[Component | None] = [None]
+                patch = _node_patch(lay, clean_acts, current)
+                with bridge.hooks(fwd_hooks=[(n, _patch_hook(n, patch)) for n in lay.node_hooks if n in clean_acts]):
+                    for i, c in enumerate(writers):
+                        current[0] = c
+                        patched = _metric_values(bridge(chunk.corrupt), chunk, config.metric)
+                        totals[i] += float((patched - base).sum())
+                        tracker.step(f"exact: patched {c.name}")
+    return {c: float(s) for c, s in zip(writers, totals)}, clean_sum, corrupt_sum
+
+
+def _patch_hook(name: str, patch: PatchFn) -> Callable[..., torch.Tensor | None]:
+    def hook(tensor: torch.Tensor, *, hook: Any) -> torch.Tensor | None:
+        del hook
+        return patch(name, tensor)
+
+    return hook
+
+
+# --- public API ------------------------------------------------------------------------
+
+
+def attribute(
+    model: LoadedModel,
+    facts_or_pairs: Sequence[Any] | PromptPairs,
+    config: AttributionConfig = AttributionConfig(),
+    progress: Progress | None = None,
+) -> Attribution:
+    """Attribute the metric over clean/corrupt pairs to the model's components.
+
+    Args:
+        model: the model (eval mode); never modified.
+        facts_or_pairs: facts (see :func:`make_prompt_pairs`, built with ``config.metric``)
+            or ready :class:`PromptPairs`.
+        config: method, IG steps, metric, edges, batch size.
+        progress: ``progress(fraction, message)``; a tqdm bar when ``None``.
+
+    Returns:
+        An :class:`Attribution` with a score for the embed, every head and every MLP
+        (and every edge when ``config.edges``), averaged over the pairs.
+    """
+    if not isinstance(config, AttributionConfig):
+        raise WorkbenchError(f"config must be an AttributionConfig, got {type(config).__name__}")
+    bridge = _check_model(model)
+    pairs = _as_pairs(model, facts_or_pairs, config.metric)
+    lay = _Layout.of(bridge)
+    _check_tokens(lay, pairs, bridge)
+    chunks = _n_chunks(pairs, config.batch_size)
+    if config.method == "exact":
+        total = chunks * len(lay.writers())
+    else:
+        total = chunks * config.steps
+    tracker = _Tracker(total, f"attribution ({config.method})", progress)
+    edge_scores: dict[EdgeKey, float] = {}
+    try:
+        with _bridge_lock(bridge):
+            if config.method == "exact":
+                sums, clean_sum, corrupt_sum = _exact_sweep(bridge, lay, pairs, config, tracker)
+            elif config.edges:
+                with _edge_flags(bridge):
+                    sums, edge_sums, clean_sum, corrupt_sum = _gradient_sweep(bridge, lay, pairs, config, tracker)
+                edge_scores = {k: v / pairs.n_pairs for k, v in edge_sums.items()}
+            else:
+                sums, _e, clean_sum, corrupt_sum = _gradient_sweep(bridge, lay, pairs, config, tracker)
+    finally:
+        tracker.close()
+    n = pairs.n_pairs
+    return Attribution(
+        scores={c: s / n for c, s in sums.items()},
+        method=config.method,
+        metric=config.metric,
+        n_pairs=n,
+        prompts_hash=pairs.prompts_hash,
+        model_fingerprint=model.fingerprint,
+        clean_metric=clean_sum / n,
+        corrupt_metric=corrupt_sum / n,
+        n_layers=lay.n_layers,
+        n_heads=lay.n_heads,
+        ig_steps=config.ig_steps if config.method == "ig" else 1,
+        edge_scores=edge_scores,
+        n_kv_heads=lay.n_kv_heads,
+        n_dropped=pairs.n_dropped,
+    )
+
+
+def _as_pairs(model: LoadedModel, facts_or_pairs: Any, metric: MetricName) -> PromptPairs:
+    if isinstance(facts_or_pairs, PromptPairs):
+        return facts_or_pairs.with_metric(metric)
+    if facts_or_pairs is None or isinstance(facts_or_pairs, (str, bytes)):
+        raise WorkbenchError(f"expected facts or PromptPairs, got {facts_or_pairs!r}")
+    return make_prompt_pairs(model, list(facts_or_pairs), metric=metric)
+
+
+def _check_tokens(lay: _Layout, pairs: PromptPairs, bridge: Any) -> None:
+    vocab = int(bridge.cfg.d_vocab)
+    for g in pairs.groups:
+        for name in ("clean", "corrupt", "answers"):
+            t = getattr(g, name)
+            if int(t.min()) < 0 or int(t.max()) >= vocab:
+                raise WorkbenchError(
+                    f"pair {name} token ids must lie in [0, {vocab}), got {int(t.min())}..{int(t.max())}"
+                )
+        if int(g.corrupt_answers.max()) >= vocab:
+            raise WorkbenchError(f"corrupt answer ids must lie below the vocabulary size {vocab}")
+
+
+def metric_baselines(
+    model: LoadedModel, pairs: PromptPairs, *, metric: MetricName | None = None, batch_size: int = 64
+) -> tuple[float, float]:
+    """Mean metric of the clean runs and of the corrupt runs, ``(clean, corrupt)``."""
+    bridge = _check_model(model)
+    metric = metric or pairs.metric
+    pairs = pairs.with_metric(metric)
+    clean = corrupt = 0.0
+    with _bridge_lock(bridge), torch.no_grad():
+        for group in pairs.groups:
+            for chunk in group.chunks(batch_size):
+                clean += float(_metric_values(bridge(chunk.clean), chunk, metric).sum())
+                corrupt += float(_metric_values(bridge(chunk.corrupt), chunk, metric).sum())
+    return clean / pairs.n_pairs, corrupt / pairs.n_pairs
+
+
+def ablated_metric(
+    model: LoadedModel,
+    pairs: PromptPairs,
+    keep: Iterable[Component],
+    ablation: AblationName = "corrupt",
+    *,
+    metric: MetricName | None = None,
+    batch_size: int = 64,
+) -> float:
+    """Mean metric on the clean prompts with every writer *not* in ``keep`` ablated.
+
+    Each writer component (embed, head, MLP) outside ``keep`` has its output (``hook_embed``
+    (+ ``hook_pos_embed``), its slice of ``attn.hook_z``, ``hook_mlp_out``) replaced by its
+    value on the pair's corrupt prompt (``"corrupt"``), or by its mean over the corrupt
+    prompts of the pair's length group, position by position (``"mean"``). ``LOGITS`` in
+    ``keep`` is ignored. Keeping everything gives the clean metric; keeping nothing with
+    ``"corrupt"`` gives the corrupt metric (see :func:`metric_baselines`).
+    """
+    if ablation not in ("corrupt", "mean"):
+        raise WorkbenchError(f"ablation must be 'corrupt' or 'mean', got {ablation!r}")
+    bridge = _check_model(model)
+    lay = _Layout.of(bridge)
+    metric = metric or pairs.metric
+    pairs = pairs.with_metric(metric)
+    keep = set(keep)
+    for c in keep:
+        if not isinstance(c, Component):
+            raise WorkbenchError(f"keep must hold Components, got {c!r}")
+        try:
+            c.check_fits(lay.n_layers, lay.n_heads)
+        except ValueError as exc:
+            raise WorkbenchError(f"keep: {exc}") from None
+    ablate = [c for c in lay.writers() if c not in keep]
+    heads_by_layer: dict[int, list[int]] = {}
+    for c in ablate:
+        if c.kind is ComponentKind.HEAD:
+            heads_by_layer.setdefault(int(c.layer), []).append(int(c.head))
+    names = set()
+    if EMBED in ablate:
+        names.update(lay.embed_hooks)
+    names.update(lay.z(layer) for layer in heads_by_layer)
+    names.update(lay.mlp_out(int(c.layer)) for c in ablate if c.kind is ComponentKind.MLP)
+    names = [n for n in lay.node_hooks if n in names]
+
+    def replace(source: dict[str, torch.Tensor]) -> Callable[[str], Callable[..., torch.Tensor]]:
+        def for_name(name: str) -> Callable[..., torch.Tensor]:
+            def hook(tensor: torch.Tensor, *, hook: Any) -> torch.Tensor:
+                del hook
+                value = source[name].expand_as(tensor)
+                if name.endswith("attn.hook_z"):
+                    out = tensor.clone()
+                    idx = heads_by_layer[int(name.split(".")[1])]
+                    out[:, :, idx] = value[:, :, idx]
+                    return out
+                return value.clone()
+
+            return hook
+
+        return for_name
+
+    total = 0.0
+    with _bridge_lock(bridge), torch.no_grad():
+        for group in pairs.groups:
+            means: dict[str, torch.Tensor] = {}
+            if ablation == "mean" and names:
+                for chunk in group.chunks(batch_size):
+                    _, live = _forward(bridge, chunk.corrupt, names)
+                    for n in names:
+                        if n in live:
+                            means[n] = means.get(n, 0) + live[n].sum(0, keepdim=True)
+                means = {n: v / group.n for n, v in means.items()}
+            for chunk in group.chunks(batch_size):
+                if not names:
+                    logits = bridge(chunk.clean)
+                else:
+                    if ablation == "corrupt":
+                        _, live = _forward(bridge, chunk.corrupt, names)
+                        source = {n: t.clone() for n, t in live.items()}
+                    else:
+                        source = means
+                    hooks = [(n, replace(source)(n)) for n in names if n in source]
+                    with bridge.hooks(fwd_hooks=hooks):
+                        logits = bridge(chunk.clean)
+                total += float(_metric_values(logits, chunk, metric).sum())
+    return total / pairs.n_pairs
+
+
+def agreement(
+    a: Attribution | dict[Component, float], b: Attribution | dict[Component, float], top_k: int = 20
+) -> dict[str, float]:
+    """How well scores ``a`` agree with reference scores ``b`` over their common components.
+
+    Returns a dict with ``spearman`` and ``kendall`` (rank correlations of the signed
+    scores), ``pearson``, ``spearman_top_k`` (Spearman over ``b``'s ``top_k`` components by
+    ``|score|``), ``top_k_overlap`` (fraction of ``b``'s top ``top_k`` by ``|score|`` that
+    are also in ``a``'s), ``max_abs_diff`` and ``n`` (components compared). A correlation
+    is ``nan`` when one side is constant.
+    """
+    from scipy import stats
+
+    sa = a.scores if isinstance(a, Attribution) else dict(a)
+    sb = b.scores if isinstance(b, Attribution) else dict(b)
+    common = sorted(set(sa) & set(sb), key=_order)
+    if len(common) < 2:
+        raise WorkbenchError(f"agreement needs at least 2 common components, got {len(common)}")
+    if not isinstance(top_k, int) or top_k < 1:
+        raise WorkbenchError(f"top_k must be an integer >= 1, got {top_k!r}")
+    xa = [sa[c] for c in common]
+    xb = [sb[c] for c in common]
+
+    def corr(fn: Callable, x: list[float], y: list[float]) -> float:
+        if len(set(x)) < 2 or len(set(y)) < 2:
+            return math.nan
+        return float(fn(x, y)[0])
+
+    k = min(top_k, len(common))
+    top_b = sorted(common, key=lambda c: -abs(sb[c]))[:k]
+    top_a = sorted(common, key=lambda c: -abs(sa[c]))[:k]
+    return {
+        "spearman": corr(stats.spearmanr, xa, xb),
+        "kendall": corr(stats.kendalltau, xa, xb),
+        "pearson": corr(stats.pearsonr, xa, xb),
+        "spearman_top_k": corr(stats.spearmanr, [sa[c] for c in top_b], [sb[c] for c in top_b]),
+        "top_k_overlap": len(set(top_a) & set(top_b)) / k,
+        "max_abs_diff": max(abs(x - y) for x, y in zip(xa, xb)),
+        "top_k": float(k),
+        "n": float(len(common)),
+    }

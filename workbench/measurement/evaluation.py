@@ -1,0 +1,147 @@
+"""Fact accuracy of a model, in full precision or quantized.
+
+- Top-1 as defined in :mod:`workbench.models.scoring` (the answer's first token is the argmax).
+- Multiple choice scores each candidate by the summed log-probability of its tokens after
+  the prompt and picks the best (chance = 1/len(choices), 0.25 for the built-ins).
+- ``mean_prob`` is the mean probability of the answer's first token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from workbench.core.device import module_device
+from workbench.core.errors import WorkbenchError
+from workbench.data.facts import Fact, FactSplit
+from workbench.models.loaded import LoadedModel
+from workbench.models.scoring import encode_prompts, is_top1, last_token_logits, logits_at
+from workbench.quant import QuantConfig, quantized_copy
+
+
+@dataclass(frozen=True)
+class FactScores:
+    """Accuracy of one model on one fact set.
+
+    Attributes:
+        top1: fraction of facts whose answer's first token is the argmax.
+        mc: multiple-choice accuracy (``nan`` if no fact has choices).
+        mean_prob: mean probability of the answer's first token.
+        n: number of facts.
+        correct: per-fact top-1 correctness, in input order.
+    """
+
+    top1: float
+    mc: float
+    mean_prob: float
+    n: int
+    correct: tuple[bool, ...] = field(repr=False, default=())
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {"top1": self.top1, "mc": self.mc, "mean_prob": self.mean_prob, "n": self.n}
+
+
+def _mc_accuracy(hf: torch.nn.Module, tokenizer: Any, facts: Sequence[Fact], batch_size: int) -> float:
+    """Multiple-choice accuracy by summed candidate log-probability."""
+    with_choices = [f for f in facts if f.choices]
+    if not with_choices:
+        return float("nan")
+    seqs: list[list[int]] = []
+    spans: list[tuple[int, int]] = []  # (prompt_len, total_len)
+    owner: list[tuple[int, int]] = []  # (fact index, choice index)
+    for i, fact in enumerate(with_choices):
+        p_ids = tokenizer(fact.prompt)["input_ids"]
+        for j, choice in enumerate(fact.choices):
+            c_ids = tokenizer(" " + choice, add_special_tokens=False)["input_ids"]
+            seqs.append(p_ids + c_ids)
+            spans.append((len(p_ids), len(p_ids) + len(c_ids)))
+            owner.append((i, j))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    scores = torch.full((len(with_choices), max(len(f.choices) for f in with_choices)), -float("inf"))
+    device = module_device(hf)
+    with torch.no_grad():
+        for start in range(0, len(seqs), batch_size):
+            chunk = seqs[start : start + batch_size]
+            width = max(len(s) for s in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            for r, s in enumerate(chunk):
+                ids[r, : len(s)] = torch.tensor(s)
+            # Only the positions that predict a choice token need the (vocab-sized) unembedding.
+            rows, positions, targets = [], [], []
+            for r, s in enumerate(chunk):
+                p_len, total = spans[start + r]
+                rows += [r] * (total - p_len)
+                positions += list(range(p_len - 1, total - 1))
+                targets += s[p_len:total]
+            pick = torch.tensor(rows), torch.tensor(positions)
+            ids = ids.to(device)
+            logits = logits_at(hf, ids, pick).cpu()
+            token_logp = torch.log_softmax(logits.float(), -1)[torch.arange(len(targets)), torch.tensor(targets)]
+            sums = torch.zeros(len(chunk)).index_add_(0, torch.tensor(rows), token_logp)
+            for r in range(len(chunk)):
+                i, j = owner[start + r]
+                scores[i, j] = sums[r]
+    answers = torch.tensor([f.choices.index(f.answer) for f in with_choices])
+    return float((scores.argmax(-1) == answers).float().mean())
+
+
+def evaluate_facts(
+    model: LoadedModel | torch.nn.Module,
+    facts: Sequence[Fact],
+    *,
+    tokenizer: Any = None,
+    batch_size: int = 128,
+    multiple_choice: bool = True,
+) -> FactScores:
+    """Top-1, multiple-choice accuracy and mean answer probability of ``model`` on ``facts``."""
+    hf = getattr(model, "hf", model)
+    tokenizer = tokenizer or getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise WorkbenchError("evaluate_facts needs a tokenizer for a bare module")
+    if len(facts) == 0:
+        return FactScores(top1=float("nan"), mc=float("nan"), mean_prob=float("nan"), n=0)
+    ids, last, answers = encode_prompts(tokenizer, [f.prompt for f in facts], [f.answer for f in facts])
+    logits = last_token_logits(hf, ids, last, batch_size)
+    correct = is_top1(logits, answers)
+    probs = torch.softmax(logits.float(), dim=-1)[torch.arange(len(facts)), answers]
+    mc = _mc_accuracy(hf, tokenizer, facts, batch_size) if multiple_choice else float("nan")
+    return FactScores(
+        top1=float(correct.float().mean()),
+        mc=mc,
+        mean_prob=float(probs.mean()),
+        n=len(facts),
+        correct=tuple(bool(c) for c in correct),
+    )
+
+
+def evaluate_split(
+    model: LoadedModel,
+    split: FactSplit,
+    *,
+    quant: QuantConfig | None = None,
+    multiple_choice: bool = True,
+) -> dict[str, FactScores]:
+    """Scores on forget/retain/paraphrase sets, in full precision or through ``quant``.
+
+    With ``quant`` the model is fake-quantized into a copy first; the base is untouched.
+    """
+    target = model.hf if quant is None else quantized_copy(model.hf, quant)
+    sets = {
+        "forget": split.forget,
+        "retain": split.retain,
+        "forget_paraphrase": split.forget_paraphrase,
+        "retain_paraphrase": split.retain_paraphrase,
+    }
+    return {
+        key: evaluate_facts(target, facts, tokenizer=model.tokenizer, multiple_choice=multiple_choice)
+        for key, facts in sets.items()
+        if facts
+    }
+
+
+def fact_top1(model: LoadedModel | torch.nn.Module, facts: Sequence[Fact], tokenizer: Any = None) -> float:
+    """Top-1 accuracy alone (no multiple choice): :func:`evaluate_facts`' ``top1``."""
+    return evaluate_facts(model, facts, tokenizer=tokenizer, multiple_choice=False).top1

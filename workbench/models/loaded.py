@@ -1,0 +1,157 @@
+"""A model as the rest of the workbench sees it: :class:`LoadedModel`.
+
+The pristine Hugging Face module (``hf``, eval mode, never modified), its tokenizer, and a
+TransformerLens 4 ``TransformerBridge`` booted on a deep copy (``bridge()``), because
+booting rewrites the wrapped module tree and we keep HF parameter names canonical.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from workbench.core.errors import WorkbenchError
+
+Architecture = Literal["gpt2", "gpt_neox", "llama"]
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for the workbench; see the module docstring.
+
+    Attributes:
+        name: built-in name, a directory path, or ``"<base>+update"`` for an after-model.
+        hf: the Hugging Face causal LM (eval mode). Never modify it in place.
+        tokenizer: a fast tokenizer loaded from a directory (TransformerLens needs that).
+        path: the HF directory it was loaded from, or ``None`` if built in memory.
+    """
+
+    name: str
+    hf: torch.nn.Module
+    tokenizer: Any
+    path: Path | None = None
+    _bridge: Any = field(default=None, repr=False)
+    _bridge_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    # --- shape facts, in the vocabulary attribution and circuits use -------------------
+    @property
+    def architecture(self) -> Architecture:
+        model_type = getattr(self.hf.config, "model_type", "")
+        if model_type in ("gpt2", "gpt_neox", "llama"):
+            return model_type  # type: ignore[return-value]
+        raise WorkbenchError(
+            f"model {self.name!r} has architecture {model_type!r}; the workbench supports "
+            "GPT-2, GPT-NeoX and Llama-family causal LMs"
+        )
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.hf.config.num_hidden_layers)
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.hf.config.num_attention_heads)
+
+    @property
+    def n_kv_heads(self) -> int:
+        return int(getattr(self.hf.config, "num_key_value_heads", None) or self.n_heads)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.hf.config.hidden_size)
+
+    @property
+    def d_head(self) -> int:
+        return int(getattr(self.hf.config, "head_dim", None) or self.d_model // self.n_heads)
+
+    @property
+    def n_ctx(self) -> int:
+        cfg = self.hf.config
+        return int(getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings"))
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The HF parameters by name (the live tensors: read, never write)."""
+        return {name: p.detach() for name, p in self.hf.named_parameters()}
+
+    @property
+    def fingerprint(self) -> str:
+        """Identity of the weights, cheap enough to check on every circuit/run load.
+
+        sha256 over the architecture config, every parameter's name and shape, and a
+        strided sample of its values — so two models of one shape (e.g. ``facts`` and its
+        retrain oracle) differ, without hashing hundreds of MB each time.
+        """
+        h = hashlib.sha256()
+        cfg = self.hf.config
+        for key in ("model_type", "num_hidden_layers", "num_attention_heads", "hidden_size", "vocab_size"):
+            h.update(f"{key}={getattr(cfg, key, None)};".encode())
+        for name, p in self.hf.named_parameters():
+            flat = p.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 256)][:256].to(torch.float32).cpu().contiguous()
+            h.update(name.encode())
+            h.update(str(tuple(p.shape)).encode())
+            h.update(sample.numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def weights_hash(self) -> str:
+        """Full sha256 of every parameter (for checking the base is untouched)."""
+        h = hashlib.sha256()
+        for name, p in self.hf.named_parameters():
+            h.update(name.encode())
+            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def bridge(self) -> Any:
+        """A ``TransformerBridge`` over a deep copy of ``hf`` (booted once, then cached).
+
+        Thread-safe: concurrent app sessions share one bridge per model. Hooks added with
+        ``bridge.hooks(...)`` are scoped to their context, so sharing is safe for reading.
+        """
+        with self._bridge_lock:
+            if self._bridge is None:
+                from transformer_lens.model_bridge import TransformerBridge
+
+                # Attribution runs on the CPU whatever device the model is on: its
+                # accumulators are CPU tensors, and moving them is not yet done (nor testable
+                # here, without a GPU).
+                hf_copy = copy.deepcopy(self.hf)
+                if getattr(hf_copy, "hf_device_map", None):
+                    # A device_map'd model carries accelerate hooks that move every module's
+                    # inputs to its mapped device: on the CPU copy they would send them back.
+                    from accelerate.hooks import remove_hook_from_module
+
+                    remove_hook_from_module(hf_copy, recurse=True)
+                    del hf_copy.hf_device_map
+                hf_copy = hf_copy.cpu()
+                # Booting with a name that is not a hub id is fine: with hf_model given,
+                # TransformerLens reads the architecture from the model's own config.
+                bridge = TransformerBridge.boot_transformers(
+                    f"workbench/{self.architecture}", hf_model=hf_copy, tokenizer=self.tokenizer
+                )
+                bridge.eval()
+                for p in bridge.parameters():
+                    p.requires_grad_(False)
+                self._bridge = bridge
+            return self._bridge
+
+    def with_state(self, new_state: dict[str, torch.Tensor], name: str) -> LoadedModel:
+        """A new model: a deep copy of ``hf`` whose parameters named in ``new_state`` are replaced."""
+        hf_copy = copy.deepcopy(self.hf)
+        params = dict(hf_copy.named_parameters())
+        unknown = sorted(set(new_state) - set(params))
+        if unknown:
+            raise WorkbenchError(f"parameters not in model {self.name!r}: {unknown[:5]}")
+        with torch.no_grad():
+            for key, value in new_state.items():
+                if tuple(value.shape) != tuple(params[key].shape):
+                    raise WorkbenchError(
+                        f"{key}: shape {tuple(value.shape)} does not match the model's {tuple(params[key].shape)}"
+                    )
+                params[key].copy_(value)
+        return LoadedModel(name=name, hf=hf_copy, tokenizer=self.tokenizer, path=None)

@@ -1,0 +1,175 @@
+"""What a model answers: facts encoded as tensors, answer logits, and top-1.
+
+The one place that turns facts into model inputs and reads the answer back, shared by
+training, evaluation, attribution and every unlearning method.
+
+- A cloze fact is scored at the last prompt token: top-1 is correct when the argmax of
+  the next-token distribution is the *first token* of ``" " + answer`` (for the built-in
+  word-level models that is the whole answer; for BPE models like SmolLM2 the first piece).
+- Prompts are right-padded into one batch; with causal attention the last real token never
+  attends to padding, so no attention mask is needed and results equal unpadded runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from workbench.core.device import module_device
+from workbench.core.errors import WorkbenchError
+from workbench.data.facts import Fact
+
+
+def answer_token(tokenizer: Any, answer: str) -> int:
+    """First token id of ``" " + answer`` (see the module docstring)."""
+    ids = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise WorkbenchError(f"answer {answer!r} encodes to no tokens")
+    return int(ids[0])
+
+
+def encode_prompts(
+    tokenizer: Any, prompts: Sequence[str], answers: Sequence[str] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tokenize prompts into a right-padded batch.
+
+    Returns:
+        ids: ``[n, max_len]`` token ids, padded with the pad token.
+        last: ``[n]`` index of each prompt's last real token.
+        answers: ``[n]`` first-token ids of the answers (empty if ``answers`` is None).
+    """
+    if len(prompts) == 0:
+        raise WorkbenchError("no prompts to encode")
+    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    for prompt, ids in zip(prompts, encoded):
+        if not ids:
+            raise WorkbenchError(f"prompt {prompt!r} encodes to no tokens")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    width = max(len(ids) for ids in encoded)
+    batch = torch.full((len(encoded), width), pad, dtype=torch.long)
+    for row, ids in enumerate(encoded):
+        batch[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    last = torch.tensor([len(ids) - 1 for ids in encoded], dtype=torch.long)
+    if answers is None:
+        return batch, last, torch.empty(0, dtype=torch.long)
+    if len(answers) != len(prompts):
+        raise WorkbenchError(f"{len(prompts)} prompts but {len(answers)} answers")
+    ans = torch.tensor([answer_token(tokenizer, a) for a in answers], dtype=torch.long)
+    return batch, last, ans
+
+
+def last_token_logits(hf: torch.nn.Module, ids: torch.Tensor, last: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+    """``[n, vocab]`` logits at each prompt's last real token (no grad)."""
+    # Batches of similar length waste little on padding, and the unembedding (49k x 576 for
+    # SmolLM2) runs on the one position we read instead of every position.
+    order = torch.argsort(last, stable=True)
+    device = module_device(hf)
+    out = torch.empty(0)
+    with torch.no_grad():
+        for start in range(0, ids.shape[0], batch_size):
+            rows = order[start : start + batch_size]
+            width = int(last[rows].max()) + 1
+            chunk = ids[rows, :width].to(device)
+            logits = logits_at(hf, chunk, (torch.arange(rows.numel()), last[rows]))
+            if out.numel() == 0:
+                out = torch.empty(ids.shape[0], logits.shape[-1], dtype=logits.dtype)
+            out[rows] = logits.cpu()
+    return out
+
+
+def logits_at(model: torch.nn.Module, ids: torch.Tensor, pick: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Logits at the ``(row, position)`` pairs ``pick`` of a forward pass over ``ids``.
+
+    The unembedding runs only at the picked positions (for SmolLM2 it is 49k x 576 per position,
+    more than the rest of a short prompt's forward).
+    """
+    body = getattr(model, "base_model", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if body is not None and head is not None and body is not model:
+        return head(body(ids).last_hidden_state[pick])
+    return model(ids).logits[pick]
+
+
+@dataclass(frozen=True)
+class FactBatch:
+    """Encoded cloze facts.
+
+    Attributes:
+        ids: ``[n, seq]`` right-padded token ids.
+        last: ``[n]`` position of each prompt's last token (where the answer is predicted).
+        answers: ``[n]`` answer first-token ids.
+    """
+
+    ids: torch.Tensor
+    last: torch.Tensor
+    answers: torch.Tensor
+
+    def __post_init__(self) -> None:
+        n = self.ids.shape[0]
+        if self.ids.ndim != 2 or self.last.shape != (n,) or self.answers.shape != (n,):
+            raise WorkbenchError(
+                f"inconsistent batch shapes: ids {tuple(self.ids.shape)}, last {tuple(self.last.shape)}, "
+                f"answers {tuple(self.answers.shape)}"
+            )
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    @classmethod
+    def from_facts(cls, tokenizer: Any, facts: Sequence[Fact]) -> FactBatch:
+        if not facts:
+            raise WorkbenchError("an empty fact set cannot be batched")
+        ids, last, answers = encode_prompts(tokenizer, [f.prompt for f in facts], [f.answer for f in facts])
+        return cls(ids, last, answers)
+
+    def to(self, device: torch.device | str) -> FactBatch:
+        """The same batch on ``device`` (itself when already there)."""
+        if self.ids.device == torch.device(device):
+            return self
+        return FactBatch(self.ids.to(device), self.last.to(device), self.answers.to(device))
+
+    def subset(self, index: torch.Tensor) -> FactBatch:
+        index = index.to(self.ids.device)
+        ids = self.ids[index]
+        # Trim columns that are padding for every row of the subset.
+        width = int(self.last[index].max()) + 1
+        return FactBatch(ids[:, :width], self.last[index], self.answers[index])
+
+    def sample(self, size: int, generator: torch.Generator) -> FactBatch:
+        """A random subset of ``size`` rows (all rows if ``size`` >= n)."""
+        if size >= len(self):
+            return self
+        return self.subset(torch.randperm(len(self), generator=generator)[:size])
+
+
+def answer_logits(model: torch.nn.Module, batch: FactBatch) -> torch.Tensor:
+    """``[n, vocab]`` logits at each prompt's last token, one forward (with grad if the model has it)."""
+    return logits_at(model, batch.ids, (torch.arange(len(batch), device=batch.last.device), batch.last))
+
+
+def is_top1(logits: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
+    """``[n]`` bool: the answer is the argmax of its row of ``[n, vocab]`` logits.
+
+    The workbench's one definition of "the model answers the fact" (see the module docstring).
+    """
+    return logits.argmax(-1) == answers
+
+
+def correct(model: torch.nn.Module, batch: FactBatch) -> torch.Tensor:
+    """``[n]`` bool: which facts of ``batch`` ``model`` answers (one forward, no grad)."""
+    with torch.no_grad():
+        return is_top1(answer_logits(model, batch), batch.answers)
+
+
+def top1(model: torch.nn.Module, batch: FactBatch) -> float:
+    """Fraction of ``batch`` that ``model`` answers."""
+    return float(correct(model, batch).float().mean())
+
+
+def fact_correct(model: torch.nn.Module, tokenizer: Any, facts: Sequence[Fact], batch_size: int = 128) -> torch.Tensor:
+    """``[n]`` bool, like :func:`correct`, for a fact list of any size (in length-sorted chunks)."""
+    ids, last, answers = encode_prompts(tokenizer, [f.prompt for f in facts], [f.answer for f in facts])
+    return is_top1(last_token_logits(model, ids, last, batch_size), answers)

@@ -1,0 +1,139 @@
+"""One round's candidates: the gradients, each weight's move, its forget gain and retain cost,
+and the ranking by saliency (gain per cost).
+
+Steps, in the order a round runs them: :func:`round_gradients`, :func:`score_module` for each
+candidate weight, :func:`rank_moves`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from workbench.models.scoring import FactBatch, answer_logits
+from workbench.unlearning.batches import Batches
+from workbench.unlearning.losses import answer_logprob
+from workbench.unlearning.mansu.config import MansuConfig
+from workbench.unlearning.mansu.grid import floor_targets
+from workbench.unlearning.mansu.projection import project_update
+from workbench.unlearning.mansu.state import Gradients, MansuState
+
+
+@dataclass(frozen=True)
+class ModuleScores:
+    """Per weight of one candidate tensor (flat): the move's forget ``gain`` (0 where the move is
+    not allowed), its retain ``cost``, and ``step``, the delta the weight would have after it."""
+
+    name: str
+    gain: torch.Tensor
+    cost: torch.Tensor
+    step: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Move:
+    """One proposed move: set ``deltas[name].view(-1)[index]`` to ``delta`` (ranked by ``saliency``)."""
+
+    saliency: float
+    name: str
+    index: int
+    delta: float
+
+
+def answer_logprob_gradient(work: torch.nn.Module, names: list[str], batch: FactBatch) -> dict[str, torch.Tensor]:
+    """∇ mean log p(answer) over ``batch`` w.r.t. the named parameters (zeros where unused)."""
+    params = dict(work.named_parameters())
+    for n in names:
+        params[n].requires_grad_(True)
+    try:
+        logp = answer_logprob(answer_logits(work, batch), batch.answers)
+        grads = torch.autograd.grad(logp.mean(), [params[n] for n in names], allow_unused=True)
+    finally:
+        for n in names:
+            params[n].requires_grad_(False)
+    return {n: (g if g is not None else torch.zeros_like(params[n])) for n, g in zip(names, grads)}
+
+
+def forget_direction(work: torch.nn.Module, names: list[str], forget: FactBatch,
+                     still: torch.Tensor) -> dict[str, torch.Tensor]:
+    """−∇ mean log p(answer) over the forget facts ``work`` still answers (``still``, ``[n]``
+    bool; all facts once none is left), so already-forgotten facts stop pulling on the
+    direction. Only those facts are run: the same gradient, for less work."""
+    rows = forget.subset(still.nonzero().squeeze(-1)) if bool(still.any()) else forget
+    return {n: -g for n, g in answer_logprob_gradient(work, names, rows).items()}
+
+
+def round_gradients(state: MansuState, batches: Batches, config: MansuConfig) -> Gradients:
+    """The forget direction at w+Δ (averaged with Q(w+Δ)'s with ``quantized_direction``: the
+    quantized base is a different starting point, so the deployed model is steered explicitly)
+    and, for the first-order retain cost, the retain gradient."""
+    direction = forget_direction(state.work, state.names, batches.forget, state.still)
+    if state.q_still is not None:
+        q_direction = forget_direction(state.qwork, state.names, batches.forget, state.q_still)
+        direction = {n: 0.5 * (direction[n] + q_direction[n]) for n in state.names}
+    retain = (answer_logprob_gradient(state.work, state.names, state.retain_sample)
+              if config.use_fisher and config.retain_first_order else None)
+    return Gradients(direction, retain)
+
+
+def score_module(state: MansuState, name: str, gradients: Gradients, config: MansuConfig) -> ModuleScores:
+    """Each candidate weight of ``name``: where it would move, what that gains and what it costs.
+
+    The move: with the floor (d), onto the code ``code_steps`` away along the projected (b)
+    direction; without it, a sub-bin step of ``no_floor_step`` bin widths scaled by relative
+    saliency. With the Fisher (c), the gain is the move's first-order forget gain (along the
+    unprojected gradient) and the cost its curvature ``½FΔ²``, plus the first-order retain loss
+    with ``retain_first_order``; without it, the gain is the projected direction's size.
+    """
+    mask = state.masks[name]
+    raw = gradients.forget[name] * mask
+    d = project_update(raw, state.projectors[name], conv1d=state.conv1d[name]) * mask if config.use_projection else raw
+    flat = d.reshape(-1)
+    grid = state.grids[name]
+    base = state.base[name].reshape(-1)
+    if config.use_floor:
+        target, valid = floor_targets(flat, grid, config.code_steps)
+        valid &= ~state.moved[name]
+        step = target - base
+    else:
+        valid = (flat != 0) & ~grid.is_block_max
+        rel = flat.abs() / flat.abs().max().clamp_min(1e-30)
+        step = torch.sign(flat) * config.no_floor_step * grid.bin_width * rel
+        step = (base + state.deltas[name].reshape(-1) + step) - base
+    valid &= mask.reshape(-1)
+    if config.use_fisher:
+        move = step - state.deltas[name].reshape(-1)
+        gain = (raw.reshape(-1) * move).clamp_min(0)
+        cost = 0.5 * state.fisher[name].reshape(-1) * move**2
+        if gradients.retain is not None:
+            cost = cost + (-(gradients.retain[name].reshape(-1) * move)).clamp_min(0)
+    else:
+        gain, cost = flat.abs(), torch.zeros_like(flat)
+    gain = torch.where(valid, gain, torch.zeros_like(gain))
+    return ModuleScores(name, gain, cost, step)
+
+
+def rank_moves(scores: list[ModuleScores], per_round: int, config: MansuConfig) -> list[Move]:
+    """The ``per_round`` most salient moves of each module, pooled and sorted by saliency.
+
+    Saliency is gain per cost (with the Fisher; damped by ``fisher_damping`` times the mean
+    cost of the moves with a gain), else the gain itself.
+    """
+    damping = 0.0
+    if config.use_fisher:
+        live = [s.cost[s.gain > 0] for s in scores]
+        pooled = torch.cat(live) if live else torch.zeros(0)
+        damping = config.fisher_damping * float(pooled.mean()) if pooled.numel() else 0.0
+    moves: list[Move] = []
+    for s in scores:
+        saliency = s.gain / (s.cost + damping + 1e-30) if config.use_fisher else s.gain
+        k = min(per_round, int((s.gain > 0).sum()))
+        if k == 0:
+            continue
+        top = torch.topk(saliency, k)
+        for value, i in zip(top.values.tolist(), top.indices.tolist()):
+            if value > 0:
+                moves.append(Move(value, s.name, i, float(s.step[i])))
+    moves.sort(key=lambda m: -m.saliency)
+    return moves

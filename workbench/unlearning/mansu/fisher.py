@@ -1,0 +1,143 @@
+"""(c) The diagonal-Fisher retain bound.
+
+``F_i = E_retain[(∂ log p(y|x)/∂θ_i)²]``; to second order the retain KL of a change Δ is
+``½ Σ F_i Δ_i²`` (:func:`fisher_bound`). MANSU ranks candidates by forget gain per retain
+cost and moves them only while that bound stays within the Fisher budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from workbench.core.errors import WorkbenchError
+from workbench.models.scoring import FactBatch, answer_logits
+from workbench.models.update import Update
+from workbench.quant import conv1d_class
+from workbench.unlearning.losses import answer_logprob
+
+
+def diagonal_fisher(work: torch.nn.Module, names: list[str], batch: FactBatch, samples: int) -> dict[str, torch.Tensor]:
+    """``E[(∂ log p(y|x)/∂θ)²]`` over the first ``samples`` retain facts (all if fewer).
+
+    The empirical Fisher with the true answers (the facts the model knows). The square must
+    be of a *per-example* gradient, as the definition requires. For the weight of an
+    ``nn.Linear`` or GPT-2 ``Conv1D`` used once per forward, the per-example gradient is
+    ``Σ_t g_{b,t} x_{b,t}ᵀ`` (output gradient times input, summed over the example's tokens),
+    so one batched forward/backward gives every example's gradient; examples do not
+    interact in a causal LM, and padding after an example's last token gets no gradient.
+    Any other weight (embeddings, shared tensors) takes one backward per example
+    (:func:`diagonal_fisher_per_example`, the reference the batched path is tested against).
+    """
+    count = min(samples, len(batch))
+    if count == 0:
+        raise WorkbenchError("the diagonal Fisher needs at least one retain example")
+    rows = batch.subset(torch.arange(count))
+    owners = _single_use_linear_owners(work, names)
+    rest = [n for n in names if n not in owners]
+    fisher = diagonal_fisher_per_example(work, rest, rows, count) if rest else {}
+    if owners:
+        fisher.update(_batched_linear_fisher(work, owners, rows))
+    return {n: fisher[n] for n in names}
+
+
+def diagonal_fisher_per_example(work: torch.nn.Module, names: list[str], batch: FactBatch, samples: int) -> dict[str, torch.Tensor]:
+    """:func:`diagonal_fisher` by one backward pass per example: slow, for any parameter."""
+    params = dict(work.named_parameters())
+    for n, p in params.items():
+        p.requires_grad_(n in names)
+    fisher = {n: torch.zeros_like(params[n]) for n in names}
+    count = min(samples, len(batch))
+    try:
+        for i in range(count):
+            row = batch.subset(torch.tensor([i]))
+            logp = answer_logprob(answer_logits(work, row), row.answers)[0]
+            grads = torch.autograd.grad(logp, [params[n] for n in names], allow_unused=True)
+            for n, g in zip(names, grads):
+                if g is not None:
+                    fisher[n] += g.detach() ** 2
+    finally:
+        for p in params.values():
+            p.requires_grad_(False)
+    return {n: f / count for n, f in fisher.items()}
+
+
+def _single_use_linear_owners(work: torch.nn.Module, names: list[str]) -> dict[str, torch.nn.Module]:
+    """``name → module`` for the named weights owned by a Linear/Conv1D and shared with no other module."""
+
+    conv1d = conv1d_class()
+    uses: dict[int, int] = {}
+    for m in work.modules():
+        for p in m.parameters(recurse=False):
+            uses[id(p)] = uses.get(id(p), 0) + 1
+    modules = dict(work.named_modules())
+    owners = {}
+    for n in names:
+        owner, _, attr = n.rpartition(".")
+        module = modules.get(owner)
+        if attr != "weight" or module is None or uses.get(id(module.weight), 0) != 1:
+            continue
+        if isinstance(module, torch.nn.Linear) or (conv1d is not None and isinstance(module, conv1d)):
+            owners[n] = module
+    return owners
+
+
+def _batched_linear_fisher(
+    work: torch.nn.Module, owners: dict[str, torch.nn.Module], batch: FactBatch, chunk: int = 16
+) -> dict[str, torch.Tensor]:
+    """Per-example squared gradients of Linear/Conv1D weights, one forward/backward per ``chunk`` examples.
+
+    Memory: one ``[chunk, out, in]`` per-example gradient at a time.
+    """
+
+    conv1d = conv1d_class()
+    fisher = {n: torch.zeros_like(m.weight) for n, m in owners.items()}
+    params = list(work.parameters())
+    flags = [p.requires_grad for p in params]
+    # Only the moved weights need grad: that puts their modules' outputs in the graph.
+    wanted = {id(m.weight) for m in owners.values()}
+    inputs: dict[str, torch.Tensor] = {}
+    outputs: dict[str, torch.Tensor] = {}
+
+    def capture(key: str) -> Callable[..., None]:
+        def hook(_m: torch.nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            if key in inputs:
+                raise WorkbenchError(f"{key}: its module ran twice in one forward; this Fisher needs one use")
+            inputs[key], outputs[key] = args[0].detach(), out
+        return hook
+
+    handles = [m.register_forward_hook(capture(n)) for n, m in owners.items()]
+    try:
+        for p in params:
+            p.requires_grad_(id(p) in wanted)
+        for start in range(0, len(batch), chunk):
+            part = batch.subset(torch.arange(start, min(start + chunk, len(batch))))
+            inputs.clear()
+            outputs.clear()
+            logp = answer_logprob(answer_logits(work, part), part.answers).sum()
+            keys = list(outputs)
+            # Row b of the gradient of Σ_b log p_b at a module's output is example b's own.
+            grads = torch.autograd.grad(logp, [outputs[k] for k in keys], allow_unused=True)
+            for k, g in zip(keys, grads):
+                if g is None:
+                    continue
+                x, g = inputs[k].float(), g.float()
+                if conv1d is not None and isinstance(owners[k], conv1d):  # weight [in, out]
+                    per_example = torch.einsum("bti,bto->bio", x, g)
+                else:  # nn.Linear weight [out, in]
+                    per_example = torch.einsum("bto,bti->boi", g, x)
+                fisher[k] += (per_example**2).sum(0).to(fisher[k].dtype)
+    finally:
+        for h in handles:
+            h.remove()
+        inputs.clear()
+        outputs.clear()
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+    return {n: f / len(batch) for n, f in fisher.items()}
+
+
+def fisher_bound(fisher: dict[str, torch.Tensor], update: Update) -> float:
+    """Second-order retain KL estimate ½ Σ F_i Δ_i² of an update."""
+    return float(sum(0.5 * (fisher[n] * d**2).sum() for n, d in update.deltas.items() if n in fisher))

@@ -1,0 +1,64 @@
+"""(d) The quantization grid of the moved weights, and the floor rule's targets.
+
+A moved weight is set to the *value of its neighbouring quantization code* in the direction
+of the forget gradient (``code_steps`` codes away): ``w_i + Δ_i = code[c_i ± k] · absmax_b``.
+That is past the decision boundary by at least half a bin, so the quantized code changes by
+construction, and ``Q(w+Δ) = w+Δ`` on the moved weights. A block's absmax element is never
+moved (its block scale, and so every other code of the block, stays put).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from workbench.quant import QuantConfig, bin_geometry, code_order, code_table
+
+
+@dataclass(frozen=True, eq=False)
+class Grid:
+    """Per weight of one tensor (flattened in the weight's own layout): where it sits on the grid.
+
+    Attributes:
+        code: ``[numel]`` int16, its code index (as bitsandbytes numbers the codes).
+        rank: ``[numel]`` int16, position of its code in ascending code-value order.
+        absmax: ``[numel]`` exact absmax of its block (what bnb divides by to pick codes).
+        values: ``[n_codes]`` code values in ascending order.
+        bin_width: ``[numel]`` local bin width (:class:`workbench.quant.BinGeometry`).
+        is_block_max: ``[numel]`` moving it could change the block scale.
+    """
+
+    code: torch.Tensor
+    rank: torch.Tensor
+    absmax: torch.Tensor
+    values: torch.Tensor
+    bin_width: torch.Tensor
+    is_block_max: torch.Tensor
+
+
+def weight_grid(w: torch.Tensor, quant: QuantConfig, *, transposed: bool) -> Grid:
+
+    geo = bin_geometry(w, quant, transposed=transposed)
+    values = code_table(quant)[code_order(quant)]
+    return Grid(
+        # int16 codes (≤ 256 of them): 4 bytes per candidate weight instead of 16 as int64
+        code=geo.code.reshape(-1).to(torch.int16), rank=geo.rank.reshape(-1).to(torch.int16),
+        absmax=geo.absmax.reshape(-1).float(), values=values.float(),
+        bin_width=geo.bin_width.reshape(-1).float(), is_block_max=geo.is_block_max.reshape(-1),
+    )
+
+
+def floor_targets(direction: torch.Tensor, grid: Grid, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per weight (flat): the value of the code ``steps`` away in ``sign(direction)``, and validity.
+
+    The target sits *on* a code value, half a bin or more past the decision boundary, so the
+    real quantizer maps it to that code. Invalid where the direction is 0, the code would
+    leave the table, or the weight is its block's absmax (moving it rescales the block).
+    """
+    sign = torch.sign(direction.reshape(-1)).long()
+    target_rank = grid.rank.long() + steps * sign
+    n = grid.values.numel()
+    valid = (sign != 0) & (target_rank >= 0) & (target_rank < n) & ~grid.is_block_max
+    target = grid.values[target_rank.clamp(0, n - 1)] * grid.absmax
+    return target, valid

@@ -1,0 +1,153 @@
+"""The MANSU loop: setup, then rounds of (gradients → candidates → moves → check → keep or undo).
+
+It stops when full-precision *and* quantized forget top-1 reach ``forget_target``, when no
+move fits the Fisher budget, when the retain guard's patience is spent, or after
+``max_rounds``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from workbench.core.progress import silent
+from workbench.models.update import Update
+from workbench.unlearning.mansu.candidates import rank_moves, round_gradients, score_module
+from workbench.unlearning.mansu.config import MansuConfig
+from workbench.unlearning.mansu.fisher import fisher_bound
+from workbench.unlearning.mansu.projection import retain_output_change
+from workbench.unlearning.mansu.rounds import (
+    apply_round,
+    evaluate_round,
+    grow_round,
+    on_guard_failure,
+    retain_drop,
+    take_moves,
+    undo_round,
+    verify_codes,
+)
+from workbench.unlearning.mansu.state import MansuState, setup_state
+from workbench.unlearning.result import UnlearningResult
+from workbench.unlearning.task import UnlearningTask
+
+
+@dataclass(frozen=True)
+class MansuDiagnostics:
+    """What a MANSU run reports beyond its update (``metrics.json``: ``diagnostics``).
+
+    Attributes:
+        fisher_bound: ½ Σ F Δ² of the final update (``None`` without the Fisher).
+        fisher_budget: the budget it ran under (``None`` without the Fisher or without a cap).
+        n_candidate_params: weights that were allowed to move.
+        params_per_round: the round size at the end.
+        n_modules: candidate weight tensors.
+        floor_reverted: moves undone because their code did not change.
+        rounds_undone_by_retain_guard, rounds_blocked_at_smallest_size, rounds_reusing_gradients: counters.
+        seconds_by_phase: time per phase (:data:`~workbench.unlearning.mansu.state.PHASES`).
+        config: the configuration, as a dict.
+        null_space_dims: per module, the null space's dimension (with projection).
+        retain_output_change: ‖ΔW K_R‖ / (‖ΔW‖·‖K_R‖) of the final edit (with projection).
+    """
+
+    fisher_bound: float | None
+    fisher_budget: float | None
+    n_candidate_params: int
+    params_per_round: int
+    n_modules: int
+    floor_reverted: int
+    rounds_undone_by_retain_guard: int
+    rounds_blocked_at_smallest_size: int
+    rounds_reusing_gradients: int
+    seconds_by_phase: dict[str, float]
+    config: dict[str, object]
+    null_space_dims: dict[str, int] | None = None
+    retain_output_change: float | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        out = asdict(self)
+        for key in ("null_space_dims", "retain_output_change"):
+            if out[key] is None:
+                del out[key]  # only with projection, as metrics.json has always had them
+        return out
+
+
+def mansu(task: UnlearningTask, config: MansuConfig | None = None) -> UnlearningResult:
+    """Run MANSU on the task's model and forget/retain batches; returns a sparse update."""
+    config = config or MansuConfig()
+    start = time.perf_counter()
+    report = task.progress or silent
+    state = setup_state(task.model, task.batches, task.circuit, task.quant, config, report)
+    state.timings["setup"] = time.perf_counter() - start
+    rounds, stopped = 0, "budget"
+    for rounds in range(1, config.max_rounds + 1):
+        if task.should_stop is not None and task.should_stop():
+            rounds, stopped = rounds - 1, "cancelled"
+            break
+        stop, record = run_round(state, task, config, rounds)
+        if record is not None:
+            report(min(0.99, 0.15 + 0.85 * rounds / config.max_rounds),
+                   f"MANSU round {rounds}: moved {int(record['moved'])}, forget top-1 {record['forget_top1']:.3f} "
+                   f"(quantized {record['forget_top1_q']:.3f})")
+        if stop is not None:
+            stopped = stop
+            break
+    return _result(state, task, config, rounds, stopped, time.perf_counter() - start)
+
+
+def run_round(state: MansuState, task: UnlearningTask, config: MansuConfig,
+              rounds: int) -> tuple[str | None, dict[str, float] | None]:
+    """One round. Returns why the run stops (``None``: go on) and the round's record (``None``
+    when the round was undone or made no move)."""
+    tick = time.perf_counter()
+    if state.gradients is None or not config.reuse_gradients:
+        state.gradients = round_gradients(state, task.batches, config)
+    else:
+        # An undone round restored the weights exactly, so its gradients still hold.
+        state.reused_gradients += 1
+    tick = state.lap("gradients", tick)
+    scores = [score_module(state, n, state.gradients, config) for n in state.names]
+    done = take_moves(state, rank_moves(scores, state.per_round, config), config)
+    tick = state.lap("selection", tick)
+    if config.use_floor:
+        verify_codes(state, done, task.quant)
+    if done.chosen == 0:
+        return ("fisher budget" if config.use_fisher and config.fisher_budget is not None else "no candidates"), None
+    apply_round(state, done, task.quant)
+    tick = state.lap("quantizer", tick)
+    drop = retain_drop(state, config)
+    if config.retain_guard is not None and drop > config.retain_guard:
+        # The Fisher bound let the round through; the measurement does not.
+        undo_round(state, done, task.quant)
+        if on_guard_failure(state, done, config):
+            return "retain guard", None
+        state.lap("evaluation", tick)
+        return None, None
+    state.gradients = None  # the weights moved
+    grow_round(state, drop, config)
+    record = evaluate_round(state, task.batches, config, rounds)
+    state.lap("evaluation", tick)
+    reached = record["forget_top1"] <= config.forget_target and record["forget_top1_q"] <= config.forget_target
+    return ("target" if reached else None), record
+
+
+def _result(state: MansuState, task: UnlearningTask, config: MansuConfig, rounds: int, stopped: str,
+            seconds: float) -> UnlearningResult:
+    update = Update({n: d for n, d in state.deltas.items() if bool((d != 0).any())},
+                    {"method": config.label, "base_fingerprint": task.model.fingerprint})
+    diagnostics = MansuDiagnostics(
+        fisher_bound=fisher_bound(state.fisher, update) if state.fisher else None,
+        fisher_budget=config.fisher_budget if config.use_fisher else None,
+        n_candidate_params=state.n_candidates, params_per_round=state.per_round, n_modules=len(state.names),
+        floor_reverted=state.floor_reverted, rounds_undone_by_retain_guard=state.guard_undone,
+        rounds_blocked_at_smallest_size=state.blocked, rounds_reusing_gradients=state.reused_gradients,
+        seconds_by_phase=state.timings, config=asdict(config),
+        null_space_dims=({n.rsplit(".", 1)[0]: int(round(float(torch.trace(p)))) for n, p in state.projectors.items()}
+                         if state.projectors else None),
+        retain_output_change=(retain_output_change(state.work, update, state.conv1d, state.retain_sample)
+                              if state.projectors else None),
+    )
+    return UnlearningResult(update=update, method=config.label, steps=rounds, stopped=stopped, seconds=seconds,
+                            history=state.history, diagnostics=diagnostics.to_dict(),
+                            seconds_by_phase=dict(state.timings))

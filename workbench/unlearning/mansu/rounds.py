@@ -1,0 +1,129 @@
+"""Applying one round of moves, and undoing it: the Fisher budget, the floor's check with the
+real quantizer, the retain guard and the round's evaluation.
+
+Steps, in the order a round runs them: :func:`take_moves` (within the Fisher budget),
+:func:`verify_codes` (floor on), :func:`apply_round`, :func:`retain_drop`, then either
+:func:`undo_round` + :func:`on_guard_failure` or :func:`grow_round` + :func:`evaluate_round`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from workbench.models.scoring import correct, top1
+from workbench.quant import QuantConfig, quantize_codes, quantize_dequantize
+from workbench.unlearning.batches import Batches
+from workbench.unlearning.mansu.candidates import Move
+from workbench.unlearning.mansu.config import MansuConfig
+from workbench.unlearning.mansu.state import MansuState
+
+
+@dataclass
+class Round:
+    """The moves one round made: per weight, the flat indices it touched and their previous deltas."""
+
+    touched: dict[str, list[int]] = field(default_factory=dict)
+    previous: dict[str, list[float]] = field(default_factory=dict)
+    chosen: int = 0
+    fisher_cost: float = 0.0
+
+
+def take_moves(state: MansuState, moves: list[Move], config: MansuConfig) -> Round:
+    """Make the best moves, up to ``per_round``, skipping any that would take the running Fisher
+    bound ``½ Σ F Δ²`` past ``fisher_budget`` (c). Records each move so it can be undone."""
+    done = Round()
+    for move in moves:
+        if done.chosen >= state.per_round:
+            break
+        n, i = move.name, move.index
+        old = float(state.deltas[n].view(-1)[i])
+        if config.use_fisher:
+            cost = 0.5 * float(state.fisher[n].view(-1)[i]) * (move.delta**2 - old**2)
+            if config.fisher_budget is not None and state.bound + cost > config.fisher_budget:
+                continue
+            state.bound += cost
+            done.fisher_cost += cost
+        state.deltas[n].view(-1)[i] = move.delta
+        state.moved[n][i] = True
+        done.touched.setdefault(n, []).append(i)
+        done.previous.setdefault(n, []).append(old)
+        done.chosen += 1
+    return done
+
+
+def verify_codes(state: MansuState, done: Round, quant: QuantConfig) -> None:
+    """Check every move with the real quantizer (d). A move whose code did not change (possible
+    only where bnb's own thresholds are not midpoints, e.g. int8 on CPU) is undone and never
+    tried again, so "every moved code changes" holds by construction."""
+    for n, idx in done.touched.items():
+        codes = quantize_codes(state.base[n] + state.deltas[n], quant, transposed=state.transposed[n])
+        new = codes.codes_like_weight().reshape(-1).long()
+        index = torch.tensor(idx, device=state.deltas[n].device)
+        stuck = index[new[index] == state.grids[n].code[index]]
+        if stuck.numel():
+            state.deltas[n].view(-1)[stuck] = 0.0
+            state.masks[n].view(-1)[stuck] = False
+            state.moved[n][stuck] = False
+            state.floor_reverted += int(stuck.numel())
+            done.chosen -= int(stuck.numel())
+
+
+def apply_round(state: MansuState, done: Round, quant: QuantConfig) -> None:
+    """Write w+Δ into the working model and Q(w+Δ) into the quantized one, for the touched weights."""
+    params, qparams = dict(state.work.named_parameters()), dict(state.qwork.named_parameters())
+    with torch.no_grad():
+        for n in done.touched:
+            after = state.base[n] + state.deltas[n]
+            params[n].copy_(after)
+            qparams[n].copy_(quantize_dequantize(after, quant, transposed=state.transposed[n]))
+
+
+def retain_drop(state: MansuState, config: MansuConfig) -> float:
+    """The retain guard's measurement: drop of full-precision top-1 on its retain sample (0 when off)."""
+    return state.guard_base - top1(state.work, state.guard_batch) if config.retain_guard is not None else 0.0
+
+
+def undo_round(state: MansuState, done: Round, quant: QuantConfig) -> None:
+    """Restore the deltas (and both working models) exactly as they were before the round."""
+    for n, idx in done.touched.items():
+        index = torch.tensor(idx, device=state.deltas[n].device)
+        old = torch.tensor(done.previous[n], dtype=state.deltas[n].dtype, device=state.deltas[n].device)
+        state.deltas[n].view(-1)[index] = old
+        state.moved[n][index] = old != 0
+    apply_round(state, done, quant)
+    state.bound -= done.fisher_cost
+
+
+def on_guard_failure(state: MansuState, done: Round, config: MansuConfig) -> bool:
+    """After an undone round: halve the round size, and at the smallest size block its moves for
+    good (even the few most salient cost too much retain). True when the guard's patience is spent."""
+    state.guard_undone += 1
+    exhausted = False
+    if state.per_round <= 8:
+        for n, idx in done.touched.items():
+            state.masks[n].view(-1)[torch.tensor(idx, device=state.masks[n].device)] = False
+        state.blocked += 1
+        exhausted = state.blocked >= config.guard_patience
+    if not exhausted:
+        state.per_round = max(8, state.per_round // 2)
+    return exhausted
+
+
+def grow_round(state: MansuState, drop: float, config: MansuConfig) -> None:
+    """A round that left retain within half the guard lets the next one grow by half."""
+    if config.retain_guard is not None and drop <= config.retain_guard / 2:
+        state.per_round = min(state.max_per_round, int(state.per_round * 1.5) + 1)
+
+
+def evaluate_round(state: MansuState, batches: Batches, config: MansuConfig, rounds: int) -> dict[str, float]:
+    """Forget top-1 of w+Δ and Q(w+Δ) after a kept round (refreshing which facts each still answers)."""
+    state.still = correct(state.work, batches.forget)
+    answered_q = correct(state.qwork, batches.forget)
+    state.q_still = answered_q if config.quantized_direction else None
+    record = {"step": rounds, "forget_top1": float(state.still.float().mean()),
+              "forget_top1_q": float(answered_q.float().mean()), "moved": float(state.n_moved()),
+              "fisher_bound": state.bound}
+    state.history.append(record)
+    return record

@@ -1,0 +1,178 @@
+"""MANSU's state: what is fixed at setup (candidates, grids, projectors, Fisher) and what each
+round changes (the deltas, the moved weights, the Fisher bound, the round size).
+
+:func:`setup_state` builds it; the steps in :mod:`.candidates` and :mod:`.rounds` read and
+update it; :mod:`.method` runs the rounds.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from workbench.core.components import Component
+from workbench.core.errors import WorkbenchError
+from workbench.core.progress import Progress
+from workbench.interpretability.parameters import circuit_parameters
+from workbench.models.loaded import LoadedModel
+from workbench.models.scoring import FactBatch, correct, top1
+from workbench.quant import QuantConfig, conv1d_class, quantizable_parameters, quantized_copy, transposed_parameters
+from workbench.unlearning.batches import Batches
+from workbench.unlearning.mansu.config import MansuConfig
+from workbench.unlearning.mansu.fisher import diagonal_fisher
+from workbench.unlearning.mansu.grid import Grid, weight_grid
+from workbench.unlearning.mansu.projection import projectors_for
+
+PHASES = ("setup", "gradients", "selection", "quantizer", "evaluation")
+"""Where a MANSU run's time goes, in the order of a round (``seconds_by_phase``)."""
+
+
+@dataclass
+class Gradients:
+    """The gradients a round ranks candidates by (reused after an undone round).
+
+    Attributes:
+        forget: the forget direction per weight (−∇ log p(answer) over the facts still answered;
+            with ``quantized_direction``, averaged with the same at ``Q(w+Δ)``).
+        retain: ∇ log p(answer) over the projector's retain sample (``None`` when unused).
+    """
+
+    forget: dict[str, torch.Tensor]
+    retain: dict[str, torch.Tensor] | None
+
+
+@dataclass
+class MansuState:
+    """Everything a MANSU run holds; see the module docstring.
+
+    Fixed at setup: ``names`` (candidate weights, sorted), ``base`` (their base values),
+    ``grids``, ``transposed`` and ``conv1d`` (per weight), ``projectors`` and ``fisher``
+    (empty when that component is off), ``work`` (the model at w+Δ) and ``qwork`` (at
+    Q(w+Δ)), ``retain_sample`` (for projectors and the retain gradient), ``guard_batch`` and
+    ``guard_base`` (the retain guard's independent sample and its base top-1),
+    ``n_candidates``, ``max_per_round``.
+
+    Changed by rounds: ``masks`` (a move that cannot change its code, or that the guard
+    blocked at the smallest round size, is masked out for good), ``deltas``, ``moved``
+    (flat bool per weight), ``bound`` (the running Fisher bound), ``per_round``, ``still``
+    and ``q_still`` (which forget facts w+Δ and Q(w+Δ) still answer), ``gradients``, the
+    counters, ``timings`` and ``history``.
+    """
+
+    names: list[str]
+    masks: dict[str, torch.Tensor]
+    base: dict[str, torch.Tensor]
+    grids: dict[str, Grid]
+    transposed: dict[str, bool]
+    conv1d: dict[str, bool]
+    work: torch.nn.Module
+    qwork: torch.nn.Module
+    retain_sample: FactBatch
+    guard_batch: FactBatch
+    guard_base: float
+    n_candidates: int
+    per_round: int
+    max_per_round: int
+    deltas: dict[str, torch.Tensor]
+    moved: dict[str, torch.Tensor]
+    still: torch.Tensor
+    q_still: torch.Tensor | None
+    projectors: dict[str, torch.Tensor] = field(default_factory=dict)
+    fisher: dict[str, torch.Tensor] = field(default_factory=dict)
+    bound: float = 0.0
+    gradients: Gradients | None = None
+    floor_reverted: int = 0
+    guard_undone: int = 0
+    blocked: int = 0
+    reused_gradients: int = 0
+    timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def n_moved(self) -> int:
+        return int(sum(int(m.sum()) for m in self.moved.values()))
+
+    def lap(self, phase: str, since: float) -> float:
+        """Add the time since ``since`` to ``phase``; return now."""
+        now = time.perf_counter()
+        self.timings[phase] += now - since
+        return now
+
+
+def candidate_masks(model: LoadedModel, circuit: tuple[Component, ...] | None, quant: QuantConfig,
+                    config: MansuConfig) -> dict[str, torch.Tensor]:
+    """Which weights may move: the quantized weights of the circuit's components (a).
+
+    Without circuit restriction, every quantized weight."""
+    quantizable = quantizable_parameters(model.hf, quant)
+    if not config.use_circuit:
+        return {n: torch.ones_like(p, dtype=torch.bool) for n, p in model.hf.named_parameters() if n in quantizable}
+    components = list(circuit or [])
+    if not components:
+        raise WorkbenchError("MANSU with circuit restriction needs a non-empty circuit")
+    masks = {n: m for n, m in circuit_parameters(model, components).items() if n in quantizable and bool(m.any())}
+    if not masks:
+        raise WorkbenchError("the circuit maps to no quantized weight (only embeddings?); add heads or MLPs")
+    return masks
+
+
+def round_sizes(n_candidates: int, config: MansuConfig) -> tuple[int, int]:
+    """The first round's size and the largest a round may grow to."""
+    per_round = config.params_per_round or min(512, max(32, int(config.round_fraction * n_candidates)))
+    if config.params_per_round is not None:
+        return per_round, per_round
+    return per_round, int(per_round * config.max_round_growth)
+
+
+def setup_state(model: LoadedModel, batches: Batches, circuit: tuple[Component, ...] | None, quant: QuantConfig,
+                config: MansuConfig, report: Progress) -> MansuState:
+    """Candidates, grids, projectors, Fisher, the two working models and the guard's baseline."""
+    masks = candidate_masks(model, circuit, quant, config)
+    names = sorted(masks)
+    work = _frozen_copy(model.hf)
+    conv = conv1d_class()
+    modules = dict(work.named_modules())
+    conv1d = {n: conv is not None and isinstance(modules[n.rsplit(".", 1)[0]], conv) for n in names}
+
+    report(0.02, "quantization grid of the moved modules")
+    base = model.state()
+    transposed_names = transposed_parameters(model.hf)
+    transposed = {n: n in transposed_names for n in names}
+    grids = {n: weight_grid(base[n], quant, transposed=transposed[n]) for n in names}
+
+    retain_sample = batches.retain.sample(config.retain_batch, torch.Generator().manual_seed(0))
+    projectors: dict[str, torch.Tensor] = {}
+    if config.use_projection:
+        report(0.05, "retain activations → null-space projectors")
+        projectors = projectors_for(work, names, retain_sample, config.null_threshold, config.min_null_fraction)
+    fisher: dict[str, torch.Tensor] = {}
+    if config.use_fisher:
+        report(0.1, "retain Fisher")
+        fisher = diagonal_fisher(work, names, batches.retain, config.fisher_samples)
+
+    qwork = quantized_copy(model.hf, quant)
+    n_candidates = int(sum(int(m.sum()) for m in masks.values()))
+    per_round, max_per_round = round_sizes(n_candidates, config)
+    # The guard's retain sample differs from the projector's, so the guard stays an independent check.
+    guard_batch = batches.retain.sample(256, torch.Generator().manual_seed(1))
+    return MansuState(
+        names=names, masks=masks, base=base, grids=grids, transposed=transposed, conv1d=conv1d, work=work,
+        qwork=qwork, retain_sample=retain_sample, guard_batch=guard_batch, guard_base=top1(work, guard_batch),
+        n_candidates=n_candidates, per_round=per_round, max_per_round=max_per_round,
+        deltas={n: torch.zeros_like(base[n]) for n in names},
+        moved={n: torch.zeros(base[n].numel(), dtype=torch.bool, device=base[n].device) for n in names},
+        # Which forget facts each model still answers: the forget gradient only runs over those
+        # (forgotten facts contribute nothing to it), and each round's evaluation refreshes them.
+        still=correct(work, batches.forget),
+        q_still=correct(qwork, batches.forget) if config.quantized_direction else None,
+        projectors=projectors, fisher=fisher,
+    )
+
+
+def _frozen_copy(hf: torch.nn.Module) -> torch.nn.Module:
+    work = copy.deepcopy(hf).eval()
+    for p in work.parameters():
+        p.requires_grad_(False)
+    return work

@@ -1,0 +1,18 @@
+"""GA + KLR: gradient ascent on forget, KL to the frozen base on retain."""
+
+from __future__ import annotations
+
+import torch
+
+from workbench.models.scoring import FactBatch, answer_logits
+from workbench.unlearning import losses
+from workbench.unlearning.methods.ga import GradientAscent
+
+
+class GradAscentKLR(GradientAscent):
+    name = "ga_klr"
+    label = "GA + KL retain"
+    summary = "GA + KL(p_ref ‖ p_θ) on retain"
+
+    def retain_loss(self, model: torch.nn.Module, batch: FactBatch, ref_logits: torch.Tensor) -> torch.Tensor:
+        return losses.kl_to_reference(answer_logits(model, batch), ref_logits)

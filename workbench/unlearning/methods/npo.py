@@ -1,0 +1,18 @@
+"""NPO: negative preference optimisation on forget, −(2/β)·log σ(−β(log p_θ − log p_ref))."""
+
+from __future__ import annotations
+
+import torch
+
+from workbench.models.scoring import FactBatch
+from workbench.unlearning import losses
+from workbench.unlearning.methods.ga import GradientAscent
+
+
+class NPO(GradientAscent):
+    name = "npo"
+    label = "NPO"
+    summary = "NPO (β = 0.1)"
+
+    def forget_loss(self, logits: torch.Tensor, ref_logits: torch.Tensor, batch: FactBatch) -> torch.Tensor:
+        return losses.npo(logits, ref_logits, batch.answers, beta=self.config.beta)

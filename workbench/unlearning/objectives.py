@@ -1,0 +1,66 @@
+"""The gradient-ascent family's shape: a forget loss, plus α times a retain loss.
+
+Each baseline of the family (:mod:`workbench.unlearning.methods`) is one subclass of
+:class:`ForgetRetainObjective` that overrides only its forget or retain term, as in
+open-unlearning's trainers; the shared loop (:mod:`workbench.unlearning.loop`) minimises it.
+Defaults follow the literature scaled to small models: retain weight α = 1, NPO β = 0.1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from workbench.core.errors import WorkbenchError
+from workbench.models.scoring import FactBatch, answer_logits
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    """Loss weights of the baselines.
+
+    Attributes:
+        alpha: weight of the retain term (GDR: NLL on retain; KLR: KL to the base on retain).
+        beta: NPO / SimNPO inverse temperature.
+        gamma: SimNPO reward margin.
+    """
+
+    alpha: float = 1.0
+    beta: float = 0.1
+    gamma: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.alpha < 0:
+            raise WorkbenchError(f"alpha must be >= 0, got {self.alpha}")
+        if not self.beta > 0:
+            raise WorkbenchError(f"beta must be > 0, got {self.beta}")
+
+
+class ForgetRetainObjective:
+    """``loss = forget_loss + α · retain_loss`` (no retain term when :meth:`retain_loss` is None).
+
+    Called by the shared loop as ``objective(model, forget batch, its reference logits,
+    retain batch, its reference logits)``.
+    """
+
+    name: ClassVar[str]
+    label: ClassVar[str]
+    summary: ClassVar[str]
+
+    def __init__(self, config: BaselineConfig | None = None) -> None:
+        self.config = config or BaselineConfig()
+
+    def forget_loss(self, logits: torch.Tensor, ref_logits: torch.Tensor, batch: FactBatch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def retain_loss(self, model: torch.nn.Module, batch: FactBatch, ref_logits: torch.Tensor) -> torch.Tensor | None:
+        """The retain term, or ``None`` for a forget-only method (no retain forward is run then)."""
+        return None
+
+    def __call__(self, model: torch.nn.Module, fb: FactBatch, ref_f: torch.Tensor, rb: FactBatch,
+                 ref_r: torch.Tensor) -> torch.Tensor:
+        loss = self.forget_loss(answer_logits(model, fb), ref_f, fb)
+        retain = self.retain_loss(model, rb, ref_r)
+        return loss if retain is None else loss + self.config.alpha * retain
