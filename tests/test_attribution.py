@@ -13,13 +13,13 @@ from workbench.core.errors import WorkbenchError
 from workbench.interpretability.attribution import (
     Attribution,
     AttributionConfig,
-    PromptPairs,
     ablated_metric,
     agreement,
     attribute,
     make_prompt_pairs,
     metric_baselines,
 )
+from workbench.measurement.reference import plain_exact_patching, tl_node_scores
 
 try:  # facts.py is written concurrently; any object with these attributes works
     from workbench.data.facts import Fact as _Fact
@@ -147,7 +147,6 @@ def test_prompt_pairs_errors(models):
 
 @pytest.mark.parametrize("name", ["gpt2", "gpt_neox", "llama_gqa"])
 def test_node_scores_equal_transformer_lens(models, pairs, name):
-    from workbench.faces.bench import tl_node_scores
 
     m, p = models[name], pairs[name]
     ours = attribute(m, p, AttributionConfig(batch_size=64), progress=SILENT)
@@ -160,44 +159,11 @@ def test_node_scores_equal_transformer_lens(models, pairs, name):
     assert max(abs(ours.scores[c] - chunked.scores[c]) for c in tl) < 1e-5
 
 
-def _plain_exact(m, p: PromptPairs) -> dict[Component, float]:
-    """Activation patching written as plainly as possible: per pair, per node, one forward."""
-    bridge = m.bridge()
-    totals = {c: 0.0 for c in all_components(m.n_layers, m.n_heads)}
-
-    def metric(logits, g, i):
-        return float(logits[0, -1, g.answers[i]] - logits[0, -1, g.corrupt_answers[i]])
-
-    with torch.no_grad():
-        for g in p.groups:
-            for i in range(g.n):
-                clean, corrupt = g.clean[i : i + 1], g.corrupt[i : i + 1]
-                _, cache = bridge.run_with_cache(clean)
-                base = metric(bridge(corrupt), g, i)
-                for c in totals:
-                    if c.kind is ComponentKind.EMBED:
-                        hooks = [("hook_embed", lambda t, hook: cache["hook_embed"])]
-                    elif c.kind is ComponentKind.MLP:
-                        name = f"blocks.{c.layer}.hook_mlp_out"
-                        hooks = [(name, lambda t, hook, name=name: cache[name])]
-                    else:
-                        name = f"blocks.{c.layer}.attn.hook_z"
-
-                        def patch(t, hook, name=name, h=c.head):
-                            t = t.clone()
-                            t[:, :, h] = cache[name][:, :, h]
-                            return t
-
-                        hooks = [(name, patch)]
-                    totals[c] += metric(bridge.run_with_hooks(corrupt, fwd_hooks=hooks), g, i) - base
-    return {c: s / p.n_pairs for c, s in totals.items()}
-
-
 @pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
 def test_exact_equals_plain_hook_loop(models, pairs, name):
     m, p = models[name], pairs[name]
     exact = attribute(m, p, AttributionConfig(method="exact", batch_size=4), progress=SILENT)
-    plain = _plain_exact(m, p)
+    plain = plain_exact_patching(m, p)
     assert max(abs(exact.scores[c] - plain[c]) for c in plain) < 1e-5
     # patching the embedding is the whole clean run
     assert exact.scores[EMBED] == pytest.approx(exact.clean_metric - exact.corrupt_metric, abs=1e-5)

@@ -9,10 +9,10 @@ import pytest
 
 from workbench.core.components import EMBED, all_components
 from workbench.core.errors import WorkbenchError
-from workbench.faces.bench import tl_node_scores
 from workbench.interpretability.attribution import AttributionConfig, agreement, attribute, make_prompt_pairs
 from workbench.interpretability.circuit import Circuit
 from workbench.interpretability.faithfulness import faithfulness
+from workbench.measurement.reference import tl_node_scores
 from workbench.models.builtin_splits import builtin_split
 
 

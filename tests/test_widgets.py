@@ -48,7 +48,9 @@ def test_method_dropdown_lists_every_method():
     w = Workbench("facts-tiny", load=False)
     assert tuple(w.method_dropdown.options) == METHODS
     w.method_dropdown.value = "graddiff"
-    assert w.run_button.description == "Run GRADDIFF"
+    assert w.run_button.description == "Run GradDiff"  # the registry's label, as in the app
+    w.method_dropdown.value = "ga_klr"
+    assert w.run_button.description == "Run GA + KL retain"
 
 
 def test_attribution_builds_circuit_and_figure(wb):

@@ -12,12 +12,12 @@ import io
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from workbench.core.errors import WorkbenchError
+from workbench.core.files import atomic_write
 from workbench.data.facts import Fact
 
 _JSON_SUFFIXES = (".jsonl", ".json")
@@ -117,19 +117,7 @@ def save_fact_file(facts: Iterable[Fact], path: str | os.PathLike[str]) -> Path:
             raise WorkbenchError(f"{p}: cannot save {type(f).__name__} as a fact")
     if p.is_dir():
         raise WorkbenchError(f"{p}: is a directory")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            for f in facts:
-                fh.write(json.dumps(f.to_dict(), ensure_ascii=False) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
+    return atomic_write(p, "".join(json.dumps(f.to_dict(), ensure_ascii=False) + "\n" for f in facts))
 
 
 def _decode_lines(data: bytes, label: str) -> list[tuple[int, str]]:

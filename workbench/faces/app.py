@@ -40,13 +40,10 @@ from workbench.faces.session import (
     shared_figures,
 )
 from workbench.models.builtins import BUILTINS, DEFAULT_MODEL
-from workbench.unlearning.registry import METHODS
+from workbench.unlearning.registry import METHODS, REGISTRY
 
 log = logging.getLogger("workbench.app")
 
-METHOD_NAMES = {"mansu": "MANSU", "ga": "gradient ascent", "graddiff": "GradDiff", "ga_klr": "GA + KL retain",
-                "npo": "NPO", "npo_gdr": "NPO + GD retain", "npo_klr": "NPO + KL retain", "simnpo": "SimNPO",
-                "rmu": "RMU", "sure": "SURE", "quail": "QUAIL", "lora": "LoRA"}
 NODE_HEADERS = ["in circuit", "component", "kind", "layer", "head", "score"]
 MAX_FILE_SIZE = MAX_UPLOAD_BYTES
 
@@ -83,12 +80,11 @@ def _progress(progress: gr.Progress) -> Callable[[float, str], None]:
 
 
 def _method_label(method: str) -> str:
-    return METHOD_NAMES.get(method, method.upper())
+    return REGISTRY[method].label if method in REGISTRY else method.upper()
 
 
 def _methods() -> list[tuple[str, str]]:
-    # Read at page build time so methods other engineers add to the core appear here.
-
+    """The method picker's (label, name) pairs, from the registry (MANSU first)."""
     return [(f"{_method_label(m)} ({m})" if m != "mansu" else "MANSU", m) for m in METHODS]
 
 

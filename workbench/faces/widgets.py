@@ -41,7 +41,7 @@ from workbench.models.loaded import LoadedModel
 from workbench.models.loading import load_model
 from workbench.quant import QuantConfig
 from workbench.unlearning.mansu import MansuConfig
-from workbench.unlearning.registry import METHODS
+from workbench.unlearning.registry import METHODS, REGISTRY
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -70,15 +70,9 @@ def _guarded(fn: Callable[P, R]) -> Callable[P, R | None]:
     return wrapper
 
 
-def _methods() -> tuple[str, ...]:
-    # read at call time, so methods added to workbench.unlearning appear without edits here
-
-    return METHODS
-
-
 def method_label(method: str) -> str:
-    """Button text for a method: ``mansu`` → ``MANSU``, ``ga_klr`` → ``GA_KLR``."""
-    return method.upper()
+    """Button text for a method: its registered label (``graddiff`` → ``GradDiff``)."""
+    return REGISTRY[method].label if method in REGISTRY else method.upper()
 
 
 class Workbench:
@@ -138,7 +132,7 @@ class Workbench:
             quant = quant.type
         else:
             self._quant_config = None
-        methods = _methods()
+        methods = METHODS
         if method not in methods:
             raise WorkbenchError(f"unknown method {method!r}; choose from {', '.join(methods)}")
 
@@ -368,8 +362,8 @@ class Workbench:
 
         self._need("model")
         method = method or self.method_dropdown.value
-        if method not in _methods():
-            raise WorkbenchError(f"unknown method {method!r}; choose from {', '.join(_methods())}")
+        if method not in METHODS:
+            raise WorkbenchError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
         if method == "mansu" and self.circuit is None:
             raise WorkbenchError("MANSU edits a circuit: run attribution first (circuit tab)")
         if self.circuit is not None and not self.circuit.selected and method == "mansu":

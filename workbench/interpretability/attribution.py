@@ -89,7 +89,7 @@ import torch
 
 from workbench.core.components import EMBED, LOGITS, Component, ComponentKind, EdgeInput, all_components, head, mlp
 from workbench.core.errors import WorkbenchError
-from workbench.core.progress import Progress
+from workbench.core.progress import Progress, Steps
 from workbench.models.loaded import LoadedModel
 from workbench.models.scoring import answer_token, last_token_logits
 
@@ -758,25 +758,6 @@ def _metric_values(logits: torch.Tensor, group: PairGroup, metric: MetricName) -
     return torch.log_softmax(last, dim=-1)[rows, group.answers]
 
 
-class _Tracker:
-    """tqdm bar when ``progress`` is None, else the callback."""
-
-    def __init__(self, total: int, desc: str, progress: Progress | None):
-        from tqdm.auto import tqdm
-
-        self.total, self.done, self.progress = max(1, total), 0, progress
-        self.bar = tqdm(total=self.total, desc=desc, disable=progress is not None, leave=False)
-
-    def step(self, message: str) -> None:
-        self.done += 1
-        self.bar.update(1)
-        if self.progress is not None:
-            self.progress(min(1.0, self.done / self.total), message)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
 def _n_chunks(pairs: PromptPairs, batch_size: int) -> int:
     return sum((g.n + batch_size - 1) // batch_size for g in pairs.groups)
 
@@ -785,7 +766,7 @@ def _n_chunks(pairs: PromptPairs, batch_size: int) -> int:
 
 
 def _gradient_sweep(
-    bridge: Any, lay: _Layout, pairs: PromptPairs, config: AttributionConfig, tracker: _Tracker
+    bridge: Any, lay: _Layout, pairs: PromptPairs, config: AttributionConfig, tracker: Steps
 ) -> tuple[dict[Component, float], dict[EdgeKey, float], float, float]:
     """Sum over pairs of node (and edge) scores, and of the clean/corrupt metrics."""
     writers = lay.writers()
@@ -987,7 +968,7 @@ def _node_patch(lay: _Layout, source: dict[str, torch.Tensor], current: list[Com
 
 
 def _exact_sweep(
-    bridge: Any, lay: _Layout, pairs: PromptPairs, config: AttributionConfig, tracker: _Tracker
+    bridge: Any, lay: _Layout, pairs: PromptPairs, config: AttributionConfig, tracker: Steps
 ) -> tuple[dict[Component, float], float, float]:
     writers = lay.writers()
     totals = torch.zeros(len(writers), dtype=torch.float64)
@@ -1053,7 +1034,7 @@ def attribute(
         total = chunks * len(lay.writers())
     else:
         total = chunks * config.steps
-    tracker = _Tracker(total, f"attribution ({config.method})", progress)
+    tracker = Steps(total, f"attribution ({config.method})", progress)
     edge_scores: dict[EdgeKey, float] = {}
     try:
         with _bridge_lock(bridge):

@@ -25,26 +25,21 @@ Every probe builds new models; the base and the update are never modified.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from workbench.core.errors import WorkbenchError
-from workbench.core.progress import silent
+from workbench.core.progress import Progress, Steps, silent
 from workbench.data.facts import Fact, FactSplit
-from workbench.measurement.evaluation import evaluate_facts
+from workbench.measurement.evaluation import fact_top1
 from workbench.models.loaded import LoadedModel
 from workbench.models.scoring import FactBatch, answer_logits, encode_prompts, last_token_logits
 from workbench.models.update import Update
 from workbench.quant import QuantConfig, quantizable_parameters, quantized_copy
 from workbench.unlearning.losses import nll
 from workbench.unlearning.registry import default_lr
-
-
-def _top1(model: LoadedModel | torch.nn.Module, facts: Sequence[Fact], tokenizer: Any) -> float:
-
-    return evaluate_facts(model, facts, tokenizer=tokenizer, multiple_choice=False).top1
 
 
 def _quantized(model: LoadedModel | torch.nn.Module, quant: QuantConfig) -> torch.nn.Module:
@@ -62,7 +57,7 @@ def paraphrase_probe(model: LoadedModel, split: FactSplit, update: Update, quant
     out: dict[str, dict[str, float]] = {}
     for key, facts in (("forget_paraphrase", split.forget_paraphrase), ("retain_paraphrase", split.retain_paraphrase)):
         if facts:
-            out[key] = {v: _top1(m, facts, model.tokenizer) for v, m in variants.items()}
+            out[key] = {v: fact_top1(m, facts, model.tokenizer) for v, m in variants.items()}
     return out
 
 
@@ -83,16 +78,13 @@ def relearning_attack(
     steps: int = 10,
     lr: float | None = None,
     seed: int = 0,
-    progress: Callable[[float, str], None] | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Fine-tune w+Δ on half the forget set (NLL, Adam, every quantized weight) and measure the other half.
 
     Returns top-1 on the held-out half for the base, the unlearned model and the relearned
     model, in full precision and quantized, plus ``recovery`` = relearned − unlearned.
     """
-    from tqdm.auto import tqdm
-
-
     if steps < 1:
         raise WorkbenchError(f"relearning steps must be >= 1, got {steps}")
     lr = lr or default_lr(model)
@@ -109,24 +101,24 @@ def relearning_attack(
         p.requires_grad_(n in names)
     opt = torch.optim.Adam(params, lr=lr)
     batch = FactBatch.from_facts(model.tokenizer, train)
-    for step in tqdm(range(steps), desc="relearning attack", disable=progress is not None, leave=False):
-        loss = nll(answer_logits(work, batch), batch.answers)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if progress is not None:
-            progress((step + 1) / steps, f"relearning step {step + 1}: loss {float(loss.detach()):.3f}")
+    with Steps(steps, "relearning attack", progress) as bar:
+        for step in range(steps):
+            loss = nll(answer_logits(work, batch), batch.answers)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bar.step(f"relearning step {step + 1}: loss {float(loss.detach()):.3f}")
     work.eval()
     for p in work.parameters():
         p.requires_grad_(False)
     relearned = after.with_state({n: p.detach() for n, p in work.named_parameters()}, f"{model.name}+Δ+relearn")
     tok = model.tokenizer
-    fp = {"base": _top1(model, held, tok), "unlearned": _top1(after, held, tok), "relearned": _top1(relearned, held, tok)}
-    q = {"base": _top1(_quantized(model, quant), held, tok), "unlearned": _top1(_quantized(after, quant), held, tok),
-         "relearned": _top1(_quantized(relearned, quant), held, tok)}
+    fp = {"base": fact_top1(model, held, tok), "unlearned": fact_top1(after, held, tok), "relearned": fact_top1(relearned, held, tok)}
+    q = {"base": fact_top1(_quantized(model, quant), held, tok), "unlearned": fact_top1(_quantized(after, quant), held, tok),
+         "relearned": fact_top1(_quantized(relearned, quant), held, tok)}
     return {
         "steps": steps, "lr": lr, "seed": seed, "n_train": len(train), "n_eval": len(held),
-        "train_top1_after_relearn": _top1(relearned, train, tok),
+        "train_top1_after_relearn": fact_top1(relearned, train, tok),
         "fp": {**fp, "recovery": fp["relearned"] - fp["unlearned"]},
         "quantized": {**q, "recovery": q["relearned"] - q["unlearned"]},
     }

@@ -50,7 +50,7 @@ import torch
 from workbench.core.errors import WorkbenchError
 from workbench.core.progress import Progress, silent
 from workbench.data.facts import FactSplit
-from workbench.measurement.evaluation import evaluate_facts
+from workbench.measurement.evaluation import fact_top1
 from workbench.measurement.metrics import VARIANTS
 from workbench.models.loaded import LoadedModel
 from workbench.models.scoring import FactBatch, answer_logits
@@ -295,11 +295,6 @@ class SurvivalPoint:
         return d
 
 
-def _top1(model: LoadedModel, facts: Sequence[Any]) -> float:
-
-    return evaluate_facts(model, facts, multiple_choice=False).top1
-
-
 def _predicted_fraction(update: Update, geometry: Mapping[str, Any]) -> float:
     """Theory per moved weight: ``min(1, |Δ_i| / w_i)`` with its own bin width, and 0 where no
     boundary lies in the direction of the move (the top code moving up, the bottom code
@@ -372,7 +367,7 @@ def survival_curve(
         report(0.02, "quantizing the base")
         qbase = {n: quantize_dequantize(base[n], quant, transposed=n in tr) for n in names}
         base_q = model.with_state(qbase, f"{model.name}|{quant.label}")
-        acc_base = {key: {"base_fp": _top1(model, facts), "base_q": _top1(base_q, facts)}
+        acc_base = {key: {"base_fp": fact_top1(model, facts), "base_q": fact_top1(base_q, facts)}
                     for key, facts in sets.items() if facts}
         del base_q
     budgets = [float(budget)] if isinstance(budget, (int, float)) else [float(b) for b in budget]
@@ -395,7 +390,7 @@ def survival_curve(
                 {**qbase, **{n: quantize_dequantize(base[n] + d, quant, transposed=n in tr) for n, d in upd.deltas.items()}},
                 f"{model.name}+Δ|{quant.label}")
             variants = {"after_fp": after_fp, "after_qbase_delta": after_qbd, "after_q": after_q}
-            acc = {key: {**acc_base[key], **{v: _top1(m, sets[key]) for v, m in variants.items()}} for key in acc_base}
+            acc = {key: {**acc_base[key], **{v: fact_top1(m, sets[key]) for v, m in variants.items()}} for key in acc_base}
             forget = {v: acc["forget"][v] for v in VARIANTS}
             retain = {v: acc["retain"][v] for v in VARIANTS} if "retain" in acc else None
             del after_fp, after_qbd, after_q, variants

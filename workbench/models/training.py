@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import torch
 
-from workbench.core.progress import Progress
+from workbench.core.progress import Progress, Steps
 from workbench.data.world import fact_world
 from workbench.models.scoring import encode_prompts
 
@@ -91,9 +91,7 @@ def build_facts_model(preset: FactsPreset, out: Path, progress: Progress | None)
     total = preset.max_epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=preset.lr, total_steps=total, pct_start=0.1)
 
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=preset.max_epochs, desc=f"training facts model ({preset.world_size})", disable=progress is not None)
+    bar = Steps(preset.max_epochs, f"training facts model ({preset.world_size})", progress, leave=True, unit="epoch")
     accuracy = 0.0
     epoch = 0
     rows = torch.arange(n)
@@ -116,15 +114,13 @@ def build_facts_model(preset: FactsPreset, out: Path, progress: Progress | None)
             with torch.no_grad():
                 pred = model(ids).logits[rows, last].argmax(-1)
             accuracy = float((pred == answers).float().mean())
-            bar.set_postfix(acc=f"{accuracy:.3f}", loss=f"{epoch_loss:.4f}")
+            bar.postfix(acc=f"{accuracy:.3f}", loss=f"{epoch_loss:.4f}")
             # Stop only with a comfortable margin: a barely-memorised fact would flip under
             # the base's own quantization noise and blur every before/after comparison.
             if accuracy >= 0.999 and epoch_loss < preset.stop_loss:
-                bar.update(preset.max_epochs - bar.n)
+                bar.step(f"trained in {epoch} epochs, top-1 {accuracy:.3f}", n=preset.max_epochs - bar.done)
                 break
-        bar.update(1)
-        if progress is not None:
-            progress(epoch / preset.max_epochs, f"training epoch {epoch}, top-1 {accuracy:.3f}")
+        bar.step(f"training epoch {epoch}, top-1 {accuracy:.3f}")
     bar.close()
     model.eval()
     model.save_pretrained(str(out), safe_serialization=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 from workbench.core.errors import WorkbenchError
+from workbench.core.files import atomic_write
 from workbench.models.loaded import LoadedModel
 
 _FORMAT = "workbench-update/1"
@@ -128,16 +128,7 @@ class Update:
                 tensors[f"{i}.dense"] = flat.to(torch.float32)
                 layout[str(i)] = {"name": name, "shape": list(delta.shape), "sparse": False}
         metadata = {"format": _FORMAT, "layout": json.dumps(layout), "meta": json.dumps(self.meta)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Update:

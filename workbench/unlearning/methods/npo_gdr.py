@@ -10,5 +10,5 @@ class NpoGDR(NPO, GradDiff):
     """NPO's forget term (from :class:`NPO`), GradDiff's retain term (from :class:`GradDiff`)."""
 
     name = "npo_gdr"
-    label = "NPO + GDR"
+    label = "NPO + GD retain"
     summary = "NPO + retain NLL"
