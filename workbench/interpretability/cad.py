@@ -103,9 +103,11 @@ def circuit_attribution_divergence(
     per_node = {c.name: (float(before[c]), float(after[c]), float(after[c] - before[c])) for c in comps}
     share_b = share_a = float("nan")
     if circuit is not None:
-        members = set(circuit)
-        tb = sum(abs(v) for v in before.values())
-        ta = sum(abs(v) for v in after.values())
+        # Summed in one fixed order: a set's order follows string hashing, which differs between
+        # processes, and float sums in another order differ in the last digit.
+        members = sorted(set(circuit))
+        tb = sum(abs(before[c]) for c in comps)
+        ta = sum(abs(after[c]) for c in comps)
         share_b = sum(abs(before[c]) for c in members if c in before) / tb if tb else 0.0
         share_a = sum(abs(after[c]) for c in members if c in after) / ta if ta else 0.0
     return CADResult(
