@@ -1,5 +1,5 @@
 """Unlearning losses against their formulas, the baselines' term combinations, and the shared
-loop's NaN guard (REFERENCE.md §4)."""
+loop's NaN guard (docs/SCIENCE.md §4)."""
 
 from __future__ import annotations
 

@@ -327,7 +327,7 @@ def test_bin_width_definition_nf4() -> None:
     assert math.isclose(g.bin_width[15].item(), (v[1] - v[0]).item(), rel_tol=1e-6)
     assert g.to_upper[0].item() == math.inf and g.to_lower[15].item() == -math.inf
     assert g.is_block_max.tolist() == [True] + [False] * 15
-    lo, hi = 0.0796, 0.3038  # REFERENCE.md: NF4 gaps 0.0796 ... 0.3038
+    lo, hi = 0.0796, 0.3038  # docs/SCIENCE.md §2.2: NF4 gaps 0.0796 ... 0.3038
     gaps = v[1:] - v[:-1]
     assert abs(gaps.min().item() - lo) < 1e-4 and abs(gaps.max().item() - hi) < 1e-4
 
@@ -471,7 +471,7 @@ def test_compare_streams_so_its_peak_does_not_grow_with_the_model() -> None:
 
 @pytest.mark.parametrize("dq", [False, True])
 def test_compare_dense_small_update_dithers_through(dq: bool) -> None:
-    # REFERENCE.md section 6: tiny dense updates flip few codes, mostly along Δ
+    # docs/SCIENCE.md §6.3: tiny dense updates flip few codes, mostly along Δ
     cfg = QuantConfig("nf4", double_quant=dq)
     w = _rng_weight((128, 256), seed=4)
     d = torch.randn(128, 256, generator=torch.Generator().manual_seed(5)) * 2e-5

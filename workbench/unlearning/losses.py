@@ -1,4 +1,4 @@
-"""Unlearning losses on answer-position logits (REFERENCE.md §4). All are *minimised*.
+"""Unlearning losses on answer-position logits (docs/SCIENCE.md §4). All are *minimised*.
 
 Shapes: ``logits`` ``[n, vocab]`` at the answer position, ``answers`` ``[n]`` token ids,
 ``ref_logits`` the frozen base model's logits for the same rows. Our facts have

@@ -1,4 +1,4 @@
-"""LoRA unlearning (arXiv 2602.13151), REFERENCE.md §4: train low-rank adapters with the
+"""LoRA unlearning (arXiv 2602.13151), docs/SCIENCE.md §4: train low-rank adapters with the
 GA+GDR objective, merge them into the weights *before* quantizing, return the merged change.
 
 Adapters (``peft``) go on every weight the quantizer quantizes (decoder ``nn.Linear`` /

@@ -1,4 +1,4 @@
-"""QUAIL — quantization-aware unlearning (Mishra & Mehreen, 2026), REFERENCE.md §4.
+"""QUAIL — quantization-aware unlearning (Mishra & Mehreen, 2026), docs/SCIENCE.md §4.
 
 GA+GDR plus a hinge in logit space: every forget example's answer logit must end at
 least a margin ``m_i`` below the original model's,

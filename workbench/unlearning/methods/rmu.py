@@ -1,4 +1,4 @@
-"""RMU — Representation Misdirection for Unlearning (Li et al., WMDP, 2024), REFERENCE.md §4.
+"""RMU — Representation Misdirection for Unlearning (Li et al., WMDP, 2024), docs/SCIENCE.md §4.
 
 At one residual-stream layer ``L`` the trained model's activations on forget prompts are
 pushed toward a fixed control vector ``c·u`` (``u`` a random unit vector, drawn once from a

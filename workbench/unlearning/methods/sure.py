@@ -1,5 +1,5 @@
 """SURE — saliency-based unlearning with a large learning rate (Zhang et al., ICLR 2025,
-"Catastrophic Failure of LLM Unlearning via Quantization"), REFERENCE.md §4.
+"Catastrophic Failure of LLM Unlearning via Quantization"), docs/SCIENCE.md §4.
 
 Zhang et al. argue that updates survive quantization when they are *large*, and keep
 them from damaging utility by making them *few*: a saliency map over weight rows picks
