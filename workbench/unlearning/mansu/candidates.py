@@ -65,11 +65,16 @@ def forget_direction(work: torch.nn.Module, names: list[str], forget: FactBatch,
 
 
 def round_gradients(state: MansuState, batches: Batches, config: MansuConfig) -> Gradients:
-    """The forget direction at w+Δ (averaged with Q(w+Δ)'s with ``quantized_direction``: the
-    quantized base is a different starting point, so the deployed model is steered explicitly)
-    and, for the first-order retain cost, the retain gradient."""
-    direction = forget_direction(state.work, state.names, batches.forget, state.still)
-    if state.q_still is not None:
+    """The forget direction (at w+Δ, at Q(w+Δ) or their average, as ``forget_direction`` says:
+    the quantized base is a different starting point, so the deployed model is steered
+    explicitly) and, for the first-order retain cost, the retain gradient."""
+    if config.forget_direction == "quantized":
+        assert state.q_still is not None
+        direction = forget_direction(state.qwork, state.names, batches.forget, state.q_still)
+    else:
+        direction = forget_direction(state.work, state.names, batches.forget, state.still)
+    if config.forget_direction == "average":
+        assert state.q_still is not None
         q_direction = forget_direction(state.qwork, state.names, batches.forget, state.q_still)
         direction = {n: 0.5 * (direction[n] + q_direction[n]) for n in state.names}
     retain = (answer_logprob_gradient(state.work, state.names, state.retain_sample)
@@ -80,28 +85,47 @@ def round_gradients(state: MansuState, batches: Batches, config: MansuConfig) ->
 def score_module(state: MansuState, name: str, gradients: Gradients, config: MansuConfig) -> ModuleScores:
     """Each candidate weight of ``name``: where it would move, what that gains and what it costs.
 
-    The move: with the floor (d), onto the code ``code_steps`` away along the projected (b)
-    direction; without it, a sub-bin step of ``no_floor_step`` bin widths scaled by relative
-    saliency. With the Fisher (c), the gain is the move's first-order forget gain (along the
-    unprojected gradient) and the cost its curvature ``½FΔ²``, plus the first-order retain loss
-    with ``retain_first_order``; without it, the gain is the projected direction's size.
+    The move: with the floor (d) applied each round, onto the code ``code_steps`` away along
+    the projected (b) direction (or, with ``code_choice="best"``, the 1..``max_code_steps``
+    that gains most per cost); otherwise a sub-bin step of ``no_floor_step`` bin widths scaled
+    by relative saliency. With the Fisher (c), the gain is the move's first-order forget gain
+    (along the unprojected gradient) and the cost its curvature ``½FΔ²``, plus the
+    first-order retain loss with ``retain_first_order``; without it, the gain is the projected
+    direction's size.
     """
     mask = state.masks[name]
     raw = gradients.forget[name] * mask
     d = project_update(raw, state.projectors[name], conv1d=state.conv1d[name]) * mask if config.use_projection else raw
     flat = d.reshape(-1)
+    if config.steps_on_grid:
+        ks = [config.code_steps] if config.code_choice == "fixed" else range(1, config.max_code_steps + 1)
+        options = [_grid_step(state, name, flat, k) for k in ks]
+    else:
+        options = [_sub_bin_step(state, name, flat, config)]
+    scored = [_gain_and_cost(state, name, raw, flat, step, valid & mask.reshape(-1), gradients, config)
+              for step, valid in options]
+    return scored[0] if len(scored) == 1 else _best_per_weight(scored, config)
+
+
+def _grid_step(state: MansuState, name: str, flat: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The delta that puts each weight on the code ``k`` away (floor rule), and where that is allowed."""
+    target, valid = floor_targets(flat, state.grids[name], k)
+    return target - state.base[name].reshape(-1), valid & ~state.moved[name]
+
+
+def _sub_bin_step(state: MansuState, name: str, flat: torch.Tensor,
+                  config: MansuConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The delta after a further sub-bin step along ``flat`` (no floor), and where that is allowed."""
     grid = state.grids[name]
     base = state.base[name].reshape(-1)
-    if config.use_floor:
-        target, valid = floor_targets(flat, grid, config.code_steps)
-        valid &= ~state.moved[name]
-        step = target - base
-    else:
-        valid = (flat != 0) & ~grid.is_block_max
-        rel = flat.abs() / flat.abs().max().clamp_min(1e-30)
-        step = torch.sign(flat) * config.no_floor_step * grid.bin_width * rel
-        step = (base + state.deltas[name].reshape(-1) + step) - base
-    valid &= mask.reshape(-1)
+    valid = (flat != 0) & ~grid.is_block_max
+    rel = flat.abs() / flat.abs().max().clamp_min(1e-30)
+    step = torch.sign(flat) * config.no_floor_step * grid.bin_width * rel
+    return (base + state.deltas[name].reshape(-1) + step) - base, valid
+
+
+def _gain_and_cost(state: MansuState, name: str, raw: torch.Tensor, flat: torch.Tensor, step: torch.Tensor,
+                   valid: torch.Tensor, gradients: Gradients, config: MansuConfig) -> ModuleScores:
     if config.use_fisher:
         move = step - state.deltas[name].reshape(-1)
         gain = (raw.reshape(-1) * move).clamp_min(0)
@@ -112,6 +136,16 @@ def score_module(state: MansuState, name: str, gradients: Gradients, config: Man
         gain, cost = flat.abs(), torch.zeros_like(flat)
     gain = torch.where(valid, gain, torch.zeros_like(gain))
     return ModuleScores(name, gain, cost, step)
+
+
+def _best_per_weight(options: list[ModuleScores], config: MansuConfig) -> ModuleScores:
+    """Per weight, the option with the largest gain per cost (the largest gain without the Fisher)."""
+    gain = torch.stack([o.gain for o in options])
+    cost = torch.stack([o.cost for o in options])
+    saliency = gain / (cost + 1e-30) if config.use_fisher else gain
+    best = saliency.argmax(0, keepdim=True)
+    pick = lambda t: t.gather(0, best).squeeze(0)  # noqa: E731 - one gather, three tensors
+    return ModuleScores(options[0].name, pick(gain), pick(cost), pick(torch.stack([o.step for o in options])))
 
 
 def rank_moves(scores: list[ModuleScores], per_round: int, config: MansuConfig) -> list[Move]:

@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from workbench.core.errors import WorkbenchError
+
+ForgetDirection = Literal["average", "full_precision", "quantized"]
+"""Where a round takes the forget gradient: averaged over w+Δ and Q(w+Δ), or at one of them."""
+FloorMode = Literal["each_round", "snap"]
+"""The floor applied to every move of every round, or once, as a final snap after sub-bin rounds."""
+CodeChoice = Literal["fixed", "best"]
+"""Move every weight ``code_steps`` codes, or each by the 1..``max_code_steps`` codes that gain most per cost."""
+GuardPrecision = Literal["full_precision", "both"]
+"""The retain guard watches full-precision retain, or the larger of the fp and quantized drops."""
 
 
 @dataclass(frozen=True)
@@ -40,13 +50,22 @@ class MansuConfig:
             bin-sized moves are far outside the region where the second-order Fisher term
             alone is accurate.
         max_round_growth: cap on round-size growth (see ``retain_guard``).
-        quantized_direction: the forget direction averages the gradients at ``w+Δ`` and at
-            the deployed ``Q(w+Δ)``. MANSU's moves survive rounding by construction, but the
-            quantized base is a different starting point (docs/SCIENCE.md: the PTQ gap is
-            mostly this "base shift"), so the quantized model is steered explicitly.
         code_steps: codes moved per weight (floor rule).
         no_floor_step: sub-bin step (in bin widths) when the floor is off.
         retain_batch: retain examples for the projector's activations (all if larger).
+        name: the variant's name, shown in tables as ``mansu-<name>`` (empty: today's reading).
+        forget_direction: see :data:`ForgetDirection`. Today's reading averages the gradients
+            at ``w+Δ`` and at the deployed ``Q(w+Δ)``: MANSU's moves survive rounding by
+            construction, but the quantized base is a different starting point
+            (docs/SCIENCE.md §6: the PTQ gap is mostly this "base shift"), so the quantized
+            model is steered explicitly.
+        floor_mode: see :data:`FloorMode`. With ``"snap"`` the rounds take sub-bin steps (as
+            without the floor); at the end every moved weight whose change reaches
+            ``snap_fraction`` of its bin is set onto the neighbouring code in the direction of
+            its change, and the smaller moves are dropped.
+        snap_fraction: see ``floor_mode``.
+        code_choice: see :data:`CodeChoice`; ``max_code_steps`` bounds ``"best"``.
+        guard_precision: see :data:`GuardPrecision`.
         reuse_gradients: after an undone round the weights are restored exactly, so the next
             round reuses that round's gradients instead of recomputing them (switch off only to
             check that it changes nothing).
@@ -69,11 +88,17 @@ class MansuConfig:
     retain_first_order: bool = True
     max_round_growth: float = 4.0
     guard_patience: int = 5
-    quantized_direction: bool = True
     code_steps: int = 2
     no_floor_step: float = 0.2
     retain_batch: int = 256
     reuse_gradients: bool = True
+    name: str = ""
+    forget_direction: ForgetDirection = "average"
+    floor_mode: FloorMode = "each_round"
+    snap_fraction: float = 0.5
+    code_choice: CodeChoice = "fixed"
+    max_code_steps: int = 3
+    guard_precision: GuardPrecision = "full_precision"
 
     def __post_init__(self) -> None:
         if (self.params_per_round is not None and self.params_per_round < 1) or self.max_rounds < 1:
@@ -96,9 +121,39 @@ class MansuConfig:
             raise WorkbenchError(f"guard_patience must be >= 1, got {self.guard_patience}")
         if self.max_round_growth < 1.0:
             raise WorkbenchError(f"max_round_growth must be >= 1, got {self.max_round_growth}")
+        for field, allowed in (("forget_direction", ForgetDirection), ("floor_mode", FloorMode),
+                               ("code_choice", CodeChoice), ("guard_precision", GuardPrecision)):
+            if getattr(self, field) not in get_args(allowed):
+                raise WorkbenchError(f"{field} must be one of {', '.join(get_args(allowed))}, "
+                                     f"got {getattr(self, field)!r}")
+        if not 0.0 < self.snap_fraction <= 1.5:
+            raise WorkbenchError(f"snap_fraction must be in (0, 1.5] bins, got {self.snap_fraction}")
+        if self.max_code_steps < 1:
+            raise WorkbenchError(f"max_code_steps must be >= 1, got {self.max_code_steps}")
+
+    @property
+    def steps_on_grid(self) -> bool:
+        """Every round's moves land on code values (the floor each round)."""
+        return self.use_floor and self.floor_mode == "each_round"
+
+    @property
+    def snaps(self) -> bool:
+        """The floor is one final snap after sub-bin rounds."""
+        return self.use_floor and self.floor_mode == "snap"
 
     @property
     def label(self) -> str:
         off = [n for n, on in (("circuit", self.use_circuit), ("projection", self.use_projection),
                                ("fisher", self.use_fisher), ("floor", self.use_floor)) if not on]
-        return "mansu" + "".join(f"-no_{n}" for n in off)
+        return "mansu" + (f"-{self.name}" if self.name else "") + "".join(f"-no_{n}" for n in off)
+
+
+MANSU_VARIANTS: dict[str, MansuConfig] = {
+    "v1": MansuConfig(),
+    "snap": MansuConfig(name="snap", floor_mode="snap", snap_fraction=0.5),
+    "one_code": MansuConfig(name="one_code", code_steps=1, round_fraction=0.004),
+    "guard_both": MansuConfig(name="guard_both", guard_precision="both", retain_guard=0.035),
+    "q_direction": MansuConfig(name="q_direction", forget_direction="quantized"),
+    "best_step": MansuConfig(name="best_step", code_choice="best"),
+}
+"""The readings of MANSU compared in docs/results/mansu_study.md, by name (``v1``: today's)."""

@@ -24,6 +24,7 @@ from workbench.unlearning.mansu.rounds import (
     grow_round,
     on_guard_failure,
     retain_drop,
+    snap_to_codes,
     take_moves,
     undo_round,
     verify_codes,
@@ -44,6 +45,7 @@ class MansuDiagnostics:
         params_per_round: the round size at the end.
         n_modules: candidate weight tensors.
         floor_reverted: moves undone because their code did not change.
+        snapped, snap_dropped: with the final snap, moves put onto a code and moves dropped.
         rounds_undone_by_retain_guard, rounds_blocked_at_smallest_size, rounds_reusing_gradients: counters.
         seconds_by_phase: time per phase (:data:`~workbench.unlearning.mansu.state.PHASES`).
         config: the configuration, as a dict.
@@ -57,6 +59,8 @@ class MansuDiagnostics:
     params_per_round: int
     n_modules: int
     floor_reverted: int
+    snapped: int
+    snap_dropped: int
     rounds_undone_by_retain_guard: int
     rounds_blocked_at_smallest_size: int
     rounds_reusing_gradients: int
@@ -93,6 +97,11 @@ def mansu(task: UnlearningTask, config: MansuConfig | None = None) -> Unlearning
         if stop is not None:
             stopped = stop
             break
+    if config.snaps and stopped != "cancelled":
+        snap_to_codes(state, task.quant, config)
+        record = evaluate_round(state, task.batches, config, rounds)
+        report(0.99, f"MANSU snapped {state.snapped} moves onto codes (dropped {state.snap_dropped}): forget "
+                     f"top-1 {record['forget_top1']:.3f} (quantized {record['forget_top1_q']:.3f})")
     return _result(state, task, config, rounds, stopped, time.perf_counter() - start)
 
 
@@ -110,7 +119,7 @@ def run_round(state: MansuState, task: UnlearningTask, config: MansuConfig,
     scores = [score_module(state, n, state.gradients, config) for n in state.names]
     done = take_moves(state, rank_moves(scores, state.per_round, config), config)
     tick = state.lap("selection", tick)
-    if config.use_floor:
+    if config.steps_on_grid:
         verify_codes(state, done, task.quant)
     if done.chosen == 0:
         return ("fisher budget" if config.use_fisher and config.fisher_budget is not None else "no candidates"), None
@@ -140,7 +149,8 @@ def _result(state: MansuState, task: UnlearningTask, config: MansuConfig, rounds
         fisher_bound=fisher_bound(state.fisher, update) if state.fisher else None,
         fisher_budget=config.fisher_budget if config.use_fisher else None,
         n_candidate_params=state.n_candidates, params_per_round=state.per_round, n_modules=len(state.names),
-        floor_reverted=state.floor_reverted, rounds_undone_by_retain_guard=state.guard_undone,
+        floor_reverted=state.floor_reverted, snapped=state.snapped, snap_dropped=state.snap_dropped,
+        rounds_undone_by_retain_guard=state.guard_undone,
         rounds_blocked_at_smallest_size=state.blocked, rounds_reusing_gradients=state.reused_gradients,
         seconds_by_phase=state.timings, config=asdict(config),
         null_space_dims=({n.rsplit(".", 1)[0]: int(round(float(torch.trace(p)))) for n, p in state.projectors.items()}

@@ -17,6 +17,7 @@ from workbench.quant import QuantConfig, quantize_codes, quantize_dequantize
 from workbench.unlearning.batches import Batches
 from workbench.unlearning.mansu.candidates import Move
 from workbench.unlearning.mansu.config import MansuConfig
+from workbench.unlearning.mansu.grid import floor_targets
 from workbench.unlearning.mansu.state import MansuState
 
 
@@ -60,7 +61,7 @@ def verify_codes(state: MansuState, done: Round, quant: QuantConfig) -> None:
     for n, idx in done.touched.items():
         codes = quantize_codes(state.base[n] + state.deltas[n], quant, transposed=state.transposed[n])
         new = codes.codes_like_weight().reshape(-1).long()
-        index = torch.tensor(idx, device=state.deltas[n].device)
+        index = torch.tensor(idx, dtype=torch.long, device=state.deltas[n].device)
         stuck = index[new[index] == state.grids[n].code[index]]
         if stuck.numel():
             state.deltas[n].view(-1)[stuck] = 0.0
@@ -81,14 +82,20 @@ def apply_round(state: MansuState, done: Round, quant: QuantConfig) -> None:
 
 
 def retain_drop(state: MansuState, config: MansuConfig) -> float:
-    """The retain guard's measurement: drop of full-precision top-1 on its retain sample (0 when off)."""
-    return state.guard_base - top1(state.work, state.guard_batch) if config.retain_guard is not None else 0.0
+    """The retain guard's measurement: drop of top-1 on its retain sample since the base, in full
+    precision (or the larger of the fp and quantized drops, with ``guard_precision="both"``); 0 when off."""
+    if config.retain_guard is None:
+        return 0.0
+    drop = state.guard_base - top1(state.work, state.guard_batch)
+    if config.guard_precision == "both" and state.guard_base_q is not None:
+        drop = max(drop, state.guard_base_q - top1(state.qwork, state.guard_batch))
+    return drop
 
 
 def undo_round(state: MansuState, done: Round, quant: QuantConfig) -> None:
     """Restore the deltas (and both working models) exactly as they were before the round."""
     for n, idx in done.touched.items():
-        index = torch.tensor(idx, device=state.deltas[n].device)
+        index = torch.tensor(idx, dtype=torch.long, device=state.deltas[n].device)
         old = torch.tensor(done.previous[n], dtype=state.deltas[n].dtype, device=state.deltas[n].device)
         state.deltas[n].view(-1)[index] = old
         state.moved[n][index] = old != 0
@@ -103,7 +110,7 @@ def on_guard_failure(state: MansuState, done: Round, config: MansuConfig) -> boo
     exhausted = False
     if state.per_round <= 8:
         for n, idx in done.touched.items():
-            state.masks[n].view(-1)[torch.tensor(idx, device=state.masks[n].device)] = False
+            state.masks[n].view(-1)[torch.tensor(idx, dtype=torch.long, device=state.masks[n].device)] = False
         state.blocked += 1
         exhausted = state.blocked >= config.guard_patience
     if not exhausted:
@@ -117,11 +124,32 @@ def grow_round(state: MansuState, drop: float, config: MansuConfig) -> None:
         state.per_round = min(state.max_per_round, int(state.per_round * 1.5) + 1)
 
 
+def snap_to_codes(state: MansuState, quant: QuantConfig, config: MansuConfig) -> None:
+    """The final snap (``floor_mode="snap"``): every moved weight whose change reaches
+    ``snap_fraction`` of its bin goes onto the code next to its base code in the direction of
+    its change (so its code changes and Q(w+Δ) = w+Δ there); the smaller moves are dropped."""
+    snapped, written = Round(), Round()
+    for n in state.names:
+        delta = state.deltas[n].view(-1)
+        grid = state.grids[n]
+        target, valid = floor_targets(delta, grid, 1)
+        keep = state.moved[n] & valid & (delta.abs() >= config.snap_fraction * grid.bin_width)
+        state.snap_dropped += int((state.moved[n] & ~keep).sum())
+        written.touched[n] = state.moved[n].nonzero().squeeze(-1).tolist()  # snapped or dropped
+        snapped.touched[n] = keep.nonzero().squeeze(-1).tolist()  # the moves the quantizer must confirm
+        snapped.chosen += len(snapped.touched[n])
+        delta.copy_(torch.where(keep, target - state.base[n].view(-1), torch.zeros_like(delta)))
+        state.moved[n] = keep
+    verify_codes(state, snapped, quant)
+    state.snapped = snapped.chosen
+    apply_round(state, written, quant)
+
+
 def evaluate_round(state: MansuState, batches: Batches, config: MansuConfig, rounds: int) -> dict[str, float]:
     """Forget top-1 of w+Δ and Q(w+Δ) after a kept round (refreshing which facts each still answers)."""
     state.still = correct(state.work, batches.forget)
     answered_q = correct(state.qwork, batches.forget)
-    state.q_still = answered_q if config.quantized_direction else None
+    state.q_still = answered_q if config.forget_direction != "full_precision" else None
     record = {"step": rounds, "forget_top1": float(state.still.float().mean()),
               "forget_top1_q": float(answered_q.float().mean()), "moved": float(state.n_moved()),
               "fisher_bound": state.bound}

@@ -36,7 +36,7 @@ class Gradients:
 
     Attributes:
         forget: the forget direction per weight (−∇ log p(answer) over the facts still answered;
-            with ``quantized_direction``, averaged with the same at ``Q(w+Δ)``).
+            or at Q(w+Δ), as ``forget_direction`` says).
         retain: ∇ log p(answer) over the projector's retain sample (``None`` when unused).
     """
 
@@ -52,7 +52,8 @@ class MansuState:
     ``grids``, ``transposed`` and ``conv1d`` (per weight), ``projectors`` and ``fisher``
     (empty when that component is off), ``work`` (the model at w+Δ) and ``qwork`` (at
     Q(w+Δ)), ``retain_sample`` (for projectors and the retain gradient), ``guard_batch`` and
-    ``guard_base`` (the retain guard's independent sample and its base top-1),
+    ``guard_base`` (the retain guard's independent sample and its base top-1; ``guard_base_q``
+    the same for Q(w), when the guard watches both precisions),
     ``n_candidates``, ``max_per_round``.
 
     Changed by rounds: ``masks`` (a move that cannot change its code, or that the guard
@@ -80,11 +81,14 @@ class MansuState:
     moved: dict[str, torch.Tensor]
     still: torch.Tensor
     q_still: torch.Tensor | None
+    guard_base_q: float | None = None
     projectors: dict[str, torch.Tensor] = field(default_factory=dict)
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)
     bound: float = 0.0
     gradients: Gradients | None = None
     floor_reverted: int = 0
+    snapped: int = 0
+    snap_dropped: int = 0
     guard_undone: int = 0
     blocked: int = 0
     reused_gradients: int = 0
@@ -160,13 +164,14 @@ def setup_state(model: LoadedModel, batches: Batches, circuit: tuple[Component, 
     return MansuState(
         names=names, masks=masks, base=base, grids=grids, transposed=transposed, conv1d=conv1d, work=work,
         qwork=qwork, retain_sample=retain_sample, guard_batch=guard_batch, guard_base=top1(work, guard_batch),
+        guard_base_q=top1(qwork, guard_batch) if config.guard_precision == "both" else None,
         n_candidates=n_candidates, per_round=per_round, max_per_round=max_per_round,
         deltas={n: torch.zeros_like(base[n]) for n in names},
         moved={n: torch.zeros(base[n].numel(), dtype=torch.bool, device=base[n].device) for n in names},
         # Which forget facts each model still answers: the forget gradient only runs over those
         # (forgotten facts contribute nothing to it), and each round's evaluation refreshes them.
         still=correct(work, batches.forget),
-        q_still=correct(qwork, batches.forget) if config.quantized_direction else None,
+        q_still=correct(qwork, batches.forget) if config.forget_direction != "full_precision" else None,
         projectors=projectors, fisher=fisher,
     )
 
