@@ -1,0 +1,43 @@
+"""Crash-safe writes (workbench.core.files): complete under the name, or not there at all."""
+
+from __future__ import annotations
+
+import pytest
+
+from workbench.core.files import atomic_directory, atomic_write, atomic_write_json
+
+
+def test_atomic_write_text_bytes_and_writer(tmp_path):
+    assert atomic_write(tmp_path / "a.txt", "é\n").read_text(encoding="utf-8") == "é\n"
+    assert atomic_write(tmp_path / "b.bin", b"\x00\x01").read_bytes() == b"\x00\x01"
+    assert atomic_write(tmp_path / "sub" / "c", lambda p: p.write_text("by a writer")).read_text() == "by a writer"
+    assert atomic_write_json(tmp_path / "d.json", {"x": [1, 2]}).read_text() == '{\n  "x": [\n    1,\n    2\n  ]\n}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.bin", "d.json", "sub"]
+
+
+def test_a_failing_writer_leaves_the_old_file_and_no_temporary(tmp_path):
+    target = atomic_write(tmp_path / "f.txt", "old")
+
+    def boom(path):
+        path.write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_write(target, boom)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_atomic_directory_appears_whole_or_not_at_all(tmp_path):
+    with atomic_directory(tmp_path / "run") as tmp:
+        (tmp / "x").write_text("1")
+        assert not (tmp_path / "run").exists()  # not visible while being filled
+    assert (tmp_path / "run" / "x").read_text() == "1"
+    with pytest.raises(KeyError), atomic_directory(tmp_path / "other") as tmp:
+        (tmp / "x").write_text("1")
+        raise KeyError("interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    with pytest.raises(FileExistsError), atomic_directory(tmp_path / "run") as tmp:
+        (tmp / "y").write_text("2")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["x"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
