@@ -321,6 +321,11 @@ def test_tokenizer_checks(tmp_path, word_tokenizer):
     assert str(multi) in str(info.value) and "line 2" in str(info.value)
     assert len(load_fact_file(multi)) == 2  # without a tokenizer there is nothing to count
 
+    # a word the tokenizer does not know is one <unk> token: one token, but not the answer
+    oov = _write(tmp_path, "oov.jsonl", '{"prompt": "The capital of France is", "answer": "Lutetia"}\n')
+    with pytest.raises(WorkbenchError, match=r"line 1: the answer 'Lutetia' is not in the tokenizer's vocabulary"):
+        load_fact_file(oov, tokenizer=word_tokenizer)
+
     # "The capital of France is" is 5 tokens, + 1 answer token = 6.
     with pytest.raises(WorkbenchError, match="context of 5") as info:
         load_fact_file(ok, tokenizer=word_tokenizer, max_context=5)

@@ -41,3 +41,40 @@ def test_atomic_directory_appears_whole_or_not_at_all(tmp_path):
         (tmp / "y").write_text("2")
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["x"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_parse_json_refuses_what_would_crash_or_stall_the_parser():
+    from workbench.core.errors import WorkbenchError
+    from workbench.core.files import parse_json
+
+    assert parse_json('{"a": [1, 2.5, null, "x"]}', source="f") == {"a": [1, 2.5, None, "x"]}
+    cases = {
+        "[" * 5000 + "]" * 5000: "nested deeper than 32",
+        "[" * 40 + "]" * 40: "nested deeper than 32",
+        '{"n": ' + "9" * 5000 + "}": "integer of 5000 digits",
+        '{"x": NaN}': "NaN is not a JSON number",
+        '{"x": -Infinity}': "-Infinity is not a JSON number",
+        '{"x": 1,}': r"not valid JSON \(line 1, column 9",
+    }
+    for text, message in cases.items():
+        with pytest.raises(WorkbenchError, match=rf"^some\.json: .*{message}"):
+            parse_json(text, source="some.json")
+
+
+def test_fact_and_circuit_files_refuse_hostile_json_with_a_message(tmp_path):
+    from workbench.core.errors import WorkbenchError
+    from workbench.data.files import load_fact_file
+    from workbench.interpretability.circuit import Circuit
+
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"prompt": "a", "answer": ' + "[" * 3000 + "]" * 3000 + "}\n")
+    with pytest.raises(WorkbenchError, match=r"deep\.jsonl, line 1: JSON nested deeper"):
+        load_fact_file(deep)
+    big = tmp_path / "big.jsonl"
+    big.write_text('{"question": "q", "choices": ["a", "b"], "answer": ' + "1" * 5000 + "}\n")
+    with pytest.raises(WorkbenchError, match=r"big\.jsonl, line 1: an integer of 5000 digits"):
+        load_fact_file(big)
+    circuit = tmp_path / "c.json"
+    circuit.write_text('{"nodes": ' + "[" * 3000 + "]" * 3000 + "}")
+    with pytest.raises(WorkbenchError, match=r"c\.json: JSON nested deeper"):
+        Circuit.load(circuit)

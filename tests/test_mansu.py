@@ -544,3 +544,19 @@ def test_variant_names_show_in_the_method_label():
     for bad in (dict(forget_direction="sideways"), dict(snap_fraction=0.0), dict(max_code_steps=0)):
         with pytest.raises(WorkbenchError):
             MansuConfig(**bad)
+
+
+def test_why_a_run_stopped_is_told_apart(facts_tiny, split, every_module):
+    """A run whose moves do not fit the budget says "fisher budget"; one with nothing left to move
+    says "no candidates"; a code step past the table is refused before any work."""
+    tight = _run(facts_tiny, split, every_module, fisher_budget=1e-12, max_rounds=3)
+    assert tight.stopped == "fisher budget" and tight.update.nnz() < 16  # a near-zero-cost move or two fit
+    # every candidate used up (or blocked): the round has nothing to move
+    config = MansuConfig(**SMALL)
+    task = _task(facts_tiny, split, every_module)
+    state = setup_state(facts_tiny, task.batches, task.circuit, task.quant, config, report=lambda *_: None)
+    for mask in state.masks.values():
+        mask.zero_()
+    assert run_round(state, task, config, 1) == ("no candidates", None)
+    with pytest.raises(WorkbenchError, match="moves past every code"):
+        _run(facts_tiny, split, every_module, code_steps=16)

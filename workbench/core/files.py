@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from workbench.core.errors import WorkbenchError
+
 
 def atomic_write(path: str | os.PathLike[str], content: bytes | str | Callable[[Path], None]) -> Path:
     """Write ``content`` to ``path`` atomically and return the path.
@@ -97,3 +99,56 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+MAX_JSON_DEPTH = 32
+"""Nesting deeper than any file the workbench writes; deeper input is refused, not recursed into."""
+MAX_INT_DIGITS = 30
+"""Digits of the longest integer a workbench file holds (a run id's count, a seed); longer ones are refused."""
+
+
+def parse_json(text: str, *, source: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads`` with the limits a file from a user or a remote page needs.
+
+    Refused with a :class:`WorkbenchError` naming ``source``: invalid JSON (with line and
+    column), ``NaN``/``Infinity`` (not JSON), integers of more than :data:`MAX_INT_DIGITS`
+    digits (Python would spend quadratic time on them, or raise past 4,300), and nesting
+    deeper than ``max_depth`` (Python's parser would raise ``RecursionError``).
+    """
+    try:
+        data = json.loads(text, parse_int=_bounded_int, parse_constant=_no_constant)
+    except json.JSONDecodeError as exc:
+        raise WorkbenchError(f"{source}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    except _Refused as exc:
+        raise WorkbenchError(f"{source}: {exc}") from None
+    except RecursionError:
+        raise WorkbenchError(f"{source}: JSON nested deeper than {max_depth} levels") from None
+    if _depth(data) > max_depth:
+        raise WorkbenchError(f"{source}: JSON nested deeper than {max_depth} levels")
+    return data
+
+
+class _Refused(ValueError):
+    pass
+
+
+def _bounded_int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_INT_DIGITS:
+        raise _Refused(f"an integer of {digits} digits (at most {MAX_INT_DIGITS} are accepted)")
+    return int(text)
+
+
+def _no_constant(name: str) -> float:
+    raise _Refused(f"{name} is not a JSON number")
+
+
+def _depth(data: Any) -> int:
+    """Nesting depth, without recursion (so a deep value cannot exhaust the stack here either)."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict | list):
+            deepest = max(deepest, depth)
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return deepest

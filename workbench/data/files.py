@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.core.errors import WorkbenchError
-from workbench.core.files import atomic_write
+from workbench.core.files import atomic_write, parse_json
 from workbench.data.facts import Fact
 
 _JSON_SUFFIXES = (".jsonl", ".json")
@@ -151,6 +151,8 @@ def _json_rows(lines: list[tuple[int, str]], label: str) -> list[tuple[int, dict
             if text.strip() in ("[", "{") or text.lstrip().startswith("[{"):
                 hint = " (expected one JSON object per line; JSON arrays and pretty-printed JSON are not supported)"
             raise WorkbenchError(f"{where}: invalid JSON: {e.msg} at column {e.colno}{hint}") from None
+        except (ValueError, RecursionError):  # a 5,000-digit integer, or nesting past the stack
+            obj = parse_json(text, source=where)  # re-parse with limits, for the message
         if not isinstance(obj, dict):
             raise WorkbenchError(f"{where}: expected a JSON object {{...}}, got {type(obj).__name__}")
         rows.append((lineno, obj))
@@ -306,6 +308,12 @@ def _token_ids(tokenizer: Any, text: str, special: bool) -> list[int]:
 def _check_tokens(fact: Fact, is_cloze: bool, where: str, tokenizer: Any, max_context: int | None) -> None:
     if is_cloze:
         ids = _token_ids(tokenizer, " " + fact.answer, False)
+        unk = getattr(tokenizer, "unk_token_id", None)
+        if unk is not None and unk in ids:
+            raise WorkbenchError(
+                f"{where}: the answer {fact.answer!r} is not in the tokenizer's vocabulary (it encodes to "
+                f"{tokenizer.unk_token!r}); the model cannot be scored on it"
+            )
         if len(ids) != 1:
             pieces = tokenizer.convert_ids_to_tokens(ids) if hasattr(tokenizer, "convert_ids_to_tokens") else ids
             raise WorkbenchError(

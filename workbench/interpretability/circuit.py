@@ -44,7 +44,7 @@ import networkx as nx
 
 from workbench.core.components import LOGITS, Component, ComponentKind, EdgeInput
 from workbench.core.errors import WorkbenchError
-from workbench.core.files import atomic_write
+from workbench.core.files import atomic_write, parse_json
 from workbench.interpretability.attribution import Attribution
 from workbench.models.loaded import LoadedModel
 
@@ -556,12 +556,7 @@ class Circuit:
             raise WorkbenchError(f"{path}: no such circuit file") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise WorkbenchError(f"{path}: cannot read the circuit file ({exc})") from exc
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise WorkbenchError(
-                f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
-            ) from None
+        data = parse_json(text, source=str(path))
         return cls.from_dict(data, source=str(path), model=model)
 
     def to_graphml_graph(self) -> nx.MultiDiGraph:

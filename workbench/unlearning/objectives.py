@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from workbench.core.errors import WorkbenchError
+from workbench.core.checks import Range, check_config
 from workbench.models.scoring import FactBatch, answer_logits
 
 
@@ -32,10 +32,8 @@ class BaselineConfig:
     gamma: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.alpha < 0:
-            raise WorkbenchError(f"alpha must be >= 0, got {self.alpha}")
-        if not self.beta > 0:
-            raise WorkbenchError(f"beta must be > 0, got {self.beta}")
+        check_config(self, {"alpha": Range(0, 10**6), "beta": Range(0, 10**6, low_open=True),
+                            "gamma": Range(-(10**6), 10**6)})
 
 
 class ForgetRetainObjective:

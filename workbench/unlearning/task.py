@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from workbench.core.checks import Range, check_config
 from workbench.core.components import Component
 from workbench.core.errors import WorkbenchError
 from workbench.core.progress import Progress
@@ -39,12 +40,8 @@ class StopRule:
     eval_every: int = 1
 
     def __post_init__(self) -> None:
-        if self.max_steps < 1:
-            raise WorkbenchError(f"max_steps must be >= 1, got {self.max_steps}")
-        if self.forget_target is not None and not 0.0 <= self.forget_target <= 1.0:
-            raise WorkbenchError(f"forget_target must be in [0, 1], got {self.forget_target}")
-        if self.eval_every < 1:
-            raise WorkbenchError(f"eval_every must be >= 1, got {self.eval_every}")
+        check_config(self, {"max_steps": Range(1, 100_000, integer=True), "forget_target": Range(0, 1, optional=True),
+                            "eval_every": Range(1, 100_000, integer=True)})
 
 
 @dataclass(frozen=True)
@@ -66,10 +63,8 @@ class OptimConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not self.lr > 0:
-            raise WorkbenchError(f"lr must be > 0, got {self.lr}")
-        if self.forget_batch < 1 or self.retain_batch < 1:
-            raise WorkbenchError("batch sizes must be >= 1")
+        check_config(self, {"lr": Range(0, 1, low_open=True), "forget_batch": Range(1, 10**6, integer=True),
+                            "retain_batch": Range(1, 10**6, integer=True), "seed": Range(0, 2**63 - 1, integer=True)})
         if self.trainable not in ("quantized", "all"):
             raise WorkbenchError(f"trainable must be 'quantized' or 'all', got {self.trainable!r}")
 

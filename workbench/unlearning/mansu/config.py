@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+from workbench.core.checks import Range, check_config
 from workbench.core.errors import WorkbenchError
 
 ForgetDirection = Literal["average", "full_precision", "quantized"]
@@ -15,6 +16,28 @@ CodeChoice = Literal["fixed", "best"]
 """Move every weight ``code_steps`` codes, or each by the 1..``max_code_steps`` codes that gain most per cost."""
 GuardPrecision = Literal["full_precision", "both"]
 """The retain guard watches full-precision retain, or the larger of the fp and quantized drops."""
+
+
+# The numeric settings' ranges; the upper bounds keep a typo from running for days.
+_RANGES = {
+    "params_per_round": Range(1, 10**8, integer=True, optional=True),
+    "round_fraction": Range(0, 1, low_open=True),
+    "retain_guard": Range(0, 1, optional=True),
+    "max_rounds": Range(1, 10_000, integer=True),
+    "forget_target": Range(0, 1),
+    "null_threshold": Range(0, 1, low_open=True),
+    "min_null_fraction": Range(0, 1),
+    "fisher_budget": Range(0, 10**6, low_open=True, optional=True),
+    "fisher_samples": Range(1, 100_000, integer=True),
+    "fisher_damping": Range(0, 10**6),
+    "max_round_growth": Range(1, 1000),
+    "guard_patience": Range(1, 10_000, integer=True),
+    "code_steps": Range(1, 255, integer=True),
+    "no_floor_step": Range(0, 10, low_open=True),
+    "retain_batch": Range(1, 100_000, integer=True),
+    "snap_fraction": Range(0, 1.5, low_open=True),
+    "max_code_steps": Range(1, 255, integer=True),
+}
 
 
 @dataclass(frozen=True)
@@ -101,35 +124,14 @@ class MansuConfig:
     guard_precision: GuardPrecision = "full_precision"
 
     def __post_init__(self) -> None:
-        if (self.params_per_round is not None and self.params_per_round < 1) or self.max_rounds < 1:
-            raise WorkbenchError("params_per_round and max_rounds must be >= 1")
-        if not 0.0 < self.round_fraction <= 1.0:
-            raise WorkbenchError(f"round_fraction must be in (0, 1], got {self.round_fraction}")
-        if not 0.0 <= self.forget_target <= 1.0:
-            raise WorkbenchError(f"forget_target must be in [0, 1], got {self.forget_target}")
-        if not 0.0 < self.null_threshold < 1.0:
-            raise WorkbenchError(f"null_threshold must be in (0, 1), got {self.null_threshold}")
-        if not 0.0 <= self.min_null_fraction <= 1.0:
-            raise WorkbenchError(f"min_null_fraction must be in [0, 1], got {self.min_null_fraction}")
-        if self.fisher_budget is not None and not self.fisher_budget > 0:
-            raise WorkbenchError(f"fisher_budget must be > 0 or None, got {self.fisher_budget}")
-        if self.code_steps < 1:
-            raise WorkbenchError(f"code_steps must be >= 1, got {self.code_steps}")
-        if self.fisher_samples < 1:
-            raise WorkbenchError("fisher_samples must be >= 1")
-        if self.guard_patience < 1:
-            raise WorkbenchError(f"guard_patience must be >= 1, got {self.guard_patience}")
-        if self.max_round_growth < 1.0:
-            raise WorkbenchError(f"max_round_growth must be >= 1, got {self.max_round_growth}")
+        check_config(self, _RANGES)
+        if self.null_threshold >= 1.0:
+            raise WorkbenchError(f"MansuConfig.null_threshold must be below 1, got {self.null_threshold}")
         for field, allowed in (("forget_direction", ForgetDirection), ("floor_mode", FloorMode),
                                ("code_choice", CodeChoice), ("guard_precision", GuardPrecision)):
             if getattr(self, field) not in get_args(allowed):
                 raise WorkbenchError(f"{field} must be one of {', '.join(get_args(allowed))}, "
                                      f"got {getattr(self, field)!r}")
-        if not 0.0 < self.snap_fraction <= 1.5:
-            raise WorkbenchError(f"snap_fraction must be in (0, 1.5] bins, got {self.snap_fraction}")
-        if self.max_code_steps < 1:
-            raise WorkbenchError(f"max_code_steps must be >= 1, got {self.max_code_steps}")
 
     @property
     def steps_on_grid(self) -> bool:

@@ -122,7 +122,9 @@ def run_round(state: MansuState, task: UnlearningTask, config: MansuConfig,
     if config.steps_on_grid:
         verify_codes(state, done, task.quant)
     if done.chosen == 0:
-        return ("fisher budget" if config.use_fisher and config.fisher_budget is not None else "no candidates"), None
+        # Nothing moved: because no move fit the Fisher budget, or because there was none to make
+        # (every candidate used, blocked, or unable to change its code).
+        return ("fisher budget" if done.over_budget else "no candidates"), None
     apply_round(state, done, task.quant)
     tick = state.lap("quantizer", tick)
     drop = retain_drop(state, config)

@@ -29,6 +29,7 @@ class Round:
     previous: dict[str, list[float]] = field(default_factory=dict)
     chosen: int = 0
     fisher_cost: float = 0.0
+    over_budget: int = 0  # moves skipped because they did not fit the Fisher budget
 
 
 def take_moves(state: MansuState, moves: list[Move], config: MansuConfig) -> Round:
@@ -43,6 +44,7 @@ def take_moves(state: MansuState, moves: list[Move], config: MansuConfig) -> Rou
         if config.use_fisher:
             cost = 0.5 * float(state.fisher[n].view(-1)[i]) * (move.delta**2 - old**2)
             if config.fisher_budget is not None and state.bound + cost > config.fisher_budget:
+                done.over_budget += 1
                 continue
             state.bound += cost
             done.fisher_cost += cost

@@ -133,6 +133,10 @@ def round_sizes(n_candidates: int, config: MansuConfig) -> tuple[int, int]:
 def setup_state(model: LoadedModel, batches: Batches, circuit: tuple[Component, ...] | None, quant: QuantConfig,
                 config: MansuConfig, report: Progress) -> MansuState:
     """Candidates, grids, projectors, Fisher, the two working models and the guard's baseline."""
+    steps = config.code_steps if config.code_choice == "fixed" else config.max_code_steps
+    if config.steps_on_grid and steps >= quant.n_codes:
+        raise WorkbenchError(f"code_steps {steps} moves past every code of the {quant.n_codes}-code {quant.label} "
+                             f"quantizer; use at most {quant.n_codes - 1}")
     masks = candidate_masks(model, circuit, quant, config)
     names = sorted(masks)
     work = _frozen_copy(model.hf)

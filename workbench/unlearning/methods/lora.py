@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from workbench.core.checks import Range, check_config
 from workbench.core.errors import WorkbenchError
 from workbench.models.loaded import LoadedModel
 from workbench.models.update import Update
@@ -50,10 +51,11 @@ class LoraConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise WorkbenchError(f"LoRA rank must be >= 1, got {self.rank}")
-        if not self.alpha > 0 or not self.lr_scale > 0:
-            raise WorkbenchError("LoRA alpha and lr_scale must be > 0")
+        check_config(self, {"rank": Range(1, 1024, integer=True), "alpha": Range(0, 10**6, low_open=True),
+                            "lr_scale": Range(0, 10**4, low_open=True), "seed": Range(0, 2**63 - 1, integer=True)})
+        if self.objective not in GRADIENT_OBJECTIVES:
+            raise WorkbenchError(f"LoraConfig.objective must be one of {', '.join(GRADIENT_OBJECTIVES)}, "
+                                 f"got {self.objective!r}")
 
 
 def adapted_copy(model: LoadedModel, config: LoraConfig = LoraConfig()) -> torch.nn.Module:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from workbench.core.checks import Range, check_config
 from workbench.core.errors import WorkbenchError
 from workbench.models.loaded import LoadedModel
 from workbench.models.scoring import FactBatch, answer_logits
@@ -55,10 +56,8 @@ class QuailConfig:
     margin_scale: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.alpha < 0 or self.hinge_weight < 0:
-            raise WorkbenchError("alpha and hinge_weight must be >= 0")
-        if not self.margin_scale > 0:
-            raise WorkbenchError(f"margin_scale must be > 0, got {self.margin_scale}")
+        check_config(self, {"alpha": Range(0, 10**6), "hinge_weight": Range(0, 10**6),
+                            "margin_scale": Range(0, 10**6, low_open=True)})
 
 
 def final_hidden(module: torch.nn.Module, batch: FactBatch) -> torch.Tensor:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from workbench.core.checks import Range, check_config
 from workbench.core.errors import WorkbenchError
 from workbench.models.loaded import LoadedModel
 from workbench.models.scoring import FactBatch
@@ -57,12 +58,9 @@ class RmuConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.layer is not None and self.layer < 0:
-            raise WorkbenchError(f"RMU layer must be >= 0, got {self.layer}")
-        if not self.steering_scale > 0:
-            raise WorkbenchError(f"steering_scale must be > 0, got {self.steering_scale}")
-        if self.alpha < 0:
-            raise WorkbenchError(f"alpha must be >= 0, got {self.alpha}")
+        check_config(self, {"layer": Range(0, 10_000, integer=True, optional=True),
+                            "steering_scale": Range(0, 10**6, low_open=True), "alpha": Range(0, 10**6),
+                            "seed": Range(0, 2**63 - 1, integer=True)})
 
 
 def rmu_layer(model: LoadedModel, config: RmuConfig) -> int:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from workbench.core.checks import Range, check_config
 from workbench.core.errors import WorkbenchError
 from workbench.models.loaded import LoadedModel
 from workbench.models.scoring import answer_logits
@@ -50,10 +51,10 @@ class SureConfig:
     objective: str = "graddiff"
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.row_fraction <= 1.0:
-            raise WorkbenchError(f"row_fraction must be in (0, 1], got {self.row_fraction}")
-        if not self.lr_scale > 0:
-            raise WorkbenchError(f"lr_scale must be > 0, got {self.lr_scale}")
+        check_config(self, {"row_fraction": Range(0, 1, low_open=True), "lr_scale": Range(0, 10**4, low_open=True)})
+        if self.objective not in GRADIENT_OBJECTIVES:
+            raise WorkbenchError(f"SureConfig.objective must be one of {', '.join(GRADIENT_OBJECTIVES)}, "
+                                 f"got {self.objective!r}")
 
 
 def row_saliency(model: LoadedModel, batches: Batches, names: list[str]) -> dict[str, torch.Tensor]:
