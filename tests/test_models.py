@@ -102,7 +102,7 @@ def test_facts_tiny_build_is_bit_identical_across_builds_and_thread_counts(fresh
     info = build_info("facts-tiny")
     assert info["torch_threads"] == BUILD_THREADS and info["train_top1"] >= 0.98
     # only the finished directory is left in the cache, no temporary build directory
-    assert sorted(p.name for p in (fresh_cache / "models").iterdir()) == [builtin_dir("facts-tiny").name]
+    assert _entries(fresh_cache / "models") == [builtin_dir("facts-tiny").name]
 
 
 def test_retrain_oracle_never_saw_the_forget_domain(facts_tiny):
@@ -140,7 +140,7 @@ def test_interrupted_build_leaves_no_complete_directory(fresh_cache, monkeypatch
     target = builtin_dir("facts-tiny")
     assert not (target / "BUILD_COMPLETE").exists()
     assert not target.exists()
-    leftovers = list((fresh_cache / "models").iterdir())
+    leftovers = _entries(fresh_cache / "models")
     assert leftovers == [], leftovers  # the temporary directory is gone too
     assert next(m for m in list_models() if m["name"] == "facts-tiny")["cached"] is False
 
@@ -166,7 +166,7 @@ def test_interrupted_forced_rebuild_keeps_the_previous_build(fresh_cache, monkey
         build_model("facts-tiny", force=True)
     assert (builtin_dir("facts-tiny") / "BUILD_COMPLETE").exists()
     assert _sha256(path / "model.safetensors") == before
-    assert [p.name for p in (fresh_cache / "models").iterdir()] == [path.name]
+    assert _entries(fresh_cache / "models") == [path.name]
     # and without force the complete build is reused, not rebuilt (boom is never called)
     assert build_model("facts-tiny") == path
 
@@ -216,3 +216,37 @@ def test_explicit_device_map_loads_a_placed_model_that_computes_the_same(tmp_pat
     offload = {**device_map, "model.layers.1": "disk"}
     with pytest.raises(WorkbenchError, match="offloads .* parameters"):
         load_model(tmp_path / "m", device_map=offload)
+
+
+def _entries(directory) -> list[str]:
+    """What a directory holds besides the builders' lock files (which stay, empty, by design)."""
+    return sorted(p.name for p in directory.iterdir() if not p.name.endswith(".lock"))
+
+
+def test_concurrent_builds_of_one_model_build_it_once(fresh_cache, monkeypatch):
+    """Two builders of one model at once: the second waits for the first's lock, then reuses
+    its complete build instead of training again and replacing the directory."""
+    import threading
+    import time
+
+    import workbench.models.builtins as builtins
+    from workbench.models.builtins import build_model
+
+    calls = []
+
+    def slow_fake(preset, out, progress):
+        calls.append(threading.current_thread().name)
+        time.sleep(0.5)  # long enough for the other thread to reach the lock
+        (out / "model.safetensors").write_bytes(b"weights")
+        return {"kind": "facts"}
+
+    monkeypatch.setattr(builtins, "build_facts_model", slow_fake)
+    paths = []
+    threads = [threading.Thread(target=lambda: paths.append(build_model("facts-tiny")), name=f"b{i}") for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1, f"trained {len(calls)} times"
+    assert len(paths) == 2 and paths[0] == paths[1] and (paths[0] / "BUILD_COMPLETE").exists()
+    assert _entries(fresh_cache / "models") == [paths[0].name]

