@@ -127,7 +127,7 @@ def test_cli_probe(capsys, facts_tiny, split, tmp_path):
     assert data["relearning"]["steps"] == 3
     assert set(data["membership"]) >= {"fp", "quantized"}
     assert data["paraphrase"]["forget_paraphrase"]["after_fp"] == pytest.approx(
-        run.metrics["paraphrase"]["forget_paraphrase"]["after_fp"])
+        run.metrics.paraphrase.forget.after_fp)
     code = main(["probe", run.id, "--root", str(tmp_path), "--relearn-steps", "2"])
     out, _ = capsys.readouterr()
     assert code == 0 and "PrivLeak %" in out and "recovery" in out

@@ -371,7 +371,7 @@ def bench_unlearning(model: LoadedModel, *, steps: int = 5) -> dict[str, Any]:
     t_gd, m_gd, graddiff = _timed(lambda: unlearn(
         model, split, method="graddiff", quant=quant, progress=silent,
         optim=OptimConfig(lr=default_lr(model)), stop=StopRule(max_steps=steps, forget_target=None)))
-    phases = dict(mansu.diagnostics["seconds_by_phase"])
+    phases = dict(mansu.seconds_by_phase)
     # Equal step counts are not equal work done: to the same forget target (the shared
     # stopping rule of every comparison) MANSU needs fewer rounds than GradDiff needs steps.
     t_mansu_target, _, mansu_target = _timed(lambda: unlearn(

@@ -35,6 +35,7 @@ from workbench.interpretability.circuit import Circuit
 from workbench.interpretability.faithfulness import faithfulness
 from workbench.measurement.evaluation import evaluate_split
 from workbench.measurement.metrics import Thresholds, report_card_rows, summary_lines
+from workbench.measurement.results import RunMetrics
 from workbench.models.builtin_splits import builtin_split
 from workbench.models.builtins import DEFAULT_MODEL, build_info, build_model, list_models
 from workbench.models.loading import load_model
@@ -249,21 +250,17 @@ def cmd_circuit_faithfulness(args: argparse.Namespace) -> int:
     return 0
 
 
-def report_card_text(metrics: dict[str, Any]) -> str:
+def report_card_text(metrics: RunMetrics) -> str:
     """The four properties as a small table."""
 
     return text_table(report_card_rows(metrics))
 
 
-def metrics_summary_text(metrics: dict[str, Any]) -> str:
+def metrics_summary_text(metrics: RunMetrics) -> str:
 
-    f, r = metrics["forget"], metrics["retain"]
-    rows = [
-        {"set": "forget", "base fp": f["base_fp"], "base Q": f["base_q"], "after fp": f["after_fp"],
-         "Q(w)+Δ": f["after_qbase_delta"], "after Q": f["after_q"]},
-        {"set": "retain", "base fp": r["base_fp"], "base Q": r["base_q"], "after fp": r["after_fp"],
-         "Q(w)+Δ": r["after_qbase_delta"], "after Q": r["after_q"]},
-    ]
+    rows = [{"set": name, "base fp": acc.base_fp, "base Q": acc.base_q, "after fp": acc.after_fp,
+             "Q(w)+Δ": acc.after_qbase_delta, "after Q": acc.after_q}
+            for name, acc in (("forget", metrics.forget), ("retain", metrics.retain))]
     return "\n".join([text_table(rows), *summary_lines(metrics)])
 
 
@@ -314,8 +311,8 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
         )
     finally:
         bar.close()
-    print(f"{metrics['method']} on {model.name} ({split.name}): {result.steps} steps, stopped by {result.stopped}, "
-          f"{metrics['seconds']:.1f} s")
+    print(f"{metrics.method} on {model.name} ({split.name}): {result.steps} steps, stopped by {result.stopped}, "
+          f"{metrics.seconds:.1f} s")
     print(metrics_summary_text(metrics))
     print(report_card_text(metrics))
     if run is not None:
@@ -328,11 +325,9 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
     rows = []
     for run in list_runs(root=args.root):
         m = run.metrics
-        props = m.get("properties", {})
-        rows.append({"run": run.id, "method": m.get("method"), "model": m.get("model"),
-                     "forget fp": m.get("forget", {}).get("after_fp"), "forget Q": m.get("forget", {}).get("after_q"),
-                     "ptq gap": m.get("ptq_gap"),
-                     "passes": sum(1 for p in props.values() if p.get("pass")), "seconds": m.get("seconds")})
+        rows.append({"run": run.id, "method": m.method, "model": m.model, "forget fp": m.forget.after_fp,
+                     "forget Q": m.forget.after_q, "ptq gap": m.ptq_gap, "passes": m.properties.passes(),
+                     "seconds": m.seconds})
     print(text_table(rows) if rows else "no runs yet")
     return 0
 
@@ -341,11 +336,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     run = load_run(args.run, root=args.root)
     if args.json:
-        print(json.dumps(run.metrics, indent=2))
+        print(json.dumps(run.metrics.to_json(), indent=2))
         return 0
     m = run.metrics
     size = (run.path / "update.safetensors").stat().st_size
-    print(f"run {run.id}: {m['method']} on {m['model']} ({m.get('split')}), {m['seconds']:.1f} s, update file {size:,} bytes")
+    print(f"run {run.id}: {m.method} on {m.model} ({m.split}), {m.seconds:.1f} s, update file {size:,} bytes")
     print(metrics_summary_text(m))
     print(report_card_text(m))
     return 0
@@ -442,7 +437,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     run = load_run(args.run, root=args.root)
     split = None
     if args.forget or args.retain:
-        split = load_split(load_model(run.metrics["model"]), args)
+        split = load_split(load_model(run.metrics.model), args)
     bar = _Bar(f"probes of {run.id}")
     try:
         result = probe_run(run, relearn_steps=args.relearn_steps, relearn_lr=args.relearn_lr, split=split, progress=bar)
