@@ -160,3 +160,20 @@ def test_default_root_is_workbench_runs(tmp_path, monkeypatch):
     run = save_run(config=CONFIG, metrics=METRICS, update=_update(), run_id="r1")
     assert run.path == tmp_path / "elsewhere" / "r1"
     assert [r.id for r in list_runs()] == ["r1"]
+
+
+def test_resolve_run_takes_an_id_or_a_directory(tmp_path, monkeypatch):
+    from workbench.experiments.store import resolve_run
+
+    a = _save(tmp_path / "a", run_id="one")
+    b = _save(tmp_path / "b", run_id="two")
+    assert resolve_run("one", root=tmp_path / "a").path == a.path
+    assert resolve_run(str(b.path), root=tmp_path / "a").path == b.path  # a directory, from another root
+    monkeypatch.chdir(tmp_path)
+    assert resolve_run(os.path.join("b", "two"), root=tmp_path / "a").id == "two"  # relative to the working directory
+    assert resolve_run(b.path / ".." / "two").path == b.path
+    with pytest.raises(WorkbenchError, match=r"no run 'two' in .*a, and no run directory at .*two"):
+        resolve_run("two", root=tmp_path / "a")
+    (tmp_path / "not-a-run").mkdir()
+    with pytest.raises(WorkbenchError, match="incomplete"):
+        resolve_run(str(tmp_path / "not-a-run"), root=tmp_path / "a")

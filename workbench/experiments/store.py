@@ -143,6 +143,21 @@ def load_run(run_id: str, *, root: str | os.PathLike[str] | None = None) -> Run:
                history=history)
 
 
+def resolve_run(ref: str | os.PathLike[str], *, root: str | os.PathLike[str] | None = None) -> Run:
+    """A saved run named by its id (looked up in ``root``) or by its directory (the path
+    ``unlearn`` and :func:`save_run` report), so runs from different roots can be opened together.
+
+    An id is tried first; a directory is read from its own parent. Neither is a clear error."""
+    text = os.fspath(ref)
+    base = _root(root)
+    if _ID_RE.match(text) and ".." not in text and (base / text).is_dir():
+        return load_run(text, root=base)
+    path = Path(text).expanduser().resolve()
+    if path.is_dir():
+        return load_run(path.name, root=path.parent)
+    raise WorkbenchError(f"no run {text!r} in {base}, and no run directory at {path}")
+
+
 def list_runs(*, root: str | os.PathLike[str] | None = None) -> list[Run]:
     """Complete runs, newest first (temporary and incomplete directories are skipped)."""
     base = _root(root)

@@ -38,7 +38,7 @@ from workbench.core.errors import WorkbenchError
 from workbench.core.progress import silent
 from workbench.data.facts import FactSplit
 from workbench.experiments.flow import attribute_forget_set, default_circuit, model_and_split_for_run, run_unlearning
-from workbench.experiments.store import Run, load_run
+from workbench.experiments.store import Run, resolve_run
 from workbench.faces.tables import csv_table, html_table, markdown_table
 from workbench.interpretability.circuit import Circuit
 from workbench.measurement.evaluation import evaluate_facts
@@ -58,13 +58,14 @@ BIN_CROSSING_RATIO = 0.5
 PROPERTY_COLUMNS = {"forgetting": "forgetting", "retain": "retain kept", "ptq": "PTQ gap ok", "structural": "structural"}
 
 
-def load_runs(run_ids: Iterable[str], *, root: str | None = None) -> list[Run]:
-    """Saved runs by id, in the order given (unknown ids raise :class:`WorkbenchError`)."""
+def load_runs(refs: Iterable[str], *, root: str | None = None) -> list[Run]:
+    """Saved runs by id (in ``root``) or by directory, in the order given (an unknown run
+    raises :class:`WorkbenchError`)."""
 
-    ids = list(run_ids)
-    if not ids:
-        raise WorkbenchError("no run ids given to compare")
-    return [load_run(i, root=root) for i in ids]
+    refs = list(refs)
+    if not refs:
+        raise WorkbenchError("no runs given to compare")
+    return [resolve_run(ref, root=root) for ref in refs]
 
 
 def run_labels(runs: Sequence[Run]) -> list[str]:
