@@ -199,32 +199,35 @@ def _cli(capsys, *argv: str) -> tuple[int, str, str]:
 def test_cli_compare_stdout_and_files(capsys, runs, tmp_path):
     runs, root = runs
     ids = [r.id for r in runs]
-    code, out, err = _cli(capsys, "compare", *ids, "--root", str(root))
+    code, out, err = _cli(capsys, "compare", *ids, "--runs-root", str(root))
     assert code == 0, err
     assert out.startswith("| method | run |") and all(i in out for i in ids)
     for ext in ("md", "csv", "html"):
         target = tmp_path / f"cmp.{ext}"
-        code, out, err = _cli(capsys, "compare", *ids, "--root", str(root), "--out", str(target))
+        code, out, err = _cli(capsys, "compare", *ids, "--runs-root", str(root), "--out", str(target))
         assert code == 0, err
         assert str(target) in out and target.exists()
-    code, _, err = _cli(capsys, "compare", *ids, "--root", str(root), "--out", str(tmp_path / "cmp.xlsx"))
-    assert code == 2 and "unsupported output extension '.xlsx'" in err
-    code, _, err = _cli(capsys, "compare", "no-such-run", "--root", str(root))
-    assert code == 2 and "no run 'no-such-run'" in err
+    code, _, err = _cli(capsys, "compare", *ids, "--runs-root", str(root), "--out", str(tmp_path / "cmp.xlsx"))
+    assert code == 1 and "unsupported output extension '.xlsx'" in err
+    code, _, err = _cli(capsys, "compare", "no-such-run", "--runs-root", str(root))
+    assert code == 1 and "no run 'no-such-run'" in err
 
 
 def test_cli_paper_table(capsys, facts_tiny, tmp_path):
     out_file = tmp_path / "paper.csv"
     code, out, err = _cli(capsys, "paper-table", "--model", "facts-tiny", "--methods", "graddiff,lora",
                           "--max-steps", "2", "--no-cad", "--no-oracle", "--runs-root", str(tmp_path / "r"),
-                          "--out", str(out_file))
+                          "--out", str(out_file), "--json")
     assert code == 0, err
     rows = list(csv.DictReader(io.StringIO(out_file.read_text())))
     assert [r["method"] for r in rows] == ["graddiff", "lora"]
     assert len(list_runs(root=tmp_path / "r")) == 2
+    printed = json.loads(out)  # --json: the table's rows, the runs and the file written, nothing else
+    assert [r["method"] for r in printed["rows"]] == ["graddiff", "lora"] and printed["out"] == str(out_file)
+    assert {r["id"] for r in printed["runs"]} == {r.id for r in list_runs(root=tmp_path / "r")}
     code, _, err = _cli(capsys, "paper-table", "--model", "facts-tiny", "--methods", "graddiff,bogus",
                         "--runs-root", str(tmp_path / "r2"))
-    assert code == 2 and "unknown method(s) bogus" in err
+    assert code == 1 and "unknown method(s) bogus" in err
     assert not (tmp_path / "r2").exists() or list_runs(root=tmp_path / "r2") == []
 
 
@@ -237,15 +240,22 @@ def test_cli_ablate(capsys, facts_tiny, tmp_path):
     assert "| mansu |" in table and "| mansu-no_projection |" in table
     assert "mansu-no_projection: " in out  # the findings line under the table
     assert len(list_runs(root=tmp_path / "r")) == 2
+    code, out, err = _cli(capsys, "ablate", "--model", "facts-tiny", "--ablations", "projection", "--max-rounds", "1",
+                          "--no-cad", "--no-oracle", "--runs-root", str(tmp_path / "r"), "--json")
+    assert code == 0, err
+    printed = json.loads(out)
+    assert [r["method"] for r in printed["rows"]] == ["mansu", "mansu-no_projection"] and printed["out"] is None
+    assert len(printed["findings"]) == 1 and printed["findings"][0].startswith("mansu-no_projection: ")
+    assert len(list_runs(root=tmp_path / "r")) == 4
     code, _, err = _cli(capsys, "ablate", "--model", "facts-tiny", "--ablations", "floor,dropout",
                         "--runs-root", str(tmp_path / "r2"))
-    assert code == 2 and "choose from circuit, projection, fisher, floor" in err
+    assert code == 1 and "choose from circuit, projection, fisher, floor" in err
     assert not (tmp_path / "r2").exists() or list_runs(root=tmp_path / "r2") == []
 
 
 def test_cli_unlearn_accepts_the_new_methods(capsys, facts_tiny, tmp_path):
     code, out, err = _cli(capsys, "unlearn", "--model", "facts-tiny", "--method", "rmu", "--max-steps", "2",
-                          "--out", str(tmp_path), "--no-oracle")
+                          "--runs-root", str(tmp_path), "--no-oracle")
     assert code == 0, err
     (run,) = list_runs(root=tmp_path)
     assert run.metrics.method == "rmu" and json.loads((run.path / "metrics.json").read_text())["steps"] <= 2

@@ -167,7 +167,7 @@ def _cli(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def _assert_error(code: int, err: str, needle: str) -> None:
-    assert code == 2
+    assert code == 1
     assert err.strip().splitlines()[-1].startswith("error: "), err
     assert needle in err
 
@@ -175,7 +175,7 @@ def _assert_error(code: int, err: str, needle: str) -> None:
 def test_cli_unlearn_runs_list_and_report(capsys, facts_tiny, tmp_path):
     out_dir = tmp_path / "cli-runs"
     code, out, err = _cli(capsys, "unlearn", "--model", "facts-tiny", "--method", "mansu", "--max-rounds", "2",
-                          "--params-per-round", "8", "--out", str(out_dir), "--no-oracle")
+                          "--params-per-round", "8", "--runs-root", str(out_dir), "--no-oracle")
     assert code == 0, err
     for needle in ("mansu on facts-tiny", "PTQ gap", "forgetting", "retain preserved", "PTQ gap ≤ threshold",
                    "structural erasure", "run saved:"):
@@ -186,32 +186,34 @@ def test_cli_unlearn_runs_list_and_report(capsys, facts_tiny, tmp_path):
     assert run.metrics.steps <= 2 and run.metrics.params_changed <= 16
     assert run.circuit_path is not None  # no --circuit: the forget set was attributed
 
-    code, out, _ = _cli(capsys, "runs", "list", "--root", str(out_dir))
+    code, out, _ = _cli(capsys, "runs", "list", "--runs-root", str(out_dir))
     assert code == 0 and run.id in out
 
-    code, out, _ = _cli(capsys, "report", run.id, "--root", str(out_dir), "--json")
+    code, out, _ = _cli(capsys, "report", run.id, "--runs-root", str(out_dir), "--json")
     assert code == 0
     assert json.loads(out) == json.loads((run.path / "metrics.json").read_text())
 
-    code, out, _ = _cli(capsys, "report", run.id, "--root", str(out_dir))
+    code, out, _ = _cli(capsys, "report", run.id, "--runs-root", str(out_dir))
     assert code == 0 and f"run {run.id}: mansu on facts-tiny" in out and "structural" in out
 
 
 def test_cli_runs_list_empty(capsys, tmp_path):
-    code, out, _ = _cli(capsys, "runs", "list", "--root", str(tmp_path))
+    code, out, _ = _cli(capsys, "runs", "list", "--runs-root", str(tmp_path))
     assert code == 0 and "no runs yet" in out
 
 
-def test_cli_bad_inputs_exit_2(capsys, facts_tiny, tmp_path):
-    code, _, err = _cli(capsys, "report", "no-such-run", "--root", str(tmp_path))
+def test_cli_bad_inputs_exit_1(capsys, facts_tiny, tmp_path):
+    code, _, err = _cli(capsys, "report", "no-such-run", "--runs-root", str(tmp_path))
     _assert_error(code, err, "no run 'no-such-run'")
-    code, _, err = _cli(capsys, "report", "../escape", "--root", str(tmp_path))
-    _assert_error(code, err, "invalid run id")
+    # not an id: read as a directory, which does not exist
+    code, _, err = _cli(capsys, "report", "../escape", "--runs-root", str(tmp_path))
+    _assert_error(code, err, "no run '../escape'")
+    assert "no run directory at" in err
     missing = tmp_path / "missing-circuit.json"
     code, _, err = _cli(capsys, "unlearn", "--model", "facts-tiny", "--circuit", str(missing),
-                        "--out", str(tmp_path), "--no-oracle")
+                        "--runs-root", str(tmp_path), "--no-oracle")
     _assert_error(code, err, "no such circuit file")
-    code, _, err = _cli(capsys, "unlearn", "--model", "facts-tiny", "--quant", "none", "--out", str(tmp_path),
+    code, _, err = _cli(capsys, "unlearn", "--model", "facts-tiny", "--quant", "none", "--runs-root", str(tmp_path),
                         "--no-oracle")
     _assert_error(code, err, "needs a quantizer")
     assert list_runs(root=tmp_path) == []

