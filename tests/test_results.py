@@ -135,13 +135,20 @@ def test_other_refusals(metrics_v1_json):
 
 
 def test_mansu_diagnostics_are_typed_and_checked(run_metrics, metrics_v1_json):
+    saved = metrics_v1_json["diagnostics"]
     d = run_metrics.mansu_diagnostics
-    assert isinstance(d, MansuDiagnostics) and d.to_dict() == metrics_v1_json["diagnostics"]
+    assert isinstance(d, MansuDiagnostics) and d.params_per_round == saved["params_per_round"] == 16
+    assert {k: v for k, v in d.to_dict().items() if k in saved} == saved
+    # counters MANSU gained after this run was saved read as what the run did: nothing
+    assert "snapped" not in saved and d.snapped == 0 and d.snap_dropped == 0
     assert replace(run_metrics, method="graddiff", diagnostics={"lr": 0.003}).mansu_diagnostics is None
     assert replace(run_metrics, method="mansu-no_floor").mansu_diagnostics == d
-    older = {k: v for k, v in metrics_v1_json["diagnostics"].items() if k != "rounds_reusing_gradients"}
-    with pytest.raises(WorkbenchError, match="missing rounds_reusing_gradients"):
-        _ = replace(run_metrics, diagnostics=older).mansu_diagnostics
+    assert replace(run_metrics, method="mansu-snap").mansu_diagnostics == d
+    no_modules = {k: v for k, v in saved.items() if k != "n_modules"}
+    with pytest.raises(WorkbenchError, match="missing n_modules"):
+        _ = replace(run_metrics, diagnostics=no_modules).mansu_diagnostics
+    with pytest.raises(WorkbenchError, match="unknown surprise"):
+        _ = replace(run_metrics, diagnostics={**saved, "surprise": 1}).mansu_diagnostics
 
 
 def test_load_run_names_the_run_and_its_file(tmp_path, run_metrics, metrics_v1_json):

@@ -35,6 +35,11 @@ from workbench.unlearning.mansu.state import MansuState, setup_state
 from workbench.unlearning.result import UnlearningResult
 from workbench.unlearning.task import UnlearningTask
 
+ADDED_LATER: dict[str, object] = {"rounds_undone_by_retain_guard": 0, "rounds_blocked_at_smallest_size": 0,
+                                  "rounds_reusing_gradients": 0, "seconds_by_phase": {}, "snapped": 0,
+                                  "snap_dropped": 0}
+"""Diagnostics MANSU gained after its runs were first saved, with their value in an older run."""
+
 
 @dataclass(frozen=True)
 class MansuDiagnostics:
@@ -80,8 +85,10 @@ class MansuDiagnostics:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, object]) -> MansuDiagnostics:
-        """Read back :meth:`to_dict` (a saved run's ``diagnostics``)."""
+        """Read back :meth:`to_dict` (a saved run's ``diagnostics``). Counters added after
+        runs were first saved read as what those runs did: nothing (:data:`ADDED_LATER`)."""
         names = {f.name for f in fields(cls)}
+        data = {**ADDED_LATER, **data}
         missing = sorted(f.name for f in fields(cls) if f.default is MISSING and f.name not in data)
         unknown = sorted(set(data) - names)
         if missing or unknown:
