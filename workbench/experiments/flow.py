@@ -83,14 +83,7 @@ def run_unlearning(
     report = progress or silent
     quant = quant or QuantConfig("nf4")
     start = time.perf_counter()
-    if circuit is None and method == "mansu":
-        report(0.0, "no circuit given: attributing the forget set")
-        circuit = default_circuit(attribute_forget_set(model, split))
-    if circuit is not None and circuit.model_fingerprint != model.fingerprint:
-        raise WorkbenchError(
-            f"the circuit was computed on another model (fingerprint {circuit.model_fingerprint}, "
-            f"this model {model.fingerprint})"
-        )
+    circuit = _circuit_for(model, split, circuit, method, report)
     components = sorted(circuit.selected) if circuit is not None else None
     result = unlearn(model, split, method=method, quant=quant, circuit=components, method_config=method_config,
                      optim=optim, stop=stop, baseline=baseline, progress=scaled(report, 0.0, 0.6),
@@ -115,6 +108,20 @@ def run_unlearning(
                        circuit_json=circuit_json, root=runs_root)
     report(1.0, "done")
     return result, metrics, run
+
+
+def _circuit_for(model: LoadedModel, split: FactSplit, circuit: Circuit | None, method: str,
+                 report: Progress) -> Circuit | None:
+    """The circuit the run uses: the given one (checked against the model), or for MANSU the default one."""
+    if circuit is None and method == "mansu":
+        report(0.0, "no circuit given: attributing the forget set")
+        circuit = default_circuit(attribute_forget_set(model, split))
+    if circuit is not None and circuit.model_fingerprint != model.fingerprint:
+        raise WorkbenchError(
+            f"the circuit was computed on another model (fingerprint {circuit.model_fingerprint}, "
+            f"this model {model.fingerprint})"
+        )
+    return circuit
 
 
 def _run_config(model: LoadedModel, split: FactSplit, *, method: str, quant: QuantConfig,
