@@ -31,7 +31,7 @@ app: install
 	$(PY) app.py $(APP_ARGS)
 
 demo: install
-	$(PY) -m workbench.cli demo
+	$(PY) -m workbench demo
 
 # The suite includes the browser tests (Playwright driving Debian's Chromium) and the gradio_client tests.
 test: install browser-deps

@@ -3,7 +3,9 @@ unless WORKBENCH_CACHE is set (CI reuses the user's cache so smollm2 converts on
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +29,25 @@ def _fresh_base_memo():
     clear_base_memo()
     yield
     clear_base_memo()
+
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture
+def metrics_v1_json():
+    """A ``metrics.json`` as the workbench wrote it before ``schema_version`` (version 1):
+    a real facts-tiny MANSU run with an oracle and CAD, its per-module analysis cut to two
+    modules. A fresh copy per test, so tests may edit it."""
+    return json.loads((DATA / "metrics_v1.json").read_text())
+
+
+@pytest.fixture
+def run_metrics(metrics_v1_json):
+    """:class:`RunMetrics` of :func:`metrics_v1_json`."""
+    from workbench.measurement.results import RunMetrics
+
+    return RunMetrics.from_json(metrics_v1_json, source="tests/data/metrics_v1.json")
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +87,6 @@ def app_server(tmp_path_factory):
     import sys
     import time
     import urllib.request
-    from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     with socket.socket() as sock:

@@ -246,6 +246,7 @@ def test_every_baseline_runs_into_a_saved_run(facts_tiny, split, method, tmp_pat
     assert on_disk["params_changed"] == result.update.nnz()
     assert set(on_disk["properties"]) == {"forgetting", "retain", "ptq", "structural"}
     assert all(math.isfinite(v) for v in f.values())
+    assert on_disk == run.metrics.to_json() and metrics.saved_as(run.id) == run.metrics
     back = run.update()
     assert back.names == result.update.names
 

@@ -92,7 +92,7 @@ def test_cli_bench_quick_writes_every_section(tmp_path, capsys):
     from workbench.faces.cli import main
 
     out = tmp_path / "bench.json"
-    assert main(["bench", "--quick", "--json", str(out)]) == 0
+    assert main(["bench", "--quick", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
     assert report["quick"] is True and report["seconds"] > 0
@@ -101,4 +101,4 @@ def test_cli_bench_quick_writes_every_section(tmp_path, capsys):
     assert report["unlearning"][0]["mansu_update_over_model"] < 0.05  # the MANSU update-size target
     for title in ("tl/ours", "ours/bnb", "MANSU/GD to target", "s in all"):
         assert title in printed
-    assert main(["bench", "speed"]) == 2  # unknown section: a clear error, exit code 2
+    assert main(["bench", "speed"]) == 1  # unknown section: a clear error, exit code 1

@@ -128,14 +128,14 @@ def test_empty_update_has_exactly_zero_cad(facts_tiny, split):
     comps = [head(1, 2), mlp(0)]
     m = measure_update(facts_tiny, split, Update({}), quant=QuantConfig("nf4"), circuit=comps)
     assert facts_tiny.weights_hash() == before
-    assert m["cad"]["fp"] == 0.0
-    assert m["cad"]["quantized"] == 0.0
-    for b, a, d in m["cad"]["fp_detail"]["per_node"].values():
+    assert m.cad.fp == 0.0
+    assert m.cad.quantized == 0.0
+    for b, a, d in m.cad.fp_detail["per_node"].values():
         assert a == b and d == 0.0
-    assert m["cad"]["fp_detail"]["circuit_share_before"] == m["cad"]["fp_detail"]["circuit_share_after"]
-    assert m["properties"]["structural"]["pass"] is False
-    assert m["params_changed"] == 0 and m["codes_changed"] == 0 and m["retain_kl"] == 0.0
-    assert m["forget"]["after_fp"] == m["forget"]["base_fp"] and m["forget"]["after_q"] == m["forget"]["base_q"]
+    assert m.cad.fp_detail["circuit_share_before"] == m.cad.fp_detail["circuit_share_after"]
+    assert m.properties.structural.passed is False
+    assert m.params_changed == 0 and m.codes_changed == 0 and m.retain_kl == 0.0
+    assert m.forget.after_fp == m.forget.base_fp and m.forget.after_q == m.forget.base_q
 
 
 def _output_weights_update(model, component, fill) -> Update:

@@ -1,9 +1,18 @@
-"""The command-line face, driven in-process through ``workbench.cli.main`` on facts-tiny."""
+"""The command-line face, driven in-process through ``workbench.faces.cli.main`` on facts-tiny
+(and as ``python -m workbench`` for the version and the app)."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +26,8 @@ from workbench.models.update import Update
 from workbench.quant import QuantConfig, quantizable_parameters
 
 SETS = ("forget", "retain", "forget_paraphrase", "retain_paraphrase")
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data"
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -44,7 +55,7 @@ def floats(text: str) -> list[float]:
 
 
 def assert_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2
+    assert code == 1  # a refused input; 2 is argparse's malformed command line
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: "), err
     for needle in needles:
@@ -275,7 +286,7 @@ def test_demo_on_facts_tiny(capsys, facts_tiny):
     assert re.search(r"== done in \d+\.\d s", out)
 
 
-# --- bad inputs: exit code 2 and "error: ..." on stderr ---------------------------------
+# --- bad inputs: exit code 1 and "error: ..." on stderr ---------------------------------
 
 
 def test_unknown_model(capsys, tmp_path):
@@ -310,7 +321,7 @@ def test_forget_without_retain(capsys, facts_tiny, split, tmp_path):
     assert_error(code, err, "--forget and --retain")
     code, _, err = run(capsys, "attribute", "--model", "facts-tiny", "--retain", str(path),
                        "--out", str(tmp_path / "c.json"))
-    assert_error(code, err, "--forget and --retain")
+    assert_error(code, err, "attribute reads only the forget set", "--forget")
     assert not (tmp_path / "c.json").exists()
 
 
@@ -341,3 +352,259 @@ def test_local_directory_without_fact_files(capsys, tmp_path):
 def test_unknown_forget_domain(capsys, facts_tiny):
     code, _, err = run(capsys, "eval", "--model", "facts-tiny", "--forget-domain", "volcanoes")
     assert_error(code, err, "volcanoes")
+
+
+# --- conventions: run references, one runs-root flag, --json, exit codes, version, app ------------
+
+
+def _saved_run(model, root, run_id, tmp_path):
+    """A run saved under ``root`` (a real run's metrics, an update that fits ``model``)."""
+    from workbench.experiments.store import save_run
+    from workbench.measurement.results import RunMetrics
+
+    metrics = RunMetrics.from_json(json.loads((DATA / "metrics_v1.json").read_text()), source="metrics_v1.json")
+    _, update_file = _saved_update(model, tmp_path)
+    return save_run(config={"method": metrics.method, "model": model.name}, metrics=metrics,
+                    update=Update.load(update_file), run_id=run_id, root=root)
+
+
+def test_report_and_compare_take_run_directories_from_different_roots(capsys, facts_tiny, tmp_path):
+    a = _saved_run(facts_tiny, tmp_path / "root-a", "run-a", tmp_path)
+    b = _saved_run(facts_tiny, tmp_path / "root-b", "run-b", tmp_path)
+    code, out, err = run(capsys, "report", str(a.path), "--json")
+    assert code == 0, err
+    assert json.loads(out) == json.loads((a.path / "metrics.json").read_text())
+    code, out, err = run(capsys, "report", str(b.path))
+    assert code == 0 and out.startswith("run run-b: mansu on facts-tiny"), err
+    # ids and directories mixed, from two roots, in the order given
+    code, out, err = run(capsys, "compare", str(b.path), "run-a", "--runs-root", str(tmp_path / "root-a"), "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert [r["run"] for r in data["rows"]] == ["run-b", "run-a"]
+    assert [r["path"] for r in data["runs"]] == [str(b.path), str(a.path)]
+    code, _, err = run(capsys, "compare", "run-b", "--runs-root", str(tmp_path / "root-a"))
+    assert_error(code, err, "no run 'run-b' in", "no run directory at")
+
+
+def test_quant_report_takes_a_run_for_its_update(capsys, facts_tiny, tmp_path):
+    saved = _saved_run(facts_tiny, tmp_path / "runs", "with-update", tmp_path)
+    from_file = run(capsys, "quant-report", "--model", "facts-tiny", "--update",
+                    str(saved.path / "update.safetensors"), "--json")
+    from_dir = run(capsys, "quant-report", "--model", "facts-tiny", "--update", str(saved.path), "--json")
+    from_id = run(capsys, "quant-report", "--model", "facts-tiny", "--update", "with-update",
+                  "--runs-root", str(tmp_path / "runs"), "--json")
+    assert from_file[0] == from_dir[0] == from_id[0] == 0
+    assert json.loads(from_dir[1])["comparison"] == json.loads(from_file[1])["comparison"] == json.loads(from_id[1])[
+        "comparison"]
+    assert json.loads(from_dir[1])["comparison"]["overall"]["n_changed"] == 100
+
+
+RUNS_ROOT_COMMANDS = [
+    ["runs", "list"], ["report", "r1"], ["probe", "r1"], ["compare", "r1"], ["quant-report", "--model", "m"],
+    ["unlearn", "--model", "m"], ["paper-table", "--model", "m"], ["ablate", "--model", "m"],
+]
+
+
+@pytest.mark.parametrize("argv", RUNS_ROOT_COMMANDS, ids=[" ".join(a[:2]) for a in RUNS_ROOT_COMMANDS])
+def test_one_runs_root_flag_everywhere(argv):
+    from workbench.faces.cli import build_parser
+
+    assert build_parser().parse_args([*argv, "--runs-root", "R"]).runs_root == "R"
+
+
+def test_old_runs_root_spellings_still_work_with_a_warning(capsys, facts_tiny, tmp_path):
+    from workbench.faces.cli import build_parser
+
+    saved = _saved_run(facts_tiny, tmp_path / "runs", "old-flag", tmp_path)
+    code, out, err = run(capsys, "runs", "list", "--root", str(tmp_path / "runs"))
+    assert code == 0 and "old-flag" in out
+    assert "warning: --root is deprecated" in err and "use --runs-root" in err
+    code, out, err = run(capsys, "report", saved.id, "--root", str(tmp_path / "runs"), "--json")
+    assert code == 0 and json.loads(out)["run_id"] == "old-flag"  # the warning stays off stdout
+    assert "--root is deprecated" in err
+    capsys.readouterr()
+    args = build_parser().parse_args(["unlearn", "--model", "m", "--out", "R"])
+    assert args.runs_root == "R" and "--out is deprecated" in capsys.readouterr().err
+
+
+def _json_stdout(capsys, *argv):
+    """Run with --json; stdout must be one strict JSON document (no NaN) and nothing else."""
+    code, out, err = run(capsys, *argv, "--json")
+    assert code == 0, err
+
+    def reject(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    return json.loads(out, parse_constant=reject)
+
+
+def _nan_as_null(data):
+    if isinstance(data, float) and data != data:
+        return None
+    if isinstance(data, dict):
+        return {k: _nan_as_null(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_nan_as_null(v) for v in data]
+    return data
+
+
+def test_every_command_that_prints_results_has_json():
+    from workbench.faces.cli import build_parser
+
+    def commands(parser, prefix=()):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from commands(sub, (*prefix, name))
+                return
+        yield prefix, parser
+
+    found = {" ".join(name): {o for a in p._actions for o in a.option_strings} for name, p in commands(build_parser())}
+    assert set(found) >= {"models", "build", "demo", "eval", "quant-report", "bench", "attribute", "circuit show",
+                          "circuit faithfulness", "unlearn", "runs list", "report", "probe", "compare",
+                          "paper-table", "ablate", "app"}
+    assert [name for name, options in found.items() if "--json" not in options] == ["app"]
+
+
+def test_json_output_of_models_build_and_runs_list(capsys, facts_tiny, tmp_path):
+    models = {m["model"]: m for m in _json_stdout(capsys, "models")}
+    assert set(models) == set(BUILTINS) and models["facts-tiny"]["cached"] is True
+    built = _json_stdout(capsys, "build", "facts-tiny")
+    assert built["model"] == "facts-tiny" and built["path"] == str(facts_tiny.path)
+    assert _json_stdout(capsys, "runs", "list", "--runs-root", str(tmp_path / "none")) == []
+    saved = _saved_run(facts_tiny, tmp_path / "runs", "listed", tmp_path)
+    (row,) = _json_stdout(capsys, "runs", "list", "--runs-root", str(tmp_path / "runs"))
+    assert row["run"] == "listed" and row["path"] == str(saved.path)
+    assert row["ptq gap"] == saved.metrics.ptq_gap and row["passes"] == saved.metrics.properties.passes()
+
+
+def test_json_output_of_attribute_and_circuit(capsys, facts_tiny, split, tmp_path):
+    path = tmp_path / "c.json"
+    data = _json_stdout(capsys, "attribute", "--model", "facts-tiny", "--out", str(path), "--top-k", "4")
+    assert data["saved"] == str(path) and len(data["circuit"]) == 4 and data["n_pairs"] == len(split.forget)
+    assert sum(r["in circuit"] for r in data["top"]) == 4
+    shown = _json_stdout(capsys, "circuit", "show", str(path), "--rows", "5")
+    assert len(shown["components"]) == 5 and shown["n_selected"] == 4
+    assert shown["metadata"]["model_fingerprint"] == facts_tiny.fingerprint
+    f = _json_stdout(capsys, "circuit", "faithfulness", str(path), "--model", "facts-tiny")
+    assert f["n_components"] == 4 and f["ablation"] == "corrupt" and isinstance(f["recovered"], float)
+
+
+def test_json_output_of_unlearn_and_demo(capsys, facts_tiny, tmp_path):
+    data = _json_stdout(capsys, "unlearn", "--model", "facts-tiny", "--method", "ga", "--max-steps", "1",
+                        "--runs-root", str(tmp_path), "--no-oracle")
+    # the saved file's numbers; a baseline's CAD circuit share is NaN there (no circuit), null here
+    assert data["metrics"] == _nan_as_null(json.loads((tmp_path / data["run_id"] / "metrics.json").read_text()))
+    assert data["path"] == str(tmp_path / data["run_id"]) and data["metrics"]["schema_version"] == 2
+    demo = _json_stdout(capsys, "demo", "--model", "facts-tiny")
+    assert demo["model"] == "facts-tiny" and demo["n_modules"] == 8 and len(demo["bin_occupancy"]) == 16
+    assert {(r["set"], r["precision"]) for r in demo["rows"]} == {(s, p) for s in SETS for p in ("fp32", "nf4/b64")}
+    assert all(r["mc"] is None for r in demo["rows"])  # top-1 only: no multiple choice, null not NaN
+
+
+def test_json_keeps_stdout_for_the_document_alone(capsys):
+    """bench prints its tables as it measures; under --json they go to stderr."""
+    code, out, err = run(capsys, "bench", "quantization", "--quick", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["quick"] is True and report["quantization"][0]["model"] == "facts-tiny"
+    assert "== quantization analysis" in err and "== quantization" not in out
+
+
+def test_attribute_needs_only_the_forget_set(capsys, facts_tiny, split, tmp_path):
+    forget = save_fact_file(split.forget[:8], tmp_path / "forget.jsonl")
+    data = _json_stdout(capsys, "attribute", "--model", "facts-tiny", "--forget", str(forget), "--top-k", "3",
+                        "--out", str(tmp_path / "c.json"))
+    assert data["split"] == "user" and data["n_pairs"] == 8 and len(data["circuit"]) == 3
+    f = _json_stdout(capsys, "circuit", "faithfulness", str(tmp_path / "c.json"), "--model", "facts-tiny",
+                     "--forget", str(forget))
+    assert f["n_components"] == 3
+
+
+def test_exit_codes_user_error_1_usage_error_2(capsys, tmp_path):
+    code, out, err = run(capsys, "report", "nope", "--runs-root", str(tmp_path))
+    assert code == 1 and out == "" and err.startswith("error: no run 'nope'")
+    with pytest.raises(SystemExit) as usage:
+        main(["eval"])  # --model is required
+    assert usage.value.code == 2 and "the following arguments are required: --model" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:
+        main(["runs", "list", "--no-such-flag"])
+    assert usage.value.code == 2 and "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as shown:
+        main(["--help"])
+    help_text = capsys.readouterr().out
+    assert shown.value.code == 0
+    epilog = help_text.split("exit codes:", 1)[1]
+    assert re.search(r"^\s+1\s+the input was refused", epilog, re.M)
+    assert re.search(r"^\s+2\s+the command line is malformed", epilog, re.M)
+
+
+def test_version(capsys):
+    import workbench
+
+    with pytest.raises(SystemExit) as shown:
+        main(["--version"])
+    assert shown.value.code == 0 and capsys.readouterr().out == f"workbench {workbench.__version__}\n"
+    done = subprocess.run([sys.executable, "-m", "workbench", "--version"], capture_output=True, text=True,
+                          timeout=120, env=_env())
+    assert done.returncode == 0 and done.stdout == f"workbench {workbench.__version__}\n", done.stderr
+
+
+def test_the_installed_script_is_this_main():
+    """``[project.scripts] workbench`` names an importable function: the main the tests drive."""
+    import importlib
+    import tomllib
+
+    target = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["workbench"]
+    module, _, name = target.partition(":")
+    assert getattr(importlib.import_module(module), name) is main
+
+
+def _env():
+    """This checkout first on the path of a child Python (``python -m workbench``)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, "GRADIO_ANALYTICS_ENABLED": "False"}
+
+
+def test_app_help_lists_the_apps_own_flags():
+    done = subprocess.run([sys.executable, "-m", "workbench", "app", "--help"], capture_output=True, text=True,
+                          timeout=180, env=_env())
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: workbench app")
+    for flag in ("--model", "--host", "--port", "--heavy-jobs", "--no-preload"):
+        assert flag in done.stdout
+
+
+def test_app_starts_from_the_package(tmp_path, facts_tiny):
+    """``workbench app`` outside the checkout (no app.py beside it) serves the page."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = tmp_path / "app.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "workbench", "app", "--model", "facts-tiny", "--port",
+                                 str(port), "--no-preload"], cwd=tmp_path, env=_env(), stdout=fh,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, f"workbench app exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"no page within 180 s:\n{log.read_text()[-3000:]}"
+            time.sleep(0.5)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the group is gone if both exited
+            os.killpg(proc.pid, signal.SIGTERM)  # the CLI and the app process it started
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -54,16 +54,17 @@ def test_rows_carry_the_metrics_and_the_gap_decomposition(runs):
     assert rows[0]["method"] != rows[2]["method"] and rows[0]["method"].startswith("graddiff (")
     for row, run in zip(rows, runs):
         m = run.metrics
-        assert row["forget fp"] == m["forget"]["after_fp"]
-        assert row["forget nf4"] == m["forget"]["after_q"] and row["retain nf4"] == m["retain"]["after_q"]
+        assert row["forget fp"] == m.forget.after_fp and row["forget base"] == m.forget.base_fp
+        assert row["forget nf4"] == m.forget.after_q and row["retain nf4"] == m.retain.after_q
         assert row["forget fp4"] is None and row["forget int8"] is None  # not measured by the run
         assert row["PTQ gap"] == pytest.approx(row["gap base shift"] + row["gap rounding"], abs=1e-12)
-        assert row["forget Q(w)+Δ"] == m["forget"]["after_qbase_delta"]
-        assert row["codes changed"] == m["codes_changed"] and row["params changed"] == m["params_changed"]
-        assert row["median |Δw|/bin"] == m["update_to_bin_width"]["median"]
+        assert row["gap rounding"] == m.ptq_gap_decomposition.rounding
+        assert row["forget Q(w)+Δ"] == m.forget.after_qbase_delta
+        assert row["codes changed"] == m.codes_changed and row["params changed"] == m.params_changed
+        assert row["median |Δw|/bin"] == m.update_to_bin_width.median
         assert row["CAD fp"] is None and row["structural"] == "–"  # measured without CAD
-        assert row["forgetting"] in ("PASS", "fail")
-        assert row["seconds"] == m["seconds"] > 0
+        assert row["forgetting"] == m.properties.forgetting.verdict in ("PASS", "fail")
+        assert row["seconds"] == m.seconds > 0
 
 
 def test_every_output_format(runs, tmp_path):
@@ -99,10 +100,10 @@ def test_figures_have_the_expected_traces(runs):
     fig = update_ratio_figure(runs, labels)
     assert [t.name for t in fig.data] == labels
     assert fig.layout.xaxis.type == "log"
-    edges = runs[0].metrics["quantization"]["ratio_edges"]
+    edges = runs[0].metrics.quantization["ratio_edges"]
     assert len(fig.data[0].x) == len(edges) - 1
-    total = sum(runs[0].metrics["quantization"]["overall"]["ratio_counts"])
-    assert sum(fig.data[0].y) == pytest.approx(total / runs[0].metrics["params_changed"], rel=1e-6)
+    total = sum(runs[0].metrics.quantization["overall"]["ratio_counts"])
+    assert sum(fig.data[0].y) == pytest.approx(total / runs[0].metrics.params_changed, rel=1e-6)
     vlines = [s for s in fig.layout.shapes if s.x0 == s.x1]
     assert [s.x0 for s in vlines] == [BIN_CROSSING_RATIO]
     assert any("½ bin" in a.text for a in fig.layout.annotations)
@@ -126,7 +127,7 @@ def test_other_quantizers_match_a_direct_evaluation(facts_tiny, split, runs):
     run = runs[0][1]  # SURE: a large sparse update, so the quantizers can disagree
     accs = quantizer_accuracies(run, model=facts_tiny, split=split)
     assert set(accs) == {"nf4", "fp4", "int8"}
-    assert accs["nf4"]["forget"] == run.metrics["forget"]["after_q"]  # read, not recomputed
+    assert accs["nf4"]["forget"] == run.metrics.forget.after_q  # read, not recomputed
     after = run.update().apply(facts_tiny)
     from workbench.quant import fake_quantize_model
 
@@ -141,7 +142,7 @@ def test_other_quantizers_match_a_direct_evaluation(facts_tiny, split, runs):
 def test_paper_table_runs_every_method_with_one_rule(facts_tiny, split, tmp_path):
     runs = paper_table(facts_tiny, methods=["ga", "rmu", "quail"], split=split,
                        stop=StopRule(max_steps=2, forget_target=0.2), measure_cad=False, runs_root=str(tmp_path))
-    assert [r.metrics["method"] for r in runs] == ["ga", "rmu", "quail"]
+    assert [r.metrics.method for r in runs] == ["ga", "rmu", "quail"]
     assert all(r.config["stop"] == {"max_steps": 2, "forget_target": 0.2, "eval_every": 1} for r in runs)
     assert {r.id for r in list_runs(root=tmp_path)} == {r.id for r in runs}
     with pytest.raises(WorkbenchError, match="unknown method"):
@@ -154,17 +155,17 @@ def test_ablation_table_switches_off_one_component_per_run(facts_tiny, split, tm
     config = MansuConfig(params_per_round=16, max_rounds=2, fisher_samples=32)
     runs = ablation_table(facts_tiny, ablations=["floor", "fisher"], config=config, split=split,
                           measure_cad=False, runs_root=str(tmp_path))
-    assert [r.metrics["method"] for r in runs] == ["mansu", "mansu-no_floor", "mansu-no_fisher"]
+    assert [r.metrics.method for r in runs] == ["mansu", "mansu-no_floor", "mansu-no_fisher"]
     switches = [{k: r.config["mansu"][f"use_{k}"] for k in ("circuit", "projection", "fisher", "floor")} for r in runs]
     assert switches[0] == dict(circuit=True, projection=True, fisher=True, floor=True)
     assert switches[1] == dict(circuit=True, projection=True, fisher=True, floor=False)
     assert switches[2] == dict(circuit=True, projection=True, fisher=False, floor=True)
     # everything else is shared: budget, split, circuit
     assert {r.config["mansu"]["max_rounds"] for r in runs} == {2}
-    assert len({r.metrics["split"] for r in runs}) == 1 and len({tuple(r.metrics["circuit"]) for r in runs}) == 1
+    assert len({r.metrics.split for r in runs}) == 1 and len({r.metrics.circuit for r in runs}) == 1
     # no floor: sub-bin moves, so (unlike MANSU) not every moved weight changes its code
-    assert runs[0].metrics["moved_code_changed_fraction"] == 1.0
-    assert runs[1].metrics["moved_code_changed_fraction"] < 1.0
+    assert runs[0].metrics.moved_code_changed_fraction == 1.0
+    assert runs[1].metrics.moved_code_changed_fraction < 1.0
     with pytest.raises(WorkbenchError, match="unknown ablation"):
         ablation_table(facts_tiny, ablations=["circuit", "dropout"], runs_root=str(tmp_path))
     with pytest.raises(WorkbenchError, match="no ablation named"):
@@ -198,32 +199,35 @@ def _cli(capsys, *argv: str) -> tuple[int, str, str]:
 def test_cli_compare_stdout_and_files(capsys, runs, tmp_path):
     runs, root = runs
     ids = [r.id for r in runs]
-    code, out, err = _cli(capsys, "compare", *ids, "--root", str(root))
+    code, out, err = _cli(capsys, "compare", *ids, "--runs-root", str(root))
     assert code == 0, err
     assert out.startswith("| method | run |") and all(i in out for i in ids)
     for ext in ("md", "csv", "html"):
         target = tmp_path / f"cmp.{ext}"
-        code, out, err = _cli(capsys, "compare", *ids, "--root", str(root), "--out", str(target))
+        code, out, err = _cli(capsys, "compare", *ids, "--runs-root", str(root), "--out", str(target))
         assert code == 0, err
         assert str(target) in out and target.exists()
-    code, _, err = _cli(capsys, "compare", *ids, "--root", str(root), "--out", str(tmp_path / "cmp.xlsx"))
-    assert code == 2 and "unsupported output extension '.xlsx'" in err
-    code, _, err = _cli(capsys, "compare", "no-such-run", "--root", str(root))
-    assert code == 2 and "no run 'no-such-run'" in err
+    code, _, err = _cli(capsys, "compare", *ids, "--runs-root", str(root), "--out", str(tmp_path / "cmp.xlsx"))
+    assert code == 1 and "unsupported output extension '.xlsx'" in err
+    code, _, err = _cli(capsys, "compare", "no-such-run", "--runs-root", str(root))
+    assert code == 1 and "no run 'no-such-run'" in err
 
 
 def test_cli_paper_table(capsys, facts_tiny, tmp_path):
     out_file = tmp_path / "paper.csv"
     code, out, err = _cli(capsys, "paper-table", "--model", "facts-tiny", "--methods", "graddiff,lora",
                           "--max-steps", "2", "--no-cad", "--no-oracle", "--runs-root", str(tmp_path / "r"),
-                          "--out", str(out_file))
+                          "--out", str(out_file), "--json")
     assert code == 0, err
     rows = list(csv.DictReader(io.StringIO(out_file.read_text())))
     assert [r["method"] for r in rows] == ["graddiff", "lora"]
     assert len(list_runs(root=tmp_path / "r")) == 2
+    printed = json.loads(out)  # --json: the table's rows, the runs and the file written, nothing else
+    assert [r["method"] for r in printed["rows"]] == ["graddiff", "lora"] and printed["out"] == str(out_file)
+    assert {r["id"] for r in printed["runs"]} == {r.id for r in list_runs(root=tmp_path / "r")}
     code, _, err = _cli(capsys, "paper-table", "--model", "facts-tiny", "--methods", "graddiff,bogus",
                         "--runs-root", str(tmp_path / "r2"))
-    assert code == 2 and "unknown method(s) bogus" in err
+    assert code == 1 and "unknown method(s) bogus" in err
     assert not (tmp_path / "r2").exists() or list_runs(root=tmp_path / "r2") == []
 
 
@@ -236,15 +240,22 @@ def test_cli_ablate(capsys, facts_tiny, tmp_path):
     assert "| mansu |" in table and "| mansu-no_projection |" in table
     assert "mansu-no_projection: " in out  # the findings line under the table
     assert len(list_runs(root=tmp_path / "r")) == 2
+    code, out, err = _cli(capsys, "ablate", "--model", "facts-tiny", "--ablations", "projection", "--max-rounds", "1",
+                          "--no-cad", "--no-oracle", "--runs-root", str(tmp_path / "r"), "--json")
+    assert code == 0, err
+    printed = json.loads(out)
+    assert [r["method"] for r in printed["rows"]] == ["mansu", "mansu-no_projection"] and printed["out"] is None
+    assert len(printed["findings"]) == 1 and printed["findings"][0].startswith("mansu-no_projection: ")
+    assert len(list_runs(root=tmp_path / "r")) == 4
     code, _, err = _cli(capsys, "ablate", "--model", "facts-tiny", "--ablations", "floor,dropout",
                         "--runs-root", str(tmp_path / "r2"))
-    assert code == 2 and "choose from circuit, projection, fisher, floor" in err
+    assert code == 1 and "choose from circuit, projection, fisher, floor" in err
     assert not (tmp_path / "r2").exists() or list_runs(root=tmp_path / "r2") == []
 
 
 def test_cli_unlearn_accepts_the_new_methods(capsys, facts_tiny, tmp_path):
     code, out, err = _cli(capsys, "unlearn", "--model", "facts-tiny", "--method", "rmu", "--max-steps", "2",
-                          "--out", str(tmp_path), "--no-oracle")
+                          "--runs-root", str(tmp_path), "--no-oracle")
     assert code == 0, err
     (run,) = list_runs(root=tmp_path)
-    assert run.metrics["method"] == "rmu" and json.loads((run.path / "metrics.json").read_text())["steps"] <= 2
+    assert run.metrics.method == "rmu" and json.loads((run.path / "metrics.json").read_text())["steps"] <= 2

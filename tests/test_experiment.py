@@ -49,7 +49,9 @@ def test_run_unlearning_saves_every_required_metric(mansu_run, circuit):
     result, metrics, run, root, untouched = mansu_run
     assert untouched, "run_unlearning modified the base model"
     on_disk = json.loads((run.path / "metrics.json").read_text())
-    assert on_disk == run.metrics == json.loads(json.dumps({**metrics, "run_id": run.id}))
+    assert metrics.run_id is None and run.metrics == metrics.saved_as(run.id)
+    assert on_disk == run.metrics.to_json() == json.loads(json.dumps(metrics.saved_as(run.id).to_json()))
+    assert on_disk["schema_version"] == 2 and on_disk["run_id"] == run.id
     m = on_disk
     assert m["method"] == "mansu" and m["model"] == "facts-tiny"
     assert {"type", "blocksize", "double_quant"} <= set(m["quant"])
@@ -69,16 +71,44 @@ def test_run_unlearning_saves_every_required_metric(mansu_run, circuit):
     assert m["seconds"] >= m["unlearning_seconds"] > 0
     assert m["steps"] == result.steps and m["stopped"] == result.stopped
     assert m["circuit"] == [c.name for c in sorted(circuit.selected)] and len(m["circuit"]) == 4
-    assert m["diagnostics"]["params_per_round"] == 16
+    assert m["diagnostics"]["params_per_round"] == 16 == metrics.mansu_diagnostics.params_per_round
+    assert metrics.seconds_by_phase == result.seconds_by_phase
+
+
+def test_numbers_in_metrics_json_are_the_run_metrics_values(mansu_run):
+    """Every number in the saved file is the RunMetrics attribute of the same name (the file
+    is written from the typed object, not beside it)."""
+    _, metrics, run, _, _ = mansu_run
+    m = json.loads((run.path / "metrics.json").read_text())
+    for name in ("ptq_gap", "bucket_overlap", "code_overlap", "codes_changed", "codes_changed_fraction",
+                 "params_changed", "params_changed_unquantized", "moved_code_changed_fraction", "absmax_changes",
+                 "update_norm", "retain_kl", "method", "model", "model_fingerprint", "split", "n_forget",
+                 "n_retain", "steps", "stopped", "seconds", "unlearning_seconds"):
+        assert m[name] == getattr(metrics, name), name
+    for variant in ("base_fp", "base_q", "after_fp", "after_qbase_delta", "after_q"):
+        assert m["forget"][variant] == getattr(metrics.forget, variant)
+        assert m["retain"][variant] == getattr(metrics.retain, variant)
+        assert m["multiple_choice"]["forget"][variant] == getattr(metrics.multiple_choice, variant)
+        assert m["paraphrase"]["forget_paraphrase"][variant] == getattr(metrics.paraphrase.forget, variant)
+    assert m["ptq_gap_decomposition"] == {"base_shift": metrics.ptq_gap_decomposition.base_shift,
+                                          "rounding": metrics.ptq_gap_decomposition.rounding}
+    assert m["update_to_bin_width"] == {"median": metrics.update_to_bin_width.median,
+                                        "p90": metrics.update_to_bin_width.p90}
+    assert (m["cad"]["fp"], m["cad"]["quantized"]) == (metrics.cad.fp, metrics.cad.quantized)
+    for name, p in metrics.properties.items():
+        assert m["properties"][name] == {"pass": p.passed, "margin": p.margin, "threshold": p.threshold,
+                                         "value": p.value}
+    assert m["quant"] == metrics.quant.to_dict() and m["quantization"] == metrics.quantization
+    assert m["diagnostics"] == json.loads(json.dumps(metrics.diagnostics))
 
 
 def test_ptq_gap_in_metrics_json_is_consistent(mansu_run):
     m = mansu_run[2].metrics
-    f = m["forget"]
-    assert m["ptq_gap"] == pytest.approx(f["after_q"] - f["after_fp"], abs=1e-12)
-    d = m["ptq_gap_decomposition"]
-    assert d["base_shift"] + d["rounding"] == pytest.approx(m["ptq_gap"], abs=1e-12)
-    assert m["properties"]["ptq"]["value"] == m["ptq_gap"]
+    f = m.forget
+    assert m.ptq_gap == pytest.approx(f.after_q - f.after_fp, abs=1e-12)
+    d = m.ptq_gap_decomposition
+    assert d.base_shift + d.rounding == pytest.approx(m.ptq_gap, abs=1e-12)
+    assert m.properties.ptq.value == m.ptq_gap
 
 
 def test_saved_run_reopens_with_config_circuit_history_and_update(facts_tiny, mansu_run, circuit):
@@ -137,7 +167,7 @@ def _cli(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def _assert_error(code: int, err: str, needle: str) -> None:
-    assert code == 2
+    assert code == 1
     assert err.strip().splitlines()[-1].startswith("error: "), err
     assert needle in err
 
@@ -145,7 +175,7 @@ def _assert_error(code: int, err: str, needle: str) -> None:
 def test_cli_unlearn_runs_list_and_report(capsys, facts_tiny, tmp_path):
     out_dir = tmp_path / "cli-runs"
     code, out, err = _cli(capsys, "unlearn", "--model", "facts-tiny", "--method", "mansu", "--max-rounds", "2",
-                          "--params-per-round", "8", "--out", str(out_dir), "--no-oracle")
+                          "--params-per-round", "8", "--runs-root", str(out_dir), "--no-oracle")
     assert code == 0, err
     for needle in ("mansu on facts-tiny", "PTQ gap", "forgetting", "retain preserved", "PTQ gap ≤ threshold",
                    "structural erasure", "run saved:"):
@@ -153,35 +183,37 @@ def test_cli_unlearn_runs_list_and_report(capsys, facts_tiny, tmp_path):
     (run,) = list_runs(root=out_dir)
     assert str(run.path) in out
     assert run.config["mansu"]["params_per_round"] == 8 and run.config["mansu"]["max_rounds"] == 2
-    assert run.metrics["steps"] <= 2 and run.metrics["params_changed"] <= 16
+    assert run.metrics.steps <= 2 and run.metrics.params_changed <= 16
     assert run.circuit_path is not None  # no --circuit: the forget set was attributed
 
-    code, out, _ = _cli(capsys, "runs", "list", "--root", str(out_dir))
+    code, out, _ = _cli(capsys, "runs", "list", "--runs-root", str(out_dir))
     assert code == 0 and run.id in out
 
-    code, out, _ = _cli(capsys, "report", run.id, "--root", str(out_dir), "--json")
+    code, out, _ = _cli(capsys, "report", run.id, "--runs-root", str(out_dir), "--json")
     assert code == 0
     assert json.loads(out) == json.loads((run.path / "metrics.json").read_text())
 
-    code, out, _ = _cli(capsys, "report", run.id, "--root", str(out_dir))
+    code, out, _ = _cli(capsys, "report", run.id, "--runs-root", str(out_dir))
     assert code == 0 and f"run {run.id}: mansu on facts-tiny" in out and "structural" in out
 
 
 def test_cli_runs_list_empty(capsys, tmp_path):
-    code, out, _ = _cli(capsys, "runs", "list", "--root", str(tmp_path))
+    code, out, _ = _cli(capsys, "runs", "list", "--runs-root", str(tmp_path))
     assert code == 0 and "no runs yet" in out
 
 
-def test_cli_bad_inputs_exit_2(capsys, facts_tiny, tmp_path):
-    code, _, err = _cli(capsys, "report", "no-such-run", "--root", str(tmp_path))
+def test_cli_bad_inputs_exit_1(capsys, facts_tiny, tmp_path):
+    code, _, err = _cli(capsys, "report", "no-such-run", "--runs-root", str(tmp_path))
     _assert_error(code, err, "no run 'no-such-run'")
-    code, _, err = _cli(capsys, "report", "../escape", "--root", str(tmp_path))
-    _assert_error(code, err, "invalid run id")
+    # not an id: read as a directory, which does not exist
+    code, _, err = _cli(capsys, "report", "../escape", "--runs-root", str(tmp_path))
+    _assert_error(code, err, "no run '../escape'")
+    assert "no run directory at" in err
     missing = tmp_path / "missing-circuit.json"
     code, _, err = _cli(capsys, "unlearn", "--model", "facts-tiny", "--circuit", str(missing),
-                        "--out", str(tmp_path), "--no-oracle")
+                        "--runs-root", str(tmp_path), "--no-oracle")
     _assert_error(code, err, "no such circuit file")
-    code, _, err = _cli(capsys, "unlearn", "--model", "facts-tiny", "--quant", "none", "--out", str(tmp_path),
+    code, _, err = _cli(capsys, "unlearn", "--model", "facts-tiny", "--quant", "none", "--runs-root", str(tmp_path),
                         "--no-oracle")
     _assert_error(code, err, "needs a quantizer")
     assert list_runs(root=tmp_path) == []

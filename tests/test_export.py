@@ -47,7 +47,7 @@ def _assert_real_equals_simulated(model, split, metrics, path, *, double_quant: 
         assert (m.weight.quant_state.state2 is not None) == double_quant
     got = {"forget": fact_top1(real, split.forget, model.tokenizer),
            "retain": fact_top1(real, split.retain, model.tokenizer)}
-    assert got == {"forget": metrics["forget"]["after_q"], "retain": metrics["retain"]["after_q"]}
+    assert got == {"forget": metrics.forget.after_q, "retain": metrics.retain.after_q}
     return real
 
 
@@ -62,7 +62,7 @@ def facts_run(facts_tiny, tmp_path_factory):
 
 def test_exported_facts_model_loads_and_real_nf4_equals_the_simulation(facts_tiny, facts_run, tmp_path):
     split, metrics, run = facts_run
-    assert metrics["forget"]["after_q"] < metrics["forget"]["base_q"], "the run must have changed something"
+    assert metrics.forget.after_q < metrics.forget.base_q, "the run must have changed something"
     before = facts_tiny.weights_hash()
     export = export_run(run, tmp_path / "out", model=facts_tiny)
     assert facts_tiny.weights_hash() == before
@@ -101,7 +101,7 @@ def llama_split(toy_llama_gqa):
 def test_exported_llama_model_real_nf4_equals_the_simulation(toy_llama_gqa, llama_split, tmp_path):
     _, metrics, run = run_unlearning(toy_llama_gqa, llama_split, method="graddiff", optim=OptimConfig(lr=1e-2),
                                      stop=StopRule(max_steps=5), measure_cad=False, runs_root=str(tmp_path / "runs"))
-    assert metrics["forget"]["after_q"] < 1.0
+    assert metrics.forget.after_q < 1.0
     export = export_run(run, tmp_path / "out", model=toy_llama_gqa)
     _assert_real_equals_simulated(toy_llama_gqa, llama_split, metrics, export.path)
 

@@ -12,6 +12,13 @@ from workbench.core.components import all_components
 from workbench.core.errors import WorkbenchError
 from workbench.measurement.evaluation import evaluate_facts
 from workbench.measurement.metrics import Thresholds, build_variants, measure_update, report_card
+from workbench.measurement.results import (
+    CadScores,
+    OracleAccuracies,
+    RunMetrics,
+    UpdateMetrics,
+    VariantAccuracies,
+)
 from workbench.models.update import Update
 from workbench.quant import QuantConfig, quantize_dequantize, transposed_parameters
 from workbench.unlearning.mansu import MansuConfig
@@ -58,56 +65,59 @@ REQUIRED = {
 def test_measure_update_reports_every_key(mansu_measured):
     result, m, untouched = mansu_measured
     assert untouched, "measure_update modified the base model"
-    assert REQUIRED <= set(m)
-    assert m["quant"] == {"type": "nf4", "blocksize": 64, "double_quant": False,
+    assert isinstance(m, UpdateMetrics)
+    j = m.to_json()
+    assert set(j) == REQUIRED
+    assert j["quant"] == {"type": "nf4", "blocksize": 64, "double_quant": False,
                           "include_embeddings": False, "include_lm_head": False}
     for variant in ("base_fp", "base_q", "after_fp", "after_q", "after_qbase_delta"):
-        assert 0.0 <= m["forget"][variant] <= 1.0
-        assert 0.0 <= m["retain"][variant] <= 1.0
-    assert set(m["update_to_bin_width"]) == {"median", "p90"}
-    assert set(m["cad"]) >= {"fp", "quantized", "fp_detail", "quantized_detail"}
-    assert set(m["properties"]) == {"forgetting", "retain", "ptq", "structural"}
-    for prop in m["properties"].values():
-        assert {"pass", "margin", "threshold", "value"} <= set(prop)
-        assert isinstance(prop["pass"], bool)
-    assert set(m["paraphrase"]) == {"forget_paraphrase", "retain_paraphrase"}
+        assert 0.0 <= j["forget"][variant] == getattr(m.forget, variant) <= 1.0
+        assert 0.0 <= j["retain"][variant] == getattr(m.retain, variant) <= 1.0
+    assert set(j["update_to_bin_width"]) == {"median", "p90"}
+    assert set(j["cad"]) == {"fp", "quantized", "fp_detail", "quantized_detail"}
+    assert set(j["properties"]) == {"forgetting", "retain", "ptq", "structural"}
+    for name, prop in m.properties.items():
+        assert j["properties"][name] == {"pass": prop.passed, "margin": prop.margin, "threshold": prop.threshold,
+                                         "value": prop.value}
+        assert isinstance(prop.passed, bool)
+    assert set(j["paraphrase"]) == {"forget_paraphrase", "retain_paraphrase"}
 
 
 def test_mansu_quantization_numbers_match_the_floor(facts_tiny, mansu_measured):
     result, m, _ = mansu_measured
     nnz = result.update.nnz()
     assert nnz > 0
-    assert m["params_changed"] == nnz
-    assert m["params_changed_unquantized"] == 0
-    assert m["codes_changed"] == nnz, "every weight MANSU moves must change its NF4 code"
-    assert m["moved_code_changed_fraction"] == 1.0
-    assert m["absmax_changes"] == 0
-    n_weights = m["quantization"]["overall"]["n_weights"]
-    assert m["codes_changed_fraction"] == pytest.approx(nnz / n_weights)
-    assert m["code_overlap"] == pytest.approx(1 - nnz / n_weights)
-    assert m["bucket_overlap"] <= m["code_overlap"] < 1.0
+    assert m.params_changed == nnz
+    assert m.params_changed_unquantized == 0
+    assert m.codes_changed == nnz, "every weight MANSU moves must change its NF4 code"
+    assert m.moved_code_changed_fraction == 1.0
+    assert m.absmax_changes == 0
+    n_weights = m.quantization["overall"]["n_weights"]
+    assert m.codes_changed_fraction == pytest.approx(nnz / n_weights)
+    assert m.code_overlap == pytest.approx(1 - nnz / n_weights)
+    assert m.bucket_overlap <= m.code_overlap < 1.0
     # floor-sized moves: |Δw| is of the order of a bin width, not a sliver of one
-    assert m["update_to_bin_width"]["median"] > 0.4
-    assert m["update_to_bin_width"]["p90"] >= m["update_to_bin_width"]["median"]
-    assert m["update_norm"] == pytest.approx(result.update.norm())
-    assert m["retain_kl"] >= 0.0
-    assert 0.0 <= m["cad"]["fp"] <= 1.0 and 0.0 <= m["cad"]["quantized"] <= 1.0
+    assert m.update_to_bin_width.median > 0.4
+    assert m.update_to_bin_width.p90 >= m.update_to_bin_width.median
+    assert m.update_norm == pytest.approx(result.update.norm())
+    assert m.retain_kl >= 0.0
+    assert 0.0 <= m.cad.fp <= 1.0 and 0.0 <= m.cad.quantized <= 1.0
 
 
 def test_ptq_gap_and_its_decomposition(graddiff_measured):
     _, m = graddiff_measured
-    f = m["forget"]
+    f = m.forget
     # part-way (here: about half the forget facts still right), so the variants can disagree
-    assert 0.0 < f["after_fp"] < f["base_fp"], "the baseline update did not move forget accuracy part-way"
-    assert m["ptq_gap"] == pytest.approx(f["after_q"] - f["after_fp"], abs=1e-12)
-    d = m["ptq_gap_decomposition"]
-    assert d["base_shift"] == pytest.approx(f["after_qbase_delta"] - f["after_fp"], abs=1e-12)
-    assert d["rounding"] == pytest.approx(f["after_q"] - f["after_qbase_delta"], abs=1e-12)
-    assert d["base_shift"] + d["rounding"] == pytest.approx(m["ptq_gap"], abs=1e-12)
-    assert "cad" not in m and m["properties"]["structural"]["pass"] is None
+    assert 0.0 < f.after_fp < f.base_fp, "the baseline update did not move forget accuracy part-way"
+    assert m.ptq_gap == pytest.approx(f.after_q - f.after_fp, abs=1e-12)
+    d = m.ptq_gap_decomposition
+    assert d.base_shift == pytest.approx(f.after_qbase_delta - f.after_fp, abs=1e-12)
+    assert d.rounding == pytest.approx(f.after_q - f.after_qbase_delta, abs=1e-12)
+    assert d.base_shift + d.rounding == pytest.approx(m.ptq_gap, abs=1e-12)
+    assert m.cad is None and "cad" not in m.to_json() and m.properties.structural.passed is None
     # A dense update moves almost every block's absmax: bucket overlap far below code overlap.
-    assert m["absmax_changes"] > 0
-    assert m["bucket_overlap"] < m["code_overlap"]
+    assert m.absmax_changes > 0
+    assert m.bucket_overlap < m.code_overlap
 
 
 def test_variants_and_gap_decomposition_with_distinct_accuracies(toy_gpt2, monkeypatch):
@@ -137,14 +147,15 @@ def test_variants_and_gap_decomposition_with_distinct_accuracies(toy_gpt2, monke
     monkeypatch.setattr(metrics_mod, "evaluate_facts", fake_evaluate)
     split = FactSplit("toy", forget=(Fact("w1 w2", "w3", ()),), retain=(Fact("w4 w5", "w6", ()),))
     m = measure_update(toy_gpt2, split, update, quant=NF4, cad=False)
-    assert {k: m["forget"][k] for k in forget_acc} == forget_acc
-    assert {k: m["retain"][k] for k in retain_acc} == retain_acc
-    assert m["ptq_gap"] == pytest.approx(0.625 - 0.25)
-    assert m["ptq_gap_decomposition"]["base_shift"] == pytest.approx(0.375 - 0.25)
-    assert m["ptq_gap_decomposition"]["rounding"] == pytest.approx(0.625 - 0.375)
-    assert m["multiple_choice"]["forget"]["after_q"] is None  # NaN is reported as null
-    assert m["properties"]["ptq"]["pass"] is False
-    assert m["properties"]["retain"]["value"] == pytest.approx(0.3)  # max(0.9-0.7, 0.8-0.5)
+    assert m.forget.by_variant() == forget_acc
+    assert m.retain.by_variant() == retain_acc
+    assert m.ptq_gap == pytest.approx(0.625 - 0.25)
+    assert m.ptq_gap_decomposition.base_shift == pytest.approx(0.375 - 0.25)
+    assert m.ptq_gap_decomposition.rounding == pytest.approx(0.625 - 0.375)
+    assert m.multiple_choice.after_q is None  # NaN is reported as null
+    assert m.to_json()["multiple_choice"]["forget"]["after_q"] is None
+    assert m.properties.ptq.passed is False
+    assert m.properties.retain.value == pytest.approx(0.3)  # max(0.9-0.7, 0.8-0.5)
 
 
 def test_variant_accuracies_match_independent_evaluation(facts_tiny, split, graddiff_measured):
@@ -162,10 +173,10 @@ def test_variant_accuracies_match_independent_evaluation(facts_tiny, split, grad
     def top1(model, facts):
         return evaluate_facts(model, facts, multiple_choice=False).top1
 
-    assert m["forget"]["base_fp"] == top1(facts_tiny, split.forget)
-    assert m["forget"]["after_fp"] == top1(after_fp, split.forget)
-    assert m["retain"]["after_fp"] == top1(after_fp, split.retain)
-    assert m["forget"]["after_q"] == top1(variants["after_q"], split.forget)
+    assert m.forget.base_fp == top1(facts_tiny, split.forget)
+    assert m.forget.after_fp == top1(after_fp, split.forget)
+    assert m.retain.after_fp == top1(after_fp, split.retain)
+    assert m.forget.after_q == top1(variants["after_q"], split.forget)
 
 
 def test_base_measurements_are_memoised_per_model_and_quantizer(facts_tiny, split, monkeypatch):
@@ -195,14 +206,14 @@ def test_base_measurements_are_memoised_per_model_and_quantizer(facts_tiny, spli
     assert facts_tiny.name not in evaluated
     assert len(attributed) == 2, "the base attributions were recomputed"
     for key in ("base_fp", "base_q"):
-        assert second["forget"][key] == first["forget"][key]
-        assert second["retain"][key] == first["retain"][key]
-    assert second["update_norm"] == pytest.approx(2 * first["update_norm"])  # the after side is its own
+        assert getattr(second.forget, key) == getattr(first.forget, key)
+        assert getattr(second.retain, key) == getattr(first.retain, key)
+    assert second.update_norm == pytest.approx(2 * first.update_norm)  # the after side is its own
     # the memoised numbers are the ones a fresh measurement gives
     metrics_mod.clear_base_memo()
     fresh = measure_update(facts_tiny, split, Update({name: 2 * delta}), quant=NF4, circuit=circuit)
-    assert fresh["forget"] == second["forget"] and fresh["retain"] == second["retain"]
-    assert fresh["cad"]["fp"] == pytest.approx(second["cad"]["fp"])
+    assert fresh.forget == second.forget and fresh.retain == second.retain
+    assert fresh.cad.fp == pytest.approx(second.cad.fp)
     # another quantizer is another Q(w)
     evaluated.clear()
     measure_update(facts_tiny, split, Update({name: delta}), quant=QuantConfig("fp4"), cad=False)
@@ -215,41 +226,55 @@ def test_measure_update_refuses_an_update_for_another_model(facts_tiny, split):
                        quant=NF4, cad=False)
 
 
-def _synthetic(forget, retain, ptq_gap, cad=None, oracle=None):
-    m = {"forget": dict(zip(("base_fp", "base_q", "after_fp", "after_q"), forget)),
-         "retain": dict(zip(("base_fp", "base_q", "after_fp", "after_q"), retain)), "ptq_gap": ptq_gap}
-    if cad is not None:
-        m["cad"] = {"fp": cad[0], "quantized": cad[1]}
-    if oracle is not None:
-        m["oracle"] = {"forget_fp": oracle}
-    return m
+def _synthetic(forget, retain, ptq_gap, cad=None, oracle=None, thresholds=Thresholds()):
+    """The report card of made-up accuracies ((base_fp, base_q, after_fp, after_q) per set)."""
+
+    def accuracies(values):
+        base_fp, base_q, after_fp, after_q = values
+        return VariantAccuracies(base_fp=base_fp, base_q=base_q, after_fp=after_fp, after_qbase_delta=after_fp,
+                                 after_q=after_q)
+
+    return report_card(forget=accuracies(forget), retain=accuracies(retain), ptq_gap=ptq_gap,
+                       cad=None if cad is None else CadScores(fp=cad[0], quantized=cad[1], fp_detail={},
+                                                               quantized_detail={}),
+                       oracle=None if oracle is None else OracleAccuracies(forget_fp=oracle, retain_fp=1.0),
+                       thresholds=thresholds)
 
 
 def test_report_card_logic():
-    m = _synthetic(forget=(1.0, 1.0, 0.1, 0.15), retain=(0.9, 0.88, 0.87, 0.86), ptq_gap=0.05, cad=(0.3, 0.2))
-    card = report_card(m, Thresholds())
+    card = _synthetic(forget=(1.0, 1.0, 0.1, 0.15), retain=(0.9, 0.88, 0.87, 0.86), ptq_gap=0.05, cad=(0.3, 0.2))
     # forgetting: worst of fp and quantized (0.15) against 0.2 (no oracle)
-    assert card["forgetting"]["pass"] is True
-    assert card["forgetting"]["margin"] == pytest.approx(0.05)
+    assert card.forgetting.passed is True
+    assert card.forgetting.margin == pytest.approx(0.05)
     # retain: worst drop over fp (0.03) and quantized (0.02) against 0.05
-    assert card["retain"]["pass"] is True and card["retain"]["value"] == pytest.approx(0.03)
+    assert card.retain.passed is True and card.retain.value == pytest.approx(0.03)
     # ptq: a positive gap fails the non-positive-gap property
-    assert card["ptq"]["pass"] is False and card["ptq"]["margin"] == pytest.approx(-0.05)
+    assert card.ptq.passed is False and card.ptq.margin == pytest.approx(-0.05)
     # structural: worst CAD (0.2) >= 0.1
-    assert card["structural"]["pass"] is True and card["structural"]["margin"] == pytest.approx(0.1)
+    assert card.structural.passed is True and card.structural.margin == pytest.approx(0.1)
+    assert [p.verdict for _, p in card.items()] == ["PASS", "PASS", "fail", "PASS"] and card.passes() == 3
     # the forget threshold never exceeds half the base's forget accuracy
-    low = report_card(_synthetic((0.3, 0.3, 0.16, 0.16), (1, 1, 1, 1), 0.0), Thresholds())
-    assert low["forgetting"]["threshold"] == pytest.approx(0.15) and low["forgetting"]["pass"] is False
+    low = _synthetic((0.3, 0.3, 0.16, 0.16), (1, 1, 1, 1), 0.0)
+    assert low.forgetting.threshold == pytest.approx(0.15) and low.forgetting.passed is False
     # with an oracle the threshold follows it (capped the same way)
-    with_oracle = report_card(_synthetic((1.0, 1.0, 0.3, 0.3), (1, 1, 1, 1), 0.0, oracle=0.25), Thresholds())
-    assert with_oracle["forgetting"]["threshold"] > 0.25 and with_oracle["forgetting"]["pass"] is True
-    explicit = report_card(_synthetic((1.0, 1.0, 0.3, 0.3), (1, 1, 1, 1), -0.1), Thresholds(forget_max=0.25))
-    assert explicit["forgetting"]["pass"] is False and explicit["ptq"]["pass"] is True
+    with_oracle = _synthetic((1.0, 1.0, 0.3, 0.3), (1, 1, 1, 1), 0.0, oracle=0.25)
+    assert with_oracle.forgetting.threshold > 0.25 and with_oracle.forgetting.passed is True
+    explicit = _synthetic((1.0, 1.0, 0.3, 0.3), (1, 1, 1, 1), -0.1, thresholds=Thresholds(forget_max=0.25))
+    assert explicit.forgetting.passed is False and explicit.ptq.passed is True
     # retain drop measured in each precision against the base in the same precision
-    drop_q = report_card(_synthetic((1, 1, 0, 0), (0.9, 0.8, 0.9, 0.7), 0.0), Thresholds())
-    assert drop_q["retain"]["value"] == pytest.approx(0.1) and drop_q["retain"]["pass"] is False
-    no_cad = report_card(_synthetic((1, 1, 0, 0), (1, 1, 1, 1), 0.0), Thresholds())
-    assert no_cad["structural"]["pass"] is None
+    drop_q = _synthetic((1, 1, 0, 0), (0.9, 0.8, 0.9, 0.7), 0.0)
+    assert drop_q.retain.value == pytest.approx(0.1) and drop_q.retain.passed is False
+    no_cad = _synthetic((1, 1, 0, 0), (1, 1, 1, 1), 0.0)
+    assert no_cad.structural.passed is None and no_cad.structural.verdict == "–"
+    assert no_cad.to_json()["structural"] == {"pass": None, "margin": None, "threshold": 0.1, "value": None}
+
+
+def _as_run(measured, **run):
+    """``measured`` as a run's metrics (the bookkeeping run_unlearning adds), with ``run`` overrides."""
+    fields = {"method": "mansu", "model": "facts-tiny", "model_fingerprint": "0" * 16, "split": "s", "n_forget": 1,
+              "n_retain": 1, "steps": 1, "stopped": "target", "seconds": 1.0, "unlearning_seconds": None,
+              "diagnostics": {}, "circuit": None}
+    return RunMetrics.of_update(measured, **{**fields, **run})
 
 
 def test_summary_says_where_the_time_went(mansu_measured, graddiff_measured):
@@ -259,22 +284,34 @@ def test_summary_says_where_the_time_went(mansu_measured, graddiff_measured):
         return next(line for line in summary_lines(metrics) if line.startswith("time:"))
 
     _, metrics, _ = mansu_measured
-    timed = {**metrics, "seconds": 5.0, "unlearning_seconds": 3.14159,
-             "diagnostics": {"seconds_by_phase": {"setup": 2.5, "gradients": 0.0312}}}
+    timed = _as_run(metrics, seconds=5.0, unlearning_seconds=3.14159,
+                    diagnostics={"seconds_by_phase": {"setup": 2.5, "gradients": 0.0312}})
     # whole tenths from a second up, hundredths below (a short run's phases are not all 0.0)
     assert time_line(timed) == "time: unlearning 3.1 s (setup 2.5, gradients 0.03) · measuring 1.9 s"
     # a real MANSU run names every phase it timed
     result, _, _ = mansu_measured
-    real = time_line({**metrics, "seconds": result.seconds + 1.0, "unlearning_seconds": result.seconds,
-                      "diagnostics": result.diagnostics})
-    assert all(f"{phase} " in real for phase in result.diagnostics["seconds_by_phase"])
+    real = time_line(_as_run(metrics, seconds=result.seconds + 1.0, unlearning_seconds=result.seconds,
+                             diagnostics=result.diagnostics))
+    assert result.seconds_by_phase and all(f"{phase} " in real for phase in result.seconds_by_phase)
     # a baseline has no phases: the line has the two totals only
     gd_result, gd_metrics = graddiff_measured
     assert "seconds_by_phase" not in gd_result.diagnostics
-    assert time_line({**gd_metrics, "seconds": 2.0, "unlearning_seconds": 0.5,
-                      "diagnostics": gd_result.diagnostics}) == "time: unlearning 0.50 s · measuring 1.5 s"
-    # metrics without timings (older runs) get no time line
-    assert not any(line.startswith("time:") for line in summary_lines(gd_metrics))
+    assert time_line(_as_run(gd_metrics, method="graddiff", seconds=2.0, unlearning_seconds=0.5,
+                             diagnostics=gd_result.diagnostics)) == "time: unlearning 0.50 s · measuring 1.5 s"
+    # runs saved before the unlearning time was recorded get no time line
+    assert not any(line.startswith("time:") for line in summary_lines(_as_run(gd_metrics)))
+
+
+def test_summary_lines_read_the_numbers(run_metrics):
+    from workbench.measurement.metrics import summary_lines
+
+    m = run_metrics
+    lines = summary_lines(m)
+    d = m.ptq_gap_decomposition
+    assert lines[0] == f"PTQ gap {m.ptq_gap:+.3f} = base shift {d.base_shift:+.3f} + rounding {d.rounding:+.3f}"
+    assert f"params changed {m.params_changed:,} · codes changed {m.codes_changed:,}" in lines[1]
+    assert f"CAD fp {m.cad.fp:.3f} · quantized {m.cad.quantized:.3f}" in lines
+    assert f"retain KL {m.retain_kl:.4g}" in lines
 
 
 def test_thresholds_are_validated():
@@ -294,7 +331,7 @@ def test_bin_occupancy_before_and_after_match_the_quantizer(facts_tiny, mansu_me
     order = code_order(NF4).numpy()
     before = bin_occupancy(facts_tiny.state(), names, NF4, transposed=tr, progress=lambda *_: None)
     after = bin_occupancy({**facts_tiny.state(), **result.update.after_state(facts_tiny.state())}, names, NF4, transposed=tr, progress=lambda *_: None)
-    overall = metrics["quantization"]["overall"]
+    overall = metrics.quantization["overall"]
     assert overall["occupancy_before"] == before["overall"][order].tolist()
     assert overall["occupancy_after"] == after["overall"][order].tolist()
     assert sum(overall["occupancy_after"]) == overall["n_weights"]
@@ -309,7 +346,7 @@ def test_before_after_figures_draw_the_measured_numbers(mansu_measured, graddiff
 
     _, m, _ = mansu_measured
     _, g = graddiff_measured
-    q = m["quantization"]
+    q = m.quantization
     fig = plots.occupancy_figure(q)
     assert [list(t.y) for t in fig.data[:2]] == [q["overall"]["occupancy_before"], q["overall"]["occupancy_after"]]
     assert list(fig.data[2].y) == [a - b for a, b in zip(q["overall"]["occupancy_after"], q["overall"]["occupancy_before"], strict=True)]
@@ -318,7 +355,7 @@ def test_before_after_figures_draw_the_measured_numbers(mansu_measured, graddiff
     with pytest.raises(WorkbenchError, match="no quantization analysis"):
         plots.occupancy_figure(q, "no.such.weight")
 
-    ratio = plots.update_ratio_figure({"mansu": q, "graddiff": g["quantization"]})
+    ratio = plots.update_ratio_figure({"mansu": q, "graddiff": g.quantization})
     assert [t.name for t in ratio.data] == ["mansu", "graddiff"]
     assert all(0 < sum(t.y) <= 1.0 + 1e-9 for t in ratio.data)  # below/above-range ratios are not drawn
     # MANSU's moves sit at or beyond one bin width more often than the dense baseline's
@@ -327,14 +364,18 @@ def test_before_after_figures_draw_the_measured_numbers(mansu_measured, graddiff
     assert mass_above_one(ratio.data[0]) > mass_above_one(ratio.data[1])
 
     acc = plots.accuracy_figure({"mansu": m, "graddiff": g})
-    assert list(acc.data[0].y) == [m["forget"][v] for v in plots.VARIANT_LABELS]
-    assert list(acc.data[3].y) == [g["retain"][v] for v in plots.VARIANT_LABELS]
+    assert list(acc.data[0].y) == [getattr(m.forget, v) for v in plots.VARIANT_LABELS]
+    assert list(acc.data[3].y) == [getattr(g.retain, v) for v in plots.VARIANT_LABELS]
+    single = plots.accuracy_figure(m)
+    assert list(single.data[1].y) == [getattr(m.retain, v) for v in plots.VARIANT_LABELS]
 
     cad = plots.cad_diff_figure(m)
-    assert f"{m['cad']['fp']:.3f}" in cad.layout.title.text
+    assert f"{m.cad.fp:.3f}" in cad.layout.title.text
+    assert f"{m.cad.quantized:.3f}" in plots.cad_diff_figure(m, "quantized").layout.title.text
     with pytest.raises(WorkbenchError, match="without CAD"):
         plots.cad_diff_figure(g)
 
     rows = report_card_rows(m)
     assert len(rows) == 4 and {r["verdict"] for r in rows} <= {"PASS", "fail", "–"}
-    assert rows[0]["verdict"] == ("PASS" if m["properties"]["forgetting"]["pass"] else "fail")
+    assert rows[0]["verdict"] == ("PASS" if m.properties.forgetting.passed else "fail")
+    assert [r["value"] for r in rows] == [p.value for _, p in m.properties.items()]

@@ -119,7 +119,7 @@ def test_cli_probe(capsys, facts_tiny, split, tmp_path):
     _, _, run = run_unlearning(facts_tiny, split, method="ga", optim=OptimConfig(lr=3e-3), stop=StopRule(max_steps=3),
                                measure_cad=False, runs_root=str(tmp_path))
     capsys.readouterr()
-    code = main(["probe", run.id, "--root", str(tmp_path), "--relearn-steps", "3", "--json"])
+    code = main(["probe", run.id, "--runs-root", str(tmp_path), "--relearn-steps", "3", "--json"])
     out, err = capsys.readouterr()
     assert code == 0, err
     data = json.loads(out)
@@ -127,10 +127,10 @@ def test_cli_probe(capsys, facts_tiny, split, tmp_path):
     assert data["relearning"]["steps"] == 3
     assert set(data["membership"]) >= {"fp", "quantized"}
     assert data["paraphrase"]["forget_paraphrase"]["after_fp"] == pytest.approx(
-        run.metrics["paraphrase"]["forget_paraphrase"]["after_fp"])
-    code = main(["probe", run.id, "--root", str(tmp_path), "--relearn-steps", "2"])
+        run.metrics.paraphrase.forget.after_fp)
+    code = main(["probe", str(run.path), "--relearn-steps", "2"])  # the run's directory works as well as its id
     out, _ = capsys.readouterr()
-    assert code == 0 and "PrivLeak %" in out and "recovery" in out
-    code = main(["probe", "missing-run", "--root", str(tmp_path)])
+    assert code == 0 and f"probes of run {run.id}:" in out and "PrivLeak %" in out and "recovery" in out
+    code = main(["probe", "missing-run", "--runs-root", str(tmp_path)])
     _, err = capsys.readouterr()
-    assert code == 2 and "no run 'missing-run'" in err
+    assert code == 1 and "no run 'missing-run'" in err

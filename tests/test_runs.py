@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch
 import workbench.experiments.store as runs
 from workbench.core.errors import WorkbenchError
 from workbench.experiments.store import check_run_id, list_runs, load_run, new_run_id, save_run
+from workbench.measurement.results import RunMetrics
 from workbench.models.update import Update
 
 
@@ -25,8 +27,8 @@ def _update() -> Update:
 
 CONFIG = {"method": "mansu", "model": "facts-tiny", "quant": {"type": "nf4", "blocksize": 64},
           "mansu": {"params_per_round": 16, "fisher_budget": None}}
-METRICS = {"forget": {"base_fp": 1.0, "after_fp": 0.25}, "ptq_gap": -0.0416, "properties": {"ptq": {"pass": True}},
-           "seconds": 1.5, "circuit": ["L0.H1", "L1.MLP"]}
+METRICS_FILE = Path(__file__).parent / "data" / "metrics_v1.json"
+METRICS = RunMetrics.from_json(json.loads(METRICS_FILE.read_text()), source=str(METRICS_FILE))  # a real run's
 HISTORY = [{"step": 1, "forget_top1": 0.5}, {"step": 2, "forget_top1": 0.25, "moved": 32.0}]
 
 
@@ -41,7 +43,8 @@ def test_round_trip(tmp_path):
     assert run.id == "my-run_1.0" and run.path == tmp_path / "my-run_1.0"
     loaded = load_run("my-run_1.0", root=tmp_path)
     assert loaded.config == CONFIG
-    assert loaded.metrics == {**METRICS, "run_id": "my-run_1.0"}
+    assert loaded.metrics == METRICS.saved_as("my-run_1.0")
+    assert json.loads((run.path / "metrics.json").read_text()) == {**METRICS.to_json(), "run_id": "my-run_1.0"}
     assert loaded.history == HISTORY
     assert loaded.circuit_path is not None and json.loads(loaded.circuit_path.read_text()) == {"x": 1}
     original, back = _update(), loaded.update()
@@ -157,3 +160,20 @@ def test_default_root_is_workbench_runs(tmp_path, monkeypatch):
     run = save_run(config=CONFIG, metrics=METRICS, update=_update(), run_id="r1")
     assert run.path == tmp_path / "elsewhere" / "r1"
     assert [r.id for r in list_runs()] == ["r1"]
+
+
+def test_resolve_run_takes_an_id_or_a_directory(tmp_path, monkeypatch):
+    from workbench.experiments.store import resolve_run
+
+    a = _save(tmp_path / "a", run_id="one")
+    b = _save(tmp_path / "b", run_id="two")
+    assert resolve_run("one", root=tmp_path / "a").path == a.path
+    assert resolve_run(str(b.path), root=tmp_path / "a").path == b.path  # a directory, from another root
+    monkeypatch.chdir(tmp_path)
+    assert resolve_run(os.path.join("b", "two"), root=tmp_path / "a").id == "two"  # relative to the working directory
+    assert resolve_run(b.path / ".." / "two").path == b.path
+    with pytest.raises(WorkbenchError, match=r"no run 'two' in .*a, and no run directory at .*two"):
+        resolve_run("two", root=tmp_path / "a")
+    (tmp_path / "not-a-run").mkdir()
+    with pytest.raises(WorkbenchError, match="incomplete"):
+        resolve_run(str(tmp_path / "not-a-run"), root=tmp_path / "a")

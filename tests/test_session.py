@@ -257,13 +257,13 @@ def test_unlearn_compare_and_runs(attributed, runs_root):
     assert s.model.weights_hash() == base_hash  # the shared base is never modified
     assert any("MANSU round" in m for _f, m in seen) and "MANSU round" in s.live_text()
     m = view.metrics
-    assert m["method"] == "mansu" and m["steps"] <= 2 and view.run_id and (runs_root / view.run_id).is_dir()
-    assert set(m["properties"]) == {"forgetting", "retain", "ptq", "structural"}
+    assert m.method == "mansu" and m.steps <= 2 and view.run_id and (runs_root / view.run_id).is_dir()
+    assert [name for name, _ in m.properties.items()] == ["forgetting", "retain", "ptq", "structural"]
 
     figs = compare_figures(view, "overall", "fp")
     assert [t.type for t in figs.occupancy.data] == ["bar", "bar", "bar"]
     before, after = figs.occupancy.data[0].y, figs.occupancy.data[1].y
-    assert sum(before) == sum(after) == m["quantization"]["overall"]["n_weights"]
+    assert sum(before) == sum(after) == m.quantization["overall"]["n_weights"]
     assert figs.cad is not None and len(figs.cad.data) == 3  # before | after | difference
     assert [r["property"] for r in figs.report][0].startswith("forgetting") and len(figs.report) == 4
     module = view.modules[1]
@@ -272,7 +272,7 @@ def test_unlearn_compare_and_runs(attributed, runs_root):
     s.pin()
     graddiff = s.unlearn("graddiff", stop={"max_steps": 2, "forget_target": None}, measure_cad=False,
                          use_oracle=False)
-    assert graddiff.metrics["method"] == "graddiff" and s.pinned is view
+    assert graddiff.metrics.method == "graddiff" and s.pinned is view
     accuracy, ratios = shared_figures([s.current, s.pinned])
     assert len({t.name for t in accuracy.data}) == 2
     assert compare_figures(graddiff).cad is None and compare_figures(graddiff).notes  # measured without CAD
@@ -280,7 +280,7 @@ def test_unlearn_compare_and_runs(attributed, runs_root):
     rows = runs_table(runs_root)
     assert {r["run"] for r in rows} >= {view.run_id, graddiff.run_id}
     reopened = s.open_run(view.run_id)
-    assert reopened.metrics["ptq_gap"] == m["ptq_gap"]
+    assert reopened.metrics == m
     names = {p.name for p in s.run_files(view.run_id)}
     assert names == {"metrics.json", "config.json", "update.safetensors"}
     with pytest.raises(WorkbenchError, match="invalid run id"):
@@ -340,8 +340,10 @@ def test_shared_base_accuracy_is_computed_once(attributed, monkeypatch):
     assert SHARED is not shared
 
 
-def test_runview_modules():
-    view = RunView(label="x", metrics={"quantization": {"modules": [{"name": "a.weight"}]}})
+def test_runview_modules(run_metrics):
+    from dataclasses import replace
+
+    view = RunView(label="x", metrics=replace(run_metrics, quantization={"modules": [{"name": "a.weight"}]}))
     assert view.modules == ["overall", "a.weight"]
 
 
@@ -353,7 +355,7 @@ def test_baseline_with_its_own_settings(attributed):
     assert "steering_scale" in defaults
     view = attributed.unlearn("rmu", settings=json.dumps({**defaults, "steering_scale": 2.0}),
                               stop={"max_steps": 2, "forget_target": None}, measure_cad=False, use_oracle=False)
-    assert view.metrics["method"] == "rmu" and view.metrics["steps"] == 2
+    assert view.metrics.method == "rmu" and view.metrics.steps == 2
     assert json.loads((view.path / "config.json").read_text())["method_config"]["steering_scale"] == 2.0
     with pytest.raises(WorkbenchError, match="not valid JSON"):
         attributed.unlearn("rmu", settings="{steering_scale: 2")

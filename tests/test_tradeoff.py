@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -162,14 +163,15 @@ def test_run_point_places_a_measured_update(tiny):
     model, split, direction, curve, _ = tiny
     upd = spread_budget(direction, 256, SMALL_BUDGET)
     metrics = measure_update(model, split, upd, quant=NF4, cad=False)
-    metrics["method"] = "spread"
-    pt = run_point(metrics)
+    pt = run_point(metrics, label="spread")
     row = next(p for p in curve if p["k"] == 256)
     assert pt["label"] == "spread" and pt["k"] == 256 == pt["params_changed"]
     assert pt["code_changed_fraction"] == pytest.approx(row["code_changed_fraction"])
     assert pt["budget"] == pytest.approx(SMALL_BUDGET, rel=1e-5)
-    with pytest.raises(WorkbenchError):
-        run_point({"forget": {}})
+    assert pt["forget"] == metrics.forget.by_variant() and pt["ptq_gap"] == metrics.ptq_gap
+    assert run_point(metrics)["label"] == "run"  # measured outside a run: no method to name it by
+    with pytest.raises(WorkbenchError, match="no quantization analysis"):
+        run_point(replace(metrics, quantization={}))
 
 
 def test_tradeoff_figure(tiny):

@@ -119,12 +119,12 @@ def test_errors_are_messages_not_exceptions(wb, tmp_path):
 
 def test_run_baseline_and_mansu_fill_the_compare_tab(wb):
     m = wb.run_unlearning("ga")
-    assert m is not None and m["method"] == "ga", _errors(wb)
+    assert m is not None and m.method == "ga", _errors(wb)
     wb.method_dropdown.value = "mansu"
     wb.run_button.click()  # the real button path
     assert list(wb.runs) == ["ga #1", "mansu #2"], _errors(wb)
-    assert wb.last_metrics["method"] == "mansu"
-    assert set(wb.last_metrics["circuit"]) == {c.name for c in wb.circuit.selected}
+    assert wb.last_metrics.method == "mansu"
+    assert set(wb.last_metrics.circuit) == {c.name for c in wb.circuit.selected}
     assert wb.progress.value == 1.0
     assert "report card" in wb.report_html.value and "PTQ gap" in wb.report_html.value
     # the headline numbers under the card, down to where the MANSU run's time went

@@ -7,6 +7,7 @@ number on screen is the number the CLI prints for the same inputs.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -19,6 +20,7 @@ from workbench.experiments.store import Run, save_run
 from workbench.interpretability.attribution import Attribution, AttributionConfig, attribute
 from workbench.interpretability.circuit import Circuit
 from workbench.measurement.metrics import Thresholds, measure_update
+from workbench.measurement.results import RunMetrics
 from workbench.models.builtin_splits import builtin_split
 from workbench.models.builtins import ORACLES
 from workbench.models.loaded import LoadedModel
@@ -30,7 +32,6 @@ from workbench.unlearning.result import UnlearningResult
 from workbench.unlearning.task import OptimConfig, StopRule
 
 DEFAULT_TOP_K = 10
-
 
 
 def attribute_forget_set(
@@ -65,20 +66,53 @@ def run_unlearning(
     oracle: LoadedModel | None = None,
     measure_cad: bool = True,
     save: bool = True,
-    runs_root: str | None = None,
+    runs_root: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
     should_stop: Callable[[], bool] | None = None,
-) -> tuple[UnlearningResult, dict[str, Any], Run | None]:
+) -> tuple[UnlearningResult, RunMetrics, Run | None]:
     """Unlearn, measure everything, and (by default) save the run atomically.
 
     ``method_config`` is the method's own config (e.g. :class:`MansuConfig`); ``optim``,
-    ``stop`` and ``baseline`` are the gradient methods' shared settings. MANSU needs a circuit; when none is given, the forget set is attributed and the
-    default top-k circuit is used. Baselines record the circuit too (for CAD's circuit share).
+    ``stop`` and ``baseline`` are the gradient methods' shared settings. MANSU needs a
+    circuit; when none is given, the forget set is attributed and the default top-k circuit
+    is used. Baselines record the circuit too (for CAD's circuit share). Returns the
+    method's result, the run's metrics (without ``run_id``) and the saved run (``None``
+    with ``save=False``; its ``metrics`` carry the ``run_id``).
     """
 
     report = progress or silent
     quant = quant or QuantConfig("nf4")
     start = time.perf_counter()
+    circuit = _circuit_for(model, split, circuit, method, report)
+    components = sorted(circuit.selected) if circuit is not None else None
+    result = unlearn(model, split, method=method, quant=quant, circuit=components, method_config=method_config,
+                     optim=optim, stop=stop, baseline=baseline, progress=scaled(report, 0.0, 0.6),
+                     should_stop=should_stop)
+    if result.stopped == "cancelled":
+        raise WorkbenchError("the run was cancelled; nothing was saved")
+    measured = measure_update(model, split, result.update, quant=quant, circuit=components, oracle=oracle,
+                              thresholds=thresholds or Thresholds(), cad=measure_cad,
+                              progress=scaled(report, 0.6, 0.98))
+    metrics = RunMetrics.of_update(
+        measured, method=result.method, model=model.name, model_fingerprint=model.fingerprint, split=split.name,
+        n_forget=len(split.forget), n_retain=len(split.retain), steps=result.steps, stopped=result.stopped,
+        seconds=time.perf_counter() - start, unlearning_seconds=result.seconds, diagnostics=result.diagnostics,
+        circuit=tuple(c.name for c in components) if components else None,
+    )
+    run = None
+    if save:
+        config = _run_config(model, split, method=method, quant=quant, method_config=method_config, optim=optim,
+                             stop=stop, baseline=baseline, thresholds=thresholds or Thresholds())
+        circuit_json = json.dumps(circuit.to_dict()) if circuit is not None else None
+        run = save_run(config=config, metrics=metrics, update=result.update, history=result.history,
+                       circuit_json=circuit_json, root=runs_root)
+    report(1.0, "done")
+    return result, metrics, run
+
+
+def _circuit_for(model: LoadedModel, split: FactSplit, circuit: Circuit | None, method: str,
+                 report: Progress) -> Circuit | None:
+    """The circuit the run uses: the given one (checked against the model), or for MANSU the default one."""
     if circuit is None and method == "mansu":
         report(0.0, "no circuit given: attributing the forget set")
         circuit = default_circuit(attribute_forget_set(model, split))
@@ -87,46 +121,23 @@ def run_unlearning(
             f"the circuit was computed on another model (fingerprint {circuit.model_fingerprint}, "
             f"this model {model.fingerprint})"
         )
-    components = sorted(circuit.selected) if circuit is not None else None
-    result = unlearn(model, split, method=method, quant=quant, circuit=components, method_config=method_config,
-                     optim=optim, stop=stop, baseline=baseline, progress=scaled(report, 0.0, 0.6),
-                     should_stop=should_stop)
-    if result.stopped == "cancelled":
-        raise WorkbenchError("the run was cancelled; nothing was saved")
-    metrics = measure_update(model, split, result.update, quant=quant, circuit=components, oracle=oracle,
-                             thresholds=thresholds or Thresholds(), cad=measure_cad, progress=scaled(report, 0.6, 0.98))
-    seconds = time.perf_counter() - start
-    metrics.update({
-        "method": result.method,
-        "model": model.name,
-        "model_fingerprint": model.fingerprint,
-        "split": split.name,
-        "n_forget": len(split.forget),
-        "n_retain": len(split.retain),
-        "steps": result.steps,
-        "stopped": result.stopped,
-        "seconds": seconds,
-        "unlearning_seconds": result.seconds,
-        "diagnostics": result.diagnostics,
-        "circuit": [c.name for c in components] if components else None,
-    })
-    run = None
-    if save:
-        config = {
-            "method": method, "model": model.name, "model_fingerprint": model.fingerprint, "split": split.name,
-            "quant": quant.to_dict(),
-            "mansu": asdict(method_config) if method_config is not None and method == "mansu" else None,
-            "optim": asdict(optim) if optim is not None else None,
-            "stop": asdict(stop) if stop is not None else None,
-            "baseline": asdict(baseline) if baseline is not None else None,
-            "method_config": asdict(method_config) if method_config is not None else None,
-            "thresholds": asdict(thresholds or Thresholds()),
-        }
-        circuit_json = json.dumps(circuit.to_dict()) if circuit is not None else None
-        run = save_run(config=config, metrics=metrics, update=result.update, history=result.history,
-                       circuit_json=circuit_json, root=runs_root)
-    report(1.0, "done")
-    return result, metrics, run
+    return circuit
+
+
+def _run_config(model: LoadedModel, split: FactSplit, *, method: str, quant: QuantConfig,
+                method_config: MethodConfig | None, optim: OptimConfig | None, stop: StopRule | None,
+                baseline: BaselineConfig | None, thresholds: Thresholds) -> dict[str, Any]:
+    """``config.json``: what was asked, as plain JSON."""
+    return {
+        "method": method, "model": model.name, "model_fingerprint": model.fingerprint, "split": split.name,
+        "quant": quant.to_dict(),
+        "mansu": asdict(method_config) if method_config is not None and method == "mansu" else None,
+        "optim": asdict(optim) if optim is not None else None,
+        "stop": asdict(stop) if stop is not None else None,
+        "baseline": asdict(baseline) if baseline is not None else None,
+        "method_config": asdict(method_config) if method_config is not None else None,
+        "thresholds": asdict(thresholds),
+    }
 
 
 def oracle_for(model: LoadedModel) -> LoadedModel | None:
@@ -146,15 +157,15 @@ def model_and_split_for_run(run: Run, *, model: LoadedModel | None = None,
     """
 
     m = run.metrics
-    model = model or load_model(m["model"])
-    if m.get("model_fingerprint") and model.fingerprint != m["model_fingerprint"]:
+    model = model or load_model(m.model)
+    if m.model_fingerprint and model.fingerprint != m.model_fingerprint:
         raise WorkbenchError(
-            f"run {run.id} was made on a model with fingerprint {m['model_fingerprint']}, "
+            f"run {run.id} was made on a model with fingerprint {m.model_fingerprint}, "
             f"but {model.name!r} now has {model.fingerprint}"
         )
     if split is not None:
         return model, split
-    name = str(m.get("split") or "")
+    name = m.split
     domain = name.split(":", 1)[1] if ":" in name else name.rsplit("-seed", 1)[0]
     try:
         candidate = builtin_split(model) if not domain else builtin_split(model, forget_domain=domain)

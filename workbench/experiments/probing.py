@@ -10,7 +10,6 @@ from workbench.experiments.flow import model_and_split_for_run, oracle_for
 from workbench.experiments.store import Run
 from workbench.measurement.probes import membership_inference, paraphrase_probe, relearning_attack
 from workbench.models.loaded import LoadedModel
-from workbench.quant import QuantConfig
 
 
 def probe_run(
@@ -29,8 +28,8 @@ def probe_run(
     model, split = model_and_split_for_run(run, split=split)
     update = run.update()
     update.check_fits(model)
-    quant = QuantConfig.from_dict(run.metrics["quant"])
-    out: dict[str, Any] = {"run_id": run.id, "method": run.metrics.get("method"), "model": model.name,
+    quant = run.metrics.quant
+    out: dict[str, Any] = {"run_id": run.id, "method": run.metrics.method, "model": model.name,
                            "split": split.name, "quant": quant.label}
     report(0.05, "paraphrase probe")
     out["paraphrase"] = paraphrase_probe(model, split, update, quant) if split.forget_paraphrase else None

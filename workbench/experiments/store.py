@@ -4,7 +4,7 @@ A run is a directory ``<root>/<run id>/`` holding
 
 - ``config.json``   what was asked (model, split, method, hyper-parameters, quantizer),
 - ``circuit.json``  the circuit the method used (if any),
-- ``metrics.json``  everything measured (see :mod:`workbench.metrics`),
+- ``metrics.json``  everything measured (:class:`~workbench.measurement.results.RunMetrics`),
 - ``history.json``  per-step records (for live and replayed plots),
 - ``update.safetensors`` the update itself (sparse where sparse).
 
@@ -28,6 +28,7 @@ from typing import Any
 
 from workbench.core.errors import WorkbenchError
 from workbench.core.paths import runs_dir
+from workbench.measurement.results import RunMetrics
 from workbench.models.update import Update
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")  # \Z: "$" would accept a trailing newline
@@ -41,7 +42,7 @@ class Run:
     id: str
     path: Path
     config: dict[str, Any]
-    metrics: dict[str, Any]
+    metrics: RunMetrics
     history: list[dict[str, Any]]
 
     @property
@@ -91,7 +92,7 @@ def _json_default(obj: Any) -> Any:
 def save_run(
     *,
     config: dict[str, Any],
-    metrics: dict[str, Any],
+    metrics: RunMetrics,
     update: Update,
     history: list[dict[str, Any]] | None = None,
     circuit_json: str | None = None,
@@ -112,7 +113,7 @@ def save_run(
             (tmp / "circuit.json").write_text(circuit_json)
         update.save(tmp / "update.safetensors")
         # metrics.json last: its presence in a finished directory is what "complete" means.
-        _write_json(tmp / "metrics.json", {**metrics, "run_id": run_id})
+        _write_json(tmp / "metrics.json", metrics.saved_as(run_id).to_json())
         os.replace(tmp, target)
     finally:
         if tmp.exists():
@@ -135,9 +136,26 @@ def load_run(run_id: str, *, root: str | os.PathLike[str] | None = None) -> Run:
         history = json.loads(history_file.read_text()) if history_file.exists() else []
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise WorkbenchError(f"run {run_id}: damaged JSON ({exc})") from exc
-    if not isinstance(config, dict) or not isinstance(metrics, dict):
-        raise WorkbenchError(f"run {run_id}: config.json and metrics.json must hold JSON objects")
-    return Run(id=run_id, path=path, config=config, metrics=metrics, history=history)
+    if not isinstance(config, dict):
+        raise WorkbenchError(f"run {run_id}: config.json must hold a JSON object")
+    source = f"run {run_id} ({path / 'metrics.json'})"
+    return Run(id=run_id, path=path, config=config, metrics=RunMetrics.from_json(metrics, source=source),
+               history=history)
+
+
+def resolve_run(ref: str | os.PathLike[str], *, root: str | os.PathLike[str] | None = None) -> Run:
+    """A saved run named by its id (looked up in ``root``) or by its directory (the path
+    ``unlearn`` and :func:`save_run` report), so runs from different roots can be opened together.
+
+    An id is tried first; a directory is read from its own parent. Neither is a clear error."""
+    text = os.fspath(ref)
+    base = _root(root)
+    if _ID_RE.match(text) and ".." not in text and (base / text).is_dir():
+        return load_run(text, root=base)
+    path = Path(text).expanduser().resolve()
+    if path.is_dir():
+        return load_run(path.name, root=path.parent)
+    raise WorkbenchError(f"no run {text!r} in {base}, and no run directory at {path}")
 
 
 def list_runs(*, root: str | os.PathLike[str] | None = None) -> list[Run]:

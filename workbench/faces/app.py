@@ -507,9 +507,10 @@ def build_app(start_model: str, heavy_jobs: int = 1) -> gr.Blocks:
     return demo
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    """The app's own flags (``prog``: the name its usage line shows, e.g. ``workbench app``)."""
 
-    p = argparse.ArgumentParser(description="The MANSU workbench in the browser.")
+    p = argparse.ArgumentParser(prog=prog, description="The MANSU workbench in the browser.")
     p.add_argument("--model", default=os.environ.get("WORKBENCH_MODEL") or DEFAULT_MODEL,
                    help="start model: a built-in or a local HF directory (default: $WORKBENCH_MODEL or %(default)s)")
     p.add_argument("--host", default="127.0.0.1",
@@ -522,10 +523,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
 
+    args = parse_args(argv, prog)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
     if args.heavy_jobs < 1:
         raise SystemExit("--heavy-jobs must be >= 1")
     if not args.no_preload:

@@ -371,7 +371,7 @@ def bench_unlearning(model: LoadedModel, *, steps: int = 5) -> dict[str, Any]:
     t_gd, m_gd, graddiff = _timed(lambda: unlearn(
         model, split, method="graddiff", quant=quant, progress=silent,
         optim=OptimConfig(lr=default_lr(model)), stop=StopRule(max_steps=steps, forget_target=None)))
-    phases = dict(mansu.diagnostics["seconds_by_phase"])
+    phases = dict(mansu.seconds_by_phase)
     # Equal step counts are not equal work done: to the same forget target (the shared
     # stopping rule of every comparison) MANSU needs fewer rounds than GradDiff needs steps.
     t_mansu_target, _, mansu_target = _timed(lambda: unlearn(
@@ -442,17 +442,16 @@ def format_rows(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str
 SECTIONS = ("attribution", "quantization", "unlearning")
 
 
-def run_bench(sections: Sequence[str] = (), *, quick: bool = False, json_path: str | None = None) -> int:
-    """``workbench bench``: run the named sections (all by default), print tables, optionally write JSON.
+def run_bench(sections: Sequence[str] = (), *, quick: bool = False) -> dict[str, Any]:
+    """``workbench bench``: run the named sections (all by default), print their tables as
+    they finish, and return the whole report (JSON-ready: ``quick``, one list of rows per
+    section, ``seconds``).
 
     The attribution section uses the trained ``facts`` model (``facts-tiny`` with ``--quick``)
     on its forget set, plus the default random 12-layer GPT-2-small-shaped model; the
     quantization section ``smollm2`` (``facts-tiny`` with ``--quick``); the unlearning
     section ``facts`` (``facts-tiny``). Torch runs on one thread throughout (see above).
     """
-    import json
-
-
     chosen = list(sections) or list(SECTIONS)
     unknown = [s for s in chosen if s not in SECTIONS]
     if unknown:
@@ -489,7 +488,4 @@ def run_bench(sections: Sequence[str] = (), *, quick: bool = False, json_path: s
         torch.set_num_threads(saved)
     report["seconds"] = time.perf_counter() - started
     print(f"bench: {report['seconds']:.0f} s in all")
-    if json_path:
-        with open(json_path, "w") as fh:
-            json.dump(report, fh, indent=2, default=float)
-    return 0
+    return report

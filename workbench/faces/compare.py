@@ -28,6 +28,7 @@ from __future__ import annotations
 import html
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from workbench.core.errors import WorkbenchError
 from workbench.core.progress import silent
 from workbench.data.facts import FactSplit
 from workbench.experiments.flow import attribute_forget_set, default_circuit, model_and_split_for_run, run_unlearning
-from workbench.experiments.store import Run, load_run
+from workbench.experiments.store import Run, resolve_run
 from workbench.faces.tables import csv_table, html_table, markdown_table
 from workbench.interpretability.circuit import Circuit
 from workbench.measurement.evaluation import evaluate_facts
@@ -46,7 +47,7 @@ from workbench.models.builtin_splits import builtin_split
 from workbench.models.loaded import LoadedModel
 from workbench.quant import QuantConfig
 from workbench.unlearning.mansu import MansuConfig
-from workbench.unlearning.registry import METHODS, default_lr
+from workbench.unlearning.registry import METHODS, MethodConfig, default_lr
 from workbench.unlearning.task import OptimConfig, StopRule
 
 QUANT_TYPES = ("nf4", "fp4", "int8")
@@ -57,18 +58,19 @@ BIN_CROSSING_RATIO = 0.5
 PROPERTY_COLUMNS = {"forgetting": "forgetting", "retain": "retain kept", "ptq": "PTQ gap ok", "structural": "structural"}
 
 
-def load_runs(run_ids: Iterable[str], *, root: str | None = None) -> list[Run]:
-    """Saved runs by id, in the order given (unknown ids raise :class:`WorkbenchError`)."""
+def load_runs(refs: Iterable[str], *, root: str | None = None) -> list[Run]:
+    """Saved runs by id (in ``root``) or by directory, in the order given (an unknown run
+    raises :class:`WorkbenchError`)."""
 
-    ids = list(run_ids)
-    if not ids:
-        raise WorkbenchError("no run ids given to compare")
-    return [load_run(i, root=root) for i in ids]
+    refs = list(refs)
+    if not refs:
+        raise WorkbenchError("no runs given to compare")
+    return [resolve_run(ref, root=root) for ref in refs]
 
 
 def run_labels(runs: Sequence[Run]) -> list[str]:
     """A unique display label per run: its method, plus the id's tail where a method repeats."""
-    methods = [r.metrics.get("method", "?") for r in runs]
+    methods = [r.metrics.method for r in runs]
     return [m if methods.count(m) == 1 else f"{m} ({r.id[-4:]})" for m, r in zip(methods, runs)]
 
 
@@ -89,71 +91,58 @@ def quantizer_accuracies(
     model, split = model_and_split_for_run(run, model=model, split=split)
     update = run.update()
     update.check_fits(model)
-    q = run.metrics.get("quant") or {}
-    own = q.get("type")
+    q = run.metrics.quant
     out: dict[str, dict[str, float]] = {}
-    if own in types:
-        out[own] = {"forget": run.metrics["forget"]["after_q"], "retain": run.metrics["retain"]["after_q"]}
+    if q.type in types:
+        out[q.type] = {"forget": run.metrics.forget.after_q, "retain": run.metrics.retain.after_q}
     for t in types:
         if t in out:
             continue
-        cfg = QuantConfig(t, blocksize=int(q.get("blocksize", 64)), double_quant=bool(q.get("double_quant", False)))
+        cfg = QuantConfig(t, blocksize=q.blocksize, double_quant=q.double_quant)
         after = model.with_state(quantized_states(model, update, cfg)["after_q"], f"{model.name}+Δ|{cfg.label}")
         out[t] = {"forget": evaluate_facts(after, split.forget, multiple_choice=False).top1,
                   "retain": evaluate_facts(after, split.retain, multiple_choice=False).top1}
     return out
 
 
-def _verdict(p: Mapping[str, Any] | None) -> str:
-    if not p or p.get("pass") is None:
-        return "–"
-    return "PASS" if p["pass"] else "fail"
-
-
 def compare_row(run: Run, label: str | None = None, quantizers: Mapping[str, Mapping[str, float]] | None = None) -> dict[str, Any]:
     """One table row from a run's ``metrics.json`` (see the module docstring for the columns)."""
     m = run.metrics
-    f, r = m["forget"], m["retain"]
-    own = (m.get("quant") or {}).get("type")
+    f, r = m.forget, m.retain
     accs: dict[str, Mapping[str, float]] = dict(quantizers or {})
-    if own:
-        accs.setdefault(own, {"forget": f["after_q"], "retain": r["after_q"]})
-    ratio = m.get("update_to_bin_width") or {}
-    cad = m.get("cad") or {}
-    d = m.get("ptq_gap_decomposition") or {}
+    accs.setdefault(m.quant.type, {"forget": f.after_q, "retain": r.after_q})
     row: dict[str, Any] = {
-        "method": label or m.get("method"),
+        "method": label or m.method,
         "run": run.id,
-        "quantizer": (m.get("quant") or {}).get("type"),
-        "steps": m.get("steps"),
-        "stopped": m.get("stopped"),
-        "forget base": f.get("base_fp"),
-        "forget fp": f.get("after_fp"),
-        "forget Q(w)+Δ": f.get("after_qbase_delta"),
+        "quantizer": m.quant.type,
+        "steps": m.steps,
+        "stopped": m.stopped,
+        "forget base": f.base_fp,
+        "forget fp": f.after_fp,
+        "forget Q(w)+Δ": f.after_qbase_delta,
     }
     for t in QUANT_TYPES:
         row[f"forget {t}"] = accs.get(t, {}).get("forget")
-    row["retain base"] = r.get("base_fp")
-    row["retain fp"] = r.get("after_fp")
+    row["retain base"] = r.base_fp
+    row["retain fp"] = r.after_fp
     for t in QUANT_TYPES:
         row[f"retain {t}"] = accs.get(t, {}).get("retain")
     row.update({
-        "PTQ gap": m.get("ptq_gap"),
-        "gap base shift": d.get("base_shift"),
-        "gap rounding": d.get("rounding"),
-        "bucket overlap": m.get("bucket_overlap"),
-        "code overlap": m.get("code_overlap"),
-        "codes changed": m.get("codes_changed"),
-        "median |Δw|/bin": ratio.get("median"),
-        "p90 |Δw|/bin": ratio.get("p90"),
-        "params changed": m.get("params_changed"),
-        "CAD fp": cad.get("fp"),
-        "CAD Q": cad.get("quantized"),
+        "PTQ gap": m.ptq_gap,
+        "gap base shift": m.ptq_gap_decomposition.base_shift,
+        "gap rounding": m.ptq_gap_decomposition.rounding,
+        "bucket overlap": m.bucket_overlap,
+        "code overlap": m.code_overlap,
+        "codes changed": m.codes_changed,
+        "median |Δw|/bin": m.update_to_bin_width.median,
+        "p90 |Δw|/bin": m.update_to_bin_width.p90,
+        "params changed": m.params_changed,
+        "CAD fp": m.cad.fp if m.cad is not None else None,
+        "CAD Q": m.cad.quantized if m.cad is not None else None,
     })
-    props = m.get("properties") or {}
-    for key, col in PROPERTY_COLUMNS.items():
-        row[col] = _verdict(props.get(key))
-    row["seconds"] = m.get("seconds")
+    for name, p in m.properties.items():
+        row[PROPERTY_COLUMNS[name]] = p.verdict
+    row["seconds"] = m.seconds
     return row
 
 
@@ -277,7 +266,7 @@ def forget_fp_vs_quantized_figure(rows: Sequence[Mapping[str, Any]]) -> go.Figur
 def update_ratio_figure(runs: Sequence[Run], labels: Sequence[str] | None = None) -> go.Figure:
     """Distribution of ``|Δw| / local bin width`` over each run's changed quantized weights, log x.
 
-    From ``metrics["quantization"]`` (histogram ``overall.ratio_counts`` over ``ratio_edges``;
+    From ``run.metrics.quantization`` (histogram ``overall.ratio_counts`` over ``ratio_edges``;
     y = fraction of the run's changed weights per bin). The dotted line at 0.5 is the
     bin-crossing ratio: a weight at its bin's centre crosses a boundary there; below it a
     move crosses only if the weight already sat that close to the boundary.
@@ -285,7 +274,7 @@ def update_ratio_figure(runs: Sequence[Run], labels: Sequence[str] | None = None
     labels = list(labels) if labels is not None else run_labels(runs)
     fig = go.Figure()
     for i, (run, label) in enumerate(zip(runs, labels)):
-        q = run.metrics.get("quantization") or {}
+        q = run.metrics.quantization
         o = q.get("overall") or {}
         counts = list(o.get("ratio_counts") or [])
         edges = list(q.get("ratio_edges") or [])
@@ -378,13 +367,13 @@ def paper_table(
     if unknown:
         raise WorkbenchError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     stop = stop or StopRule()
-    jobs: list[tuple[str, dict[str, Any]]] = []
+    jobs: list[_Job] = []
     for method in methods:
         if method == "mansu":
             target = stop.forget_target if stop.forget_target is not None else 0.1
-            jobs.append((method, {"method_config": MansuConfig(forget_target=target)}))
+            jobs.append(_Job(method, method_config=MansuConfig(forget_target=target)))
         else:
-            jobs.append((method, {"optim": OptimConfig(lr=default_lr(model)), "stop": stop}))
+            jobs.append(_Job(method, optim=OptimConfig(lr=default_lr(model)), stop=stop))
     return _run_jobs(model, jobs, "paper table", split=split, quant=quant, measure_cad=measure_cad,
                      needs_circuit="mansu" in methods, oracle=oracle, runs_root=runs_root, progress=progress)
 
@@ -423,12 +412,9 @@ def ablation_table(
     method; run labels (``mansu-no_floor`` …) name what was switched off. Which component
     carries which property is read off the resulting comparison.
     """
-    from dataclasses import replace
-
-
     config = config or MansuConfig()
-    jobs = [("mansu", {"method_config": config})]
-    jobs += [("mansu", {"method_config": replace(config, **{f"use_{a}": False})}) for a in check_ablations(ablations)]
+    jobs = [_Job("mansu", method_config=config)]
+    jobs += [_Job("mansu", method_config=replace(config, **{f"use_{a}": False})) for a in check_ablations(ablations)]
     return _run_jobs(model, jobs, "ablation table", split=split, quant=quant, measure_cad=measure_cad,
                      needs_circuit=True, circuit=circuit, oracle=oracle, runs_root=runs_root, progress=progress)
 
@@ -456,9 +442,19 @@ def ablation_findings(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
+@dataclass(frozen=True)
+class _Job:
+    """One run of a paper or ablation table: the method and the settings it gets."""
+
+    method: str
+    method_config: MethodConfig | None = None
+    optim: OptimConfig | None = None
+    stop: StopRule | None = None
+
+
 def _run_jobs(
     model: LoadedModel,
-    jobs: Sequence[tuple[str, dict[str, Any]]],
+    jobs: Sequence[_Job],
     desc: str,
     *,
     split: FactSplit | None,
@@ -470,10 +466,10 @@ def _run_jobs(
     runs_root: str | None,
     progress: Callable[[float, str], None] | None,
 ) -> list[Run]:
-    """Run ``(method, run_unlearning kwargs)`` jobs in order on one split, quantizer and circuit.
+    """Run the jobs in order on one split, quantizer and circuit.
 
     One process for all jobs also lets the base's own measurements (w and Q(w) on every fact
-    set, their attributions) be computed once (:func:`workbench.metrics.base_memo`).
+    set, their attributions) be computed once (:func:`workbench.measurement.metrics.base_memo`).
     """
     from tqdm.auto import tqdm
 
@@ -487,16 +483,17 @@ def _run_jobs(
     runs: list[Run] = []
     bar = tqdm(total=len(jobs), desc=desc, disable=progress is not None)
     try:
-        for i, (method, kwargs) in enumerate(jobs):
+        for i, job in enumerate(jobs):
             def sub(f: float, msg: str, i: int = i) -> None:
                 report((i + f) / len(jobs), msg)
 
-            _, _, run = run_unlearning(model, split, method=method, quant=quant, circuit=circuit, oracle=oracle,
-                                       measure_cad=measure_cad, runs_root=runs_root, progress=sub, **kwargs)
+            _, _, run = run_unlearning(model, split, method=job.method, quant=quant, circuit=circuit, oracle=oracle,
+                                       method_config=job.method_config, optim=job.optim, stop=job.stop,
+                                       measure_cad=measure_cad, runs_root=runs_root, progress=sub)
             assert run is not None
             runs.append(run)
             bar.update(1)
-            bar.set_postfix_str(run.metrics.get("method", method))
+            bar.set_postfix_str(run.metrics.method)
     finally:
         bar.close()
     return runs

@@ -18,6 +18,7 @@ from workbench.core.components import LOGITS, Component, ComponentKind
 from workbench.core.errors import WorkbenchError
 from workbench.interpretability.attribution import Attribution
 from workbench.interpretability.circuit import Circuit, component_order
+from workbench.measurement.results import UpdateMetrics
 from workbench.quant import QuantConfig, code_order, code_table
 
 DIVERGING = "RdBu_r"
@@ -315,7 +316,7 @@ def circuit_diff_figure(
 
 
 # --------------------------------------------------------------------------- before/after of an update
-# These read the plain dicts of ``metrics.json`` (``metrics["quantization"]`` is
+# These read a run's metrics (the quantization analysis, ``metrics.quantization``, is
 # ``QuantComparison.to_dict()``), so a saved run draws the same figures as a live one.
 
 BEFORE_COLOUR, AFTER_COLOUR = "#7f7f7f", "#d62728"
@@ -380,7 +381,7 @@ def occupancy_figure(quantization: Mapping[str, Any], module: str = "overall", *
 def update_ratio_figure(runs: Mapping[str, Mapping[str, Any]], *, title: str | None = None) -> go.Figure:
     """Distribution of ``|Δw| / bin width`` over changed weights, one line per run, log x.
 
-    ``runs`` maps a label to ``metrics["quantization"]``. y is the fraction of the run's
+    ``runs`` maps a label to a run's ``metrics.quantization``. y is the fraction of the run's
     changed weights per histogram bin. The dashed line at 1 is one local bin width: a move
     that large always changes the code; a move of r < 1 bin crosses a boundary with
     probability ≈ r (the distance to the next boundary is spread over the bin).
@@ -406,46 +407,47 @@ def update_ratio_figure(runs: Mapping[str, Mapping[str, Any]], *, title: str | N
     return fig
 
 
-def accuracy_figure(metrics: Mapping[str, Any], *, title: str | None = None) -> go.Figure:
+def accuracy_figure(metrics: UpdateMetrics | Mapping[str, UpdateMetrics], *, title: str | None = None) -> go.Figure:
     """Forget | retain top-1 for the five variants (base fp, Q(w), w+Δ, Q(w)+Δ, Q(w+Δ)).
 
     ``metrics`` is one run's metrics, or a mapping label → metrics for several runs (one
     bar series per run). The PTQ gap is the step from "after fp" to "after Q(w+Δ)";
     Q(w)+Δ splits it into the base's own quantization shift and the rounding of Δ.
     """
-    runs = {"run": metrics} if "forget" in metrics else dict(metrics)
+    runs = {"run": metrics} if isinstance(metrics, UpdateMetrics) else dict(metrics)
     variants = list(VARIANT_LABELS)
     fig = make_subplots(rows=1, cols=2, shared_yaxes=True, subplot_titles=("forget top-1 (lower = forgotten)",
                                                                           "retain top-1 (higher = kept)"))
     palette = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
     for i, (label, m) in enumerate(runs.items()):
-        for col, key in ((1, "forget"), (2, "retain")):
-            ys = [m[key].get(v) for v in variants]
+        for col, key, accuracies in ((1, "forget", m.forget), (2, "retain", m.retain)):
+            ys = [accuracies.by_variant()[v] for v in variants]
             fig.add_trace(go.Bar(x=[VARIANT_LABELS[v] for v in variants], y=ys, name=label,
                                  marker_color=palette[i % len(palette)], showlegend=(col == 1 and len(runs) > 1),
                                  text=[None if y is None else f"{y:.2f}" for y in ys], textposition="outside",
                                  hovertemplate=f"{label}<br>%{{x}}: %{{y:.3f}}<extra>{key}</extra>"),
                           row=1, col=col)
-    gaps = ", ".join(f"{label} {m['ptq_gap']:+.3f}" for label, m in runs.items())
+    gaps = ", ".join(f"{label} {m.ptq_gap:+.3f}" for label, m in runs.items())
     fig.update_yaxes(range=[0, 1.12], tickformat=".0%")
     fig.update_layout(title=title or f"Accuracy in full precision vs quantized (PTQ gap: {gaps})",
                       barmode="group", plot_bgcolor="white", height=380, margin=dict(l=60, r=20, t=70, b=60))
     return fig
 
 
-def cad_diff_figure(metrics: Mapping[str, Any], which: str = "fp", *, top: int | None = 30) -> go.Figure:
+def cad_diff_figure(metrics: UpdateMetrics, which: str = "fp", *, top: int | None = 30) -> go.Figure:
     """Per-node attribution before | after | difference behind a run's CAD (``which``:
     ``"fp"`` = w vs w+Δ, ``"quantized"`` = Q(w) vs Q(w+Δ))."""
 
-    cad = metrics.get("cad")
-    if not cad or f"{which}_detail" not in cad:
+    cad = metrics.cad
+    if cad is None:
         raise WorkbenchError("this run was measured without CAD (no attribution before/after)")
-    per_node = cad[f"{which}_detail"]["per_node"]
+    per_node = cad.detail(quantized=which == "quantized")["per_node"]
     before = {name: v[0] for name, v in per_node.items()}
     after = {name: v[1] for name, v in per_node.items()}
     label = "full precision" if which == "fp" else "quantized"
     fig = circuit_diff_figure(before, after, labels=("before", "after"), top=top)
-    fig.update_layout(title=f"Attribution per component, {label} (CAD {cad[which]:.3f})")
+    score = cad.quantized if which == "quantized" else cad.fp
+    fig.update_layout(title=f"Attribution per component, {label} (CAD {score:.3f})")
     return fig
 
 

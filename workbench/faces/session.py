@@ -60,6 +60,7 @@ from workbench.interpretability.circuit import Circuit
 from workbench.interpretability.faithfulness import Faithfulness, faithfulness
 from workbench.measurement.evaluation import evaluate_split
 from workbench.measurement.metrics import report_card_rows, summary_lines
+from workbench.measurement.results import RunMetrics, UpdateMetrics
 from workbench.models.builtin_splits import builtin_split, facts_preset, filtered_real_facts
 from workbench.models.builtins import BUILTINS
 from workbench.models.loaded import LoadedModel
@@ -273,15 +274,14 @@ class RunView:
     """A run on screen: live or reopened from the run store."""
 
     label: str
-    metrics: dict[str, Any]
+    metrics: RunMetrics
     run_id: str | None = None
     path: Path | None = None
 
     @property
     def modules(self) -> list[str]:
         """``"overall"`` and every quantized module of the run's analysis."""
-        q = self.metrics.get("quantization") or {}
-        return ["overall", *(m["name"] for m in q.get("modules", []))]
+        return ["overall", *(m["name"] for m in self.metrics.quantization.get("modules", []))]
 
 
 # --------------------------------------------------------------------------------------------
@@ -597,7 +597,7 @@ class Session:
         use_oracle: bool = True,
         progress: Progress | None = None,
     ) -> RunView:
-        """Run MANSU or a baseline through :func:`workbench.experiment.run_unlearning`, save the run.
+        """Run MANSU or a baseline through :func:`workbench.experiments.flow.run_unlearning`, save the run.
 
         ``mansu`` holds :class:`~workbench.unlearning.MansuConfig` fields, ``optim`` and
         ``stop`` those of ``OptimConfig`` / ``StopRule`` (baselines; ``lr`` None = the core's
@@ -641,7 +641,7 @@ class Session:
         self._cancel = False
         self.running = True
         try:
-            _result, metrics, run = run_unlearning(
+            _result, _metrics, run = run_unlearning(
                 model, split, method=method, quant=quant, circuit=self.circuit,
                 optim=optim_config, stop=stop_rule, method_config=method_config, oracle=oracle,
                 measure_cad=bool(measure_cad),
@@ -694,7 +694,7 @@ class Session:
         if not run_id:
             raise WorkbenchError("choose a run from the history first")
         run = load_run(str(run_id).strip(), root=self.runs_root)
-        self.current = RunView(label=f"{run.metrics.get('method', '?')} · {run.id}", metrics=run.metrics,
+        self.current = RunView(label=f"{run.metrics.method} · {run.id}", metrics=run.metrics,
                                run_id=run.id, path=run.path)
         return self.current
 
@@ -717,13 +717,13 @@ class Session:
 
 
 # --------------------------------------------------------------------------------------------
-# Views of runs (plain functions over metrics dicts, so a reopened run draws the same)
+# Views of runs (plain functions over a run's metrics, so a reopened run draws the same)
 # --------------------------------------------------------------------------------------------
 
 
 RUN_COLUMNS = ("run", "method", "model", "split", "quantizer", "forget fp", "forget quantized", "retain fp",
                "retain quantized", "PTQ gap", "forgetting", "retain kept", "PTQ gap ok", "structural")
-"""Columns of :func:`runs_table` (values from :func:`workbench.compare.compare_row`, the CLI's comparison)."""
+"""Columns of :func:`runs_table` (values from :func:`workbench.faces.compare.compare_row`, the CLI's comparison)."""
 
 
 def runs_table(runs_root: str | Path | None = None, limit: int = 100) -> list[dict[str, Any]]:
@@ -736,16 +736,16 @@ def runs_table(runs_root: str | Path | None = None, limit: int = 100) -> list[di
         q = row.get("quantizer")
         rows.append({
             **{k: row.get(k) for k in RUN_COLUMNS},
-            "model": run.metrics.get("model"), "split": run.metrics.get("split"),
+            "model": run.metrics.model, "split": run.metrics.split,
             "forget quantized": row.get(f"forget {q}"), "retain quantized": row.get(f"retain {q}"),
         })
     return rows
 
 
-def report_card_table(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The four-property report card as rows (the core's :func:`workbench.metrics.report_card_rows`)."""
+def report_card_table(metrics: UpdateMetrics) -> list[dict[str, Any]]:
+    """The four-property report card as rows (the core's :func:`workbench.measurement.metrics.report_card_rows`)."""
 
-    rows = report_card_rows(dict(metrics))
+    rows = report_card_rows(metrics)
     return [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()} for row in rows]
 
 
@@ -754,9 +754,8 @@ def run_summary(view: RunView) -> str:
 
     m = view.metrics
     lines = [
-        f"**{view.label}** — {m.get('model')} · {m.get('split')} · {m.get('steps')} steps, stopped by "
-        f"{m.get('stopped')} · {m.get('seconds', float('nan')):.1f} s",
-        *summary_lines(dict(m)),
+        f"**{view.label}** — {m.model} · {m.split} · {m.steps} steps, stopped by {m.stopped} · {m.seconds:.1f} s",
+        *summary_lines(m),
     ]
     return "  \n".join(lines)
 
@@ -778,7 +777,7 @@ def compare_figures(view: RunView, module: str = "overall", cad: str = "fp") -> 
     m = view.metrics
     if module not in view.modules:
         module = "overall"
-    occupancy = occupancy_figure(m["quantization"], module)
+    occupancy = occupancy_figure(m.quantization, module)
     notes = []
     try:
         cad_fig = cad_diff_figure(m, "quantized" if cad == "quantized" else "fp")
@@ -794,7 +793,7 @@ def shared_figures(views: Sequence[RunView]) -> tuple[go.Figure, go.Figure]:
 
     labelled = _unique_labels(views)
     accuracy = accuracy_figure({label: v.metrics for label, v in labelled.items()})
-    ratios = update_ratio_figure({label: v.metrics["quantization"] for label, v in labelled.items()})
+    ratios = update_ratio_figure({label: v.metrics.quantization for label, v in labelled.items()})
     return accuracy, ratios
 
 

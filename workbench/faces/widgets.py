@@ -2,8 +2,8 @@
 
 ``Workbench(model="facts")`` in JupyterLab shows the whole flow in four tabs —
 setup → attribute & edit the circuit → unlearn → compare. Every number and figure comes
-from the core (:mod:`workbench.experiment`, :mod:`workbench.circuit`,
-:mod:`workbench.plots`, :mod:`workbench.metrics`); this module only wires widgets to it.
+from the core (:mod:`workbench.experiments.flow`, :mod:`workbench.interpretability.circuit`,
+:mod:`workbench.faces.plots`, :mod:`workbench.measurement.metrics`); this module only wires widgets to it.
 
 Callbacks are plain methods (:meth:`Workbench.load`, :meth:`Workbench.run_attribution`,
 :meth:`Workbench.toggle`, :meth:`Workbench._on_node_click`, :meth:`Workbench.set_top_k`,
@@ -32,9 +32,10 @@ from workbench.data.files import load_fact_file
 from workbench.experiments.flow import DEFAULT_TOP_K, attribute_forget_set, default_circuit, run_unlearning
 from workbench.faces import plots
 from workbench.faces.tables import html_table
-from workbench.interpretability.attribution import Attribution
+from workbench.interpretability.attribution import Attribution, AttributionConfig
 from workbench.interpretability.circuit import Circuit
 from workbench.measurement.metrics import report_card_rows, summary_lines
+from workbench.measurement.results import RunMetrics
 from workbench.models.builtin_splits import builtin_split
 from workbench.models.builtins import BUILTINS
 from workbench.models.loaded import LoadedModel
@@ -42,6 +43,7 @@ from workbench.models.loading import load_model
 from workbench.quant import QuantConfig
 from workbench.unlearning.mansu import MansuConfig
 from workbench.unlearning.registry import METHODS, REGISTRY
+from workbench.unlearning.task import OptimConfig, StopRule
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -104,9 +106,9 @@ class Workbench:
         top_k: int | None = None,
         method: str = "mansu",
         mansu_config: MansuConfig | None = None,
-        optim: Any = None,
-        stop: Any = None,
-        attribution_config: Any = None,
+        optim: OptimConfig | None = None,
+        stop: StopRule | None = None,
+        attribution_config: AttributionConfig | None = None,
         measure_cad: bool = True,
         runs_root: str | Path | None = None,
         load: bool = True,
@@ -116,8 +118,8 @@ class Workbench:
         self.split: FactSplit | None = None
         self.attribution: Attribution | None = None
         self.circuit: Circuit | None = None
-        self.runs: dict[str, dict[str, Any]] = {}
-        self.last_metrics: dict[str, Any] | None = None
+        self.runs: dict[str, RunMetrics] = {}
+        self.last_metrics: RunMetrics | None = None
         self._given_model = model if not isinstance(model, str) else None
         self._forget, self._retain = forget, retain
         self.mansu_config, self.optim, self.stop = mansu_config, optim, stop
@@ -354,7 +356,7 @@ class Workbench:
         self.run_button.description = f"Run {method_label(change['new'])}"
 
     @_guarded
-    def run_unlearning(self, method: str | None = None) -> dict[str, Any] | None:
+    def run_unlearning(self, method: str | None = None) -> RunMetrics | None:
         """Run the chosen method on the current circuit, save the run, show the comparison.
 
         Returns the run's metrics (also in ``runs`` and ``last_metrics``).
@@ -377,9 +379,9 @@ class Workbench:
         label = f"{method} #{len(self.runs) + 1}"
         self.runs[label] = metrics
         self.last_metrics = metrics
-        f = metrics["forget"]
-        self._message(f"{label}: forget {f['base_fp']:.2f} → {f['after_fp']:.2f} (fp), {f['after_q']:.2f} "
-                      f"({self.quant.label}); PTQ gap {metrics['ptq_gap']:+.3f}; saved as {run.id if run else '-'}")
+        f = metrics.forget
+        self._message(f"{label}: forget {f.base_fp:.2f} → {f.after_fp:.2f} (fp), {f.after_q:.2f} "
+                      f"({self.quant.label}); PTQ gap {metrics.ptq_gap:+.3f}; saved as {run.id if run else '-'}")
         self.show_comparison()
         self.tabs.selected_index = 3
         return metrics
@@ -396,9 +398,9 @@ class Workbench:
         label = list(self.runs)[-1]
         summary = "<br>".join(html.escape(line) for line in summary_lines(m))
         self.report_html.value = f"<b>{label}</b> — report card" + html_table(report_card_rows(m)) + f"<p>{summary}</p>"
-        figures = [plots.accuracy_figure({k: v for k, v in self.runs.items()}),
-                   plots.occupancy_figure(m["quantization"]),
-                   plots.update_ratio_figure({k: v["quantization"] for k, v in self.runs.items()})]
+        figures = [plots.accuracy_figure(dict(self.runs)),
+                   plots.occupancy_figure(m.quantization),
+                   plots.update_ratio_figure({k: v.quantization for k, v in self.runs.items()})]
         self.compare_figs = [go.FigureWidget(f) for f in figures]
         self.compare_box.children = [self.report_html, *self.compare_figs]
 

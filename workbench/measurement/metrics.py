@@ -24,19 +24,33 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar
 
 import torch
 
 from workbench.core.components import Component
 from workbench.core.errors import WorkbenchError
-from workbench.core.progress import silent
-from workbench.data.facts import FactSplit
-from workbench.interpretability.attribution import AttributionConfig, attribute
-from workbench.interpretability.cad import circuit_attribution_divergence
-from workbench.measurement.evaluation import evaluate_facts
+from workbench.core.progress import Progress, silent
+from workbench.data.facts import Fact, FactSplit
+from workbench.interpretability.attribution import Attribution, AttributionConfig, attribute
+from workbench.interpretability.cad import CADResult, circuit_attribution_divergence
+from workbench.measurement.evaluation import FactScores, evaluate_facts
+from workbench.measurement.results import (
+    BinWidthRatios,
+    CadScores,
+    MultipleChoiceScores,
+    OracleAccuracies,
+    ParaphraseAccuracies,
+    Property,
+    PtqGapDecomposition,
+    QuantizationAnalysis,
+    ReportCard,
+    RunMetrics,
+    UpdateMetrics,
+    VariantAccuracies,
+)
 from workbench.models.loaded import LoadedModel
 from workbench.models.scoring import encode_prompts, last_token_logits
 from workbench.models.update import Update
@@ -47,8 +61,6 @@ from workbench.quant import (
     quantize_dequantize,
     transposed_parameters,
 )
-
-VARIANTS = ("base_fp", "base_q", "after_fp", "after_qbase_delta", "after_q")
 
 
 @dataclass(frozen=True)
@@ -110,7 +122,7 @@ def build_variants(model: LoadedModel, update: Update, quant: QuantConfig) -> di
     }
 
 
-def retain_kl(base: LoadedModel, after: LoadedModel, facts: Any) -> float:
+def retain_kl(base: LoadedModel, after: LoadedModel, facts: Sequence[Fact]) -> float:
     """Mean KL(p_base ‖ p_after) of the next-token distribution at the retain prompts' answer position."""
 
     ids, last, _ = encode_prompts(base.tokenizer, [f.prompt for f in facts])
@@ -124,13 +136,14 @@ def retain_kl(base: LoadedModel, after: LoadedModel, facts: Any) -> float:
 # session would otherwise recompute them per run (about a third of a SmolLM2 run's
 # measurement). Memoised in-process by the model's weight fingerprint, never on disk, so a
 # cached number always comes from weights this process holds.
-_BASE_MEMO: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+_BASE_MEMO: OrderedDict[tuple[Any, ...], object] = OrderedDict()
 _BASE_MEMO_SIZE = 64
 _BASE_MEMO_LOCK = threading.Lock()  # app sessions measure from several threads
 BASE_VARIANTS = ("base_fp", "base_q")
+T = TypeVar("T")
 
 
-def base_memo(key: tuple[Any, ...], compute: Callable[[], Any]) -> Any:
+def base_memo(key: tuple[Any, ...], compute: Callable[[], T]) -> T:
     """``compute()`` once per ``key`` (least recently used entries are dropped).
 
     Two threads asking for a missing key may both compute it (the lock is not held while
@@ -138,7 +151,7 @@ def base_memo(key: tuple[Any, ...], compute: Callable[[], Any]) -> Any:
     with _BASE_MEMO_LOCK:
         if key in _BASE_MEMO:
             _BASE_MEMO.move_to_end(key)
-            return _BASE_MEMO[key]
+            return _BASE_MEMO[key]  # type: ignore[return-value]  # stored by compute() for this key
     value = compute()
     with _BASE_MEMO_LOCK:
         _BASE_MEMO[key] = value
@@ -152,8 +165,8 @@ def clear_base_memo() -> None:
         _BASE_MEMO.clear()
 
 
-def _evaluate_variant(vname: str, vmodel: LoadedModel, facts: Any, quant: QuantConfig,
-                      multiple_choice: bool) -> Any:
+def _evaluate_variant(vname: str, vmodel: LoadedModel, facts: Sequence[Fact], quant: QuantConfig,
+                      multiple_choice: bool) -> FactScores:
     if vname not in BASE_VARIANTS:
         return evaluate_facts(vmodel, facts, multiple_choice=multiple_choice)
     key = ("evaluate", vname, vmodel.fingerprint, quant.label, tuple(facts), multiple_choice)
@@ -162,6 +175,83 @@ def _evaluate_variant(vname: str, vmodel: LoadedModel, facts: Any, quant: QuantC
 
 def _finite(x: float) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
+
+
+@dataclass(frozen=True)
+class _Accuracies:
+    """Top-1 of the five variants on every fact set the split has, and multiple choice on forget."""
+
+    forget: VariantAccuracies
+    retain: VariantAccuracies
+    paraphrase: ParaphraseAccuracies
+    multiple_choice: MultipleChoiceScores
+
+
+def _variant_accuracies(variants: dict[str, LoadedModel], split: FactSplit, quant: QuantConfig,
+                        report: Progress) -> _Accuracies:
+    sets = {"forget": split.forget, "retain": split.retain,
+            "forget_paraphrase": split.forget_paraphrase, "retain_paraphrase": split.retain_paraphrase}
+    acc: dict[str, dict[str, float]] = {k: {} for k in sets if sets[k]}
+    mc: dict[str, float | None] = {}
+    for i, (vname, vmodel) in enumerate(variants.items()):
+        report(0.1 + 0.4 * i / len(variants), f"evaluating {vname}")
+        for sname, facts in sets.items():
+            if not facts:
+                continue
+            scores = _evaluate_variant(vname, vmodel, facts, quant, multiple_choice=(sname == "forget"))
+            acc[sname][vname] = scores.top1
+            if sname == "forget":
+                mc[vname] = _finite(scores.mc)
+
+    def of(sname: str) -> VariantAccuracies | None:
+        return VariantAccuracies(**acc[sname]) if sname in acc else None
+
+    forget, retain = of("forget"), of("retain")
+    if forget is None or retain is None:
+        raise WorkbenchError("measuring an update needs a forget set and a retain set")
+    return _Accuracies(forget=forget, retain=retain,
+                       paraphrase=ParaphraseAccuracies(forget=of("forget_paraphrase"), retain=of("retain_paraphrase")),
+                       multiple_choice=MultipleChoiceScores(**mc))
+
+
+@dataclass(frozen=True)
+class _CodeChanges:
+    """What the quantizer did with the update (the ``metrics.json`` fields of the comparison)."""
+
+    bucket_overlap: float
+    code_overlap: float
+    codes_changed: int
+    codes_changed_fraction: float
+    params_changed: int
+    params_changed_unquantized: int
+    moved_code_changed_fraction: float | None
+    absmax_changes: int | None
+    update_to_bin_width: BinWidthRatios
+    quantization: QuantizationAnalysis
+
+
+def _code_changes(model: LoadedModel, update: Update, quant: QuantConfig) -> _CodeChanges:
+    names = quantizable_parameters(model.hf, quant)
+    qdeltas = {n: d for n, d in update.deltas.items() if n in names}
+    comparison = compare_quantization(model.state(), qdeltas, names, quant,
+                                      transposed=transposed_parameters(model.hf), progress=silent)
+    analysis = comparison.to_dict()
+    overall = analysis["overall"]
+    return _CodeChanges(
+        # Strict bucket overlap (code and block scale unchanged), as REFERENCE.md §2 defines
+        # it, and code overlap (code unchanged), the number QUAIL's ">99.9%" refers to: a
+        # dense update nudges almost every block's absmax, so the two differ a lot.
+        bucket_overlap=overall["bucket_overlap"],
+        code_overlap=1.0 - overall["code_flips"] / max(1, overall["n_weights"]),
+        codes_changed=overall["code_flips"],
+        codes_changed_fraction=overall["code_flips"] / max(1, overall["n_weights"]),
+        params_changed=update.nnz(),
+        params_changed_unquantized=update.nnz() - sum(int((d != 0).sum()) for d in qdeltas.values()),
+        moved_code_changed_fraction=overall.get("changed_flip_fraction"),
+        absmax_changes=overall.get("absmax_changes"),
+        update_to_bin_width=BinWidthRatios(median=overall.get("ratio_median"), p90=overall.get("ratio_p90")),
+        quantization=analysis,
+    )
 
 
 def measure_update(
@@ -174,130 +264,94 @@ def measure_update(
     oracle: LoadedModel | None = None,
     thresholds: Thresholds = Thresholds(),
     cad: bool = True,
-    attribution_config: Any = None,
-    progress: Any = None,
-) -> dict[str, Any]:
+    attribution_config: AttributionConfig | None = None,
+    progress: Progress | None = None,
+) -> UpdateMetrics:
     """All metrics of one update (the body of ``metrics.json`` minus run bookkeeping)."""
 
     report = progress or silent
     update.check_fits(model)
     report(0.05, "building full-precision and quantized variants")
     variants = build_variants(model, update, quant)
-    sets = {"forget": split.forget, "retain": split.retain,
-            "forget_paraphrase": split.forget_paraphrase, "retain_paraphrase": split.retain_paraphrase}
-    acc: dict[str, dict[str, Any]] = {k: {} for k in sets if sets[k]}
-    mc: dict[str, dict[str, Any]] = {"forget": {}}
-    for i, (vname, vmodel) in enumerate(variants.items()):
-        report(0.1 + 0.4 * i / len(variants), f"evaluating {vname}")
-        for sname, facts in sets.items():
-            if not facts:
-                continue
-            scores = _evaluate_variant(vname, vmodel, facts, quant, multiple_choice=(sname == "forget"))
-            acc[sname][vname] = scores.top1
-            if sname == "forget":
-                mc["forget"][vname] = _finite(scores.mc)
-    f = acc["forget"]
-    metrics: dict[str, Any] = {
-        "quant": quant.to_dict(),
-        "forget": {
-            "base_fp": f["base_fp"], "base_q": f["base_q"], "after_fp": f["after_fp"], "after_q": f["after_q"],
-            "after_qbase_delta": f["after_qbase_delta"],
-        },
-        "retain": dict(acc["retain"]),
-        "paraphrase": {k: v for k, v in acc.items() if k.endswith("paraphrase")},
-        "multiple_choice": mc,
-        "ptq_gap": f["after_q"] - f["after_fp"],
-        "ptq_gap_decomposition": {
-            "base_shift": f["after_qbase_delta"] - f["after_fp"],
-            "rounding": f["after_q"] - f["after_qbase_delta"],
-        },
-    }
+    accuracies = _variant_accuracies(variants, split, quant, report)
     report(0.55, "quantization analysis of the update")
-    names = quantizable_parameters(model.hf, quant)
-    qdeltas = {n: d for n, d in update.deltas.items() if n in names}
-    comparison = compare_quantization(model.state(), qdeltas, names, quant,
-                                      transposed=transposed_parameters(model.hf), progress=silent)
-    overall = comparison.to_dict()["overall"]
-    metrics.update({
-        # Strict bucket overlap (code and block scale unchanged), as REFERENCE.md §2 defines
-        # it, and code overlap (code unchanged), the number QUAIL's ">99.9%" refers to: a
-        # dense update nudges almost every block's absmax, so the two differ a lot.
-        "bucket_overlap": overall["bucket_overlap"],
-        "code_overlap": 1.0 - overall["code_flips"] / max(1, overall["n_weights"]),
-        "codes_changed": overall["code_flips"],
-        "codes_changed_fraction": overall["code_flips"] / max(1, overall["n_weights"]),
-        "params_changed": update.nnz(),
-        "params_changed_unquantized": update.nnz() - sum(int((d != 0).sum()) for d in qdeltas.values()),
-        "moved_code_changed_fraction": overall.get("changed_flip_fraction"),
-        "absmax_changes": overall.get("absmax_changes"),
-        "update_to_bin_width": {"median": overall.get("ratio_median"), "p90": overall.get("ratio_p90")},
-        "update_norm": update.norm(),
-        "quantization": comparison.to_dict(),
-    })
+    changes = _code_changes(model, update, quant)
     report(0.65, "retain KL")
-    metrics["retain_kl"] = retain_kl(model, variants["after_fp"], split.retain)
+    kl = retain_kl(model, variants["after_fp"], split.retain)
+    oracle_accuracies = None
     if oracle is not None:
-        metrics["oracle"] = {"forget_fp": evaluate_facts(oracle, split.forget, multiple_choice=False).top1,
-                             "retain_fp": evaluate_facts(oracle, split.retain, multiple_choice=False).top1}
-    circuit_list = list(circuit) if circuit is not None else None
+        oracle_accuracies = OracleAccuracies(
+            forget_fp=evaluate_facts(oracle, split.forget, multiple_choice=False).top1,
+            retain_fp=evaluate_facts(oracle, split.retain, multiple_choice=False).top1)
+    cad_scores = None
     if cad:
         report(0.7, "attribution before/after for CAD")
-        metrics["cad"] = cad_for_variants(variants, split.forget, circuit_list, attribution_config, quant=quant)
-    metrics["properties"] = report_card(metrics, thresholds)
-    return metrics
+        circuit_list = list(circuit) if circuit is not None else None
+        cad_scores = cad_for_variants(variants, split.forget, circuit_list, attribution_config, quant=quant)
+    f = accuracies.forget
+    ptq_gap = f.after_q - f.after_fp
+    card = report_card(forget=f, retain=accuracies.retain, ptq_gap=ptq_gap, cad=cad_scores,
+                       oracle=oracle_accuracies, thresholds=thresholds)
+    return UpdateMetrics(
+        quant=quant, forget=f, retain=accuracies.retain, paraphrase=accuracies.paraphrase,
+        multiple_choice=accuracies.multiple_choice, ptq_gap=ptq_gap,
+        ptq_gap_decomposition=PtqGapDecomposition(base_shift=f.after_qbase_delta - f.after_fp,
+                                                  rounding=f.after_q - f.after_qbase_delta),
+        **{field.name: getattr(changes, field.name) for field in fields(_CodeChanges)},
+        update_norm=update.norm(), retain_kl=kl, oracle=oracle_accuracies, cad=cad_scores, properties=card,
+    )
 
 
-def cad_for_variants(variants: dict[str, LoadedModel], forget: Any, circuit: list[Component] | None,
-                     attribution_config: Any = None, quant: QuantConfig | None = None) -> dict[str, Any]:
+def cad_for_variants(variants: dict[str, LoadedModel], forget: Sequence[Fact], circuit: list[Component] | None,
+                     attribution_config: AttributionConfig | None = None,
+                     quant: QuantConfig | None = None) -> CadScores:
     """CAD in full precision (base_fp vs after_fp) and quantized (base_q vs after_q).
 
     With ``quant`` (the quantizer that built ``base_q``) the base attributions are memoised
     across calls on the same model."""
 
     config = attribution_config or AttributionConfig()
-    out: dict[str, Any] = {}
+    out: dict[str, CADResult] = {}
     for label, (b, a) in {"fp": ("base_fp", "after_fp"), "quantized": ("base_q", "after_q")}.items():
-        def attribute_base(b: str = b) -> Any:
+        def attribute_base(b: str = b) -> Attribution:
             return attribute(variants[b], forget, config, progress=silent)
 
         before = (base_memo(("attribute", b, variants[b].fingerprint, quant.label, tuple(forget), repr(config)),
                             attribute_base) if quant is not None else attribute_base())
         after = attribute(variants[a], forget, config, progress=silent)
-        result = circuit_attribution_divergence(
+        out[label] = circuit_attribution_divergence(
             before.scores, after.scores, circuit=circuit,
             metric_before=before.clean_metric, metric_after=after.clean_metric,
         )
-        out[label] = result.cad
-        out[f"{label}_detail"] = result.to_dict()
-    return out
+    return CadScores(fp=out["fp"].cad, quantized=out["quantized"].cad, fp_detail=out["fp"].to_dict(),
+                     quantized_detail=out["quantized"].to_dict())
 
 
-def report_card(metrics: dict[str, Any], thresholds: Thresholds = Thresholds()) -> dict[str, dict[str, Any]]:
+def _property(passed: bool, value: float, threshold: float, margin: float) -> Property:
+    return Property(passed=passed, value=value, threshold=threshold, margin=margin)
+
+
+def report_card(*, forget: VariantAccuracies, retain: VariantAccuracies, ptq_gap: float, cad: CadScores | None,
+                oracle: OracleAccuracies | None, thresholds: Thresholds = Thresholds()) -> ReportCard:
     """The four properties of REFERENCE.md §3 with pass/fail and margin (positive = passes by that much)."""
-    f, r = metrics["forget"], metrics["retain"]
     forget_max = thresholds.forget_max
     if forget_max is None:
-        oracle = metrics.get("oracle", {}).get("forget_fp")
-        forget_max = oracle + 0.1 if oracle is not None else 0.2
-        forget_max = min(forget_max, 0.5 * f["base_fp"])
-    worst_forget = max(f["after_fp"], f["after_q"])
-    drop = max(r["base_fp"] - r["after_fp"], r["base_q"] - r["after_q"])
-    card: dict[str, dict[str, Any]] = {
-        "forgetting": {"pass": worst_forget <= forget_max, "margin": forget_max - worst_forget,
-                       "threshold": forget_max, "value": worst_forget},
-        "retain": {"pass": drop <= thresholds.retain_tolerance, "margin": thresholds.retain_tolerance - drop,
-                   "threshold": thresholds.retain_tolerance, "value": drop},
-        "ptq": {"pass": metrics["ptq_gap"] <= thresholds.ptq_max_gap,
-                "margin": thresholds.ptq_max_gap - metrics["ptq_gap"],
-                "threshold": thresholds.ptq_max_gap, "value": metrics["ptq_gap"]},
-    }
-    if "cad" in metrics:
-        worst_cad = min(metrics["cad"]["fp"], metrics["cad"]["quantized"])
-        card["structural"] = {"pass": worst_cad >= thresholds.cad_min, "margin": worst_cad - thresholds.cad_min,
-                              "threshold": thresholds.cad_min, "value": worst_cad}
-    else:
-        card["structural"] = {"pass": None, "margin": None, "threshold": thresholds.cad_min, "value": None}
-    return card
+        forget_max = oracle.forget_fp + 0.1 if oracle is not None else 0.2
+        forget_max = min(forget_max, 0.5 * forget.base_fp)
+    worst_forget = max(forget.after_fp, forget.after_q)
+    drop = max(retain.base_fp - retain.after_fp, retain.base_q - retain.after_q)
+    tolerance, max_gap = thresholds.retain_tolerance, thresholds.ptq_max_gap
+    structural = Property(passed=None, value=None, threshold=thresholds.cad_min, margin=None)
+    if cad is not None:
+        worst_cad = min(cad.fp, cad.quantized)
+        structural = _property(worst_cad >= thresholds.cad_min, worst_cad, thresholds.cad_min,
+                               worst_cad - thresholds.cad_min)
+    return ReportCard(
+        forgetting=_property(worst_forget <= forget_max, worst_forget, forget_max, forget_max - worst_forget),
+        retain=_property(drop <= tolerance, drop, tolerance, tolerance - drop),
+        ptq=_property(ptq_gap <= max_gap, ptq_gap, max_gap, max_gap - ptq_gap),
+        structural=structural,
+    )
 
 
 PROPERTY_LABELS = {
@@ -308,49 +362,41 @@ PROPERTY_LABELS = {
 }
 
 
-def report_card_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+def report_card_rows(metrics: UpdateMetrics) -> list[dict[str, Any]]:
     """The report card as table rows: property, verdict (``PASS``/``fail``/``–`` when not
     measured), value, threshold, margin (positive = passes by that much)."""
-    rows = []
-    for name, p in metrics["properties"].items():
-        verdict = "–" if p["pass"] is None else ("PASS" if p["pass"] else "fail")
-        rows.append({"property": PROPERTY_LABELS.get(name, name), "verdict": verdict, "value": p["value"],
-                     "threshold": p["threshold"], "margin": p["margin"]})
-    return rows
+    return [{"property": PROPERTY_LABELS.get(name, name), "verdict": p.verdict, "value": p.value,
+             "threshold": p.threshold, "margin": p.margin} for name, p in metrics.properties.items()]
 
 
-def summary_lines(metrics: dict[str, Any]) -> list[str]:
+def _fmt(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3g}"
+
+
+def _secs(x: float) -> str:
+    # hundredths below a second, so a short run's phases do not all read 0.0
+    return f"{x:.1f}" if x >= 1 else f"{x:.2f}"
+
+
+def summary_lines(metrics: RunMetrics) -> list[str]:
     """The headline numbers of a run in words, one line each (the CLI and the app print these)."""
 
-    def fmt(x: Any) -> str:
-        return "–" if x is None else f"{x:.3g}"
-
-    d = metrics.get("ptq_gap_decomposition", {})
-    ratio = metrics.get("update_to_bin_width", {})
+    d, ratio = metrics.ptq_gap_decomposition, metrics.update_to_bin_width
     lines = [
-        f"PTQ gap {metrics['ptq_gap']:+.3f} = base shift {d.get('base_shift', float('nan')):+.3f} "
-        f"+ rounding {d.get('rounding', float('nan')):+.3f}",
-        f"params changed {metrics.get('params_changed', 0):,} · codes changed {metrics.get('codes_changed', 0):,} "
-        f"({100 * metrics.get('codes_changed_fraction', 0.0):.4f}%) · code overlap "
-        f"{metrics.get('code_overlap', float('nan')):.6f} · bucket overlap {metrics.get('bucket_overlap', float('nan')):.6f}",
-        f"|Δw|/bin width: median {fmt(ratio.get('median'))} · p90 {fmt(ratio.get('p90'))} · "
-        f"moved weights whose code changed: {fmt(metrics.get('moved_code_changed_fraction'))}",
+        f"PTQ gap {metrics.ptq_gap:+.3f} = base shift {d.base_shift:+.3f} + rounding {d.rounding:+.3f}",
+        f"params changed {metrics.params_changed:,} · codes changed {metrics.codes_changed:,} "
+        f"({100 * metrics.codes_changed_fraction:.4f}%) · code overlap "
+        f"{metrics.code_overlap:.6f} · bucket overlap {metrics.bucket_overlap:.6f}",
+        f"|Δw|/bin width: median {_fmt(ratio.median)} · p90 {_fmt(ratio.p90)} · "
+        f"moved weights whose code changed: {_fmt(metrics.moved_code_changed_fraction)}",
+        f"retain KL {metrics.retain_kl:.4g}",
     ]
-    if "retain_kl" in metrics:
-        lines.append(f"retain KL {metrics['retain_kl']:.4g}")
-    if "cad" in metrics:
-        lines.append(f"CAD fp {metrics['cad']['fp']:.3f} · quantized {metrics['cad']['quantized']:.3f}")
-    if "unlearning_seconds" in metrics and "seconds" in metrics:
+    if metrics.cad is not None:
+        lines.append(f"CAD fp {metrics.cad.fp:.3f} · quantized {metrics.cad.quantized:.3f}")
+    if metrics.unlearning_seconds is not None:
         # where the time went: MANSU reports its phases, so slow runs can be read, not guessed at
-        def secs(x: float) -> str:
-            return f"{x:.1f}" if x >= 1 else f"{x:.2f}"
-
-        phases = (metrics.get("diagnostics") or {}).get("seconds_by_phase") or {}
-        detail = f" ({', '.join(f'{k} {secs(v)}' for k, v in phases.items())})" if phases else ""
-        lines.append(f"time: unlearning {secs(metrics['unlearning_seconds'])} s{detail} · measuring "
-                     f"{secs(metrics['seconds'] - metrics['unlearning_seconds'])} s")
+        phases = metrics.seconds_by_phase
+        detail = f" ({', '.join(f'{k} {_secs(v)}' for k, v in phases.items())})" if phases else ""
+        lines.append(f"time: unlearning {_secs(metrics.unlearning_seconds)} s{detail} · measuring "
+                     f"{_secs(metrics.seconds - metrics.unlearning_seconds)} s")
     return lines
-
-
-def thresholds_to_dict(t: Thresholds) -> dict[str, Any]:
-    return asdict(t)

@@ -51,7 +51,7 @@ from workbench.core.errors import WorkbenchError
 from workbench.core.progress import Progress, silent
 from workbench.data.facts import FactSplit
 from workbench.measurement.evaluation import fact_top1
-from workbench.measurement.metrics import VARIANTS
+from workbench.measurement.results import VARIANTS, RunMetrics, UpdateMetrics
 from workbench.models.loaded import LoadedModel
 from workbench.models.scoring import FactBatch, answer_logits
 from workbench.models.update import Update
@@ -329,7 +329,7 @@ def survival_curve(
     For each ``k``: ``Δ = spread_budget(direction, k, budget, profile=profile)``, then bnb
     quantizes ``w`` and ``w + Δ`` (:func:`workbench.quant.compare_quantization`) and,
     with ``evaluate``, the forget/retain top-1 of the five models of
-    :mod:`workbench.metrics` is measured (``base_fp`` w, ``base_q`` Q(w), ``after_fp``
+    :mod:`workbench.measurement.metrics` is measured (``base_fp`` w, ``base_q`` Q(w), ``after_fp``
     w+Δ, ``after_qbase_delta`` Q(w)+Δ, ``after_q`` Q(w+Δ); Q(w) is computed once).
 
     Returns:
@@ -409,29 +409,30 @@ def survival_curve(
 # --------------------------------------------------------------------------- saved runs
 
 
-def run_point(metrics: Mapping[str, Any], label: str | None = None) -> dict[str, Any]:
-    """Where a saved run (its ``metrics.json``) lands on the tradeoff plot.
+def run_point(metrics: UpdateMetrics, label: str | None = None) -> dict[str, Any]:
+    """Where a measured update (a saved run's metrics) lands on the tradeoff plot.
 
-    Returns ``label`` (default: the method), ``k`` (quantized weights the run moved: the
-    comparison's ``n_changed``; equals ``params_changed − params_changed_unquantized``),
+    Returns ``label`` (default: the run's method, or ``"run"`` for an update measured
+    outside a run), ``k`` (quantized weights the run moved: the comparison's
+    ``n_changed``; equals ``params_changed − params_changed_unquantized``),
     ``params_changed`` (every parameter, as in the metrics), ``code_changed_fraction``
     (``moved_code_changed_fraction``), ``budget`` (``‖Δ‖`` over the quantized weights,
     the budget this run spent where quantization can touch it), ``update_projection``,
     ``ptq_gap`` and ``forget`` (the run's five forget accuracies).
     """
-    if "quantization" not in metrics or "moved_code_changed_fraction" not in metrics:
-        raise WorkbenchError("these metrics have no quantization analysis (not a workbench run's metrics.json?)")
-    overall = metrics["quantization"]["overall"]
-    fraction = metrics["moved_code_changed_fraction"]
+    overall = metrics.quantization.get("overall")
+    if not isinstance(overall, dict) or not {"n_changed", "delta_sq"} <= set(overall):
+        raise WorkbenchError("these metrics have no quantization analysis of the update (n_changed, delta_sq)")
+    fraction = metrics.moved_code_changed_fraction
     return {
-        "label": label or str(metrics.get("method", "run")),
+        "label": label or (metrics.method if isinstance(metrics, RunMetrics) else "run"),
         "k": int(overall["n_changed"]),
-        "params_changed": int(metrics.get("params_changed", overall["n_changed"])),
+        "params_changed": metrics.params_changed,
         "code_changed_fraction": None if fraction is None else float(fraction),
         "budget": math.sqrt(float(overall["delta_sq"])),
         "update_projection": overall.get("update_projection"),
-        "ptq_gap": metrics.get("ptq_gap"),
-        "forget": dict(metrics.get("forget", {})),
+        "ptq_gap": metrics.ptq_gap,
+        "forget": metrics.forget.by_variant(),
     }
 
 

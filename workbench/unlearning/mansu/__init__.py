@@ -40,7 +40,7 @@ apply/undo, retain guard) and :mod:`.method` (the loop).
 
 from __future__ import annotations
 
-from workbench.unlearning.mansu.config import MansuConfig
+from workbench.unlearning.mansu.config import MansuConfig, is_mansu_method
 from workbench.unlearning.mansu.method import MansuDiagnostics, mansu
 
-__all__ = ["MansuConfig", "MansuDiagnostics", "mansu"]
+__all__ = ["MansuConfig", "MansuDiagnostics", "is_mansu_method", "mansu"]

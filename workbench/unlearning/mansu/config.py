@@ -150,6 +150,12 @@ class MansuConfig:
         return "mansu" + (f"-{self.name}" if self.name else "") + "".join(f"-no_{n}" for n in off)
 
 
+def is_mansu_method(name: str) -> bool:
+    """Whether a run's method name is MANSU, one of its readings or one of its ablations
+    (:attr:`MansuConfig.label`: ``mansu``, ``mansu-snap``, ``mansu-no_floor``, ...)."""
+    return name == "mansu" or name.startswith("mansu-")
+
+
 MANSU_VARIANTS: dict[str, MansuConfig] = {
     "v1": MansuConfig(),
     "snap": MansuConfig(name="snap", floor_mode="snap", snap_fraction=0.5),

@@ -8,10 +8,12 @@ move fits the Fisher budget, when the retain guard's patience is spent, or after
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import MISSING, asdict, dataclass, fields
 
 import torch
 
+from workbench.core.errors import WorkbenchError
 from workbench.core.progress import silent
 from workbench.models.update import Update
 from workbench.unlearning.mansu.candidates import rank_moves, round_gradients, score_module
@@ -32,6 +34,11 @@ from workbench.unlearning.mansu.rounds import (
 from workbench.unlearning.mansu.state import MansuState, setup_state
 from workbench.unlearning.result import UnlearningResult
 from workbench.unlearning.task import UnlearningTask
+
+ADDED_LATER: dict[str, object] = {"rounds_undone_by_retain_guard": 0, "rounds_blocked_at_smallest_size": 0,
+                                  "rounds_reusing_gradients": 0, "seconds_by_phase": {}, "snapped": 0,
+                                  "snap_dropped": 0}
+"""Diagnostics MANSU gained after its runs were first saved, with their value in an older run."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,20 @@ class MansuDiagnostics:
             if out[key] is None:
                 del out[key]  # only with projection, as metrics.json has always had them
         return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> MansuDiagnostics:
+        """Read back :meth:`to_dict` (a saved run's ``diagnostics``). Counters added after
+        runs were first saved read as what those runs did: nothing (:data:`ADDED_LATER`)."""
+        names = {f.name for f in fields(cls)}
+        data = {**ADDED_LATER, **data}
+        missing = sorted(f.name for f in fields(cls) if f.default is MISSING and f.name not in data)
+        unknown = sorted(set(data) - names)
+        if missing or unknown:
+            problems = ([f"missing {', '.join(missing)}"] if missing else []) + (
+                [f"unknown {', '.join(unknown)}"] if unknown else [])
+            raise WorkbenchError(f"not MANSU's diagnostics ({'; '.join(problems)})")
+        return cls(**data)  # type: ignore[arg-type]  # values as to_dict wrote them
 
 
 def mansu(task: UnlearningTask, config: MansuConfig | None = None) -> UnlearningResult:

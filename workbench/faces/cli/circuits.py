@@ -1,0 +1,90 @@
+"""``attribute`` and ``circuit show|faithfulness``: find the forget set's circuit and inspect it."""
+
+from __future__ import annotations
+
+import argparse
+
+from workbench.experiments.flow import attribute_forget_set
+from workbench.faces.cli.common import Printer, add_data_args, add_json, load_forget_split
+from workbench.faces.tables import text_table
+from workbench.interpretability.attribution import AttributionConfig, make_prompt_pairs
+from workbench.interpretability.circuit import Circuit
+from workbench.interpretability.faithfulness import faithfulness
+from workbench.models.loading import load_model
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("attribute", help="attribute the forget-set behaviour to heads and MLPs; save a circuit")
+    p.add_argument("--model", required=True)
+    add_data_args(p, forget_only=True)
+    p.add_argument("--method", choices=("atp", "ig", "exact"), default="atp")
+    p.add_argument("--ig-steps", type=int, default=8)
+    p.add_argument("--metric", choices=("logit_diff", "logprob"), default="logit_diff")
+    p.add_argument("--edges", action="store_true", help="also score edges (EAP)")
+    p.add_argument("--top-k", type=int, default=10, help="components selected into the circuit")
+    p.add_argument("--out", default="circuit.json", help="where the circuit is saved (default %(default)s)")
+    add_json(p)
+    p.set_defaults(func=cmd_attribute)
+
+    p = sub.add_parser("circuit", help="inspect a saved circuit")
+    csub = p.add_subparsers(dest="circuit_command", required=True, metavar="COMMAND")
+    c = csub.add_parser("show", help="print a circuit's components and scores")
+    c.add_argument("file")
+    c.add_argument("--rows", type=int, default=20, help="components listed, by |score| (default 20)")
+    add_json(c)
+    c.set_defaults(func=cmd_circuit_show)
+    c = csub.add_parser("faithfulness", help="how much of the behaviour the circuit alone carries")
+    c.add_argument("file")
+    c.add_argument("--model", required=True)
+    add_data_args(c, forget_only=True)
+    c.add_argument("--ablation", choices=("corrupt", "mean"), default="corrupt")
+    add_json(c)
+    c.set_defaults(func=cmd_circuit_faithfulness)
+
+
+def cmd_attribute(args: argparse.Namespace, out: Printer) -> int:
+    model = load_model(args.model)
+    split = load_forget_split(model, args, "attribute")
+    config = AttributionConfig(method=args.method, ig_steps=args.ig_steps, metric=args.metric, edges=args.edges)
+    attribution = attribute_forget_set(model, split, config)
+    circuit = Circuit.from_attribution(attribution).select_top_k(args.top_k, include_embed=False)
+    path = circuit.save(args.out)
+    rows = [{"component": c.name, "score": s, "in circuit": c in circuit.selected}
+            for c, s in attribution.top(max(args.top_k, 10))]
+    out.json({"model": args.model, "split": split.name, "n_pairs": attribution.n_pairs,
+              "metric": attribution.metric, "clean_metric": attribution.clean_metric,
+              "corrupt_metric": attribution.corrupt_metric, "top": rows,
+              "circuit": sorted(c.name for c in circuit.selected), "saved": str(path)})
+    out.line(f"{attribution.n_pairs} prompt pairs · clean metric {attribution.clean_metric:.3f} · "
+             f"corrupt {attribution.corrupt_metric:.3f} ({attribution.metric})")
+    out.line(text_table(rows))
+    out.line(f"circuit with {len(circuit.selected)} components saved to {path}")
+    return 0
+
+
+def cmd_circuit_show(args: argparse.Namespace, out: Printer) -> int:
+    circuit = Circuit.load(args.file)
+    ranked = sorted(circuit.scores.items(), key=lambda kv: -abs(kv[1]))
+    rows = [{"component": c.name, "score": s, "selected": c in circuit.selected} for c, s in ranked[: args.rows]]
+    out.json({"file": args.file, "metadata": circuit.metadata, "components": rows,
+              "n_selected": len(circuit.selected), "n_components": len(circuit.components)})
+    out.line(", ".join(f"{k}={v}" for k, v in circuit.metadata.items() if v is not None))
+    out.line(text_table(rows))
+    out.line(f"{len(circuit.selected)} of {len(circuit.components)} components selected")
+    return 0
+
+
+def cmd_circuit_faithfulness(args: argparse.Namespace, out: Printer) -> int:
+    model = load_model(args.model)
+    circuit = Circuit.load(args.file, model=model)
+    split = load_forget_split(model, args, "circuit faithfulness")
+    pairs = make_prompt_pairs(model, split.forget, metric=circuit.metric)
+    f = faithfulness(circuit, model, pairs, ablation=args.ablation)
+    out.json({"file": args.file, "model": args.model, "ablation": args.ablation, "n_components": f.n_components,
+              "recovered": f.recovered, "drop": f.drop, "clean_metric": f.clean_metric,
+              "corrupt_metric": f.corrupt_metric})
+    out.line(f"circuit of {f.n_components} components, {args.ablation} ablation:")
+    out.line(f"  recovered (everything outside ablated): {f.recovered:.3f}")
+    out.line(f"  drop (circuit itself ablated):          {f.drop:.3f}")
+    out.line(f"  metric clean {f.clean_metric:.3f} · corrupt {f.corrupt_metric:.3f}")
+    return 0

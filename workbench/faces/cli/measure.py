@@ -1,0 +1,142 @@
+"""``eval``, ``quant-report`` and ``bench``: measuring a model, its quantization, and the workbench's speed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from workbench.core.errors import WorkbenchError
+from workbench.data.facts import FactSplit
+from workbench.data.files import load_fact_file
+from workbench.experiments.store import resolve_run
+from workbench.faces.bench import run_bench
+from workbench.faces.cli.common import (
+    Printer,
+    add_data_args,
+    add_json,
+    add_quant_args,
+    add_runs_root,
+    load_split,
+    optional_quant,
+    quant_from_args,
+)
+from workbench.faces.tables import text_histogram, text_table
+from workbench.measurement.evaluation import evaluate_split
+from workbench.models.loaded import LoadedModel
+from workbench.models.loading import load_model
+from workbench.models.update import Update
+from workbench.quant import (
+    QuantConfig,
+    bin_occupancy,
+    compare_quantization,
+    quantizable_parameters,
+    transposed_parameters,
+    weight_relative_error,
+)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="fact accuracy in full precision and quantized")
+    p.add_argument("--model", required=True, help="facts, facts-tiny, smollm2, or a local HF directory")
+    p.add_argument("--data", help="a fact file to evaluate instead of the built-in split")
+    add_data_args(p)
+    add_quant_args(p)
+    add_json(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("quant-report", help="quantization error, bin occupancy, and an update's code flips")
+    p.add_argument("--model", required=True)
+    p.add_argument("--update", metavar="UPDATE_OR_RUN",
+                   help="an update.safetensors, or a run (id or directory), to analyse against the base")
+    add_runs_root(p, what="where a run id given to --update is looked up")
+    add_quant_args(p)
+    add_json(p)
+    p.set_defaults(func=cmd_quant_report)
+
+    p = sub.add_parser("bench", help="speed and memory ratios, measured in one process")
+    p.add_argument("sections", nargs="*", help="attribution, quantization, unlearning (default: all)")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", metavar="FILE", help="also write the report as JSON to FILE")
+    add_json(p)
+    p.set_defaults(func=cmd_bench)
+
+
+def accuracy_rows(model: LoadedModel, split: FactSplit, quants: Sequence[QuantConfig | None],
+                  multiple_choice: bool = True) -> list[dict[str, Any]]:
+    """One row per (set, precision): top-1, multiple choice, mean answer probability."""
+
+    rows = []
+    for q in quants:
+        label = "fp32" if q is None else q.label
+        for set_name, s in evaluate_split(model, split, quant=q, multiple_choice=multiple_choice).items():
+            rows.append({"set": set_name, "precision": label, "n": s.n, "top1": s.top1, "mc": s.mc,
+                         "p(answer)": s.mean_prob})
+    return rows
+
+
+def cmd_eval(args: argparse.Namespace, out: Printer) -> int:
+    model = load_model(args.model)
+    if args.data:
+        facts = load_fact_file(args.data, tokenizer=model.tokenizer, max_context=model.n_ctx)
+        split = FactSplit(name=args.data, forget=facts, retain=())
+    else:
+        split = load_split(model, args)
+    q = optional_quant(args)
+    rows = accuracy_rows(model, split, [None] if q is None else [None, q])
+    if args.data:
+        for r in rows:
+            r["set"] = "data"
+    # a score that does not exist (mc of cloze-only facts) is null in the JSON: NaN is not JSON
+    out.json({"model": args.model, "split": split.name, "rows": rows})
+    out.line(f"model {args.model} · split {split.name}")
+    out.line(text_table(rows))
+    return 0
+
+
+def cmd_quant_report(args: argparse.Namespace, out: Printer) -> int:
+    model = load_model(args.model)
+    q = quant_from_args(args, "quant-report")
+    names = quantizable_parameters(model.hf, q)
+    state, tr = model.state(), transposed_parameters(model.hf)
+    err = weight_relative_error(state, names, q, transposed=tr)
+    occupancy = [int(c) for c in bin_occupancy(state, names, q, transposed=tr)["overall"]]
+    report: dict[str, Any] = {
+        "model": args.model, "quant": q.to_dict(), "n_modules": len(names),
+        "n_weights": int(sum(state[n].numel() for n in names)), "relative_error": err,
+        "bin_occupancy_overall": occupancy,
+    }
+    if args.update:
+        update = _update(args.update, args.runs_root)
+        update.check_fits(model)
+        deltas = {n: d for n, d in update.deltas.items() if n in names}
+        report["comparison"] = compare_quantization(state, deltas, names, q, transposed=tr).to_dict()
+    out.json(report)
+    out.line(f"model {args.model} · {q.label} · {report['n_modules']} modules · {report['n_weights']:,} weights")
+    out.line(f"relative weight error ‖Q(w)−w‖/‖w‖ overall: {err['overall']:.4f}")
+    out.line("bin occupancy (all quantized weights):")
+    out.line(text_histogram(occupancy, [f"code {i:>2}" for i in range(len(occupancy))]))
+    if "comparison" in report:
+        c = report["comparison"]["overall"]
+        out.line(text_table([{k: v for k, v in c.items() if not isinstance(v, (list, dict))}]))
+    return 0
+
+
+def _update(ref: str, runs_root: str | None) -> Update:
+    """``--update``: an update file, or the update of a run (id or directory)."""
+    if ref.endswith(".safetensors") or Path(ref).is_file():
+        return Update.load(ref)
+    return resolve_run(ref, root=runs_root).update()
+
+
+def cmd_bench(args: argparse.Namespace, out: Printer) -> int:
+    report = run_bench(sections=args.sections, quick=args.quick)
+    if args.out:
+        try:
+            Path(args.out).write_text(json.dumps(report, indent=2, default=float))
+        except OSError as exc:
+            raise WorkbenchError(f"cannot write the bench report to {args.out}: {exc.strerror}") from None
+    out.json(report)
+    return 0

@@ -1,0 +1,170 @@
+"""``unlearn``, ``runs list``, ``report`` and ``probe``: make a run, and read saved ones."""
+
+from __future__ import annotations
+
+import argparse
+
+from workbench.experiments.flow import oracle_for, run_unlearning
+from workbench.experiments.probing import probe_rows, probe_run
+from workbench.experiments.store import list_runs, resolve_run
+from workbench.faces.cli.common import (
+    Bar,
+    Printer,
+    add_data_args,
+    add_json,
+    add_quant_args,
+    add_runs_root,
+    load_split,
+    quant_from_args,
+)
+from workbench.faces.tables import text_table
+from workbench.interpretability.circuit import Circuit
+from workbench.measurement.metrics import Thresholds, report_card_rows, summary_lines
+from workbench.measurement.results import RunMetrics
+from workbench.models.loaded import LoadedModel
+from workbench.models.loading import load_model
+from workbench.unlearning.mansu import MansuConfig
+from workbench.unlearning.registry import METHODS, MethodConfig, default_lr
+from workbench.unlearning.task import OptimConfig, StopRule
+
+RUN_HELP = "a run id (in --runs-root) or a run directory"
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    _add_unlearn(sub)
+    p = sub.add_parser("runs", help="saved runs")
+    rsub = p.add_subparsers(dest="runs_command", required=True, metavar="COMMAND")
+    r = rsub.add_parser("list", help="list complete runs, newest first")
+    add_runs_root(r, "--root")
+    add_json(r)
+    r.set_defaults(func=cmd_runs_list)
+
+    p = sub.add_parser("report", help="a saved run's metrics and report card")
+    p.add_argument("run", metavar="RUN", help=RUN_HELP)
+    add_runs_root(p, "--root")
+    add_json(p)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("probe", help="robustness probes of a saved run: paraphrase, relearning attack, "
+                       "membership inference")
+    p.add_argument("run", metavar="RUN", help=RUN_HELP)
+    add_runs_root(p, "--root")
+    add_data_args(p)
+    p.add_argument("--relearn-steps", type=int, default=10, help="relearning attack: fine-tuning steps")
+    p.add_argument("--relearn-lr", type=float, help="relearning attack: Adam learning rate (default per model)")
+    add_json(p)
+    p.set_defaults(func=cmd_probe)
+
+
+def _add_unlearn(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("unlearn", help="run MANSU or a baseline, measure it, save the run")
+    p.add_argument("--model", required=True)
+    add_data_args(p)
+    p.add_argument("--method", choices=METHODS, default="mansu")
+    p.add_argument("--circuit", help="circuit JSON (default for MANSU: attribute and take the top 10)")
+    add_quant_args(p)
+    add_runs_root(p, "--out", what="where the run is saved")
+    p.add_argument("--forget-target", type=float, default=0.1, help="stop when forget top-1 <= this")
+    p.add_argument("--max-steps", type=int, default=100, help="gradient methods: step budget")
+    p.add_argument("--lr", type=float, help="gradient methods: Adam learning rate (default per model)")
+    p.add_argument("--params-per-round", type=int, default=None,
+                   help="MANSU: weights moved per round (default: 0.2%% of the circuit's weights, at least 32)")
+    p.add_argument("--code-steps", type=int, default=2,
+                   help="MANSU floor: quantization codes each moved weight crosses")
+    p.add_argument("--max-rounds", type=int, default=60, help="MANSU: round budget")
+    p.add_argument("--fisher-budget", type=float, default=0.05, help="MANSU: ε on ½ΣFΔ² (nats)")
+    p.add_argument("--retain-guard", type=float, default=0.02,
+                   help="MANSU: undo a round that drops retain top-1 by more than this (default 0.02)")
+    for flag in ("circuit", "projection", "fisher", "floor"):
+        p.add_argument(f"--no-{flag}", action="store_true", help=f"MANSU ablation: switch off the {flag} component")
+    p.add_argument("--cad-min", type=float, default=0.1, help="structural-erasure threshold τ on CAD")
+    p.add_argument("--no-oracle", action="store_true", help="skip the retrain oracle comparison")
+    add_json(p)
+    p.set_defaults(func=cmd_unlearn)
+
+
+def _method_settings(args: argparse.Namespace, model: LoadedModel) -> tuple[MethodConfig | None, OptimConfig | None,
+                                                                            StopRule | None]:
+    """MANSU's config, or the gradient methods' optimiser and stopping rule, from the flags."""
+    if args.method == "mansu":
+        return MansuConfig(
+            use_circuit=not args.no_circuit, use_projection=not args.no_projection,
+            use_fisher=not args.no_fisher, use_floor=not args.no_floor,
+            params_per_round=args.params_per_round, max_rounds=args.max_rounds, forget_target=args.forget_target,
+            fisher_budget=args.fisher_budget, code_steps=args.code_steps, retain_guard=args.retain_guard,
+        ), None, None
+    return None, OptimConfig(lr=args.lr or default_lr(model)), StopRule(max_steps=args.max_steps,
+                                                                          forget_target=args.forget_target)
+
+
+def cmd_unlearn(args: argparse.Namespace, out: Printer) -> int:
+    model = load_model(args.model)
+    split = load_split(model, args)
+    circuit = Circuit.load(args.circuit, model=model) if args.circuit else None
+    q = quant_from_args(args, "unlearn")
+    method_config, optim, stop = _method_settings(args, model)
+    oracle = None if args.no_oracle else oracle_for(model)
+    bar = Bar(f"{args.method} on {model.name}")
+    try:
+        result, metrics, run = run_unlearning(
+            model, split, method=args.method, quant=q, circuit=circuit, method_config=method_config, optim=optim,
+            stop=stop, thresholds=Thresholds(cad_min=args.cad_min), oracle=oracle, runs_root=args.runs_root,
+            progress=bar,
+        )
+    finally:
+        bar.close()
+    assert run is not None  # run_unlearning saves by default
+    out.json({"run_id": run.id, "path": str(run.path), "metrics": run.metrics.to_json()})
+    out.line(f"{metrics.method} on {model.name} ({split.name}): {result.steps} steps, stopped by {result.stopped}, "
+             f"{metrics.seconds:.1f} s")
+    out.line(metrics_summary_text(metrics))
+    out.line(text_table(report_card_rows(metrics)))
+    out.line(f"run saved: {run.path}")
+    return 0
+
+
+def metrics_summary_text(metrics: RunMetrics) -> str:
+    """The five variants' accuracies on forget and retain, then the headline numbers in words."""
+    rows = [{"set": name, "base fp": acc.base_fp, "base Q": acc.base_q, "after fp": acc.after_fp,
+             "Q(w)+Δ": acc.after_qbase_delta, "after Q": acc.after_q}
+            for name, acc in (("forget", metrics.forget), ("retain", metrics.retain))]
+    return "\n".join([text_table(rows), *summary_lines(metrics)])
+
+
+def cmd_runs_list(args: argparse.Namespace, out: Printer) -> int:
+    rows = []
+    for run in list_runs(root=args.runs_root):
+        m = run.metrics
+        rows.append({"run": run.id, "method": m.method, "model": m.model, "forget fp": m.forget.after_fp,
+                     "forget Q": m.forget.after_q, "ptq gap": m.ptq_gap, "passes": m.properties.passes(),
+                     "seconds": m.seconds, "path": str(run.path)})
+    out.json(rows)
+    out.line(text_table([{k: v for k, v in r.items() if k != "path"} for r in rows]) if rows else "no runs yet")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace, out: Printer) -> int:
+    run = resolve_run(args.run, root=args.runs_root)
+    out.json(run.metrics.to_json())
+    m = run.metrics
+    size = (run.path / "update.safetensors").stat().st_size
+    out.line(f"run {run.id}: {m.method} on {m.model} ({m.split}), {m.seconds:.1f} s, update file {size:,} bytes")
+    out.line(metrics_summary_text(m))
+    out.line(text_table(report_card_rows(m)))
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace, out: Printer) -> int:
+    run = resolve_run(args.run, root=args.runs_root)
+    split = load_split(load_model(run.metrics.model), args) if args.forget or args.retain else None
+    bar = Bar(f"probes of {run.id}")
+    try:
+        result = probe_run(run, relearn_steps=args.relearn_steps, relearn_lr=args.relearn_lr, split=split, progress=bar)
+    finally:
+        bar.close()
+    out.json(result)
+    out.line(f"probes of run {run.id}: {result['method']} on {result['model']} ({result['split']}), {result['quant']}")
+    out.line(text_table(probe_rows(result)))
+    if result.get("membership_skipped"):
+        out.line(f"membership inference skipped: {result['membership_skipped']}")
+    return 0
