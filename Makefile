@@ -5,7 +5,7 @@ PIP    := $(VENV)/bin/pip
 # Re-install when the dependency list changes.
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: app test demo lab install browser-deps clean-cache
+.PHONY: app test lint demo lab install browser-deps clean-cache
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -36,6 +36,11 @@ demo: install
 # The suite includes the browser tests (Playwright driving Debian's Chromium) and the gradio_client tests.
 test: install browser-deps
 	$(PY) -m pytest -q
+
+# Static checks: ruff (style, imports, likely bugs) and pyright in basic mode (types).
+lint: install
+	$(VENV)/bin/ruff check workbench tests app.py
+	$(VENV)/bin/pyright
 
 lab: install
 	$(VENV)/bin/jupyter lab notebooks/

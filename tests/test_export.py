@@ -138,3 +138,17 @@ def test_lora_run_exports_as_a_peft_adapter_that_reproduces_the_update(facts_tin
         torch.testing.assert_close(merged.get_parameter(name), after.hf.get_parameter(name), rtol=0, atol=1e-6,
                                    msg=name)
         assert delta.abs().max() > 1e-6  # the adapter carries a real change
+
+
+def test_cli_export_writes_the_directory_and_says_where(facts_run, tmp_path, capsys):
+    import json as _json
+
+    from workbench.faces.cli import main
+
+    _, _, run = facts_run
+    assert main(["export", str(run.path), "--out", str(tmp_path / "cli"), "--dtype", "float16", "--json"]) == 0
+    printed = _json.loads(capsys.readouterr().out)
+    assert printed == {"path": str(tmp_path / "cli"), "kind": "model", "dtype": "float16", "run_id": run.id}
+    assert (tmp_path / "cli" / "model.safetensors").exists() and (tmp_path / "cli" / "tokenizer.json").exists()
+    assert main(["export", str(run.path), "--out", str(tmp_path / "cli")]) == 1  # exists: refused
+    assert "already exists" in capsys.readouterr().err

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
+from workbench.experiments.export import DTYPES, export_lora_adapter, export_run
 from workbench.experiments.flow import oracle_for, run_unlearning
 from workbench.experiments.probing import probe_rows, probe_run
 from workbench.experiments.store import list_runs, resolve_run
@@ -23,7 +25,7 @@ from workbench.measurement.metrics import Thresholds, report_card_rows, summary_
 from workbench.measurement.results import RunMetrics
 from workbench.models.loaded import LoadedModel
 from workbench.models.loading import load_model
-from workbench.unlearning.mansu import MansuConfig
+from workbench.unlearning.mansu.config import MANSU_VARIANTS
 from workbench.unlearning.registry import METHODS, MethodConfig, default_lr
 from workbench.unlearning.task import OptimConfig, StopRule
 
@@ -55,6 +57,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_json(p)
     p.set_defaults(func=cmd_probe)
 
+    p = sub.add_parser("export", help="write a run's unlearned model as a Hugging Face directory (or a LoRA run "
+                       "as a PEFT adapter)")
+    p.add_argument("run", metavar="RUN", help=RUN_HELP)
+    p.add_argument("--out", required=True, metavar="DIR", help="a new directory to write")
+    p.add_argument("--dtype", choices=tuple(DTYPES), help="storage dtype (default: the base model's)")
+    p.add_argument("--adapter", action="store_true", help="LoRA runs: write the PEFT adapter instead of the model")
+    add_runs_root(p)
+    add_json(p)
+    p.set_defaults(func=cmd_export)
+
 
 def _add_unlearn(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("unlearn", help="run MANSU or a baseline, measure it, save the run")
@@ -67,14 +79,15 @@ def _add_unlearn(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--forget-target", type=float, default=0.1, help="stop when forget top-1 <= this")
     p.add_argument("--max-steps", type=int, default=100, help="gradient methods: step budget")
     p.add_argument("--lr", type=float, help="gradient methods: Adam learning rate (default per model)")
+    p.add_argument("--mansu-variant", choices=tuple(MANSU_VARIANTS), default="v1",
+                   help="MANSU: which reading (docs/results/mansu_study.md; default v1); the flags below override it")
     p.add_argument("--params-per-round", type=int, default=None,
                    help="MANSU: weights moved per round (default: 0.2%% of the circuit's weights, at least 32)")
-    p.add_argument("--code-steps", type=int, default=2,
-                   help="MANSU floor: quantization codes each moved weight crosses")
-    p.add_argument("--max-rounds", type=int, default=60, help="MANSU: round budget")
-    p.add_argument("--fisher-budget", type=float, default=0.05, help="MANSU: ε on ½ΣFΔ² (nats)")
-    p.add_argument("--retain-guard", type=float, default=0.02,
-                   help="MANSU: undo a round that drops retain top-1 by more than this (default 0.02)")
+    p.add_argument("--code-steps", type=int, help="MANSU floor: quantization codes each moved weight crosses (2)")
+    p.add_argument("--max-rounds", type=int, help="MANSU: round budget (60)")
+    p.add_argument("--fisher-budget", type=float, help="MANSU: ε on ½ΣFΔ² in nats (0.05)")
+    p.add_argument("--retain-guard", type=float,
+                   help="MANSU: undo a round that drops retain top-1 by more than this (0.02)")
     for flag in ("circuit", "projection", "fisher", "floor"):
         p.add_argument(f"--no-{flag}", action="store_true", help=f"MANSU ablation: switch off the {flag} component")
     p.add_argument("--cad-min", type=float, default=0.1, help="structural-erasure threshold τ on CAD")
@@ -87,11 +100,12 @@ def _method_settings(args: argparse.Namespace, model: LoadedModel) -> tuple[Meth
                                                                             StopRule | None]:
     """MANSU's config, or the gradient methods' optimiser and stopping rule, from the flags."""
     if args.method == "mansu":
-        return MansuConfig(
-            use_circuit=not args.no_circuit, use_projection=not args.no_projection,
-            use_fisher=not args.no_fisher, use_floor=not args.no_floor,
-            params_per_round=args.params_per_round, max_rounds=args.max_rounds, forget_target=args.forget_target,
-            fisher_budget=args.fisher_budget, code_steps=args.code_steps, retain_guard=args.retain_guard,
+        given = {"params_per_round": args.params_per_round, "max_rounds": args.max_rounds,
+                 "fisher_budget": args.fisher_budget, "code_steps": args.code_steps, "retain_guard": args.retain_guard}
+        return replace(
+            MANSU_VARIANTS[args.mansu_variant], use_circuit=not args.no_circuit, use_projection=not args.no_projection,
+            use_fisher=not args.no_fisher, use_floor=not args.no_floor, forget_target=args.forget_target,
+            **{k: v for k, v in given.items() if v is not None},
         ), None, None
     return None, OptimConfig(lr=args.lr or default_lr(model)), StopRule(max_steps=args.max_steps,
                                                                           forget_target=args.forget_target)
@@ -167,4 +181,17 @@ def cmd_probe(args: argparse.Namespace, out: Printer) -> int:
     out.line(text_table(probe_rows(result)))
     if result.get("membership_skipped"):
         out.line(f"membership inference skipped: {result['membership_skipped']}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, out: Printer) -> int:
+    run = resolve_run(args.run, root=args.runs_root)
+    if args.adapter:
+        if args.dtype:
+            out.line("note: --dtype is ignored for an adapter (its factors are float32)")
+        export = export_lora_adapter(run, args.out)
+    else:
+        export = export_run(run, args.out, dtype=args.dtype)
+    out.json({"path": str(export.path), "kind": export.kind, "dtype": export.dtype, "run_id": export.run_id})
+    out.line(f"run {run.id} exported as a {export.kind} ({export.dtype}) to {export.path}")
     return 0
