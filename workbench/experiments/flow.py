@@ -16,6 +16,7 @@ from typing import Any
 from workbench.core.errors import WorkbenchError
 from workbench.core.progress import Progress, scaled, silent
 from workbench.data.facts import FactSplit
+from workbench.experiments.provenance import provenance
 from workbench.experiments.store import Run, save_run
 from workbench.interpretability.attribution import Attribution, AttributionConfig, attribute
 from workbench.interpretability.circuit import Circuit
@@ -137,6 +138,7 @@ def _run_config(model: LoadedModel, split: FactSplit, *, method: str, quant: Qua
         "baseline": asdict(baseline) if baseline is not None else None,
         "method_config": asdict(method_config) if method_config is not None else None,
         "thresholds": asdict(thresholds),
+        "provenance": provenance(model).to_dict(),
     }
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 from workbench.core.errors import WorkbenchError
 from workbench.experiments.flow import oracle_for
+from workbench.experiments.provenance import version_differences
 from workbench.experiments.store import Run
 from workbench.faces.cli.common import (
     Bar,
@@ -29,6 +31,7 @@ from workbench.faces.compare import (
     load_runs,
     output_format,
     paper_table,
+    run_labels,
     write_comparison,
 )
 from workbench.interpretability.circuit import Circuit
@@ -116,6 +119,8 @@ def cmd_compare(args: argparse.Namespace, out: Printer) -> int:
     if args.out:
         output_format(args.out)  # a bad extension fails before any work
     runs = load_runs(args.runs, root=args.runs_root)
+    for line in version_differences([r.config for r in runs], run_labels(runs)):
+        print(f"warning: the runs were made with different versions of {line}", file=sys.stderr)
     _emit(out, compare_table(runs, all_quantizers=args.all_quantizers), runs, args.out)
     return 0
 
