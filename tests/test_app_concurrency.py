@@ -93,7 +93,7 @@ def test_eight_sessions_at_once_keep_their_own_circuit_and_run(app_server):
         for i, fut in enumerate(futures):
             try:
                 results.append(fut.result(timeout=3 * TIMEOUT))
-            except Exception as exc:  # noqa: BLE001 -- collect every session's failure, report them together
+            except Exception as exc:  # collect every session's failure, report them together
                 errors.append(f"session {i}: {type(exc).__name__}: {exc}")
     first = [e for e in errors if "BrokenBarrierError" not in e] or errors  # the cause, not its echo
     assert not errors, "sessions failed:\n" + "\n".join(first)
@@ -232,7 +232,7 @@ def test_api_cannot_make_the_app_read_a_server_file(app_server, tmp_path, where)
 
 
 def _sources() -> list[Path]:
-    files = sorted((ROOT / "workbench").rglob("*.py")) + [ROOT / "app.py"]
+    files = [*sorted((ROOT / "workbench").rglob("*.py")), ROOT / "app.py"]
     assert len(files) > 10
     return files
 

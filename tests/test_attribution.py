@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ from workbench.measurement.reference import plain_exact_patching, tl_node_scores
 try:  # facts.py is written concurrently; any object with these attributes works
     from workbench.data.facts import Fact as _Fact
 
-    def Fact(prompt: str, answer: str, corrupt_prompt: str = "", relation: str = "", template: int = 0):  # noqa: N802
+    def Fact(prompt: str, answer: str, corrupt_prompt: str = "", relation: str = "", template: int = 0):
         return _Fact(prompt=prompt, answer=answer, choices=(), relation=relation, template=template,
                      corrupt_prompt=corrupt_prompt)
 except ImportError:
@@ -319,7 +320,7 @@ def test_serialisation_top_and_progress(models, pairs):
     att = attribute(m, p, AttributionConfig(method="ig", ig_steps=3, edges=True, batch_size=4),
                     progress=lambda f, msg: calls.append((f, msg)))
     assert calls and calls[-1][0] == pytest.approx(1.0)
-    assert all(b[0] >= a[0] for a, b in zip(calls, calls[1:]))
+    assert all(b[0] >= a[0] for a, b in itertools.pairwise(calls))
     data = json.loads(json.dumps(att.to_dict()))
     assert data["scores"]["embed"] == pytest.approx(att.scores[EMBED])
     back = Attribution.from_dict(data)

@@ -30,12 +30,14 @@ def test_a_range_admits_its_values():
 
 BAD = [
     (MansuConfig, "retain_guard", math.nan), (MansuConfig, "retain_guard", -0.01), (MansuConfig, "max_rounds", 10**9),
-    (MansuConfig, "fisher_budget", math.inf), (MansuConfig, "code_steps", 300), (MansuConfig, "round_fraction", math.nan),
+    (MansuConfig, "fisher_budget", math.inf), (MansuConfig, "code_steps", 300),
+    (MansuConfig, "round_fraction", math.nan),
     (MansuConfig, "params_per_round", 1.5), (MansuConfig, "no_floor_step", math.nan),
     (OptimConfig, "lr", 0.0), (OptimConfig, "lr", math.nan), (OptimConfig, "forget_batch", True),
     (StopRule, "max_steps", 10**9), (StopRule, "forget_target", math.nan),
     (BaselineConfig, "alpha", math.inf), (BaselineConfig, "gamma", math.nan),
-    (RmuConfig, "steering_scale", math.nan), (SureConfig, "lr_scale", math.inf), (QuailConfig, "margin_scale", math.nan),
+    (RmuConfig, "steering_scale", math.nan), (SureConfig, "lr_scale", math.inf),
+    (QuailConfig, "margin_scale", math.nan),
     (LoraConfig, "rank", 10**6), (LoraConfig, "alpha", math.nan),
 ]
 

@@ -530,7 +530,7 @@ def test_faithfulness_full_and_empty(arch):
     corrupt[:, -3:] = torch.randint(3, 100, (6, 3), generator=gen)
     pairs = PromptPairs.from_ids(clean, corrupt, torch.randint(3, 100, (6,), generator=gen),
                                  torch.randint(3, 100, (6,), generator=gen))
-    scores = {c: 1.0 for c in all_components(model.n_layers, model.n_heads)}
+    scores = dict.fromkeys(all_components(model.n_layers, model.n_heads), 1.0)
     attr = Attribution(scores=scores, method="atp", metric="logit_diff", n_pairs=6, prompts_hash=pairs.prompts_hash,
                        model_fingerprint=model.fingerprint, clean_metric=0.0, corrupt_metric=0.0,
                        n_layers=model.n_layers, n_heads=model.n_heads)

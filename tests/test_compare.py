@@ -181,7 +181,8 @@ def test_ablation_findings_name_the_flipped_properties():
     rows = [row("mansu", "PASS", "PASS", 0.05, 1.0, 1000), row("mansu-no_floor", "fail", "PASS", 0.85, 1.0, 900),
             row("mansu-no_circuit", "PASS", "PASS", 0.06, 1.0, 1000)]
     lines = ablation_findings(rows)
-    assert lines[0] == "mansu-no_floor: forgetting PASS → fail (forget nf4 +0.800, retain fp +0.000, params changed -100)"
+    assert lines[0] == ("mansu-no_floor: forgetting PASS → fail "
+                        "(forget nf4 +0.800, retain fp +0.000, params changed -100)")
     assert lines[1].startswith("mansu-no_circuit: no property flips (forget nf4 +0.010")
     assert ablation_findings(rows[:1]) == []
 
@@ -254,7 +255,7 @@ def test_cli_ablate(capsys, facts_tiny, tmp_path):
 
 
 def test_cli_unlearn_accepts_the_new_methods(capsys, facts_tiny, tmp_path):
-    code, out, err = _cli(capsys, "unlearn", "--model", "facts-tiny", "--method", "rmu", "--max-steps", "2",
+    code, _out, err = _cli(capsys, "unlearn", "--model", "facts-tiny", "--method", "rmu", "--max-steps", "2",
                           "--runs-root", str(tmp_path), "--no-oracle")
     assert code == 0, err
     (run,) = list_runs(root=tmp_path)

@@ -46,7 +46,7 @@ def _check_prop(p: dict) -> None:
 
 
 def test_run_unlearning_saves_every_required_metric(mansu_run, circuit):
-    result, metrics, run, root, untouched = mansu_run
+    result, metrics, run, _root, untouched = mansu_run
     assert untouched, "run_unlearning modified the base model"
     on_disk = json.loads((run.path / "metrics.json").read_text())
     assert metrics.run_id is None and run.metrics == metrics.saved_as(run.id)
@@ -129,7 +129,7 @@ def test_saved_run_reopens_with_config_circuit_history_and_update(facts_tiny, ma
 
 def test_baseline_run(facts_tiny, split, circuit, tmp_path):
     before = facts_tiny.weights_hash()
-    result, metrics, run = run_unlearning(
+    result, _metrics, run = run_unlearning(
         facts_tiny, split, method="graddiff", circuit=circuit, optim=OptimConfig(lr=3e-3),
         stop=StopRule(max_steps=3), save=True, runs_root=str(tmp_path),
     )

@@ -111,7 +111,7 @@ def test_split_is_disjoint_and_canonical(world):
     assert "pathogens" not in {f.domain for f in s.retain + s.retain_paraphrase}
     assert all(f.template == CANONICAL_TEMPLATE and not f.paraphrase for f in s.forget + s.retain)
     assert all(f.paraphrase for f in s.forget_paraphrase + s.retain_paraphrase)
-    prompts = [set(f.prompt for f in part) for part in (s.forget, s.retain, s.forget_paraphrase, s.retain_paraphrase)]
+    prompts = [{f.prompt for f in part} for part in (s.forget, s.retain, s.forget_paraphrase, s.retain_paraphrase)]
     for i in range(4):
         for j in range(i + 1, 4):
             assert not prompts[i] & prompts[j]
@@ -371,7 +371,8 @@ def test_real_facts_file():
     assert others["Australia"] == "Canberra" and others["Canada"] == "Ottawa" and others["Turkey"] == "Ankara"
     # Every capital fact has the canonical phrasing, more trained ones, and one paraphrase phrasing.
     for country in others:
-        forms = {(r["template"], r["paraphrase"]) for r in rows if r["relation"] == "capital" and r["subject"] == country}
+        rows_of = [r for r in rows if r["relation"] == "capital" and r["subject"] == country]
+        forms = {(r["template"], r["paraphrase"]) for r in rows_of}
         assert (0, False) in forms and len(forms) >= 2
         assert [t for t, para in forms if para] == [1]
 

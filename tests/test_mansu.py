@@ -230,7 +230,8 @@ def test_floor_verification_reverts_moves_that_keep_their_code(facts_tiny, split
         if k % 2:
             grid = state.grids[move.name]
             own = float(grid.values[grid.rank[move.index].long()] * grid.absmax[move.index])
-            moves[k] = type(move)(move.saliency, move.name, move.index, own - float(state.base[move.name].view(-1)[move.index]))
+            moves[k] = type(move)(move.saliency, move.name, move.index,
+                                  own - float(state.base[move.name].view(-1)[move.index]))
             sabotaged.add((move.name, move.index))
     done = take_moves(state, moves, config)
     assert done.chosen == state.per_round and sabotaged

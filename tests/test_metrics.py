@@ -63,7 +63,7 @@ REQUIRED = {
 
 
 def test_measure_update_reports_every_key(mansu_measured):
-    result, m, untouched = mansu_measured
+    _result, m, untouched = mansu_measured
     assert untouched, "measure_update modified the base model"
     assert isinstance(m, UpdateMetrics)
     j = m.to_json()
@@ -330,7 +330,8 @@ def test_bin_occupancy_before_and_after_match_the_quantizer(facts_tiny, mansu_me
     tr = transposed_parameters(facts_tiny.hf)
     order = code_order(NF4).numpy()
     before = bin_occupancy(facts_tiny.state(), names, NF4, transposed=tr, progress=lambda *_: None)
-    after = bin_occupancy({**facts_tiny.state(), **result.update.after_state(facts_tiny.state())}, names, NF4, transposed=tr, progress=lambda *_: None)
+    after = bin_occupancy({**facts_tiny.state(), **result.update.after_state(facts_tiny.state())}, names, NF4,
+                          transposed=tr, progress=lambda *_: None)
     overall = metrics.quantization["overall"]
     assert overall["occupancy_before"] == before["overall"][order].tolist()
     assert overall["occupancy_after"] == after["overall"][order].tolist()
@@ -349,7 +350,8 @@ def test_before_after_figures_draw_the_measured_numbers(mansu_measured, graddiff
     q = m.quantization
     fig = plots.occupancy_figure(q)
     assert [list(t.y) for t in fig.data[:2]] == [q["overall"]["occupancy_before"], q["overall"]["occupancy_after"]]
-    assert list(fig.data[2].y) == [a - b for a, b in zip(q["overall"]["occupancy_after"], q["overall"]["occupancy_before"], strict=True)]
+    assert list(fig.data[2].y) == [a - b for a, b in zip(q["overall"]["occupancy_after"],
+                                                         q["overall"]["occupancy_before"], strict=True)]
     module = q["modules"][0]["name"]
     assert "of" in plots.occupancy_figure(q, module).layout.title.text
     with pytest.raises(WorkbenchError, match="no quantization analysis"):

@@ -70,8 +70,8 @@ def test_circuit_figure_nodes(circuit):
     assert symbols == {"embed": "diamond", "L0.H1": "circle", "L0.MLP": "square", "L2.H3": "circle",
                        "L2.MLP": "square"}
     # Colour is the signed score on a scale centred at 0, size grows with |score|.
-    assert list(sel.marker.color) == [circuit.scores[c] for c in map(lambda n: next(
-        x for x in circuit.components if x.name == n), sel.customdata)]
+    assert list(sel.marker.color) == [circuit.scores[c] for c in (next(
+        x for x in circuit.components if x.name == n) for n in sel.customdata)]
     assert sel.marker.cmid == 0 and sel.marker.cmin == -sel.marker.cmax
     sizes = dict(zip(sel.customdata, sel.marker.size, strict=True))
     assert sizes["embed"] > sizes["L0.H1"]  # |2.0| > |-0.2|

@@ -75,7 +75,8 @@ def test_membership_inference_against_the_oracle(facts_tiny, split, unlearned):
     after = unlearned.apply(facts_tiny)
 
     def by_hand(m):
-        return auc(-answer_losses(m, split.forget, facts_tiny.tokenizer), -answer_losses(m, twins, facts_tiny.tokenizer))
+        tok = facts_tiny.tokenizer
+        return auc(-answer_losses(m, split.forget, tok), -answer_losses(m, twins, tok))
 
     fp = result["fp"]
     assert fp["auc"] == by_hand(after) and fp["auc_oracle"] == by_hand(oracle) and fp["auc_base"] == by_hand(facts_tiny)

@@ -118,7 +118,7 @@ def test_nf4_table_matches_reference_and_bnb() -> None:
 def test_fp4_order_matches_bnb_quantizer() -> None:
     from bitsandbytes.backends.default.ops import _get_4bit_quantize_bounds
 
-    bounds, order = _get_4bit_quantize_bounds("fp4", torch.device("cpu"))
+    _bounds, order = _get_4bit_quantize_bounds("fp4", torch.device("cpu"))
     assert torch.equal(code_order(QuantConfig("fp4")), order)
     table = code_table(QuantConfig("fp4"))
     assert torch.equal(table, bnbf.get_4bit_type("fp4", device="cpu"))

@@ -128,7 +128,8 @@ def test_a_killed_run_leaves_nothing_that_looks_complete(tmp_path):
                        stop=StopRule(max_steps=1, forget_target=None), measure_cad=False, runs_root={str(root)!r})
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            cwd=Path(__file__).resolve().parents[1], env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+                            cwd=Path(__file__).resolve().parents[1],
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     try:
         deadline = time.time() + 300
         line = b""

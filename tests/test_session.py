@@ -265,7 +265,7 @@ def test_unlearn_compare_and_runs(attributed, runs_root):
     before, after = figs.occupancy.data[0].y, figs.occupancy.data[1].y
     assert sum(before) == sum(after) == m.quantization["overall"]["n_weights"]
     assert figs.cad is not None and len(figs.cad.data) == 3  # before | after | difference
-    assert [r["property"] for r in figs.report][0].startswith("forgetting") and len(figs.report) == 4
+    assert next(r["property"] for r in figs.report).startswith("forgetting") and len(figs.report) == 4
     module = view.modules[1]
     assert module in compare_figures(view, module).occupancy.layout.title.text
 
@@ -273,7 +273,7 @@ def test_unlearn_compare_and_runs(attributed, runs_root):
     graddiff = s.unlearn("graddiff", stop={"max_steps": 2, "forget_target": None}, measure_cad=False,
                          use_oracle=False)
     assert graddiff.metrics.method == "graddiff" and s.pinned is view
-    accuracy, ratios = shared_figures([s.current, s.pinned])
+    accuracy, _ratios = shared_figures([s.current, s.pinned])
     assert len({t.name for t in accuracy.data}) == 2
     assert compare_figures(graddiff).cad is None and compare_figures(graddiff).notes  # measured without CAD
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import replace
 
@@ -74,7 +75,7 @@ def test_theory_closed_form_and_limits():
     assert theoretical_survival([1], 2.0, [1.0, 4.0, 0.0]) == pytest.approx([0.75])
     ks = [10**i for i in range(7)]
     values = theoretical_survival(ks, 0.3, torch.rand(1000) + 0.01)
-    assert all(a >= b for a, b in zip(values, values[1:])), "survival must not grow with k"
+    assert all(a >= b for a, b in itertools.pairwise(values)), "survival must not grow with k"
     with pytest.raises(WorkbenchError):
         theoretical_survival([0], 1.0, [1.0])
     with pytest.raises(WorkbenchError):
@@ -122,7 +123,7 @@ def test_survival_falls_to_zero_for_all_weights_and_rises_to_one_for_few(tiny):
     assert sparse["move_rms"] > 2 * float(model_bin_widths(model, NF4).median())
     assert sparse["code_changed_fraction"] >= 0.85
     fractions = [p["code_changed_fraction"] for p in sorted(curve, key=lambda p: p["k"])]
-    assert all(a >= b - 0.05 for a, b in zip(fractions, fractions[1:])), fractions
+    assert all(a >= b - 0.05 for a, b in itertools.pairwise(fractions)), fractions
     assert model.weights_hash() == before
 
 

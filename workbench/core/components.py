@@ -25,7 +25,7 @@ from enum import Enum
 from typing import Literal
 
 
-class ComponentKind(str, Enum):
+class ComponentKind(str, Enum):  # noqa: UP042 -- not StrEnum: f"{kind}" must keep printing ComponentKind.HEAD as before
     """What a circuit component is."""
 
     EMBED = "embed"

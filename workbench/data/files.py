@@ -274,7 +274,7 @@ def _row_to_fact(row: Mapping[str, Any], where: str) -> tuple[Fact, bool]:
             raise WorkbenchError(f"{where}: the answer {answer!r} is not one of the choices {list(choices)}")
 
     extra: dict[str, Any] = {}
-    for name in _TEXT_FIELDS + ("corrupt_prompt",):
+    for name in (*_TEXT_FIELDS, "corrupt_prompt"):
         if name in row:
             extra[name] = _text_field(row, name, where)
     if "template" in row:

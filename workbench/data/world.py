@@ -511,7 +511,7 @@ def _relation_facts(seed: int, domain: Domain, rel: Relation, answers: Sequence[
     rng = _rng(seed, "mc+corrupt", domain.name, rel.name)
     choices: list[tuple[str, ...]] = []
     corrupt: list[str] = []
-    for i, answer in enumerate(answers):
+    for answer in answers:
         distractors = rng.sample([a for a in rel.answers if a != answer], 3)
         options = [answer, *distractors]
         rng.shuffle(options)

@@ -57,8 +57,8 @@ def probe_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     rl = result.get("relearning")
     if rl:
         for k in ("base", "unlearned", "relearned", "recovery"):
-            rows.append({"probe": f"relearning ({rl['steps']} steps on {rl['n_train']} facts)",
-                         "measure": f"held-out half top-1: {k}" if k != "recovery" else "recovery (relearned − unlearned)",
+            measure = f"held-out half top-1: {k}" if k != "recovery" else "recovery (relearned − unlearned)"
+            rows.append({"probe": f"relearning ({rl['steps']} steps on {rl['n_train']} facts)", "measure": measure,
                          "full precision": rl["fp"][k], "quantized": rl["quantized"][k]})
     mi = result.get("membership")
     if mi:

@@ -157,7 +157,8 @@ def on_check_file(s: Session, path: str | None, which: str) -> str:
         facts = read_fact_upload(path, f"{which} file", s.model)
     except WorkbenchError as exc:
         return f"⚠️ **Cannot use this {which} file:** {html.escape(str(exc), quote=False)}"
-    checked = f"answers checked against {s.model.name}'s tokenizer" if s.model else "tokens are checked when the model loads"
+    checked = (f"answers checked against {s.model.name}'s tokenizer" if s.model
+               else "tokens are checked when the model loads")
     return f"✓ {which} file: {len(facts)} facts ({checked})."
 
 
@@ -223,7 +224,8 @@ def on_run_start(s: Session):
 @friendly
 def on_unlearn(s: Session, method: str, use_circuit: bool, use_projection: bool, use_fisher: bool, use_floor: bool,
                max_rounds: Any, fisher_budget: Any, params_per_round: Any, forget_target: Any, code_steps: Any,
-               lr: Any, max_steps: Any, settings: str | None, measure_cad: bool, use_oracle: bool, module: str | None, cad: str | None,
+               lr: Any, max_steps: Any, settings: str | None, measure_cad: bool, use_oracle: bool,
+               module: str | None, cad: str | None,
                progress: gr.Progress = gr.Progress()):
     def num(x: Any, what: str, kind: type = float) -> Any:
         try:
@@ -295,8 +297,11 @@ def on_run_files(s: Session, run_id: str | None):
 def model_status(name: str) -> tuple[str, Any]:
     status = SHARED.status(name)
     done = status == "ready" or status.startswith("error")
-    text = {"ready": f"Model **{name}** is loaded and shared by every session: click “Load model and data”."}.get(
-        status, f"Model **{name}**: {html.escape(status, quote=False)}" + ("" if done else " … (first use builds and caches it)"))
+    if status == "ready":
+        text = f"Model **{name}** is loaded and shared by every session: click “Load model and data”."
+    else:
+        text = f"Model **{name}**: {html.escape(status, quote=False)}" + (
+            "" if done else " … (first use builds and caches it)")
     return text, gr.Timer(active=not done)
 
 
@@ -534,7 +539,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         SHARED.preload(args.model)
     demo = build_app(args.model, heavy_jobs=args.heavy_jobs)
     demo.queue(default_concurrency_limit=4)
-    demo.launch(server_name=args.host, server_port=args.port, share=False, inbrowser=args.open_browser, max_file_size=MAX_FILE_SIZE,
+    demo.launch(server_name=args.host, server_port=args.port, share=False, inbrowser=args.open_browser,
+                max_file_size=MAX_FILE_SIZE,
                 allowed_paths=[str(runs_dir())], show_error=False, ssr_mode=False, quiet=False,
                 footer_links=["api"], theme=gr.themes.Default(font=["system-ui", "sans-serif"],
                                                               font_mono=["ui-monospace", "monospace"]))

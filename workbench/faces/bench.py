@@ -26,6 +26,7 @@ most of its time spinning, which makes ratios meaningless. Targets: exact/ours >
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -258,10 +259,8 @@ class PeakMemory:
         import gc
 
         gc.collect()
-        try:
+        with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
             ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc
-            pass
 
     def _sample(self) -> None:
         while not self._stop.wait(self.interval):

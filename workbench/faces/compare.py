@@ -26,6 +26,7 @@ A row per run (a plain dict, column name → value), built from ``metrics.json``
 from __future__ import annotations
 
 import html
+import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -55,7 +56,8 @@ FORMATS = {".md": "markdown", ".csv": "csv", ".html": "html"}
 BIN_CROSSING_RATIO = 0.5
 """|Δw| / bin width at which a weight sitting at its bin's centre reaches a decision boundary."""
 
-PROPERTY_COLUMNS = {"forgetting": "forgetting", "retain": "retain kept", "ptq": "PTQ gap ok", "structural": "structural"}
+PROPERTY_COLUMNS = {"forgetting": "forgetting", "retain": "retain kept", "ptq": "PTQ gap ok",
+                    "structural": "structural"}
 
 
 def load_runs(refs: Iterable[str], *, root: str | None = None) -> list[Run]:
@@ -105,7 +107,8 @@ def quantizer_accuracies(
     return out
 
 
-def compare_row(run: Run, label: str | None = None, quantizers: Mapping[str, Mapping[str, float]] | None = None) -> dict[str, Any]:
+def compare_row(run: Run, label: str | None = None,
+                quantizers: Mapping[str, Mapping[str, float]] | None = None) -> dict[str, Any]:
     """One table row from a run's ``metrics.json`` (see the module docstring for the columns)."""
     m = run.metrics
     f, r = m.forget, m.retain
@@ -281,7 +284,7 @@ def update_ratio_figure(runs: Sequence[Run], labels: Sequence[str] | None = None
         total = sum(counts) + int(o.get("ratio_below") or 0) + int(o.get("ratio_above") or 0)
         if not counts or total == 0 or len(edges) != len(counts) + 1:
             continue
-        centres = [math.sqrt(a * b) for a, b in zip(edges[:-1], edges[1:])]
+        centres = [math.sqrt(a * b) for a, b in itertools.pairwise(edges)]
         fig.add_trace(go.Scatter(x=centres, y=[c / total for c in counts], mode="lines+markers", name=label,
                                  line=dict(shape="hvh", color=_PALETTE[i % len(_PALETTE)]),
                                  hovertemplate=f"{label}<br>|Δw|/bin ≈ %{{x:.3g}}<br>%{{y:.2%}}<extra></extra>"))

@@ -7,6 +7,7 @@ the component name in ``customdata`` so a face can map a click to a node.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -344,7 +345,8 @@ def _code_labels(quantization: Mapping[str, Any], n: int) -> list[str]:
     return [f"{v:+.3f}" for v in values] if n <= 16 else [f"{v:+.2f}" for v in values]
 
 
-def occupancy_figure(quantization: Mapping[str, Any], module: str = "overall", *, title: str | None = None) -> go.Figure:
+def occupancy_figure(quantization: Mapping[str, Any], module: str = "overall", *,
+                     title: str | None = None) -> go.Figure:
     """Code occupancy of ``Q(w)`` | ``Q(w+Δ)`` | the difference, for one module or overall.
 
     Bars are codes in ascending value (x labels are the normalised code values); y is the
@@ -394,10 +396,11 @@ def update_ratio_figure(runs: Mapping[str, Mapping[str, Any]], *, title: str | N
         total = sum(counts) + o.get("ratio_below", 0) + o.get("ratio_above", 0)
         if not counts or total == 0:
             continue
-        centres = [math.sqrt(a * b) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+        centres = [math.sqrt(a * b) for a, b in itertools.pairwise(edges)]
         fig.add_trace(go.Scatter(x=centres, y=[c / total for c in counts], mode="lines", name=label,
                                  line=dict(shape="hvh"),
-                                 hovertemplate=f"{label}<br>|Δw|/bin ≈ %{{x:.3g}}<br>%{{y:.2%}} of changed weights<extra></extra>"))
+                                 hovertemplate=f"{label}<br>|Δw|/bin ≈ %{{x:.3g}}<br>"
+                                               "%{y:.2%} of changed weights<extra></extra>"))
     fig.add_vline(x=1.0, line_dash="dash", line_color="#333333",
                   annotation_text="one bin width: always crosses", annotation_position="top left")
     fig.update_xaxes(type="log", title="|Δw| / local bin width (changed weights)")
@@ -462,6 +465,6 @@ __all__ = [
     "node_positions",
     "occupancy_figure",
     "quantization_module",
-    "update_ratio_figure",
     "spearman",
+    "update_ratio_figure",
 ]

@@ -419,14 +419,16 @@ class Session:
         """Attribute the forget set and start a fresh circuit from the core's default (top-k)."""
 
         model, split, _q = self._require()
-        config = AttributionConfig(method=method, ig_steps=_whole(ig_steps, "IG steps"), edges=bool(edges) and method != "exact")  # type: ignore[arg-type]
+        config = AttributionConfig(method=method, ig_steps=_whole(ig_steps, "IG steps"),
+                                   edges=bool(edges) and method != "exact")  # type: ignore[arg-type]
         attribution = attribute_forget_set(model, split, config, progress=progress)
         self.attribution = attribution
         self.reference = {method: attribution}
         self._set_circuit(default_circuit(attribution))
         return attribution
 
-    def agreement(self, reference: str = "exact", *, ig_steps: int = 8, progress: Progress | None = None) -> tuple[dict[str, float], go.Figure]:
+    def agreement(self, reference: str = "exact", *, ig_steps: int = 8,
+                  progress: Progress | None = None) -> tuple[dict[str, float], go.Figure]:
         """How the current attribution agrees with another method's (rank correlations, top-k overlap)."""
 
         model, split, _q = self._require()

@@ -175,7 +175,8 @@ class Workbench:
                           self.circuit_info, self.circuit_fig, self.heatmap_fig])
         unlearn = W.VBox([W.HTML("<b>3. Unlearn</b>: MANSU edits the circuit; baselines use plain gradients."),
                           W.HBox([self.method_dropdown, self.run_button])])
-        compare = W.VBox([W.HTML("<b>4. Compare</b>: full precision vs quantized, and what the update did to the bins."),
+        compare = W.VBox([W.HTML("<b>4. Compare</b>: full precision vs quantized, "
+                                 "and what the update did to the bins."),
                           self.compare_box])
         self.tabs = W.Tab(children=[setup, circuit, unlearn, compare])
         for i, title in enumerate(["setup", "circuit", "unlearn", "compare"]):
@@ -405,4 +406,4 @@ class Workbench:
         self.compare_box.children = [self.report_html, *self.compare_figs]
 
 
-__all__ = ["Workbench", "method_label", "QUANT_TYPES"]
+__all__ = ["QUANT_TYPES", "Workbench", "method_label"]

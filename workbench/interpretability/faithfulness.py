@@ -55,8 +55,10 @@ def faithfulness(
 ) -> Faithfulness:
     """Ablate everything outside the circuit (→ ``recovered``) and the circuit itself (→ ``drop``).
 
-    ``pairs`` are the clean/corrupt prompt pairs of :func:`workbench.attribution.make_prompt_pairs`,
-    or facts (paired here with that function). Uses :func:`workbench.attribution.ablated_metric` with the kept set; the writer
+    ``pairs`` are the clean/corrupt prompt pairs of
+    :func:`workbench.interpretability.attribution.make_prompt_pairs`, or facts (paired here with
+    that function). Uses :func:`workbench.interpretability.attribution.ablated_metric` with the
+    kept set; the writer
     components are the model's embed, heads and MLPs. ``metric`` overrides the pairs'
     metric (default: the one the pairs were built for). The circuit must come from
     ``model`` (same fingerprint) unless ``allow_other_model`` (e.g. asking whether a

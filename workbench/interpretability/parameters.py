@@ -80,7 +80,7 @@ def _fmt_list(ix: list[int]) -> str:
 
 
 def _layer_params(model: LoadedModel) -> dict[str, torch.Tensor]:
-    return {name: p for name, p in model.hf.named_parameters()}
+    return dict(model.hf.named_parameters())
 
 
 def _mlp_size(params: dict[str, torch.Tensor], name: str, dim: int) -> int:

@@ -47,7 +47,8 @@ def _quantized(model: LoadedModel | torch.nn.Module, quant: QuantConfig) -> torc
     return quantized_copy(getattr(model, "hf", model), quant, progress=silent)
 
 
-def paraphrase_probe(model: LoadedModel, split: FactSplit, update: Update, quant: QuantConfig) -> dict[str, dict[str, float]]:
+def paraphrase_probe(model: LoadedModel, split: FactSplit, update: Update,
+                     quant: QuantConfig) -> dict[str, dict[str, float]]:
     """Top-1 on the held-out-template facts: ``{set: {base_fp, base_q, after_fp, after_q}}``."""
     if not split.forget_paraphrase:
         raise WorkbenchError(f"split {split.name!r} has no paraphrased (held-out template) forget facts")
@@ -113,8 +114,10 @@ def relearning_attack(
         p.requires_grad_(False)
     relearned = after.with_state({n: p.detach() for n, p in work.named_parameters()}, f"{model.name}+Δ+relearn")
     tok = model.tokenizer
-    fp = {"base": fact_top1(model, held, tok), "unlearned": fact_top1(after, held, tok), "relearned": fact_top1(relearned, held, tok)}
-    q = {"base": fact_top1(_quantized(model, quant), held, tok), "unlearned": fact_top1(_quantized(after, quant), held, tok),
+    fp = {"base": fact_top1(model, held, tok), "unlearned": fact_top1(after, held, tok),
+          "relearned": fact_top1(relearned, held, tok)}
+    q = {"base": fact_top1(_quantized(model, quant), held, tok),
+         "unlearned": fact_top1(_quantized(after, quant), held, tok),
          "relearned": fact_top1(_quantized(relearned, quant), held, tok)}
     return {
         "steps": steps, "lr": lr, "seed": seed, "n_train": len(train), "n_eval": len(held),

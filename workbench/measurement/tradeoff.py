@@ -159,7 +159,8 @@ def spread_budget(
         raise WorkbenchError(f"unknown profile {profile!r}; choose from {', '.join(PROFILES)}")
     flat = _flat_abs(direction)
     if int(torch.count_nonzero(flat)) < k:
-        raise WorkbenchError(f"the direction has only {int(torch.count_nonzero(flat))} non-zero entries, fewer than k={k}")
+        raise WorkbenchError(
+            f"the direction has only {int(torch.count_nonzero(flat))} non-zero entries, fewer than k={k}")
     # topk over the flat vector picks exactly k entries (a threshold on |g| could pick more on ties)
     keep = torch.zeros(n, dtype=torch.bool)
     keep[torch.topk(flat, k, sorted=False).indices] = True
@@ -387,10 +388,12 @@ def survival_curve(
             after_qbd = model.with_state({**qbase, **{n: qbase[n] + d for n, d in upd.deltas.items()}},
                                          f"{model.name}|{quant.label}+Δ")
             after_q = model.with_state(
-                {**qbase, **{n: quantize_dequantize(base[n] + d, quant, transposed=n in tr) for n, d in upd.deltas.items()}},
+                {**qbase, **{n: quantize_dequantize(base[n] + d, quant, transposed=n in tr)
+                             for n, d in upd.deltas.items()}},
                 f"{model.name}+Δ|{quant.label}")
             variants = {"after_fp": after_fp, "after_qbase_delta": after_qbd, "after_q": after_q}
-            acc = {key: {**acc_base[key], **{v: fact_top1(m, sets[key]) for v, m in variants.items()}} for key in acc_base}
+            acc = {key: {**acc_base[key], **{v: fact_top1(m, sets[key]) for v, m in variants.items()}}
+                   for key in acc_base}
             forget = {v: acc["forget"][v] for v in VARIANTS}
             retain = {v: acc["retain"][v] for v in VARIANTS} if "retain" in acc else None
             del after_fp, after_qbd, after_q, variants
@@ -482,7 +485,7 @@ def tradeoff_figure(
                                  name=f"predicted from the moved weights' bins ({tag})",
                                  line=dict(color=colour, dash="dot", width=1.5)), row=1, col=1)
         if bin_widths is not None:
-            dense = sorted({int(round(10 ** (math.log10(min(ks)) + i * (math.log10(max(ks)) - math.log10(min(ks))) / 60)))
+            dense = sorted({round(10 ** (math.log10(min(ks)) + i * (math.log10(max(ks)) - math.log10(min(ks))) / 60))
                             for i in range(61)})
             fig.add_trace(go.Scatter(x=dense, y=theoretical_survival(dense, b, bin_widths), mode="lines",
                                      name=f"theory E[min(1, B/(√k·w))] ({tag})",

@@ -73,7 +73,7 @@ class LoadedModel:
     @property
     def n_ctx(self) -> int:
         cfg = self.hf.config
-        return int(getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings"))
+        return int(getattr(cfg, "n_positions", None) or cfg.max_position_embeddings)
 
     def state(self) -> dict[str, torch.Tensor]:
         """The HF parameters by name (the live tensors: read, never write)."""

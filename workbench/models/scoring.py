@@ -61,7 +61,8 @@ def encode_prompts(
     return batch, last, ans
 
 
-def last_token_logits(hf: torch.nn.Module, ids: torch.Tensor, last: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+def last_token_logits(hf: torch.nn.Module, ids: torch.Tensor, last: torch.Tensor,
+                      batch_size: int = 128) -> torch.Tensor:
     """``[n, vocab]`` logits at each prompt's last real token (no grad)."""
     # Batches of similar length waste little on padding, and the unembedding (49k x 576 for
     # SmolLM2) runs on the one position we read instead of every position.

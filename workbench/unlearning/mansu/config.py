@@ -53,7 +53,8 @@ class MansuConfig:
             retain facts) after a round; a round that exceeds it is undone and the round
             size halved (at the smallest size, its moves are never tried again). A round
             that leaves retain within half the guard lets the next round grow by half, up
-            to ``max_round_growth`` × the initial size. The Fisher bound is second-order and underestimates the damage of
+            to ``max_round_growth`` × the initial size. The Fisher bound is second-order and
+            underestimates the damage of
             bin-sized moves (measured on SmolLM2: bound 0.03 nats, real retain KL 4.5), so
             the guard measures instead of trusting it. ``None`` switches it off.
         guard_patience: stop after this many rounds undone at the smallest round size,

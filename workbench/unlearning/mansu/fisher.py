@@ -42,7 +42,8 @@ def diagonal_fisher(work: torch.nn.Module, names: list[str], batch: FactBatch, s
     return {n: fisher[n] for n in names}
 
 
-def diagonal_fisher_per_example(work: torch.nn.Module, names: list[str], batch: FactBatch, samples: int) -> dict[str, torch.Tensor]:
+def diagonal_fisher_per_example(work: torch.nn.Module, names: list[str], batch: FactBatch,
+                                samples: int) -> dict[str, torch.Tensor]:
     """:func:`diagonal_fisher` by one backward pass per example: slow, for any parameter."""
     params = dict(work.named_parameters())
     for n, p in params.items():

@@ -36,7 +36,7 @@ def null_space_projector(inputs: torch.Tensor, threshold: float = 1e-2, min_frac
     evals, evecs = torch.linalg.eigh(cov)  # ascending
     d = cov.shape[0]
     n_null = int((evals <= threshold * evals[-1].clamp_min(1e-30)).sum())
-    n_null = max(n_null, int(round(min_fraction * d)))
+    n_null = max(n_null, round(min_fraction * d))
     basis = evecs[:, :n_null]
     return (basis @ basis.T).float()
 

@@ -112,6 +112,7 @@ def lora(task: UnlearningTask, config: LoraConfig | None = None) -> UnlearningRe
     objective = GRADIENT_OBJECTIVES[config.objective](task.baseline)
     result = run_gradient_method(task, objective, method="lora", optim=scaled, names=names, work=inner,
                                  finish=finish)
-    result.diagnostics.update({"adapter_params": int(sum(p.numel() for n, p in inner.named_parameters() if "lora_" in n)),
+    result.diagnostics.update({"adapter_params": int(sum(p.numel() for n, p in inner.named_parameters()
+                                                             if "lora_" in n)),
                                "lr": scaled.lr, "config": config.__dict__})
     return result

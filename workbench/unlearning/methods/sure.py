@@ -84,7 +84,7 @@ def row_masks(model: LoadedModel, saliency: dict[str, torch.Tensor], fraction: f
     """Boolean masks of each weight's shape: True on the globally top-``fraction`` rows."""
 
     flat = torch.cat([s.reshape(-1) for s in saliency.values()])
-    k = max(1, int(round(fraction * flat.numel())))
+    k = max(1, round(fraction * flat.numel()))
     threshold = torch.topk(flat, k).values[-1]
     conv1d = transposed_parameters(model.hf)
     shapes = {n: p.shape for n, p in model.hf.named_parameters()}
