@@ -97,6 +97,20 @@ class Component:
             "or 'L<layer>.MLP')"
         )
 
+    @property
+    def block(self) -> int:
+        """The layer of a head or MLP (``ValueError`` for embed and logits, which have none)."""
+        if self.layer is None:
+            raise ValueError(f"{self.name} belongs to no layer")
+        return self.layer
+
+    @property
+    def head_index(self) -> int:
+        """The head index of a head (``ValueError`` for any other component)."""
+        if self.head is None:
+            raise ValueError(f"{self.name} is not an attention head")
+        return self.head
+
     def check_fits(self, n_layers: int, n_heads: int) -> None:
         """Raise ``ValueError`` if the model (``n_layers`` x ``n_heads``) has no such component."""
         if self.layer is not None and self.layer >= n_layers:

@@ -18,6 +18,7 @@ import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -59,7 +60,7 @@ def export_run(run: Run, out: str | Path, *, dtype: str | None = None, model: Lo
     update = _checked_update(run, base)
     torch_dtype = _dtype(dtype, base)
     after = update.apply(base, f"{base.name}+Δ")
-    after.hf.to(torch_dtype)
+    after.hf.to(torch_dtype)  # pyright: ignore[reportArgumentType] -- transformers' decorated .to()
     with atomic_directory(target) as tmp:
         after.hf.save_pretrained(str(tmp), safe_serialization=True)
         base.tokenizer.save_pretrained(str(tmp))
@@ -94,7 +95,7 @@ def export_lora_adapter(run: Run, out: str | Path, *, model: LoadedModel | None 
     with torch.no_grad():
         for name, delta in update.deltas.items():
             b, a = _low_rank_factors(delta.T if name in conv1d else delta, rank)
-            layer = peft_model.get_submodule("base_model.model." + name.rsplit(".", 1)[0])
+            layer: Any = peft_model.get_submodule("base_model.model." + name.rsplit(".", 1)[0])  # a peft LoraLayer
             layer.lora_A["default"].weight.copy_(a)
             layer.lora_B["default"].weight.copy_(b)
     with atomic_directory(target) as tmp:

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import gradio as gr
+from gradio.themes import Default as DefaultTheme
 
 from workbench.core.errors import WorkbenchError
 from workbench.core.paths import runs_dir
@@ -76,7 +77,10 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _progress(progress: gr.Progress) -> Callable[[float, str], None]:
-    return lambda f, message: progress(min(max(float(f), 0.0), 1.0), desc=message)
+    def report(f: float, message: str) -> None:
+        progress(min(max(float(f), 0.0), 1.0), desc=message)
+
+    return report
 
 
 def _method_label(method: str) -> str:
@@ -142,9 +146,10 @@ def on_setup(s: Session, model: str, forget_file: str | None, retain_file: str |
     result = s.setup(model, forget_file=forget_file, retain_file=retain_file, forget_domain=domain or None,
                      quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
                      progress=_progress(progress))
-    rows = [[r["set"], r["facts"], round(r["full precision"], 4), round(r[s.quant.label], 4), round(r["difference"], 4)]
+    label = s.require()[2].label
+    rows = [[r["set"], r["facts"], round(r["full precision"], 4), round(r[label], 4), round(r["difference"], 4)]
             for r in result.accuracy]
-    accuracy = gr.Dataframe(value=rows, headers=["set", "facts", "full precision", s.quant.label, "difference"])
+    accuracy = gr.Dataframe(value=rows, headers=["set", "facts", "full precision", label, "difference"])
     return (result.summary, accuracy,
             gr.Dropdown(choices=result.domains, value=result.domain, interactive=bool(result.domains)))
 
@@ -169,14 +174,14 @@ def on_attribute(s: Session, method: str, ig_steps: Any, edges: bool, progress: 
     summary = (f"**{ATTRIBUTION_METHODS[a.method]}**{f' ({a.ig_steps} steps)' if a.method == 'ig' else ''} over "
                f"{a.n_pairs} prompt pairs{dropped} · metric {a.metric}: clean {a.clean_metric:.3f}, "
                f"corrupt {a.corrupt_metric:.3f} · {len(a.edge_scores)} edges scored. "
-               f"The circuit starts as the core's default (top-{len(s.circuit.selected)} heads/MLPs).")
+               f"The circuit starts as the core's default (top-{len(s.require_circuit().selected)} heads/MLPs).")
     return (summary, *circuit_outputs(s))
 
 
 @friendly
 def on_agreement(s: Session, reference: str, ig_steps: Any, progress: gr.Progress = gr.Progress()):
     numbers, figure = s.agreement(reference, ig_steps=ig_steps, progress=_progress(progress))
-    text = (f"**{s.attribution.method} vs {reference}** over {int(numbers['n'])} components: "
+    text = (f"**{s.require_attribution().method} vs {reference}** over {int(numbers['n'])} components: "
             f"Spearman {numbers['spearman']:.3f} · Kendall {numbers['kendall']:.3f} · "
             f"Pearson {numbers['pearson']:.3f} · top-{int(numbers['top_k'])} overlap {numbers['top_k_overlap']:.2f} · "
             f"max |difference| {numbers['max_abs_diff']:.3g}")
@@ -542,7 +547,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     demo.launch(server_name=args.host, server_port=args.port, share=False, inbrowser=args.open_browser,
                 max_file_size=MAX_FILE_SIZE,
                 allowed_paths=[str(runs_dir())], show_error=False, ssr_mode=False, quiet=False,
-                footer_links=["api"], theme=gr.themes.Default(font=["system-ui", "sans-serif"],
+                footer_links=["api"], theme=DefaultTheme(font=["system-ui", "sans-serif"],
                                                               font_mono=["ui-monospace", "monospace"]))
 
 

@@ -46,12 +46,11 @@ from workbench.measurement.evaluation import evaluate_facts
 from workbench.measurement.metrics import quantized_states
 from workbench.models.builtin_splits import builtin_split
 from workbench.models.loaded import LoadedModel
-from workbench.quant import QuantConfig
+from workbench.quant import QUANT_TYPES, QuantConfig, QuantType
 from workbench.unlearning.mansu import MansuConfig
 from workbench.unlearning.registry import METHODS, MethodConfig, default_lr
 from workbench.unlearning.task import OptimConfig, StopRule
 
-QUANT_TYPES = ("nf4", "fp4", "int8")
 FORMATS = {".md": "markdown", ".csv": "csv", ".html": "html"}
 BIN_CROSSING_RATIO = 0.5
 """|Δw| / bin width at which a weight sitting at its bin's centre reaches a decision boundary."""
@@ -78,7 +77,7 @@ def run_labels(runs: Sequence[Run]) -> list[str]:
 
 def quantizer_accuracies(
     run: Run,
-    types: Sequence[str] = QUANT_TYPES,
+    types: Sequence[QuantType] = QUANT_TYPES,
     *,
     model: LoadedModel | None = None,
     split: FactSplit | None = None,

@@ -40,8 +40,9 @@ def _scores(obj: ScoresLike) -> dict[Component, float]:
     """Scores from a Circuit, an Attribution, or a mapping keyed by Component or name."""
     if isinstance(obj, Circuit):
         return obj.scores
-    if hasattr(obj, "scores") and isinstance(obj.scores, Mapping):
-        obj = obj.scores
+    scores = getattr(obj, "scores", None)  # an Attribution (or any object with scores)
+    if isinstance(scores, Mapping):
+        obj = scores
     out: dict[Component, float] = {}
     for key, value in obj.items():
         comp = key if isinstance(key, Component) else Component.parse(str(key))
@@ -225,7 +226,7 @@ def spearman(a: list[float], b: list[float]) -> float:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # constant input -> NaN, reported as "n/a"
-        rho = spearmanr(a, b).statistic
+        rho = spearmanr(a, b).statistic  # pyright: ignore[reportAttributeAccessIssue] -- scipy's result stub
     return float(rho) if rho is not None else float("nan")
 
 

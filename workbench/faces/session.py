@@ -65,7 +65,7 @@ from workbench.models.builtin_splits import builtin_split, facts_preset, filtere
 from workbench.models.builtins import BUILTINS
 from workbench.models.loaded import LoadedModel
 from workbench.models.loading import load_model
-from workbench.quant import QuantConfig
+from workbench.quant import QUANT_TYPES, QuantConfig
 from workbench.unlearning.mansu import MansuConfig
 from workbench.unlearning.registry import MethodConfig, default_lr, method_spec
 from workbench.unlearning.task import OptimConfig, StopRule
@@ -80,7 +80,6 @@ MAX_UPLOAD_BYTES = 5 * 1024 * 1024
 """Largest fact or circuit file a session accepts (the app also caps uploads at this size)."""
 
 FACT_SUFFIXES = (".jsonl", ".json", ".csv")
-QUANT_TYPES = ("nf4", "fp4", "int8")
 ATTRIBUTION_METHODS = {"atp": "attribution patching (plain)", "ig": "integrated gradients", "exact": "exact patching"}
 
 
@@ -402,15 +401,23 @@ class Session:
         self.faithfulness_result = None
         self.faithfulness_error = None
 
-    def _require(self) -> tuple[LoadedModel, FactSplit, QuantConfig]:
+    def require(self) -> tuple[LoadedModel, FactSplit, QuantConfig]:
+        """The loaded model, its split and quantizer, or a message saying to load them first."""
         if self.model is None or self.split is None or self.quant is None:
             raise WorkbenchError("load a model and its data first (Setup: “Load model and data”)")
         return self.model, self.split, self.quant
 
-    def _require_circuit(self) -> Circuit:
+    def require_circuit(self) -> Circuit:
+        """The circuit being edited, or a message saying how to get one."""
         if self.circuit is None:
             raise WorkbenchError("run attribution first (Attribution: “Run attribution”), or upload a circuit")
         return self.circuit
+
+    def require_attribution(self) -> Attribution:
+        """The attribution on screen, or a message saying to run it first."""
+        if self.attribution is None:
+            raise WorkbenchError("run attribution first, then compare it with another method")
+        return self.attribution
 
     # --- attribution ----------------------------------------------------------------------
     def attribute(
@@ -418,9 +425,9 @@ class Session:
     ) -> Attribution:
         """Attribute the forget set and start a fresh circuit from the core's default (top-k)."""
 
-        model, split, _q = self._require()
-        config = AttributionConfig(method=method, ig_steps=_whole(ig_steps, "IG steps"),
-                                   edges=bool(edges) and method != "exact")  # type: ignore[arg-type]
+        model, split, _q = self.require()
+        config = AttributionConfig(method=method,  # type: ignore[arg-type] -- checked by AttributionConfig
+                                   ig_steps=_whole(ig_steps, "IG steps"), edges=bool(edges) and method != "exact")
         attribution = attribute_forget_set(model, split, config, progress=progress)
         self.attribution = attribution
         self.reference = {method: attribution}
@@ -431,36 +438,35 @@ class Session:
                   progress: Progress | None = None) -> tuple[dict[str, float], go.Figure]:
         """How the current attribution agrees with another method's (rank correlations, top-k overlap)."""
 
-        model, split, _q = self._require()
-        if self.attribution is None:
-            raise WorkbenchError("run attribution first, then compare it with another method")
-        if reference == self.attribution.method and reference != "ig":
+        model, split, _q = self.require()
+        attribution = self.require_attribution()
+        if reference == attribution.method and reference != "ig":
             raise WorkbenchError(f"the attribution on screen already uses {reference}; pick another method to compare")
         if reference not in self.reference:
             config = AttributionConfig(method=reference, ig_steps=_whole(ig_steps, "IG steps"))  # type: ignore[arg-type]
             self.reference[reference] = attribute_forget_set(model, split, config, progress=progress)
         ref = self.reference[reference]
-        numbers = agreement(self.attribution, ref, top_k=10)
-        figure = agreement_scatter(self.attribution, ref, labels=(self.attribution.method, ref.method))
+        numbers = agreement(attribution, ref, top_k=10)
+        figure = agreement_scatter(attribution, ref, labels=(attribution.method, ref.method))
         return numbers, figure
 
     # --- circuit --------------------------------------------------------------------------
     def _set_circuit(self, circuit: Circuit) -> None:
 
-        model, split, _q = self._require()
+        model, split, _q = self.require()
         self.circuit = circuit
         if self.pairs is None or self.pairs.metric != circuit.metric:
-            self.pairs = make_prompt_pairs(model, split.forget, metric=circuit.metric)  # type: ignore[arg-type]
+            self.pairs = make_prompt_pairs(model, split.forget, metric=circuit.metric)
         self.measure_faithfulness()
 
     def measure_faithfulness(self) -> Faithfulness | None:
         """Recompute faithfulness of the current selection (kept on the session for the readout)."""
 
-        circuit = self._require_circuit()
-        model, _s, _q = self._require()
+        circuit = self.require_circuit()
+        model, _s, _q = self.require()
         start = time.perf_counter()
         try:
-            self.faithfulness_result = faithfulness(circuit, model, self.pairs)
+            self.faithfulness_result = faithfulness(circuit, model, self.pairs if self.pairs is not None else [])
             self.faithfulness_error = None
         except WorkbenchError as exc:
             # Undefined faithfulness (e.g. clean == corrupt) is a fact about the data, not a failed edit.
@@ -475,7 +481,7 @@ class Session:
         |score|), ``include`` / ``exclude`` (component name or names), ``toggle`` (a name),
         ``set`` (exactly these names), ``undo``, ``redo``.
         """
-        circuit = self._require_circuit()
+        circuit = self.require_circuit()
         if action == "top_k":
             circuit.select_top_k(_whole(value, "top-k"), include_embed=False)
         elif action == "threshold":
@@ -510,7 +516,7 @@ class Session:
         Rows are ``[in circuit, component, ...]`` (as :meth:`node_rows` gives, first two
         columns) or dicts with those keys. Returns False when nothing changed.
         """
-        circuit = self._require_circuit()
+        circuit = self.require_circuit()
         chosen = []
         for row in rows:
             flag, name = (row["in circuit"], row["component"]) if isinstance(row, Mapping) else (row[0], row[1])
@@ -523,7 +529,7 @@ class Session:
 
     def node_rows(self) -> list[dict[str, Any]]:
         """Every component, strongest |score| first: in circuit, name, kind, layer, head, score."""
-        circuit = self._require_circuit()
+        circuit = self.require_circuit()
         selected = circuit.selected
         ranked = sorted(circuit.scores.items(), key=lambda kv: -abs(kv[1]) if math.isfinite(kv[1]) else 0.0)
         return [
@@ -554,12 +560,12 @@ class Session:
     def circuit_figures(self) -> tuple[go.Figure, go.Figure]:
         """The layered circuit graph and the layer × head heatmap of the current selection."""
 
-        circuit = self._require_circuit()
+        circuit = self.require_circuit()
         return circuit_figure(circuit), head_heatmap(circuit)
 
     def component_names(self) -> list[str]:
         """Components of the circuit graph in forward order (for pickers)."""
-        return [c.name for c in self._require_circuit().components]
+        return [c.name for c in self.require_circuit().components]
 
     def workdir(self) -> Path:
         """This session's scratch directory for downloads (removed by :meth:`close`)."""
@@ -569,15 +575,15 @@ class Session:
 
     def save_circuit(self) -> Path:
         """Write the circuit as JSON for download; returns the file."""
-        circuit = self._require_circuit()
-        model, _s, _q = self._require()
+        circuit = self.require_circuit()
+        model, _s, _q = self.require()
         tag = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in Path(model.name).name)
         return circuit.save(self.workdir() / f"circuit-{tag}.json")
 
     def load_circuit(self, path: str | Path) -> Circuit:
         """Replace the circuit by an uploaded JSON file (validated against the loaded model)."""
 
-        model, _s, _q = self._require()
+        model, _s, _q = self.require()
         p = check_upload(path, "circuit file", (".json",))
         try:
             circuit = Circuit.load(p, model=model)
@@ -609,7 +615,7 @@ class Session:
         :meth:`cancel` stops the run between steps; nothing is saved then.
         """
 
-        model, split, quant = self._require()
+        model, split, quant = self.require()
         spec = method_spec(method)
         if self.running:
             raise WorkbenchError("a run is already in progress in this session; wait for it or cancel it")

@@ -7,7 +7,7 @@ import html
 import io
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,7 +27,7 @@ def _cell(value: Any, digits: int = 3) -> str:
     return "" if value is None else str(value)
 
 
-def _columns(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None) -> list[str]:
+def _columns(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None) -> list[str]:
     if columns is not None:
         return list(columns)
     seen: dict[str, None] = {}
@@ -42,7 +42,7 @@ def _md(text: str) -> str:
     return text.replace("|", "\\|").replace("\r", " ").replace("\n", " ")
 
 
-def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, digits: int = 3) -> str:
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, digits: int = 3) -> str:
     cols = _columns(rows, columns)
     lines = ["| " + " | ".join(_md(c) for c in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for row in rows:
@@ -60,7 +60,7 @@ def text_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = N
     return "\n".join(out)
 
 
-def csv_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+def csv_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
     cols = _columns(rows, columns)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
@@ -70,7 +70,7 @@ def csv_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = No
     return buf.getvalue()
 
 
-def html_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, digits: int = 3) -> str:
+def html_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, digits: int = 3) -> str:
     cols = _columns(rows, columns)
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     body = "".join(

@@ -40,7 +40,7 @@ from workbench.models.builtin_splits import builtin_split
 from workbench.models.builtins import BUILTINS
 from workbench.models.loaded import LoadedModel
 from workbench.models.loading import load_model
-from workbench.quant import QuantConfig
+from workbench.quant import QUANT_TYPES, QuantConfig
 from workbench.unlearning.mansu import MansuConfig
 from workbench.unlearning.registry import METHODS, REGISTRY
 from workbench.unlearning.task import OptimConfig, StopRule
@@ -48,7 +48,6 @@ from workbench.unlearning.task import OptimConfig, StopRule
 P = ParamSpec("P")
 R = TypeVar("R")
 
-QUANT_TYPES = ("nf4", "fp4", "int8")
 NODE_TRACES = ("selected", "unselected")
 """Names of the node traces of :func:`workbench.plots.circuit_figure` (clickable)."""
 
@@ -58,7 +57,7 @@ def _guarded(fn: Callable[P, R]) -> Callable[P, R | None]:
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R | None:
-        self = args[0]
+        self: Any = args[0]  # a method of ForgetWorkbench, which has _error and _busy
         try:
             return fn(*args, **kwargs)
         except WorkbenchError as exc:  # the user's input: a message, no traceback
@@ -218,9 +217,9 @@ class Workbench:
     def _refresh_buttons(self) -> None:
         self.attribute_button.disabled = self.model is None
         self.run_button.disabled = self.model is None
-        has = self.circuit is not None
-        self.undo_button.disabled = not (has and self.circuit.can_undo)
-        self.redo_button.disabled = not (has and self.circuit.can_redo)
+        circuit = self.circuit
+        self.undo_button.disabled = not (circuit is not None and circuit.can_undo)
+        self.redo_button.disabled = not (circuit is not None and circuit.can_redo)
 
     @property
     def quant(self) -> QuantConfig:
@@ -228,13 +227,21 @@ class Workbench:
 
         if self._quant_config is not None and self._quant_config.type == self.quant_dropdown.value:
             return self._quant_config
-        return QuantConfig(self.quant_dropdown.value)
+        chosen: Any = self.quant_dropdown.value  # one of QUANT_TYPES; QuantConfig checks it
+        return QuantConfig(chosen)
 
-    def _need(self, what: str) -> None:
-        if what in ("model", "circuit") and self.model is None:
+    def _loaded(self) -> tuple[LoadedModel, FactSplit]:
+        """The loaded model and its split, or a message saying what to do first."""
+        if self.model is None or self.split is None:
             raise WorkbenchError("load a model first (setup tab)")
-        if what == "circuit" and self.circuit is None:
+        return self.model, self.split
+
+    def _edited(self) -> Circuit:
+        """The circuit being edited, or a message saying what to do first."""
+        self._loaded()
+        if self.circuit is None:
             raise WorkbenchError("run attribution first: there is no circuit to edit yet")
+        return self.circuit
 
     # --- 1. setup ------------------------------------------------------------------------
     @_guarded
@@ -242,7 +249,7 @@ class Workbench:
         """Load the model in the dropdown and its split (built-in, or the fact files given)."""
 
         self._busy(True)
-        name = self.model_dropdown.value
+        name = str(self.model_dropdown.value)
         self._report(0.0, f"loading {name}")
         given = self._given_model
         model = given if given is not None and given.name == name else load_model(name, progress=self._report)
@@ -276,9 +283,9 @@ class Workbench:
     def run_attribution(self) -> None:
         """Attribute the forget set, start from the top-k circuit, draw it."""
 
-        self._need("model")
+        model, split = self._loaded()
         self._busy(True)
-        self.attribution = attribute_forget_set(self.model, self.split, self.attribution_config,
+        self.attribution = attribute_forget_set(model, split, self.attribution_config,
                                                 progress=self._report)
         n_components = len(self.attribution.scores)
         k = min(self.top_k.value, n_components)
@@ -298,8 +305,7 @@ class Workbench:
     @_guarded
     def set_top_k(self, k: int) -> None:
         """Select the top-k components by |score| (embeddings excluded, as the core's default)."""
-        self._need("circuit")
-        self.circuit.select_top_k(k, include_embed=False)
+        self._edited().select_top_k(k, include_embed=False)
         if self.top_k.value != k:
             self.top_k.value = k
         self._redraw_circuit()
@@ -307,11 +313,11 @@ class Workbench:
     @_guarded
     def toggle(self, name: str) -> None:
         """Add or remove one component (``"L1.H3"``, ``"L0.MLP"``) and redraw."""
-        self._need("circuit")
-        was_in = any(c.name == name for c in self.circuit.selected)
-        self.circuit.toggle(name)
+        circuit = self._edited()
+        was_in = any(c.name == name for c in circuit.selected)
+        circuit.toggle(name)
         self._redraw_circuit()
-        self._message(f"{'removed' if was_in else 'added'} {name}: {len(self.circuit.selected)} components selected")
+        self._message(f"{'removed' if was_in else 'added'} {name}: {len(circuit.selected)} components selected")
 
     def _on_node_click(self, trace: Any, points: Any, _state: Any = None) -> None:
         """``FigureWidget`` click handler: toggle every clicked node (the logits sink is fixed)."""
@@ -324,24 +330,24 @@ class Workbench:
 
     @_guarded
     def undo(self) -> None:
-        self._need("circuit")
-        if self.circuit.undo():
+        if self._edited().undo():
             self._redraw_circuit()
 
     @_guarded
     def redo(self) -> None:
-        self._need("circuit")
-        if self.circuit.redo():
+        if self._edited().redo():
             self._redraw_circuit()
 
     def _redraw_circuit(self) -> None:
 
-        self._replace(self.circuit_fig, plots.circuit_figure(self.circuit))
-        for trace in self.circuit_fig.data:
+        circuit = self._edited()
+        self._replace(self.circuit_fig, plots.circuit_figure(circuit))
+        traces: Any = self.circuit_fig.data  # FigureWidget traces (their stubs type them as plain data)
+        for trace in traces:
             if trace.name in NODE_TRACES:
                 trace.on_click(self._on_node_click)
-        chosen = ", ".join(sorted(c.name for c in self.circuit.selected)) or "nothing"
-        self.circuit_info.value = f"<b>{len(self.circuit.selected)}</b> selected: {chosen}"
+        chosen = ", ".join(sorted(c.name for c in circuit.selected)) or "nothing"
+        self.circuit_info.value = f"<b>{len(circuit.selected)}</b> selected: {chosen}"
         self._refresh_buttons()
 
     @staticmethod
@@ -363,7 +369,7 @@ class Workbench:
         Returns the run's metrics (also in ``runs`` and ``last_metrics``).
         """
 
-        self._need("model")
+        model, split = self._loaded()
         method = method or self.method_dropdown.value
         if method not in METHODS:
             raise WorkbenchError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -373,7 +379,7 @@ class Workbench:
             raise WorkbenchError("the circuit is empty: select at least one component for MANSU")
         self._busy(True)
         _result, metrics, run = run_unlearning(
-            self.model, self.split, method=method, quant=self.quant, circuit=self.circuit,
+            model, split, method=method, quant=self.quant, circuit=self.circuit,
             method_config=self.mansu_config if method == "mansu" else None, optim=self.optim, stop=self.stop,
             measure_cad=self.measure_cad, runs_root=self.runs_root, progress=self._report,
         )

@@ -76,6 +76,7 @@ Never modifying the model
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import threading
@@ -238,7 +239,7 @@ def _order(c: Component) -> tuple[int, int, int]:
         return (-1, 0, 0)
     if c.kind is ComponentKind.LOGITS:
         return (1 << 30, 0, 0)
-    return (int(c.layer), 0 if c.kind is ComponentKind.HEAD else 1, int(c.head or 0))
+    return (c.block, 0 if c.kind is ComponentKind.HEAD else 1, int(c.head or 0))
 
 
 # --- prompt pairs ----------------------------------------------------------------------
@@ -644,9 +645,9 @@ class _Layout:
 
     def hook_of(self, c: Component) -> str:
         if c.kind is ComponentKind.HEAD:
-            return self.z(int(c.layer))
+            return self.z(c.block)
         if c.kind is ComponentKind.MLP:
-            return self.mlp_out(int(c.layer))
+            return self.mlp_out(c.block)
         return EMBED_HOOK
 
 
@@ -859,7 +860,8 @@ class _EdgeAccumulator:
     def set_deltas(self, deltas: dict[str, torch.Tensor]) -> None:
         """Stack every writer's residual-write difference into ``[n_writers, batch*seq*d]``."""
         lay = self.lay
-        rows = [sum(deltas[n] for n in lay.embed_hooks if n in deltas).unsqueeze(2)]  # [b, s, 1, d]
+        embed = functools.reduce(torch.add, [deltas[n] for n in lay.embed_hooks if n in deltas])
+        rows = [embed.unsqueeze(2)]  # [b, s, 1, d]
         for layer in range(lay.n_layers):
             result = torch.einsum("bshe,hed->bshd", deltas[lay.z(layer)].float(), self.w_o[layer])
             rows += [result, deltas[lay.mlp_out(layer)].unsqueeze(2)]
@@ -932,10 +934,13 @@ class _EdgeAccumulator:
         readers: list[tuple[Component, EdgeInput, int]] = []  # (reader, input, number of upstream writers)
         for layer in range(lay.n_layers):
             upstream = 1 + layer * (h + 1)
-            for kind in ("q", "k", "v"):
-                readers += [(head(layer, i), kind, upstream) for i in range(h)]
-            readers.append((mlp(layer), "mlp", upstream if lay.parallel else upstream + h))
-        readers.append((LOGITS, "logits", self.n_writers))
+            kinds: tuple[EdgeInput, ...] = ("q", "k", "v")
+            for kind in kinds:
+                readers.extend((head(layer, i), kind, upstream) for i in range(h))
+            mlp_input: EdgeInput = "mlp"
+            readers.append((mlp(layer), mlp_input, upstream if lay.parallel else upstream + h))
+        logits_input: EdgeInput = "logits"
+        readers.append((LOGITS, logits_input, self.n_writers))
         out: dict[EdgeKey, float] = {}
         values = self.totals.tolist()
         for col, (reader, inp, upstream) in enumerate(readers):
@@ -1140,12 +1145,12 @@ def ablated_metric(
     heads_by_layer: dict[int, list[int]] = {}
     for c in ablate:
         if c.kind is ComponentKind.HEAD:
-            heads_by_layer.setdefault(int(c.layer), []).append(int(c.head))
+            heads_by_layer.setdefault(c.block, []).append(c.head_index)
     names = set()
     if EMBED in ablate:
         names.update(lay.embed_hooks)
     names.update(lay.z(layer) for layer in heads_by_layer)
-    names.update(lay.mlp_out(int(c.layer)) for c in ablate if c.kind is ComponentKind.MLP)
+    names.update(lay.mlp_out(c.block) for c in ablate if c.kind is ComponentKind.MLP)
     names = [n for n in lay.node_hooks if n in names]
 
     def replace(source: dict[str, torch.Tensor]) -> Callable[[str], Callable[..., torch.Tensor]]:

@@ -45,7 +45,7 @@ import networkx as nx
 from workbench.core.components import LOGITS, Component, ComponentKind, EdgeInput
 from workbench.core.errors import WorkbenchError
 from workbench.core.files import atomic_write, parse_json
-from workbench.interpretability.attribution import Attribution
+from workbench.interpretability.attribution import Attribution, MetricName
 from workbench.models.loaded import LoadedModel
 
 SCHEMA_VERSION = 1
@@ -136,7 +136,7 @@ class Circuit:
         *,
         model_fingerprint: str,
         method: str,
-        metric: str,
+        metric: MetricName,
         prompts_hash: str,
         n_layers: int,
         n_heads: int,
@@ -148,7 +148,7 @@ class Circuit:
         self.graph = graph
         self.model_fingerprint = model_fingerprint
         self.method = method
-        self.metric = metric
+        self.metric: MetricName = metric
         self.prompts_hash = prompts_hash
         self.n_layers = int(n_layers)
         self.n_heads = int(n_heads)
@@ -530,6 +530,8 @@ class Circuit:
                     f"{data['model_fingerprint']}), not on {model.name!r} (fingerprint {model.fingerprint})"
                 )
 
+        if data["metric"] not in get_args(MetricName):
+            raise WorkbenchError(f"{where}metric {data['metric']!r} is not one of {', '.join(get_args(MetricName))}")
         circuit = cls(
             graph,
             model_fingerprint=data["model_fingerprint"],

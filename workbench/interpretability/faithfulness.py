@@ -5,13 +5,14 @@ without it (:func:`faithfulness`).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from workbench.core.components import all_components
 from workbench.core.errors import WorkbenchError
 from workbench.data.facts import Fact
-from workbench.interpretability.attribution import ablated_metric, make_prompt_pairs, metric_baselines
+from workbench.interpretability.attribution import PromptPairs, ablated_metric, make_prompt_pairs, metric_baselines
 from workbench.interpretability.circuit import Circuit, _check_fits
 from workbench.models.loaded import LoadedModel
 
@@ -47,7 +48,7 @@ class Faithfulness:
 def faithfulness(
     circuit: Circuit,
     model: LoadedModel,
-    pairs: Any,
+    pairs: PromptPairs | Sequence[Fact],
     ablation: Literal["corrupt", "mean"] = "corrupt",
     *,
     metric: str | None = None,
@@ -58,14 +59,13 @@ def faithfulness(
     ``pairs`` are the clean/corrupt prompt pairs of
     :func:`workbench.interpretability.attribution.make_prompt_pairs`, or facts (paired here with
     that function). Uses :func:`workbench.interpretability.attribution.ablated_metric` with the
-    kept set; the writer
-    components are the model's embed, heads and MLPs. ``metric`` overrides the pairs'
+    kept set; the writer components are the model's embed, heads and MLPs. ``metric`` overrides the pairs'
     metric (default: the one the pairs were built for). The circuit must come from
     ``model`` (same fingerprint) unless ``allow_other_model`` (e.g. asking whether a
     base-model circuit still carries the behaviour in an unlearned model of the same shape).
     """
 
-    if isinstance(pairs, (list, tuple)) and pairs and isinstance(pairs[0], Fact):
+    if not isinstance(pairs, PromptPairs):
         pairs = make_prompt_pairs(model, list(pairs))
     if ablation not in ("corrupt", "mean"):
         raise WorkbenchError(f"ablation must be 'corrupt' or 'mean', got {ablation!r}")

@@ -116,10 +116,10 @@ def _component_slices(
                 add(name, (ALL, ALL), "whole embedding matrix")
         return out
 
-    layer = int(comp.layer)  # type: ignore[arg-type]
+    layer = comp.block  # type: ignore[arg-type]
     dh, nh, d = model.d_head, model.n_heads, model.d_model
     if kind is ComponentKind.HEAD:
-        h = int(comp.head)  # type: ignore[arg-type]
+        h = comp.head_index  # type: ignore[arg-type]
         cols = _span(h * dh, dh)
         if arch == "gpt2":
             p = f"transformer.h.{layer}.attn."

@@ -17,7 +17,7 @@ import torch
 from workbench.core.device import module_device
 from workbench.core.errors import WorkbenchError
 from workbench.data.facts import Fact, FactSplit
-from workbench.models.loaded import LoadedModel
+from workbench.models.loaded import LoadedModel, hf_module
 from workbench.models.scoring import encode_prompts, is_top1, last_token_logits, logits_at
 from workbench.quant import QuantConfig, quantized_copy
 
@@ -97,7 +97,7 @@ def evaluate_facts(
     multiple_choice: bool = True,
 ) -> FactScores:
     """Top-1, multiple-choice accuracy and mean answer probability of ``model`` on ``facts``."""
-    hf = getattr(model, "hf", model)
+    hf = hf_module(model)
     tokenizer = tokenizer or getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise WorkbenchError("evaluate_facts needs a tokenizer for a bare module")

@@ -34,7 +34,7 @@ from workbench.core.errors import WorkbenchError
 from workbench.core.progress import Progress, Steps, silent
 from workbench.data.facts import Fact, FactSplit
 from workbench.measurement.evaluation import fact_top1
-from workbench.models.loaded import LoadedModel
+from workbench.models.loaded import LoadedModel, hf_module
 from workbench.models.scoring import FactBatch, answer_logits, encode_prompts, last_token_logits
 from workbench.models.update import Update
 from workbench.quant import QuantConfig, quantizable_parameters, quantized_copy
@@ -44,7 +44,7 @@ from workbench.unlearning.registry import default_lr
 
 def _quantized(model: LoadedModel | torch.nn.Module, quant: QuantConfig) -> torch.nn.Module:
 
-    return quantized_copy(getattr(model, "hf", model), quant, progress=silent)
+    return quantized_copy(hf_module(model), quant, progress=silent)
 
 
 def paraphrase_probe(model: LoadedModel, split: FactSplit, update: Update,
@@ -130,7 +130,7 @@ def relearning_attack(
 def answer_losses(model: LoadedModel | torch.nn.Module, facts: Sequence[Fact], tokenizer: Any) -> torch.Tensor:
     """``[n]`` −log p(answer | prompt) per fact."""
 
-    hf = getattr(model, "hf", model)
+    hf = hf_module(model)
     ids, last, answers = encode_prompts(tokenizer, [f.prompt for f in facts], [f.answer for f in facts])
     logp = torch.log_softmax(last_token_logits(hf, ids, last).float(), -1)
     return -logp[torch.arange(len(facts)), answers]

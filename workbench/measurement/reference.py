@@ -14,7 +14,7 @@ Shared by the tests (which assert the fast paths equal these) and by ``workbench
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -50,20 +50,18 @@ def tl_node_scores(model: LoadedModel, pairs: PromptPairs) -> dict[Component, fl
         for g in pairs.groups:
             for i in range(g.n):
                 a, c = int(g.answers[i]), int(g.corrupt_answers[i])
-                if pairs.metric == "logit_diff":
-                    def metric(logits: torch.Tensor, a: int = a, c: int = c) -> torch.Tensor:
+                def metric(logits: torch.Tensor, a: int = a, c: int = c) -> torch.Tensor:
+                    if pairs.metric == "logit_diff":
                         return logits[0, -1, a] - logits[0, -1, c]
-                else:
-                    def metric(logits: torch.Tensor, a: int = a) -> torch.Tensor:
-                        return torch.log_softmax(logits[0, -1].float(), -1)[a]
+                    return torch.log_softmax(logits[0, -1].float(), -1)[a]
                 result = attribution_patch(bridge, g.clean[i : i + 1], g.corrupt[i : i + 1], metric)
                 for node, score in result.node_scores.items():
                     if node.kind == "embed":
                         comp = EMBED
-                    elif node.kind == "attn_head_out":
-                        comp = head(node.layer, node.head)
+                    elif node.kind == "attn_head_out":  # TransformerLens sets layer and head on these
+                        comp = head(cast(int, node.layer), cast(int, node.head))
                     else:
-                        comp = mlp(node.layer)
+                        comp = mlp(cast(int, node.layer))
                     totals[comp] = totals.get(comp, 0.0) + score
     return {c: s / pairs.n_pairs for c, s in totals.items()}
 

@@ -504,7 +504,8 @@ def tradeoff_figure(
     if has_acc:
         f0 = curve[0]["forget"]
         for v, lab, colour in (("base_fp", "base w", "#555555"), ("base_q", "base Q(w)", "#999999")):
-            fig.add_hline(y=f0[v], line_dash="dot", line_color=colour, annotation_text=lab, row=2, col=1)
+            fig.add_hline(y=f0[v], line_dash="dot", line_color=colour, annotation_text=lab,
+                          row=2, col=1)  # type: ignore[arg-type] -- plotly's stubs type row/col as str
     for r in runs:
         if r.get("code_changed_fraction") is None:
             continue

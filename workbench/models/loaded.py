@@ -12,13 +12,21 @@ import hashlib
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from workbench.core.errors import WorkbenchError
 
+if TYPE_CHECKING:  # only for the annotation: importing transformers costs seconds
+    from transformers import PreTrainedModel
+
 Architecture = Literal["gpt2", "gpt_neox", "llama"]
+
+
+def hf_module(model: LoadedModel | torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face module of a :class:`LoadedModel`, or the module itself."""
+    return model.hf if isinstance(model, LoadedModel) else model
 
 
 @dataclass
@@ -33,7 +41,7 @@ class LoadedModel:
     """
 
     name: str
-    hf: torch.nn.Module
+    hf: PreTrainedModel
     tokenizer: Any
     path: Path | None = None
     _bridge: Any = field(default=None, repr=False)

@@ -74,7 +74,7 @@ def load_model(
                 )
         model = _load_hf_dir(path, name=str(name_or_dir), device_map=device_map)
         if target is not None and target.type != "cpu":
-            model.hf.to(target)
+            model.hf.to(target)  # pyright: ignore[reportArgumentType] -- transformers' decorated .to()
         _LOADED[key] = model
         return model
 

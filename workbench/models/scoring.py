@@ -87,8 +87,9 @@ def logits_at(model: torch.nn.Module, ids: torch.Tensor, pick: tuple[torch.Tenso
     The unembedding runs only at the picked positions (for SmolLM2 it is 49k x 576 per position,
     more than the rest of a short prompt's forward).
     """
-    body = getattr(model, "base_model", None)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    body: Any = getattr(model, "base_model", None)
+    unembed = getattr(model, "get_output_embeddings", None)
+    head: Any = unembed() if callable(unembed) else None
     if body is not None and head is not None and body is not model:
         return head(body(ids).last_hidden_state[pick])
     return model(ids).logits[pick]

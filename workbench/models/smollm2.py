@@ -45,9 +45,9 @@ def build_smollm2(out: Path, progress: Progress | None) -> dict[str, Any]:
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # transformers marks GGUF-loaded models as quantized and refuses to save them; the
     # tensors are already dequantized float32, so drop the marker and save plain weights.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # pyright: ignore[reportArgumentType] -- an attribute from_pretrained sets
     if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+        delattr(model.config, "quantization_config")
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
     if progress:

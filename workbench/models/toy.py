@@ -55,7 +55,7 @@ def toy_model(
     elif architecture == "gpt_neox":
         cfg = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=d_model, num_hidden_layers=n_layers,
                             num_attention_heads=n_heads, intermediate_size=d_mlp, max_position_embeddings=n_ctx,
-                            rotary_pct=0.25, hidden_dropout=0.0, attention_dropout=0.0,
+                            hidden_dropout=0.0, attention_dropout=0.0,  # rotary on 25% of dims: the default, as Pythia
                             bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
         hf = GPTNeoXForCausalLM(cfg)
     elif architecture == "llama":

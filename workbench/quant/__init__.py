@@ -59,7 +59,7 @@ quantized through float32.
 
 from workbench.quant.codes import QuantizedWeight, quantize_codes, quantize_dequantize, quantize_weight
 from workbench.quant.compare import RATIO_EDGES, ModuleComparison, QuantComparison, compare_quantization
-from workbench.quant.config import FOUR_BIT_BLOCKSIZES, INT8_BLOCKSIZES, QuantConfig, QuantType
+from workbench.quant.config import FOUR_BIT_BLOCKSIZES, INT8_BLOCKSIZES, QUANT_TYPES, QuantConfig, QuantType
 from workbench.quant.geometry import BinGeometry, bin_geometry, bin_histogram, bin_occupancy, weight_relative_error
 from workbench.quant.model import fake_quantize_model, fake_quantize_state, quantized_copy
 from workbench.quant.parameters import conv1d_class, quantizable_parameters, transposed_parameters
@@ -68,6 +68,7 @@ from workbench.quant.tables import code_order, code_table, decision_boundaries
 __all__ = [
     "FOUR_BIT_BLOCKSIZES",
     "INT8_BLOCKSIZES",
+    "QUANT_TYPES",
     "RATIO_EDGES",
     "BinGeometry",
     "ModuleComparison",

@@ -424,7 +424,7 @@ def compare_quantization(
         pool_size += m.n_changed
         if pooling and (exact is None or pool_size > _EXACT_MAX):
             pool, pooling = [], False
-        elif pooling:
+        elif pooling and exact is not None:
             pool.append(exact)
 
     def total(attr: str) -> Any:

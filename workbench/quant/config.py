@@ -12,6 +12,8 @@ from typing import Any, Literal, get_args
 from workbench.core.errors import WorkbenchError
 
 QuantType = Literal["nf4", "fp4", "int8"]
+QUANT_TYPES: tuple[QuantType, ...] = get_args(QuantType)
+"""Every quantizer the workbench simulates, in the order the faces list them."""
 
 
 _QUANT_TYPES: tuple[str, ...] = get_args(QuantType)

@@ -84,6 +84,13 @@ def _single_use_linear_owners(work: torch.nn.Module, names: list[str]) -> dict[s
     return owners
 
 
+def _weight(module: torch.nn.Module) -> torch.Tensor:
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor):
+        raise WorkbenchError(f"{type(module).__name__} has no weight matrix")
+    return weight
+
+
 def _batched_linear_fisher(
     work: torch.nn.Module, owners: dict[str, torch.nn.Module], batch: FactBatch, chunk: int = 16
 ) -> dict[str, torch.Tensor]:
@@ -93,7 +100,7 @@ def _batched_linear_fisher(
     """
 
     conv1d = conv1d_class()
-    fisher = {n: torch.zeros_like(m.weight) for n, m in owners.items()}
+    fisher = {n: torch.zeros_like(_weight(m)) for n, m in owners.items()}
     params = list(work.parameters())
     flags = [p.requires_grad for p in params]
     # Only the moved weights need grad: that puts their modules' outputs in the graph.

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -30,6 +31,9 @@ from workbench.unlearning.loop import run_gradient_method
 from workbench.unlearning.methods import GRADIENT_OBJECTIVES
 from workbench.unlearning.result import UnlearningResult
 from workbench.unlearning.task import UnlearningTask
+
+if TYPE_CHECKING:  # peft is imported where it is used: it costs seconds
+    from peft import PeftModel
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,7 @@ class LoraConfig:
                                  f"got {self.objective!r}")
 
 
-def adapted_copy(model: LoadedModel, config: LoraConfig = LoraConfig()) -> torch.nn.Module:
+def adapted_copy(model: LoadedModel, config: LoraConfig = LoraConfig()) -> PeftModel:
     """A deep copy of ``model.hf`` with LoRA adapters on every quantized weight (a ``PeftModel``)."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
@@ -72,26 +76,27 @@ def adapted_copy(model: LoadedModel, config: LoraConfig = LoraConfig()) -> torch
     fan = {n in conv1d for n in names}
     if len(fan) != 1:
         raise WorkbenchError("LoRA: mixed Linear and Conv1D layers are not supported")
-    cfg = PeftLoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0, bias="none",
+    # peft types lora_alpha as int; a float scales the same (alpha / rank)
+    cfg = PeftLoraConfig(r=config.rank, lora_alpha=config.alpha,  # type: ignore[arg-type]
+                         lora_dropout=0.0, bias="none",
                          target_modules=targets, fan_in_fan_out=fan.pop(), init_lora_weights=True)
     work = copy.deepcopy(model.hf)
     torch.manual_seed(config.seed)  # peft draws A with the global generator
-    peft_model = get_peft_model(work, cfg)
-    return peft_model
+    return cast("PeftModel", get_peft_model(work, cfg))  # not mixed=True: a plain PeftModel
 
 
-def adapter_names(peft_model: torch.nn.Module) -> list[str]:
+def adapter_names(peft_model: PeftModel) -> list[str]:
     """The trainable adapter parameters' names, under the wrapped model's module tree."""
     inner = peft_model.get_base_model()
     return [n for n, _ in inner.named_parameters() if "lora_" in n]
 
 
-def merged_update(model: LoadedModel, peft_model: torch.nn.Module) -> Update:
+def merged_update(model: LoadedModel, peft_model: PeftModel) -> Update:
     """``merge_and_unload`` on a copy of ``peft_model`` (which keeps its adapters), minus the base."""
     return Update.between(model.state(), merged_state(peft_model))
 
 
-def merged_state(peft_model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def merged_state(peft_model: PeftModel) -> dict[str, torch.Tensor]:
     merged = copy.deepcopy(peft_model).merge_and_unload()
     return {n: p.detach() for n, p in merged.named_parameters()}
 
