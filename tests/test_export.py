@@ -69,6 +69,7 @@ def test_exported_facts_model_loads_and_real_nf4_equals_the_simulation(facts_tin
     assert export.kind == "model" and export.dtype == "float32"
     info = json.loads((export.path / EXPORT_INFO).read_text())
     assert info["run_id"] == run.id and info["base_fingerprint"] == facts_tiny.fingerprint
+    assert info["provenance"] == run.config["provenance"] and info["provenance"]["versions"]["torch"]
     # full precision: the exported weights are exactly w + Δ
     fp = AutoModelForCausalLM.from_pretrained(str(export.path)).eval()
     after = run.update().apply(facts_tiny)

@@ -144,5 +144,7 @@ def _dtype(name: str | None, base: LoadedModel) -> torch.dtype:
 
 def _write_info(directory: Path, run: Run, base: LoadedModel, *, kind: str, dtype: str) -> None:
     info = {"kind": kind, "run_id": run.id, "method": run.config.get("method"), "base_model": base.name,
-            "base_fingerprint": base.fingerprint, "dtype": dtype}
+            "base_fingerprint": base.fingerprint, "dtype": dtype,
+            # the versions and commit that produced the run, so the export can be traced back
+            "provenance": run.config.get("provenance")}
     (directory / EXPORT_INFO).write_text(json.dumps(info, indent=2))

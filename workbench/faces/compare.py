@@ -6,7 +6,7 @@ A row per run (a plain dict, column name → value), built from ``metrics.json``
 ==========================  ==================================================================
 ``forget base``             forget top-1 of the base in full precision (the starting point)
 ``forget fp``               forget top-1 of w+Δ (full precision)
-``forget Q(w)+Δ``           the exact update on the quantized base (REFERENCE.md §6 control)
+``forget Q(w)+Δ``           the exact update on the quantized base (docs/SCIENCE.md §6.2 control)
 ``forget nf4/fp4/int8``     forget top-1 of Q(w+Δ) under each quantizer (the run's own one
                             from ``metrics.json``; the others only with :func:`quantizer_accuracies`)
 ``retain fp / nf4 / ...``   the same for the retain set
@@ -313,7 +313,7 @@ def bucket_overlap_figure(rows: Sequence[Mapping[str, Any]]) -> go.Figure:
 
 
 def ptq_decomposition_figure(rows: Sequence[Mapping[str, Any]]) -> go.Figure:
-    """Each PTQ gap stacked from its two parts (REFERENCE.md §6): the base's own quantization
+    """Each PTQ gap stacked from its two parts (docs/SCIENCE.md §6.2): the base's own quantization
     shift w+Δ → Q(w)+Δ and the rounding of the update Q(w)+Δ → Q(w+Δ); a diamond marks the
     total. Only the rounding part is quantization undoing the update."""
     methods = [r["method"] for r in rows]
@@ -381,7 +381,7 @@ def paper_table(
 
 
 ABLATIONS = ("circuit", "projection", "fisher", "floor")
-"""MANSU's four components (REFERENCE.md §3), each switched off alone by :func:`ablation_table`."""
+"""MANSU's four components (docs/SCIENCE.md §3), each switched off alone by :func:`ablation_table`."""
 
 
 def check_ablations(ablations: Sequence[str]) -> list[str]:

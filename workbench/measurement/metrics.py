@@ -10,7 +10,7 @@ Five models are compared, all built from the base without modifying it:
 ``after_q``               Q(w + Δ) — the unlearned model quantized (what gets deployed)
 ========================  ===========================================================
 
-The PTQ gap ``forget(after_q) − forget(after_fp)`` is decomposed (REFERENCE.md §6) into
+The PTQ gap ``forget(after_q) − forget(after_fp)`` is decomposed (docs/SCIENCE.md §6.2) into
 ``base_shift = forget(Q(w)+Δ) − forget(w+Δ)`` — the base's own quantization noise — and
 ``rounding = forget(Q(w+Δ)) − forget(Q(w)+Δ)`` — the update being rounded away. Only the
 second is "quantization undoing the update".
@@ -238,7 +238,7 @@ def _code_changes(model: LoadedModel, update: Update, quant: QuantConfig) -> _Co
     analysis = comparison.to_dict()
     overall = analysis["overall"]
     return _CodeChanges(
-        # Strict bucket overlap (code and block scale unchanged), as REFERENCE.md §2 defines
+        # Strict bucket overlap (code and block scale unchanged), as docs/SCIENCE.md §2.5 defines
         # it, and code overlap (code unchanged), the number QUAIL's ">99.9%" refers to: a
         # dense update nudges almost every block's absmax, so the two differ a lot.
         bucket_overlap=overall["bucket_overlap"],
@@ -333,7 +333,7 @@ def _property(passed: bool, value: float, threshold: float, margin: float) -> Pr
 
 def report_card(*, forget: VariantAccuracies, retain: VariantAccuracies, ptq_gap: float, cad: CadScores | None,
                 oracle: OracleAccuracies | None, thresholds: Thresholds = Thresholds()) -> ReportCard:
-    """The four properties of REFERENCE.md §3 with pass/fail and margin (positive = passes by that much)."""
+    """The four properties of docs/SCIENCE.md §5 with pass/fail and margin (positive = passes by that much)."""
     forget_max = thresholds.forget_max
     if forget_max is None:
         forget_max = oracle.forget_fp + 0.1 if oracle is not None else 0.2

@@ -1,4 +1,4 @@
-"""Robustness probes for any update (REFERENCE.md §5), each in full precision and quantized.
+"""Robustness probes for any update (docs/SCIENCE.md §9), each in full precision and quantized.
 
 - :func:`paraphrase_probe` — forget/retain top-1 on the *held-out template* (prompts never
   trained on, same facts): did the method erase the fact or one phrasing of it?

@@ -218,7 +218,7 @@ class ParaphraseAccuracies:
 
 @dataclass(frozen=True)
 class PtqGapDecomposition:
-    """The PTQ gap split in two (REFERENCE.md §6): ``base_shift`` = forget(Q(w)+Δ) −
+    """The PTQ gap split in two (docs/SCIENCE.md §6.2): ``base_shift`` = forget(Q(w)+Δ) −
     forget(w+Δ), the base's own quantization noise, and ``rounding`` = forget(Q(w+Δ)) −
     forget(Q(w)+Δ), the update being rounded away."""
 
@@ -298,7 +298,7 @@ class CadScores:
 
 @dataclass(frozen=True)
 class Property:
-    """One property of the report card (REFERENCE.md §3).
+    """One property of the report card (docs/SCIENCE.md §5).
 
     Attributes:
         passed: whether it holds; ``None`` when it was not measured (``"pass"`` in JSON).

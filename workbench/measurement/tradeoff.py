@@ -1,4 +1,4 @@
-"""The sparsity–permanence tradeoff (REFERENCE.md §1), measured on a model's real weights.
+"""The sparsity–permanence tradeoff (docs/SCIENCE.md §1.3), measured on a model's real weights.
 
 One unlearning direction ``g`` (the gradient of the forget-set NLL, i.e. the direction of
 steepest *ascent* of the forget loss, restricted to the weights the quantizer quantizes)
@@ -25,15 +25,15 @@ Theory (:func:`theoretical_survival`), with its assumptions:
 
 So the expected fraction of moved weights whose code changes is
 ``E_w[min(1, B / (√k · w))]`` — 1 for ``k ≲ (B / w_max)²`` and ``≈ B / (√k) · E[1/w]``
-for large ``k``. REFERENCE.md §1 states the same as a threshold with the bin half-width,
+for large ``k``. docs/SCIENCE.md §1.3 states the same as a threshold with the bin half-width,
 ``k ≲ (2B / w)²``; the expectation above is the smooth version of it (at ``δ = w/2`` half
 the codes change).
 
 Under assumption 2 rounding is *unbiased*: a code flip moves the weight by about one
 gap ``≈ w`` with probability ``δ / w``, so ``E[Q(w+Δ) − Q(w)] = Δ``. The projection
 ``⟨Q(w+Δ) − Q(w), Δ⟩ / ‖Δ‖²`` (:attr:`workbench.quant.ModuleComparison.update_projection`)
-therefore stays near 1 even where few codes change (REFERENCE.md §6: "rounding carried the
-update through like dithering"); the curve records it beside the code-flip fraction, with
+therefore stays near 1 even where few codes change (docs/SCIENCE.md §6.3: rounding carried the
+update through like dithering); the curve records it beside the code-flip fraction, with
 the forget accuracy of ``w+Δ``, ``Q(w)+Δ`` and ``Q(w+Δ)``.
 """
 
