@@ -18,6 +18,9 @@ A row per run (a plain dict, column name → value), built from ``metrics.json``
 ``median/p90 |Δw|/bin``     over changed quantized weights, in local bin widths
 ``params changed``          non-zero entries of the update
 ``CAD fp / CAD Q``          circuit attribution divergence, full precision / quantized
+``CAD oracle``              CAD(base, retrain oracle) on the forget set: the calibration (when an oracle exists)
+``CAD / oracle``            the weaker of CAD fp and CAD Q as a fraction of CAD oracle
+``τ``                       the structural threshold the run was judged by
 ``forgetting ... structural``  the four properties: PASS / fail / – (not measured)
 ``seconds``                 wall time of the run (unlearn + measure)
 ==========================  ==================================================================
@@ -141,6 +144,9 @@ def compare_row(run: Run, label: str | None = None,
         "params changed": m.params_changed,
         "CAD fp": m.cad.fp if m.cad is not None else None,
         "CAD Q": m.cad.quantized if m.cad is not None else None,
+        "CAD oracle": m.cad.calibration.forget if m.cad is not None and m.cad.calibration is not None else None,
+        "CAD / oracle": m.cad.oracle_ratio if m.cad is not None else None,
+        "τ": m.properties.structural.threshold if m.cad is not None else None,
     })
     for name, p in m.properties.items():
         row[PROPERTY_COLUMNS[name]] = p.verdict
@@ -182,7 +188,7 @@ def _present_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     for row in rows:
         for k in row:
             cols.setdefault(k, None)
-    optional = {f"{s} {t}" for s in ("forget", "retain") for t in QUANT_TYPES}
+    optional = {f"{s} {t}" for s in ("forget", "retain") for t in QUANT_TYPES} | {"CAD oracle", "CAD / oracle"}
     return [c for c in cols if c not in optional or any(r.get(c) is not None for r in rows)]
 
 

@@ -25,7 +25,7 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, TypeVar
 
 import torch
@@ -39,6 +39,7 @@ from workbench.interpretability.cad import CADResult, circuit_attribution_diverg
 from workbench.measurement.evaluation import FactScores, evaluate_facts
 from workbench.measurement.results import (
     BinWidthRatios,
+    CadCalibration,
     CadScores,
     MultipleChoiceScores,
     OracleAccuracies,
@@ -62,6 +63,9 @@ from workbench.quant import (
     transposed_parameters,
 )
 
+DEFAULT_CAD_MIN = 0.1
+"""τ where no retrain oracle calibrates it (docs/SCIENCE.md §7.3)."""
+
 
 @dataclass(frozen=True)
 class Thresholds:
@@ -74,21 +78,31 @@ class Thresholds:
         retain_tolerance: retain top-1 may drop at most this much (full precision and
             quantized, each against the base in the same precision).
         ptq_max_gap: the PTQ gap (quantized − full-precision forget top-1) must be at most this.
-        cad_min: structural erasure passes when CAD (full precision and quantized) is at least this.
+        cad_min: structural erasure passes when CAD (full precision and quantized) is at least
+            this. ``None``: calibrated on the retrain oracle when there is one (half-way from
+            the retain-set noise floor to CAD(base, oracle), docs/SCIENCE.md §7.4), else
+            ``DEFAULT_CAD_MIN``.
     """
 
     forget_max: float | None = None
     retain_tolerance: float = 0.05
     ptq_max_gap: float = 0.0
-    cad_min: float = 0.1
+    cad_min: float | None = None
 
     def __post_init__(self) -> None:
         if self.forget_max is not None and not 0 <= self.forget_max <= 1:
             raise WorkbenchError(f"forget_max must be in [0, 1], got {self.forget_max}")
         if not 0 <= self.retain_tolerance <= 1:
             raise WorkbenchError(f"retain_tolerance must be in [0, 1], got {self.retain_tolerance}")
-        if not 0 <= self.cad_min <= 1:
+        if self.cad_min is not None and not 0 <= self.cad_min <= 1:
             raise WorkbenchError(f"cad_min must be in [0, 1], got {self.cad_min}")
+
+    def structural_threshold(self, cad: CadScores) -> float:
+        """τ for this run: the one given, else the oracle's calibration, else ``DEFAULT_CAD_MIN``."""
+        if self.cad_min is not None:
+            return self.cad_min
+        calibrated = cad.calibration.threshold if cad.calibration is not None else None
+        return calibrated if calibrated is not None else DEFAULT_CAD_MIN
 
 
 def quantized_states(
@@ -288,6 +302,10 @@ def measure_update(
         report(0.7, "attribution before/after for CAD")
         circuit_list = list(circuit) if circuit is not None else None
         cad_scores = cad_for_variants(variants, split.forget, circuit_list, attribution_config, quant=quant)
+        if oracle is not None:
+            report(0.85, "CAD of the retrain oracle (calibration)")
+            calibration = cad_calibration(model, oracle, split, circuit_list, attribution_config)
+            cad_scores = replace(cad_scores, calibration=calibration)
     f = accuracies.forget
     ptq_gap = f.after_q - f.after_fp
     card = report_card(forget=f, retain=accuracies.retain, ptq_gap=ptq_gap, cad=cad_scores,
@@ -327,6 +345,25 @@ def cad_for_variants(variants: dict[str, LoadedModel], forget: Sequence[Fact], c
                      quantized_detail=out["quantized"].to_dict())
 
 
+def cad_calibration(model: LoadedModel, oracle: LoadedModel, split: FactSplit, circuit: list[Component] | None,
+                    attribution_config: AttributionConfig | None = None) -> CadCalibration:
+    """CAD(base, retrain oracle) on the forget set and on the retain set (memoised: it does not
+    depend on the update, so every run on this model, split and circuit shares it)."""
+
+    config = attribution_config or AttributionConfig()
+
+    def divergence(facts: Sequence[Fact]) -> float:
+        before = attribute(model, facts, config, progress=silent)
+        after = attribute(oracle, facts, config, progress=silent)
+        return circuit_attribution_divergence(before.scores, after.scores, circuit=circuit,
+                                              metric_before=before.clean_metric,
+                                              metric_after=after.clean_metric).cad
+
+    key = ("cad-calibration", model.fingerprint, oracle.fingerprint, tuple(split.forget), tuple(split.retain),
+           tuple(circuit) if circuit is not None else None, repr(config))
+    return base_memo(key, lambda: CadCalibration(forget=divergence(split.forget), retain=divergence(split.retain)))
+
+
 def _property(passed: bool, value: float, threshold: float, margin: float) -> Property:
     return Property(passed=passed, value=value, threshold=threshold, margin=margin)
 
@@ -341,11 +378,11 @@ def report_card(*, forget: VariantAccuracies, retain: VariantAccuracies, ptq_gap
     worst_forget = max(forget.after_fp, forget.after_q)
     drop = max(retain.base_fp - retain.after_fp, retain.base_q - retain.after_q)
     tolerance, max_gap = thresholds.retain_tolerance, thresholds.ptq_max_gap
-    structural = Property(passed=None, value=None, threshold=thresholds.cad_min, margin=None)
+    unmeasured_min = thresholds.cad_min if thresholds.cad_min is not None else DEFAULT_CAD_MIN
+    structural = Property(passed=None, value=None, threshold=unmeasured_min, margin=None)
     if cad is not None:
-        worst_cad = min(cad.fp, cad.quantized)
-        structural = _property(worst_cad >= thresholds.cad_min, worst_cad, thresholds.cad_min,
-                               worst_cad - thresholds.cad_min)
+        worst_cad, cad_min = min(cad.fp, cad.quantized), thresholds.structural_threshold(cad)
+        structural = _property(worst_cad >= cad_min, worst_cad, cad_min, worst_cad - cad_min)
     return ReportCard(
         forgetting=_property(worst_forget <= forget_max, worst_forget, forget_max, forget_max - worst_forget),
         retain=_property(drop <= tolerance, drop, tolerance, tolerance - drop),
@@ -378,6 +415,17 @@ def _secs(x: float) -> str:
     return f"{x:.1f}" if x >= 1 else f"{x:.2f}"
 
 
+def _cad_line(cad: CadScores, threshold: float) -> str:
+    line = f"CAD fp {cad.fp:.3f} · quantized {cad.quantized:.3f} · τ {threshold:.3f}"
+    calibration = cad.calibration
+    if calibration is None:
+        return line + " (no retrain oracle: the default τ)"
+    ratio = cad.oracle_ratio
+    share = f"{100 * ratio:.0f}% of it" if ratio is not None else "n/a"
+    return (line + f" · retrain oracle: CAD {calibration.forget:.3f} on the forget set ({share}), "
+            f"{calibration.retain:.3f} on the retain set (noise floor)")
+
+
 def summary_lines(metrics: RunMetrics) -> list[str]:
     """The headline numbers of a run in words, one line each (the CLI and the app print these)."""
 
@@ -392,7 +440,7 @@ def summary_lines(metrics: RunMetrics) -> list[str]:
         f"retain KL {metrics.retain_kl:.4g}",
     ]
     if metrics.cad is not None:
-        lines.append(f"CAD fp {metrics.cad.fp:.3f} · quantized {metrics.cad.quantized:.3f}")
+        lines.append(_cad_line(metrics.cad, metrics.properties.structural.threshold))
     if metrics.unlearning_seconds is not None:
         # where the time went: MANSU reports its phases, so slow runs can be read, not guessed at
         phases = metrics.seconds_by_phase

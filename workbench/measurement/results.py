@@ -270,25 +270,70 @@ class OracleAccuracies:
 
 
 @dataclass(frozen=True)
+class CadCalibration:
+    """CAD between the base and its retrain oracle, on the same circuit and attribution settings.
+
+    ``forget``: on the forget set, what erasure by never having learned the facts looks like.
+    ``retain``: on the retain set, the noise floor of two trainings (the oracle should know
+    these facts as the base does). docs/SCIENCE.md §7.4 explains the threshold.
+    """
+
+    forget: float
+    retain: float
+
+    @property
+    def threshold(self) -> float | None:
+        """τ half-way from the noise floor to the oracle; ``None`` when the oracle's CAD does
+        not rise above the noise floor (CAD cannot tell erasure from noise on this model)."""
+        if self.forget <= self.retain:
+            return None
+        return self.retain + 0.5 * (self.forget - self.retain)
+
+    def to_json(self) -> JsonObject:
+        return {"forget": self.forget, "retain": self.retain}
+
+    @classmethod
+    def from_json(cls, f: JsonFields) -> CadCalibration:
+        out = cls(forget=f.number("forget"), retain=f.number("retain"))
+        f.no_other_keys()
+        return out
+
+
+@dataclass(frozen=True)
 class CadScores:
-    """Circuit attribution divergence in full precision (w vs w+Δ) and quantized (Q(w) vs Q(w+Δ))."""
+    """Circuit attribution divergence in full precision (w vs w+Δ) and quantized (Q(w) vs Q(w+Δ)).
+
+    ``calibration``: CAD(base, retrain oracle) when the model has an oracle, else ``None``.
+    """
 
     fp: float
     quantized: float
     fp_detail: CadDetail
     quantized_detail: CadDetail
+    calibration: CadCalibration | None = None
 
     def detail(self, quantized: bool) -> CadDetail:
         return self.quantized_detail if quantized else self.fp_detail
 
+    @property
+    def oracle_ratio(self) -> float | None:
+        """The weaker of the two CADs as a fraction of the oracle's forget-set CAD."""
+        if self.calibration is None or self.calibration.forget <= 0:
+            return None
+        return min(self.fp, self.quantized) / self.calibration.forget
+
     def to_json(self) -> JsonObject:
-        return {"fp": self.fp, "fp_detail": self.fp_detail, "quantized": self.quantized,
-                "quantized_detail": self.quantized_detail}
+        out: JsonObject = {"fp": self.fp, "fp_detail": self.fp_detail, "quantized": self.quantized,
+                           "quantized_detail": self.quantized_detail}
+        if self.calibration is not None:
+            out["calibration"] = self.calibration.to_json()
+        return out
 
     @classmethod
     def from_json(cls, f: JsonFields) -> CadScores:
+        calibration = CadCalibration.from_json(f.child("calibration")) if f.has("calibration") else None
         out = cls(fp=f.number("fp"), fp_detail=f.object("fp_detail"), quantized=f.number("quantized"),
-                  quantized_detail=f.object("quantized_detail"))
+                  quantized_detail=f.object("quantized_detail"), calibration=calibration)
         f.no_other_keys()
         return out
 

@@ -90,7 +90,9 @@ def _add_unlearn(sub: argparse._SubParsersAction) -> None:
                    help="MANSU: undo a round that drops retain top-1 by more than this (0.02)")
     for flag in ("circuit", "projection", "fisher", "floor"):
         p.add_argument(f"--no-{flag}", action="store_true", help=f"MANSU ablation: switch off the {flag} component")
-    p.add_argument("--cad-min", type=float, default=0.1, help="structural-erasure threshold τ on CAD")
+    p.add_argument("--cad-min", type=float, default=None,
+                   help="structural-erasure threshold τ on CAD (default: calibrated on the retrain oracle "
+                        "when the model has one, else 0.1)")
     p.add_argument("--no-oracle", action="store_true", help="skip the retrain oracle comparison")
     add_json(p)
     p.set_defaults(func=cmd_unlearn)
