@@ -555,6 +555,7 @@ def test_faithfulness_equal_metrics_is_a_clear_error(monkeypatch, toy2):
 
     monkeypatch.setattr(attribution, "metric_baselines", lambda model, pairs: (1.25, 1.25), raising=False)
     monkeypatch.setattr(attribution, "ablated_metric", lambda *a, **k: 1.25, raising=False)
+    monkeypatch.setattr(attribution, "make_prompt_pairs", lambda model, facts: facts, raising=False)
     circuit = Circuit.from_attribution(make_attribution(fingerprint=toy2.fingerprint))
     with pytest.raises(WorkbenchError, match="clean metric .* equals the corrupt metric"):
         faithfulness(circuit, toy2, pairs=[])
@@ -574,6 +575,7 @@ def test_faithfulness_arithmetic(monkeypatch, toy2):
         return 3.0 if head(0, 1) in keep and len(keep) <= 2 else 1.0
 
     monkeypatch.setattr(attribution, "metric_baselines", lambda model, pairs: (4.0, 0.0), raising=False)
+    monkeypatch.setattr(attribution, "make_prompt_pairs", lambda model, facts: facts, raising=False)
     monkeypatch.setattr(attribution, "ablated_metric", fake_ablated, raising=False)
     circuit = Circuit.from_attribution(make_attribution(fingerprint=toy2.fingerprint))
     circuit.set_selection([head(0, 1), mlp(1)])

@@ -452,96 +452,24 @@ class Circuit:
         been computed on it (same fingerprint) and name only components it has.
         """
         where = f"{source}: "
-        if not isinstance(data, dict):
-            raise WorkbenchError(f"{where}expected a JSON object at the top level, got {type(data).__name__}")
-        if "schema_version" not in data:
-            raise WorkbenchError(f"{where}missing field 'schema_version' (is this a circuit file?)")
-        version = data["schema_version"]
-        if version != SCHEMA_VERSION:
-            raise WorkbenchError(
-                f"{where}unknown schema_version {version!r}; this workbench reads version {SCHEMA_VERSION}"
-            )
-        if data.get("kind", FILE_KIND) != FILE_KIND:
-            raise WorkbenchError(f"{where}kind is {data.get('kind')!r}, not a circuit ({FILE_KIND!r})")
-        for key, typ in _REQUIRED_FIELDS.items():
-            if key not in data:
-                raise WorkbenchError(f"{where}missing field {key!r}")
-            value = data[key]
-            if isinstance(value, bool) or not isinstance(value, typ):
-                raise WorkbenchError(f"{where}field {key!r} must be a {_type_name(typ)}, got {value!r:.60}")
-        n_layers, n_heads = data["n_layers"], data["n_heads"]
-        if n_layers < 1 or n_heads < 1:
-            raise WorkbenchError(f"{where}n_layers and n_heads must be >= 1, got {n_layers} and {n_heads}")
-        optional: dict[str, Any] = {}
-        for key in _OPTIONAL_FIELDS:
-            value = data.get(key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise WorkbenchError(f"{where}field {key!r} must be a number or null, got {value!r:.60}")
-            optional[key] = value
-
+        header = _checked_header(data, where)
+        n_layers, n_heads = header["n_layers"], header["n_heads"]
         graph = nx.MultiDiGraph()
-        selected: set[str] = set()
-        for i, node in enumerate(data["nodes"]):
-            at = f"{where}nodes[{i}]"
-            if not isinstance(node, dict):
-                raise WorkbenchError(f"{at}: expected an object, got {node!r:.60}")
-            for key in ("name", "score", "selected"):
-                if key not in node:
-                    raise WorkbenchError(f"{at}: missing field {key!r}")
-            comp = _as_component(node["name"], f"{at}.name: ")
-            if comp.kind is ComponentKind.LOGITS:
-                continue
-            _check_fits(comp, n_layers, n_heads, f"{at}: ", "the circuit file says")
-            for key, expect in (("kind", comp.kind.value), ("layer", comp.layer), ("head", comp.head)):
-                if key in node and node[key] != expect:
-                    raise WorkbenchError(f"{at}.{key}: {node[key]!r} contradicts the name {comp.name!r}")
-            if comp.name in graph:
-                raise WorkbenchError(f"{at}: duplicate node {comp.name!r}")
-            score = _number(node["score"], f"{at}.score")
-            if not isinstance(node["selected"], bool):
-                raise WorkbenchError(f"{at}.selected: must be true or false, got {node['selected']!r:.60}")
-            graph.add_node(comp.name, **_node_attrs(comp, score, False))
-            if node["selected"]:
-                selected.add(comp.name)
+        selected = _read_nodes(graph, header["nodes"], n_layers, n_heads, where)
         graph.add_node(LOGITS.name, **_node_attrs(LOGITS, 0.0, True))
-        for i, edge in enumerate(data["edges"]):
-            at = f"{where}edges[{i}]"
-            if not isinstance(edge, dict):
-                raise WorkbenchError(f"{at}: expected an object, got {edge!r:.60}")
-            for key in ("source", "target", "input", "score"):
-                if key not in edge:
-                    raise WorkbenchError(f"{at}: missing field {key!r}")
-            for key in ("source", "target"):
-                comp = _as_component(edge[key], f"{at}.{key}: ")
-                if comp.name not in graph:
-                    raise WorkbenchError(f"{at}.{key}: {comp.name!r} is not one of the file's nodes")
-            if edge["input"] not in _EDGE_INPUTS:
-                raise WorkbenchError(f"{at}.input: {edge['input']!r} is not one of {', '.join(_EDGE_INPUTS)}")
-            src, dst = Component.parse(edge["source"]).name, Component.parse(edge["target"]).name
-            score = _number(edge["score"], f"{at}.score")
-            graph.add_edge(src, dst, key=edge["input"], score=score, input=edge["input"])
-
+        _read_edges(graph, header["edges"], where)
         if model is not None:
-            for name in graph.nodes:
-                _check_fits(Component.parse(name), model.n_layers, model.n_heads, where, f"model {model.name!r}")
-            if data["model_fingerprint"] != model.fingerprint:
-                raise WorkbenchError(
-                    f"{where}this circuit was computed on a different model (fingerprint "
-                    f"{data['model_fingerprint']}), not on {model.name!r} (fingerprint {model.fingerprint})"
-                )
-
-        if data["metric"] not in get_args(MetricName):
-            raise WorkbenchError(f"{where}metric {data['metric']!r} is not one of {', '.join(get_args(MetricName))}")
+            _check_model(graph, header["model_fingerprint"], model, where)
         circuit = cls(
             graph,
-            model_fingerprint=data["model_fingerprint"],
-            method=data["method"],
-            metric=data["metric"],
-            prompts_hash=data["prompts_hash"],
+            model_fingerprint=header["model_fingerprint"],
+            method=header["method"],
+            metric=header["metric"],
+            prompts_hash=header["prompts_hash"],
             n_layers=n_layers,
             n_heads=n_heads,
-            ig_steps=data["ig_steps"],
-            **optional,
+            ig_steps=header["ig_steps"],
+            **{key: header.get(key) for key in _OPTIONAL_FIELDS},
         )
         circuit._apply(frozenset(selected))
         circuit._history = [circuit._current_names()]
@@ -627,3 +555,94 @@ def _type_name(typ: type | tuple[type, ...]) -> str:
     if isinstance(typ, tuple):
         return " or ".join(names.get(t, t.__name__) for t in typ)
     return names.get(typ, typ.__name__)
+
+
+# --- reading a circuit file, one check per step (Circuit.from_dict) ------------------------
+
+def _checked_header(data: Any, where: str) -> dict[str, Any]:
+    """The document's top level: schema, kind, required and optional fields with their types."""
+    if not isinstance(data, dict):
+        raise WorkbenchError(f"{where}expected a JSON object at the top level, got {type(data).__name__}")
+    if "schema_version" not in data:
+        raise WorkbenchError(f"{where}missing field 'schema_version' (is this a circuit file?)")
+    version = data["schema_version"]
+    if version != SCHEMA_VERSION:
+        raise WorkbenchError(
+            f"{where}unknown schema_version {version!r}; this workbench reads version {SCHEMA_VERSION}"
+        )
+    if data.get("kind", FILE_KIND) != FILE_KIND:
+        raise WorkbenchError(f"{where}kind is {data.get('kind')!r}, not a circuit ({FILE_KIND!r})")
+    for key, typ in _REQUIRED_FIELDS.items():
+        if key not in data:
+            raise WorkbenchError(f"{where}missing field {key!r}")
+        value = data[key]
+        if isinstance(value, bool) or not isinstance(value, typ):
+            raise WorkbenchError(f"{where}field {key!r} must be a {_type_name(typ)}, got {value!r:.60}")
+    if data["n_layers"] < 1 or data["n_heads"] < 1:
+        raise WorkbenchError(f"{where}n_layers and n_heads must be >= 1, got {data['n_layers']} and {data['n_heads']}")
+    for key in _OPTIONAL_FIELDS:
+        value = data.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise WorkbenchError(f"{where}field {key!r} must be a number or null, got {value!r:.60}")
+    if data["metric"] not in get_args(MetricName):
+        raise WorkbenchError(f"{where}metric {data['metric']!r} is not one of {', '.join(get_args(MetricName))}")
+    return data
+
+
+def _read_nodes(graph: nx.MultiDiGraph, nodes: list[Any], n_layers: int, n_heads: int, where: str) -> set[str]:
+    """Add the file's nodes to ``graph``; return the names of the selected ones."""
+    selected: set[str] = set()
+    for i, node in enumerate(nodes):
+        at = f"{where}nodes[{i}]"
+        if not isinstance(node, dict):
+            raise WorkbenchError(f"{at}: expected an object, got {node!r:.60}")
+        for key in ("name", "score", "selected"):
+            if key not in node:
+                raise WorkbenchError(f"{at}: missing field {key!r}")
+        comp = _as_component(node["name"], f"{at}.name: ")
+        if comp.kind is ComponentKind.LOGITS:
+            continue
+        _check_fits(comp, n_layers, n_heads, f"{at}: ", "the circuit file says")
+        for key, expect in (("kind", comp.kind.value), ("layer", comp.layer), ("head", comp.head)):
+            if key in node and node[key] != expect:
+                raise WorkbenchError(f"{at}.{key}: {node[key]!r} contradicts the name {comp.name!r}")
+        if comp.name in graph:
+            raise WorkbenchError(f"{at}: duplicate node {comp.name!r}")
+        score = _number(node["score"], f"{at}.score")
+        if not isinstance(node["selected"], bool):
+            raise WorkbenchError(f"{at}.selected: must be true or false, got {node['selected']!r:.60}")
+        graph.add_node(comp.name, **_node_attrs(comp, score, False))
+        if node["selected"]:
+            selected.add(comp.name)
+    return selected
+
+
+def _read_edges(graph: nx.MultiDiGraph, edges: list[Any], where: str) -> None:
+    """Add the file's edges to ``graph``; each must join two of its nodes."""
+    for i, edge in enumerate(edges):
+        at = f"{where}edges[{i}]"
+        if not isinstance(edge, dict):
+            raise WorkbenchError(f"{at}: expected an object, got {edge!r:.60}")
+        for key in ("source", "target", "input", "score"):
+            if key not in edge:
+                raise WorkbenchError(f"{at}: missing field {key!r}")
+        for key in ("source", "target"):
+            comp = _as_component(edge[key], f"{at}.{key}: ")
+            if comp.name not in graph:
+                raise WorkbenchError(f"{at}.{key}: {comp.name!r} is not one of the file's nodes")
+        if edge["input"] not in _EDGE_INPUTS:
+            raise WorkbenchError(f"{at}.input: {edge['input']!r} is not one of {', '.join(_EDGE_INPUTS)}")
+        src, dst = Component.parse(edge["source"]).name, Component.parse(edge["target"]).name
+        score = _number(edge["score"], f"{at}.score")
+        graph.add_edge(src, dst, key=edge["input"], score=score, input=edge["input"])
+
+
+def _check_model(graph: nx.MultiDiGraph, fingerprint: str, model: LoadedModel, where: str) -> None:
+    """The circuit names only components ``model`` has and was computed on it."""
+    for name in graph.nodes:
+        _check_fits(Component.parse(name), model.n_layers, model.n_heads, where, f"model {model.name!r}")
+    if fingerprint != model.fingerprint:
+        raise WorkbenchError(
+            f"{where}this circuit was computed on a different model (fingerprint "
+            f"{fingerprint}), not on {model.name!r} (fingerprint {model.fingerprint})"
+        )
