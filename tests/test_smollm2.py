@@ -144,13 +144,22 @@ def test_the_filtered_facts_cache_is_keyed_by_what_it_depends_on(smollm2):
     assert FILTER_QUANT.label == "nf4/b64"
 
 
-def test_a_damaged_filtered_facts_cache_is_rebuilt(smollm2):
-    from workbench.models.builtin_splits import filter_key, filtered_real_facts
-    from workbench.models.builtins import builtin_dir
+def test_a_damaged_filtered_facts_cache_is_rebuilt(smollm2, monkeypatch, tmp_path):
+    import workbench.models.builtin_splits as builtin_splits
+    from workbench.data.real import real_fact_candidates
 
-    facts = filtered_real_facts(smollm2)
-    cache = builtin_dir("smollm2") / f"facts_filtered-{filter_key(smollm2)}.json"
-    assert cache.exists()
+    # The real filter on 16 candidates, caching in a directory of the test's own: the same code
+    # path as the full set (which takes minutes), without touching the shared cache.
+    monkeypatch.setattr(builtin_splits, "builtin_dir", lambda name: tmp_path)
+    monkeypatch.setattr(builtin_splits, "real_fact_candidates", lambda: real_fact_candidates()[:16])
+    filters = []
+    real_filter = builtin_splits._filter
+    monkeypatch.setattr(builtin_splits, "_filter", lambda *a: filters.append(1) or real_filter(*a))
+
+    facts = builtin_splits.filtered_real_facts(smollm2)
+    cache = tmp_path / f"facts_filtered-{builtin_splits.filter_key(smollm2)}.json"
+    assert cache.exists() and 0 < len(facts) <= 16 and len(filters) == 1
     cache.write_text('[{"prompt": "half a fa')  # an interrupted or corrupted write
-    assert filtered_real_facts(smollm2) == facts
-    assert filtered_real_facts(smollm2) == facts and cache.read_text().startswith("[{")
+    assert builtin_splits.filtered_real_facts(smollm2) == facts and len(filters) == 2  # rebuilt
+    assert builtin_splits.filtered_real_facts(smollm2) == facts and len(filters) == 2  # read back
+    assert cache.read_text().startswith("[{")
