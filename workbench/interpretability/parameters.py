@@ -3,7 +3,8 @@
 :func:`circuit_parameters` maps components to boolean masks over Hugging Face parameters
 (what MANSU may move), and :func:`parameter_slices` describes the same slices in words for the UI.
 
-Parameter ownership (all three architectures):
+Parameter ownership (every family; the slices come from ``model.adapter``,
+:mod:`workbench.models.adapter`):
 
 - **Head** ``Lℓ.Hh``: the rows/columns of the query, key and value projections (weights
   and biases) that produce head *h*'s q/k/v, and the rows (Conv1D) / columns (Linear) of
@@ -37,6 +38,7 @@ import torch
 from workbench.core.components import Component, ComponentKind
 from workbench.core.errors import WorkbenchError
 from workbench.interpretability.circuit import _as_component, _check_fits, component_order
+from workbench.models.adapter import FeatureSlice
 from workbench.models.loaded import LoadedModel
 
 Index = tuple[Any, ...]
@@ -83,10 +85,6 @@ def _layer_params(model: LoadedModel) -> dict[str, torch.Tensor]:
     return dict(model.hf.named_parameters())
 
 
-def _mlp_size(params: dict[str, torch.Tensor], name: str, dim: int) -> int:
-    return int(params[name].shape[dim])
-
-
 def _component_slices(
     model: LoadedModel,
     comp: Component,
@@ -96,102 +94,42 @@ def _component_slices(
     include_shared_bias: bool = False,
     params: dict[str, torch.Tensor] | None = None,
 ) -> list[ParamSlice]:
-    params = params if params is not None else _layer_params(model)
-    arch = model.architecture
-    out: list[ParamSlice] = []
-
-    def add(name: str, index: Index, text: str) -> None:
-        if name in params:  # biases are optional in NeoX/Llama configs
-            out.append(ParamSlice(name, index, f"{_fmt(index)} {text}"))
-
-    ALL = slice(None)
+    """The slices ``comp`` owns, read off the model's :class:`ModelAdapter` (no family branches here)."""
+    adapter = model.adapter
     kind = comp.kind
     if kind is ComponentKind.LOGITS:
-        return out
+        return []
     if kind is ComponentKind.EMBED:
-        if include_embed:
-            for name in {"gpt2": ["transformer.wte.weight", "transformer.wpe.weight"],
-                         "gpt_neox": ["gpt_neox.embed_in.weight"],
-                         "llama": ["model.embed_tokens.weight"]}[arch]:
-                add(name, (ALL, ALL), "whole embedding matrix")
-        return out
-
+        whole = (slice(None), slice(None))
+        return [ParamSlice(n, whole, f"{_fmt(whole)} whole embedding matrix")
+                for n in adapter.embeddings] if include_embed else []
     layer = int(comp.layer)  # type: ignore[arg-type]
-    dh, nh, d = model.d_head, model.n_heads, model.d_model
     if kind is ComponentKind.HEAD:
-        h = int(comp.head)  # type: ignore[arg-type]
-        cols = _span(h * dh, dh)
-        if arch == "gpt2":
-            p = f"transformer.h.{layer}.attn."
-            for j, part in enumerate(("query", "key", "value")):
-                s = _span(j * d + h * dh, dh)
-                add(p + "c_attn.weight", (ALL, s), f"{part} of head {h} (Conv1D [in, out]: columns)")
-                add(p + "c_attn.bias", (s,), f"{part} bias of head {h}")
-            add(p + "c_proj.weight", (cols, ALL), f"output rows reading head {h}'s z (Conv1D [in, out])")
-            if include_shared_bias:
-                add(p + "c_proj.bias", (ALL,), f"output bias (shared by all heads of layer {layer})")
-        elif arch == "gpt_neox":
-            p = f"gpt_neox.layers.{layer}.attention."
-            # HF GPTNeoXAttention: qkv(x).view(..., n_heads, 3 * d_head) then chunk(3) ->
-            # per head, rows [h*3*dh, (h+1)*3*dh) hold q | k | v, each d_head long.
-            for j, part in enumerate(("query", "key", "value")):
-                s = _span(h * 3 * dh + j * dh, dh)
-                add(p + "query_key_value.weight", (s, ALL), f"{part} of head {h} (interleaved per head)")
-                add(p + "query_key_value.bias", (s,), f"{part} bias of head {h}")
-            add(p + "dense.weight", (ALL, cols), f"output columns reading head {h}'s z")
-            if include_shared_bias:
-                add(p + "dense.bias", (ALL,), f"output bias (shared by all heads of layer {layer})")
-        else:  # llama
-            p = f"model.layers.{layer}.self_attn."
-            group = nh // model.n_kv_heads
-            kv = h // group
-            add(p + "q_proj.weight", (cols, ALL), f"query of head {h}")
-            add(p + "q_proj.bias", (cols,), f"query bias of head {h}")
-            kv_rows = _span(kv * dh, dh)
-            shared = (
-                f" (kv head {kv}, shared by query heads {kv * group}–{(kv + 1) * group - 1})"
-                if group > 1 else ""
-            )
-            for part, proj in (("key", "k_proj"), ("value", "v_proj")):
-                add(p + f"{proj}.weight", (kv_rows, ALL), f"{part} of head {h}{shared}")
-                add(p + f"{proj}.bias", (kv_rows,), f"{part} bias of head {h}{shared}")
-            add(p + "o_proj.weight", (ALL, cols), f"output columns reading head {h}'s z")
-            if include_shared_bias:
-                add(p + "o_proj.bias", (ALL,), f"output bias (shared by all heads of layer {layer})")
+        out = _feature_slices(adapter.head_slices(layer, int(comp.head)))  # type: ignore[arg-type]
+        o = adapter.layers[layer].attention.o
+        if include_shared_bias and o.bias_name is not None:
+            out.append(ParamSlice(o.bias_name, (slice(None),),
+                                  f"[:] output bias (shared by all heads of layer {layer})"))
         return out
+    mlp_layout = adapter.layers[layer].mlp
+    picked = None if neurons is None else tuple(_neuron_index(neurons, mlp_layout.d_mlp, comp))
+    out = _feature_slices(mlp_layout.neuron_slices(picked))
+    out_bias = mlp_layout.out.bias_name
+    if neurons is None and out_bias is not None:  # shared by all neurons: only with the whole MLP
+        out.append(ParamSlice(out_bias, (slice(None),), "[:] output bias"))
+    return out
 
-    # MLP
-    if arch == "gpt2":
-        p = f"transformer.h.{layer}.mlp."
-        d_mlp = _mlp_size(params, p + "c_fc.weight", 1)
-        n_ix: Any = _neuron_index(neurons, d_mlp, comp)
-        what = "all neurons" if neurons is None else "neurons"
-        add(p + "c_fc.weight", (ALL, n_ix), f"input columns, {what} (Conv1D [in, out])")
-        add(p + "c_fc.bias", (n_ix,), f"input bias, {what}")
-        add(p + "c_proj.weight", (n_ix, ALL), f"output rows, {what} (Conv1D [in, out])")
-        if neurons is None:
-            add(p + "c_proj.bias", (ALL,), "output bias")
-    elif arch == "gpt_neox":
-        p = f"gpt_neox.layers.{layer}.mlp."
-        d_mlp = _mlp_size(params, p + "dense_h_to_4h.weight", 0)
-        n_ix = _neuron_index(neurons, d_mlp, comp)
-        what = "all neurons" if neurons is None else "neurons"
-        add(p + "dense_h_to_4h.weight", (n_ix, ALL), f"input rows, {what}")
-        add(p + "dense_h_to_4h.bias", (n_ix,), f"input bias, {what}")
-        add(p + "dense_4h_to_h.weight", (ALL, n_ix), f"output columns, {what}")
-        if neurons is None:
-            add(p + "dense_4h_to_h.bias", (ALL,), "output bias")
-    else:
-        p = f"model.layers.{layer}.mlp."
-        d_mlp = _mlp_size(params, p + "up_proj.weight", 0)
-        n_ix = _neuron_index(neurons, d_mlp, comp)
-        what = "all neurons" if neurons is None else "neurons"
-        for proj in ("gate_proj", "up_proj"):
-            add(p + f"{proj}.weight", (n_ix, ALL), f"{proj.split('_')[0]} rows, {what}")
-            add(p + f"{proj}.bias", (n_ix,), f"{proj.split('_')[0]} bias, {what}")
-        add(p + "down_proj.weight", (ALL, n_ix), f"down columns, {what}")
-        if neurons is None:
-            add(p + "down_proj.bias", (ALL,), "output bias")
+
+def _feature_slices(slices: Iterable[FeatureSlice]) -> list[ParamSlice]:
+    """Weight (and, on the output side, bias) slices of each feature slice, in that order."""
+    out: list[ParamSlice] = []
+    for fs in slices:
+        layout = " (Conv1D [in, out])" if fs.linear.transposed else ""
+        index = fs.weight_index()
+        out.append(ParamSlice(fs.linear.weight_name, index, f"{_fmt(index)} {fs.text}{layout}"))
+        bias = fs.bias_index()
+        if bias is not None and fs.linear.bias_name is not None:
+            out.append(ParamSlice(fs.linear.bias_name, bias, f"{_fmt(bias)} {fs.text}, bias"))
     return out
 
 
