@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from workbench.core.errors import WorkbenchError
-from workbench.quant import QuantConfig, conv1d_class, quantizable_parameters
+from workbench.quant import QuantConfig, conv1d_class
 
 Side = Literal["out", "in"]
 Index = tuple[Any, ...]
@@ -175,7 +175,10 @@ class ModelAdapter:
         layers: per decoder layer, its attention, MLP and norm parameters.
         embeddings: input embedding parameter names (token, and learned positions).
         unembed: the output embedding's module path (``lm_head``/``embed_out``).
+        unembed_weight: the name ``named_parameters()`` lists its weight under (the token
+            embedding's when tied).
         tied_embeddings: the output embedding shares the token embedding's tensor.
+        parameter_order: every parameter name, in ``named_parameters()`` order.
         norm: the kind of every norm in the model.
         linears: every linear of the decoder blocks, in parameter order.
         quantized: weight names a 4-/8-bit loader replaces (the decoder linears; not
@@ -193,7 +196,9 @@ class ModelAdapter:
     layers: tuple[LayerLayout, ...]
     embeddings: tuple[str, ...]
     unembed: str
+    unembed_weight: str
     tied_embeddings: bool
+    parameter_order: tuple[str, ...]
     norm: NormKind
     linears: tuple[Linear, ...]
     quantized: frozenset[str]
@@ -206,13 +211,17 @@ class ModelAdapter:
     def head_slices(self, layer: int, head: int) -> tuple[FeatureSlice, ...]:
         return self.layers[layer].attention.heads[head]
 
-    def quantizable(self, hf: nn.Module, cfg: QuantConfig) -> list[str]:
-        """What ``cfg`` quantizes: the decoder linears, plus embeddings / unembedding if
-        ``cfg`` asks for them (those depend on the setting, so the generic module rule of
-        :func:`workbench.quant.quantizable_parameters` decides them)."""
-        if not (cfg.include_embeddings or cfg.include_lm_head):
-            return [n for n, _ in hf.named_parameters() if n in self.quantized]
-        return quantizable_parameters(hf, cfg)
+    def quantizable(self, cfg: QuantConfig) -> list[str]:
+        """What ``cfg`` quantizes, in parameter order: the decoder linears, plus the input
+        embeddings if ``cfg.include_embeddings`` and the unembedding if ``cfg.include_lm_head``
+        (the rule of :func:`workbench.quant.quantizable_parameters`, which tests check this
+        against)."""
+        take = set(self.quantized)
+        if cfg.include_embeddings:
+            take.update(self.embeddings)
+        if cfg.include_lm_head:
+            take.add(self.unembed_weight)
+        return [n for n in self.parameter_order if n in take]
 
 
 # --- building ------------------------------------------------------------------------------
@@ -399,9 +408,12 @@ def build_adapter(hf: nn.Module, name: str) -> ModelAdapter:
     head = mods.get(unembed)
     embed = mods.get(mapping["embed"].name)
     tied = head is not None and embed is not None and getattr(head, "weight", None) is getattr(embed, "weight", 0)
+    head_weight = getattr(head, "weight", None)
+    unembed_weight = next((n for n, p in params.items() if p is head_weight), f"{unembed}.weight")
     return ModelAdapter(
         family=family, bridge_architecture=arch, n_layers=n_layers, n_heads=nh, n_kv_heads=nkv, d_head=dh,
-        d_model=d, layers=tuple(layers), embeddings=embeddings, unembed=unembed, tied_embeddings=bool(tied),
+        d_model=d, layers=tuple(layers), embeddings=embeddings, unembed=unembed, unembed_weight=unembed_weight,
+        tied_embeddings=bool(tied), parameter_order=tuple(params),
         norm=_norm_kind(family, block), linears=linears,
         quantized=frozenset(lin.weight_name for lin in linears),
         transposed=frozenset(lin.weight_name for lin in linears if lin.transposed),
