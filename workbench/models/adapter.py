@@ -160,9 +160,15 @@ class MlpLayout:
 
 @dataclass(frozen=True)
 class LayerLayout:
+    """One decoder layer. ``attention_out_norm`` / ``mlp_out_norm``: the module path of a
+    norm applied to the attention / MLP output *before* it is added to the residual
+    (Gemma 2/3, OLMo-2), else ``None``; then a head's residual write is not ``z_h W_O[h]``."""
+
     attention: AttentionLayout
     mlp: MlpLayout
     norms: tuple[str, ...]
+    attention_out_norm: str | None = None
+    mlp_out_norm: str | None = None
 
 
 @dataclass(frozen=True)
@@ -394,6 +400,8 @@ def build_adapter(hf: nn.Module, name: str) -> ModelAdapter:
             attention=_attention(family, bsubs["attn"], prefix, mods, nh, nkv, dh, layer),
             mlp=_mlp(bsubs["mlp"], prefix, mods, layer),
             norms=_block_norms(prefix, block, bsubs["attn"], params),
+            attention_out_norm=f"{prefix}.{bsubs['ln1_post'].name}" if "ln1_post" in bsubs else None,
+            mlp_out_norm=f"{prefix}.{bsubs['ln2_post'].name}" if "ln2_post" in bsubs else None,
         ))
     seen: dict[str, Linear] = {}
     for lay in layers:
