@@ -26,6 +26,7 @@ is ``[in, out]``, i.e. transposed, and bitsandbytes quantizes it transposed.
 from __future__ import annotations
 
 import copy
+from collections.abc import Collection
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Literal
@@ -233,9 +234,15 @@ class ModelAdapter:
 # --- building ------------------------------------------------------------------------------
 
 
+def _hf_config(hf: nn.Module) -> Any:
+    """``hf.config`` (a transformers ``PretrainedConfig``; typed ``Any`` since ``nn.Module`` does not declare it)."""
+    config: Any = hf.config
+    return config
+
+
 def check_family(hf: nn.Module, name: str) -> str:
     """The model's ``model_type`` if the workbench supports it, else a ``WorkbenchError`` saying why."""
-    cfg = hf.config
+    cfg = _hf_config(hf)
     model_type = str(getattr(cfg, "model_type", "") or "")
     text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     if getattr(cfg, "is_encoder_decoder", False):
@@ -270,7 +277,7 @@ def bridge_config(hf: nn.Module) -> Any:
     Models built in memory (tests, toys) have no ``architectures``; the bridge's registry
     needs it for families whose ``model_type`` it does not map (e.g. ``gemma3_text``).
     """
-    cfg = copy.copy(hf.config)
+    cfg = copy.copy(_hf_config(hf))
     if not getattr(cfg, "architectures", None):
         cfg.architectures = [type(hf).__name__]
     return cfg
@@ -285,7 +292,8 @@ def _bridge_mapping(hf: nn.Module) -> tuple[str, dict[str, Any]]:
     arch = determine_architecture_from_hf_config(cfg)
     bcfg = build_bridge_config_from_hf(cfg, arch, "workbench", torch.float32)
     adapter = architecture_adapter_factory.ArchitectureAdapterFactory.select_architecture_adapter(bcfg)
-    return arch, dict(adapter.component_mapping)
+    mapping: Any = adapter.component_mapping
+    return arch, dict(mapping)
 
 
 def _subs(component: Any) -> dict[str, Any]:
@@ -314,7 +322,7 @@ def _qkv_starts(family: str, h: int, kv: int, nh: int, nkv: int, dh: int) -> tup
 
 
 def _attention(family: str, attn: Any, prefix: str, mods: dict[str, nn.Module],
-               nh: int, nkv: int, dh: int, layer: int) -> AttentionLayout:
+               nh: int, nkv: int, dh: int) -> AttentionLayout:
     subs = _subs(attn)
     base = f"{prefix}.{attn.name}."
     o = _linear(mods, base + subs["o"].name)
@@ -345,11 +353,11 @@ def _attention(family: str, attn: Any, prefix: str, mods: dict[str, nn.Module],
     return AttentionLayout(q=q, k=k, v=v, o=o, heads=tuple(heads), qk_norm_shared_across_heads=joint)
 
 
-def _mlp(mlp: Any, prefix: str, mods: dict[str, nn.Module], layer: int) -> MlpLayout:
+def _mlp(mlp: Any, prefix: str, mods: dict[str, nn.Module]) -> MlpLayout:
     subs = _subs(mlp)
     base = f"{prefix}.{mlp.name}."
     out = _linear(mods, base + subs["out"].name)
-    w = mods[out.module].weight
+    w: Any = mods[out.module].weight
     d_mlp = int(w.shape[0] if out.transposed else w.shape[1])  # the out projection's input features
     if type(mlp).__name__ == "JointGateUpMLPBridge":
         # Phi-3's gate_up_proj = [gate | up] (chunk(2) in HF); the bridge splits it at boot
@@ -371,7 +379,7 @@ def _norm_kind(family: str, block: Any) -> NormKind:
     return NormKind.RMS if any("RMS" in k for k in kinds) else NormKind.LAYER
 
 
-def _block_norms(prefix: str, block: Any, attn: Any, params: dict[str, torch.Tensor]) -> tuple[str, ...]:
+def _block_norms(prefix: str, block: Any, attn: Any, params: Collection[str]) -> tuple[str, ...]:
     names = [f"{prefix}.{c.name}.{p}" for k, c in _subs(block).items() if k.startswith("ln")
              for p in ("weight", "bias")]
     names += [f"{prefix}.{attn.name}.{c.name}.{p}" for k, c in _subs(attn).items() if k.endswith("_norm")
@@ -383,7 +391,8 @@ def build_adapter(hf: nn.Module, name: str) -> ModelAdapter:
     """The adapter of ``hf`` (see the module docstring); refuses unsupported families."""
     family = check_family(hf, name)
     arch, mapping = _bridge_mapping(hf)
-    cfg = hf.config.get_text_config() if hasattr(hf.config, "get_text_config") else hf.config
+    full = _hf_config(hf)
+    cfg = full.get_text_config() if hasattr(full, "get_text_config") else full
     nh = int(cfg.num_attention_heads)
     nkv = int(getattr(cfg, "num_key_value_heads", None) or nh)
     d = int(cfg.hidden_size)
@@ -397,8 +406,8 @@ def build_adapter(hf: nn.Module, name: str) -> ModelAdapter:
     for layer in range(n_layers):
         prefix = f"{block.name}.{layer}"
         layers.append(LayerLayout(
-            attention=_attention(family, bsubs["attn"], prefix, mods, nh, nkv, dh, layer),
-            mlp=_mlp(bsubs["mlp"], prefix, mods, layer),
+            attention=_attention(family, bsubs["attn"], prefix, mods, nh, nkv, dh),
+            mlp=_mlp(bsubs["mlp"], prefix, mods),
             norms=_block_norms(prefix, block, bsubs["attn"], params),
             attention_out_norm=f"{prefix}.{bsubs['ln1_post'].name}" if "ln1_post" in bsubs else None,
             mlp_out_norm=f"{prefix}.{bsubs['ln2_post'].name}" if "ln2_post" in bsubs else None,

@@ -138,8 +138,9 @@ class LoadedModel:
                 hf_copy = hf_copy.cpu()
                 # In-memory models have no config.architectures, which the bridge's registry
                 # needs for model types it does not map itself (e.g. gemma3_text).
-                if not getattr(hf_copy.config, "architectures", None):
-                    hf_copy.config.architectures = [type(hf_copy).__name__]
+                config: Any = hf_copy.config
+                if not getattr(config, "architectures", None):
+                    config.architectures = [type(hf_copy).__name__]
                 # Booting with a name that is not a hub id is fine: with hf_model given,
                 # TransformerLens reads the architecture from the model's own config.
                 bridge = TransformerBridge.boot_transformers(

@@ -56,8 +56,9 @@ def toy_model(
                    tokenizer.eos_token_id, tokenizer.pad_token_id)
     torch.manual_seed(seed)
     hf = _build(family, shape)
-    hf.config._attn_implementation = "eager"
-    hf.config.architectures = [type(hf).__name__]
+    config: Any = hf.config
+    config._attn_implementation = "eager"
+    config.architectures = [type(hf).__name__]
     hf.eval()
     for p in hf.parameters():
         p.requires_grad_(False)
