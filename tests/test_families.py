@@ -28,6 +28,7 @@ from workbench.models.scoring import encode_prompts, last_token_logits
 from workbench.models.toy import toy_model
 from workbench.quant import QuantConfig, quantizable_parameters, transposed_parameters
 from workbench.unlearning.mansu.config import MansuConfig
+from workbench.unlearning.registry import unlearn
 from workbench.unlearning.task import OptimConfig, StopRule
 
 FAMILIES = ["gpt2", "gpt_neox", "llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "olmo2"]
@@ -265,6 +266,21 @@ def test_mansu_and_graddiff_runs(family):
                                         stop=StopRule(max_steps=2, forget_target=None), measure_cad=False)
     assert grad_run is not None and grad.update.nnz() > 0
     assert set(grad.update.deltas) <= model.adapter.quantized
+    assert model.weights_hash() == before
+
+
+@pytest.mark.parametrize("family", ["phi3", "gemma3", "olmo2"])
+def test_layout_dependent_baselines_run(family):
+    """SURE (row saliency by layout), LoRA (target modules), RMU and QuAIL on fused-projection,
+    (1 + w)-norm and post-norm families: each moves only quantized weights, never the base."""
+    model = tiny(family)
+    split = _own_split(model)
+    before = model.weights_hash()
+    for method in ("sure", "lora", "rmu", "quail"):
+        result = unlearn(model, split, method=method, optim=OptimConfig(lr=1e-3),
+                         stop=StopRule(max_steps=2, forget_target=None), progress=SILENT)
+        assert result.update.nnz() > 0, method
+        assert set(result.update.deltas) <= model.adapter.quantized, method
     assert model.weights_hash() == before
 
 
