@@ -16,8 +16,10 @@ import torch
 from workbench.core.components import Component, all_components, head, mlp
 from workbench.core.errors import WorkbenchError
 from workbench.data.facts import Fact, FactSplit
+from workbench.data.files import save_fact_file
 from workbench.experiments.flow import attribute_forget_set, default_circuit, run_unlearning
 from workbench.experiments.store import load_run
+from workbench.faces.cli import main
 from workbench.interpretability.attribution import AttributionConfig, attribute, make_prompt_pairs
 from workbench.interpretability.parameters import circuit_parameters
 from workbench.measurement.reference import tl_node_scores
@@ -364,3 +366,24 @@ def test_local_directory_of_a_new_family(tmp_path, family):
     pairs = make_prompt_pairs(loaded, _toy_facts())
     att = attribute(loaded, pairs, AttributionConfig(edges=True, batch_size=8), progress=SILENT)
     assert att.edge_scores
+
+
+def test_cli_on_a_local_directory_with_user_fact_files(tmp_path, capsys):
+    """The issue's acceptance path: ``workbench attribute --edges`` and ``unlearn --method
+    mansu|graddiff`` on a local directory of a new family with the user's own fact files."""
+    model = tiny("gemma2")
+    path = tmp_path / "gemma2"
+    model.hf.save_pretrained(path)
+    model.tokenizer.save_pretrained(path)
+    split = _own_split(model)
+    forget = save_fact_file(split.forget, tmp_path / "forget.jsonl")
+    retain = save_fact_file(split.retain, tmp_path / "retain.jsonl")
+    common = ["--model", str(path), "--forget", str(forget)]
+    assert main(["attribute", *common, "--edges", "--top-k", "4", "--out", str(tmp_path / "c.json")]) == 0
+    assert (tmp_path / "c.json").exists()
+    for method in ("mansu", "graddiff"):
+        code = main(["unlearn", *common, "--retain", str(retain), "--method", method, "--max-rounds", "2",
+                     "--max-steps", "2", "--lr", "1e-3", "--runs-root", str(tmp_path / "runs")])
+        assert code == 0, method
+    assert "run saved" in capsys.readouterr().out
+    assert len(list((tmp_path / "runs").iterdir())) == 2
