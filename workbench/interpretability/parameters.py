@@ -11,20 +11,27 @@ Parameter ownership (every family; the slices come from ``model.adapter``,
   the output projection that read head *h*'s ``z``. The output projection's *bias* is
   shared by all heads of the layer and belongs to none of them (``include_shared_bias``
   adds it when any head of the layer is selected).
-- **Grouped-query attention** (Llama with ``n_kv_heads < n_heads``): key/value head *j*
+- **Fused projections**: the head's features inside GPT-2's ``c_attn`` (``[q | k | v]``),
+  GPT-NeoX's ``query_key_value`` (interleaved per head) and Phi-3's ``qkv_proj``
+  (``[q | k | v]`` with GQA widths); Phi-3's ``gate_up_proj`` is ``[gate | up]``.
+- **Grouped-query attention** (``n_kv_heads < n_heads``): key/value head *j*
   serves query heads ``j*g … (j+1)*g-1`` with ``g = n_heads // n_kv_heads`` (as
   transformers' ``repeat_kv``). A shared key/value slice is included when *any* query
   head of its group is in the circuit, because a head cannot be changed without its
   keys and values; it is then shared with the group's other heads, which an update to it
   also affects.
 - **MLP** ``Lℓ.MLP``: its input weights and biases (GPT-2 ``c_fc``; NeoX
-  ``dense_h_to_4h``; Llama ``gate_proj`` and ``up_proj``) and output weights and bias
-  (``c_proj``; ``dense_4h_to_h``; ``down_proj``). With ``neurons``, only the given
-  neurons' rows/columns; the output bias is then shared by all neurons and left out.
+  ``dense_h_to_4h``; gated families ``gate_proj`` and ``up_proj``, or Phi-3's fused
+  ``gate_up_proj``) and output weights and bias (``c_proj``; ``dense_4h_to_h``;
+  ``down_proj``). With ``neurons``, only the given neurons' rows/columns; the output bias
+  is then shared by all neurons and left out.
 - **Embed**: the token (and position) embedding matrices, only with ``include_embed``.
-- **Layer norms are never included**: each layer norm's gain/bias scales the input of
-  *every* head (or the MLP) of its layer at once, so it belongs to no single component;
-  moving it would change components outside the circuit.
+- **Norms are never included**: each layer norm's gain/bias scales the input (or, in
+  Gemma 2/3 and OLMo-2, the output) of *every* head (or the MLP) of its layer at once, so
+  it belongs to no single component; moving it would change components outside the
+  circuit. The same holds for Qwen3/Gemma 3's per-head-shared ``q_norm``/``k_norm``.
+  OLMo-2 normalises q and k over all heads jointly: a head's q/k slice is its own, but
+  moving it rescales the layer's other heads too (its v and o slices are separable).
 """
 
 from __future__ import annotations
@@ -92,7 +99,6 @@ def _component_slices(
     neurons: list[int] | None = None,
     include_embed: bool = False,
     include_shared_bias: bool = False,
-    params: dict[str, torch.Tensor] | None = None,
 ) -> list[ParamSlice]:
     """The slices ``comp`` owns, read off the model's :class:`ModelAdapter` (no family branches here)."""
     adapter = model.adapter
@@ -200,7 +206,6 @@ def circuit_parameters(
             neurons=neuron_map.get(comp.layer) if comp.kind is ComponentKind.MLP else None,  # type: ignore[arg-type]
             include_embed=include_embed,
             include_shared_bias=include_shared_bias,
-            params=params,
         ):
             if sl.param not in masks:
                 masks[sl.param] = torch.zeros(params[sl.param].shape, dtype=torch.bool, device=params[sl.param].device)
