@@ -9,6 +9,7 @@ Unsupported families (mixture-of-experts, encoder–decoder, state-space) are re
 from __future__ import annotations
 
 import copy
+from typing import get_args
 
 import pytest
 import torch
@@ -23,8 +24,8 @@ from workbench.faces.cli import main
 from workbench.interpretability.attribution import AttributionConfig, attribute, make_prompt_pairs
 from workbench.interpretability.parameters import circuit_parameters
 from workbench.measurement.reference import tl_node_scores
-from workbench.models.adapter import NormKind
-from workbench.models.loaded import LoadedModel
+from workbench.models.adapter import SUPPORTED_FAMILIES, NormKind
+from workbench.models.loaded import Architecture, LoadedModel
 from workbench.models.loading import load_model
 from workbench.models.scoring import encode_prompts, last_token_logits
 from workbench.models.toy import toy_model
@@ -183,6 +184,11 @@ def test_mlp_slices_move_only_that_mlp(family):
     moved = {i for i in range(h0.shape[-1]) if _moved(h0[..., i], h1[..., i])}
     assert moved == set(neurons), (family, moved)
     assert _moved_heads(base, after, LAYER) == set()
+
+
+def test_architecture_names_are_the_supported_families():
+    assert set(get_args(Architecture)) == set(SUPPORTED_FAMILIES)
+    assert {tiny(f).architecture for f in FAMILIES} == set(SUPPORTED_FAMILIES)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

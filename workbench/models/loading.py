@@ -126,5 +126,7 @@ def _load_hf_dir(path: Path, name: str, device_map: str | dict[str, Any] | None 
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = LoadedModel(name=name, hf=hf, tokenizer=tokenizer, path=path)
-    model.architecture  # noqa: B018 - fail early, with a clear message, on unsupported models
+    # Fail early, with a clear message, on unsupported families and on layouts the adapter
+    # cannot place (every later step reads the adapter anyway).
+    model.adapter  # noqa: B018
     return model
