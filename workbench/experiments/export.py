@@ -28,7 +28,6 @@ from workbench.experiments.store import Run
 from workbench.models.loaded import LoadedModel
 from workbench.models.loading import load_model
 from workbench.models.update import Update
-from workbench.quant import transposed_parameters
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """Storage dtypes an export may be written in (``--dtype``)."""
@@ -84,7 +83,7 @@ def export_lora_adapter(run: Run, out: str | Path, *, model: LoadedModel | None 
     base = _base_model(run, model)
     update = _checked_update(run, base)
     rank = int((run.config.get("method_config") or {}).get("rank", 8))
-    conv1d = transposed_parameters(base.hf)
+    conv1d = base.adapter.transposed
     modules = sorted({n.rsplit(".", 1)[0] for n in update.deltas})
     if any(not n.endswith(".weight") for n in update.deltas):
         raise WorkbenchError(f"run {run.id}: its update changes more than adapted weights; export it as a model")

@@ -51,9 +51,7 @@ from workbench.models.toy import toy_model
 from workbench.quant import (
     QuantConfig,
     compare_quantization,
-    quantizable_parameters,
     quantize_dequantize,
-    transposed_parameters,
 )
 from workbench.unlearning.mansu import MansuConfig
 from workbench.unlearning.registry import default_lr, unlearn
@@ -312,8 +310,8 @@ def bench_quantization(model: LoadedModel, *, density: float = 0.01, seed: int =
 
     cfg = QuantConfig("nf4")
     state = model.state()
-    names = quantizable_parameters(model.hf, cfg)
-    tr = transposed_parameters(model.hf)
+    names = model.adapter.quantizable(cfg)
+    tr = model.adapter.transposed
     gen = torch.Generator().manual_seed(seed)
     delta = {}
     for n in names:

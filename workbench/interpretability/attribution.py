@@ -55,6 +55,12 @@ Edges (EAP, ``AttributionConfig(edges=True)``)
     heads). Because the residual is a sum, a writer's outgoing edges (logits included)
     add up to its node score.
 
+    *Post-norm families* (Gemma 2/3, OLMo-2; ``model.adapter`` names the norm): the
+    attention output is normalised before it joins the residual, so a head's write is
+    the norm's Jacobian at the pass's point (``blocks.L.ln1_post.hook_in``) applied to
+    ``z_h @ W_O[h]`` (a ``jvp`` on the pristine HF norm); the sum identity then holds
+    exactly as before. MLP writes are read after their post-norm (``hook_mlp_out``).
+
     *Grouped-query attention.* The bridge forks one K and one V input per *kv* head
     (``[batch, seq, n_kv_heads, d_model]``), read by the ``n_heads / n_kv_heads`` query
     heads of its group. The edge into query head ``h``'s ``k`` (``v``) input is scored
@@ -767,14 +773,15 @@ def _n_chunks(pairs: PromptPairs, batch_size: int) -> int:
 
 
 def _gradient_sweep(
-    bridge: Any, lay: _Layout, pairs: PromptPairs, config: AttributionConfig, tracker: Steps
+    bridge: Any, lay: _Layout, pairs: PromptPairs, config: AttributionConfig, tracker: Steps,
+    post_norms: Sequence[torch.nn.Module | None] = (),
 ) -> tuple[dict[Component, float], dict[EdgeKey, float], float, float]:
     """Sum over pairs of node (and edge) scores, and of the clean/corrupt metrics."""
     writers = lay.writers()
     node_totals = torch.zeros(len(writers), dtype=torch.float64)
     steps = config.steps
-    names = lay.node_hooks + (lay.reader_hooks() if config.edges else [])
-    edges = _EdgeAccumulator(bridge, lay) if config.edges else None
+    edges = _EdgeAccumulator(bridge, lay, post_norms) if config.edges else None
+    names = lay.node_hooks + (lay.reader_hooks() + edges.post_norm_hooks() if edges is not None else [])
     clean_sum = corrupt_sum = 0.0
     for group in pairs.groups:
         for chunk in group.chunks(config.batch_size):
@@ -805,7 +812,7 @@ def _gradient_sweep(
                         edges.set_deltas(deltas)
                 node_totals += _node_contributions(lay, deltas, grad) / steps
                 if edges is not None:
-                    edges.add(grad, 1.0 / steps)
+                    edges.add(grad, 1.0 / steps, live)
                 del live, grads, grad, logits
                 tracker.step(f"{config.method}: {tracker.done + 1}/{tracker.total} passes")
             if edges is not None:
@@ -846,10 +853,15 @@ class _EdgeAccumulator:
     layer ``q`` of every head, ``k``, ``v``, then the MLP; finally the logits.
     """
 
-    def __init__(self, bridge: Any, lay: _Layout):
+    def __init__(self, bridge: Any, lay: _Layout, post_norms: Sequence[torch.nn.Module | None] = ()):
         self.lay = lay
         h = lay.n_heads
         self.w_o = [bridge.blocks[layer].attn.W_O.detach().float() for layer in range(lay.n_layers)]  # [h, d_head, d]
+        # Per layer, the norm between the attention output and the residual (Gemma 2/3,
+        # OLMo-2), else None: a head's residual write is then that norm's Jacobian at the
+        # gradient point times z_h W_O[h] (see _head_writes), so edges still sum to nodes.
+        self.post_norms = list(post_norms) or [None] * lay.n_layers
+        self.head_results: list[torch.Tensor] = []
         self.n_writers = 1 + lay.n_layers * (h + 1)
         self.n_readers = lay.n_layers * (3 * h + 1) + 1
         self.totals = torch.zeros(self.n_writers, self.n_readers, dtype=torch.float64)
@@ -861,12 +873,42 @@ class _EdgeAccumulator:
         """Stack every writer's residual-write difference into ``[n_writers, batch*seq*d]``."""
         lay = self.lay
         embed = functools.reduce(torch.add, [deltas[n] for n in lay.embed_hooks if n in deltas])
-        rows = [embed.unsqueeze(2)]  # [b, s, 1, d]
-        for layer in range(lay.n_layers):
-            result = torch.einsum("bshe,hed->bshd", deltas[lay.z(layer)].float(), self.w_o[layer])
-            rows += [result, deltas[lay.mlp_out(layer)].unsqueeze(2)]
+        self.embed_delta = embed.unsqueeze(2)  # [b, s, 1, d]
+        self.head_results = [torch.einsum("bshe,hed->bshd", deltas[lay.z(layer)].float(), self.w_o[layer])
+                             for layer in range(lay.n_layers)]
+        self.mlp_deltas = [deltas[lay.mlp_out(layer)].unsqueeze(2) for layer in range(lay.n_layers)]
+        self.writer_rows = None if self.has_post_norms else self._stack(self.head_results)
+
+    @property
+    def has_post_norms(self) -> bool:
+        return any(n is not None for n in self.post_norms)
+
+    def post_norm_hooks(self) -> list[str]:
+        """The pre-norm attention output of each post-normed layer (the Jacobian's point)."""
+        return [f"blocks.{layer}.ln1_post.hook_in" for layer, n in enumerate(self.post_norms) if n is not None]
+
+    def _stack(self, head_writes: list[torch.Tensor]) -> torch.Tensor:
+        rows = [self.embed_delta]
+        for layer in range(self.lay.n_layers):
+            rows += [head_writes[layer], self.mlp_deltas[layer]]
         stacked = torch.cat(rows, dim=2)  # [b, s, n_writers, d]
-        self.writer_rows = stacked.permute(2, 0, 1, 3).reshape(self.n_writers, -1)
+        return stacked.permute(2, 0, 1, 3).reshape(self.n_writers, -1)
+
+    def _head_writes(self, live: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Each head's residual write linearised at this pass: ``J_norm(a) (z_h W_O[h])``."""
+        out = []
+        for layer, norm in enumerate(self.post_norms):
+            result = self.head_results[layer]
+            if norm is None:
+                out.append(result)
+                continue
+            point = live[f"blocks.{layer}.ln1_post.hook_in"].detach().float()
+
+            def jvp(v: torch.Tensor, norm: torch.nn.Module = norm, point: torch.Tensor = point) -> torch.Tensor:
+                return torch.func.jvp(norm, (point,), (v,))[1]
+
+            out.append(torch.func.vmap(jvp, in_dims=2, out_dims=2)(result))
+        return out
 
     def split_kv(self, live: dict[str, torch.Tensor], grad: dict[str, torch.Tensor]) -> None:
         """Per-query-head parts of each kv head's K/V input gradient (GQA only).
@@ -901,8 +943,11 @@ class _EdgeAccumulator:
                     )
                 self.kv_split[inp] = parts
 
-    def add(self, grad: dict[str, torch.Tensor], weight: float) -> None:
+    def add(self, grad: dict[str, torch.Tensor], weight: float, live: dict[str, torch.Tensor]) -> None:
         lay, h = self.lay, self.lay.n_heads
+        if self.has_post_norms:
+            with torch.no_grad():
+                self.writer_rows = self._stack(self._head_writes(live))
         assert self.writer_rows is not None
         col = 0
         for layer in range(lay.n_layers):
@@ -1047,7 +1092,8 @@ def attribute(
                 sums, clean_sum, corrupt_sum = _exact_sweep(bridge, lay, pairs, config, tracker)
             elif config.edges:
                 with _edge_flags(bridge):
-                    sums, edge_sums, clean_sum, corrupt_sum = _gradient_sweep(bridge, lay, pairs, config, tracker)
+                    sums, edge_sums, clean_sum, corrupt_sum = _gradient_sweep(bridge, lay, pairs, config, tracker,
+                                                                              _post_norms(model))
                 edge_scores = {k: v / pairs.n_pairs for k, v in edge_sums.items()}
             else:
                 sums, _e, clean_sum, corrupt_sum = _gradient_sweep(bridge, lay, pairs, config, tracker)
@@ -1070,6 +1116,13 @@ def attribute(
         n_kv_heads=lay.n_kv_heads,
         n_dropped=pairs.n_dropped,
     )
+
+
+def _post_norms(model: LoadedModel) -> list[torch.nn.Module | None]:
+    """Per layer, the pristine model's norm on the attention output before the residual
+    (``model.adapter``); only evaluated (``jvp``), never modified."""
+    return [None if layer.attention_out_norm is None else model.hf.get_submodule(layer.attention_out_norm)
+            for layer in model.adapter.layers]
 
 
 def _as_pairs(model: LoadedModel, facts_or_pairs: Any, metric: MetricName) -> PromptPairs:

@@ -3,27 +3,35 @@
 :func:`circuit_parameters` maps components to boolean masks over Hugging Face parameters
 (what MANSU may move), and :func:`parameter_slices` describes the same slices in words for the UI.
 
-Parameter ownership (all three architectures):
+Parameter ownership (every family; the slices come from ``model.adapter``,
+:mod:`workbench.models.adapter`):
 
 - **Head** ``Lℓ.Hh``: the rows/columns of the query, key and value projections (weights
   and biases) that produce head *h*'s q/k/v, and the rows (Conv1D) / columns (Linear) of
   the output projection that read head *h*'s ``z``. The output projection's *bias* is
   shared by all heads of the layer and belongs to none of them (``include_shared_bias``
   adds it when any head of the layer is selected).
-- **Grouped-query attention** (Llama with ``n_kv_heads < n_heads``): key/value head *j*
+- **Fused projections**: the head's features inside GPT-2's ``c_attn`` (``[q | k | v]``),
+  GPT-NeoX's ``query_key_value`` (interleaved per head) and Phi-3's ``qkv_proj``
+  (``[q | k | v]`` with GQA widths); Phi-3's ``gate_up_proj`` is ``[gate | up]``.
+- **Grouped-query attention** (``n_kv_heads < n_heads``): key/value head *j*
   serves query heads ``j*g … (j+1)*g-1`` with ``g = n_heads // n_kv_heads`` (as
   transformers' ``repeat_kv``). A shared key/value slice is included when *any* query
   head of its group is in the circuit, because a head cannot be changed without its
   keys and values; it is then shared with the group's other heads, which an update to it
   also affects.
 - **MLP** ``Lℓ.MLP``: its input weights and biases (GPT-2 ``c_fc``; NeoX
-  ``dense_h_to_4h``; Llama ``gate_proj`` and ``up_proj``) and output weights and bias
-  (``c_proj``; ``dense_4h_to_h``; ``down_proj``). With ``neurons``, only the given
-  neurons' rows/columns; the output bias is then shared by all neurons and left out.
+  ``dense_h_to_4h``; gated families ``gate_proj`` and ``up_proj``, or Phi-3's fused
+  ``gate_up_proj``) and output weights and bias (``c_proj``; ``dense_4h_to_h``;
+  ``down_proj``). With ``neurons``, only the given neurons' rows/columns; the output bias
+  is then shared by all neurons and left out.
 - **Embed**: the token (and position) embedding matrices, only with ``include_embed``.
-- **Layer norms are never included**: each layer norm's gain/bias scales the input of
-  *every* head (or the MLP) of its layer at once, so it belongs to no single component;
-  moving it would change components outside the circuit.
+- **Norms are never included**: each layer norm's gain/bias scales the input (or, in
+  Gemma 2/3 and OLMo-2, the output) of *every* head (or the MLP) of its layer at once, so
+  it belongs to no single component; moving it would change components outside the
+  circuit. The same holds for Qwen3/Gemma 3's per-head-shared ``q_norm``/``k_norm``.
+  OLMo-2 normalises q and k over all heads jointly: a head's q/k slice is its own, but
+  moving it rescales the layer's other heads too (its v and o slices are separable).
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import torch
 from workbench.core.components import Component, ComponentKind
 from workbench.core.errors import WorkbenchError
 from workbench.interpretability.circuit import _as_component, _check_fits, component_order
+from workbench.models.adapter import FeatureSlice
 from workbench.models.loaded import LoadedModel
 
 Index = tuple[Any, ...]
@@ -83,10 +92,6 @@ def _layer_params(model: LoadedModel) -> dict[str, torch.Tensor]:
     return dict(model.hf.named_parameters())
 
 
-def _mlp_size(params: dict[str, torch.Tensor], name: str, dim: int) -> int:
-    return int(params[name].shape[dim])
-
-
 def _component_slices(
     model: LoadedModel,
     comp: Component,
@@ -94,104 +99,43 @@ def _component_slices(
     neurons: list[int] | None = None,
     include_embed: bool = False,
     include_shared_bias: bool = False,
-    params: dict[str, torch.Tensor] | None = None,
 ) -> list[ParamSlice]:
-    params = params if params is not None else _layer_params(model)
-    arch = model.architecture
-    out: list[ParamSlice] = []
-
-    def add(name: str, index: Index, text: str) -> None:
-        if name in params:  # biases are optional in NeoX/Llama configs
-            out.append(ParamSlice(name, index, f"{_fmt(index)} {text}"))
-
-    ALL = slice(None)
+    """The slices ``comp`` owns, read off the model's :class:`ModelAdapter` (no family branches here)."""
+    adapter = model.adapter
     kind = comp.kind
     if kind is ComponentKind.LOGITS:
-        return out
+        return []
     if kind is ComponentKind.EMBED:
-        if include_embed:
-            for name in {"gpt2": ["transformer.wte.weight", "transformer.wpe.weight"],
-                         "gpt_neox": ["gpt_neox.embed_in.weight"],
-                         "llama": ["model.embed_tokens.weight"]}[arch]:
-                add(name, (ALL, ALL), "whole embedding matrix")
-        return out
-
-    layer = comp.block  # type: ignore[arg-type]
-    dh, nh, d = model.d_head, model.n_heads, model.d_model
+        whole = (slice(None), slice(None))
+        return [ParamSlice(n, whole, f"{_fmt(whole)} whole embedding matrix")
+                for n in adapter.embeddings] if include_embed else []
+    layer = comp.block
     if kind is ComponentKind.HEAD:
-        h = comp.head_index  # type: ignore[arg-type]
-        cols = _span(h * dh, dh)
-        if arch == "gpt2":
-            p = f"transformer.h.{layer}.attn."
-            for j, part in enumerate(("query", "key", "value")):
-                s = _span(j * d + h * dh, dh)
-                add(p + "c_attn.weight", (ALL, s), f"{part} of head {h} (Conv1D [in, out]: columns)")
-                add(p + "c_attn.bias", (s,), f"{part} bias of head {h}")
-            add(p + "c_proj.weight", (cols, ALL), f"output rows reading head {h}'s z (Conv1D [in, out])")
-            if include_shared_bias:
-                add(p + "c_proj.bias", (ALL,), f"output bias (shared by all heads of layer {layer})")
-        elif arch == "gpt_neox":
-            p = f"gpt_neox.layers.{layer}.attention."
-            # HF GPTNeoXAttention: qkv(x).view(..., n_heads, 3 * d_head) then chunk(3) ->
-            # per head, rows [h*3*dh, (h+1)*3*dh) hold q | k | v, each d_head long.
-            for j, part in enumerate(("query", "key", "value")):
-                s = _span(h * 3 * dh + j * dh, dh)
-                add(p + "query_key_value.weight", (s, ALL), f"{part} of head {h} (interleaved per head)")
-                add(p + "query_key_value.bias", (s,), f"{part} bias of head {h}")
-            add(p + "dense.weight", (ALL, cols), f"output columns reading head {h}'s z")
-            if include_shared_bias:
-                add(p + "dense.bias", (ALL,), f"output bias (shared by all heads of layer {layer})")
-        else:  # llama
-            p = f"model.layers.{layer}.self_attn."
-            group = nh // model.n_kv_heads
-            kv = h // group
-            add(p + "q_proj.weight", (cols, ALL), f"query of head {h}")
-            add(p + "q_proj.bias", (cols,), f"query bias of head {h}")
-            kv_rows = _span(kv * dh, dh)
-            shared = (
-                f" (kv head {kv}, shared by query heads {kv * group}–{(kv + 1) * group - 1})"
-                if group > 1 else ""
-            )
-            for part, proj in (("key", "k_proj"), ("value", "v_proj")):
-                add(p + f"{proj}.weight", (kv_rows, ALL), f"{part} of head {h}{shared}")
-                add(p + f"{proj}.bias", (kv_rows,), f"{part} bias of head {h}{shared}")
-            add(p + "o_proj.weight", (ALL, cols), f"output columns reading head {h}'s z")
-            if include_shared_bias:
-                add(p + "o_proj.bias", (ALL,), f"output bias (shared by all heads of layer {layer})")
+        out = _feature_slices(adapter.head_slices(layer, comp.head_index))
+        o = adapter.layers[layer].attention.o
+        if include_shared_bias and o.bias_name is not None:
+            out.append(ParamSlice(o.bias_name, (slice(None),),
+                                  f"[:] output bias (shared by all heads of layer {layer})"))
         return out
+    mlp_layout = adapter.layers[layer].mlp
+    picked = None if neurons is None else tuple(_neuron_index(neurons, mlp_layout.d_mlp, comp))
+    out = _feature_slices(mlp_layout.neuron_slices(picked))
+    out_bias = mlp_layout.out.bias_name
+    if neurons is None and out_bias is not None:  # shared by all neurons: only with the whole MLP
+        out.append(ParamSlice(out_bias, (slice(None),), "[:] output bias"))
+    return out
 
-    # MLP
-    if arch == "gpt2":
-        p = f"transformer.h.{layer}.mlp."
-        d_mlp = _mlp_size(params, p + "c_fc.weight", 1)
-        n_ix: Any = _neuron_index(neurons, d_mlp, comp)
-        what = "all neurons" if neurons is None else "neurons"
-        add(p + "c_fc.weight", (ALL, n_ix), f"input columns, {what} (Conv1D [in, out])")
-        add(p + "c_fc.bias", (n_ix,), f"input bias, {what}")
-        add(p + "c_proj.weight", (n_ix, ALL), f"output rows, {what} (Conv1D [in, out])")
-        if neurons is None:
-            add(p + "c_proj.bias", (ALL,), "output bias")
-    elif arch == "gpt_neox":
-        p = f"gpt_neox.layers.{layer}.mlp."
-        d_mlp = _mlp_size(params, p + "dense_h_to_4h.weight", 0)
-        n_ix = _neuron_index(neurons, d_mlp, comp)
-        what = "all neurons" if neurons is None else "neurons"
-        add(p + "dense_h_to_4h.weight", (n_ix, ALL), f"input rows, {what}")
-        add(p + "dense_h_to_4h.bias", (n_ix,), f"input bias, {what}")
-        add(p + "dense_4h_to_h.weight", (ALL, n_ix), f"output columns, {what}")
-        if neurons is None:
-            add(p + "dense_4h_to_h.bias", (ALL,), "output bias")
-    else:
-        p = f"model.layers.{layer}.mlp."
-        d_mlp = _mlp_size(params, p + "up_proj.weight", 0)
-        n_ix = _neuron_index(neurons, d_mlp, comp)
-        what = "all neurons" if neurons is None else "neurons"
-        for proj in ("gate_proj", "up_proj"):
-            add(p + f"{proj}.weight", (n_ix, ALL), f"{proj.split('_')[0]} rows, {what}")
-            add(p + f"{proj}.bias", (n_ix,), f"{proj.split('_')[0]} bias, {what}")
-        add(p + "down_proj.weight", (ALL, n_ix), f"down columns, {what}")
-        if neurons is None:
-            add(p + "down_proj.bias", (ALL,), "output bias")
+
+def _feature_slices(slices: Iterable[FeatureSlice]) -> list[ParamSlice]:
+    """Weight (and, on the output side, bias) slices of each feature slice, in that order."""
+    out: list[ParamSlice] = []
+    for fs in slices:
+        layout = " (Conv1D [in, out])" if fs.linear.transposed else ""
+        index = fs.weight_index()
+        out.append(ParamSlice(fs.linear.weight_name, index, f"{_fmt(index)} {fs.text}{layout}"))
+        bias = fs.bias_index()
+        if bias is not None and fs.linear.bias_name is not None:
+            out.append(ParamSlice(fs.linear.bias_name, bias, f"{_fmt(bias)} {fs.text}, bias"))
     return out
 
 
@@ -262,7 +206,6 @@ def circuit_parameters(
             neurons=neuron_map.get(comp.layer) if comp.kind is ComponentKind.MLP else None,  # type: ignore[arg-type]
             include_embed=include_embed,
             include_shared_bias=include_shared_bias,
-            params=params,
         ):
             if sl.param not in masks:
                 masks[sl.param] = torch.zeros(params[sl.param].shape, dtype=torch.bool, device=params[sl.param].device)

@@ -58,9 +58,7 @@ from workbench.models.update import Update
 from workbench.quant import (
     QuantConfig,
     compare_quantization,
-    quantizable_parameters,
     quantize_dequantize,
-    transposed_parameters,
 )
 
 DEFAULT_CAD_MIN = 0.1
@@ -111,8 +109,8 @@ def quantized_states(
     """Replacement states for the quantized variants (only names that differ from the base)."""
 
     base = model.state()
-    names = quantizable_parameters(model.hf, quant)
-    tr = transposed_parameters(model.hf)
+    names = model.adapter.quantizable(quant)
+    tr = model.adapter.transposed
     qbase = {n: quantize_dequantize(base[n], quant, transposed=n in tr) for n in names}
     after_q = dict(qbase)
     for n, d in update.deltas.items():
@@ -245,10 +243,10 @@ class _CodeChanges:
 
 
 def _code_changes(model: LoadedModel, update: Update, quant: QuantConfig) -> _CodeChanges:
-    names = quantizable_parameters(model.hf, quant)
+    names = model.adapter.quantizable(quant)
     qdeltas = {n: d for n, d in update.deltas.items() if n in names}
     comparison = compare_quantization(model.state(), qdeltas, names, quant,
-                                      transposed=transposed_parameters(model.hf), progress=silent)
+                                      transposed=model.adapter.transposed, progress=silent)
     analysis = comparison.to_dict()
     overall = analysis["overall"]
     return _CodeChanges(

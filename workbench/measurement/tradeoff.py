@@ -59,9 +59,7 @@ from workbench.quant import (
     QuantConfig,
     bin_geometry,
     compare_quantization,
-    quantizable_parameters,
     quantize_dequantize,
-    transposed_parameters,
 )
 from workbench.unlearning.losses import nll
 
@@ -100,7 +98,7 @@ def unlearning_direction(
 
     if not split.forget:
         raise WorkbenchError("the forget set is empty: there is no unlearning direction")
-    names = set(quantizable_parameters(model.hf, _quant(quant)))
+    names = set(model.adapter.quantizable(_quant(quant)))
     if not names:
         raise WorkbenchError(f"model {model.name!r} has no weight the quantizer quantizes")
     hf = copy.deepcopy(model.hf)  # requires_grad is a flag on shared tensors: never flip it on the base
@@ -188,8 +186,8 @@ def model_bin_widths(model: LoadedModel, quant: QuantConfig | None = None) -> to
     """Every quantized weight's bin width (:attr:`BinGeometry.bin_width`), flat float32."""
 
     quant = _quant(quant)
-    state, tr = model.state(), transposed_parameters(model.hf)
-    names = quantizable_parameters(model.hf, quant)
+    state, tr = model.state(), model.adapter.transposed
+    names = model.adapter.quantizable(quant)
     if not names:
         raise WorkbenchError(f"model {model.name!r} has no weight the quantizer quantizes")
     return torch.cat([bin_geometry(state[n], quant, transposed=n in tr).bin_width.reshape(-1) for n in names])
@@ -355,11 +353,11 @@ def survival_curve(
     report(0.0, "forget-set gradient")
     direction = dict(direction) if direction is not None else unlearning_direction(model, split, quant)
     base = model.state()
-    names = quantizable_parameters(model.hf, quant)
+    names = model.adapter.quantizable(quant)
     unknown = sorted(set(direction) - set(names))
     if unknown:
         raise WorkbenchError(f"the direction moves weights the quantizer leaves alone: {unknown[:3]}")
-    tr = transposed_parameters(model.hf)
+    tr = model.adapter.transposed
     geometry = {n: bin_geometry(base[n], quant, transposed=n in tr) for n in direction}
     qbase: dict[str, torch.Tensor] = {}
     acc_base: dict[str, dict[str, float]] = {}

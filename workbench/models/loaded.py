@@ -17,11 +17,15 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from workbench.core.errors import WorkbenchError
+from workbench.models.adapter import ModelAdapter, build_adapter, check_family
 
 if TYPE_CHECKING:  # only for the annotation: importing transformers costs seconds
     from transformers import PreTrainedModel
 
-Architecture = Literal["gpt2", "gpt_neox", "llama"]
+# The HF ``model_type`` of every admitted family (``models.adapter.SUPPORTED_FAMILIES``).
+Architecture = Literal[
+    "gpt2", "gpt_neox", "llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "phi3", "olmo2"
+]
 
 
 def hf_module(model: LoadedModel | torch.nn.Module) -> torch.nn.Module:
@@ -46,17 +50,20 @@ class LoadedModel:
     path: Path | None = None
     _bridge: Any = field(default=None, repr=False)
     _bridge_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _adapter: ModelAdapter | None = field(default=None, repr=False)
 
     # --- shape facts, in the vocabulary attribution and circuits use -------------------
     @property
     def architecture(self) -> Architecture:
-        model_type = getattr(self.hf.config, "model_type", "")
-        if model_type in ("gpt2", "gpt_neox", "llama"):
-            return model_type  # type: ignore[return-value]
-        raise WorkbenchError(
-            f"model {self.name!r} has architecture {model_type!r}; the workbench supports "
-            "GPT-2, GPT-NeoX and Llama-family causal LMs"
-        )
+        """The HF ``model_type``; a ``WorkbenchError`` saying why for unsupported families."""
+        return check_family(self.hf, self.name)  # type: ignore[return-value]
+
+    @property
+    def adapter(self) -> ModelAdapter:
+        """The weight layout (heads, MLPs, quantized linears), computed once: ``hf`` never changes."""
+        if self._adapter is None:
+            self._adapter = build_adapter(self.hf, self.name)
+        return self._adapter
 
     @property
     def n_layers(self) -> int:
@@ -137,6 +144,11 @@ class LoadedModel:
                     remove_hook_from_module(hf_copy, recurse=True)
                     del hf_copy.hf_device_map
                 hf_copy = hf_copy.cpu()
+                # In-memory models have no config.architectures, which the bridge's registry
+                # needs for model types it does not map itself (e.g. gemma3_text).
+                config: Any = hf_copy.config
+                if not getattr(config, "architectures", None):
+                    config.architectures = [type(hf_copy).__name__]
                 # Booting with a name that is not a hub id is fine: with hf_model given,
                 # TransformerLens reads the architecture from the model's own config.
                 bridge = TransformerBridge.boot_transformers(
@@ -162,4 +174,5 @@ class LoadedModel:
                         f"{key}: shape {tuple(value.shape)} does not match the model's {tuple(params[key].shape)}"
                     )
                 params[key].copy_(value)
-        return LoadedModel(name=name, hf=hf_copy, tokenizer=self.tokenizer, path=None)
+        # Same modules and shapes: the layout carries over.
+        return LoadedModel(name=name, hf=hf_copy, tokenizer=self.tokenizer, path=None, _adapter=self._adapter)

@@ -6,6 +6,7 @@ offline. Loaded models are shared in-process: the same name gives the same objec
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from pathlib import Path
@@ -79,11 +80,31 @@ def load_model(
         return model
 
 
+# A tokenizer saved as a plain ``tokenizers`` object (tokenizer_class "TokenizersBackend" or
+# "PreTrainedTokenizerFast", e.g. the workbench's own word-level tokenizers) is loaded as
+# such: AutoTokenizer would otherwise pick the model family's class (Qwen2Tokenizer, …) and
+# rebuild a different pre-tokenizer around the saved vocabulary.
+_GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def _tokenizer_class(path: Path, auto: Any) -> Any:
+    from transformers import PreTrainedTokenizerFast
+
+    config = path / "tokenizer_config.json"
+    try:
+        # Plain json: transformers writes model_max_length as a 31-digit integer, which
+        # parse_json's limits refuse; the file is read as transformers itself reads it.
+        declared = json.loads(config.read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return auto
+    return PreTrainedTokenizerFast if declared in _GENERIC_TOKENIZERS else auto
+
+
 def _load_hf_dir(path: Path, name: str, device_map: str | dict[str, Any] | None = None) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        tokenizer = _tokenizer_class(path, AutoTokenizer).from_pretrained(str(path), local_files_only=True)
     except Exception as exc:  # transformers raises many types here; the user needs one message
         raise WorkbenchError(f"could not load a tokenizer from {path}: {exc}") from exc
     try:
@@ -105,5 +126,7 @@ def _load_hf_dir(path: Path, name: str, device_map: str | dict[str, Any] | None 
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = LoadedModel(name=name, hf=hf, tokenizer=tokenizer, path=path)
-    model.architecture  # noqa: B018 - fail early, with a clear message, on unsupported models
+    # Fail early, with a clear message, on unsupported families and on layouts the adapter
+    # cannot place (every later step reads the adapter anyway).
+    model.adapter  # noqa: B018
     return model

@@ -22,7 +22,7 @@ from workbench.core.progress import Steps
 from workbench.models.loaded import LoadedModel
 from workbench.models.scoring import FactBatch, top1
 from workbench.models.update import Update
-from workbench.quant import QuantConfig, quantizable_parameters
+from workbench.quant import QuantConfig
 from workbench.unlearning.result import UnlearningResult
 from workbench.unlearning.task import OptimConfig, TrainableSet, UnlearningTask
 
@@ -34,7 +34,7 @@ def trainable_names(model: LoadedModel, trainable: TrainableSet, quant: QuantCon
     """Parameter names a gradient method may move."""
     if trainable == "all":
         return [n for n, _ in model.hf.named_parameters()]
-    return quantizable_parameters(model.hf, quant or QuantConfig("nf4"))
+    return model.adapter.quantizable(quant or QuantConfig("nf4"))
 
 
 def run_gradient_method(

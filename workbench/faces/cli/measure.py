@@ -32,8 +32,6 @@ from workbench.quant import (
     QuantConfig,
     bin_occupancy,
     compare_quantization,
-    quantizable_parameters,
-    transposed_parameters,
     weight_relative_error,
 )
 
@@ -99,8 +97,8 @@ def cmd_eval(args: argparse.Namespace, out: Printer) -> int:
 def cmd_quant_report(args: argparse.Namespace, out: Printer) -> int:
     model = load_model(args.model)
     q = quant_from_args(args, "quant-report")
-    names = quantizable_parameters(model.hf, q)
-    state, tr = model.state(), transposed_parameters(model.hf)
+    names = model.adapter.quantizable(q)
+    state, tr = model.state(), model.adapter.transposed
     err = weight_relative_error(state, names, q, transposed=tr)
     occupancy = [int(c) for c in bin_occupancy(state, names, q, transposed=tr)["overall"]]
     report: dict[str, Any] = {

@@ -15,8 +15,6 @@ from workbench.models.loading import load_model
 from workbench.quant import (
     QuantConfig,
     bin_occupancy,
-    quantizable_parameters,
-    transposed_parameters,
     weight_relative_error,
 )
 
@@ -72,8 +70,8 @@ def cmd_demo(args: argparse.Namespace, out: Printer) -> int:
     # Top-1 only: multiple choice over ~1000 SmolLM2 facts costs minutes (use `workbench eval`).
     rows = accuracy_rows(model, split, [None, q], multiple_choice=False)
     out.line(text_table(rows))
-    names = quantizable_parameters(model.hf, q)
-    state, tr = model.state(), transposed_parameters(model.hf)
+    names = model.adapter.quantizable(q)
+    state, tr = model.state(), model.adapter.transposed
     err = weight_relative_error(state, names, q, transposed=tr)
     counts = [int(c) for c in bin_occupancy(state, names, q, transposed=tr)["overall"]]
     out.line(f"== NF4 of {len(names)} weight matrices: relative error {err['overall']:.4f}")

@@ -7,18 +7,19 @@ cost and moves them only while that bound stays within the Fisher budget.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import torch
 
 from workbench.core.errors import WorkbenchError
 from workbench.models.scoring import FactBatch, answer_logits
 from workbench.models.update import Update
-from workbench.quant import conv1d_class
+from workbench.quant import conv1d_class, transposed_parameters
 from workbench.unlearning.losses import answer_logprob
 
 
-def diagonal_fisher(work: torch.nn.Module, names: list[str], batch: FactBatch, samples: int) -> dict[str, torch.Tensor]:
+def diagonal_fisher(work: torch.nn.Module, names: list[str], batch: FactBatch, samples: int, *,
+                    transposed: Collection[str] | None = None) -> dict[str, torch.Tensor]:
     """``E[(∂ log p(y|x)/∂θ)²]`` over the first ``samples`` retain facts (all if fewer).
 
     The empirical Fisher with the true answers (the facts the model knows). The square must
@@ -29,6 +30,8 @@ def diagonal_fisher(work: torch.nn.Module, names: list[str], batch: FactBatch, s
     interact in a causal LM, and padding after an example's last token gets no gradient.
     Any other weight (embeddings, shared tensors) takes one backward per example
     (:func:`diagonal_fisher_per_example`, the reference the batched path is tested against).
+    ``transposed``: the Conv1D weights (``model.adapter.transposed``); by default read off
+    ``work``'s modules.
     """
     count = min(samples, len(batch))
     if count == 0:
@@ -38,7 +41,8 @@ def diagonal_fisher(work: torch.nn.Module, names: list[str], batch: FactBatch, s
     rest = [n for n in names if n not in owners]
     fisher = diagonal_fisher_per_example(work, rest, rows, count) if rest else {}
     if owners:
-        fisher.update(_batched_linear_fisher(work, owners, rows))
+        layout = transposed_parameters(work) if transposed is None else frozenset(transposed)
+        fisher.update(_batched_linear_fisher(work, owners, rows, layout))
     return {n: fisher[n] for n in names}
 
 
@@ -92,14 +96,14 @@ def _weight(module: torch.nn.Module) -> torch.Tensor:
 
 
 def _batched_linear_fisher(
-    work: torch.nn.Module, owners: dict[str, torch.nn.Module], batch: FactBatch, chunk: int = 16
+    work: torch.nn.Module, owners: dict[str, torch.nn.Module], batch: FactBatch, transposed: frozenset[str],
+    chunk: int = 16,
 ) -> dict[str, torch.Tensor]:
     """Per-example squared gradients of Linear/Conv1D weights, one forward/backward per ``chunk`` examples.
 
     Memory: one ``[chunk, out, in]`` per-example gradient at a time.
     """
 
-    conv1d = conv1d_class()
     fisher = {n: torch.zeros_like(_weight(m)) for n, m in owners.items()}
     params = list(work.parameters())
     flags = [p.requires_grad for p in params]
@@ -131,7 +135,7 @@ def _batched_linear_fisher(
                 if g is None:
                     continue
                 x, g = inputs[k].float(), g.float()
-                if conv1d is not None and isinstance(owners[k], conv1d):  # weight [in, out]
+                if k in transposed:  # Conv1D weight [in, out]
                     per_example = torch.einsum("bti,bto->bio", x, g)
                 else:  # nn.Linear weight [out, in]
                     per_example = torch.einsum("bto,bti->boi", g, x)

@@ -19,7 +19,7 @@ from workbench.core.progress import Progress
 from workbench.interpretability.parameters import circuit_parameters
 from workbench.models.loaded import LoadedModel
 from workbench.models.scoring import FactBatch, correct, top1
-from workbench.quant import QuantConfig, conv1d_class, quantizable_parameters, quantized_copy, transposed_parameters
+from workbench.quant import QuantConfig, quantized_copy
 from workbench.unlearning.batches import Batches
 from workbench.unlearning.mansu.config import MansuConfig
 from workbench.unlearning.mansu.fisher import diagonal_fisher
@@ -110,7 +110,7 @@ def candidate_masks(model: LoadedModel, circuit: tuple[Component, ...] | None, q
     """Which weights may move: the quantized weights of the circuit's components (a).
 
     Without circuit restriction, every quantized weight."""
-    quantizable = quantizable_parameters(model.hf, quant)
+    quantizable = model.adapter.quantizable(quant)
     if not config.use_circuit:
         return {n: torch.ones_like(p, dtype=torch.bool) for n, p in model.hf.named_parameters() if n in quantizable}
     components = list(circuit or [])
@@ -140,14 +140,13 @@ def setup_state(model: LoadedModel, batches: Batches, circuit: tuple[Component, 
     masks = candidate_masks(model, circuit, quant, config)
     names = sorted(masks)
     work = _frozen_copy(model.hf)
-    conv = conv1d_class()
-    modules = dict(work.named_modules())
-    conv1d = {n: conv is not None and isinstance(modules[n.rsplit(".", 1)[0]], conv) for n in names}
+    # Conv1D (GPT-2) weights are [in, out]: the model's adapter says which ones are.
+    transposed_names = model.adapter.transposed
+    conv1d = {n: n in transposed_names for n in names}
 
     report(0.02, "quantization grid of the moved modules")
     base = model.state()
-    transposed_names = transposed_parameters(model.hf)
-    transposed = {n: n in transposed_names for n in names}
+    transposed = dict(conv1d)
     grids = {n: weight_grid(base[n], quant, transposed=transposed[n]) for n in names}
 
     retain_sample = batches.retain.sample(config.retain_batch, torch.Generator().manual_seed(0))
@@ -158,7 +157,7 @@ def setup_state(model: LoadedModel, batches: Batches, circuit: tuple[Component, 
     fisher: dict[str, torch.Tensor] = {}
     if config.use_fisher:
         report(0.1, "retain Fisher")
-        fisher = diagonal_fisher(work, names, batches.retain, config.fisher_samples)
+        fisher = diagonal_fisher(work, names, batches.retain, config.fisher_samples, transposed=transposed_names)
 
     qwork = quantized_copy(model.hf, quant)
     n_candidates = int(sum(int(m.sum()) for m in masks.values()))

@@ -26,7 +26,7 @@ from workbench.core.checks import Range, check_config
 from workbench.core.errors import WorkbenchError
 from workbench.models.loaded import LoadedModel
 from workbench.models.update import Update
-from workbench.quant import QuantConfig, quantizable_parameters, transposed_parameters
+from workbench.quant import QuantConfig
 from workbench.unlearning.loop import run_gradient_method
 from workbench.unlearning.methods import GRADIENT_OBJECTIVES
 from workbench.unlearning.result import UnlearningResult
@@ -68,11 +68,11 @@ def adapted_copy(model: LoadedModel, config: LoraConfig = LoraConfig()) -> PeftM
     from peft import get_peft_model
 
 
-    names = quantizable_parameters(model.hf, QuantConfig("nf4"))
+    names = model.adapter.quantizable(QuantConfig("nf4"))
     targets = sorted({n.rsplit(".", 1)[0] for n in names if n.endswith(".weight")})
     if not targets:
         raise WorkbenchError(f"model {model.name!r} has no quantized linear layer to adapt")
-    conv1d = transposed_parameters(model.hf)
+    conv1d = model.adapter.transposed
     fan = {n in conv1d for n in names}
     if len(fan) != 1:
         raise WorkbenchError("LoRA: mixed Linear and Conv1D layers are not supported")

@@ -27,7 +27,6 @@ from workbench.core.checks import Range, check_config
 from workbench.core.errors import WorkbenchError
 from workbench.models.loaded import LoadedModel
 from workbench.models.scoring import answer_logits
-from workbench.quant import transposed_parameters
 from workbench.unlearning import losses
 from workbench.unlearning.batches import Batches
 from workbench.unlearning.loop import run_gradient_method, trainable_names
@@ -66,7 +65,7 @@ def row_saliency(model: LoadedModel, batches: Batches, names: list[str]) -> dict
         p.requires_grad_(n in names)
     loss = losses.nll(answer_logits(work, batches.forget), batches.forget.answers)
     grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
-    conv1d = transposed_parameters(model.hf)
+    conv1d = model.adapter.transposed
     out: dict[str, torch.Tensor] = {}
     for n, g in zip(names, grads):
         if g is None:
@@ -86,7 +85,7 @@ def row_masks(model: LoadedModel, saliency: dict[str, torch.Tensor], fraction: f
     flat = torch.cat([s.reshape(-1) for s in saliency.values()])
     k = max(1, round(fraction * flat.numel()))
     threshold = torch.topk(flat, k).values[-1]
-    conv1d = transposed_parameters(model.hf)
+    conv1d = model.adapter.transposed
     shapes = {n: p.shape for n, p in model.hf.named_parameters()}
     masks: dict[str, torch.Tensor] = {}
     taken = 0
@@ -117,7 +116,7 @@ def sure(task: UnlearningTask, config: SureConfig | None = None) -> UnlearningRe
     scaled = replace(optim, lr=optim.lr * config.lr_scale)
     objective = GRADIENT_OBJECTIVES[config.objective](task.baseline)
     result = run_gradient_method(task, objective, method="sure", optim=scaled, names=names, grad_mask=masks)
-    conv1d = transposed_parameters(model.hf)
+    conv1d = model.adapter.transposed
     chosen = {n: int(m.reshape(-1).sum()) if m.ndim == 1 else int(m.any(dim=0 if n in conv1d else 1).sum())
               for n, m in masks.items()}
     result.diagnostics.update({
