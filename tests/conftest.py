@@ -1,10 +1,12 @@
-"""Shared fixtures. Every test runs offline on CPU; built models go to a per-session cache
-unless WORKBENCH_CACHE is set (CI reuses the user's cache so smollm2 converts once)."""
+"""Shared fixtures. Every test runs offline on CPU, with a cache of its own per test session
+(``WORKBENCH_CACHE`` points at a temporary directory, see :func:`_session_cache`)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,31 @@ import torch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _session_cache() -> Path:
+    """Point ``WORKBENCH_CACHE`` at a fresh directory for this test session, sharing only built models.
+
+    Everything the workbench writes to its cache goes to the session's own directory, except
+    ``models/``, a symlink to the user's (or ``$WORKBENCH_CACHE``'s) built models: building
+    ``facts`` or converting ``smollm2`` takes minutes, and a built model is safe to share — it is
+    published whole by one rename under an inter-process lock and never modified afterwards
+    (SmolLM2's filtered facts, kept beside it, are content-keyed and written under a lock too).
+    """
+    shared = Path(os.environ.get("WORKBENCH_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mansu-workbench"))
+    (shared / "models").mkdir(parents=True, exist_ok=True)
+    session = Path(tempfile.mkdtemp(prefix="workbench-test-cache-"))
+    (session / "models").symlink_to((shared / "models").resolve(), target_is_directory=True)
+    os.environ["WORKBENCH_CACHE"] = str(session)
+    return session
+
+
+SESSION_CACHE = _session_cache()
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(SESSION_CACHE, ignore_errors=True)  # removes the models/ symlink, never what it points at
 
 
 @pytest.fixture(autouse=True)
