@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -102,12 +104,12 @@ def facts_tiny():
 # --- the Gradio app, started once per test session for the browser and API tests -------------
 
 
-@pytest.fixture(scope="session")
-def app_server(tmp_path_factory):
-    """``python app.py`` on facts-tiny, on a free port of 127.0.0.1; yields its URL.
+@contextlib.contextmanager
+def running_app(workdir: Path, args: list[str] | None = None, env: dict[str, str] | None = None) -> Iterator[str]:
+    """``python app.py [args]`` on facts-tiny, on a free port of 127.0.0.1; yields its URL.
 
     The start model comes from ``WORKBENCH_MODEL`` and the port from ``GRADIO_SERVER_PORT``
-    (the variables the README documents), and runs go to a temporary directory.
+    (the variables the README documents); runs go to ``workdir/runs`` unless ``env`` says otherwise.
     """
     import socket
     import subprocess
@@ -119,12 +121,13 @@ def app_server(tmp_path_factory):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    log_path = tmp_path_factory.mktemp("app") / "app.log"
+    log_path = workdir / "app.log"
     env = {**os.environ, "WORKBENCH_MODEL": "facts-tiny", "GRADIO_SERVER_PORT": str(port),
-           "WORKBENCH_RUNS": str(tmp_path_factory.mktemp("app-runs")), "GRADIO_ANALYTICS_ENABLED": "False",
-           "PYTHONUNBUFFERED": "1"}
+           "WORKBENCH_RUNS": str(workdir / "runs"), "GRADIO_ANALYTICS_ENABLED": "False",
+           "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "app.py"], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "app.py", *(args or [])], cwd=root, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 180
     try:
@@ -148,6 +151,13 @@ def app_server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="session")
+def app_server(tmp_path_factory):
+    """The app with its default flags (see :func:`running_app`), shared by the browser and API tests."""
+    with running_app(tmp_path_factory.mktemp("app")) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
