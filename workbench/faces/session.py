@@ -27,7 +27,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -709,27 +709,10 @@ class Session:
         """
 
         model, split, quant = self.require()
-        spec = method_spec(method)
         if self.running:
             raise WorkbenchError("a run is already in progress in this session; wait for it or cancel it")
-        optim_config = stop_rule = None
-        method_config: MethodConfig | None = None
-        try:
-            if method == "mansu":
-                method_config = MansuConfig(**dict(mansu or {}))
-            else:
-                fields = _settings_dict(settings)
-                if fields and spec.config_type is None:
-                    raise WorkbenchError(f"{method} has no settings of its own; leave them empty")
-                if spec.config_type is not None:
-                    method_config = spec.config_type(**fields)
-                o = dict(optim or {})
-                if o.get("lr") in (None, 0, 0.0):
-                    o["lr"] = default_lr(model)
-                optim_config = OptimConfig(**o)
-                stop_rule = StopRule(**dict(stop or {}))
-        except TypeError as exc:  # a wrong field name from an API caller
-            raise WorkbenchError(f"bad hyper-parameter: {exc}") from None
+        method_config, optim_config, stop_rule = run_configs(method, mansu=mansu, optim=optim, stop=stop,
+                                                             settings=settings, default_lr=lambda: default_lr(model))
         self._check_quota()
         report = self._bounded(progress)
         self.live = []
@@ -926,6 +909,39 @@ def _unique_labels(views: Sequence[RunView]) -> dict[str, RunView]:
 # --------------------------------------------------------------------------------------------
 
 
+def run_configs(
+    method: str,
+    *,
+    mansu: Mapping[str, Any] | None = None,
+    optim: Mapping[str, Any] | None = None,
+    stop: Mapping[str, Any] | None = None,
+    settings: Mapping[str, Any] | str | None = None,
+    default_lr: Callable[[], float] = lambda: 1e-3,
+) -> tuple[MethodConfig | None, OptimConfig | None, StopRule | None]:
+    """The method's config, the optimiser's and the stop rule, from what a caller sent (every
+    value checked: a wrong field, type or range is a :class:`WorkbenchError`, nothing else)."""
+    spec = method_spec(method)
+    optim_config = stop_rule = None
+    method_config: MethodConfig | None = None
+    try:
+        if method == "mansu":
+            method_config = MansuConfig(**dict(mansu or {}))
+        else:
+            fields = _settings_dict(settings)
+            if fields and spec.config_type is None:
+                raise WorkbenchError(f"{method} has no settings of its own; leave them empty")
+            if spec.config_type is not None:
+                method_config = spec.config_type(**fields)
+            o = dict(optim or {})
+            if o.get("lr") in (None, 0, 0.0):
+                o["lr"] = default_lr()
+            optim_config = OptimConfig(**o)
+            stop_rule = StopRule(**dict(stop or {}))
+    except TypeError as exc:  # a wrong field name from an API caller
+        raise WorkbenchError(f"bad hyper-parameter: {exc}") from None
+    return method_config, optim_config, stop_rule
+
+
 def method_settings(method: str) -> dict[str, Any]:
     """The default fields of a baseline's own config (``{}`` for MANSU and plain gradient methods)."""
     spec = method_spec(method)
@@ -995,6 +1011,7 @@ __all__ = [
     "method_settings",
     "read_fact_upload",
     "report_card_table",
+    "run_configs",
     "run_summary",
     "runs_table",
     "shared_figures",
