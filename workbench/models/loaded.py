@@ -103,7 +103,7 @@ class LoadedModel:
                 h.update(f"{key}={getattr(cfg, key, None)};".encode())
             for name, p in self.hf.named_parameters():
                 h.update(f"{name}|{p.dtype}|{tuple(p.shape)}".encode())
-                h.update(memoryview(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+                h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
 
