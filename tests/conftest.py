@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -104,53 +105,70 @@ def facts_tiny():
 # --- the Gradio app, started once per test session for the browser and API tests -------------
 
 
-@contextlib.contextmanager
-def running_app(workdir: Path, args: list[str] | None = None, env: dict[str, str] | None = None) -> Iterator[str]:
-    """``python app.py [args]`` on facts-tiny, on a free port of 127.0.0.1; yields its URL.
+def launch_app(workdir: Path, args: list[str] | None = None, env: dict[str, str] | None = None,
+               wait: bool = True) -> tuple[subprocess.Popen, str]:
+    """Start ``python app.py [args]`` on facts-tiny, on a free port of 127.0.0.1: the process and its URL.
 
     The start model comes from ``WORKBENCH_MODEL`` and the port from ``GRADIO_SERVER_PORT``
-    (the variables the README documents); runs go to ``workdir/runs`` unless ``env`` says otherwise.
+    (the variables the README documents); runs go to ``workdir/runs`` unless ``env`` says
+    otherwise; the output goes to ``workdir/app.log``. ``wait``: until the page answers.
     """
     import socket
-    import subprocess
     import sys
-    import time
-    import urllib.request
 
     root = Path(__file__).resolve().parents[1]
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    log_path = workdir / "app.log"
     env = {**os.environ, "WORKBENCH_MODEL": "facts-tiny", "GRADIO_SERVER_PORT": str(port),
            "WORKBENCH_RUNS": str(workdir / "runs"), "GRADIO_ANALYTICS_ENABLED": "False",
            "PYTHONUNBUFFERED": "1", **(env or {})}
-    with open(log_path, "wb") as log:
+    with open(workdir / "app.log", "ab") as log:
         proc = subprocess.Popen([sys.executable, "app.py", *(args or [])], cwd=root, env=env, stdout=log,
                                 stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
+    if wait:
+        _wait_for_page(proc, url, workdir / "app.log")
+    return proc, url
+
+
+def _wait_for_page(proc: subprocess.Popen, url: str, log_path: Path) -> None:
+    import time
+    import urllib.request
+
     deadline = time.monotonic() + 180
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"app.py exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            stop_app(proc)
+            pytest.fail(f"app.py did not answer on {url} within 180 s:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+def stop_app(proc: subprocess.Popen) -> None:
+    proc.terminate()
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"app.py exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"app.py did not answer on {url} within 180 s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@contextlib.contextmanager
+def running_app(workdir: Path, args: list[str] | None = None, env: dict[str, str] | None = None) -> Iterator[str]:
+    """:func:`launch_app` for the duration of a block; yields the URL."""
+    proc, url = launch_app(workdir, args, env)
+    try:
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_app(proc)
 
 
 @pytest.fixture(scope="session")
