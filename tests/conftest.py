@@ -18,6 +18,10 @@ import torch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The suite loads a dozen models in one process; with the library's default of two cached, the
+# session's facts-tiny would be evicted and reloaded (its bridge booted again) in module after
+# module. The LRU itself is tested in test_model_roots.py; the app sets its own (--max-models).
+os.environ.setdefault("WORKBENCH_MAX_MODELS", "6")
 
 
 def _session_cache() -> Path:

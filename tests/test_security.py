@@ -246,3 +246,48 @@ def test_the_gradio_cache_is_cleaned():
 
     demo = build_app("facts-tiny")
     assert demo.delete_cache == CACHE_CLEANUP and CACHE_CLEANUP[1] <= 24 * 3600
+
+
+# --- with --auth-file: runs belong to the signed-in user, across that user's sessions ------------
+
+
+@pytest.fixture(scope="module")
+def auth_server(tmp_path_factory):
+    work = tmp_path_factory.mktemp("auth-app")
+    users = work / "users.txt"
+    users.write_text("# user:password\nann:ann-secret\nben:ben-secret\n")
+    with running_app(work, ["--auth-file", str(users)]) as url:
+        yield url
+
+
+def test_without_a_login_nothing_answers(auth_server):
+    r = httpx.post(f"{auth_server}gradio_api/call/runs", json={"data": []}, timeout=30)
+    assert r.status_code in (401, 403), r.status_code
+    with pytest.raises(Exception):  # noqa: B017 - gradio_client raises its own types for a refused login
+        _client_as(auth_server, ("ann", "wrong password"))
+
+
+def _client_as(url: str, auth: tuple[str, str]):
+    from gradio_client import Client
+
+    return Client(url, auth=auth, verbose=False)
+
+
+def test_a_users_runs_follow_them_and_no_one_else_sees_them(auth_server):
+    from gradio_client.exceptions import AppError
+
+    ann = _client_as(auth_server, ("ann", "ann-secret"))
+    ann.predict("facts-tiny", None, None, None, "nf4", 64, False, api_name="/setup")
+    ann.predict("atp", 8, False, api_name="/attribute")
+    _live, *compare = ann.predict("mansu", True, True, True, True, 2, 0.05, 0, 0.1, 2, 0, 100, "", False, False,
+                                  "overall", "fp", api_name="/unlearn")
+    run_id = compare[-1]["value"]
+    later = _client_as(auth_server, ("ann", "ann-secret"))  # another session (tab) of the same user
+    history, _pick = later.predict(api_name="/runs")
+    assert [r[0] for r in _rows(history)] == [run_id]
+    assert len(later.predict(run_id, api_name="/run_files")) == 3
+    ben = _client_as(auth_server, ("ben", "ben-secret"))
+    history, _pick = ben.predict(api_name="/runs")
+    assert run_id not in [r[0] for r in _rows(history)]
+    with pytest.raises(AppError):
+        ben.predict(run_id, api_name="/run_files")

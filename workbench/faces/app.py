@@ -28,6 +28,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -283,7 +284,8 @@ def on_unlearn(s: Session, method: str, use_circuit: bool, use_projection: bool,
                max_rounds: Any, fisher_budget: Any, params_per_round: Any, forget_target: Any, code_steps: Any,
                lr: Any, max_steps: Any, settings: str | None, measure_cad: bool, use_oracle: bool,
                module: str | None, cad: str | None,
-               progress: gr.Progress = gr.Progress()):
+               progress: gr.Progress = gr.Progress(), request: gr.Request | None = None):
+    _sign_in(s, request)
     target = number(forget_target, "forget_target")
     mansu = {
         "use_circuit": bool(use_circuit), "use_projection": bool(use_projection), "use_fisher": bool(use_fisher),
@@ -330,19 +332,28 @@ def on_unpin(s: Session, module: str | None, cad: str | None):
     return compare_outputs(s, module, cad)
 
 
+def _sign_in(s: Session, request: gr.Request | None) -> None:
+    """With ``--auth-file``, the session's runs are its signed-in user's (Gradio checked the password)."""
+    s.sign_in(getattr(request, "username", None) if request is not None else None)
+
+
 @friendly
-def on_runs(s: Session):
+def on_runs(s: Session, request: gr.Request | None = None):
+    _sign_in(s, request)
     return runs_outputs(s)
 
 
 @friendly
-def on_open_run(s: Session, run_id: str | None, module: str | None, cad: str | None):
+def on_open_run(s: Session, run_id: str | None, module: str | None, cad: str | None,
+                request: gr.Request | None = None):
+    _sign_in(s, request)
     s.open_run(run_id or "")
     return compare_outputs(s, module, cad)
 
 
 @friendly
-def on_run_files(s: Session, run_id: str | None):
+def on_run_files(s: Session, run_id: str | None, request: gr.Request | None = None):
+    _sign_in(s, request)
     return [str(p) for p in s.run_files(run_id or None)]
 
 
@@ -593,6 +604,8 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
                    help="requests waiting in the queue at most; more are refused as 'queue full' (default 16)")
     p.add_argument("--runs-quota-mb", type=float, default=2048.0,
                    help="disk space one session's saved runs may take (default 2048; 0 = none)")
+    p.add_argument("--auth-file", metavar="FILE",
+                   help="require a login: lines 'user:password'; each user's runs are theirs across sessions")
     p.add_argument("--no-preload", action="store_true", help="do not load the start model in the background")
     p.add_argument("--open-browser", action="store_true", help="open the page in the default web browser")
     return p.parse_args(argv)
@@ -615,10 +628,31 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     # own scratch directory); blocked_paths keeps it and the model cache out even if they sit in
     # the working or temporary directory that Gradio otherwise lets handlers return from.
     demo.launch(server_name=args.host, server_port=args.port, share=False, inbrowser=args.open_browser,
+                auth=read_auth_file(args.auth_file) if args.auth_file else None,
                 max_file_size=MAX_FILE_SIZE, blocked_paths=[str(runs_dir().resolve()), str(cache_dir().resolve())],
                 show_error=False, ssr_mode=False, quiet=False,
                 footer_links=["api"], theme=DefaultTheme(font=["system-ui", "sans-serif"],
                                                               font_mono=["ui-monospace", "monospace"]))
+
+
+def read_auth_file(path: str) -> list[tuple[str, str]]:
+    """``user:password`` lines (blank lines and ``#`` comments skipped); in a file, not on the command
+    line, where every local user could read the passwords in the process list."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SystemExit(f"error: --auth-file {path}: {exc}") from None
+    pairs = []
+    for number_, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        user, sep, password = line.partition(":")
+        if not sep or not user.strip() or not password:
+            raise SystemExit(f"error: --auth-file {path}, line {number_}: expected 'user:password'")
+        pairs.append((user.strip(), password))
+    if not pairs:
+        raise SystemExit(f"error: --auth-file {path} lists no users")
+    return pairs
 
 
 def configure(args: argparse.Namespace) -> Limits:

@@ -20,6 +20,7 @@ Uploaded files are size-limited (:data:`MAX_UPLOAD_BYTES`) and parsed as text on
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import secrets
@@ -219,8 +220,6 @@ SHARED = SharedModels()
 
 def split_signature(split: FactSplit) -> str:
     """A short key that changes whenever the split's prompts or answers change."""
-    import hashlib
-
     h = hashlib.sha256(split.name.encode())
     for part in (split.forget, split.retain, split.forget_paraphrase, split.retain_paraphrase):
         h.update(b"\x00")
@@ -336,6 +335,7 @@ class Session:
         # Made on first use, not here: Gradio deep-copies one initial Session per browser session,
         # so an owner drawn in __init__ would be shared by every session.
         self._owner: str | None = None
+        self._user: str | None = None
         self.model: LoadedModel | None = None
         self.split: FactSplit | None = None
         self.quant: QuantConfig | None = None
@@ -356,10 +356,21 @@ class Session:
     # --- where this session's runs live, and how much it may use ---------------------------
     @property
     def owner(self) -> str:
-        """This session's random, unguessable name (its runs' directory with private runs)."""
+        """Whose runs these are: ``users/<hash of the signed-in name>`` (the app's ``--auth-file``:
+        a user's runs follow them from session to session), else ``sessions/<random id>``."""
+        if self._user is not None:
+            return f"users/{hashlib.sha256(self._user.encode()).hexdigest()[:32]}"
         if self._owner is None:
             self._owner = secrets.token_hex(16)
-        return self._owner
+        return f"{PRIVATE_RUNS}/{self._owner}"
+
+    def sign_in(self, user: str | None) -> None:
+        """The signed-in user of this session (``None`` without login); it cannot change later."""
+        if user is None or user == self._user:
+            return
+        if self._user is not None:
+            raise WorkbenchError("this session belongs to another user; sign in again in a new tab")
+        self._user = user
 
     @property
     def runs_root(self) -> Path | str | None:
@@ -368,7 +379,7 @@ class Session:
         if not self.limits.private_runs:
             return self._runs_base
         base = Path(self._runs_base) if self._runs_base is not None else runs_dir()
-        return base / PRIVATE_RUNS / self.owner
+        return base / self.owner
 
     def runs_bytes(self) -> int:
         """Disk space this session's runs take."""
