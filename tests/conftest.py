@@ -1,10 +1,15 @@
-"""Shared fixtures. Every test runs offline on CPU; built models go to a per-session cache
-unless WORKBENCH_CACHE is set (CI reuses the user's cache so smollm2 converts once)."""
+"""Shared fixtures. Every test runs offline on CPU, with a cache of its own per test session
+(``WORKBENCH_CACHE`` points at a temporary directory, see :func:`_session_cache`)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +18,35 @@ import torch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The suite loads a dozen models in one process; with the library's default of two cached, the
+# session's facts-tiny would be evicted and reloaded (its bridge booted again) in module after
+# module. The LRU itself is tested in test_model_roots.py; the app sets its own (--max-models).
+os.environ.setdefault("WORKBENCH_MAX_MODELS", "6")
+
+
+def _session_cache() -> Path:
+    """Point ``WORKBENCH_CACHE`` at a fresh directory for this test session, sharing only built models.
+
+    Everything the workbench writes to its cache goes to the session's own directory, except
+    ``models/``, a symlink to the user's (or ``$WORKBENCH_CACHE``'s) built models: building
+    ``facts`` or converting ``smollm2`` takes minutes, and a built model is safe to share — it is
+    published whole by one rename under an inter-process lock and never modified afterwards
+    (SmolLM2's filtered facts, kept beside it, are content-keyed and written under a lock too).
+    """
+    shared = Path(os.environ.get("WORKBENCH_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mansu-workbench"))
+    (shared / "models").mkdir(parents=True, exist_ok=True)
+    session = Path(tempfile.mkdtemp(prefix="workbench-test-cache-"))
+    (session / "models").symlink_to((shared / "models").resolve(), target_is_directory=True)
+    os.environ["WORKBENCH_CACHE"] = str(session)
+    return session
+
+
+SESSION_CACHE = _session_cache()
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(SESSION_CACHE, ignore_errors=True)  # removes the models/ symlink, never what it points at
 
 
 @pytest.fixture(autouse=True)
@@ -75,52 +109,77 @@ def facts_tiny():
 # --- the Gradio app, started once per test session for the browser and API tests -------------
 
 
-@pytest.fixture(scope="session")
-def app_server(tmp_path_factory):
-    """``python app.py`` on facts-tiny, on a free port of 127.0.0.1; yields its URL.
+def launch_app(workdir: Path, args: list[str] | None = None, env: dict[str, str] | None = None,
+               wait: bool = True) -> tuple[subprocess.Popen, str]:
+    """Start ``python app.py [args]`` on facts-tiny, on a free port of 127.0.0.1: the process and its URL.
 
     The start model comes from ``WORKBENCH_MODEL`` and the port from ``GRADIO_SERVER_PORT``
-    (the variables the README documents), and runs go to a temporary directory.
+    (the variables the README documents); runs go to ``workdir/runs`` unless ``env`` says
+    otherwise; the output goes to ``workdir/app.log``. ``wait``: until the page answers.
     """
     import socket
-    import subprocess
     import sys
-    import time
-    import urllib.request
 
     root = Path(__file__).resolve().parents[1]
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    log_path = tmp_path_factory.mktemp("app") / "app.log"
     env = {**os.environ, "WORKBENCH_MODEL": "facts-tiny", "GRADIO_SERVER_PORT": str(port),
-           "WORKBENCH_RUNS": str(tmp_path_factory.mktemp("app-runs")), "GRADIO_ANALYTICS_ENABLED": "False",
-           "PYTHONUNBUFFERED": "1"}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "app.py"], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+           "WORKBENCH_RUNS": str(workdir / "runs"), "GRADIO_ANALYTICS_ENABLED": "False",
+           "PYTHONUNBUFFERED": "1", **(env or {})}
+    with open(workdir / "app.log", "ab") as log:
+        proc = subprocess.Popen([sys.executable, "app.py", *(args or [])], cwd=root, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
+    if wait:
+        _wait_for_page(proc, url, workdir / "app.log")
+    return proc, url
+
+
+def _wait_for_page(proc: subprocess.Popen, url: str, log_path: Path) -> None:
+    import time
+    import urllib.request
+
     deadline = time.monotonic() + 180
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"app.py exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            stop_app(proc)
+            pytest.fail(f"app.py did not answer on {url} within 180 s:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+def stop_app(proc: subprocess.Popen) -> None:
+    proc.terminate()
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"app.py exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"app.py did not answer on {url} within 180 s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@contextlib.contextmanager
+def running_app(workdir: Path, args: list[str] | None = None, env: dict[str, str] | None = None) -> Iterator[str]:
+    """:func:`launch_app` for the duration of a block; yields the URL."""
+    proc, url = launch_app(workdir, args, env)
+    try:
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_app(proc)
+
+
+@pytest.fixture(scope="session")
+def app_server(tmp_path_factory):
+    """The app with its default flags (see :func:`running_app`), shared by the browser and API tests."""
+    with running_app(tmp_path_factory.mktemp("app")) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

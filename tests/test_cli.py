@@ -571,7 +571,8 @@ def test_app_help_lists_the_apps_own_flags():
                           timeout=180, env=_env())
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: workbench app")
-    for flag in ("--model", "--host", "--port", "--heavy-jobs", "--no-preload"):
+    for flag in ("--model", "--host", "--port", "--heavy-jobs", "--no-preload", "--models-dir", "--max-models",
+                 "--job-timeout", "--queue-size", "--runs-quota-mb"):
         assert flag in done.stdout
 
 

@@ -46,6 +46,8 @@ def test_load_model_refuses_an_unavailable_device(monkeypatch):
         load_model("facts-tiny", device="cuda")
     with pytest.raises(WorkbenchError, match="not both"):
         load_model("facts-tiny", device="cpu", device_map={"": "cpu"})
+    # device= must win over $WORKBENCH_DEVICE: were it ignored, the unavailable "cuda" would be refused.
+    monkeypatch.setenv(ENV, "cuda")
     assert module_device(load_model("facts-tiny", device="cpu").hf) == torch.device("cpu")
 
 
@@ -57,3 +59,7 @@ def test_update_deltas_live_on_the_cpu_and_follow_the_model_when_applied(facts_t
     assert update.deltas[name].device.type == "cpu"
     after = update.after_state(facts_tiny.state())
     assert after[name].device == facts_tiny.state()[name].device
+    # On a CPU-only machine that is cpu == cpu: place the base on another device ("meta", which
+    # needs no GPU) to see the sum follow the base, not the update.
+    on_meta = {name: facts_tiny.state()[name].to("meta")}
+    assert update.after_state(on_meta)[name].device == torch.device("meta")

@@ -45,6 +45,9 @@ def test_bad_model_paths_get_clear_errors(tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(WorkbenchError, match="no .safetensors weights"):
+        load_model(str(broken))
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(WorkbenchError, match="could not load"):
         load_model(str(broken))
 

@@ -42,7 +42,7 @@ def _snapshot(directory: Path) -> dict[str, bytes]:
 def test_fuzzed_fact_files_load_or_fail_clearly(tmp_path, rows, junk, suffix):
     from workbench.data.files import load_fact_file
 
-    path = tmp_path / f"facts{suffix}"
+    path = tmp_path / f"fuzzed-7f3a{suffix}"  # a name no message would contain by accident
     if suffix == ".csv":
         body = "prompt,answer\n" + "\n".join(",".join(str(v) for v in (r.values() if isinstance(r, dict) else [r]))
                                             for r in rows)
@@ -65,12 +65,13 @@ def test_fuzzed_fact_files_load_or_fail_clearly(tmp_path, rows, junk, suffix):
 def test_fuzzed_circuit_json_fails_clearly(tmp_path, data):
     from workbench.interpretability.circuit import Circuit
 
-    path = tmp_path / "circuit.json"
+    # A name without "circuit" in it: the message must name this file, not merely say "circuit".
+    path = tmp_path / "fuzzed-7f3a.json"
     path.write_text(json.dumps(data))
     try:
         Circuit.load(path)
     except WorkbenchError as exc:
-        assert "circuit" in str(exc).lower() or str(path) in str(exc)
+        assert path.name in str(exc), f"the message does not name the file: {exc}"
     # the loader never rewrites the file (compared as text: the fuzzed data may hold NaN, and NaN != NaN)
     assert path.read_text() == json.dumps(data)
 

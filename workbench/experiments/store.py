@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.core.errors import WorkbenchError
+from workbench.core.files import parse_json
 from workbench.core.paths import runs_dir
 from workbench.measurement.results import RunMetrics
 from workbench.models.update import Update
@@ -129,18 +130,27 @@ def load_run(run_id: str, *, root: str | os.PathLike[str] | None = None) -> Run:
     missing = [f for f in REQUIRED if not (path / f).exists()]
     if missing:
         raise WorkbenchError(f"run {run_id} is incomplete (missing {', '.join(missing)})")
-    try:
-        config = json.loads((path / "config.json").read_text())
-        metrics = json.loads((path / "metrics.json").read_text())
-        history_file = path / "history.json"
-        history = json.loads(history_file.read_text()) if history_file.exists() else []
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise WorkbenchError(f"run {run_id}: damaged JSON ({exc})") from exc
+    # parse_json: a damaged or hostile file (deep nesting, a 5,000-digit integer) is refused with a
+    # message naming it, never a RecursionError or ValueError out of the json module.
+    config = _read_json(path / "config.json", run_id)
+    metrics = _read_json(path / "metrics.json", run_id)
+    history_file = path / "history.json"
+    history = _read_json(history_file, run_id) if history_file.exists() else []
     if not isinstance(config, dict):
         raise WorkbenchError(f"run {run_id}: config.json must hold a JSON object")
+    if not isinstance(history, list):
+        raise WorkbenchError(f"run {run_id}: history.json must hold a JSON list")
     source = f"run {run_id} ({path / 'metrics.json'})"
     return Run(id=run_id, path=path, config=config, metrics=RunMetrics.from_json(metrics, source=source),
                history=history)
+
+
+def _read_json(path: Path, run_id: str) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise WorkbenchError(f"run {run_id}: damaged JSON in {path.name} (not UTF-8: {exc.reason})") from None
+    return parse_json(text, source=f"run {run_id}: damaged JSON in {path.name}")
 
 
 def resolve_run(ref: str | os.PathLike[str], *, root: str | os.PathLike[str] | None = None) -> Run:

@@ -4,34 +4,45 @@ Layout and wiring only. Every number and figure comes from the core library thro
 :class:`workbench.session.Session` (one per browser session, kept in a ``gr.State``); the
 loaded base models are shared, read-only, by all sessions (:data:`workbench.session.SHARED`).
 
-    python app.py [--model M] [--host 127.0.0.1] [--port 7860] [--heavy-jobs 1]
+    python app.py [--model M] [--host 127.0.0.1] [--port 7860] [--heavy-jobs 1] [--models-dir DIR ...]
 
 The start model can also come from ``WORKBENCH_MODEL`` and the port from Gradio's
 ``GRADIO_SERVER_PORT``. The server binds 127.0.0.1 unless ``--host`` says otherwise and
 never creates a public share link.
+
+The app is written to be shared by people who do not trust each other: it loads built-ins and
+directories under the operator's ``--models-dir`` roots only, every numeric input has a range
+checked on the server, every heavy job a wall-clock limit (``--job-timeout``), the queue a
+size (``--queue-size``); each session sees only its own runs (kept in a directory of its own,
+within a quota, ``--runs-quota-mb``) and gets their files through its own handlers, never
+through a URL into the run store.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import html
 import json
 import logging
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
 from gradio.themes import Default as DefaultTheme
 
+from workbench.core.checks import Range
 from workbench.core.errors import WorkbenchError
-from workbench.core.paths import runs_dir
+from workbench.core.paths import cache_dir, runs_dir
 from workbench.faces.session import (
     ATTRIBUTION_METHODS,
     MAX_UPLOAD_BYTES,
     RUN_COLUMNS,
     SHARED,
+    Limits,
     RunView,
     Session,
     compare_figures,
@@ -41,12 +52,54 @@ from workbench.faces.session import (
     shared_figures,
 )
 from workbench.models.builtins import BUILTINS, DEFAULT_MODEL
+from workbench.models.loading import ModelRoots, set_max_loaded
 from workbench.unlearning.registry import METHODS, REGISTRY
 
 log = logging.getLogger("workbench.app")
 
 NODE_HEADERS = ["in circuit", "component", "kind", "layer", "head", "score"]
 MAX_FILE_SIZE = MAX_UPLOAD_BYTES
+
+INPUTS = {
+    # The numeric inputs' ranges, checked by the server (the widgets show the same bounds, but an
+    # HTTP caller skips the widgets). Upper bounds are the method configs' own; 0 where it means
+    # "default/auto/no cap". The per-job time limit bounds what these still allow.
+    "ig_steps": Range(1, 64, integer=True),
+    "top_k": Range(0, 10_000, integer=True),
+    "threshold": Range(0, 10**6),
+    "mass": Range(0, 1),
+    "forget_target": Range(0, 1),
+    "max_rounds": Range(1, 10_000, integer=True),
+    "fisher_budget": Range(0, 10**6),
+    "params_per_round": Range(0, 10**8, integer=True),
+    "code_steps": Range(1, 255, integer=True),
+    "lr": Range(0, 1),
+    "max_steps": Range(1, 100_000, integer=True),
+}
+LABELS = {"ig_steps": "IG steps", "top_k": "k", "threshold": "threshold", "mass": "mass fraction",
+          "forget_target": "forget target", "max_rounds": "max rounds", "fisher_budget": "Fisher budget",
+          "params_per_round": "weights per round", "code_steps": "codes per weight", "lr": "learning rate",
+          "max_steps": "max steps"}
+
+
+def number(value: Any, name: str) -> Any:
+    """An input's value checked against :data:`INPUTS` (a whole float becomes an int), or a message."""
+    allowed = INPUTS[name]
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):  # not a number: refused below with the range
+            value = float(value)
+    if isinstance(value, float) and allowed.integer and value.is_integer():
+        value = int(value)
+    if not allowed.admits(value):
+        raise WorkbenchError(f"{LABELS[name]} must be {allowed.describe()}, got {value!r}")
+    return value
+
+
+def number_box(value: float, name: str, label: str, scale: int | None = None) -> gr.Number:
+    """A Number widget showing :data:`INPUTS`' bounds for ``name`` (whole numbers when it says so)."""
+    allowed = INPUTS[name]
+    return gr.Number(value, label=label, minimum=allowed.low, maximum=allowed.high, scale=scale,
+                     precision=0 if allowed.integer else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,7 +222,7 @@ def on_check_file(s: Session, path: str | None, which: str) -> str:
 
 @friendly
 def on_attribute(s: Session, method: str, ig_steps: Any, edges: bool, progress: gr.Progress = gr.Progress()):
-    a = s.attribute(method, ig_steps=ig_steps, edges=edges, progress=_progress(progress))
+    a = s.attribute(method, ig_steps=number(ig_steps, "ig_steps"), edges=edges, progress=_progress(progress))
     dropped = f", {a.n_dropped} pairs dropped (clean and corrupt of different token length)" if a.n_dropped else ""
     summary = (f"**{ATTRIBUTION_METHODS[a.method]}**{f' ({a.ig_steps} steps)' if a.method == 'ig' else ''} over "
                f"{a.n_pairs} prompt pairs{dropped} · metric {a.metric}: clean {a.clean_metric:.3f}, "
@@ -180,7 +233,7 @@ def on_attribute(s: Session, method: str, ig_steps: Any, edges: bool, progress: 
 
 @friendly
 def on_agreement(s: Session, reference: str, ig_steps: Any, progress: gr.Progress = gr.Progress()):
-    numbers, figure = s.agreement(reference, ig_steps=ig_steps, progress=_progress(progress))
+    numbers, figure = s.agreement(reference, ig_steps=number(ig_steps, "ig_steps"), progress=_progress(progress))
     text = (f"**{s.require_attribution().method} vs {reference}** over {int(numbers['n'])} components: "
             f"Spearman {numbers['spearman']:.3f} · Kendall {numbers['kendall']:.3f} · "
             f"Pearson {numbers['pearson']:.3f} · top-{int(numbers['top_k'])} overlap {numbers['top_k_overlap']:.2f} · "
@@ -191,7 +244,7 @@ def on_agreement(s: Session, reference: str, ig_steps: Any, progress: gr.Progres
 def _edit(action: str) -> Callable[..., tuple[Any, ...]]:
     @friendly
     def handler(s: Session, value: Any = None):
-        s.edit(action, value)
+        s.edit(action, number(value, action) if action in INPUTS else value)
         return circuit_outputs(s)
 
     handler.__name__ = f"on_{action}"
@@ -231,22 +284,18 @@ def on_unlearn(s: Session, method: str, use_circuit: bool, use_projection: bool,
                max_rounds: Any, fisher_budget: Any, params_per_round: Any, forget_target: Any, code_steps: Any,
                lr: Any, max_steps: Any, settings: str | None, measure_cad: bool, use_oracle: bool,
                module: str | None, cad: str | None,
-               progress: gr.Progress = gr.Progress()):
-    def num(x: Any, what: str, kind: type = float) -> Any:
-        try:
-            return kind(x)
-        except (TypeError, ValueError):
-            raise WorkbenchError(f"{what} must be a number, got {x!r}") from None
-
+               progress: gr.Progress = gr.Progress(), request: gr.Request | None = None):
+    _sign_in(s, request)
+    target = number(forget_target, "forget_target")
     mansu = {
         "use_circuit": bool(use_circuit), "use_projection": bool(use_projection), "use_fisher": bool(use_fisher),
-        "use_floor": bool(use_floor), "max_rounds": num(max_rounds, "max rounds", int),
-        "fisher_budget": (num(fisher_budget, "Fisher budget") or None),
-        "params_per_round": (num(params_per_round, "weights per round", int) or None),
-        "forget_target": num(forget_target, "forget target"), "code_steps": num(code_steps, "codes per weight", int),
+        "use_floor": bool(use_floor), "max_rounds": number(max_rounds, "max_rounds"),
+        "fisher_budget": number(fisher_budget, "fisher_budget") or None,
+        "params_per_round": number(params_per_round, "params_per_round") or None,
+        "forget_target": target, "code_steps": number(code_steps, "code_steps"),
     }
-    optim = {"lr": num(lr, "learning rate") or None}
-    stop = {"max_steps": num(max_steps, "max steps", int), "forget_target": num(forget_target, "forget target")}
+    optim = {"lr": number(lr, "lr") or None}
+    stop = {"max_steps": number(max_steps, "max_steps"), "forget_target": target}
     try:
         s.unlearn(method, mansu=mansu, optim=optim, stop=stop, settings=settings, measure_cad=measure_cad,
                   use_oracle=use_oracle, progress=_progress(progress))
@@ -283,19 +332,28 @@ def on_unpin(s: Session, module: str | None, cad: str | None):
     return compare_outputs(s, module, cad)
 
 
+def _sign_in(s: Session, request: gr.Request | None) -> None:
+    """With ``--auth-file``, the session's runs are its signed-in user's (Gradio checked the password)."""
+    s.sign_in(getattr(request, "username", None) if request is not None else None)
+
+
 @friendly
-def on_runs(s: Session):
+def on_runs(s: Session, request: gr.Request | None = None):
+    _sign_in(s, request)
     return runs_outputs(s)
 
 
 @friendly
-def on_open_run(s: Session, run_id: str | None, module: str | None, cad: str | None):
+def on_open_run(s: Session, run_id: str | None, module: str | None, cad: str | None,
+                request: gr.Request | None = None):
+    _sign_in(s, request)
     s.open_run(run_id or "")
     return compare_outputs(s, module, cad)
 
 
 @friendly
-def on_run_files(s: Session, run_id: str | None):
+def on_run_files(s: Session, run_id: str | None, request: gr.Request | None = None):
+    _sign_in(s, request)
     return [str(p) for p in s.run_files(run_id or None)]
 
 
@@ -315,13 +373,21 @@ def model_status(name: str) -> tuple[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def build_app(start_model: str, heavy_jobs: int = 1) -> gr.Blocks:
-    """The Blocks app; ``start_model`` is pre-selected (and preloaded by :func:`main`)."""
+CACHE_CLEANUP = (3600, 6 * 3600)
+"""Gradio's ``delete_cache``: every hour, delete the downloads and uploads older than six hours."""
+
+
+def build_app(start_model: str, heavy_jobs: int = 1, limits: Limits | None = None) -> gr.Blocks:
+    """The Blocks app; ``start_model`` is pre-selected (and preloaded by :func:`main`).
+
+    ``limits``: what each session may use (default: private runs, no time or disk limit).
+    """
 
     heavy = {"concurrency_id": "heavy", "concurrency_limit": heavy_jobs}
     models = list(dict.fromkeys([start_model, *BUILTINS]))
-    with gr.Blocks(title="MANSU workbench", analytics_enabled=False) as demo:
-        session = gr.State(Session(), delete_callback=lambda s: s.close() if s is not None else None)
+    limits = limits or Limits(private_runs=True)
+    with gr.Blocks(title="MANSU workbench", analytics_enabled=False, delete_cache=CACHE_CLEANUP) as demo:
+        session = gr.State(Session(limits=limits), delete_callback=lambda s: s.close() if s is not None else None)
         gr.Markdown("# MANSU workbench\nErase knowledge from a language model so the erasure survives "
                     "4-bit quantization — and see why. Go top to bottom: setup → attribution → circuit → "
                     "unlearning → compare → runs.")
@@ -357,7 +423,7 @@ def build_app(start_model: str, heavy_jobs: int = 1) -> gr.Blocks:
         gr.Markdown("## 2 · Attribution: which heads and MLPs carry the forget facts")
         with gr.Row():
             method = gr.Radio([(v, k) for k, v in ATTRIBUTION_METHODS.items()], value="atp", label="Method", scale=3)
-            ig_steps = gr.Slider(1, 64, value=8, step=1, label="IG steps (integrated gradients)", scale=2)
+            ig_steps = gr.Slider(1, 64, value=8, step=1, label="IG steps (integrated gradients)", scale=2)  # = INPUTS
             edges = gr.Checkbox(True, label="Score edges too (not with exact patching)", scale=1)
         attr_btn = gr.Button("Run attribution", variant="primary", elem_id="attr-btn")
         attr_summary = gr.Markdown(elem_id="attr-summary")
@@ -375,9 +441,9 @@ def build_app(start_model: str, heavy_jobs: int = 1) -> gr.Blocks:
         gr.Markdown("## 3 · Circuit: edit the selection, watch faithfulness")
         faith = gr.Markdown("Run attribution to get a circuit.", elem_id="faithfulness")
         with gr.Row():
-            top_k = gr.Number(10, precision=0, label="k", scale=1)
+            top_k = number_box(10, "top_k", "k", scale=1)
             top_k_btn = gr.Button("Select top-k", scale=1)
-            threshold = gr.Number(0.1, label="|score| ≥", scale=1)
+            threshold = number_box(0.1, "threshold", "|score| ≥", scale=1)
             threshold_btn = gr.Button("Select by threshold", scale=1)
             mass = gr.Slider(0.0, 1.0, value=0.8, step=0.01, label="cumulative |score| mass", scale=2)
             mass_btn = gr.Button("Select by mass", scale=1)
@@ -398,7 +464,7 @@ def build_app(start_model: str, heavy_jobs: int = 1) -> gr.Blocks:
         gr.Markdown("## 4 · Unlearning: MANSU or a baseline")
         with gr.Row():
             unlearn_method = gr.Dropdown(_methods(), value="mansu", label="Method", scale=2)
-            forget_target = gr.Number(0.1, label="Forget target (top-1)", scale=1)
+            forget_target = number_box(0.1, "forget_target", "Forget target (top-1)", scale=1)
             measure_cad = gr.Checkbox(True, label="Measure CAD (attribution before/after)", scale=1)
             use_oracle = gr.Checkbox(True, label="Compare with the retrain oracle (built-ins)", scale=1)
         with gr.Group(visible=True) as mansu_box:
@@ -408,14 +474,14 @@ def build_app(start_model: str, heavy_jobs: int = 1) -> gr.Blocks:
                 use_fisher = gr.Checkbox(True, label="Fisher bound")
                 use_floor = gr.Checkbox(True, label="quantization floor")
             with gr.Row():
-                max_rounds = gr.Number(60, precision=0, label="max rounds")
-                fisher_budget = gr.Number(0.05, label="Fisher budget ε (nats; 0 = no cap)")
-                params_per_round = gr.Number(0, precision=0, label="weights per round (0 = auto)")
-                code_steps = gr.Number(2, precision=0, label="codes moved per weight")
+                max_rounds = number_box(60, "max_rounds", "max rounds")
+                fisher_budget = number_box(0.05, "fisher_budget", "Fisher budget ε (nats; 0 = no cap)")
+                params_per_round = number_box(0, "params_per_round", "weights per round (0 = auto)")
+                code_steps = number_box(2, "code_steps", "codes moved per weight")
         with gr.Group(visible=False) as baseline_box:
             with gr.Row():
-                lr = gr.Number(0, label="learning rate (0 = the model's default)")
-                max_steps = gr.Number(100, precision=0, label="max steps")
+                lr = number_box(0, "lr", "learning rate (0 = the model's default)")
+                max_steps = number_box(100, "max_steps", "max steps")
             settings = gr.Code("", language="json", visible=False, interactive=True,
                                label="The method's own settings (JSON; defaults shown)")
         with gr.Row():
@@ -528,6 +594,18 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     p.add_argument("--port", type=int, default=None, help="port (default: $GRADIO_SERVER_PORT or 7860)")
     p.add_argument("--heavy-jobs", type=int, default=1,
                    help="attribution/unlearning jobs run at once across all sessions (default 1)")
+    p.add_argument("--models-dir", action="append", default=[], metavar="DIR",
+                   help="a folder whose model directories remote users may load (repeatable); without it only the "
+                        "built-ins and the start model load")
+    p.add_argument("--max-models", type=int, default=2, help="loaded models kept in memory (default 2, LRU)")
+    p.add_argument("--job-timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="wall-clock limit of one setup, attribution or unlearning job (default 1800; 0 = none)")
+    p.add_argument("--queue-size", type=int, default=16,
+                   help="requests waiting in the queue at most; more are refused as 'queue full' (default 16)")
+    p.add_argument("--runs-quota-mb", type=float, default=2048.0,
+                   help="disk space one session's saved runs may take (default 2048; 0 = none)")
+    p.add_argument("--auth-file", metavar="FILE",
+                   help="require a login: lines 'user:password'; each user's runs are theirs across sessions")
     p.add_argument("--no-preload", action="store_true", help="do not load the start model in the background")
     p.add_argument("--open-browser", action="store_true", help="open the page in the default web browser")
     return p.parse_args(argv)
@@ -537,18 +615,59 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
 
     args = parse_args(argv, prog)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.heavy_jobs < 1:
-        raise SystemExit("--heavy-jobs must be >= 1")
+    try:
+        limits = configure(args)
+    except WorkbenchError as exc:
+        raise SystemExit(f"error: {exc}") from None
     if not args.no_preload:
         # The page opens at once; the model loads (or builds, the first time) behind the status line.
         SHARED.preload(args.model)
-    demo = build_app(args.model, heavy_jobs=args.heavy_jobs)
-    demo.queue(default_concurrency_limit=4)
+    demo = build_app(args.model, heavy_jobs=args.heavy_jobs, limits=limits)
+    demo.queue(default_concurrency_limit=4, max_size=args.queue_size)
+    # No allowed_paths: the run store is never served by URL (a session's files are copied to its
+    # own scratch directory); blocked_paths keeps it and the model cache out even if they sit in
+    # the working or temporary directory that Gradio otherwise lets handlers return from.
     demo.launch(server_name=args.host, server_port=args.port, share=False, inbrowser=args.open_browser,
-                max_file_size=MAX_FILE_SIZE,
-                allowed_paths=[str(runs_dir())], show_error=False, ssr_mode=False, quiet=False,
+                auth=read_auth_file(args.auth_file) if args.auth_file else None,
+                max_file_size=MAX_FILE_SIZE, blocked_paths=[str(runs_dir().resolve()), str(cache_dir().resolve())],
+                show_error=False, ssr_mode=False, quiet=False,
                 footer_links=["api"], theme=DefaultTheme(font=["system-ui", "sans-serif"],
                                                               font_mono=["ui-monospace", "monospace"]))
+
+
+def read_auth_file(path: str) -> list[tuple[str, str]]:
+    """``user:password`` lines (blank lines and ``#`` comments skipped); in a file, not on the command
+    line, where every local user could read the passwords in the process list."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SystemExit(f"error: --auth-file {path}: {exc}") from None
+    pairs = []
+    for number_, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        user, sep, password = line.partition(":")
+        if not sep or not user.strip() or not password:
+            raise SystemExit(f"error: --auth-file {path}, line {number_}: expected 'user:password'")
+        pairs.append((user.strip(), password))
+    if not pairs:
+        raise SystemExit(f"error: --auth-file {path} lists no users")
+    return pairs
+
+
+def configure(args: argparse.Namespace) -> Limits:
+    """Apply the operator's flags to the process (model roots, model cache) and return the sessions' limits."""
+    for flag, value, low in (("--heavy-jobs", args.heavy_jobs, 1), ("--max-models", args.max_models, 1),
+                             ("--queue-size", args.queue_size, 1), ("--job-timeout", args.job_timeout, 0),
+                             ("--runs-quota-mb", args.runs_quota_mb, 0)):
+        if not Range(low, integer=isinstance(value, int)).admits(value):
+            raise WorkbenchError(f"{flag} must be a finite number >= {low}, got {value!r}")
+    # The start model is the operator's own choice, so its directory counts as listed.
+    start = [] if args.model in BUILTINS else [args.model]
+    SHARED.restrict(ModelRoots.of([*args.models_dir, *start]))
+    set_max_loaded(args.max_models)
+    return Limits(job_seconds=args.job_timeout or None,
+                  runs_quota_bytes=int(args.runs_quota_mb * 1e6) or None, private_runs=True)
 
 
 if __name__ == "__main__":

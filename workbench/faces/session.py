@@ -20,25 +20,28 @@ Uploaded files are size-limited (:data:`MAX_UPLOAD_BYTES`) and parsed as text on
 
 from __future__ import annotations
 
-import json
+import hashlib
 import logging
 import math
+import secrets
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from workbench.core.errors import WorkbenchError
+from workbench.core.files import parse_json
+from workbench.core.paths import runs_dir
 from workbench.core.progress import Progress, silent
 from workbench.data.facts import Fact, FactSplit
 from workbench.data.files import load_fact_file
 from workbench.data.world import fact_world
 from workbench.experiments.flow import attribute_forget_set, default_circuit, oracle_for, run_unlearning
-from workbench.experiments.store import list_runs, load_run
+from workbench.experiments.store import Run, check_run_id, list_runs, load_run
 from workbench.faces.compare import compare_row
 from workbench.faces.plots import (
     accuracy_figure,
@@ -64,7 +67,7 @@ from workbench.measurement.results import RunMetrics, UpdateMetrics
 from workbench.models.builtin_splits import builtin_split, facts_preset, filtered_real_facts
 from workbench.models.builtins import BUILTINS
 from workbench.models.loaded import LoadedModel
-from workbench.models.loading import load_model
+from workbench.models.loading import ModelRoots, load_model, model_key
 from workbench.quant import QUANT_TYPES, QuantConfig
 from workbench.unlearning.mansu import MansuConfig
 from workbench.unlearning.registry import MethodConfig, default_lr, method_spec
@@ -78,6 +81,9 @@ log = logging.getLogger(__name__)
 
 MAX_UPLOAD_BYTES = 5 * 1024 * 1024
 """Largest fact or circuit file a session accepts (the app also caps uploads at this size)."""
+
+MAX_SETTINGS_CHARS = 100_000
+"""Longest method-settings text a session parses (a config is a few hundred characters)."""
 
 FACT_SUFFIXES = (".jsonl", ".json", ".csv")
 ATTRIBUTION_METHODS = {"atp": "attribution patching (plain)", "ig": "integrated gradients", "exact": "exact patching"}
@@ -105,6 +111,11 @@ class SharedModels:
         self._accuracy: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
         self._status: dict[str, str] = {}
         self._threads: dict[str, threading.Thread] = {}
+        self.roots: ModelRoots | None = None
+
+    def restrict(self, roots: ModelRoots) -> None:
+        """Serve only built-ins and directories under ``roots`` (the app does this at start-up)."""
+        self.roots = roots
 
     def _key_lock(self, key: str) -> threading.Lock:
         with self._lock:
@@ -116,14 +127,16 @@ class SharedModels:
         name = str(name).strip()
         if not name:
             raise WorkbenchError("choose a model: a built-in name or a local Hugging Face directory")
-        with self._key_lock(f"model:{name}"):
-            self._status.setdefault(name, "loading")
+        # Refused names leave no trace here (no lock, no status), so a caller cannot grow these dicts.
+        key = model_key(name, self.roots)
+        with self._key_lock(f"model:{key}"):
+            self._status.setdefault(key, "loading")
             try:
-                model = load_model(name, progress=progress)
+                model = load_model(name, progress=progress, roots=self.roots)
             except WorkbenchError as exc:
-                self._status[name] = f"error: {exc}"
+                self._status[key] = f"error: {exc}"
                 raise
-            self._status[name] = "ready"
+            self._status[key] = "ready"
             return model
 
     def builtin_split(self, model: LoadedModel, forget_domain: str | None = None) -> FactSplit:
@@ -154,6 +167,7 @@ class SharedModels:
     def preload(self, name: str) -> None:
         """Start loading ``name`` (and its built-in split) in a background thread, once."""
 
+        key = model_key(name, self.roots)
         with self._lock:
             if name in self._threads:
                 return
@@ -163,19 +177,19 @@ class SharedModels:
                     model = self.model(name)
                     if name in BUILTINS:
 
-                        self._status[name] = "preparing the built-in fact split"
+                        self._status[key] = "preparing the built-in fact split"
                         split = self.builtin_split(model)
                         # The setup panel's first click then only reads this cache.
-                        self._status[name] = "measuring base accuracy, full precision vs NF4"
+                        self._status[key] = "measuring base accuracy, full precision vs NF4"
                         self.base_accuracy(model, split, QuantConfig("nf4"))
-                    self._status[name] = "ready"
+                    self._status[key] = "ready"
                 except WorkbenchError as exc:
-                    self._status[name] = f"error: {exc}"
+                    self._status[key] = f"error: {exc}"
                 except Exception as exc:  # a background thread has nobody to raise to: log it
                     log.exception("preloading %s failed", name)
-                    self._status[name] = f"error: {type(exc).__name__} (see the server log)"
+                    self._status[key] = f"error: {type(exc).__name__} (see the server log)"
 
-            self._status[name] = "loading"
+            self._status[key] = "loading"
             thread = threading.Thread(target=work, name=f"preload-{name}", daemon=True)
             self._threads[name] = thread
         thread.start()
@@ -194,7 +208,10 @@ class SharedModels:
 
     def status(self, name: str) -> str:
         """``"ready"``, ``"loading"``, ``"error: …"``, another step, or ``"not loaded"``."""
-        return self._status.get(name, "not loaded")
+        try:
+            return self._status.get(model_key(name, self.roots), "not loaded")
+        except WorkbenchError:
+            return "not loaded"
 
 
 SHARED = SharedModels()
@@ -203,8 +220,6 @@ SHARED = SharedModels()
 
 def split_signature(split: FactSplit) -> str:
     """A short key that changes whenever the split's prompts or answers change."""
-    import hashlib
-
     h = hashlib.sha256(split.name.encode())
     for part in (split.forget, split.retain, split.forget_paraphrase, split.retain_paraphrase):
         h.update(b"\x00")
@@ -253,6 +268,25 @@ def read_fact_upload(path: str | Path, what: str, model: LoadedModel | None = No
     return facts
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one session may use of a shared server (the app's flags; ``None``: no limit).
+
+    Attributes:
+        job_seconds: wall-clock limit of one heavy job (setup, attribution, unlearning).
+        runs_quota_bytes: disk space a session's saved runs may take; a new run is refused beyond it.
+        private_runs: each session keeps its runs in a directory of its own and sees only those.
+    """
+
+    job_seconds: float | None = None
+    runs_quota_bytes: int | None = None
+    private_runs: bool = False
+
+
+PRIVATE_RUNS = "sessions"
+"""Subdirectory of the run store holding one directory of runs per app session."""
+
+
 # --------------------------------------------------------------------------------------------
 # Results handed to the face
 # --------------------------------------------------------------------------------------------
@@ -295,8 +329,13 @@ class Session:
     (the face shows the message) and never modify the shared base model.
     """
 
-    def __init__(self, runs_root: str | Path | None = None) -> None:
-        self.runs_root = runs_root
+    def __init__(self, runs_root: str | Path | None = None, limits: Limits | None = None) -> None:
+        self._runs_base = runs_root
+        self.limits = limits or Limits()
+        # Made on first use, not here: Gradio deep-copies one initial Session per browser session,
+        # so an owner drawn in __init__ would be shared by every session.
+        self._owner: str | None = None
+        self._user: str | None = None
         self.model: LoadedModel | None = None
         self.split: FactSplit | None = None
         self.quant: QuantConfig | None = None
@@ -313,6 +352,71 @@ class Session:
         self.running = False
         self._cancel = False
         self._workdir: Path | None = None
+
+    # --- where this session's runs live, and how much it may use ---------------------------
+    @property
+    def owner(self) -> str:
+        """Whose runs these are: ``users/<hash of the signed-in name>`` (the app's ``--auth-file``:
+        a user's runs follow them from session to session), else ``sessions/<random id>``."""
+        if self._user is not None:
+            return f"users/{hashlib.sha256(self._user.encode()).hexdigest()[:32]}"
+        if self._owner is None:
+            self._owner = secrets.token_hex(16)
+        return f"{PRIVATE_RUNS}/{self._owner}"
+
+    def sign_in(self, user: str | None) -> None:
+        """The signed-in user of this session (``None`` without login); it cannot change later."""
+        if user is None or user == self._user:
+            return
+        if self._user is not None:
+            raise WorkbenchError("this session belongs to another user; sign in again in a new tab")
+        self._user = user
+
+    @property
+    def runs_root(self) -> Path | str | None:
+        """Where this session saves, lists and opens runs: with :attr:`Limits.private_runs`, a
+        directory of its own under the run store (no other session can name or list its runs)."""
+        if not self.limits.private_runs:
+            return self._runs_base
+        base = Path(self._runs_base) if self._runs_base is not None else runs_dir()
+        return base / self.owner
+
+    def runs_bytes(self) -> int:
+        """Disk space this session's runs take."""
+        root = self.runs_root
+        if root is None or not Path(root).is_dir():
+            return 0
+        return sum(f.stat().st_size for f in Path(root).rglob("*") if f.is_file())
+
+    def _check_quota(self) -> None:
+        quota = self.limits.runs_quota_bytes
+        if quota is None:
+            return
+        used = self.runs_bytes()
+        if used >= quota:
+            raise WorkbenchError(
+                f"this session's saved runs take {used / 1e6:.1f} MB of its {quota / 1e6:.0f} MB quota, so no "
+                "new run can be saved; start a new session (a new tab) or ask the operator for a larger --runs-quota-mb"
+            )
+
+    def _bounded(self, progress: Progress | None) -> Progress:
+        """``progress``, raising once the job has run past :attr:`Limits.job_seconds` (checked at
+        every progress report, i.e. between steps/rounds; a finished job is never failed)."""
+        report = progress or silent
+        limit = self.limits.job_seconds
+        if limit is None:
+            return report
+        deadline = time.monotonic() + limit
+
+        def checked(f: float, message: str) -> None:
+            if f < 1.0 and time.monotonic() > deadline:
+                raise WorkbenchError(
+                    f"stopped: this job ran longer than the app's limit of {limit:g} s per job "
+                    "(--job-timeout); nothing was saved. Choose a smaller budget and run it again"
+                )
+            report(f, message)
+
+        return checked
 
     # --- setup ----------------------------------------------------------------------------
     def setup(
@@ -333,7 +437,7 @@ class Session:
         another forget domain). A new model or new data resets the attribution and circuit.
         """
 
-        report = progress or silent
+        report = self._bounded(progress)
         if quant_type not in QUANT_TYPES:
             raise WorkbenchError(f"unknown quantizer {quant_type!r}; choose {', '.join(QUANT_TYPES)}")
         try:
@@ -428,7 +532,7 @@ class Session:
         model, split, _q = self.require()
         config = AttributionConfig(method=method,  # type: ignore[arg-type] -- checked by AttributionConfig
                                    ig_steps=_whole(ig_steps, "IG steps"), edges=bool(edges) and method != "exact")
-        attribution = attribute_forget_set(model, split, config, progress=progress)
+        attribution = attribute_forget_set(model, split, config, progress=self._bounded(progress))
         self.attribution = attribution
         self.reference = {method: attribution}
         self._set_circuit(default_circuit(attribution))
@@ -444,7 +548,7 @@ class Session:
             raise WorkbenchError(f"the attribution on screen already uses {reference}; pick another method to compare")
         if reference not in self.reference:
             config = AttributionConfig(method=reference, ig_steps=_whole(ig_steps, "IG steps"))  # type: ignore[arg-type]
-            self.reference[reference] = attribute_forget_set(model, split, config, progress=progress)
+            self.reference[reference] = attribute_forget_set(model, split, config, progress=self._bounded(progress))
         ref = self.reference[reference]
         numbers = agreement(attribution, ref, top_k=10)
         figure = agreement_scatter(attribution, ref, labels=(attribution.method, ref.method))
@@ -616,28 +720,12 @@ class Session:
         """
 
         model, split, quant = self.require()
-        spec = method_spec(method)
         if self.running:
             raise WorkbenchError("a run is already in progress in this session; wait for it or cancel it")
-        optim_config = stop_rule = None
-        method_config: MethodConfig | None = None
-        try:
-            if method == "mansu":
-                method_config = MansuConfig(**dict(mansu or {}))
-            else:
-                fields = _settings_dict(settings)
-                if fields and spec.config_type is None:
-                    raise WorkbenchError(f"{method} has no settings of its own; leave them empty")
-                if spec.config_type is not None:
-                    method_config = spec.config_type(**fields)
-                o = dict(optim or {})
-                if o.get("lr") in (None, 0, 0.0):
-                    o["lr"] = default_lr(model)
-                optim_config = OptimConfig(**o)
-                stop_rule = StopRule(**dict(stop or {}))
-        except TypeError as exc:  # a wrong field name from an API caller
-            raise WorkbenchError(f"bad hyper-parameter: {exc}") from None
-        report = progress or silent
+        method_config, optim_config, stop_rule = run_configs(method, mansu=mansu, optim=optim, stop=stop,
+                                                             settings=settings, default_lr=lambda: default_lr(model))
+        self._check_quota()
+        report = self._bounded(progress)
         self.live = []
 
         def tracked(f: float, message: str) -> None:
@@ -701,7 +789,7 @@ class Session:
 
         if not run_id:
             raise WorkbenchError("choose a run from the history first")
-        run = load_run(str(run_id).strip(), root=self.runs_root)
+        run = self._load_own_run(str(run_id).strip())
         self.current = RunView(label=f"{run.metrics.method} · {run.id}", metrics=run.metrics,
                                run_id=run.id, path=run.path)
         return self.current
@@ -712,9 +800,23 @@ class Session:
         rid = run_id or (self.current.run_id if self.current else None)
         if not rid:
             raise WorkbenchError("choose a saved run first")
-        run = load_run(rid, root=self.runs_root)
-        return [p for p in (run.path / "metrics.json", run.path / "config.json", run.path / "update.safetensors")
-                if p.exists()]
+        run = self._load_own_run(rid)
+        # Copies in this session's scratch directory: the run store itself is never served over HTTP.
+        out = self.workdir() / "run-files" / run.id
+        out.mkdir(parents=True, exist_ok=True)
+        files = []
+        for name in ("metrics.json", "config.json", "update.safetensors"):
+            if (run.path / name).exists():
+                files.append(Path(shutil.copy2(run.path / name, out / name)))
+        return files
+
+    def _load_own_run(self, run_id: str) -> Run:
+        """One of this session's runs; a run it cannot see gets the message of a missing one,
+        without the server's directories in it."""
+        root = self.runs_root
+        if root is not None and not (Path(root) / check_run_id(run_id)).is_dir():
+            raise WorkbenchError(f"no run {run_id!r} among this session's runs")
+        return load_run(run_id, root=root)
 
     def close(self) -> None:
         """Free this session's scratch files (the app calls it when the browser session ends)."""
@@ -818,6 +920,39 @@ def _unique_labels(views: Sequence[RunView]) -> dict[str, RunView]:
 # --------------------------------------------------------------------------------------------
 
 
+def run_configs(
+    method: str,
+    *,
+    mansu: Mapping[str, Any] | None = None,
+    optim: Mapping[str, Any] | None = None,
+    stop: Mapping[str, Any] | None = None,
+    settings: Mapping[str, Any] | str | None = None,
+    default_lr: Callable[[], float] = lambda: 1e-3,
+) -> tuple[MethodConfig | None, OptimConfig | None, StopRule | None]:
+    """The method's config, the optimiser's and the stop rule, from what a caller sent (every
+    value checked: a wrong field, type or range is a :class:`WorkbenchError`, nothing else)."""
+    spec = method_spec(method)
+    optim_config = stop_rule = None
+    method_config: MethodConfig | None = None
+    try:
+        if method == "mansu":
+            method_config = MansuConfig(**dict(mansu or {}))
+        else:
+            fields = _settings_dict(settings)
+            if fields and spec.config_type is None:
+                raise WorkbenchError(f"{method} has no settings of its own; leave them empty")
+            if spec.config_type is not None:
+                method_config = spec.config_type(**fields)
+            o = dict(optim or {})
+            if o.get("lr") in (None, 0, 0.0):
+                o["lr"] = default_lr()
+            optim_config = OptimConfig(**o)
+            stop_rule = StopRule(**dict(stop or {}))
+    except TypeError as exc:  # a wrong field name from an API caller
+        raise WorkbenchError(f"bad hyper-parameter: {exc}") from None
+    return method_config, optim_config, stop_rule
+
+
 def method_settings(method: str) -> dict[str, Any]:
     """The default fields of a baseline's own config (``{}`` for MANSU and plain gradient methods)."""
     spec = method_spec(method)
@@ -833,11 +968,10 @@ def _settings_dict(settings: Mapping[str, Any] | str | None) -> dict[str, Any]:
     if isinstance(settings, str):
         if not settings.strip():
             return {}
-        try:
-            settings = json.loads(settings)
-        except json.JSONDecodeError as exc:
-            raise WorkbenchError(f"method settings: not valid JSON ({exc.msg} at line {exc.lineno}, "
-                                 f"column {exc.colno})") from None
+        if len(settings) > MAX_SETTINGS_CHARS:
+            raise WorkbenchError(f"method settings: {len(settings)} characters; at most {MAX_SETTINGS_CHARS}")
+        # Bounded like every file: no deep nesting, no 5,000-digit integers, no NaN.
+        settings = parse_json(settings, source="method settings")
     if not isinstance(settings, Mapping):
         raise WorkbenchError("method settings must be a JSON object of field → value")
     return dict(settings)
@@ -875,8 +1009,10 @@ def _split_domain(split: FactSplit) -> str | None:
 
 __all__ = [
     "MAX_UPLOAD_BYTES",
+    "PRIVATE_RUNS",
     "SHARED",
     "CompareFigures",
+    "Limits",
     "RunView",
     "Session",
     "SetupResult",
@@ -886,6 +1022,7 @@ __all__ = [
     "method_settings",
     "read_fact_upload",
     "report_card_table",
+    "run_configs",
     "run_summary",
     "runs_table",
     "shared_figures",

@@ -51,6 +51,7 @@ class LoadedModel:
     _bridge: Any = field(default=None, repr=False)
     _bridge_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _adapter: ModelAdapter | None = field(default=None, repr=False)
+    _fingerprint: str | None = field(default=None, repr=False)
 
     # --- shape facts, in the vocabulary attribution and circuits use -------------------
     @property
@@ -96,23 +97,22 @@ class LoadedModel:
 
     @property
     def fingerprint(self) -> str:
-        """Identity of the weights, cheap enough to check on every circuit/run load.
+        """Identity of the weights: sha256 over the architecture config and every parameter's
+        name, dtype, shape and bytes — all of them, so a sparse edit changes it too.
 
-        sha256 over the architecture config, every parameter's name and shape, and a
-        strided sample of its values — so two models of one shape (e.g. ``facts`` and its
-        retrain oracle) differ, without hashing hundreds of MB each time.
+        Computed once per object: the weights of a LoadedModel are never modified in place
+        (an edit is a new object, :meth:`with_state`).
         """
-        h = hashlib.sha256()
-        cfg = self.hf.config
-        for key in ("model_type", "num_hidden_layers", "num_attention_heads", "hidden_size", "vocab_size"):
-            h.update(f"{key}={getattr(cfg, key, None)};".encode())
-        for name, p in self.hf.named_parameters():
-            flat = p.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // 256)][:256].to(torch.float32).cpu().contiguous()
-            h.update(name.encode())
-            h.update(str(tuple(p.shape)).encode())
-            h.update(sample.numpy().tobytes())
-        return h.hexdigest()[:16]
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            cfg = self.hf.config
+            for key in ("model_type", "num_hidden_layers", "num_attention_heads", "hidden_size", "vocab_size"):
+                h.update(f"{key}={getattr(cfg, key, None)};".encode())
+            for name, p in self.hf.named_parameters():
+                h.update(f"{name}|{p.dtype}|{tuple(p.shape)}".encode())
+                h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
 
     def weights_hash(self) -> str:
         """Full sha256 of every parameter (for checking the base is untouched)."""
