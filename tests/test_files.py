@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from workbench.core.files import atomic_directory, atomic_write, atomic_write_json
@@ -59,6 +61,10 @@ def test_parse_json_refuses_what_would_crash_or_stall_the_parser():
     for text, message in cases.items():
         with pytest.raises(WorkbenchError, match=rf"^some\.json: .*{message}"):
             parse_json(text, source="some.json")
+    # the workbench's own files say "not measured" with NaN: admitted only when asked for
+    assert math.isnan(parse_json('{"x": NaN}', source="f", allow_nan=True)["x"])
+    with pytest.raises(WorkbenchError, match="integer of 5000 digits"):
+        parse_json('{"n": ' + "9" * 5000 + "}", source="f", allow_nan=True)
 
 
 def test_fact_and_circuit_files_refuse_hostile_json_with_a_message(tmp_path):

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -377,6 +378,334 @@ CACHE_CLEANUP = (3600, 6 * 3600)
 """Gradio's ``delete_cache``: every hour, delete the downloads and uploads older than six hours."""
 
 
+@dataclass
+class SetupViews:
+    """1 · Setup: model, data, quantizer."""
+
+    model: gr.Dropdown
+    domain: gr.Dropdown
+    quant_type: gr.Radio
+    blocksize: gr.Dropdown
+    double_quant: gr.Checkbox
+    forget_file: gr.File
+    retain_file: gr.File
+    forget_check: gr.Markdown
+    retain_check: gr.Markdown
+    button: gr.Button
+    summary: gr.Markdown
+    base_accuracy: gr.Dataframe
+
+
+def _setup_section(start_model: str) -> SetupViews:
+    models = list(dict.fromkeys([start_model, *BUILTINS]))
+    gr.Markdown("## 1 · Setup: model, data, quantizer")
+    with gr.Row():
+        model = gr.Dropdown(models, value=start_model, allow_custom_value=True, label="Model",
+                            info="a built-in, or the path of a local Hugging Face model directory", scale=2)
+        domain = gr.Dropdown([], value=None, allow_custom_value=True, label="Forget domain (built-in data)",
+                             info="filled in by “Load model and data”; change it and load again",
+                             interactive=False, scale=2)
+        quant_type = gr.Radio(["nf4", "fp4", "int8"], value="nf4", label="Quantizer", scale=1)
+        blocksize = gr.Dropdown([32, 64, 128, 256, 512, 1024, 2048, 4096], value=64, label="Block size", scale=1)
+        double_quant = gr.Checkbox(False, label="Double quantization", scale=1)
+    with gr.Row():
+        forget_file = gr.File(label="Forget set (JSONL or CSV; optional)", file_types=[".jsonl", ".json", ".csv"],
+                              type="filepath", elem_id="forget-file")
+        retain_file = gr.File(label="Retain set (JSONL or CSV; optional)", file_types=[".jsonl", ".json", ".csv"],
+                              type="filepath", elem_id="retain-file")
+        with gr.Column():
+            forget_check = gr.Markdown(elem_id="forget-check")
+            retain_check = gr.Markdown(elem_id="retain-check")
+    button = gr.Button("Load model and data", variant="primary", elem_id="setup-btn")
+    summary = gr.Markdown(elem_id="setup-summary")
+    base_accuracy = gr.Dataframe(headers=["set", "facts", "full precision", "quantized", "difference"],
+                                 label="Base accuracy (top-1), full precision vs quantized", interactive=False,
+                                 elem_id="base-accuracy")
+    return SetupViews(model, domain, quant_type, blocksize, double_quant, forget_file, retain_file, forget_check,
+                      retain_check, button, summary, base_accuracy)
+
+
+@dataclass
+class AttributionViews:
+    """2 · Attribution: which heads and MLPs carry the forget facts."""
+
+    method: gr.Radio
+    ig_steps: gr.Slider
+    edges: gr.Checkbox
+    button: gr.Button
+    summary: gr.Markdown
+    graph: gr.Plot
+    heatmap: gr.Plot
+    reference: gr.Radio
+    agree_button: gr.Button
+    agreement_text: gr.Markdown
+    agreement_plot: gr.Plot
+
+
+def _attribution_section() -> AttributionViews:
+    gr.Markdown("## 2 · Attribution: which heads and MLPs carry the forget facts")
+    with gr.Row():
+        method = gr.Radio([(v, k) for k, v in ATTRIBUTION_METHODS.items()], value="atp", label="Method", scale=3)
+        ig_steps = gr.Slider(1, 64, value=8, step=1, label="IG steps (integrated gradients)", scale=2)  # = INPUTS
+        edges = gr.Checkbox(True, label="Score edges too (not with exact patching)", scale=1)
+    button = gr.Button("Run attribution", variant="primary", elem_id="attr-btn")
+    summary = gr.Markdown(elem_id="attr-summary")
+    with gr.Row():
+        graph = gr.Plot(label="Circuit graph", elem_id="circuit-graph", scale=3)
+        heatmap = gr.Plot(label="Layer × head heatmap (● = in the circuit)", elem_id="heatmap", scale=2)
+    with gr.Row():
+        reference = gr.Radio([(v, k) for k, v in ATTRIBUTION_METHODS.items()], value="exact",
+                             label="Compare with", scale=2)
+        agree_button = gr.Button("Compare attribution methods", scale=1)
+    agreement_text = gr.Markdown(elem_id="agreement")
+    agreement_plot = gr.Plot(label="Method agreement")
+    return AttributionViews(method, ig_steps, edges, button, summary, graph, heatmap, reference, agree_button,
+                            agreement_text, agreement_plot)
+
+
+@dataclass
+class CircuitViews:
+    """3 · Circuit: edit the selection, watch faithfulness."""
+
+    faithfulness: gr.Markdown
+    top_k: gr.Number
+    top_k_button: gr.Button
+    threshold: gr.Number
+    threshold_button: gr.Button
+    mass: gr.Slider
+    mass_button: gr.Button
+    component: gr.Dropdown
+    include_button: gr.Button
+    exclude_button: gr.Button
+    undo_button: gr.Button
+    redo_button: gr.Button
+    nodes: gr.Dataframe
+    download: gr.DownloadButton
+    upload: gr.UploadButton
+
+
+def _circuit_section() -> CircuitViews:
+    gr.Markdown("## 3 · Circuit: edit the selection, watch faithfulness")
+    faithfulness = gr.Markdown("Run attribution to get a circuit.", elem_id="faithfulness")
+    with gr.Row():
+        top_k = number_box(10, "top_k", "k", scale=1)
+        top_k_button = gr.Button("Select top-k", scale=1)
+        threshold = number_box(0.1, "threshold", "|score| ≥", scale=1)
+        threshold_button = gr.Button("Select by threshold", scale=1)
+        mass = gr.Slider(0.0, 1.0, value=0.8, step=0.01, label="cumulative |score| mass", scale=2)
+        mass_button = gr.Button("Select by mass", scale=1)
+    with gr.Row():
+        component = gr.Dropdown([], label="Component", elem_id="component-picker", scale=2)
+        include_button = gr.Button("Include node", scale=1, elem_id="include-btn")
+        exclude_button = gr.Button("Exclude node", scale=1, elem_id="exclude-btn")
+        undo_button = gr.Button("Undo", scale=1, elem_id="undo-btn")
+        redo_button = gr.Button("Redo", scale=1, elem_id="redo-btn")
+    nodes = gr.Dataframe(headers=NODE_HEADERS, datatype=["bool", "str", "str", "number", "number", "number"],
+                         type="array", interactive=True, static_columns=[1, 2, 3, 4, 5], max_height=360,
+                         label="Nodes (tick or untick “in circuit”; strongest first)", elem_id="node-table")
+    with gr.Row():
+        download = gr.DownloadButton("Download circuit JSON", interactive=False)
+        upload = gr.UploadButton("Upload circuit JSON", file_types=[".json"], type="filepath")
+    return CircuitViews(faithfulness, top_k, top_k_button, threshold, threshold_button, mass, mass_button, component,
+                        include_button, exclude_button, undo_button, redo_button, nodes, download, upload)
+
+
+@dataclass
+class UnlearningViews:
+    """4 · Unlearning: MANSU or a baseline, with its settings and live progress."""
+
+    method: gr.Dropdown
+    forget_target: gr.Number
+    measure_cad: gr.Checkbox
+    use_oracle: gr.Checkbox
+    mansu_box: gr.Group
+    use_circuit: gr.Checkbox
+    use_projection: gr.Checkbox
+    use_fisher: gr.Checkbox
+    use_floor: gr.Checkbox
+    max_rounds: gr.Number
+    fisher_budget: gr.Number
+    params_per_round: gr.Number
+    code_steps: gr.Number
+    baseline_box: gr.Group
+    lr: gr.Number
+    max_steps: gr.Number
+    settings: gr.Code
+    run_button: gr.Button
+    cancel_button: gr.Button
+    live: gr.Textbox
+    live_timer: gr.Timer
+
+
+def _unlearning_section() -> UnlearningViews:
+    gr.Markdown("## 4 · Unlearning: MANSU or a baseline")
+    with gr.Row():
+        method = gr.Dropdown(_methods(), value="mansu", label="Method", scale=2)
+        forget_target = number_box(0.1, "forget_target", "Forget target (top-1)", scale=1)
+        measure_cad = gr.Checkbox(True, label="Measure CAD (attribution before/after)", scale=1)
+        use_oracle = gr.Checkbox(True, label="Compare with the retrain oracle (built-ins)", scale=1)
+    with gr.Group(visible=True) as mansu_box:
+        with gr.Row():
+            use_circuit = gr.Checkbox(True, label="circuit restriction")
+            use_projection = gr.Checkbox(True, label="null-space projection")
+            use_fisher = gr.Checkbox(True, label="Fisher bound")
+            use_floor = gr.Checkbox(True, label="quantization floor")
+        with gr.Row():
+            max_rounds = number_box(60, "max_rounds", "max rounds")
+            fisher_budget = number_box(0.05, "fisher_budget", "Fisher budget ε (nats; 0 = no cap)")
+            params_per_round = number_box(0, "params_per_round", "weights per round (0 = auto)")
+            code_steps = number_box(2, "code_steps", "codes moved per weight")
+    with gr.Group(visible=False) as baseline_box:
+        with gr.Row():
+            lr = number_box(0, "lr", "learning rate (0 = the model's default)")
+            max_steps = number_box(100, "max_steps", "max steps")
+        settings = gr.Code("", language="json", visible=False, interactive=True,
+                           label="The method's own settings (JSON; defaults shown)")
+    with gr.Row():
+        run_button = gr.Button("Run MANSU", variant="primary", elem_id="run-btn")
+        cancel_button = gr.Button("Cancel run", variant="stop", elem_id="cancel-btn")
+    live = gr.Textbox(label="Live progress (forget top-1, full precision and quantized)", lines=4,
+                      interactive=False, elem_id="live")
+    live_timer = gr.Timer(1.0, active=False)
+    return UnlearningViews(method, forget_target, measure_cad, use_oracle, mansu_box, use_circuit, use_projection,
+                           use_fisher, use_floor, max_rounds, fisher_budget, params_per_round, code_steps,
+                           baseline_box, lr, max_steps, settings, run_button, cancel_button, live, live_timer)
+
+
+@dataclass
+class CompareViews:
+    """5 · Compare: this run and a pinned one side by side, before/after quantization."""
+
+    module: gr.Dropdown
+    cad_which: gr.Radio
+    pin_button: gr.Button
+    unpin_button: gr.Button
+    current: tuple[gr.Markdown, gr.Dataframe, gr.Plot, gr.Plot]  # summary, report card, occupancy, CAD
+    pinned: tuple[gr.Markdown, gr.Dataframe, gr.Plot, gr.Plot]
+    accuracy_plot: gr.Plot
+    ratio_plot: gr.Plot
+
+    def outputs(self) -> list[Any]:
+        """What every compare handler returns, in its order."""
+        return [self.module, *self.current, *self.pinned, self.accuracy_plot, self.ratio_plot]
+
+
+def _compare_section() -> CompareViews:
+    gr.Markdown("## 5 · Compare: before/after quantization, side by side")
+    with gr.Row():
+        module = gr.Dropdown(["overall"], value="overall", label="Module (bin occupancy)", scale=3)
+        cad_which = gr.Radio([("full precision", "fp"), ("quantized", "quantized")], value="fp",
+                             label="CAD attribution of", scale=2)
+        pin_button = gr.Button("Pin this run for comparison", scale=1)
+        unpin_button = gr.Button("Unpin", scale=1)
+    report_headers = ["property", "verdict", "value", "threshold", "margin"]
+    with gr.Row():
+        with gr.Column():
+            gr.Markdown("### This run")
+            current = (gr.Markdown(elem_id="run-summary"),
+                       gr.Dataframe(headers=report_headers, label="Report card", interactive=False,
+                                    elem_id="report-card"),
+                       gr.Plot(label="Bin occupancy before | after", elem_id="occupancy"),
+                       gr.Plot(label="CAD: attribution per node before | after | difference", elem_id="cad-diff"))
+        with gr.Column():
+            gr.Markdown("### Pinned run")
+            pinned = (gr.Markdown("*Pin a run to compare it here.*", elem_id="pinned-summary"),
+                      gr.Dataframe(headers=report_headers, label="Report card (pinned)", interactive=False),
+                      gr.Plot(label="Bin occupancy (pinned)"),
+                      gr.Plot(label="CAD (pinned)"))
+    accuracy_plot = gr.Plot(label="Forget / retain accuracy, full precision vs quantized (PTQ gap)",
+                            elem_id="accuracy")
+    ratio_plot = gr.Plot(label="|Δw| / bin width of changed weights", elem_id="ratio")
+    return CompareViews(module, cad_which, pin_button, unpin_button, current, pinned, accuracy_plot, ratio_plot)
+
+
+@dataclass
+class RunsViews:
+    """6 · Runs: the session's saved runs, reopened or downloaded."""
+
+    refresh_button: gr.Button
+    pick: gr.Dropdown
+    open_button: gr.Button
+    files_button: gr.Button
+    history: gr.Dataframe
+    files: gr.File
+
+
+def _runs_section() -> RunsViews:
+    gr.Markdown("## 6 · Runs: every run is saved; reopen or download one")
+    with gr.Row():
+        refresh_button = gr.Button("Refresh run history", scale=1)
+        pick = gr.Dropdown([], label="Run", scale=3, elem_id="run-pick")
+        open_button = gr.Button("Open run", scale=1)
+        files_button = gr.Button("Download run files", scale=1)
+    history = gr.Dataframe(headers=list(RUN_COLUMNS), interactive=False, label="History", elem_id="runs")
+    files = gr.File(label="Run files (metrics, config, update)", file_count="multiple", interactive=False,
+                    elem_id="run-files")
+    return RunsViews(refresh_button, pick, open_button, files_button, history, files)
+
+
+# --- wiring: one function per section, in the order the events were always registered --------
+
+def _wire_setup(session: gr.State, v: SetupViews, heavy: dict[str, Any]) -> None:
+    v.button.click(on_setup, [session, v.model, v.forget_file, v.retain_file, v.domain, v.quant_type, v.blocksize,
+                              v.double_quant], [v.summary, v.base_accuracy, v.domain], api_name="setup", **heavy)
+    v.forget_file.change(functools.partial(on_check_file, which="forget"), [session, v.forget_file], v.forget_check,
+                         api_visibility="private")
+    v.retain_file.change(functools.partial(on_check_file, which="retain"), [session, v.retain_file], v.retain_check,
+                         api_visibility="private")
+
+
+def _circuit_outputs(a: AttributionViews, c: CircuitViews) -> list[Any]:
+    """What every circuit handler returns (:func:`circuit_outputs`), in its order."""
+    return [a.graph, a.heatmap, c.faithfulness, c.nodes, c.component, c.download]
+
+
+def _wire_attribution_and_circuit(session: gr.State, a: AttributionViews, c: CircuitViews,
+                                  heavy: dict[str, Any]) -> None:
+    views = _circuit_outputs(a, c)
+    a.button.click(on_attribute, [session, a.method, a.ig_steps, a.edges], [a.summary, *views],
+                   api_name="attribute", **heavy)
+    a.agree_button.click(on_agreement, [session, a.reference, a.ig_steps], [a.agreement_text, a.agreement_plot],
+                         api_name="agreement", **heavy)
+    for button, action, value in ((c.top_k_button, "top_k", c.top_k), (c.threshold_button, "threshold", c.threshold),
+                                  (c.mass_button, "mass", c.mass), (c.include_button, "include", c.component),
+                                  (c.exclude_button, "exclude", c.component)):
+        button.click(_edit(action), [session, value], views, api_name=action)
+    c.undo_button.click(_edit("undo"), [session], views, api_name="undo")
+    c.redo_button.click(_edit("redo"), [session], views, api_name="redo")
+    c.nodes.input(on_table, [session, c.nodes], views, api_visibility="private")
+    c.upload.upload(on_upload_circuit, [session, c.upload], views, api_name="upload_circuit")
+
+
+def _wire_unlearning(session: gr.State, u: UnlearningViews, cmp: CompareViews, runs: RunsViews,
+                     heavy: dict[str, Any]) -> None:
+    u.method.change(on_method, u.method, [u.run_button, u.mansu_box, u.baseline_box, u.settings],
+                    api_visibility="private")
+    run_event = u.run_button.click(on_run_start, [session], [u.live_timer, u.live], api_visibility="private",
+                                   queue=False)
+    run_event.then(
+        on_unlearn,
+        [session, u.method, u.use_circuit, u.use_projection, u.use_fisher, u.use_floor, u.max_rounds,
+         u.fisher_budget, u.params_per_round, u.forget_target, u.code_steps, u.lr, u.max_steps, u.settings,
+         u.measure_cad, u.use_oracle, cmp.module, cmp.cad_which],
+        [u.live, *cmp.outputs(), runs.history, runs.pick], api_name="unlearn", **heavy,
+    ).then(on_run_end, [session], [u.live_timer, u.live], api_visibility="private")
+    u.live_timer.tick(lambda s: s.live_text(), [session], u.live, concurrency_limit=None, show_progress="hidden",
+                      api_visibility="private")
+    u.cancel_button.click(on_cancel, [session], u.live, concurrency_limit=None, api_name="cancel")
+
+
+def _wire_compare_and_runs(session: gr.State, cmp: CompareViews, runs: RunsViews) -> None:
+    views = cmp.outputs()
+    for trigger in (cmp.module.input, cmp.cad_which.input):
+        trigger(on_compare, [session, cmp.module, cmp.cad_which], views, api_visibility="private")
+    cmp.pin_button.click(on_pin, [session, cmp.module, cmp.cad_which], views, api_name="pin")
+    cmp.unpin_button.click(on_unpin, [session, cmp.module, cmp.cad_which], views, api_name="unpin")
+    runs.refresh_button.click(on_runs, [session], [runs.history, runs.pick], api_name="runs")
+    runs.open_button.click(on_open_run, [session, runs.pick, cmp.module, cmp.cad_which], views, api_name="open_run")
+    runs.files_button.click(on_run_files, [session, runs.pick], runs.files, api_name="run_files")
+
+
 def build_app(start_model: str, heavy_jobs: int = 1, limits: Limits | None = None) -> gr.Blocks:
     """The Blocks app; ``start_model`` is pre-selected (and preloaded by :func:`main`).
 
@@ -384,7 +713,6 @@ def build_app(start_model: str, heavy_jobs: int = 1, limits: Limits | None = Non
     """
 
     heavy = {"concurrency_id": "heavy", "concurrency_limit": heavy_jobs}
-    models = list(dict.fromkeys([start_model, *BUILTINS]))
     limits = limits or Limits(private_runs=True)
     with gr.Blocks(title="MANSU workbench", analytics_enabled=False, delete_cache=CACHE_CLEANUP) as demo:
         session = gr.State(Session(limits=limits), delete_callback=lambda s: s.close() if s is not None else None)
@@ -393,193 +721,17 @@ def build_app(start_model: str, heavy_jobs: int = 1, limits: Limits | None = Non
                     "unlearning → compare → runs.")
         status = gr.Markdown(elem_id="model-status")
         status_timer = gr.Timer(1.0, active=True)
+        setup, attribution, circuit = _setup_section(start_model), _attribution_section(), _circuit_section()
+        unlearning, compare, runs = _unlearning_section(), _compare_section(), _runs_section()
 
-        # 1 --- setup
-        gr.Markdown("## 1 · Setup: model, data, quantizer")
-        with gr.Row():
-            model = gr.Dropdown(models, value=start_model, allow_custom_value=True, label="Model",
-                                info="a built-in, or the path of a local Hugging Face model directory", scale=2)
-            domain = gr.Dropdown([], value=None, allow_custom_value=True, label="Forget domain (built-in data)",
-                                 info="filled in by “Load model and data”; change it and load again",
-                                 interactive=False, scale=2)
-            quant_type = gr.Radio(["nf4", "fp4", "int8"], value="nf4", label="Quantizer", scale=1)
-            blocksize = gr.Dropdown([32, 64, 128, 256, 512, 1024, 2048, 4096], value=64, label="Block size", scale=1)
-            double_quant = gr.Checkbox(False, label="Double quantization", scale=1)
-        with gr.Row():
-            forget_file = gr.File(label="Forget set (JSONL or CSV; optional)", file_types=[".jsonl", ".json", ".csv"],
-                                  type="filepath", elem_id="forget-file")
-            retain_file = gr.File(label="Retain set (JSONL or CSV; optional)", file_types=[".jsonl", ".json", ".csv"],
-                                  type="filepath", elem_id="retain-file")
-            with gr.Column():
-                forget_check = gr.Markdown(elem_id="forget-check")
-                retain_check = gr.Markdown(elem_id="retain-check")
-        setup_btn = gr.Button("Load model and data", variant="primary", elem_id="setup-btn")
-        setup_summary = gr.Markdown(elem_id="setup-summary")
-        base_acc = gr.Dataframe(headers=["set", "facts", "full precision", "quantized", "difference"],
-                                label="Base accuracy (top-1), full precision vs quantized", interactive=False,
-                                elem_id="base-accuracy")
-
-        # 2 --- attribution
-        gr.Markdown("## 2 · Attribution: which heads and MLPs carry the forget facts")
-        with gr.Row():
-            method = gr.Radio([(v, k) for k, v in ATTRIBUTION_METHODS.items()], value="atp", label="Method", scale=3)
-            ig_steps = gr.Slider(1, 64, value=8, step=1, label="IG steps (integrated gradients)", scale=2)  # = INPUTS
-            edges = gr.Checkbox(True, label="Score edges too (not with exact patching)", scale=1)
-        attr_btn = gr.Button("Run attribution", variant="primary", elem_id="attr-btn")
-        attr_summary = gr.Markdown(elem_id="attr-summary")
-        with gr.Row():
-            graph = gr.Plot(label="Circuit graph", elem_id="circuit-graph", scale=3)
-            heatmap = gr.Plot(label="Layer × head heatmap (● = in the circuit)", elem_id="heatmap", scale=2)
-        with gr.Row():
-            reference = gr.Radio([(v, k) for k, v in ATTRIBUTION_METHODS.items()], value="exact",
-                                 label="Compare with", scale=2)
-            agree_btn = gr.Button("Compare attribution methods", scale=1)
-        agreement_text = gr.Markdown(elem_id="agreement")
-        agreement_plot = gr.Plot(label="Method agreement")
-
-        # 3 --- circuit
-        gr.Markdown("## 3 · Circuit: edit the selection, watch faithfulness")
-        faith = gr.Markdown("Run attribution to get a circuit.", elem_id="faithfulness")
-        with gr.Row():
-            top_k = number_box(10, "top_k", "k", scale=1)
-            top_k_btn = gr.Button("Select top-k", scale=1)
-            threshold = number_box(0.1, "threshold", "|score| ≥", scale=1)
-            threshold_btn = gr.Button("Select by threshold", scale=1)
-            mass = gr.Slider(0.0, 1.0, value=0.8, step=0.01, label="cumulative |score| mass", scale=2)
-            mass_btn = gr.Button("Select by mass", scale=1)
-        with gr.Row():
-            component = gr.Dropdown([], label="Component", elem_id="component-picker", scale=2)
-            include_btn = gr.Button("Include node", scale=1, elem_id="include-btn")
-            exclude_btn = gr.Button("Exclude node", scale=1, elem_id="exclude-btn")
-            undo_btn = gr.Button("Undo", scale=1, elem_id="undo-btn")
-            redo_btn = gr.Button("Redo", scale=1, elem_id="redo-btn")
-        nodes = gr.Dataframe(headers=NODE_HEADERS, datatype=["bool", "str", "str", "number", "number", "number"],
-                             type="array", interactive=True, static_columns=[1, 2, 3, 4, 5], max_height=360,
-                             label="Nodes (tick or untick “in circuit”; strongest first)", elem_id="node-table")
-        with gr.Row():
-            download_circuit = gr.DownloadButton("Download circuit JSON", interactive=False)
-            upload_circuit = gr.UploadButton("Upload circuit JSON", file_types=[".json"], type="filepath")
-
-        # 4 --- unlearning
-        gr.Markdown("## 4 · Unlearning: MANSU or a baseline")
-        with gr.Row():
-            unlearn_method = gr.Dropdown(_methods(), value="mansu", label="Method", scale=2)
-            forget_target = number_box(0.1, "forget_target", "Forget target (top-1)", scale=1)
-            measure_cad = gr.Checkbox(True, label="Measure CAD (attribution before/after)", scale=1)
-            use_oracle = gr.Checkbox(True, label="Compare with the retrain oracle (built-ins)", scale=1)
-        with gr.Group(visible=True) as mansu_box:
-            with gr.Row():
-                use_circuit = gr.Checkbox(True, label="circuit restriction")
-                use_projection = gr.Checkbox(True, label="null-space projection")
-                use_fisher = gr.Checkbox(True, label="Fisher bound")
-                use_floor = gr.Checkbox(True, label="quantization floor")
-            with gr.Row():
-                max_rounds = number_box(60, "max_rounds", "max rounds")
-                fisher_budget = number_box(0.05, "fisher_budget", "Fisher budget ε (nats; 0 = no cap)")
-                params_per_round = number_box(0, "params_per_round", "weights per round (0 = auto)")
-                code_steps = number_box(2, "code_steps", "codes moved per weight")
-        with gr.Group(visible=False) as baseline_box:
-            with gr.Row():
-                lr = number_box(0, "lr", "learning rate (0 = the model's default)")
-                max_steps = number_box(100, "max_steps", "max steps")
-            settings = gr.Code("", language="json", visible=False, interactive=True,
-                               label="The method's own settings (JSON; defaults shown)")
-        with gr.Row():
-            run_btn = gr.Button("Run MANSU", variant="primary", elem_id="run-btn")
-            cancel_btn = gr.Button("Cancel run", variant="stop", elem_id="cancel-btn")
-        live = gr.Textbox(label="Live progress (forget top-1, full precision and quantized)", lines=4,
-                          interactive=False, elem_id="live")
-        live_timer = gr.Timer(1.0, active=False)
-
-        # 5 --- compare
-        gr.Markdown("## 5 · Compare: before/after quantization, side by side")
-        with gr.Row():
-            module = gr.Dropdown(["overall"], value="overall", label="Module (bin occupancy)", scale=3)
-            cad_which = gr.Radio([("full precision", "fp"), ("quantized", "quantized")], value="fp",
-                                 label="CAD attribution of", scale=2)
-            pin_btn = gr.Button("Pin this run for comparison", scale=1)
-            unpin_btn = gr.Button("Unpin", scale=1)
-        report_headers = ["property", "verdict", "value", "threshold", "margin"]
-        with gr.Row():
-            with gr.Column():
-                gr.Markdown("### This run")
-                cur_summary = gr.Markdown(elem_id="run-summary")
-                cur_report = gr.Dataframe(headers=report_headers, label="Report card", interactive=False,
-                                          elem_id="report-card")
-                cur_occ = gr.Plot(label="Bin occupancy before | after", elem_id="occupancy")
-                cur_cad = gr.Plot(label="CAD: attribution per node before | after | difference", elem_id="cad-diff")
-            with gr.Column():
-                gr.Markdown("### Pinned run")
-                pin_summary = gr.Markdown("*Pin a run to compare it here.*", elem_id="pinned-summary")
-                pin_report = gr.Dataframe(headers=report_headers, label="Report card (pinned)", interactive=False)
-                pin_occ = gr.Plot(label="Bin occupancy (pinned)")
-                pin_cad = gr.Plot(label="CAD (pinned)")
-        accuracy_plot = gr.Plot(label="Forget / retain accuracy, full precision vs quantized (PTQ gap)",
-                                elem_id="accuracy")
-        ratio_plot = gr.Plot(label="|Δw| / bin width of changed weights", elem_id="ratio")
-
-        # 6 --- runs
-        gr.Markdown("## 6 · Runs: every run is saved; reopen or download one")
-        with gr.Row():
-            refresh_btn = gr.Button("Refresh run history", scale=1)
-            run_pick = gr.Dropdown([], label="Run", scale=3, elem_id="run-pick")
-            open_btn = gr.Button("Open run", scale=1)
-            files_btn = gr.Button("Download run files", scale=1)
-        runs = gr.Dataframe(headers=list(RUN_COLUMNS), interactive=False, label="History", elem_id="runs")
-        run_files = gr.File(label="Run files (metrics, config, update)", file_count="multiple", interactive=False,
-                            elem_id="run-files")
-
-        # --- wiring
         status_timer.tick(lambda: model_status(start_model), outputs=[status, status_timer], concurrency_limit=None,
                           show_progress="hidden", api_visibility="private")
         demo.load(lambda: model_status(start_model), outputs=[status, status_timer], api_visibility="private")
-        demo.load(on_runs, [session], [runs, run_pick], api_visibility="private")
-
-        setup_btn.click(on_setup, [session, model, forget_file, retain_file, domain, quant_type, blocksize,
-                                   double_quant], [setup_summary, base_acc, domain], api_name="setup", **heavy)
-        forget_file.change(functools.partial(on_check_file, which="forget"), [session, forget_file], forget_check,
-                           api_visibility="private")
-        retain_file.change(functools.partial(on_check_file, which="retain"), [session, retain_file], retain_check,
-                           api_visibility="private")
-
-        circuit_views = [graph, heatmap, faith, nodes, component, download_circuit]
-        attr_btn.click(on_attribute, [session, method, ig_steps, edges], [attr_summary, *circuit_views],
-                       api_name="attribute", **heavy)
-        agree_btn.click(on_agreement, [session, reference, ig_steps], [agreement_text, agreement_plot],
-                        api_name="agreement", **heavy)
-        for btn, action, value in ((top_k_btn, "top_k", top_k), (threshold_btn, "threshold", threshold),
-                                   (mass_btn, "mass", mass), (include_btn, "include", component),
-                                   (exclude_btn, "exclude", component)):
-            btn.click(_edit(action), [session, value], circuit_views, api_name=action)
-        undo_btn.click(_edit("undo"), [session], circuit_views, api_name="undo")
-        redo_btn.click(_edit("redo"), [session], circuit_views, api_name="redo")
-        nodes.input(on_table, [session, nodes], circuit_views, api_visibility="private")
-        upload_circuit.upload(on_upload_circuit, [session, upload_circuit], circuit_views, api_name="upload_circuit")
-
-        unlearn_method.change(on_method, unlearn_method, [run_btn, mansu_box, baseline_box, settings],
-                              api_visibility="private")
-        compare_views = [module, cur_summary, cur_report, cur_occ, cur_cad, pin_summary, pin_report, pin_occ,
-                         pin_cad, accuracy_plot, ratio_plot]
-        run_event = run_btn.click(on_run_start, [session], [live_timer, live], api_visibility="private", queue=False)
-        run_event.then(
-            on_unlearn,
-            [session, unlearn_method, use_circuit, use_projection, use_fisher, use_floor, max_rounds, fisher_budget,
-             params_per_round, forget_target, code_steps, lr, max_steps, settings, measure_cad, use_oracle, module,
-             cad_which],
-            [live, *compare_views, runs, run_pick], api_name="unlearn", **heavy,
-        ).then(on_run_end, [session], [live_timer, live], api_visibility="private")
-        live_timer.tick(lambda s: s.live_text(), [session], live, concurrency_limit=None, show_progress="hidden",
-                        api_visibility="private")
-        cancel_btn.click(on_cancel, [session], live, concurrency_limit=None, api_name="cancel")
-
-        for trigger in (module.input, cad_which.input):
-            trigger(on_compare, [session, module, cad_which], compare_views, api_visibility="private")
-        pin_btn.click(on_pin, [session, module, cad_which], compare_views, api_name="pin")
-        unpin_btn.click(on_unpin, [session, module, cad_which], compare_views, api_name="unpin")
-
-        refresh_btn.click(on_runs, [session], [runs, run_pick], api_name="runs")
-        open_btn.click(on_open_run, [session, run_pick, module, cad_which], compare_views, api_name="open_run")
-        files_btn.click(on_run_files, [session, run_pick], run_files, api_name="run_files")
+        demo.load(on_runs, [session], [runs.history, runs.pick], api_visibility="private")
+        _wire_setup(session, setup, heavy)
+        _wire_attribution_and_circuit(session, attribution, circuit, heavy)
+        _wire_unlearning(session, unlearning, compare, runs, heavy)
+        _wire_compare_and_runs(session, compare, runs)
     return demo
 
 
