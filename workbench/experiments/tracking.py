@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -166,6 +167,10 @@ class MlflowTracker:
             import mlflow
         except ImportError as exc:
             raise WorkbenchError("--report-to mlflow needs MLflow: pip install 'mansu-workbench[tracking]'") from exc
+        # MLflow >= 3.7 keeps the file store in maintenance mode and refuses it unless opted in;
+        # it is what works offline with mlflow-skinny alone (a sqlite store needs SQLAlchemy).
+        # setdefault: a user who set the variable (to refuse it) keeps their choice.
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self._mlflow = mlflow
         self.directory = directory
         self.uri = directory.as_uri()
