@@ -28,7 +28,7 @@ import torch
 
 from workbench.core.errors import WorkbenchError
 from workbench.core.paths import runs_dir
-from workbench.core.progress import Progress, silent
+from workbench.core.progress import Progress, ProgressBar, silent
 from workbench.data.facts import FactSplit
 from workbench.experiments.flow import attribute_forget_set, default_circuit, run_unlearning
 from workbench.experiments.jobs import DEFAULT_CIRCUIT, Job, circuit_digest, split_digest
@@ -108,26 +108,42 @@ RunCallback = Callable[[Job, Run], None]
 def run_jobs(jobs: Sequence[Job], groups: Sequence[JobGroup], *, runs_root: str | os.PathLike[str] | None = None,
              executor: ExecutorConfig | None = None, progress: Progress | None = None,
              on_run: RunCallback | None = None) -> JobRuns:
-    """Run every job not yet finished in ``runs_root``; return all the jobs' saved runs."""
+    """Run every job not yet finished in ``runs_root``; return all the jobs' saved runs, in order.
+
+    Without ``progress`` a bar is drawn on stderr (a script or notebook still sees the jobs go by).
+    """
     root = Path(runs_root) if runs_root is not None else runs_dir()
     root.mkdir(parents=True, exist_ok=True)
-    executor = executor or ExecutorConfig()
-    report = progress or silent
     done = finished_jobs(root=root)
     pending = _unique([j for j in jobs if j.key not in done])
     skipped = len(_unique(jobs)) - len(pending)
-    if skipped:
-        report(0.0, f"{skipped} finished job(s) found in {root}: skipped")
-    if pending:
-        works = [_workload(job, _group_of(job, groups), report) for job in pending]
-        callback = on_run or (lambda _job, _run: None)
-        if executor.kind == "ray":
-            _run_on_ray(works, root, callback, report)
-        elif executor.jobs > 1 and len(works) > 1:
-            _run_in_processes(works, root, executor.jobs, callback, report)
-        else:
-            _run_here(works, groups, root, callback, report)
+    bar = ProgressBar(f"{len(pending)} jobs") if progress is None else None
+    report = progress or bar or silent
+    try:
+        if skipped:
+            report(0.0, f"{skipped} finished job(s) found in {root}: skipped")
+        if pending:
+            _dispatch(pending, groups, root, executor or ExecutorConfig(), on_run or _ignore, report)
+    finally:
+        if bar is not None:
+            bar.close()
     return JobRuns(runs=_saved_runs(jobs, root), skipped=skipped, ran=len(pending))
+
+
+def _ignore(_job: Job, _run: Run) -> None:
+    return None
+
+
+def _dispatch(pending: Sequence[Job], groups: Sequence[JobGroup], root: Path, executor: ExecutorConfig,
+              on_run: RunCallback, report: Progress) -> None:
+    """The pending jobs, with their split and circuit, to the executor asked for."""
+    works = [_workload(job, _group_of(job, groups), report) for job in pending]
+    if executor.kind == "ray":
+        _run_on_ray(works, root, on_run, report)
+    elif executor.jobs > 1 and len(works) > 1:
+        _run_in_processes(works, root, executor.jobs, on_run, report)
+    else:
+        _run_here(works, groups, root, on_run, report)
 
 
 def _unique(jobs: Sequence[Job]) -> list[Job]:
