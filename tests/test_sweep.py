@@ -145,13 +145,26 @@ def test_worker_processes_give_the_sequential_results(facts_tiny, split, tmp_pat
         assert da.keys() == db.keys() and all(torch.equal(da[k], db[k]) for k in da)
 
 
+def _start_local_ray(ray, attempts: int = 3) -> None:
+    """A one-CPU local cluster, Ray's documented way to test Ray code (``local_mode`` is gone in
+    Ray 2.60: ``ray.init(local_mode=True)`` raises). Ray gives its raylet a fixed 30 s to register;
+    on a loaded shared machine that can pass, so a failed start is retried before the test fails."""
+    for attempt in range(attempts):
+        try:
+            ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+            return
+        except Exception as exc:  # Ray raises a bare Exception on a startup timeout
+            ray.shutdown()
+            if attempt == attempts - 1 or "timed out during startup" not in str(exc):
+                raise
+
+
 def test_ray_runs_a_small_sweep(facts_tiny, split, tmp_path):
     ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'mansu-workbench[ray]'")
     jobs = _tiny_jobs(facts_tiny, split)
     group = JobGroup(facts_tiny, split)
     sequential = run_jobs(jobs, [group], runs_root=tmp_path / "seq")
-    # a one-CPU local cluster, the documented way to test Ray code (local_mode is deprecated)
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    _start_local_ray(ray)
     try:
         on_ray = run_jobs(jobs, [group], runs_root=tmp_path / "ray", executor=ExecutorConfig(kind="ray"))
     finally:
