@@ -86,8 +86,10 @@ def test_run_jobs_skips_finished_jobs(facts_tiny, split, tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(sweep_module, "run_unlearning", counting)
-    both = run_jobs(jobs, [group], runs_root=tmp_path)
+    logged = []
+    both = run_jobs(jobs, [group], runs_root=tmp_path, on_run=lambda job, run: logged.append((job.key, run.id)))
     assert calls == ["ga"] and (both.ran, both.skipped) == (1, 1)
+    assert logged == [(jobs[1].key, both.runs[1].id)]  # trackers see new runs only
     assert both.runs[0].id == first.runs[0].id
     assert [r.metrics.method for r in both.runs] == ["graddiff", "ga"]
     again = run_jobs(jobs, [group], runs_root=tmp_path)
