@@ -295,6 +295,10 @@ def test_mlflow_tracking_reads_back(facts_tiny, split, tmp_path):
     assert [m.value for m in rounds] == pytest.approx([h["forget_top1_q"] for h in run.history])
     assert logged.data.metrics["final/forget/fp"] == pytest.approx(run.metrics.forget.after_fp)
     assert logged.data.metrics["final/retain/nf4"] == pytest.approx(run.metrics.retain.after_q)
+    diagnostics = run.metrics.diagnostics
+    assert logged.data.metrics["final/diagnostics/fisher_bound"] == pytest.approx(diagnostics["fisher_bound"])
+    assert logged.data.metrics["final/diagnostics/seconds_setup"] == pytest.approx(
+        diagnostics["seconds_by_phase"]["setup"])
 
 
 def test_a_missing_tracking_library_is_a_clear_error(capsys, monkeypatch, tmp_path):

@@ -106,7 +106,20 @@ def final_metrics(run: Run) -> dict[str, float]:
     for name, prop in m.properties.items():
         if prop.verdict in ("PASS", "fail"):
             values[f"property/{name}"] = 1.0 if prop.verdict == "PASS" else 0.0
+    values.update(diagnostic_values(run))
     return {f"final/{k}": float(v) for k, v in values.items() if _finite(v)}
+
+
+def diagnostic_values(run: Run) -> dict[str, float]:
+    """The method's own numbers from ``metrics.json``'s diagnostics (MANSU's Fisher bound, rounds
+    undone by the retain guard, seconds by phase; RMU's steering coefficient, ...). Only the
+    scalars and the phase timings: per-module tables would add hundreds of series on a real model."""
+    diagnostics = run.metrics.diagnostics or {}
+    out = {f"diagnostics/{k}": float(v) for k, v in diagnostics.items() if _finite(v)}
+    phases = diagnostics.get("seconds_by_phase")
+    if isinstance(phases, dict):
+        out.update({f"diagnostics/seconds_{k}": float(v) for k, v in phases.items() if _finite(v)})
+    return out
 
 
 def flat_params(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
