@@ -147,6 +147,14 @@ def test_worker_processes_give_the_sequential_results(facts_tiny, split, tmp_pat
         assert da.keys() == db.keys() and all(torch.equal(da[k], db[k]) for k in da)
 
 
+def test_a_failing_worker_job_is_reported_and_the_others_are_kept(facts_tiny, split, tmp_path):
+    good, bad = _tiny_jobs(facts_tiny, split)
+    bad = dataclasses.replace(bad, oracle="no-such-oracle")  # its worker cannot load the oracle
+    with pytest.raises(WorkbenchError, match="no-such-oracle"):
+        run_jobs([good, bad], [JobGroup(facts_tiny, split)], runs_root=tmp_path, executor=ExecutorConfig(jobs=2))
+    assert set(finished_jobs(root=tmp_path)) == {good.key}  # the finished job stays: a rerun resumes
+
+
 def _start_local_ray(ray, attempts: int = 3) -> None:
     """A one-CPU local cluster, Ray's documented way to test Ray code (``local_mode`` is gone in
     Ray 2.60: ``ray.init(local_mode=True)`` raises). Ray gives its raylet a fixed 30 s to register;
