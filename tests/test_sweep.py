@@ -217,6 +217,7 @@ def test_sweep_file_is_checked_before_any_work(tmp_path):
     refused('models = ["facts-tiny"]\n[mansu]\nvariant = "v9"\n', "unknown variant 'v9'")
     refused('models = ["facts-tiny"]\nablations = ["dropout"]\n', "unknown ablation 'dropout'")
     refused('models = ["facts-tiny"]\n[stop]\nmax_steps = 0\n', r"\[stop\]")  # a range check, named
+    refused('models = ["facts-tiny"]\nblocksize = 48\n', "48 is not supported")
     refused('models = [\n', "not valid TOML")
     with pytest.raises(WorkbenchError, match="no sweep file"):
         load_sweep_config(tmp_path / "missing.toml")

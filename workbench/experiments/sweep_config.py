@@ -31,6 +31,7 @@ import dataclasses
 import tomllib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ from workbench.experiments.sweep import JobGroup
 from workbench.models.builtin_splits import builtin_split
 from workbench.models.builtins import BUILTINS
 from workbench.models.loading import load_model
-from workbench.quant import QUANT_TYPES, QuantConfig
+from workbench.quant import QUANT_TYPES, QuantConfig, QuantType
 from workbench.unlearning.mansu import MansuConfig
 from workbench.unlearning.mansu.config import MANSU_VARIANTS
 from workbench.unlearning.registry import METHODS, REGISTRY, MethodConfig, default_lr
@@ -50,7 +51,7 @@ from workbench.unlearning.task import OptimConfig, StopRule
 
 ABLATIONS = ("circuit", "projection", "fisher", "floor")
 """MANSU's four components (docs/SCIENCE.md §3), each switched off alone by an ablation."""
-TOP_LEVEL: dict[str, type | tuple[type, ...]] = {
+TOP_LEVEL: dict[str, type] = {
     "models": list, "methods": list, "forget_domains": list, "quantizers": list, "ablations": list, "seeds": list,
     "blocksize": int, "double_quant": bool, "cad": bool, "oracle": bool,
 }
@@ -65,7 +66,7 @@ class SweepConfig:
     models: tuple[str, ...]
     methods: tuple[str, ...] = METHODS
     forget_domains: tuple[str | None, ...] = (None,)
-    quantizers: tuple[str, ...] = ("nf4",)
+    quantizers: tuple[QuantType, ...] = ("nf4",)
     ablations: tuple[str, ...] = ()
     seeds: tuple[int, ...] = (0,)
     blocksize: int = 64
@@ -113,11 +114,12 @@ def sweep_config(data: dict[str, Any], *, source: str = "sweep") -> SweepConfig:
     stop = _dataclass_from(StopRule, _table(data, "stop", source), f"{source} [stop]")
     optim_table = _table(data, "optim", source)
     optim = _dataclass_from(OptimConfig, optim_table, f"{source} [optim]")
-    return SweepConfig(
+    config = SweepConfig(
         models=_names(data, "models", source, _check_model),
         methods=_names(data, "methods", source, _choice(METHODS, "method")) if "methods" in data else METHODS,
         forget_domains=tuple(_names(data, "forget_domains", source, None)) if data.get("forget_domains") else (None,),
-        quantizers=_names(data, "quantizers", source, _choice(QUANT_TYPES, "quantizer")) or ("nf4",),
+        quantizers=tuple(_QUANT_TYPES[q] for q in _names(data, "quantizers", source,
+                                                          _choice(QUANT_TYPES, "quantizer"))) or ("nf4",),
         ablations=_names(data, "ablations", source, _choice(ABLATIONS, "ablation")),
         seeds=_seeds(data, source),
         blocksize=data.get("blocksize", 64), double_quant=data.get("double_quant", False),
@@ -127,10 +129,25 @@ def sweep_config(data: dict[str, Any], *, source: str = "sweep") -> SweepConfig:
         method_configs={m: _method_config(m, _table(data, m, source), f"{source} [{m}]")
                         for m in TABLES if m not in ("stop", "optim", "mansu") and m in data},
     )
+    for qtype in config.quantizers:  # a block size the quantizer does not support fails now
+        _quant(config, qtype, source)
+    return config
 
 
-def _type_name(kind: type | tuple[type, ...]) -> str:
-    return {list: "a list", int: "an integer", bool: "true or false"}.get(kind, str(kind))  # type: ignore[call-overload]
+def _quant(config: SweepConfig, qtype: QuantType, source: str = "sweep") -> QuantConfig:
+    try:
+        return QuantConfig(qtype, blocksize=config.blocksize, double_quant=config.double_quant)
+    except (WorkbenchError, ValueError, TypeError) as exc:
+        raise WorkbenchError(f"{source}: {exc}") from exc
+
+
+_TYPE_NAMES: dict[type, str] = {list: "a list", int: "an integer", bool: "true or false"}
+_QUANT_TYPES: dict[str, QuantType] = {t: t for t in QUANT_TYPES}
+"""Quantizer names as the typed literal (after the file's names were checked against it)."""
+
+
+def _type_name(kind: type) -> str:
+    return _TYPE_NAMES.get(kind, kind.__name__)
 
 
 def _table(data: dict[str, Any], key: str, source: str) -> dict[str, Any]:
@@ -140,7 +157,11 @@ def _table(data: dict[str, Any], key: str, source: str) -> dict[str, Any]:
     return dict(value)
 
 
-def _names(data: dict[str, Any], key: str, source: str, check: Any) -> tuple[str, ...]:
+NameCheck = Callable[[str, str], None]
+"""``check(name, where)``: raises :class:`WorkbenchError` for a name that is not allowed."""
+
+
+def _names(data: dict[str, Any], key: str, source: str, check: NameCheck | None) -> tuple[str, ...]:
     values = data.get(key, [])
     if any(not isinstance(v, str) or not v.strip() for v in values):
         raise WorkbenchError(f"{source}: {key} must be a list of names, got {values!r}")
@@ -150,7 +171,7 @@ def _names(data: dict[str, Any], key: str, source: str, check: Any) -> tuple[str
     return tuple(dict.fromkeys(values))
 
 
-def _choice(allowed: tuple[str, ...], what: str) -> Any:
+def _choice(allowed: tuple[str, ...], what: str) -> NameCheck:
     def check(value: str, where: str) -> None:
         if value not in allowed:
             raise WorkbenchError(f"{where}: unknown {what} {value!r}; choose from {', '.join(allowed)}")
@@ -244,7 +265,7 @@ def plan_sweep(config: SweepConfig) -> SweepPlan:
             group = JobGroup(model, builtin_split(model, forget_domain=domain), oracle=oracle)
             groups.append(group)
             for qtype in config.quantizers:
-                quant = QuantConfig(qtype, blocksize=config.blocksize, double_quant=config.double_quant)  # type: ignore[arg-type]
+                quant = _quant(config, qtype)
                 jobs += _group_jobs(config, group, quant, optim)
     return SweepPlan(jobs=jobs, groups=groups)
 

@@ -45,9 +45,10 @@ class TrackingConfig:
 
     @classmethod
     def of(cls, kind: str, directory: str | None = None) -> TrackingConfig:
-        if kind not in TRACKERS:
+        known: dict[str, TrackerKind] = {k: k for k in TRACKERS}
+        if kind not in known:
             raise WorkbenchError(f"unknown tracker {kind!r}; choose from {', '.join(TRACKERS)}")
-        return cls(kind, Path(directory or DEFAULT_DIRS[kind]).resolve())  # type: ignore[arg-type]
+        return cls(known[kind], Path(directory or DEFAULT_DIRS[kind]).resolve())
 
 
 @dataclass(frozen=True)

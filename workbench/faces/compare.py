@@ -401,8 +401,6 @@ def paper_table(
                        executor=executor, on_run=on_run)
 
 
-
-
 def check_ablations(ablations: Sequence[str]) -> list[str]:
     """``ablations`` as a list without repeats, each one of :data:`ABLATIONS` (else a clear error)."""
     names = list(dict.fromkeys(a.strip() for a in ablations if a.strip()))
