@@ -401,7 +401,7 @@ def test_quant_report_takes_a_run_for_its_update(capsys, facts_tiny, tmp_path):
 
 RUNS_ROOT_COMMANDS = [
     ["runs", "list"], ["report", "r1"], ["probe", "r1"], ["compare", "r1"], ["quant-report", "--model", "m"],
-    ["unlearn", "--model", "m"], ["paper-table", "--model", "m"], ["ablate", "--model", "m"],
+    ["unlearn", "--model", "m"], ["paper-table", "--model", "m"], ["ablate", "--model", "m"], ["sweep", "s.toml"],
 ]
 
 
@@ -462,7 +462,7 @@ def test_every_command_that_prints_results_has_json():
     found = {" ".join(name): {o for a in p._actions for o in a.option_strings} for name, p in commands(build_parser())}
     assert set(found) >= {"models", "build", "demo", "eval", "quant-report", "bench", "attribute", "circuit show",
                           "circuit faithfulness", "unlearn", "runs list", "report", "probe", "compare",
-                          "paper-table", "ablate", "app"}
+                          "paper-table", "ablate", "sweep", "app"}
     assert [name for name, options in found.items() if "--json" not in options] == ["app"]
 
 

@@ -247,7 +247,9 @@ def test_cli_ablate(capsys, facts_tiny, tmp_path):
     printed = json.loads(out)
     assert [r["method"] for r in printed["rows"]] == ["mansu", "mansu-no_projection"] and printed["out"] is None
     assert len(printed["findings"]) == 1 and printed["findings"][0].startswith("mansu-no_projection: ")
-    assert len(list_runs(root=tmp_path / "r")) == 4
+    # the same jobs in the same runs root: found finished and skipped (resume), not run again
+    assert len(list_runs(root=tmp_path / "r")) == 2
+    assert {r["run"] for r in printed["rows"]} == {r.id for r in list_runs(root=tmp_path / "r")}
     code, _, err = _cli(capsys, "ablate", "--model", "facts-tiny", "--ablations", "floor,dropout",
                         "--runs-root", str(tmp_path / "r2"))
     assert code == 1 and "choose from circuit, projection, fisher, floor" in err

@@ -70,6 +70,7 @@ def run_unlearning(
     runs_root: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
     should_stop: Callable[[], bool] | None = None,
+    job_key: str | None = None,
 ) -> tuple[UnlearningResult, RunMetrics, Run | None]:
     """Unlearn, measure everything, and (by default) save the run atomically.
 
@@ -78,7 +79,9 @@ def run_unlearning(
     circuit; when none is given, the forget set is attributed and the default top-k circuit
     is used. Baselines record the circuit too (for CAD's circuit share). Returns the
     method's result, the run's metrics (without ``run_id``) and the saved run (``None``
-    with ``save=False``; its ``metrics`` carry the ``run_id``).
+    with ``save=False``; its ``metrics`` carry the ``run_id``). ``job_key`` (a table's or
+    sweep's :attr:`~workbench.experiments.jobs.Job.key`) goes into ``config.json``, which is
+    how a resumed sweep recognises the run as its finished job.
     """
 
     report = progress or silent
@@ -104,6 +107,8 @@ def run_unlearning(
     if save:
         config = _run_config(model, split, method=method, quant=quant, method_config=method_config, optim=optim,
                              stop=stop, baseline=baseline, thresholds=thresholds or Thresholds())
+        if job_key is not None:
+            config["job_key"] = job_key
         circuit_json = json.dumps(circuit.to_dict()) if circuit is not None else None
         run = save_run(config=config, metrics=metrics, update=result.update, history=result.history,
                        circuit_json=circuit_json, root=runs_root)

@@ -169,6 +169,57 @@ def resolve_run(ref: str | os.PathLike[str], *, root: str | os.PathLike[str] | N
     raise WorkbenchError(f"no run {text!r} in {base}, and no run directory at {path}")
 
 
+def finished_jobs(*, root: str | os.PathLike[str] | None = None) -> dict[str, str]:
+    """Job key → id of a complete run that recorded it (``config.json``'s ``job_key``), the
+    newest where several did. Reads only each run's ``config.json``: resuming a large sweep
+    must not parse every ``metrics.json``. Temporary and incomplete directories never count,
+    so a run killed mid-write is recomputed."""
+    base = _root(root)
+    found: dict[str, str] = {}
+    for child in sorted(base.iterdir(), reverse=True):  # ids start with their time: newest first
+        if child.name.startswith(".") or not child.is_dir() or not _ID_RE.match(child.name):
+            continue
+        if not all((child / f).exists() for f in REQUIRED):
+            continue
+        try:
+            key = json.loads((child / "config.json").read_text()).get("job_key")
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            continue
+        if isinstance(key, str):
+            found.setdefault(key, child.name)
+    return found
+
+
+def run_files(run: Run) -> dict[str, bytes]:
+    """A saved run's files by name, to carry it from a worker on another machine."""
+    return {p.name: p.read_bytes() for p in sorted(run.path.iterdir()) if p.is_file()}
+
+
+def import_run(run_id: str, files: dict[str, bytes], *, root: str | os.PathLike[str] | None = None) -> Run:
+    """Write a run carried by :func:`run_files` into ``root``, atomically like :func:`save_run`."""
+    base = _root(root)
+    run_id = check_run_id(run_id)
+    target = base / run_id
+    if target.exists():
+        raise WorkbenchError(f"run {run_id} already exists in {base}")
+    missing = [f for f in REQUIRED if f not in files]
+    if missing:
+        raise WorkbenchError(f"run {run_id} arrived incomplete (missing {', '.join(missing)})")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{run_id}.", dir=base))
+    try:
+        for name, data in files.items():
+            if Path(name).name != name or name.startswith("."):
+                raise WorkbenchError(f"run {run_id}: refusing the file name {name!r}")
+            if name != "metrics.json":
+                (tmp / name).write_bytes(data)
+        (tmp / "metrics.json").write_bytes(files["metrics.json"])  # last, as in save_run
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return load_run(run_id, root=base)
+
+
 def list_runs(*, root: str | os.PathLike[str] | None = None) -> list[Run]:
     """Complete runs, newest first (temporary and incomplete directories are skipped)."""
     base = _root(root)

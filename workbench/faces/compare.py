@@ -39,10 +39,12 @@ from typing import Any
 import plotly.graph_objects as go
 
 from workbench.core.errors import WorkbenchError
-from workbench.core.progress import silent
 from workbench.data.facts import FactSplit
-from workbench.experiments.flow import attribute_forget_set, default_circuit, model_and_split_for_run, run_unlearning
+from workbench.experiments.flow import model_and_split_for_run
+from workbench.experiments.jobs import DEFAULT_CIRCUIT, circuit_digest, job_for
 from workbench.experiments.store import Run, resolve_run
+from workbench.experiments.sweep import ExecutorConfig, JobGroup, RunCallback, run_jobs
+from workbench.experiments.sweep_config import ABLATIONS
 from workbench.faces.tables import csv_table, html_table, markdown_table
 from workbench.interpretability.circuit import Circuit
 from workbench.measurement.evaluation import evaluate_facts
@@ -176,6 +178,17 @@ def compare_table(
                 progress((i + 1) / len(runs), f"compared {label}")
     finally:
         bar.close()
+    return rows
+
+
+def sweep_table(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """Rows for a sweep's runs: :func:`compare_table`'s, with the model and split beside the
+    method (a sweep repeats each method across models, domains and quantizers)."""
+    rows = []
+    for run, row in zip(runs, compare_table(runs)):
+        m = run.metrics
+        rows.append({"method": m.method, "model": m.model, "split": m.split,
+                     **{k: v for k, v in row.items() if k != "method"}})
     return rows
 
 
@@ -360,6 +373,8 @@ def paper_table(
     oracle: LoadedModel | None = None,
     runs_root: str | None = None,
     progress: Callable[[float, str], None] | None = None,
+    executor: ExecutorConfig | None = None,
+    on_run: RunCallback | None = None,
 ) -> list[Run]:
     """Run MANSU and every baseline on one split with one budget; return the saved runs.
 
@@ -368,6 +383,11 @@ def paper_table(
     target and the step budget of :class:`~workbench.unlearning.StopRule` (MANSU stops when
     full-precision *and* quantized forget top-1 reach the same target, within its own round
     budget), and each method's default learning rate for this model.
+
+    Each method is a :class:`~workbench.experiments.jobs.Job` saved as a run that records its
+    key: a second call with the same arguments and ``runs_root`` skips the finished ones
+    (resume), and ``executor`` runs the rest in worker processes or on Ray. ``on_run`` sees
+    each newly finished run (experiment tracking).
     """
 
     methods = list(methods or METHODS)
@@ -375,19 +395,16 @@ def paper_table(
     if unknown:
         raise WorkbenchError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     stop = stop or StopRule()
-    jobs: list[_Job] = []
+    jobs: list[_Method] = []
     for method in methods:
         if method == "mansu":
             target = stop.forget_target if stop.forget_target is not None else 0.1
-            jobs.append(_Job(method, method_config=MansuConfig(forget_target=target)))
+            jobs.append(_Method(method, method_config=MansuConfig(forget_target=target)))
         else:
-            jobs.append(_Job(method, optim=OptimConfig(lr=default_lr(model)), stop=stop))
-    return _run_jobs(model, jobs, "paper table", split=split, quant=quant, measure_cad=measure_cad,
-                     needs_circuit="mansu" in methods, oracle=oracle, runs_root=runs_root, progress=progress)
-
-
-ABLATIONS = ("circuit", "projection", "fisher", "floor")
-"""MANSU's four components (docs/SCIENCE.md §3), each switched off alone by :func:`ablation_table`."""
+            jobs.append(_Method(method, optim=OptimConfig(lr=default_lr(model)), stop=stop))
+    return _table_runs(model, jobs, split=split, quant=quant, measure_cad=measure_cad,
+                       needs_circuit="mansu" in methods, oracle=oracle, runs_root=runs_root, progress=progress,
+                       executor=executor, on_run=on_run)
 
 
 def check_ablations(ablations: Sequence[str]) -> list[str]:
@@ -412,19 +429,22 @@ def ablation_table(
     oracle: LoadedModel | None = None,
     runs_root: str | None = None,
     progress: Callable[[float, str], None] | None = None,
+    executor: ExecutorConfig | None = None,
+    on_run: RunCallback | None = None,
 ) -> list[Run]:
     """Run MANSU, then MANSU with each component in ``ablations`` switched off alone.
 
     Everything else is shared: ``config`` (default :class:`MansuConfig`), the split, the
     quantizer and the circuit (attributed once when not given). The first run is the full
     method; run labels (``mansu-no_floor`` …) name what was switched off. Which component
-    carries which property is read off the resulting comparison.
+    carries which property is read off the resulting comparison. Resume, ``executor`` and
+    ``on_run`` as in :func:`paper_table`.
     """
     config = config or MansuConfig()
-    jobs = [_Job("mansu", method_config=config)]
-    jobs += [_Job("mansu", method_config=replace(config, **{f"use_{a}": False})) for a in check_ablations(ablations)]
-    return _run_jobs(model, jobs, "ablation table", split=split, quant=quant, measure_cad=measure_cad,
-                     needs_circuit=True, circuit=circuit, oracle=oracle, runs_root=runs_root, progress=progress)
+    configs = [config] + [replace(config, **{f"use_{a}": False}) for a in check_ablations(ablations)]
+    return _table_runs(model, [_Method("mansu", method_config=c) for c in configs], split=split, quant=quant,
+                       measure_cad=measure_cad, needs_circuit=True, circuit=circuit, oracle=oracle,
+                       runs_root=runs_root, progress=progress, executor=executor, on_run=on_run)
 
 
 def ablation_findings(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -451,8 +471,8 @@ def ablation_findings(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 @dataclass(frozen=True)
-class _Job:
-    """One run of a paper or ablation table: the method and the settings it gets."""
+class _Method:
+    """One row of a paper or ablation table: the method and the settings it gets."""
 
     method: str
     method_config: MethodConfig | None = None
@@ -460,10 +480,9 @@ class _Job:
     stop: StopRule | None = None
 
 
-def _run_jobs(
+def _table_runs(
     model: LoadedModel,
-    jobs: Sequence[_Job],
-    desc: str,
+    jobs: Sequence[_Method],
     *,
     split: FactSplit | None,
     quant: QuantConfig | None,
@@ -473,35 +492,20 @@ def _run_jobs(
     oracle: LoadedModel | None,
     runs_root: str | None,
     progress: Callable[[float, str], None] | None,
+    executor: ExecutorConfig | None,
+    on_run: RunCallback | None,
 ) -> list[Run]:
-    """Run the jobs in order on one split, quantizer and circuit.
+    """The table's runs as jobs on one split, quantizer and circuit (finished ones skipped).
 
-    One process for all jobs also lets the base's own measurements (w and Q(w) on every fact
-    set, their attributions) be computed once (:func:`workbench.measurement.metrics.base_memo`).
+    The circuit is attributed once, and only when a pending run reads it (MANSU edits inside
+    it; with CAD every method is measured on it).
     """
-    from tqdm.auto import tqdm
-
-
     split = split or builtin_split(model)
     quant = quant or QuantConfig("nf4")
-    report = progress or silent
-    if circuit is None and (needs_circuit or measure_cad):  # otherwise no run reads the circuit
-        report(0.0, "attributing the forget set (one circuit for every run)")
-        circuit = default_circuit(attribute_forget_set(model, split))
-    runs: list[Run] = []
-    bar = tqdm(total=len(jobs), desc=desc, disable=progress is not None)
-    try:
-        for i, job in enumerate(jobs):
-            def sub(f: float, msg: str, i: int = i) -> None:
-                report((i + f) / len(jobs), msg)
-
-            _, _, run = run_unlearning(model, split, method=job.method, quant=quant, circuit=circuit, oracle=oracle,
-                                       method_config=job.method_config, optim=job.optim, stop=job.stop,
-                                       measure_cad=measure_cad, runs_root=runs_root, progress=sub)
-            assert run is not None
-            runs.append(run)
-            bar.update(1)
-            bar.set_postfix_str(run.metrics.method)
-    finally:
-        bar.close()
-    return runs
+    uses_circuit = circuit is not None or needs_circuit or measure_cad
+    named = (circuit_digest(circuit) if circuit is not None else DEFAULT_CIRCUIT) if uses_circuit else None
+    table = [job_for(model, split, m.method, quant, method_config=m.method_config, optim=m.optim, stop=m.stop,
+                     measure_cad=measure_cad, oracle=oracle, circuit=named)
+             for m in jobs]
+    group = JobGroup(model, split, circuit=circuit, oracle=oracle)
+    return run_jobs(table, [group], runs_root=runs_root, executor=executor, progress=progress, on_run=on_run).runs

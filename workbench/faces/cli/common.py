@@ -21,6 +21,10 @@ from tqdm.auto import tqdm
 from workbench.core.errors import WorkbenchError
 from workbench.data.facts import Fact, FactSplit
 from workbench.data.files import load_fact_file
+from workbench.experiments.jobs import Job
+from workbench.experiments.store import Run
+from workbench.experiments.sweep import EXECUTORS, ExecutorConfig, RunCallback
+from workbench.experiments.tracking import TRACKERS, Tracker, TrackingConfig, open_tracker
 from workbench.models.builtin_splits import builtin_split
 from workbench.models.loaded import LoadedModel
 from workbench.quant import QuantConfig
@@ -117,6 +121,45 @@ def add_runs_root(p: argparse.ArgumentParser, *old: str, what: str = "runs direc
 def add_json(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true",
                    help="print the result as JSON on stdout (progress and messages go to stderr)")
+
+
+def add_executor_args(p: argparse.ArgumentParser) -> None:
+    """``--jobs N`` and ``--executor``: where a table's or sweep's jobs run (finished ones are skipped)."""
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="run N jobs at once in worker processes on this machine (default 1: in this process)")
+    p.add_argument("--executor", choices=EXECUTORS, default="local",
+                   help="local (this machine) or ray (tasks on the Ray cluster at $RAY_ADDRESS, else a local one)")
+
+
+def executor_from_args(args: argparse.Namespace) -> ExecutorConfig:
+    return ExecutorConfig(kind=args.executor, jobs=args.jobs)
+
+
+def add_tracking_args(p: argparse.ArgumentParser) -> None:
+    """``--report-to tensorboard|mlflow`` and where it writes."""
+    p.add_argument("--report-to", choices=TRACKERS, metavar="{tensorboard,mlflow}",
+                   help="also log each new run (config, per-step forget/retain, final metrics) to TensorBoard or "
+                        "an MLflow file store")
+    p.add_argument("--tracking-dir", metavar="DIR",
+                   help="TensorBoard log directory or MLflow file store (default ./tensorboard or ./mlruns)")
+
+
+def tracker_from_args(args: argparse.Namespace) -> Tracker | None:
+    """The tracker asked for (its library imported now, so a missing one fails before any work)."""
+    if not args.report_to:
+        return None
+    return open_tracker(TrackingConfig.of(args.report_to, args.tracking_dir))
+
+
+def tracking_callback(tracker: Tracker | None) -> RunCallback | None:
+    """``on_run`` for :func:`~workbench.experiments.sweep.run_jobs`: log each new run."""
+    if tracker is None:
+        return None
+
+    def log(_job: Job, run: Run) -> None:
+        tracker.log_run(run)
+
+    return log
 
 
 def add_quant_args(p: argparse.ArgumentParser, default: str = "nf4") -> None:

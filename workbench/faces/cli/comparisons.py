@@ -15,11 +15,16 @@ from workbench.faces.cli.common import (
     Bar,
     Printer,
     add_data_args,
+    add_executor_args,
     add_json,
     add_quant_args,
     add_runs_root,
+    add_tracking_args,
+    executor_from_args,
     load_split,
     quant_from_args,
+    tracker_from_args,
+    tracking_callback,
 )
 from workbench.faces.compare import (
     ABLATIONS,
@@ -65,6 +70,8 @@ def _add_table_run_args(p: argparse.ArgumentParser) -> None:
     add_runs_root(p, what="where the runs are saved")
     p.add_argument("--no-cad", action="store_true", help="skip CAD (attribution before/after) for speed")
     p.add_argument("--no-oracle", action="store_true", help="skip the retrain oracle comparison")
+    add_executor_args(p)
+    add_tracking_args(p)
     add_json(p)
 
 
@@ -103,7 +110,7 @@ def _methods_arg(value: str | None) -> list[str] | None:
     return methods
 
 
-def _emit(out: Printer, rows: list[dict[str, Any]], runs: Sequence[Run], path: str | None,
+def emit_table(out: Printer, rows: list[dict[str, Any]], runs: Sequence[Run], path: str | None,
           extra: dict[str, Any] | None = None) -> None:
     """The table: to ``path`` if given (else markdown on stdout), or JSON (rows, runs, file written)."""
     written = write_comparison(rows, path, runs) if path else None
@@ -121,7 +128,7 @@ def cmd_compare(args: argparse.Namespace, out: Printer) -> int:
     runs = load_runs(args.runs, root=args.runs_root)
     for line in version_differences([r.config for r in runs], run_labels(runs)):
         print(f"warning: the runs were made with different versions of {line}", file=sys.stderr)
-    _emit(out, compare_table(runs, all_quantizers=args.all_quantizers), runs, args.out)
+    emit_table(out, compare_table(runs, all_quantizers=args.all_quantizers), runs, args.out)
     return 0
 
 
@@ -131,17 +138,20 @@ def cmd_paper_table(args: argparse.Namespace, out: Printer) -> int:
     methods = _methods_arg(args.methods)
     stop = StopRule(max_steps=args.max_steps, forget_target=args.forget_target)
     q = quant_from_args(args, "paper-table")
+    executor = executor_from_args(args)
+    tracker = tracker_from_args(args)
     model = load_model(args.model)
     split = load_split(model, args)
     oracle = None if args.no_oracle else oracle_for(model)
     bar = Bar(f"paper table on {model.name}")
     try:
         runs = paper_table(model, methods=methods, split=split, stop=stop, quant=q, measure_cad=not args.no_cad,
-                           oracle=oracle, runs_root=args.runs_root, progress=bar)
+                           oracle=oracle, runs_root=args.runs_root, progress=bar, executor=executor,
+                           on_run=tracking_callback(tracker))
     finally:
         bar.close()
     out.line(f"{len(runs)} runs on {model.name} ({split.name}), saved under {runs[0].path.parent}")
-    _emit(out, compare_table(runs, all_quantizers=args.all_quantizers), runs, args.out)
+    emit_table(out, compare_table(runs, all_quantizers=args.all_quantizers), runs, args.out)
     return 0
 
 
@@ -150,6 +160,8 @@ def cmd_ablate(args: argparse.Namespace, out: Printer) -> int:
         output_format(args.out)
     ablations = check_ablations((args.ablations or ",".join(ABLATIONS)).split(","))  # before the model loads
     q = quant_from_args(args, "ablate")
+    executor = executor_from_args(args)
+    tracker = tracker_from_args(args)
     config = MansuConfig(**{k: v for k, v in {"max_rounds": args.max_rounds, "retain_guard": args.retain_guard,
                                                 "forget_target": args.forget_target}.items() if v is not None})
     model = load_model(args.model)
@@ -159,13 +171,14 @@ def cmd_ablate(args: argparse.Namespace, out: Printer) -> int:
     bar = Bar(f"ablations on {model.name}")
     try:
         runs = ablation_table(model, ablations=ablations, config=config, split=split, quant=q, circuit=circuit,
-                              measure_cad=not args.no_cad, oracle=oracle, runs_root=args.runs_root, progress=bar)
+                              measure_cad=not args.no_cad, oracle=oracle, runs_root=args.runs_root, progress=bar,
+                              executor=executor, on_run=tracking_callback(tracker))
     finally:
         bar.close()
     rows = compare_table(runs)
     findings = ablation_findings(rows)
     out.line(f"{len(runs)} runs on {model.name} ({split.name}), saved under {runs[0].path.parent}")
-    _emit(out, rows, runs, args.out, {"findings": findings})
+    emit_table(out, rows, runs, args.out, {"findings": findings})
     out.line("\nwhat each component carries here (full MANSU vs the component switched off):")
     for line in findings:
         out.line(f"  {line}")

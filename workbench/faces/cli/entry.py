@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from workbench import __version__
 from workbench.core.errors import WorkbenchError
-from workbench.faces.cli import circuits, comparisons, measure, models, runs, serve
+from workbench.faces.cli import circuits, comparisons, measure, models, runs, serve, sweep
 from workbench.faces.cli.common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USER_ERROR, Printer
 
 EPILOG = """\
@@ -29,7 +29,7 @@ exit codes:
   130  interrupted (Ctrl-C)
 """
 
-GROUPS = (models, measure, circuits, runs, comparisons, serve)
+GROUPS = (models, measure, circuits, runs, comparisons, sweep, serve)
 """Each group module adds its own subcommands (``add_commands``), in the order ``--help`` lists them."""
 
 

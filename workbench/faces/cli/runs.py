@@ -16,8 +16,10 @@ from workbench.faces.cli.common import (
     add_json,
     add_quant_args,
     add_runs_root,
+    add_tracking_args,
     load_split,
     quant_from_args,
+    tracker_from_args,
 )
 from workbench.faces.tables import text_table
 from workbench.interpretability.circuit import Circuit
@@ -94,6 +96,7 @@ def _add_unlearn(sub: argparse._SubParsersAction) -> None:
                    help="structural-erasure threshold τ on CAD (default: calibrated on the retrain oracle "
                         "when the model has one, else 0.1)")
     p.add_argument("--no-oracle", action="store_true", help="skip the retrain oracle comparison")
+    add_tracking_args(p)
     add_json(p)
     p.set_defaults(func=cmd_unlearn)
 
@@ -114,6 +117,7 @@ def _method_settings(args: argparse.Namespace, model: LoadedModel) -> tuple[Meth
 
 
 def cmd_unlearn(args: argparse.Namespace, out: Printer) -> int:
+    tracker = tracker_from_args(args)  # a missing tracking library fails before the model loads
     model = load_model(args.model)
     split = load_split(model, args)
     circuit = Circuit.load(args.circuit, model=model) if args.circuit else None
@@ -130,6 +134,8 @@ def cmd_unlearn(args: argparse.Namespace, out: Printer) -> int:
     finally:
         bar.close()
     assert run is not None  # run_unlearning saves by default
+    if tracker is not None:
+        tracker.log_run(run)
     out.json({"run_id": run.id, "path": str(run.path), "metrics": run.metrics.to_json()})
     out.line(f"{metrics.method} on {model.name} ({split.name}): {result.steps} steps, stopped by {result.stopped}, "
              f"{metrics.seconds:.1f} s")
