@@ -238,3 +238,22 @@ def test_node_table_cancel_pin_and_runs(page):
     expect(page.get_by_text("Traceback")).to_have_count(0)
     page.locator("#run-files").scroll_into_view_if_needed()
     shot(page, "10-runs")
+
+
+def test_run_mansu_as_the_first_click_uses_the_defaults_and_says_so(page):
+    """No dead ends: on a fresh page, “Run MANSU” (setup and attribution skipped) loads the start
+    model with its built-in data, attributes the default circuit, runs, and shows a report card."""
+    from playwright.sync_api import expect
+
+    page.get_by_text("is loaded and shared").wait_for(timeout=LONG)
+    page.get_by_label("max rounds").fill("2")
+    page.get_by_role("button", name="Run MANSU").click()
+    page.locator("#run-summary").get_by_text("PTQ gap").wait_for(timeout=LONG)
+    report = page.locator("#report-card")
+    for prop in ("forgetting", "retain preserved", "PTQ gap", "structural erasure (CAD)"):
+        expect(report).to_contain_text(prop)
+    live = page.locator("#live textarea")
+    expect(live).to_have_value(re.compile("“Load model and data” was skipped: loaded facts-tiny"), timeout=LONG)
+    expect(live).to_have_value(re.compile("No circuit yet: MANSU edits the default one"), timeout=LONG)
+    expect(page.get_by_text("Traceback")).to_have_count(0)
+    shot(page, "08-mansu-first")

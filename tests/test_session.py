@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+import time
 
 import pytest
 
@@ -145,6 +146,29 @@ def test_steps_before_setup_say_what_to_do():
         s.edit("top_k", 3)
     with pytest.raises(WorkbenchError, match="pin"):
         s.pin()
+
+
+def test_skipped_steps_run_with_the_defaults_and_say_so(runs_root):
+    """With the app's start model as the default, attribution or MANSU as the first action loads
+    it (built-in split, NF4) and, for MANSU, attributes the default circuit; ``assumed`` says so."""
+    s = Session(runs_root=runs_root, default_model="facts-tiny")
+    view = s.unlearn("mansu", mansu={"max_rounds": 2}, measure_cad=False, use_oracle=False)
+    assert s.model is not None and s.model.name == "facts-tiny" and s.quant is not None and s.quant.label == "nf4/b64"
+    assert view.metrics.method == "mansu" and view.metrics.properties.forgetting.verdict in ("PASS", "fail")
+    assert len(s.assumed) == 2 and "facts-tiny" in s.assumed[0] and "default one" in s.assumed[1]
+    assert s.live_text().startswith(s.assumed[0]) and "elapsed" in s.live_text()
+    # once set up, nothing more is assumed
+    s.attribute()
+    assert s.assumed == [] and s.circuit is not None
+
+
+def test_time_left_is_a_linear_estimate_from_the_progress():
+    from workbench.faces.session import _time_line
+
+    now = time.monotonic()
+    assert _time_line(now - 60, 0.25) == "elapsed 1:00 · about 3:00 left"
+    assert _time_line(now - 5, 0.0) == "elapsed 0:05"  # too early to estimate
+    assert _time_line(now - 90, 1.0) == "elapsed 1:30"
 
 
 def test_attribution_gives_default_circuit_and_faithfulness(attributed):

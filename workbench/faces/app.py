@@ -229,7 +229,8 @@ def on_attribute(s: Session, method: str, ig_steps: Any, edges: bool, progress: 
                f"{a.n_pairs} prompt pairs{dropped} · metric {a.metric}: clean {a.clean_metric:.3f}, "
                f"corrupt {a.corrupt_metric:.3f} · {len(a.edge_scores)} edges scored. "
                f"The circuit starts as the core's default (top-{len(s.require_circuit().selected)} heads/MLPs).")
-    return (summary, *circuit_outputs(s))
+    assumed = "".join(f"*{html.escape(line, quote=False)}*\n\n" for line in s.assumed)
+    return (assumed + summary, *circuit_outputs(s))
 
 
 @friendly
@@ -715,7 +716,8 @@ def build_app(start_model: str, heavy_jobs: int = 1, limits: Limits | None = Non
     heavy = {"concurrency_id": "heavy", "concurrency_limit": heavy_jobs}
     limits = limits or Limits(private_runs=True)
     with gr.Blocks(title="MANSU workbench", analytics_enabled=False, delete_cache=CACHE_CLEANUP) as demo:
-        session = gr.State(Session(limits=limits), delete_callback=lambda s: s.close() if s is not None else None)
+        session = gr.State(Session(limits=limits, default_model=start_model),
+                           delete_callback=lambda s: s.close() if s is not None else None)
         gr.Markdown("# MANSU workbench\nErase knowledge from a language model so the erasure survives "
                     "4-bit quantization — and see why. Go top to bottom: setup → attribution → circuit → "
                     "unlearning → compare → runs.")

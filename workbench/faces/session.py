@@ -329,8 +329,12 @@ class Session:
     (the face shows the message) and never modify the shared base model.
     """
 
-    def __init__(self, runs_root: str | Path | None = None, limits: Limits | None = None) -> None:
+    def __init__(self, runs_root: str | Path | None = None, limits: Limits | None = None,
+                 default_model: str | None = None) -> None:
         self._runs_base = runs_root
+        # What a skipped "Load model and data" assumes (the app's start model); None: nothing.
+        self.default_model = default_model
+        self.assumed: list[str] = []  # what the last action assumed because a step was skipped
         self.limits = limits or Limits()
         # Made on first use, not here: Gradio deep-copies one initial Session per browser session,
         # so an owner drawn in __init__ would be shared by every session.
@@ -349,6 +353,7 @@ class Session:
         self.current: RunView | None = None
         self.pinned: RunView | None = None
         self.live: list[str] = []
+        self._run_clock: tuple[float, float] | None = None  # (start, latest progress fraction) of a run
         self.running = False
         self._cancel = False
         self._workdir: Path | None = None
@@ -505,6 +510,15 @@ class Session:
         self.faithfulness_result = None
         self.faithfulness_error = None
 
+    def ensure_setup(self, progress: Progress | None = None) -> tuple[LoadedModel, FactSplit, QuantConfig]:
+        """Like :meth:`require`, but a skipped setup runs with step 1's defaults (the app's start
+        model, its built-in data, NF4 in blocks of 64) and says so in :attr:`assumed`."""
+        if self.model is None and self.default_model is not None:
+            self.setup(self.default_model, progress=progress)
+            self.assumed.append(f"“Load model and data” was skipped: loaded {self.default_model} with its "
+                                "built-in forget/retain split and NF4 in blocks of 64 (step 1's defaults).")
+        return self.require()
+
     def require(self) -> tuple[LoadedModel, FactSplit, QuantConfig]:
         """The loaded model, its split and quantizer, or a message saying to load them first."""
         if self.model is None or self.split is None or self.quant is None:
@@ -529,7 +543,8 @@ class Session:
     ) -> Attribution:
         """Attribute the forget set and start a fresh circuit from the core's default (top-k)."""
 
-        model, split, _q = self.require()
+        self.assumed = []
+        model, split, _q = self.ensure_setup(progress)
         config = AttributionConfig(method=method,  # type: ignore[arg-type] -- checked by AttributionConfig
                                    ig_steps=_whole(ig_steps, "IG steps"), edges=bool(edges) and method != "exact")
         attribution = attribute_forget_set(model, split, config, progress=self._bounded(progress))
@@ -719,18 +734,24 @@ class Session:
         :meth:`cancel` stops the run between steps; nothing is saved then.
         """
 
-        model, split, quant = self.require()
         if self.running:
             raise WorkbenchError("a run is already in progress in this session; wait for it or cancel it")
+        self.assumed = []
+        model, split, quant = self.ensure_setup(progress)
+        if method == "mansu" and self.circuit is None:
+            self.assumed.append("No circuit yet: MANSU edits the default one (top 10 heads/MLPs of attribution "
+                                "patching on the forget set), attributed now.")
         method_config, optim_config, stop_rule = run_configs(method, mansu=mansu, optim=optim, stop=stop,
                                                              settings=settings, default_lr=lambda: default_lr(model))
         self._check_quota()
         report = self._bounded(progress)
         self.live = []
+        self._run_clock = None
 
         def tracked(f: float, message: str) -> None:
             self.live.append(message)
             del self.live[:-200]
+            self._run_clock = (self._run_clock[0] if self._run_clock else time.monotonic(), f)
             report(f, message)
 
         oracle = oracle_for(model) if use_oracle else None
@@ -763,13 +784,17 @@ class Session:
         return self._cancel
 
     def live_text(self) -> str:
-        """The newest step of the run with its forget numbers, and what it is doing now."""
+        """What the run assumed, its newest step with the forget numbers, what it is doing now,
+        and the time so far with an estimate of the time left."""
+        lines = list(self.assumed)
         if not self.live:
-            return ""
+            return "\n".join(lines)
         steps = [m for m in self.live if "forget top-1" in m]
-        lines = [f"last step: {steps[-1]}"] if steps else []
+        lines += [f"last step: {steps[-1]}"] if steps else []
         if not steps or self.live[-1] != steps[-1]:
             lines.append(f"now: {self.live[-1]}")
+        if self._run_clock is not None:
+            lines.append(_time_line(*self._run_clock))
         return "\n".join(lines)
 
     # --- compare ----------------------------------------------------------------------------
@@ -975,6 +1000,19 @@ def _settings_dict(settings: Mapping[str, Any] | str | None) -> dict[str, Any]:
     if not isinstance(settings, Mapping):
         raise WorkbenchError("method settings must be a JSON object of field → value")
     return dict(settings)
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes}:{secs:02d}"
+
+
+def _time_line(start: float, fraction: float) -> str:
+    """Elapsed time and, from the progress so far, a linear estimate of the time left."""
+    elapsed = time.monotonic() - start
+    if not 0.02 <= fraction < 1:  # too early to say, or done
+        return f"elapsed {_clock(elapsed)}"
+    return f"elapsed {_clock(elapsed)} · about {_clock(elapsed * (1 - fraction) / fraction)} left"
 
 
 def _whole(value: Any, what: str) -> int:
