@@ -393,3 +393,37 @@ def test_cli_on_a_local_directory_with_user_fact_files(tmp_path, capsys):
         assert code == 0, method
     assert "run saved" in capsys.readouterr().out
     assert len(list((tmp_path / "runs").iterdir())) == 2
+
+
+@pytest.mark.parametrize("family", ["qwen3", "phi3"])
+def test_the_app_session_and_the_widget_take_a_local_directory(family, tmp_path):
+    """The issue's acceptance path in the two faces: the app's “Load model and data” (a Session,
+    with the directory under an operator's --models-dir root) and the notebook widget."""
+    from workbench.faces.session import SHARED, Session
+    from workbench.faces.widgets import Workbench
+    from workbench.models.loading import ModelRoots
+
+    model = tiny(family)
+    path = tmp_path / "models" / family
+    model.hf.save_pretrained(path)
+    model.tokenizer.save_pretrained(path)
+    split = _own_split(model)
+    forget = save_fact_file(split.forget, tmp_path / "forget.jsonl")
+    retain = save_fact_file(split.retain, tmp_path / "retain.jsonl")
+
+    previous = SHARED.roots
+    SHARED.restrict(ModelRoots.of([str(tmp_path / "models")]))
+    try:
+        s = Session(runs_root=tmp_path / "runs")
+        result = s.setup(str(path), forget_file=str(forget), retain_file=str(retain))
+        assert s.model is not None and s.model.architecture == family and result.summary
+        attribution = s.attribute(edges=True)
+        assert attribution.edge_scores and s.circuit is not None and s.circuit.selected
+    finally:
+        SHARED.roots = previous
+
+    w = Workbench(str(path), forget=forget, retain=retain, runs_root=tmp_path / "widget-runs",
+                        measure_cad=False)
+    assert w.model is not None and w.model.architecture == family and w.split is not None
+    w.run_attribution()
+    assert w.circuit is not None and w.circuit.selected
