@@ -306,9 +306,16 @@ def test_summary_lines_read_the_numbers(run_metrics):
     m = run_metrics
     lines = summary_lines(m)
     d = m.ptq_gap_decomposition
-    assert lines[0] == f"PTQ gap {m.ptq_gap:+.3f} = base shift {d.base_shift:+.3f} + rounding {d.rounding:+.3f}"
-    assert f"params changed {m.params_changed:,} · codes changed {m.codes_changed:,}" in lines[1]
-    assert f"CAD fp {m.cad.fp:.3f} · quantized {m.cad.quantized:.3f}" in lines
+    failed = [name for name, p in m.properties.items() if p.passed is False]
+    measured = sum(1 for _, p in m.properties.items() if p.passed is not None)
+    assert lines[0].startswith(f"passes {measured - len(failed)} of {measured} measured properties; fails "
+                               if failed else f"passes all {measured}")
+    for name in failed:  # each failed property with how far it is past its threshold
+        p = dict(m.properties.items())[name]
+        assert f"by {abs(p.margin):.3f} (value" in lines[0]
+    assert lines[1] == f"PTQ gap {m.ptq_gap:+.3f} = base shift {d.base_shift:+.3f} + rounding {d.rounding:+.3f}"
+    assert f"params changed {m.params_changed:,} · codes changed {m.codes_changed:,}" in lines[2]
+    assert any(line.startswith(f"CAD fp {m.cad.fp:.3f} · quantized {m.cad.quantized:.3f} · τ ") for line in lines)
     assert f"retain KL {m.retain_kl:.4g}" in lines
 
 

@@ -424,11 +424,23 @@ def _cad_line(cad: CadScores, threshold: float) -> str:
             f"{calibration.retain:.3f} on the retain set (noise floor)")
 
 
+def _verdict_line(card: ReportCard) -> str:
+    """Which properties failed and by how much (the margin is how far the value is past its threshold)."""
+    failed = [(name, p) for name, p in card.items() if p.passed is False]
+    measured = sum(1 for _, p in card.items() if p.passed is not None)
+    if not failed:
+        return f"passes all {measured} measured properties"
+    by = ", ".join(f"{PROPERTY_LABELS.get(name, name)} by {abs(p.margin or 0.0):.3f} "
+                   f"(value {_fmt(p.value)}, threshold {_fmt(p.threshold)})" for name, p in failed)
+    return f"passes {measured - len(failed)} of {measured} measured properties; fails {by}"
+
+
 def summary_lines(metrics: RunMetrics) -> list[str]:
     """The headline numbers of a run in words, one line each (the CLI and the app print these)."""
 
     d, ratio = metrics.ptq_gap_decomposition, metrics.update_to_bin_width
     lines = [
+        _verdict_line(metrics.properties),
         f"PTQ gap {metrics.ptq_gap:+.3f} = base shift {d.base_shift:+.3f} + rounding {d.rounding:+.3f}",
         f"params changed {metrics.params_changed:,} · codes changed {metrics.codes_changed:,} "
         f"({100 * metrics.codes_changed_fraction:.4f}%) · code overlap "
