@@ -107,16 +107,19 @@ MAX_INT_DIGITS = 30
 """Digits of the longest integer a workbench file holds (a run id's count, a seed); longer ones are refused."""
 
 
-def parse_json(text: str, *, source: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
+def parse_json(text: str, *, source: str, max_depth: int = MAX_JSON_DEPTH, allow_nan: bool = False) -> Any:
     """``json.loads`` with the limits a file from a user or a remote page needs.
 
     Refused with a :class:`WorkbenchError` naming ``source``: invalid JSON (with line and
     column), ``NaN``/``Infinity`` (not JSON), integers of more than :data:`MAX_INT_DIGITS`
     digits (Python would spend quadratic time on them, or raise past 4,300), and nesting
     deeper than ``max_depth`` (Python's parser would raise ``RecursionError``).
+
+    ``allow_nan``: accept ``NaN``/``Infinity`` as floats, for files the workbench writes itself
+    with ``json.dumps`` (a run's metrics hold NaN where a number is undefined).
     """
     try:
-        data = json.loads(text, parse_int=_bounded_int, parse_constant=_no_constant)
+        data = json.loads(text, parse_int=_bounded_int, parse_constant=float if allow_nan else _no_constant)
     except json.JSONDecodeError as exc:
         raise WorkbenchError(f"{source}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
     except _Refused as exc:

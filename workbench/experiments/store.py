@@ -150,7 +150,8 @@ def _read_json(path: Path, run_id: str) -> Any:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise WorkbenchError(f"run {run_id}: damaged JSON in {path.name} (not UTF-8: {exc.reason})") from None
-    return parse_json(text, source=f"run {run_id}: damaged JSON in {path.name}")
+    # NaN allowed: the run store writes undefined metrics as NaN (json.dumps' default).
+    return parse_json(text, source=f"run {run_id}: damaged JSON in {path.name}", allow_nan=True)
 
 
 def resolve_run(ref: str | os.PathLike[str], *, root: str | os.PathLike[str] | None = None) -> Run:
