@@ -84,3 +84,15 @@ def test_the_runs_quota(tmp_path):
     (s.runs_root / "x.bin").write_bytes(b"0" * 1000)
     with pytest.raises(WorkbenchError, match="quota"):
         s._check_quota()
+
+
+def test_the_total_runs_quota_holds_across_sessions(tmp_path):
+    """A new session per run must not sidestep the per-session quota: the store has a total."""
+    limits = Limits(private_runs=True, runs_quota_bytes=1000, runs_total_bytes=1500)
+    a, b = Session(runs_root=tmp_path, limits=limits), Session(runs_root=tmp_path, limits=limits)
+    for s, size in ((a, 900), (b, 700)):
+        s._check_quota()
+        s.runs_root.mkdir(parents=True)
+        (s.runs_root / "x.bin").write_bytes(b"0" * size)
+    with pytest.raises(WorkbenchError, match="run store is full.*--runs-total-mb"):
+        Session(runs_root=tmp_path, limits=limits)._check_quota()
