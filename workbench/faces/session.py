@@ -441,7 +441,9 @@ class Session:
         another forget domain). A new model or new data resets the attribution and circuit.
         """
 
-        report = self._bounded(progress)
+        # Loading or building a model is not timed: a built-in's build is a fixed recipe, serialised
+        # by a lock, and a build stopped half-way would make that model unbuildable under a short limit.
+        loading = progress or silent
         if quant_type not in QUANT_TYPES:
             raise WorkbenchError(f"unknown quantizer {quant_type!r}; choose {', '.join(QUANT_TYPES)}")
         try:
@@ -450,9 +452,10 @@ class Session:
             raise WorkbenchError(f"block size must be a whole number, got {blocksize!r}") from None
         quant = QuantConfig(quant_type, blocksize=blocksize, double_quant=bool(double_quant))
         name = str(model_name or "").strip()
-        report(0.05, f"loading {name} (built and cached on first use)")
-        SHARED.wait(name, progress=report)  # a background preload of the same model: join it, don't race it
-        model = SHARED.model(name, progress=lambda f, m: report(0.05 + 0.4 * f, m))
+        loading(0.05, f"loading {name} (built and cached on first use)")
+        SHARED.wait(name, progress=loading)  # a background preload of the same model: join it, don't race it
+        model = SHARED.model(name, progress=lambda f, m: loading(0.05 + 0.4 * f, m))
+        report = self._bounded(progress)  # the work this request asks for, from here on, is timed
         if (forget_file is None) != (retain_file is None):
             raise WorkbenchError("upload both a forget file and a retain file, or neither for the built-in split")
         domains: list[str] = []
