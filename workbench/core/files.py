@@ -114,9 +114,8 @@ def parse_json(text: str, *, source: str, max_depth: int = MAX_JSON_DEPTH, allow
     column), ``NaN``/``Infinity`` (not JSON), integers of more than :data:`MAX_INT_DIGITS`
     digits (Python would spend quadratic time on them, or raise past 4,300), and nesting
     deeper than ``max_depth`` (Python's parser would raise ``RecursionError``).
-
-    ``allow_nan``: accept ``NaN``/``Infinity`` as floats, for files the workbench writes itself
-    with ``json.dumps`` (a run's metrics hold NaN where a number is undefined).
+    ``allow_nan`` admits ``NaN``/``Infinity`` for the workbench's own files, where NaN means
+    "not measured" (Python's ``json`` writes it so).
     """
     try:
         data = json.loads(text, parse_int=_bounded_int, parse_constant=float if allow_nan else _no_constant)

@@ -150,7 +150,7 @@ def _read_json(path: Path, run_id: str) -> Any:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise WorkbenchError(f"run {run_id}: damaged JSON in {path.name} (not UTF-8: {exc.reason})") from None
-    # NaN allowed: the run store writes undefined metrics as NaN (json.dumps' default).
+    # allow_nan: metrics.json says "not measured" with NaN (e.g. paraphrase top-1 without paraphrases)
     return parse_json(text, source=f"run {run_id}: damaged JSON in {path.name}", allow_nan=True)
 
 
