@@ -148,16 +148,32 @@ def test_circuit_files(tmp_path_factory, body):
 # --- run directories -----------------------------------------------------------------------------
 
 
+def _real_update() -> bytes:
+    """A valid ``update.safetensors`` (one small delta), as the run store writes it."""
+    import tempfile
+
+    import torch
+
+    from workbench.models.update import Update
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "update.safetensors"
+        Update({"transformer.h.0.mlp.c_fc.weight": torch.zeros(4, 4)}).save(path)
+        return path.read_bytes()
+
+
 REAL_METRICS = json.loads((Path(__file__).parent / "data" / "metrics_v1.json").read_text())
 mutated_metrics = st.builds(_mutated, st.just(REAL_METRICS), st.sampled_from(sorted(REAL_METRICS)), json_values,
                             st.booleans())
 
 
 @CAMPAIGN
-@given(config=st.one_of(hostile_bytes, st.just(b'{"method": "mansu", "model": "facts-tiny"}')),
-       metrics=st.one_of(hostile_bytes, mutated_metrics.map(lambda d: json.dumps(d, allow_nan=True).encode()),
-                         st.just(json.dumps(REAL_METRICS).encode())),
-       history=st.one_of(hostile_bytes, st.just(b"[]")), update=st.binary(max_size=128))
+@given(config=st.one_of(st.just(b'{"method": "mansu", "model": "facts-tiny"}'), hostile_bytes),  # valid first:
+       metrics=st.one_of(st.just(json.dumps(REAL_METRICS).encode()),                          # hypothesis draws
+                         mutated_metrics.map(lambda d: json.dumps(d, allow_nan=True).encode()),  # early branches
+                         hostile_bytes),                                                        # more often
+       history=st.one_of(st.just(b"[]"), hostile_bytes),
+       update=st.one_of(st.builds(lambda: _real_update()), st.binary(max_size=128)))
 def test_run_directories(tmp_path_factory, config, metrics, history, update):
     from workbench.experiments.store import list_runs, load_run
 

@@ -758,6 +758,8 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
                    help="requests waiting in the queue at most; more are refused as 'queue full' (default 16)")
     p.add_argument("--runs-quota-mb", type=float, default=2048.0,
                    help="disk space one session's saved runs may take (default 2048; 0 = none)")
+    p.add_argument("--runs-total-mb", type=float, default=20_000.0,
+                   help="disk space all sessions' saved runs may take together (default 20000; 0 = none)")
     p.add_argument("--auth-file", metavar="FILE",
                    help="require a login: lines 'user:password'; each user's runs are theirs across sessions")
     p.add_argument("--no-preload", action="store_true", help="do not load the start model in the background")
@@ -813,7 +815,7 @@ def configure(args: argparse.Namespace) -> Limits:
     """Apply the operator's flags to the process (model roots, model cache) and return the sessions' limits."""
     for flag, value, low in (("--heavy-jobs", args.heavy_jobs, 1), ("--max-models", args.max_models, 1),
                              ("--queue-size", args.queue_size, 1), ("--job-timeout", args.job_timeout, 0),
-                             ("--runs-quota-mb", args.runs_quota_mb, 0)):
+                             ("--runs-quota-mb", args.runs_quota_mb, 0), ("--runs-total-mb", args.runs_total_mb, 0)):
         if not Range(low, integer=isinstance(value, int)).admits(value):
             raise WorkbenchError(f"{flag} must be a finite number >= {low}, got {value!r}")
     # The start model is the operator's own choice, so its directory counts as listed.
@@ -821,7 +823,8 @@ def configure(args: argparse.Namespace) -> Limits:
     SHARED.restrict(ModelRoots.of([*args.models_dir, *start]))
     set_max_loaded(args.max_models)
     return Limits(job_seconds=args.job_timeout or None,
-                  runs_quota_bytes=int(args.runs_quota_mb * 1e6) or None, private_runs=True)
+                  runs_quota_bytes=int(args.runs_quota_mb * 1e6) or None,
+                  runs_total_bytes=int(args.runs_total_mb * 1e6) or None, private_runs=True)
 
 
 if __name__ == "__main__":

@@ -275,11 +275,14 @@ class Limits:
     Attributes:
         job_seconds: wall-clock limit of one heavy job (setup, attribution, unlearning).
         runs_quota_bytes: disk space a session's saved runs may take; a new run is refused beyond it.
+        runs_total_bytes: disk space all sessions' runs together may take (a new session per run
+            would otherwise sidestep the per-session quota).
         private_runs: each session keeps its runs in a directory of its own and sees only those.
     """
 
     job_seconds: float | None = None
     runs_quota_bytes: int | None = None
+    runs_total_bytes: int | None = None
     private_runs: bool = False
 
 
@@ -388,21 +391,22 @@ class Session:
 
     def runs_bytes(self) -> int:
         """Disk space this session's runs take."""
-        root = self.runs_root
-        if root is None or not Path(root).is_dir():
-            return 0
-        return sum(f.stat().st_size for f in Path(root).rglob("*") if f.is_file())
+        return _bytes_under(self.runs_root)
 
     def _check_quota(self) -> None:
-        quota = self.limits.runs_quota_bytes
-        if quota is None:
-            return
-        used = self.runs_bytes()
-        if used >= quota:
+        quota, total = self.limits.runs_quota_bytes, self.limits.runs_total_bytes
+        if quota is not None and (used := self.runs_bytes()) >= quota:
             raise WorkbenchError(
-                f"this session's saved runs take {used / 1e6:.1f} MB of its {quota / 1e6:.0f} MB quota, so no "
-                "new run can be saved; start a new session (a new tab) or ask the operator for a larger --runs-quota-mb"
+                f"your saved runs take {used / 1e6:.3g} MB of your {quota / 1e6:g} MB quota, so no new run can be "
+                "saved; ask the operator to archive old runs or to raise --runs-quota-mb"
             )
+        if total is not None:
+            store = Path(self._runs_base) if self._runs_base is not None else runs_dir()
+            if (used := _bytes_under(store)) >= total:
+                raise WorkbenchError(
+                    f"the app's run store is full ({used / 1e6:.3g} MB of {total / 1e6:g} MB), so no new run can "
+                    "be saved; ask the operator to archive old runs or to raise --runs-total-mb"
+                )
 
     def _bounded(self, progress: Progress | None) -> Progress:
         """``progress``, raising once the job has run past :attr:`Limits.job_seconds` (checked at
@@ -442,7 +446,9 @@ class Session:
         another forget domain). A new model or new data resets the attribution and circuit.
         """
 
-        report = self._bounded(progress)
+        # Loading or building a model is not timed: a built-in's build is a fixed recipe, serialised
+        # by a lock, and a build stopped half-way would make that model unbuildable under a short limit.
+        loading = progress or silent
         if quant_type not in QUANT_TYPES:
             raise WorkbenchError(f"unknown quantizer {quant_type!r}; choose {', '.join(QUANT_TYPES)}")
         try:
@@ -451,9 +457,10 @@ class Session:
             raise WorkbenchError(f"block size must be a whole number, got {blocksize!r}") from None
         quant = QuantConfig(quant_type, blocksize=blocksize, double_quant=bool(double_quant))
         name = str(model_name or "").strip()
-        report(0.05, f"loading {name} (built and cached on first use)")
-        SHARED.wait(name, progress=report)  # a background preload of the same model: join it, don't race it
-        model = SHARED.model(name, progress=lambda f, m: report(0.05 + 0.4 * f, m))
+        loading(0.05, f"loading {name} (built and cached on first use)")
+        SHARED.wait(name, progress=loading)  # a background preload of the same model: join it, don't race it
+        model = SHARED.model(name, progress=lambda f, m: loading(0.05 + 0.4 * f, m))
+        report = self._bounded(progress)  # the work this request asks for, from here on, is timed
         if (forget_file is None) != (retain_file is None):
             raise WorkbenchError("upload both a forget file and a retain file, or neither for the built-in split")
         domains: list[str] = []
@@ -849,6 +856,12 @@ class Session:
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
+
+
+def _bytes_under(root: str | Path | None) -> int:
+    if root is None or not Path(root).is_dir():
+        return 0
+    return sum(f.stat().st_size for f in Path(root).rglob("*") if f.is_file())
 
 
 # --------------------------------------------------------------------------------------------
