@@ -374,11 +374,12 @@ def test_local_directory_of_a_new_family(tmp_path, family):
     assert att.edge_scores
 
 
-def test_cli_on_a_local_directory_with_user_fact_files(tmp_path, capsys):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cli_on_a_local_directory_with_user_fact_files(family, tmp_path, capsys):
     """The issue's acceptance path: ``workbench attribute --edges`` and ``unlearn --method
-    mansu|graddiff`` on a local directory of a new family with the user's own fact files."""
-    model = tiny("gemma2")
-    path = tmp_path / "gemma2"
+    mansu|graddiff`` on a local directory of each family with the user's own fact files."""
+    model = tiny(family)
+    path = tmp_path / family
     model.hf.save_pretrained(path)
     model.tokenizer.save_pretrained(path)
     split = _own_split(model)
