@@ -42,13 +42,7 @@ LAYER, HEAD = 1, 1
 _MODELS: dict[str, LoadedModel] = {}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread: the box is small and shared."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's: one torch thread, the box is small and shared
 
 
 def tiny(family: str) -> LoadedModel:

@@ -54,6 +54,7 @@ from workbench.faces.session import (
 )
 from workbench.models.builtins import BUILTINS, DEFAULT_MODEL
 from workbench.models.loading import ModelRoots, set_max_loaded
+from workbench.quant import QUANT_TYPES
 from workbench.unlearning.registry import METHODS, REGISTRY
 
 log = logging.getLogger("workbench.app")
@@ -406,7 +407,7 @@ def _setup_section(start_model: str) -> SetupViews:
         domain = gr.Dropdown([], value=None, allow_custom_value=True, label="Forget domain (built-in data)",
                              info="filled in by “Load model and data”; change it and load again",
                              interactive=False, scale=2)
-        quant_type = gr.Radio(["nf4", "fp4", "int8"], value="nf4", label="Quantizer", scale=1)
+        quant_type = gr.Radio(list(QUANT_TYPES), value="nf4", label="Quantizer", scale=1)
         blocksize = gr.Dropdown([32, 64, 128, 256, 512, 1024, 2048, 4096], value=64, label="Block size", scale=1)
         double_quant = gr.Checkbox(False, label="Double quantization", scale=1)
     with gr.Row():
