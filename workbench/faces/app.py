@@ -310,6 +310,14 @@ def on_unlearn(s: Session, method: str, use_circuit: bool, use_projection: bool,
     return (s.live_text(), *compare_outputs(s, module, cad), *runs_outputs(s))
 
 
+@friendly
+def on_ablations(s: Session, progress: gr.Progress = gr.Progress(), request: gr.Request | None = None):
+    _sign_in(s, request)
+    s.try_ablations(progress=_progress(progress))
+    lines = s.ablation_text().splitlines()
+    return ("\n".join(f"- {html.escape(line, quote=False)}" for line in lines), *runs_outputs(s))
+
+
 def on_run_end(s: Session):
     return gr.Timer(active=False), s.live_text()
 
@@ -537,6 +545,8 @@ class UnlearningViews:
     cancel_button: gr.Button
     live: gr.Textbox
     live_timer: gr.Timer
+    ablate_button: gr.Button
+    ablation_text: gr.Markdown
 
 
 def _unlearning_section() -> UnlearningViews:
@@ -569,9 +579,13 @@ def _unlearning_section() -> UnlearningViews:
     live = gr.Textbox(label="Live progress (forget top-1, full precision and quantized)", lines=4,
                       interactive=False, elem_id="live")
     live_timer = gr.Timer(1.0, active=False)
+    ablate_button = gr.Button("Would an ablation have passed? (re-runs this MANSU run 4×, each with one component "
+                              "off)", size="sm", elem_id="ablate-btn")
+    ablation_text = gr.Markdown(elem_id="ablation-text")
     return UnlearningViews(method, forget_target, measure_cad, use_oracle, mansu_box, use_circuit, use_projection,
                            use_fisher, use_floor, max_rounds, fisher_budget, params_per_round, code_steps,
-                           baseline_box, lr, max_steps, settings, run_button, cancel_button, live, live_timer)
+                           baseline_box, lr, max_steps, settings, run_button, cancel_button, live, live_timer,
+                           ablate_button, ablation_text)
 
 
 @dataclass
@@ -695,6 +709,10 @@ def _wire_unlearning(session: gr.State, u: UnlearningViews, cmp: CompareViews, r
     u.live_timer.tick(lambda s: s.live_text(), [session], u.live, concurrency_limit=None, show_progress="hidden",
                       api_visibility="private")
     u.cancel_button.click(on_cancel, [session], u.live, concurrency_limit=None, api_name="cancel")
+    u.ablate_button.click(on_run_start, [session], [u.live_timer, u.live], api_visibility="private",
+                          queue=False).then(
+        on_ablations, [session], [u.ablation_text, runs.history, runs.pick], api_name="ablations", **heavy,
+    ).then(on_run_end, [session], [u.live_timer, u.live], api_visibility="private")
 
 
 def _wire_compare_and_runs(session: gr.State, cmp: CompareViews, runs: RunsViews) -> None:
