@@ -20,7 +20,8 @@ def _p(passed: bool | None, margin: float | None = None) -> Property:
 
 
 def _card(forgetting, retain, ptq, structural=None) -> ReportCard:
-    return ReportCard(forgetting=_p(*forgetting), retain=_p(*retain), ptq=_p(*ptq), structural=_p(*structural or (None,)))
+    return ReportCard(forgetting=_p(*forgetting), retain=_p(*retain), ptq=_p(*ptq),
+                      structural=_p(*structural or (None,)))
 
 
 FULL = _card((False, -0.024), (True,), (True,), (False, -0.08))

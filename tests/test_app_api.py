@@ -21,7 +21,7 @@ def _rows(table) -> list[list]:
 
 def test_api_lists_only_the_public_endpoints(client):
     endpoints = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
-    assert {"/setup", "/attribute", "/top_k", "/exclude", "/undo", "/unlearn", "/ablations", "/runs",
+    assert {"/setup", "/attribute", "/top_k", "/exclude", "/undo", "/unlearn", "/ablations", "/faithfulness", "/runs",
             "/run_files"} <= endpoints
     assert not any(e.startswith("/lambda") for e in endpoints)  # timers and page-load helpers stay private
 
@@ -42,6 +42,8 @@ def test_api_flow(client):
 
     out = client.predict(3, api_name="/top_k")
     assert "3 components selected" in out[2]
+    readout = client.predict(api_name="/faithfulness")  # an edit returns at once; the readout follows
+    assert readout.startswith("**3 components selected.** Faithfulness (") and "recovers" in readout
     chosen = next(r[1] for r in _rows(out[3]) if r[0])
     out = client.predict(chosen, api_name="/exclude")
     assert "2 components selected" in out[2]

@@ -247,7 +247,8 @@ def on_agreement(s: Session, reference: str, ig_steps: Any, progress: gr.Progres
 def _edit(action: str) -> Callable[..., tuple[Any, ...]]:
     @friendly
     def handler(s: Session, value: Any = None):
-        s.edit(action, number(value, action) if action in INPUTS else value)
+        # The graph and table redraw at once; the faithfulness readout follows (on_faithfulness).
+        s.edit(action, number(value, action) if action in INPUTS else value, measure=False)
         return circuit_outputs(s)
 
     handler.__name__ = f"on_{action}"
@@ -257,8 +258,16 @@ def _edit(action: str) -> Callable[..., tuple[Any, ...]]:
 @friendly
 def on_table(s: Session, table: Any):
     rows = table.values.tolist() if hasattr(table, "values") else list(table or [])
-    s.apply_node_table(rows)
+    s.apply_node_table(rows, measure=False)
     return circuit_outputs(s)
+
+
+@friendly
+def on_faithfulness(s: Session) -> str:
+    """The readout after an edit: measured now unless it is already for this selection."""
+    if s.circuit is not None and not s.faithfulness_is_current:
+        s.measure_faithfulness()
+    return s.faithfulness_text()
 
 
 @friendly
@@ -492,6 +501,7 @@ class CircuitViews:
     nodes: gr.Dataframe
     download: gr.DownloadButton
     upload: gr.UploadButton
+    faithfulness_button: gr.Button  # hidden: the /faithfulness endpoint (the readout after an edit)
 
 
 def _circuit_section() -> CircuitViews:
@@ -516,8 +526,10 @@ def _circuit_section() -> CircuitViews:
     with gr.Row():
         download = gr.DownloadButton("Download circuit JSON", interactive=False)
         upload = gr.UploadButton("Upload circuit JSON", file_types=[".json"], type="filepath")
+    faithfulness_button = gr.Button("Measure faithfulness", visible=False)
     return CircuitViews(faithfulness, top_k, top_k_button, threshold, threshold_button, mass, mass_button, component,
-                        include_button, exclude_button, undo_button, redo_button, nodes, download, upload)
+                        include_button, exclude_button, undo_button, redo_button, nodes, download, upload,
+                        faithfulness_button)
 
 
 @dataclass
@@ -679,6 +691,8 @@ def _circuit_outputs(a: AttributionViews, c: CircuitViews) -> list[Any]:
 def _wire_attribution_and_circuit(session: gr.State, a: AttributionViews, c: CircuitViews,
                                   heavy: dict[str, Any]) -> None:
     views = _circuit_outputs(a, c)
+    readout = (on_faithfulness, [session], c.faithfulness)
+    private = {"api_visibility": "private"}
     a.button.click(on_attribute, [session, a.method, a.ig_steps, a.edges], [a.summary, *views],
                    api_name="attribute", **heavy)
     a.agree_button.click(on_agreement, [session, a.reference, a.ig_steps], [a.agreement_text, a.agreement_plot],
@@ -686,10 +700,11 @@ def _wire_attribution_and_circuit(session: gr.State, a: AttributionViews, c: Cir
     for button, action, value in ((c.top_k_button, "top_k", c.top_k), (c.threshold_button, "threshold", c.threshold),
                                   (c.mass_button, "mass", c.mass), (c.include_button, "include", c.component),
                                   (c.exclude_button, "exclude", c.component)):
-        button.click(_edit(action), [session, value], views, api_name=action)
-    c.undo_button.click(_edit("undo"), [session], views, api_name="undo")
-    c.redo_button.click(_edit("redo"), [session], views, api_name="redo")
-    c.nodes.input(on_table, [session, c.nodes], views, api_visibility="private")
+        button.click(_edit(action), [session, value], views, api_name=action).then(*readout, **private)
+    c.undo_button.click(_edit("undo"), [session], views, api_name="undo").then(*readout, **private)
+    c.redo_button.click(_edit("redo"), [session], views, api_name="redo").then(*readout, **private)
+    c.nodes.input(on_table, [session, c.nodes], views, api_visibility="private").then(*readout, **private)
+    c.faithfulness_button.click(*readout, api_name="faithfulness")
     c.upload.upload(on_upload_circuit, [session, c.upload], views, api_name="upload_circuit")
 
 

@@ -365,6 +365,7 @@ class Session:
         self.faithfulness_result: Faithfulness | None = None
         self.faithfulness_error: str | None = None
         self.faithfulness_seconds: float | None = None
+        self._measured_selection: frozenset[str] | None = None  # what the readout's numbers are for
         self.current: RunView | None = None
         self.pinned: RunView | None = None
         self._last_mansu: _MansuRun | None = None  # what try_ablations re-runs
@@ -607,6 +608,7 @@ class Session:
         circuit = self.require_circuit()
         model, _s, _q = self.require()
         start = time.perf_counter()
+        selection = frozenset(c.name for c in circuit.selected)
         try:
             self.faithfulness_result = faithfulness(circuit, model, self.pairs if self.pairs is not None else [])
             self.faithfulness_error = None
@@ -614,10 +616,20 @@ class Session:
             # Undefined faithfulness (e.g. clean == corrupt) is a fact about the data, not a failed edit.
             self.faithfulness_result, self.faithfulness_error = None, str(exc)
         self.faithfulness_seconds = time.perf_counter() - start
+        self._measured_selection = selection
         return self.faithfulness_result
 
-    def edit(self, action: str, value: Any = None) -> Faithfulness | None:
-        """One circuit edit, then faithfulness again. ``action``:
+    @property
+    def faithfulness_is_current(self) -> bool:
+        """Whether the readout's numbers are for the circuit's selection as it is now."""
+        if self.circuit is None:
+            return False
+        return self._measured_selection == frozenset(c.name for c in self.circuit.selected)
+
+    def edit(self, action: str, value: Any = None, *, measure: bool = True) -> Faithfulness | None:
+        """One circuit edit, then faithfulness again (``measure=False``: later, by
+        :meth:`measure_faithfulness`, so a face can redraw the circuit at once and let the readout
+        follow; until then :meth:`faithfulness_text` says it is being measured). ``action``:
 
         ``top_k`` (value k), ``threshold`` (|score| ≥ value), ``mass`` (fraction of total
         |score|), ``include`` / ``exclude`` (component name or names), ``toggle`` (a name),
@@ -650,9 +662,10 @@ class Session:
                 raise WorkbenchError("nothing to redo")
         else:
             raise WorkbenchError(f"unknown circuit edit {action!r}")
-        return self.measure_faithfulness()
+        return self.measure_faithfulness() if measure else None
 
-    def apply_node_table(self, rows: Sequence[Sequence[Any]] | Sequence[Mapping[str, Any]]) -> bool:
+    def apply_node_table(self, rows: Sequence[Sequence[Any]] | Sequence[Mapping[str, Any]], *,
+                         measure: bool = True) -> bool:
         """Make the selection what the node table's checkboxes say (one undoable step).
 
         Rows are ``[in circuit, component, ...]`` (as :meth:`node_rows` gives, first two
@@ -666,7 +679,7 @@ class Session:
                 chosen.append(str(name))
         if set(chosen) == {c.name for c in circuit.selected}:
             return False
-        self.edit("set", chosen)
+        self.edit("set", chosen, measure=measure)
         return True
 
     def node_rows(self) -> list[dict[str, Any]]:
@@ -685,6 +698,8 @@ class Session:
         if self.circuit is None:
             return "No circuit yet."
         n = len(self.circuit.selected)
+        if not self.faithfulness_is_current:
+            return f"**{n} components selected.** Faithfulness: measuring…"
         if self.faithfulness_error:
             return f"**{n} components selected.** Faithfulness: {self.faithfulness_error}"
         f = self.faithfulness_result
