@@ -166,6 +166,10 @@ class SharedModels:
                 ]
             return [dict(r) for r in self._accuracy[key]]
 
+    def clear_scores(self) -> None:
+        """Forget the cached base accuracies (the bench starts each path from none)."""
+        self._accuracy.clear()
+
     def preload(self, name: str) -> None:
         """Start loading ``name`` (and its built-in split) in a background thread, once."""
 
