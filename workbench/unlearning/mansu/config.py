@@ -164,5 +164,9 @@ MANSU_VARIANTS: dict[str, MansuConfig] = {
     "guard_both": MansuConfig(name="guard_both", guard_precision="both", retain_guard=0.035),
     "q_direction": MansuConfig(name="q_direction", forget_direction="quantized"),
     "best_step": MansuConfig(name="best_step", code_choice="best"),
+    # Added before the freeze (docs/results/mansu_study.md): q_direction forgot on SmolLM2 but
+    # broke NF4 retain, which the full-precision guard does not watch; guard_both watches it.
+    "q_guard": MansuConfig(name="q_guard", forget_direction="quantized", guard_precision="both",
+                           retain_guard=0.035),
 }
 """The readings of MANSU compared in docs/results/mansu_study.md, by name (``v1``: today's)."""
