@@ -7,7 +7,6 @@ update it; :mod:`.method` runs the rounds.
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 
@@ -16,6 +15,7 @@ import torch
 from workbench.core.components import Component
 from workbench.core.errors import WorkbenchError
 from workbench.core.progress import Progress
+from workbench.core.sharing import sharing_copy
 from workbench.interpretability.parameters import circuit_parameters
 from workbench.models.loaded import LoadedModel
 from workbench.models.scoring import FactBatch, correct, top1
@@ -139,7 +139,7 @@ def setup_state(model: LoadedModel, batches: Batches, circuit: tuple[Component, 
                              f"quantizer; use at most {quant.n_codes - 1}")
     masks = candidate_masks(model, circuit, quant, config)
     names = sorted(masks)
-    work = _frozen_copy(model.hf)
+    work = _frozen_copy(model.hf, names)
     # Conv1D (GPT-2) weights are [in, out]: the model's adapter says which ones are.
     transposed_names = model.adapter.transposed
     conv1d = {n: n in transposed_names for n in names}
@@ -179,8 +179,11 @@ def setup_state(model: LoadedModel, batches: Batches, circuit: tuple[Component, 
     )
 
 
-def _frozen_copy(hf: torch.nn.Module) -> torch.nn.Module:
-    work = copy.deepcopy(hf).eval()
-    for p in work.parameters():
-        p.requires_grad_(False)
+def _frozen_copy(hf: torch.nn.Module, names: list[str]) -> torch.nn.Module:
+    """The working model at w+Δ: shares every weight with the base except the candidate
+    tensors ``names``, which rounds write into and so get their own storage."""
+    work = sharing_copy(hf).eval()
+    for n in names:
+        p = work.get_parameter(n)
+        p.data = p.data.clone()
     return work
