@@ -10,6 +10,11 @@ Five models are compared, all built from the base without modifying it:
 ``after_q``               Q(w + Δ) — the unlearned model quantized (what gets deployed)
 ========================  ===========================================================
 
+In a 16-bit storage dtype ``w + Δ`` is the after-model as saved: summed in float32 and rounded
+to the storage dtype once (``models.update.stored_sum``); the rounding's own effect,
+``storage = forget(w+Δ as stored) − forget(w+Δ in float32)``, is the decomposition's third
+term (0 in float32).
+
 The PTQ gap ``forget(after_q) − forget(after_fp)`` is decomposed (docs/SCIENCE.md §6.2) into
 ``base_shift = forget(Q(w)+Δ) − forget(w+Δ)`` — the base's own quantization noise — and
 ``rounding = forget(Q(w+Δ)) − forget(Q(w)+Δ)`` — the update being rounded away. Only the
@@ -33,6 +38,7 @@ import torch
 from workbench.core.components import Component
 from workbench.core.errors import WorkbenchError
 from workbench.core.progress import Progress, silent
+from workbench.core.sharing import sharing_copy
 from workbench.data.facts import Fact, FactSplit
 from workbench.interpretability.attribution import Attribution, AttributionConfig, attribute
 from workbench.interpretability.cad import CADResult, circuit_attribution_divergence
@@ -341,6 +347,9 @@ def measure_update(
         del vmodel
     del qbase
     accuracies = _accuracies(scores)
+    report(0.68, "the exact update in float32 (storage-rounding term)")
+    exact = _exact_forget_top1(model, update, split.forget)
+    storage = 0.0 if exact is None else accuracies.forget.after_fp - exact
     report(0.7, "quantization analysis of the update")
     changes = _code_changes(model, update, quant)
     oracle_accuracies = None
@@ -363,10 +372,26 @@ def measure_update(
         quant=quant, forget=f, retain=accuracies.retain, paraphrase=accuracies.paraphrase,
         multiple_choice=accuracies.multiple_choice, ptq_gap=ptq_gap,
         ptq_gap_decomposition=PtqGapDecomposition(base_shift=f.after_qbase_delta - f.after_fp,
-                                                  rounding=f.after_q - f.after_qbase_delta),
+                                                  rounding=f.after_q - f.after_qbase_delta, storage=storage),
         **{field.name: getattr(changes, field.name) for field in fields(_CodeChanges)},
         update_norm=update.norm(), retain_kl=kl, oracle=oracle_accuracies, cad=cad_scores, properties=card,
     )
+
+
+def _exact_forget_top1(model: LoadedModel, update: Update, forget: Sequence[Fact]) -> float | None:
+    """Forget top-1 of w+Δ summed and run in float32, for a model stored in 16 bits; ``None``
+    for a float32 model, whose stored after-model is that already (the storage term is 0).
+
+    Costs a float32 copy of the model (twice a 16-bit model's bytes) while it runs."""
+    if all(p.dtype == torch.float32 for p in model.hf.parameters()):
+        return None
+    exact = sharing_copy(model.hf)
+    for p in exact.parameters():
+        p.data = p.data.float()
+    for name, delta in update.deltas.items():
+        exact.get_parameter(name).data = model.hf.get_parameter(name).detach().float() + delta.to(
+            model.hf.get_parameter(name).device, torch.float32)
+    return evaluate_facts(exact, forget, tokenizer=model.tokenizer, multiple_choice=False).top1
 
 
 _CAD_PAIRS = {"fp": ("base_fp", "after_fp"), "quantized": ("base_q", "after_q")}
@@ -509,7 +534,8 @@ def summary_lines(metrics: RunMetrics) -> list[str]:
     d, ratio = metrics.ptq_gap_decomposition, metrics.update_to_bin_width
     lines = [
         _verdict_line(metrics.properties),
-        f"PTQ gap {metrics.ptq_gap:+.3f} = base shift {d.base_shift:+.3f} + rounding {d.rounding:+.3f}",
+        f"PTQ gap {metrics.ptq_gap:+.3f} = base shift {d.base_shift:+.3f} + rounding {d.rounding:+.3f}"
+        + (f" (before it, storage rounding {d.storage:+.3f})" if d.storage else ""),
         f"params changed {metrics.params_changed:,} · codes changed {metrics.codes_changed:,} "
         f"({100 * metrics.codes_changed_fraction:.4f}%) · code overlap "
         f"{metrics.code_overlap:.6f} · bucket overlap {metrics.bucket_overlap:.6f}",

@@ -220,17 +220,25 @@ class ParaphraseAccuracies:
 class PtqGapDecomposition:
     """The PTQ gap split in two (docs/SCIENCE.md §6.2): ``base_shift`` = forget(Q(w)+Δ) −
     forget(w+Δ), the base's own quantization noise, and ``rounding`` = forget(Q(w+Δ)) −
-    forget(Q(w)+Δ), the update being rounded away."""
+    forget(Q(w)+Δ), the update being rounded away.
+
+    ``storage`` = forget(w+Δ as stored) − forget(w+Δ in float32): the rounding of the
+    after-model to a 16-bit storage dtype before it is quantized (exactly 0 in float32).
+    ``storage + base_shift + rounding`` is what the whole pipeline (save, quantize) does to
+    the exact update; the PTQ gap is the last two terms."""
 
     base_shift: float
     rounding: float
+    storage: float = 0.0
 
     def to_json(self) -> JsonObject:
-        return {"base_shift": self.base_shift, "rounding": self.rounding}
+        return {"base_shift": self.base_shift, "rounding": self.rounding, "storage": self.storage}
 
     @classmethod
     def from_json(cls, f: JsonFields) -> PtqGapDecomposition:
-        out = cls(base_shift=f.number("base_shift"), rounding=f.number("rounding"))
+        # files written before the storage term had none: their models were float32 (term 0)
+        storage = f.number("storage") if f.has("storage") else 0.0
+        out = cls(base_shift=f.number("base_shift"), rounding=f.number("rounding"), storage=storage)
         f.no_other_keys()
         return out
 

@@ -52,7 +52,9 @@ def answer_logprob_gradient(work: torch.nn.Module, names: list[str], batch: Fact
     finally:
         for n in names:
             params[n].requires_grad_(False)
-    return {n: (g if g is not None else torch.zeros_like(params[n])) for n, g in zip(names, grads)}
+    # float32 whatever the storage dtype: MANSU's scores and deltas live there
+    return {n: (g.float() if g is not None else torch.zeros_like(params[n], dtype=torch.float32))
+            for n, g in zip(names, grads)}
 
 
 def forget_direction(work: torch.nn.Module, names: list[str], forget: FactBatch,

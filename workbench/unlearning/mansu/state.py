@@ -169,7 +169,8 @@ def setup_state(model: LoadedModel, batches: Batches, circuit: tuple[Component, 
         qwork=qwork, retain_sample=retain_sample, guard_batch=guard_batch, guard_base=top1(work, guard_batch),
         guard_base_q=top1(qwork, guard_batch) if config.guard_precision == "both" else None,
         n_candidates=n_candidates, per_round=per_round, max_per_round=max_per_round,
-        deltas={n: torch.zeros_like(base[n]) for n in names},
+        # float32 whatever the storage dtype: updates accumulate there (rounded only when written)
+        deltas={n: torch.zeros_like(base[n], dtype=torch.float32) for n in names},
         moved={n: torch.zeros(base[n].numel(), dtype=torch.bool, device=base[n].device) for n in names},
         # Which forget facts each model still answers: the forget gradient only runs over those
         # (forgotten facts contribute nothing to it), and each round's evaluation refreshes them.
