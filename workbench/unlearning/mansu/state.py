@@ -99,7 +99,9 @@ class MansuState:
         return int(sum(int(m.sum()) for m in self.moved.values()))
 
     def lap(self, phase: str, since: float) -> float:
-        """Add the time since ``since`` to ``phase``; return now."""
+        """Add the time since ``since`` to ``phase``; return now (after the GPU's queued work)."""
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         now = time.perf_counter()
         self.timings[phase] += now - since
         return now
