@@ -12,8 +12,8 @@ Five models are compared, all built from the base without modifying it:
 
 In a 16-bit storage dtype ``w + Δ`` is the after-model as saved: summed in float32 and rounded
 to the storage dtype once (``models.update.stored_sum``); the rounding's own effect,
-``storage = forget(w+Δ as stored) − forget(w+Δ in float32)``, is the decomposition's third
-term (0 in float32).
+``storage = forget(w+Δ as stored) − forget(w+Δ exact)`` (both run in float32), is reported as
+the decomposition's third term (exactly 0 for a float32 model).
 
 The PTQ gap ``forget(after_q) − forget(after_fp)`` is decomposed (docs/SCIENCE.md §6.2) into
 ``base_shift = forget(Q(w)+Δ) − forget(w+Δ)`` — the base's own quantization noise — and
@@ -60,7 +60,7 @@ from workbench.measurement.results import (
 )
 from workbench.models.loaded import LoadedModel
 from workbench.models.scoring import encode_prompts, last_token_logits
-from workbench.models.update import Update
+from workbench.models.update import Update, stored_sum
 from workbench.quant import (
     QuantConfig,
     compare_quantization,
@@ -348,8 +348,7 @@ def measure_update(
     del qbase
     accuracies = _accuracies(scores)
     report(0.68, "the exact update in float32 (storage-rounding term)")
-    exact = _exact_forget_top1(model, update, split.forget)
-    storage = 0.0 if exact is None else accuracies.forget.after_fp - exact
+    storage = _storage_term(model, update, split.forget)
     report(0.7, "quantization analysis of the update")
     changes = _code_changes(model, update, quant)
     oracle_accuracies = None
@@ -378,20 +377,25 @@ def measure_update(
     )
 
 
-def _exact_forget_top1(model: LoadedModel, update: Update, forget: Sequence[Fact]) -> float | None:
-    """Forget top-1 of w+Δ summed and run in float32, for a model stored in 16 bits; ``None``
-    for a float32 model, whose stored after-model is that already (the storage term is 0).
+def _storage_term(model: LoadedModel, update: Update, forget: Sequence[Fact]) -> float:
+    """forget top-1 of w+Δ rounded to the storage dtype − of w+Δ exact, both run in float32 (so
+    the difference is the rounding alone, not the 16-bit arithmetic); exactly 0 for a float32 model.
 
     Costs a float32 copy of the model (twice a 16-bit model's bytes) while it runs."""
-    if all(p.dtype == torch.float32 for p in model.hf.parameters()):
-        return None
-    exact = sharing_copy(model.hf)
-    for p in exact.parameters():
+    if update.is_empty() or all(p.dtype == torch.float32 for p in model.hf.parameters()):
+        return 0.0
+    wide = sharing_copy(model.hf)
+    for p in wide.parameters():
         p.data = p.data.float()
-    for name, delta in update.deltas.items():
-        exact.get_parameter(name).data = model.hf.get_parameter(name).detach().float() + delta.to(
-            model.hf.get_parameter(name).device, torch.float32)
-    return evaluate_facts(exact, forget, tokenizer=model.tokenizer, multiple_choice=False).top1
+    base = model.state()
+
+    def top1(rounded: bool) -> float:
+        for name, delta in update.deltas.items():
+            after = stored_sum(base[name], delta) if rounded else stored_sum(base[name].float(), delta)
+            wide.get_parameter(name).data = after.float()
+        return evaluate_facts(wide, forget, tokenizer=model.tokenizer, multiple_choice=False).top1
+
+    return top1(rounded=True) - top1(rounded=False)
 
 
 _CAD_PAIRS = {"fp": ("base_fp", "after_fp"), "quantized": ("base_q", "after_q")}

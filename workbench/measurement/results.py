@@ -222,10 +222,10 @@ class PtqGapDecomposition:
     forget(w+Δ), the base's own quantization noise, and ``rounding`` = forget(Q(w+Δ)) −
     forget(Q(w)+Δ), the update being rounded away.
 
-    ``storage`` = forget(w+Δ as stored) − forget(w+Δ in float32): the rounding of the
-    after-model to a 16-bit storage dtype before it is quantized (exactly 0 in float32).
-    ``storage + base_shift + rounding`` is what the whole pipeline (save, quantize) does to
-    the exact update; the PTQ gap is the last two terms."""
+    ``storage`` = forget(w+Δ as stored) − forget(w+Δ exact), both run in float32: what
+    rounding the after-model to a 16-bit storage dtype (before it is quantized) does to the
+    update (exactly 0 for float32 models). It is the pipeline's third term, reported beside
+    the PTQ gap's two (which compare models as stored)."""
 
     base_shift: float
     rounding: float
