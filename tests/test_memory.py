@@ -112,3 +112,19 @@ def test_measurement_equals_deep_copy_measurement_on_a_tiny_llama(toy_llama_gqa)
     sparse[:3, :5] = 0.2
     deltas["model.layers.0.self_attn.o_proj.weight"] = sparse
     _check_equal_to_deep_copies(toy_llama_gqa, split, Update(deltas))
+
+
+def test_chunked_gradient_equals_one_backward(facts_tiny, split):
+    """MANSU's gradients over more facts than one chunk are summed chunk by chunk: the same
+    gradient as one backward over all of them, up to float summation order."""
+    from workbench.models.scoring import FactBatch
+    from workbench.unlearning.mansu.candidates import answer_logprob_gradient
+
+    work = sharing_copy(facts_tiny.hf)
+    names = ["transformer.h.0.mlp.c_fc.weight", "transformer.h.1.attn.c_attn.weight"]
+    batch = FactBatch.from_facts(facts_tiny.tokenizer, list(split.retain[:50]))
+    whole = answer_logprob_gradient(work, names, batch, chunk=len(batch))
+    chunked = answer_logprob_gradient(work, names, batch, chunk=16)
+    for n in names:
+        assert whole[n].abs().max() > 0
+        torch.testing.assert_close(chunked[n], whole[n], rtol=1e-5, atol=1e-7)

@@ -11,7 +11,8 @@ Flows:
 
 - ``flow``: the app's default path through :class:`~workbench.faces.session.Session` —
   ``load`` (setup: load, built-in split, base accuracy full precision and quantized),
-  ``attribution`` (Run attribution), ``mansu`` (Run MANSU with its whole measurement).
+  ``attribution`` (Run attribution), ``mansu`` (Run MANSU with its whole measurement, at most
+  ``rounds`` rounds).
 - ``mansu-no-circuit``: load, then MANSU over every quantized weight (``use_circuit=False``)
   for ``rounds`` rounds, without the measurement.
 - ``scale``: a randomly initialised Llama-shape model built in bfloat16 (:data:`SCALE_FULL`,
@@ -164,7 +165,8 @@ def child(flow: str, model_name: str, rounds: int) -> dict[str, Any]:
         model_bytes = _model_bytes(session.model)
         if flow == "flow":
             _phase(rows, "attribution", session.attribute)
-            _phase(rows, "mansu", lambda: session.unlearn("mansu"))
+            # ``rounds`` caps the run: memory per round is the same, the time is not
+            _phase(rows, "mansu", lambda: session.unlearn("mansu", mansu={"max_rounds": rounds}))
         elif flow == "mansu-no-circuit":
             from workbench.unlearning.mansu import MansuConfig
             from workbench.unlearning.registry import unlearn
@@ -186,7 +188,7 @@ def _report(flow: str, model_name: str, model_bytes: int, baseline: int, rows: l
             "max_rss_bytes": max(row["peak_rss_bytes"] for row in rows), "phases": rows}
 
 
-def run_flow(flow: str, model_name: str, *, rounds: int = 2, pythonpath: str | None = None) -> dict[str, Any]:
+def run_flow(flow: str, model_name: str, *, rounds: int = 3, pythonpath: str | None = None) -> dict[str, Any]:
     """Run ``flow`` on ``model_name`` in a child process and return its report.
 
     ``pythonpath``: the checkout whose ``workbench`` the child imports (default: this one)."""
@@ -218,5 +220,5 @@ def memory_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    flow_arg, model_arg, rounds_arg = sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 2
+    flow_arg, model_arg, rounds_arg = sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 3
     print(json.dumps(child(flow_arg, model_arg, rounds_arg)))
