@@ -229,15 +229,17 @@ class PtqGapDecomposition:
 
     base_shift: float
     rounding: float
-    storage: float = 0.0
+    storage: float | None = None  # None: a run written before the term existed (float32: it was 0)
 
     def to_json(self) -> JsonObject:
-        return {"base_shift": self.base_shift, "rounding": self.rounding, "storage": self.storage}
+        out: JsonObject = {"base_shift": self.base_shift, "rounding": self.rounding}
+        if self.storage is not None:
+            out["storage"] = self.storage
+        return out
 
     @classmethod
     def from_json(cls, f: JsonFields) -> PtqGapDecomposition:
-        # files written before the storage term had none: their models were float32 (term 0)
-        storage = f.number("storage") if f.has("storage") else 0.0
+        storage = f.number("storage") if f.has("storage") else None
         out = cls(base_shift=f.number("base_shift"), rounding=f.number("rounding"), storage=storage)
         f.no_other_keys()
         return out
