@@ -121,3 +121,28 @@ def test_bench_flow_times_every_step_and_both_paths_measure_the_same():
     assert same_measurements(flow.fast.metrics, replace(flow.fast.metrics, seconds=1e9, run_id="x")) == []
     moved = replace(flow.fast.metrics, ptq_gap=flow.fast.metrics.ptq_gap + 0.01, params_changed=0)
     assert same_measurements(flow.fast.metrics, moved) == ["params_changed", "ptq_gap"]
+
+def test_scale_bench_reduced_runs_every_phase_in_a_child_process():
+    """``workbench bench scale`` at its reduced size: a random bf16 Llama built in a child process,
+    attributed, unlearned (MANSU, 3 rounds, top-10 circuit) and measured; peak RSS per phase."""
+    from workbench.faces.bench import format_rows
+    from workbench.faces.bench_memory import MEMORY_COLUMNS, memory_rows, run_flow
+
+    report = run_flow("scale", "reduced")
+    assert [p["phase"] for p in report["phases"]] == ["load", "attribution", "mansu", "measurement"]
+    # a 2-layer d128 Llama with a 2000-word vocabulary, in bfloat16 (2 bytes per parameter)
+    n_params = 2 * 2000 * 128 + 2 * (2 * 128 * 128 + 2 * 128 * 32 + 3 * 128 * 352 + 2 * 128) + 128
+    assert report["model_bytes"] == 2 * n_params
+    for p in report["phases"]:
+        assert p["seconds"] > 0 and p["peak_rss_bytes"] >= report["imports_rss_bytes"]
+        assert p["peak_over_model"] == p["peak_rss_bytes"] / report["model_bytes"]
+    assert report["max_rss_bytes"] == max(p["peak_rss_bytes"] for p in report["phases"])
+    assert "peak/model" in format_rows(memory_rows(report), MEMORY_COLUMNS)
+
+
+def test_memory_bench_refuses_unknown_flows():
+    from workbench.core.errors import WorkbenchError
+    from workbench.faces.bench_memory import run_flow
+
+    with pytest.raises(WorkbenchError, match="unknown memory flow"):
+        run_flow("everything", "facts-tiny")

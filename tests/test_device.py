@@ -63,3 +63,38 @@ def test_update_deltas_live_on_the_cpu_and_follow_the_model_when_applied(facts_t
     # needs no GPU) to see the sum follow the base, not the update.
     on_meta = {name: facts_tiny.state()[name].to("meta")}
     assert update.after_state(on_meta)[name].device == torch.device("meta")
+
+
+def _meta_llama():
+    """A tiny Llama whose weights live on the ``meta`` device (no storage): where a copy of it
+    lands shows whether the code moved it."""
+    from workbench.models.loaded import LoadedModel
+    from workbench.models.toy import toy_model
+
+    toy = toy_model("llama", n_layers=2, d_model=32, n_heads=4, n_kv_heads=2)
+    return LoadedModel(name="meta-llama", hf=toy.hf.to("meta"), tokenizer=toy.tokenizer), toy
+
+
+def test_bridge_variants_and_updates_stay_on_the_models_device():
+    """The bridge runs over the model's own parameters on its device (no CPU copy), a variant
+    holds its new tensors on the model's device, and an update's after-state lands there too."""
+    from workbench.models.update import Update
+
+    model, toy = _meta_llama()
+    bridge = model.bridge()
+    hf_params = {id(p) for p in model.hf.parameters()}
+    assert all(p.device.type == "meta" for p in bridge.parameters())
+    assert sum(id(p) in hf_params for p in bridge.parameters()) == len(list(bridge.parameters()))
+    name = "model.layers.0.mlp.up_proj.weight"
+    cpu_value = torch.zeros(toy.hf.get_parameter(name).shape)
+    variant = model.with_state({name: cpu_value}, "v")
+    assert variant.hf.get_parameter(name).device.type == "meta"
+    assert all(p.device.type == "meta" for p in variant.hf.parameters())
+    after = Update({name: cpu_value}).after_state(model.state())
+    assert after[name].device.type == "meta"
+
+
+def test_cpu_bridge_shares_the_models_storage(toy_llama_gqa):
+    bridge = toy_llama_gqa.bridge()
+    ptrs = {p.data_ptr() for p in toy_llama_gqa.hf.parameters()}
+    assert all(p.device.type == "cpu" and p.data_ptr() in ptrs for p in bridge.parameters())

@@ -2,9 +2,12 @@
 
 Every model the workbench loads is placed on :func:`choose_device` (or spread over devices by
 an explicit ``device_map``); everything downstream takes its device from the model it is
-given (:func:`module_device`), so the same code runs on either. Weights stay float32 on
-every device: the quantization analysis compares a weight with its NF4 code value to a few
-ULPs, which half precision would blur.
+given (:func:`module_device`), so the same code runs on either.
+
+Weights are float32 unless asked otherwise (:func:`choose_dtype`: ``load_model(..., dtype=)``,
+``workbench --dtype``, ``$WORKBENCH_DTYPE``). In bfloat16/float16 the quantization analysis
+reads the weights as stored (as bitsandbytes quantizes a deployed 16-bit model); updates
+still accumulate in float32 (docs/SCIENCE.md, "Storage dtype").
 
 Override with ``$WORKBENCH_DEVICE`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) or
 ``load_model(..., device=...)``.
@@ -22,6 +25,31 @@ import torch
 from workbench.core.errors import WorkbenchError
 
 ENV = "WORKBENCH_DEVICE"
+DTYPE_ENV = "WORKBENCH_DTYPE"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The storage dtypes a model may be loaded in, by name."""
+
+
+def choose_dtype(requested: str | torch.dtype | None = None) -> torch.dtype:
+    """The storage dtype models are loaded in: ``requested`` (a name of :data:`DTYPES` or a
+    torch dtype), else ``$WORKBENCH_DTYPE``, else float32.
+
+    Raises:
+        WorkbenchError: for any other dtype.
+    """
+    if isinstance(requested, torch.dtype):
+        if requested not in DTYPES.values():
+            raise WorkbenchError(f"dtype {requested} is not supported; choose {', '.join(DTYPES)}")
+        return requested
+    value = (requested if requested is not None else os.environ.get(DTYPE_ENV, "float32")).strip().lower()
+    if value not in DTYPES:
+        raise WorkbenchError(f"unknown dtype {value!r}: choose {', '.join(DTYPES)}")
+    return DTYPES[value]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
 
 
 def choose_device(requested: str | None = None) -> torch.device:

@@ -1,7 +1,9 @@
 """``workbench bench``: speed and memory as ratios measured in one process (never timed assertions).
 
-Three sections: ``attribution`` (below), ``quantization`` (:func:`bench_quantization`) and
-``unlearning`` (:func:`bench_unlearning`); peak memory is measured with :class:`PeakMemory`.
+Five sections: ``attribution`` (below), ``quantization`` (:func:`bench_quantization`),
+``unlearning`` (:func:`bench_unlearning`), whose peak memory is measured with
+:class:`PeakMemory`, and ``memory`` and ``scale``, which run whole flows in child processes
+(:mod:`workbench.faces.bench_memory`) and report peak RSS ÷ model bytes per phase.
 
 Attribution, for each model, on one set of clean/corrupt pairs:
 
@@ -36,6 +38,7 @@ import torch
 from workbench.core.components import all_components
 from workbench.core.errors import WorkbenchError
 from workbench.core.progress import silent
+from workbench.faces.bench_memory import MEMORY_COLUMNS, memory_rows, run_flow
 from workbench.interpretability.attribution import (
     AttributionConfig,
     PromptPairs,
@@ -436,7 +439,19 @@ def format_rows(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str
     return "\n".join(lines)
 
 
-SECTIONS = ("attribution", "quantization", "unlearning")
+
+def _memory_section(model_name: str) -> list[dict[str, Any]]:
+    """The ``memory`` section: the app's default flow and MANSU without a circuit, each in a child
+    process (:mod:`workbench.faces.bench_memory`). Targets: flow ≤ 3× the model, MANSU without a
+    circuit ≤ 4 GB on SmolLM2."""
+    print("== memory: peak RSS per phase / model bytes, one child process per flow (targets: app flow <= 3x, "
+          "MANSU without a circuit <= 4 GB on SmolLM2)")
+    rows = [row for flow in ("flow", "mansu-no-circuit") for row in memory_rows(run_flow(flow, model_name))]
+    print(format_rows(rows, MEMORY_COLUMNS))
+    return rows
+
+
+SECTIONS = ("attribution", "quantization", "unlearning", "memory", "scale")
 """What ``workbench bench`` runs by default."""
 EXTRA_SECTIONS = ("flow",)
 """Run only when named: ``flow`` is the app's whole default flow twice (minutes on SmolLM2)."""
@@ -450,7 +465,9 @@ def run_bench(sections: Sequence[str] = (), *, quick: bool = False) -> dict[str,
     The attribution section uses the trained ``facts`` model (``facts-tiny`` with ``--quick``)
     on its forget set, plus the default random 12-layer GPT-2-small-shaped model; the
     quantization section ``smollm2`` (``facts-tiny`` with ``--quick``); the unlearning
-    section ``facts`` (``facts-tiny``). Torch runs on one thread throughout (see above).
+    section ``facts`` (``facts-tiny``); the memory section ``smollm2`` (``facts-tiny``); the
+    scale section the 1B-class Llama (its reduced shape with ``--quick``). Torch runs on one
+    thread throughout (see above).
     """
     chosen = list(sections) or list(SECTIONS)
     unknown = [s for s in chosen if s not in SECTIONS + EXTRA_SECTIONS]
@@ -495,6 +512,14 @@ def run_bench(sections: Sequence[str] = (), *, quick: bool = False) -> dict[str,
               "(targets: MANSU >= 5x, setup <= 5 s, attribution <= 10 s, edit redraw < 1 s); metrics equal")
         print(format_rows(flow.rows(), FLOW_COLUMNS))
         report["flow"] = flow.rows()
+
+    if "memory" in chosen:
+        report["memory"] = _memory_section("facts-tiny" if quick else "smollm2")
+    if "scale" in chosen:
+        print("== scale: a random 1B-class Llama in bfloat16, each phase's peak RSS / model bytes (target <= 3)")
+        rows = memory_rows(run_flow("scale", "reduced" if quick else "full"))
+        print(format_rows(rows, MEMORY_COLUMNS))
+        report["scale"] = rows
     report["seconds"] = time.perf_counter() - started
     print(f"bench: {report['seconds']:.0f} s in all")
     return report

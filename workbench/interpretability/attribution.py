@@ -95,6 +95,7 @@ from typing import Any, Literal, get_args
 import torch
 
 from workbench.core.components import EMBED, LOGITS, Component, ComponentKind, EdgeInput, all_components, head, mlp
+from workbench.core.device import module_device
 from workbench.core.errors import WorkbenchError
 from workbench.core.progress import Progress, Steps
 from workbench.models.loaded import LoadedModel
@@ -752,7 +753,7 @@ def _forward(
         return hook
 
     with bridge.hooks(fwd_hooks=[(n, make(n)) for n in names]):
-        logits = bridge(tokens)
+        logits = bridge(tokens.to(module_device(bridge)))  # the bridge runs where the model is
     return logits, live
 
 
@@ -839,7 +840,7 @@ def _node_contributions(lay: _Layout, deltas: dict[str, torch.Tensor], grad: dic
     out.append(torch.tensor([embed], dtype=torch.float64))
     for layer in range(lay.n_layers):
         z = lay.z(layer)
-        out.append((deltas[z] * grad[z]).sum(dim=(0, 1, 3)).double())
+        out.append((deltas[z] * grad[z]).sum(dim=(0, 1, 3)).double().cpu())
         m = lay.mlp_out(layer)
         out.append(torch.tensor([float((deltas[m] * grad[m]).sum())], dtype=torch.float64))
     return torch.cat(out)
@@ -864,7 +865,7 @@ class _EdgeAccumulator:
         self.head_results: list[torch.Tensor] = []
         self.n_writers = 1 + lay.n_layers * (h + 1)
         self.n_readers = lay.n_layers * (3 * h + 1) + 1
-        self.totals = torch.zeros(self.n_writers, self.n_readers, dtype=torch.float64)
+        self.totals = torch.zeros(self.n_writers, self.n_readers, dtype=torch.float64, device=module_device(bridge))
         self.chunk = torch.zeros_like(self.totals)
         self.writer_rows: torch.Tensor | None = None
         self.kv_split: dict[str, torch.Tensor] = {}
@@ -923,11 +924,11 @@ class _EdgeAccumulator:
             for kind, out_name, head_dim in (("k", "attn.hook_attn_scores", 1), ("v", "attn.hook_z", 2)):
                 inp = f"blocks.{layer}.attn.hook_{kind}_input"
                 out = f"blocks.{layer}.{out_name}"
-                parts = torch.zeros(*grad[inp].shape[:2], lay.n_heads, grad[inp].shape[-1])
+                parts = torch.zeros(*grad[inp].shape[:2], lay.n_heads, grad[inp].shape[-1], device=grad[inp].device)
                 for r in range(group):
                     mask_shape = [1] * grad[out].ndim
                     mask_shape[head_dim] = lay.n_heads
-                    mask = (torch.arange(lay.n_heads) % group == r).float().reshape(mask_shape)
+                    mask = (torch.arange(lay.n_heads, device=grad[out].device) % group == r).float().reshape(mask_shape)
                     (part,) = torch.autograd.grad(
                         live[out], live[inp], grad_outputs=grad[out] * mask, retain_graph=True, allow_unused=True
                     )

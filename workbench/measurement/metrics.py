@@ -10,6 +10,11 @@ Five models are compared, all built from the base without modifying it:
 ``after_q``               Q(w + Δ) — the unlearned model quantized (what gets deployed)
 ========================  ===========================================================
 
+In a 16-bit storage dtype ``w + Δ`` is the after-model as saved: summed in float32 and rounded
+to the storage dtype once (``models.update.stored_sum``); the rounding's own effect,
+``storage = forget(w+Δ as stored) − forget(w+Δ exact)`` (both run in float32), is reported as
+the decomposition's third term (exactly 0 for a float32 model).
+
 The PTQ gap ``forget(after_q) − forget(after_fp)`` is decomposed (docs/SCIENCE.md §6.2) into
 ``base_shift = forget(Q(w)+Δ) − forget(w+Δ)`` — the base's own quantization noise — and
 ``rounding = forget(Q(w+Δ)) − forget(Q(w)+Δ)`` — the update being rounded away. Only the
@@ -33,6 +38,7 @@ import torch
 from workbench.core.components import Component
 from workbench.core.errors import WorkbenchError
 from workbench.core.progress import Progress, silent
+from workbench.core.sharing import sharing_copy
 from workbench.data.facts import Fact, FactSplit
 from workbench.interpretability.attribution import Attribution, AttributionConfig, attribute
 from workbench.interpretability.cad import CADResult, circuit_attribution_divergence
@@ -54,7 +60,7 @@ from workbench.measurement.results import (
 )
 from workbench.models.loaded import LoadedModel
 from workbench.models.scoring import encode_prompts, last_token_logits
-from workbench.models.update import Update
+from workbench.models.update import Update, stored_sum
 from workbench.quant import (
     QuantConfig,
     compare_quantization,
@@ -103,35 +109,63 @@ class Thresholds:
         return calibrated if calibrated is not None else DEFAULT_CAD_MIN
 
 
+VARIANTS = ("base_fp", "base_q", "after_fp", "after_qbase_delta", "after_q")
+"""The five models of the module docstring, in the order they are measured."""
+
+
+def quantized_base(model: LoadedModel, quant: QuantConfig) -> dict[str, torch.Tensor]:
+    """Q(w) of every weight the quantizer touches (the only tensors the quantized variants share)."""
+    base = model.state()
+    tr = model.adapter.transposed
+    return {n: quantize_dequantize(base[n], quant, transposed=n in tr) for n in model.adapter.quantizable(quant)}
+
+
+def variant_state(model: LoadedModel, update: Update, quant: QuantConfig, vname: str,
+                  qbase: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of variant ``vname`` that differ from the base (``qbase`` from :func:`quantized_base`).
+
+    Parameters the quantizer leaves alone keep their exact update (as in a bnb deployment)."""
+    base = model.state()
+    after = update.after_state(base)
+    if vname == "base_fp":
+        return {}
+    if vname == "base_q":
+        return qbase
+    if vname == "after_fp":
+        return after
+    tr = model.adapter.transposed
+    if vname == "after_qbase_delta":
+        return {**qbase, **{n: (q := qbase.get(n, base[n])) + d.to(q.device, q.dtype)
+                            for n, d in update.deltas.items()}}
+    if vname == "after_q":
+        return {**qbase, **{n: quantize_dequantize(a, quant, transposed=n in tr) if n in qbase else a
+                            for n, a in after.items()}}
+    raise WorkbenchError(f"unknown variant {vname!r}; choose from {', '.join(VARIANTS)}")
+
+
+def variant_model(model: LoadedModel, update: Update, quant: QuantConfig, vname: str,
+                  qbase: dict[str, torch.Tensor]) -> LoadedModel:
+    """Variant ``vname`` as a model that shares every unchanged weight with ``model`` (no copy)."""
+    if vname == "base_fp":
+        return model
+    label = {"base_q": f"{model.name}|{quant.label}", "after_fp": f"{model.name}+Δ",
+             "after_qbase_delta": f"{model.name}|{quant.label}+Δ", "after_q": f"{model.name}+Δ|{quant.label}"}[vname]
+    return model.with_state(variant_state(model, update, quant, vname, qbase), label)
+
+
 def quantized_states(
     model: LoadedModel, update: Update, quant: QuantConfig
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Replacement states for the quantized variants (only names that differ from the base)."""
-
-    base = model.state()
-    names = model.adapter.quantizable(quant)
-    tr = model.adapter.transposed
-    qbase = {n: quantize_dequantize(base[n], quant, transposed=n in tr) for n in names}
-    after_q = dict(qbase)
-    for n, d in update.deltas.items():
-        # Parameters the quantizer leaves alone keep their exact update (as in a bnb deployment).
-        after_q[n] = quantize_dequantize(base[n] + d, quant, transposed=n in tr) if n in qbase else base[n] + d
-    qbase_delta = dict(qbase)
-    for n, d in update.deltas.items():
-        qbase_delta[n] = qbase.get(n, base[n]) + d
-    return {"base_q": qbase, "after_q": after_q, "after_qbase_delta": qbase_delta}
+    qbase = quantized_base(model, quant)
+    return {v: variant_state(model, update, quant, v, qbase) for v in ("base_q", "after_q", "after_qbase_delta")}
 
 
 def build_variants(model: LoadedModel, update: Update, quant: QuantConfig) -> dict[str, LoadedModel]:
-    """The five models of the module docstring."""
-    states = quantized_states(model, update, quant)
-    return {
-        "base_fp": model,
-        "base_q": model.with_state(states["base_q"], f"{model.name}|{quant.label}"),
-        "after_fp": update.apply(model, f"{model.name}+Δ"),
-        "after_qbase_delta": model.with_state(states["after_qbase_delta"], f"{model.name}|{quant.label}+Δ"),
-        "after_q": model.with_state(states["after_q"], f"{model.name}+Δ|{quant.label}"),
-    }
+    """The five models of the module docstring, all at once (they share the base's weights and
+    Q(w); :func:`measure_update` builds them one at a time instead)."""
+    qbase = quantized_base(model, quant)
+    return {v: variant_model(model, update, quant, v, qbase) for v in VARIANTS}
 
 
 def retain_kl(base: LoadedModel, after: LoadedModel, facts: Sequence[Fact]) -> float:
@@ -177,14 +211,6 @@ def clear_base_memo() -> None:
         _BASE_MEMO.clear()
 
 
-def _evaluate_variant(vname: str, vmodel: LoadedModel, facts: Sequence[Fact], quant: QuantConfig,
-                      multiple_choice: bool) -> FactScores:
-    if vname not in BASE_VARIANTS:
-        return evaluate_facts(vmodel, facts, multiple_choice=multiple_choice)
-    key = ("evaluate", vname, vmodel.fingerprint, quant.label, tuple(facts), multiple_choice)
-    return base_memo(key, lambda: evaluate_facts(vmodel, facts, multiple_choice=multiple_choice))
-
-
 def _finite(x: float) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
 
@@ -199,21 +225,39 @@ class _Accuracies:
     multiple_choice: MultipleChoiceScores
 
 
-def _variant_accuracies(variants: dict[str, LoadedModel], split: FactSplit, quant: QuantConfig,
-                        report: Progress) -> _Accuracies:
-    sets = {"forget": split.forget, "retain": split.retain,
-            "forget_paraphrase": split.forget_paraphrase, "retain_paraphrase": split.retain_paraphrase}
-    acc: dict[str, dict[str, float]] = {k: {} for k in sets if sets[k]}
+_SETS = ("forget", "retain", "forget_paraphrase", "retain_paraphrase")
+
+
+def _fact_sets(split: FactSplit) -> dict[str, Sequence[Fact]]:
+    return {name: facts for name in _SETS if (facts := getattr(split, name))}
+
+
+def _variant_scores(vname: str, vmodel: LoadedModel, split: FactSplit, quant: QuantConfig,
+                    key_model: LoadedModel) -> dict[str, FactScores]:
+    """Scores of one variant on every fact set of ``split`` (multiple choice on forget only).
+
+    The base variants are memoised under ``key_model``'s fingerprint (the base's): Q(w) is
+    fixed by w and the quantizer, and hashing a variant's weights would cost a pass over them."""
+    out = {}
+    for sname, facts in _fact_sets(split).items():
+        mc = sname == "forget"
+        if vname in BASE_VARIANTS:
+            key = ("evaluate", vname, key_model.fingerprint, quant, tuple(facts), mc)
+            out[sname] = base_memo(key, lambda f=facts, m=mc: evaluate_facts(vmodel, f, multiple_choice=m))
+        else:
+            out[sname] = evaluate_facts(vmodel, facts, multiple_choice=mc)
+    return out
+
+
+def _accuracies(scores: dict[str, dict[str, FactScores]]) -> _Accuracies:
+    """``scores[variant][set]`` as the metrics' typed accuracies."""
+    acc: dict[str, dict[str, float]] = {}
     mc: dict[str, float | None] = {}
-    for i, (vname, vmodel) in enumerate(variants.items()):
-        report(0.1 + 0.4 * i / len(variants), f"evaluating {vname}")
-        for sname, facts in sets.items():
-            if not facts:
-                continue
-            scores = _evaluate_variant(vname, vmodel, facts, quant, multiple_choice=(sname == "forget"))
-            acc[sname][vname] = scores.top1
+    for vname, per_set in scores.items():
+        for sname, sc in per_set.items():
+            acc.setdefault(sname, {})[vname] = sc.top1
             if sname == "forget":
-                mc[vname] = _finite(scores.mc)
+                mc[vname] = _finite(sc.mc)
 
     def of(sname: str) -> VariantAccuracies | None:
         return VariantAccuracies(**acc[sname]) if sname in acc else None
@@ -283,13 +327,30 @@ def measure_update(
 
     report = progress or silent
     update.check_fits(model)
-    report(0.05, "building full-precision and quantized variants")
-    variants = build_variants(model, update, quant)
-    accuracies = _variant_accuracies(variants, split, quant, report)
-    report(0.55, "quantization analysis of the update")
+    circuit_list = list(circuit) if circuit is not None else None
+    config = attribution_config or AttributionConfig()
+    report(0.05, f"{quant.label} of the base weights")
+    qbase = quantized_base(model, quant)
+    scores: dict[str, dict[str, FactScores]] = {}
+    attributions: dict[str, Attribution] = {}
+    kl = 0.0
+    # One variant at a time, released before the next: each shares the base's weights (and
+    # Q(w)) and holds only its own tensors, and only scores are kept.
+    for i, vname in enumerate(VARIANTS):
+        report(0.1 + 0.6 * i / len(VARIANTS), f"evaluating {vname}")
+        vmodel = variant_model(model, update, quant, vname, qbase)
+        scores[vname] = _variant_scores(vname, vmodel, split, quant, model)
+        if vname == "after_fp":
+            kl = retain_kl(model, vmodel, split.retain)
+        if cad and vname in _CAD_VARIANTS:
+            attributions[vname] = _variant_attribution(vname, vmodel, split.forget, config, quant, model)
+        del vmodel
+    del qbase
+    accuracies = _accuracies(scores)
+    report(0.68, "the exact update in float32 (storage-rounding term)")
+    storage = _storage_term(model, update, split.forget)
+    report(0.7, "quantization analysis of the update")
     changes = _code_changes(model, update, quant)
-    report(0.65, "retain KL")
-    kl = retain_kl(model, variants["after_fp"], split.retain)
     oracle_accuracies = None
     if oracle is not None:
         oracle_accuracies = OracleAccuracies(
@@ -297,9 +358,7 @@ def measure_update(
             retain_fp=evaluate_facts(oracle, split.retain, multiple_choice=False).top1)
     cad_scores = None
     if cad:
-        report(0.7, "attribution before/after for CAD")
-        circuit_list = list(circuit) if circuit is not None else None
-        cad_scores = cad_for_variants(variants, split.forget, circuit_list, attribution_config, quant=quant)
+        cad_scores = cad_of(attributions, circuit_list)
         if oracle is not None:
             report(0.85, "CAD of the retrain oracle (calibration)")
             calibration = cad_calibration(model, oracle, split, circuit_list, attribution_config)
@@ -312,10 +371,60 @@ def measure_update(
         quant=quant, forget=f, retain=accuracies.retain, paraphrase=accuracies.paraphrase,
         multiple_choice=accuracies.multiple_choice, ptq_gap=ptq_gap,
         ptq_gap_decomposition=PtqGapDecomposition(base_shift=f.after_qbase_delta - f.after_fp,
-                                                  rounding=f.after_q - f.after_qbase_delta),
+                                                  rounding=f.after_q - f.after_qbase_delta, storage=storage),
         **{field.name: getattr(changes, field.name) for field in fields(_CodeChanges)},
         update_norm=update.norm(), retain_kl=kl, oracle=oracle_accuracies, cad=cad_scores, properties=card,
     )
+
+
+def _storage_term(model: LoadedModel, update: Update, forget: Sequence[Fact]) -> float:
+    """forget top-1 of w+Δ rounded to the storage dtype − of w+Δ exact, both run in float32 (so
+    the difference is the rounding alone, not the 16-bit arithmetic); exactly 0 for a float32 model.
+
+    Costs a float32 copy of the model (twice a 16-bit model's bytes) while it runs."""
+    if update.is_empty() or all(p.dtype == torch.float32 for p in model.hf.parameters()):
+        return 0.0
+    wide = sharing_copy(model.hf)
+    for p in wide.parameters():
+        p.data = p.data.float()
+    base = model.state()
+
+    def top1(rounded: bool) -> float:
+        for name, delta in update.deltas.items():
+            after = stored_sum(base[name], delta) if rounded else stored_sum(base[name].float(), delta)
+            wide.get_parameter(name).data = after.float()
+        return evaluate_facts(wide, forget, tokenizer=model.tokenizer, multiple_choice=False).top1
+
+    return top1(rounded=True) - top1(rounded=False)
+
+
+_CAD_PAIRS = {"fp": ("base_fp", "after_fp"), "quantized": ("base_q", "after_q")}
+_CAD_VARIANTS = ("base_fp", "base_q", "after_fp", "after_q")
+
+
+def _variant_attribution(vname: str, vmodel: LoadedModel, forget: Sequence[Fact], config: AttributionConfig,
+                         quant: QuantConfig | None, key_model: LoadedModel) -> Attribution:
+    """The variant's attribution on the forget set; the base variants' memoised (as in :func:`_variant_scores`)."""
+    def compute() -> Attribution:
+        return attribute(vmodel, forget, config, progress=silent)
+
+    if vname in BASE_VARIANTS and quant is not None:
+        return base_memo(("attribute", vname, key_model.fingerprint, quant, tuple(forget), repr(config)), compute)
+    return compute()
+
+
+def cad_of(attributions: dict[str, Attribution], circuit: list[Component] | None) -> CadScores:
+    """CAD in full precision (base_fp vs after_fp) and quantized (base_q vs after_q) from the
+    four variants' attributions."""
+    out: dict[str, CADResult] = {}
+    for label, (b, a) in _CAD_PAIRS.items():
+        before, after = attributions[b], attributions[a]
+        out[label] = circuit_attribution_divergence(
+            before.scores, after.scores, circuit=circuit,
+            metric_before=before.clean_metric, metric_after=after.clean_metric,
+        )
+    return CadScores(fp=out["fp"].cad, quantized=out["quantized"].cad, fp_detail=out["fp"].to_dict(),
+                     quantized_detail=out["quantized"].to_dict())
 
 
 def cad_for_variants(variants: dict[str, LoadedModel], forget: Sequence[Fact], circuit: list[Component] | None,
@@ -325,22 +434,10 @@ def cad_for_variants(variants: dict[str, LoadedModel], forget: Sequence[Fact], c
 
     With ``quant`` (the quantizer that built ``base_q``) the base attributions are memoised
     across calls on the same model."""
-
     config = attribution_config or AttributionConfig()
-    out: dict[str, CADResult] = {}
-    for label, (b, a) in {"fp": ("base_fp", "after_fp"), "quantized": ("base_q", "after_q")}.items():
-        def attribute_base(b: str = b) -> Attribution:
-            return attribute(variants[b], forget, config, progress=silent)
-
-        before = (base_memo(("attribute", b, variants[b].fingerprint, quant.label, tuple(forget), repr(config)),
-                            attribute_base) if quant is not None else attribute_base())
-        after = attribute(variants[a], forget, config, progress=silent)
-        out[label] = circuit_attribution_divergence(
-            before.scores, after.scores, circuit=circuit,
-            metric_before=before.clean_metric, metric_after=after.clean_metric,
-        )
-    return CadScores(fp=out["fp"].cad, quantized=out["quantized"].cad, fp_detail=out["fp"].to_dict(),
-                     quantized_detail=out["quantized"].to_dict())
+    base = variants["base_fp"]
+    return cad_of({v: _variant_attribution(v, variants[v], forget, config, quant, base) for v in _CAD_VARIANTS},
+                  circuit)
 
 
 def cad_calibration(model: LoadedModel, oracle: LoadedModel, split: FactSplit, circuit: list[Component] | None,
@@ -441,7 +538,8 @@ def summary_lines(metrics: RunMetrics) -> list[str]:
     d, ratio = metrics.ptq_gap_decomposition, metrics.update_to_bin_width
     lines = [
         _verdict_line(metrics.properties),
-        f"PTQ gap {metrics.ptq_gap:+.3f} = base shift {d.base_shift:+.3f} + rounding {d.rounding:+.3f}",
+        f"PTQ gap {metrics.ptq_gap:+.3f} = base shift {d.base_shift:+.3f} + rounding {d.rounding:+.3f}"
+        + (f" (before it, storage rounding {d.storage:+.3f})" if d.storage else ""),
         f"params changed {metrics.params_changed:,} · codes changed {metrics.codes_changed:,} "
         f"({100 * metrics.codes_changed_fraction:.4f}%) · code overlap "
         f"{metrics.code_overlap:.6f} · bucket overlap {metrics.bucket_overlap:.6f}",

@@ -220,17 +220,27 @@ class ParaphraseAccuracies:
 class PtqGapDecomposition:
     """The PTQ gap split in two (docs/SCIENCE.md §6.2): ``base_shift`` = forget(Q(w)+Δ) −
     forget(w+Δ), the base's own quantization noise, and ``rounding`` = forget(Q(w+Δ)) −
-    forget(Q(w)+Δ), the update being rounded away."""
+    forget(Q(w)+Δ), the update being rounded away.
+
+    ``storage`` = forget(w+Δ as stored) − forget(w+Δ exact), both run in float32: what
+    rounding the after-model to a 16-bit storage dtype (before it is quantized) does to the
+    update (exactly 0 for float32 models). It is the pipeline's third term, reported beside
+    the PTQ gap's two (which compare models as stored)."""
 
     base_shift: float
     rounding: float
+    storage: float | None = None  # None: a run written before the term existed (float32: it was 0)
 
     def to_json(self) -> JsonObject:
-        return {"base_shift": self.base_shift, "rounding": self.rounding}
+        out: JsonObject = {"base_shift": self.base_shift, "rounding": self.rounding}
+        if self.storage is not None:
+            out["storage"] = self.storage
+        return out
 
     @classmethod
     def from_json(cls, f: JsonFields) -> PtqGapDecomposition:
-        out = cls(base_shift=f.number("base_shift"), rounding=f.number("rounding"))
+        storage = f.number("storage") if f.has("storage") else None
+        out = cls(base_shift=f.number("base_shift"), rounding=f.number("rounding"), storage=storage)
         f.no_other_keys()
         return out
 

@@ -1,13 +1,17 @@
 """A model as the rest of the workbench sees it: :class:`LoadedModel`.
 
 The pristine Hugging Face module (``hf``, eval mode, never modified), its tokenizer, and a
-TransformerLens 4 ``TransformerBridge`` booted on a deep copy (``bridge()``), because
-booting rewrites the wrapped module tree and we keep HF parameter names canonical.
+TransformerLens 4 ``TransformerBridge`` booted on a copy of the module tree (``bridge()``),
+because booting rewrites the wrapped tree and we keep HF parameter names canonical.
+
+Copies of a model never copy its weights: :func:`sharing_copy` copies the module tree and
+points its parameters at the same storage, so a bridge, a quantized variant or an
+after-model costs only the tensors that differ from the base (issue 17: memory bounded by
+the work, not by the model).
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import threading
 from dataclasses import dataclass, field
@@ -17,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from workbench.core.errors import WorkbenchError
+from workbench.core.sharing import sharing_copy
 from workbench.models.adapter import ModelAdapter, build_adapter, check_family
 
 if TYPE_CHECKING:  # only for the annotation: importing transformers costs seconds
@@ -132,18 +137,11 @@ class LoadedModel:
             if self._bridge is None:
                 from transformer_lens.model_bridge import TransformerBridge
 
-                # Attribution runs on the CPU whatever device the model is on: its
-                # accumulators are CPU tensors, and moving them is not yet done (nor testable
-                # here, without a GPU).
-                hf_copy = copy.deepcopy(self.hf)
-                if getattr(hf_copy, "hf_device_map", None):
-                    # A device_map'd model carries accelerate hooks that move every module's
-                    # inputs to its mapped device: on the CPU copy they would send them back.
-                    from accelerate.hooks import remove_hook_from_module
-
-                    remove_hook_from_module(hf_copy, recurse=True)
-                    del hf_copy.hf_device_map
-                hf_copy = hf_copy.cpu()
+                # The bridge runs where the model is, over the model's own parameters (shared, not
+                # copied: the base is read-only everywhere). Families whose bridge splits a joint
+                # weight (GPT-2's c_attn, NeoX's query_key_value, Phi-3's qkv/gate_up) hold their
+                # own copy of that weight's pieces.
+                hf_copy = sharing_copy(self.hf, same_parameters=True)
                 # In-memory models have no config.architectures, which the bridge's registry
                 # needs for model types it does not map itself (e.g. gemma3_text).
                 config: Any = hf_copy.config
@@ -161,18 +159,25 @@ class LoadedModel:
             return self._bridge
 
     def with_state(self, new_state: dict[str, torch.Tensor], name: str) -> LoadedModel:
-        """A new model: a deep copy of ``hf`` whose parameters named in ``new_state`` are replaced."""
-        hf_copy = copy.deepcopy(self.hf)
-        params = dict(hf_copy.named_parameters())
+        """A new model: ``hf``'s tree with the parameters named in ``new_state`` replaced.
+
+        Nothing is copied (:func:`sharing_copy`): the new model holds the given tensors (cast to
+        each parameter's dtype and device) and shares every other weight with this one. Like
+        every LoadedModel it is read-only: neither it nor the given tensors may be modified in
+        place afterwards.
+        """
+        params = dict(self.hf.named_parameters(remove_duplicate=False))
         unknown = sorted(set(new_state) - set(params))
         if unknown:
             raise WorkbenchError(f"parameters not in model {self.name!r}: {unknown[:5]}")
-        with torch.no_grad():
-            for key, value in new_state.items():
-                if tuple(value.shape) != tuple(params[key].shape):
-                    raise WorkbenchError(
-                        f"{key}: shape {tuple(value.shape)} does not match the model's {tuple(params[key].shape)}"
-                    )
-                params[key].copy_(value)
+        for key, value in new_state.items():
+            if tuple(value.shape) != tuple(params[key].shape):
+                raise WorkbenchError(
+                    f"{key}: shape {tuple(value.shape)} does not match the model's {tuple(params[key].shape)}"
+                )
+        hf_copy = sharing_copy(self.hf)
+        for key, value in new_state.items():
+            p = hf_copy.get_parameter(key)
+            p.data = value.detach().to(device=p.device, dtype=p.dtype)
         # Same modules and shapes: the layout carries over.
         return LoadedModel(name=name, hf=hf_copy, tokenizer=self.tokenizer, path=None, _adapter=self._adapter)

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from workbench.core.device import choose_device
+from workbench.core.device import choose_device, choose_dtype, dtype_name
 from workbench.core.errors import WorkbenchError
 from workbench.core.progress import Progress
 from workbench.models.builtins import BUILTINS, build_model
@@ -110,6 +110,7 @@ def load_model(
     device_map: str | dict[str, Any] | None = None,
     device: str | None = None,
     roots: ModelRoots | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> LoadedModel:
     """Load a built-in (building and caching it on first use) or a local HF directory.
 
@@ -127,15 +128,22 @@ def load_model(
     else ``$WORKBENCH_DEVICE``, else CUDA when present, else the CPU), once, at load.
 
     ``roots`` (the app): only built-ins and directories under them load (:func:`model_key`).
+
+    ``dtype`` (``"float32"``, ``"bfloat16"``, ``"float16"``; default ``$WORKBENCH_DTYPE``, else
+    float32, also for the built-ins): the storage dtype of the weights
+    (:func:`workbench.core.device.choose_dtype`); a model in another dtype is cached under its own key.
     """
 
     if device_map is not None and device is not None:
         raise WorkbenchError("give device_map or device, not both")
     target = choose_device(device) if device_map is None else None
+    storage = choose_dtype(dtype)
     resolved = model_key(name_or_dir, roots)
     key = resolved if device_map is None else f"{resolved}|device_map={device_map!r}"
     if target is not None and target.type != "cpu":
         key = f"{key}|device={target}"
+    if storage != torch.float32:
+        key = f"{key}|dtype={dtype_name(storage)}"
     with _LOAD_LOCK:
         if key in _LOADED:
             _LOADED[key] = _LOADED.pop(key)  # most recently used last
@@ -155,7 +163,7 @@ def load_model(
                 raise WorkbenchError(
                     f"{path} is not a Hugging Face model directory (no config.json in it)"
                 )
-        model = _load_hf_dir(path, name=str(name_or_dir), device_map=device_map)
+        model = _load_hf_dir(path, name=str(name_or_dir), device_map=device_map, dtype=storage)
         if target is not None and target.type != "cpu":
             model.hf.to(target)  # pyright: ignore[reportArgumentType] -- transformers' decorated .to()
         _LOADED[key] = model
@@ -183,7 +191,8 @@ def _tokenizer_class(path: Path, auto: Any) -> Any:
     return PreTrainedTokenizerFast if declared in _GENERIC_TOKENIZERS else auto
 
 
-def _load_hf_dir(path: Path, name: str, device_map: str | dict[str, Any] | None = None) -> LoadedModel:
+def _load_hf_dir(path: Path, name: str, device_map: str | dict[str, Any] | None = None,
+                 dtype: torch.dtype = torch.float32) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not any(path.glob("*.safetensors")):
@@ -200,7 +209,7 @@ def _load_hf_dir(path: Path, name: str, device_map: str | dict[str, Any] | None 
     try:
         extra = {} if device_map is None else {"device_map": device_map}
         hf = AutoModelForCausalLM.from_pretrained(
-            str(path), local_files_only=True, dtype=torch.float32, attn_implementation="eager",
+            str(path), local_files_only=True, dtype=dtype, attn_implementation="eager",
             trust_remote_code=False, use_safetensors=True, **extra
         )
     except Exception as exc:

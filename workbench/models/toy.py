@@ -36,6 +36,7 @@ def toy_model(
     vocab: list[str] | None = None,
     n_ctx: int = 64,
     seed: int = 0,
+    dtype: torch.dtype = torch.float32,
 ) -> LoadedModel:
     """A randomly initialised model of one supported family with a word-level tokenizer.
 
@@ -43,7 +44,8 @@ def toy_model(
     downloaded. ``architecture`` is an HF ``model_type`` (``gpt2``, ``gpt_neox``, ``llama``,
     ``qwen2``, ``qwen3``, ``mistral``, ``gemma2``, ``gemma3``, ``phi3``, ``olmo2``).
     ``vocab`` defaults to ``w0 … w99``; ``n_kv_heads`` < ``n_heads`` gives grouped-query
-    attention (not GPT-2 or GPT-NeoX).
+    attention (not GPT-2 or GPT-NeoX). ``dtype``: the weights' storage dtype, initialised in it
+    directly (a 1B-parameter model never exists in float32 first).
     """
     family = _ALIASES.get(architecture, architecture)
     if family not in SUPPORTED_FAMILIES:
@@ -58,7 +60,12 @@ def toy_model(
     shape = _Shape(len(tokenizer), n_layers, d_model, n_heads, n_kv_heads or n_heads, d_mlp or 4 * d_model, n_ctx,
                    tokenizer.eos_token_id, tokenizer.pad_token_id)
     torch.manual_seed(seed)
-    hf = _build(family, shape)
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        hf = _build(family, shape)
+    finally:
+        torch.set_default_dtype(saved)
     config: Any = hf.config
     config._attn_implementation = "eager"
     config.architectures = [type(hf).__name__]

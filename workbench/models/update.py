@@ -24,6 +24,13 @@ from workbench.models.loaded import LoadedModel
 _FORMAT = "workbench-update/1"
 
 
+def stored_sum(base: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``w + Δ`` as a real pipeline saves it: summed in float32 (updates accumulate there), then
+    rounded once to ``w``'s storage dtype (a no-op rounding for float32 weights)."""
+    exact = base.float() + delta.to(base.device, torch.float32)
+    return exact if base.dtype == torch.float32 else exact.to(base.dtype)
+
+
 @dataclass
 class Update:
     """Parameter name -> delta tensor (same shape as the parameter).
@@ -80,9 +87,9 @@ class Update:
                 )
 
     def after_state(self, base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """New tensors ``base[name] + delta`` for every updated name (base untouched)."""
-        return {name: base[name].detach() + delta.to(base[name].device, base[name].dtype)
-                for name, delta in self.deltas.items()}
+        """New tensors ``base[name] + delta`` for every updated name (base untouched), as stored:
+        added in float32 and rounded once to the base's dtype (:func:`stored_sum`)."""
+        return {name: stored_sum(base[name].detach(), delta) for name, delta in self.deltas.items()}
 
     def apply(self, model: LoadedModel, name: str | None = None) -> LoadedModel:
         """The after-model ``base + update`` as a new :class:`LoadedModel`."""

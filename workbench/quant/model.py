@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
-from copy import deepcopy
 
 import torch
 from torch import Tensor, nn
 
 from workbench.core.errors import WorkbenchError
 from workbench.core.progress import Progress, each
+from workbench.core.sharing import sharing_copy
 from workbench.quant.bnb import _check_weight
 from workbench.quant.codes import _qdq
 from workbench.quant.config import QuantConfig, _check_config
@@ -51,22 +51,24 @@ def fake_quantize_state(
 def fake_quantize_model(
     model: nn.Module, cfg: QuantConfig, *, progress: Progress | None = None
 ) -> nn.Module:
-    """A deep copy of ``model`` whose :func:`quantizable_parameters` are fake-quantized.
+    """A copy of ``model`` whose :func:`quantizable_parameters` are fake-quantized.
 
     Conv1D weights are quantized transposed, like transformers' bnb loader. ``model`` is
-    not modified. ``progress``: optional ``(fraction, message)`` callback, else a tqdm bar.
+    not modified. Only the quantized weights are new tensors: the others (embeddings,
+    norms, biases) share ``model``'s storage (:func:`~workbench.core.sharing.sharing_copy`),
+    so the copy is read-only. ``progress``: optional ``(fraction, message)`` callback, else a tqdm bar.
     """
     if not isinstance(model, nn.Module):
         raise WorkbenchError(f"expected a torch.nn.Module, got {type(model).__name__}")
     cfg = _check_config(cfg)
-    copy = deepcopy(model)
+    copy = sharing_copy(model)
     names = quantizable_parameters(copy, cfg)
     tr = transposed_parameters(copy)
     with torch.no_grad():
         for name in each(names, f"{cfg.label} fake-quant", progress, unit="param"):
             p = copy.get_parameter(name)
             w = _check_weight(p.detach(), f"parameter {name!r}")
-            p.copy_(_qdq(w, cfg, name in tr))
+            p.data = _qdq(w, cfg, name in tr).to(p.dtype)
     return copy
 
 

@@ -70,7 +70,9 @@ def run_gradient_method(
     names = names if names is not None else trainable_names(model, optim.trainable)
     if not names:
         raise WorkbenchError("no parameter may move: the trainable set is empty")
-    work = work if work is not None else copy.deepcopy(model.hf)
+    # The default copy trains in float32 whatever the storage dtype: updates accumulate there
+    # (the after-model is w+Δ rounded once to the storage dtype, models.update.stored_sum).
+    work = work if work is not None else copy.deepcopy(model.hf).float()
     work.train()
     params = dict(work.named_parameters())
     unknown = [n for n in names if n not in params]

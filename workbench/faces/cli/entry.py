@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from workbench import __version__
+from workbench.core.device import DTYPE_ENV, DTYPES
 from workbench.core.errors import WorkbenchError
 from workbench.faces.cli import circuits, comparisons, measure, models, runs, serve, sweep
 from workbench.faces.cli.common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USER_ERROR, Printer
@@ -39,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="workbench", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="MANSU workbench: circuit attribution, quantization-permanent unlearning and NF4 analysis")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--dtype", dest="model_dtype", choices=tuple(DTYPES), default=None,
+                        help="storage dtype every model of this command is loaded in (default: $WORKBENCH_DTYPE, "
+                             "else float32); updates still accumulate in float32")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in GROUPS:
         group.add_commands(sub)
@@ -53,7 +57,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra_args = extra
     out = Printer(as_json=getattr(args, "json", False), stream=sys.stdout)
+    saved_dtype = os.environ.get(DTYPE_ENV)
     try:
+        if args.model_dtype is not None:  # load_model reads it; restored below (main is called in-process too)
+            os.environ[DTYPE_ENV] = args.model_dtype
         # under --json stdout is the JSON document alone: anything else printed goes to stderr
         with contextlib.redirect_stdout(sys.stderr) if out.as_json else contextlib.nullcontext():
             return int(args.func(args, out) or EXIT_OK)
@@ -68,3 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # does not raise again, and end quietly as other Unix tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    finally:
+        if saved_dtype is None:
+            os.environ.pop(DTYPE_ENV, None)
+        else:
+            os.environ[DTYPE_ENV] = saved_dtype

@@ -104,7 +104,7 @@ def _batched_linear_fisher(
     Memory: one ``[chunk, out, in]`` per-example gradient at a time.
     """
 
-    fisher = {n: torch.zeros_like(_weight(m)) for n, m in owners.items()}
+    fisher = {n: torch.zeros_like(_weight(m), dtype=torch.float32) for n, m in owners.items()}  # any storage dtype
     params = list(work.parameters())
     flags = [p.requires_grad for p in params]
     # Only the moved weights need grad: that puts their modules' outputs in the graph.

@@ -103,7 +103,7 @@ def retain_output_change(work: torch.nn.Module, update: Update, conv1d: dict[str
     inputs = linear_inputs(work, list(update.deltas), batch)
     num = den = 0.0
     for n, d in update.deltas.items():
-        k = inputs[n]
+        k = inputs[n].float()  # activations in the storage dtype, deltas in float32
         out = k @ d if conv1d.get(n) else k @ d.T
         num += float(out.norm())
         den += float(d.norm() * k.norm())

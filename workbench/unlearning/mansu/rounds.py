@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from workbench.models.scoring import correct, top1
+from workbench.models.update import stored_sum
 from workbench.quant import QuantConfig, quantize_codes, quantize_dequantize
 from workbench.unlearning.batches import Batches
 from workbench.unlearning.mansu.candidates import Move
@@ -61,7 +62,7 @@ def verify_codes(state: MansuState, done: Round, quant: QuantConfig) -> None:
     only where bnb's own thresholds are not midpoints, e.g. int8 on CPU) is undone and never
     tried again, so "every moved code changes" holds by construction."""
     for n, idx in done.touched.items():
-        codes = quantize_codes(state.base[n] + state.deltas[n], quant, transposed=state.transposed[n])
+        codes = quantize_codes(stored_sum(state.base[n], state.deltas[n]), quant, transposed=state.transposed[n])
         new = codes.codes_like_weight().reshape(-1).long()
         index = torch.tensor(idx, dtype=torch.long, device=state.deltas[n].device)
         stuck = index[new[index] == state.grids[n].code[index]]
@@ -78,7 +79,7 @@ def apply_round(state: MansuState, done: Round, quant: QuantConfig) -> None:
     params, qparams = dict(state.work.named_parameters()), dict(state.qwork.named_parameters())
     with torch.no_grad():
         for n in done.touched:
-            after = state.base[n] + state.deltas[n]
+            after = stored_sum(state.base[n], state.deltas[n])  # w+Δ as stored (rounded to a 16-bit dtype)
             params[n].copy_(after)
             qparams[n].copy_(quantize_dequantize(after, quant, transposed=state.transposed[n]))
 

@@ -7,7 +7,6 @@ update it; :mod:`.method` runs the rounds.
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 
@@ -16,6 +15,7 @@ import torch
 from workbench.core.components import Component
 from workbench.core.errors import WorkbenchError
 from workbench.core.progress import Progress
+from workbench.core.sharing import sharing_copy
 from workbench.interpretability.parameters import circuit_parameters
 from workbench.models.loaded import LoadedModel
 from workbench.models.scoring import FactBatch, correct, top1
@@ -99,7 +99,9 @@ class MansuState:
         return int(sum(int(m.sum()) for m in self.moved.values()))
 
     def lap(self, phase: str, since: float) -> float:
-        """Add the time since ``since`` to ``phase``; return now."""
+        """Add the time since ``since`` to ``phase``; return now (after the GPU's queued work)."""
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         now = time.perf_counter()
         self.timings[phase] += now - since
         return now
@@ -139,7 +141,7 @@ def setup_state(model: LoadedModel, batches: Batches, circuit: tuple[Component, 
                              f"quantizer; use at most {quant.n_codes - 1}")
     masks = candidate_masks(model, circuit, quant, config)
     names = sorted(masks)
-    work = _frozen_copy(model.hf)
+    work = _frozen_copy(model.hf, names)
     # Conv1D (GPT-2) weights are [in, out]: the model's adapter says which ones are.
     transposed_names = model.adapter.transposed
     conv1d = {n: n in transposed_names for n in names}
@@ -169,7 +171,8 @@ def setup_state(model: LoadedModel, batches: Batches, circuit: tuple[Component, 
         qwork=qwork, retain_sample=retain_sample, guard_batch=guard_batch, guard_base=top1(work, guard_batch),
         guard_base_q=top1(qwork, guard_batch) if config.guard_precision == "both" else None,
         n_candidates=n_candidates, per_round=per_round, max_per_round=max_per_round,
-        deltas={n: torch.zeros_like(base[n]) for n in names},
+        # float32 whatever the storage dtype: updates accumulate there (rounded only when written)
+        deltas={n: torch.zeros_like(base[n], dtype=torch.float32) for n in names},
         moved={n: torch.zeros(base[n].numel(), dtype=torch.bool, device=base[n].device) for n in names},
         # Which forget facts each model still answers: the forget gradient only runs over those
         # (forgotten facts contribute nothing to it), and each round's evaluation refreshes them.
@@ -179,8 +182,11 @@ def setup_state(model: LoadedModel, batches: Batches, circuit: tuple[Component, 
     )
 
 
-def _frozen_copy(hf: torch.nn.Module) -> torch.nn.Module:
-    work = copy.deepcopy(hf).eval()
-    for p in work.parameters():
-        p.requires_grad_(False)
+def _frozen_copy(hf: torch.nn.Module, names: list[str]) -> torch.nn.Module:
+    """The working model at w+Δ: shares every weight with the base except the candidate
+    tensors ``names``, which rounds write into and so get their own storage."""
+    work = sharing_copy(hf).eval()
+    for n in names:
+        p = work.get_parameter(n)
+        p.data = p.data.clone()
     return work

@@ -1,0 +1,149 @@
+"""Storage dtype (issue 17, item 1): models load in float32, bfloat16 or float16; the
+quantization analysis reads the weights as stored; updates accumulate in float32 and the
+after-model is w+Δ rounded once to the storage dtype, whose effect is the PTQ-gap
+decomposition's ``storage`` term."""
+
+from __future__ import annotations
+
+import copy
+
+import bitsandbytes.functional as bnbf
+import pytest
+import torch
+
+from workbench.core.components import all_components
+from workbench.core.device import DTYPE_ENV, choose_dtype
+from workbench.core.errors import WorkbenchError
+from workbench.data.facts import Fact, FactSplit
+from workbench.faces.cli import main
+from workbench.measurement.metrics import measure_update, quantized_base, variant_model
+from workbench.models.loaded import LoadedModel
+from workbench.models.loading import load_model
+from workbench.models.scoring import encode_prompts, last_token_logits
+from workbench.models.toy import toy_model
+from workbench.models.update import Update, stored_sum
+from workbench.quant import QuantConfig
+from workbench.unlearning.mansu import MansuConfig
+from workbench.unlearning.registry import unlearn
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+NF4 = QuantConfig("nf4")
+SILENT = lambda fraction, message: None  # noqa: E731
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    toy = toy_model("llama", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2)
+    path = tmp_path_factory.mktemp("models") / "tiny-llama"
+    toy.hf.save_pretrained(path)
+    toy.tokenizer.save_pretrained(path)
+    return path
+
+
+def test_choose_dtype_defaults_to_float32_and_refuses_others(monkeypatch):
+    monkeypatch.delenv(DTYPE_ENV, raising=False)
+    assert choose_dtype() == torch.float32
+    assert choose_dtype("bfloat16") == torch.bfloat16
+    monkeypatch.setenv(DTYPE_ENV, "float16")
+    assert choose_dtype() == torch.float16
+    with pytest.raises(WorkbenchError, match="unknown dtype 'float64'"):
+        choose_dtype("float64")
+    with pytest.raises(WorkbenchError, match="not supported"):
+        choose_dtype(torch.int8)
+
+
+def test_load_model_in_bfloat16_is_its_own_cached_model(llama_dir, monkeypatch):
+    monkeypatch.delenv(DTYPE_ENV, raising=False)
+    fp32 = load_model(llama_dir)
+    bf16 = load_model(llama_dir, dtype="bfloat16")
+    assert {p.dtype for p in fp32.hf.parameters()} == {torch.float32}
+    assert {p.dtype for p in bf16.hf.parameters()} == {torch.bfloat16}
+    assert bf16 is not fp32 and load_model(llama_dir, dtype=torch.bfloat16) is bf16
+    assert bf16.fingerprint != fp32.fingerprint
+
+
+def test_cli_dtype_reaches_load_model_and_is_restored(llama_dir, monkeypatch, capsys):
+    monkeypatch.delenv(DTYPE_ENV, raising=False)
+    seen = []
+    import workbench.faces.cli.measure as measure_cli
+
+    real = measure_cli.load_model
+    monkeypatch.setattr(measure_cli, "load_model", lambda name, **kw: seen.append(choose_dtype()) or real(name, **kw))
+    main(["--dtype", "bfloat16", "quant-report", "--model", str(llama_dir)])
+    assert seen == [torch.bfloat16]
+    assert DTYPE_ENV not in __import__("os").environ
+
+
+def test_stored_sum_adds_in_float32_and_rounds_once():
+    base = torch.tensor([256.0, 1.0], dtype=torch.bfloat16)
+    delta = torch.tensor([1.00390625, 0.5])  # 1 + 2^-8: half a bf16 ulp above 1
+    out = stored_sum(base, delta)
+    assert out.dtype == torch.bfloat16
+    assert out.tolist() == [258.0, 1.5]  # 257.0039 rounds up to 258 (bf16 ulp at 256 is 2)
+    # rounding Δ to bf16 first, then adding in bf16, rounds twice: 1.0039 -> 1.0, 257 -> 256 (ties to even)
+    assert (base + delta.to(torch.bfloat16)).tolist() == [256.0, 1.5]
+    f32 = torch.tensor([1.0, 2.0])
+    assert torch.equal(stored_sum(f32, torch.tensor([1e-8, 0.5])), f32 + torch.tensor([1e-8, 0.5]))
+
+
+def _bf16(model: LoadedModel) -> LoadedModel:
+    hf = copy.deepcopy(model.hf).to(torch.bfloat16)
+    return LoadedModel(name=model.name + "-bf16", hf=hf, tokenizer=model.tokenizer)
+
+
+def _own_split(model: LoadedModel) -> FactSplit:
+    prompts = [f"w{i} w{i + 1} w{(3 * i) % 97}" for i in range(40)]
+    ids, last, _ = encode_prompts(model.tokenizer, prompts)
+    with torch.no_grad():
+        top = last_token_logits(model.hf, ids, last).argmax(-1)
+    facts = [Fact(p, model.tokenizer.convert_ids_to_tokens(int(t)), ()) for p, t in zip(prompts, top.tolist())]
+    facts = [f for f in facts if f.answer.startswith("w")]
+    return FactSplit("toy", forget=tuple(facts[:8]), retain=tuple(facts[8:]))
+
+
+def test_quantization_reads_the_bf16_weights_as_stored(toy_llama_gqa):
+    model = _bf16(toy_llama_gqa)
+    name = "model.layers.0.mlp.up_proj.weight"
+    w = model.hf.get_parameter(name).detach()
+    q = quantized_base(model, NF4)[name]
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    assert q.dtype == torch.bfloat16
+    assert torch.equal(q, bnbf.dequantize_4bit(packed, state))
+
+
+def test_mansu_in_bf16_accumulates_in_float32_and_the_after_model_is_rounded_once(toy_llama_gqa):
+    model = _bf16(toy_llama_gqa)
+    split = _own_split(model)
+    circuit = all_components(model.n_layers, model.n_heads, include_embed=False)
+    result = unlearn(model, split, method="mansu", quant=NF4, circuit=circuit, progress=SILENT,
+                     method_config=MansuConfig(max_rounds=2, params_per_round=16))
+    deltas = result.update.deltas
+    assert deltas and all(d.dtype == torch.float32 for d in deltas.values())
+    after = variant_model(model, result.update, NF4, "after_fp", {})
+    for name, d in deltas.items():
+        stored = after.hf.get_parameter(name).detach()
+        assert stored.dtype == torch.bfloat16
+        assert torch.equal(stored, (model.hf.get_parameter(name).float() + d).to(torch.bfloat16))
+    m = measure_update(model, split, result.update, quant=NF4, cad=False)
+    from workbench.measurement.evaluation import evaluate_facts
+
+    def wide_top1(rounded: bool) -> float:
+        wide = copy.deepcopy(model.hf).float()
+        with torch.no_grad():
+            for name, d in deltas.items():
+                w = model.hf.get_parameter(name).float() + d
+                wide.get_parameter(name).copy_(w.to(torch.bfloat16).float() if rounded else w)
+        return evaluate_facts(wide, split.forget, tokenizer=model.tokenizer, multiple_choice=False).top1
+
+    d = m.ptq_gap_decomposition
+    assert d.storage == wide_top1(rounded=True) - wide_top1(rounded=False)
+    assert d.base_shift + d.rounding == pytest.approx(m.ptq_gap)
+
+
+def test_float32_models_have_no_storage_term(facts_tiny, split):
+    name = "transformer.h.1.mlp.c_fc.weight"
+    delta = torch.zeros_like(facts_tiny.state()[name])
+    delta[:4, :4] = 0.3
+    m = measure_update(facts_tiny, split, Update({name: delta}), quant=NF4, cad=False)
+    assert m.ptq_gap_decomposition.storage == 0.0
+    assert m.to_json()["ptq_gap_decomposition"]["storage"] == 0.0

@@ -1,0 +1,130 @@
+"""Memory bounded by the work (issue 17, item 3): copies share the base's weights, and the
+measurement built on them gives exactly the numbers of the old deep-copy measurement."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from workbench.core.components import all_components
+from workbench.core.sharing import sharing_copy
+from workbench.data.facts import Fact, FactSplit
+from workbench.interpretability.attribution import AttributionConfig, attribute
+from workbench.interpretability.cad import circuit_attribution_divergence
+from workbench.measurement.evaluation import evaluate_facts
+from workbench.measurement.metrics import measure_update
+from workbench.models.loaded import LoadedModel
+from workbench.models.scoring import encode_prompts, last_token_logits
+from workbench.models.update import Update
+from workbench.quant import QuantConfig, quantize_dequantize
+from workbench.unlearning.mansu import MansuConfig
+from workbench.unlearning.registry import unlearn
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+NF4 = QuantConfig("nf4")
+SILENT = lambda fraction, message: None  # noqa: E731
+
+
+def test_sharing_copy_shares_storage_and_replacing_a_weight_leaves_the_base(toy_llama_gqa):
+    hf = toy_llama_gqa.hf
+    shell = sharing_copy(hf)
+    base = dict(hf.named_parameters())
+    for name, p in shell.named_parameters():
+        assert p.data_ptr() == base[name].data_ptr() and p is not base[name]
+    name = "model.layers.0.mlp.up_proj.weight"
+    before = base[name].clone()
+    shell.get_parameter(name).data = torch.zeros_like(before)
+    assert torch.equal(base[name], before)
+    assert shell.get_parameter(name).abs().sum() == 0
+    same = sharing_copy(hf, same_parameters=True)
+    assert all(p is base[n] for n, p in same.named_parameters())
+
+
+def _deep_copy_variants(model: LoadedModel, update: Update, quant: QuantConfig) -> dict[str, LoadedModel]:
+    """The five variants as the workbench built them before issue 17: a deep copy per model."""
+    base = model.state()
+    names = model.adapter.quantizable(quant)
+    tr = model.adapter.transposed
+    qbase = {n: quantize_dequantize(base[n], quant, transposed=n in tr) for n in names}
+    after_fp = {n: base[n] + d for n, d in update.deltas.items()}
+    after_q = {**qbase, **{n: quantize_dequantize(base[n] + d, quant, transposed=n in tr) if n in qbase
+                           else base[n] + d for n, d in update.deltas.items()}}
+    qbase_delta = {**qbase, **{n: qbase.get(n, base[n]) + d for n, d in update.deltas.items()}}
+
+    def deep(state: dict[str, torch.Tensor], name: str) -> LoadedModel:
+        hf = copy.deepcopy(model.hf)
+        with torch.no_grad():
+            for n, t in state.items():
+                hf.get_parameter(n).copy_(t)
+        return LoadedModel(name=name, hf=hf, tokenizer=model.tokenizer)
+
+    return {"base_fp": model, "base_q": deep(qbase, "q"), "after_fp": deep(after_fp, "a"),
+            "after_qbase_delta": deep(qbase_delta, "qd"), "after_q": deep(after_q, "aq")}
+
+
+def _check_equal_to_deep_copies(model: LoadedModel, split: FactSplit, update: Update) -> None:
+    circuit = all_components(model.n_layers, model.n_heads, include_embed=False)
+    before = model.weights_hash()
+    m = measure_update(model, split, update, quant=NF4, circuit=circuit)
+    assert model.weights_hash() == before
+    variants = _deep_copy_variants(model, update, NF4)
+    for vname, vmodel in variants.items():
+        assert getattr(m.forget, vname) == evaluate_facts(vmodel, split.forget, multiple_choice=False).top1, vname
+        assert getattr(m.retain, vname) == evaluate_facts(vmodel, split.retain, multiple_choice=False).top1, vname
+    config = AttributionConfig()
+    for label, (b, a) in {"fp": ("base_fp", "after_fp"), "quantized": ("base_q", "after_q")}.items():
+        x, y = (attribute(variants[v], split.forget, config, progress=SILENT) for v in (b, a))
+        cad = circuit_attribution_divergence(x.scores, y.scores, circuit=circuit,
+                                             metric_before=x.clean_metric, metric_after=y.clean_metric).cad
+        assert getattr(m.cad, label) == pytest.approx(cad, rel=1e-6, abs=1e-9), label
+    assert m.forget.after_q != m.forget.base_fp or m.cad.fp > 0  # the update did something measurable
+
+
+def test_measurement_equals_deep_copy_measurement_on_facts_tiny(facts_tiny, split):
+    result = unlearn(facts_tiny, split, method="mansu", quant=NF4, progress=SILENT,
+                     circuit=all_components(facts_tiny.n_layers, facts_tiny.n_heads, include_embed=False),
+                     method_config=MansuConfig(max_rounds=2))
+    assert result.update.nnz() > 0
+    _check_equal_to_deep_copies(facts_tiny, split, result.update)
+
+
+def _own_split(model: LoadedModel) -> FactSplit:
+    """Facts whose answers are the model's own top-1 (so forget accuracy starts at 1)."""
+    prompts = [f"w{i} w{i + 1} w{(3 * i) % 97}" for i in range(40)]
+    ids, last, _ = encode_prompts(model.tokenizer, prompts)
+    with torch.no_grad():
+        top = last_token_logits(model.hf, ids, last).argmax(-1)
+    facts = [Fact(p, model.tokenizer.convert_ids_to_tokens(int(t)), ()) for p, t in zip(prompts, top.tolist())]
+    facts = [f for f in facts if f.answer.startswith("w")]
+    return FactSplit("toy-llama", forget=tuple(facts[:8]), retain=tuple(facts[8:]))
+
+
+def test_measurement_equals_deep_copy_measurement_on_a_tiny_llama(toy_llama_gqa):
+    split = _own_split(toy_llama_gqa)
+    gen = torch.Generator().manual_seed(0)
+    state = toy_llama_gqa.state()
+    # a dense update on one quantized and one unquantized weight, a sparse one elsewhere
+    deltas = {n: torch.randn(state[n].shape, generator=gen) * 0.05
+              for n in ("model.layers.1.mlp.down_proj.weight", "model.norm.weight")}
+    sparse = torch.zeros_like(state["model.layers.0.self_attn.o_proj.weight"])
+    sparse[:3, :5] = 0.2
+    deltas["model.layers.0.self_attn.o_proj.weight"] = sparse
+    _check_equal_to_deep_copies(toy_llama_gqa, split, Update(deltas))
+
+
+def test_chunked_gradient_equals_one_backward(facts_tiny, split):
+    """MANSU's gradients over more facts than one chunk are summed chunk by chunk: the same
+    gradient as one backward over all of them, up to float summation order."""
+    from workbench.models.scoring import FactBatch
+    from workbench.unlearning.mansu.candidates import answer_logprob_gradient
+
+    work = sharing_copy(facts_tiny.hf)
+    names = ["transformer.h.0.mlp.c_fc.weight", "transformer.h.1.attn.c_attn.weight"]
+    batch = FactBatch.from_facts(facts_tiny.tokenizer, list(split.retain[:50]))
+    whole = answer_logprob_gradient(work, names, batch, chunk=len(batch))
+    chunked = answer_logprob_gradient(work, names, batch, chunk=16)
+    for n in names:
+        assert whole[n].abs().max() > 0
+        torch.testing.assert_close(chunked[n], whole[n], rtol=1e-5, atol=1e-7)

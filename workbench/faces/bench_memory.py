@@ -1,0 +1,224 @@
+"""``workbench bench memory``: peak resident memory ÷ model bytes, per phase, in a child process.
+
+Each flow runs in its own Python process (this module run as a script), so flows never see
+each other's allocations; inside it, before each phase the C allocator hands freed memory
+back (``malloc_trim``) and the kernel's high-water mark is reset (``/proc/self/clear_refs``),
+so a phase's peak is the most the process held *during that phase* — including what earlier
+phases left alive, as in the app. The flow's peak is the largest phase peak (the reset
+resets ``ru_maxrss`` too).
+
+Flows:
+
+- ``flow``: the app's default path through :class:`~workbench.faces.session.Session` —
+  ``load`` (setup: load, built-in split, base accuracy full precision and quantized),
+  ``attribution`` (Run attribution), ``mansu`` (Run MANSU with its whole measurement, at most
+  ``rounds`` rounds).
+- ``mansu-no-circuit``: load, then MANSU over every quantized weight (``use_circuit=False``)
+  for ``rounds`` rounds, without the measurement.
+- ``scale``: a randomly initialised Llama-shape model built in bfloat16 (:data:`SCALE_FULL`,
+  nothing downloaded; ``model`` ``reduced`` for :data:`SCALE_REDUCED`), its word-level
+  tokenizer, and facts whose answers are its own top-1: ``load`` (build), ``attribution``
+  (32 forget facts), ``mansu`` (3 rounds in the top-10 circuit), ``measurement`` (NF4,
+  everything ``metrics.json`` holds, CAD included).
+
+The child prints one JSON line; :func:`run_flow` starts it and parses that line. The script
+only uses interfaces that predate issue 17, so the same file measures an older checkout
+(``PYTHONPATH=<old checkout> python workbench/faces/bench_memory.py flow smollm2``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+FLOWS = ("flow", "mansu-no-circuit", "scale")
+SCALE_FULL = {"layers": 22, "d_model": 2048, "heads": 32, "kv_heads": 4, "d_mlp": 5632, "vocab": 32000}
+"""The scale bench's 1B-class Llama shape (TinyLlama-1.1B's): about 1.1B parameters, 2.2 GB in bfloat16."""
+SCALE_REDUCED = {"layers": 2, "d_model": 128, "heads": 8, "kv_heads": 2, "d_mlp": 352, "vocab": 2000}
+"""The same shape scaled down, for the test suite."""
+
+
+def _rss_bytes(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _trim() -> None:
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+
+
+def _phase(rows: list[dict[str, Any]], name: str, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` as phase ``name``: its seconds and the process's peak RSS while it ran."""
+    import torch
+
+    _trim()
+    exact = True
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # VmHWM := current RSS
+    except OSError:
+        exact = False
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    out = fn()
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = _rss_bytes("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rows.append({"phase": name, "seconds": seconds, "peak_rss_bytes": peak, "exact": exact,
+                 "cuda_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None})
+    return out
+
+
+def _model_bytes(model: Any) -> int:
+    seen: set[int] = set()
+    total = 0
+    for p in model.hf.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel() * p.element_size()
+    return total
+
+
+def _own_facts(model: Any, n: int, seed: int = 0) -> list[Any]:
+    """``n`` word prompts whose answers are the model's own top-1 (so forget top-1 starts at 1)."""
+    import torch
+
+    from workbench.data.facts import Fact
+    from workbench.models.scoring import encode_prompts, last_token_logits
+
+    gen = torch.Generator().manual_seed(seed)
+    words = torch.randint(0, 100, (n, 4), generator=gen).tolist()
+    prompts = [" ".join(f"w{w}" for w in row) for row in words]
+    ids, last, _ = encode_prompts(model.tokenizer, prompts)
+    with torch.no_grad():
+        top = last_token_logits(model.hf, ids, last).argmax(-1)
+    return [Fact(p, model.tokenizer.convert_ids_to_tokens(int(t)), ()) for p, t in zip(prompts, top.tolist())]
+
+
+def scale_flow(rows: list[dict[str, Any]], size: dict[str, int]) -> Any:
+    """The ``scale`` flow's phases (module docstring); returns the model."""
+    import torch
+
+    from workbench.data.facts import FactSplit
+    from workbench.experiments.flow import attribute_forget_set, default_circuit
+    from workbench.measurement.metrics import measure_update
+    from workbench.models.toy import toy_model
+    from workbench.quant import QuantConfig
+    from workbench.unlearning.mansu import MansuConfig
+    from workbench.unlearning.registry import unlearn
+
+    def load() -> tuple[Any, Any]:
+        model = toy_model("llama", n_layers=size["layers"], d_model=size["d_model"], n_heads=size["heads"],
+                          n_kv_heads=size["kv_heads"], d_mlp=size["d_mlp"], dtype=torch.bfloat16,
+                          vocab=[f"w{i}" for i in range(size["vocab"] - 3)])  # + <unk>, <pad>, <eos>
+        facts = _own_facts(model, 96)
+        return model, FactSplit("scale", forget=tuple(facts[:32]), retain=tuple(facts[32:]))
+
+    model, split = _phase(rows, "load", load)
+    attribution = _phase(rows, "attribution", lambda: attribute_forget_set(model, split))
+    circuit = sorted(default_circuit(attribution, top_k=10).selected)
+    quant = QuantConfig("nf4")
+    result = _phase(rows, "mansu", lambda: unlearn(model, split, method="mansu", quant=quant, circuit=circuit,
+                                                   method_config=MansuConfig(max_rounds=3),
+                                                   progress=lambda f, m: None))
+    _phase(rows, "measurement", lambda: measure_update(model, split, result.update, quant=quant, circuit=circuit))
+    return model
+
+
+def child(flow: str, model_name: str, rounds: int) -> dict[str, Any]:
+    """Run one flow in this process (see the module docstring); a JSON-ready report."""
+    import torch
+
+    torch.set_num_threads(1)
+    from workbench.faces.session import Session
+
+    baseline = _rss_bytes("VmRSS")  # the interpreter and the workbench's imports
+    rows: list[dict[str, Any]] = []
+    if flow == "scale":
+        model = scale_flow(rows, SCALE_REDUCED if model_name == "reduced" else SCALE_FULL)
+        return _report(flow, model_name, _model_bytes(model), baseline, rows)
+    with tempfile.TemporaryDirectory() as runs:
+        session = Session(runs_root=runs)
+        _phase(rows, "load", lambda: session.setup(model_name))
+        assert session.model is not None and session.split is not None and session.quant is not None
+        model_bytes = _model_bytes(session.model)
+        if flow == "flow":
+            _phase(rows, "attribution", session.attribute)
+            # ``rounds`` caps the run: memory per round is the same, the time is not
+            _phase(rows, "mansu", lambda: session.unlearn("mansu", mansu={"max_rounds": rounds}))
+        elif flow == "mansu-no-circuit":
+            from workbench.unlearning.mansu import MansuConfig
+            from workbench.unlearning.registry import unlearn
+
+            config = MansuConfig(use_circuit=False, max_rounds=rounds)
+            model, split, quant = session.model, session.split, session.quant
+            _phase(rows, "mansu", lambda: unlearn(model, split, method="mansu", quant=quant,
+                                                  method_config=config, progress=lambda f, m: None))
+        else:
+            raise SystemExit(f"unknown flow {flow!r}; choose from {', '.join(FLOWS)}")
+    return _report(flow, model_name, model_bytes, baseline, rows)
+
+
+def _report(flow: str, model_name: str, model_bytes: int, baseline: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    for row in rows:
+        row["peak_over_model"] = row["peak_rss_bytes"] / model_bytes
+        row["above_imports_over_model"] = (row["peak_rss_bytes"] - baseline) / model_bytes
+    return {"flow": flow, "model": model_name, "model_bytes": model_bytes, "imports_rss_bytes": baseline,
+            "max_rss_bytes": max(row["peak_rss_bytes"] for row in rows), "phases": rows}
+
+
+def run_flow(flow: str, model_name: str, *, rounds: int = 3, pythonpath: str | None = None) -> dict[str, Any]:
+    """Run ``flow`` on ``model_name`` in a child process and return its report.
+
+    ``pythonpath``: the checkout whose ``workbench`` the child imports (default: this one)."""
+    from workbench.core.errors import WorkbenchError
+
+    if flow not in FLOWS:
+        raise WorkbenchError(f"unknown memory flow {flow!r}; choose from {', '.join(FLOWS)}")
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=pythonpath or str(Path(__file__).resolve().parents[2]))
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), flow, model_name, str(rounds)],
+                          env=env, capture_output=True, text=True, check=False)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise WorkbenchError(f"memory bench child ({flow}, {model_name}) failed: {proc.stderr.strip()[-2000:]}")
+    return json.loads(lines[-1])
+
+
+MEMORY_COLUMNS = (
+    ("flow", "flow", "{}"), ("phase", "phase", "{}"), ("seconds", "s", "{:.1f}"),
+    ("peak_rss_mib", "peak RSS MiB", "{:.0f}"), ("peak_over_model", "peak/model", "{:.2f}"),
+    ("above_imports_over_model", "(peak-imports)/model", "{:.2f}"),
+)
+
+
+def memory_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One table row per phase of a child's report."""
+    return [{"flow": report["flow"], **row, "peak_rss_mib": row["peak_rss_bytes"] / 2**20}
+            for row in report["phases"]]
+
+
+if __name__ == "__main__":
+    flow_arg, model_arg, rounds_arg = sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 3
+    print(json.dumps(child(flow_arg, model_arg, rounds_arg)))
