@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workbench.models.scoring import FactBatch, answer_logits
+from workbench.models.scoring import FactBatch, span_logits
 from workbench.unlearning.batches import Batches
 from workbench.unlearning.losses import answer_logprob
 from workbench.unlearning.mansu.config import MansuConfig
@@ -42,12 +42,13 @@ class Move:
 
 
 def answer_logprob_gradient(work: torch.nn.Module, names: list[str], batch: FactBatch) -> dict[str, torch.Tensor]:
-    """∇ mean log p(answer) over ``batch`` w.r.t. the named parameters (zeros where unused)."""
+    """∇ mean log p(answer) over ``batch`` w.r.t. the named parameters (zeros where unused);
+    log p(answer) sums over the answer's tokens, teacher-forced, padding masked."""
     params = dict(work.named_parameters())
     for n in names:
         params[n].requires_grad_(True)
     try:
-        logp = answer_logprob(answer_logits(work, batch), batch.answers)
+        logp = answer_logprob(span_logits(work, batch), batch.targets, batch.mask)
         grads = torch.autograd.grad(logp.mean(), [params[n] for n in names], allow_unused=True)
     finally:
         for n in names:
