@@ -270,3 +270,40 @@ def text_scores(model: LoadedModel | torch.nn.Module, facts: Sequence[Fact], tok
     gen = greedy_continuations(hf, tok, [f.prompt for f in rows], _answer_lengths(tok, [f.answer for f in rows]))
     rouge = sum(rouge_l_recall(g, f.answer) for g, f in zip(gen, rows)) / len(rows)
     return TextScores(nll_per_token=nll, rouge_l=rouge, n=len(rows))
+
+
+# --- all of a fact set's benchmark metrics --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchmarkScores:
+    """The benchmark metrics of one model on a fact set, by the facts' shapes (``None`` where
+    the set has no fact of that shape)."""
+
+    mc: McScores | None
+    qa: QaScores | None
+    text: TextScores | None
+
+    def row(self) -> dict[str, float]:
+        """Named numbers for a table (only the shapes present)."""
+        out: dict[str, float] = {}
+        if self.mc is not None:
+            out.update({"mc acc": self.mc.acc, "mc acc_norm": self.mc.acc_norm, "mc letter acc": self.mc.letter_acc})
+        if self.qa is not None:
+            out.update({"qa ROUGE-L recall": self.qa.rouge_l_recall, "qa truth ratio": self.qa.truth_ratio})
+        if self.text is not None:
+            out.update({"text NLL/token": self.text.nll_per_token, "text ROUGE-L": self.text.rouge_l})
+        return out
+
+
+def benchmark_scores(model: LoadedModel, facts: Sequence[Fact]) -> BenchmarkScores:
+    """Every benchmark metric that applies to ``facts`` (by their ``kind``)."""
+    by_kind: dict[str, list[Fact]] = {}
+    for f in facts:
+        by_kind.setdefault(f.kind, []).append(f)
+    tok = model.tokenizer
+    return BenchmarkScores(
+        mc=mc_scores(model, by_kind["mc"], tok) if "mc" in by_kind else None,
+        qa=qa_scores(model, by_kind["qa"], tok) if "qa" in by_kind else None,
+        text=text_scores(model, by_kind["text"], tok) if "text" in by_kind else None,
+    )
