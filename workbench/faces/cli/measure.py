@@ -98,7 +98,8 @@ def benchmark_rows(model: LoadedModel, facts: Sequence[Fact], runs: Sequence[str
         scores = benchmark_scores(m, facts)
         row: dict[str, Any] = {"model": label, **scores.row()}
         if scores.qa is not None and forget:
-            row["qa forget quality"] = forget_quality(scores.qa.truth_ratios, oracle_ratios, reason).text()
+            quality = forget_quality(scores.qa.truth_ratios, oracle_ratios, reason)
+            row["qa forget quality"] = quality.pvalue if quality.pvalue is not None else quality.text()
         rows.append(row)
     return rows
 
