@@ -41,7 +41,8 @@ def test_shapes_are_told_from_the_fields(tmp_path):
     cloze, mc, qa, text = load_fact_file(p)
     assert (cloze.kind, cloze.answer) == ("cloze", "x y")
     assert (mc.kind, mc.prompt, mc.answer, mc.choices) == ("mc", "Which?", "b c", ("a", "b c"))
-    assert qa.kind == "qa" and qa.prompt == QA_PROMPT.format(question="Who wrote it?") == "Question: Who wrote it?\nAnswer:"
+    assert qa.kind == "qa" and qa.prompt == "Question: Who wrote it?\nAnswer:"
+    assert QA_PROMPT.format(question="Who wrote it?") == qa.prompt
     assert qa.answer == "Someone else entirely" and qa.paraphrased_answers == ("Another person",)
     assert qa.perturbed_answers == ("Nobody", "Everyone at once")
     assert (text.kind, text.prompt, text.answer) == ("text", "one two", "three four five")
@@ -105,8 +106,8 @@ def test_the_example_files_load_in_every_format():
 
 
 def test_rouge_l_recall_on_hand_examples():
-    assert B.lcs_length("a b c d".split(), "a c d".split()) == 3
-    assert B.lcs_length("x y".split(), "a b".split()) == 0
+    assert B.lcs_length(["a", "b", "c", "d"], ["a", "c", "d"]) == 3
+    assert B.lcs_length(["x", "y"], ["a", "b"]) == 0
     # reference "the cat sat on the mat" (6 words); prediction shares "the cat on the mat" in order (5)
     assert B.rouge_l_recall("The cat, it sat not; on the mat!", "the cat sat on the mat") == pytest.approx(1.0)
     assert B.rouge_l_recall("the cat on the mat", "the cat sat on the mat") == pytest.approx(5 / 6)
@@ -170,11 +171,12 @@ def test_truth_ratio_is_the_length_normalised_geometric_mean_ratio(toy_gpt2):
     hf, tok = toy_gpt2.hf, toy_gpt2.tokenizer
     facts = _qa_facts()
     want = []
+    def norm_lp(prompt: str, a: str) -> float:
+        return _loglik(hf, tok, prompt, " " + a) / len(tok(" " + a, add_special_tokens=False)["input_ids"])
+
     for f in facts:
-        def norm_lp(a: str) -> float:
-            return _loglik(hf, tok, f.prompt, " " + a) / len(tok(" " + a, add_special_tokens=False)["input_ids"])
-        true = sum(norm_lp(a) for a in f.paraphrased_answers) / len(f.paraphrased_answers)
-        false = sum(norm_lp(a) for a in f.perturbed_answers) / len(f.perturbed_answers)
+        true = sum(norm_lp(f.prompt, a) for a in f.paraphrased_answers) / len(f.paraphrased_answers)
+        false = sum(norm_lp(f.prompt, a) for a in f.perturbed_answers) / len(f.perturbed_answers)
         want.append(math.exp(false - true))
     got = B.truth_ratios(toy_gpt2, facts)
     assert got == pytest.approx(want, rel=1e-4)
@@ -192,7 +194,7 @@ def test_greedy_answers_and_their_rouge(toy_gpt2):
         ids = tok(f.prompt)["input_ids"]
         with torch.no_grad():
             for _ in range(2):
-                ids = ids + [int(hf(torch.tensor([ids])).logits[0, -1].argmax())]
+                ids = [*ids, int(hf(torch.tensor([ids])).logits[0, -1].argmax())]
         assert g == tok.decode(ids[-2:], skip_special_tokens=True)
     # facts whose gold answer is the model's own greedy answer score ROUGE-L recall 1
     own = [Fact(f.prompt, g.strip(), (), kind="qa") for f, g in zip(facts, gen) if g.strip()]
@@ -217,9 +219,8 @@ def test_forget_quality_is_the_ks_p_value_or_says_why_not():
 def test_text_scores_equal_direct_computation(toy_gpt2):
     hf, tok = toy_gpt2.hf, toy_gpt2.tokenizer
     texts = [" ".join(f"w{(5 * i + 3 * k) % 100}" for k in range(4 + i)) for i in range(5)]
-    facts = [Fact(t.split()[0] + " " + " ".join(t.split()[1:(len(t.split()) // 2)]), " ".join(t.split()[len(t.split()) // 2:]),
-                  (), kind="text") for t in texts]
-    facts = [Fact(f.prompt.strip(), f.answer, (), kind="text") for f in facts]
+    halves = [(t.split()[: len(t.split()) // 2], t.split()[len(t.split()) // 2 :]) for t in texts]
+    facts = [Fact(" ".join(a), " ".join(b), (), kind="text") for a, b in halves]
     total, count = 0.0, 0
     for f in facts:
         head, rest = f.text.split(" ", 1)
@@ -276,7 +277,8 @@ def test_cli_end_to_end_on_a_local_llama_directory(tmp_path, capsys):
                  str(EXAMPLES / "qa_retain.jsonl"), "--runs", *ids, "--runs-root", runs, "--oracle", str(path),
                  "--json"]) == 0
     bench = json.loads(capsys.readouterr().out)["benchmarks"]
-    assert sorted(r["model"].split(" ")[0] for r in bench["forget"]) == ["base", "graddiff", "graddiff", "mansu", "mansu"]
+    methods = sorted(r["model"].split(" ")[0] for r in bench["forget"])
+    assert methods == ["base", "graddiff", "graddiff", "mansu", "mansu"]
     # the oracle given is the base itself: its truth ratios equal the base's, so the KS p-value is 1
     assert bench["forget"][0]["qa forget quality"] == pytest.approx(1.0)
     assert all(0 <= r["qa forget quality"] <= 1 for r in bench["forget"])

@@ -99,7 +99,8 @@ def _direct(hf, tok, fact: Fact) -> tuple[float, bool, float]:
     with torch.no_grad():
         logp = torch.log_softmax(hf(torch.tensor([p + a])).logits[0].double(), -1)
     rows = [logp[len(p) - 1 + k] for k in range(len(a))]
-    return sum(float(r[t]) for r, t in zip(rows, a)), all(int(r.argmax()) == t for r, t in zip(rows, a)), float(rows[0][a[0]])
+    exact = all(int(r.argmax()) == t for r, t in zip(rows, a))
+    return sum(float(r[t]) for r, t in zip(rows, a)), exact, float(rows[0][a[0]])
 
 
 def _greedy(hf, tok, fact: Fact) -> bool:
@@ -108,7 +109,7 @@ def _greedy(hf, tok, fact: Fact) -> bool:
     a = tok(" " + fact.answer, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         for _ in a:
-            ids = ids + [int(hf(torch.tensor([ids])).logits[0, -1].argmax())]
+            ids = [*ids, int(hf(torch.tensor([ids])).logits[0, -1].argmax())]
     return ids[-len(a):] == a
 
 
@@ -137,7 +138,7 @@ def test_exact_match_is_greedy_decoding(toy_gpt2):
         ids = tok(prompt)["input_ids"]
         with torch.no_grad():
             for _ in range(3):
-                ids = ids + [int(hf(torch.tensor([ids])).logits[0, -1].argmax())]
+                ids = [*ids, int(hf(torch.tensor([ids])).logits[0, -1].argmax())]
         own = " ".join(tok.convert_ids_to_tokens(ids[-3:]))
         facts.append(Fact(prompt, own, ()))
         facts.append(Fact(prompt + " w99", own, ()))  # same answer after another prompt: usually wrong

@@ -3,10 +3,10 @@
 A :class:`Fact` is a cloze prompt plus its answer (``prompt + " " + answer`` is the full
 sentence; the answer may be several tokens), optionally with multiple-choice candidates, a
 *corrupted* prompt for attribution patching, and -- for question-answering rows -- paraphrased
-and perturbed answers (:data:`FACT_KINDS` names the four row shapes). A :class:`FactSplit` is a forget set and a retain set (plus the same
-facts phrased with a held-out template). Three sources produce facts: the synthetic fact
-world (:mod:`workbench.data.world`), user fact files (:mod:`workbench.data.files`) and the
-real-fact candidates for SmolLM2 (:mod:`workbench.data.real`).
+and perturbed answers (:data:`FACT_KINDS` names the four row shapes). A :class:`FactSplit` is a
+forget set and a retain set (plus the same facts phrased with a held-out template). Three
+sources produce facts: the synthetic fact world (:mod:`workbench.data.world`), user fact files
+(:mod:`workbench.data.files`) and the real-fact candidates for SmolLM2 (:mod:`workbench.data.real`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from workbench.core.errors import WorkbenchError
-
 
 FACT_KINDS = ("cloze", "mc", "qa", "text")
 """Where a fact came from: a cloze row, a multiple-choice question (WMDP/MMLU-like), a

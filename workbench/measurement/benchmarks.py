@@ -205,7 +205,8 @@ def _mean_token_logprob(hf: torch.nn.Module, tok: Any, prompts: list[str], answe
     return logp / batch.lengths.float()
 
 
-def truth_ratios(model: LoadedModel | torch.nn.Module, facts: Sequence[Fact], tokenizer: Any = None) -> tuple[float, ...]:
+def truth_ratios(model: LoadedModel | torch.nn.Module, facts: Sequence[Fact],
+                 tokenizer: Any = None) -> tuple[float, ...]:
     """Per row with paraphrased and perturbed answers: ``R = P̄_perturbed / P̄_paraphrased`` where
     each P̄ is the geometric mean over that row's answers of the per-token-normalised probability
     ``exp(log p(a | q) / |a|)`` (open-unlearning's truth ratio, false over true)."""
@@ -246,7 +247,8 @@ def forget_quality(unlearned: Sequence[float], oracle: Sequence[float] | None, r
         return ForgetQuality(None, reason or "no retrain oracle for this data")
     if not unlearned or not oracle:
         return ForgetQuality(None, "no row has both paraphrased and perturbed answers (no truth ratio)")
-    return ForgetQuality(float(ks_2samp(list(unlearned), list(oracle)).pvalue))
+    result: Any = ks_2samp(list(unlearned), list(oracle))
+    return ForgetQuality(float(result.pvalue))
 
 
 # --- raw text -----------------------------------------------------------------------------------

@@ -275,3 +275,13 @@ def fact_correct(model: torch.nn.Module, tokenizer: Any, facts: Sequence[Fact], 
     """``[n]`` bool, like :func:`correct`, for a fact list of any size (in length-sorted chunks)."""
     ids, last, answers = encode_prompts(tokenizer, [f.prompt for f in facts], [f.answer for f in facts])
     return is_top1(last_token_logits(model, ids, last, batch_size), answers)
+
+
+def fact_logprobs(model: torch.nn.Module, tokenizer: Any, facts: Sequence[Fact], batch_size: int = 128) -> torch.Tensor:
+    """``[n]`` log p(answer | prompt) per fact, summed over the answer's tokens (no grad). With
+    one-token answers it is the first-token scoring itself (the same batches, the same numbers)."""
+    batch = FactBatch.from_facts(tokenizer, facts)
+    if batch.targets.shape[1] > 1:
+        return span_scores(model, batch, batch_size)[0]
+    logits = last_token_logits(model, batch.ids, batch.last, batch_size)
+    return torch.log_softmax(logits.float(), -1)[torch.arange(len(facts)), batch.answers]

@@ -69,8 +69,8 @@ def simnpo(logits: torch.Tensor, answers: torch.Tensor, beta: float = 0.1, gamma
            length: float | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """SimNPO: −(2/β)·mean log σ(−β·(log p_θ/|y|) − γ) (reference-free, length-normalised by
     each answer's own token count |y|, or by ``length`` when given)."""
-    length = answer_length(answers, mask) if length is None else length
-    return -(2.0 / beta) * F.logsigmoid(-beta * answer_logprob(logits, answers, mask) / length - gamma).mean()
+    norm = answer_length(answers, mask) if length is None else length
+    return -(2.0 / beta) * F.logsigmoid(-beta * answer_logprob(logits, answers, mask) / norm - gamma).mean()
 
 
 def rmu_forget(acts: torch.Tensor, mask: torch.Tensor, control: torch.Tensor) -> torch.Tensor:
