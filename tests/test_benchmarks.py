@@ -283,3 +283,18 @@ def test_cli_end_to_end_on_a_local_llama_directory(tmp_path, capsys):
     assert bench["forget"][0]["qa forget quality"] == pytest.approx(1.0)
     assert all(0 <= r["qa forget quality"] <= 1 for r in bench["forget"])
     assert "qa forget quality" not in bench["retain"][0]  # forget quality is a forget-set metric
+
+
+def test_the_app_session_takes_benchmark_files():
+    """The app's setup with a TOFU-style upload (Parquet), and the file check with a forced format."""
+    from workbench.faces.app import on_check_file
+    from workbench.faces.session import Session
+
+    s = Session()
+    result = s.setup("facts", forget_file=str(EXAMPLES / "qa_forget.parquet"),
+                     retain_file=str(EXAMPLES / "qa_retain.jsonl"), data_format="qa")
+    assert s.split is not None and {f.kind for f in s.split.forget} == {"qa"} and result.summary
+    check = on_check_file(s, str(EXAMPLES / "mc_forget.csv"), "auto", which="forget")
+    assert check.startswith("✓ forget file: 12 facts (12 mc;")
+    refused = on_check_file(s, str(EXAMPLES / "mc_forget.csv"), "text", which="forget")
+    assert "Cannot use this forget file" in refused and "missing field 'text'" in refused
