@@ -1,5 +1,5 @@
 """Benchmark-shaped files (multiple choice, question answering, raw text; JSONL, CSV, Parquet)
-and their metrics against direct computations (docs/SCIENCE.md §7)."""
+and their metrics against direct computations (docs/SCIENCE.md §9)."""
 
 from __future__ import annotations
 

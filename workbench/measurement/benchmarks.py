@@ -1,4 +1,4 @@
-"""The benchmarks' own metrics on benchmark-shaped facts (docs/SCIENCE.md §7).
+"""The benchmarks' own metrics on benchmark-shaped facts (docs/SCIENCE.md §9).
 
 - Multiple choice (WMDP / MMLU-like rows, ``kind == "mc"``), scored as lm-evaluation-harness
   scores such tasks: each choice's log-likelihood as a continuation (``" " + choice`` after

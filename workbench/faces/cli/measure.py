@@ -84,7 +84,7 @@ def accuracy_rows(model: LoadedModel, split: FactSplit, quants: Sequence[QuantCo
 
 def benchmark_rows(model: LoadedModel, facts: Sequence[Fact], runs: Sequence[str], runs_root: str | None,
                    oracle: str | None, forget: bool = True) -> list[dict[str, Any]]:
-    """The benchmark metrics of the base and of each run's unlearned model (docs/SCIENCE.md §7);
+    """The benchmark metrics of the base and of each run's unlearned model (docs/SCIENCE.md §9);
     forget quality only on a forget set (``forget``)."""
     models = {"base": model}
     for ref in runs:
@@ -129,7 +129,7 @@ def cmd_eval(args: argparse.Namespace, out: Printer) -> int:
              "logprob = log p(answer) summed over its tokens")
     out.line(text_table(rows))
     for name, brows in bench.items():
-        out.line(f"\nbenchmark metrics on {name} (docs/SCIENCE.md §7)")
+        out.line(f"\nbenchmark metrics on {name} (docs/SCIENCE.md §9)")
         out.line(text_table(brows))
     return 0
 
