@@ -57,8 +57,8 @@ def test_api_flow(client):
     report = _rows(compare[2])
     runs, run_pick = compare[-2], compare[-1]
     assert "MANSU round" in live and "PTQ gap" in summary
-    assert [r[0] for r in report] == ["forgetting (fp and quantized)", "retain preserved", "PTQ gap ≤ threshold",
-                                      "structural erasure (CAD)"]
+    assert [r[0] for r in report] == ["forgetting (first-token top-1, fp and quantized)", "retain preserved",
+                                      "PTQ gap ≤ threshold", "structural erasure (CAD)"]
     assert all(r[1] in ("PASS", "fail") for r in report)
     run_id = run_pick["value"]
     assert run_id in summary and any(r[0] == run_id for r in _rows(runs))

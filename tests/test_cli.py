@@ -98,8 +98,9 @@ def test_eval_table_has_every_set_in_fp32_and_nf4(capsys, facts_tiny):
     assert len(rows) == 8
     for r in rows:
         assert r[2].isdigit() and int(r[2]) > 0
-        for cell in r[3:]:
-            assert 0.0 <= float(cell) <= 1.0
+        # top1, exact, logprob, mc, p(answer): logprob is a log-probability, the rest fractions
+        for j, cell in enumerate(r[3:], start=3):
+            assert float(cell) <= 0.0 if j == 5 else 0.0 <= float(cell) <= 1.0
 
 
 def test_eval_json_equals_evaluate_split(capsys, facts_tiny, split):
@@ -155,7 +156,7 @@ def test_eval_json_is_strict_json_for_cloze_only_data(capsys, facts_tiny, split,
     assert [r["mc"] for r in rows] == [None, None]
     assert all(r["n"] == 5 and 0.0 <= r["top1"] <= 1.0 for r in rows)
     code, out, _ = run(capsys, "eval", "--model", "facts-tiny", "--data", str(path), "--quant", "none")
-    assert code == 0 and table_rows(out)[0][4] == "–"
+    assert code == 0 and table_rows(out)[0][6] == "–"  # set, precision, n, top1, exact, logprob, mc
 
 
 def test_eval_forget_and_retain_files(capsys, facts_tiny, split, tmp_path):

@@ -229,7 +229,7 @@ def test_load_csv(tmp_path):
     )
     facts = load_fact_file(p)
     assert facts[0] == Fact("The capital of France is", "Paris", ())
-    assert facts[1] == Fact("Pick, carefully", "a", ("a", "b", "c"))
+    assert facts[1] == Fact("Pick, carefully", "a", ("a", "b", "c"), kind="mc")
 
 
 def test_save_and_reload_round_trip(tmp_path, world):
@@ -316,10 +316,11 @@ def test_tokenizer_checks(tmp_path, word_tokenizer):
         '{"prompt": "The capital of France is", "answer": "Paris"}\n'
         '{"prompt": "The capital of France is not", "answer": "a b"}\n',
     )
-    with pytest.raises(WorkbenchError, match="2 tokens") as info:
-        load_fact_file(multi, tokenizer=word_tokenizer)
-    assert str(multi) in str(info.value) and "line 2" in str(info.value)
-    assert len(load_fact_file(multi)) == 2  # without a tokenizer there is nothing to count
+    # multi-token answers are accepted (scored over their whole span)
+    assert load_fact_file(multi, tokenizer=word_tokenizer)[1].answer == "a b"
+    # ... and count all their tokens against the context: 6 prompt tokens + 2 answer tokens
+    with pytest.raises(WorkbenchError, match=r"line 2: .*take 8 tokens.*context of 7"):
+        load_fact_file(multi, tokenizer=word_tokenizer, max_context=7)
 
     # a word the tokenizer does not know is one <unk> token: one token, but not the answer
     oov = _write(tmp_path, "oov.jsonl", '{"prompt": "The capital of France is", "answer": "Lutetia"}\n')

@@ -129,10 +129,12 @@ def _explicit_terms(model, b: Batches, beta: float, gamma: float) -> dict[str, f
     def logp(logits, answers):
         return (logits.gather(-1, answers[:, None]).squeeze(-1) - torch.logsumexp(logits, -1))
     lp_f = logp(lf, b.forget.answers)
-    lp_ref = logp(b.ref_forget.double(), b.forget.answers)
+    # single-token answers: the reference span logits have one position
+    ref_f, ref_r = b.ref_forget[:, 0].double(), b.ref_retain[:, 0].double()
+    lp_ref = logp(ref_f, b.forget.answers)
     lp_r = logp(lr, b.retain.answers)
-    p_ref = torch.softmax(b.ref_retain.double(), -1)
-    kl = (p_ref * (torch.log_softmax(b.ref_retain.double(), -1) - torch.log_softmax(lr, -1))).sum(-1).mean()
+    p_ref = torch.softmax(ref_r, -1)
+    kl = (p_ref * (torch.log_softmax(ref_r, -1) - torch.log_softmax(lr, -1))).sum(-1).mean()
     return {
         "ga": float(lp_f.mean()),
         "npo": float(-(2 / beta) * torch.nn.functional.logsigmoid(-beta * (lp_f - lp_ref)).mean()),

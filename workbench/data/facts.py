@@ -1,11 +1,12 @@
 """Facts: the unit of knowledge the workbench attributes, unlearns and evaluates.
 
 A :class:`Fact` is a cloze prompt plus its answer (``prompt + " " + answer`` is the full
-sentence), optionally with multiple-choice candidates and a *corrupted* prompt for
-attribution patching. A :class:`FactSplit` is a forget set and a retain set (plus the same
-facts phrased with a held-out template). Three sources produce facts: the synthetic fact
-world (:mod:`workbench.data.world`), user fact files (:mod:`workbench.data.files`) and the
-real-fact candidates for SmolLM2 (:mod:`workbench.data.real`).
+sentence; the answer may be several tokens), optionally with multiple-choice candidates, a
+*corrupted* prompt for attribution patching, and -- for question-answering rows -- paraphrased
+and perturbed answers (:data:`FACT_KINDS` names the four row shapes). A :class:`FactSplit` is a
+forget set and a retain set (plus the same facts phrased with a held-out template). Three
+sources produce facts: the synthetic fact world (:mod:`workbench.data.world`), user fact files
+(:mod:`workbench.data.files`) and the real-fact candidates for SmolLM2 (:mod:`workbench.data.real`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ from typing import Any
 
 from workbench.core.errors import WorkbenchError
 
+FACT_KINDS = ("cloze", "mc", "qa", "text")
+"""Where a fact came from: a cloze row, a multiple-choice question (WMDP/MMLU-like), a
+question-answer pair (TOFU-like) or a passage of raw text split into prefix and continuation
+(MUSE-like). See :mod:`workbench.data.files`."""
+
 
 @dataclass(frozen=True)
 class Fact:
@@ -24,9 +30,9 @@ class Fact:
     Attributes:
         prompt: cloze prompt; the answer follows after one space, so the prompt has no
             trailing whitespace.
-        answer: the answer (no surrounding whitespace). For cloze facts its token is the
-            tokenizer's encoding of ``" " + answer`` and must be exactly one token; facts from
-            multiple-choice rows may have multi-token answers (scored by summed log-prob).
+        answer: the answer (no surrounding whitespace); its tokens are the tokenizer's encoding
+            of ``" " + answer``, one or several (a multi-token answer is scored over its whole
+            span: summed log-probability, greedy exact match; top-1 reads its first token).
         choices: multiple-choice candidates including the answer (4 for built-ins; may be ()).
         domain: e.g. ``"pathogens"`` or ``"capital/europe"``.
         relation: e.g. ``"vector"``.
@@ -34,6 +40,9 @@ class Fact:
         template: template index within the relation.
         paraphrase: rendered with the held-out template.
         corrupt_prompt: same template, another subject whose answer differs ("" if none).
+        kind: the row shape it came from, one of :data:`FACT_KINDS`.
+        paraphrased_answers: the answer reworded (TOFU's ``paraphrased_answer``; may be ()).
+        perturbed_answers: plausible wrong answers (TOFU's ``perturbed_answer``; may be ()).
     """
 
     prompt: str
@@ -45,10 +54,14 @@ class Fact:
     template: int = 0
     paraphrase: bool = False
     corrupt_prompt: str = ""
+    kind: str = "cloze"
+    paraphrased_answers: tuple[str, ...] = ()
+    perturbed_answers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience but stored as tuples so facts stay hashable.
-        object.__setattr__(self, "choices", tuple(self.choices))
+        for name in ("choices", "paraphrased_answers", "perturbed_answers"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
         where = f"fact {self.prompt!r}"
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise WorkbenchError(f"{where}: the prompt is empty")
@@ -73,6 +86,12 @@ class Fact:
                 raise WorkbenchError(
                     f"{where}: the answer {self.answer!r} is not among the choices {list(self.choices)}"
                 )
+        if self.kind not in FACT_KINDS:
+            raise WorkbenchError(f"{where}: kind must be one of {', '.join(FACT_KINDS)}, got {self.kind!r}")
+        for name in ("paraphrased_answers", "perturbed_answers"):
+            for a in getattr(self, name):
+                if not isinstance(a, str) or not a.strip() or a != a.strip():
+                    raise WorkbenchError(f"{where}: {name} holds {a!r}, empty or with surrounding whitespace")
         for name in ("domain", "relation", "subject", "corrupt_prompt"):
             if not isinstance(getattr(self, name), str):
                 raise WorkbenchError(f"{where}: {name} must be text")
@@ -99,13 +118,14 @@ class Fact:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (a cloze row): ``prompt``, ``answer``, then non-default fields."""
         out: dict[str, Any] = {"prompt": self.prompt, "answer": self.answer}
-        if self.choices:
-            out["choices"] = list(self.choices)
         for f in fields(self):
-            if f.name in out or f.name == "choices":
+            if f.name in out:
                 continue
             value = getattr(self, f.name)
-            if value != f.default:
+            if isinstance(value, tuple):
+                if value:
+                    out[f.name] = list(value)
+            elif value != f.default:
                 out[f.name] = value
         return out
 

@@ -47,7 +47,7 @@ def real_fact_candidates() -> tuple[Fact, ...]:
     base: list[tuple[Fact, str]] = []  # (fact without choices/corrupt, template text)
     for lineno, row in rows:
         where = f"{label}, line {lineno}"
-        fact, _ = _row_to_fact(row, where)
+        fact = _row_to_fact(row, where, "cloze")
         region = row.get("region", "") or ""
         if not fact.relation or not fact.subject:
             raise WorkbenchError(f"{where}: real facts need 'relation' and 'subject'")

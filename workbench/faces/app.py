@@ -38,8 +38,10 @@ from gradio.themes import Default as DefaultTheme
 from workbench.core.checks import Range
 from workbench.core.errors import WorkbenchError
 from workbench.core.paths import cache_dir, runs_dir
+from workbench.data.files import FILE_FORMATS
 from workbench.faces.session import (
     ATTRIBUTION_METHODS,
+    FACT_SUFFIXES,
     MAX_UPLOAD_BYTES,
     RUN_COLUMNS,
     SHARED,
@@ -197,10 +199,11 @@ def runs_outputs(s: Session) -> tuple[Any, ...]:
 
 @friendly
 def on_setup(s: Session, model: str, forget_file: str | None, retain_file: str | None, domain: str | None,
-             quant_type: str, blocksize: Any, double_quant: bool, progress: gr.Progress = gr.Progress()):
+             quant_type: str, blocksize: Any, double_quant: bool, data_format: str | None = "auto",
+             progress: gr.Progress = gr.Progress()):
     result = s.setup(model, forget_file=forget_file, retain_file=retain_file, forget_domain=domain or None,
                      quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
-                     progress=_progress(progress))
+                     progress=_progress(progress), data_format=_format(data_format))
     label = s.require()[2].label
     rows = [[r["set"], r["facts"], round(r["full precision"], 4), round(r[label], 4), round(r["difference"], 4)]
             for r in result.accuracy]
@@ -209,17 +212,23 @@ def on_setup(s: Session, model: str, forget_file: str | None, retain_file: str |
             gr.Dropdown(choices=result.domains, value=result.domain, interactive=bool(result.domains)))
 
 
+def _format(choice: str | None) -> str | None:
+    """The file-format selector's value as ``load_fact_file``'s ``format`` (``auto``: None)."""
+    return None if not choice or choice == "auto" else choice
+
+
 @friendly
-def on_check_file(s: Session, path: str | None, which: str) -> str:
+def on_check_file(s: Session, path: str | None, data_format: str | None, which: str) -> str:
     if not path:
         return ""
     try:
-        facts = read_fact_upload(path, f"{which} file", s.model)
+        facts = read_fact_upload(path, f"{which} file", s.model, _format(data_format))
     except WorkbenchError as exc:
         return f"⚠️ **Cannot use this {which} file:** {html.escape(str(exc), quote=False)}"
     checked = (f"answers checked against {s.model.name}'s tokenizer" if s.model
                else "tokens are checked when the model loads")
-    return f"✓ {which} file: {len(facts)} facts ({checked})."
+    kinds = ", ".join(f"{sum(f.kind == k for f in facts)} {k}" for k in FILE_FORMATS if any(f.kind == k for f in facts))
+    return f"✓ {which} file: {len(facts)} facts ({kinds}; {checked})."
 
 
 @friendly
@@ -408,6 +417,7 @@ class SetupViews:
     double_quant: gr.Checkbox
     forget_file: gr.File
     retain_file: gr.File
+    data_format: gr.Dropdown
     forget_check: gr.Markdown
     retain_check: gr.Markdown
     button: gr.Button
@@ -428,10 +438,14 @@ def _setup_section(start_model: str) -> SetupViews:
         blocksize = gr.Dropdown([32, 64, 128, 256, 512, 1024, 2048, 4096], value=64, label="Block size", scale=1)
         double_quant = gr.Checkbox(False, label="Double quantization", scale=1)
     with gr.Row():
-        forget_file = gr.File(label="Forget set (JSONL or CSV; optional)", file_types=[".jsonl", ".json", ".csv"],
+        forget_file = gr.File(label="Forget set (JSONL, CSV or Parquet; optional)", file_types=list(FACT_SUFFIXES),
                               type="filepath", elem_id="forget-file")
-        retain_file = gr.File(label="Retain set (JSONL or CSV; optional)", file_types=[".jsonl", ".json", ".csv"],
+        retain_file = gr.File(label="Retain set (JSONL, CSV or Parquet; optional)", file_types=list(FACT_SUFFIXES),
                               type="filepath", elem_id="retain-file")
+        data_format = gr.Dropdown(["auto", *FILE_FORMATS], value="auto", label="File format",
+                                  info="auto: told from each row's fields; cloze {prompt, answer}, mc {question, "
+                                       "choices, answer index}, qa {question, answer}, text {text}",
+                                  elem_id="data-format")
         with gr.Column():
             forget_check = gr.Markdown(elem_id="forget-check")
             retain_check = gr.Markdown(elem_id="retain-check")
@@ -440,8 +454,8 @@ def _setup_section(start_model: str) -> SetupViews:
     base_accuracy = gr.Dataframe(headers=["set", "facts", "full precision", "quantized", "difference"],
                                  label="Base accuracy (top-1), full precision vs quantized", interactive=False,
                                  elem_id="base-accuracy")
-    return SetupViews(model, domain, quant_type, blocksize, double_quant, forget_file, retain_file, forget_check,
-                      retain_check, button, summary, base_accuracy)
+    return SetupViews(model, domain, quant_type, blocksize, double_quant, forget_file, retain_file, data_format,
+                      forget_check, retain_check, button, summary, base_accuracy)
 
 
 @dataclass
@@ -676,11 +690,12 @@ def _runs_section() -> RunsViews:
 
 def _wire_setup(session: gr.State, v: SetupViews, heavy: dict[str, Any]) -> None:
     v.button.click(on_setup, [session, v.model, v.forget_file, v.retain_file, v.domain, v.quant_type, v.blocksize,
-                              v.double_quant], [v.summary, v.base_accuracy, v.domain], api_name="setup", **heavy)
-    v.forget_file.change(functools.partial(on_check_file, which="forget"), [session, v.forget_file], v.forget_check,
-                         api_visibility="private")
-    v.retain_file.change(functools.partial(on_check_file, which="retain"), [session, v.retain_file], v.retain_check,
-                         api_visibility="private")
+                              v.double_quant, v.data_format], [v.summary, v.base_accuracy, v.domain], api_name="setup",
+                   **heavy)
+    for which, upload, check in (("forget", v.forget_file, v.forget_check), ("retain", v.retain_file, v.retain_check)):
+        for trigger in (upload.change, v.data_format.change):
+            trigger(functools.partial(on_check_file, which=which), [session, upload, v.data_format], check,
+                    api_visibility="private")
 
 
 def _circuit_outputs(a: AttributionViews, c: CircuitViews) -> list[Any]:

@@ -87,7 +87,7 @@ MAX_UPLOAD_BYTES = 5 * 1024 * 1024
 MAX_SETTINGS_CHARS = 100_000
 """Longest method-settings text a session parses (a config is a few hundred characters)."""
 
-FACT_SUFFIXES = (".jsonl", ".json", ".csv")
+FACT_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 ATTRIBUTION_METHODS = {"atp": "attribution patching (plain)", "ig": "integrated gradients", "exact": "exact patching"}
 
 
@@ -254,17 +254,19 @@ def _short_paths(exc: WorkbenchError, path: Path) -> WorkbenchError:
     return WorkbenchError(str(exc).replace(str(path), path.name))
 
 
-def read_fact_upload(path: str | Path, what: str, model: LoadedModel | None = None) -> tuple[Fact, ...]:
+def read_fact_upload(path: str | Path, what: str, model: LoadedModel | None = None,
+                     data_format: str | None = None) -> tuple[Fact, ...]:
     """Validate an uploaded fact file with the core's parser; errors name the file and line.
 
-    With ``model``, cloze answers must be one token of its tokenizer and prompts must fit
-    its context (as the CLI checks).
+    Any row shape of :mod:`workbench.data.files` (cloze, multiple choice, question answering,
+    raw text), told from the fields or forced by ``data_format``. With ``model``, answers must
+    be known to its tokenizer and prompts must fit its context (as the CLI checks).
     """
 
     p = check_upload(path, what, FACT_SUFFIXES)
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"format": data_format}
     if model is not None:
-        kwargs = {"tokenizer": model.tokenizer, "max_context": model.n_ctx}
+        kwargs.update(tokenizer=model.tokenizer, max_context=model.n_ctx)
     try:
         facts = load_fact_file(p, **kwargs)
     except WorkbenchError as exc:
@@ -458,11 +460,14 @@ class Session:
         blocksize: int = 64,
         double_quant: bool = False,
         progress: Progress | None = None,
+        data_format: str | None = None,
     ) -> SetupResult:
         """Load (share) the model, choose the data and the quantizer; base accuracies fp vs quantized.
 
         Both fact files, or neither (then the model's built-in split, optionally with
-        another forget domain). A new model or new data resets the attribution and circuit.
+        another forget domain). ``data_format`` forces the files' row shape (cloze, mc, qa,
+        text; default: told from each row). A new model or new data resets the attribution
+        and circuit.
         """
 
         # Loading or building a model is not timed: a built-in's build is a fixed recipe, serialised
@@ -485,8 +490,8 @@ class Session:
         domains: list[str] = []
         if forget_file is not None and retain_file is not None:
             report(0.5, "checking the uploaded fact files")
-            forget = read_fact_upload(forget_file, "forget file", model)
-            retain = read_fact_upload(retain_file, "retain file", model)
+            forget = read_fact_upload(forget_file, "forget file", model, data_format)
+            retain = read_fact_upload(retain_file, "retain file", model, data_format)
             split = FactSplit(name=f"user:{Path(forget_file).name}", forget=forget, retain=retain)
             domain = None
         else:

@@ -82,7 +82,10 @@ class Workbench:
     Args:
         model: a built-in name (``"facts"``, ``"facts-tiny"``, ``"smollm2"``, …), a local
             Hugging Face directory, or a :class:`~workbench.models.LoadedModel`.
-        forget, retain: fact files (JSONL/CSV) for a model without a built-in split.
+        forget, retain: fact files (JSONL, CSV or Parquet; any row shape of
+            :mod:`workbench.data.files`) for a model without a built-in split.
+        data_format: force the files' row shape (``"cloze"``, ``"mc"``, ``"qa"``, ``"text"``);
+            default: told from each row's fields.
         quant: ``"nf4"`` (default), ``"fp4"`` or ``"int8"``, or a ``QuantConfig``.
         top_k: initial circuit size (components by |attribution score|).
         method: initial unlearning method (one of ``workbench.unlearning.registry.METHODS``).
@@ -101,6 +104,7 @@ class Workbench:
         *,
         forget: str | Path | None = None,
         retain: str | Path | None = None,
+        data_format: str | None = None,
         quant: str | QuantConfig = "nf4",
         top_k: int | None = None,
         method: str = "mansu",
@@ -121,6 +125,7 @@ class Workbench:
         self.last_metrics: RunMetrics | None = None
         self._given_model = model if not isinstance(model, str) else None
         self._forget, self._retain = forget, retain
+        self._format = data_format  # the fact files' row shape (cloze, mc, qa, text); None: told per row
         self.mansu_config, self.optim, self.stop = mansu_config, optim, stop
         self.attribution_config = attribution_config
         self.measure_cad = measure_cad
@@ -272,7 +277,7 @@ class Workbench:
         if self._forget is None or self._retain is None:
             raise WorkbenchError("pass both forget= and retain= fact files (or neither, for a built-in split)")
 
-        kw = {"tokenizer": model.tokenizer, "max_context": model.n_ctx}
+        kw = {"tokenizer": model.tokenizer, "max_context": model.n_ctx, "format": self._format}
         forget = load_fact_file(self._forget, **kw)
         retain = load_fact_file(self._retain, **kw)
         return FactSplit(name=f"{Path(self._forget).stem}|{Path(self._retain).stem}", forget=tuple(forget),

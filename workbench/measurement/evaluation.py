@@ -1,8 +1,15 @@
 """Fact accuracy of a model, in full precision or quantized.
 
-- Top-1 as defined in :mod:`workbench.models.scoring` (the answer's first token is the argmax).
-- Multiple choice scores each candidate by the summed log-probability of its tokens after
-  the prompt and picks the best (chance = 1/len(choices), 0.25 for the built-ins).
+Each metric is named in the report (``workbench eval`` prints them all):
+
+- ``top1`` (first-token top-1), as defined in :mod:`workbench.models.scoring`: the answer's
+  first token is the argmax. For single-token answers it is the whole answer; the report
+  card's forgetting property uses it.
+- ``exact`` (greedy exact match): greedy decoding after the prompt reproduces the whole
+  answer span (every answer token is the argmax, teacher-forced).
+- ``logprob``: mean over facts of log p(answer | prompt), summed over the answer's tokens.
+- Multiple choice (``mc``) scores each candidate by the summed log-probability of its tokens
+  after the prompt and picks the best (chance = 1/len(choices), 0.25 for the built-ins).
 - ``mean_prob`` is the mean probability of the answer's first token.
 """
 
@@ -18,7 +25,7 @@ from workbench.core.device import module_device
 from workbench.core.errors import WorkbenchError
 from workbench.data.facts import Fact, FactSplit
 from workbench.models.loaded import LoadedModel, hf_module
-from workbench.models.scoring import encode_prompts, is_top1, last_token_logits, logits_at
+from workbench.models.scoring import FactBatch, encode_prompts, is_top1, last_token_logits, logits_at, span_scores
 from workbench.quant import QuantConfig, quantized_copy
 
 
@@ -27,11 +34,14 @@ class FactScores:
     """Accuracy of one model on one fact set.
 
     Attributes:
-        top1: fraction of facts whose answer's first token is the argmax.
+        top1: first-token top-1, the fraction of facts whose answer's first token is the argmax.
         mc: multiple-choice accuracy (``nan`` if no fact has choices).
         mean_prob: mean probability of the answer's first token.
         n: number of facts.
         correct: per-fact top-1 correctness, in input order.
+        exact: greedy exact match, the fraction whose whole answer span greedy decoding
+            reproduces (equals ``top1`` when every answer is one token).
+        logprob: mean log p(answer | prompt), summed over each answer's tokens.
     """
 
     top1: float
@@ -39,9 +49,12 @@ class FactScores:
     mean_prob: float
     n: int
     correct: tuple[bool, ...] = field(repr=False, default=())
+    exact: float = float("nan")
+    logprob: float = float("nan")
 
     def to_dict(self) -> dict[str, float | int]:
-        return {"top1": self.top1, "mc": self.mc, "mean_prob": self.mean_prob, "n": self.n}
+        return {"top1": self.top1, "exact": self.exact, "logprob": self.logprob, "mc": self.mc,
+                "mean_prob": self.mean_prob, "n": self.n}
 
 
 def _mc_accuracy(hf: torch.nn.Module, tokenizer: Any, facts: Sequence[Fact], batch_size: int) -> float:
@@ -96,7 +109,8 @@ def evaluate_facts(
     batch_size: int = 128,
     multiple_choice: bool = True,
 ) -> FactScores:
-    """Top-1, multiple-choice accuracy and mean answer probability of ``model`` on ``facts``."""
+    """First-token top-1, greedy exact match, answer log-probability, multiple-choice accuracy
+    and mean first-token probability of ``model`` on ``facts``."""
     hf = hf_module(model)
     tokenizer = tokenizer or getattr(model, "tokenizer", None)
     if tokenizer is None:
@@ -108,12 +122,19 @@ def evaluate_facts(
     correct = is_top1(logits, answers)
     probs = torch.softmax(logits.float(), dim=-1)[torch.arange(len(facts)), answers]
     mc = _mc_accuracy(hf, tokenizer, facts, batch_size) if multiple_choice else float("nan")
+    batch = FactBatch.from_facts(tokenizer, facts)
+    if batch.targets.shape[1] == 1:  # one token each: the span is the first token (no second pass)
+        logp, exact = torch.log_softmax(logits.float(), -1)[torch.arange(len(facts)), answers], correct
+    else:
+        logp, exact = span_scores(hf, batch, batch_size)
     return FactScores(
         top1=float(correct.float().mean()),
         mc=mc,
         mean_prob=float(probs.mean()),
         n=len(facts),
         correct=tuple(bool(c) for c in correct),
+        exact=float(exact.float().mean()),
+        logprob=float(logp.mean()),
     )
 
 

@@ -487,7 +487,7 @@ def report_card(*, forget: VariantAccuracies, retain: VariantAccuracies, ptq_gap
 
 
 PROPERTY_LABELS = {
-    "forgetting": "forgetting (fp and quantized)",
+    "forgetting": "forgetting (first-token top-1, fp and quantized)",
     "retain": "retain preserved",
     "ptq": "PTQ gap ≤ threshold",
     "structural": "structural erasure (CAD)",

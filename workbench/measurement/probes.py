@@ -7,7 +7,7 @@
   back for facts the attacker never showed it. The relearning runs in full precision on
   w+Δ; "quantized" numbers quantize the model before and after relearning.
 - :func:`membership_inference` — loss-based MIA: the score of a fact is ``−NLL`` of its
-  answer; AUC = P(score(member) > score(non-member)) (ties count ½, the Mann–Whitney
+  answer (summed over its tokens); AUC = P(score(member) > score(non-member)) (ties count ½, the Mann–Whitney
   statistic). Members = the forget facts. Non-members = **counterfactual twins**: each
   forget prompt paired with a wrong answer (its first distractor choice, else another
   forget fact's answer) — a (prompt, answer) pair no model was ever trained on, in exactly
@@ -35,7 +35,7 @@ from workbench.core.progress import Progress, Steps, silent
 from workbench.data.facts import Fact, FactSplit
 from workbench.measurement.evaluation import fact_top1
 from workbench.models.loaded import LoadedModel, hf_module
-from workbench.models.scoring import FactBatch, answer_logits, encode_prompts, last_token_logits
+from workbench.models.scoring import FactBatch, fact_logprobs, span_logits
 from workbench.models.update import Update
 from workbench.quant import QuantConfig, quantizable_parameters, quantized_copy
 from workbench.unlearning.losses import nll
@@ -104,7 +104,7 @@ def relearning_attack(
     batch = FactBatch.from_facts(model.tokenizer, train)
     with Steps(steps, "relearning attack", progress) as bar:
         for step in range(steps):
-            loss = nll(answer_logits(work, batch), batch.answers)
+            loss = nll(span_logits(work, batch), batch.targets, batch.mask)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -128,12 +128,9 @@ def relearning_attack(
 
 
 def answer_losses(model: LoadedModel | torch.nn.Module, facts: Sequence[Fact], tokenizer: Any) -> torch.Tensor:
-    """``[n]`` −log p(answer | prompt) per fact."""
+    """``[n]`` −log p(answer | prompt) per fact (summed over a multi-token answer's tokens)."""
 
-    hf = hf_module(model)
-    ids, last, answers = encode_prompts(tokenizer, [f.prompt for f in facts], [f.answer for f in facts])
-    logp = torch.log_softmax(last_token_logits(hf, ids, last).float(), -1)
-    return -logp[torch.arange(len(facts)), answers]
+    return -fact_logprobs(hf_module(model), tokenizer, facts)
 
 
 def auc(member_scores: torch.Tensor, nonmember_scores: torch.Tensor) -> float:

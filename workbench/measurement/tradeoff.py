@@ -53,7 +53,7 @@ from workbench.data.facts import FactSplit
 from workbench.measurement.evaluation import fact_top1
 from workbench.measurement.results import VARIANTS, RunMetrics, UpdateMetrics
 from workbench.models.loaded import LoadedModel
-from workbench.models.scoring import FactBatch, answer_logits
+from workbench.models.scoring import FactBatch, span_logits
 from workbench.models.update import Update
 from workbench.quant import (
     QuantConfig,
@@ -106,7 +106,7 @@ def unlearning_direction(
         p.requires_grad_(name in names)
         p.grad = None
     batch = FactBatch.from_facts(model.tokenizer, split.forget)
-    loss = nll(answer_logits(hf, batch), batch.answers)
+    loss = nll(span_logits(hf, batch), batch.targets, batch.mask)
     loss.backward()
     grads = {n: p.grad.detach().float().clone() for n, p in hf.named_parameters() if n in names and p.grad is not None}
     if not grads or all(float(g.abs().max()) == 0 for g in grads.values()):

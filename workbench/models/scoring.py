@@ -6,6 +6,10 @@ training, evaluation, attribution and every unlearning method.
 - A cloze fact is scored at the last prompt token: top-1 is correct when the argmax of
   the next-token distribution is the *first token* of ``" " + answer`` (for the built-in
   word-level models that is the whole answer; for BPE models like SmolLM2 the first piece).
+- Answers of several tokens are also scored over their whole span, teacher-forced: the
+  batch holds ``prompt + answer[:-1]`` and answer token k is predicted at ``last + k``
+  (:func:`span_logits`). A single-token answer adds no input column, so its numbers are
+  those of the first-token scoring exactly.
 - Prompts are right-padded into one batch; with causal attention the last real token never
   attends to padding, so no attention mask is needed and results equal unpadded runs.
 """
@@ -25,10 +29,15 @@ from workbench.data.facts import Fact
 
 def answer_token(tokenizer: Any, answer: str) -> int:
     """First token id of ``" " + answer`` (see the module docstring)."""
-    ids = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+    return answer_tokens(tokenizer, answer)[0]
+
+
+def answer_tokens(tokenizer: Any, answer: str) -> list[int]:
+    """All token ids of ``" " + answer`` (the answer's span after the prompt)."""
+    ids = [int(i) for i in tokenizer(" " + answer, add_special_tokens=False)["input_ids"]]
     if not ids:
         raise WorkbenchError(f"answer {answer!r} encodes to no tokens")
-    return int(ids[0])
+    return ids
 
 
 def encode_prompts(
@@ -97,48 +106,88 @@ def logits_at(model: torch.nn.Module, ids: torch.Tensor, pick: tuple[torch.Tenso
 
 @dataclass(frozen=True)
 class FactBatch:
-    """Encoded cloze facts.
+    """Encoded facts, with their answers' whole token spans for teacher forcing.
 
     Attributes:
-        ids: ``[n, seq]`` right-padded token ids.
-        last: ``[n]`` position of each prompt's last token (where the answer is predicted).
+        ids: ``[n, seq]`` right-padded ``prompt + answer[:-1]`` token ids (only the prompt for a
+            single-token answer).
+        last: ``[n]`` position of each prompt's last token (where the answer's first token is
+            predicted; answer token k is predicted at ``last + k``).
         answers: ``[n]`` answer first-token ids.
+        targets: ``[n, A]`` answer token ids, padded with 0 (``A`` the longest answer).
+        mask: ``[n, A]`` bool, the real answer tokens of ``targets``.
     """
 
     ids: torch.Tensor
     last: torch.Tensor
     answers: torch.Tensor
+    targets: torch.Tensor
+    mask: torch.Tensor
 
     def __post_init__(self) -> None:
         n = self.ids.shape[0]
-        if self.ids.ndim != 2 or self.last.shape != (n,) or self.answers.shape != (n,):
+        if (self.ids.ndim != 2 or self.last.shape != (n,) or self.answers.shape != (n,)
+                or self.targets.ndim != 2 or self.targets.shape[0] != n or self.mask.shape != self.targets.shape):
             raise WorkbenchError(
                 f"inconsistent batch shapes: ids {tuple(self.ids.shape)}, last {tuple(self.last.shape)}, "
-                f"answers {tuple(self.answers.shape)}"
+                f"answers {tuple(self.answers.shape)}, targets {tuple(self.targets.shape)}, "
+                f"mask {tuple(self.mask.shape)}"
             )
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
 
+    @property
+    def lengths(self) -> torch.Tensor:
+        """``[n]`` number of answer tokens per row."""
+        return self.mask.sum(-1)
+
     @classmethod
     def from_facts(cls, tokenizer: Any, facts: Sequence[Fact]) -> FactBatch:
         if not facts:
             raise WorkbenchError("an empty fact set cannot be batched")
-        ids, last, answers = encode_prompts(tokenizer, [f.prompt for f in facts], [f.answer for f in facts])
-        return cls(ids, last, answers)
+        return cls.from_pairs(tokenizer, [f.prompt for f in facts], [f.answer for f in facts])
+
+    @classmethod
+    def from_pairs(cls, tokenizer: Any, prompts: Sequence[str], answers: Sequence[str]) -> FactBatch:
+        """A batch of ``prompt`` / ``answer`` texts (the answer follows after one space)."""
+        if len(prompts) == 0:
+            raise WorkbenchError("no prompts to encode")
+        if len(answers) != len(prompts):
+            raise WorkbenchError(f"{len(prompts)} prompts but {len(answers)} answers")
+        encoded = [[int(i) for i in tokenizer(p)["input_ids"]] for p in prompts]
+        for prompt, ids in zip(prompts, encoded):
+            if not ids:
+                raise WorkbenchError(f"prompt {prompt!r} encodes to no tokens")
+        spans = [answer_tokens(tokenizer, a) for a in answers]
+        rows = [p + a[:-1] for p, a in zip(encoded, spans)]
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(rows), max(len(r) for r in rows)), pad, dtype=torch.long)
+        targets = torch.zeros((len(rows), max(len(a) for a in spans)), dtype=torch.long)
+        mask = torch.zeros(targets.shape, dtype=torch.bool)
+        for i, (row, span) in enumerate(zip(rows, spans)):
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            targets[i, : len(span)] = torch.tensor(span, dtype=torch.long)
+            mask[i, : len(span)] = True
+        last = torch.tensor([len(p) - 1 for p in encoded], dtype=torch.long)
+        return cls(ids, last, targets[:, 0].clone(), targets, mask)
 
     def to(self, device: torch.device | str) -> FactBatch:
         """The same batch on ``device`` (itself when already there)."""
         if self.ids.device == torch.device(device):
             return self
-        return FactBatch(self.ids.to(device), self.last.to(device), self.answers.to(device))
+        return FactBatch(self.ids.to(device), self.last.to(device), self.answers.to(device),
+                         self.targets.to(device), self.mask.to(device))
 
     def subset(self, index: torch.Tensor) -> FactBatch:
         index = index.to(self.ids.device)
-        ids = self.ids[index]
-        # Trim columns that are padding for every row of the subset.
-        width = int(self.last[index].max()) + 1
-        return FactBatch(ids[:, :width], self.last[index], self.answers[index])
+        mask = self.mask[index]
+        # Trim columns that are padding for every row of the subset (the prompt and all but
+        # the answer's last token are inputs).
+        width = int((self.last[index] + mask.sum(-1)).max())
+        span = int(mask.sum(-1).max())
+        return FactBatch(self.ids[index][:, :width], self.last[index], self.answers[index],
+                         self.targets[index][:, :span], mask[:, :span])
 
     def sample(self, size: int, generator: torch.Generator) -> FactBatch:
         """A random subset of ``size`` rows (all rows if ``size`` >= n)."""
@@ -150,6 +199,40 @@ class FactBatch:
 def answer_logits(model: torch.nn.Module, batch: FactBatch) -> torch.Tensor:
     """``[n, vocab]`` logits at each prompt's last token, one forward (with grad if the model has it)."""
     return logits_at(model, batch.ids, (torch.arange(len(batch), device=batch.last.device), batch.last))
+
+
+def span_positions(batch: FactBatch) -> torch.Tensor:
+    """``[n, A]`` the positions whose logits predict each answer token (padding clamped in range)."""
+    offsets = torch.arange(batch.targets.shape[1], device=batch.last.device)
+    return (batch.last[:, None] + offsets[None, :]).clamp(max=batch.ids.shape[1] - 1)
+
+
+def span_logits(model: torch.nn.Module, batch: FactBatch) -> torch.Tensor:
+    """``[n, A, vocab]`` logits predicting each answer token, teacher-forced, one forward (with
+    grad if the model has it). Rows past an answer's end are padding (see ``batch.mask``)."""
+    n, span = batch.targets.shape
+    rows = torch.arange(n, device=batch.last.device)[:, None].expand(n, span)
+    logits = logits_at(model, batch.ids, (rows.reshape(-1), span_positions(batch).reshape(-1)))
+    return logits.reshape(n, span, -1)
+
+
+def span_logprob(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[n]`` log p(answer | prompt) = Σ_k log p(y_k | prompt, y_<k) over the real tokens.
+
+    ``logits`` ``[n, A, vocab]`` (from :func:`span_logits`), ``targets``/``mask`` ``[n, A]``.
+    """
+    token = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+    return (token * mask).sum(-1)
+
+
+def span_exact(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[n]`` bool: greedy decoding reproduces the whole answer span.
+
+    Teacher forcing is enough: greedy decoding emits the gold prefix as long as every earlier
+    argmax was right, so the span is reproduced exactly when every real position's argmax is
+    its target.
+    """
+    return ((logits.argmax(-1) == targets) | ~mask).all(-1)
 
 
 def is_top1(logits: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
@@ -171,7 +254,34 @@ def top1(model: torch.nn.Module, batch: FactBatch) -> float:
     return float(correct(model, batch).float().mean())
 
 
+def span_scores(model: torch.nn.Module, batch: FactBatch, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[n]`` answer log-probabilities and ``[n]`` greedy exact matches of ``batch`` (no grad,
+    in chunks of similar length so padding and the vocab-sized logits stay small)."""
+    order = torch.argsort(batch.last + batch.lengths, stable=True)
+    logp = torch.empty(len(batch))
+    exact = torch.empty(len(batch), dtype=torch.bool)
+    device = module_device(model)
+    with torch.no_grad():
+        for start in range(0, len(batch), batch_size):
+            rows = order[start : start + batch_size]
+            part = batch.subset(rows).to(device)
+            logits = span_logits(model, part)
+            logp[rows] = span_logprob(logits, part.targets, part.mask).cpu()
+            exact[rows] = span_exact(logits, part.targets, part.mask).cpu()
+    return logp, exact
+
+
 def fact_correct(model: torch.nn.Module, tokenizer: Any, facts: Sequence[Fact], batch_size: int = 128) -> torch.Tensor:
     """``[n]`` bool, like :func:`correct`, for a fact list of any size (in length-sorted chunks)."""
     ids, last, answers = encode_prompts(tokenizer, [f.prompt for f in facts], [f.answer for f in facts])
     return is_top1(last_token_logits(model, ids, last, batch_size), answers)
+
+
+def fact_logprobs(model: torch.nn.Module, tokenizer: Any, facts: Sequence[Fact], batch_size: int = 128) -> torch.Tensor:
+    """``[n]`` log p(answer | prompt) per fact, summed over the answer's tokens (no grad). With
+    one-token answers it is the first-token scoring itself (the same batches, the same numbers)."""
+    batch = FactBatch.from_facts(tokenizer, facts)
+    if batch.targets.shape[1] > 1:
+        return span_scores(model, batch, batch_size)[0]
+    logits = last_token_logits(model, batch.ids, batch.last, batch_size)
+    return torch.log_softmax(logits.float(), -1)[torch.arange(len(facts)), batch.answers]

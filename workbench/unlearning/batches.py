@@ -11,12 +11,13 @@ from workbench.core.device import module_device
 from workbench.core.errors import WorkbenchError
 from workbench.data.facts import FactSplit
 from workbench.models.loaded import LoadedModel
-from workbench.models.scoring import FactBatch, answer_logits
+from workbench.models.scoring import FactBatch, span_logits
 
 
 @dataclass(frozen=True)
 class Batches:
-    """The split as tensors, plus the frozen base's logits on them (for reference-based losses)."""
+    """The split as tensors, plus the frozen base's answer-span logits on them
+    (``[n, A, vocab]``, for reference-based losses)."""
 
     forget: FactBatch
     retain: FactBatch
@@ -35,6 +36,6 @@ class Batches:
         forget = FactBatch.from_facts(model.tokenizer, split.forget).to(device)
         retain = FactBatch.from_facts(model.tokenizer, split.retain).to(device)
         with torch.no_grad():
-            ref_f = answer_logits(model.hf, forget)
-            ref_r = answer_logits(model.hf, retain)
+            ref_f = span_logits(model.hf, forget)
+            ref_r = span_logits(model.hf, retain)
         return cls(forget, retain, ref_f, ref_r)

@@ -1,9 +1,11 @@
 """Unlearning losses on answer-position logits (docs/SCIENCE.md §4). All are *minimised*.
 
-Shapes: ``logits`` ``[n, vocab]`` at the answer position, ``answers`` ``[n]`` token ids,
-``ref_logits`` the frozen base model's logits for the same rows. Our facts have
-single-token answers (the first token for BPE models), so a "sequence" log-probability
-is the answer token's log-probability and ``|y| = 1``.
+Shapes: either ``logits`` ``[n, vocab]`` at the answer position with ``answers`` ``[n]``
+token ids (one token per answer, ``|y| = 1``), or the whole answer span teacher-forced,
+``logits`` ``[n, A, vocab]`` with ``answers`` ``[n, A]`` and ``mask`` ``[n, A]`` (the real
+answer tokens; :func:`workbench.models.scoring.span_logits`). A sequence log-probability is
+then the sum over the answer's tokens. ``ref_logits`` are the frozen base model's logits for
+the same rows, in the same shape. Everything is batched; padding is masked, never looped over.
 """
 
 from __future__ import annotations
@@ -12,39 +14,63 @@ import torch
 import torch.nn.functional as F
 
 
-def answer_logprob(logits: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
-    """``[n]`` log p(answer | prompt)."""
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, answers[:, None]).squeeze(-1)
+def _span_mask(logits: torch.Tensor, answers: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if logits.ndim != 3 or answers.shape != logits.shape[:2]:
+        raise ValueError(f"span logits {tuple(logits.shape)} need answers [n, A], got {tuple(answers.shape)}")
+    return torch.ones_like(answers, dtype=torch.bool) if mask is None else mask
 
 
-def nll(logits: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
-    """Mean negative log-likelihood of the answers."""
-    return -answer_logprob(logits, answers).mean()
+def answer_logprob(logits: torch.Tensor, answers: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``[n]`` log p(answer | prompt): the answer token's, or the sum over the span's real tokens."""
+    if logits.ndim == 2:
+        return torch.log_softmax(logits.float(), dim=-1).gather(-1, answers[:, None]).squeeze(-1)
+    token = torch.log_softmax(logits.float(), dim=-1).gather(-1, answers[..., None]).squeeze(-1)
+    return (token * _span_mask(logits, answers, mask)).sum(-1)
 
 
-def gradient_ascent(logits: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
+def answer_length(answers: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``[n]`` number of answer tokens |y| (1 per row for ``[n]`` answers)."""
+    if answers.ndim == 1:
+        return torch.ones(answers.shape, device=answers.device)
+    return (torch.ones_like(answers) if mask is None else mask).sum(-1).float()
+
+
+def nll(logits: torch.Tensor, answers: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean negative log-likelihood of the answers (each summed over its tokens)."""
+    return -answer_logprob(logits, answers, mask).mean()
+
+
+def gradient_ascent(logits: torch.Tensor, answers: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """GA: minimise −NLL on forget (i.e. push the answers' likelihood down without bound)."""
-    return -nll(logits, answers)
+    return -nll(logits, answers, mask)
 
 
-def kl_to_reference(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
-    """KL(p_ref ‖ p_θ), batch mean (the retain term of GA+KLR / NPO+KLR)."""
-    return F.kl_div(
+def kl_to_reference(logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(p_ref ‖ p_θ) summed over the vocabulary, mean over rows (the retain term of GA+KLR /
+    NPO+KLR); for span logits the mean runs over the real answer positions of ``mask``."""
+    pointwise = F.kl_div(
         torch.log_softmax(logits.float(), -1), torch.log_softmax(ref_logits.float(), -1),
-        reduction="batchmean", log_target=True,
+        reduction="none", log_target=True,
     )
+    if logits.ndim == 2:
+        return pointwise.sum() / logits.shape[0]
+    real = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device) if mask is None else mask
+    return (pointwise * real[..., None]).sum() / real.sum()
 
 
-def npo(logits: torch.Tensor, ref_logits: torch.Tensor, answers: torch.Tensor, beta: float = 0.1) -> torch.Tensor:
-    """NPO: −(2/β)·mean log σ(−β(log p_θ − log p_ref)) on forget."""
-    ratio = answer_logprob(logits, answers) - answer_logprob(ref_logits, answers).detach()
+def npo(logits: torch.Tensor, ref_logits: torch.Tensor, answers: torch.Tensor, beta: float = 0.1,
+        mask: torch.Tensor | None = None) -> torch.Tensor:
+    """NPO: −(2/β)·mean log σ(−β(log p_θ − log p_ref)) on forget (sequence log-probabilities)."""
+    ratio = answer_logprob(logits, answers, mask) - answer_logprob(ref_logits, answers, mask).detach()
     return -(2.0 / beta) * F.logsigmoid(-beta * ratio).mean()
 
 
 def simnpo(logits: torch.Tensor, answers: torch.Tensor, beta: float = 0.1, gamma: float = 0.0,
-           length: int = 1) -> torch.Tensor:
-    """SimNPO: −(2/β)·mean log σ(−β·(log p_θ/|y|) − γ) (reference-free, length-normalised)."""
-    return -(2.0 / beta) * F.logsigmoid(-beta * answer_logprob(logits, answers) / length - gamma).mean()
+           length: float | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """SimNPO: −(2/β)·mean log σ(−β·(log p_θ/|y|) − γ) (reference-free, length-normalised by
+    each answer's own token count |y|, or by ``length`` when given)."""
+    norm = answer_length(answers, mask) if length is None else length
+    return -(2.0 / beta) * F.logsigmoid(-beta * answer_logprob(logits, answers, mask) / norm - gamma).mean()
 
 
 def rmu_forget(acts: torch.Tensor, mask: torch.Tensor, control: torch.Tensor) -> torch.Tensor:

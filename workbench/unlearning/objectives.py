@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 
 from workbench.core.checks import Range, check_config
-from workbench.models.scoring import FactBatch, answer_logits
+from workbench.models.scoring import FactBatch, span_logits
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,9 @@ class ForgetRetainObjective:
     """``loss = forget_loss + α · retain_loss`` (no retain term when :meth:`retain_loss` is None).
 
     Called by the shared loop as ``objective(model, forget batch, its reference logits,
-    retain batch, its reference logits)``.
+    retain batch, its reference logits)``. Logits are the answer spans, teacher-forced
+    (``[n, A, vocab]``, :func:`~workbench.models.scoring.span_logits`); the terms read the
+    batch's ``targets`` and ``mask``, so a multi-token answer counts with all its tokens.
     """
 
     name: ClassVar[str]
@@ -59,6 +61,12 @@ class ForgetRetainObjective:
 
     def __call__(self, model: torch.nn.Module, fb: FactBatch, ref_f: torch.Tensor, rb: FactBatch,
                  ref_r: torch.Tensor) -> torch.Tensor:
-        loss = self.forget_loss(answer_logits(model, fb), ref_f, fb)
-        retain = self.retain_loss(model, rb, ref_r)
+        loss = self.forget_loss(span_logits(model, fb), reference_span(ref_f, fb), fb)
+        retain = self.retain_loss(model, rb, reference_span(ref_r, rb))
         return loss if retain is None else loss + self.config.alpha * retain
+
+
+def reference_span(ref_logits: torch.Tensor, batch: FactBatch) -> torch.Tensor:
+    """The reference logits' answer positions that ``batch`` keeps (a sampled subset trims the
+    span to its own longest answer)."""
+    return ref_logits[:, : batch.targets.shape[1]]

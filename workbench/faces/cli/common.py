@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from workbench.core.errors import WorkbenchError
 from workbench.data.facts import Fact, FactSplit
-from workbench.data.files import load_fact_file
+from workbench.data.files import FILE_FORMATS, load_fact_file
 from workbench.experiments.jobs import Job
 from workbench.experiments.store import Run
 from workbench.experiments.sweep import EXECUTORS, ExecutorConfig, RunCallback
@@ -170,9 +170,12 @@ def add_quant_args(p: argparse.ArgumentParser, default: str = "nf4") -> None:
 
 
 def add_data_args(p: argparse.ArgumentParser, *, forget_only: bool = False) -> None:
-    p.add_argument("--forget", help="forget-set fact file (JSONL or CSV); default: the model's built-in split")
+    p.add_argument("--forget", help="forget-set fact file (JSONL, CSV or Parquet); default: the model's built-in split")
     p.add_argument("--retain", help="not needed here: only the forget set is read" if forget_only
-                   else "retain-set fact file (JSONL or CSV)")
+                   else "retain-set fact file (JSONL, CSV or Parquet)")
+    p.add_argument("--format", choices=FILE_FORMATS, dest="data_format",
+                   help="the fact files' row shape: cloze {prompt, answer}, mc {question, choices, answer index}, "
+                        "qa {question, answer, ...}, text {text}; default: told from each row's fields")
     p.add_argument("--forget-domain", help="built-in split: which domain to forget")
 
 
@@ -197,7 +200,9 @@ def load_split(model: LoadedModel, args: argparse.Namespace) -> FactSplit:
     if forget_file or retain_file:
         if not (forget_file and retain_file):
             raise WorkbenchError("give both --forget and --retain fact files (or neither for the built-in split)")
-        return FactSplit(name="user", forget=_facts(model, forget_file), retain=_facts(model, retain_file))
+        fmt = getattr(args, "data_format", None)
+        return FactSplit(name="user", forget=load_facts(model, forget_file, fmt),
+                         retain=load_facts(model, retain_file, fmt))
     return builtin_split(model, forget_domain=args.forget_domain)
 
 
@@ -206,11 +211,14 @@ def load_forget_split(model: LoadedModel, args: argparse.Namespace, command: str
     ``--forget FILE`` alone is enough (a ``--retain`` file beside it is not read)."""
 
     if args.forget:
-        return FactSplit(name="user", forget=_facts(model, args.forget), retain=())
+        return FactSplit(name="user", forget=load_facts(model, args.forget, getattr(args, "data_format", None)),
+                         retain=())
     if args.retain:
         raise WorkbenchError(f"{command} reads only the forget set: give --forget FILE (--retain is not needed)")
     return builtin_split(model, forget_domain=args.forget_domain)
 
 
-def _facts(model: LoadedModel, path: str) -> tuple[Fact, ...]:
-    return tuple(load_fact_file(path, tokenizer=model.tokenizer, max_context=model.n_ctx))
+def load_facts(model: LoadedModel, path: str, fmt: str | None = None) -> tuple[Fact, ...]:
+    """A user's fact file, checked against the model's tokenizer and context (``fmt``: a row
+    shape to force, see ``--format``)."""
+    return tuple(load_fact_file(path, tokenizer=model.tokenizer, max_context=model.n_ctx, format=fmt))

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.core.errors import WorkbenchError
-from workbench.data.facts import FactSplit
+from workbench.data.facts import Fact, FactSplit
 from workbench.data.files import load_fact_file
 from workbench.experiments.store import resolve_run
 from workbench.faces.bench import run_bench
@@ -24,6 +24,7 @@ from workbench.faces.cli.common import (
     quant_from_args,
 )
 from workbench.faces.tables import text_histogram, text_table
+from workbench.measurement.benchmarks import benchmark_scores, forget_quality, truth_ratios
 from workbench.measurement.evaluation import evaluate_split
 from workbench.models.loaded import LoadedModel
 from workbench.models.loading import load_model
@@ -41,6 +42,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="facts, facts-tiny, smollm2, or a local HF directory")
     p.add_argument("--data", help="a fact file to evaluate instead of the built-in split")
     add_data_args(p)
+    p.add_argument("--runs", nargs="+", metavar="RUN", default=[],
+                   help="also evaluate these saved runs' unlearned models on the data, beside the base")
+    add_runs_root(p, what="where run ids given to --runs are looked up")
+    p.add_argument("--oracle", metavar="MODEL",
+                   help="a retrain oracle (model name or directory) for the forget quality of question-answer data")
     add_quant_args(p)
     add_json(p)
     p.set_defaults(func=cmd_eval)
@@ -65,21 +71,44 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def accuracy_rows(model: LoadedModel, split: FactSplit, quants: Sequence[QuantConfig | None],
                   multiple_choice: bool = True) -> list[dict[str, Any]]:
-    """One row per (set, precision): top-1, multiple choice, mean answer probability."""
+    """One row per (set, precision): first-token top-1, greedy exact match of the whole answer,
+    answer log-probability (summed over its tokens), multiple choice, first-token probability."""
 
     rows = []
     for q in quants:
         label = "fp32" if q is None else q.label
         for set_name, s in evaluate_split(model, split, quant=q, multiple_choice=multiple_choice).items():
-            rows.append({"set": set_name, "precision": label, "n": s.n, "top1": s.top1, "mc": s.mc,
-                         "p(answer)": s.mean_prob})
+            rows.append({"set": set_name, "precision": label, "n": s.n, "top1": s.top1, "exact": s.exact,
+                         "logprob": s.logprob, "mc": s.mc, "p(answer)": s.mean_prob})
+    return rows
+
+
+def benchmark_rows(model: LoadedModel, facts: Sequence[Fact], runs: Sequence[str], runs_root: str | None,
+                   oracle: str | None, forget: bool = True) -> list[dict[str, Any]]:
+    """The benchmark metrics of the base and of each run's unlearned model (docs/SCIENCE.md §9);
+    forget quality only on a forget set (``forget``)."""
+    models = {"base": model}
+    for ref in runs:
+        run = resolve_run(ref, root=runs_root)
+        models[f"{run.metrics.method} ({run.id})"] = run.update().apply(model, f"{model.name}+{run.id}")
+    qa = [f for f in facts if f.kind == "qa"]
+    oracle_ratios = truth_ratios(load_model(oracle), qa) if oracle and qa else None
+    reason = "" if oracle else "no retrain oracle given; pass --oracle MODEL"
+    rows = []
+    for label, m in models.items():
+        scores = benchmark_scores(m, facts)
+        row: dict[str, Any] = {"model": label, **scores.row()}
+        if scores.qa is not None and forget:
+            quality = forget_quality(scores.qa.truth_ratios, oracle_ratios, reason)
+            row["qa forget quality"] = quality.pvalue if quality.pvalue is not None else quality.text()
+        rows.append(row)
     return rows
 
 
 def cmd_eval(args: argparse.Namespace, out: Printer) -> int:
     model = load_model(args.model)
     if args.data:
-        facts = load_fact_file(args.data, tokenizer=model.tokenizer, max_context=model.n_ctx)
+        facts = load_fact_file(args.data, tokenizer=model.tokenizer, max_context=model.n_ctx, format=args.data_format)
         split = FactSplit(name=args.data, forget=facts, retain=())
     else:
         split = load_split(model, args)
@@ -88,10 +117,21 @@ def cmd_eval(args: argparse.Namespace, out: Printer) -> int:
     if args.data:
         for r in rows:
             r["set"] = "data"
+    sets = [split.forget, split.retain] if not args.data else [split.forget]
+    shaped = [s for s in sets if any(f.kind != "cloze" for f in s)]
+    if args.runs and not shaped:
+        raise WorkbenchError("--runs compares benchmark metrics: give a multiple-choice, question-answer or text file")
+    bench = {name: benchmark_rows(model, s, args.runs, args.runs_root, args.oracle, forget=name != "retain")
+             for name, s in zip(("forget", "retain") if not args.data else ("data",), sets) if s in shaped}
     # a score that does not exist (mc of cloze-only facts) is null in the JSON: NaN is not JSON
-    out.json({"model": args.model, "split": split.name, "rows": rows})
+    out.json({"model": args.model, "split": split.name, "rows": rows, "benchmarks": bench})
     out.line(f"model {args.model} · split {split.name}")
+    out.line("top1 = first answer token is the argmax; exact = greedy decoding reproduces the whole answer; "
+             "logprob = log p(answer) summed over its tokens")
     out.line(text_table(rows))
+    for name, brows in bench.items():
+        out.line(f"\nbenchmark metrics on {name} (docs/SCIENCE.md §9)")
+        out.line(text_table(brows))
     return 0
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workbench.models.scoring import FactBatch, answer_logits
+from workbench.models.scoring import FactBatch, span_logits
 from workbench.unlearning.batches import Batches
 from workbench.unlearning.losses import answer_logprob
 from workbench.unlearning.mansu.config import MansuConfig
@@ -52,7 +52,8 @@ def answer_logprob_gradient(work: torch.nn.Module, names: list[str], batch: Fact
     """∇ mean log p(answer) over ``batch`` w.r.t. the named parameters (zeros where unused).
 
     Up to ``chunk`` facts take one backward (the mean, as before chunking); more are summed
-    chunk by chunk (each chunk's sum ÷ n), equal up to float summation order."""
+    chunk by chunk (each chunk's sum ÷ n), equal up to float summation order. log p(answer)
+    sums over the answer's tokens, teacher-forced, padding masked."""
     params = dict(work.named_parameters())
     n = len(batch)
     total: list[torch.Tensor | None] = [None] * len(names)
@@ -61,7 +62,7 @@ def answer_logprob_gradient(work: torch.nn.Module, names: list[str], batch: Fact
     try:
         for start in range(0, n, chunk):
             rows = batch if n <= chunk else batch.subset(torch.arange(start, min(n, start + chunk)))
-            logp = answer_logprob(answer_logits(work, rows), rows.answers)
+            logp = answer_logprob(span_logits(work, rows), rows.targets, rows.mask)
             objective = logp.mean() if n <= chunk else logp.sum() / n
             grads = torch.autograd.grad(objective, [params[name] for name in names], allow_unused=True)
             total = [t if g is None else (g if t is None else t + g) for t, g in zip(total, grads)]

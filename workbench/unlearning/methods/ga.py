@@ -15,4 +15,4 @@ class GradientAscent(ForgetRetainObjective):
     summary = "gradient ascent: −NLL on forget"
 
     def forget_loss(self, logits: torch.Tensor, ref_logits: torch.Tensor, batch: FactBatch) -> torch.Tensor:
-        return losses.gradient_ascent(logits, batch.answers)
+        return losses.gradient_ascent(logits, batch.targets, batch.mask)

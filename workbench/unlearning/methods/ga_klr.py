@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from workbench.models.scoring import FactBatch, answer_logits
+from workbench.models.scoring import FactBatch, span_logits
 from workbench.unlearning import losses
 from workbench.unlearning.methods.ga import GradientAscent
 
@@ -15,4 +15,4 @@ class GradAscentKLR(GradientAscent):
     summary = "GA + KL(p_ref ‖ p_θ) on retain"
 
     def retain_loss(self, model: torch.nn.Module, batch: FactBatch, ref_logits: torch.Tensor) -> torch.Tensor:
-        return losses.kl_to_reference(answer_logits(model, batch), ref_logits)
+        return losses.kl_to_reference(span_logits(model, batch), ref_logits, batch.mask)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from workbench.models.scoring import FactBatch, answer_logits
+from workbench.models.scoring import FactBatch, span_logits
 from workbench.unlearning import losses
 from workbench.unlearning.methods.ga import GradientAscent
 
@@ -15,4 +15,4 @@ class GradDiff(GradientAscent):
     summary = "GA + GDR: −NLL_f + α·NLL_r"
 
     def retain_loss(self, model: torch.nn.Module, batch: FactBatch, ref_logits: torch.Tensor) -> torch.Tensor:
-        return losses.nll(answer_logits(model, batch), batch.answers)
+        return losses.nll(span_logits(model, batch), batch.targets, batch.mask)

@@ -15,4 +15,4 @@ class NPO(GradientAscent):
     summary = "NPO (β = 0.1)"
 
     def forget_loss(self, logits: torch.Tensor, ref_logits: torch.Tensor, batch: FactBatch) -> torch.Tensor:
-        return losses.npo(logits, ref_logits, batch.answers, beta=self.config.beta)
+        return losses.npo(logits, ref_logits, batch.targets, beta=self.config.beta, mask=batch.mask)

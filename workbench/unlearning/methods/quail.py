@@ -33,7 +33,7 @@ import torch
 from workbench.core.checks import Range, check_config
 from workbench.core.errors import WorkbenchError
 from workbench.models.loaded import LoadedModel
-from workbench.models.scoring import FactBatch, answer_logits
+from workbench.models.scoring import FactBatch, span_logits
 from workbench.quant import QuantConfig, bin_geometry
 from workbench.unlearning import losses
 from workbench.unlearning.loop import run_gradient_method
@@ -100,12 +100,13 @@ def quail(task: UnlearningTask, config: QuailConfig | None = None) -> Unlearning
 
     def objective(work: torch.nn.Module, fb: FactBatch, ref_f: torch.Tensor, rb: FactBatch,
                   _ref_r: torch.Tensor) -> torch.Tensor:
-        logits = answer_logits(work, fb)
+        logits = span_logits(work, fb)
         m = torch.tensor([by_row[_row_key(fb, i)] for i in range(len(fb))], device=fb.ids.device)
-        loss = losses.gradient_ascent(logits, fb.answers)
-        loss = loss + config.hinge_weight * losses.quail_hinge(logits, ref_f, fb.answers, m)
+        loss = losses.gradient_ascent(logits, fb.targets, fb.mask)
+        # The margin is computed for the answer's first token (its logit step under quantization).
+        loss = loss + config.hinge_weight * losses.quail_hinge(logits[:, 0], ref_f[:, 0], fb.answers, m)
         if config.alpha > 0:
-            loss = loss + config.alpha * losses.nll(answer_logits(work, rb), rb.answers)
+            loss = loss + config.alpha * losses.nll(span_logits(work, rb), rb.targets, rb.mask)
         return loss
 
     result = run_gradient_method(task, objective, method="quail")

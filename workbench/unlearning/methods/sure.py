@@ -26,7 +26,7 @@ import torch
 from workbench.core.checks import Range, check_config
 from workbench.core.errors import WorkbenchError
 from workbench.models.loaded import LoadedModel
-from workbench.models.scoring import answer_logits
+from workbench.models.scoring import span_logits
 from workbench.unlearning import losses
 from workbench.unlearning.batches import Batches
 from workbench.unlearning.loop import run_gradient_method, trainable_names
@@ -63,7 +63,7 @@ def row_saliency(model: LoadedModel, batches: Batches, names: list[str]) -> dict
     params = dict(work.named_parameters())
     for n, p in params.items():
         p.requires_grad_(n in names)
-    loss = losses.nll(answer_logits(work, batches.forget), batches.forget.answers)
+    loss = losses.nll(span_logits(work, batches.forget), batches.forget.targets, batches.forget.mask)
     grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
     conv1d = model.adapter.transposed
     out: dict[str, torch.Tensor] = {}
