@@ -9,9 +9,9 @@ import pytest
 
 from workbench.core.components import EMBED, all_components
 from workbench.core.errors import WorkbenchError
+from workbench.experiments.flow import default_circuit
 from workbench.interpretability.attribution import AttributionConfig, agreement, attribute, make_prompt_pairs
 from workbench.interpretability.circuit import Circuit
-from workbench.experiments.flow import default_circuit
 from workbench.interpretability.faithfulness import faithfulness, faithfulness_curve
 from workbench.measurement.reference import tl_node_scores
 from workbench.models.builtin_splits import builtin_split

@@ -22,6 +22,7 @@ from workbench.core.progress import Progress, Steps
 from workbench.data.facts import Fact
 from workbench.interpretability.attribution import (
     AblationMetric,
+    ActivationMeans,
     Attribution,
     PromptPairs,
     ablated_metric,
@@ -29,7 +30,7 @@ from workbench.interpretability.attribution import (
     make_prompt_pairs,
     metric_baselines,
 )
-from workbench.interpretability.circuit import Circuit, _check_fits
+from workbench.interpretability.circuit import Circuit, _check_fits, component_order
 from workbench.models.loaded import LoadedModel
 
 Ablation = Literal["corrupt", "mean"]
@@ -87,13 +88,16 @@ class _Ablator:
     """The shared baselines of one set of pairs, so that many circuits cost two runs each."""
 
     def __init__(self, model: LoadedModel, pairs: PromptPairs, ablation: Ablation, metric: AblationMetric | None):
-        self.model, self.pairs, self.ablation = model, pairs, ablation
-        self.extra = {} if metric is None else {"metric": metric}
-        self.metric = metric or pairs.metric
+        # metric_baselines is called without a metric when none is given: the pairs' own.
+        self.model, self.pairs = model, pairs
+        self.ablation: Ablation = ablation
+        self.metric_arg: AblationMetric | None = metric
+        self.metric: str = metric or pairs.metric
         needs_means = ablation == "mean" or pairs.has_mean
-        self.means = {"means": dataset_means(model, pairs)} if needs_means else {}
+        self.means: ActivationMeans | None = dataset_means(model, pairs) if needs_means else None
         self.everything = set(all_components(model.n_layers, model.n_heads, include_embed=True))
-        clean, corrupt = (float(x) for x in metric_baselines(model, pairs, **self.extra))
+        baselines = metric_baselines(model, pairs) if metric is None else metric_baselines(model, pairs, metric=metric)
+        clean, corrupt = (float(x) for x in baselines)
         self.clean, self.corrupt = clean, corrupt
         self.floor = self.run({EMBED})
         gap = clean - self.floor
@@ -107,7 +111,7 @@ class _Ablator:
 
     def run(self, keep: set[Component]) -> float:
         return float(ablated_metric(self.model, self.pairs, keep=keep, ablation=self.ablation,
-                                    **self.extra, **self.means))
+                                    metric=self.metric_arg, means=self.means))
 
     def measure(self, selected: set[Component]) -> Faithfulness:
         heads_mlps = {c for c in selected if c not in (EMBED, LOGITS)}
@@ -216,7 +220,5 @@ def faithfulness_curve(
 
 
 def _ranking(scores: Mapping[Component, float]) -> list[Component]:
-    from workbench.interpretability.circuit import component_order
-
     comps = [c for c, s in scores.items() if c not in (EMBED, LOGITS) and math.isfinite(s)]
     return sorted(comps, key=lambda c: (-abs(scores[c]), component_order(c)))
