@@ -3,24 +3,31 @@
 Everything here runs through TransformerLens hooks on ``LoadedModel.bridge()``; the
 model is only ever read (see *Never modifying the model* below).
 
-Prompt pairs
-    A *pair* is a clean prompt (a forget-set fact) and a corrupted prompt: the fact's
-    ``corrupt_prompt`` (same template, another subject), a user-supplied prompt, or else
-    another fact of the set with a different answer whose prompt has the same number of
-    tokens. Clean and corrupt prompts of one pair always have equal token length (pairs
-    that do not are dropped and counted); pairs of equal length form a :class:`PairGroup`,
-    so every forward runs unpadded on a ``[n, seq]`` batch and the metric is read at the
-    last position ``seq - 1``.
+Prompt pairs and baselines (:func:`make_prompt_pairs`, docs/SCIENCE.md §8.1)
+    Each clean prompt (a fact) gets a baseline. ``paired`` (default): its corrupt twin
+    (``corrupt_prompt``, same template, another subject) when it has the clean prompt's
+    token length, else a *partner* (another fact of the set with a different answer and a
+    prompt of the same token length), else the *mean* baseline. ``resample``: a randomly
+    drawn partner, else the mean. ``mean``: every component's dataset-mean activation
+    (:class:`ActivationMeans`). No fact is dropped; :class:`Pairing` counts who got what.
+    Pairs of equal length and baseline kind form a :class:`PairGroup`, so every forward
+    runs unpadded on a ``[n, seq]`` batch. A prompt baseline is *denoised* (gradients on
+    the corrupt run); the mean baseline is *noised* (gradients on the clean run, deltas
+    ``a_clean - a_mean``); both give "the clean value, against the baseline, raises the
+    metric by this much".
 
-Metric (per pair, at the last position)
-    ``logit_diff``: ``logit[answer] - logit[corrupt_answer]``, where ``corrupt_answer`` is
-    the first token of ``" " + answer`` of the corrupt prompt's fact (default);
-    ``logprob``: ``log_softmax(logits)[answer]``.
+Metric (per pair)
+    The sequence is the prompt plus the answer's tokens but the last (teacher forcing);
+    the answer's ``span`` tokens are read at positions ``seq - span .. seq - 1``.
+    ``logit_diff``: ``logit[answer] - logit[corrupt_answer]`` at the first answer position,
+    where ``corrupt_answer`` is the first token of ``" " + answer`` of the corrupt prompt's
+    fact (default); ``logprob``: the answer's log-probability summed over the span. For
+    single-token answers both read the last position, as before.
 
 Nodes (writers into the residual stream, :mod:`workbench.nodes`)
     ``embed`` at ``hook_embed`` (+ ``hook_pos_embed`` on models with learned positions;
-    its clean-corrupt difference is zero because a pair has equal length, so it never
-    contributes a score), each head ``L.H`` at ``blocks.L.attn.hook_z[:, :, H]``
+    its clean-corrupt difference is zero for a prompt pair of equal length, not against
+    the mean), each head ``L.H`` at ``blocks.L.attn.hook_z[:, :, H]``
     (``[batch, seq, n_heads, d_head]``, per *query* head also under GQA), each MLP at
     ``blocks.L.hook_mlp_out``.
 
