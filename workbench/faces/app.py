@@ -77,11 +77,12 @@ INPUTS = {
     "code_steps": Range(1, 255, integer=True),
     "lr": Range(0, 1),
     "max_steps": Range(1, 100_000, integer=True),
+    "max_k": Range(1, 1_000, integer=True),  # two ablated runs per k
 }
 LABELS = {"ig_steps": "IG steps", "top_k": "k", "threshold": "threshold", "mass": "mass fraction",
           "forget_target": "forget target", "max_rounds": "max rounds", "fisher_budget": "Fisher budget",
           "params_per_round": "weights per round", "code_steps": "codes per weight", "lr": "learning rate",
-          "max_steps": "max steps"}
+          "max_steps": "max steps", "max_k": "largest k"}
 
 
 def number(value: Any, name: str) -> Any:
