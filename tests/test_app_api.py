@@ -21,7 +21,8 @@ def _rows(table) -> list[list]:
 
 def test_api_lists_only_the_public_endpoints(client):
     endpoints = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
-    assert {"/setup", "/attribute", "/top_k", "/exclude", "/undo", "/unlearn", "/runs", "/run_files"} <= endpoints
+    assert {"/setup", "/attribute", "/top_k", "/exclude", "/undo", "/unlearn", "/ablations", "/faithfulness", "/runs",
+            "/run_files"} <= endpoints
     assert not any(e.startswith("/lambda") for e in endpoints)  # timers and page-load helpers stay private
 
 
@@ -46,6 +47,8 @@ def test_api_flow(client):
 
     out = client.predict(3, api_name="/top_k")
     assert "3 components selected" in out[2]
+    readout = client.predict(api_name="/faithfulness")  # an edit returns at once; the readout follows
+    assert readout.startswith("**3 components selected.** Faithfulness (") and "recovers" in readout
     chosen = next(r[1] for r in _rows(out[3]) if r[0])
     out = client.predict(chosen, api_name="/exclude")
     assert "2 components selected" in out[2]
@@ -67,6 +70,15 @@ def test_api_flow(client):
 
     files = client.predict(run_id, api_name="/run_files")
     assert sorted(f.rsplit("/", 1)[-1] for f in files) == ["config.json", "metrics.json", "update.safetensors"]
+
+    # Which ablation would have passed: MANSU re-run with each of its four components off, each saved.
+    text, runs_after, _pick = client.predict(api_name="/ablations")
+    lines = text.splitlines()
+    assert lines[0].startswith(("- MANSU without its", "- no ablation passes", "- the full method passes"))
+    if "fail" in [r[1] for r in report]:
+        assert [line.split(":")[0] for line in lines if line.startswith("- without the")] == [
+            "- without the circuit", "- without the projection", "- without the fisher", "- without the floor"]
+    assert len(_rows(runs_after)) == len(_rows(runs)) + 4
 
     # A run that would take thousands of rounds (one weight each), cancelled from a second request
     # of the same session.

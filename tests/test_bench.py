@@ -102,3 +102,22 @@ def test_cli_bench_quick_writes_every_section(tmp_path, capsys):
     for title in ("tl/ours", "ours/bnb", "MANSU/GD to target", "s in all"):
         assert title in printed
     assert main(["bench", "speed"]) == 1  # unknown section: a clear error, exit code 1
+
+
+def test_bench_flow_times_every_step_and_both_paths_measure_the_same():
+    """`workbench bench flow --quick`: the app's flow twice (reference and fast path) on facts-tiny;
+    the MANSU runs' metrics are equal and a difference would be named."""
+    from dataclasses import replace
+
+    from workbench.faces.bench_flow import FLOW_STEPS, bench_flow, same_measurements
+
+    flow = bench_flow("facts-tiny", max_rounds=2)
+    assert flow.differing == []
+    rows = flow.rows()
+    assert [r["step"] for r in rows] == [*FLOW_STEPS, "total"]
+    assert all(r["fast_s"] >= 0 and r["reference_s"] >= 0 for r in rows)
+    assert flow.reference.seconds["readout"] == 0.0 < flow.fast.seconds["readout"]  # inside the reference edit
+    assert flow.fast.metrics.steps <= 2 and flow.fast.metrics.run_id != flow.reference.metrics.run_id
+    assert same_measurements(flow.fast.metrics, replace(flow.fast.metrics, seconds=1e9, run_id="x")) == []
+    moved = replace(flow.fast.metrics, ptq_gap=flow.fast.metrics.ptq_gap + 0.01, params_changed=0)
+    assert same_measurements(flow.fast.metrics, moved) == ["params_changed", "ptq_gap"]

@@ -633,3 +633,17 @@ def test_attribute_baselines_per_fact_and_faithfulness_curve(capsys, facts_tiny,
     assert f["metric"] == "kl" and f["clean_metric"] == 0.0 and f["floor_metric"] < 0
     assert [r["k"] for r in f["curve"]] == [1, 2, 3]
     assert len({round(r["recovered"], 6) for r in f["curve"]}) > 1
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    """`workbench models | head -1`: the reader leaves early; no traceback, exit code 0."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "workbench", "models"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # long before the interpreter has imported the workbench and printed
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0
+    assert b"Traceback" not in err and b"BrokenPipe" not in err

@@ -226,6 +226,27 @@ def test_edits_undo_redo_and_live_faithfulness(attributed):
         s.edit("exclude", None)
 
 
+def test_an_edit_can_leave_the_readout_to_follow(attributed):
+    """The app redraws the circuit at once and measures faithfulness in a second step: until
+    then the readout says so instead of showing the previous selection's numbers."""
+    s = Session()
+    s.setup("facts-tiny")
+    s.attribute("atp", edges=False)
+    s.edit("top_k", 3)
+    measured = s.faithfulness_result
+    assert s.faithfulness_is_current and "recovers" in s.faithfulness_text()
+    assert s.edit("top_k", 2, measure=False) is None
+    assert not s.faithfulness_is_current
+    assert s.faithfulness_text() == "**2 components selected.** Faithfulness: measuring…"
+    follow = s.measure_faithfulness()
+    assert s.faithfulness_is_current and "recovers" in s.faithfulness_text()
+    assert follow is not None and (follow.recovered, follow.drop) != (measured.recovered, measured.drop)
+    assert follow == s.edit("top_k", 2)  # the same numbers as measuring with the edit
+    s.edit("top_k", 3, measure=False)
+    s.edit("top_k", 2, measure=False)  # back to the measured selection: the readout is current again
+    assert s.faithfulness_is_current and s.faithfulness_result == follow
+
+
 def test_node_table_sets_the_selection(attributed):
     s = Session()
     s.setup("facts-tiny")

@@ -265,7 +265,8 @@ def on_agreement(s: Session, reference: str, ig_steps: Any, progress: gr.Progres
 def _edit(action: str) -> Callable[..., tuple[Any, ...]]:
     @friendly
     def handler(s: Session, value: Any = None):
-        s.edit(action, number(value, action) if action in INPUTS else value)
+        # The graph and table redraw at once; the faithfulness readout follows (on_faithfulness).
+        s.edit(action, number(value, action) if action in INPUTS else value, measure=False)
         return circuit_outputs(s)
 
     handler.__name__ = f"on_{action}"
@@ -275,8 +276,16 @@ def _edit(action: str) -> Callable[..., tuple[Any, ...]]:
 @friendly
 def on_table(s: Session, table: Any):
     rows = table.values.tolist() if hasattr(table, "values") else list(table or [])
-    s.apply_node_table(rows)
+    s.apply_node_table(rows, measure=False)
     return circuit_outputs(s)
+
+
+@friendly
+def on_faithfulness(s: Session) -> str:
+    """The readout after an edit: measured now unless it is already for this selection."""
+    if s.circuit is not None and not s.faithfulness_is_current:
+        s.measure_faithfulness()
+    return s.faithfulness_text()
 
 
 @friendly
@@ -326,6 +335,14 @@ def on_unlearn(s: Session, method: str, use_circuit: bool, use_projection: bool,
                            print_exception=False) from None
         raise
     return (s.live_text(), *compare_outputs(s, module, cad), *runs_outputs(s))
+
+
+@friendly
+def on_ablations(s: Session, progress: gr.Progress = gr.Progress(), request: gr.Request | None = None):
+    _sign_in(s, request)
+    s.try_ablations(progress=_progress(progress))
+    lines = s.ablation_text().splitlines()
+    return ("\n".join(f"- {html.escape(line, quote=False)}" for line in lines), *runs_outputs(s))
 
 
 def on_run_end(s: Session):
@@ -517,6 +534,7 @@ class CircuitViews:
     nodes: gr.Dataframe
     download: gr.DownloadButton
     upload: gr.UploadButton
+    faithfulness_button: gr.Button  # hidden: the /faithfulness endpoint (the readout after an edit)
     curve_k: gr.Number
     curve_ablation: gr.Radio
     curve_metric: gr.Radio
@@ -547,6 +565,7 @@ def _circuit_section() -> CircuitViews:
     with gr.Row():
         download = gr.DownloadButton("Download circuit JSON", interactive=False)
         upload = gr.UploadButton("Upload circuit JSON", file_types=[".json"], type="filepath")
+    faithfulness_button = gr.Button("Measure faithfulness", visible=False)
     with gr.Row():
         curve_k = number_box(20, "max_k", "largest k", scale=1)
         curve_ablation = gr.Radio(["corrupt", "mean"], value="corrupt", label="Ablation", scale=1)
@@ -556,7 +575,8 @@ def _circuit_section() -> CircuitViews:
     curve_plot = gr.Plot(label="Faithfulness over circuit size", elem_id="curve-plot")
     return CircuitViews(faithfulness, top_k, top_k_button, threshold, threshold_button, mass, mass_button, component,
                         include_button, exclude_button, undo_button, redo_button, nodes, download, upload,
-                        curve_k, curve_ablation, curve_metric, curve_button, curve_text, curve_plot)
+                        faithfulness_button, curve_k, curve_ablation, curve_metric, curve_button, curve_text,
+                        curve_plot)
 
 
 @dataclass
@@ -584,6 +604,8 @@ class UnlearningViews:
     cancel_button: gr.Button
     live: gr.Textbox
     live_timer: gr.Timer
+    ablate_button: gr.Button
+    ablation_text: gr.Markdown
 
 
 def _unlearning_section() -> UnlearningViews:
@@ -616,9 +638,13 @@ def _unlearning_section() -> UnlearningViews:
     live = gr.Textbox(label="Live progress (forget top-1, full precision and quantized)", lines=4,
                       interactive=False, elem_id="live")
     live_timer = gr.Timer(1.0, active=False)
+    ablate_button = gr.Button("Would an ablation have passed? (re-runs this MANSU run 4×, each with one component "
+                              "off)", size="sm", elem_id="ablate-btn")
+    ablation_text = gr.Markdown(elem_id="ablation-text")
     return UnlearningViews(method, forget_target, measure_cad, use_oracle, mansu_box, use_circuit, use_projection,
                            use_fisher, use_floor, max_rounds, fisher_budget, params_per_round, code_steps,
-                           baseline_box, lr, max_steps, settings, run_button, cancel_button, live, live_timer)
+                           baseline_box, lr, max_steps, settings, run_button, cancel_button, live, live_timer,
+                           ablate_button, ablation_text)
 
 
 @dataclass
@@ -712,6 +738,8 @@ def _circuit_outputs(a: AttributionViews, c: CircuitViews) -> list[Any]:
 def _wire_attribution_and_circuit(session: gr.State, a: AttributionViews, c: CircuitViews,
                                   heavy: dict[str, Any]) -> None:
     views = _circuit_outputs(a, c)
+    readout = (on_faithfulness, [session], c.faithfulness)
+    private = {"api_visibility": "private"}
     a.button.click(on_attribute, [session, a.method, a.ig_steps, a.edges, a.baseline], [a.summary, *views, a.fact],
                    api_name="attribute", **heavy)
     a.fact.change(on_fact, [session, a.fact], [a.fact_plot, a.fact_table], api_name="fact")
@@ -722,10 +750,11 @@ def _wire_attribution_and_circuit(session: gr.State, a: AttributionViews, c: Cir
     for button, action, value in ((c.top_k_button, "top_k", c.top_k), (c.threshold_button, "threshold", c.threshold),
                                   (c.mass_button, "mass", c.mass), (c.include_button, "include", c.component),
                                   (c.exclude_button, "exclude", c.component)):
-        button.click(_edit(action), [session, value], views, api_name=action)
-    c.undo_button.click(_edit("undo"), [session], views, api_name="undo")
-    c.redo_button.click(_edit("redo"), [session], views, api_name="redo")
-    c.nodes.input(on_table, [session, c.nodes], views, api_visibility="private")
+        button.click(_edit(action), [session, value], views, api_name=action).then(*readout, **private)
+    c.undo_button.click(_edit("undo"), [session], views, api_name="undo").then(*readout, **private)
+    c.redo_button.click(_edit("redo"), [session], views, api_name="redo").then(*readout, **private)
+    c.nodes.input(on_table, [session, c.nodes], views, api_visibility="private").then(*readout, **private)
+    c.faithfulness_button.click(*readout, api_name="faithfulness")
     c.upload.upload(on_upload_circuit, [session, c.upload], views, api_name="upload_circuit")
 
 
@@ -745,6 +774,10 @@ def _wire_unlearning(session: gr.State, u: UnlearningViews, cmp: CompareViews, r
     u.live_timer.tick(lambda s: s.live_text(), [session], u.live, concurrency_limit=None, show_progress="hidden",
                       api_visibility="private")
     u.cancel_button.click(on_cancel, [session], u.live, concurrency_limit=None, api_name="cancel")
+    u.ablate_button.click(on_run_start, [session], [u.live_timer, u.live], api_visibility="private",
+                          queue=False).then(
+        on_ablations, [session], [u.ablation_text, runs.history, runs.pick], api_name="ablations", **heavy,
+    ).then(on_run_end, [session], [u.live_timer, u.live], api_visibility="private")
 
 
 def _wire_compare_and_runs(session: gr.State, cmp: CompareViews, runs: RunsViews) -> None:

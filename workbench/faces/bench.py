@@ -437,6 +437,9 @@ def format_rows(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str
 
 
 SECTIONS = ("attribution", "quantization", "unlearning")
+"""What ``workbench bench`` runs by default."""
+EXTRA_SECTIONS = ("flow",)
+"""Run only when named: ``flow`` is the app's whole default flow twice (minutes on SmolLM2)."""
 
 
 def run_bench(sections: Sequence[str] = (), *, quick: bool = False) -> dict[str, Any]:
@@ -450,9 +453,10 @@ def run_bench(sections: Sequence[str] = (), *, quick: bool = False) -> dict[str,
     section ``facts`` (``facts-tiny``). Torch runs on one thread throughout (see above).
     """
     chosen = list(sections) or list(SECTIONS)
-    unknown = [s for s in chosen if s not in SECTIONS]
+    unknown = [s for s in chosen if s not in SECTIONS + EXTRA_SECTIONS]
     if unknown:
-        raise WorkbenchError(f"unknown bench section(s) {unknown}; choose from {', '.join(SECTIONS)}")
+        raise WorkbenchError(f"unknown bench section(s) {unknown}; choose from "
+                             f"{', '.join(SECTIONS + EXTRA_SECTIONS)}")
     started = time.perf_counter()
     report: dict[str, Any] = {"quick": quick}
     if "attribution" in chosen:
@@ -483,6 +487,14 @@ def run_bench(sections: Sequence[str] = (), *, quick: bool = False) -> dict[str,
             report["unlearning"] = [row]
     finally:
         torch.set_num_threads(saved)
+    if "flow" in chosen:
+        from workbench.faces.bench_flow import FLOW_COLUMNS, bench_flow  # the app's session: imported when asked
+
+        flow = bench_flow("facts-tiny" if quick else "smollm2", max_rounds=3 if quick else None)
+        print("== the app's default flow, click by click: reference path / fast path, same process "
+              "(targets: MANSU >= 5x, setup <= 5 s, attribution <= 10 s, edit redraw < 1 s); metrics equal")
+        print(format_rows(flow.rows(), FLOW_COLUMNS))
+        report["flow"] = flow.rows()
     report["seconds"] = time.perf_counter() - started
     print(f"bench: {report['seconds']:.0f} s in all")
     return report

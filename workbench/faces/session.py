@@ -29,20 +29,21 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from workbench.core.errors import WorkbenchError
 from workbench.core.files import parse_json
 from workbench.core.paths import runs_dir
-from workbench.core.progress import Progress, silent
+from workbench.core.progress import Progress, scaled, silent
 from workbench.data.facts import Fact, FactSplit
 from workbench.data.files import load_fact_file
 from workbench.data.world import fact_world
 from workbench.experiments.flow import attribute_forget_set, default_circuit, oracle_for, run_unlearning
 from workbench.experiments.store import Run, check_run_id, list_runs, load_run
-from workbench.faces.compare import compare_row
+from workbench.experiments.sweep_config import ABLATIONS
+from workbench.faces.compare import check_ablations, compare_row
 from workbench.faces.plots import (
     accuracy_figure,
     agreement_scatter,
@@ -63,6 +64,7 @@ from workbench.interpretability.attribution import (
 )
 from workbench.interpretability.circuit import Circuit
 from workbench.interpretability.faithfulness import Faithfulness, FaithfulnessCurve, faithfulness, faithfulness_curve
+from workbench.measurement.ablations import AblationOutcome, ablation_lines, read_ablations
 from workbench.measurement.evaluation import evaluate_split
 from workbench.measurement.metrics import report_card_rows, summary_lines
 from workbench.measurement.results import RunMetrics, UpdateMetrics
@@ -165,6 +167,10 @@ class SharedModels:
                     for name in fp
                 ]
             return [dict(r) for r in self._accuracy[key]]
+
+    def clear_scores(self) -> None:
+        """Forget the cached base accuracies (the bench starts each path from none)."""
+        self._accuracy.clear()
 
     def preload(self, name: str) -> None:
         """Start loading ``name`` (and its built-in split) in a background thread, once."""
@@ -307,6 +313,16 @@ class SetupResult:
     domain: str | None
 
 
+@dataclass(frozen=True)
+class _MansuRun:
+    """A MANSU run of this session and what it was run with, so its ablations can re-run it."""
+
+    run: Run
+    config: MansuConfig
+    use_oracle: bool
+    measure_cad: bool
+
+
 @dataclass
 class RunView:
     """A run on screen: live or reopened from the run store."""
@@ -355,8 +371,11 @@ class Session:
         self.faithfulness_result: Faithfulness | None = None
         self.faithfulness_error: str | None = None
         self.faithfulness_seconds: float | None = None
+        self._measured_selection: frozenset[str] | None = None  # what the readout's numbers are for
         self.current: RunView | None = None
         self.pinned: RunView | None = None
+        self._last_mansu: _MansuRun | None = None  # what try_ablations re-runs
+        self.ablations: list[AblationOutcome] = []
         self.live: list[str] = []
         self._run_clock: tuple[float, float] | None = None  # (start, latest progress fraction) of a run
         self.running = False
@@ -518,6 +537,8 @@ class Session:
         self.pairs = None
         self.faithfulness_result = None
         self.faithfulness_error = None
+        self._last_mansu = None
+        self.ablations = []
 
     def ensure_setup(self, progress: Progress | None = None) -> tuple[LoadedModel, FactSplit, QuantConfig]:
         """Like :meth:`require`, but a skipped setup runs with step 1's defaults (the app's start
@@ -632,6 +653,7 @@ class Session:
         circuit = self.require_circuit()
         model, _s, _q = self.require()
         start = time.perf_counter()
+        selection = frozenset(c.name for c in circuit.selected)
         try:
             self.faithfulness_result = faithfulness(circuit, model, self.pairs if self.pairs is not None else [])
             self.faithfulness_error = None
@@ -639,10 +661,20 @@ class Session:
             # Undefined faithfulness (e.g. clean == corrupt) is a fact about the data, not a failed edit.
             self.faithfulness_result, self.faithfulness_error = None, str(exc)
         self.faithfulness_seconds = time.perf_counter() - start
+        self._measured_selection = selection
         return self.faithfulness_result
 
-    def edit(self, action: str, value: Any = None) -> Faithfulness | None:
-        """One circuit edit, then faithfulness again. ``action``:
+    @property
+    def faithfulness_is_current(self) -> bool:
+        """Whether the readout's numbers are for the circuit's selection as it is now."""
+        if self.circuit is None:
+            return False
+        return self._measured_selection == frozenset(c.name for c in self.circuit.selected)
+
+    def edit(self, action: str, value: Any = None, *, measure: bool = True) -> Faithfulness | None:
+        """One circuit edit, then faithfulness again (``measure=False``: later, by
+        :meth:`measure_faithfulness`, so a face can redraw the circuit at once and let the readout
+        follow; until then :meth:`faithfulness_text` says it is being measured). ``action``:
 
         ``top_k`` (value k), ``threshold`` (|score| ≥ value), ``mass`` (fraction of total
         |score|), ``include`` / ``exclude`` (component name or names), ``toggle`` (a name),
@@ -675,9 +707,10 @@ class Session:
                 raise WorkbenchError("nothing to redo")
         else:
             raise WorkbenchError(f"unknown circuit edit {action!r}")
-        return self.measure_faithfulness()
+        return self.measure_faithfulness() if measure else None
 
-    def apply_node_table(self, rows: Sequence[Sequence[Any]] | Sequence[Mapping[str, Any]]) -> bool:
+    def apply_node_table(self, rows: Sequence[Sequence[Any]] | Sequence[Mapping[str, Any]], *,
+                         measure: bool = True) -> bool:
         """Make the selection what the node table's checkboxes say (one undoable step).
 
         Rows are ``[in circuit, component, ...]`` (as :meth:`node_rows` gives, first two
@@ -691,7 +724,7 @@ class Session:
                 chosen.append(str(name))
         if set(chosen) == {c.name for c in circuit.selected}:
             return False
-        self.edit("set", chosen)
+        self.edit("set", chosen, measure=measure)
         return True
 
     def node_rows(self) -> list[dict[str, Any]]:
@@ -710,6 +743,8 @@ class Session:
         if self.circuit is None:
             return "No circuit yet."
         n = len(self.circuit.selected)
+        if not self.faithfulness_is_current:
+            return f"**{n} components selected.** Faithfulness: measuring…"
         if self.faithfulness_error:
             return f"**{n} components selected.** Faithfulness: {self.faithfulness_error}"
         f = self.faithfulness_result
@@ -792,6 +827,24 @@ class Session:
                                 "patching on the forget set), attributed now.")
         method_config, optim_config, stop_rule = run_configs(method, mansu=mansu, optim=optim, stop=stop,
                                                              settings=settings, default_lr=lambda: default_lr(model))
+        oracle = oracle_for(model) if use_oracle else None
+        run = self._execute(model, split, quant, method, method_config=method_config, optim=optim_config,
+                            stop=stop_rule, circuit=self.circuit, oracle=oracle, measure_cad=bool(measure_cad),
+                            progress=progress)
+        self.current = RunView(label=f"{method} · {run.id}", metrics=run.metrics, run_id=run.id, path=run.path)
+        self._last_mansu, self.ablations = None, []
+        if method == "mansu" and isinstance(method_config, MansuConfig):
+            self._last_mansu = _MansuRun(run, method_config, bool(use_oracle), bool(measure_cad))
+        return self.current
+
+    def _execute(self, model: LoadedModel, split: FactSplit, quant: QuantConfig, method: str, *,
+                 method_config: MethodConfig | None, optim: OptimConfig | None, stop: StopRule | None,
+                 circuit: Circuit | None, oracle: LoadedModel | None, measure_cad: bool,
+                 progress: Progress | None) -> Run:
+        """One run through :func:`run_unlearning`, saved; its messages kept in :attr:`live` for
+        :meth:`live_text`, :meth:`cancel` honoured between steps, the runs quota checked first."""
+        if self.running:
+            raise WorkbenchError("a run is already in progress in this session; wait for it or cancel it")
         self._check_quota()
         report = self._bounded(progress)
         self.live = []
@@ -803,22 +856,52 @@ class Session:
             self._run_clock = (self._run_clock[0] if self._run_clock else time.monotonic(), f)
             report(f, message)
 
-        oracle = oracle_for(model) if use_oracle else None
         self._cancel = False
         self.running = True
         try:
             _result, _metrics, run = run_unlearning(
-                model, split, method=method, quant=quant, circuit=self.circuit,
-                optim=optim_config, stop=stop_rule, method_config=method_config, oracle=oracle,
-                measure_cad=bool(measure_cad),
+                model, split, method=method, quant=quant, circuit=circuit,
+                optim=optim, stop=stop, method_config=method_config, oracle=oracle,
+                measure_cad=measure_cad,
                 runs_root=str(self.runs_root) if self.runs_root is not None else None,
                 progress=tracked, should_stop=lambda: self._cancel,
             )
         finally:
             self.running = False
         assert run is not None  # save=True always returns the saved run
-        self.current = RunView(label=f"{method} · {run.id}", metrics=run.metrics, run_id=run.id, path=run.path)
-        return self.current
+        return run
+
+    def try_ablations(self, ablations: Sequence[str] = ABLATIONS,
+                      progress: Progress | None = None) -> list[AblationOutcome]:
+        """Re-run this session's last MANSU run with each component in ``ablations`` switched off
+        alone (same split, quantizer, circuit, oracle and CAD setting); each run is saved.
+
+        Returns each ablated run read against the full run (:func:`ablation_lines` puts it in
+        words: which ablation would have passed where the full method failed).
+        """
+        last = self._last_mansu
+        if last is None:
+            raise WorkbenchError("run MANSU first in this session: the ablations re-run that run with one "
+                                 "component switched off at a time")
+        names = check_ablations(ablations)
+        model, split, quant = self.require()
+        circuit = Circuit.load(last.run.circuit_path, model=model) if last.run.circuit_path else None
+        oracle = oracle_for(model) if last.use_oracle else None
+        outcomes = []
+        for i, name in enumerate(names):
+            config = replace(last.config, **{f"use_{name}": False})
+            run = self._execute(model, split, quant, "mansu", method_config=config, optim=None, stop=None,
+                                circuit=circuit, oracle=oracle, measure_cad=last.measure_cad,
+                                progress=scaled(progress, i / len(names), (i + 1) / len(names)))
+            outcomes += read_ablations(last.run.metrics.properties, [(name, run.metrics.properties)])
+        self.ablations = outcomes
+        return outcomes
+
+    def ablation_text(self) -> str:
+        """The last :meth:`try_ablations` in words (empty before one)."""
+        if self._last_mansu is None or not self.ablations:
+            return ""
+        return "\n".join(ablation_lines(self._last_mansu.run.metrics.properties, self.ablations))
 
     def cancel(self) -> bool:
         """Ask a run in progress to stop at its next step; False when nothing is running."""

@@ -55,7 +55,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_quant_report)
 
     p = sub.add_parser("bench", help="speed and memory ratios, measured in one process")
-    p.add_argument("sections", nargs="*", help="attribution, quantization, unlearning (default: all)")
+    p.add_argument("sections", nargs="*", help="attribution, quantization, unlearning (default: these three); "
+                                               "flow (the app's default flow, fast vs reference path)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", metavar="FILE", help="also write the report as JSON to FILE")
     add_json(p)
