@@ -739,7 +739,7 @@ def _wire_attribution_and_circuit(session: gr.State, a: AttributionViews, c: Cir
                                   heavy: dict[str, Any]) -> None:
     views = _circuit_outputs(a, c)
     readout = (on_faithfulness, [session], c.faithfulness)
-    private = {"api_visibility": "private"}
+    private: dict[str, Any] = {"api_visibility": "private"}  # typed: the keyword splat is checked per parameter
     a.button.click(on_attribute, [session, a.method, a.ig_steps, a.edges, a.baseline], [a.summary, *views, a.fact],
                    api_name="attribute", **heavy)
     a.fact.change(on_fact, [session, a.fact], [a.fact_plot, a.fact_table], api_name="fact")
