@@ -1080,20 +1080,19 @@ def _gradient_sweep(
     names = lay.node_hooks + (lay.reader_hooks() + edges.post_norm_hooks() if edges is not None else [])
     for group in pairs.groups:
         for chunk in group.chunks(config.batch_size):
-            with torch.no_grad():
-                logits, live = _forward(bridge, chunk.clean, lay.node_hooks)
-                clean_acts = {n: t.detach().clone() for n, t in live.items()}
-                sums.clean += float(_metric_values(logits, chunk, config.metric).sum())
             noising = chunk.baseline == "mean"
+            clean_acts: dict[str, torch.Tensor] = {}
             base_acts: dict[str, torch.Tensor] = {}
             deltas: dict[str, torch.Tensor] = {}
-            if noising:
+            if noising:  # the k = 0 pass below is the clean run itself
                 assert means is not None
                 base_acts = means.for_chunk(lay.node_hooks, chunk)
                 sums.corrupt += _ablated_all(bridge, lay, chunk, base_acts, config.metric)
-                deltas = {n: clean_acts[n] - base_acts[n] for n in base_acts}
-                if edges is not None:
-                    edges.set_deltas(deltas)
+            else:
+                with torch.no_grad():
+                    logits, live = _forward(bridge, chunk.clean, lay.node_hooks)
+                    clean_acts = {n: t.detach().clone() for n, t in live.items()}
+                    sums.clean += float(_metric_values(logits, chunk, config.metric).sum())
             for k in range(steps):
                 # k = 0 is the plain run (so N = 1 is atp); IG then walks the token embedding
                 # from the corrupt run toward clean (denoising), or from clean toward the mean (noising).
@@ -1111,9 +1110,14 @@ def _gradient_sweep(
                     grad = {n: (torch.zeros_like(live[n]) if g is None else g) for n, g in zip(present, grads)}
                     if edges is not None and lay.group > 1:
                         edges.split_kv(live, grad)
-                if k == 0 and not noising:
-                    base_acts = {n: live[n].detach().clone() for n in lay.node_hooks if n in live}
-                    sums.corrupt += float(values.detach().sum())
+                if k == 0:
+                    run_acts = {n: live[n].detach().clone() for n in lay.node_hooks if n in live}
+                    if noising:
+                        clean_acts = run_acts
+                        sums.clean += float(values.detach().sum())
+                    else:
+                        base_acts = run_acts
+                        sums.corrupt += float(values.detach().sum())
                     deltas = {n: clean_acts[n] - base_acts[n] for n in base_acts}
                     if edges is not None:
                         edges.set_deltas(deltas)
