@@ -40,6 +40,11 @@ def test_api_flow(client):
     nodes = _rows(out[4])
     assert sum(1 for r in nodes if r[0]) == 10
 
+    picked = client.predict(2, api_name="/fact")  # one fact's own heads/MLPs
+    assert picked[0] is not None and len(_rows(picked[1])) == 10
+    text, _plot = client.predict(3, "corrupt", "logit_diff", api_name="/faithfulness_curve")
+    assert "k=1:" in text and "k=3:" in text
+
     out = client.predict(3, api_name="/top_k")
     assert "3 components selected" in out[2]
     readout = client.predict(api_name="/faithfulness")  # an edit returns at once; the readout follows

@@ -88,18 +88,25 @@ def pairs(models):
 # --- prompt pairs ------------------------------------------------------------------------
 
 
-def test_prompt_pairs_group_by_length_drop_and_partner(models):
+def test_prompt_pairs_group_by_length_fallback_and_partner(models):
     m = models["gpt2"]
     facts = [
         Fact("w1 w2 w3 w4", "w10", corrupt_prompt="w1 w9 w3 w4"),
         Fact("w1 w9 w3 w4", "w11"),  # no corrupt prompt: paired with another 4-token fact
         Fact("w5 w6 w7 w8 w9 w10", "w12", corrupt_prompt="w5 w16 w7 w8 w9 w10"),
         Fact("w5 w16 w7 w8 w9 w10", "w13", corrupt_prompt="w5 w6 w7 w8 w9 w10"),
-        Fact("w1 w2 w3", "w14", corrupt_prompt="w1 w2 w3 w4 w5"),  # length mismatch: dropped
+        Fact("w1 w2 w3", "w14", corrupt_prompt="w1 w2 w3 w4 w5"),  # length mismatch, no 3-token partner: mean
     ]
     p = make_prompt_pairs(m, facts)
-    assert p.n_pairs == 4 and p.n_dropped == 1 and p.dropped == ("w1 w2 w3",)
-    assert [g.seq for g in p.groups] == [4, 6]
+    assert p.n_pairs == 5 and p.n_dropped == 0 and p.dropped == ()
+    assert p.pair_kinds == ("twin", "partner", "twin", "twin", "mean")
+    assert p.pairing.describe().startswith("5 facts: 3 with their corrupt twin, 1 with another fact")
+    assert "1 against the dataset-mean baseline · 0 dropped" in p.pairing.describe()
+    assert [(g.baseline, g.seq) for g in p.groups] == [("pair", 4), ("pair", 6), ("mean", 3)]
+    mean_group = p.groups[2]
+    assert torch.equal(mean_group.clean, mean_group.corrupt) and int(mean_group.index[0]) == 4
+    # its alternative answer for logit_diff: the model's own runner-up on the clean prompt
+    assert p.n_model_answers == 1 and int(mean_group.corrupt_answers[0]) != int(mean_group.answers[0])
     for g in p.groups:
         assert g.clean.shape == g.corrupt.shape == (g.n, g.seq)
         assert g.answers.shape == g.corrupt_answers.shape == (g.n,)
@@ -109,7 +116,6 @@ def test_prompt_pairs_group_by_length_drop_and_partner(models):
     assert int(first.corrupt_answers[0]) == tok(" w11", add_special_tokens=False)["input_ids"][0]
     # fact 1 has no corrupt prompt and is paired with fact 0 (same length, other answer)
     assert p.corrupt_prompts[1] == "w1 w2 w3 w4"
-    assert p.n_model_answers == 0
     assert len(p.prompts_hash) == 16
 
 
@@ -134,10 +140,12 @@ def test_prompt_pairs_errors(models):
     m = models["gpt2"]
     with pytest.raises(WorkbenchError, match="empty"):
         make_prompt_pairs(m, [])
-    with pytest.raises(WorkbenchError, match="same length|token length"):
-        make_prompt_pairs(m, [Fact("w1 w2", "w3", corrupt_prompt="w1 w2 w4")])
-    with pytest.raises(WorkbenchError, match="no corrupt prompt"):
-        make_prompt_pairs(m, [Fact("w1 w2", "w3"), Fact("w4 w5 w6", "w7")])
+    # no usable twin and no partner: the mean baseline, never an error or a dropped fact
+    lone = make_prompt_pairs(m, [Fact("w1 w2", "w3", corrupt_prompt="w1 w2 w4")])
+    assert lone.pair_kinds == ("mean",) and lone.n_dropped == 0
+    assert make_prompt_pairs(m, [Fact("w1 w2", "w3"), Fact("w4 w5 w6", "w7")]).pair_kinds == ("mean", "mean")
+    with pytest.raises(WorkbenchError, match="unknown baseline"):
+        make_prompt_pairs(m, toy_facts(), baseline="zero")  # type: ignore[arg-type]
     with pytest.raises(WorkbenchError, match="unknown metric"):
         make_prompt_pairs(m, toy_facts(), metric="accuracy")
     with pytest.raises(WorkbenchError, match="corrupt_prompts"):

@@ -9,9 +9,10 @@ import pytest
 
 from workbench.core.components import EMBED, all_components
 from workbench.core.errors import WorkbenchError
+from workbench.experiments.flow import default_circuit
 from workbench.interpretability.attribution import AttributionConfig, agreement, attribute, make_prompt_pairs
 from workbench.interpretability.circuit import Circuit
-from workbench.interpretability.faithfulness import faithfulness
+from workbench.interpretability.faithfulness import faithfulness, faithfulness_curve
 from workbench.measurement.reference import tl_node_scores
 from workbench.models.builtin_splits import builtin_split
 
@@ -77,6 +78,36 @@ def test_faithfulness_of_full_and_empty_circuits(facts_tiny, pairs, atp):
     f = faithfulness(top, facts_tiny, pairs)
     print(f"\nfacts-tiny top-5 circuit: recovered {f.recovered:.3f}, drop {f.drop:.3f}")
     assert f.n_components == 5
+
+
+def test_circuit_faithfulness_lies_in_0_1_and_moves_with_its_nodes(facts_tiny, pairs, atp):
+    # facts-tiny has only 10 heads and MLPs, so the default circuit (top 10) is all of them: use 5
+    assert len(default_circuit(atp).selected) == facts_tiny.n_layers * (facts_tiny.n_heads + 1) == 10
+    circuit = default_circuit(atp, top_k=5)
+    f = faithfulness(circuit, facts_tiny, pairs)
+    print(f"\nfacts-tiny default circuit ({f.n_components}): recovered {f.recovered:.3f}, drop {f.drop:.3f}")
+    assert 0.0 < f.recovered < 1.0 and 0.0 < f.drop <= 1.0
+    weakest = min(circuit.selected, key=lambda c: abs(circuit.scores[c]))
+    strongest = max(circuit.selected, key=lambda c: abs(circuit.scores[c]))
+    smaller = faithfulness(circuit.copy().exclude(strongest), facts_tiny, pairs)
+    assert smaller.recovered != pytest.approx(f.recovered, abs=1e-4)
+    assert faithfulness(circuit.copy().exclude(weakest), facts_tiny, pairs).n_components == f.n_components - 1
+
+
+def test_faithfulness_curve_over_circuit_size(facts_tiny, pairs, atp):
+    n = facts_tiny.n_layers * (facts_tiny.n_heads + 1)
+    curve = faithfulness_curve(atp, facts_tiny, pairs, max_k=n + 5, progress=lambda f, m: None)
+    assert curve.ks == tuple(range(1, n + 1)) and len(curve.ranking) == n and EMBED not in curve.ranking
+    assert [abs(atp.scores[c]) for c in curve.ranking] == sorted((abs(atp.scores[c]) for c in curve.ranking),
+                                                                 reverse=True)
+    assert curve.recovered[-1] == pytest.approx(1.0, abs=1e-4) and curve.drop[-1] == pytest.approx(1.0, abs=1e-4)
+    assert len({round(r, 4) for r in curve.recovered}) > n // 2  # it moves as nodes are added
+    top3 = faithfulness(Circuit.from_attribution(atp).set_selection(curve.ranking[:3]), facts_tiny, pairs)
+    assert curve.recovered[2] == pytest.approx(top3.recovered, abs=1e-6)
+    kl = faithfulness_curve(atp, facts_tiny, pairs, max_k=n, metric="kl", ablation="mean", progress=lambda f, m: None)
+    assert kl.metric == "kl" and kl.clean_metric == 0.0 and kl.floor_metric < 0
+    assert kl.recovered[-1] == pytest.approx(1.0, abs=1e-4)
+    assert curve.rows()[0]["added"] == curve.ranking[0].name
 
 
 def test_circuit_json_round_trip_and_fingerprint_check(facts_tiny, atp, tmp_path):

@@ -556,32 +556,48 @@ def test_faithfulness_equal_metrics_is_a_clear_error(monkeypatch, toy2):
     monkeypatch.setattr(attribution, "metric_baselines", lambda model, pairs: (1.25, 1.25), raising=False)
     monkeypatch.setattr(attribution, "ablated_metric", lambda *a, **k: 1.25, raising=False)
     monkeypatch.setattr(attribution, "make_prompt_pairs", lambda model, facts: facts, raising=False)
+
+    class FakePairs:  # what faithfulness reads of PromptPairs
+        has_mean = False
+        metric = "logit_diff"
+
+    monkeypatch.setattr(attribution, "PromptPairs", FakePairs, raising=False)
     circuit = Circuit.from_attribution(make_attribution(fingerprint=toy2.fingerprint))
     with pytest.raises(WorkbenchError, match="clean metric .* equals the corrupt metric"):
-        faithfulness(circuit, toy2, pairs=[])
+        faithfulness(circuit, toy2, pairs=FakePairs())
     other = Circuit.from_attribution(make_attribution(fingerprint="feedfeedfeedfeed"))
     with pytest.raises(WorkbenchError, match="fingerprint"):
-        faithfulness(other, toy2, pairs=[])
+        faithfulness(other, toy2, pairs=FakePairs())
 
 
 def test_faithfulness_arithmetic(monkeypatch, toy2):
-    """recovered/drop follow the definitions, whatever ablated_metric returns."""
+    """recovered/drop follow the definitions (embed always kept, scale from the floor = every
+    head and MLP ablated), whatever ablated_metric returns."""
     import workbench.interpretability.faithfulness as attribution  # the names faithfulness() calls
 
     calls = []
 
-    def fake_ablated(model, pairs, keep, ablation="corrupt"):
+    def fake_ablated(model, pairs, keep, ablation="corrupt", **kwargs):
         calls.append((frozenset(keep), ablation))
-        return 3.0 if head(0, 1) in keep and len(keep) <= 2 else 1.0
+        if keep == {EMBED}:
+            return 0.5  # the floor
+        return 3.0 if head(0, 1) in keep and len(keep) <= 3 else 1.0
 
+    class FakePairs:  # what faithfulness reads of PromptPairs
+        has_mean = False
+        metric = "logit_diff"
+
+    monkeypatch.setattr(attribution, "PromptPairs", FakePairs, raising=False)
     monkeypatch.setattr(attribution, "metric_baselines", lambda model, pairs: (4.0, 0.0), raising=False)
-    monkeypatch.setattr(attribution, "make_prompt_pairs", lambda model, facts: facts, raising=False)
     monkeypatch.setattr(attribution, "ablated_metric", fake_ablated, raising=False)
+    monkeypatch.setattr(attribution, "dataset_means", lambda model, pairs: None, raising=False)
     circuit = Circuit.from_attribution(make_attribution(fingerprint=toy2.fingerprint))
     circuit.set_selection([head(0, 1), mlp(1)])
-    f = faithfulness(circuit, toy2, pairs=[], ablation="mean")
-    assert f.recovered == pytest.approx(0.75) and f.drop == pytest.approx(0.75)
-    assert calls[0] == (frozenset({head(0, 1), mlp(1)}), "mean")
-    assert calls[1][0] == frozenset(SCORES) - {head(0, 1), mlp(1)}
+    f = faithfulness(circuit, toy2, pairs=FakePairs(), ablation="mean")
+    assert f.floor_metric == 0.5
+    assert f.recovered == pytest.approx((3.0 - 0.5) / 3.5) and f.drop == pytest.approx((4.0 - 1.0) / 3.5)
+    assert calls[0] == (frozenset({EMBED}), "mean")
+    assert calls[1] == (frozenset({head(0, 1), mlp(1), EMBED}), "mean")  # the embed is always kept
+    assert calls[2][0] == frozenset(SCORES) - {head(0, 1), mlp(1)} and EMBED in calls[2][0]
     with pytest.raises(WorkbenchError, match="ablation"):
         faithfulness(circuit, toy2, pairs=[], ablation="zero")  # type: ignore[arg-type]

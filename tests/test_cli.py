@@ -612,6 +612,30 @@ def test_app_starts_from_the_package(tmp_path, facts_tiny):
             proc.wait()
 
 
+def test_attribute_baselines_per_fact_and_faithfulness_curve(capsys, facts_tiny, split, tmp_path):
+    out_file, per_fact = tmp_path / "c.json", tmp_path / "facts.json"
+    code, out, _ = run(capsys, "attribute", "--model", "facts-tiny", "--out", str(out_file), "--top-k", "4",
+                       "--baseline", "mean", "--fact", "2", "--per-fact", str(per_fact))
+    assert code == 0
+    n = len(split.forget)
+    assert f"mean baseline: {n} facts: {n} against the dataset-mean baseline · 0 dropped" in out
+    assert f"fact 2: {split.forget[2].prompt!r} (mean baseline)" in out
+    data = json.loads(per_fact.read_text())
+    assert len(data["facts"]) == n and data["baseline"] == "mean"
+    assert data["facts"][2]["prompt"] == split.forget[2].prompt
+    mean_of_facts = sum(f["scores"]["L0.MLP"] for f in data["facts"]) / n
+    saved = {node["name"]: node["score"] for node in json.loads(out_file.read_text())["nodes"]}
+    assert mean_of_facts == pytest.approx(saved["L0.MLP"], abs=1e-6) and saved["L0.MLP"] != 0
+    code, _, err = run(capsys, "attribute", "--model", "facts-tiny", "--out", str(out_file), "--fact", str(n))
+    assert code != 0 and f"--fact {n}" in err
+
+    f = _json_stdout(capsys, "circuit", "faithfulness", str(out_file), "--model", "facts-tiny", "--curve", "3",
+                     "--metric", "kl", "--baseline", "mean")
+    assert f["metric"] == "kl" and f["clean_metric"] == 0.0 and f["floor_metric"] < 0
+    assert [r["k"] for r in f["curve"]] == [1, 2, 3]
+    assert len({round(r["recovered"], 6) for r in f["curve"]}) > 1
+
+
 def test_output_into_a_closed_pipe_ends_quietly():
     """`workbench models | head -1`: the reader leaves early; no traceback, exit code 0."""
     import subprocess

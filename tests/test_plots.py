@@ -163,3 +163,16 @@ def test_circuit_diff_figure():
     # Circuits work as inputs too.
     c = Circuit.from_attribution(_attribution())
     assert len(circuit_diff_figure(c, c).data[2].x) == n
+
+
+def test_faithfulness_curve_and_fact_figures():
+    from workbench.faces.plots import faithfulness_curve_figure
+    from workbench.interpretability.faithfulness import FaithfulnessCurve
+
+    curve = FaithfulnessCurve(ranking=(head(0, 1), mlp(2), head(2, 3)), ks=(1, 2, 3), recovered=(0.2, 0.5, 0.9),
+                              drop=(0.1, 0.4, 0.8), ablation="corrupt", metric="kl", clean_metric=0.0,
+                              floor_metric=-3.0)
+    fig = faithfulness_curve_figure(curve)
+    rec, drop = fig.data
+    assert list(rec.x) == [1, 2, 3] and list(rec.y) == [0.2, 0.5, 0.9] and list(drop.y) == [0.1, 0.4, 0.8]
+    assert list(rec.customdata) == ["L0.H1", "L2.MLP", "L2.H3"] and "kl" in fig.layout.title.text

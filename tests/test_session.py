@@ -416,3 +416,24 @@ def test_baseline_with_its_own_settings(attributed):
         attributed.unlearn("rmu", settings={"no_such_field": 1})
     with pytest.raises(WorkbenchError, match="no settings of its own"):
         attributed.unlearn("graddiff", settings={"alpha": 1})
+
+
+def test_per_fact_view_baseline_and_faithfulness_curve(attributed):
+    s = attributed
+    s.attribute("atp", edges=False, baseline="resample")
+    a = s.attribution
+    assert a.baseline == "resample" and a.n_dropped == 0
+    assert "resample baseline" in s.attribution_text() and "0 dropped" in s.attribution_text()
+    assert s.pairs is not None and s.pairs.baseline == "resample"  # faithfulness uses the same baselines
+    choices = s.fact_choices()
+    assert len(choices) == a.n_pairs and choices[1] == (f"1: {a.pair_prompts[1]}", 1)
+    figure, rows = s.fact_view(1)
+    assert figure.data[0].type == "heatmap" and a.pair_prompts[1] in figure.layout.title.text
+    own = a.for_fact(1)
+    assert rows[0]["score"] == pytest.approx(max(own.values(), key=abs), abs=1e-6)
+    with pytest.raises(WorkbenchError, match="fact index"):
+        s.fact_view(a.n_pairs)
+    curve, fig = s.faithfulness_curve(4, ablation="mean", metric="logprob")
+    assert curve.ks == (1, 2, 3, 4) and curve.metric == "logprob" and len(fig.data) == 2
+    assert list(fig.data[0].y) == list(curve.recovered)
+    s.attribute("atp", edges=False)  # back to the shared fixture's state

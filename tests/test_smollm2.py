@@ -163,3 +163,23 @@ def test_a_damaged_filtered_facts_cache_is_rebuilt(smollm2, monkeypatch, tmp_pat
     assert builtin_splits.filtered_real_facts(smollm2) == facts and len(filters) == 2  # rebuilt
     assert builtin_splits.filtered_real_facts(smollm2) == facts and len(filters) == 2  # read back
     assert cache.read_text().startswith("[{")
+
+
+def test_default_forget_set_is_attributed_without_dropping_a_fact(smollm2):
+    """Issue 16: the paired baseline used to drop 17 of the 62 default forget facts (corrupt
+    twins of another token length); now each gets a partner of equal length or the mean."""
+    from workbench.interpretability.attribution import make_prompt_pairs
+    from workbench.models.builtin_splits import builtin_split
+
+    forget = builtin_split(smollm2).forget
+    pairs = make_prompt_pairs(smollm2, forget)
+    p = pairs.pairing
+    print(f"\nsmollm2 default forget set: {p.describe()}")
+    assert pairs.n_pairs == len(forget) and p.dropped == 0
+    assert p.twin + p.partner + p.mean == len(forget) and p.partner + p.mean > 0  # the fallbacks were needed
+    tok = smollm2.tokenizer
+    for i, fact in enumerate(forget):
+        if pairs.pair_kinds[i] == "partner":
+            donor = pairs.corrupt_prompts[i]
+            assert len(tok(donor)["input_ids"]) == len(tok(fact.prompt)["input_ids"])
+            assert len(tok(fact.corrupt_prompt)["input_ids"]) != len(tok(fact.prompt)["input_ids"])

@@ -134,3 +134,18 @@ def test_run_baseline_and_mansu_fill_the_compare_tab(wb):
     ratio = next(f for f in wb.compare_figs if "bin widths" in f.layout.title.text)
     assert {t.name for t in ratio.data} == {"ga #1", "mansu #2"}
     assert wb.tabs.selected_index == 3
+
+
+def test_widget_per_fact_view_and_baseline(wb):
+    assert len(wb.fact_dropdown.options) == wb.attribution.n_pairs
+    wb.fact_dropdown.value = 3
+    heat = wb.fact_fig.data[0]
+    assert heat.type == "heatmap" and wb.attribution.pair_prompts[3] in wb.fact_fig.layout.title.text
+    own = wb.attribution.for_fact(3)
+    assert max(abs(v) for row in heat.z for v in row if v is not None) == pytest.approx(
+        max(abs(v) for c, v in own.items() if c.kind.value != "embed"))
+    wb.baseline_dropdown.value = "mean"
+    wb.run_attribution()
+    assert wb.attribution.baseline == "mean" and wb.attribution.pairing.mean == wb.attribution.n_pairs
+    wb.baseline_dropdown.value = "paired"
+    wb.run_attribution()

@@ -79,11 +79,12 @@ INPUTS = {
     "code_steps": Range(1, 255, integer=True),
     "lr": Range(0, 1),
     "max_steps": Range(1, 100_000, integer=True),
+    "max_k": Range(1, 1_000, integer=True),  # two ablated runs per k
 }
 LABELS = {"ig_steps": "IG steps", "top_k": "k", "threshold": "threshold", "mass": "mass fraction",
           "forget_target": "forget target", "max_rounds": "max rounds", "fisher_budget": "Fisher budget",
           "params_per_round": "weights per round", "code_steps": "codes per weight", "lr": "learning rate",
-          "max_steps": "max steps"}
+          "max_steps": "max steps", "max_k": "largest k"}
 
 
 def number(value: Any, name: str) -> Any:
@@ -232,15 +233,32 @@ def on_check_file(s: Session, path: str | None, data_format: str | None, which: 
 
 
 @friendly
-def on_attribute(s: Session, method: str, ig_steps: Any, edges: bool, progress: gr.Progress = gr.Progress()):
-    a = s.attribute(method, ig_steps=number(ig_steps, "ig_steps"), edges=edges, progress=_progress(progress))
-    dropped = f", {a.n_dropped} pairs dropped (clean and corrupt of different token length)" if a.n_dropped else ""
+def on_attribute(s: Session, method: str, ig_steps: Any, edges: bool, baseline: str = "paired",
+                 progress: gr.Progress = gr.Progress()):
+    a = s.attribute(method, ig_steps=number(ig_steps, "ig_steps"), edges=edges, baseline=baseline,
+                    progress=_progress(progress))
     summary = (f"**{ATTRIBUTION_METHODS[a.method]}**{f' ({a.ig_steps} steps)' if a.method == 'ig' else ''} over "
-               f"{a.n_pairs} prompt pairs{dropped} · metric {a.metric}: clean {a.clean_metric:.3f}, "
-               f"corrupt {a.corrupt_metric:.3f} · {len(a.edge_scores)} edges scored. "
+               f"{a.n_pairs} prompt pairs · {html.escape(s.attribution_text(), quote=False)} · "
+               f"{len(a.edge_scores)} edges scored. "
                f"The circuit starts as the core's default (top-{len(s.require_circuit().selected)} heads/MLPs).")
     assumed = "".join(f"*{html.escape(line, quote=False)}*\n\n" for line in s.assumed)
-    return (assumed + summary, *circuit_outputs(s))
+    return (assumed + summary, *circuit_outputs(s), gr.Dropdown(choices=s.fact_choices(), value=None))
+
+
+@friendly
+def on_fact(s: Session, index: Any):
+    if index is None:
+        return None, []
+    figure, rows = s.fact_view(index)
+    return figure, [[r["component"], r["score"]] for r in rows]
+
+
+@friendly
+def on_curve(s: Session, max_k: Any, ablation: str, metric: str, progress: gr.Progress = gr.Progress()):
+    curve, figure = s.faithfulness_curve(number(max_k, "max_k"), ablation=ablation, metric=metric,
+                                         progress=_progress(progress))
+    text = " · ".join(f"k={k}: {r:.3f}" for k, r in zip(curve.ks, curve.recovered))
+    return f"**Recovered by the top-k heads/MLPs** ({curve.ablation} ablation, {curve.metric}): {text}", figure
 
 
 @friendly
@@ -473,6 +491,13 @@ class AttributionViews:
     agree_button: gr.Button
     agreement_text: gr.Markdown
     agreement_plot: gr.Plot
+    baseline: gr.Radio
+    fact: gr.Dropdown
+    fact_plot: gr.Plot
+    fact_table: gr.Dataframe
+
+
+BASELINES = {"paired": "paired (counterfactual twins)", "mean": "mean ablation", "resample": "resample ablation"}
 
 
 def _attribution_section() -> AttributionViews:
@@ -481,6 +506,7 @@ def _attribution_section() -> AttributionViews:
         method = gr.Radio([(v, k) for k, v in ATTRIBUTION_METHODS.items()], value="atp", label="Method", scale=3)
         ig_steps = gr.Slider(1, 64, value=8, step=1, label="IG steps (integrated gradients)", scale=2)  # = INPUTS
         edges = gr.Checkbox(True, label="Score edges too (not with exact patching)", scale=1)
+        baseline = gr.Radio([(v, k) for k, v in BASELINES.items()], value="paired", label="Baseline", scale=2)
     button = gr.Button("Run attribution", variant="primary", elem_id="attr-btn")
     summary = gr.Markdown(elem_id="attr-summary")
     with gr.Row():
@@ -492,8 +518,15 @@ def _attribution_section() -> AttributionViews:
         agree_button = gr.Button("Compare attribution methods", scale=1)
     agreement_text = gr.Markdown(elem_id="agreement")
     agreement_plot = gr.Plot(label="Method agreement")
+    gr.Markdown("**One fact:** which heads and MLPs carry it (its own attribution scores)")
+    with gr.Row():
+        fact = gr.Dropdown([], label="Fact", elem_id="fact-picker", scale=3)
+    with gr.Row():
+        fact_plot = gr.Plot(label="This fact: layer × head", elem_id="fact-heatmap", scale=3)
+        fact_table = gr.Dataframe(headers=["component", "score"], type="array", interactive=False,
+                                  label="This fact's strongest components", scale=2)
     return AttributionViews(method, ig_steps, edges, button, summary, graph, heatmap, reference, agree_button,
-                            agreement_text, agreement_plot)
+                            agreement_text, agreement_plot, baseline, fact, fact_plot, fact_table)
 
 
 @dataclass
@@ -516,6 +549,12 @@ class CircuitViews:
     download: gr.DownloadButton
     upload: gr.UploadButton
     faithfulness_button: gr.Button  # hidden: the /faithfulness endpoint (the readout after an edit)
+    curve_k: gr.Number
+    curve_ablation: gr.Radio
+    curve_metric: gr.Radio
+    curve_button: gr.Button
+    curve_text: gr.Markdown
+    curve_plot: gr.Plot
 
 
 def _circuit_section() -> CircuitViews:
@@ -541,9 +580,17 @@ def _circuit_section() -> CircuitViews:
         download = gr.DownloadButton("Download circuit JSON", interactive=False)
         upload = gr.UploadButton("Upload circuit JSON", file_types=[".json"], type="filepath")
     faithfulness_button = gr.Button("Measure faithfulness", visible=False)
+    with gr.Row():
+        curve_k = number_box(20, "max_k", "largest k", scale=1)
+        curve_ablation = gr.Radio(["corrupt", "mean"], value="corrupt", label="Ablation", scale=1)
+        curve_metric = gr.Radio(["logit_diff", "logprob", "kl"], value="logit_diff", label="Metric", scale=2)
+        curve_button = gr.Button("Faithfulness curve (top-k, k = 1…N)", scale=1, elem_id="curve-btn")
+    curve_text = gr.Markdown(elem_id="curve-text")
+    curve_plot = gr.Plot(label="Faithfulness over circuit size", elem_id="curve-plot")
     return CircuitViews(faithfulness, top_k, top_k_button, threshold, threshold_button, mass, mass_button, component,
                         include_button, exclude_button, undo_button, redo_button, nodes, download, upload,
-                        faithfulness_button)
+                        faithfulness_button, curve_k, curve_ablation, curve_metric, curve_button, curve_text,
+                        curve_plot)
 
 
 @dataclass
@@ -707,9 +754,12 @@ def _wire_attribution_and_circuit(session: gr.State, a: AttributionViews, c: Cir
                                   heavy: dict[str, Any]) -> None:
     views = _circuit_outputs(a, c)
     readout = (on_faithfulness, [session], c.faithfulness)
-    private = {"api_visibility": "private"}
-    a.button.click(on_attribute, [session, a.method, a.ig_steps, a.edges], [a.summary, *views],
+    private: dict[str, Any] = {"api_visibility": "private"}  # typed: the keyword splat is checked per parameter
+    a.button.click(on_attribute, [session, a.method, a.ig_steps, a.edges, a.baseline], [a.summary, *views, a.fact],
                    api_name="attribute", **heavy)
+    a.fact.change(on_fact, [session, a.fact], [a.fact_plot, a.fact_table], api_name="fact")
+    c.curve_button.click(on_curve, [session, c.curve_k, c.curve_ablation, c.curve_metric], [c.curve_text, c.curve_plot],
+                         api_name="faithfulness_curve", **heavy)
     a.agree_button.click(on_agreement, [session, a.reference, a.ig_steps], [a.agreement_text, a.agreement_plot],
                          api_name="agreement", **heavy)
     for button, action, value in ((c.top_k_button, "top_k", c.top_k), (c.threshold_button, "threshold", c.threshold),

@@ -19,6 +19,7 @@ from workbench.core.components import LOGITS, Component, ComponentKind
 from workbench.core.errors import WorkbenchError
 from workbench.interpretability.attribution import Attribution
 from workbench.interpretability.circuit import Circuit, component_order
+from workbench.interpretability.faithfulness import FaithfulnessCurve
 from workbench.measurement.results import UpdateMetrics
 from workbench.quant import QuantConfig, code_order, code_table
 
@@ -209,6 +210,43 @@ def head_heatmap(source: Attribution | Circuit | Any, *, title: str | None = Non
         title=title or default, plot_bgcolor="white",
         yaxis=dict(autorange="reversed", title="layer"), xaxis=dict(title="head", side="bottom"),
         margin=dict(l=50, r=20, t=60, b=40),
+    )
+    return fig
+
+
+def fact_heatmap(attribution: Attribution, index: int) -> go.Figure:
+    """Layer × head heatmap of one fact's scores (:meth:`Attribution.for_fact`)."""
+    scores = attribution.for_fact(index)
+    prompt = attribution.pair_prompts[index] if index < len(attribution.pair_prompts) else ""
+    kind = attribution.pair_kinds[index] if index < len(attribution.pair_kinds) else ""
+    source = _FactScores(scores, attribution.n_layers, attribution.n_heads)
+    return head_heatmap(source, title=f"Fact {index}: {prompt!r} ({kind} baseline)")
+
+
+class _FactScores:
+    """What :func:`head_heatmap` reads: ``n_layers``, ``n_heads`` and ``scores``."""
+
+    def __init__(self, scores: dict[Component, float], n_layers: int, n_heads: int):
+        self.scores, self.n_layers, self.n_heads = scores, n_layers, n_heads
+
+
+def faithfulness_curve_figure(curve: FaithfulnessCurve, *, title: str | None = None) -> go.Figure:
+    """Recovered and drop against circuit size k (top-k heads/MLPs), the added component on hover."""
+    added = [c.name for c in curve.ranking]
+    fig = go.Figure()
+    for name, values, dash in (("recovered (circuit alone)", curve.recovered, "solid"),
+                               ("drop (circuit ablated)", curve.drop, "dash")):
+        fig.add_trace(go.Scatter(
+            x=list(curve.ks), y=list(values), mode="lines+markers", name=name, customdata=added,
+            line=dict(dash=dash), hovertemplate="k=%{x} (+%{customdata})<br>%{y:.3f}<extra>" + name + "</extra>",
+        ))
+    fig.add_hline(y=1.0, line=dict(color="grey", width=1, dash="dot"))
+    fig.add_hline(y=0.0, line=dict(color="grey", width=1, dash="dot"))
+    fig.update_layout(
+        title=title or f"Faithfulness over circuit size ({curve.ablation} ablation, {curve.metric}; "
+                       "embedding and unembedding always kept)",
+        xaxis=dict(title="k (top-k heads and MLPs by |score|)"), yaxis=dict(title="fraction of clean − floor"),
+        plot_bgcolor="white", margin=dict(l=50, r=20, t=60, b=40),
     )
     return fig
 

@@ -49,6 +49,8 @@ from workbench.faces.plots import (
     agreement_scatter,
     cad_diff_figure,
     circuit_figure,
+    fact_heatmap,
+    faithfulness_curve_figure,
     head_heatmap,
     occupancy_figure,
     update_ratio_figure,
@@ -61,7 +63,7 @@ from workbench.interpretability.attribution import (
     make_prompt_pairs,
 )
 from workbench.interpretability.circuit import Circuit
-from workbench.interpretability.faithfulness import Faithfulness, faithfulness
+from workbench.interpretability.faithfulness import Faithfulness, FaithfulnessCurve, faithfulness, faithfulness_curve
 from workbench.measurement.ablations import AblationOutcome, ablation_lines, read_ablations
 from workbench.measurement.evaluation import evaluate_split
 from workbench.measurement.metrics import report_card_rows, summary_lines
@@ -572,19 +574,55 @@ class Session:
 
     # --- attribution ----------------------------------------------------------------------
     def attribute(
-        self, method: str = "atp", *, ig_steps: int = 8, edges: bool = True, progress: Progress | None = None
+        self, method: str = "atp", *, ig_steps: int = 8, edges: bool = True, baseline: str = "paired",
+        progress: Progress | None = None,
     ) -> Attribution:
         """Attribute the forget set and start a fresh circuit from the core's default (top-k)."""
 
         self.assumed = []
         model, split, _q = self.ensure_setup(progress)
         config = AttributionConfig(method=method,  # type: ignore[arg-type] -- checked by AttributionConfig
-                                   ig_steps=_whole(ig_steps, "IG steps"), edges=bool(edges) and method != "exact")
+                                   ig_steps=_whole(ig_steps, "IG steps"), edges=bool(edges) and method != "exact",
+                                   baseline=baseline)  # type: ignore[arg-type] -- checked by AttributionConfig
         attribution = attribute_forget_set(model, split, config, progress=self._bounded(progress))
         self.attribution = attribution
         self.reference = {method: attribution}
+        self.pairs = None  # faithfulness pairs follow the attribution's baseline
         self._set_circuit(default_circuit(attribution))
         return attribution
+
+    def attribution_text(self) -> str:
+        """What the attribution averaged over, and which baseline each fact got (Markdown)."""
+        a = self.require_attribution()
+        return (f"{a.n_pairs} facts attributed ({a.baseline} baseline): {a.pairing.describe()} · metric "
+                f"{a.metric}: clean {a.clean_metric:.3f}, baseline {a.corrupt_metric:.3f}")
+
+    def fact_choices(self) -> list[tuple[str, int]]:
+        """(label, index) of every attributed fact, for a picker."""
+        a = self.require_attribution()
+        return [(f"{i}: {p}", i) for i, p in enumerate(a.pair_prompts)]
+
+    def fact_view(self, index: Any) -> tuple[go.Figure, list[dict[str, Any]]]:
+        """Which heads and MLPs carry this one fact: its heatmap and its strongest components."""
+        a = self.require_attribution()
+        i = _whole(index, "fact")
+        scores = a.for_fact(i)
+        ranked = sorted(scores.items(), key=lambda kv: -abs(kv[1]))[:10]
+        rows = [{"component": c.name, "score": round(s, 6)} for c, s in ranked]
+        return fact_heatmap(a, i), rows
+
+    def faithfulness_curve(self, max_k: Any = 20, *, ablation: str = "corrupt", metric: str = "logit_diff",
+                           progress: Progress | None = None) -> tuple[FaithfulnessCurve, go.Figure]:
+        """Faithfulness of the top-k heads/MLPs of the attribution for k = 1..max_k, and its figure."""
+        model, split, _q = self.require()
+        a = self.require_attribution()
+        if self.pairs is None:
+            self.pairs = make_prompt_pairs(model, split.forget, metric=a.metric,  # type: ignore[arg-type]
+                                           baseline=a.baseline)  # type: ignore[arg-type]
+        curve = faithfulness_curve(a, model, self.pairs, max_k=_whole(max_k, "max k"),
+                                   ablation=ablation, metric=metric,  # type: ignore[arg-type] -- core checks
+                                   progress=self._bounded(progress))
+        return curve, faithfulness_curve_figure(curve)
 
     def agreement(self, reference: str = "exact", *, ig_steps: int = 8,
                   progress: Progress | None = None) -> tuple[dict[str, float], go.Figure]:
@@ -595,7 +633,8 @@ class Session:
         if reference == attribution.method and reference != "ig":
             raise WorkbenchError(f"the attribution on screen already uses {reference}; pick another method to compare")
         if reference not in self.reference:
-            config = AttributionConfig(method=reference, ig_steps=_whole(ig_steps, "IG steps"))  # type: ignore[arg-type]
+            config = AttributionConfig(method=reference, ig_steps=_whole(ig_steps, "IG steps"),  # type: ignore[arg-type]
+                                       baseline=attribution.baseline)  # type: ignore[arg-type]
             self.reference[reference] = attribute_forget_set(model, split, config, progress=self._bounded(progress))
         ref = self.reference[reference]
         numbers = agreement(attribution, ref, top_k=10)
@@ -608,7 +647,9 @@ class Session:
         model, split, _q = self.require()
         self.circuit = circuit
         if self.pairs is None or self.pairs.metric != circuit.metric:
-            self.pairs = make_prompt_pairs(model, split.forget, metric=circuit.metric)
+            baseline = self.attribution.baseline if self.attribution is not None else "paired"
+            self.pairs = make_prompt_pairs(model, split.forget, metric=circuit.metric,
+                                           baseline=baseline)  # type: ignore[arg-type] -- an Attribution's own
         self.measure_faithfulness()
 
     def measure_faithfulness(self) -> Faithfulness | None:
@@ -716,11 +757,12 @@ class Session:
             return f"**{n} components selected.**"
         took = f" · measured in {self.faithfulness_seconds:.2f} s" if self.faithfulness_seconds is not None else ""
         return (
-            f"**{n} components selected.** Faithfulness ({f.ablation} ablation): "
-            f"circuit alone recovers **{f.recovered:.3f}** of the clean–corrupt gap; "
-            f"ablating the circuit drops **{f.drop:.3f}** of it "
-            f"(metric clean {f.clean_metric:.3f}, corrupt {f.corrupt_metric:.3f}, "
-            f"circuit only {f.circuit_only_metric:.3f}, without circuit {f.without_circuit_metric:.3f}){took}"
+            f"**{n} components selected.** Faithfulness ({f.ablation} ablation; embedding and unembedding "
+            f"always kept): circuit alone recovers **{f.recovered:.3f}** of what the heads and MLPs add "
+            f"(clean − all ablated); ablating the circuit drops **{f.drop:.3f}** of it "
+            f"(metric clean {f.clean_metric:.3f}, all heads/MLPs ablated {f.floor_metric:.3f}, "
+            f"corrupt {f.corrupt_metric:.3f}, circuit only {f.circuit_only_metric:.3f}, "
+            f"without circuit {f.without_circuit_metric:.3f}){took}"
         )
 
     def circuit_figures(self) -> tuple[go.Figure, go.Figure]:

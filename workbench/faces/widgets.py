@@ -17,6 +17,7 @@ runs, so the progress bar moves live, and a second click waits for the first to 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import traceback
 from collections.abc import Callable, Mapping
@@ -155,6 +156,11 @@ class Workbench:
         self.circuit_info = W.HTML()
         self.circuit_fig = go.FigureWidget(layout=dict(title="Run attribution to see the circuit", height=420))
         self.heatmap_fig = go.FigureWidget(layout=dict(height=320))
+        self.baseline_dropdown = W.Dropdown(options=["paired", "mean", "resample"],
+                                            value=attribution_config.baseline if attribution_config else "paired",
+                                            description="baseline")
+        self.fact_dropdown = W.Dropdown(options=[], value=None, description="one fact")
+        self.fact_fig = go.FigureWidget(layout=dict(height=320, title="Pick a fact to see its own heads and MLPs"))
         self.method_dropdown = W.Dropdown(options=methods, value=method, description="method")
         self.run_button = W.Button(description=f"Run {method_label(method)}", button_style="danger")
         self.progress = W.FloatProgress(value=0.0, min=0.0, max=1.0, description="progress")
@@ -167,6 +173,7 @@ class Workbench:
         self.load_button.on_click(lambda _b: self.load())
         self.attribute_button.on_click(lambda _b: self.run_attribution())
         self.top_k.observe(self._on_top_k, names="value")
+        self.fact_dropdown.observe(lambda change: self.show_fact(change["new"]), names="value")
         self.undo_button.on_click(lambda _b: self.undo())
         self.redo_button.on_click(lambda _b: self.redo())
         self.method_dropdown.observe(self._on_method, names="value")
@@ -175,8 +182,11 @@ class Workbench:
         setup = W.VBox([W.HTML("<b>1. Setup</b>: pick a model and the quantizer the edit must survive."),
                         W.HBox([self.model_dropdown, self.quant_dropdown, self.load_button]), self.model_info])
         circuit = W.VBox([W.HTML("<b>2. Attribute and edit the circuit</b>: click a node to add or remove it."),
-                          W.HBox([self.attribute_button, self.top_k, self.undo_button, self.redo_button]),
-                          self.circuit_info, self.circuit_fig, self.heatmap_fig])
+                          W.HBox([self.attribute_button, self.baseline_dropdown, self.top_k, self.undo_button,
+                                  self.redo_button]),
+                          self.circuit_info, self.circuit_fig, self.heatmap_fig,
+                          W.HTML("<b>One fact</b>: which heads and MLPs carry it."), self.fact_dropdown,
+                          self.fact_fig])
         unlearn = W.VBox([W.HTML("<b>3. Unlearn</b>: MANSU edits the circuit; baselines use plain gradients."),
                           W.HBox([self.method_dropdown, self.run_button])])
         compare = W.VBox([W.HTML("<b>4. Compare</b>: full precision vs quantized, "
@@ -290,8 +300,9 @@ class Workbench:
 
         model, split = self._loaded()
         self._busy(True)
-        self.attribution = attribute_forget_set(model, split, self.attribution_config,
-                                                progress=self._report)
+        config = dataclasses.replace(self.attribution_config or AttributionConfig(),
+                                     baseline=self.baseline_dropdown.value)
+        self.attribution = attribute_forget_set(model, split, config, progress=self._report)
         n_components = len(self.attribution.scores)
         k = min(self.top_k.value, n_components)
         self.circuit = default_circuit(self.attribution, top_k=k)
@@ -301,7 +312,18 @@ class Workbench:
         self._replace(self.heatmap_fig, plots.head_heatmap(self.attribution))
         self._redraw_circuit()
         self._report(1.0, "attribution done")
-        self._message(f"attribution ({self.attribution.method}): top-{k} circuit selected")
+        self.fact_dropdown.options = [(f"{i}: {p}", i) for i, p in enumerate(self.attribution.pair_prompts)]
+        self._message(f"attribution ({self.attribution.method}, {self.attribution.baseline} baseline): "
+                      f"{self.attribution.pairing.describe()}; top-{k} circuit selected")
+
+    @_guarded
+    def show_fact(self, index: int | None) -> None:
+        """Draw one fact's own attribution (which heads and MLPs carry this fact)."""
+        if index is None:
+            return
+        if self.attribution is None:
+            raise WorkbenchError("run attribution first")
+        self._replace(self.fact_fig, plots.fact_heatmap(self.attribution, int(index)))
 
     def _on_top_k(self, change: Mapping[str, Any]) -> None:
         if self.circuit is not None:  # before attribution the slider only sets the initial size

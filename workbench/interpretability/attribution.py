@@ -3,24 +3,31 @@
 Everything here runs through TransformerLens hooks on ``LoadedModel.bridge()``; the
 model is only ever read (see *Never modifying the model* below).
 
-Prompt pairs
-    A *pair* is a clean prompt (a forget-set fact) and a corrupted prompt: the fact's
-    ``corrupt_prompt`` (same template, another subject), a user-supplied prompt, or else
-    another fact of the set with a different answer whose prompt has the same number of
-    tokens. Clean and corrupt prompts of one pair always have equal token length (pairs
-    that do not are dropped and counted); pairs of equal length form a :class:`PairGroup`,
-    so every forward runs unpadded on a ``[n, seq]`` batch and the metric is read at the
-    last position ``seq - 1``.
+Prompt pairs and baselines (:func:`make_prompt_pairs`, docs/SCIENCE.md §8.1)
+    Each clean prompt (a fact) gets a baseline. ``paired`` (default): its corrupt twin
+    (``corrupt_prompt``, same template, another subject) when it has the clean prompt's
+    token length, else a *partner* (another fact of the set with a different answer and a
+    prompt of the same token length), else the *mean* baseline. ``resample``: a randomly
+    drawn partner, else the mean. ``mean``: every component's dataset-mean activation
+    (:class:`ActivationMeans`). No fact is dropped; :class:`Pairing` counts who got what.
+    Pairs of equal length and baseline kind form a :class:`PairGroup`, so every forward
+    runs unpadded on a ``[n, seq]`` batch. A prompt baseline is *denoised* (gradients on
+    the corrupt run); the mean baseline is *noised* (gradients on the clean run, deltas
+    ``a_clean - a_mean``); both give "the clean value, against the baseline, raises the
+    metric by this much".
 
-Metric (per pair, at the last position)
-    ``logit_diff``: ``logit[answer] - logit[corrupt_answer]``, where ``corrupt_answer`` is
-    the first token of ``" " + answer`` of the corrupt prompt's fact (default);
-    ``logprob``: ``log_softmax(logits)[answer]``.
+Metric (per pair)
+    The sequence is the prompt plus the answer's tokens but the last (teacher forcing);
+    the answer's ``span`` tokens are read at positions ``seq - span .. seq - 1``.
+    ``logit_diff``: ``logit[answer] - logit[corrupt_answer]`` at the first answer position,
+    where ``corrupt_answer`` is the first token of ``" " + answer`` of the corrupt prompt's
+    fact (default); ``logprob``: the answer's log-probability summed over the span. For
+    single-token answers both read the last position, as before.
 
 Nodes (writers into the residual stream, :mod:`workbench.nodes`)
     ``embed`` at ``hook_embed`` (+ ``hook_pos_embed`` on models with learned positions;
-    its clean-corrupt difference is zero because a pair has equal length, so it never
-    contributes a score), each head ``L.H`` at ``blocks.L.attn.hook_z[:, :, H]``
+    its clean-corrupt difference is zero for a prompt pair of equal length, not against
+    the mean), each head ``L.H`` at ``blocks.L.attn.hook_z[:, :, H]``
     (``[batch, seq, n_heads, d_head]``, per *query* head also under GQA), each MLP at
     ``blocks.L.hook_mlp_out``.
 
@@ -82,9 +89,11 @@ Never modifying the model
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import math
+import random
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -99,7 +108,7 @@ from workbench.core.device import module_device
 from workbench.core.errors import WorkbenchError
 from workbench.core.progress import Progress, Steps
 from workbench.models.loaded import LoadedModel
-from workbench.models.scoring import answer_token, last_token_logits
+from workbench.models.scoring import last_token_logits
 
 AttributionMethod = Literal["atp", "ig", "exact"]
 """``atp``: attribution patching (gradient x activation difference, one batched forward/backward);
@@ -111,6 +120,21 @@ MetricName = Literal["logit_diff", "logprob"]
 ``logprob``: log-probability of the true answer."""
 
 AblationName = Literal["corrupt", "mean"]
+"""``corrupt``: each pair's own baseline (its corrupt run, or the dataset mean for a pair on
+the mean baseline); ``mean``: the dataset-mean activations for every pair (:func:`dataset_means`)."""
+
+AblationMetric = Literal["logit_diff", "logprob", "kl"]
+"""Metrics of an ablated run: the two attribution metrics, or ``kl`` = minus the KL
+divergence ``KL(p_clean || p_ablated)`` of the next-token distributions, summed over the
+answer positions (0 for the clean run; higher = closer to the clean model)."""
+
+BaselineName = Literal["paired", "mean", "resample"]
+"""What a clean prompt is compared with (see :func:`make_prompt_pairs`): ``paired`` its
+counterfactual twin (default; facts without a usable twin get another fact of equal length,
+else the mean); ``mean`` the dataset-mean activation of every component; ``resample``
+another prompt of the set with another answer."""
+
+_BASELINES: tuple[str, ...] = get_args(BaselineName)
 
 EdgeKey = tuple[Component, Component, EdgeInput]
 """(writer, reader, which input of the reader)."""
@@ -119,6 +143,37 @@ _METHODS: tuple[str, ...] = get_args(AttributionMethod)
 _METRICS: tuple[str, ...] = get_args(MetricName)
 _NO_TOKEN = -1
 """Corrupt-answer id meaning "none" (allowed only with the ``logprob`` metric)."""
+
+
+# --- how facts got their baselines ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pairing:
+    """How many facts got which baseline (see :data:`PairKind`); nothing is dropped silently.
+
+    ``dropped`` counts pairs left out (always 0 from :func:`make_prompt_pairs`, which falls
+    back to the mean baseline instead; kept for pairs built elsewhere)."""
+
+    twin: int = 0
+    partner: int = 0
+    resample: int = 0
+    mean: int = 0
+    dropped: int = 0
+
+    def describe(self) -> str:
+        """One line for the app, the CLI and the widget, e.g. ``"62 facts: 45 with their
+        corrupt twin, 17 with another fact of equal token length · 0 dropped"``."""
+        parts = []
+        for count, what in ((self.twin, "with their corrupt twin"),
+                            (self.partner, "with another fact of equal token length (twin missing or of "
+                                           "another length)"),
+                            (self.resample, "with a resampled fact of equal token length"),
+                            (self.mean, "against the dataset-mean baseline")):
+            if count:
+                parts.append(f"{count} {what}")
+        total = self.twin + self.partner + self.resample + self.mean
+        return f"{total} facts: {', '.join(parts) or 'none'} · {self.dropped} dropped"
 
 
 # --- the result ------------------------------------------------------------------------
@@ -140,7 +195,13 @@ class Attribution:
         clean_metric, corrupt_metric: mean metric of the clean and corrupt runs.
         n_layers, n_heads: the model's shape (so a circuit can be checked against a model).
         n_kv_heads: key/value heads per layer (``< n_heads`` under grouped-query attention).
-        n_dropped: pairs dropped because clean and corrupt prompts differ in token length.
+        n_dropped: pairs left out (0 from :func:`make_prompt_pairs`; see :class:`Pairing`).
+        baseline: the baseline asked for (``paired``, ``mean``, ``resample``).
+        pairing: how many facts got which baseline.
+        pair_scores: ``[n_pairs, n_writers]`` float64 per-pair scores (pairs in input order,
+            writers in forward order; :meth:`for_fact`); ``None`` when loaded from a file.
+        pair_prompts: the clean prompt of each pair (input order).
+        pair_kinds: each pair's baseline (:data:`PairKind`).
     """
 
     scores: dict[Component, float]
@@ -157,6 +218,22 @@ class Attribution:
     edge_scores: dict[EdgeKey, float] = field(default_factory=dict)
     n_kv_heads: int | None = None
     n_dropped: int = 0
+    baseline: str = "paired"
+    pairing: Pairing = field(default_factory=Pairing)
+    pair_scores: torch.Tensor | None = field(default=None, repr=False)
+    pair_prompts: tuple[str, ...] = ()
+    pair_kinds: tuple[str, ...] = ()
+
+    def for_fact(self, index: int) -> dict[Component, float]:
+        """Scores of one fact alone (the ``index``-th pair, input order): which heads and MLPs
+        carry this one fact. Same convention as :attr:`scores`, whose mean over facts it is."""
+        if self.pair_scores is None:
+            raise WorkbenchError("this attribution has no per-fact scores (loaded from a file?); attribute again")
+        n = int(self.pair_scores.shape[0])
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n:
+            raise WorkbenchError(f"fact index must be an integer in 0..{n - 1}, got {index!r}")
+        writers = all_components(self.n_layers, self.n_heads)
+        return {c: float(s) for c, s in zip(writers, self.pair_scores[index].tolist())}
 
     def top(self, k: int = 20) -> list[tuple[Component, float]]:
         """The ``k`` components with the largest ``|score|``, strongest first (ties: forward order)."""
@@ -184,6 +261,8 @@ class Attribution:
             "ig_steps": self.ig_steps,
             "n_pairs": self.n_pairs,
             "n_dropped": self.n_dropped,
+            "baseline": self.baseline,
+            "pairing": dataclasses.asdict(self.pairing),
             "prompts_hash": self.prompts_hash,
             "model_fingerprint": self.model_fingerprint,
             "clean_metric": _json_float(self.clean_metric),
@@ -225,6 +304,8 @@ class Attribution:
                 edge_scores=edges,
                 n_kv_heads=None if data.get("n_kv_heads") is None else int(data["n_kv_heads"]),
                 n_dropped=int(data.get("n_dropped", 0)),
+                baseline=str(data.get("baseline", "paired")),
+                pairing=Pairing(**{k: int(v) for k, v in data.get("pairing", {}).items()}),
             )
         except KeyError as exc:
             raise WorkbenchError(f"attribution data: missing field {exc.args[0]!r}") from None
@@ -251,18 +332,32 @@ def _order(c: Component) -> tuple[int, int, int]:
 
 # --- prompt pairs ----------------------------------------------------------------------
 
+PairKind = Literal["twin", "partner", "resample", "mean"]
+"""How one fact got its baseline: ``twin`` its own corrupt prompt (same token length);
+``partner`` another fact of the set (same token length, other answer) because its twin is
+missing or of another length; ``resample`` a randomly drawn fact of the set (same token
+length, other answer); ``mean`` the dataset-mean baseline (no such fact exists)."""
+
+_KINDS: tuple[str, ...] = get_args(PairKind)
+
 
 @dataclass(frozen=True, eq=False)
 class PairGroup:
-    """Clean/corrupt pairs whose prompts all have the same token length ``seq``.
+    """Clean/baseline pairs whose sequences all have the same token length ``seq``.
+
+    A sequence is the prompt followed by all but the last answer token (teacher forcing),
+    so the metric reads the answer's ``span`` tokens at positions ``seq - span .. seq - 1``.
 
     Attributes:
         clean: ``[n, seq]`` clean token ids (long).
-        corrupt: ``[n, seq]`` corrupt token ids, row ``i`` paired with ``clean[i]``.
+        corrupt: ``[n, seq]`` corrupt token ids, row ``i`` paired with ``clean[i]``; for a
+            ``mean`` group a copy of ``clean`` (the baseline is an activation, not a prompt).
         answers: ``[n]`` first token of ``" " + answer`` of each clean fact.
-        corrupt_answers: ``[n]`` first token of the corrupt prompt's answer, or ``-1``
+        corrupt_answers: ``[n]`` first token of the alternative answer, or ``-1``
             when unknown (allowed with the ``logprob`` metric only).
         index: ``[n]`` position of each pair in :attr:`PromptPairs.clean_prompts`.
+        answer_ids: ``[n, span]`` all tokens of ``" " + answer`` (``None``: ``answers[:, None]``).
+        baseline: ``pair`` (a corrupt prompt is run) or ``mean`` (dataset-mean activations).
     """
 
     clean: torch.Tensor
@@ -270,6 +365,8 @@ class PairGroup:
     answers: torch.Tensor
     corrupt_answers: torch.Tensor
     index: torch.Tensor
+    answer_ids: torch.Tensor | None = None
+    baseline: Literal["pair", "mean"] = "pair"
 
     def __post_init__(self) -> None:
         for name in ("clean", "corrupt", "answers", "corrupt_answers", "index"):
@@ -287,6 +384,14 @@ class PairGroup:
         for name in ("answers", "corrupt_answers", "index"):
             if tuple(getattr(self, name).shape) != (n,):
                 raise WorkbenchError(f"PairGroup.{name} must have shape [{n}], got {tuple(getattr(self, name).shape)}")
+        if self.baseline not in ("pair", "mean"):
+            raise WorkbenchError(f"PairGroup.baseline must be 'pair' or 'mean', got {self.baseline!r}")
+        span = self.answer_ids
+        if span is not None:
+            if span.dtype != torch.long or span.ndim != 2 or span.shape[0] != n or not 1 <= span.shape[1] <= self.seq:
+                raise WorkbenchError(f"PairGroup.answer_ids must be a long [{n}, span] tensor with 1 <= span <= seq")
+            if not torch.equal(span[:, 0], self.answers):
+                raise WorkbenchError("PairGroup.answer_ids[:, 0] must equal answers")
 
     @property
     def n(self) -> int:
@@ -295,6 +400,16 @@ class PairGroup:
     @property
     def seq(self) -> int:
         return int(self.clean.shape[1])
+
+    @property
+    def span(self) -> int:
+        """Answer tokens scored (1 for single-token answers)."""
+        return 1 if self.answer_ids is None else int(self.answer_ids.shape[1])
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """``[n, span]`` answer tokens."""
+        return self.answers[:, None] if self.answer_ids is None else self.answer_ids
 
     def chunks(self, batch_size: int) -> Iterator[PairGroup]:
         """Consecutive sub-groups of at most ``batch_size`` pairs."""
@@ -306,22 +421,26 @@ class PairGroup:
                 self.answers[start:stop],
                 self.corrupt_answers[start:stop],
                 self.index[start:stop],
+                None if self.answer_ids is None else self.answer_ids[start:stop],
+                self.baseline,
             )
 
 
 @dataclass(frozen=True, eq=False)
 class PromptPairs:
-    """The clean/corrupt prompt pairs an attribution averages over.
+    """The clean/baseline pairs an attribution averages over.
 
     Attributes:
-        groups: the pairs, grouped by token length (ascending); within a group in input order.
+        groups: the pairs, grouped by baseline kind and token length; within a group in input order.
         clean_prompts, corrupt_prompts: the kept pairs' texts, in input order (``""`` when
-            built from raw ids).
+            built from raw ids; ``corrupt_prompts[i] == ""`` for a pair on the mean baseline).
         metric: the metric the pairs were built for; ``logit_diff`` needs every corrupt answer.
-        n_dropped: pairs dropped because clean and corrupt prompts differ in token length.
+        n_dropped: pairs dropped (0 from :func:`make_prompt_pairs`; see :class:`Pairing`).
         dropped: the clean prompts of the dropped pairs.
-        n_model_answers: corrupt answers taken from the model's own prediction on the
-            corrupt prompt because no fact of the set had that prompt (see :func:`make_prompt_pairs`).
+        n_model_answers: alternative answers taken from the model's own prediction because
+            the fact named none (see :func:`make_prompt_pairs`).
+        baseline: the baseline asked for (``paired``, ``mean`` or ``resample``).
+        kinds: per pair (input order), which baseline it got (:data:`PairKind`).
     """
 
     groups: tuple[PairGroup, ...]
@@ -331,15 +450,21 @@ class PromptPairs:
     n_dropped: int = 0
     dropped: tuple[str, ...] = ()
     n_model_answers: int = 0
+    baseline: BaselineName = "paired"
+    kinds: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.metric not in _METRICS:
             raise WorkbenchError(f"metric must be one of {_METRICS}, got {self.metric!r}")
+        if self.baseline not in _BASELINES:
+            raise WorkbenchError(f"baseline must be one of {_BASELINES}, got {self.baseline!r}")
         if not self.groups:
             raise WorkbenchError("no prompt pairs")
         n = sum(g.n for g in self.groups)
         if len(self.clean_prompts) != n or len(self.corrupt_prompts) != n:
             raise WorkbenchError(f"{n} pairs but {len(self.clean_prompts)}/{len(self.corrupt_prompts)} prompt texts")
+        if self.kinds and (len(self.kinds) != n or any(k not in _KINDS for k in self.kinds)):
+            raise WorkbenchError(f"kinds must name one of {_KINDS} for each of the {n} pairs")
         if self.metric == "logit_diff":
             for g in self.groups:
                 missing = (g.corrupt_answers < 0).nonzero().flatten().tolist()
@@ -352,6 +477,26 @@ class PromptPairs:
     @property
     def n_pairs(self) -> int:
         return sum(g.n for g in self.groups)
+
+    @property
+    def pair_kinds(self) -> tuple[str, ...]:
+        """Per pair, its :data:`PairKind` (``twin``/``mean`` by group when built from ids)."""
+        if self.kinds:
+            return self.kinds
+        out = [""] * self.n_pairs
+        for g in self.groups:
+            for i in g.index.tolist():
+                out[i] = "twin" if g.baseline == "pair" else "mean"
+        return tuple(out)
+
+    @property
+    def pairing(self) -> Pairing:
+        kinds = self.pair_kinds
+        return Pairing(**{k: kinds.count(k) for k in _KINDS}, dropped=self.n_dropped)
+
+    @property
+    def has_mean(self) -> bool:
+        return any(g.baseline == "mean" for g in self.groups)
 
     @property
     def prompts_hash(self) -> str:
@@ -388,8 +533,17 @@ class PromptPairs:
         """The same pairs, checked for (and labelled with) another metric."""
         if metric == self.metric:
             return self
-        return PromptPairs(self.groups, self.clean_prompts, self.corrupt_prompts, metric, self.n_dropped,
-                           self.dropped, self.n_model_answers)
+        return dataclasses.replace(self, metric=metric)
+
+
+@dataclass
+class _Plan:
+    """One fact's baseline while pairs are being built."""
+
+    kind: PairKind
+    corrupt_ids: list[int] = field(default_factory=list)
+    corrupt_prompt: str = ""
+    corrupt_answer: int = _NO_TOKEN
 
 
 def make_prompt_pairs(
@@ -399,26 +553,37 @@ def make_prompt_pairs(
     corrupt_prompts: Sequence[str] | None = None,
     metric: MetricName = "logit_diff",
     corrupt_answers: Sequence[str] | None = None,
+    baseline: BaselineName = "paired",
+    seed: int = 0,
 ) -> PromptPairs:
-    """Pair each fact's prompt (clean) with a corrupted prompt.
+    """Give each fact's prompt (clean) a baseline; no fact is dropped.
 
     ``facts`` are :class:`workbench.facts.Fact` objects or anything with ``prompt`` and
     ``answer`` attributes (``corrupt_prompt``, ``corrupt_answer``, ``relation`` and
-    ``template`` are read when present). The corrupt prompt of fact ``i`` is
-    ``corrupt_prompts[i]`` if given, else ``fact.corrupt_prompt``; without one, the fact
-    is paired with another fact of the set whose answer token differs and whose prompt
-    has the same token length (preferring the same relation and template, then the
-    next such fact in input order); if there is none, ``WorkbenchError``.
+    ``template`` are read when present). Answers may span several tokens: the sequence is
+    the prompt plus the answer's tokens but the last (teacher forcing).
 
-    The corrupt answer (for ``logit_diff``) is ``corrupt_answers[i]`` if given, else the
-    fact's ``corrupt_answer`` attribute, else the answer of the fact in ``facts`` whose
-    prompt is the corrupt prompt, else — counted in ``n_model_answers`` — the model's
-    top prediction on the corrupt prompt other than the true answer. Pairs whose clean
-    and corrupt prompts differ in token length are dropped and counted; if none remain,
-    ``WorkbenchError``.
+    ``baseline="paired"`` (default): the corrupt prompt of fact ``i`` is
+    ``corrupt_prompts[i]`` if given, else ``fact.corrupt_prompt`` — its *twin* — when it
+    has the clean prompt's token length; otherwise (twin missing or of another length) a
+    *partner*: another fact of the set whose first answer token differs and whose prompt
+    has the same token length (same relation and template first, then the next in input
+    order); if there is none, the fact falls back to the *mean* baseline (dataset-mean
+    activations, see :func:`dataset_means`). ``"resample"``: every fact gets a partner
+    drawn at random (``seed``) among the facts of equal token length and another answer,
+    else the mean. ``"mean"``: every fact on the mean baseline. The counts are in
+    :attr:`PromptPairs.pairing`.
+
+    The alternative answer (for ``logit_diff``) is ``corrupt_answers[i]`` if given (a twin
+    or a mean fallback), else the fact's ``corrupt_answer``, else the answer of the fact
+    whose prompt is the corrupt prompt, else — counted in ``n_model_answers`` — the
+    model's top prediction on the corrupt (mean baseline: the clean) prompt other than the
+    true answer. A partner's answer is its own answer.
     """
     if metric not in _METRICS:
         raise WorkbenchError(f"unknown metric {metric!r}; use one of {', '.join(_METRICS)}")
+    if baseline not in _BASELINES:
+        raise WorkbenchError(f"unknown baseline {baseline!r}; use one of {', '.join(_BASELINES)}")
     facts = list(facts)
     if not facts:
         raise WorkbenchError("no facts to attribute: the fact list is empty")
@@ -433,78 +598,69 @@ def make_prompt_pairs(
             raise WorkbenchError(f"fact {i}: needs a non-empty prompt and answer, got {fact!r}")
         prompts.append(prompt)
     clean_ids = [_encode(tok, p, f"fact {i} prompt") for i, p in enumerate(prompts)]
-    answers = [answer_token(tok, f.answer) for f in facts]
+    spans = [_answer_ids(tok, f.answer, i) for i, f in enumerate(facts)]
+    answers = [s[0] for s in spans]
+    rng = random.Random(seed)
+    plans: list[_Plan] = []
+    for i, fact in enumerate(facts):
+        plan = None
+        if baseline == "paired":
+            given = corrupt_prompts[i] if corrupt_prompts is not None else (getattr(fact, "corrupt_prompt", "") or "")
+            plan = _twin(tok, i, given, clean_ids[i]) if given else None
+        if plan is None and baseline != "mean":
+            j = _partner(i, facts, clean_ids, answers, rng if baseline == "resample" else None)
+            if j is not None:
+                plan = _Plan("resample" if baseline == "resample" else "partner", clean_ids[j], prompts[j], answers[j])
+        plans.append(plan or _Plan("mean"))
+    need_model = _set_alternatives(tok, facts, plans, prompts, answers, corrupt_answers, metric)
+    if need_model:
+        _fill_model_answers(model, plans, need_model, clean_ids, answers)
+    return _group(plans, prompts, clean_ids, spans, answers, metric, baseline, len(need_model))
+
+
+def _twin(tok: Any, i: int, corrupt_prompt: str, clean: list[int]) -> _Plan | None:
+    """The fact's own corrupt prompt, when it has the clean prompt's token length."""
+    c_ids = _encode(tok, corrupt_prompt, f"fact {i} corrupt prompt")
+    return _Plan("twin", c_ids, corrupt_prompt) if len(c_ids) == len(clean) else None
+
+
+def _set_alternatives(tok: Any, facts: list[Any], plans: list[_Plan], prompts: list[str], answers: list[int],
+                      corrupt_answers: Sequence[str] | None, metric: MetricName) -> list[int]:
+    """Fill each twin's and mean fallback's alternative answer; return the facts that need
+    the model's own prediction (see :func:`make_prompt_pairs`)."""
     first_with_prompt: dict[str, int] = {}
     for i, p in enumerate(prompts):
         first_with_prompt.setdefault(p, i)
-
-    kept: list[tuple[int, list[int], str, int]] = []  # (fact index, corrupt ids, corrupt prompt, corrupt answer)
-    need_model_answer: list[int] = []  # positions in `kept`
-    dropped: list[str] = []
-    for i, fact in enumerate(facts):
-        cp = corrupt_prompts[i] if corrupt_prompts is not None else (getattr(fact, "corrupt_prompt", "") or "")
-        if cp:
-            c_ids = _encode(tok, cp, f"fact {i} corrupt prompt")
-            c_ans = _NO_TOKEN
-            if corrupt_answers is not None:
-                explicit = corrupt_answers[i]
-            else:
-                explicit = getattr(fact, "corrupt_answer", "") or ""
-            if explicit:
-                c_ans = answer_token(tok, explicit)
-                if c_ans == answers[i] and metric == "logit_diff":
-                    raise WorkbenchError(
-                        f"fact {i} ({fact.prompt!r}): the corrupt answer {explicit!r} starts with the same token "
-                        "as the answer, so the logit difference is identically 0"
-                    )
-            elif cp in first_with_prompt and answers[first_with_prompt[cp]] != answers[i]:
-                c_ans = answers[first_with_prompt[cp]]
-        else:
-            j = _partner(i, facts, clean_ids, answers)
-            if j is None:
-                raise WorkbenchError(
-                    f"fact {i} ({fact.prompt!r}) has no corrupt prompt, and no other fact has a different answer "
-                    f"and a prompt of the same token length ({len(clean_ids[i])}); give it a corrupt_prompt"
-                )
-            cp, c_ids, c_ans = prompts[j], clean_ids[j], answers[j]
-        if len(c_ids) != len(clean_ids[i]):
-            dropped.append(fact.prompt)
+    need: list[int] = []
+    for i, (fact, plan) in enumerate(zip(facts, plans)):
+        if plan.kind in ("partner", "resample"):
             continue
-        if c_ans == _NO_TOKEN and metric == "logit_diff":
-            need_model_answer.append(len(kept))
-        kept.append((i, c_ids, cp, c_ans))
-    if not kept:
-        raise WorkbenchError(
-            f"no usable prompt pairs: all {len(facts)} corrupt prompts differ in token length from their clean "
-            f"prompts (first: {dropped[0]!r}); corrupt prompts must tokenize to the same length"
-        )
-    if need_model_answer:
-        _fill_model_answers(model, kept, need_model_answer, answers)
+        explicit = corrupt_answers[i] if corrupt_answers is not None else (getattr(fact, "corrupt_answer", "") or "")
+        token = _answer_ids(tok, explicit, i)[0] if explicit else _NO_TOKEN
+        if token == answers[i]:
+            if plan.kind == "twin" and metric == "logit_diff":
+                raise WorkbenchError(
+                    f"fact {i} ({fact.prompt!r}): the corrupt answer {explicit!r} starts with the same token "
+                    "as the answer, so the logit difference is identically 0"
+                )
+            token = _NO_TOKEN
+        if token == _NO_TOKEN:
+            source = plan.corrupt_prompt or getattr(fact, "corrupt_prompt", "") or ""
+            j = first_with_prompt.get(source)
+            if j is not None and answers[j] != answers[i]:
+                token = answers[j]
+        plan.corrupt_answer = token
+        if token == _NO_TOKEN and metric == "logit_diff":
+            need.append(i)
+    return need
 
-    by_len: dict[int, list[int]] = {}
-    for pos, (i, _c, _cp, _a) in enumerate(kept):
-        by_len.setdefault(len(clean_ids[i]), []).append(pos)
-    groups = []
-    for length in sorted(by_len):
-        rows = by_len[length]
-        groups.append(
-            PairGroup(
-                clean=torch.tensor([clean_ids[kept[p][0]] for p in rows], dtype=torch.long),
-                corrupt=torch.tensor([kept[p][1] for p in rows], dtype=torch.long),
-                answers=torch.tensor([answers[kept[p][0]] for p in rows], dtype=torch.long),
-                corrupt_answers=torch.tensor([kept[p][3] for p in rows], dtype=torch.long),
-                index=torch.tensor(rows, dtype=torch.long),
-            )
-        )
-    return PromptPairs(
-        groups=tuple(groups),
-        clean_prompts=tuple(prompts[i] for i, _c, _cp, _a in kept),
-        corrupt_prompts=tuple(cp for _i, _c, cp, _a in kept),
-        metric=metric,
-        n_dropped=len(dropped),
-        dropped=tuple(dropped),
-        n_model_answers=len(need_model_answer),
-    )
+
+def _answer_ids(tok: Any, answer: str, i: int) -> list[int]:
+    """All tokens of ``" " + answer`` (the answer as it follows a prompt)."""
+    ids = list(tok(" " + answer, add_special_tokens=False)["input_ids"])
+    if not ids:
+        raise WorkbenchError(f"fact {i}: answer {answer!r} encodes to no tokens")
+    return ids
 
 
 def _encode(tok: Any, text: str, what: str) -> list[int]:
@@ -514,22 +670,27 @@ def _encode(tok: Any, text: str, what: str) -> list[int]:
     return ids
 
 
-def _partner(i: int, facts: list[Any], clean_ids: list[list[int]], answers: list[int]) -> int | None:
-    """Another fact to corrupt fact ``i`` with (see :func:`make_prompt_pairs`)."""
+def _partner(i: int, facts: list[Any], clean_ids: list[list[int]], answers: list[int],
+             rng: random.Random | None = None) -> int | None:
+    """Another fact to corrupt fact ``i`` with: same token length, another first answer token;
+    drawn with ``rng`` (resample), else by relation/template then input order."""
     n = len(facts)
     order = [(i + step) % n for step in range(1, n)]
     ok = [j for j in order if len(clean_ids[j]) == len(clean_ids[i]) and answers[j] != answers[i]]
     if not ok:
         return None
+    if rng is not None:
+        return rng.choice(ok)
     key = (getattr(facts[i], "relation", ""), getattr(facts[i], "template", 0))
     same = [j for j in ok if key[0] and (getattr(facts[j], "relation", ""), getattr(facts[j], "template", 0)) == key]
     return (same or ok)[0]
 
 
-def _fill_model_answers(model: LoadedModel, kept: list, positions: list[int], answers: list[int]) -> None:
-    """Corrupt answer = the model's top prediction on the corrupt prompt, other than the answer."""
-
-    ids = [kept[p][1] for p in positions]
+def _fill_model_answers(model: LoadedModel, plans: list[_Plan], need: list[int], clean_ids: list[list[int]],
+                        answers: list[int]) -> None:
+    """Alternative answer = the model's top prediction other than the answer, on the corrupt
+    prompt (a twin) or the clean prompt (mean baseline)."""
+    ids = [plans[i].corrupt_ids or clean_ids[i] for i in need]
     width = max(len(x) for x in ids)
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     batch = torch.full((len(ids), width), pad, dtype=torch.long)
@@ -537,10 +698,36 @@ def _fill_model_answers(model: LoadedModel, kept: list, positions: list[int], an
         batch[r, : len(x)] = torch.tensor(x)
     last = torch.tensor([len(x) - 1 for x in ids])
     logits = last_token_logits(model.hf, batch, last).float()
-    for r, p in enumerate(positions):
-        i, c_ids, cp, _ = kept[p]
+    for r, i in enumerate(need):
         logits[r, answers[i]] = -math.inf
-        kept[p] = (i, c_ids, cp, int(logits[r].argmax()))
+        plans[i].corrupt_answer = int(logits[r].argmax())
+
+
+def _group(plans: list[_Plan], prompts: list[str], clean_ids: list[list[int]], spans: list[list[int]],
+           answers: list[int], metric: MetricName, baseline: BaselineName, n_model: int) -> PromptPairs:
+    """Pairs grouped by (baseline kind, sequence length, answer span): every forward is unpadded."""
+    by_key: dict[tuple[bool, int, int], list[int]] = {}
+    for i, plan in enumerate(plans):
+        by_key.setdefault((plan.kind == "mean", len(clean_ids[i]) + len(spans[i]) - 1, len(spans[i])), []).append(i)
+    groups = []
+    for key in sorted(by_key):
+        rows = by_key[key]
+        tails = [spans[i][:-1] for i in rows]
+        clean = torch.tensor([clean_ids[i] + t for i, t in zip(rows, tails)], dtype=torch.long)
+        corrupt = clean.clone() if key[0] else torch.tensor(
+            [plans[i].corrupt_ids + t for i, t in zip(rows, tails)], dtype=torch.long)
+        groups.append(PairGroup(
+            clean=clean, corrupt=corrupt,
+            answers=torch.tensor([answers[i] for i in rows], dtype=torch.long),
+            corrupt_answers=torch.tensor([plans[i].corrupt_answer for i in rows], dtype=torch.long),
+            index=torch.tensor(rows, dtype=torch.long),
+            answer_ids=None if key[2] == 1 else torch.tensor([spans[i] for i in rows], dtype=torch.long),
+            baseline="mean" if key[0] else "pair",
+        ))
+    return PromptPairs(
+        groups=tuple(groups), clean_prompts=tuple(prompts), corrupt_prompts=tuple(p.corrupt_prompt for p in plans),
+        metric=metric, n_model_answers=n_model, baseline=baseline, kinds=tuple(p.kind for p in plans),
+    )
 
 
 # --- configuration ---------------------------------------------------------------------
@@ -557,6 +744,9 @@ class AttributionConfig:
         edges: also score writer->reader edges (``atp``/``ig`` only). Memory grows with
             ``n_writers x batch_size x seq x d_model``; lower ``batch_size`` on big models.
         batch_size: pairs per forward/backward.
+        baseline: ``paired`` (default), ``mean`` or ``resample`` (see :data:`BaselineName`);
+            used when facts are given (ready :class:`PromptPairs` carry their own).
+        seed: the draw of ``resample`` partners.
     """
 
     method: AttributionMethod = "atp"
@@ -564,6 +754,8 @@ class AttributionConfig:
     metric: MetricName = "logit_diff"
     edges: bool = False
     batch_size: int = 32
+    baseline: BaselineName = "paired"
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in _METHODS:
@@ -578,6 +770,8 @@ class AttributionConfig:
             raise WorkbenchError(f"edges must be True or False, got {self.edges!r}")
         if self.edges and self.method == "exact":
             raise WorkbenchError("edge scores need method 'atp' or 'ig' (exact patching scores nodes only)")
+        if self.baseline not in _BASELINES:
+            raise WorkbenchError(f"unknown baseline {self.baseline!r}; use one of {', '.join(_BASELINES)}")
 
     @property
     def steps(self) -> int:
@@ -758,44 +952,156 @@ def _forward(
 
 
 def _metric_values(logits: torch.Tensor, group: PairGroup, metric: MetricName) -> torch.Tensor:
-    """``[n]`` metric per pair at the last position (see the module docstring)."""
-    last = logits[:, -1, :].float()
-    rows = torch.arange(last.shape[0])
+    """``[n]`` metric per pair (see the module docstring): ``logit_diff`` at the first answer
+    position, ``logprob`` summed over the answer span (teacher forced)."""
+    first = logits.shape[1] - group.span
     if metric == "logit_diff":
-        return last[rows, group.answers] - last[rows, group.corrupt_answers]
-    return torch.log_softmax(last, dim=-1)[rows, group.answers]
+        at = logits[:, first, :].float()
+        rows = torch.arange(at.shape[0])
+        return at[rows, group.answers] - at[rows, group.corrupt_answers]
+    logp = torch.log_softmax(logits[:, first:, :].float(), dim=-1)
+    return logp.gather(-1, group.targets.unsqueeze(-1)).squeeze(-1).sum(1)
+
+
+def _kl_values(logits: torch.Tensor, clean_logits: torch.Tensor, group: PairGroup) -> torch.Tensor:
+    """``[n]`` minus ``KL(p_clean || p)`` summed over the answer positions."""
+    first = logits.shape[1] - group.span
+    p = torch.log_softmax(clean_logits[:, first:, :].float(), dim=-1)
+    q = torch.log_softmax(logits[:, first:, :].float(), dim=-1)
+    return -(p.exp() * (p - q)).sum(dim=(1, 2))
 
 
 def _n_chunks(pairs: PromptPairs, batch_size: int) -> int:
     return sum((g.n + batch_size - 1) // batch_size for g in pairs.groups)
 
 
+# --- the mean baseline -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class ActivationMeans:
+    """The dataset-mean activation at every writer hook, over the clean sequences of a set.
+
+    Position 0 has its own mean (over the set's first tokens); every later position shares
+    one mean over all positions >= 1 of all sequences. Why: prompts differ in length, so a
+    per-position mean would average unrelated tokens (a subject's third token with a
+    template word) and leave long prompts' tail positions with few samples; the first
+    position, in contrast, is the same kind of token in every prompt (it attends only to
+    itself and carries the outsized "attention sink" activations of many models), so mixing
+    it into the shared mean would distort both.
+
+    Attributes:
+        first: hook name -> mean at position 0 (the activation's shape without batch and position).
+        rest: hook name -> mean over positions >= 1 (``first`` when every sequence has length 1).
+        n_sequences: sequences averaged.
+    """
+
+    first: dict[str, torch.Tensor]
+    rest: dict[str, torch.Tensor]
+    n_sequences: int
+
+    def expand(self, name: str, n: int, seq: int) -> torch.Tensor:
+        """``[n, seq, ...]`` baseline activation of hook ``name``."""
+        out = self.rest[name].expand(n, seq, *self.rest[name].shape).clone()
+        out[:, 0] = self.first[name]
+        return out
+
+    def for_chunk(self, names: Iterable[str], chunk: PairGroup) -> dict[str, torch.Tensor]:
+        return {name: self.expand(name, chunk.n, chunk.seq) for name in names if name in self.rest}
+
+
+def _means(bridge: Any, lay: _Layout, pairs: PromptPairs, batch_size: int) -> ActivationMeans:
+    """One no-grad pass over the clean sequences (batched per length group)."""
+    first: dict[str, torch.Tensor] = {}
+    rest: dict[str, torch.Tensor] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    n_rest = 0
+    with torch.no_grad():
+        for group in pairs.groups:
+            for chunk in group.chunks(batch_size):
+                _, live = _forward(bridge, chunk.clean, lay.node_hooks)
+                for name, act in live.items():
+                    dtypes[name] = act.dtype  # the means are stored in the activations' own dtype
+                    act = act.float().expand(chunk.n, *act.shape[1:])
+                    first[name] = first.get(name, 0) + act[:, 0].sum(0)
+                    if chunk.seq > 1:
+                        rest[name] = rest.get(name, 0) + act[:, 1:].sum((0, 1))
+                n_rest += chunk.n * (chunk.seq - 1)
+    n = pairs.n_pairs
+    means_first = {k: (v / n).to(dtypes[k]) for k, v in first.items()}
+    means_rest = {k: (rest[k] / n_rest).to(dtypes[k]) if n_rest else means_first[k] for k in first}
+    return ActivationMeans(means_first, means_rest, n)
+
+
+def dataset_means(model: LoadedModel, pairs: PromptPairs, *, batch_size: int = 64) -> ActivationMeans:
+    """The mean baseline of ``pairs`` (see :class:`ActivationMeans`)."""
+    bridge = _check_model(model)
+    with _bridge_lock(bridge):
+        return _means(bridge, _Layout.of(bridge), pairs, batch_size)
+
+
+def _replace_all(base: dict[str, torch.Tensor]) -> PatchFn:
+    """Every writer hook takes its baseline value: the run with all writers mean-ablated."""
+
+    def patch(name: str, tensor: torch.Tensor) -> torch.Tensor | None:
+        del tensor
+        return base.get(name)
+
+    return patch
+
+
 # --- gradient sweeps (atp, ig, edges) --------------------------------------------------
+
+
+@dataclass
+class _Sums:
+    """What a sweep adds up: per pair (input order) and writer (forward order) the score,
+    the summed clean and baseline metrics, and the summed edge scores."""
+
+    per_pair: torch.Tensor
+    clean: float = 0.0
+    corrupt: float = 0.0
+    edges: dict[EdgeKey, float] = field(default_factory=dict)
 
 
 def _gradient_sweep(
     bridge: Any, lay: _Layout, pairs: PromptPairs, config: AttributionConfig, tracker: Steps,
-    post_norms: Sequence[torch.nn.Module | None] = (),
-) -> tuple[dict[Component, float], dict[EdgeKey, float], float, float]:
-    """Sum over pairs of node (and edge) scores, and of the clean/corrupt metrics."""
-    writers = lay.writers()
-    node_totals = torch.zeros(len(writers), dtype=torch.float64)
+    post_norms: Sequence[torch.nn.Module | None] = (), means: ActivationMeans | None = None,
+) -> _Sums:
+    """Node (and edge) scores per pair, and the summed clean/baseline metrics.
+
+    A pair group with a corrupt prompt is *denoised* (gradients on the corrupt run); a
+    group on the mean baseline is *noised* (gradients on the clean run, deltas against the
+    dataset mean): both estimate "the component's clean value, against its baseline,
+    raises the metric by this much" (see docs/SCIENCE.md).
+    """
+    sums = _Sums(torch.zeros(pairs.n_pairs, len(lay.writers()), dtype=torch.float64))
     steps = config.steps
     edges = _EdgeAccumulator(bridge, lay, post_norms) if config.edges else None
     names = lay.node_hooks + (lay.reader_hooks() + edges.post_norm_hooks() if edges is not None else [])
-    clean_sum = corrupt_sum = 0.0
     for group in pairs.groups:
         for chunk in group.chunks(config.batch_size):
-            with torch.no_grad():
-                logits, live = _forward(bridge, chunk.clean, lay.node_hooks)
-                clean_acts = {n: t.detach().clone() for n, t in live.items()}
-                clean_sum += float(_metric_values(logits, chunk, config.metric).sum())
-            corrupt_acts: dict[str, torch.Tensor] = {}
+            noising = chunk.baseline == "mean"
+            clean_acts: dict[str, torch.Tensor] = {}
+            base_acts: dict[str, torch.Tensor] = {}
+            deltas: dict[str, torch.Tensor] = {}
+            if noising:  # the k = 0 pass below is the clean run itself
+                assert means is not None
+                base_acts = means.for_chunk(lay.node_hooks, chunk)
+                sums.corrupt += _ablated_all(bridge, lay, chunk, base_acts, config.metric)
+            else:
+                with torch.no_grad():
+                    logits, live = _forward(bridge, chunk.clean, lay.node_hooks)
+                    clean_acts = {n: t.detach().clone() for n, t in live.items()}
+                    sums.clean += float(_metric_values(logits, chunk, config.metric).sum())
             for k in range(steps):
-                alpha = k / steps
-                patch = None if k == 0 else _interpolate_embed(clean_acts, corrupt_acts, alpha)
+                # k = 0 is the plain run (so N = 1 is atp); IG then walks the token embedding
+                # from the corrupt run toward clean (denoising), or from clean toward the mean (noising).
+                alpha = 1 - k / steps if noising else k / steps
+                patch = None if k == 0 else _interpolate_embed(clean_acts, base_acts, alpha)
                 with torch.enable_grad():
-                    logits, live = _forward(bridge, chunk.corrupt, names, patch=patch, leaf_embed=True)
+                    logits, live = _forward(bridge, chunk.clean if noising else chunk.corrupt, names,
+                                            patch=patch, leaf_embed=True)
                     values = _metric_values(logits, chunk, config.metric)
                     present = [n for n in names if n in live]
                     grads = torch.autograd.grad(
@@ -806,20 +1112,35 @@ def _gradient_sweep(
                     if edges is not None and lay.group > 1:
                         edges.split_kv(live, grad)
                 if k == 0:
-                    corrupt_acts = {n: live[n].detach().clone() for n in lay.node_hooks if n in live}
-                    corrupt_sum += float(values.detach().sum())
-                    deltas = {n: clean_acts[n] - corrupt_acts[n] for n in corrupt_acts}
+                    run_acts = {n: live[n].detach().clone() for n in lay.node_hooks if n in live}
+                    if noising:
+                        clean_acts = run_acts
+                        sums.clean += float(values.detach().sum())
+                    else:
+                        base_acts = run_acts
+                        sums.corrupt += float(values.detach().sum())
+                    deltas = {n: clean_acts[n] - base_acts[n] for n in base_acts}
                     if edges is not None:
                         edges.set_deltas(deltas)
-                node_totals += _node_contributions(lay, deltas, grad) / steps
+                sums.per_pair[chunk.index] += _node_contributions(lay, deltas, grad, chunk.n) / steps
                 if edges is not None:
                     edges.add(grad, 1.0 / steps, live)
                 del live, grads, grad, logits
                 tracker.step(f"{config.method}: {tracker.done + 1}/{tracker.total} passes")
             if edges is not None:
                 edges.end_chunk()
-    scores = {c: float(s) for c, s in zip(writers, node_totals)}
-    return scores, (edges.result() if edges is not None else {}), clean_sum, corrupt_sum
+    if edges is not None:
+        sums.edges = edges.result()
+    return sums
+
+
+def _ablated_all(bridge: Any, lay: _Layout, chunk: PairGroup, base: dict[str, torch.Tensor],
+                 metric: MetricName) -> float:
+    """Summed metric of the clean run with every writer at its mean (the mean baseline's
+    "corrupt" metric)."""
+    with torch.no_grad():
+        logits, _ = _forward(bridge, chunk.clean, [n for n in lay.node_hooks if n in base], patch=_replace_all(base))
+        return float(_metric_values(logits, chunk, metric).sum())
 
 
 def _interpolate_embed(clean: dict[str, torch.Tensor], corrupt: dict[str, torch.Tensor], alpha: float) -> PatchFn:
@@ -833,17 +1154,21 @@ def _interpolate_embed(clean: dict[str, torch.Tensor], corrupt: dict[str, torch.
     return patch
 
 
-def _node_contributions(lay: _Layout, deltas: dict[str, torch.Tensor], grad: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per writer (forward order), ``sum_{batch, pos, dim} delta * grad`` (float64)."""
-    out = []
-    embed = sum(float((deltas[n] * grad[n]).sum()) for n in lay.embed_hooks if n in deltas and n in grad)
-    out.append(torch.tensor([embed], dtype=torch.float64))
+def _node_contributions(lay: _Layout, deltas: dict[str, torch.Tensor], grad: dict[str, torch.Tensor],
+                        n: int) -> torch.Tensor:
+    """``[n, n_writers]``: per pair and writer (forward order), ``sum_{pos, dim} delta * grad`` (float64)."""
+
+    def per_pair(x: torch.Tensor) -> torch.Tensor:
+        return x.expand(n, *x.shape[1:]).reshape(n, -1).sum(1, keepdim=True).double().cpu()
+
+    cols = [sum((per_pair(deltas[h] * grad[h]) for h in lay.embed_hooks if h in deltas and h in grad),
+                torch.zeros(n, 1, dtype=torch.float64))]
     for layer in range(lay.n_layers):
         z = lay.z(layer)
-        out.append((deltas[z] * grad[z]).sum(dim=(0, 1, 3)).double().cpu())
+        cols.append((deltas[z] * grad[z]).sum(dim=(1, 3)).double().cpu())
         m = lay.mlp_out(layer)
-        out.append(torch.tensor([float((deltas[m] * grad[m]).sum())], dtype=torch.float64))
-    return torch.cat(out)
+        cols.append(per_pair(deltas[m] * grad[m]))
+    return torch.cat(cols, dim=1)
 
 
 class _EdgeAccumulator:
@@ -1019,29 +1344,38 @@ def _node_patch(lay: _Layout, source: dict[str, torch.Tensor], current: list[Com
 
 
 def _exact_sweep(
-    bridge: Any, lay: _Layout, pairs: PromptPairs, config: AttributionConfig, tracker: Steps
-) -> tuple[dict[Component, float], float, float]:
+    bridge: Any, lay: _Layout, pairs: PromptPairs, config: AttributionConfig, tracker: Steps,
+    means: ActivationMeans | None = None,
+) -> _Sums:
+    """Per pair and node: ``m(corrupt, node clean) - m(corrupt)`` (denoising), or on the mean
+    baseline ``m(clean) - m(clean, node at its mean)`` (noising)."""
     writers = lay.writers()
-    totals = torch.zeros(len(writers), dtype=torch.float64)
-    clean_sum = corrupt_sum = 0.0
+    sums = _Sums(torch.zeros(pairs.n_pairs, len(writers), dtype=torch.float64))
     with torch.no_grad():
         for group in pairs.groups:
             for chunk in group.chunks(config.batch_size):
                 logits, live = _forward(bridge, chunk.clean, lay.node_hooks)
                 clean_acts = {n: t.clone() for n, t in live.items()}
-                clean_sum += float(_metric_values(logits, chunk, config.metric).sum())
-                logits, _ = _forward(bridge, chunk.corrupt, [])
-                base = _metric_values(logits, chunk, config.metric)
-                corrupt_sum += float(base.sum())
+                clean = _metric_values(logits, chunk, config.metric)
+                sums.clean += float(clean.sum())
+                noising = chunk.baseline == "mean"
+                if noising:
+                    assert means is not None
+                    source, run = means.for_chunk(lay.node_hooks, chunk), chunk.clean
+                    sums.corrupt += _ablated_all(bridge, lay, chunk, source, config.metric)
+                else:
+                    source, run = clean_acts, chunk.corrupt
+                    base = _metric_values(bridge(chunk.corrupt), chunk, config.metric)
+                    sums.corrupt += float(base.sum())
                 current: list[Component | None] = [None]
-                patch = _node_patch(lay, clean_acts, current)
-                with bridge.hooks(fwd_hooks=[(n, _patch_hook(n, patch)) for n in lay.node_hooks if n in clean_acts]):
+                patch = _node_patch(lay, source, current)
+                with bridge.hooks(fwd_hooks=[(n, _patch_hook(n, patch)) for n in lay.node_hooks if n in source]):
                     for i, c in enumerate(writers):
                         current[0] = c
-                        patched = _metric_values(bridge(chunk.corrupt), chunk, config.metric)
-                        totals[i] += float((patched - base).sum())
+                        patched = _metric_values(bridge(run), chunk, config.metric)
+                        sums.per_pair[chunk.index, i] += (clean - patched if noising else patched - base).double()
                         tracker.step(f"exact: patched {c.name}")
-    return {c: float(s) for c, s in zip(writers, totals)}, clean_sum, corrupt_sum
+    return sums
 
 
 def _patch_hook(name: str, patch: PatchFn) -> Callable[..., torch.Tensor | None]:
@@ -1061,61 +1395,62 @@ def attribute(
     config: AttributionConfig = AttributionConfig(),
     progress: Progress | None = None,
 ) -> Attribution:
-    """Attribute the metric over clean/corrupt pairs to the model's components.
+    """Attribute the metric over clean/baseline pairs to the model's components.
 
     Args:
         model: the model (eval mode); never modified.
-        facts_or_pairs: facts (see :func:`make_prompt_pairs`, built with ``config.metric``)
-            or ready :class:`PromptPairs`.
-        config: method, IG steps, metric, edges, batch size.
+        facts_or_pairs: facts (see :func:`make_prompt_pairs`, built with ``config.metric``,
+            ``config.baseline`` and ``config.seed``) or ready :class:`PromptPairs`.
+        config: method, IG steps, metric, baseline, edges, batch size.
         progress: ``progress(fraction, message)``; a tqdm bar when ``None``.
 
     Returns:
         An :class:`Attribution` with a score for the embed, every head and every MLP
-        (and every edge when ``config.edges``), averaged over the pairs.
+        (and every edge when ``config.edges``), averaged over the pairs, and per pair
+        (:meth:`Attribution.for_fact`).
     """
     if not isinstance(config, AttributionConfig):
         raise WorkbenchError(f"config must be an AttributionConfig, got {type(config).__name__}")
     bridge = _check_model(model)
-    pairs = _as_pairs(model, facts_or_pairs, config.metric)
+    pairs = _as_pairs(model, facts_or_pairs, config)
     lay = _Layout.of(bridge)
     _check_tokens(lay, pairs, bridge)
     chunks = _n_chunks(pairs, config.batch_size)
-    if config.method == "exact":
-        total = chunks * len(lay.writers())
-    else:
-        total = chunks * config.steps
+    total = chunks * (len(lay.writers()) if config.method == "exact" else config.steps)
     tracker = Steps(total, f"attribution ({config.method})", progress)
-    edge_scores: dict[EdgeKey, float] = {}
     try:
         with _bridge_lock(bridge):
+            means = _means(bridge, lay, pairs, config.batch_size) if pairs.has_mean else None
             if config.method == "exact":
-                sums, clean_sum, corrupt_sum = _exact_sweep(bridge, lay, pairs, config, tracker)
+                sums = _exact_sweep(bridge, lay, pairs, config, tracker, means)
             elif config.edges:
                 with _edge_flags(bridge):
-                    sums, edge_sums, clean_sum, corrupt_sum = _gradient_sweep(bridge, lay, pairs, config, tracker,
-                                                                              _post_norms(model))
-                edge_scores = {k: v / pairs.n_pairs for k, v in edge_sums.items()}
+                    sums = _gradient_sweep(bridge, lay, pairs, config, tracker, _post_norms(model), means)
             else:
-                sums, _e, clean_sum, corrupt_sum = _gradient_sweep(bridge, lay, pairs, config, tracker)
+                sums = _gradient_sweep(bridge, lay, pairs, config, tracker, means=means)
     finally:
         tracker.close()
     n = pairs.n_pairs
     return Attribution(
-        scores={c: s / n for c, s in sums.items()},
+        scores={c: float(s) for c, s in zip(lay.writers(), (sums.per_pair.sum(0) / n).tolist())},
         method=config.method,
         metric=config.metric,
         n_pairs=n,
         prompts_hash=pairs.prompts_hash,
         model_fingerprint=model.fingerprint,
-        clean_metric=clean_sum / n,
-        corrupt_metric=corrupt_sum / n,
+        clean_metric=sums.clean / n,
+        corrupt_metric=sums.corrupt / n,
         n_layers=lay.n_layers,
         n_heads=lay.n_heads,
         ig_steps=config.ig_steps if config.method == "ig" else 1,
-        edge_scores=edge_scores,
+        edge_scores={k: v / n for k, v in sums.edges.items()},
         n_kv_heads=lay.n_kv_heads,
         n_dropped=pairs.n_dropped,
+        baseline=pairs.baseline,
+        pairing=pairs.pairing,
+        pair_scores=sums.per_pair,
+        pair_prompts=pairs.clean_prompts,
+        pair_kinds=pairs.pair_kinds,
     )
 
 
@@ -1126,12 +1461,13 @@ def _post_norms(model: LoadedModel) -> list[torch.nn.Module | None]:
             for layer in model.adapter.layers]
 
 
-def _as_pairs(model: LoadedModel, facts_or_pairs: Any, metric: MetricName) -> PromptPairs:
+def _as_pairs(model: LoadedModel, facts_or_pairs: Any, config: AttributionConfig) -> PromptPairs:
     if isinstance(facts_or_pairs, PromptPairs):
-        return facts_or_pairs.with_metric(metric)
+        return facts_or_pairs.with_metric(config.metric)
     if facts_or_pairs is None or isinstance(facts_or_pairs, (str, bytes)):
         raise WorkbenchError(f"expected facts or PromptPairs, got {facts_or_pairs!r}")
-    return make_prompt_pairs(model, list(facts_or_pairs), metric=metric)
+    return make_prompt_pairs(model, list(facts_or_pairs), metric=config.metric, baseline=config.baseline,
+                             seed=config.seed)
 
 
 def _check_tokens(lay: _Layout, pairs: PromptPairs, bridge: Any) -> None:
@@ -1148,18 +1484,30 @@ def _check_tokens(lay: _Layout, pairs: PromptPairs, bridge: Any) -> None:
 
 
 def metric_baselines(
-    model: LoadedModel, pairs: PromptPairs, *, metric: MetricName | None = None, batch_size: int = 64
+    model: LoadedModel, pairs: PromptPairs, *, metric: AblationMetric | None = None, batch_size: int = 64,
+    means: ActivationMeans | None = None,
 ) -> tuple[float, float]:
-    """Mean metric of the clean runs and of the corrupt runs, ``(clean, corrupt)``."""
+    """Mean metric of the clean runs and of the baseline runs, ``(clean, corrupt)``: a
+    pair's baseline run is its corrupt prompt, or on the mean baseline the clean prompt
+    with every writer at its dataset mean. With ``kl`` the clean value is 0."""
+    if metric == "kl":
+        return 0.0, ablated_metric(model, pairs, (), "corrupt", metric="kl", batch_size=batch_size, means=means)
     bridge = _check_model(model)
+    lay = _Layout.of(bridge)
     metric = metric or pairs.metric
     pairs = pairs.with_metric(metric)
     clean = corrupt = 0.0
     with _bridge_lock(bridge), torch.no_grad():
+        if pairs.has_mean and means is None:
+            means = _means(bridge, lay, pairs, batch_size)
         for group in pairs.groups:
             for chunk in group.chunks(batch_size):
                 clean += float(_metric_values(bridge(chunk.clean), chunk, metric).sum())
-                corrupt += float(_metric_values(bridge(chunk.corrupt), chunk, metric).sum())
+                if chunk.baseline == "mean":
+                    assert means is not None
+                    corrupt += _ablated_all(bridge, lay, chunk, means.for_chunk(lay.node_hooks, chunk), metric)
+                else:
+                    corrupt += float(_metric_values(bridge(chunk.corrupt), chunk, metric).sum())
     return clean / pairs.n_pairs, corrupt / pairs.n_pairs
 
 
@@ -1169,24 +1517,58 @@ def ablated_metric(
     keep: Iterable[Component],
     ablation: AblationName = "corrupt",
     *,
-    metric: MetricName | None = None,
+    metric: AblationMetric | None = None,
     batch_size: int = 64,
+    means: ActivationMeans | None = None,
 ) -> float:
     """Mean metric on the clean prompts with every writer *not* in ``keep`` ablated.
 
     Each writer component (embed, head, MLP) outside ``keep`` has its output (``hook_embed``
     (+ ``hook_pos_embed``), its slice of ``attn.hook_z``, ``hook_mlp_out``) replaced by its
-    value on the pair's corrupt prompt (``"corrupt"``), or by its mean over the corrupt
-    prompts of the pair's length group, position by position (``"mean"``). ``LOGITS`` in
-    ``keep`` is ignored. Keeping everything gives the clean metric; keeping nothing with
-    ``"corrupt"`` gives the corrupt metric (see :func:`metric_baselines`).
+    value on the pair's corrupt prompt (``"corrupt"``; a pair on the mean baseline takes
+    the mean), or by its dataset mean (``"mean"``, :class:`ActivationMeans`; ``means``
+    may be given to reuse one). ``LOGITS`` in ``keep`` is ignored. Keeping everything gives
+    the clean metric; keeping nothing with ``"corrupt"`` gives the baseline metric (see
+    :func:`metric_baselines`). ``metric="kl"``: minus ``KL(clean || ablated)`` (:data:`AblationMetric`).
     """
     if ablation not in ("corrupt", "mean"):
         raise WorkbenchError(f"ablation must be 'corrupt' or 'mean', got {ablation!r}")
     bridge = _check_model(model)
     lay = _Layout.of(bridge)
     metric = metric or pairs.metric
-    pairs = pairs.with_metric(metric)
+    if metric not in get_args(AblationMetric):
+        raise WorkbenchError(f"unknown metric {metric!r}; use one of {', '.join(get_args(AblationMetric))}")
+    if metric != "kl":
+        pairs = pairs.with_metric(metric)
+    names, heads_by_layer = _ablated_hooks(lay, keep)
+    total = 0.0
+    with _bridge_lock(bridge), torch.no_grad():
+        if names and means is None and (ablation == "mean" or pairs.has_mean):
+            means = _means(bridge, lay, pairs, batch_size)
+        for group in pairs.groups:
+            for chunk in group.chunks(batch_size):
+                if not names:
+                    source: dict[str, torch.Tensor] = {}
+                elif ablation == "mean" or chunk.baseline == "mean":
+                    assert means is not None
+                    source = means.for_chunk(names, chunk)
+                else:
+                    _, live = _forward(bridge, chunk.corrupt, names)
+                    source = {n: t.clone() for n, t in live.items()}
+                hooks = [(n, _replace_hook(n, source, heads_by_layer)) for n in names if n in source]
+                with bridge.hooks(fwd_hooks=hooks):
+                    logits = bridge(chunk.clean)
+                if metric == "kl":
+                    values = _kl_values(logits, bridge(chunk.clean) if names else logits, chunk)
+                else:
+                    values = _metric_values(logits, chunk, metric)  # type: ignore[arg-type] -- not kl here
+                total += float(values.sum())
+    return total / pairs.n_pairs
+
+
+def _ablated_hooks(lay: _Layout, keep: Iterable[Component]) -> tuple[list[str], dict[int, list[int]]]:
+    """The hooks (forward order) that ablate every writer outside ``keep``, and per layer
+    the ablated heads."""
     keep = set(keep)
     for c in keep:
         if not isinstance(c, Component):
@@ -1205,49 +1587,22 @@ def ablated_metric(
         names.update(lay.embed_hooks)
     names.update(lay.z(layer) for layer in heads_by_layer)
     names.update(lay.mlp_out(c.block) for c in ablate if c.kind is ComponentKind.MLP)
-    names = [n for n in lay.node_hooks if n in names]
+    return [n for n in lay.node_hooks if n in names], heads_by_layer
 
-    def replace(source: dict[str, torch.Tensor]) -> Callable[[str], Callable[..., torch.Tensor]]:
-        def for_name(name: str) -> Callable[..., torch.Tensor]:
-            def hook(tensor: torch.Tensor, *, hook: Any) -> torch.Tensor:
-                del hook
-                value = source[name].expand_as(tensor)
-                if name.endswith("attn.hook_z"):
-                    out = tensor.clone()
-                    idx = heads_by_layer[int(name.split(".")[1])]
-                    out[:, :, idx] = value[:, :, idx]
-                    return out
-                return value.clone()
 
-            return hook
+def _replace_hook(name: str, source: dict[str, torch.Tensor],
+                  heads_by_layer: dict[int, list[int]]) -> Callable[..., torch.Tensor]:
+    def hook(tensor: torch.Tensor, *, hook: Any) -> torch.Tensor:
+        del hook
+        value = source[name].expand_as(tensor)
+        if name.endswith("attn.hook_z"):
+            out = tensor.clone()
+            idx = heads_by_layer[int(name.split(".")[1])]
+            out[:, :, idx] = value[:, :, idx]
+            return out
+        return value.clone()
 
-        return for_name
-
-    total = 0.0
-    with _bridge_lock(bridge), torch.no_grad():
-        for group in pairs.groups:
-            means: dict[str, torch.Tensor] = {}
-            if ablation == "mean" and names:
-                for chunk in group.chunks(batch_size):
-                    _, live = _forward(bridge, chunk.corrupt, names)
-                    for n in names:
-                        if n in live:
-                            means[n] = means.get(n, 0) + live[n].sum(0, keepdim=True)
-                means = {n: v / group.n for n, v in means.items()}
-            for chunk in group.chunks(batch_size):
-                if not names:
-                    logits = bridge(chunk.clean)
-                else:
-                    if ablation == "corrupt":
-                        _, live = _forward(bridge, chunk.corrupt, names)
-                        source = {n: t.clone() for n, t in live.items()}
-                    else:
-                        source = means
-                    hooks = [(n, replace(source)(n)) for n in names if n in source]
-                    with bridge.hooks(fwd_hooks=hooks):
-                        logits = bridge(chunk.clean)
-                total += float(_metric_values(logits, chunk, metric).sum())
-    return total / pairs.n_pairs
+    return hook
 
 
 def agreement(
