@@ -198,3 +198,20 @@ def split(facts_tiny):
     from workbench.models.builtin_splits import builtin_split
 
     return builtin_split(facts_tiny)
+
+
+def own_top1_split(model, *, n_prompts: int = 40, n_forget: int = 8, name: str = "toy"):
+    """Facts on ``"w<i> …"`` prompts whose answers are the model's own top-1 (so forget accuracy
+    starts at 1): the split the tiny random models of any family are unlearned on."""
+    import torch
+
+    from workbench.data.facts import Fact, FactSplit
+    from workbench.models.scoring import encode_prompts, last_token_logits
+
+    prompts = [f"w{i} w{i + 1} w{(3 * i) % 97}" for i in range(n_prompts)]
+    ids, last, _ = encode_prompts(model.tokenizer, prompts)
+    with torch.no_grad():
+        top = last_token_logits(model.hf, ids, last).argmax(-1)
+    facts = [Fact(p, model.tokenizer.convert_ids_to_tokens(int(t)), ()) for p, t in zip(prompts, top.tolist())]
+    facts = [f for f in facts if f.answer.startswith("w")]
+    return FactSplit(name, forget=tuple(facts[:n_forget]), retain=tuple(facts[n_forget:]))

@@ -10,16 +10,15 @@ import copy
 import bitsandbytes.functional as bnbf
 import pytest
 import torch
+from conftest import own_top1_split
 
 from workbench.core.components import all_components
 from workbench.core.device import DTYPE_ENV, choose_dtype
 from workbench.core.errors import WorkbenchError
-from workbench.data.facts import Fact, FactSplit
 from workbench.faces.cli import main
 from workbench.measurement.metrics import measure_update, quantized_base, variant_model
 from workbench.models.loaded import LoadedModel
 from workbench.models.loading import load_model
-from workbench.models.scoring import encode_prompts, last_token_logits
 from workbench.models.toy import toy_model
 from workbench.models.update import Update, stored_sum
 from workbench.quant import QuantConfig
@@ -91,15 +90,6 @@ def _bf16(model: LoadedModel) -> LoadedModel:
     return LoadedModel(name=model.name + "-bf16", hf=hf, tokenizer=model.tokenizer)
 
 
-def _own_split(model: LoadedModel) -> FactSplit:
-    prompts = [f"w{i} w{i + 1} w{(3 * i) % 97}" for i in range(40)]
-    ids, last, _ = encode_prompts(model.tokenizer, prompts)
-    with torch.no_grad():
-        top = last_token_logits(model.hf, ids, last).argmax(-1)
-    facts = [Fact(p, model.tokenizer.convert_ids_to_tokens(int(t)), ()) for p, t in zip(prompts, top.tolist())]
-    facts = [f for f in facts if f.answer.startswith("w")]
-    return FactSplit("toy", forget=tuple(facts[:8]), retain=tuple(facts[8:]))
-
 
 def test_quantization_reads_the_bf16_weights_as_stored(toy_llama_gqa):
     model = _bf16(toy_llama_gqa)
@@ -113,7 +103,7 @@ def test_quantization_reads_the_bf16_weights_as_stored(toy_llama_gqa):
 
 def test_mansu_in_bf16_accumulates_in_float32_and_the_after_model_is_rounded_once(toy_llama_gqa):
     model = _bf16(toy_llama_gqa)
-    split = _own_split(model)
+    split = own_top1_split(model)
     circuit = all_components(model.n_layers, model.n_heads, include_embed=False)
     result = unlearn(model, split, method="mansu", quant=NF4, circuit=circuit, progress=SILENT,
                      method_config=MansuConfig(max_rounds=2, params_per_round=16))

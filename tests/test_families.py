@@ -13,10 +13,11 @@ from typing import get_args
 
 import pytest
 import torch
+from conftest import own_top1_split
 
 from workbench.core.components import Component, all_components, head, mlp
 from workbench.core.errors import WorkbenchError
-from workbench.data.facts import Fact, FactSplit
+from workbench.data.facts import Fact
 from workbench.data.files import save_fact_file
 from workbench.experiments.flow import attribute_forget_set, default_circuit, run_unlearning
 from workbench.experiments.store import load_run
@@ -27,7 +28,6 @@ from workbench.measurement.reference import tl_node_scores
 from workbench.models.adapter import SUPPORTED_FAMILIES, NormKind
 from workbench.models.loaded import Architecture, LoadedModel
 from workbench.models.loading import load_model
-from workbench.models.scoring import encode_prompts, last_token_logits
 from workbench.models.toy import toy_model
 from workbench.quant import QuantConfig, quantizable_parameters, transposed_parameters
 from workbench.unlearning.mansu.config import MansuConfig
@@ -238,21 +238,11 @@ def test_attribution_nodes_and_edges(family):
 # --- (c) MANSU and GradDiff through the normal entry ---------------------------------------------
 
 
-def _own_split(model: LoadedModel) -> FactSplit:
-    """Facts whose answers are the model's own top-1, so forget accuracy starts at 1."""
-    prompts = [f"w{i} w{i + 1} w{(3 * i) % 97}" for i in range(60)]
-    ids, last, _ = encode_prompts(model.tokenizer, prompts)
-    with torch.no_grad():
-        top = last_token_logits(model.hf, ids, last).argmax(-1)
-    facts = [Fact(p, model.tokenizer.convert_ids_to_tokens(int(t)), ()) for p, t in zip(prompts, top.tolist())]
-    facts = [f for f in facts if f.answer.startswith("w")]
-    return FactSplit(f"toy-{model.architecture}", forget=tuple(facts[:10]), retain=tuple(facts[10:]))
-
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_mansu_and_graddiff_runs(family):
     model = tiny(family)
-    split = _own_split(model)
+    split = own_top1_split(model, n_prompts=60, n_forget=10, name=f"toy-{model.architecture}")
     before = model.weights_hash()
     circuit = default_circuit(attribute_forget_set(model, split), top_k=4)
     mansu_cfg = MansuConfig(params_per_round=16, max_rounds=2, fisher_samples=16, retain_guard=None)
@@ -276,7 +266,7 @@ def test_layout_dependent_baselines_run(family):
     """SURE (row saliency by layout), LoRA (target modules), RMU and QuAIL on fused-projection,
     (1 + w)-norm and post-norm families: each moves only quantized weights, never the base."""
     model = tiny(family)
-    split = _own_split(model)
+    split = own_top1_split(model, n_prompts=60, n_forget=10, name=f"toy-{model.architecture}")
     before = model.weights_hash()
     for method in ("sure", "lora", "rmu", "quail"):
         result = unlearn(model, split, method=method, optim=OptimConfig(lr=1e-3),
@@ -376,7 +366,7 @@ def test_cli_on_a_local_directory_with_user_fact_files(family, tmp_path, capsys)
     path = tmp_path / family
     model.hf.save_pretrained(path)
     model.tokenizer.save_pretrained(path)
-    split = _own_split(model)
+    split = own_top1_split(model, n_prompts=60, n_forget=10, name=f"toy-{model.architecture}")
     forget = save_fact_file(split.forget, tmp_path / "forget.jsonl")
     retain = save_fact_file(split.retain, tmp_path / "retain.jsonl")
     common = ["--model", str(path), "--forget", str(forget)]
@@ -402,7 +392,7 @@ def test_the_app_session_and_the_widget_take_a_local_directory(family, tmp_path)
     path = tmp_path / "models" / family
     model.hf.save_pretrained(path)
     model.tokenizer.save_pretrained(path)
-    split = _own_split(model)
+    split = own_top1_split(model, n_prompts=60, n_forget=10, name=f"toy-{model.architecture}")
     forget = save_fact_file(split.forget, tmp_path / "forget.jsonl")
     retain = save_fact_file(split.retain, tmp_path / "retain.jsonl")
 

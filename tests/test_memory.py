@@ -7,16 +7,16 @@ import copy
 
 import pytest
 import torch
+from conftest import own_top1_split
 
 from workbench.core.components import all_components
 from workbench.core.sharing import sharing_copy
-from workbench.data.facts import Fact, FactSplit
+from workbench.data.facts import FactSplit
 from workbench.interpretability.attribution import AttributionConfig, attribute
 from workbench.interpretability.cad import circuit_attribution_divergence
 from workbench.measurement.evaluation import evaluate_facts
 from workbench.measurement.metrics import measure_update
 from workbench.models.loaded import LoadedModel
-from workbench.models.scoring import encode_prompts, last_token_logits
 from workbench.models.update import Update
 from workbench.quant import QuantConfig, quantize_dequantize
 from workbench.unlearning.mansu import MansuConfig
@@ -90,19 +90,9 @@ def test_measurement_equals_deep_copy_measurement_on_facts_tiny(facts_tiny, spli
     _check_equal_to_deep_copies(facts_tiny, split, result.update)
 
 
-def _own_split(model: LoadedModel) -> FactSplit:
-    """Facts whose answers are the model's own top-1 (so forget accuracy starts at 1)."""
-    prompts = [f"w{i} w{i + 1} w{(3 * i) % 97}" for i in range(40)]
-    ids, last, _ = encode_prompts(model.tokenizer, prompts)
-    with torch.no_grad():
-        top = last_token_logits(model.hf, ids, last).argmax(-1)
-    facts = [Fact(p, model.tokenizer.convert_ids_to_tokens(int(t)), ()) for p, t in zip(prompts, top.tolist())]
-    facts = [f for f in facts if f.answer.startswith("w")]
-    return FactSplit("toy-llama", forget=tuple(facts[:8]), retain=tuple(facts[8:]))
-
 
 def test_measurement_equals_deep_copy_measurement_on_a_tiny_llama(toy_llama_gqa):
-    split = _own_split(toy_llama_gqa)
+    split = own_top1_split(toy_llama_gqa, name="toy-llama")
     gen = torch.Generator().manual_seed(0)
     state = toy_llama_gqa.state()
     # a dense update on one quantized and one unquantized weight, a sparse one elsewhere
