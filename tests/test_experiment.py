@@ -91,7 +91,8 @@ def test_numbers_in_metrics_json_are_the_run_metrics_values(mansu_run):
         assert m["multiple_choice"]["forget"][variant] == getattr(metrics.multiple_choice, variant)
         assert m["paraphrase"]["forget_paraphrase"][variant] == getattr(metrics.paraphrase.forget, variant)
     assert m["ptq_gap_decomposition"] == {"base_shift": metrics.ptq_gap_decomposition.base_shift,
-                                          "rounding": metrics.ptq_gap_decomposition.rounding}
+                                          "rounding": metrics.ptq_gap_decomposition.rounding,
+                                          "storage": metrics.ptq_gap_decomposition.storage}
     assert m["update_to_bin_width"] == {"median": metrics.update_to_bin_width.median,
                                         "p90": metrics.update_to_bin_width.p90}
     assert (m["cad"]["fp"], m["cad"]["quantized"]) == (metrics.cad.fp, metrics.cad.quantized)

@@ -202,11 +202,10 @@ def test_explicit_device_map_loads_a_placed_model_that_computes_the_same(tmp_pat
     pairs = toy_pairs(plain, 4, 5)
     a, b = attribute(plain, pairs, progress=lambda *_: None), attribute(placed, pairs, progress=lambda *_: None)
     assert max(abs(a.scores[c] - b.scores[c]) for c in a.scores) < 1e-5
-    # the bridge's CPU copy is a plain model: no accelerate hook would move its inputs back
-    # to a mapped device; the placed model itself keeps its hooks and map
+    # The bridge runs over the placed model's own parameters (no CPU copy), so it keeps the
+    # accelerate hooks that move activations between mapped devices; the scores above match.
     bridged = placed.bridge().original_model
-    assert not any(hasattr(m, "_hf_hook") for m in bridged.modules())
-    assert not getattr(bridged, "hf_device_map", None)
+    assert any(hasattr(m, "_hf_hook") for m in bridged.modules())
     assert any(hasattr(m, "_hf_hook") for m in placed.hf.modules()) and placed.hf.hf_device_map == device_map
     cfg = QuantConfig("nf4")
     names = quantizable_parameters(placed.hf, cfg)

@@ -38,6 +38,7 @@ import torch
 from workbench.core.components import all_components
 from workbench.core.errors import WorkbenchError
 from workbench.core.progress import silent
+from workbench.faces.bench_flow import FLOW_COLUMNS, bench_flow
 from workbench.faces.bench_memory import MEMORY_COLUMNS, memory_rows, run_flow
 from workbench.interpretability.attribution import (
     AttributionConfig,
@@ -505,8 +506,6 @@ def run_bench(sections: Sequence[str] = (), *, quick: bool = False) -> dict[str,
     finally:
         torch.set_num_threads(saved)
     if "flow" in chosen:
-        from workbench.faces.bench_flow import FLOW_COLUMNS, bench_flow  # the app's session: imported when asked
-
         flow = bench_flow("facts-tiny" if quick else "smollm2", max_rounds=3 if quick else None)
         print("== the app's default flow, click by click: reference path / fast path, same process "
               "(targets: MANSU >= 5x, setup <= 5 s, attribution <= 10 s, edit redraw < 1 s); metrics equal")

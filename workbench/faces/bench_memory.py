@@ -40,6 +40,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from workbench.core.errors import WorkbenchError
+from workbench.data.facts import Fact, FactSplit
+from workbench.experiments.flow import attribute_forget_set, default_circuit
+from workbench.faces.session import Session
+from workbench.measurement.metrics import measure_update
+from workbench.models.scoring import encode_prompts, last_token_logits
+from workbench.models.toy import toy_model
+from workbench.quant import QuantConfig
+from workbench.unlearning.mansu import MansuConfig
+from workbench.unlearning.registry import unlearn
+
 FLOWS = ("flow", "mansu-no-circuit", "scale")
 SCALE_FULL = {"layers": 22, "d_model": 2048, "heads": 32, "kv_heads": 4, "d_mlp": 5632, "vocab": 32000}
 """The scale bench's 1B-class Llama shape (TinyLlama-1.1B's): about 1.1B parameters, 2.2 GB in bfloat16."""
@@ -67,7 +80,6 @@ def _trim() -> None:
 
 def _phase(rows: list[dict[str, Any]], name: str, fn: Callable[[], Any]) -> Any:
     """Run ``fn`` as phase ``name``: its seconds and the process's peak RSS while it ran."""
-    import torch
 
     _trim()
     exact = True
@@ -102,10 +114,7 @@ def _model_bytes(model: Any) -> int:
 
 def _own_facts(model: Any, n: int, seed: int = 0) -> list[Any]:
     """``n`` word prompts whose answers are the model's own top-1 (so forget top-1 starts at 1)."""
-    import torch
 
-    from workbench.data.facts import Fact
-    from workbench.models.scoring import encode_prompts, last_token_logits
 
     gen = torch.Generator().manual_seed(seed)
     words = torch.randint(0, 100, (n, 4), generator=gen).tolist()
@@ -118,15 +127,7 @@ def _own_facts(model: Any, n: int, seed: int = 0) -> list[Any]:
 
 def scale_flow(rows: list[dict[str, Any]], size: dict[str, int]) -> Any:
     """The ``scale`` flow's phases (module docstring); returns the model."""
-    import torch
 
-    from workbench.data.facts import FactSplit
-    from workbench.experiments.flow import attribute_forget_set, default_circuit
-    from workbench.measurement.metrics import measure_update
-    from workbench.models.toy import toy_model
-    from workbench.quant import QuantConfig
-    from workbench.unlearning.mansu import MansuConfig
-    from workbench.unlearning.registry import unlearn
 
     def load() -> tuple[Any, Any]:
         model = toy_model("llama", n_layers=size["layers"], d_model=size["d_model"], n_heads=size["heads"],
@@ -148,10 +149,8 @@ def scale_flow(rows: list[dict[str, Any]], size: dict[str, int]) -> Any:
 
 def child(flow: str, model_name: str, rounds: int) -> dict[str, Any]:
     """Run one flow in this process (see the module docstring); a JSON-ready report."""
-    import torch
 
     torch.set_num_threads(1)
-    from workbench.faces.session import Session
 
     baseline = _rss_bytes("VmRSS")  # the interpreter and the workbench's imports
     rows: list[dict[str, Any]] = []
@@ -168,8 +167,6 @@ def child(flow: str, model_name: str, rounds: int) -> dict[str, Any]:
             # ``rounds`` caps the run: memory per round is the same, the time is not
             _phase(rows, "mansu", lambda: session.unlearn("mansu", mansu={"max_rounds": rounds}))
         elif flow == "mansu-no-circuit":
-            from workbench.unlearning.mansu import MansuConfig
-            from workbench.unlearning.registry import unlearn
 
             config = MansuConfig(use_circuit=False, max_rounds=rounds)
             model, split, quant = session.model, session.split, session.quant
@@ -192,7 +189,6 @@ def run_flow(flow: str, model_name: str, *, rounds: int = 3, pythonpath: str | N
     """Run ``flow`` on ``model_name`` in a child process and return its report.
 
     ``pythonpath``: the checkout whose ``workbench`` the child imports (default: this one)."""
-    from workbench.core.errors import WorkbenchError
 
     if flow not in FLOWS:
         raise WorkbenchError(f"unknown memory flow {flow!r}; choose from {', '.join(FLOWS)}")
