@@ -33,12 +33,7 @@ class Fact:
     corrupt_answer: str = ""
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's: one torch thread, the box is small and shared
 
 
 @pytest.fixture(scope="module")
