@@ -66,6 +66,7 @@ from workbench.quant import (
     compare_quantization,
     quantize_dequantize,
 )
+from workbench.unlearning.result import ALREADY_AT_TARGET
 
 DEFAULT_CAD_MIN = 0.1
 """τ where no retrain oracle calibrates it (docs/SCIENCE.md §7.3)."""
@@ -547,6 +548,11 @@ def summary_lines(metrics: RunMetrics) -> list[str]:
         f"moved weights whose code changed: {_fmt(metrics.moved_code_changed_fraction)}",
         f"retain KL {metrics.retain_kl:.4g}",
     ]
+    if metrics.stopped == ALREADY_AT_TARGET:
+        lines.insert(0, f"nothing was unlearned: the base model already misses the forget set (top-1 "
+                        f"{metrics.forget.base_fp:.3f} fp / {metrics.forget.base_q:.3f} quantized, at or below "
+                        "the method's forget target), so the forgetting property holds without a step; give "
+                        "facts the model knows (`workbench eval --data FILE` shows which)")
     if metrics.cad is not None:
         lines.append(_cad_line(metrics.cad, metrics.properties.structural.threshold))
     if metrics.unlearning_seconds is not None:

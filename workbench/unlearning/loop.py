@@ -23,7 +23,7 @@ from workbench.models.loaded import LoadedModel
 from workbench.models.scoring import FactBatch, top1
 from workbench.models.update import Update
 from workbench.quant import QuantConfig
-from workbench.unlearning.result import UnlearningResult
+from workbench.unlearning.result import UnlearningResult, already_at_target, nothing_to_unlearn
 from workbench.unlearning.task import OptimConfig, TrainableSet, UnlearningTask
 
 Objective = Callable[[torch.nn.Module, FactBatch, torch.Tensor, FactBatch, torch.Tensor], torch.Tensor]
@@ -65,6 +65,8 @@ def run_gradient_method(
     start = time.perf_counter()
     model, batches, stop = task.model, task.batches, task.stop
     optim = optim or task.optim
+    if already_at_target(model.hf, batches.forget, stop.forget_target):
+        return nothing_to_unlearn(model, method, start)
     if work is not None and work is model.hf:
         raise WorkbenchError("the shared loop must train a copy, never the base model itself")
     names = names if names is not None else trainable_names(model, optim.trainable)

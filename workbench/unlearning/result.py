@@ -3,10 +3,19 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
+from workbench.models.loaded import LoadedModel
+from workbench.models.scoring import FactBatch, top1
 from workbench.models.update import Update
+
+ALREADY_AT_TARGET = "already at target"
+"""Why a run that took no step ended: the base already misses the forget set (see
+:func:`already_at_target`)."""
 
 
 @dataclass
@@ -17,7 +26,7 @@ class UnlearningResult:
         update: the change to the base (after = base + update).
         method: method name.
         steps: optimisation steps (or MANSU rounds) taken.
-        stopped: why the run ended ("target", "budget", "cancelled", ...).
+        stopped: why the run ended ("target", "budget", "cancelled", :data:`ALREADY_AT_TARGET`, ...).
         seconds: wall time.
         history: per-step records (step, loss, forget_top1, ...), for live plots.
         diagnostics: method-specific numbers, JSON-ready (e.g. MANSU's Fisher bound and floor checks).
@@ -32,3 +41,21 @@ class UnlearningResult:
     history: list[dict[str, float]] = field(default_factory=list)
     diagnostics: dict[str, Any] = field(default_factory=dict)
     seconds_by_phase: dict[str, float] = field(default_factory=dict)
+
+
+def already_at_target(hf: torch.nn.Module, forget: FactBatch, target: float | None, *,
+                      quantized: torch.nn.Module | None = None) -> bool:
+    """Does the base already answer at most ``target`` of the forget set (and so does its
+    quantized copy, when given)? Then no step is taken: every step would move weights, and
+    cost retain, for a forgetting property that holds already (a user's file of facts the
+    model never knew, e.g. a TOFU-style set on a model not fine-tuned on it)."""
+    if target is None or top1(hf, forget) > target:
+        return False
+    return quantized is None or top1(quantized, forget) <= target
+
+
+def nothing_to_unlearn(model: LoadedModel, method: str, start: float) -> UnlearningResult:
+    """The result of a run stopped before its first step by :func:`already_at_target`: an empty update."""
+    update = Update({}, {"method": method, "base_fingerprint": model.fingerprint})
+    return UnlearningResult(update=update, method=method, steps=0, stopped=ALREADY_AT_TARGET,
+                            seconds=time.perf_counter() - start)

@@ -32,7 +32,7 @@ from workbench.unlearning.mansu.rounds import (
     verify_codes,
 )
 from workbench.unlearning.mansu.state import MansuState, setup_state
-from workbench.unlearning.result import UnlearningResult
+from workbench.unlearning.result import UnlearningResult, already_at_target, nothing_to_unlearn
 from workbench.unlearning.task import UnlearningTask
 
 ADDED_LATER: dict[str, object] = {"rounds_undone_by_retain_guard": 0, "rounds_blocked_at_smallest_size": 0,
@@ -105,6 +105,8 @@ def mansu(task: UnlearningTask, config: MansuConfig | None = None) -> Unlearning
     report = task.progress or silent
     state = setup_state(task.model, task.batches, task.circuit, task.quant, config, report)
     state.timings["setup"] = time.perf_counter() - start
+    if already_at_target(state.work, task.batches.forget, config.forget_target, quantized=state.qwork):
+        return nothing_to_unlearn(task.model, config.label, start)
     rounds, stopped = 0, "budget"
     for rounds in range(1, config.max_rounds + 1):
         if task.should_stop is not None and task.should_stop():
