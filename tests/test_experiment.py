@@ -51,7 +51,7 @@ def test_run_unlearning_saves_every_required_metric(mansu_run, circuit):
     on_disk = json.loads((run.path / "metrics.json").read_text())
     assert metrics.run_id is None and run.metrics == metrics.saved_as(run.id)
     assert on_disk == run.metrics.to_json() == json.loads(json.dumps(metrics.saved_as(run.id).to_json()))
-    assert on_disk["schema_version"] == 2 and on_disk["run_id"] == run.id
+    assert on_disk["schema_version"] == 3 and on_disk["run_id"] == run.id
     m = on_disk
     assert m["method"] == "mansu" and m["model"] == "facts-tiny"
     assert {"type", "blocksize", "double_quant"} <= set(m["quant"])

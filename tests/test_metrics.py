@@ -56,7 +56,7 @@ REQUIRED = {
     "quant", "forget", "retain", "paraphrase", "multiple_choice", "ptq_gap", "ptq_gap_decomposition",
     "bucket_overlap", "code_overlap", "codes_changed", "codes_changed_fraction", "params_changed",
     "params_changed_unquantized", "moved_code_changed_fraction", "absmax_changes", "update_to_bin_width",
-    "update_norm", "quantization", "retain_kl", "cad", "properties",
+    "update_norm", "quantization", "retain_kl", "cad", "properties", "exact", "logprob",
 }
 
 

@@ -319,6 +319,10 @@ def test_unlearn_compare_and_runs(attributed, runs_root):
     assert sum(before) == sum(after) == m.quantization["overall"]["n_weights"]
     assert figs.cad is not None and len(figs.cad.data) == 3  # before | after | difference
     assert next(r["property"] for r in figs.report).startswith("forgetting") and len(figs.report) == 4
+    # beside the card, named: greedy exact match and answer log-prob, fp and quantized
+    assert m.exact is not None and f"greedy exact match (whole answer): forget fp {m.exact.forget.after_fp:.3f}" \
+        f" · quantized {m.exact.forget.after_q:.3f}" in figs.summary
+    assert "answer log-prob" in figs.summary
     module = view.modules[1]
     assert module in compare_figures(view, module).occupancy.layout.title.text
 

@@ -9,6 +9,8 @@ A row per run (a plain dict, column name → value), built from ``metrics.json``
 ``forget Q(w)+Δ``           the exact update on the quantized base (docs/SCIENCE.md §6.2 control)
 ``forget nf4/fp4/int8``     forget top-1 of Q(w+Δ) under each quantizer (the run's own one
                             from ``metrics.json``; the others only with :func:`quantizer_accuracies`)
+``forget exact fp / Q``     greedy exact match of the whole answer, w+Δ / Q(w+Δ) (the run's
+                            quantizer); only when the runs measured it (``metrics.json`` v3)
 ``retain fp / nf4 / ...``   the same for the retain set
 ``PTQ gap``                 forget(Q(w+Δ)) − forget(w+Δ), the run's quantizer
 ``gap base shift``          forget(Q(w)+Δ) − forget(w+Δ): the base's own quantization noise
@@ -130,6 +132,9 @@ def compare_row(run: Run, label: str | None = None,
     }
     for t in QUANT_TYPES:
         row[f"forget {t}"] = accs.get(t, {}).get("forget")
+    # greedy exact match beside first-token top-1 (None for runs saved before it was measured)
+    row["forget exact fp"] = m.exact.forget.after_fp if m.exact is not None else None
+    row["forget exact Q"] = m.exact.forget.after_q if m.exact is not None else None
     row["retain base"] = r.base_fp
     row["retain fp"] = r.after_fp
     for t in QUANT_TYPES:
@@ -201,7 +206,8 @@ def _present_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     for row in rows:
         for k in row:
             cols.setdefault(k, None)
-    optional = {f"{s} {t}" for s in ("forget", "retain") for t in QUANT_TYPES} | {"CAD oracle", "CAD / oracle"}
+    optional = {f"{s} {t}" for s in ("forget", "retain") for t in QUANT_TYPES} | {
+        "CAD oracle", "CAD / oracle", "forget exact fp", "forget exact Q"}
     return [c for c in cols if c not in optional or any(r.get(c) is not None for r in rows)]
 
 

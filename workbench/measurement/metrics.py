@@ -47,6 +47,7 @@ from workbench.measurement.results import (
     BinWidthRatios,
     CadCalibration,
     CadScores,
+    ForgetRetain,
     MultipleChoiceScores,
     OracleAccuracies,
     ParaphraseAccuracies,
@@ -57,6 +58,7 @@ from workbench.measurement.results import (
     RunMetrics,
     UpdateMetrics,
     VariantAccuracies,
+    VariantLogprobs,
 )
 from workbench.models.loaded import LoadedModel
 from workbench.models.scoring import encode_prompts, last_token_logits
@@ -218,12 +220,15 @@ def _finite(x: float) -> float | None:
 
 @dataclass(frozen=True)
 class _Accuracies:
-    """Top-1 of the five variants on every fact set the split has, and multiple choice on forget."""
+    """Top-1 of the five variants on every fact set the split has, multiple choice on forget,
+    and greedy exact match and answer log-probability on forget and retain."""
 
     forget: VariantAccuracies
     retain: VariantAccuracies
     paraphrase: ParaphraseAccuracies
     multiple_choice: MultipleChoiceScores
+    exact: ForgetRetain[VariantAccuracies]
+    logprob: ForgetRetain[VariantLogprobs]
 
 
 _SETS = ("forget", "retain", "forget_paraphrase", "retain_paraphrase")
@@ -251,7 +256,8 @@ def _variant_scores(vname: str, vmodel: LoadedModel, split: FactSplit, quant: Qu
 
 
 def _accuracies(scores: dict[str, dict[str, FactScores]]) -> _Accuracies:
-    """``scores[variant][set]`` as the metrics' typed accuracies."""
+    """``scores[variant][set]`` as the metrics' typed accuracies (the scores already computed:
+    exact match and log-probability cost no forward pass of their own here)."""
     acc: dict[str, dict[str, float]] = {}
     mc: dict[str, float | None] = {}
     for vname, per_set in scores.items():
@@ -266,9 +272,18 @@ def _accuracies(scores: dict[str, dict[str, FactScores]]) -> _Accuracies:
     forget, retain = of("forget"), of("retain")
     if forget is None or retain is None:
         raise WorkbenchError("measuring an update needs a forget set and a retain set")
+
+    def exact(sname: str) -> VariantAccuracies:
+        return VariantAccuracies(**{vname: sets[sname].exact for vname, sets in scores.items()})
+
+    def logprob(sname: str) -> VariantLogprobs:
+        return VariantLogprobs(**{vname: sets[sname].logprob for vname, sets in scores.items()})
+
     return _Accuracies(forget=forget, retain=retain,
                        paraphrase=ParaphraseAccuracies(forget=of("forget_paraphrase"), retain=of("retain_paraphrase")),
-                       multiple_choice=MultipleChoiceScores(**mc))
+                       multiple_choice=MultipleChoiceScores(**mc),
+                       exact=ForgetRetain(forget=exact("forget"), retain=exact("retain")),
+                       logprob=ForgetRetain(forget=logprob("forget"), retain=logprob("retain")))
 
 
 @dataclass(frozen=True)
@@ -375,6 +390,7 @@ def measure_update(
                                                   rounding=f.after_q - f.after_qbase_delta, storage=storage),
         **{field.name: getattr(changes, field.name) for field in fields(_CodeChanges)},
         update_norm=update.norm(), retain_kl=kl, oracle=oracle_accuracies, cad=cad_scores, properties=card,
+        exact=accuracies.exact, logprob=accuracies.logprob,
     )
 
 
@@ -533,12 +549,40 @@ def _verdict_line(card: ReportCard) -> str:
     return f"passes {measured - len(failed)} of {measured} measured properties; fails {by}"
 
 
+ANSWER_METRIC_NAMES = {
+    "exact": "greedy exact match (whole answer)",
+    "logprob": "answer log-prob (mean, summed over answer tokens)",
+}
+"""How the card's companion lines name the span metrics (the card itself judges first-token top-1)."""
+
+
+def _fp_q(name: str, scores: ForgetRetain[Any]) -> str:
+    """``name: forget fp … · quantized … · retain fp … · quantized …`` (fp = w+Δ, quantized = Q(w+Δ))."""
+    f, r = scores.forget, scores.retain
+    return (f"{name}: forget fp {f.after_fp:.3f} · quantized {f.after_q:.3f} · "
+            f"retain fp {r.after_fp:.3f} · quantized {r.after_q:.3f}")
+
+
+def answer_span_lines(metrics: UpdateMetrics) -> list[str]:
+    """Greedy exact match and answer log-probability of the after-model in full precision and
+    quantized, on forget and retain (none for a run saved before they were measured). They are
+    shown beside the card, not judged by it: its forgetting property uses first-token top-1."""
+    lines = []
+    if metrics.exact is not None:
+        lines.append(_fp_q(ANSWER_METRIC_NAMES["exact"], metrics.exact)
+                     + " (beside the card; forgetting is judged on first-token top-1)")
+    if metrics.logprob is not None:
+        lines.append(_fp_q(ANSWER_METRIC_NAMES["logprob"], metrics.logprob))
+    return lines
+
+
 def summary_lines(metrics: RunMetrics) -> list[str]:
     """The headline numbers of a run in words, one line each (the CLI and the app print these)."""
 
     d, ratio = metrics.ptq_gap_decomposition, metrics.update_to_bin_width
     lines = [
         _verdict_line(metrics.properties),
+        *answer_span_lines(metrics),
         f"PTQ gap {metrics.ptq_gap:+.3f} = base shift {d.base_shift:+.3f} + rounding {d.rounding:+.3f}"
         + (f" (before it, storage rounding {d.storage:+.3f})" if d.storage else ""),
         f"params changed {metrics.params_changed:,} · codes changed {metrics.codes_changed:,} "

@@ -9,7 +9,10 @@ which the run store saves with :meth:`RunMetrics.to_json` and reads back with
 The file's layout is versioned by ``schema_version`` (:data:`SCHEMA_VERSION`). Version 1 is
 the layout written before the key existed (files without ``schema_version``); version 2 is
 the same layout with the key, so both read into the same objects and :meth:`to_json`
-writes exactly the keys and numbers version 1 had, plus ``schema_version``. Anything else
+writes exactly the keys and numbers version 1 had, plus ``schema_version``. Version 3 adds
+two keys, ``exact`` and ``logprob`` (greedy exact match and mean answer log-probability of
+each variant on the forget and retain sets, :class:`ForgetRetain`); files of versions 1 and 2
+have neither, and read with both ``None`` (the file is not rewritten). Anything else
 (a newer version, a missing key, a value of the wrong type, a key this version does not
 know) is refused with a :class:`~workbench.core.errors.WorkbenchError` that names the file
 and the key.
@@ -25,16 +28,17 @@ whole; what the faces read from them by name is a typed property here
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, Generic, Self, TypeVar
 
 from workbench.core.errors import WorkbenchError
 from workbench.quant import QuantConfig
 from workbench.unlearning.mansu import MansuDiagnostics, is_mansu_method
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The ``metrics.json`` layout this workbench writes."""
-READABLE_SCHEMA_VERSIONS = (1, 2)
-"""Layouts it reads: 1 (no ``schema_version`` key) and 2 are the same layout."""
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)
+"""Layouts it reads: 1 (no ``schema_version`` key) and 2 are the same layout; 3 adds
+``exact`` and ``logprob``."""
 
 VARIANTS = ("base_fp", "base_q", "after_fp", "after_qbase_delta", "after_q")
 """The five models every update is measured on (see :mod:`workbench.measurement.metrics`)."""
@@ -151,8 +155,8 @@ def _kind(value: object) -> str:
 
 
 @dataclass(frozen=True)
-class VariantAccuracies:
-    """Top-1 accuracy on one fact set of each of the five models (:data:`VARIANTS`)."""
+class PerVariant:
+    """One number on one fact set for each of the five models (:data:`VARIANTS`)."""
 
     base_fp: float
     base_q: float
@@ -161,15 +165,48 @@ class VariantAccuracies:
     after_q: float
 
     def by_variant(self) -> dict[str, float]:
-        """Variant name → accuracy, in :data:`VARIANTS` order (for plots and tables)."""
+        """Variant name → number, in :data:`VARIANTS` order (for plots and tables)."""
         return {v: getattr(self, v) for v in VARIANTS}
 
     def to_json(self, order: tuple[str, ...] = VARIANTS) -> JsonObject:
         return {v: getattr(self, v) for v in order}
 
     @classmethod
-    def from_json(cls, f: JsonFields) -> VariantAccuracies:
+    def from_json(cls, f: JsonFields) -> Self:
         out = cls(**{v: f.number(v) for v in VARIANTS})
+        f.no_other_keys()
+        return out
+
+
+@dataclass(frozen=True)
+class VariantAccuracies(PerVariant):
+    """An accuracy (a fraction of facts) of each of the five models on one fact set: first-token
+    top-1 in ``forget``/``retain``, greedy exact match in ``exact``."""
+
+
+@dataclass(frozen=True)
+class VariantLogprobs(PerVariant):
+    """Mean answer log-probability (nats, summed over each answer's tokens, teacher-forced) of
+    each of the five models on one fact set."""
+
+
+V = TypeVar("V", bound=PerVariant)
+
+
+@dataclass(frozen=True)
+class ForgetRetain(Generic[V]):
+    """One per-variant metric on the forget set and on the retain set (``metrics.json``'s
+    ``exact`` and ``logprob``: ``{"forget": {variant: value}, "retain": {...}}``)."""
+
+    forget: V
+    retain: V
+
+    def to_json(self) -> JsonObject:
+        return {"forget": self.forget.to_json(), "retain": self.retain.to_json()}
+
+    @staticmethod
+    def from_json(f: JsonFields, kind: type[V]) -> ForgetRetain[V]:
+        out = ForgetRetain(forget=kind.from_json(f.child("forget")), retain=kind.from_json(f.child("retain")))
         f.no_other_keys()
         return out
 
@@ -421,9 +458,14 @@ class UpdateMetrics:
 
     Attributes:
         quant: the quantizer of the ``_q`` variants.
-        forget, retain: top-1 of the five variants on each set.
-        paraphrase: the same on the paraphrased sets (when the split has them).
+        forget, retain: first-token top-1 of the five variants on each set (the report card's).
+        paraphrase: top-1 on the paraphrased sets (when the split has them).
         multiple_choice: multiple-choice accuracy on the forget set.
+        exact: greedy exact match of the whole answer span of the five variants on forget and
+            retain (equal to top-1 where every answer is one token); ``None``: a run saved
+            before version 3.
+        logprob: mean answer log-probability of the five variants on forget and retain
+            (``None``: saved before version 3).
         ptq_gap: forget(Q(w+Δ)) − forget(w+Δ); ``ptq_gap_decomposition`` splits it.
         bucket_overlap: fraction of quantized weights whose code and block scale are unchanged.
         code_overlap: fraction whose code is unchanged (QUAIL's overlap).
@@ -464,18 +506,28 @@ class UpdateMetrics:
     oracle: OracleAccuracies | None = None
     cad: CadScores | None = None
     properties: ReportCard
+    exact: ForgetRetain[VariantAccuracies] | None = None
+    logprob: ForgetRetain[VariantLogprobs] | None = None
 
     def to_json(self) -> JsonObject:
-        """The measured part of ``metrics.json``, key for key as version 1 wrote it."""
+        """The measured part of ``metrics.json``, key for key as version 1 wrote it (plus version 3's
+        ``exact`` and ``logprob`` when measured)."""
         out: JsonObject = {
             "quant": self.quant.to_dict(),
             "forget": self.forget.to_json(FORGET_JSON_ORDER),
             "retain": self.retain.to_json(),
             "paraphrase": self.paraphrase.to_json(),
             "multiple_choice": {"forget": self.multiple_choice.to_json()},
+        }
+        # version 3's keys, absent from a run read from an older file (so it writes back unchanged)
+        if self.exact is not None:
+            out["exact"] = self.exact.to_json()
+        if self.logprob is not None:
+            out["logprob"] = self.logprob.to_json()
+        out.update({
             "ptq_gap": self.ptq_gap,
             "ptq_gap_decomposition": self.ptq_gap_decomposition.to_json(),
-        }
+        })
         for name in ("bucket_overlap", "code_overlap", "codes_changed", "codes_changed_fraction", "params_changed",
                      "params_changed_unquantized", "moved_code_changed_fraction", "absmax_changes"):
             out[name] = getattr(self, name)
@@ -498,6 +550,8 @@ def _read_update_metrics(f: JsonFields) -> dict[str, Any]:
         "retain": VariantAccuracies.from_json(f.child("retain")),
         "paraphrase": ParaphraseAccuracies.from_json(f.child("paraphrase")),
         "multiple_choice": MultipleChoiceScores.from_json(choices.child("forget")),
+        "exact": ForgetRetain.from_json(f.child("exact"), VariantAccuracies) if f.has("exact") else None,
+        "logprob": ForgetRetain.from_json(f.child("logprob"), VariantLogprobs) if f.has("logprob") else None,
         "ptq_gap_decomposition": PtqGapDecomposition.from_json(f.child("ptq_gap_decomposition")),
         "update_to_bin_width": BinWidthRatios.from_json(f.child("update_to_bin_width")),
         "quantization": f.object("quantization"),
@@ -540,7 +594,7 @@ class RunMetrics(UpdateMetrics):
         diagnostics: the method's own numbers (:data:`MethodDiagnostics`).
         circuit: the circuit's component names (``None``: the method used none).
         run_id: the id in the run store (``None`` until saved).
-        schema_version: the layout version read (1 or 2); new metrics are :data:`SCHEMA_VERSION`.
+        schema_version: the layout version read (1, 2 or 3); new metrics are :data:`SCHEMA_VERSION`.
     """
 
     method: str
@@ -600,7 +654,7 @@ class RunMetrics(UpdateMetrics):
 
     @classmethod
     def from_json(cls, data: object, *, source: str) -> RunMetrics:
-        """Read a ``metrics.json`` object of version 1 or 2; ``source`` (the file or run)
+        """Read a ``metrics.json`` object of version 1, 2 or 3; ``source`` (the file or run)
         starts every error message."""
         f = JsonFields(data, source)
         version = _schema_version(f)

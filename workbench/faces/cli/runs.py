@@ -24,7 +24,7 @@ from workbench.faces.cli.common import (
 from workbench.faces.tables import text_table
 from workbench.interpretability.circuit import Circuit
 from workbench.measurement.metrics import Thresholds, report_card_rows, summary_lines
-from workbench.measurement.results import RunMetrics
+from workbench.measurement.results import PerVariant, RunMetrics
 from workbench.models.loaded import LoadedModel
 from workbench.models.loading import load_model
 from workbench.unlearning.mansu.config import MANSU_VARIANTS
@@ -146,10 +146,14 @@ def cmd_unlearn(args: argparse.Namespace, out: Printer) -> int:
 
 
 def metrics_summary_text(metrics: RunMetrics) -> str:
-    """The five variants' accuracies on forget and retain, then the headline numbers in words."""
+    """The five variants' first-token top-1 on forget and retain (and, when measured, greedy exact
+    match and answer log-probability), then the headline numbers in words."""
+    tables: list[tuple[str, PerVariant]] = [("forget top-1", metrics.forget), ("retain top-1", metrics.retain)]
+    for metric, scores in (("exact match", metrics.exact), ("answer log-prob", metrics.logprob)):
+        if scores is not None:
+            tables += [(f"forget {metric}", scores.forget), (f"retain {metric}", scores.retain)]
     rows = [{"set": name, "base fp": acc.base_fp, "base Q": acc.base_q, "after fp": acc.after_fp,
-             "Q(w)+Δ": acc.after_qbase_delta, "after Q": acc.after_q}
-            for name, acc in (("forget", metrics.forget), ("retain", metrics.retain))]
+             "Q(w)+Δ": acc.after_qbase_delta, "after Q": acc.after_q} for name, acc in tables]
     return "\n".join([text_table(rows), *summary_lines(metrics)])
 
 
