@@ -8,10 +8,13 @@ import json
 import pytest
 
 from workbench.core.errors import WorkbenchError
-from workbench.experiments.flow import attribute_forget_set, default_circuit, run_unlearning
+from workbench.data.facts import FactSplit
+from workbench.data.world import fact_world
+from workbench.experiments.flow import attribute_forget_set, default_circuit, oracle_fits, oracle_for, run_unlearning
 from workbench.experiments.store import list_runs, load_run
 from workbench.faces.cli import main
 from workbench.interpretability.circuit import Circuit
+from workbench.models.builtin_splits import builtin_split, facts_preset
 from workbench.quant import QuantConfig
 from workbench.unlearning.mansu import MansuConfig
 from workbench.unlearning.task import OptimConfig, StopRule
@@ -218,3 +221,24 @@ def test_cli_bad_inputs_exit_1(capsys, facts_tiny, tmp_path):
                         "--no-oracle")
     _assert_error(code, err, "needs a quantizer")
     assert list_runs(root=tmp_path) == []
+
+
+def test_the_retrain_oracle_is_used_only_for_the_forget_set_it_never_saw(facts_tiny):
+    """facts-tiny-oracle was retrained without the default forget domain only: it is the oracle of
+    that split (and of any part of it), not of another domain's, whose facts it learned."""
+    default = builtin_split(facts_tiny)
+    other_domain = next(d.name for d in facts_preset_world(facts_tiny).domains if not default.name.startswith(d.name))
+    other = builtin_split(facts_tiny, forget_domain=other_domain)
+    assert oracle_fits(facts_tiny, default) and not oracle_fits(facts_tiny, other)
+    assert oracle_fits(facts_tiny, FactSplit("part", forget=default.forget[:3], retain=default.retain))
+    mixed = FactSplit("mixed", forget=default.forget[:3] + other.forget[:1], retain=other.forget[1:])
+    assert not oracle_fits(facts_tiny, mixed)
+    assert oracle_for(facts_tiny, other) is None
+    oracle = oracle_for(facts_tiny, default)
+    assert oracle is not None and oracle.name == "facts-tiny-oracle"
+
+
+def facts_preset_world(model):
+    """The fact world the built-in ``model`` was trained on."""
+    preset = facts_preset(model)
+    return fact_world(seed=preset.seed, size=preset.world_size)

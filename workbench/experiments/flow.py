@@ -147,11 +147,25 @@ def _run_config(model: LoadedModel, split: FactSplit, *, method: str, quant: Qua
     }
 
 
-def oracle_for(model: LoadedModel) -> LoadedModel | None:
-    """The retrain oracle of a built-in facts model (built on first use), else None."""
+def oracle_for(model: LoadedModel, split: FactSplit | None = None) -> LoadedModel | None:
+    """The retrain oracle of a built-in facts model (built on first use), else None.
+
+    With ``split``, only when the oracle is one for it (:func:`oracle_fits`): an oracle retrained
+    without the default forget domain still knows every other domain, so on another forget set
+    it would set the forgetting threshold at half the base and calibrate CAD on noise."""
 
     name = ORACLES.get(model.name)
-    return load_model(name) if name else None
+    if not name or (split is not None and not oracle_fits(model, split)):
+        return None
+    return load_model(name)
+
+
+def oracle_fits(model: LoadedModel, split: FactSplit) -> bool:
+    """Did the built-in's retrain oracle never see any of ``split``'s forget facts? Its training
+    set is the world without the default split's forget facts (and their paraphrases)."""
+    left_out = builtin_split(model)
+    unseen = {(f.prompt, f.answer) for f in (*left_out.forget, *left_out.forget_paraphrase)}
+    return all((f.prompt, f.answer) in unseen for f in split.forget)
 
 
 def model_and_split_for_run(run: Run, *, model: LoadedModel | None = None,

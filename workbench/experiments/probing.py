@@ -37,7 +37,7 @@ def probe_run(
     out["relearning"] = relearning_attack(model, split, update, quant=quant, steps=relearn_steps, lr=relearn_lr,
                                           progress=scaled(report, 0.3, 0.7))
     report(0.75, "membership inference")
-    oracle = oracle or oracle_for(model)
+    oracle = oracle or oracle_for(model, split)
     if oracle is None:
         out["membership"] = None
         out["membership_skipped"] = f"model {model.name!r} has no retrain oracle"

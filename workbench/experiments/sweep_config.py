@@ -259,10 +259,10 @@ def plan_sweep(config: SweepConfig) -> SweepPlan:
     groups: list[JobGroup] = []
     for name in config.models:
         model = load_model(name)
-        oracle = oracle_for(model) if config.oracle else None
         optim = dataclasses.replace(config.optim, lr=config.lr if config.lr is not None else default_lr(model))
         for domain in config.forget_domains:
-            group = JobGroup(model, builtin_split(model, forget_domain=domain), oracle=oracle)
+            split = builtin_split(model, forget_domain=domain)
+            group = JobGroup(model, split, oracle=oracle_for(model, split) if config.oracle else None)
             groups.append(group)
             for qtype in config.quantizers:
                 quant = _quant(config, qtype)

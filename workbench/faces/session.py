@@ -832,7 +832,7 @@ class Session:
                                 "patching on the forget set), attributed now.")
         method_config, optim_config, stop_rule = run_configs(method, mansu=mansu, optim=optim, stop=stop,
                                                              settings=settings, default_lr=lambda: default_lr(model))
-        oracle = oracle_for(model) if use_oracle else None
+        oracle = oracle_for(model, split) if use_oracle else None
         run = self._execute(model, split, quant, method, method_config=method_config, optim=optim_config,
                             stop=stop_rule, circuit=self.circuit, oracle=oracle, measure_cad=bool(measure_cad),
                             progress=progress)
@@ -891,7 +891,7 @@ class Session:
         names = check_ablations(ablations)
         model, split, quant = self.require()
         circuit = Circuit.load(last.run.circuit_path, model=model) if last.run.circuit_path else None
-        oracle = oracle_for(model) if last.use_oracle else None
+        oracle = oracle_for(model, split) if last.use_oracle else None
         outcomes = []
         for i, name in enumerate(names):
             config = replace(last.config, **{f"use_{name}": False})

@@ -142,7 +142,7 @@ def cmd_paper_table(args: argparse.Namespace, out: Printer) -> int:
     tracker = tracker_from_args(args)
     model = load_model(args.model)
     split = load_split(model, args)
-    oracle = None if args.no_oracle else oracle_for(model)
+    oracle = None if args.no_oracle else oracle_for(model, split)
     bar = Bar(f"paper table on {model.name}")
     try:
         runs = paper_table(model, methods=methods, split=split, stop=stop, quant=q, measure_cad=not args.no_cad,
@@ -167,7 +167,7 @@ def cmd_ablate(args: argparse.Namespace, out: Printer) -> int:
     model = load_model(args.model)
     split = load_split(model, args)
     circuit = Circuit.load(args.circuit, model=model) if args.circuit else None
-    oracle = None if args.no_oracle else oracle_for(model)
+    oracle = None if args.no_oracle else oracle_for(model, split)
     bar = Bar(f"ablations on {model.name}")
     try:
         runs = ablation_table(model, ablations=ablations, config=config, split=split, quant=q, circuit=circuit,

@@ -25,6 +25,7 @@ from workbench.faces.tables import text_table
 from workbench.interpretability.circuit import Circuit
 from workbench.measurement.metrics import Thresholds, report_card_rows, summary_lines
 from workbench.measurement.results import PerVariant, RunMetrics
+from workbench.models.builtins import ORACLES
 from workbench.models.loaded import LoadedModel
 from workbench.models.loading import load_model
 from workbench.unlearning.mansu.config import MANSU_VARIANTS
@@ -123,7 +124,10 @@ def cmd_unlearn(args: argparse.Namespace, out: Printer) -> int:
     circuit = Circuit.load(args.circuit, model=model) if args.circuit else None
     q = quant_from_args(args, "unlearn")
     method_config, optim, stop = _method_settings(args, model)
-    oracle = None if args.no_oracle else oracle_for(model)
+    oracle = None if args.no_oracle else oracle_for(model, split)
+    if oracle is None and not args.no_oracle and model.name in ORACLES:
+        out.line(f"no retrain oracle: {ORACLES[model.name]} was retrained without {model.name}'s default forget "
+                 f"set only, and {split.name} forgets other facts (thresholds without an oracle apply)")
     bar = Bar(f"{args.method} on {model.name}")
     try:
         result, metrics, run = run_unlearning(
