@@ -100,6 +100,10 @@ def test_the_example_files_load_in_every_format():
     assert load_fact_file(EXAMPLES / "qa_forget.parquet") == load_fact_file(EXAMPLES / "qa_forget.jsonl")
     qa = load_fact_file(EXAMPLES / "qa_forget.jsonl")
     assert all(len(f.answer.split()) > 1 and f.paraphrased_answers and len(f.perturbed_answers) == 3 for f in qa)
+    capitals = load_fact_file(EXAMPLES / "capitals_mc_forget.jsonl")
+    assert len(capitals) == 46 and {f.kind for f in capitals} == {"mc"}
+    assert all(f.answer in f.choices and len(set(f.choices)) == 4 for f in capitals)
+    assert any(len(f.answer.split()) > 1 for f in capitals)  # "Andorra la Vella": several tokens
 
 
 # --- ROUGE-L --------------------------------------------------------------------------------------
