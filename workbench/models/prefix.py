@@ -13,8 +13,8 @@ Why it is exact: the model's forward is unchanged (embeddings, masks, rotary tab
 from ``start`` on, the final norm, the unembedding at the picked positions); blocks from
 ``start`` on receive the very values the full forward gives them (the same token ids, shapes
 and kernels: deterministic for equal inputs), so the logits are bit-identical, and so is
-top-1. With grad the graph is the same too: no weight before ``start`` takes a gradient, so a
-full forward builds none there either. It holds while no weight before block ``start``
+top-1. With grad the forward starts no later than the first block with a weight that takes
+a gradient, so a full forward builds no graph before it either, and gradients are equal too. It holds while no weight before block ``start``
 changes: the cache's owner names every weight before changing it (:meth:`PrefixCache.changing`),
 and ``start`` only moves down.
 
@@ -87,18 +87,24 @@ class PrefixCache:
         self.start = min(self.start, first_changing_block(self.adapter, names))
 
     def run(self, batch: FactBatch, forward: Callable[[torch.nn.Module, FactBatch], T]) -> T:
-        """``forward(model, batch)``, any forward of the model over ``batch.ids`` (with or
-        without grad), with blocks ``0 … start-1`` replayed when ``batch``'s ids were seen."""
-        if not _enabled or self.start == 0:
+        """``forward(model, batch)``, any forward of the model over ``batch.ids``, with blocks
+        ``0 … start-1`` replayed when ``batch``'s ids were seen. With grad enabled it starts no
+        later than the first block with a weight that requires grad."""
+        start = self.start
+        if torch.is_grad_enabled():
+            # A weight that takes a gradient needs its block run (and a graph built there).
+            start = min(start, first_changing_block(
+                self.adapter, (n for n, p in self.model.named_parameters() if p.requires_grad)))
+        if not _enabled or start == 0:
             return forward(self.model, batch)
         ids = batch.ids
         seen = next((i for i, (held_ids, _, _) in enumerate(self._held)
                      if held_ids.shape == ids.shape and torch.equal(held_ids, ids)), None)
-        if seen is not None and self._held[seen][1] == self.start:
-            return self._replay(batch, forward, self._held[seen][2])
+        if seen is not None and self._held[seen][1] == start:
+            return self._replay(batch, forward, start, self._held[seen][2])
         if seen is not None:
-            del self._held[seen]  # held for a later block than the first changed one: stale
-        return self._capture(batch, forward)
+            del self._held[seen]  # held for another block than this forward starts at
+        return self._capture(batch, forward, start)
 
     def logits(self, batch: FactBatch) -> torch.Tensor:
         """``[n, vocab]`` answer logits, as :func:`~workbench.models.scoring.answer_logits` (no grad)."""
@@ -117,7 +123,7 @@ class PrefixCache:
         """As :func:`~workbench.models.scoring.top1`."""
         return float(self.correct(batch).float().mean())
 
-    def _capture(self, batch: FactBatch, forward: Callable[[torch.nn.Module, FactBatch], T]) -> T:
+    def _capture(self, batch: FactBatch, forward: Callable[[torch.nn.Module, FactBatch], T], start: int) -> T:
         """A full forward that keeps block ``start - 1``'s output for ``batch``."""
         captured: list[Any] = []
 
@@ -125,15 +131,16 @@ class PrefixCache:
             # No weight before ``start`` takes a gradient, so nothing flows back through it.
             captured.append(out.detach() if isinstance(out, torch.Tensor) else out)
 
-        hook = self.blocks[self.start - 1].register_forward_hook(keep)
+        hook = self.blocks[start - 1].register_forward_hook(keep)
         try:
             result = forward(self.model, batch)
         finally:
             hook.remove()
-        self._held.append((batch.ids.clone(), self.start, captured[-1]))
+        self._held.append((batch.ids.clone(), start, captured[-1]))
         return result
 
-    def _replay(self, batch: FactBatch, forward: Callable[[torch.nn.Module, FactBatch], T], held: Any) -> T:
+    def _replay(self, batch: FactBatch, forward: Callable[[torch.nn.Module, FactBatch], T], start: int,
+                held: Any) -> T:
         """The model's forward with blocks ``0 … start-1`` returning ``held`` uncomputed. Their
         ``forward`` is replaced on the instance only for the call, so the blocks keep every
         attribute their model's loop reads (e.g. a layer's attention type)."""
@@ -141,7 +148,7 @@ class PrefixCache:
             # A copy: a block downstream may write into its input in place.
             return held.clone() if isinstance(held, torch.Tensor) else held
 
-        skipped = list(self.blocks)[: self.start]
+        skipped = list(self.blocks)[:start]
         own = [block.__dict__.get("forward") for block in skipped]
         try:
             for block in skipped:
