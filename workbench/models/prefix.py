@@ -14,9 +14,9 @@ from ``start`` on, the final norm, the unembedding at the picked positions); blo
 ``start`` on receive the very values the full forward gives them (the same token ids, shapes
 and kernels: deterministic for equal inputs), so the logits are bit-identical, and so is
 top-1. With grad the forward starts no later than the first block with a weight that takes
-a gradient, so a full forward builds no graph before it either, and gradients are equal too. It holds while no weight before block ``start``
-changes: the cache's owner names every weight before changing it (:meth:`PrefixCache.changing`),
-and ``start`` only moves down.
+a gradient, so a full forward builds no graph before it either, and gradients are equal too.
+It holds while no weight before block ``start`` changes: the cache's owner names every weight
+before changing it (:meth:`PrefixCache.changing`), and ``start`` only moves down.
 
 :func:`full_forwards` turns caching off (``workbench bench flow``'s reference path).
 """
