@@ -76,6 +76,8 @@ def test_gradients_through_the_cache_equal_a_full_backward(family):
         cache.changing([moved])
         _perturb(model.hf, moved, seed)
     assert cache.start == 2 and [start for _, start, _ in cache._held] == [1, 1, 1]  # 24 facts, chunks of 8
+    first = batch.subset(torch.arange(8))  # scored without grad: its stream at block 1 serves (from 1)
+    assert torch.equal(cache.logits(first), answer_logits(model.hf, first)) and len(cache._held) == 3
 
 
 def test_a_weight_changed_earlier_moves_the_prefix_down(toy_llama_gqa):
@@ -93,6 +95,7 @@ def test_a_weight_changed_earlier_moves_the_prefix_down(toy_llama_gqa):
         assert cache.start == layer
         assert torch.equal(cache.logits(batch), answer_logits(hf, batch))
     assert torch.equal(cache.logits(batch), answer_logits(hf, batch))  # start 0: plain forwards
+    assert cache._held == []  # nothing kept for nothing
     assert not torch.equal(answer_logits(hf, batch), answer_logits(model.hf, batch))
 
 

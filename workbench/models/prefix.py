@@ -83,8 +83,10 @@ class PrefixCache:
 
     def changing(self, names: Iterable[str]) -> None:
         """The weights ``names`` are about to change: later forwards run every block from the
-        first of theirs on (a stream held for a later block is captured again when next needed)."""
+        first of theirs on (a batch's stream is captured again there when next needed)."""
         self.start = min(self.start, first_changing_block(self.adapter, names))
+        # A stream held for a later block is stale (and kept for nothing once ``start`` is 0).
+        self._held = [held for held in self._held if held[1] <= self.start]
 
     def run(self, batch: FactBatch, forward: Callable[[torch.nn.Module, FactBatch], T]) -> T:
         """``forward(model, batch)``, any forward of the model over ``batch.ids``, with blocks
@@ -100,10 +102,11 @@ class PrefixCache:
         ids = batch.ids
         seen = next((i for i, (held_ids, _, _) in enumerate(self._held)
                      if held_ids.shape == ids.shape and torch.equal(held_ids, ids)), None)
-        if seen is not None and self._held[seen][1] == start:
-            return self._replay(batch, forward, start, self._held[seen][2])
+        if seen is not None and self._held[seen][1] <= start:  # held for this block or an earlier one
+            _, block, stream = self._held[seen]
+            return self._replay(batch, forward, block, stream)
         if seen is not None:
-            del self._held[seen]  # held for another block than this forward starts at
+            del self._held[seen]  # held for a later block than this forward starts at
         return self._capture(batch, forward, start)
 
     def logits(self, batch: FactBatch) -> torch.Tensor:
