@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import own_top1_split
 
 from workbench.core.components import head, mlp
 from workbench.core.sharing import sharing_copy
@@ -132,6 +133,14 @@ def test_mansu_measures_the_same_with_and_without_the_cache(facts_tiny, split, o
     _same_with_and_without_cache(facts_tiny, split, [head(1, 0), head(1, 2), mlp(1)])
     assert len(replays) > 10  # guard, forget and retain-gradient forwards ran from block 1
     _same_with_and_without_cache(facts_tiny, split, [mlp(0), head(1, 1), mlp(1)])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_mansu_on_a_rotary_family_measures_the_same_with_and_without_the_cache(family, one_thread):
+    """Rotary tables, GQA and Qwen2's per-layer attention type pass through the replayed blocks."""
+    model = toy_model(family, n_layers=3, n_kv_heads=2)
+    split = own_top1_split(model, n_prompts=60, n_forget=10, name=f"toy-{family}")
+    _same_with_and_without_cache(model, split, [head(2, 0), head(2, 3), mlp(2), head(1, 1)])
 
 
 def _same_with_and_without_cache(facts_tiny, split, circuit):
