@@ -18,8 +18,9 @@ step             what is timed
 
 The **reference path** is the behaviour before the speed work, kept as a mode so the ratio is
 measured in the same process on the same machine: the readout is measured inside the edit (the
-user waits for both), and the MANSU run measures with cold caches (no score or attribution is
-carried over from setup or attribution). Each path starts from empty score caches; the fast
+user waits for both), the MANSU run measures with cold caches (no score or attribution is
+carried over from setup or attribution) and its rounds score every batch with full forwards
+(:func:`~workbench.models.prefix.full_forwards`, no prefix cache). Each path starts from empty score caches; the fast
 path runs first and pays the process's one-time costs, so the ratios err low. Ratios are
 reference ÷ fast per step; about 1.0 means the step has no fast path yet.
 """
@@ -30,6 +31,7 @@ import json
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +46,7 @@ from workbench.measurement.evaluation import evaluate_facts
 from workbench.measurement.metrics import clear_base_memo
 from workbench.measurement.results import RunMetrics
 from workbench.models.loaded import LoadedModel
+from workbench.models.prefix import full_forwards
 from workbench.quant import QuantConfig
 from workbench.quant.model import quantized_copy
 
@@ -107,7 +110,8 @@ def run_flow(model: str, *, reference: bool, mansu: dict[str, Any], runs_root: s
         _clock(seconds, "readout", s.measure_faithfulness)
     if reference:
         clear_base_memo()  # measured with cold caches: nothing carried over from setup or attribution
-    view = _clock(seconds, "mansu", lambda: s.unlearn("mansu", mansu=mansu))
+    with full_forwards() if reference else nullcontext():  # the reference runs every block every time
+        view = _clock(seconds, "mansu", lambda: s.unlearn("mansu", mansu=mansu))
     return FlowPath("reference" if reference else "fast", seconds, view.metrics)
 
 

@@ -180,6 +180,8 @@ class ModelAdapter:
         family: the HF ``model_type`` (``"gpt2"``, ``"qwen2"``, ``"gemma3_text"``, …).
         bridge_architecture: the TransformerLens adapter's architecture key.
         layers: per decoder layer, its attention, MLP and norm parameters.
+        blocks: the module path of the decoder blocks' ``ModuleList`` (``transformer.h``,
+            ``model.layers``); block ``i``'s parameters are named ``f"{blocks}.{i}.…"``.
         embeddings: input embedding parameter names (token, and learned positions).
         unembed: the output embedding's module path (``lm_head``/``embed_out``).
         unembed_weight: the name ``named_parameters()`` lists its weight under (the token
@@ -201,6 +203,7 @@ class ModelAdapter:
     d_head: int
     d_model: int
     layers: tuple[LayerLayout, ...]
+    blocks: str
     embeddings: tuple[str, ...]
     unembed: str
     unembed_weight: str
@@ -217,6 +220,12 @@ class ModelAdapter:
 
     def head_slices(self, layer: int, head: int) -> tuple[FeatureSlice, ...]:
         return self.layers[layer].attention.heads[head]
+
+    def layer_of(self, name: str) -> int | None:
+        """The decoder block parameter ``name`` belongs to (``None``: outside the blocks)."""
+        head, _, rest = name.partition(f"{self.blocks}.")
+        index = rest.split(".", 1)[0]
+        return int(index) if head == "" and index.isdigit() else None
 
     def quantizable(self, cfg: QuantConfig) -> list[str]:
         """What ``cfg`` quantizes, in parameter order: the decoder linears, plus the input
@@ -429,7 +438,8 @@ def build_adapter(hf: nn.Module, name: str) -> ModelAdapter:
     unembed_weight = next((n for n, p in params.items() if p is head_weight), f"{unembed}.weight")
     return ModelAdapter(
         family=family, bridge_architecture=arch, n_layers=n_layers, n_heads=nh, n_kv_heads=nkv, d_head=dh,
-        d_model=d, layers=tuple(layers), embeddings=embeddings, unembed=unembed, unembed_weight=unembed_weight,
+        d_model=d, layers=tuple(layers), blocks=block.name, embeddings=embeddings, unembed=unembed,
+        unembed_weight=unembed_weight,
         tied_embeddings=bool(tied), parameter_order=tuple(params),
         norm=_norm_kind(family, block), linears=linears,
         quantized=frozenset(lin.weight_name for lin in linears),

@@ -7,6 +7,7 @@ candidate weight, :func:`rank_moves`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -48,12 +49,15 @@ pass), so larger batches are summed in chunks."""
 
 
 def answer_logprob_gradient(work: torch.nn.Module, names: list[str], batch: FactBatch,
-                            chunk: int = GRADIENT_CHUNK) -> dict[str, torch.Tensor]:
+                            chunk: int = GRADIENT_CHUNK,
+                            span: Callable[[FactBatch], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """∇ mean log p(answer) over ``batch`` w.r.t. the named parameters (zeros where unused).
 
     Up to ``chunk`` facts take one backward (the mean, as before chunking); more are summed
     chunk by chunk (each chunk's sum ÷ n), equal up to float summation order. log p(answer)
-    sums over the answer's tokens, teacher-forced, padding masked."""
+    sums over the answer's tokens, teacher-forced, padding masked. ``span``: the forward giving
+    a chunk's span logits (default :func:`~workbench.models.scoring.span_logits` of ``work``;
+    MANSU's retain gradient passes its prefix cache's)."""
     params = dict(work.named_parameters())
     n = len(batch)
     total: list[torch.Tensor | None] = [None] * len(names)
@@ -62,7 +66,7 @@ def answer_logprob_gradient(work: torch.nn.Module, names: list[str], batch: Fact
     try:
         for start in range(0, n, chunk):
             rows = batch if n <= chunk else batch.subset(torch.arange(start, min(n, start + chunk)))
-            logp = answer_logprob(span_logits(work, rows), rows.targets, rows.mask)
+            logp = answer_logprob(span(rows) if span is not None else span_logits(work, rows), rows.targets, rows.mask)
             objective = logp.mean() if n <= chunk else logp.sum() / n
             grads = torch.autograd.grad(objective, [params[name] for name in names], allow_unused=True)
             total = [t if g is None else (g if t is None else t + g) for t, g in zip(total, grads)]
@@ -96,7 +100,7 @@ def round_gradients(state: MansuState, batches: Batches, config: MansuConfig) ->
         assert state.q_still is not None
         q_direction = forget_direction(state.qwork, state.names, batches.forget, state.q_still)
         direction = {n: 0.5 * (direction[n] + q_direction[n]) for n in state.names}
-    retain = (answer_logprob_gradient(state.work, state.names, state.retain_sample)
+    retain = (answer_logprob_gradient(state.work, state.names, state.retain_sample, span=state.answers.span_logits)
               if config.use_fisher and config.retain_first_order else None)
     return Gradients(direction, retain)
 

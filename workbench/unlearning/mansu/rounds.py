@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from workbench.models.scoring import correct, top1
 from workbench.models.update import stored_sum
 from workbench.quant import QuantConfig, quantize_codes, quantize_dequantize
 from workbench.unlearning.batches import Batches
@@ -77,6 +76,8 @@ def verify_codes(state: MansuState, done: Round, quant: QuantConfig) -> None:
 def apply_round(state: MansuState, done: Round, quant: QuantConfig) -> None:
     """Write w+Δ into the working model and Q(w+Δ) into the quantized one, for the touched weights."""
     params, qparams = dict(state.work.named_parameters()), dict(state.qwork.named_parameters())
+    state.answers.changing(done.touched)  # before the write: the caches must not replay across it
+    state.q_answers.changing(done.touched)
     with torch.no_grad():
         for n in done.touched:
             after = stored_sum(state.base[n], state.deltas[n])  # w+Δ as stored (rounded to a 16-bit dtype)
@@ -89,9 +90,9 @@ def retain_drop(state: MansuState, config: MansuConfig) -> float:
     precision (or the larger of the fp and quantized drops, with ``guard_precision="both"``); 0 when off."""
     if config.retain_guard is None:
         return 0.0
-    drop = state.guard_base - top1(state.work, state.guard_batch)
+    drop = state.guard_base - state.answers.top1(state.guard_batch)
     if config.guard_precision == "both" and state.guard_base_q is not None:
-        drop = max(drop, state.guard_base_q - top1(state.qwork, state.guard_batch))
+        drop = max(drop, state.guard_base_q - state.q_answers.top1(state.guard_batch))
     return drop
 
 
@@ -150,8 +151,8 @@ def snap_to_codes(state: MansuState, quant: QuantConfig, config: MansuConfig) ->
 
 def evaluate_round(state: MansuState, batches: Batches, config: MansuConfig, rounds: int) -> dict[str, float]:
     """Forget top-1 of w+Δ and Q(w+Δ) after a kept round (refreshing which facts each still answers)."""
-    state.still = correct(state.work, batches.forget)
-    answered_q = correct(state.qwork, batches.forget)
+    state.still = state.answers.correct(batches.forget)
+    answered_q = state.q_answers.correct(batches.forget)
     state.q_still = answered_q if config.forget_direction != "full_precision" else None
     record = {"step": rounds, "forget_top1": float(state.still.float().mean()),
               "forget_top1_q": float(answered_q.float().mean()), "moved": float(state.n_moved()),

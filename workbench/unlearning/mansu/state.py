@@ -18,7 +18,8 @@ from workbench.core.progress import Progress
 from workbench.core.sharing import sharing_copy
 from workbench.interpretability.parameters import circuit_parameters
 from workbench.models.loaded import LoadedModel
-from workbench.models.scoring import FactBatch, correct, top1
+from workbench.models.prefix import PrefixCache
+from workbench.models.scoring import FactBatch
 from workbench.quant import QuantConfig, quantized_copy
 from workbench.unlearning.batches import Batches
 from workbench.unlearning.mansu.config import MansuConfig
@@ -51,7 +52,10 @@ class MansuState:
     Fixed at setup: ``names`` (candidate weights, sorted), ``base`` (their base values),
     ``grids``, ``transposed`` and ``conv1d`` (per weight), ``projectors`` and ``fisher``
     (empty when that component is off), ``work`` (the model at w+Δ) and ``qwork`` (at
-    Q(w+Δ)), ``retain_sample`` (for projectors and the retain gradient), ``guard_batch`` and
+    Q(w+Δ)), ``answers`` and ``q_answers`` (their forwards on the batches every round runs
+    again, through :class:`~workbench.models.prefix.PrefixCache`: the blocks before the first
+    weight a round wrote run once per batch), ``retain_sample`` (for projectors and the retain
+    gradient), ``guard_batch`` and
     ``guard_base`` (the retain guard's independent sample and its base top-1; ``guard_base_q``
     the same for Q(w), when the guard watches both precisions),
     ``n_candidates``, ``max_per_round``.
@@ -71,6 +75,8 @@ class MansuState:
     conv1d: dict[str, bool]
     work: torch.nn.Module
     qwork: torch.nn.Module
+    answers: PrefixCache
+    q_answers: PrefixCache
     retain_sample: FactBatch
     guard_batch: FactBatch
     guard_base: float
@@ -166,18 +172,22 @@ def setup_state(model: LoadedModel, batches: Batches, circuit: tuple[Component, 
     per_round, max_per_round = round_sizes(n_candidates, config)
     # The guard's retain sample differs from the projector's, so the guard stays an independent check.
     guard_batch = batches.retain.sample(256, torch.Generator().manual_seed(1))
+    # Rounds write only the weights they move (apply_round tells the caches): the blocks before
+    # the first one written are the base's (Q(w)'s), so each batch runs them once.
+    answers, q_answers = PrefixCache(work, model.adapter), PrefixCache(qwork, model.adapter)
     return MansuState(
         names=names, masks=masks, base=base, grids=grids, transposed=transposed, conv1d=conv1d, work=work,
-        qwork=qwork, retain_sample=retain_sample, guard_batch=guard_batch, guard_base=top1(work, guard_batch),
-        guard_base_q=top1(qwork, guard_batch) if config.guard_precision == "both" else None,
+        qwork=qwork, answers=answers, q_answers=q_answers, retain_sample=retain_sample, guard_batch=guard_batch,
+        guard_base=answers.top1(guard_batch),
+        guard_base_q=q_answers.top1(guard_batch) if config.guard_precision == "both" else None,
         n_candidates=n_candidates, per_round=per_round, max_per_round=max_per_round,
         # float32 whatever the storage dtype: updates accumulate there (rounded only when written)
         deltas={n: torch.zeros_like(base[n], dtype=torch.float32) for n in names},
         moved={n: torch.zeros(base[n].numel(), dtype=torch.bool, device=base[n].device) for n in names},
         # Which forget facts each model still answers: the forget gradient only runs over those
         # (forgotten facts contribute nothing to it), and each round's evaluation refreshes them.
-        still=correct(work, batches.forget),
-        q_still=correct(qwork, batches.forget) if config.forget_direction != "full_precision" else None,
+        still=answers.correct(batches.forget),
+        q_still=q_answers.correct(batches.forget) if config.forget_direction != "full_precision" else None,
         projectors=projectors, fisher=fisher,
     )
 
