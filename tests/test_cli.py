@@ -20,6 +20,7 @@ import torch
 from workbench.data.files import save_fact_file
 from workbench.faces.cli import main
 from workbench.measurement.evaluation import evaluate_facts, evaluate_split
+from workbench.measurement.results import SCHEMA_VERSION
 from workbench.models.builtin_splits import builtin_split
 from workbench.models.builtins import BUILTINS
 from workbench.models.update import Update
@@ -496,7 +497,7 @@ def test_json_output_of_unlearn_and_demo(capsys, facts_tiny, tmp_path):
                         "--runs-root", str(tmp_path), "--no-oracle")
     # the saved file's numbers; a baseline's CAD circuit share is NaN there (no circuit), null here
     assert data["metrics"] == _nan_as_null(json.loads((tmp_path / data["run_id"] / "metrics.json").read_text()))
-    assert data["path"] == str(tmp_path / data["run_id"]) and data["metrics"]["schema_version"] == 3
+    assert data["path"] == str(tmp_path / data["run_id"]) and data["metrics"]["schema_version"] == SCHEMA_VERSION
     demo = _json_stdout(capsys, "demo", "--model", "facts-tiny")
     assert demo["model"] == "facts-tiny" and demo["n_modules"] == 8 and len(demo["bin_occupancy"]) == 16
     assert {(r["set"], r["precision"]) for r in demo["rows"]} == {(s, p) for s in SETS for p in ("fp32", "nf4/b64")}

@@ -10,7 +10,14 @@ import pytest
 from workbench.core.errors import WorkbenchError
 from workbench.data.facts import FactSplit
 from workbench.data.world import fact_world
-from workbench.experiments.flow import attribute_forget_set, default_circuit, oracle_fits, oracle_for, run_unlearning
+from workbench.experiments.flow import (
+    attribute_forget_set,
+    default_circuit,
+    no_oracle_reason,
+    oracle_fits,
+    oracle_for,
+    run_unlearning,
+)
 from workbench.experiments.store import list_runs, load_run
 from workbench.faces.cli import main
 from workbench.interpretability.circuit import Circuit
@@ -54,7 +61,7 @@ def test_run_unlearning_saves_every_required_metric(mansu_run, circuit):
     on_disk = json.loads((run.path / "metrics.json").read_text())
     assert metrics.run_id is None and run.metrics == metrics.saved_as(run.id)
     assert on_disk == run.metrics.to_json() == json.loads(json.dumps(metrics.saved_as(run.id).to_json()))
-    assert on_disk["schema_version"] == 3 and on_disk["run_id"] == run.id
+    assert on_disk["schema_version"] == 4 and on_disk["run_id"] == run.id
     m = on_disk
     assert m["method"] == "mansu" and m["model"] == "facts-tiny"
     assert {"type", "blocksize", "double_quant"} <= set(m["quant"])
@@ -236,6 +243,10 @@ def test_the_retrain_oracle_is_used_only_for_the_forget_set_it_never_saw(facts_t
     assert oracle_for(facts_tiny, other) is None
     oracle = oracle_for(facts_tiny, default)
     assert oracle is not None and oracle.name == "facts-tiny-oracle"
+    # every face says why a built-in gets no oracle (and says nothing when it gets one)
+    assert no_oracle_reason(facts_tiny, default) is None
+    reason = no_oracle_reason(facts_tiny, other)
+    assert reason is not None and "facts-tiny-oracle" in reason and other.name in reason
 
 
 def facts_preset_world(model):

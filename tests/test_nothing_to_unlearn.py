@@ -31,15 +31,15 @@ def _unknown_forget(model, split: FactSplit) -> FactSplit:
 
 def test_the_check_asks_both_precisions(facts_tiny, split):
     batches = Batches.build(facts_tiny, split)
-    assert not already_at_target(facts_tiny.hf, batches.forget, 0.1)  # facts-tiny knows its forget set
-    assert not already_at_target(facts_tiny.hf, batches.forget, None)  # no target: never "already"
-    assert already_at_target(facts_tiny.hf, batches.forget, 1.0)
-    unknown = Batches.build(facts_tiny, _unknown_forget(facts_tiny, split)).forget
-    assert already_at_target(facts_tiny.hf, unknown, 0.1)
+    assert not already_at_target(batches, facts_tiny.hf, 0.1)  # facts-tiny knows its forget set
+    assert not already_at_target(batches, facts_tiny.hf, None)  # no target: never "already"
+    assert already_at_target(batches, facts_tiny.hf, 1.0)
+    unknown = Batches.build(facts_tiny, _unknown_forget(facts_tiny, split))
+    assert already_at_target(unknown, facts_tiny.hf, 0.1)
     # the quantized copy is asked too: a full-precision model that misses the known set (the
     # base with its logits negated) paired with a quantized one that still answers it (the base)
-    assert already_at_target(_Negated(facts_tiny.hf), batches.forget, 0.1)
-    assert not already_at_target(_Negated(facts_tiny.hf), batches.forget, 0.1, quantized=facts_tiny.hf)
+    assert already_at_target(batches, _Negated(facts_tiny.hf), 0.1)
+    assert not already_at_target(batches, _Negated(facts_tiny.hf), 0.1, quantized=facts_tiny.hf)
 
 
 class _Negated(torch.nn.Module):

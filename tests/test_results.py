@@ -68,7 +68,7 @@ def test_to_json_writes_version_1_exactly_plus_the_version(metrics_v1_json):
     # same keys, same order, same numbers: the files differ by the version line only
     assert json.dumps(written, indent=2) == json.dumps(metrics_v1_json, indent=2)
     fresh = replace(read(metrics_v1_json), schema_version=SCHEMA_VERSION).to_json()
-    assert fresh["schema_version"] == SCHEMA_VERSION == 3
+    assert fresh["schema_version"] == SCHEMA_VERSION == 4
 
 
 def test_round_trip_to_json_from_json(run_metrics):
@@ -87,7 +87,7 @@ def test_an_older_run_without_unlearning_seconds_reads_and_has_no_time_line(metr
 
 
 def test_a_newer_or_unknown_version_is_refused(metrics_v1_json):
-    refused({**metrics_v1_json, "schema_version": 4}, "schema_version 4", "1, 2, 3", "newer workbench")
+    refused({**metrics_v1_json, "schema_version": 5}, "schema_version 5", "1, 2, 3, 4", "newer workbench")
     message = refused({**metrics_v1_json, "schema_version": 0}, "schema_version 0")
     assert "newer" not in message
     refused({**metrics_v1_json, "schema_version": "2"}, "'schema_version' must be a whole number", "'2'")

@@ -294,6 +294,10 @@ def test_tensorboard_tracking_reads_back(capsys, facts_tiny, tmp_path):
     assert acc.Scalars("final/forget/nf4")[0].value == pytest.approx(run.metrics.forget.after_q)
     assert acc.Scalars("final/retain/fp")[0].value == pytest.approx(run.metrics.retain.after_fp)
     assert "loss" in scalars and "final/ptq_gap" in scalars
+    # the whole-answer metrics and multiple-choice accuracy are logged beside top-1
+    assert acc.Scalars("final/exact/forget/nf4")[0].value == pytest.approx(run.metrics.exact.forget.after_q)
+    assert acc.Scalars("final/logprob/retain/fp")[0].value == pytest.approx(run.metrics.logprob.retain.after_fp)
+    assert acc.Scalars("final/forget_mc/fp")[0].value == pytest.approx(run.metrics.multiple_choice.after_fp)
     (text,) = acc.Tensors("config/text_summary")  # the config, as a text summary
     assert '"method": "graddiff"' in text.tensor_proto.string_val[0].decode()
 

@@ -12,8 +12,9 @@ sources produce facts: the synthetic fact world (:mod:`workbench.data.world`), u
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Literal
 
 from workbench.core.errors import WorkbenchError
 
@@ -21,6 +22,31 @@ FACT_KINDS = ("cloze", "mc", "qa", "text")
 """Where a fact came from: a cloze row, a multiple-choice question (WMDP/MMLU-like), a
 question-answer pair (TOFU-like) or a passage of raw text split into prefix and continuation
 (MUSE-like). See :mod:`workbench.data.files`."""
+
+
+ForgetCriterion = Literal["top1", "mc"]
+"""What "the model still answers a forget fact" means for a run (see :func:`forget_criterion`):
+``top1``, the answer's first token is the argmax after the prompt; ``mc``, the answer has the
+highest summed log-probability among the fact's choices (lm-evaluation-harness's ``acc``)."""
+
+
+def forget_criterion(facts: Sequence[Fact]) -> ForgetCriterion:
+    """``mc`` when every forget fact is a multiple-choice question (a WMDP/MMLU-style file),
+    else ``top1``. A benchmark question is asked as a choice among candidates, and a model
+    rarely produces the answer's text itself right after the bare question (SmolLM2 picks
+    most of the example capitals among four choices but answers almost none first-token
+    top-1), so first-token top-1 would call the set forgotten before any step. The built-in facts carry
+    choices too but are cloze facts: they keep ``top1``."""
+    return "mc" if facts and all(f.kind == "mc" for f in facts) else "top1"
+
+
+def chance_level(facts: Sequence[Fact]) -> float:
+    """Mean of 1/len(choices) over ``facts``: the multiple-choice accuracy of guessing, which is
+    where a forgotten multiple-choice set sits (below it, the model avoids the answer, which
+    still tells the answer)."""
+    if not facts or any(not f.choices for f in facts):
+        raise WorkbenchError("the chance level needs facts that all have choices")
+    return sum(1 / len(f.choices) for f in facts) / len(facts)
 
 
 @dataclass(frozen=True)

@@ -168,6 +168,16 @@ def oracle_fits(model: LoadedModel, split: FactSplit) -> bool:
     return all((f.prompt, f.answer) in unseen for f in split.forget)
 
 
+def no_oracle_reason(model: LoadedModel, split: FactSplit) -> str | None:
+    """Why a built-in that has a retrain oracle gets none for ``split`` (``None``: it gets one,
+    or has none at all); every face shows it, so a card without the oracle's columns is explained."""
+    name = ORACLES.get(model.name)
+    if not name or oracle_fits(model, split):
+        return None
+    return (f"no retrain oracle: {name} was retrained without {model.name}'s default forget set only, and "
+            f"{split.name} forgets other facts (thresholds without an oracle apply)")
+
+
 def model_and_split_for_run(run: Run, *, model: LoadedModel | None = None,
                             split: FactSplit | None = None) -> tuple[LoadedModel, FactSplit]:
     """The base model and the split a saved run was measured on (for probes and re-evaluation).

@@ -33,7 +33,8 @@ EXPERIMENT = "mansu-workbench"
 
 # history record key → logged name; "{q}" is the run's quantizer (nf4, fp4, int8)
 HISTORY_SERIES = {"forget_top1": "forget/fp", "forget_top1_q": "forget/{q}", "retain_top1": "retain/fp",
-                  "retain_top1_q": "retain/{q}", "loss": "loss"}
+                  "retain_top1_q": "retain/{q}", "forget_mc": "forget_mc/fp", "forget_mc_q": "forget_mc/{q}",
+                  "loss": "loss"}
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,13 @@ def final_metrics(run: Run) -> dict[str, float]:
     for name, acc in (("forget", m.forget), ("retain", m.retain)):
         values.update({f"{name}/base_fp": acc.base_fp, f"{name}/base_{q}": acc.base_q, f"{name}/fp": acc.after_fp,
                        f"{name}/qbase_delta": acc.after_qbase_delta, f"{name}/{q}": acc.after_q})
+    # the span metrics and multiple-choice accuracy beside top-1 (None: not measured, not logged)
+    for metric, pair in (("exact", m.exact), ("logprob", m.logprob)):
+        if pair is not None:
+            for name, acc in (("forget", pair.forget), ("retain", pair.retain)):
+                values.update({f"{metric}/{name}/fp": acc.after_fp, f"{metric}/{name}/{q}": acc.after_q})
+    mc = m.multiple_choice
+    values.update({"forget_mc/base_fp": mc.base_fp, "forget_mc/fp": mc.after_fp, f"forget_mc/{q}": mc.after_q})
     if m.cad is not None:
         values.update({"cad/fp": m.cad.fp, "cad/q": m.cad.quantized})
     for name, prop in m.properties.items():

@@ -100,11 +100,11 @@ def number(value: Any, name: str) -> Any:
     return value
 
 
-def number_box(value: float, name: str, label: str, scale: int | None = None) -> gr.Number:
+def number_box(value: float, name: str, label: str, scale: int | None = None, info: str | None = None) -> gr.Number:
     """A Number widget showing :data:`INPUTS`' bounds for ``name`` (whole numbers when it says so)."""
     allowed = INPUTS[name]
     return gr.Number(value, label=label, minimum=allowed.low, maximum=allowed.high, scale=scale,
-                     precision=0 if allowed.integer else None)
+                     precision=0 if allowed.integer else None, info=info)
 
 
 # --------------------------------------------------------------------------------------------
@@ -626,7 +626,8 @@ def _unlearning_section() -> UnlearningViews:
     gr.Markdown("## 4 · Unlearning: MANSU or a baseline")
     with gr.Row():
         method = gr.Dropdown(_methods(), value="mansu", label="Method", scale=2)
-        forget_target = number_box(0.1, "forget_target", "Forget target (top-1)", scale=1)
+        forget_target = number_box(0.1, "forget_target", "Forget target (top-1)", scale=1,
+                                   info="multiple-choice forget sets: MC accuracy, never below chance")
         measure_cad = gr.Checkbox(True, label="Measure CAD (attribution before/after)", scale=1)
         use_oracle = gr.Checkbox(True, label="Compare with the retrain oracle (built-ins)", scale=1)
     with gr.Group(visible=True) as mansu_box:

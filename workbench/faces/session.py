@@ -40,7 +40,13 @@ from workbench.core.progress import Progress, scaled, silent
 from workbench.data.facts import Fact, FactSplit
 from workbench.data.files import load_fact_file
 from workbench.data.world import fact_world
-from workbench.experiments.flow import attribute_forget_set, default_circuit, oracle_for, run_unlearning
+from workbench.experiments.flow import (
+    attribute_forget_set,
+    default_circuit,
+    no_oracle_reason,
+    oracle_for,
+    run_unlearning,
+)
 from workbench.experiments.store import Run, check_run_id, list_runs, load_run
 from workbench.experiments.sweep_config import ABLATIONS
 from workbench.faces.compare import check_ablations, compare_row
@@ -833,6 +839,9 @@ class Session:
         method_config, optim_config, stop_rule = run_configs(method, mansu=mansu, optim=optim, stop=stop,
                                                              settings=settings, default_lr=lambda: default_lr(model))
         oracle = oracle_for(model, split) if use_oracle else None
+        reason = no_oracle_reason(model, split) if use_oracle else None
+        if reason is not None:
+            self.assumed.append(reason[0].upper() + reason[1:] + ".")
         run = self._execute(model, split, quant, method, method_config=method_config, optim=optim_config,
                             stop=stop_rule, circuit=self.circuit, oracle=oracle, measure_cad=bool(measure_cad),
                             progress=progress)

@@ -39,7 +39,7 @@ from workbench.core.components import Component
 from workbench.core.errors import WorkbenchError
 from workbench.core.progress import Progress, silent
 from workbench.core.sharing import sharing_copy
-from workbench.data.facts import Fact, FactSplit
+from workbench.data.facts import Fact, FactSplit, ForgetCriterion, chance_level, forget_criterion
 from workbench.interpretability.attribution import Attribution, AttributionConfig, attribute
 from workbench.interpretability.cad import CADResult, circuit_attribution_divergence
 from workbench.measurement.evaluation import FactScores, evaluate_facts
@@ -227,6 +227,7 @@ class _Accuracies:
     retain: VariantAccuracies
     paraphrase: ParaphraseAccuracies
     multiple_choice: MultipleChoiceScores
+    multiple_choice_retain: MultipleChoiceScores | None
     exact: ForgetRetain[VariantAccuracies]
     logprob: ForgetRetain[VariantLogprobs]
 
@@ -246,7 +247,8 @@ def _variant_scores(vname: str, vmodel: LoadedModel, split: FactSplit, quant: Qu
     fixed by w and the quantizer, and hashing a variant's weights would cost a pass over them."""
     out = {}
     for sname, facts in _fact_sets(split).items():
-        mc = sname == "forget"
+        # multiple choice on the forget set; on the retain set only when it is judged by it
+        mc = sname == "forget" or (sname == "retain" and forget_criterion(facts) == "mc")
         if vname in BASE_VARIANTS:
             key = ("evaluate", vname, key_model.fingerprint, quant, tuple(facts), mc)
             out[sname] = base_memo(key, lambda f=facts, m=mc: evaluate_facts(vmodel, f, multiple_choice=m))
@@ -259,12 +261,12 @@ def _accuracies(scores: dict[str, dict[str, FactScores]]) -> _Accuracies:
     """``scores[variant][set]`` as the metrics' typed accuracies (the scores already computed:
     exact match and log-probability cost no forward pass of their own here)."""
     acc: dict[str, dict[str, float]] = {}
-    mc: dict[str, float | None] = {}
+    mc: dict[str, dict[str, float | None]] = {"forget": {}, "retain": {}}
     for vname, per_set in scores.items():
         for sname, sc in per_set.items():
             acc.setdefault(sname, {})[vname] = sc.top1
-            if sname == "forget":
-                mc[vname] = _finite(sc.mc)
+            if sname in mc:
+                mc[sname][vname] = _finite(sc.mc)
 
     def of(sname: str) -> VariantAccuracies | None:
         return VariantAccuracies(**acc[sname]) if sname in acc else None
@@ -281,7 +283,9 @@ def _accuracies(scores: dict[str, dict[str, FactScores]]) -> _Accuracies:
 
     return _Accuracies(forget=forget, retain=retain,
                        paraphrase=ParaphraseAccuracies(forget=of("forget_paraphrase"), retain=of("retain_paraphrase")),
-                       multiple_choice=MultipleChoiceScores(**mc),
+                       multiple_choice=MultipleChoiceScores(**mc["forget"]),
+                       multiple_choice_retain=(MultipleChoiceScores(**mc["retain"])
+                                               if any(v is not None for v in mc["retain"].values()) else None),
                        exact=ForgetRetain(forget=exact("forget"), retain=exact("retain")),
                        logprob=ForgetRetain(forget=logprob("forget"), retain=logprob("retain")))
 
@@ -381,16 +385,20 @@ def measure_update(
             cad_scores = replace(cad_scores, calibration=calibration)
     f = accuracies.forget
     ptq_gap = f.after_q - f.after_fp
+    basis = forget_criterion(split.forget)
     card = report_card(forget=f, retain=accuracies.retain, ptq_gap=ptq_gap, cad=cad_scores,
-                       oracle=oracle_accuracies, thresholds=thresholds)
+                       oracle=oracle_accuracies, thresholds=thresholds,
+                       chosen=_chosen(accuracies.multiple_choice, split.forget) if basis == "mc" else None,
+                       chosen_retain=accuracies.multiple_choice_retain)
     return UpdateMetrics(
         quant=quant, forget=f, retain=accuracies.retain, paraphrase=accuracies.paraphrase,
-        multiple_choice=accuracies.multiple_choice, ptq_gap=ptq_gap,
+        multiple_choice=accuracies.multiple_choice, multiple_choice_retain=accuracies.multiple_choice_retain,
+        ptq_gap=ptq_gap,
         ptq_gap_decomposition=PtqGapDecomposition(base_shift=f.after_qbase_delta - f.after_fp,
                                                   rounding=f.after_q - f.after_qbase_delta, storage=storage),
         **{field.name: getattr(changes, field.name) for field in fields(_CodeChanges)},
         update_norm=update.norm(), retain_kl=kl, oracle=oracle_accuracies, cad=cad_scores, properties=card,
-        exact=accuracies.exact, logprob=accuracies.logprob,
+        exact=accuracies.exact, logprob=accuracies.logprob, forgetting_basis=basis,
     )
 
 
@@ -476,19 +484,54 @@ def cad_calibration(model: LoadedModel, oracle: LoadedModel, split: FactSplit, c
     return base_memo(key, lambda: CadCalibration(forget=divergence(split.forget), retain=divergence(split.retain)))
 
 
+@dataclass(frozen=True)
+class ChoiceForgetting:
+    """What a multiple-choice forget set's report card is judged on: the variants' multiple-choice
+    accuracy and the set's chance level."""
+
+    base_fp: float
+    after_fp: float
+    after_q: float
+    chance: float
+
+
+def _chosen(mc: MultipleChoiceScores, forget: Sequence[Fact]) -> ChoiceForgetting:
+    if mc.base_fp is None or mc.after_fp is None or mc.after_q is None:
+        raise WorkbenchError("a multiple-choice forget set was measured without its choice accuracies")
+    return ChoiceForgetting(base_fp=mc.base_fp, after_fp=mc.after_fp, after_q=mc.after_q, chance=chance_level(forget))
+
+
 def _property(passed: bool, value: float, threshold: float, margin: float) -> Property:
     return Property(passed=passed, value=value, threshold=threshold, margin=margin)
 
 
 def report_card(*, forget: VariantAccuracies, retain: VariantAccuracies, ptq_gap: float, cad: CadScores | None,
-                oracle: OracleAccuracies | None, thresholds: Thresholds = Thresholds()) -> ReportCard:
-    """The four properties of docs/SCIENCE.md §5 with pass/fail and margin (positive = passes by that much)."""
+                oracle: OracleAccuracies | None, thresholds: Thresholds = Thresholds(),
+                chosen: ChoiceForgetting | None = None,
+                chosen_retain: MultipleChoiceScores | None = None) -> ReportCard:
+    """The four properties of docs/SCIENCE.md §5 with pass/fail and margin (positive = passes by that much).
+
+    With ``chosen`` (a multiple-choice forget set) forgetting and the PTQ gap are judged on
+    multiple-choice accuracy, and the default threshold is the chance level + 0.1 (never above
+    half-way from chance to the base): the retrain oracle of a question it never learned guesses.
+    With ``chosen_retain`` (a multiple-choice retain set) retain is judged on its multiple-choice
+    accuracy."""
     forget_max = thresholds.forget_max
-    if forget_max is None:
-        forget_max = oracle.forget_fp + 0.1 if oracle is not None else 0.2
-        forget_max = min(forget_max, 0.5 * forget.base_fp)
-    worst_forget = max(forget.after_fp, forget.after_q)
+    if chosen is not None:
+        if forget_max is None:
+            forget_max = chosen.chance + min(0.1, 0.5 * (chosen.base_fp - chosen.chance))
+        worst_forget, ptq_gap = max(chosen.after_fp, chosen.after_q), chosen.after_q - chosen.after_fp
+    else:
+        if forget_max is None:
+            forget_max = oracle.forget_fp + 0.1 if oracle is not None else 0.2
+            forget_max = min(forget_max, 0.5 * forget.base_fp)
+        worst_forget = max(forget.after_fp, forget.after_q)
     drop = max(retain.base_fp - retain.after_fp, retain.base_q - retain.after_q)
+    if chosen_retain is not None:
+        r = chosen_retain
+        if r.base_fp is None or r.after_fp is None or r.base_q is None or r.after_q is None:
+            raise WorkbenchError("a multiple-choice retain set was measured without its choice accuracies")
+        drop = max(r.base_fp - r.after_fp, r.base_q - r.after_q)
     tolerance, max_gap = thresholds.retain_tolerance, thresholds.ptq_max_gap
     unmeasured_min = thresholds.cad_min if thresholds.cad_min is not None else DEFAULT_CAD_MIN
     structural = Property(passed=None, value=None, threshold=unmeasured_min, margin=None)
@@ -509,12 +552,31 @@ PROPERTY_LABELS = {
     "ptq": "PTQ gap ≤ threshold",
     "structural": "structural erasure (CAD)",
 }
+BASIS_NAMES = {"top1": "first-token top-1", "mc": "multiple-choice accuracy"}
+"""What a card's forgetting property was judged on (:attr:`UpdateMetrics.forgetting_basis`)."""
+
+
+def property_label(name: str, basis: ForgetCriterion = "top1", retain_basis: ForgetCriterion = "top1") -> str:
+    """A property's name on the card; the forgetting, PTQ and retain ones say which accuracy they judge."""
+    if retain_basis == "mc" and name == "retain":
+        return "retain preserved (multiple-choice accuracy)"
+    if basis == "mc" and name == "forgetting":
+        return "forgetting (multiple-choice accuracy, fp and quantized)"
+    if basis == "mc" and name == "ptq":
+        return "PTQ gap (multiple-choice accuracy) ≤ threshold"
+    return PROPERTY_LABELS.get(name, name)
+
+
+def retain_basis(metrics: UpdateMetrics) -> ForgetCriterion:
+    """What the card's retain property was judged on (multiple choice when the retain set was)."""
+    return "top1" if metrics.multiple_choice_retain is None else "mc"
 
 
 def report_card_rows(metrics: UpdateMetrics) -> list[dict[str, Any]]:
     """The report card as table rows: property, verdict (``PASS``/``fail``/``–`` when not
     measured), value, threshold, margin (positive = passes by that much)."""
-    return [{"property": PROPERTY_LABELS.get(name, name), "verdict": p.verdict, "value": p.value,
+    basis, retained = metrics.forgetting_basis, retain_basis(metrics)
+    return [{"property": property_label(name, basis, retained), "verdict": p.verdict, "value": p.value,
              "threshold": p.threshold, "margin": p.margin} for name, p in metrics.properties.items()]
 
 
@@ -538,13 +600,13 @@ def _cad_line(cad: CadScores, threshold: float) -> str:
             f"{calibration.retain:.3f} on the retain set (noise floor)")
 
 
-def _verdict_line(card: ReportCard) -> str:
+def _verdict_line(card: ReportCard, basis: ForgetCriterion, retained: ForgetCriterion) -> str:
     """Which properties failed and by how much (the margin is how far the value is past its threshold)."""
     failed = [(name, p) for name, p in card.items() if p.passed is False]
     measured = sum(1 for _, p in card.items() if p.passed is not None)
     if not failed:
         return f"passes all {measured} measured properties"
-    by = ", ".join(f"{PROPERTY_LABELS.get(name, name)} by {abs(p.margin or 0.0):.3f} "
+    by = ", ".join(f"{property_label(name, basis, retained)} by {abs(p.margin or 0.0):.3f} "
                    f"(value {_fmt(p.value)}, threshold {_fmt(p.threshold)})" for name, p in failed)
     return f"passes {measured - len(failed)} of {measured} measured properties; fails {by}"
 
@@ -553,7 +615,8 @@ ANSWER_METRIC_NAMES = {
     "exact": "greedy exact match (whole answer)",
     "logprob": "answer log-prob (mean, summed over answer tokens)",
 }
-"""How the card's companion lines name the span metrics (the card itself judges first-token top-1)."""
+"""How the card's companion lines name the span metrics (the card judges first-token top-1, or
+multiple-choice accuracy on a multiple-choice forget set)."""
 
 
 def _fp_q(name: str, scores: ForgetRetain[Any]) -> str:
@@ -566,11 +629,19 @@ def _fp_q(name: str, scores: ForgetRetain[Any]) -> str:
 def answer_span_lines(metrics: UpdateMetrics) -> list[str]:
     """Greedy exact match and answer log-probability of the after-model in full precision and
     quantized, on forget and retain (none for a run saved before they were measured). They are
-    shown beside the card, not judged by it: its forgetting property uses first-token top-1."""
+    shown beside the card, not judged by it (see :attr:`UpdateMetrics.forgetting_basis`)."""
     lines = []
+    if metrics.forgetting_basis == "mc":
+        mc = metrics.multiple_choice
+        line = (f"multiple-choice accuracy (judged by the card): forget base {_fmt(mc.base_fp)} → fp "
+                f"{_fmt(mc.after_fp)} · quantized {_fmt(mc.after_q)}")
+        r = metrics.multiple_choice_retain
+        if r is not None:
+            line += f" · retain base {_fmt(r.base_fp)} → fp {_fmt(r.after_fp)} · quantized {_fmt(r.after_q)}"
+        lines.append(line)
     if metrics.exact is not None:
         lines.append(_fp_q(ANSWER_METRIC_NAMES["exact"], metrics.exact)
-                     + " (beside the card; forgetting is judged on first-token top-1)")
+                     + f" (beside the card; forgetting is judged on {BASIS_NAMES[metrics.forgetting_basis]})")
     if metrics.logprob is not None:
         lines.append(_fp_q(ANSWER_METRIC_NAMES["logprob"], metrics.logprob))
     return lines
@@ -581,7 +652,7 @@ def summary_lines(metrics: RunMetrics) -> list[str]:
 
     d, ratio = metrics.ptq_gap_decomposition, metrics.update_to_bin_width
     lines = [
-        _verdict_line(metrics.properties),
+        _verdict_line(metrics.properties, metrics.forgetting_basis, retain_basis(metrics)),
         *answer_span_lines(metrics),
         f"PTQ gap {metrics.ptq_gap:+.3f} = base shift {d.base_shift:+.3f} + rounding {d.rounding:+.3f}"
         + (f" (before it, storage rounding {d.storage:+.3f})" if d.storage else ""),
@@ -593,9 +664,13 @@ def summary_lines(metrics: RunMetrics) -> list[str]:
         f"retain KL {metrics.retain_kl:.4g}",
     ]
     if metrics.stopped == ALREADY_AT_TARGET:
-        lines.insert(0, f"nothing was unlearned: the base model already misses the forget set (top-1 "
-                        f"{metrics.forget.base_fp:.3f} fp / {metrics.forget.base_q:.3f} quantized, at or below "
-                        "the method's forget target), so the forgetting property holds without a step; give "
+        if metrics.forgetting_basis == "mc":
+            mc = metrics.multiple_choice
+            missed = f"multiple-choice accuracy {_fmt(mc.base_fp)} fp / {_fmt(mc.base_q)} quantized"
+        else:
+            missed = f"top-1 {metrics.forget.base_fp:.3f} fp / {metrics.forget.base_q:.3f} quantized"
+        lines.insert(0, f"nothing was unlearned: the base model already misses the forget set ({missed}, at or "
+                        "below the method's forget target), so the forgetting property holds without a step; give "
                         "facts the model knows (`workbench eval --data FILE` shows which)")
     if metrics.cad is not None:
         lines.append(_cad_line(metrics.cad, metrics.properties.structural.threshold))

@@ -12,7 +12,11 @@ the same layout with the key, so both read into the same objects and :meth:`to_j
 writes exactly the keys and numbers version 1 had, plus ``schema_version``. Version 3 adds
 two keys, ``exact`` and ``logprob`` (greedy exact match and mean answer log-probability of
 each variant on the forget and retain sets, :class:`ForgetRetain`); files of versions 1 and 2
-have neither, and read with both ``None`` (the file is not rewritten). Anything else
+have neither, and read with both ``None`` (the file is not rewritten). Version 4 adds
+``forgetting_basis: "mc"`` to a run whose forget set is multiple choice (its forgetting and
+PTQ properties were judged on multiple-choice accuracy; a file without the key was judged on
+first-token top-1), and ``multiple_choice.retain`` to a run whose retain set is (its retain
+property was judged on it). Anything else
 (a newer version, a missing key, a value of the wrong type, a key this version does not
 know) is refused with a :class:`~workbench.core.errors.WorkbenchError` that names the file
 and the key.
@@ -31,14 +35,15 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Generic, Self, TypeVar
 
 from workbench.core.errors import WorkbenchError
+from workbench.data.facts import ForgetCriterion
 from workbench.quant import QuantConfig
 from workbench.unlearning.mansu import MansuDiagnostics, is_mansu_method
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """The ``metrics.json`` layout this workbench writes."""
-READABLE_SCHEMA_VERSIONS = (1, 2, 3)
+READABLE_SCHEMA_VERSIONS = (1, 2, 3, 4)
 """Layouts it reads: 1 (no ``schema_version`` key) and 2 are the same layout; 3 adds
-``exact`` and ``logprob``."""
+``exact`` and ``logprob``; 4 adds ``forgetting_basis``."""
 
 VARIANTS = ("base_fp", "base_q", "after_fp", "after_qbase_delta", "after_q")
 """The five models every update is measured on (see :mod:`workbench.measurement.metrics`)."""
@@ -213,8 +218,8 @@ class ForgetRetain(Generic[V]):
 
 @dataclass(frozen=True)
 class MultipleChoiceScores:
-    """Multiple-choice accuracy on the forget set of each variant; ``None`` when the facts
-    have no choices (cloze-only files)."""
+    """Multiple-choice accuracy of each variant on one fact set (the forget set; the retain set
+    too when it is multiple choice); ``None`` when the facts have no choices (cloze-only files)."""
 
     base_fp: float | None
     base_q: float | None
@@ -482,6 +487,11 @@ class UpdateMetrics:
         oracle: the retrain oracle's accuracies (when there is one).
         cad: CAD scores (when measured).
         properties: the report card.
+        forgetting_basis: what its forgetting and PTQ properties were judged on: ``top1``
+            (``forget``'s first-token top-1), or ``mc`` (``multiple_choice``'s accuracy, for a
+            multiple-choice forget set; :func:`~workbench.data.facts.forget_criterion`).
+        multiple_choice_retain: multiple-choice accuracy on the retain set, measured (and
+            judged by the retain property) when the retain set is multiple choice; else ``None``.
     """
 
     quant: QuantConfig
@@ -508,6 +518,8 @@ class UpdateMetrics:
     properties: ReportCard
     exact: ForgetRetain[VariantAccuracies] | None = None
     logprob: ForgetRetain[VariantLogprobs] | None = None
+    forgetting_basis: ForgetCriterion = "top1"
+    multiple_choice_retain: MultipleChoiceScores | None = None
 
     def to_json(self) -> JsonObject:
         """The measured part of ``metrics.json``, key for key as version 1 wrote it (plus version 3's
@@ -519,6 +531,8 @@ class UpdateMetrics:
             "paraphrase": self.paraphrase.to_json(),
             "multiple_choice": {"forget": self.multiple_choice.to_json()},
         }
+        if self.multiple_choice_retain is not None:  # version 4: a multiple-choice retain set
+            out["multiple_choice"]["retain"] = self.multiple_choice_retain.to_json()
         # version 3's keys, absent from a run read from an older file (so it writes back unchanged)
         if self.exact is not None:
             out["exact"] = self.exact.to_json()
@@ -538,6 +552,8 @@ class UpdateMetrics:
         if self.cad is not None:
             out["cad"] = self.cad.to_json()
         out["properties"] = self.properties.to_json()
+        if self.forgetting_basis != "top1":  # version 4's key, written only where it says something
+            out["forgetting_basis"] = self.forgetting_basis
         return out
 
 
@@ -550,6 +566,8 @@ def _read_update_metrics(f: JsonFields) -> dict[str, Any]:
         "retain": VariantAccuracies.from_json(f.child("retain")),
         "paraphrase": ParaphraseAccuracies.from_json(f.child("paraphrase")),
         "multiple_choice": MultipleChoiceScores.from_json(choices.child("forget")),
+        "multiple_choice_retain": (MultipleChoiceScores.from_json(choices.child("retain"))
+                                   if choices.has("retain") else None),
         "exact": ForgetRetain.from_json(f.child("exact"), VariantAccuracies) if f.has("exact") else None,
         "logprob": ForgetRetain.from_json(f.child("logprob"), VariantLogprobs) if f.has("logprob") else None,
         "ptq_gap_decomposition": PtqGapDecomposition.from_json(f.child("ptq_gap_decomposition")),
@@ -558,6 +576,7 @@ def _read_update_metrics(f: JsonFields) -> dict[str, Any]:
         "oracle": OracleAccuracies.from_json(f.child("oracle")) if f.has("oracle") else None,
         "cad": CadScores.from_json(f.child("cad")) if f.has("cad") else None,
         "properties": ReportCard.from_json(f.child("properties")),
+        "forgetting_basis": _read_basis(f),
     }
     choices.no_other_keys()
     for name in ("ptq_gap", "bucket_overlap", "code_overlap", "codes_changed_fraction", "update_norm", "retain_kl"):
@@ -567,6 +586,15 @@ def _read_update_metrics(f: JsonFields) -> dict[str, Any]:
     out["moved_code_changed_fraction"] = f.number_or_none("moved_code_changed_fraction")
     out["absmax_changes"] = f.integer_or_none("absmax_changes")
     return out
+
+
+def _read_basis(f: JsonFields) -> ForgetCriterion:
+    if not f.has("forgetting_basis"):
+        return "top1"
+    basis = f.text("forgetting_basis")
+    if basis not in ("top1", "mc"):
+        raise f.error(f"'forgetting_basis' must be 'top1' or 'mc', not {basis!r}")
+    return "mc" if basis == "mc" else "top1"
 
 
 def _read_quant(f: JsonFields) -> QuantConfig:
@@ -594,7 +622,7 @@ class RunMetrics(UpdateMetrics):
         diagnostics: the method's own numbers (:data:`MethodDiagnostics`).
         circuit: the circuit's component names (``None``: the method used none).
         run_id: the id in the run store (``None`` until saved).
-        schema_version: the layout version read (1, 2 or 3); new metrics are :data:`SCHEMA_VERSION`.
+        schema_version: the layout version read (1 to 4); new metrics are :data:`SCHEMA_VERSION`.
     """
 
     method: str
@@ -654,7 +682,7 @@ class RunMetrics(UpdateMetrics):
 
     @classmethod
     def from_json(cls, data: object, *, source: str) -> RunMetrics:
-        """Read a ``metrics.json`` object of version 1, 2 or 3; ``source`` (the file or run)
+        """Read a ``metrics.json`` object of version 1 to 4; ``source`` (the file or run)
         starts every error message."""
         f = JsonFields(data, source)
         version = _schema_version(f)

@@ -271,6 +271,71 @@ def span_scores(model: torch.nn.Module, batch: FactBatch, batch_size: int = 64) 
     return logp, exact
 
 
+@dataclass(frozen=True)
+class ChoiceBatch:
+    """Multiple-choice facts as one :class:`FactBatch` of every (question, choice) pair, for
+    scoring them the way lm-evaluation-harness scores ``acc``: the fact is answered when its
+    answer has the highest summed log-probability among its choices (first choice on a tie,
+    as ``argmax``).
+
+    Attributes:
+        rows: ``[m]`` one row per (fact, choice), ``prompt`` + " " + choice.
+        fact: ``[m]`` which fact a row belongs to.
+        slot: ``[m]`` the choice's index among its fact's choices.
+        answer: ``[n]`` each fact's answer index.
+    """
+
+    rows: FactBatch
+    fact: torch.Tensor
+    slot: torch.Tensor
+    answer: torch.Tensor
+
+    @classmethod
+    def from_facts(cls, tokenizer: Any, facts: Sequence[Fact]) -> ChoiceBatch:
+        missing = [f.prompt for f in facts if not f.choices]
+        if not facts or missing:
+            raise WorkbenchError("multiple-choice scoring needs facts that all have choices"
+                                 + (f" ({missing[0]!r} has none)" if missing else ""))
+        pairs = [(i, k, f.prompt, c) for i, f in enumerate(facts) for k, c in enumerate(f.choices)]
+        rows = FactBatch.from_pairs(tokenizer, [p[2] for p in pairs], [p[3] for p in pairs])
+        return cls(rows, torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs]),
+                   torch.tensor([f.answer_index for f in facts]))
+
+    def __len__(self) -> int:
+        return int(self.answer.shape[0])
+
+    def to(self, device: torch.device | str) -> ChoiceBatch:
+        return ChoiceBatch(self.rows.to(device), self.fact.to(device), self.slot.to(device), self.answer.to(device))
+
+    def subset(self, index: torch.Tensor) -> ChoiceBatch:
+        """The facts ``index`` (in that order), each with all its rows."""
+        index = index.cpu()
+        renumber = torch.full((len(self),), -1, dtype=torch.long)
+        renumber[index] = torch.arange(len(index))
+        owner = renumber[self.fact.cpu()]
+        rows = (owner >= 0).nonzero().squeeze(-1)
+        device = self.fact.device
+        return ChoiceBatch(self.rows.subset(rows), owner[rows].to(device), self.slot[rows.to(device)],
+                           self.answer[index.to(device)])
+
+    def correct(self, row_logprobs: torch.Tensor) -> torch.Tensor:
+        """``[n]`` bool from the rows' answer log-probabilities (``[m]``, e.g. :func:`row_logprobs`)."""
+        table = torch.full((len(self), int(self.slot.max()) + 1), -torch.inf, device=row_logprobs.device)
+        table[self.fact.to(table.device), self.slot.to(table.device)] = row_logprobs.float()
+        return table.argmax(-1) == self.answer.to(table.device)
+
+
+def row_logprobs(model: torch.nn.Module, batch: FactBatch) -> torch.Tensor:
+    """``[n]`` log p(answer | prompt) of each row, one forward (a forward for
+    :meth:`~workbench.models.prefix.PrefixCache.run`; :func:`span_scores` chunks a large batch)."""
+    return span_logprob(span_logits(model, batch), batch.targets, batch.mask)
+
+
+def choice_correct(model: torch.nn.Module, choices: ChoiceBatch) -> torch.Tensor:
+    """``[n]`` bool: which multiple-choice facts ``model`` answers (no grad, in chunks)."""
+    return choices.correct(span_scores(model, choices.rows)[0])
+
+
 def fact_correct(model: torch.nn.Module, tokenizer: Any, facts: Sequence[Fact], batch_size: int = 128) -> torch.Tensor:
     """``[n]`` bool, like :func:`correct`, for a fact list of any size (in length-sorted chunks)."""
     ids, last, answers = encode_prompts(tokenizer, [f.prompt for f in facts], [f.answer for f in facts])

@@ -5,8 +5,10 @@ The loop trains a *deep copy* of the base model and returns the difference as an
 objective (a function of forget and retain logits) and in which parameters may move.
 
 Stopping rule (shared, so methods are compared at equal forgetting): stop as soon as the
-full-precision forget top-1 accuracy is at or below ``forget_target`` (checked every
-``eval_every`` steps), or when ``max_steps`` is reached, or when ``should_stop()`` says so.
+full-precision forget accuracy is at or below ``forget_target`` (checked every ``eval_every``
+steps), or when ``max_steps`` is reached, or when ``should_stop()`` says so. The accuracy is
+first-token top-1, or multiple-choice accuracy on a multiple-choice forget set, where the
+target is never below chance (:class:`~workbench.unlearning.batches.Batches`).
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def run_gradient_method(
     start = time.perf_counter()
     model, batches, stop = task.model, task.batches, task.stop
     optim = optim or task.optim
-    if already_at_target(model.hf, batches.forget, stop.forget_target):
+    if already_at_target(batches, model.hf, stop.forget_target):
         return nothing_to_unlearn(model, method, start)
     if work is not None and work is model.hf:
         raise WorkbenchError("the shared loop must train a copy, never the base model itself")
@@ -99,11 +101,14 @@ def run_gradient_method(
             if step % stop.eval_every == 0 or step == stop.max_steps:
                 work.eval()
                 record["forget_top1"] = top1(work, batches.forget)
+                if batches.choices is not None:
+                    record["forget_mc"] = batches.forget_accuracy(work)
                 work.train()
             history.append(record)
             steps.postfix(**{k: f"{v:.3f}" for k, v in record.items() if k != "step"})
             steps.step(_step_message(method, record))
-            if stop.forget_target is not None and record.get("forget_top1", 1.0) <= stop.forget_target:
+            target = None if stop.forget_target is None else batches.target(stop.forget_target)
+            if target is not None and record.get(batches.record_key, 1.0) <= target:
                 stopped = "target"
                 break
     work.eval()
@@ -144,4 +149,6 @@ def _step_message(method: str, record: dict[str, float]) -> str:
     msg = f"{method} step {int(record['step'])}: loss {record['loss']:.3f}"
     if "forget_top1" in record:
         msg += f", forget top-1 {record['forget_top1']:.3f}"
+    if "forget_mc" in record:
+        msg += f", forget MC {record['forget_mc']:.3f}"
     return msg

@@ -10,8 +10,9 @@ from typing import Any
 import torch
 
 from workbench.models.loaded import LoadedModel
-from workbench.models.scoring import FactBatch, top1
+from workbench.models.prefix import PrefixCache
 from workbench.models.update import Update
+from workbench.unlearning.batches import Batches
 
 ALREADY_AT_TARGET = "already at target"
 """Why a run that took no step ended: the base already misses the forget set (see
@@ -43,15 +44,16 @@ class UnlearningResult:
     seconds_by_phase: dict[str, float] = field(default_factory=dict)
 
 
-def already_at_target(hf: torch.nn.Module, forget: FactBatch, target: float | None, *,
-                      quantized: torch.nn.Module | None = None) -> bool:
-    """Does the base already answer at most ``target`` of the forget set (and so does its
-    quantized copy, when given)? Then no step is taken: every step would move weights, and
-    cost retain, for a forgetting property that holds already (a user's file of facts the
-    model never knew, e.g. a TOFU-style set on a model not fine-tuned on it)."""
-    if target is None or top1(hf, forget) > target:
+def already_at_target(batches: Batches, hf: torch.nn.Module | PrefixCache, target: float | None, *,
+                      quantized: torch.nn.Module | PrefixCache | None = None) -> bool:
+    """Does the base already answer at most ``target`` of the forget set by the run's criterion
+    (:meth:`Batches.target`; and so does its quantized copy, when given)? Then no step is taken:
+    every step would move weights, and cost retain, for a forgetting property that holds
+    already (a user's file of facts the model never knew, e.g. a TOFU-style set on a model not
+    fine-tuned on it)."""
+    if target is None or batches.forget_accuracy(hf) > batches.target(target):
         return False
-    return quantized is None or top1(quantized, forget) <= target
+    return quantized is None or batches.forget_accuracy(quantized) <= batches.target(target)
 
 
 def nothing_to_unlearn(model: LoadedModel, method: str, start: float) -> UnlearningResult:

@@ -31,7 +31,8 @@ class StopRule:
 
     Attributes:
         max_steps: step budget.
-        forget_target: stop once full-precision forget top-1 <= this (None: run the budget).
+        forget_target: stop once full-precision forget top-1 <= this (None: run the budget);
+            on a multiple-choice forget set, MC accuracy <= max(this, chance level).
         eval_every: check the forget accuracy every this many steps.
     """
 

@@ -80,7 +80,9 @@ def _add_paper_table(sub: argparse._SubParsersAction) -> None:
     _add_table_run_args(p)
     p.add_argument("--methods", help=f"comma-separated subset of: {', '.join(METHODS)} (default: all)")
     p.add_argument("--max-steps", type=int, default=100, help="gradient methods: step budget (shared)")
-    p.add_argument("--forget-target", type=float, default=0.1, help="shared stopping rule: forget top-1 <= this")
+    p.add_argument("--forget-target", type=float, default=0.1,
+                   help="shared stopping rule: forget top-1 <= this (multiple-choice forget sets: MC accuracy "
+                        "<= max(this, chance))")
     p.add_argument("--all-quantizers", action="store_true", help="fill NF4/FP4/int8 columns for every run")
     p.set_defaults(func=cmd_paper_table)
 
@@ -92,7 +94,9 @@ def _add_ablate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--circuit", help="circuit JSON shared by every run (default: attribute and take the top 10)")
     p.add_argument("--max-rounds", type=int, help="MANSU round budget for every run")
     p.add_argument("--retain-guard", type=float, help="MANSU retain guard for every run (default 0.02)")
-    p.add_argument("--forget-target", type=float, help="stop when fp and quantized forget top-1 <= this (default 0.1)")
+    p.add_argument("--forget-target", type=float,
+                   help="stop when fp and quantized forget top-1 <= this (default 0.1; multiple-choice forget "
+                        "sets: MC accuracy, never below chance)")
     p.set_defaults(func=cmd_ablate)
 
 

@@ -6,7 +6,7 @@ import argparse
 from dataclasses import replace
 
 from workbench.experiments.export import DTYPES, export_lora_adapter, export_run
-from workbench.experiments.flow import oracle_for, run_unlearning
+from workbench.experiments.flow import no_oracle_reason, oracle_for, run_unlearning
 from workbench.experiments.probing import probe_rows, probe_run
 from workbench.experiments.store import list_runs, resolve_run
 from workbench.faces.cli.common import (
@@ -25,7 +25,6 @@ from workbench.faces.tables import text_table
 from workbench.interpretability.circuit import Circuit
 from workbench.measurement.metrics import Thresholds, report_card_rows, summary_lines
 from workbench.measurement.results import PerVariant, RunMetrics
-from workbench.models.builtins import ORACLES
 from workbench.models.loaded import LoadedModel
 from workbench.models.loading import load_model
 from workbench.unlearning.mansu.config import MANSU_VARIANTS
@@ -79,7 +78,9 @@ def _add_unlearn(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--circuit", help="circuit JSON (default for MANSU: attribute and take the top 10)")
     add_quant_args(p)
     add_runs_root(p, "--out", what="where the run is saved")
-    p.add_argument("--forget-target", type=float, default=0.1, help="stop when forget top-1 <= this")
+    p.add_argument("--forget-target", type=float, default=0.1,
+                   help="stop when forget top-1 <= this (multiple-choice forget sets: MC accuracy "
+                        "<= max(this, chance))")
     p.add_argument("--max-steps", type=int, default=100, help="gradient methods: step budget")
     p.add_argument("--lr", type=float, help="gradient methods: Adam learning rate (default per model)")
     p.add_argument("--mansu-variant", choices=tuple(MANSU_VARIANTS), default="v1",
@@ -125,9 +126,9 @@ def cmd_unlearn(args: argparse.Namespace, out: Printer) -> int:
     q = quant_from_args(args, "unlearn")
     method_config, optim, stop = _method_settings(args, model)
     oracle = None if args.no_oracle else oracle_for(model, split)
-    if oracle is None and not args.no_oracle and model.name in ORACLES:
-        out.line(f"no retrain oracle: {ORACLES[model.name]} was retrained without {model.name}'s default forget "
-                 f"set only, and {split.name} forgets other facts (thresholds without an oracle apply)")
+    reason = None if args.no_oracle else no_oracle_reason(model, split)
+    if reason is not None:
+        out.line(reason)
     bar = Bar(f"{args.method} on {model.name}")
     try:
         result, metrics, run = run_unlearning(

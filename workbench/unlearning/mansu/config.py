@@ -62,7 +62,8 @@ class MansuConfig:
             rounds alternate (each pass lets the round grow, the next is undone), and a
             consecutive count never stopped a run that made almost no progress.
         max_rounds: round budget.
-        forget_target: stop when fp and quantized forget top-1 are both <= this.
+        forget_target: stop when fp and quantized forget top-1 are both <= this (on a
+            multiple-choice forget set: MC accuracy, and never below its chance level).
         null_threshold: relative eigenvalue threshold of the near-null space.
         min_null_fraction: keep at least this fraction of input directions as "null" (the
             smallest-eigenvalue ones) when the threshold leaves fewer.

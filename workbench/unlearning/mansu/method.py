@@ -1,6 +1,7 @@
 """The MANSU loop: setup, then rounds of (gradients → candidates → moves → check → keep or undo).
 
-It stops when full-precision *and* quantized forget top-1 reach ``forget_target``, when no
+It stops when full-precision *and* quantized forget accuracy reach ``forget_target`` (top-1; on a
+multiple-choice forget set, multiple-choice accuracy, never aiming below chance), when no
 move fits the Fisher budget, when the retain guard's patience is spent, or after
 ``max_rounds``.
 """
@@ -105,7 +106,7 @@ def mansu(task: UnlearningTask, config: MansuConfig | None = None) -> Unlearning
     report = task.progress or silent
     state = setup_state(task.model, task.batches, task.circuit, task.quant, config, report)
     state.timings["setup"] = time.perf_counter() - start
-    if already_at_target(state.work, task.batches.forget, config.forget_target, quantized=state.qwork):
+    if already_at_target(task.batches, state.answers, config.forget_target, quantized=state.q_answers):
         return nothing_to_unlearn(task.model, config.label, start)
     rounds, stopped = 0, "budget"
     for rounds in range(1, config.max_rounds + 1):
@@ -115,17 +116,22 @@ def mansu(task: UnlearningTask, config: MansuConfig | None = None) -> Unlearning
         stop, record = run_round(state, task, config, rounds)
         if record is not None:
             report(min(0.99, 0.15 + 0.85 * rounds / config.max_rounds),
-                   f"MANSU round {rounds}: moved {int(record['moved'])}, forget top-1 {record['forget_top1']:.3f} "
-                   f"(quantized {record['forget_top1_q']:.3f})")
+                   f"MANSU round {rounds}: moved {int(record['moved'])}, {_forget_text(record)}")
         if stop is not None:
             stopped = stop
             break
     if config.snaps and stopped != "cancelled":
         snap_to_codes(state, task.quant, config)
         record = evaluate_round(state, task.batches, config, rounds)
-        report(0.99, f"MANSU snapped {state.snapped} moves onto codes (dropped {state.snap_dropped}): forget "
-                     f"top-1 {record['forget_top1']:.3f} (quantized {record['forget_top1_q']:.3f})")
+        report(0.99, f"MANSU snapped {state.snapped} moves onto codes (dropped {state.snap_dropped}): "
+                     f"{_forget_text(record)}")
     return _result(state, task, config, rounds, stopped, time.perf_counter() - start)
+
+
+def _forget_text(record: dict[str, float]) -> str:
+    """A round's forget accuracy as the progress line shows it (the deciding one)."""
+    name, key = ("MC", "forget_mc") if "forget_mc" in record else ("top-1", "forget_top1")
+    return f"forget {name} {record[key]:.3f} (quantized {record[key + '_q']:.3f})"
 
 
 def run_round(state: MansuState, task: UnlearningTask, config: MansuConfig,
@@ -162,7 +168,8 @@ def run_round(state: MansuState, task: UnlearningTask, config: MansuConfig,
     grow_round(state, drop, config)
     record = evaluate_round(state, task.batches, config, rounds)
     state.lap("evaluation", tick)
-    reached = record["forget_top1"] <= config.forget_target and record["forget_top1_q"] <= config.forget_target
+    key, target = task.batches.record_key, task.batches.target(config.forget_target)
+    reached = record[key] <= target and record[f"{key}_q"] <= target
     return ("target" if reached else None), record
 
 

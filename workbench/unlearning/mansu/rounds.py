@@ -86,13 +86,14 @@ def apply_round(state: MansuState, done: Round, quant: QuantConfig) -> None:
 
 
 def retain_drop(state: MansuState, config: MansuConfig) -> float:
-    """The retain guard's measurement: drop of top-1 on its retain sample since the base, in full
+    """The retain guard's measurement: drop of the retain accuracy (top-1; multiple-choice accuracy
+    on a multiple-choice retain set) on its retain sample since the base, in full
     precision (or the larger of the fp and quantized drops, with ``guard_precision="both"``); 0 when off."""
     if config.retain_guard is None:
         return 0.0
-    drop = state.guard_base - state.answers.top1(state.guard_batch)
+    drop = state.guard_base - state.guard_batch.accuracy(state.answers)
     if config.guard_precision == "both" and state.guard_base_q is not None:
-        drop = max(drop, state.guard_base_q - state.q_answers.top1(state.guard_batch))
+        drop = max(drop, state.guard_base_q - state.guard_batch.accuracy(state.q_answers))
     return drop
 
 
@@ -150,12 +151,17 @@ def snap_to_codes(state: MansuState, quant: QuantConfig, config: MansuConfig) ->
 
 
 def evaluate_round(state: MansuState, batches: Batches, config: MansuConfig, rounds: int) -> dict[str, float]:
-    """Forget top-1 of w+Δ and Q(w+Δ) after a kept round (refreshing which facts each still answers)."""
-    state.still = state.answers.correct(batches.forget)
-    answered_q = state.q_answers.correct(batches.forget)
+    """Forget accuracy of w+Δ and Q(w+Δ) after a kept round (refreshing which facts each still
+    answers), by the run's criterion: first-token top-1 (``forget_top1``/``forget_top1_q``), and
+    on a multiple-choice forget set also ``forget_mc``/``forget_mc_q``, which decide."""
+    state.still = batches.forget_answered(state.answers)
+    answered_q = batches.forget_answered(state.q_answers)
     state.q_still = answered_q if config.forget_direction != "full_precision" else None
-    record = {"step": rounds, "forget_top1": float(state.still.float().mean()),
-              "forget_top1_q": float(answered_q.float().mean()), "moved": float(state.n_moved()),
-              "fisher_bound": state.bound}
+    record = {"step": rounds, "moved": float(state.n_moved()), "fisher_bound": state.bound}
+    fp, q = float(state.still.float().mean()), float(answered_q.float().mean())
+    if batches.choices is not None:
+        record["forget_mc"], record["forget_mc_q"] = fp, q
+        fp, q = state.answers.top1(batches.forget), state.q_answers.top1(batches.forget)
+    record["forget_top1"], record["forget_top1_q"] = fp, q
     state.history.append(record)
     return record

@@ -21,7 +21,7 @@ from workbench.models.loaded import LoadedModel
 from workbench.models.prefix import PrefixCache
 from workbench.models.scoring import FactBatch
 from workbench.quant import QuantConfig, quantized_copy
-from workbench.unlearning.batches import Batches
+from workbench.unlearning.batches import Batches, ScoredSet
 from workbench.unlearning.mansu.config import MansuConfig
 from workbench.unlearning.mansu.fisher import diagonal_fisher
 from workbench.unlearning.mansu.grid import Grid, weight_grid
@@ -56,7 +56,7 @@ class MansuState:
     again, through :class:`~workbench.models.prefix.PrefixCache`: the blocks before the first
     weight a round wrote run once per batch), ``retain_sample`` (for projectors and the retain
     gradient), ``guard_batch`` and
-    ``guard_base`` (the retain guard's independent sample and its base top-1; ``guard_base_q``
+    ``guard_base`` (the retain guard's independent sample and its base accuracy; ``guard_base_q``
     the same for Q(w), when the guard watches both precisions),
     ``n_candidates``, ``max_per_round``.
 
@@ -78,7 +78,7 @@ class MansuState:
     answers: PrefixCache
     q_answers: PrefixCache
     retain_sample: FactBatch
-    guard_batch: FactBatch
+    guard_batch: ScoredSet
     guard_base: float
     n_candidates: int
     per_round: int
@@ -171,23 +171,23 @@ def setup_state(model: LoadedModel, batches: Batches, circuit: tuple[Component, 
     n_candidates = int(sum(int(m.sum()) for m in masks.values()))
     per_round, max_per_round = round_sizes(n_candidates, config)
     # The guard's retain sample differs from the projector's, so the guard stays an independent check.
-    guard_batch = batches.retain.sample(256, torch.Generator().manual_seed(1))
+    guard_batch = batches.retain_set.sample(256, torch.Generator().manual_seed(1))
     # Rounds write only the weights they move (apply_round tells the caches): the blocks before
     # the first one written are the base's (Q(w)'s), so each batch runs them once.
     answers, q_answers = PrefixCache(work, model.adapter), PrefixCache(qwork, model.adapter)
     return MansuState(
         names=names, masks=masks, base=base, grids=grids, transposed=transposed, conv1d=conv1d, work=work,
         qwork=qwork, answers=answers, q_answers=q_answers, retain_sample=retain_sample, guard_batch=guard_batch,
-        guard_base=answers.top1(guard_batch),
-        guard_base_q=q_answers.top1(guard_batch) if config.guard_precision == "both" else None,
+        guard_base=guard_batch.accuracy(answers),
+        guard_base_q=guard_batch.accuracy(q_answers) if config.guard_precision == "both" else None,
         n_candidates=n_candidates, per_round=per_round, max_per_round=max_per_round,
         # float32 whatever the storage dtype: updates accumulate there (rounded only when written)
         deltas={n: torch.zeros_like(base[n], dtype=torch.float32) for n in names},
         moved={n: torch.zeros(base[n].numel(), dtype=torch.bool, device=base[n].device) for n in names},
         # Which forget facts each model still answers: the forget gradient only runs over those
         # (forgotten facts contribute nothing to it), and each round's evaluation refreshes them.
-        still=answers.correct(batches.forget),
-        q_still=q_answers.correct(batches.forget) if config.forget_direction != "full_precision" else None,
+        still=batches.forget_answered(answers),
+        q_still=batches.forget_answered(q_answers) if config.forget_direction != "full_precision" else None,
         projectors=projectors, fisher=fisher,
     )
 
