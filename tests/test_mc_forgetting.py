@@ -15,6 +15,8 @@ from workbench.core.components import head, mlp
 from workbench.core.errors import WorkbenchError
 from workbench.data.facts import Fact, FactSplit, chance_level, forget_criterion
 from workbench.experiments.flow import run_unlearning
+from workbench.faces.compare import compare_row
+from workbench.faces.session import runs_table
 from workbench.measurement.evaluation import evaluate_facts
 from workbench.measurement.metrics import report_card, report_card_rows, summary_lines
 from workbench.measurement.results import RunMetrics, VariantAccuracies
@@ -123,6 +125,9 @@ def test_a_measured_run_says_its_basis_and_round_trips(facts_tiny, mc_split, tmp
     assert any(line.startswith("multiple-choice accuracy (judged by the card)") for line in summary_lines(metrics))
     j = run.metrics.to_json()
     assert j["forgetting_basis"] == "mc" and RunMetrics.from_json(j, source="t").forgetting_basis == "mc"
+    row = compare_row(run)  # the comparison and the app's History show what the card judged
+    assert (row["forget MC fp"], row["forget MC Q"]) == (mc.after_fp, mc.after_q)
+    assert runs_table(tmp_path)[0]["forget MC fp"] == mc.after_fp
     # a top-1 run writes no key (its file reads as every earlier one did)
     assert "forgetting_basis" not in replace(run.metrics, forgetting_basis="top1").to_json()
     # the retain set is cloze here: judged on top-1, no multiple-choice retain measured

@@ -11,6 +11,8 @@ A row per run (a plain dict, column name → value), built from ``metrics.json``
                             from ``metrics.json``; the others only with :func:`quantizer_accuracies`)
 ``forget exact fp / Q``     greedy exact match of the whole answer, w+Δ / Q(w+Δ) (the run's
                             quantizer); only when the runs measured it (``metrics.json`` v3)
+``forget MC fp / Q``        multiple-choice accuracy of w+Δ / Q(w+Δ), for a run whose forget set
+                            is multiple choice (what its forgetting and PTQ properties judged)
 ``retain fp / nf4 / ...``   the same for the retain set
 ``PTQ gap``                 forget(Q(w+Δ)) − forget(w+Δ), the run's quantizer
 ``gap base shift``          forget(Q(w)+Δ) − forget(w+Δ): the base's own quantization noise
@@ -135,6 +137,10 @@ def compare_row(run: Run, label: str | None = None,
     # greedy exact match beside first-token top-1 (None for runs saved before it was measured)
     row["forget exact fp"] = m.exact.forget.after_fp if m.exact is not None else None
     row["forget exact Q"] = m.exact.forget.after_q if m.exact is not None else None
+    # a multiple-choice forget set is judged on its choice accuracy (None: a top-1 run, no column)
+    mc = m.multiple_choice if m.forgetting_basis == "mc" else None
+    row["forget MC fp"] = mc.after_fp if mc is not None else None
+    row["forget MC Q"] = mc.after_q if mc is not None else None
     row["retain base"] = r.base_fp
     row["retain fp"] = r.after_fp
     for t in QUANT_TYPES:
@@ -207,7 +213,7 @@ def _present_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
         for k in row:
             cols.setdefault(k, None)
     optional = {f"{s} {t}" for s in ("forget", "retain") for t in QUANT_TYPES} | {
-        "CAD oracle", "CAD / oracle", "forget exact fp", "forget exact Q"}
+        "CAD oracle", "CAD / oracle", "forget exact fp", "forget exact Q", "forget MC fp", "forget MC Q"}
     return [c for c in cols if c not in optional or any(r.get(c) is not None for r in rows)]
 
 

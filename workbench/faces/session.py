@@ -1009,7 +1009,8 @@ def _bytes_under(root: str | Path | None) -> int:
 
 
 RUN_COLUMNS = ("run", "method", "model", "split", "quantizer", "forget fp", "forget quantized", "retain fp",
-               "retain quantized", "PTQ gap", "forgetting", "retain kept", "PTQ gap ok", "structural")
+               "retain quantized", "forget exact fp", "forget exact Q", "forget MC fp", "forget MC Q", "PTQ gap",
+               "forgetting", "retain kept", "PTQ gap ok", "structural")
 """Columns of :func:`runs_table` (values from :func:`workbench.faces.compare.compare_row`, the CLI's comparison)."""
 
 
