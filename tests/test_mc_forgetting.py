@@ -13,7 +13,7 @@ import torch
 
 from workbench.core.components import head, mlp
 from workbench.core.errors import WorkbenchError
-from workbench.data.facts import Fact, FactSplit, chance_level, forget_criterion
+from workbench.data.facts import Fact, FactSplit, chance_level, answer_criterion
 from workbench.experiments.flow import run_unlearning
 from workbench.faces.compare import compare_row
 from workbench.faces.session import runs_table
@@ -40,8 +40,8 @@ def mc_split(split):
 def test_criterion_and_chance_level():
     mc = [Fact("q1", "a", ("a", "b"), kind="mc"), Fact("q2", "c", ("c", "d", "e", "f"), kind="mc")]
     cloze = Fact("p", "a", ("a", "b"))  # choices, but a cloze fact: the built-ins' shape
-    assert forget_criterion(mc) == "mc"
-    assert forget_criterion([*mc, cloze]) == "top1" and forget_criterion([cloze]) == "top1"
+    assert answer_criterion(mc) == "mc"
+    assert answer_criterion([*mc, cloze]) == "top1" and answer_criterion([cloze]) == "top1"
     assert chance_level(mc) == pytest.approx((1 / 2 + 1 / 4) / 2)
     with pytest.raises(WorkbenchError, match="all have choices"):
         chance_level([Fact("q", "a", ())])
@@ -58,17 +58,51 @@ def test_choice_batch_reads_the_argmax_of_each_facts_choices(facts_tiny, mc_spli
     assert batch.correct(logp).tolist() == [True, False, False]
 
 
-def test_choice_scoring_equals_the_evaluations_multiple_choice_accuracy(facts_tiny, mc_split):
+def _direct_choice_correct(hf, tok, facts) -> list[bool]:
+    """One unbatched forward per (fact, choice): the summed log-probability of the choice's tokens
+    after the prompt, and whether the answer's is the first maximum (lm-eval's ``acc``)."""
+    out = []
+    for f in facts:
+        prompt = tok(f.prompt)["input_ids"]
+        scores = []
+        for c in f.choices:
+            cont = tok(" " + c, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logp = torch.log_softmax(hf(torch.tensor([prompt + cont])).logits[0].float(), -1)
+            scores.append(sum(float(logp[len(prompt) - 1 + k, t]) for k, t in enumerate(cont)))
+        out.append(max(range(len(scores)), key=lambda k: (scores[k], -k)) == f.answer_index)
+    return out
+
+
+def test_choice_scoring_equals_a_direct_computation(facts_tiny, mc_split):
     batches = Batches.build(facts_tiny, mc_split)
     assert batches.criterion == "mc" and batches.record_key == "forget_mc"
     assert batches.chance == pytest.approx(chance_level(mc_split.forget))
-    direct = evaluate_facts(facts_tiny, mc_split.forget).mc  # the evaluation's own scorer
-    assert batches.forget_accuracy(facts_tiny.hf) == pytest.approx(direct)
-    assert choice_correct(facts_tiny.hf, batches.choices).float().mean() == pytest.approx(direct)
+    direct = _direct_choice_correct(facts_tiny.hf, facts_tiny.tokenizer, mc_split.forget)
+    assert sum(direct) > len(direct) / 2  # facts-tiny knows most of them
+    assert batches.forget_answered(facts_tiny.hf).tolist() == direct
+    assert choice_correct(facts_tiny.hf, batches.choices).tolist() == direct
+    assert evaluate_facts(facts_tiny, mc_split.forget).mc == pytest.approx(sum(direct) / len(direct))
+    # a perturbed model answers other facts; the batched scoring still agrees fact by fact
+    moved = _perturbed(facts_tiny.hf)
+    moved_direct = _direct_choice_correct(moved, facts_tiny.tokenizer, mc_split.forget)
+    assert moved_direct != direct and choice_correct(moved, batches.choices).tolist() == moved_direct
     assert batches.target(0.1) == pytest.approx(batches.chance) and batches.target(0.6) == 0.6
     # the built-in cloze split keeps first-token top-1
     assert Batches.build(facts_tiny, replace(mc_split, forget=mc_split.retain[:5], retain=mc_split.retain[5:])
                          ).criterion == "top1"
+
+
+def _perturbed(hf: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``hf`` with noise on every weight, so some facts flip."""
+    import copy
+
+    out = copy.deepcopy(hf)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.add_(p.std() * torch.randn(p.shape, generator=gen))
+    return out
 
 
 def test_graddiff_stops_at_chance_on_multiple_choice(facts_tiny, mc_split):

@@ -24,15 +24,15 @@ question-answer pair (TOFU-like) or a passage of raw text split into prefix and 
 (MUSE-like). See :mod:`workbench.data.files`."""
 
 
-ForgetCriterion = Literal["top1", "mc"]
-"""What "the model still answers a forget fact" means for a run (see :func:`forget_criterion`):
+AnswerCriterion = Literal["top1", "mc"]
+"""What "the model still answers a fact" means for a fact set (see :func:`answer_criterion`):
 ``top1``, the answer's first token is the argmax after the prompt; ``mc``, the answer has the
 highest summed log-probability among the fact's choices (lm-evaluation-harness's ``acc``)."""
 
 
-def forget_criterion(facts: Sequence[Fact]) -> ForgetCriterion:
-    """``mc`` when every forget fact is a multiple-choice question (a WMDP/MMLU-style file),
-    else ``top1``. A benchmark question is asked as a choice among candidates, and a model
+def answer_criterion(facts: Sequence[Fact]) -> AnswerCriterion:
+    """``mc`` when every fact is a multiple-choice question (a WMDP/MMLU-style file), else
+    ``top1``; a run's forget set's criterion decides when it stops and how its forgetting is judged. A benchmark question is asked as a choice among candidates, and a model
     rarely produces the answer's text itself right after the bare question (SmolLM2 picks
     most of the example capitals among four choices but answers almost none first-token
     top-1), so first-token top-1 would call the set forgotten before any step. The built-in facts carry

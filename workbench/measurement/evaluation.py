@@ -21,11 +21,10 @@ from typing import Any
 
 import torch
 
-from workbench.core.device import module_device
 from workbench.core.errors import WorkbenchError
 from workbench.data.facts import Fact, FactSplit
 from workbench.models.loaded import LoadedModel, hf_module
-from workbench.models.scoring import FactBatch, encode_prompts, is_top1, last_token_logits, logits_at, span_scores
+from workbench.models.scoring import ChoiceBatch, FactBatch, encode_prompts, is_top1, last_token_logits, span_scores
 from workbench.quant import QuantConfig, quantized_copy
 
 
@@ -58,47 +57,13 @@ class FactScores:
 
 
 def _mc_accuracy(hf: torch.nn.Module, tokenizer: Any, facts: Sequence[Fact], batch_size: int) -> float:
-    """Multiple-choice accuracy by summed candidate log-probability."""
+    """Multiple-choice accuracy by summed candidate log-probability (the facts with choices;
+    the same scoring the unlearning stop rules use on a multiple-choice forget set)."""
     with_choices = [f for f in facts if f.choices]
     if not with_choices:
         return float("nan")
-    seqs: list[list[int]] = []
-    spans: list[tuple[int, int]] = []  # (prompt_len, total_len)
-    owner: list[tuple[int, int]] = []  # (fact index, choice index)
-    for i, fact in enumerate(with_choices):
-        p_ids = tokenizer(fact.prompt)["input_ids"]
-        for j, choice in enumerate(fact.choices):
-            c_ids = tokenizer(" " + choice, add_special_tokens=False)["input_ids"]
-            seqs.append(p_ids + c_ids)
-            spans.append((len(p_ids), len(p_ids) + len(c_ids)))
-            owner.append((i, j))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    scores = torch.full((len(with_choices), max(len(f.choices) for f in with_choices)), -float("inf"))
-    device = module_device(hf)
-    with torch.no_grad():
-        for start in range(0, len(seqs), batch_size):
-            chunk = seqs[start : start + batch_size]
-            width = max(len(s) for s in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            for r, s in enumerate(chunk):
-                ids[r, : len(s)] = torch.tensor(s)
-            # Only the positions that predict a choice token need the (vocab-sized) unembedding.
-            rows, positions, targets = [], [], []
-            for r, s in enumerate(chunk):
-                p_len, total = spans[start + r]
-                rows += [r] * (total - p_len)
-                positions += list(range(p_len - 1, total - 1))
-                targets += s[p_len:total]
-            pick = torch.tensor(rows), torch.tensor(positions)
-            ids = ids.to(device)
-            logits = logits_at(hf, ids, pick).cpu()
-            token_logp = torch.log_softmax(logits.float(), -1)[torch.arange(len(targets)), torch.tensor(targets)]
-            sums = torch.zeros(len(chunk)).index_add_(0, torch.tensor(rows), token_logp)
-            for r in range(len(chunk)):
-                i, j = owner[start + r]
-                scores[i, j] = sums[r]
-    answers = torch.tensor([f.choices.index(f.answer) for f in with_choices])
-    return float((scores.argmax(-1) == answers).float().mean())
+    choices = ChoiceBatch.from_facts(tokenizer, with_choices)
+    return float(choices.correct(span_scores(hf, choices.rows, batch_size)[0]).float().mean())
 
 
 def evaluate_facts(

@@ -39,7 +39,7 @@ from workbench.core.components import Component
 from workbench.core.errors import WorkbenchError
 from workbench.core.progress import Progress, silent
 from workbench.core.sharing import sharing_copy
-from workbench.data.facts import Fact, FactSplit, ForgetCriterion, chance_level, forget_criterion
+from workbench.data.facts import Fact, FactSplit, AnswerCriterion, chance_level, answer_criterion
 from workbench.interpretability.attribution import Attribution, AttributionConfig, attribute
 from workbench.interpretability.cad import CADResult, circuit_attribution_divergence
 from workbench.measurement.evaluation import FactScores, evaluate_facts
@@ -248,7 +248,7 @@ def _variant_scores(vname: str, vmodel: LoadedModel, split: FactSplit, quant: Qu
     out = {}
     for sname, facts in _fact_sets(split).items():
         # multiple choice on the forget set; on the retain set only when it is judged by it
-        mc = sname == "forget" or (sname == "retain" and forget_criterion(facts) == "mc")
+        mc = sname == "forget" or (sname == "retain" and answer_criterion(facts) == "mc")
         if vname in BASE_VARIANTS:
             key = ("evaluate", vname, key_model.fingerprint, quant, tuple(facts), mc)
             out[sname] = base_memo(key, lambda f=facts, m=mc: evaluate_facts(vmodel, f, multiple_choice=m))
@@ -385,7 +385,7 @@ def measure_update(
             cad_scores = replace(cad_scores, calibration=calibration)
     f = accuracies.forget
     ptq_gap = f.after_q - f.after_fp
-    basis = forget_criterion(split.forget)
+    basis = answer_criterion(split.forget)
     card = report_card(forget=f, retain=accuracies.retain, ptq_gap=ptq_gap, cad=cad_scores,
                        oracle=oracle_accuracies, thresholds=thresholds,
                        chosen=_chosen(accuracies.multiple_choice, split.forget) if basis == "mc" else None,
@@ -556,7 +556,7 @@ BASIS_NAMES = {"top1": "first-token top-1", "mc": "multiple-choice accuracy"}
 """What a card's forgetting property was judged on (:attr:`UpdateMetrics.forgetting_basis`)."""
 
 
-def property_label(name: str, basis: ForgetCriterion = "top1", retain_basis: ForgetCriterion = "top1") -> str:
+def property_label(name: str, basis: AnswerCriterion = "top1", retain_basis: AnswerCriterion = "top1") -> str:
     """A property's name on the card; the forgetting, PTQ and retain ones say which accuracy they judge."""
     if retain_basis == "mc" and name == "retain":
         return "retain preserved (multiple-choice accuracy)"
@@ -567,7 +567,7 @@ def property_label(name: str, basis: ForgetCriterion = "top1", retain_basis: For
     return PROPERTY_LABELS.get(name, name)
 
 
-def retain_basis(metrics: UpdateMetrics) -> ForgetCriterion:
+def retain_basis(metrics: UpdateMetrics) -> AnswerCriterion:
     """What the card's retain property was judged on (multiple choice when the retain set was)."""
     return "top1" if metrics.multiple_choice_retain is None else "mc"
 
@@ -600,7 +600,7 @@ def _cad_line(cad: CadScores, threshold: float) -> str:
             f"{calibration.retain:.3f} on the retain set (noise floor)")
 
 
-def _verdict_line(card: ReportCard, basis: ForgetCriterion, retained: ForgetCriterion) -> str:
+def _verdict_line(card: ReportCard, basis: AnswerCriterion, retained: AnswerCriterion) -> str:
     """Which properties failed and by how much (the margin is how far the value is past its threshold)."""
     failed = [(name, p) for name, p in card.items() if p.passed is False]
     measured = sum(1 for _, p in card.items() if p.passed is not None)

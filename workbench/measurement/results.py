@@ -35,7 +35,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Generic, Self, TypeVar
 
 from workbench.core.errors import WorkbenchError
-from workbench.data.facts import ForgetCriterion
+from workbench.data.facts import AnswerCriterion
 from workbench.quant import QuantConfig
 from workbench.unlearning.mansu import MansuDiagnostics, is_mansu_method
 
@@ -489,7 +489,7 @@ class UpdateMetrics:
         properties: the report card.
         forgetting_basis: what its forgetting and PTQ properties were judged on: ``top1``
             (``forget``'s first-token top-1), or ``mc`` (``multiple_choice``'s accuracy, for a
-            multiple-choice forget set; :func:`~workbench.data.facts.forget_criterion`).
+            multiple-choice forget set; :func:`~workbench.data.facts.answer_criterion`).
         multiple_choice_retain: multiple-choice accuracy on the retain set, measured (and
             judged by the retain property) when the retain set is multiple choice; else ``None``.
     """
@@ -518,7 +518,7 @@ class UpdateMetrics:
     properties: ReportCard
     exact: ForgetRetain[VariantAccuracies] | None = None
     logprob: ForgetRetain[VariantLogprobs] | None = None
-    forgetting_basis: ForgetCriterion = "top1"
+    forgetting_basis: AnswerCriterion = "top1"
     multiple_choice_retain: MultipleChoiceScores | None = None
 
     def to_json(self) -> JsonObject:
@@ -588,7 +588,7 @@ def _read_update_metrics(f: JsonFields) -> dict[str, Any]:
     return out
 
 
-def _read_basis(f: JsonFields) -> ForgetCriterion:
+def _read_basis(f: JsonFields) -> AnswerCriterion:
     if not f.has("forgetting_basis"):
         return "top1"
     basis = f.text("forgetting_basis")

@@ -1,7 +1,7 @@
 """The forget and retain sets as tensors on the model's device, with the frozen base's logits,
 and the run's criterion of "the model still answers a fact".
 
-A set of multiple-choice questions (every fact of kind ``mc``, :func:`~workbench.data.facts.forget_criterion`)
+A set of multiple-choice questions (every fact of kind ``mc``, :func:`~workbench.data.facts.answer_criterion`)
 is judged by multiple-choice accuracy, any other set by first-token top-1; the forget set's
 criterion decides when a run stops, the retain set's what MANSU's retain guard measures.
 """
@@ -14,7 +14,7 @@ import torch
 
 from workbench.core.device import module_device
 from workbench.core.errors import WorkbenchError
-from workbench.data.facts import Fact, FactSplit, ForgetCriterion, chance_level, forget_criterion
+from workbench.data.facts import Fact, FactSplit, AnswerCriterion, chance_level, answer_criterion
 from workbench.models.loaded import LoadedModel
 from workbench.models.prefix import PrefixCache
 from workbench.models.scoring import ChoiceBatch, FactBatch, choice_correct, correct, row_logprobs, span_logits
@@ -35,12 +35,12 @@ class ScoredSet:
 
     @classmethod
     def of(cls, model: LoadedModel, facts: FactBatch, source: tuple[Fact, ...]) -> ScoredSet:
-        if forget_criterion(source) == "mc":
+        if answer_criterion(source) == "mc":
             return cls(facts, ChoiceBatch.from_facts(model.tokenizer, source).to(facts.ids.device))
         return cls(facts)
 
     @property
-    def criterion(self) -> ForgetCriterion:
+    def criterion(self) -> AnswerCriterion:
         return "top1" if self.choices is None else "mc"
 
     def sample(self, size: int, generator: torch.Generator) -> ScoredSet:
@@ -109,7 +109,7 @@ class Batches:
         return self.forget_set.choices
 
     @property
-    def criterion(self) -> ForgetCriterion:
+    def criterion(self) -> AnswerCriterion:
         return self.forget_set.criterion
 
     @property
