@@ -13,7 +13,7 @@ import torch
 
 from workbench.core.components import head, mlp
 from workbench.core.errors import WorkbenchError
-from workbench.data.facts import Fact, FactSplit, chance_level, answer_criterion
+from workbench.data.facts import Fact, FactSplit, answer_criterion, chance_level
 from workbench.experiments.flow import run_unlearning
 from workbench.faces.compare import compare_row
 from workbench.faces.session import runs_table

@@ -32,10 +32,11 @@ highest summed log-probability among the fact's choices (lm-evaluation-harness's
 
 def answer_criterion(facts: Sequence[Fact]) -> AnswerCriterion:
     """``mc`` when every fact is a multiple-choice question (a WMDP/MMLU-style file), else
-    ``top1``; a run's forget set's criterion decides when it stops and how its forgetting is judged. A benchmark question is asked as a choice among candidates, and a model
-    rarely produces the answer's text itself right after the bare question (SmolLM2 picks
-    most of the example capitals among four choices but answers almost none first-token
-    top-1), so first-token top-1 would call the set forgotten before any step. The built-in facts carry
+    ``top1``. A run's forget set's criterion decides when it stops and how its forgetting is
+    judged. A benchmark question is asked as a choice among candidates, and a model rarely
+    produces the answer's text itself right after the bare question (SmolLM2 picks most of the
+    example capitals among four choices but answers almost none first-token top-1), so
+    first-token top-1 would call the set forgotten before any step. The built-in facts carry
     choices too but are cloze facts: they keep ``top1``."""
     return "mc" if facts and all(f.kind == "mc" for f in facts) else "top1"
 

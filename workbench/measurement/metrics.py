@@ -39,7 +39,7 @@ from workbench.core.components import Component
 from workbench.core.errors import WorkbenchError
 from workbench.core.progress import Progress, silent
 from workbench.core.sharing import sharing_copy
-from workbench.data.facts import Fact, FactSplit, AnswerCriterion, chance_level, answer_criterion
+from workbench.data.facts import AnswerCriterion, Fact, FactSplit, answer_criterion, chance_level
 from workbench.interpretability.attribution import Attribution, AttributionConfig, attribute
 from workbench.interpretability.cad import CADResult, circuit_attribution_divergence
 from workbench.measurement.evaluation import FactScores, evaluate_facts

@@ -14,7 +14,7 @@ import torch
 
 from workbench.core.device import module_device
 from workbench.core.errors import WorkbenchError
-from workbench.data.facts import Fact, FactSplit, AnswerCriterion, chance_level, answer_criterion
+from workbench.data.facts import AnswerCriterion, Fact, FactSplit, answer_criterion, chance_level
 from workbench.models.loaded import LoadedModel
 from workbench.models.prefix import PrefixCache
 from workbench.models.scoring import ChoiceBatch, FactBatch, choice_correct, correct, row_logprobs, span_logits
