@@ -156,7 +156,9 @@ def test_a_measured_run_says_its_basis_and_round_trips(facts_tiny, mc_split, tmp
     assert metrics.properties.forgetting.value == pytest.approx(max(mc.after_fp, mc.after_q))
     assert metrics.properties.ptq.value == pytest.approx(mc.after_q - mc.after_fp)
     assert report_card_rows(metrics)[0]["property"] == "forgetting (multiple-choice accuracy, fp and quantized)"
-    assert any(line.startswith("multiple-choice accuracy (judged by the card)") for line in summary_lines(metrics))
+    lines = summary_lines(metrics)
+    assert any(line.startswith("multiple-choice accuracy (judged by the card)") for line in lines)
+    assert any(line.startswith("PTQ gap (first-token top-1)") for line in lines)  # not the card's MC gap
     j = run.metrics.to_json()
     assert j["forgetting_basis"] == "mc" and RunMetrics.from_json(j, source="t").forgetting_basis == "mc"
     row = compare_row(run)  # the comparison and the app's History show what the card judged

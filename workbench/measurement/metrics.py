@@ -654,7 +654,9 @@ def summary_lines(metrics: RunMetrics) -> list[str]:
     lines = [
         _verdict_line(metrics.properties, metrics.forgetting_basis, retain_basis(metrics)),
         *answer_span_lines(metrics),
-        f"PTQ gap {metrics.ptq_gap:+.3f} = base shift {d.base_shift:+.3f} + rounding {d.rounding:+.3f}"
+        # the decomposition is of the top-1 gap; a multiple-choice card's PTQ row is the MC gap
+        f"PTQ gap{' (first-token top-1)' if metrics.forgetting_basis == 'mc' else ''} {metrics.ptq_gap:+.3f} = "
+        f"base shift {d.base_shift:+.3f} + rounding {d.rounding:+.3f}"
         + (f" (before it, storage rounding {d.storage:+.3f})" if d.storage else ""),
         f"params changed {metrics.params_changed:,} · codes changed {metrics.codes_changed:,} "
         f"({100 * metrics.codes_changed_fraction:.4f}%) · code overlap "
