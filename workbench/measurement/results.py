@@ -427,8 +427,8 @@ class Property:
 
 @dataclass(frozen=True)
 class ReportCard:
-    """The four properties: forgetting (first-token top-1, fp and quantized), retain preserved, PTQ gap,
-    structural erasure."""
+    """The four properties: forgetting (first-token top-1, or multiple-choice accuracy on a
+    multiple-choice forget set; fp and quantized), retain preserved, PTQ gap, structural erasure."""
 
     forgetting: Property
     retain: Property
