@@ -118,3 +118,69 @@ def test_chunked_gradient_equals_one_backward(facts_tiny, split):
     for n in names:
         assert whole[n].abs().max() > 0
         torch.testing.assert_close(chunked[n], whole[n], rtol=1e-5, atol=1e-7)
+
+
+# --- MANSU's state bounded by what it moves (issue 17, item 3) --------------------------------------
+
+BOUNDED_CONFIGS = {
+    "default": {},
+    "best code": {"code_choice": "best"},
+    "no floor": {"use_floor": False},
+    "no Fisher": {"use_fisher": False},
+    "snap": {"floor_mode": "snap"},
+    "both precisions": {"guard_precision": "both", "forget_direction": "quantized"},
+}
+
+
+@pytest.mark.parametrize("overrides", BOUNDED_CONFIGS.values(), ids=BOUNDED_CONFIGS.keys())
+def test_mansu_over_every_weight_is_the_same_when_grids_and_scores_are_not_held(facts_tiny, split, monkeypatch,
+                                                                               overrides):
+    """Above a size MANSU rebuilds each grid when it needs it and scores the tensors twice
+    instead of holding every score; forced here on facts-tiny, the run must not change at all."""
+    import workbench.unlearning.mansu.candidates as candidates
+    import workbench.unlearning.mansu.state as state
+
+    config = MansuConfig(use_circuit=False, max_rounds=3, **overrides)
+
+    def run() -> tuple[dict[str, torch.Tensor], list[dict[str, float]]]:
+        result = unlearn(facts_tiny, split, method="mansu", quant=NF4, progress=SILENT, method_config=config)
+        return result.update.deltas, result.history
+
+    held, held_history = run()
+    monkeypatch.setattr(state, "GRID_CACHE_WEIGHTS", 0)
+    monkeypatch.setattr(candidates, "SCORE_CACHE_WEIGHTS", 0)
+    rebuilt, rebuilt_history = run()
+    assert sum(int((d != 0).sum()) for d in held.values()) > 0
+    assert sorted(held) == sorted(rebuilt) and rebuilt_history == held_history
+    for name, delta in held.items():
+        assert torch.equal(rebuilt[name], delta), name
+
+
+def test_mansu_state_holds_only_the_tensors_a_round_wrote(facts_tiny, split):
+    """The working model shares every base tensor until a round writes into it, deltas and
+    moved flags exist only for written tensors, and the base model is never touched."""
+    from workbench.unlearning.batches import Batches
+    from workbench.unlearning.mansu.method import run_round
+    from workbench.unlearning.mansu.state import setup_state
+    from workbench.unlearning.task import UnlearningTask
+
+    before = {n: p.detach().clone() for n, p in facts_tiny.hf.named_parameters()}
+    config = MansuConfig(use_circuit=False, max_rounds=1, params_per_round=4)
+    batches = Batches.build(facts_tiny, split)
+    task = UnlearningTask(model=facts_tiny, batches=batches, quant=NF4, circuit=None, progress=SILENT)
+    state = setup_state(facts_tiny, batches, None, NF4, config, SILENT)
+    base = dict(facts_tiny.hf.named_parameters())
+    work = dict(state.work.named_parameters())
+    assert all(work[n].data_ptr() == base[n].data_ptr() for n in state.names) and not list(state.deltas.items())
+    assert len(state.names) > 2
+    run_round(state, task, config, 1)
+    written = {n for n, d in state.deltas.items() if bool((d != 0).any())}
+    assert written and written < set(state.names)
+    assert state.owned == {n for n, _ in state.deltas.items()} and set(dict(state.moved.items())) == state.owned
+    for n in state.names:
+        shares = work[n].data_ptr() == base[n].data_ptr()
+        assert shares == (n not in state.owned), n
+    for n, p in facts_tiny.hf.named_parameters():
+        assert torch.equal(p.detach(), before[n]), f"the base model changed: {n}"
+    unwritten = next(n for n in state.names if n not in state.owned)
+    assert torch.equal(state.deltas[unwritten], torch.zeros_like(base[unwritten]))

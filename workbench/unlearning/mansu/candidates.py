@@ -1,13 +1,13 @@
 """One round's candidates: the gradients, each weight's move, its forget gain and retain cost,
 and the ranking by saliency (gain per cost).
 
-Steps, in the order a round runs them: :func:`round_gradients`, :func:`score_module` for each
-candidate weight, :func:`rank_moves`.
+Steps, in the order a round runs them: :func:`round_gradients`, then :func:`select_moves`:
+:func:`score_module` for each candidate weight, :func:`rank_moves`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +16,7 @@ from workbench.models.scoring import FactBatch, span_logits
 from workbench.unlearning.batches import Batches
 from workbench.unlearning.losses import answer_logprob
 from workbench.unlearning.mansu.config import MansuConfig
-from workbench.unlearning.mansu.grid import floor_targets
+from workbench.unlearning.mansu.grid import Grid, floor_targets
 from workbench.unlearning.mansu.projection import project_update
 from workbench.unlearning.mansu.state import Gradients, MansuState
 
@@ -69,7 +69,8 @@ def answer_logprob_gradient(work: torch.nn.Module, names: list[str], batch: Fact
             logp = answer_logprob(span(rows) if span is not None else span_logits(work, rows), rows.targets, rows.mask)
             objective = logp.mean() if n <= chunk else logp.sum() / n
             grads = torch.autograd.grad(objective, [params[name] for name in names], allow_unused=True)
-            total = [t if g is None else (g if t is None else t + g) for t, g in zip(total, grads)]
+            # in place: one gradient of the candidates held beside the sum, not two
+            total = [t if g is None else (g if t is None else t.add_(g)) for t, g in zip(total, grads)]
     finally:
         for name in names:
             params[name].requires_grad_(False)
@@ -120,37 +121,39 @@ def score_module(state: MansuState, name: str, gradients: Gradients, config: Man
     raw = gradients.forget[name] * mask
     d = project_update(raw, state.projectors[name], conv1d=state.conv1d[name]) * mask if config.use_projection else raw
     flat = d.reshape(-1)
+    grid, delta = state.grids[name], state.deltas[name].reshape(-1)  # fetched once: a grid may be rebuilt
     if config.steps_on_grid:
         ks = [config.code_steps] if config.code_choice == "fixed" else range(1, config.max_code_steps + 1)
-        options = [_grid_step(state, name, flat, k) for k in ks]
+        moved = state.moved[name]
+        options = [_grid_step(grid, state.base[name], moved, flat, k) for k in ks]
     else:
-        options = [_sub_bin_step(state, name, flat, config)]
-    scored = [_gain_and_cost(state, name, raw, flat, step, valid & mask.reshape(-1), gradients, config)
+        options = [_sub_bin_step(grid, state.base[name], delta, flat, config)]
+    scored = [_gain_and_cost(state, name, raw, flat, delta, step, valid & mask.reshape(-1), gradients, config)
               for step, valid in options]
     return scored[0] if len(scored) == 1 else _best_per_weight(scored, config)
 
 
-def _grid_step(state: MansuState, name: str, flat: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _grid_step(grid: Grid, base: torch.Tensor, moved: torch.Tensor, flat: torch.Tensor,
+               k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The delta that puts each weight on the code ``k`` away (floor rule), and where that is allowed."""
-    target, valid = floor_targets(flat, state.grids[name], k)
-    return target - state.base[name].reshape(-1), valid & ~state.moved[name]
+    target, valid = floor_targets(flat, grid, k)
+    return target - base.reshape(-1), valid & ~moved
 
 
-def _sub_bin_step(state: MansuState, name: str, flat: torch.Tensor,
+def _sub_bin_step(grid: Grid, base: torch.Tensor, delta: torch.Tensor, flat: torch.Tensor,
                   config: MansuConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """The delta after a further sub-bin step along ``flat`` (no floor), and where that is allowed."""
-    grid = state.grids[name]
-    base = state.base[name].reshape(-1)
     valid = (flat != 0) & ~grid.is_block_max
     rel = flat.abs() / flat.abs().max().clamp_min(1e-30)
     step = torch.sign(flat) * config.no_floor_step * grid.bin_width * rel
-    return (base + state.deltas[name].reshape(-1) + step) - base, valid
+    base = base.reshape(-1)
+    return (base + delta + step) - base, valid  # the delta w+Δ would have, in w+Δ's rounding
 
 
-def _gain_and_cost(state: MansuState, name: str, raw: torch.Tensor, flat: torch.Tensor, step: torch.Tensor,
-                   valid: torch.Tensor, gradients: Gradients, config: MansuConfig) -> ModuleScores:
+def _gain_and_cost(state: MansuState, name: str, raw: torch.Tensor, flat: torch.Tensor, delta: torch.Tensor,
+                   step: torch.Tensor, valid: torch.Tensor, gradients: Gradients, config: MansuConfig) -> ModuleScores:
     if config.use_fisher:
-        move = step - state.deltas[name].reshape(-1)
+        move = step - delta
         gain = (raw.reshape(-1) * move).clamp_min(0)
         cost = 0.5 * state.fisher[name].reshape(-1) * move**2
         if gradients.retain is not None:
@@ -177,20 +180,51 @@ def rank_moves(scores: list[ModuleScores], per_round: int, config: MansuConfig) 
     Saliency is gain per cost (with the Fisher; damped by ``fisher_damping`` times the mean
     cost of the moves with a gain), else the gain itself.
     """
-    damping = 0.0
-    if config.use_fisher:
-        live = [s.cost[s.gain > 0] for s in scores]
-        pooled = torch.cat(live) if live else torch.zeros(0)
-        damping = config.fisher_damping * float(pooled.mean()) if pooled.numel() else 0.0
-    moves: list[Move] = []
-    for s in scores:
-        saliency = s.gain / (s.cost + damping + 1e-30) if config.use_fisher else s.gain
-        k = min(per_round, int((s.gain > 0).sum()))
-        if k == 0:
-            continue
-        top = torch.topk(saliency, k)
-        for value, i in zip(top.values.tolist(), top.indices.tolist()):
-            if value > 0:
-                moves.append(Move(value, s.name, i, float(s.step[i])))
+    damping = _damping([s.cost[s.gain > 0] for s in scores], config)
+    moves = [move for s in scores for move in _module_moves(s, per_round, damping, config)]
     moves.sort(key=lambda m: -m.saliency)
     return moves
+
+
+SCORE_CACHE_WEIGHTS = 16_000_000
+"""Up to this many weights in the candidate tensors, a round scores every tensor once and holds
+all the scores (12 bytes per weight) to rank them; above it (no circuit restriction) it scores
+each tensor twice, holding one tensor's scores at a time (:func:`select_moves`)."""
+
+
+def select_moves(state: MansuState, gradients: Gradients, config: MansuConfig) -> list[Move]:
+    """:func:`rank_moves` over every candidate tensor's :func:`score_module`, in memory bounded
+    by one tensor when the candidates are many: a first pass keeps only the costs that set the
+    damping, a second scores each tensor again and keeps only its best moves (without the
+    Fisher there is no damping: one pass). Every path gives the same moves: scoring is
+    deterministic and the damping is the same mean of the same costs."""
+    def scores() -> Iterator[ModuleScores]:
+        return (score_module(state, n, gradients, config) for n in state.names)
+
+    if config.use_fisher and state.n_weights() <= SCORE_CACHE_WEIGHTS:
+        return rank_moves(list(scores()), state.per_round, config)
+    damping = 0.0
+    if config.use_fisher:  # first pass: only the costs the damping is the mean of
+        damping = _damping([s.cost[s.gain > 0] for s in scores()], config)
+    moves = [m for s in scores() for m in _module_moves(s, state.per_round, damping, config)]
+    moves.sort(key=lambda m: -m.saliency)
+    return moves
+
+
+def _damping(live_costs: list[torch.Tensor], config: MansuConfig) -> float:
+    """``fisher_damping`` × the mean cost of the moves with a gain (0 without the Fisher)."""
+    if not config.use_fisher:
+        return 0.0
+    pooled = torch.cat(live_costs) if live_costs else torch.zeros(0)
+    return config.fisher_damping * float(pooled.mean()) if pooled.numel() else 0.0
+
+
+def _module_moves(s: ModuleScores, per_round: int, damping: float, config: MansuConfig) -> list[Move]:
+    """One tensor's ``per_round`` most salient moves with a positive saliency."""
+    saliency = s.gain / (s.cost + damping + 1e-30) if config.use_fisher else s.gain
+    k = min(per_round, int((s.gain > 0).sum()))
+    if k == 0:
+        return []
+    top = torch.topk(saliency, k)
+    return [Move(value, s.name, i, float(s.step[i]))
+            for value, i in zip(top.values.tolist(), top.indices.tolist()) if value > 0]

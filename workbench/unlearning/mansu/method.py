@@ -17,7 +17,7 @@ import torch
 from workbench.core.errors import WorkbenchError
 from workbench.core.progress import silent
 from workbench.models.update import Update
-from workbench.unlearning.mansu.candidates import rank_moves, round_gradients, score_module
+from workbench.unlearning.mansu.candidates import round_gradients, select_moves
 from workbench.unlearning.mansu.config import MansuConfig
 from workbench.unlearning.mansu.fisher import fisher_bound
 from workbench.unlearning.mansu.projection import retain_output_change
@@ -145,8 +145,7 @@ def run_round(state: MansuState, task: UnlearningTask, config: MansuConfig,
         # An undone round restored the weights exactly, so its gradients still hold.
         state.reused_gradients += 1
     tick = state.lap("gradients", tick)
-    scores = [score_module(state, n, state.gradients, config) for n in state.names]
-    done = take_moves(state, rank_moves(scores, state.per_round, config), config)
+    done = take_moves(state, select_moves(state, state.gradients, config), config)
     tick = state.lap("selection", tick)
     if config.steps_on_grid:
         verify_codes(state, done, task.quant)

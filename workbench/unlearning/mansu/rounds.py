@@ -40,7 +40,8 @@ def take_moves(state: MansuState, moves: list[Move], config: MansuConfig) -> Rou
         if done.chosen >= state.per_round:
             break
         n, i = move.name, move.index
-        old = float(state.deltas[n].view(-1)[i])
+        deltas = state.deltas.write(n)
+        old = float(deltas.view(-1)[i])
         if config.use_fisher:
             cost = 0.5 * float(state.fisher[n].view(-1)[i]) * (move.delta**2 - old**2)
             if config.fisher_budget is not None and state.bound + cost > config.fisher_budget:
@@ -48,8 +49,8 @@ def take_moves(state: MansuState, moves: list[Move], config: MansuConfig) -> Rou
                 continue
             state.bound += cost
             done.fisher_cost += cost
-        state.deltas[n].view(-1)[i] = move.delta
-        state.moved[n][i] = True
+        deltas.view(-1)[i] = move.delta
+        state.moved.write(n)[i] = True
         done.touched.setdefault(n, []).append(i)
         done.previous.setdefault(n, []).append(old)
         done.chosen += 1
@@ -66,9 +67,9 @@ def verify_codes(state: MansuState, done: Round, quant: QuantConfig) -> None:
         index = torch.tensor(idx, dtype=torch.long, device=state.deltas[n].device)
         stuck = index[new[index] == state.grids[n].code[index]]
         if stuck.numel():
-            state.deltas[n].view(-1)[stuck] = 0.0
+            state.deltas.write(n).view(-1)[stuck] = 0.0
             state.masks[n].view(-1)[stuck] = False
-            state.moved[n][stuck] = False
+            state.moved.write(n)[stuck] = False
             state.floor_reverted += int(stuck.numel())
             done.chosen -= int(stuck.numel())
 
@@ -80,6 +81,10 @@ def apply_round(state: MansuState, done: Round, quant: QuantConfig) -> None:
     state.q_answers.changing(done.touched)
     with torch.no_grad():
         for n in done.touched:
+            if n not in state.owned:
+                # ``work`` shares the base's tensor until now: writing into it would edit the base
+                params[n].data = params[n].data.clone()
+                state.owned.add(n)
             after = stored_sum(state.base[n], state.deltas[n])  # w+Δ as stored (rounded to a 16-bit dtype)
             params[n].copy_(after)
             qparams[n].copy_(quantize_dequantize(after, quant, transposed=state.transposed[n]))
@@ -100,10 +105,11 @@ def retain_drop(state: MansuState, config: MansuConfig) -> float:
 def undo_round(state: MansuState, done: Round, quant: QuantConfig) -> None:
     """Restore the deltas (and both working models) exactly as they were before the round."""
     for n, idx in done.touched.items():
-        index = torch.tensor(idx, dtype=torch.long, device=state.deltas[n].device)
-        old = torch.tensor(done.previous[n], dtype=state.deltas[n].dtype, device=state.deltas[n].device)
-        state.deltas[n].view(-1)[index] = old
-        state.moved[n][index] = old != 0
+        deltas = state.deltas.write(n)
+        index = torch.tensor(idx, dtype=torch.long, device=deltas.device)
+        old = torch.tensor(done.previous[n], dtype=deltas.dtype, device=deltas.device)
+        deltas.view(-1)[index] = old
+        state.moved.write(n)[index] = old != 0
     apply_round(state, done, quant)
     state.bound -= done.fisher_cost
 
@@ -134,17 +140,17 @@ def snap_to_codes(state: MansuState, quant: QuantConfig, config: MansuConfig) ->
     ``snap_fraction`` of its bin goes onto the code next to its base code in the direction of
     its change (so its code changes and Q(w+Δ) = w+Δ there); the smaller moves are dropped."""
     snapped, written = Round(), Round()
-    for n in state.names:
-        delta = state.deltas[n].view(-1)
+    for n, moved in sorted(state.moved.items()):  # a tensor never written has no move to snap
+        delta = state.deltas.write(n).view(-1)
         grid = state.grids[n]
         target, valid = floor_targets(delta, grid, 1)
-        keep = state.moved[n] & valid & (delta.abs() >= config.snap_fraction * grid.bin_width)
-        state.snap_dropped += int((state.moved[n] & ~keep).sum())
-        written.touched[n] = state.moved[n].nonzero().squeeze(-1).tolist()  # snapped or dropped
+        keep = moved & valid & (delta.abs() >= config.snap_fraction * grid.bin_width)
+        state.snap_dropped += int((moved & ~keep).sum())
+        written.touched[n] = moved.nonzero().squeeze(-1).tolist()  # snapped or dropped
         snapped.touched[n] = keep.nonzero().squeeze(-1).tolist()  # the moves the quantizer must confirm
         snapped.chosen += len(snapped.touched[n])
         delta.copy_(torch.where(keep, target - state.base[n].view(-1), torch.zeros_like(delta)))
-        state.moved[n] = keep
+        state.moved.replace(n, keep)
     verify_codes(state, snapped, quant)
     state.snapped = snapped.chosen
     apply_round(state, written, quant)

@@ -8,6 +8,7 @@ update it; :mod:`.method` runs the rounds.
 from __future__ import annotations
 
 import time
+from collections.abc import ItemsView, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +28,12 @@ from workbench.unlearning.mansu.fisher import diagonal_fisher
 from workbench.unlearning.mansu.grid import Grid, weight_grid
 from workbench.unlearning.mansu.projection import projectors_for
 
+GRID_CACHE_WEIGHTS = 16_000_000
+"""Up to this many weights in the candidate tensors, their grids are kept for the whole run (13
+bytes per weight, ~200 MB here); above it (no circuit restriction: every weight of the model)
+each grid is rebuilt from the base weights when a round needs it, which is exact (the base
+does not change) and costs one pass of the quantizer per round instead of 13 bytes per weight."""
+
 PHASES = ("setup", "gradients", "selection", "quantizer", "evaluation")
 """Where a MANSU run's time goes, in the order of a round (``seconds_by_phase``)."""
 
@@ -45,32 +52,88 @@ class Gradients:
     retain: dict[str, torch.Tensor] | None
 
 
+class ZeroUntilWritten:
+    """Per candidate tensor, a tensor that reads as zeros until a round writes into it.
+
+    Allocated at the first write (:meth:`write`): a round moves a few hundred weights in a few
+    tensors, so a run over every weight of the model holds deltas and flags only where it
+    moved something. ``[name]`` reads (a fresh zero tensor when never written: do not write
+    into what it returns); :meth:`items` lists the written tensors only.
+    """
+
+    def __init__(self, like: Mapping[str, torch.Tensor], dtype: torch.dtype, *, flat: bool) -> None:
+        self._like, self._dtype, self._flat = like, dtype, flat
+        self._written: dict[str, torch.Tensor] = {}
+
+    def _zeros(self, name: str) -> torch.Tensor:
+        like = self._like[name]
+        return torch.zeros(like.numel() if self._flat else like.shape, dtype=self._dtype, device=like.device)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        held = self._written.get(name)
+        return held if held is not None else self._zeros(name)
+
+    def write(self, name: str) -> torch.Tensor:
+        """The tensor to write into (allocated, as zeros, on the first call)."""
+        if name not in self._written:
+            self._written[name] = self._zeros(name)
+        return self._written[name]
+
+    def replace(self, name: str, value: torch.Tensor) -> None:
+        self._written[name] = value
+
+    def items(self) -> ItemsView[str, torch.Tensor]:
+        return self._written.items()
+
+    def values(self) -> list[torch.Tensor]:
+        return list(self._written.values())
+
+
+class GridStore:
+    """The quantization grid of each candidate tensor (:func:`weight_grid` of its base value),
+    kept when the candidates are few (:data:`GRID_CACHE_WEIGHTS`), rebuilt on each use otherwise."""
+
+    def __init__(self, base: Mapping[str, torch.Tensor], names: list[str], quant: QuantConfig,
+                 transposed: Mapping[str, bool]) -> None:
+        self._base, self._quant, self._transposed = base, quant, transposed
+        self._kept: dict[str, Grid] | None = None
+        if sum(base[n].numel() for n in names) <= GRID_CACHE_WEIGHTS:
+            self._kept = {n: self._build(n) for n in names}
+
+    def _build(self, name: str) -> Grid:
+        return weight_grid(self._base[name], self._quant, transposed=self._transposed[name])
+
+    def __getitem__(self, name: str) -> Grid:
+        return self._kept[name] if self._kept is not None else self._build(name)
+
+
 @dataclass
 class MansuState:
     """Everything a MANSU run holds; see the module docstring.
 
     Fixed at setup: ``names`` (candidate weights, sorted), ``base`` (their base values),
-    ``grids``, ``transposed`` and ``conv1d`` (per weight), ``projectors`` and ``fisher``
-    (empty when that component is off), ``work`` (the model at w+Δ) and ``qwork`` (at
-    Q(w+Δ)), ``answers`` and ``q_answers`` (their forwards on the batches every round runs
-    again, through :class:`~workbench.models.prefix.PrefixCache`: the blocks before the first
-    weight a round wrote run once per batch), ``retain_sample`` (for projectors and the retain
-    gradient), ``guard_batch`` and
-    ``guard_base`` (the retain guard's independent sample and its base accuracy; ``guard_base_q``
-    the same for Q(w), when the guard watches both precisions),
-    ``n_candidates``, ``max_per_round``.
+    ``grids`` (:class:`GridStore`), ``transposed`` and ``conv1d`` (per weight), ``projectors``
+    and ``fisher`` (empty when that component is off), ``work`` (the model at w+Δ: it shares
+    the base's tensors until a round writes one, see ``owned``) and ``qwork`` (at Q(w+Δ)),
+    ``answers`` and ``q_answers`` (their forwards on the batches every round runs again,
+    through :class:`~workbench.models.prefix.PrefixCache`: the blocks before the first weight
+    a round wrote run once per batch), ``retain_sample`` (for projectors and the retain
+    gradient), ``guard_batch`` and ``guard_base`` (the retain guard's independent sample and
+    its base accuracy; ``guard_base_q`` the same for Q(w), when the guard watches both
+    precisions), ``n_candidates``, ``max_per_round``.
 
     Changed by rounds: ``masks`` (a move that cannot change its code, or that the guard
-    blocked at the smallest round size, is masked out for good), ``deltas``, ``moved``
-    (flat bool per weight), ``bound`` (the running Fisher bound), ``per_round``, ``still``
-    and ``q_still`` (which forget facts w+Δ and Q(w+Δ) still answer), ``gradients``, the
-    counters, ``timings`` and ``history``.
+    blocked at the smallest round size, is masked out for good), ``deltas`` and ``moved``
+    (flat bool per weight; both :class:`ZeroUntilWritten`), ``owned`` (the tensors of ``work``
+    given their own storage, at their first write), ``bound`` (the running Fisher bound),
+    ``per_round``, ``still`` and ``q_still`` (which forget facts w+Δ and Q(w+Δ) still answer),
+    ``gradients``, the counters, ``timings`` and ``history``.
     """
 
     names: list[str]
     masks: dict[str, torch.Tensor]
     base: dict[str, torch.Tensor]
-    grids: dict[str, Grid]
+    grids: GridStore
     transposed: dict[str, bool]
     conv1d: dict[str, bool]
     work: torch.nn.Module
@@ -83,11 +146,12 @@ class MansuState:
     n_candidates: int
     per_round: int
     max_per_round: int
-    deltas: dict[str, torch.Tensor]
-    moved: dict[str, torch.Tensor]
+    deltas: ZeroUntilWritten
+    moved: ZeroUntilWritten
     still: torch.Tensor
     q_still: torch.Tensor | None
     guard_base_q: float | None = None
+    owned: set[str] = field(default_factory=set)
     projectors: dict[str, torch.Tensor] = field(default_factory=dict)
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)
     bound: float = 0.0
@@ -103,6 +167,10 @@ class MansuState:
 
     def n_moved(self) -> int:
         return int(sum(int(m.sum()) for m in self.moved.values()))
+
+    def n_weights(self) -> int:
+        """Weights in the candidate tensors (candidates or not)."""
+        return int(sum(self.base[n].numel() for n in self.names))
 
     def lap(self, phase: str, since: float) -> float:
         """Add the time since ``since`` to ``phase``; return now (after the GPU's queued work)."""
@@ -147,7 +215,7 @@ def setup_state(model: LoadedModel, batches: Batches, circuit: tuple[Component, 
                              f"quantizer; use at most {quant.n_codes - 1}")
     masks = candidate_masks(model, circuit, quant, config)
     names = sorted(masks)
-    work = _frozen_copy(model.hf, names)
+    work = sharing_copy(model.hf).eval()  # its tensors get their own storage when first written
     # Conv1D (GPT-2) weights are [in, out]: the model's adapter says which ones are.
     transposed_names = model.adapter.transposed
     conv1d = {n: n in transposed_names for n in names}
@@ -155,7 +223,7 @@ def setup_state(model: LoadedModel, batches: Batches, circuit: tuple[Component, 
     report(0.02, "quantization grid of the moved modules")
     base = model.state()
     transposed = dict(conv1d)
-    grids = {n: weight_grid(base[n], quant, transposed=transposed[n]) for n in names}
+    grids = GridStore(base, names, quant, transposed)
 
     retain_sample = batches.retain.sample(config.retain_batch, torch.Generator().manual_seed(0))
     projectors: dict[str, torch.Tensor] = {}
@@ -182,21 +250,11 @@ def setup_state(model: LoadedModel, batches: Batches, circuit: tuple[Component, 
         guard_base_q=guard_batch.accuracy(q_answers) if config.guard_precision == "both" else None,
         n_candidates=n_candidates, per_round=per_round, max_per_round=max_per_round,
         # float32 whatever the storage dtype: updates accumulate there (rounded only when written)
-        deltas={n: torch.zeros_like(base[n], dtype=torch.float32) for n in names},
-        moved={n: torch.zeros(base[n].numel(), dtype=torch.bool, device=base[n].device) for n in names},
+        deltas=ZeroUntilWritten(base, torch.float32, flat=False),
+        moved=ZeroUntilWritten(base, torch.bool, flat=True),
         # Which forget facts each model still answers: the forget gradient only runs over those
         # (forgotten facts contribute nothing to it), and each round's evaluation refreshes them.
         still=batches.forget_answered(answers),
         q_still=batches.forget_answered(q_answers) if config.forget_direction != "full_precision" else None,
         projectors=projectors, fisher=fisher,
     )
-
-
-def _frozen_copy(hf: torch.nn.Module, names: list[str]) -> torch.nn.Module:
-    """The working model at w+Δ: shares every weight with the base except the candidate
-    tensors ``names``, which rounds write into and so get their own storage."""
-    work = sharing_copy(hf).eval()
-    for n in names:
-        p = work.get_parameter(n)
-        p.data = p.data.clone()
-    return work
