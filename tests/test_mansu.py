@@ -146,6 +146,21 @@ def test_modules_reading_one_input_share_it_and_its_projector(toy_llama_gqa):
     assert alone.shape[0] == n_real and torch.equal(alone, inputs[names[0]])
 
 
+def test_capturing_inputs_stops_the_forward_after_the_last_owner(toy_llama_gqa):
+    """The blocks after the last module whose input is wanted, and the logits, are not run."""
+    batch = FactBatch.from_facts(toy_llama_gqa.tokenizer, [Fact("w1 w2", "w3", ())])
+    ran: list[str] = []
+    hooks = [toy_llama_gqa.hf.get_submodule(m).register_forward_hook(lambda *_, m=m: ran.append(m))
+             for m in ("model.layers.0.mlp", "model.layers.1.self_attn", "lm_head")]
+    try:
+        inputs = linear_inputs(toy_llama_gqa.hf, ["model.layers.0.mlp.down_proj.weight"], batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert inputs["model.layers.0.mlp.down_proj.weight"].shape[1] == toy_llama_gqa.hf.config.intermediate_size
+    assert ran == []  # stopped inside layer 0's MLP, before it returned
+
+
 # --- facts-tiny MANSU runs shared by the tests below --------------------------------------------
 
 

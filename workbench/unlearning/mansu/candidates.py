@@ -85,7 +85,7 @@ def forget_direction(work: torch.nn.Module, names: list[str], forget: FactBatch,
     bool; all facts once none is left), so already-forgotten facts stop pulling on the
     direction. Only those facts are run: the same gradient, for less work."""
     rows = forget.subset(still.nonzero().squeeze(-1)) if bool(still.any()) else forget
-    return {n: -g for n, g in answer_logprob_gradient(work, names, rows).items()}
+    return {n: g.neg_() for n, g in answer_logprob_gradient(work, names, rows).items()}  # in place: no second copy
 
 
 def round_gradients(state: MansuState, batches: Batches, config: MansuConfig) -> Gradients:
@@ -100,7 +100,8 @@ def round_gradients(state: MansuState, batches: Batches, config: MansuConfig) ->
     if config.forget_direction == "average":
         assert state.q_still is not None
         q_direction = forget_direction(state.qwork, state.names, batches.forget, state.q_still)
-        direction = {n: 0.5 * (direction[n] + q_direction[n]) for n in state.names}
+        for n in state.names:  # in place, freeing each quantized one as it goes: ½(a + b) as before
+            direction[n].add_(q_direction.pop(n)).mul_(0.5)
     retain = (answer_logprob_gradient(state.work, state.names, state.retain_sample, span=state.answers.span_logits)
               if config.use_fisher and config.retain_first_order else None)
     return Gradients(direction, retain)

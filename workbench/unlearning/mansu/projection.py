@@ -9,13 +9,16 @@ share one projector.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import torch
 
 from workbench.core.errors import WorkbenchError
 from workbench.models.scoring import FactBatch
 from workbench.models.update import Update
+
+T = TypeVar("T")
 
 
 def null_space_projector(inputs: torch.Tensor, threshold: float = 1e-2, min_fraction: float = 0.0) -> torch.Tensor:
@@ -41,36 +44,54 @@ def null_space_projector(inputs: torch.Tensor, threshold: float = 1e-2, min_frac
     return (basis @ basis.T).float()
 
 
+class _AllSeen(Exception):
+    """Raised by the last input hook: the rest of the forward (the other blocks, the logits) is not needed."""
+
+
+def each_linear_input(work: torch.nn.Module, names: Iterable[str], batch: FactBatch,
+                      use: Callable[[torch.Tensor], T]) -> dict[str, T]:
+    """``use(x)`` of the ``[n_real_tokens, d_in]`` input of each module owning a weight in
+    ``names`` on ``batch``, one call per distinct input; the forward stops once every owner ran.
+
+    Modules that read the same tensor one after the other (Llama's q/k/v, gate/up) share one
+    call and its very result. Only the latest input is held, so memory is one input at a time
+    (holding them all held every layer's activations: ~1 GB on SmolLM2 over every module).
+    """
+    modules = dict(work.named_modules())
+    owners = {n: n.rsplit(".", 1)[0] for n in names}
+    done: dict[str, T] = {}
+    latest: list[tuple[torch.Tensor, T]] = []  # the last input seen and its result
+    positions = torch.arange(batch.ids.shape[1], device=batch.last.device)
+    real = positions[None, :] <= batch.last[:, None]  # padding excluded
+    handles = []
+    wanted = set(owners.values())
+    for mod_name in wanted:
+        def hook(_m: torch.nn.Module, args: tuple[torch.Tensor, ...], key: str = mod_name) -> None:
+            x = args[0]
+            if not latest or latest[0][0] is not x:
+                latest[:] = [(x, use(x.detach()[real]))]
+            done[key] = latest[0][1]
+            if len(done) == len(wanted):
+                raise _AllSeen
+        handles.append(modules[mod_name].register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            work(batch.ids)
+    except _AllSeen:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: done[owners[n]] for n in names}
+
+
 def linear_inputs(work: torch.nn.Module, names: Iterable[str], batch: FactBatch) -> dict[str, torch.Tensor]:
     """``[n_real_tokens, d_in]`` inputs of the modules owning the weights ``names`` on ``batch``.
 
     Modules that read the same tensor (Llama's q/k/v projections, gate/up) get the very same
     returned tensor, so callers can compute one projector per distinct input.
     """
-    modules = dict(work.named_modules())
-    owners = {n: n.rsplit(".", 1)[0] for n in names}
-    captured: dict[str, list[torch.Tensor]] = {m: [] for m in set(owners.values())}
-    # id → (the input itself, its real-token rows); holding the input keeps its id unique
-    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    positions = torch.arange(batch.ids.shape[1], device=batch.last.device)
-    real = positions[None, :] <= batch.last[:, None]  # padding excluded
-    handles = []
-    for mod_name in captured:
-        def hook(_m: torch.nn.Module, args: tuple[torch.Tensor, ...], key: str = mod_name) -> None:
-            x = args[0]
-            if id(x) not in seen:
-                seen[id(x)] = (x, x.detach()[real])
-            captured[key].append(seen[id(x)][1])
-        handles.append(modules[mod_name].register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            work(batch.ids)
-    finally:
-        for h in handles:
-            h.remove()
-    # one forward, so one captured input per module (kept as is: shared inputs stay shared)
-    by_module = {m: xs[0] if len(xs) == 1 else torch.cat(xs) for m, xs in captured.items()}
-    return {n: by_module[owners[n]] for n in names}
+    return each_linear_input(work, names, batch, lambda x: x)
 
 
 def project_update(delta: torch.Tensor, projector: torch.Tensor, *, conv1d: bool) -> torch.Tensor:
@@ -84,16 +105,9 @@ def project_update(delta: torch.Tensor, projector: torch.Tensor, *, conv1d: bool
 
 def projectors_for(work: torch.nn.Module, names: list[str], batch: FactBatch, threshold: float,
                    min_fraction: float) -> dict[str, torch.Tensor]:
-    """One projector per weight in ``names``, computed once per distinct input tensor."""
-    inputs = linear_inputs(work, names, batch)
-    cache: dict[int, torch.Tensor] = {}
-    out = {}
-    for n in names:
-        key = id(inputs[n])
-        if key not in cache:
-            cache[key] = null_space_projector(inputs[n], threshold, min_fraction)
-        out[n] = cache[key]
-    return out
+    """One projector per weight in ``names``, computed once per distinct input tensor, as the
+    forward reaches it (only the projectors are held, not the inputs)."""
+    return each_linear_input(work, names, batch, lambda x: null_space_projector(x, threshold, min_fraction))
 
 
 def retain_output_change(work: torch.nn.Module, update: Update, conv1d: dict[str, bool], batch: FactBatch) -> float:
