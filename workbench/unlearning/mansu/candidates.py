@@ -60,20 +60,22 @@ def answer_logprob_gradient(work: torch.nn.Module, names: list[str], batch: Fact
     MANSU's retain gradient passes its prefix cache's)."""
     params = dict(work.named_parameters())
     n = len(batch)
-    total: list[torch.Tensor | None] = [None] * len(names)
     for name in names:
         params[name].requires_grad_(True)
+        params[name].grad = None
     try:
         for start in range(0, n, chunk):
             rows = batch if n <= chunk else batch.subset(torch.arange(start, min(n, start + chunk)))
             logp = answer_logprob(span(rows) if span is not None else span_logits(work, rows), rows.targets, rows.mask)
             objective = logp.mean() if n <= chunk else logp.sum() / n
-            grads = torch.autograd.grad(objective, [params[name] for name in names], allow_unused=True)
-            # in place: one gradient of the candidates held beside the sum, not two
-            total = [t if g is None else (g if t is None else t.add_(g)) for t, g in zip(total, grads)]
+            # backward() adds each chunk into .grad in place, one weight at a time: the sum and
+            # one weight's new gradient are held, not the sum and a whole second gradient
+            objective.backward()
+        total = [params[name].grad for name in names]
     finally:
         for name in names:
             params[name].requires_grad_(False)
+            params[name].grad = None
     # float32 whatever the storage dtype: MANSU's scores and deltas live there
     return {name: (g.float() if g is not None else torch.zeros_like(params[name], dtype=torch.float32))
             for name, g in zip(names, total)}
