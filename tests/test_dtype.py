@@ -137,3 +137,25 @@ def test_float32_models_have_no_storage_term(facts_tiny, split):
     m = measure_update(facts_tiny, split, Update({name: delta}), quant=NF4, cad=False)
     assert m.ptq_gap_decomposition.storage == 0.0
     assert m.to_json()["ptq_gap_decomposition"]["storage"] == 0.0
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_widened_copy_computes_as_a_float32_copy_holding_one_module_at_a_time(family):
+    """The storage term's float32 forward: the same logits, bit for bit, as a copy of the whole
+    model cast to float32 (with one weight replaced), while the 16-bit model stays as it was."""
+    from workbench.core.sharing import sharing_copy, widened_copy
+
+    model = _bf16(toy_model(family))
+    name = next(n for n in model.adapter.quantizable(NF4))
+    replacement = torch.randn(model.hf.get_parameter(name).shape, generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 40, (3, 7), generator=torch.Generator().manual_seed(1))
+    full = sharing_copy(model.hf)
+    for n, p in full.named_parameters():
+        p.data = replacement if n == name else p.data.float()
+    before = {n: p.detach().clone() for n, p in model.hf.named_parameters()}
+    wide = widened_copy(model.hf, {name: replacement})
+    with torch.no_grad():
+        expected, got = full(ids).logits, wide(ids).logits
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+    assert all(p.dtype == torch.bfloat16 for p in wide.parameters())  # put back after the forward
+    assert all(torch.equal(p.detach(), before[n]) and p.dtype == torch.bfloat16 for n, p in model.hf.named_parameters())

@@ -38,7 +38,7 @@ import torch
 from workbench.core.components import Component
 from workbench.core.errors import WorkbenchError
 from workbench.core.progress import Progress, silent
-from workbench.core.sharing import sharing_copy
+from workbench.core.sharing import widened_copy
 from workbench.data.facts import AnswerCriterion, Fact, FactSplit, answer_criterion, chance_level
 from workbench.interpretability.attribution import Attribution, AttributionConfig, attribute
 from workbench.interpretability.cad import CADResult, circuit_attribution_divergence
@@ -406,18 +406,16 @@ def _storage_term(model: LoadedModel, update: Update, forget: Sequence[Fact]) ->
     """forget top-1 of w+Δ rounded to the storage dtype − of w+Δ exact, both run in float32 (so
     the difference is the rounding alone, not the 16-bit arithmetic); exactly 0 for a float32 model.
 
-    Costs a float32 copy of the model (twice a 16-bit model's bytes) while it runs."""
+    Runs on :func:`~workbench.core.sharing.widened_copy`: float32 arithmetic, one module's
+    float32 weights held at a time (a float32 copy of the model held twice a 16-bit model's bytes)."""
     if update.is_empty() or all(p.dtype == torch.float32 for p in model.hf.parameters()):
         return 0.0
-    wide = sharing_copy(model.hf)
-    for p in wide.parameters():
-        p.data = p.data.float()
     base = model.state()
 
     def top1(rounded: bool) -> float:
-        for name, delta in update.deltas.items():
-            after = stored_sum(base[name], delta) if rounded else stored_sum(base[name].float(), delta)
-            wide.get_parameter(name).data = after.float()
+        after = {name: stored_sum(base[name], delta) if rounded else stored_sum(base[name].float(), delta)
+                 for name, delta in update.deltas.items()}
+        wide = widened_copy(model.hf, after)
         return evaluate_facts(wide, forget, tokenizer=model.tokenizer, multiple_choice=False).top1
 
     return top1(rounded=True) - top1(rounded=False)
