@@ -184,3 +184,21 @@ def test_mansu_state_holds_only_the_tensors_a_round_wrote(facts_tiny, split):
         assert torch.equal(p.detach(), before[n]), f"the base model changed: {n}"
     unwritten = next(n for n in state.names if n not in state.owned)
     assert torch.equal(state.deltas[unwritten], torch.zeros_like(base[unwritten]))
+
+
+def test_reference_logits_are_taken_only_by_the_methods_that_use_them(facts_tiny, split):
+    """The base's span logits over the whole split (~0.9 GB on SmolLM2) are computed on first
+    use: MANSU never asks for them; a reference-based loss gets the same logits as before."""
+    from workbench.models.scoring import span_logits
+    from workbench.unlearning.batches import Batches
+    from workbench.unlearning.mansu import mansu
+    from workbench.unlearning.task import UnlearningTask
+
+    batches = Batches.build(facts_tiny, split)
+    mansu(UnlearningTask(model=facts_tiny, batches=batches, quant=NF4, circuit=None, progress=SILENT),
+          MansuConfig(use_circuit=False, max_rounds=1))
+    assert "ref_forget" not in vars(batches) and "ref_retain" not in vars(batches)
+    with torch.no_grad():
+        assert torch.equal(batches.ref_retain, span_logits(facts_tiny.hf, batches.retain))
+        assert torch.equal(batches.ref_forget, span_logits(facts_tiny.hf, batches.forget))
+    assert batches.ref_retain is batches.ref_retain  # computed once

@@ -8,7 +8,8 @@ criterion decides when a run stops, the retain set's what MANSU's retain guard m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -70,20 +71,31 @@ class ScoredSet:
 @dataclass(frozen=True)
 class Batches:
     """The split as tensors, plus the frozen base's answer-span logits on them
-    (``[n, A, vocab]``, for reference-based losses).
+    (``ref_forget``, ``ref_retain``: ``[n, A, vocab]``, for reference-based losses).
 
     Attributes:
         forget_set, retain_set: the forget and retain sets with the criterion each is judged by.
         chance: the forget set's chance level when it is multiple choice (0 otherwise).
+        reference: the base model the reference logits are computed from, when first asked for
+            (only reference-based losses ask; on SmolLM2's default split they are ~0.9 GB).
     """
 
     forget: FactBatch
     retain: FactBatch
-    ref_forget: torch.Tensor
-    ref_retain: torch.Tensor
     forget_set: ScoredSet
     retain_set: ScoredSet
+    reference: torch.nn.Module = field(repr=False, compare=False)
     chance: float = 0.0
+
+    @cached_property
+    def ref_forget(self) -> torch.Tensor:
+        with torch.no_grad():  # the base is never modified, so these equal logits taken at build
+            return span_logits(self.reference, self.forget)
+
+    @cached_property
+    def ref_retain(self) -> torch.Tensor:
+        with torch.no_grad():
+            return span_logits(self.reference, self.retain)
 
     @classmethod
     def build(cls, model: LoadedModel, split: FactSplit) -> Batches:
@@ -96,12 +108,9 @@ class Batches:
         device = module_device(model.hf)
         forget = FactBatch.from_facts(model.tokenizer, split.forget).to(device)
         retain = FactBatch.from_facts(model.tokenizer, split.retain).to(device)
-        with torch.no_grad():
-            ref_f = span_logits(model.hf, forget)
-            ref_r = span_logits(model.hf, retain)
         forget_set, retain_set = ScoredSet.of(model, forget, split.forget), ScoredSet.of(model, retain, split.retain)
         chance = chance_level(split.forget) if forget_set.criterion == "mc" else 0.0
-        return cls(forget, retain, ref_f, ref_r, forget_set, retain_set, chance)
+        return cls(forget, retain, forget_set, retain_set, model.hf, chance)
 
     @property
     def choices(self) -> ChoiceBatch | None:
