@@ -57,7 +57,9 @@ def answer_logprob_gradient(work: torch.nn.Module, names: list[str], batch: Fact
     chunk by chunk (each chunk's sum ÷ n), equal up to float summation order. log p(answer)
     sums over the answer's tokens, teacher-forced, padding masked. ``span``: the forward giving
     a chunk's span logits (default :func:`~workbench.models.scoring.span_logits` of ``work``;
-    MANSU's retain gradient passes its prefix cache's)."""
+    MANSU's retain gradient passes its prefix cache's). Uses and clears the named parameters'
+    ``.grad``; every other parameter of ``work`` must not require grad (MANSU's working
+    models are frozen copies)."""
     params = dict(work.named_parameters())
     n = len(batch)
     for name in names:
