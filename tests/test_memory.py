@@ -157,8 +157,8 @@ def test_mansu_over_every_weight_is_the_same_when_grids_and_scores_are_not_held(
 
 
 def test_mansu_state_holds_only_the_tensors_a_round_wrote(facts_tiny, split):
-    """The working model shares every base tensor until a round writes into it, deltas and
-    moved flags exist only for written tensors, and the base model is never touched."""
+    """The working model shares every base tensor until a round writes into it, deltas, moved
+    flags and (all-true) masks exist only for written tensors, and the base model is never touched."""
     from workbench.unlearning.batches import Batches
     from workbench.unlearning.mansu.method import run_round
     from workbench.unlearning.mansu.state import setup_state
@@ -172,6 +172,7 @@ def test_mansu_state_holds_only_the_tensors_a_round_wrote(facts_tiny, split):
     base = dict(facts_tiny.hf.named_parameters())
     work = dict(state.work.named_parameters())
     assert all(work[n].data_ptr() == base[n].data_ptr() for n in state.names) and not list(state.deltas.items())
+    assert not list(state.masks.items()) and state.n_candidates == sum(base[n].numel() for n in state.names)
     assert len(state.names) > 2
     run_round(state, task, config, 1)
     written = {n for n, d in state.deltas.items() if bool((d != 0).any())}

@@ -68,7 +68,7 @@ def verify_codes(state: MansuState, done: Round, quant: QuantConfig) -> None:
         stuck = index[new[index] == state.grids[n].code[index]]
         if stuck.numel():
             state.deltas.write(n).view(-1)[stuck] = 0.0
-            state.masks[n].view(-1)[stuck] = False
+            state.masks.write(n).view(-1)[stuck] = False
             state.moved.write(n)[stuck] = False
             state.floor_reverted += int(stuck.numel())
             done.chosen -= int(stuck.numel())
@@ -121,7 +121,8 @@ def on_guard_failure(state: MansuState, done: Round, config: MansuConfig) -> boo
     exhausted = False
     if state.per_round <= 8:
         for n, idx in done.touched.items():
-            state.masks[n].view(-1)[torch.tensor(idx, dtype=torch.long, device=state.masks[n].device)] = False
+            mask = state.masks.write(n)
+            mask.view(-1)[torch.tensor(idx, dtype=torch.long, device=mask.device)] = False
         state.blocked += 1
         exhausted = state.blocked >= config.guard_patience
     if not exhausted:

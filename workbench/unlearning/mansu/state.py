@@ -52,35 +52,42 @@ class Gradients:
     retain: dict[str, torch.Tensor] | None
 
 
-class ZeroUntilWritten:
-    """Per candidate tensor, a tensor that reads as zeros until a round writes into it.
+class ConstantUntilWritten:
+    """Per candidate tensor, a tensor that reads as ``fill`` until a round writes into it.
 
     Allocated at the first write (:meth:`write`): a round moves a few hundred weights in a few
-    tensors, so a run over every weight of the model holds deltas and flags only where it
-    moved something. ``[name]`` reads (a fresh zero tensor when never written: do not write
-    into what it returns); :meth:`items` lists the written tensors only.
+    tensors, so a run over every weight of the model holds deltas, flags and masks only where
+    it changed something. ``written`` starts it with given tensors (a circuit's masks). ``[name]``
+    reads (a fresh tensor when never written: do not write into what it returns);
+    :meth:`items` and :meth:`values` list the written tensors only.
     """
 
-    def __init__(self, like: Mapping[str, torch.Tensor], dtype: torch.dtype, *, flat: bool) -> None:
-        self._like, self._dtype, self._flat = like, dtype, flat
-        self._written: dict[str, torch.Tensor] = {}
+    def __init__(self, like: Mapping[str, torch.Tensor], dtype: torch.dtype, *, flat: bool,
+                 fill: float | bool = 0, written: Mapping[str, torch.Tensor] | None = None) -> None:
+        self._like, self._dtype, self._flat, self._fill = like, dtype, flat, fill
+        self._written: dict[str, torch.Tensor] = dict(written or {})
 
-    def _zeros(self, name: str) -> torch.Tensor:
+    def _filled(self, name: str) -> torch.Tensor:
         like = self._like[name]
-        return torch.zeros(like.numel() if self._flat else like.shape, dtype=self._dtype, device=like.device)
+        return torch.full((like.numel(),) if self._flat else like.shape, self._fill, dtype=self._dtype,
+                          device=like.device)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         held = self._written.get(name)
-        return held if held is not None else self._zeros(name)
+        return held if held is not None else self._filled(name)
 
     def write(self, name: str) -> torch.Tensor:
-        """The tensor to write into (allocated, as zeros, on the first call)."""
+        """The tensor to write into (allocated, filled, on the first call)."""
         if name not in self._written:
-            self._written[name] = self._zeros(name)
+            self._written[name] = self._filled(name)
         return self._written[name]
 
     def replace(self, name: str, value: torch.Tensor) -> None:
         self._written[name] = value
+
+    def names(self) -> list[str]:
+        """Every tensor it covers, written or not, sorted."""
+        return sorted(self._like)
 
     def items(self) -> ItemsView[str, torch.Tensor]:
         return self._written.items()
@@ -124,14 +131,14 @@ class MansuState:
 
     Changed by rounds: ``masks`` (a move that cannot change its code, or that the guard
     blocked at the smallest round size, is masked out for good), ``deltas`` and ``moved``
-    (flat bool per weight; both :class:`ZeroUntilWritten`), ``owned`` (the tensors of ``work``
+    (flat bool per weight; both :class:`ConstantUntilWritten`), ``owned`` (the tensors of ``work``
     given their own storage, at their first write), ``bound`` (the running Fisher bound),
     ``per_round``, ``still`` and ``q_still`` (which forget facts w+Δ and Q(w+Δ) still answer),
     ``gradients``, the counters, ``timings`` and ``history``.
     """
 
     names: list[str]
-    masks: dict[str, torch.Tensor]
+    masks: ConstantUntilWritten
     base: dict[str, torch.Tensor]
     grids: GridStore
     transposed: dict[str, bool]
@@ -146,8 +153,8 @@ class MansuState:
     n_candidates: int
     per_round: int
     max_per_round: int
-    deltas: ZeroUntilWritten
-    moved: ZeroUntilWritten
+    deltas: ConstantUntilWritten
+    moved: ConstantUntilWritten
     still: torch.Tensor
     q_still: torch.Tensor | None
     guard_base_q: float | None = None
@@ -182,20 +189,22 @@ class MansuState:
 
 
 def candidate_masks(model: LoadedModel, circuit: tuple[Component, ...] | None, quant: QuantConfig,
-                    config: MansuConfig) -> dict[str, torch.Tensor]:
+                    config: MansuConfig) -> ConstantUntilWritten:
     """Which weights may move: the quantized weights of the circuit's components (a).
 
-    Without circuit restriction, every quantized weight."""
+    Without circuit restriction, every quantized weight: all-true masks, allocated only for the
+    tensors a round masks something in."""
     quantizable = model.adapter.quantizable(quant)
+    params = {n: p.detach() for n, p in model.hf.named_parameters() if n in quantizable}
     if not config.use_circuit:
-        return {n: torch.ones_like(p, dtype=torch.bool) for n, p in model.hf.named_parameters() if n in quantizable}
+        return ConstantUntilWritten(params, torch.bool, flat=False, fill=True)
     components = list(circuit or [])
     if not components:
         raise WorkbenchError("MANSU with circuit restriction needs a non-empty circuit")
     masks = {n: m for n, m in circuit_parameters(model, components).items() if n in quantizable and bool(m.any())}
     if not masks:
         raise WorkbenchError("the circuit maps to no quantized weight (only embeddings?); add heads or MLPs")
-    return masks
+    return ConstantUntilWritten({n: params[n] for n in masks}, torch.bool, flat=False, written=masks)
 
 
 def round_sizes(n_candidates: int, config: MansuConfig) -> tuple[int, int]:
@@ -214,7 +223,7 @@ def setup_state(model: LoadedModel, batches: Batches, circuit: tuple[Component, 
         raise WorkbenchError(f"code_steps {steps} moves past every code of the {quant.n_codes}-code {quant.label} "
                              f"quantizer; use at most {quant.n_codes - 1}")
     masks = candidate_masks(model, circuit, quant, config)
-    names = sorted(masks)
+    names = masks.names()
     work = sharing_copy(model.hf).eval()  # its tensors get their own storage when first written
     # Conv1D (GPT-2) weights are [in, out]: the model's adapter says which ones are.
     transposed_names = model.adapter.transposed
@@ -236,7 +245,7 @@ def setup_state(model: LoadedModel, batches: Batches, circuit: tuple[Component, 
         fisher = diagonal_fisher(work, names, batches.retain, config.fisher_samples, transposed=transposed_names)
 
     qwork = quantized_copy(model.hf, quant)
-    n_candidates = int(sum(int(m.sum()) for m in masks.values()))
+    n_candidates = int(sum(int(masks[n].sum()) for n in names))  # each all-true mask only for its count
     per_round, max_per_round = round_sizes(n_candidates, config)
     # The guard's retain sample differs from the projector's, so the guard stays an independent check.
     guard_batch = batches.retain_set.sample(256, torch.Generator().manual_seed(1))
@@ -250,8 +259,8 @@ def setup_state(model: LoadedModel, batches: Batches, circuit: tuple[Component, 
         guard_base_q=guard_batch.accuracy(q_answers) if config.guard_precision == "both" else None,
         n_candidates=n_candidates, per_round=per_round, max_per_round=max_per_round,
         # float32 whatever the storage dtype: updates accumulate there (rounded only when written)
-        deltas=ZeroUntilWritten(base, torch.float32, flat=False),
-        moved=ZeroUntilWritten(base, torch.bool, flat=True),
+        deltas=ConstantUntilWritten(base, torch.float32, flat=False),
+        moved=ConstantUntilWritten(base, torch.bool, flat=True),
         # Which forget facts each model still answers: the forget gradient only runs over those
         # (forgotten facts contribute nothing to it), and each round's evaluation refreshes them.
         still=batches.forget_answered(answers),
