@@ -131,7 +131,7 @@ class MansuState:
 
     Changed by rounds: ``masks`` (a move that cannot change its code, or that the guard
     blocked at the smallest round size, is masked out for good), ``deltas`` and ``moved``
-    (flat bool per weight; both :class:`ConstantUntilWritten`), ``owned`` (the tensors of ``work``
+    (flat bool per weight; all three :class:`ConstantUntilWritten`), ``owned`` (the tensors of ``work``
     given their own storage, at their first write), ``bound`` (the running Fisher bound),
     ``per_round``, ``still`` and ``q_still`` (which forget facts w+Δ and Q(w+Δ) still answer),
     ``gradients``, the counters, ``timings`` and ``history``.
