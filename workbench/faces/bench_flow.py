@@ -20,9 +20,11 @@ The **reference path** is the behaviour before the speed work, kept as a mode so
 measured in the same process on the same machine: the readout is measured inside the edit (the
 user waits for both), the MANSU run measures with cold caches (no score or attribution is
 carried over from setup or attribution) and its rounds score every batch with full forwards
-(:func:`~workbench.models.prefix.full_forwards`, no prefix cache). Each path starts from empty score caches; the fast
-path runs first and pays the process's one-time costs, so the ratios err low. Ratios are
-reference ÷ fast per step; about 1.0 means the step has no fast path yet.
+(:func:`~workbench.models.prefix.full_forwards`, no prefix cache), reading top-1 in one padded
+forward per batch (:func:`~workbench.models.scoring.whole_batches`, no length chunks). Each
+path starts from empty score caches; the fast path runs first and pays the process's one-time
+costs, so the ratios err low. Ratios are reference ÷ fast per step; about 1.0 means the step
+has no fast path yet.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +49,7 @@ from workbench.measurement.metrics import clear_base_memo
 from workbench.measurement.results import RunMetrics
 from workbench.models.loaded import LoadedModel
 from workbench.models.prefix import full_forwards
+from workbench.models.scoring import whole_batches
 from workbench.quant import QuantConfig
 from workbench.quant.model import quantized_copy
 
@@ -110,9 +113,17 @@ def run_flow(model: str, *, reference: bool, mansu: dict[str, Any], runs_root: s
         _clock(seconds, "readout", s.measure_faithfulness)
     if reference:
         clear_base_memo()  # measured with cold caches: nothing carried over from setup or attribution
-    with full_forwards() if reference else nullcontext():  # the reference runs every block every time
+    with reference_forwards() if reference else nullcontext():
         view = _clock(seconds, "mansu", lambda: s.unlearn("mansu", mansu=mansu))
     return FlowPath("reference" if reference else "fast", seconds, view.metrics)
+
+
+@contextmanager
+def reference_forwards() -> Iterator[None]:
+    """The forwards of a MANSU run before the speed work: every block every time (no prefix
+    cache) and top-1 read in one padded forward per batch (no length chunks)."""
+    with full_forwards(), whole_batches():
+        yield
 
 
 def _warm_up(model: LoadedModel, split: FactSplit) -> None:

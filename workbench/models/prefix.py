@@ -31,7 +31,7 @@ import torch
 
 from workbench.core.errors import WorkbenchError
 from workbench.models.adapter import ModelAdapter
-from workbench.models.scoring import FactBatch, answer_logits, is_top1, span_logits
+from workbench.models.scoring import FactBatch, answer_logits, correct_by_chunks, span_logits
 
 T = TypeVar("T")
 
@@ -119,8 +119,9 @@ class PrefixCache:
         return self.run(batch, span_logits)
 
     def correct(self, batch: FactBatch) -> torch.Tensor:
-        """``[n]`` bool, as :func:`~workbench.models.scoring.correct`."""
-        return is_top1(self.logits(batch), batch.answers)
+        """``[n]`` bool, as :func:`~workbench.models.scoring.correct` (the same chunks: each is
+        a batch of its own here, captured and replayed as such)."""
+        return correct_by_chunks(batch, self.logits)
 
     def top1(self, batch: FactBatch) -> float:
         """As :func:`~workbench.models.scoring.top1`."""

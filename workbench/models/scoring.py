@@ -11,12 +11,19 @@ training, evaluation, attribution and every unlearning method.
   (:func:`span_logits`). A single-token answer adds no input column, so its numbers are
   those of the first-token scoring exactly.
 - Prompts are right-padded into one batch; with causal attention the last real token never
-  attends to padding, so no attention mask is needed and results equal unpadded runs.
+  attends to padding, so no attention mask is needed and results equal unpadded runs up to
+  float rounding (the padding changes the matrix products' shapes, hence their summation
+  order: on SmolLM2 logits move by up to ~5e-5). No-grad top-1 is therefore read in chunks
+  of similar prompt length, each trimmed to its longest prompt (:func:`length_chunks`), by
+  :func:`last_token_logits` and :func:`correct` alike, so the same facts give the same
+  logits, bit for bit, wherever top-1 is read; a padded batch's forward costs its longest
+  row times its rows (2.4× the chunked forwards on SmolLM2's retain facts).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,18 +77,45 @@ def encode_prompts(
     return batch, last, ans
 
 
+TOP1_CHUNK = 128
+"""Rows per forward when top-1 is read without grad (:func:`length_chunks`)."""
+
+_chunked = True  # process-wide, as models.prefix's switch: the bench's reference path turns it off
+
+
+@contextmanager
+def whole_batches() -> Iterator[None]:
+    """Within it, :func:`correct` runs one padded forward per batch (``workbench bench flow``'s
+    reference path: how top-1 was read inside unlearning runs before the chunks)."""
+    global _chunked
+    saved, _chunked = _chunked, False
+    try:
+        yield
+    finally:
+        _chunked = saved
+
+
+def length_chunks(last: torch.Tensor, size: int = TOP1_CHUNK) -> Iterator[tuple[torch.Tensor, int]]:
+    """``(rows, width)`` per chunk: up to ``size`` rows in order of prompt length (``last``: each
+    row's last prompt position) and the chunk's longest prompt, the only columns top-1 reads.
+
+    Every no-grad top-1 in the workbench is read over these chunks, so one fact set gives
+    bit-identical logits wherever it is scored (see the module docstring)."""
+    order = torch.argsort(last.cpu(), stable=True).to(last.device)
+    for start in range(0, last.numel(), size):
+        rows = order[start : start + size]
+        yield rows, int(last[rows].max()) + 1
+
+
 def last_token_logits(hf: torch.nn.Module, ids: torch.Tensor, last: torch.Tensor,
-                      batch_size: int = 128) -> torch.Tensor:
+                      batch_size: int = TOP1_CHUNK) -> torch.Tensor:
     """``[n, vocab]`` logits at each prompt's last real token (no grad)."""
-    # Batches of similar length waste little on padding, and the unembedding (49k x 576 for
+    # Chunks of similar length waste little on padding, and the unembedding (49k x 576 for
     # SmolLM2) runs on the one position we read instead of every position.
-    order = torch.argsort(last, stable=True)
     device = module_device(hf)
     out = torch.empty(0)
     with torch.no_grad():
-        for start in range(0, ids.shape[0], batch_size):
-            rows = order[start : start + batch_size]
-            width = int(last[rows].max()) + 1
+        for rows, width in length_chunks(last, batch_size):
             chunk = ids[rows, :width].to(device)
             logits = logits_at(hf, chunk, (torch.arange(rows.numel()), last[rows]))
             if out.numel() == 0:
@@ -189,6 +223,13 @@ class FactBatch:
         return FactBatch(self.ids[index][:, :width], self.last[index], self.answers[index],
                          self.targets[index][:, :span], mask[:, :span])
 
+    def prompts(self, index: torch.Tensor, width: int) -> FactBatch:
+        """The rows ``index`` cut to their first ``width`` columns: enough for the answer logits
+        at ``last`` when ``width > last`` for every row (top-1), not for the answer spans."""
+        index = index.to(self.ids.device)
+        return FactBatch(self.ids[index][:, :width], self.last[index], self.answers[index],
+                         self.targets[index], self.mask[index])
+
     def sample(self, size: int, generator: torch.Generator) -> FactBatch:
         """A random subset of ``size`` rows (all rows if ``size`` >= n)."""
         if size >= len(self):
@@ -244,9 +285,22 @@ def is_top1(logits: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
 
 
 def correct(model: torch.nn.Module, batch: FactBatch) -> torch.Tensor:
-    """``[n]`` bool: which facts of ``batch`` ``model`` answers (one forward, no grad)."""
+    """``[n]`` bool: which facts of ``batch`` ``model`` answers (no grad; forwards over
+    :func:`length_chunks`, as :func:`last_token_logits`)."""
+    return correct_by_chunks(batch, lambda part: answer_logits(model, part))
+
+
+def correct_by_chunks(batch: FactBatch, logits_of: Callable[[FactBatch], torch.Tensor]) -> torch.Tensor:
+    """``[n]`` bool top-1 of ``batch`` with ``logits_of`` (answer logits of a batch) run on each of
+    :func:`length_chunks`' prompt-only chunks (on the whole batch within :func:`whole_batches`)."""
     with torch.no_grad():
-        return is_top1(answer_logits(model, batch), batch.answers)
+        if not _chunked:
+            return is_top1(logits_of(batch), batch.answers)
+        out = torch.empty(len(batch), dtype=torch.bool, device=batch.answers.device)
+        for rows, width in length_chunks(batch.last):
+            part = batch.prompts(rows, width)
+            out[rows] = is_top1(logits_of(part), part.answers).to(out.device)
+        return out
 
 
 def top1(model: torch.nn.Module, batch: FactBatch) -> float:
