@@ -58,7 +58,7 @@ def _runs_in_tmp(tmp_path, monkeypatch):
 @pytest.fixture(autouse=True)
 def _fresh_base_memo():
     """Tests that fake the evaluator must not leave fake base numbers for the next test."""
-    from workbench.measurement.metrics import clear_base_memo
+    from workbench.core.memo import clear_base_memo
 
     clear_base_memo()
     yield

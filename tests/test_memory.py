@@ -203,3 +203,31 @@ def test_reference_logits_are_taken_only_by_the_methods_that_use_them(facts_tiny
         assert torch.equal(batches.ref_retain, span_logits(facts_tiny.hf, batches.retain))
         assert torch.equal(batches.ref_forget, span_logits(facts_tiny.hf, batches.forget))
     assert batches.ref_retain is batches.ref_retain  # computed once
+
+
+def test_a_second_run_on_the_same_circuit_reuses_the_retain_fisher(facts_tiny, split, monkeypatch):
+    """The retain Fisher is the base's: computed once per circuit in a process, and the run that
+    reuses it is the run that computes it; not kept above its size bound, nor for another circuit."""
+    import workbench.unlearning.mansu.state as state
+
+    computed = []
+    real = state.diagonal_fisher
+    monkeypatch.setattr(state, "diagonal_fisher", lambda *a, **k: computed.append(1) or real(*a, **k))
+    layer1 = [c for c in all_components(facts_tiny.n_layers, facts_tiny.n_heads, include_embed=False) if c.layer == 1]
+
+    def run(circuit) -> tuple[dict[str, torch.Tensor], list[dict[str, float]]]:
+        result = unlearn(facts_tiny, split, method="mansu", quant=NF4, progress=SILENT, circuit=circuit,
+                         method_config=MansuConfig(max_rounds=3))
+        return result.update.deltas, result.history
+
+    first, first_history = run(layer1)
+    second, second_history = run(layer1)
+    assert len(computed) == 1
+    assert second_history == first_history and sorted(second) == sorted(first)
+    assert all(torch.equal(second[n], d) for n, d in first.items())
+    run([c for c in layer1 if c.kind == "mlp"])  # another circuit: other tensors, its own Fisher
+    assert len(computed) == 2
+    monkeypatch.setattr(state, "FISHER_MEMO_WEIGHTS", 0)
+    unkept, unkept_history = run(layer1)
+    assert len(computed) == 3 and unkept_history == first_history
+    assert all(torch.equal(unkept[n], d) for n, d in first.items())

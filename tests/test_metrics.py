@@ -8,6 +8,7 @@ import torch
 
 from workbench.core.components import all_components
 from workbench.core.errors import WorkbenchError
+from workbench.core.memo import clear_base_memo
 from workbench.measurement.evaluation import evaluate_facts
 from workbench.measurement.metrics import Thresholds, build_variants, measure_update, report_card
 from workbench.measurement.results import (
@@ -208,7 +209,7 @@ def test_base_measurements_are_memoised_per_model_and_quantizer(facts_tiny, spli
         assert getattr(second.retain, key) == getattr(first.retain, key)
     assert second.update_norm == pytest.approx(2 * first.update_norm)  # the after side is its own
     # the memoised numbers are the ones a fresh measurement gives
-    metrics_mod.clear_base_memo()
+    clear_base_memo()
     fresh = measure_update(facts_tiny, split, Update({name: 2 * delta}), quant=NF4, circuit=circuit)
     assert fresh.forget == second.forget and fresh.retain == second.retain
     assert fresh.cad.fp == pytest.approx(second.cad.fp)

@@ -205,7 +205,7 @@ def execute(model: LoadedModel, work: Workload, root: str | os.PathLike[str], or
 def _run_here(works: Sequence[Workload], groups: Sequence[JobGroup], root: Path, on_run: RunCallback,
               report: Progress) -> None:
     """In this process, one after another, on the driver's loaded models (the base's own
-    measurements are then computed once: :func:`workbench.measurement.metrics.base_memo`)."""
+    measurements are then computed once: :func:`workbench.core.memo.base_memo`)."""
     for i, work in enumerate(works):
         group = _group_of(work.job, groups)
 

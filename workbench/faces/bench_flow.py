@@ -40,12 +40,12 @@ from typing import Any
 import torch
 
 from workbench.core.errors import WorkbenchError
+from workbench.core.memo import clear_base_memo
 from workbench.core.progress import silent
 from workbench.data.facts import FactSplit
 from workbench.faces.session import SHARED, Session
 from workbench.interpretability.attribution import AttributionConfig, attribute
 from workbench.measurement.evaluation import evaluate_facts
-from workbench.measurement.metrics import clear_base_memo
 from workbench.measurement.results import RunMetrics
 from workbench.models.loaded import LoadedModel
 from workbench.models.prefix import full_forwards

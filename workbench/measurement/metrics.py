@@ -27,16 +27,15 @@ update in every quantized model, as they would in a bitsandbytes 4-bit deploymen
 from __future__ import annotations
 
 import math
-import threading
-from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
 from workbench.core.components import Component
 from workbench.core.errors import WorkbenchError
+from workbench.core.memo import base_memo
 from workbench.core.progress import Progress, silent
 from workbench.core.sharing import widened_copy
 from workbench.data.facts import AnswerCriterion, Fact, FactSplit, answer_criterion, chance_level
@@ -183,35 +182,8 @@ def retain_kl(base: LoadedModel, after: LoadedModel, facts: Sequence[Fact]) -> f
 # The base's own numbers (w and Q(w) on each fact set, their attributions for CAD) are the
 # same for every update measured on one model: a paper table, an ablation table or an app
 # session would otherwise recompute them per run (about a third of a SmolLM2 run's
-# measurement). Memoised in-process by the model's weight fingerprint, never on disk, so a
-# cached number always comes from weights this process holds.
-_BASE_MEMO: OrderedDict[tuple[Any, ...], object] = OrderedDict()
-_BASE_MEMO_SIZE = 64
-_BASE_MEMO_LOCK = threading.Lock()  # app sessions measure from several threads
+# measurement). They go through core.memo's base_memo, keyed by the model's weight fingerprint.
 BASE_VARIANTS = ("base_fp", "base_q")
-T = TypeVar("T")
-
-
-def base_memo(key: tuple[Any, ...], compute: Callable[[], T]) -> T:
-    """``compute()`` once per ``key`` (least recently used entries are dropped).
-
-    Two threads asking for a missing key may both compute it (the lock is not held while
-    computing); the results are equal, so either may stay."""
-    with _BASE_MEMO_LOCK:
-        if key in _BASE_MEMO:
-            _BASE_MEMO.move_to_end(key)
-            return _BASE_MEMO[key]  # type: ignore[return-value]  # stored by compute() for this key
-    value = compute()
-    with _BASE_MEMO_LOCK:
-        _BASE_MEMO[key] = value
-        while len(_BASE_MEMO) > _BASE_MEMO_SIZE:
-            _BASE_MEMO.popitem(last=False)
-    return value
-
-
-def clear_base_memo() -> None:
-    with _BASE_MEMO_LOCK:
-        _BASE_MEMO.clear()
 
 
 def _finite(x: float) -> float | None:

@@ -7,6 +7,7 @@ update it; :mod:`.method` runs the rounds.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import ItemsView, Mapping
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ import torch
 
 from workbench.core.components import Component
 from workbench.core.errors import WorkbenchError
+from workbench.core.memo import base_memo
 from workbench.core.progress import Progress
 from workbench.core.sharing import sharing_copy
 from workbench.interpretability.parameters import circuit_parameters
@@ -215,6 +217,36 @@ def round_sizes(n_candidates: int, config: MansuConfig) -> tuple[int, int]:
     return per_round, int(per_round * config.max_round_growth)
 
 
+FISHER_MEMO_WEIGHTS = 16_000_000
+"""The largest retain Fisher (in weights: 4 bytes each) :func:`retain_fisher` keeps for later runs."""
+
+
+def retain_fisher(model: LoadedModel, work: torch.nn.Module, names: list[str], retain: FactBatch,
+                  samples: int) -> dict[str, torch.Tensor]:
+    """The base's diagonal retain Fisher on the tensors ``names`` (``work`` still equals the base).
+
+    It depends on nothing a run changes, so it is computed once per model, tensors, retain facts
+    and sample count in a process (:func:`~workbench.core.memo.base_memo`): an ablation table, a
+    study or a second click on the same circuit reuses it. Above :data:`FISHER_MEMO_WEIGHTS` it is
+    not kept (without a circuit it is 4 bytes per decoder weight)."""
+    def compute() -> dict[str, torch.Tensor]:
+        return diagonal_fisher(work, names, retain, samples, transposed=model.adapter.transposed)
+
+    if sum(work.get_parameter(n).numel() for n in names) > FISHER_MEMO_WEIGHTS:
+        return compute()
+    device = str(work.get_parameter(names[0]).device)
+    return base_memo(("mansu-fisher", model.fingerprint, device, tuple(names), samples, _digest(retain)), compute)
+
+
+def _digest(batch: FactBatch) -> str:
+    """The batch's tokens, answers and masks, hashed (a key for :func:`retain_fisher`)."""
+    h = hashlib.sha256()
+    for t in (batch.ids, batch.last, batch.targets, batch.mask):
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def setup_state(model: LoadedModel, batches: Batches, circuit: tuple[Component, ...] | None, quant: QuantConfig,
                 config: MansuConfig, report: Progress) -> MansuState:
     """Candidates, grids, projectors, Fisher, the two working models and the guard's baseline."""
@@ -242,7 +274,7 @@ def setup_state(model: LoadedModel, batches: Batches, circuit: tuple[Component, 
     fisher: dict[str, torch.Tensor] = {}
     if config.use_fisher:
         report(0.1, "retain Fisher")
-        fisher = diagonal_fisher(work, names, batches.retain, config.fisher_samples, transposed=transposed_names)
+        fisher = retain_fisher(model, work, names, batches.retain, config.fisher_samples)
 
     qwork = quantized_copy(model.hf, quant)
     n_candidates = int(sum(int(masks[n].sum()) for n in names))  # each all-true mask only for its count

@@ -1,0 +1,42 @@
+"""What depends only on a base model's weights, computed once per process.
+
+The base's scores and attributions (measurement) and MANSU's retain Fisher (unlearning) are the
+same for every run on one model: a paper table, an ablation table or an app session would
+otherwise recompute them per run. Keys start with the model's weight fingerprint; the memo is
+in-process, never on disk, so a cached value always comes from weights this process holds.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+_BASE_MEMO: OrderedDict[tuple[Any, ...], object] = OrderedDict()
+_BASE_MEMO_SIZE = 64
+_BASE_MEMO_LOCK = threading.Lock()  # app sessions measure from several threads
+T = TypeVar("T")
+
+
+def base_memo(key: tuple[Any, ...], compute: Callable[[], T]) -> T:
+    """``compute()`` once per ``key`` (least recently used entries are dropped). The value is
+    shared: callers read it and never write into it.
+
+    Two threads asking for a missing key may both compute it (the lock is not held while
+    computing); the results are equal, so either may stay."""
+    with _BASE_MEMO_LOCK:
+        if key in _BASE_MEMO:
+            _BASE_MEMO.move_to_end(key)
+            return _BASE_MEMO[key]  # type: ignore[return-value]  # stored by compute() for this key
+    value = compute()
+    with _BASE_MEMO_LOCK:
+        _BASE_MEMO[key] = value
+        while len(_BASE_MEMO) > _BASE_MEMO_SIZE:
+            _BASE_MEMO.popitem(last=False)
+    return value
+
+
+def clear_base_memo() -> None:
+    with _BASE_MEMO_LOCK:
+        _BASE_MEMO.clear()
