@@ -205,14 +205,16 @@ def test_reference_logits_are_taken_only_by_the_methods_that_use_them(facts_tiny
     assert batches.ref_retain is batches.ref_retain  # computed once
 
 
-def test_a_second_run_on_the_same_circuit_reuses_the_retain_fisher(facts_tiny, split, monkeypatch):
-    """The retain Fisher is the base's: computed once per circuit in a process, and the run that
-    reuses it is the run that computes it; not kept above its size bound, nor for another circuit."""
+@pytest.mark.parametrize("setup", ["diagonal_fisher", "projectors_for"])
+def test_a_second_run_on_the_same_circuit_reuses_the_fisher_and_projectors(facts_tiny, split, monkeypatch, setup):
+    """The retain Fisher and the null-space projectors are the base's: computed once per circuit
+    in a process, and the run that reuses them is the run that computes them; not kept above their
+    size bound, nor for another circuit."""
     import workbench.unlearning.mansu.state as state
 
     computed = []
-    real = state.diagonal_fisher
-    monkeypatch.setattr(state, "diagonal_fisher", lambda *a, **k: computed.append(1) or real(*a, **k))
+    real = getattr(state, setup)
+    monkeypatch.setattr(state, setup, lambda *a, **k: computed.append(1) or real(*a, **k))
     layer1 = [c for c in all_components(facts_tiny.n_layers, facts_tiny.n_heads, include_embed=False) if c.layer == 1]
 
     def run(circuit) -> tuple[dict[str, torch.Tensor], list[dict[str, float]]]:
@@ -227,7 +229,7 @@ def test_a_second_run_on_the_same_circuit_reuses_the_retain_fisher(facts_tiny, s
     assert all(torch.equal(second[n], d) for n, d in first.items())
     run([c for c in layer1 if c.kind == "mlp"])  # another circuit: other tensors, its own Fisher
     assert len(computed) == 2
-    monkeypatch.setattr(state, "FISHER_MEMO_WEIGHTS", 0)
+    monkeypatch.setattr(state, "SETUP_MEMO_ENTRIES", 0)
     unkept, unkept_history = run(layer1)
     assert len(computed) == 3 and unkept_history == first_history
     assert all(torch.equal(unkept[n], d) for n, d in first.items())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import ItemsView, Mapping
+from collections.abc import Callable, ItemsView, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -217,8 +217,9 @@ def round_sizes(n_candidates: int, config: MansuConfig) -> tuple[int, int]:
     return per_round, int(per_round * config.max_round_growth)
 
 
-FISHER_MEMO_WEIGHTS = 16_000_000
-"""The largest retain Fisher (in weights: 4 bytes each) :func:`retain_fisher` keeps for later runs."""
+SETUP_MEMO_ENTRIES = 16_000_000
+"""The largest retain Fisher or set of projectors (in float32 entries) a process keeps for later
+runs (:func:`retain_fisher`, :func:`null_space_projectors`)."""
 
 
 def retain_fisher(model: LoadedModel, work: torch.nn.Module, names: list[str], retain: FactBatch,
@@ -227,15 +228,36 @@ def retain_fisher(model: LoadedModel, work: torch.nn.Module, names: list[str], r
 
     It depends on nothing a run changes, so it is computed once per model, tensors, retain facts
     and sample count in a process (:func:`~workbench.core.memo.base_memo`): an ablation table, a
-    study or a second click on the same circuit reuses it. Above :data:`FISHER_MEMO_WEIGHTS` it is
+    study or a second click on the same circuit reuses it. Above :data:`SETUP_MEMO_ENTRIES` it is
     not kept (without a circuit it is 4 bytes per decoder weight)."""
     def compute() -> dict[str, torch.Tensor]:
         return diagonal_fisher(work, names, retain, samples, transposed=model.adapter.transposed)
 
-    if sum(work.get_parameter(n).numel() for n in names) > FISHER_MEMO_WEIGHTS:
+    entries = sum(work.get_parameter(n).numel() for n in names)
+    return _setup_memo("fisher", model, work, names, (samples, _digest(retain)), entries, compute)
+
+
+def null_space_projectors(model: LoadedModel, work: torch.nn.Module, names: list[str], sample: FactBatch,
+                          config: MansuConfig) -> dict[str, torch.Tensor]:
+    """The null-space projectors of the base's retain activations for the weights ``names``,
+    kept for later runs as :func:`retain_fisher` (``d_in²`` entries per weight, counted per weight
+    although weights reading one input share one projector)."""
+    def compute() -> dict[str, torch.Tensor]:
+        return projectors_for(work, names, sample, config.null_threshold, config.min_null_fraction)
+
+    conv1d = model.adapter.transposed
+    entries = sum(work.get_parameter(n).shape[0 if n in conv1d else -1] ** 2 for n in names)
+    settings = (config.null_threshold, config.min_null_fraction, _digest(sample))
+    return _setup_memo("projectors", model, work, names, settings, entries, compute)
+
+
+def _setup_memo(what: str, model: LoadedModel, work: torch.nn.Module, names: list[str], settings: tuple[object, ...],
+                entries: int, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``compute()``, memoised per model, device, tensors and ``settings`` up to :data:`SETUP_MEMO_ENTRIES`."""
+    if entries > SETUP_MEMO_ENTRIES:
         return compute()
     device = str(work.get_parameter(names[0]).device)
-    return base_memo(("mansu-fisher", model.fingerprint, device, tuple(names), samples, _digest(retain)), compute)
+    return base_memo((f"mansu-{what}", model.fingerprint, device, tuple(names), *settings), compute)
 
 
 def _digest(batch: FactBatch) -> str:
@@ -270,7 +292,7 @@ def setup_state(model: LoadedModel, batches: Batches, circuit: tuple[Component, 
     projectors: dict[str, torch.Tensor] = {}
     if config.use_projection:
         report(0.05, "retain activations → null-space projectors")
-        projectors = projectors_for(work, names, retain_sample, config.null_threshold, config.min_null_fraction)
+        projectors = null_space_projectors(model, work, names, retain_sample, config)
     fisher: dict[str, torch.Tensor] = {}
     if config.use_fisher:
         report(0.1, "retain Fisher")
