@@ -208,8 +208,8 @@ def test_reference_logits_are_taken_only_by_the_methods_that_use_them(facts_tiny
 @pytest.mark.parametrize("setup", ["diagonal_fisher", "projectors_for"])
 def test_a_second_run_on_the_same_circuit_reuses_the_fisher_and_projectors(facts_tiny, split, monkeypatch, setup):
     """The retain Fisher and the null-space projectors are the base's: computed once per circuit
-    in a process, and the run that reuses them is the run that computes them; not kept above their
-    size bound, nor for another circuit."""
+    in a process, and the run that reuses them is the run that computes them; only the latest
+    circuit's are held, and none above their size bound."""
     import workbench.unlearning.mansu.state as state
 
     computed = []
@@ -229,7 +229,9 @@ def test_a_second_run_on_the_same_circuit_reuses_the_fisher_and_projectors(facts
     assert all(torch.equal(second[n], d) for n, d in first.items())
     run([c for c in layer1 if c.kind == "mlp"])  # another circuit: other tensors, its own Fisher
     assert len(computed) == 2
+    run(layer1)  # only the latest circuit's is held
+    assert len(computed) == 3
     monkeypatch.setattr(state, "SETUP_MEMO_ENTRIES", 0)
     unkept, unkept_history = run(layer1)
-    assert len(computed) == 3 and unkept_history == first_history
+    assert len(computed) == 4 and unkept_history == first_history
     assert all(torch.equal(unkept[n], d) for n, d in first.items())

@@ -1,9 +1,11 @@
 """What depends only on a base model's weights, computed once per process.
 
-The base's scores and attributions (measurement) and MANSU's retain Fisher (unlearning) are the
-same for every run on one model: a paper table, an ablation table or an app session would
-otherwise recompute them per run. Keys start with the model's weight fingerprint; the memo is
-in-process, never on disk, so a cached value always comes from weights this process holds.
+The base's scores and attributions (measurement) and MANSU's retain Fisher and null-space
+projectors (unlearning) are the same for every run on one model: a paper table, an ablation table
+or an app session would otherwise recompute them per run. Keys start with the model's weight
+fingerprint; the memo is in-process, never on disk, so a cached value always comes from weights
+this process holds. Small values are kept by :func:`base_memo` (the 64 latest); large ones by
+:func:`latest_memo`, one per kind, so a session that tries many circuits holds one circuit's.
 """
 
 from __future__ import annotations
@@ -37,6 +39,24 @@ def base_memo(key: tuple[Any, ...], compute: Callable[[], T]) -> T:
     return value
 
 
+_LATEST: dict[str, tuple[tuple[Any, ...], object]] = {}
+
+
+def latest_memo(kind: str, key: tuple[Any, ...], compute: Callable[[], T]) -> T:
+    """``compute()`` unless the latest call of this ``kind`` had this ``key``: only that latest
+    value is held (for values of tens of megabytes). Shared as :func:`base_memo`'s."""
+    with _BASE_MEMO_LOCK:
+        held = _LATEST.get(kind)
+        if held is not None and held[0] == key:
+            return held[1]  # type: ignore[return-value]  # stored by compute() for this key
+        _LATEST.pop(kind, None)  # released before computing the next one
+    value = compute()
+    with _BASE_MEMO_LOCK:
+        _LATEST[kind] = (key, value)
+    return value
+
+
 def clear_base_memo() -> None:
     with _BASE_MEMO_LOCK:
         _BASE_MEMO.clear()
+        _LATEST.clear()

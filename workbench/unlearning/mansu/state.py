@@ -16,7 +16,7 @@ import torch
 
 from workbench.core.components import Component
 from workbench.core.errors import WorkbenchError
-from workbench.core.memo import base_memo
+from workbench.core.memo import latest_memo
 from workbench.core.progress import Progress
 from workbench.core.sharing import sharing_copy
 from workbench.interpretability.parameters import circuit_parameters
@@ -226,9 +226,9 @@ def retain_fisher(model: LoadedModel, work: torch.nn.Module, names: list[str], r
                   samples: int) -> dict[str, torch.Tensor]:
     """The base's diagonal retain Fisher on the tensors ``names`` (``work`` still equals the base).
 
-    It depends on nothing a run changes, so it is computed once per model, tensors, retain facts
-    and sample count in a process (:func:`~workbench.core.memo.base_memo`): an ablation table, a
-    study or a second click on the same circuit reuses it. Above :data:`SETUP_MEMO_ENTRIES` it is
+    It depends on nothing a run changes, so the latest one is kept (:func:`~workbench.core.memo.latest_memo`):
+    the next run on the same model, tensors, retain facts and sample count (an ablation table, a
+    study, a second click on the same circuit) reuses it. Above :data:`SETUP_MEMO_ENTRIES` it is
     not kept (without a circuit it is 4 bytes per decoder weight)."""
     def compute() -> dict[str, torch.Tensor]:
         return diagonal_fisher(work, names, retain, samples, transposed=model.adapter.transposed)
@@ -253,11 +253,12 @@ def null_space_projectors(model: LoadedModel, work: torch.nn.Module, names: list
 
 def _setup_memo(what: str, model: LoadedModel, work: torch.nn.Module, names: list[str], settings: tuple[object, ...],
                 entries: int, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """``compute()``, memoised per model, device, tensors and ``settings`` up to :data:`SETUP_MEMO_ENTRIES`."""
+    """``compute()``, kept for the next run with the same model, device, tensors and ``settings``
+    (the latest circuit's only, and only up to :data:`SETUP_MEMO_ENTRIES`)."""
     if entries > SETUP_MEMO_ENTRIES:
         return compute()
     device = str(work.get_parameter(names[0]).device)
-    return base_memo((f"mansu-{what}", model.fingerprint, device, tuple(names), *settings), compute)
+    return latest_memo(f"mansu-{what}", (model.fingerprint, device, tuple(names), *settings), compute)
 
 
 def _digest(batch: FactBatch) -> str:
