@@ -262,7 +262,7 @@ def _setup_memo(what: str, model: LoadedModel, work: torch.nn.Module, names: lis
 
 
 def _digest(batch: FactBatch) -> str:
-    """The batch's tokens, answers and masks, hashed (a key for :func:`retain_fisher`)."""
+    """The batch's tokens, answers and masks, hashed (part of :func:`_setup_memo`'s key)."""
     h = hashlib.sha256()
     for t in (batch.ids, batch.last, batch.targets, batch.mask):
         h.update(str(tuple(t.shape)).encode())
