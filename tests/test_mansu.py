@@ -22,12 +22,13 @@ from workbench.quant import (
     quantizable_parameters,
     quantize_codes,
     quantize_dequantize,
+    single_use_linear_owners,
     transposed_parameters,
 )
 from workbench.unlearning.batches import Batches
 from workbench.unlearning.mansu import MansuConfig
 from workbench.unlearning.mansu.candidates import rank_moves, round_gradients, score_module
-from workbench.unlearning.mansu.fisher import _single_use_linear_owners, diagonal_fisher, fisher_bound
+from workbench.unlearning.mansu.fisher import diagonal_fisher, fisher_bound
 from workbench.unlearning.mansu.method import run_round
 from workbench.unlearning.mansu.projection import linear_inputs, null_space_projector, project_update
 from workbench.unlearning.mansu.rounds import take_moves, verify_codes
@@ -312,7 +313,7 @@ def test_batched_fisher_equals_one_backward_per_example(fixture, request):
     before = model.weights_hash()
     work = copy.deepcopy(model.hf)
     # every quantized weight takes the batched path; the (tied) embedding does not
-    assert set(_single_use_linear_owners(work, names)) == set(quantizable) - {embedding}
+    assert set(single_use_linear_owners(work, names)) == set(quantizable) - {embedding}
     fast = diagonal_fisher(work, names, batch, samples=len(facts) - 1)  # ``samples`` caps: the first ones
     reference = diagonal_fisher_per_example(copy.deepcopy(model.hf), names, batch, samples=len(facts) - 1)
     assert model.weights_hash() == before

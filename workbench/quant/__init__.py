@@ -62,7 +62,12 @@ from workbench.quant.compare import RATIO_EDGES, ModuleComparison, QuantComparis
 from workbench.quant.config import FOUR_BIT_BLOCKSIZES, INT8_BLOCKSIZES, QUANT_TYPES, QuantConfig, QuantType
 from workbench.quant.geometry import BinGeometry, bin_geometry, bin_histogram, bin_occupancy, weight_relative_error
 from workbench.quant.model import fake_quantize_model, fake_quantize_state, quantized_copy
-from workbench.quant.parameters import conv1d_class, quantizable_parameters, transposed_parameters
+from workbench.quant.parameters import (
+    conv1d_class,
+    quantizable_parameters,
+    single_use_linear_owners,
+    transposed_parameters,
+)
 from workbench.quant.tables import code_order, code_table, decision_boundaries
 
 __all__ = [
@@ -91,6 +96,7 @@ __all__ = [
     "quantize_dequantize",
     "quantize_weight",
     "quantized_copy",
+    "single_use_linear_owners",
     "transposed_parameters",
     "weight_relative_error",
 ]

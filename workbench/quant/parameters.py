@@ -109,3 +109,24 @@ def _check_transposed(transposed: Collection[str]) -> frozenset[str]:
     ):
         raise WorkbenchError("transposed: expected a collection of parameter names")
     return frozenset(transposed)
+
+
+def single_use_linear_owners(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
+    """``name → module`` for the named weights owned by a Linear/Conv1D and shared with no other
+    module (a weight read by one forward alone: the batched Fisher and the compact quantized copy
+    rely on it)."""
+    conv1d = conv1d_class()
+    uses: dict[int, int] = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            uses[id(p)] = uses.get(id(p), 0) + 1
+    modules = dict(model.named_modules())
+    owners = {}
+    for n in names:
+        owner, _, attr = n.rpartition(".")
+        module = modules.get(owner)
+        if attr != "weight" or module is None or uses.get(id(module.weight), 0) != 1:
+            continue
+        if isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d)):
+            owners[n] = module
+    return owners

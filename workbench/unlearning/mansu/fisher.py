@@ -14,7 +14,7 @@ import torch
 from workbench.core.errors import WorkbenchError
 from workbench.models.scoring import FactBatch, answer_logits
 from workbench.models.update import Update
-from workbench.quant import conv1d_class, transposed_parameters
+from workbench.quant import single_use_linear_owners, transposed_parameters
 from workbench.unlearning.losses import answer_logprob
 
 
@@ -37,7 +37,7 @@ def diagonal_fisher(work: torch.nn.Module, names: list[str], batch: FactBatch, s
     if count == 0:
         raise WorkbenchError("the diagonal Fisher needs at least one retain example")
     rows = batch.subset(torch.arange(count))
-    owners = _single_use_linear_owners(work, names)
+    owners = single_use_linear_owners(work, names)
     rest = [n for n in names if n not in owners]
     fisher = diagonal_fisher_per_example(work, rest, rows, count) if rest else {}
     if owners:
@@ -66,26 +66,6 @@ def diagonal_fisher_per_example(work: torch.nn.Module, names: list[str], batch: 
         for p in params.values():
             p.requires_grad_(False)
     return {n: f / count for n, f in fisher.items()}
-
-
-def _single_use_linear_owners(work: torch.nn.Module, names: list[str]) -> dict[str, torch.nn.Module]:
-    """``name → module`` for the named weights owned by a Linear/Conv1D and shared with no other module."""
-
-    conv1d = conv1d_class()
-    uses: dict[int, int] = {}
-    for m in work.modules():
-        for p in m.parameters(recurse=False):
-            uses[id(p)] = uses.get(id(p), 0) + 1
-    modules = dict(work.named_modules())
-    owners = {}
-    for n in names:
-        owner, _, attr = n.rpartition(".")
-        module = modules.get(owner)
-        if attr != "weight" or module is None or uses.get(id(module.weight), 0) != 1:
-            continue
-        if isinstance(module, torch.nn.Linear) or (conv1d is not None and isinstance(module, conv1d)):
-            owners[n] = module
-    return owners
 
 
 def _weight(module: torch.nn.Module) -> torch.Tensor:

@@ -24,6 +24,7 @@ from workbench.models.loaded import LoadedModel
 from workbench.models.prefix import PrefixCache
 from workbench.models.scoring import FactBatch
 from workbench.quant import QuantConfig, quantized_copy
+from workbench.quant.compact import compact_quantized_copy
 from workbench.unlearning.batches import Batches, ScoredSet
 from workbench.unlearning.mansu.config import MansuConfig
 from workbench.unlearning.mansu.fisher import diagonal_fisher
@@ -35,6 +36,12 @@ GRID_CACHE_WEIGHTS = 16_000_000
 bytes per weight, ~200 MB here); above it (no circuit restriction: every weight of the model)
 each grid is rebuilt from the base weights when a round needs it, which is exact (the base
 does not change) and costs one pass of the quantizer per round instead of 13 bytes per weight."""
+
+COMPACT_QWORK_BYTES = 1 << 30
+"""Above this many bytes of quantized weights outside the candidate tensors (a 1B model in
+bfloat16, not SmolLM2 in float32), the model at Q(w+Δ) holds them as codes, half a byte per
+weight, dequantized by each module's forward (:func:`~workbench.quant.compact.compact_quantized_copy`:
+the same logits and gradients, one dequantization per module per forward); below it, as tensors."""
 
 PHASES = ("setup", "gradients", "selection", "quantizer", "evaluation")
 """Where a MANSU run's time goes, in the order of a round (``seconds_by_phase``)."""
@@ -251,6 +258,17 @@ def null_space_projectors(model: LoadedModel, work: torch.nn.Module, names: list
     return _setup_memo("projectors", model, work, names, settings, entries, compute)
 
 
+def quantized_working_copy(model: LoadedModel, quant: QuantConfig, names: list[str]) -> torch.nn.Module:
+    """The model at Q(w), the candidate tensors ``names`` as tensors (rounds write them), the other
+    quantized weights as codes when they weigh more than :data:`COMPACT_QWORK_BYTES`."""
+    quantized, held = set(model.adapter.quantizable(quant)), set(names)
+    others = sum(p.numel() * p.element_size() for n, p in model.hf.named_parameters()
+                 if n in quantized and n not in held)
+    if others > COMPACT_QWORK_BYTES:
+        return compact_quantized_copy(model.hf, quant, materialized=names)
+    return quantized_copy(model.hf, quant)
+
+
 def _setup_memo(what: str, model: LoadedModel, work: torch.nn.Module, names: list[str], settings: tuple[object, ...],
                 entries: int, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """``compute()``, kept for the next run with the same model, device, tensors and ``settings``
@@ -299,7 +317,7 @@ def setup_state(model: LoadedModel, batches: Batches, circuit: tuple[Component, 
         report(0.1, "retain Fisher")
         fisher = retain_fisher(model, work, names, batches.retain, config.fisher_samples)
 
-    qwork = quantized_copy(model.hf, quant)
+    qwork = quantized_working_copy(model, quant, names)
     n_candidates = int(sum(int(masks[n].sum()) for n in names))  # each all-true mask only for its count
     per_round, max_per_round = round_sizes(n_candidates, config)
     # The guard's retain sample differs from the projector's, so the guard stays an independent check.

@@ -1,0 +1,137 @@
+"""The compact quantized copy (issue 17): quantized weights held as codes, dequantized per
+forward, give the full quantized copy's logits and gradients bit for bit, in less memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from workbench.quant import QuantConfig
+from workbench.quant.compact import compact_bytes, compact_quantized_copy, pack_codes, unpack_codes
+from workbench.quant.model import quantized_copy
+from workbench.quant.parameters import quantizable_parameters
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("n_codes, numel", [(16, 7), (16, 64), (256, 9)])
+def test_codes_pack_and_unpack(n_codes, numel):
+    codes = torch.randint(0, n_codes, (numel,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    packed = pack_codes(codes, n_codes)
+    assert packed.numel() == (numel + 1) // 2 if n_codes == 16 else numel
+    assert torch.equal(unpack_codes(packed, n_codes, numel), codes)
+    if n_codes == 16:  # bnb's order: the earlier weight in the high nibble
+        assert int(packed[0]) == int(codes[0]) * 16 + int(codes[1])
+
+
+def _ids(model, n: int = 3, length: int = 6) -> torch.Tensor:
+    vocab = model.hf.config.vocab_size
+    return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("fixture", ["facts_tiny", "toy_llama_gqa", "toy_gpt2"])
+@pytest.mark.parametrize("quant", ["nf4", "fp4", "int8"])
+def test_compact_copy_gives_the_full_copys_logits_and_gradients(fixture, quant, request):
+    model = request.getfixturevalue(fixture)
+    cfg = QuantConfig(quant)
+    names = quantizable_parameters(model.hf, cfg)
+    written = names[len(names) // 2]  # one weight kept as a tensor, differentiated
+    full, compact = quantized_copy(model.hf, cfg), compact_quantized_copy(model.hf, cfg, materialized=[written])
+    ids = _ids(model)
+    with torch.no_grad():
+        assert torch.equal(full(ids).logits, compact(ids).logits)
+
+    def gradient(copy: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        p = copy.get_parameter(written)
+        p.requires_grad_(True)
+        loss = copy(ids).logits.float().logsumexp(-1).sum()
+        (grad,) = torch.autograd.grad(loss, [p])
+        p.requires_grad_(False)
+        return loss.detach(), grad
+
+    (loss_full, grad_full), (loss_compact, grad_compact) = gradient(full), gradient(compact)
+    assert torch.equal(loss_full, loss_compact) and torch.equal(grad_full, grad_compact)
+    assert grad_full.abs().sum() > 0
+    # the written weight is a tensor the caller can copy into; the others are held as codes
+    assert compact.get_parameter(written).shape == model.hf.get_parameter(written).shape
+    assert compact_bytes(compact) > 0
+    held = sum(p.numel() for n, p in compact.named_parameters() if n in names)
+    assert held < sum(p.numel() for n, p in full.named_parameters() if n in names)
+
+
+def test_compact_copy_leaves_the_base_and_holds_less(toy_llama_gqa):
+    hf, cfg = toy_llama_gqa.hf, QuantConfig("nf4")
+    before = {n: p.detach().clone() for n, p in hf.named_parameters()}
+    compact = compact_quantized_copy(hf, cfg, materialized=[])
+    for n, p in hf.named_parameters():
+        assert torch.equal(p, before[n]), n
+    names = set(quantizable_parameters(hf, cfg))
+    weights = sum(p.numel() * p.element_size() for n, p in hf.named_parameters() if n in names)
+    # 4-bit codes: half a byte per weight plus the block scales, against 4 bytes in float32
+    assert compact_bytes(compact) < weights / 6
+    with torch.no_grad():
+        compact(_ids(toy_llama_gqa))
+    assert all(compact.get_parameter(n).numel() == 0 for n in names)  # placeholders again after the forward
+
+
+def test_the_graph_keeps_notes_not_dequantized_weights(toy_llama_gqa, monkeypatch):
+    """Between forward and backward no dequantized weight is alive: the backward rebuilds each."""
+    import weakref
+
+    from workbench.quant.compact import CodesAtForward
+
+    hf, cfg = toy_llama_gqa.hf, QuantConfig("nf4")
+    written = "model.layers.0.self_attn.q_proj.weight"  # the first block: every later module's input takes a gradient
+    compact = compact_quantized_copy(hf, cfg, materialized=[written])
+    made: list[weakref.ref] = []
+    dequantize = CodesAtForward.dequantize
+
+    def tracked(self):
+        w = dequantize(self)
+        made.append(weakref.ref(w))
+        return w
+
+    monkeypatch.setattr(CodesAtForward, "dequantize", tracked)
+    p = compact.get_parameter(written)
+    p.requires_grad_(True)
+    loss = compact(_ids(toy_llama_gqa)).logits.float().logsumexp(-1).sum()
+    in_forward = len(made)
+    assert in_forward > 0 and all(ref() is None for ref in made)
+    loss.backward()
+    assert len(made) > in_forward  # rebuilt for the backward
+    assert p.grad is not None and p.grad.abs().sum() > 0
+    p.requires_grad_(False)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"forget_direction": "quantized", "guard_precision": "both"}],
+                         ids=["default (average direction)", "quantized direction, both guards"])
+def test_mansu_with_a_compact_quantized_model_is_the_same_run(facts_tiny, split, monkeypatch, overrides):
+    """MANSU's model at Q(w+Δ) holds the weights outside the circuit as codes above a size;
+    forced here on facts-tiny, the run (update and history) must not change at all."""
+    import workbench.unlearning.mansu.state as state
+    from workbench.core.components import all_components
+    from workbench.unlearning.mansu import MansuConfig
+    from workbench.unlearning.registry import unlearn
+
+    # layer 0's heads: every later module is held as codes and lies on the gradients' path
+    heads0 = [c for c in all_components(facts_tiny.n_layers, facts_tiny.n_heads, include_embed=False)
+              if c.layer == 0 and c.kind != "mlp"]
+    config = MansuConfig(max_rounds=4, **overrides)
+    built = []
+    real = state.compact_quantized_copy
+    monkeypatch.setattr(state, "compact_quantized_copy", lambda *a, **k: built.append(1) or real(*a, **k))
+
+    def run() -> tuple[dict[str, torch.Tensor], list[dict[str, float]]]:
+        result = unlearn(facts_tiny, split, method="mansu", quant=QuantConfig("nf4"), circuit=heads0,
+                         progress=lambda f, m: None, method_config=config)
+        return result.update.deltas, result.history
+
+    tensors, tensors_history = run()
+    assert not built
+    monkeypatch.setattr(state, "COMPACT_QWORK_BYTES", 0)
+    codes, codes_history = run()
+    assert built
+    assert sum(int((d != 0).sum()) for d in tensors.values()) > 0
+    assert sorted(codes) == sorted(tensors) and codes_history == tensors_history
+    for name, delta in tensors.items():
+        assert torch.equal(codes[name], delta), name
