@@ -41,3 +41,13 @@ def test_a_run_records_its_provenance_and_compare_warns_on_different_versions(fa
     assert "warning: the runs were made with different versions of bitsandbytes: " in err
     assert "0.0.1" in err and library_versions()["bitsandbytes"] in err
     assert version_differences([{}, config], ["old", "new"])[0].startswith("torch: unknown (old)")
+
+
+def test_the_commit_is_read_when_the_code_is_imported_not_when_a_run_is_saved():
+    """A run saved long after its process started records the commit its code came from."""
+    import subprocess
+    import sys
+
+    probe = "import workbench.experiments.provenance as p; print(p.source_commit.cache_info().currsize)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1"

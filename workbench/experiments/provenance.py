@@ -64,7 +64,8 @@ def library_versions() -> dict[str, str]:
 
 @cache
 def source_commit() -> str | None:
-    """The checkout's commit (with ``+dirty`` for local changes), or ``None`` outside a git checkout."""
+    """The checkout's commit (with ``+dirty`` for local changes) when this module was first imported,
+    or ``None`` outside a git checkout."""
     root = Path(__file__).resolve().parents[2]
     if not (root / ".git").exists():
         return None
@@ -76,6 +77,11 @@ def source_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return head + ("+dirty" if dirty else "")
+
+
+# Read when the code is imported, not when a run is saved: a run saved an hour after its process
+# started (or by an app server that outlived several commits) ran the code of the launch commit.
+source_commit()
 
 
 def version_differences(configs: Iterable[Mapping[str, Any]], labels: Iterable[str]) -> list[str]:
