@@ -122,11 +122,12 @@ def test_bench_flow_times_every_step_and_both_paths_measure_the_same():
     moved = replace(flow.fast.metrics, ptq_gap=flow.fast.metrics.ptq_gap + 0.01, params_changed=0)
     assert same_measurements(flow.fast.metrics, moved) == ["params_changed", "ptq_gap"]
 
+
 def test_scale_bench_reduced_runs_every_phase_in_a_child_process():
     """``workbench bench scale`` at its reduced size: a random bf16 Llama built in a child process,
     attributed, unlearned (MANSU, 3 rounds, top-10 circuit) and measured; peak RSS per phase."""
     from workbench.faces.bench import format_rows
-    from workbench.faces.bench_memory import MEMORY_COLUMNS, memory_rows, run_flow
+    from workbench.faces.bench_memory import MEMORY_COLUMNS, circuit_note, memory_rows, run_flow
 
     report = run_flow("scale", "reduced")
     assert [p["phase"] for p in report["phases"]] == ["load", "attribution", "mansu", "measurement"]
@@ -138,6 +139,9 @@ def test_scale_bench_reduced_runs_every_phase_in_a_child_process():
         assert p["peak_over_model"] == p["peak_rss_bytes"] / report["model_bytes"]
     assert report["max_rss_bytes"] == max(p["peak_rss_bytes"] for p in report["phases"])
     assert "peak/model" in format_rows(memory_rows(report), MEMORY_COLUMNS)
+    mansu = report["phases"][2]  # says what its circuit held: MANSU's state is per candidate weight
+    assert len(mansu["circuit"].split()) == 10 and 0 < mansu["candidate_weights"] < mansu["model_weights"] == n_params
+    assert f"{mansu['candidate_weights']:,} candidate weights" in circuit_note(memory_rows(report))
 
 
 def test_memory_bench_refuses_unknown_flows():

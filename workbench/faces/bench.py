@@ -39,7 +39,7 @@ from workbench.core.components import all_components
 from workbench.core.errors import WorkbenchError
 from workbench.core.progress import silent
 from workbench.faces.bench_flow import FLOW_COLUMNS, bench_flow
-from workbench.faces.bench_memory import MEMORY_COLUMNS, memory_rows, run_flow
+from workbench.faces.bench_memory import MEMORY_COLUMNS, circuit_note, memory_rows, run_flow
 from workbench.interpretability.attribution import (
     AttributionConfig,
     PromptPairs,
@@ -518,6 +518,9 @@ def run_bench(sections: Sequence[str] = (), *, quick: bool = False) -> dict[str,
         print("== scale: a random 1B-class Llama in bfloat16, each phase's peak RSS / model bytes (target <= 3)")
         rows = memory_rows(run_flow("scale", "reduced" if quick else "full"))
         print(format_rows(rows, MEMORY_COLUMNS))
+        note = circuit_note(rows)
+        if note:
+            print(note)
         report["scale"] = rows
     report["seconds"] = time.perf_counter() - started
     print(f"bench: {report['seconds']:.0f} s in all")

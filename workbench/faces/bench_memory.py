@@ -114,8 +114,6 @@ def _model_bytes(model: Any) -> int:
 
 def _own_facts(model: Any, n: int, seed: int = 0) -> list[Any]:
     """``n`` word prompts whose answers are the model's own top-1 (so forget top-1 starts at 1)."""
-
-
     gen = torch.Generator().manual_seed(seed)
     words = torch.randint(0, 100, (n, 4), generator=gen).tolist()
     prompts = [" ".join(f"w{w}" for w in row) for row in words]
@@ -126,8 +124,8 @@ def _own_facts(model: Any, n: int, seed: int = 0) -> list[Any]:
 
 
 def scale_flow(rows: list[dict[str, Any]], size: dict[str, int]) -> Any:
-    """The ``scale`` flow's phases (module docstring); returns the model."""
-
+    """The ``scale`` flow's phases (module docstring); returns the model. The MANSU row also says
+    what its circuit holds (components, candidate weights): MANSU's float32 state is per candidate."""
 
     def load() -> tuple[Any, Any]:
         model = toy_model("llama", n_layers=size["layers"], d_model=size["d_model"], n_heads=size["heads"],
@@ -143,13 +141,15 @@ def scale_flow(rows: list[dict[str, Any]], size: dict[str, int]) -> Any:
     result = _phase(rows, "mansu", lambda: unlearn(model, split, method="mansu", quant=quant, circuit=circuit,
                                                    method_config=MansuConfig(max_rounds=3),
                                                    progress=lambda f, m: None))
+    rows[-1]["circuit"] = " ".join(str(c) for c in circuit)
+    rows[-1]["candidate_weights"] = int(result.diagnostics["n_candidate_params"])
+    rows[-1]["model_weights"] = sum(p.numel() for p in model.hf.parameters())
     _phase(rows, "measurement", lambda: measure_update(model, split, result.update, quant=quant, circuit=circuit))
     return model
 
 
 def child(flow: str, model_name: str, rounds: int) -> dict[str, Any]:
     """Run one flow in this process (see the module docstring); a JSON-ready report."""
-
     torch.set_num_threads(1)
 
     baseline = _rss_bytes("VmRSS")  # the interpreter and the workbench's imports
@@ -167,7 +167,6 @@ def child(flow: str, model_name: str, rounds: int) -> dict[str, Any]:
             # ``rounds`` caps the run: memory per round is the same, the time is not
             _phase(rows, "mansu", lambda: session.unlearn("mansu", mansu={"max_rounds": rounds}))
         elif flow == "mansu-no-circuit":
-
             config = MansuConfig(use_circuit=False, max_rounds=rounds)
             model, split, quant = session.model, session.split, session.quant
             _phase(rows, "mansu", lambda: unlearn(model, split, method="mansu", quant=quant,
@@ -189,7 +188,6 @@ def run_flow(flow: str, model_name: str, *, rounds: int = 3, pythonpath: str | N
     """Run ``flow`` on ``model_name`` in a child process and return its report.
 
     ``pythonpath``: the checkout whose ``workbench`` the child imports (default: this one)."""
-
     if flow not in FLOWS:
         raise WorkbenchError(f"unknown memory flow {flow!r}; choose from {', '.join(FLOWS)}")
     env = dict(os.environ, OMP_NUM_THREADS="1",
@@ -207,6 +205,16 @@ MEMORY_COLUMNS = (
     ("peak_rss_mib", "peak RSS MiB", "{:.0f}"), ("peak_over_model", "peak/model", "{:.2f}"),
     ("above_imports_over_model", "(peak-imports)/model", "{:.2f}"),
 )
+
+
+def circuit_note(rows: list[dict[str, Any]]) -> str | None:
+    """What the MANSU phase's circuit held (the scale flow reports it), as one line."""
+    row = next((r for r in rows if "candidate_weights" in r), None)
+    if row is None:
+        return None
+    share = row["candidate_weights"] / row["model_weights"]
+    return (f"MANSU's circuit: {row['circuit']}: {row['candidate_weights']:,} candidate weights, "
+            f"{share:.0%} of the model's (MANSU holds float32 state per candidate weight)")
 
 
 def memory_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
