@@ -40,7 +40,7 @@ does not change) and costs one pass of the quantizer per round instead of 13 byt
 COMPACT_QWORK_BYTES = 1 << 30
 """Above this many bytes of quantized weights outside the candidate tensors (a 1B model in
 bfloat16, not SmolLM2 in float32), the model at Q(w+Δ) holds them as codes, half a byte per
-weight, dequantized by each module's forward (:func:`~workbench.quant.compact.compact_quantized_copy`:
+4-bit weight, dequantized by each module's forward (:func:`~workbench.quant.compact.compact_quantized_copy`:
 the same logits and gradients, one dequantization per module per forward); below it, as tensors."""
 
 PHASES = ("setup", "gradients", "selection", "quantizer", "evaluation")
@@ -130,7 +130,8 @@ class MansuState:
     Fixed at setup: ``names`` (candidate weights, sorted), ``base`` (their base values),
     ``grids`` (:class:`GridStore`), ``transposed`` and ``conv1d`` (per weight), ``projectors``
     and ``fisher`` (empty when that component is off), ``work`` (the model at w+Δ: it shares
-    the base's tensors until a round writes one, see ``owned``) and ``qwork`` (at Q(w+Δ)),
+    the base's tensors until a round writes one, see ``owned``) and ``qwork`` (at Q(w+Δ); see
+    :func:`quantized_working_copy`),
     ``answers`` and ``q_answers`` (their forwards on the batches every round runs again,
     through :class:`~workbench.models.prefix.PrefixCache`: the blocks before the first weight
     a round wrote run once per batch), ``retain_sample`` (for projectors and the retain
