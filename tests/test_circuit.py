@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import networkx as nx
 import pytest
@@ -139,6 +140,25 @@ def test_selected_edges_need_both_ends(circuit):
     circuit.include(head(0, 0))
     assert (EMBED, head(0, 0), "q") in circuit.selected_edges
     assert (mlp(0), head(1, 0), "v") not in circuit.selected_edges
+
+
+@pytest.mark.parametrize("n", [0, 1, 3, 6, 10])
+def test_strongest_edges_are_the_sorted_edges_with_their_selection(circuit, n):
+    """The redraw's edges read without parsing every edge: the same edges, order and selection
+    as sorting all :attr:`edge_scores` and looking each up in :attr:`selected_edges`."""
+    circuit.set_selection([EMBED, head(0, 0), head(1, 0), mlp(1)])
+    ranked = sorted(circuit.edge_scores.items(), key=lambda kv: -abs(kv[1]))[:n]
+    expected = [(key, value, key in circuit.selected_edges) for key, value in ranked]
+    assert circuit.strongest_edges(n) == expected
+    if n >= 3:  # MLP1→logits and L1.H0→logits selected, L0.H1→MLP0 not (L0.H1 is out)
+        assert [flag for _, _, flag in circuit.strongest_edges(n)][:3] == [True, True, False]
+
+
+def test_strongest_edges_keep_the_graph_order_among_ties():
+    tied = {(EMBED, head(0, 0), "q"): 0.5, (EMBED, head(0, 0), "k"): -0.5, (head(0, 1), mlp(0), "mlp"): 0.5,
+            (mlp(1), LOGITS, "logits"): 0.25}
+    circuit = Circuit.from_attribution(replace(make_attribution(), edge_scores=tied))
+    assert [key for key, _, _ in circuit.strongest_edges(3)] == list(tied)[:3]
 
 
 def test_diff():

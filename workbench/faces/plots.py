@@ -141,17 +141,16 @@ def circuit_figure(circuit: Circuit, *, show_edges: bool = True, max_edges: int 
 
 
 def _add_edges(fig: go.Figure, circuit: Circuit, pos: dict[str, tuple[float, float]], max_edges: int) -> None:
-    edges = sorted(circuit.edge_scores.items(), key=lambda kv: -abs(kv[1]))[:max_edges]
+    edges = circuit.strongest_edges(max_edges)
     if not edges:
         return
-    sel_edges = circuit.selected_edges
-    emax = _abs_max(v for _, v in edges)
+    emax = _abs_max(v for _, v, _ in edges)
     # Plotly draws one width per trace: bucket edges by (sign, selected, width bin).
     n_bins = 4
     buckets: dict[tuple[bool, bool, int], list[tuple[Any, float]]] = {}
-    for key, value in edges:
+    for key, value, is_selected in edges:
         b = min(n_bins - 1, int(n_bins * abs(value) / emax)) if math.isfinite(value) else 0
-        buckets.setdefault((value >= 0, key in sel_edges, b), []).append((key, value))
+        buckets.setdefault((value >= 0, is_selected, b), []).append((key, value))
     mid_x, mid_y, mid_text = [], [], []
     for (positive, is_sel, b), items in sorted(buckets.items()):
         xs: list[float | None] = []
