@@ -247,6 +247,21 @@ def test_an_edit_can_leave_the_readout_to_follow(attributed):
     assert s.faithfulness_is_current and s.faithfulness_result == follow
 
 
+def test_attribution_can_leave_the_readout_to_follow():
+    """"Run attribution" in the app draws the new circuit first: its faithfulness is measured
+    next, and a readout measured for the previous attribution's circuit (even with the same
+    components) is not shown as this one's."""
+    s = Session()
+    s.setup("facts-tiny")
+    s.attribute("atp", edges=False)
+    measured = s.faithfulness_result
+    assert s.faithfulness_is_current and measured is not None
+    s.attribute("atp", edges=False, measure=False)  # same method, same default selection
+    assert not s.faithfulness_is_current
+    assert s.faithfulness_text().endswith("Faithfulness: measuring…")
+    assert s.measure_faithfulness() == measured and s.faithfulness_is_current
+
+
 def test_node_table_sets_the_selection(attributed):
     s = Session()
     s.setup("facts-tiny")

@@ -235,8 +235,9 @@ def on_check_file(s: Session, path: str | None, data_format: str | None, which: 
 @friendly
 def on_attribute(s: Session, method: str, ig_steps: Any, edges: bool, baseline: str = "paired",
                  progress: gr.Progress = gr.Progress()):
+    # The circuit is drawn at once; its faithfulness readout follows (on_faithfulness), as after an edit.
     a = s.attribute(method, ig_steps=number(ig_steps, "ig_steps"), edges=edges, baseline=baseline,
-                    progress=_progress(progress))
+                    progress=_progress(progress), measure=False)
     summary = (f"**{ATTRIBUTION_METHODS[a.method]}**{f' ({a.ig_steps} steps)' if a.method == 'ig' else ''} over "
                f"{a.n_pairs} prompt pairs · {html.escape(s.attribution_text(), quote=False)} · "
                f"{len(a.edge_scores)} edges scored. "
@@ -757,7 +758,7 @@ def _wire_attribution_and_circuit(session: gr.State, a: AttributionViews, c: Cir
     readout = (on_faithfulness, [session], c.faithfulness)
     private: dict[str, Any] = {"api_visibility": "private"}  # typed: the keyword splat is checked per parameter
     a.button.click(on_attribute, [session, a.method, a.ig_steps, a.edges, a.baseline], [a.summary, *views, a.fact],
-                   api_name="attribute", **heavy)
+                   api_name="attribute", **heavy).then(*readout, **private)
     a.fact.change(on_fact, [session, a.fact], [a.fact_plot, a.fact_table], api_name="fact")
     c.curve_button.click(on_curve, [session, c.curve_k, c.curve_ablation, c.curve_metric], [c.curve_text, c.curve_plot],
                          api_name="faithfulness_curve", **heavy)

@@ -581,9 +581,13 @@ class Session:
     # --- attribution ----------------------------------------------------------------------
     def attribute(
         self, method: str = "atp", *, ig_steps: int = 8, edges: bool = True, baseline: str = "paired",
-        progress: Progress | None = None,
+        progress: Progress | None = None, measure: bool = True,
     ) -> Attribution:
-        """Attribute the forget set and start a fresh circuit from the core's default (top-k)."""
+        """Attribute the forget set and start a fresh circuit from the core's default (top-k).
+
+        ``measure=False``: the new circuit's faithfulness is left to :meth:`measure_faithfulness`
+        (as :meth:`edit` does), so a face can draw the circuit first: on SmolLM2 the measurement
+        was about half of the click."""
 
         self.assumed = []
         model, split, _q = self.ensure_setup(progress)
@@ -594,7 +598,7 @@ class Session:
         self.attribution = attribution
         self.reference = {method: attribution}
         self.pairs = None  # faithfulness pairs follow the attribution's baseline
-        self._set_circuit(default_circuit(attribution))
+        self._set_circuit(default_circuit(attribution), measure=measure)
         return attribution
 
     def attribution_text(self) -> str:
@@ -648,15 +652,17 @@ class Session:
         return numbers, figure
 
     # --- circuit --------------------------------------------------------------------------
-    def _set_circuit(self, circuit: Circuit) -> None:
-
+    def _set_circuit(self, circuit: Circuit, *, measure: bool = True) -> None:
         model, split, _q = self.require()
         self.circuit = circuit
         if self.pairs is None or self.pairs.metric != circuit.metric:
             baseline = self.attribution.baseline if self.attribution is not None else "paired"
             self.pairs = make_prompt_pairs(model, split.forget, metric=circuit.metric,
                                            baseline=baseline)  # type: ignore[arg-type] -- an Attribution's own
-        self.measure_faithfulness()
+        if measure:
+            self.measure_faithfulness()
+        else:
+            self._measured_selection = None  # the readout says "measuring…" until measured
 
     def measure_faithfulness(self) -> Faithfulness | None:
         """Recompute faithfulness of the current selection (kept on the session for the readout)."""
