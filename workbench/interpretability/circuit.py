@@ -246,22 +246,23 @@ class Circuit:
     @property
     def selected_edges(self) -> dict[tuple[Component, Component, str], float]:
         """Edges whose writer is selected and whose reader is selected or the logits sink."""
-        nodes = self.graph.nodes
         return {
             (Component.parse(u), Component.parse(v), k): float(d["score"])
             for u, v, k, d in self.graph.edges(keys=True, data=True)
-            if nodes[u]["selected"] and (nodes[v]["selected"] or v == LOGITS.name)
+            if self._edge_selected(u, v)
         }
+
+    def _edge_selected(self, writer: str, reader: str) -> bool:
+        nodes = self.graph.nodes
+        return bool(nodes[writer]["selected"] and (nodes[reader]["selected"] or reader == LOGITS.name))
 
     def strongest_edges(self, n: int) -> list[tuple[tuple[Component, Component, str], float, bool]]:
         """The ``n`` edges of largest ``|score|`` (ordered as ``sorted`` by it, strongest first),
         each with whether it is selected (as in :attr:`selected_edges`). Reads the graph once and
         parses only the ``n`` kept: a redraw of SmolLM2's 113k edges otherwise parsed them all."""
-        nodes = self.graph.nodes
         edges = self.graph.edges(keys=True, data="score")
         top = heapq.nsmallest(n, edges, key=lambda e: -abs(e[3]))  # == sorted(edges, key=...)[:n]
-        return [((Component.parse(u), Component.parse(v), k), float(score),
-                 bool(nodes[u]["selected"] and (nodes[v]["selected"] or v == LOGITS.name)))
+        return [((Component.parse(u), Component.parse(v), k), float(score), self._edge_selected(u, v))
                 for u, v, k, score in top]
 
     def __len__(self) -> int:
