@@ -30,7 +30,12 @@ from workbench.unlearning.mansu import MansuConfig
 from workbench.unlearning.mansu.candidates import rank_moves, round_gradients, score_module
 from workbench.unlearning.mansu.fisher import diagonal_fisher, fisher_bound
 from workbench.unlearning.mansu.method import run_round
-from workbench.unlearning.mansu.projection import linear_inputs, null_space_projector, project_update
+from workbench.unlearning.mansu.projection import (
+    linear_inputs,
+    null_space_projector,
+    project_update,
+    retain_output_change,
+)
 from workbench.unlearning.mansu.rounds import take_moves, verify_codes
 from workbench.unlearning.mansu.state import setup_state
 from workbench.unlearning.registry import unlearn
@@ -160,6 +165,27 @@ def test_capturing_inputs_stops_the_forward_after_the_last_owner(toy_llama_gqa):
             h.remove()
     assert inputs["model.layers.0.mlp.down_proj.weight"].shape[1] == toy_llama_gqa.hf.config.intermediate_size
     assert ran == []  # stopped inside layer 0's MLP, before it returned
+
+
+def test_retain_output_change_streams_inputs_and_equals_the_all_inputs_formula(toy_llama_gqa):
+    """The diagnostic takes each module's terms as the forward reaches it; the number is the one
+    computed from every module's retain inputs held at once (the code before), bit for bit."""
+    facts = [Fact("w1 w2", "w3", ()), Fact("w4 w5 w6 w7", "w8", ()), Fact("w9", "w10", ())]
+    batch = FactBatch.from_facts(toy_llama_gqa.tokenizer, facts)
+    params = dict(toy_llama_gqa.hf.named_parameters())
+    names = ["model.layers.1.mlp.down_proj.weight", "model.layers.0.self_attn.q_proj.weight",
+             "model.layers.0.self_attn.v_proj.weight", "model.layers.0.mlp.up_proj.weight"]
+    gen = torch.Generator().manual_seed(0)
+    update = Update({n: torch.randn(params[n].shape, generator=gen) * 1e-3 for n in names}, {})
+    inputs = linear_inputs(toy_llama_gqa.hf, names, batch)
+    num = den = 0.0
+    for n, d in update.deltas.items():
+        k = inputs[n].float()
+        num += float((k @ d.T).norm())
+        den += float(d.norm() * k.norm())
+    got = retain_output_change(toy_llama_gqa.hf, update, {}, batch)
+    assert got == num / den and got > 0
+    assert retain_output_change(toy_llama_gqa.hf, Update({}, {}), {}, batch) == 0.0
 
 
 # --- facts-tiny MANSU runs shared by the tests below --------------------------------------------

@@ -48,30 +48,23 @@ class _AllSeen(Exception):
     """Raised by the last input hook: the rest of the forward (the other blocks, the logits) is not needed."""
 
 
-def each_linear_input(work: torch.nn.Module, names: Iterable[str], batch: FactBatch,
-                      use: Callable[[torch.Tensor], T]) -> dict[str, T]:
-    """``use(x)`` of the ``[n_real_tokens, d_in]`` input of each module owning a weight in
-    ``names`` on ``batch``, one call per distinct input; the forward stops once every owner ran.
-
-    Modules that read the same tensor one after the other (Llama's q/k/v, gate/up) share one
-    call and its very result. Only the latest input is held, so memory is one input at a time
-    (holding them all held every layer's activations: ~1 GB on SmolLM2 over every module).
-    """
+def visit_linear_inputs(work: torch.nn.Module, names: Iterable[str], batch: FactBatch,
+                        visit: Callable[[str, torch.Tensor, torch.Tensor], None]) -> None:
+    """``visit(module_name, x, real)`` as the forward reaches each module owning a weight in
+    ``names``: ``x`` the module's input, ``real`` the ``[n, seq]`` mask of non-padding tokens
+    (``x[real]`` is ``[n_real_tokens, d_in]``). The forward (no grad) stops once every owner ran,
+    so a visitor that keeps only what it derives holds one input at a time."""
     modules = dict(work.named_modules())
-    owners = {n: n.rsplit(".", 1)[0] for n in names}
-    done: dict[str, T] = {}
-    latest: list[tuple[torch.Tensor, T]] = []  # the last input seen and its result
+    wanted = {n.rsplit(".", 1)[0] for n in names}
+    seen: set[str] = set()
     positions = torch.arange(batch.ids.shape[1], device=batch.last.device)
     real = positions[None, :] <= batch.last[:, None]  # padding excluded
     handles = []
-    wanted = set(owners.values())
     for mod_name in wanted:
         def hook(_m: torch.nn.Module, args: tuple[torch.Tensor, ...], key: str = mod_name) -> None:
-            x = args[0]
-            if not latest or latest[0][0] is not x:
-                latest[:] = [(x, use(x.detach()[real]))]
-            done[key] = latest[0][1]
-            if len(done) == len(wanted):
+            visit(key, args[0], real)  # the very tensor: modules reading one input can tell
+            seen.add(key)
+            if len(seen) == len(wanted):
                 raise _AllSeen
         handles.append(modules[mod_name].register_forward_pre_hook(hook))
     try:
@@ -82,7 +75,28 @@ def each_linear_input(work: torch.nn.Module, names: Iterable[str], batch: FactBa
     finally:
         for h in handles:
             h.remove()
-    return {n: done[owners[n]] for n in names}
+
+
+def each_linear_input(work: torch.nn.Module, names: Iterable[str], batch: FactBatch,
+                      use: Callable[[torch.Tensor], T]) -> dict[str, T]:
+    """``use(x)`` of the ``[n_real_tokens, d_in]`` input of each module owning a weight in
+    ``names`` on ``batch``, one call per distinct input; the forward stops once every owner ran.
+
+    Modules that read the same tensor one after the other (Llama's q/k/v, gate/up) share one
+    call and its very result. Only the latest input is held, so memory is one input at a time
+    (holding them all held every layer's activations: ~1 GB on SmolLM2 over every module).
+    """
+    names = list(names)
+    done: dict[str, T] = {}
+    latest: list[tuple[torch.Tensor, T]] = []  # the last input seen and its result
+
+    def visit(key: str, x: torch.Tensor, real: torch.Tensor) -> None:
+        if not latest or latest[0][0] is not x:
+            latest[:] = [(x, use(x.detach()[real]))]
+        done[key] = latest[0][1]
+
+    visit_linear_inputs(work, names, batch, visit)
+    return {n: done[n.rsplit(".", 1)[0]] for n in names}
 
 
 def linear_inputs(work: torch.nn.Module, names: Iterable[str], batch: FactBatch) -> dict[str, torch.Tensor]:
@@ -111,14 +125,28 @@ def projectors_for(work: torch.nn.Module, names: list[str], batch: FactBatch, th
 
 
 def retain_output_change(work: torch.nn.Module, update: Update, conv1d: dict[str, bool], batch: FactBatch) -> float:
-    """‖ΔW K_R‖ / (‖ΔW‖·‖K_R‖) summed over modules: how far the final sparse edit is from the null space."""
+    """‖ΔW K_R‖ / (‖ΔW‖·‖K_R‖) summed over modules: how far the final sparse edit is from the null space.
+
+    Each module's terms are taken as the forward reaches its input, so one input is held at a
+    time (holding every module's retain inputs was MANSU's memory peak on SmolLM2 without a
+    circuit); they are summed in the update's order, as when all inputs were held."""
     if update.is_empty():
         return 0.0
-    inputs = linear_inputs(work, list(update.deltas), batch)
+    by_owner: dict[str, list[str]] = {}
+    for n in update.deltas:
+        by_owner.setdefault(n.rsplit(".", 1)[0], []).append(n)
+    terms: dict[str, tuple[float, float]] = {}
+
+    def visit(owner: str, x: torch.Tensor, real: torch.Tensor) -> None:
+        k = x.detach()[real].float()  # activations in the storage dtype, deltas in float32
+        for n in by_owner[owner]:
+            d = update.deltas[n]
+            out = k @ d if conv1d.get(n) else k @ d.T
+            terms[n] = (float(out.norm()), float(d.norm() * k.norm()))
+
+    visit_linear_inputs(work, update.deltas, batch, visit)
     num = den = 0.0
-    for n, d in update.deltas.items():
-        k = inputs[n].float()  # activations in the storage dtype, deltas in float32
-        out = k @ d if conv1d.get(n) else k @ d.T
-        num += float(out.norm())
-        den += float(d.norm() * k.norm())
+    for n in update.deltas:
+        num += terms[n][0]
+        den += terms[n][1]
     return num / den if den else 0.0
