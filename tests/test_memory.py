@@ -235,3 +235,121 @@ def test_a_second_run_on_the_same_circuit_reuses_the_fisher_and_projectors(facts
     unkept, unkept_history = run(layer1)
     assert len(computed) == 4 and unkept_history == first_history
     assert all(torch.equal(unkept[n], d) for n, d in first.items())
+
+
+# --- activation checkpointing of a round's gradients ------------------------------------------------
+
+
+def _saved_bytes(fn):
+    """Bytes autograd saved for the backward outside any checkpoint, while ``fn()`` ran."""
+    total = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, total[0]
+
+
+@pytest.mark.parametrize("family", ["facts_tiny", "toy_llama_gqa"])
+def test_checkpointed_blocks_give_the_same_gradient_holding_fewer_activations(family, request):
+    from workbench.models.checkpointing import checkpointed_blocks
+    from workbench.models.scoring import FactBatch, span_logits
+    from workbench.unlearning.losses import answer_logprob
+
+    model = request.getfixturevalue(family)
+    split = own_top1_split(model) if family != "facts_tiny" else request.getfixturevalue("split")
+    batch = FactBatch.from_facts(model.tokenizer, list(split.retain[:16]))
+    work = sharing_copy(model.hf).eval()
+    for p in work.parameters():
+        p.requires_grad_(False)
+    names = [n for n, p in work.named_parameters() if p.ndim == 2 and model.adapter.layer_of(n) is not None]
+    params = dict(work.named_parameters())
+
+    def gradient() -> tuple[dict[str, torch.Tensor], int]:
+        for n in names:
+            params[n].requires_grad_(True)
+            params[n].grad = None
+        logp, saved = _saved_bytes(lambda: answer_logprob(span_logits(work, batch), batch.targets, batch.mask))
+        logp.mean().backward()
+        grads = {n: params[n].grad.clone() for n in names}  # type: ignore[union-attr]
+        for n in names:
+            params[n].requires_grad_(False)
+        return grads, saved
+
+    plain, plain_saved = gradient()
+    blocks = list(work.get_submodule(model.adapter.blocks).children())
+    with checkpointed_blocks(blocks):
+        checked, checked_saved = gradient()
+    assert all("forward" not in vars(b) for b in blocks)  # restored
+    for n in names:
+        assert torch.equal(checked[n], plain[n]), n
+    assert checked_saved < plain_saved / 2, (checked_saved, plain_saved)
+    # without grad the blocks run as they are
+    with checkpointed_blocks(blocks), torch.no_grad():
+        assert torch.equal(span_logits(work, batch), span_logits(model.hf, batch))
+
+
+@pytest.mark.parametrize("family", ["facts_tiny", "toy_llama_gqa"])
+def test_mansu_with_checkpointed_gradients_is_the_same_run(family, request, monkeypatch):
+    """Above CHECKPOINT_WEIGHTS a round's gradients checkpoint the blocks; forced on here, the
+    run (update, history) does not change at all."""
+    import workbench.unlearning.mansu.state as state
+
+    model = request.getfixturevalue(family)
+    split = own_top1_split(model) if family != "facts_tiny" else request.getfixturevalue("split")
+    # the tiny random Llama's first rounds fail the default retain guard: without it, it moves
+    config = MansuConfig(use_circuit=False, max_rounds=3,
+                         **({} if family == "facts_tiny" else {"retain_guard": None, "params_per_round": 16}))
+
+    def run():
+        result = unlearn(model, split, method="mansu", quant=NF4, progress=SILENT, method_config=config)
+        return result.update.deltas, result.history
+
+    import workbench.unlearning.mansu.candidates as candidates
+
+    used: list[int] = []
+    real = candidates.checkpointed_blocks
+    monkeypatch.setattr(candidates, "checkpointed_blocks", lambda blocks: used.append(len(blocks)) or real(blocks))
+    plain, plain_history = run()
+    assert used and not any(used)  # below the size: nothing checkpointed
+    used.clear()
+    monkeypatch.setattr(state, "CHECKPOINT_WEIGHTS", 0)
+    checked, checked_history = run()
+    n_blocks = len(model.hf.get_submodule(model.adapter.blocks))
+    assert used and all(n == 2 * n_blocks for n in used)  # both working models' blocks, every round
+    assert sum(int((d != 0).sum()) for d in plain.values()) > 0
+    assert sorted(checked) == sorted(plain) and checked_history == plain_history
+    for name, delta in plain.items():
+        assert torch.equal(checked[name], delta), name
+
+
+def test_scoring_forwards_fill_no_key_value_cache(toy_llama_gqa):
+    """A transformers model's forward fills a key/value cache for every layer unless told not to;
+    scoring and MANSU's input capture never read it, so they ask for none (same logits)."""
+    from workbench.models.scoring import FactBatch, span_logits, span_positions
+    from workbench.unlearning.mansu.projection import linear_inputs
+
+    hf = toy_llama_gqa.hf
+    batch = FactBatch.from_facts(toy_llama_gqa.tokenizer, list(own_top1_split(toy_llama_gqa).retain[:8]))
+    asked: list[object] = []
+    hooks = [m.register_forward_pre_hook(lambda _m, _a, kw: asked.append(kw.get("use_cache")), with_kwargs=True)
+             for m in (hf, hf.base_model)]
+    try:
+        with torch.no_grad():
+            got = span_logits(hf, batch)
+        linear_inputs(hf, ["model.layers.0.mlp.up_proj.weight"], batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    # logits_at's body forward; the input capture's whole-model forward, which passes it to its body
+    assert asked == [False, False, False]
+    with torch.no_grad():
+        cached = hf(batch.ids, use_cache=True)
+        assert cached.past_key_values is not None  # the default this avoids
+        n, span = batch.targets.shape
+        rows = torch.arange(n)[:, None].expand(n, span).reshape(-1)
+        want = cached.logits[rows, span_positions(batch).reshape(-1)].reshape(n, span, -1)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)

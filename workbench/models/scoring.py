@@ -134,8 +134,15 @@ def logits_at(model: torch.nn.Module, ids: torch.Tensor, pick: tuple[torch.Tenso
     unembed = getattr(model, "get_output_embeddings", None)
     head: Any = unembed() if callable(unembed) else None
     if body is not None and head is not None and body is not model:
-        return head(body(ids).last_hidden_state[pick])
-    return model(ids).logits[pick]
+        return head(body(ids, **uncached(body)).last_hidden_state[pick])
+    return model(ids, **uncached(model)).logits[pick]
+
+
+def uncached(model: torch.nn.Module) -> dict[str, bool]:
+    """``use_cache=False`` for a transformers model (nothing for another module): its forward
+    would otherwise fill a key/value cache for every layer that a scoring forward never reads
+    (on SmolLM2, a 256-fact forward's peak was 120-260 MiB higher with it; the outputs are equal)."""
+    return {"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", None) is not None else {}
 
 
 @dataclass(frozen=True)

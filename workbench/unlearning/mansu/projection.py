@@ -15,7 +15,7 @@ from typing import TypeVar
 import torch
 
 from workbench.core.errors import WorkbenchError
-from workbench.models.scoring import FactBatch
+from workbench.models.scoring import FactBatch, uncached
 from workbench.models.update import Update
 
 T = TypeVar("T")
@@ -69,7 +69,7 @@ def visit_linear_inputs(work: torch.nn.Module, names: Iterable[str], batch: Fact
         handles.append(modules[mod_name].register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
-            work(batch.ids)
+            work(batch.ids, **uncached(work))
     except _AllSeen:
         pass
     finally:

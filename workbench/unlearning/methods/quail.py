@@ -33,7 +33,7 @@ import torch
 from workbench.core.checks import Range, check_config
 from workbench.core.errors import WorkbenchError
 from workbench.models.loaded import LoadedModel
-from workbench.models.scoring import FactBatch, span_logits
+from workbench.models.scoring import FactBatch, span_logits, uncached
 from workbench.quant import QuantConfig, bin_geometry
 from workbench.unlearning import losses
 from workbench.unlearning.loop import run_gradient_method
@@ -64,7 +64,8 @@ def final_hidden(module: torch.nn.Module, batch: FactBatch) -> torch.Tensor:
     """``[n, d]`` final-norm hidden state at each prompt's last token (the unembedding's input)."""
     body = getattr(module, "base_model", module)
     with torch.no_grad():
-        return body(batch.ids).last_hidden_state[torch.arange(len(batch), device=batch.last.device), batch.last]
+        hidden = body(batch.ids, **uncached(body)).last_hidden_state
+        return hidden[torch.arange(len(batch), device=batch.last.device), batch.last]
 
 
 def local_logit_steps(model: LoadedModel, batch: FactBatch, quant: QuantConfig) -> torch.Tensor:

@@ -30,7 +30,7 @@ import torch
 from workbench.core.checks import Range, check_config
 from workbench.core.errors import WorkbenchError
 from workbench.models.loaded import LoadedModel
-from workbench.models.scoring import FactBatch
+from workbench.models.scoring import FactBatch, uncached
 from workbench.unlearning import losses
 from workbench.unlearning.loop import run_gradient_method, trainable_names
 from workbench.unlearning.result import UnlearningResult
@@ -77,7 +77,7 @@ def rmu_layer(model: LoadedModel, config: RmuConfig) -> int:
 def hidden_at(module: torch.nn.Module, batch: FactBatch, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``([n, seq, d]`` output of block ``layer``, ``[n, seq]`` real-token mask)."""
     body = getattr(module, "base_model", module)
-    out = body(batch.ids, output_hidden_states=True)
+    out = body(batch.ids, output_hidden_states=True, **uncached(body))
     acts = out.hidden_states[layer + 1]
     mask = torch.arange(batch.ids.shape[1], device=batch.last.device)[None, :] <= batch.last[:, None]
     return acts, mask
