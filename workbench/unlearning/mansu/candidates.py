@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-from workbench.models.checkpointing import checkpointed_blocks
 from workbench.models.scoring import FactBatch, span_logits
 from workbench.unlearning.batches import Batches
 from workbench.unlearning.losses import answer_logprob
@@ -97,19 +96,18 @@ def round_gradients(state: MansuState, batches: Batches, config: MansuConfig) ->
     """The forget direction (at w+Δ, at Q(w+Δ) or their average, as ``forget_direction`` says:
     the quantized base is a different starting point, so the deployed model is steered
     explicitly) and, for the first-order retain cost, the retain gradient."""
-    with checkpointed_blocks(state.checkpointed):  # none below CHECKPOINT_WEIGHTS
-        if config.forget_direction == "quantized":
-            assert state.q_still is not None
-            direction = forget_direction(state.qwork, state.names, batches.forget, state.q_still)
-        else:
-            direction = forget_direction(state.work, state.names, batches.forget, state.still)
-        if config.forget_direction == "average":
-            assert state.q_still is not None
-            q_direction = forget_direction(state.qwork, state.names, batches.forget, state.q_still)
-            for n in state.names:  # in place, freeing each quantized one as it goes: ½(a + b) as before
-                direction[n].add_(q_direction.pop(n)).mul_(0.5)
-        retain = (answer_logprob_gradient(state.work, state.names, state.retain_sample, span=state.answers.span_logits)
-                  if config.use_fisher and config.retain_first_order else None)
+    if config.forget_direction == "quantized":
+        assert state.q_still is not None
+        direction = forget_direction(state.qwork, state.names, batches.forget, state.q_still)
+    else:
+        direction = forget_direction(state.work, state.names, batches.forget, state.still)
+    if config.forget_direction == "average":
+        assert state.q_still is not None
+        q_direction = forget_direction(state.qwork, state.names, batches.forget, state.q_still)
+        for n in state.names:  # in place, freeing each quantized one as it goes: ½(a + b) as before
+            direction[n].add_(q_direction.pop(n)).mul_(0.5)
+    retain = (answer_logprob_gradient(state.work, state.names, state.retain_sample, span=state.answers.span_logits)
+              if config.use_fisher and config.retain_first_order else None)
     return Gradients(direction, retain)
 
 

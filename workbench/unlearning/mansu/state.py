@@ -43,12 +43,6 @@ bfloat16, not SmolLM2 in float32), the model at Q(w+Δ) holds them as codes, hal
 4-bit weight, dequantized by each module's forward (:func:`~workbench.quant.compact.compact_quantized_copy`:
 the same logits and gradients, one dequantization per module per forward); below it, as tensors."""
 
-CHECKPOINT_WEIGHTS = 16_000_000
-"""Above this many weights in the candidate tensors, a round's gradients run with activation
-checkpointing of the decoder blocks (:func:`~workbench.models.checkpointing.checkpointed_blocks`):
-the same gradients, one chunk's activations not held (~0.3 GB on SmolLM2), for a second forward
-through every block. Below it (a circuit's few modules, the app's default) the faster way."""
-
 PHASES = ("setup", "gradients", "selection", "quantizer", "evaluation")
 """Where a MANSU run's time goes, in the order of a round (``seconds_by_phase``)."""
 
@@ -143,8 +137,7 @@ class MansuState:
     a round wrote run once per batch), ``retain_sample`` (for projectors and the retain
     gradient), ``guard_batch`` and ``guard_base`` (the retain guard's independent sample and
     its base accuracy; ``guard_base_q`` the same for Q(w), when the guard watches both
-    precisions), ``n_candidates``, ``max_per_round``, ``checkpointed`` (the decoder blocks of
-    both working models when a round's gradients checkpoint them, see :data:`CHECKPOINT_WEIGHTS`).
+    precisions), ``n_candidates``, ``max_per_round``.
 
     Changed by rounds: ``masks`` (a move that cannot change its code, or that the guard
     blocked at the smallest round size, is masked out for good), ``deltas`` and ``moved``
@@ -177,7 +170,6 @@ class MansuState:
     guard_base_q: float | None = None
     owned: set[str] = field(default_factory=set)
     projectors: dict[str, torch.Tensor] = field(default_factory=dict)
-    checkpointed: list[torch.nn.Module] = field(default_factory=list)
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)
     bound: float = 0.0
     gradients: Gradients | None = None
@@ -348,10 +340,4 @@ def setup_state(model: LoadedModel, batches: Batches, circuit: tuple[Component, 
         still=batches.forget_answered(answers),
         q_still=batches.forget_answered(q_answers) if config.forget_direction != "full_precision" else None,
         projectors=projectors, fisher=fisher,
-        checkpointed=(_blocks(work, model) + _blocks(qwork, model)
-                      if sum(base[n].numel() for n in names) > CHECKPOINT_WEIGHTS else []),
     )
-
-
-def _blocks(module: torch.nn.Module, model: LoadedModel) -> list[torch.nn.Module]:
-    return list(module.get_submodule(model.adapter.blocks).children())
