@@ -947,7 +947,8 @@ def _forward(
         return hook
 
     with bridge.hooks(fwd_hooks=[(n, make(n)) for n in names]):
-        logits = bridge(tokens.to(module_device(bridge)))  # the bridge runs where the model is
+        # where the model is; no key/value cache (transformers fills one by default, none reads it)
+        logits = bridge(tokens.to(module_device(bridge)), use_cache=False)
     return logits, live
 
 
@@ -1365,14 +1366,14 @@ def _exact_sweep(
                     sums.corrupt += _ablated_all(bridge, lay, chunk, source, config.metric)
                 else:
                     source, run = clean_acts, chunk.corrupt
-                    base = _metric_values(bridge(chunk.corrupt), chunk, config.metric)
+                    base = _metric_values(bridge(chunk.corrupt, use_cache=False), chunk, config.metric)
                     sums.corrupt += float(base.sum())
                 current: list[Component | None] = [None]
                 patch = _node_patch(lay, source, current)
                 with bridge.hooks(fwd_hooks=[(n, _patch_hook(n, patch)) for n in lay.node_hooks if n in source]):
                     for i, c in enumerate(writers):
                         current[0] = c
-                        patched = _metric_values(bridge(run), chunk, config.metric)
+                        patched = _metric_values(bridge(run, use_cache=False), chunk, config.metric)
                         sums.per_pair[chunk.index, i] += (clean - patched if noising else patched - base).double()
                         tracker.step(f"exact: patched {c.name}")
     return sums
