@@ -103,7 +103,10 @@ def linear_inputs(work: torch.nn.Module, names: Iterable[str], batch: FactBatch)
     """``[n_real_tokens, d_in]`` inputs of the modules owning the weights ``names`` on ``batch``.
 
     Modules that read the same tensor (Llama's q/k/v projections, gate/up) get the very same
-    returned tensor, so callers can compute one projector per distinct input.
+    returned tensor, so callers can compute one projector per distinct input. Every input is
+    held at once: for inspection and the tests' references; MANSU itself streams them
+    (:func:`projectors_for`, :func:`retain_output_change`), since over a whole model they were
+    its memory peak.
     """
     return each_linear_input(work, names, batch, lambda x: x)
 
