@@ -55,8 +55,64 @@ def test_compact_copy_gives_the_full_copys_logits_and_gradients(fixture, quant, 
     # the written weight is a tensor the caller can copy into; the others are held as codes
     assert compact.get_parameter(written).shape == model.hf.get_parameter(written).shape
     assert compact_bytes(compact) > 0
-    held = sum(p.numel() for n, p in compact.named_parameters() if n in names)
-    assert held < sum(p.numel() for n, p in full.named_parameters() if n in names)
+    held = sum(_stored_bytes(p) for n, p in compact.named_parameters() if n in names)
+    assert held < sum(_stored_bytes(p) for n, p in full.named_parameters() if n in names)
+
+
+def _stored_bytes(p: torch.Tensor) -> int:
+    return p.untyped_storage().nbytes()
+
+
+@pytest.mark.parametrize("fixture", ["facts_tiny", "toy_llama_gqa", "toy_gpt2"])
+def test_a_weight_held_as_codes_takes_the_tensors_gradient(fixture, request):
+    """``.grad`` of a weight held as codes (its placeholder) equals the full copy's, bit for bit,
+    summed over two backwards as autograd sums a tensor's (MANSU's chunks)."""
+    model = request.getfixturevalue(fixture)
+    cfg = QuantConfig("nf4")
+    names = quantizable_parameters(model.hf, cfg)
+    chosen = [names[0], names[len(names) // 2], names[-1]]  # first and last block, and one between
+    full, compact = quantized_copy(model.hf, cfg), compact_quantized_copy(model.hf, cfg, materialized=[])
+
+    def gradients(copy: torch.nn.Module) -> list[torch.Tensor]:
+        params = [copy.get_parameter(n) for n in chosen]
+        for p in params:
+            p.requires_grad_(True)
+        for seed in (1, 2):
+            ids = torch.randint(0, model.hf.config.vocab_size, (3, 6), generator=torch.Generator().manual_seed(seed))
+            copy(ids).logits.float().logsumexp(-1).sum().backward()
+        grads = [p.grad for p in params]
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+        return grads
+
+    expected, got = gradients(full), gradients(compact)
+    for name, e, g in zip(chosen, expected, got):
+        assert e.abs().sum() > 0 and torch.equal(e, g), name
+    assert all(_stored_bytes(compact.get_parameter(n)) <= 8 for n in chosen)  # still held as codes
+
+
+def test_writing_a_weight_held_as_codes_gives_its_module_a_tensor(toy_gpt2):
+    """:func:`write_weight` on a weight held as codes: its module holds that tensor from then on
+    (the same forward as the full copy given the same value); a tensor already held is copied into."""
+    from workbench.quant.compact import write_weight
+
+    hf, cfg = toy_gpt2.hf, QuantConfig("nf4")
+    names = quantizable_parameters(hf, cfg)
+    name = names[len(names) // 2]
+    full, compact = quantized_copy(hf, cfg), compact_quantized_copy(hf, cfg, materialized=[])
+    before = compact_bytes(compact)
+    value = full.get_parameter(name).detach() * 1.5
+    for copy in (full, compact):
+        write_weight(copy, name, value)
+    written = compact.get_parameter(name)
+    assert torch.equal(written, value) and written.data_ptr() != value.data_ptr()  # its own copy
+    assert not written.requires_grad and compact_bytes(compact) < before
+    ids = _ids(toy_gpt2)
+    with torch.no_grad():
+        assert torch.equal(full(ids).logits, compact(ids).logits)
+    write_weight(compact, name, value * 2)  # now a tensor: copied into, in place
+    assert compact.get_parameter(name) is written and torch.equal(written, value * 2)
 
 
 def test_compact_copy_leaves_the_base_and_holds_less(toy_llama_gqa):
@@ -71,7 +127,9 @@ def test_compact_copy_leaves_the_base_and_holds_less(toy_llama_gqa):
     assert compact_bytes(compact) < weights / 6
     with torch.no_grad():
         compact(_ids(toy_llama_gqa))
-    assert all(compact.get_parameter(n).numel() == 0 for n in names)  # placeholders again after the forward
+    # placeholders again after the forward: the weight's shape on no storage of its own
+    assert all(_stored_bytes(compact.get_parameter(n)) <= 8 for n in names)
+    assert all(compact.get_parameter(n).shape == hf.get_parameter(n).shape for n in names)
 
 
 def test_the_graph_keeps_notes_not_dequantized_weights(toy_llama_gqa, monkeypatch):

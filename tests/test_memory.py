@@ -135,8 +135,9 @@ BOUNDED_CONFIGS = {
 @pytest.mark.parametrize("overrides", BOUNDED_CONFIGS.values(), ids=BOUNDED_CONFIGS.keys())
 def test_mansu_over_every_weight_is_the_same_when_grids_and_scores_are_not_held(facts_tiny, split, monkeypatch,
                                                                                overrides):
-    """Above a size MANSU rebuilds each grid when it needs it and scores the tensors twice
-    instead of holding every score; forced here on facts-tiny, the run must not change at all."""
+    """Above a size MANSU rebuilds each grid when it needs it, scores the tensors twice instead
+    of holding every score, and holds the model at Q(w+Δ) as codes (a tensor only for each weight
+    a round wrote); forced here on facts-tiny, the run must not change at all."""
     import workbench.unlearning.mansu.candidates as candidates
     import workbench.unlearning.mansu.state as state
 

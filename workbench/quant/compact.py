@@ -13,6 +13,13 @@ With grad, autograd would keep every module's dequantized weight until the backw
 quantized model again, for the length of one backward). A ``saved_tensors_hooks`` pair inside
 each module's forward saves a note of the weight instead (its view's size, stride and offset) and
 dequantizes it again when the backward needs it.
+
+A weight held as codes can also take a gradient: its parameter between forwards is a
+placeholder with the weight's shape and no storage (one element, expanded), so
+``requires_grad_(True)`` on it makes the backward write the weight's gradient into its
+``.grad``, as it would for the tensor (bit for bit: the same forward, the same backward).
+:func:`write_weight` turns a module held as codes back into one holding a tensor, at its first
+write: MANSU without a circuit holds every weight as codes and only the few it moves as tensors.
 """
 
 from __future__ import annotations
@@ -68,8 +75,9 @@ class CodesAtForward:
         self.numel = weight.shape.numel()
         self.packed = pack_codes(weight.codes, weight.code_table.numel())
         self.weight = dataclasses.replace(weight, codes=weight.codes.new_empty(0))  # scales and layout only
-        self.placeholder = nn.Parameter(torch.empty(0, dtype=weight.dtype, device=weight.codes.device),
-                                        requires_grad=False)
+        # the weight's shape on one element of storage: named_parameters() and .grad see the weight
+        empty = torch.zeros((), dtype=weight.dtype, device=weight.codes.device).expand(weight.shape)
+        self.placeholder = nn.Parameter(empty, requires_grad=False)
 
     def dequantize(self) -> Tensor:
         codes = unpack_codes(self.packed, self.weight.code_table.numel(), self.numel)
@@ -80,7 +88,10 @@ class CodesAtForward:
         return self.packed.nbytes + w.absmax.nbytes + w.absmax_exact.nbytes + w.code_table.nbytes
 
     def __call__(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        weight = self.dequantize()
+        if torch.is_grad_enabled() and self.placeholder.requires_grad:
+            weight = _Dequantized.apply(self.placeholder, self)  # its gradient goes to the placeholder
+        else:
+            weight = self.dequantize()
         # plain values: the hooks live as long as the graph, and must not keep ``weight`` alive
         device, storage = weight.device, weight.untyped_storage().data_ptr()
 
@@ -103,13 +114,28 @@ class CodesAtForward:
             module._parameters["weight"] = self.placeholder
 
 
+class _Dequantized(torch.autograd.Function):
+    """The dequantized weight as a function of the placeholder, so that autograd hands the
+    weight's gradient to the placeholder's ``.grad`` unchanged. It saves nothing: the graph
+    holds the weight only as :class:`CodesAtForward`'s note."""
+
+    @staticmethod
+    def forward(ctx: Any, placeholder: Tensor, codes: CodesAtForward) -> Tensor:  # placeholder: the graph's input only
+        return codes.dequantize()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
 def compact_quantized_copy(model: nn.Module, cfg: QuantConfig, *, materialized: Collection[str]) -> nn.Module:
     """:func:`~workbench.quant.model.quantized_copy` holding as codes every quantized weight that is
     not in ``materialized`` and belongs to one Linear/Conv1D module alone (the rest as tensors).
 
-    ``materialized``: the weights the caller writes into or differentiates; the others are read
-    only by their own module's forward (a compact weight's parameter is an empty placeholder
-    between forwards). ``model`` is not modified.
+    ``materialized``: the weights the caller writes into from the start; the others are read
+    only by their own module's forward (a compact weight's parameter is a placeholder without
+    storage between forwards, which can take a gradient; :func:`write_weight` gives it a tensor).
+    ``model`` is not modified.
     """
     if not isinstance(model, nn.Module):
         raise WorkbenchError(f"expected a torch.nn.Module, got {type(model).__name__}")
@@ -150,3 +176,19 @@ def compact_bytes(model: nn.Module) -> int:
         if isinstance(codes, CodesAtForward):
             total += codes.nbytes()
     return total
+
+
+def write_weight(model: nn.Module, name: str, value: Tensor) -> None:
+    """Set the weight ``name`` of a (compact or full) quantized copy to ``value``: copied into
+    the tensor it holds, or, for a weight held as codes, its module holds ``value`` from now on
+    (a copy of it), as :func:`~workbench.quant.model.quantized_copy`'s module would."""
+    owner = model.get_submodule(name.rpartition(".")[0])
+    codes = getattr(owner.forward, "codes", None)
+    if isinstance(codes, CodesAtForward) and name.rpartition(".")[2] == "weight":
+        held = codes.placeholder
+        del owner.forward  # the class's forward again
+        owner._parameters["weight"] = nn.Parameter(
+            value.detach().to(device=held.device, dtype=held.dtype, copy=True), requires_grad=held.requires_grad)
+        return
+    with torch.no_grad():
+        model.get_parameter(name).copy_(value)

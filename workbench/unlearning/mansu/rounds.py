@@ -14,6 +14,7 @@ import torch
 
 from workbench.models.update import stored_sum
 from workbench.quant import QuantConfig, quantize_codes, quantize_dequantize
+from workbench.quant.compact import write_weight
 from workbench.unlearning.batches import Batches
 from workbench.unlearning.mansu.candidates import Move
 from workbench.unlearning.mansu.config import MansuConfig
@@ -76,7 +77,7 @@ def verify_codes(state: MansuState, done: Round, quant: QuantConfig) -> None:
 
 def apply_round(state: MansuState, done: Round, quant: QuantConfig) -> None:
     """Write w+Δ into the working model and Q(w+Δ) into the quantized one, for the touched weights."""
-    params, qparams = dict(state.work.named_parameters()), dict(state.qwork.named_parameters())
+    params = dict(state.work.named_parameters())
     state.answers.changing(done.touched)  # before the write: the caches must not replay across it
     state.q_answers.changing(done.touched)
     with torch.no_grad():
@@ -87,7 +88,7 @@ def apply_round(state: MansuState, done: Round, quant: QuantConfig) -> None:
                 state.owned.add(n)
             after = stored_sum(state.base[n], state.deltas[n])  # w+Δ as stored (rounded to a 16-bit dtype)
             params[n].copy_(after)
-            qparams[n].copy_(quantize_dequantize(after, quant, transposed=state.transposed[n]))
+            write_weight(state.qwork, n, quantize_dequantize(after, quant, transposed=state.transposed[n]))
 
 
 def retain_drop(state: MansuState, config: MansuConfig) -> float:
