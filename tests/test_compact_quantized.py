@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from workbench.core.errors import WorkbenchError
 from workbench.quant import QuantConfig
 from workbench.quant.compact import compact_bytes, compact_quantized_copy, pack_codes, unpack_codes
 from workbench.quant.model import quantized_copy
-from workbench.quant.parameters import quantizable_parameters
+from workbench.quant.parameters import quantizable_parameters, transposed_parameters
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -92,27 +93,34 @@ def test_a_weight_held_as_codes_takes_the_tensors_gradient(fixture, request):
     assert all(_stored_bytes(compact.get_parameter(n)) <= 8 for n in chosen)  # still held as codes
 
 
-def test_writing_a_weight_held_as_codes_gives_its_module_a_tensor(toy_gpt2):
-    """:func:`write_weight` on a weight held as codes: its module holds that tensor from then on
-    (the same forward as the full copy given the same value); a tensor already held is copied into."""
-    from workbench.quant.compact import write_weight
+def test_writing_a_quantized_weight_into_codes_or_a_tensor(toy_gpt2):
+    """:func:`write_quantized`: a weight held as codes holds the new codes (no tensor), a weight
+    held as a tensor gets the new value copied in; both forwards equal the full copy's."""
+    from workbench.quant.codes import quantize_codes
+    from workbench.quant.compact import write_quantized
 
     hf, cfg = toy_gpt2.hf, QuantConfig("nf4")
     names = quantizable_parameters(hf, cfg)
-    name = names[len(names) // 2]
-    full, compact = quantized_copy(hf, cfg), compact_quantized_copy(hf, cfg, materialized=[])
-    before = compact_bytes(compact)
-    value = full.get_parameter(name).detach() * 1.5
-    for copy in (full, compact):
-        write_weight(copy, name, value)
-    written = compact.get_parameter(name)
-    assert torch.equal(written, value) and written.data_ptr() != value.data_ptr()  # its own copy
-    assert not written.requires_grad and compact_bytes(compact) < before
+    held_as_codes, held_as_tensor = names[1], names[len(names) // 2]
+    full = quantized_copy(hf, cfg)
+    compact = compact_quantized_copy(hf, cfg, materialized=[held_as_tensor])
+    before, tensor = compact_bytes(compact), compact.get_parameter(held_as_tensor)
     ids = _ids(toy_gpt2)
     with torch.no_grad():
-        assert torch.equal(full(ids).logits, compact(ids).logits)
-    write_weight(compact, name, value * 2)  # now a tensor: copied into, in place
-    assert compact.get_parameter(name) is written and torch.equal(written, value * 2)
+        base_logits = full(ids).logits
+    for name in (held_as_codes, held_as_tensor):
+        w = hf.get_parameter(name).detach() * 1.5  # a new value, as w+Δ
+        new = quantize_codes(w, cfg, transposed=name in transposed_parameters(hf))
+        for copy in (full, compact):
+            write_quantized(copy, name, new)
+        assert torch.equal(full.get_parameter(name), new.dequantize())
+    assert compact_bytes(compact) == before and _stored_bytes(compact.get_parameter(held_as_codes)) <= 8
+    assert compact.get_parameter(held_as_tensor) is tensor  # copied into, in place
+    with torch.no_grad():
+        logits = full(ids).logits
+        assert torch.equal(logits, compact(ids).logits) and not torch.equal(logits, base_logits)
+    with pytest.raises(WorkbenchError, match="codes for"):
+        write_quantized(compact, held_as_codes, quantize_codes(hf.get_parameter(names[0]).detach()[:1], cfg))
 
 
 def test_compact_copy_leaves_the_base_and_holds_less(toy_llama_gqa):

@@ -18,8 +18,8 @@ A weight held as codes can also take a gradient: its parameter between forwards 
 placeholder with the weight's shape and no storage (one element, expanded), so
 ``requires_grad_(True)`` on it makes the backward write the weight's gradient into its
 ``.grad``, as it would for the tensor (bit for bit: the same forward, the same backward).
-:func:`write_weight` turns a module held as codes back into one holding a tensor, at its first
-write: MANSU without a circuit holds every weight as codes and only the few it moves as tensors.
+:func:`write_quantized` gives a weight a new quantized value, as codes where it is held as codes:
+MANSU without a circuit holds its whole model at Q(w+Δ) as codes, the weights it moves too.
 """
 
 from __future__ import annotations
@@ -68,16 +68,22 @@ class _SavedWeightView:
 
 class CodesAtForward:
     """One module's forward with its weight dequantized from codes for the call only (installed as
-    the module's ``forward``; the module's weight parameter is an empty placeholder between calls)."""
+    the module's ``forward``; the module's weight parameter is a placeholder between calls)."""
 
     def __init__(self, module: nn.Module, weight: QuantizedWeight) -> None:
         self.module_type = type(module)
         self.numel = weight.shape.numel()
-        self.packed = pack_codes(weight.codes, weight.code_table.numel())
-        self.weight = dataclasses.replace(weight, codes=weight.codes.new_empty(0))  # scales and layout only
+        self.hold(weight)
         # the weight's shape on one element of storage: named_parameters() and .grad see the weight
         empty = torch.zeros((), dtype=weight.dtype, device=weight.codes.device).expand(weight.shape)
         self.placeholder = nn.Parameter(empty, requires_grad=False)
+
+    def hold(self, weight: QuantizedWeight) -> None:
+        """Hold ``weight``'s codes and scales (a new value of the same weight)."""
+        if weight.shape.numel() != self.numel:
+            raise WorkbenchError(f"codes for {weight.shape.numel()} weights, the module has {self.numel}")
+        self.packed = pack_codes(weight.codes, weight.code_table.numel())
+        self.weight = dataclasses.replace(weight, codes=weight.codes.new_empty(0))  # scales and layout only
 
     def dequantize(self) -> Tensor:
         codes = unpack_codes(self.packed, self.weight.code_table.numel(), self.numel)
@@ -134,7 +140,7 @@ def compact_quantized_copy(model: nn.Module, cfg: QuantConfig, *, materialized: 
 
     ``materialized``: the weights the caller writes into from the start; the others are read
     only by their own module's forward (a compact weight's parameter is a placeholder without
-    storage between forwards, which can take a gradient; :func:`write_weight` gives it a tensor).
+    storage between forwards, which can take a gradient; :func:`write_quantized` gives it new codes).
     ``model`` is not modified.
     """
     if not isinstance(model, nn.Module):
@@ -178,17 +184,16 @@ def compact_bytes(model: nn.Module) -> int:
     return total
 
 
-def write_weight(model: nn.Module, name: str, value: Tensor) -> None:
-    """Set the weight ``name`` of a (compact or full) quantized copy to ``value``: copied into
-    the tensor it holds, or, for a weight held as codes, its module holds ``value`` from now on
-    (a copy of it), as :func:`~workbench.quant.model.quantized_copy`'s module would."""
+
+def write_quantized(model: nn.Module, name: str, weight: QuantizedWeight) -> None:
+    """Set the weight ``name`` of a (compact or full) quantized copy to the quantized value
+    ``weight``: a weight held as codes holds its new codes (still half a byte per 4-bit weight),
+    a tensor gets ``weight.dequantize()`` copied in, which is the tensor
+    :func:`~workbench.quant.codes.quantize_dequantize` gives (the same computation)."""
     owner = model.get_submodule(name.rpartition(".")[0])
     codes = getattr(owner.forward, "codes", None)
     if isinstance(codes, CodesAtForward) and name.rpartition(".")[2] == "weight":
-        held = codes.placeholder
-        del owner.forward  # the class's forward again
-        owner._parameters["weight"] = nn.Parameter(
-            value.detach().to(device=held.device, dtype=held.dtype, copy=True), requires_grad=held.requires_grad)
+        codes.hold(weight)
         return
     with torch.no_grad():
-        model.get_parameter(name).copy_(value)
+        model.get_parameter(name).copy_(weight.dequantize())

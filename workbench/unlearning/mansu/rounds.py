@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import torch
 
 from workbench.models.update import stored_sum
-from workbench.quant import QuantConfig, quantize_codes, quantize_dequantize
-from workbench.quant.compact import write_weight
+from workbench.quant import QuantConfig, quantize_codes
+from workbench.quant.compact import write_quantized
 from workbench.unlearning.batches import Batches
 from workbench.unlearning.mansu.candidates import Move
 from workbench.unlearning.mansu.config import MansuConfig
@@ -88,7 +88,7 @@ def apply_round(state: MansuState, done: Round, quant: QuantConfig) -> None:
                 state.owned.add(n)
             after = stored_sum(state.base[n], state.deltas[n])  # w+Δ as stored (rounded to a 16-bit dtype)
             params[n].copy_(after)
-            write_weight(state.qwork, n, quantize_dequantize(after, quant, transposed=state.transposed[n]))
+            write_quantized(state.qwork, n, quantize_codes(after, quant, transposed=state.transposed[n]))
 
 
 def retain_drop(state: MansuState, config: MansuConfig) -> float:

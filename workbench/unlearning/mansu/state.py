@@ -43,8 +43,8 @@ bfloat16, not SmolLM2 in float32), the model at Q(w+Δ) holds them as codes, hal
 4-bit weight, dequantized by each module's forward (:func:`~workbench.quant.compact.compact_quantized_copy`:
 the same logits and gradients, one dequantization per module per forward); below it, as tensors.
 Above :data:`GRID_CACHE_WEIGHTS` candidate weights (no circuit restriction) it holds the
-candidate tensors as codes too, each given a tensor when a round first writes it: a round
-writes a few of them, and the gradient of one held as codes is the same as a tensor's."""
+candidate tensors as codes too, and a round writes their new codes: the gradient of a weight
+held as codes is the same as a tensor's."""
 
 PHASES = ("setup", "gradients", "selection", "quantizer", "evaluation")
 """Where a MANSU run's time goes, in the order of a round (``seconds_by_phase``)."""
@@ -265,8 +265,8 @@ def null_space_projectors(model: LoadedModel, work: torch.nn.Module, names: list
 def quantized_working_copy(model: LoadedModel, quant: QuantConfig, names: list[str]) -> torch.nn.Module:
     """The model at Q(w), the candidate tensors ``names`` as tensors (rounds write them), the other
     quantized weights as codes when they weigh more than :data:`COMPACT_QWORK_BYTES`; every
-    quantized weight as codes above :data:`GRID_CACHE_WEIGHTS` candidate weights (rounds give
-    the ones they write a tensor: :func:`~workbench.quant.compact.write_weight`)."""
+    quantized weight as codes above :data:`GRID_CACHE_WEIGHTS` candidate weights (rounds write
+    new codes: :func:`~workbench.quant.compact.write_quantized`)."""
     quantized, held = set(model.adapter.quantizable(quant)), set(names)
     if sum(model.hf.get_parameter(n).numel() for n in names) > GRID_CACHE_WEIGHTS:
         return compact_quantized_copy(model.hf, quant, materialized=())
