@@ -150,14 +150,14 @@ def test_the_graph_keeps_notes_not_dequantized_weights(toy_llama_gqa, monkeypatc
     written = "model.layers.0.self_attn.q_proj.weight"  # the first block: every later module's input takes a gradient
     compact = compact_quantized_copy(hf, cfg, materialized=[written])
     made: list[weakref.ref] = []
-    dequantize = CodesAtForward.dequantize
+    dequantize = CodesAtForward.value
 
     def tracked(self):
         w = dequantize(self)
         made.append(weakref.ref(w))
         return w
 
-    monkeypatch.setattr(CodesAtForward, "dequantize", tracked)
+    monkeypatch.setattr(CodesAtForward, "value", tracked)
     p = compact.get_parameter(written)
     p.requires_grad_(True)
     loss = compact(_ids(toy_llama_gqa)).logits.float().logsumexp(-1).sum()

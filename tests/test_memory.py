@@ -143,18 +143,64 @@ def test_mansu_over_every_weight_is_the_same_when_grids_and_scores_are_not_held(
 
     config = MansuConfig(use_circuit=False, max_rounds=3, **overrides)
 
-    def run() -> tuple[dict[str, torch.Tensor], list[dict[str, float]]]:
+    def run() -> tuple[dict[str, torch.Tensor], list[dict[str, float]], object]:
         result = unlearn(facts_tiny, split, method="mansu", quant=NF4, progress=SILENT, method_config=config)
-        return result.update.deltas, result.history
+        return result.update.deltas, result.history, result.diagnostics.get("retain_output_change")
 
-    held, held_history = run()
+    held, held_history, held_change = run()
     monkeypatch.setattr(state, "GRID_CACHE_WEIGHTS", 0)
     monkeypatch.setattr(candidates, "SCORE_CACHE_WEIGHTS", 0)
-    rebuilt, rebuilt_history = run()
+    rebuilt, rebuilt_history, rebuilt_change = run()
     assert sum(int((d != 0).sum()) for d in held.values()) > 0
     assert sorted(held) == sorted(rebuilt) and rebuilt_history == held_history
+    assert rebuilt_change == held_change  # read through the working model at w+Δ, computed per forward
     for name, delta in held.items():
         assert torch.equal(rebuilt[name], delta), name
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama-bf16"])
+def test_mansu_over_every_weight_sums_the_written_weights_at_forward(family, toy_gpt2, toy_llama_gqa, monkeypatch):
+    """Over every weight, the model at w+Δ computes each written weight as base + delta in its
+    module's forward instead of holding a copy: GPT-2's Conv1D and a bfloat16 Llama (w+Δ
+    rounded to bf16 in the forward) run exactly as with the copies."""
+    import workbench.unlearning.mansu.state as state
+    from workbench.core.computed_weight import installed
+    from workbench.models.update import SumAtForward
+    from workbench.unlearning.batches import Batches
+    from workbench.unlearning.mansu.method import run_round
+    from workbench.unlearning.task import UnlearningTask
+
+    model = toy_gpt2 if family == "gpt2" else LoadedModel(
+        name="toy-llama-bf16", hf=copy.deepcopy(toy_llama_gqa.hf).to(torch.bfloat16), tokenizer=toy_llama_gqa.tokenizer)
+    split = own_top1_split(model)
+    config = MansuConfig(use_circuit=False, max_rounds=3, params_per_round=64)
+
+    def run() -> tuple[dict[str, torch.Tensor], list[dict[str, float]], object]:
+        result = unlearn(model, split, method="mansu", quant=NF4, progress=SILENT, method_config=config)
+        return result.update.deltas, result.history, result.diagnostics.get("retain_output_change")
+
+    held, held_history, held_change = run()
+    monkeypatch.setattr(state, "GRID_CACHE_WEIGHTS", 0)
+    summed, summed_history, summed_change = run()
+    assert held and summed_history == held_history and summed_change == held_change
+    assert sorted(held) == sorted(summed)
+    for name, delta in held.items():
+        assert torch.equal(summed[name], delta), name
+
+    # what the working model holds after a round: no copy of a written weight, and the base untouched
+    before = {n: p.detach().clone() for n, p in model.hf.named_parameters()}
+    batches = Batches.build(model, split)
+    task = UnlearningTask(model=model, batches=batches, quant=NF4, circuit=None, progress=SILENT)
+    st = state.setup_state(model, batches, None, NF4, config, SILENT)
+    run_round(st, task, config, 1)
+    written = [n for n, d in st.deltas.items() if bool((d != 0).any())]
+    assert written and not st.owned
+    for n in written:
+        at_forward = installed(st.work.get_submodule(n.rpartition(".")[0]))
+        assert isinstance(at_forward, SumAtForward) and at_forward.delta.data_ptr() == st.deltas[n].data_ptr()
+        assert st.work.get_parameter(n).untyped_storage().nbytes() == st.work.get_parameter(n).element_size()
+    for n, p in model.hf.named_parameters():
+        assert torch.equal(p.detach(), before[n]), f"the base model changed: {n}"
 
 
 def test_mansu_state_holds_only_the_tensors_a_round_wrote(facts_tiny, split):
@@ -265,3 +311,29 @@ def test_scoring_forwards_fill_no_key_value_cache(toy_llama_gqa):
         rows = torch.arange(n)[:, None].expand(n, span).reshape(-1)
         want = cached.logits[rows, span_positions(batch).reshape(-1)].reshape(n, span, -1)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_a_weight_summed_at_forward_gives_the_held_sums_logits_and_gradient(toy_llama_gqa):
+    from workbench.core.computed_weight import install
+    from workbench.core.errors import WorkbenchError
+    from workbench.models.update import SumAtForward, stored_sum
+
+    hf, name = toy_llama_gqa.hf, "model.layers.0.mlp.down_proj.weight"
+    base = hf.get_parameter(name).detach()
+    delta = torch.randn(base.shape, generator=torch.Generator().manual_seed(0)) * 1e-2
+    held, summed = sharing_copy(hf), sharing_copy(hf)
+    held.get_parameter(name).data = stored_sum(base, delta)
+    install(summed.get_submodule(name.rpartition(".")[0]), SumAtForward(base, delta))
+    ids = torch.arange(1, 13).reshape(2, 6)
+    grads = []
+    for model in (held, summed):
+        p = model.get_parameter(name)
+        p.requires_grad_(True)
+        model(ids).logits.float().logsumexp(-1).sum().backward()
+        grads.append(p.grad)
+        p.requires_grad_(False)
+    with torch.no_grad():
+        assert torch.equal(held(ids).logits, summed(ids).logits)
+    assert grads[0].abs().sum() > 0 and torch.equal(grads[0], grads[1])
+    with pytest.raises(WorkbenchError, match="w\\+Δ of shapes"):
+        SumAtForward(base, delta[:1])

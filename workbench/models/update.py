@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from workbench.core.computed_weight import WeightAtForward
 from workbench.core.errors import WorkbenchError
 from workbench.core.files import atomic_write
 from workbench.models.loaded import LoadedModel
@@ -29,6 +30,27 @@ def stored_sum(base: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     rounded once to ``w``'s storage dtype (a no-op rounding for float32 weights)."""
     exact = base.float() + delta.to(base.device, torch.float32)
     return exact if base.dtype == torch.float32 else exact.to(base.dtype)
+
+
+class SumAtForward(WeightAtForward):
+    """A weight held as the base's tensor and a delta, summed (:func:`stored_sum`) by each
+    forward of its module (:func:`~workbench.core.computed_weight.install`): the model at w+Δ
+    without a copy of the weight, where the caller keeps the delta anyway (MANSU over every
+    weight of a model). It reads the delta as it is at each forward: change the delta only
+    where a held weight would be written."""
+
+    def __init__(self, base: torch.Tensor, delta: torch.Tensor) -> None:
+        super().__init__(base.shape, base.dtype, base.device)
+        self.hold(base, delta)
+
+    def hold(self, base: torch.Tensor, delta: torch.Tensor) -> None:
+        if base.shape != self.shape or delta.shape != self.shape:
+            raise WorkbenchError(f"w+Δ of shapes {tuple(base.shape)} and {tuple(delta.shape)} for a weight "
+                                 f"of shape {tuple(self.shape)}")
+        self.base, self.delta = base.detach(), delta.detach()
+
+    def value(self) -> torch.Tensor:
+        return stored_sum(self.base, self.delta)
 
 
 @dataclass

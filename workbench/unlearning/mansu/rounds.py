@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from workbench.models.update import stored_sum
+from workbench.core.computed_weight import install, installed
+from workbench.models.update import SumAtForward, stored_sum
 from workbench.quant import QuantConfig, quantize_codes
 from workbench.quant.compact import write_quantized
 from workbench.unlearning.batches import Batches
@@ -82,13 +83,27 @@ def apply_round(state: MansuState, done: Round, quant: QuantConfig) -> None:
     state.q_answers.changing(done.touched)
     with torch.no_grad():
         for n in done.touched:
-            if n not in state.owned:
-                # ``work`` shares the base's tensor until now: writing into it would edit the base
-                params[n].data = params[n].data.clone()
-                state.owned.add(n)
             after = stored_sum(state.base[n], state.deltas[n])  # w+Δ as stored (rounded to a 16-bit dtype)
-            params[n].copy_(after)
+            if n in state.summed:
+                _hold_sum(state, n)
+            else:
+                if n not in state.owned:
+                    # ``work`` shares the base's tensor until now: writing into it would edit the base
+                    params[n].data = params[n].data.clone()
+                    state.owned.add(n)
+                params[n].copy_(after)
             write_quantized(state.qwork, n, quantize_codes(after, quant, transposed=state.transposed[n]))
+
+
+def _hold_sum(state: MansuState, name: str) -> None:
+    """Have ``work`` compute the weight ``name`` as base + delta in its forward (the same tensor
+    as ``stored_sum``), installed at its first write (:func:`~.state.summed_at_forward`)."""
+    owner = state.work.get_submodule(name.rpartition(".")[0])
+    held = installed(owner)
+    if isinstance(held, SumAtForward):
+        held.hold(state.base[name], state.deltas.write(name))
+    else:
+        install(owner, SumAtForward(state.base[name], state.deltas.write(name)))
 
 
 def retain_drop(state: MansuState, config: MansuConfig) -> float:

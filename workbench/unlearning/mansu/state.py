@@ -25,6 +25,7 @@ from workbench.models.prefix import PrefixCache
 from workbench.models.scoring import FactBatch
 from workbench.quant import QuantConfig, quantized_copy
 from workbench.quant.compact import compact_quantized_copy
+from workbench.quant.parameters import single_use_linear_owners
 from workbench.unlearning.batches import Batches, ScoredSet
 from workbench.unlearning.mansu.config import MansuConfig
 from workbench.unlearning.mansu.fisher import diagonal_fisher
@@ -145,9 +146,10 @@ class MansuState:
     Changed by rounds: ``masks`` (a move that cannot change its code, or that the guard
     blocked at the smallest round size, is masked out for good), ``deltas`` and ``moved``
     (flat bool per weight; all three :class:`ConstantUntilWritten`), ``owned`` (the tensors of ``work``
-    given their own storage, at their first write), ``bound`` (the running Fisher bound),
-    ``per_round``, ``still`` and ``q_still`` (which forget facts w+Δ and Q(w+Δ) still answer),
-    ``gradients``, the counters, ``timings`` and ``history``.
+    given their own storage, at their first write; ``summed`` names the tensors that instead
+    are computed as base + delta by each forward once written, see :func:`summed_at_forward`),
+    ``bound`` (the running Fisher bound), ``per_round``, ``still`` and ``q_still`` (which forget
+    facts w+Δ and Q(w+Δ) still answer), ``gradients``, the counters, ``timings`` and ``history``.
     """
 
     names: list[str]
@@ -172,6 +174,7 @@ class MansuState:
     q_still: torch.Tensor | None
     guard_base_q: float | None = None
     owned: set[str] = field(default_factory=set)
+    summed: frozenset[str] = frozenset()
     projectors: dict[str, torch.Tensor] = field(default_factory=dict)
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)
     bound: float = 0.0
@@ -277,6 +280,17 @@ def quantized_working_copy(model: LoadedModel, quant: QuantConfig, names: list[s
     return quantized_copy(model.hf, quant)
 
 
+def summed_at_forward(work: torch.nn.Module, names: list[str]) -> frozenset[str]:
+    """The candidate tensors that ``work`` computes as w+Δ in their module's forward once a round
+    writes them (:class:`~workbench.models.update.SumAtForward`), rather than holding a copy:
+    above :data:`GRID_CACHE_WEIGHTS` candidate weights, every weight read by one Linear/Conv1D
+    alone. The copy would cost 4 bytes per written float32 weight next to the delta MANSU keeps;
+    the sum costs one addition per module per forward and gives the same tensor."""
+    if sum(work.get_parameter(n).numel() for n in names) <= GRID_CACHE_WEIGHTS:
+        return frozenset()
+    return frozenset(single_use_linear_owners(work, names))
+
+
 def _setup_memo(what: str, model: LoadedModel, work: torch.nn.Module, names: list[str], settings: tuple[object, ...],
                 entries: int, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """``compute()``, kept for the next run with the same model, device, tensors and ``settings``
@@ -346,5 +360,5 @@ def setup_state(model: LoadedModel, batches: Batches, circuit: tuple[Component, 
         # (forgotten facts contribute nothing to it), and each round's evaluation refreshes them.
         still=batches.forget_answered(answers),
         q_still=batches.forget_answered(q_answers) if config.forget_direction != "full_precision" else None,
-        projectors=projectors, fisher=fisher,
+        projectors=projectors, fisher=fisher, summed=summed_at_forward(work, names),
     )
