@@ -47,6 +47,13 @@ Above :data:`GRID_CACHE_WEIGHTS` candidate weights (no circuit restriction) it h
 candidate tensors as codes too, and a round writes their new codes: the gradient of a weight
 held as codes is the same as a tensor's."""
 
+def many_candidates(tensors: Mapping[str, torch.Tensor], names: list[str]) -> bool:
+    """More than :data:`GRID_CACHE_WEIGHTS` weights in the candidate tensors ``names`` (MANSU
+    without a circuit): grids rebuilt per use, the model at Q(w+Δ) all codes, written weights
+    summed at forward. Read at call time, so a test can lower the threshold."""
+    return sum(tensors[n].numel() for n in names) > GRID_CACHE_WEIGHTS
+
+
 PHASES = ("setup", "gradients", "selection", "quantizer", "evaluation")
 """Where a MANSU run's time goes, in the order of a round (``seconds_by_phase``)."""
 
@@ -117,7 +124,7 @@ class GridStore:
                  transposed: Mapping[str, bool]) -> None:
         self._base, self._quant, self._transposed = base, quant, transposed
         self._kept: dict[str, Grid] | None = None
-        if sum(base[n].numel() for n in names) <= GRID_CACHE_WEIGHTS:
+        if not many_candidates(base, names):
             self._kept = {n: self._build(n) for n in names}
 
     def _build(self, name: str) -> Grid:
@@ -271,7 +278,7 @@ def quantized_working_copy(model: LoadedModel, quant: QuantConfig, names: list[s
     quantized weight as codes above :data:`GRID_CACHE_WEIGHTS` candidate weights (rounds write
     new codes: :func:`~workbench.quant.compact.write_quantized`)."""
     quantized, held = set(model.adapter.quantizable(quant)), set(names)
-    if sum(model.hf.get_parameter(n).numel() for n in names) > GRID_CACHE_WEIGHTS:
+    if many_candidates(model.state(), names):
         return compact_quantized_copy(model.hf, quant, materialized=())
     others = sum(p.numel() * p.element_size() for n, p in model.hf.named_parameters()
                  if n in quantized and n not in held)
@@ -286,7 +293,7 @@ def summed_at_forward(work: torch.nn.Module, names: list[str]) -> frozenset[str]
     above :data:`GRID_CACHE_WEIGHTS` candidate weights, every weight read by one Linear/Conv1D
     alone. The copy would cost 4 bytes per written float32 weight next to the delta MANSU keeps;
     the sum costs one addition per module per forward and gives the same tensor."""
-    if sum(work.get_parameter(n).numel() for n in names) <= GRID_CACHE_WEIGHTS:
+    if not many_candidates(dict(work.named_parameters()), names):
         return frozenset()
     return frozenset(single_use_linear_owners(work, names))
 
