@@ -56,18 +56,17 @@ class CodesAtForward(WeightAtForward):
 
     def __init__(self, weight: QuantizedWeight) -> None:
         super().__init__(weight.shape, weight.dtype, weight.codes.device)
-        self.numel = weight.shape.numel()
         self.hold(weight)
 
     def hold(self, weight: QuantizedWeight) -> None:
         """Hold ``weight``'s codes and scales (a new value of the same weight)."""
-        if weight.shape.numel() != self.numel:
-            raise WorkbenchError(f"codes for {weight.shape.numel()} weights, the module has {self.numel}")
+        if weight.shape.numel() != self.shape.numel():
+            raise WorkbenchError(f"codes for {weight.shape.numel()} weights, the module has {self.shape.numel()}")
         self.packed = pack_codes(weight.codes, weight.code_table.numel())
         self.weight = dataclasses.replace(weight, codes=weight.codes.new_empty(0))  # scales and layout only
 
     def value(self) -> Tensor:
-        codes = unpack_codes(self.packed, self.weight.code_table.numel(), self.numel)
+        codes = unpack_codes(self.packed, self.weight.code_table.numel(), self.shape.numel())
         return dataclasses.replace(self.weight, codes=codes).dequantize()
 
     def nbytes(self) -> int:
