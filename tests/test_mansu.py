@@ -76,6 +76,43 @@ def test_projector_min_fraction_keeps_the_smallest_eigendirections():
         null_space_projector(torch.zeros(0, 4))
 
 
+def test_a_held_projector_gives_back_the_projector_bit_for_bit():
+    """MANSU holds each projector as its upper triangle when it is symmetric bit for bit (half the
+    bytes) and whole otherwise; either way :meth:`matrix` is the projector it was given."""
+    from workbench.unlearning.mansu.projection import HeldProjector
+
+    p = null_space_projector(_low_rank_inputs(d=48), threshold=1e-6)
+    held = HeldProjector.of(p)
+    assert held.packed and held.stored.numel() == 48 * 49 // 2
+    assert held.nbytes < 0.52 * p.numel() * p.element_size()
+    assert torch.equal(held.matrix(), p) and held.matrix().dtype == p.dtype
+    assert held.trace() == float(torch.trace(p))
+    lopsided = p.clone()
+    lopsided[3, 7] += 1e-3  # no longer symmetric: held whole, given back as it was
+    whole = HeldProjector.of(lopsided)
+    assert not whole.packed and torch.equal(whole.matrix(), lopsided)
+    with pytest.raises(WorkbenchError, match="square"):
+        HeldProjector.of(torch.zeros(4, 5))
+
+
+def test_mansu_with_held_projectors_is_the_run_with_whole_ones(facts_tiny, split, monkeypatch):
+    """Packing the projectors changes no number: the same run with every projector kept whole."""
+    from workbench.unlearning.mansu import projection
+
+    def run() -> tuple[dict[str, torch.Tensor], list[dict[str, float]], dict]:
+        result = unlearn(facts_tiny, split, method="mansu", quant=QuantConfig("nf4"), progress=lambda f, m: None,
+                         method_config=MansuConfig(use_circuit=False, max_rounds=3))
+        return result.update.deltas, result.history, result.diagnostics
+
+    packed, packed_history, packed_diagnostics = run()
+    monkeypatch.setattr(projection.HeldProjector, "of", classmethod(lambda cls, p: cls(p, p.shape[0])))
+    whole, whole_history, whole_diagnostics = run()
+    assert packed and whole_history == packed_history and sorted(whole) == sorted(packed)
+    assert all(torch.equal(whole[n], d) for n, d in packed.items())
+    for key in ("null_space_dims", "retain_output_change"):
+        assert whole_diagnostics[key] == packed_diagnostics[key]
+
+
 def _retain_and_delta(d_in: int, d_out: int, seed: int = 3):
     k = _low_rank_inputs(d=d_in, seed=seed)
     delta = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(seed + 1))

@@ -124,7 +124,10 @@ def score_module(state: MansuState, name: str, gradients: Gradients, config: Man
     """
     mask = state.masks[name]
     raw = gradients.forget[name] * mask
-    d = project_update(raw, state.projectors[name], conv1d=state.conv1d[name]) * mask if config.use_projection else raw
+    if config.use_projection:
+        d = project_update(raw, state.projectors[name].matrix(), conv1d=state.conv1d[name]) * mask
+    else:
+        d = raw
     flat = d.reshape(-1)
     grid, delta = state.grids[name], state.deltas[name].reshape(-1)  # fetched once: a grid may be rebuilt
     if config.steps_on_grid:

@@ -12,8 +12,6 @@ import time
 from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, fields
 
-import torch
-
 from workbench.core.errors import WorkbenchError
 from workbench.core.progress import silent
 from workbench.models.update import Update
@@ -184,7 +182,7 @@ def _result(state: MansuState, task: UnlearningTask, config: MansuConfig, rounds
         rounds_undone_by_retain_guard=state.guard_undone,
         rounds_blocked_at_smallest_size=state.blocked, rounds_reusing_gradients=state.reused_gradients,
         seconds_by_phase=state.timings, config=asdict(config),
-        null_space_dims=({n.rsplit(".", 1)[0]: round(float(torch.trace(p))) for n, p in state.projectors.items()}
+        null_space_dims=({n.rsplit(".", 1)[0]: round(p.trace()) for n, p in state.projectors.items()}
                          if state.projectors else None),
         retain_output_change=(retain_output_change(state.work, update, state.conv1d, state.retain_sample)
                               if state.projectors else None),

@@ -10,6 +10,7 @@ share one projector.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
@@ -42,6 +43,54 @@ def null_space_projector(inputs: torch.Tensor, threshold: float = 1e-2, min_frac
     n_null = max(n_null, round(min_fraction * d))
     basis = evecs[:, :n_null]
     return (basis @ basis.T).float()
+
+
+@dataclass(frozen=True)
+class HeldProjector:
+    """A ``[d, d]`` projector as MANSU holds it between uses: its upper triangle (row by row,
+    diagonal included) when the matrix is symmetric bit for bit, else the whole matrix.
+
+    ``P = U₀ U₀ᵀ`` is symmetric, and the float64 product rounded to float32 has come out
+    symmetric bit for bit on every input tried; each one is checked (:meth:`of`), so
+    :meth:`matrix` gives back the very tensor :func:`null_space_projector` returned. Why:
+    without a circuit the projectors of every decoder layer are held through every round
+    (~0.4 GB on SmolLM2, ~1 GB for the scale bench's circuit); a triangle halves that."""
+
+    stored: torch.Tensor  # [d (d + 1) / 2] when packed, else [d, d]
+    size: int
+
+    @classmethod
+    def of(cls, projector: torch.Tensor) -> HeldProjector:
+        if projector.ndim != 2 or projector.shape[0] != projector.shape[1]:
+            raise WorkbenchError(f"a projector is square, got {tuple(projector.shape)}")
+        if not torch.equal(projector, projector.T):
+            return cls(projector, projector.shape[0])
+        return cls(projector[_upper(projector.shape[0], projector.device)], projector.shape[0])
+
+    @property
+    def packed(self) -> bool:
+        return self.stored.ndim == 1
+
+    def matrix(self) -> torch.Tensor:
+        """The ``[d, d]`` projector (a fresh tensor when packed): values placed, no arithmetic."""
+        if not self.packed:
+            return self.stored
+        upper = _upper(self.size, self.stored.device)
+        full = torch.zeros(self.size, self.size, dtype=self.stored.dtype, device=self.stored.device)
+        full.masked_scatter_(upper, self.stored)  # row-major, the order ``of`` read them in
+        return torch.where(upper, full, full.T)
+
+    def trace(self) -> float:
+        """``tr P``: the null space's dimension (P is idempotent)."""
+        return float(torch.trace(self.matrix()))
+
+    @property
+    def nbytes(self) -> int:
+        return self.stored.numel() * self.stored.element_size()
+
+
+def _upper(d: int, device: torch.device) -> torch.Tensor:
+    return torch.ones(d, d, dtype=torch.bool, device=device).triu_()
 
 
 class _AllSeen(Exception):
@@ -121,10 +170,11 @@ def project_update(delta: torch.Tensor, projector: torch.Tensor, *, conv1d: bool
 
 
 def projectors_for(work: torch.nn.Module, names: list[str], batch: FactBatch, threshold: float,
-                   min_fraction: float) -> dict[str, torch.Tensor]:
+                   min_fraction: float) -> dict[str, HeldProjector]:
     """One projector per weight in ``names``, computed once per distinct input tensor, as the
-    forward reaches it (only the projectors are held, not the inputs)."""
-    return each_linear_input(work, names, batch, lambda x: null_space_projector(x, threshold, min_fraction))
+    forward reaches it (only the projectors are held, as triangles, not the inputs)."""
+    return each_linear_input(work, names, batch,
+                             lambda x: HeldProjector.of(null_space_projector(x, threshold, min_fraction)))
 
 
 def retain_output_change(work: torch.nn.Module, update: Update, conv1d: dict[str, bool], batch: FactBatch) -> float:

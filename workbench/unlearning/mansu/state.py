@@ -11,6 +11,7 @@ import hashlib
 import time
 from collections.abc import Callable, ItemsView, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
@@ -30,7 +31,9 @@ from workbench.unlearning.batches import Batches, ScoredSet
 from workbench.unlearning.mansu.config import MansuConfig
 from workbench.unlearning.mansu.fisher import diagonal_fisher
 from workbench.unlearning.mansu.grid import Grid, weight_grid
-from workbench.unlearning.mansu.projection import projectors_for
+from workbench.unlearning.mansu.projection import HeldProjector, projectors_for
+
+T = TypeVar("T")
 
 GRID_CACHE_WEIGHTS = 16_000_000
 """Up to this many weights in the candidate tensors, their grids are kept for the whole run (13
@@ -182,7 +185,7 @@ class MansuState:
     guard_base_q: float | None = None
     owned: set[str] = field(default_factory=set)
     summed: frozenset[str] = frozenset()
-    projectors: dict[str, torch.Tensor] = field(default_factory=dict)
+    projectors: dict[str, HeldProjector] = field(default_factory=dict)
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)
     bound: float = 0.0
     gradients: Gradients | None = None
@@ -259,11 +262,11 @@ def retain_fisher(model: LoadedModel, work: torch.nn.Module, names: list[str], r
 
 
 def null_space_projectors(model: LoadedModel, work: torch.nn.Module, names: list[str], sample: FactBatch,
-                          config: MansuConfig) -> dict[str, torch.Tensor]:
+                          config: MansuConfig) -> dict[str, HeldProjector]:
     """The null-space projectors of the base's retain activations for the weights ``names``,
     kept for later runs as :func:`retain_fisher` (``d_in²`` entries per weight, counted per weight
-    although weights reading one input share one projector)."""
-    def compute() -> dict[str, torch.Tensor]:
+    although weights reading one input share one projector, and each is held as a triangle)."""
+    def compute() -> dict[str, HeldProjector]:
         return projectors_for(work, names, sample, config.null_threshold, config.min_null_fraction)
 
     conv1d = model.adapter.transposed
@@ -299,7 +302,7 @@ def summed_at_forward(work: torch.nn.Module, names: list[str]) -> frozenset[str]
 
 
 def _setup_memo(what: str, model: LoadedModel, work: torch.nn.Module, names: list[str], settings: tuple[object, ...],
-                entries: int, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+                entries: int, compute: Callable[[], dict[str, T]]) -> dict[str, T]:
     """``compute()``, kept for the next run with the same model, device, tensors and ``settings``
     (the latest circuit's only, and only up to :data:`SETUP_MEMO_ENTRIES`)."""
     if entries > SETUP_MEMO_ENTRIES:
@@ -337,7 +340,7 @@ def setup_state(model: LoadedModel, batches: Batches, circuit: tuple[Component, 
     grids = GridStore(base, names, quant, transposed)
 
     retain_sample = batches.retain.sample(config.retain_batch, torch.Generator().manual_seed(0))
-    projectors: dict[str, torch.Tensor] = {}
+    projectors: dict[str, HeldProjector] = {}
     if config.use_projection:
         report(0.05, "retain activations → null-space projectors")
         projectors = null_space_projectors(model, work, names, retain_sample, config)
