@@ -640,3 +640,34 @@ def test_why_a_run_stopped_is_told_apart(facts_tiny, split, every_module):
     assert run_round(state, task, config, 1) == ("no candidates", None)
     with pytest.raises(WorkbenchError, match="moves past every code"):
         _run(facts_tiny, split, every_module, code_steps=16)
+
+
+@pytest.mark.parametrize("qtype", ["nf4", "fp4", "int8"])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_grid_and_floor_targets_are_bin_geometrys_values_in_fewer_bytes(qtype, transposed):
+    """MANSU's grid comes from :func:`bin_placement` (no distances, int16 ranks) and its floor
+    rule counts ranks in int16: the same values as :func:`bin_geometry` and the int64 formula."""
+    from workbench.quant import bin_geometry
+    from workbench.unlearning.mansu.grid import floor_targets, weight_grid
+
+    gen = torch.Generator().manual_seed(5)
+    cfg = QuantConfig(qtype)
+    for dtype in (torch.float32, torch.bfloat16):
+        w = (torch.randn(48, 40, generator=gen) * 0.05).to(dtype)
+        w[3, :8] = 0.0  # an all-zero run: zero absmax where the block is all zero
+        grid, geo = weight_grid(w, cfg, transposed=transposed), bin_geometry(w, cfg, transposed=transposed)
+        assert torch.equal(grid.code, geo.code.reshape(-1).to(torch.int16))
+        assert grid.rank.dtype == torch.int16 and torch.equal(grid.rank, geo.rank.reshape(-1).to(torch.int16))
+        for mine, theirs in ((grid.absmax, geo.absmax), (grid.bin_width, geo.bin_width),
+                             (grid.is_block_max, geo.is_block_max)):
+            assert torch.equal(mine, theirs.reshape(-1))
+        direction = torch.randn(w.numel(), generator=gen)
+        direction[::7] = 0.0
+        for steps in (1, 2, 3):
+            sign = torch.sign(direction).long()  # the int64 formula floor_targets used before
+            rank = grid.rank.long() + steps * sign
+            n = grid.values.numel()
+            valid = (sign != 0) & (rank >= 0) & (rank < n) & ~grid.is_block_max
+            target, ok = floor_targets(direction, grid, steps)
+            assert torch.equal(ok, valid) and bool(valid.any()) and bool((~valid).any())
+            assert torch.equal(target, grid.values[rank.clamp(0, n - 1)] * grid.absmax)

@@ -60,7 +60,15 @@ quantized through float32.
 from workbench.quant.codes import QuantizedWeight, quantize_codes, quantize_dequantize, quantize_weight
 from workbench.quant.compare import RATIO_EDGES, ModuleComparison, QuantComparison, compare_quantization
 from workbench.quant.config import FOUR_BIT_BLOCKSIZES, INT8_BLOCKSIZES, QUANT_TYPES, QuantConfig, QuantType
-from workbench.quant.geometry import BinGeometry, bin_geometry, bin_histogram, bin_occupancy, weight_relative_error
+from workbench.quant.geometry import (
+    BinGeometry,
+    BinPlacement,
+    bin_geometry,
+    bin_histogram,
+    bin_occupancy,
+    bin_placement,
+    weight_relative_error,
+)
 from workbench.quant.model import fake_quantize_model, fake_quantize_state, quantized_copy
 from workbench.quant.parameters import (
     conv1d_class,
@@ -76,6 +84,7 @@ __all__ = [
     "QUANT_TYPES",
     "RATIO_EDGES",
     "BinGeometry",
+    "BinPlacement",
     "ModuleComparison",
     "QuantComparison",
     "QuantConfig",
@@ -84,6 +93,7 @@ __all__ = [
     "bin_geometry",
     "bin_histogram",
     "bin_occupancy",
+    "bin_placement",
     "code_order",
     "code_table",
     "compare_quantization",

@@ -59,6 +59,44 @@ class BinGeometry:
     is_block_max: Tensor
 
 
+@dataclass(frozen=True, eq=False)  # holds tensors: no elementwise ==
+class BinPlacement:
+    """:class:`BinGeometry` without the distances to the boundaries, each field flat in the
+    weight's own layout: what a caller holding millions of weights per tensor needs (MANSU's
+    grid) for about half the temporaries. ``rank`` is int16 (codes number at most 256)."""
+
+    code: Tensor
+    rank: Tensor
+    absmax: Tensor
+    bin_width: Tensor
+    is_block_max: Tensor
+
+
+def bin_placement(w: Tensor, cfg: QuantConfig, *, transposed: bool = False) -> BinPlacement:
+    """Per weight (flat, in ``w``'s layout): code, rank, block absmax, bin width and whether it
+    is its block's absmax; the very values :func:`bin_geometry` gives (one bnb call, look-ups)."""
+    cfg = _check_config(cfg)
+    w = _check_weight(w, "weight")
+    x = _layout(w, transposed, "weight")
+    placed = _placement(x, cfg)
+    flat = torch.Size([w.numel()]) if not transposed else w.shape
+
+    def back(t: Tensor) -> Tensor:
+        return _unlayout(t, flat, transposed).reshape(-1)
+
+    return BinPlacement(code=back(placed.code), rank=back(placed.rank), absmax=back(placed.absmax),
+                        bin_width=back(placed.bin_width), is_block_max=back(placed.is_block_max))
+
+
+def _placement(x: Tensor, cfg: QuantConfig, rank_dtype: torch.dtype = torch.int16) -> BinPlacement:
+    """:class:`BinPlacement` of ``x``, flat in bnb's quantization order."""
+    c = _bnb_codes(x, cfg)
+    t = _tables(cfg.type)
+    am = _per_weight(c.absmax, x.numel(), cfg.blocksize)
+    return BinPlacement(code=c.codes, rank=_lookup(t.rank.to(rank_dtype), c.codes), absmax=am,
+                        bin_width=_lookup(t.width_by_code, c.codes) * am, is_block_max=x.float().abs() == am)
+
+
 def bin_geometry(w: Tensor, cfg: QuantConfig, *, transposed: bool = False) -> BinGeometry:
     """Per-weight code, block absmax, bin width and signed distances to the decision boundaries.
 
@@ -68,27 +106,23 @@ def bin_geometry(w: Tensor, cfg: QuantConfig, *, transposed: bool = False) -> Bi
     cfg = _check_config(cfg)
     w = _check_weight(w, "weight")
     x = _layout(w, transposed, "weight")
-    c = _bnb_codes(x, cfg)
+    placed = _placement(x, cfg, rank_dtype=torch.int64)
     t = _tables(cfg.type)
-    n = x.numel()
     xf = x.float()
-    rank = _lookup(t.rank, c.codes)
-    am = _per_weight(c.absmax, n, cfg.blocksize)
-    width = _lookup(t.width_by_code, c.codes) * am
+    rank, am, c = placed.rank, placed.absmax, placed.code
     # inf * 0 (top code in an all-zero block) must stay inf, not nan
     top = t.values.numel() - 1
-    upper = torch.where(rank == top, math.inf, _lookup(t.upper_by_code, c.codes) * am - xf)
-    lower = torch.where(rank == 0, -math.inf, _lookup(t.lower_by_code, c.codes) * am - xf)
-    is_max = xf.abs() == am
+    upper = torch.where(rank == top, math.inf, _lookup(t.upper_by_code, c) * am - xf)
+    lower = torch.where(rank == 0, -math.inf, _lookup(t.lower_by_code, c) * am - xf)
     shape = w.shape
     return BinGeometry(
-        code=_unlayout(c.codes, shape, transposed),
+        code=_unlayout(c, shape, transposed),
         rank=_unlayout(rank, shape, transposed),
         absmax=_unlayout(am, shape, transposed),
-        bin_width=_unlayout(width, shape, transposed),
+        bin_width=_unlayout(placed.bin_width, shape, transposed),
         to_upper=_unlayout(upper, shape, transposed),
         to_lower=_unlayout(lower, shape, transposed),
-        is_block_max=_unlayout(is_max, shape, transposed),
+        is_block_max=_unlayout(placed.is_block_max, shape, transposed),
     )
 
 

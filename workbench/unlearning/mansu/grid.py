@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workbench.quant import QuantConfig, bin_geometry, code_order, code_table
+from workbench.quant import QuantConfig, bin_placement, code_order, code_table
 
 
 @dataclass(frozen=True, eq=False)
@@ -38,14 +38,14 @@ class Grid:
 
 
 def weight_grid(w: torch.Tensor, quant: QuantConfig, *, transposed: bool) -> Grid:
-
-    geo = bin_geometry(w, quant, transposed=transposed)
+    # bin_placement, not bin_geometry: a grid needs no distances to the boundaries, and without
+    # a circuit it is rebuilt for every tensor twice a round (its temporaries were the peak)
+    placed = bin_placement(w, quant, transposed=transposed)
     values = code_table(quant)[code_order(quant)]
     return Grid(
         # int16 codes (≤ 256 of them): 4 bytes per candidate weight instead of 16 as int64
-        code=geo.code.reshape(-1).to(torch.int16), rank=geo.rank.reshape(-1).to(torch.int16),
-        absmax=geo.absmax.reshape(-1).float(), values=values.float(),
-        bin_width=geo.bin_width.reshape(-1).float(), is_block_max=geo.is_block_max.reshape(-1),
+        code=placed.code.to(torch.int16), rank=placed.rank, absmax=placed.absmax.float(), values=values.float(),
+        bin_width=placed.bin_width.float(), is_block_max=placed.is_block_max,
     )
 
 
@@ -53,12 +53,14 @@ def floor_targets(direction: torch.Tensor, grid: Grid, steps: int) -> tuple[torc
     """Per weight (flat): the value of the code ``steps`` away in ``sign(direction)``, and validity.
 
     The target sits *on* a code value, half a bin or more past the decision boundary, so the
-    real quantizer maps it to that code. Invalid where the direction is 0, the code would
-    leave the table, or the weight is its block's absmax (moving it rescales the block).
+    real quantizer maps it to that code. Invalid where the direction is 0 (or NaN), the code
+    would leave the table, or the weight is its block's absmax (moving it rescales the block).
+    Ranks are counted in int16 (codes number at most 256): 2 bytes per weight per temporary.
     """
-    sign = torch.sign(direction.reshape(-1)).long()
-    target_rank = grid.rank.long() + steps * sign
+    flat = direction.reshape(-1)
+    sign = (flat > 0).to(torch.int16) - (flat < 0).to(torch.int16)
+    target_rank = grid.rank.to(torch.int16) + steps * sign
     n = grid.values.numel()
     valid = (sign != 0) & (target_rank >= 0) & (target_rank < n) & ~grid.is_block_max
-    target = grid.values[target_rank.clamp(0, n - 1)] * grid.absmax
+    target = grid.values[target_rank.clamp_(0, n - 1).int()] * grid.absmax
     return target, valid
