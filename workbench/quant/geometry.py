@@ -79,10 +79,10 @@ def bin_placement(w: Tensor, cfg: QuantConfig, *, transposed: bool = False) -> B
     w = _check_weight(w, "weight")
     x = _layout(w, transposed, "weight")
     placed = _placement(x, cfg)
-    flat = torch.Size([w.numel()]) if not transposed else w.shape
+    shape = w.shape if transposed else torch.Size([w.numel()])  # un-transposed, then flattened
 
     def back(t: Tensor) -> Tensor:
-        return _unlayout(t, flat, transposed).reshape(-1)
+        return _unlayout(t, shape, transposed).reshape(-1)
 
     return BinPlacement(code=back(placed.code), rank=back(placed.rank), absmax=back(placed.absmax),
                         bin_width=back(placed.bin_width), is_block_max=back(placed.is_block_max))

@@ -38,8 +38,8 @@ class Grid:
 
 
 def weight_grid(w: torch.Tensor, quant: QuantConfig, *, transposed: bool) -> Grid:
-    # bin_placement, not bin_geometry: a grid needs no distances to the boundaries, and without
-    # a circuit it is rebuilt for every tensor twice a round (its temporaries were the peak)
+    # bin_placement, not bin_geometry: a grid needs no distances to the boundaries, and above
+    # 16M candidate weights it is rebuilt for every tensor twice a round
     placed = bin_placement(w, quant, transposed=transposed)
     values = code_table(quant)[code_order(quant)]
     return Grid(

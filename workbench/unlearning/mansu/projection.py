@@ -45,7 +45,7 @@ def null_space_projector(inputs: torch.Tensor, threshold: float = 1e-2, min_frac
     return (basis @ basis.T).float()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds a tensor: no elementwise ==
 class HeldProjector:
     """A ``[d, d]`` projector as MANSU holds it between uses: its upper triangle (row by row,
     diagonal included) when the matrix is symmetric bit for bit, else the whole matrix.
