@@ -91,6 +91,25 @@ def test_measurement_equals_deep_copy_measurement_on_facts_tiny(facts_tiny, spli
 
 
 
+def test_only_the_variants_built_on_w_plus_delta_compute_it(toy_llama_gqa, monkeypatch):
+    """Q(w) and Q(w)+Δ hold no w+Δ of the update's tensors (on a large update, the size of its
+    tensors); w+Δ and Q(w+Δ) compute it once each; an unknown variant is named."""
+    from workbench.core.errors import WorkbenchError
+    from workbench.measurement.metrics import VARIANTS, quantized_base, variant_state
+
+    name = "model.layers.1.mlp.down_proj.weight"
+    update = Update({name: torch.full_like(toy_llama_gqa.state()[name], 0.01)})
+    qbase = quantized_base(toy_llama_gqa, NF4)
+    built: list[str] = []
+    real = Update.after_state
+    monkeypatch.setattr(Update, "after_state", lambda self, base: built.append(vname) or real(self, base))
+    for vname in VARIANTS:
+        variant_state(toy_llama_gqa, update, NF4, vname, qbase)
+    assert built == ["after_fp", "after_q"]
+    with pytest.raises(WorkbenchError, match="unknown variant 'after'"):
+        variant_state(toy_llama_gqa, update, NF4, "after", qbase)
+
+
 def test_measurement_equals_deep_copy_measurement_on_a_tiny_llama(toy_llama_gqa):
     split = own_top1_split(toy_llama_gqa, name="toy-llama")
     gen = torch.Generator().manual_seed(0)

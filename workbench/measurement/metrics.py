@@ -127,22 +127,24 @@ def variant_state(model: LoadedModel, update: Update, quant: QuantConfig, vname:
     """The tensors of variant ``vname`` that differ from the base (``qbase`` from :func:`quantized_base`).
 
     Parameters the quantizer leaves alone keep their exact update (as in a bnb deployment)."""
-    base = model.state()
-    after = update.after_state(base)
+    if vname not in VARIANTS:
+        raise WorkbenchError(f"unknown variant {vname!r}; choose from {', '.join(VARIANTS)}")
     if vname == "base_fp":
         return {}
     if vname == "base_q":
         return qbase
-    if vname == "after_fp":
-        return after
-    tr = model.adapter.transposed
+    base = model.state()
     if vname == "after_qbase_delta":
         return {**qbase, **{n: (q := qbase.get(n, base[n])) + d.to(q.device, q.dtype)
                             for n, d in update.deltas.items()}}
-    if vname == "after_q":
-        return {**qbase, **{n: quantize_dequantize(a, quant, transposed=n in tr) if n in qbase else a
-                            for n, a in after.items()}}
-    raise WorkbenchError(f"unknown variant {vname!r}; choose from {', '.join(VARIANTS)}")
+    # w+Δ of every updated tensor, only for the variants built on it (on a large update it is
+    # the size of the update's tensors, and Q(w)+Δ was holding it beside its own for nothing)
+    after = update.after_state(base)
+    if vname == "after_fp":
+        return after
+    tr = model.adapter.transposed
+    return {**qbase, **{n: quantize_dequantize(a, quant, transposed=n in tr) if n in qbase else a
+                        for n, a in after.items()}}
 
 
 def variant_model(model: LoadedModel, update: Update, quant: QuantConfig, vname: str,
