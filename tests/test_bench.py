@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from workbench.faces.bench import COLUMNS, bench_attribution, format_table, toy_pairs
 
@@ -102,6 +103,8 @@ def test_cli_bench_quick_writes_every_section(tmp_path, capsys):
     for title in ("tl/ours", "ours/bnb", "MANSU/GD to target", "s in all"):
         assert title in printed
     assert main(["bench", "speed"]) == 1  # unknown section: a clear error, exit code 1
+    assert main(["bench", "flow", "--threads", "0"]) == 1  # checked before any section runs
+    assert "--threads must be a positive integer, got 0" in capsys.readouterr().err
 
 
 def test_bench_flow_times_every_step_and_both_paths_measure_the_same():
@@ -111,7 +114,9 @@ def test_bench_flow_times_every_step_and_both_paths_measure_the_same():
 
     from workbench.faces.bench_flow import FLOW_STEPS, bench_flow, same_measurements
 
-    flow = bench_flow("facts-tiny", max_rounds=2)
+    threads = torch.get_num_threads()
+    flow = bench_flow("facts-tiny", max_rounds=2, threads=2)  # both paths on two threads
+    assert torch.get_num_threads() == threads  # the caller's thread count is restored
     assert flow.differing == []
     rows = flow.rows()
     assert [r["step"] for r in rows] == [*FLOW_STEPS, "total"]

@@ -458,7 +458,7 @@ EXTRA_SECTIONS = ("flow",)
 """Run only when named: ``flow`` is the app's whole default flow twice (minutes on SmolLM2)."""
 
 
-def run_bench(sections: Sequence[str] = (), *, quick: bool = False) -> dict[str, Any]:
+def run_bench(sections: Sequence[str] = (), *, quick: bool = False, flow_threads: int = 1) -> dict[str, Any]:
     """``workbench bench``: run the named sections (all by default), print their tables as
     they finish, and return the whole report (JSON-ready: ``quick``, one list of rows per
     section, ``seconds``).
@@ -468,13 +468,15 @@ def run_bench(sections: Sequence[str] = (), *, quick: bool = False) -> dict[str,
     quantization section ``smollm2`` (``facts-tiny`` with ``--quick``); the unlearning
     section ``facts`` (``facts-tiny``); the memory section ``smollm2`` (``facts-tiny``); the
     scale section the 1B-class Llama (its reduced shape with ``--quick``). Torch runs on one
-    thread throughout (see above).
+    thread throughout (see above), except the flow section on ``flow_threads``.
     """
     chosen = list(sections) or list(SECTIONS)
     unknown = [s for s in chosen if s not in SECTIONS + EXTRA_SECTIONS]
     if unknown:
         raise WorkbenchError(f"unknown bench section(s) {unknown}; choose from "
                              f"{', '.join(SECTIONS + EXTRA_SECTIONS)}")
+    if not isinstance(flow_threads, int) or isinstance(flow_threads, bool) or flow_threads < 1:
+        raise WorkbenchError(f"--threads must be a positive integer, got {flow_threads!r}")
     started = time.perf_counter()
     report: dict[str, Any] = {"quick": quick}
     if "attribution" in chosen:
@@ -506,9 +508,11 @@ def run_bench(sections: Sequence[str] = (), *, quick: bool = False) -> dict[str,
     finally:
         torch.set_num_threads(saved)
     if "flow" in chosen:
-        flow = bench_flow("facts-tiny" if quick else "smollm2", max_rounds=3 if quick else None)
+        flow = bench_flow("facts-tiny" if quick else "smollm2", max_rounds=3 if quick else None,
+                          threads=flow_threads)
         print("== the app's default flow, click by click: reference path / fast path, same process "
-              "(targets: MANSU >= 5x, setup <= 5 s, attribution <= 10 s, edit redraw < 1 s); metrics equal")
+              f"(targets: MANSU >= 5x, setup <= 5 s, attribution <= 10 s, edit redraw < 1 s); metrics equal; "
+              f"torch on {flow_threads} thread(s)")
         print(format_rows(flow.rows(), FLOW_COLUMNS))
         report["flow"] = flow.rows()
 

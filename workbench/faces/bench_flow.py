@@ -177,8 +177,11 @@ def bench_flow(model: str = "smollm2", *, max_rounds: int | None = None, threads
     """Load ``model`` and its split (untimed), run the flow on the fast path, then on the reference path.
 
     ``max_rounds`` caps MANSU's rounds (the quick bench and the tests); None keeps the app's default.
+    ``threads``: torch threads for both paths (the app runs on torch's default, the machine's cores).
     Raises when the two MANSU runs' metrics differ: a faster path must measure the same numbers.
     """
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise WorkbenchError(f"bench flow: threads must be a positive integer, got {threads!r}")
     loaded = SHARED.model(model)
     _warm_up(loaded, SHARED.builtin_split(loaded))  # loading and the split are not steps of the flow
     mansu: dict[str, Any] = {} if max_rounds is None else {"max_rounds": max_rounds}

@@ -64,6 +64,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("sections", nargs="*", help="attribution, quantization, unlearning, memory, scale (default: "
                                                "these five); flow (the app's default flow, fast vs reference path)")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--threads", type=int, default=1, metavar="N",
+                   help="torch threads of the flow section (default 1: its ratios hold on a shared machine; "
+                        "the app's own count, e.g. 2 here, for its seconds as a user waits them)")
     p.add_argument("--out", metavar="FILE", help="also write the report as JSON to FILE")
     add_json(p)
     p.set_defaults(func=cmd_bench)
@@ -171,7 +174,7 @@ def _update(ref: str, runs_root: str | None) -> Update:
 
 
 def cmd_bench(args: argparse.Namespace, out: Printer) -> int:
-    report = run_bench(sections=args.sections, quick=args.quick)
+    report = run_bench(sections=args.sections, quick=args.quick, flow_threads=args.threads)
     if args.out:
         try:
             Path(args.out).write_text(json.dumps(report, indent=2, default=float))
