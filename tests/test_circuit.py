@@ -86,6 +86,43 @@ def test_from_attribution_rejects_components_beyond_shape():
         Circuit.from_attribution(bad)
 
 
+def _graph_edge_by_edge(attribution: Attribution) -> nx.MultiDiGraph:
+    """``Circuit.from_attribution``'s graph as it was built before it named each component once:
+    every edge checks and adds its two ends, then itself."""
+    from workbench.interpretability.circuit import _node_attrs, component_order
+
+    graph = nx.MultiDiGraph()
+    for comp, score in sorted(attribution.scores.items(), key=lambda kv: component_order(kv[0])):
+        if comp != LOGITS:
+            graph.add_node(comp.name, **_node_attrs(comp, float(score), False))
+    graph.add_node(LOGITS.name, **_node_attrs(LOGITS, 0.0, True))
+    for (writer, reader, inp), score in attribution.edge_scores.items():
+        for comp in (writer, reader):
+            if comp.name not in graph:
+                graph.add_node(comp.name, **_node_attrs(comp, 0.0, comp == LOGITS))
+        graph.add_edge(writer.name, reader.name, key=inp, score=float(score), input=inp)
+    return graph
+
+
+def test_from_attribution_graph_equals_the_edge_by_edge_construction():
+    """Same nodes, edges, attributes and insertion order, including components that only an edge
+    names (a writer without a node score gets score 0) and repeated (writer, reader) pairs."""
+    attribution = make_attribution()
+    edges = {**attribution.edge_scores, (mlp(1), head(1, 1), "q"): 0.4, (head(0, 1), mlp(0), "logits"): -0.6}
+    scores = {c: s for c, s in attribution.scores.items() if c != head(1, 1)}  # head(1, 1) only in an edge
+    attribution = replace(attribution, scores=scores, edge_scores=edges)
+    got, want = Circuit.from_attribution(attribution).graph, _graph_edge_by_edge(attribution)
+    assert list(got.nodes(data=True)) == list(want.nodes(data=True))
+    assert list(got.edges(keys=True, data=True)) == list(want.edges(keys=True, data=True))
+    assert got.nodes["L1.H1"]["score"] == 0.0
+
+
+def test_from_attribution_rejects_edge_components_beyond_shape():
+    bad = replace(make_attribution(), edge_scores={(head(0, 0), mlp(7), "mlp"): 1.0})
+    with pytest.raises(WorkbenchError, match="attribution edge: .*L7.MLP"):
+        Circuit.from_attribution(bad)
+
+
 def test_top_k_threshold_and_mass(circuit):
     assert circuit.select_top_k(3).selected == {mlp(1), EMBED, head(0, 1)}
     assert circuit.select_top_k(2, include_embed=False).selected == {mlp(1), head(0, 1)}

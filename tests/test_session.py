@@ -247,6 +247,36 @@ def test_an_edit_can_leave_the_readout_to_follow(attributed):
     assert s.faithfulness_is_current and s.faithfulness_result == follow
 
 
+def test_the_readout_measures_on_the_attributed_pairs_and_keeps_their_baselines(monkeypatch):
+    """Faithfulness after attribution and after each edit is measured on the very pairs attributed,
+    its baselines (means, clean/baseline metrics, the floor) taken once per attribution: the same
+    numbers as :func:`faithfulness` measuring from scratch, at two ablated runs per edit."""
+    import workbench.interpretability.faithfulness as faith
+    from workbench.interpretability.attribution import make_prompt_pairs
+
+    built = []
+    real = faith.FaithfulnessMeter.__init__
+
+    def counting(self, *args, **kwargs):
+        built.append(args[1])
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(faith.FaithfulnessMeter, "__init__", counting)
+    s = Session()
+    s.setup("facts-tiny")
+    s.attribute("atp", edges=False)
+    pairs = s.pairs
+    assert built == [pairs]  # the attribution's own pairs, not a second making of them
+    for k in (3, 2, 5):
+        measured = s.edit("top_k", k)
+        fresh = faith.faithfulness(s.circuit, s.model, make_prompt_pairs(s.model, s.split.forget))
+        assert measured == fresh
+    # four meters: the three from-scratch measurements above and the session's one (none per edit)
+    assert len(built) == 4 and built[0] is pairs and s.pairs is pairs
+    s.attribute("atp", edges=False)  # a new attribution: new pairs, new baselines
+    assert s.pairs is not pairs and len(built) == 5 and built[-1] is s.pairs
+
+
 def test_attribution_can_leave_the_readout_to_follow():
     """"Run attribution" in the app draws the new circuit first: its faithfulness is measured
     next, and a readout measured for the previous attribution's circuit (even with the same

@@ -18,7 +18,13 @@ from workbench.core.progress import Progress, scaled, silent
 from workbench.data.facts import FactSplit
 from workbench.experiments.provenance import provenance
 from workbench.experiments.store import Run, save_run
-from workbench.interpretability.attribution import Attribution, AttributionConfig, attribute
+from workbench.interpretability.attribution import (
+    Attribution,
+    AttributionConfig,
+    PromptPairs,
+    attribute,
+    make_prompt_pairs,
+)
 from workbench.interpretability.circuit import Circuit
 from workbench.measurement.metrics import Thresholds, measure_update
 from workbench.measurement.results import RunMetrics
@@ -35,14 +41,27 @@ from workbench.unlearning.task import OptimConfig, StopRule
 DEFAULT_TOP_K = 10
 
 
-def attribute_forget_set(
-    model: LoadedModel, split: FactSplit, config: AttributionConfig | None = None, *, progress: Progress | None = None
-) -> Attribution:
-    """Attribution of the forget-set behaviour (clean = forget prompts, corrupt = other subjects)."""
+def forget_set_pairs(model: LoadedModel, split: FactSplit, config: AttributionConfig | None = None) -> PromptPairs:
+    """The forget set's clean/baseline pairs as :func:`attribute_forget_set` attributes them
+    (``config``'s metric, baseline and seed), for a face that measures more on the same pairs."""
 
     if not split.forget:
         raise WorkbenchError("the forget set is empty: nothing to attribute")
-    return attribute(model, split.forget, config or AttributionConfig(), progress=progress)
+    config = config or AttributionConfig()
+    return make_prompt_pairs(model, list(split.forget), metric=config.metric, baseline=config.baseline,
+                             seed=config.seed)
+
+
+def attribute_forget_set(
+    model: LoadedModel, split: FactSplit, config: AttributionConfig | None = None, *, progress: Progress | None = None,
+    pairs: PromptPairs | None = None,
+) -> Attribution:
+    """Attribution of the forget-set behaviour (clean = forget prompts, corrupt = other subjects);
+    ``pairs``: the forget set's pairs already made (:func:`forget_set_pairs`), else made here."""
+
+    config = config or AttributionConfig()
+    return attribute(model, forget_set_pairs(model, split, config) if pairs is None else pairs, config,
+                     progress=progress)
 
 
 def default_circuit(attribution: Attribution, top_k: int = DEFAULT_TOP_K) -> Circuit:

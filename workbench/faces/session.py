@@ -43,6 +43,7 @@ from workbench.data.world import fact_world
 from workbench.experiments.flow import (
     attribute_forget_set,
     default_circuit,
+    forget_set_pairs,
     no_oracle_reason,
     oracle_for,
     run_unlearning,
@@ -69,7 +70,12 @@ from workbench.interpretability.attribution import (
     make_prompt_pairs,
 )
 from workbench.interpretability.circuit import Circuit
-from workbench.interpretability.faithfulness import Faithfulness, FaithfulnessCurve, faithfulness, faithfulness_curve
+from workbench.interpretability.faithfulness import (
+    Faithfulness,
+    FaithfulnessCurve,
+    FaithfulnessMeter,
+    faithfulness_curve,
+)
 from workbench.measurement.ablations import AblationOutcome, ablation_lines, read_ablations
 from workbench.measurement.evaluation import evaluate_split
 from workbench.measurement.metrics import report_card_rows, summary_lines
@@ -376,6 +382,7 @@ class Session:
         self.reference: dict[str, Attribution] = {}
         self.circuit: Circuit | None = None
         self.pairs: PromptPairs | None = None
+        self._meter: FaithfulnessMeter | None = None  # the readout's baselines on self.pairs
         self.faithfulness_result: Faithfulness | None = None
         self.faithfulness_error: str | None = None
         self.faithfulness_seconds: float | None = None
@@ -546,6 +553,7 @@ class Session:
         self.reference = {}
         self.circuit = None
         self.pairs = None
+        self._meter = None
         self.faithfulness_result = None
         self.faithfulness_error = None
         self._last_mansu = None
@@ -594,10 +602,11 @@ class Session:
         config = AttributionConfig(method=method,  # type: ignore[arg-type] -- checked by AttributionConfig
                                    ig_steps=_whole(ig_steps, "IG steps"), edges=bool(edges) and method != "exact",
                                    baseline=baseline)  # type: ignore[arg-type] -- checked by AttributionConfig
-        attribution = attribute_forget_set(model, split, config, progress=self._bounded(progress))
+        pairs = forget_set_pairs(model, split, config)
+        attribution = attribute_forget_set(model, split, config, progress=self._bounded(progress), pairs=pairs)
         self.attribution = attribution
         self.reference = {method: attribution}
-        self.pairs = None  # faithfulness pairs follow the attribution's baseline
+        self.pairs = pairs  # the readout measures faithfulness on the very pairs attributed
         self._set_circuit(default_circuit(attribution), measure=measure)
         return attribution
 
@@ -672,7 +681,7 @@ class Session:
         start = time.perf_counter()
         selection = frozenset(c.name for c in circuit.selected)
         try:
-            self.faithfulness_result = faithfulness(circuit, model, self.pairs if self.pairs is not None else [])
+            self.faithfulness_result = self._faithfulness_meter(model).of(circuit)
             self.faithfulness_error = None
         except WorkbenchError as exc:
             # Undefined faithfulness (e.g. clean == corrupt) is a fact about the data, not a failed edit.
@@ -680,6 +689,16 @@ class Session:
         self.faithfulness_seconds = time.perf_counter() - start
         self._measured_selection = selection
         return self.faithfulness_result
+
+    def _faithfulness_meter(self, model: LoadedModel) -> FaithfulnessMeter:
+        """The readout's baselines (means, clean and baseline metrics, the floor) depend on the model
+        and the pairs only: measured once per attribution, so an edit's readout is two ablated runs."""
+        if self.pairs is None:
+            raise WorkbenchError("no prompt pairs to measure faithfulness on: run attribution first")
+        meter = self._meter
+        if meter is None or meter.model is not model or meter.pairs is not self.pairs:
+            meter = self._meter = FaithfulnessMeter(model, self.pairs)
+        return meter
 
     @property
     def faithfulness_is_current(self) -> bool:

@@ -175,12 +175,21 @@ class Circuit:
             _check_fits(comp, n_layers, n_heads, "attribution: ")
             graph.add_node(comp.name, **_node_attrs(comp, float(score), False))
         graph.add_node(LOGITS.name, **_node_attrs(LOGITS, 0.0, True))
-        for (writer, reader, inp), score in attribution.edge_scores.items():
-            for comp in (writer, reader):
+        # Each component is checked, named and added once, not at each of its edges (SmolLM2 has
+        # ~1,100 components and ~123k edges); nodes and edges go in in the same order as before.
+        names: dict[Component, str] = {}
+
+        def node(comp: Component) -> str:
+            name = names.get(comp)
+            if name is None:
                 _check_fits(comp, n_layers, n_heads, "attribution edge: ")
-                if comp.name not in graph:
-                    graph.add_node(comp.name, **_node_attrs(comp, 0.0, comp == LOGITS))
-            graph.add_edge(writer.name, reader.name, key=inp, score=float(score), input=inp)
+                name = names[comp] = comp.name
+                if name not in graph:
+                    graph.add_node(name, **_node_attrs(comp, 0.0, comp == LOGITS))
+            return name
+
+        for (writer, reader, inp), score in attribution.edge_scores.items():
+            graph.add_edge(node(writer), node(reader), key=inp, score=float(score), input=inp)
         return cls(
             graph,
             model_fingerprint=attribution.model_fingerprint,

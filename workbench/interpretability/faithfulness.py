@@ -84,10 +84,15 @@ def _check(circuit: Circuit, model: LoadedModel, ablation: str, allow_other_mode
         _check_fits(comp, model.n_layers, model.n_heads, "circuit: ")
 
 
-class _Ablator:
-    """The shared baselines of one set of pairs, so that many circuits cost two runs each."""
+class FaithfulnessMeter:
+    """The baselines of one set of pairs — dataset means, clean and baseline metrics, the floor —
+    measured once, so that every circuit then costs two ablated runs (a curve's k points, a
+    session's edits). Raises :class:`WorkbenchError` when faithfulness is undefined on ``pairs``."""
 
-    def __init__(self, model: LoadedModel, pairs: PromptPairs, ablation: Ablation, metric: AblationMetric | None):
+    def __init__(self, model: LoadedModel, pairs: PromptPairs, ablation: Ablation = "corrupt",
+                 metric: AblationMetric | None = None):
+        if ablation not in ("corrupt", "mean"):
+            raise WorkbenchError(f"ablation must be 'corrupt' or 'mean', got {ablation!r}")
         # metric_baselines is called without a metric when none is given: the pairs' own.
         self.model, self.pairs = model, pairs
         self.ablation: Ablation = ablation
@@ -112,6 +117,11 @@ class _Ablator:
     def run(self, keep: set[Component]) -> float:
         return float(ablated_metric(self.model, self.pairs, keep=keep, ablation=self.ablation,
                                     metric=self.metric_arg, means=self.means))
+
+    def of(self, circuit: Circuit, *, allow_other_model: bool = False) -> Faithfulness:
+        """:func:`faithfulness` of ``circuit`` on this meter's model, pairs, ablation and metric."""
+        _check(circuit, self.model, self.ablation, allow_other_model)
+        return self.measure(set(circuit.selected))
 
     def measure(self, selected: set[Component]) -> Faithfulness:
         heads_mlps = {c for c in selected if c not in (EMBED, LOGITS)}
@@ -152,7 +162,7 @@ def faithfulness(
     """
     _check(circuit, model, ablation, allow_other_model)
     pairs = _pairs(model, pairs)
-    return _Ablator(model, pairs, ablation, metric).measure(set(circuit.selected))
+    return FaithfulnessMeter(model, pairs, ablation, metric).measure(set(circuit.selected))
 
 
 @dataclass(frozen=True)
@@ -204,7 +214,7 @@ def faithfulness_curve(
     ks = tuple(range(1, min(max_k, len(ranking)) + 1))
     tracker = Steps(len(ks) + 1, "faithfulness curve", progress)
     try:
-        ablator = _Ablator(model, pairs, ablation, metric)
+        ablator = FaithfulnessMeter(model, pairs, ablation, metric)
         tracker.step("baselines")
         points = []
         for k in ks:
