@@ -1,6 +1,7 @@
 """How much of the clean behaviour a circuit of heads and MLPs carries alone, how much is
 lost without it (:func:`faithfulness`), and how that grows with circuit size
-(:func:`faithfulness_curve`).
+(:func:`faithfulness_curve`); :class:`FaithfulnessMeter` keeps one set of pairs' baselines for
+many circuits (a session's edits).
 
 The embedding and unembedding are never ablated: a circuit of heads and MLPs can only
 act on what the embedding writes (the subject enters the residual stream there) and can
