@@ -170,3 +170,27 @@ def test_kl_ablation_metric(models):
     assert metric_baselines(m, pairs, metric="kl") == pytest.approx((0.0, none), abs=1e-6)
     with pytest.raises(WorkbenchError, match="unknown metric"):
         ablated_metric(m, pairs, set(), metric="accuracy")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("metric", [None, "kl"])
+def test_faithfulness_meter_takes_the_dataset_means_once(models, monkeypatch, metric):
+    """The meter's baselines on pairs with a mean-baseline fact: one pass for the means (not one
+    more inside metric_baselines), and the same clean/baseline metrics as metric_baselines taking
+    its own."""
+    import workbench.interpretability.attribution as attribution_module
+    from workbench.interpretability.faithfulness import FaithfulnessMeter
+
+    m = models["llama_gqa"]
+    pairs = make_prompt_pairs(m, mixed_facts(), baseline="mean", metric="logprob")
+    own = metric_baselines(m, pairs) if metric is None else metric_baselines(m, pairs, metric=metric)
+    passes = []
+    real = attribution_module._means
+
+    def counted(*args, **kwargs):
+        passes.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attribution_module, "_means", counted)
+    meter = FaithfulnessMeter(m, pairs, metric=metric)
+    assert len(passes) == 1
+    assert (meter.clean, meter.corrupt) == own  # equal, not approximately: the same means

@@ -102,7 +102,9 @@ class FaithfulnessMeter:
         needs_means = ablation == "mean" or pairs.has_mean
         self.means: ActivationMeans | None = dataset_means(model, pairs) if needs_means else None
         self.everything = set(all_components(model.n_layers, model.n_heads, include_embed=True))
-        baselines = metric_baselines(model, pairs) if metric is None else metric_baselines(model, pairs, metric=metric)
+        # Given the means just taken, metric_baselines does not take them again (a pass over the pairs).
+        baselines = (metric_baselines(model, pairs, means=self.means) if metric is None
+                     else metric_baselines(model, pairs, metric=metric, means=self.means))
         clean, corrupt = (float(x) for x in baselines)
         self.clean, self.corrupt = clean, corrupt
         self.floor = self.run({EMBED})
