@@ -194,3 +194,49 @@ def test_faithfulness_meter_takes_the_dataset_means_once(models, monkeypatch, me
     meter = FaithfulnessMeter(m, pairs, metric=metric)
     assert len(passes) == 1
     assert (meter.clean, meter.corrupt) == own  # equal, not approximately: the same means
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
+def test_kept_corrupt_runs_give_the_same_ablated_metrics(models, name):
+    """ablated_metric with the pairs' corrupt runs kept (corrupt_activations) equals it running
+    them itself, bit for bit, on pairs mixing partnered and mean-baseline facts, for several
+    circuits and metrics; a cap too small keeps nothing, and mismatched chunks are refused."""
+    from workbench.interpretability.attribution import corrupt_activations
+
+    m = models[name]
+    pairs = make_prompt_pairs(m, mixed_facts(), metric="logprob")
+    assert {"mean"} < set(pairs.pair_kinds)  # some facts partnered, some on the mean
+    kept = corrupt_activations(m, pairs, batch_size=2)
+    assert kept is not None and kept.nbytes > 0
+    assert sum(c is None for c in kept.chunks) == sum((g.n + 1) // 2 for g in pairs.groups if g.baseline == "mean")
+    everything = set(all_components(m.n_layers, m.n_heads, include_embed=True))
+    for keep in (set(), {EMBED}, {EMBED, head(0, 1), mlp(1)}, everything - {head(1, 3)}):
+        for metric in ("logprob", "kl"):
+            own = ablated_metric(m, pairs, keep, metric=metric, batch_size=2)
+            assert ablated_metric(m, pairs, keep, metric=metric, batch_size=2, corrupt=kept) == own
+    assert corrupt_activations(m, pairs, batch_size=2, max_bytes=kept.nbytes // 2) is None
+    assert corrupt_activations(m, pairs, batch_size=2, max_bytes=2 * kept.nbytes) is not None
+    with pytest.raises(WorkbenchError, match="do not match these pairs in chunks of 3"):
+        ablated_metric(m, pairs, {EMBED}, batch_size=3, corrupt=kept)
+
+
+def test_faithfulness_meter_keeps_the_corrupt_runs_until_released(models, monkeypatch):
+    """The meter runs the pairs' corrupt forwards once (at its floor) and measures the same
+    faithfulness as a meter that may keep nothing; released, it takes them again when next needed."""
+    import workbench.interpretability.faithfulness as faith
+
+    m = models["llama_gqa"]
+    pairs = make_prompt_pairs(m, mixed_facts(), metric="logprob")
+    meter = faith.FaithfulnessMeter(m, pairs)
+    assert meter.keeps_corrupt_runs
+    monkeypatch.setattr(faith, "KEEP_CORRUPT_BYTES", 0)
+    plain = faith.FaithfulnessMeter(m, pairs)
+    assert not plain.keeps_corrupt_runs
+    assert (meter.clean, meter.corrupt, meter.floor) == (plain.clean, plain.corrupt, plain.floor)
+    for selected in ({head(0, 1)}, {head(0, 1), mlp(0), head(1, 2)}, {mlp(0), mlp(1)}):
+        assert meter.measure(selected) == plain.measure(selected)
+    monkeypatch.undo()
+    meter.release()
+    assert not meter.keeps_corrupt_runs
+    again = meter.measure({mlp(0), mlp(1)})
+    assert meter.keeps_corrupt_runs and again == plain.measure({mlp(0), mlp(1)})

@@ -612,6 +612,7 @@ def test_faithfulness_equal_metrics_is_a_clear_error(monkeypatch, toy2):
 
     monkeypatch.setattr(attribution, "metric_baselines", lambda model, pairs, **kw: (1.25, 1.25), raising=False)
     monkeypatch.setattr(attribution, "ablated_metric", lambda *a, **k: 1.25, raising=False)
+    monkeypatch.setattr(attribution, "corrupt_activations", lambda *a, **k: None, raising=False)
     monkeypatch.setattr(attribution, "make_prompt_pairs", lambda model, facts: facts, raising=False)
 
     class FakePairs:  # what faithfulness reads of PromptPairs
@@ -647,6 +648,7 @@ def test_faithfulness_arithmetic(monkeypatch, toy2):
     monkeypatch.setattr(attribution, "PromptPairs", FakePairs, raising=False)
     monkeypatch.setattr(attribution, "metric_baselines", lambda model, pairs, **kw: (4.0, 0.0), raising=False)
     monkeypatch.setattr(attribution, "ablated_metric", fake_ablated, raising=False)
+    monkeypatch.setattr(attribution, "corrupt_activations", lambda *a, **k: None, raising=False)
     monkeypatch.setattr(attribution, "dataset_means", lambda model, pairs: None, raising=False)
     circuit = Circuit.from_attribution(make_attribution(fingerprint=toy2.fingerprint))
     circuit.set_selection([head(0, 1), mlp(1)])

@@ -250,7 +250,8 @@ def test_an_edit_can_leave_the_readout_to_follow(attributed):
 def test_the_readout_measures_on_the_attributed_pairs_and_keeps_their_baselines(monkeypatch):
     """Faithfulness after attribution and after each edit is measured on the very pairs attributed,
     its baselines (means, clean/baseline metrics, the floor) taken once per attribution: the same
-    numbers as :func:`faithfulness` measuring from scratch, at two ablated runs per edit."""
+    numbers as :func:`faithfulness` measuring from scratch, at two ablated runs per edit. The pairs'
+    corrupt runs are kept with them, let go when unlearning starts and taken again after."""
     import workbench.interpretability.faithfulness as faith
     from workbench.interpretability.attribution import make_prompt_pairs
 
@@ -267,14 +268,19 @@ def test_the_readout_measures_on_the_attributed_pairs_and_keeps_their_baselines(
     s.attribute("atp", edges=False)
     pairs = s.pairs
     assert built == [pairs]  # the attribution's own pairs, not a second making of them
+    results = {}
     for k in (3, 2, 5):
-        measured = s.edit("top_k", k)
+        results[k] = s.edit("top_k", k)
         fresh = faith.faithfulness(s.circuit, s.model, make_prompt_pairs(s.model, s.split.forget))
-        assert measured == fresh
+        assert results[k] == fresh
     # four meters: the three from-scratch measurements above and the session's one (none per edit)
     assert len(built) == 4 and built[0] is pairs and s.pairs is pairs
     s.attribute("atp", edges=False)  # a new attribution: new pairs, new baselines
     assert s.pairs is not pairs and len(built) == 5 and built[-1] is s.pairs
+    assert s._meter is not None and s._meter.keeps_corrupt_runs  # facts-tiny's are far under the cap
+    s.unlearn("mansu", mansu={"max_rounds": 1}, measure_cad=False, use_oracle=False)
+    assert not s._meter.keeps_corrupt_runs  # let go for the run; the baselines stay
+    assert s.edit("top_k", 3) == results[3] and s._meter.keeps_corrupt_runs  # taken again, same numbers
 
 
 def test_attribution_can_leave_the_readout_to_follow():

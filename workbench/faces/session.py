@@ -858,6 +858,8 @@ class Session:
             raise WorkbenchError("a run is already in progress in this session; wait for it or cancel it")
         self.assumed = []
         model, split, quant = self.ensure_setup(progress)
+        if self._meter is not None:
+            self._meter.release()  # the readout's kept corrupt runs: MANSU needs the memory more
         if method == "mansu" and self.circuit is None:
             self.assumed.append("No circuit yet: MANSU edits the default one (top 10 heads/MLPs of attribution "
                                 "patching on the forget set), attributed now.")

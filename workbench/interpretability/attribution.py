@@ -1512,6 +1512,50 @@ def metric_baselines(
     return clean / pairs.n_pairs, corrupt / pairs.n_pairs
 
 
+@dataclass(frozen=True, eq=False)
+class CorruptActivations:
+    """The corrupt runs' activations at every writer hook, one dict per chunk of ``batch_size``
+    pairs in :func:`ablated_metric`'s order (``None`` for a chunk on the mean baseline).
+
+    They are the same whichever components a run ablates, so measuring many circuits on one set
+    of pairs (a session's edits, a faithfulness curve) can run them once instead of per circuit.
+    """
+
+    batch_size: int
+    chunks: tuple[dict[str, torch.Tensor] | None, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for acts in self.chunks if acts is not None for t in acts.values())
+
+
+def corrupt_activations(model: LoadedModel, pairs: PromptPairs, *, batch_size: int = 64,
+                        max_bytes: int | None = None) -> CorruptActivations | None:
+    """The corrupt runs of ``pairs`` at every writer hook (see :class:`CorruptActivations`), or
+    ``None`` when they would take more than ``max_bytes`` (estimated from the first chunk run,
+    so a set too large costs one chunk's forward)."""
+    bridge = _check_model(model)
+    lay = _Layout.of(bridge)
+    paired_tokens = sum(g.n * g.seq for g in pairs.groups if g.baseline != "mean")
+    chunks: list[dict[str, torch.Tensor] | None] = []
+    estimated = max_bytes is None
+    with _bridge_lock(bridge), torch.no_grad():
+        for group in pairs.groups:
+            for chunk in group.chunks(batch_size):
+                if chunk.baseline == "mean":
+                    chunks.append(None)
+                    continue
+                _, live = _forward(bridge, chunk.corrupt, lay.node_hooks)
+                acts = {n: t.clone() for n, t in live.items()}
+                if not estimated:
+                    per_token = sum(t.nbytes for t in acts.values()) / (chunk.n * chunk.seq)
+                    if max_bytes is not None and per_token * paired_tokens > max_bytes:
+                        return None
+                    estimated = True
+                chunks.append(acts)
+    return CorruptActivations(batch_size, tuple(chunks))
+
+
 def ablated_metric(
     model: LoadedModel,
     pairs: PromptPairs,
@@ -1521,6 +1565,7 @@ def ablated_metric(
     metric: AblationMetric | None = None,
     batch_size: int = 64,
     means: ActivationMeans | None = None,
+    corrupt: CorruptActivations | None = None,
 ) -> float:
     """Mean metric on the clean prompts with every writer *not* in ``keep`` ablated.
 
@@ -1528,7 +1573,8 @@ def ablated_metric(
     (+ ``hook_pos_embed``), its slice of ``attn.hook_z``, ``hook_mlp_out``) replaced by its
     value on the pair's corrupt prompt (``"corrupt"``; a pair on the mean baseline takes
     the mean), or by its dataset mean (``"mean"``, :class:`ActivationMeans`; ``means``
-    may be given to reuse one). ``LOGITS`` in ``keep`` is ignored. Keeping everything gives
+    may be given to reuse one; ``corrupt``, :func:`corrupt_activations` of ``pairs`` at this
+    ``batch_size``, spares the corrupt runs). ``LOGITS`` in ``keep`` is ignored. Keeping everything gives
     the clean metric; keeping nothing with ``"corrupt"`` gives the baseline metric (see
     :func:`metric_baselines`). ``metric="kl"``: minus ``KL(clean || ablated)`` (:data:`AblationMetric`).
     """
@@ -1541,18 +1587,26 @@ def ablated_metric(
         raise WorkbenchError(f"unknown metric {metric!r}; use one of {', '.join(get_args(AblationMetric))}")
     if metric != "kl":
         pairs = pairs.with_metric(metric)
+    if corrupt is not None and (corrupt.batch_size, len(corrupt.chunks)) != (batch_size, _n_chunks(pairs, batch_size)):
+        raise WorkbenchError(f"corrupt activations of {len(corrupt.chunks)} chunks of {corrupt.batch_size} pairs do "
+                             f"not match these pairs in chunks of {batch_size}")
     names, heads_by_layer = _ablated_hooks(lay, keep)
     total = 0.0
+    index = -1
     with _bridge_lock(bridge), torch.no_grad():
         if names and means is None and (ablation == "mean" or pairs.has_mean):
             means = _means(bridge, lay, pairs, batch_size)
         for group in pairs.groups:
             for chunk in group.chunks(batch_size):
+                index += 1
+                kept = corrupt.chunks[index] if corrupt is not None else None
                 if not names:
                     source: dict[str, torch.Tensor] = {}
                 elif ablation == "mean" or chunk.baseline == "mean":
                     assert means is not None
                     source = means.for_chunk(names, chunk)
+                elif kept is not None:  # the hooks copy what they write, so the kept tensors stay as run
+                    source = {n: kept[n] for n in names}
                 else:
                     _, live = _forward(bridge, chunk.corrupt, names)
                     source = {n: t.clone() for n, t in live.items()}

@@ -25,8 +25,10 @@ from workbench.interpretability.attribution import (
     AblationMetric,
     ActivationMeans,
     Attribution,
+    CorruptActivations,
     PromptPairs,
     ablated_metric,
+    corrupt_activations,
     dataset_means,
     make_prompt_pairs,
     metric_baselines,
@@ -85,10 +87,17 @@ def _check(circuit: Circuit, model: LoadedModel, ablation: str, allow_other_mode
         _check_fits(comp, model.n_layers, model.n_heads, "circuit: ")
 
 
+KEEP_CORRUPT_BYTES = 256 * 2**20
+"""Largest corrupt-run activations a :class:`FaithfulnessMeter` keeps (66 MiB on SmolLM2's
+default forget set); above it every ablated run makes its own corrupt run, as before."""
+
+
 class FaithfulnessMeter:
     """The baselines of one set of pairs — dataset means, clean and baseline metrics, the floor —
     measured once, so that every circuit then costs two ablated runs (a curve's k points, a
-    session's edits). Raises :class:`WorkbenchError` when faithfulness is undefined on ``pairs``."""
+    session's edits); with ``corrupt`` ablation the pairs' corrupt runs are kept too (up to
+    :data:`KEEP_CORRUPT_BYTES`), so each of those runs is one patched forward.
+    Raises :class:`WorkbenchError` when faithfulness is undefined on ``pairs``."""
 
     def __init__(self, model: LoadedModel, pairs: PromptPairs, ablation: Ablation = "corrupt",
                  metric: AblationMetric | None = None):
@@ -99,6 +108,8 @@ class FaithfulnessMeter:
         self.ablation: Ablation = ablation
         self.metric_arg: AblationMetric | None = metric
         self.metric: str = metric or pairs.metric
+        self._corrupt_runs: CorruptActivations | None = None
+        self._corrupt_tried = False
         needs_means = ablation == "mean" or pairs.has_mean
         self.means: ActivationMeans | None = dataset_means(model, pairs) if needs_means else None
         self.everything = set(all_components(model.n_layers, model.n_heads, include_embed=True))
@@ -119,7 +130,23 @@ class FaithfulnessMeter:
 
     def run(self, keep: set[Component]) -> float:
         return float(ablated_metric(self.model, self.pairs, keep=keep, ablation=self.ablation,
-                                    metric=self.metric_arg, means=self.means))
+                                    metric=self.metric_arg, means=self.means, corrupt=self._corrupt()))
+
+    def _corrupt(self) -> CorruptActivations | None:
+        if self.ablation == "corrupt" and not self._corrupt_tried:
+            self._corrupt_runs = corrupt_activations(self.model, self.pairs, max_bytes=KEEP_CORRUPT_BYTES)
+            self._corrupt_tried = True
+        return self._corrupt_runs
+
+    @property
+    def keeps_corrupt_runs(self) -> bool:
+        """Whether the pairs' corrupt-run activations are held (taken at the first ablated run)."""
+        return self._corrupt_runs is not None
+
+    def release(self) -> None:
+        """Let the kept corrupt-run activations go (e.g. before unlearning, which needs the memory);
+        the next ablated run takes them again. The baselines stay."""
+        self._corrupt_runs, self._corrupt_tried = None, False
 
     def of(self, circuit: Circuit, *, allow_other_model: bool = False) -> Faithfulness:
         """:func:`faithfulness` of ``circuit`` on this meter's model, pairs, ablation and metric."""
