@@ -88,8 +88,8 @@ def _check(circuit: Circuit, model: LoadedModel, ablation: str, allow_other_mode
 
 
 KEEP_CORRUPT_BYTES = 256 * 2**20
-"""Largest corrupt-run activations a :class:`FaithfulnessMeter` keeps (66 MiB on SmolLM2's
-default forget set); above it every ablated run makes its own corrupt run, as before."""
+"""Largest corrupt-run activations a :class:`FaithfulnessMeter` keeps, on the model's device (66 MiB
+on SmolLM2's default forget set); above it every ablated run makes its own corrupt run, as before."""
 
 
 class FaithfulnessMeter:
