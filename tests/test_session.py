@@ -281,6 +281,15 @@ def test_the_readout_measures_on_the_attributed_pairs_and_keeps_their_baselines(
     s.unlearn("mansu", mansu={"max_rounds": 1}, measure_cad=False, use_oracle=False)
     assert not s._meter.keeps_corrupt_runs  # let go for the run; the baselines stay
     assert s.edit("top_k", 3) == results[3] and s._meter.keeps_corrupt_runs  # taken again, same numbers
+    # The faithfulness curve on the readout's ablation and metric reuses its meter, same curve.
+    n_built = len(built)
+    curve, _fig = s.faithfulness_curve(4)
+    assert len(built) == n_built
+    assert curve == faith.faithfulness_curve(s.attribution, s.model, s.pairs, max_k=4, metric="logit_diff")
+    s.faithfulness_curve(3, ablation="mean")  # another ablation: its own meter
+    assert len(built) == n_built + 2  # that one, and the from-scratch curve's above
+    with pytest.raises(WorkbenchError, match="meter given was measured on another"):
+        faith.faithfulness_curve(s.attribution, s.model, s.pairs, max_k=2, ablation="mean", meter=s._meter)
 
 
 def test_attribution_can_leave_the_readout_to_follow():

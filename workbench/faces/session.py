@@ -638,9 +638,12 @@ class Session:
         if self.pairs is None:
             self.pairs = make_prompt_pairs(model, split.forget, metric=a.metric,  # type: ignore[arg-type]
                                            baseline=a.baseline)  # type: ignore[arg-type]
+        meter = self._meter  # the readout's baselines, when the curve asks for the same ablation and metric
+        if meter is not None and not meter.measures(model, self.pairs, ablation, metric):
+            meter = None
         curve = faithfulness_curve(a, model, self.pairs, max_k=_whole(max_k, "max k"),
                                    ablation=ablation, metric=metric,  # type: ignore[arg-type] -- core checks
-                                   progress=self._bounded(progress))
+                                   progress=self._bounded(progress), meter=meter)
         return curve, faithfulness_curve_figure(curve)
 
     def agreement(self, reference: str = "exact", *, ig_steps: int = 8,

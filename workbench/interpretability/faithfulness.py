@@ -148,6 +148,11 @@ class FaithfulnessMeter:
         the next ablated run takes them again. The baselines stay."""
         self._corrupt_runs, self._corrupt_tried = None, False
 
+    def measures(self, model: LoadedModel, pairs: PromptPairs, ablation: str, metric: str | None) -> bool:
+        """Whether this meter's baselines are those of ``model``, ``pairs``, ``ablation`` and ``metric``."""
+        return (self.model is model and self.pairs is pairs and self.ablation == ablation
+                and self.metric == (metric or pairs.metric))
+
     def of(self, circuit: Circuit, *, allow_other_model: bool = False) -> Faithfulness:
         """:func:`faithfulness` of ``circuit`` on this meter's model, pairs, ablation and metric."""
         _check(circuit, self.model, self.ablation, allow_other_model)
@@ -232,19 +237,24 @@ def faithfulness_curve(
     metric: AblationMetric | None = None,
     allow_other_model: bool = False,
     progress: Progress | None = None,
+    meter: FaithfulnessMeter | None = None,
 ) -> FaithfulnessCurve:
     """Faithfulness of the top-k heads and MLPs (by ``|score|`` of ``source``) for k = 1..max_k
-    (at most every head and MLP): two ablated runs per k, the baselines shared."""
+    (at most every head and MLP): two ablated runs per k, the baselines shared. ``meter``: the
+    baselines already measured on this model, pairs, ablation and metric (a session's readout)."""
     if isinstance(max_k, bool) or not isinstance(max_k, int) or max_k < 1:
         raise WorkbenchError(f"max_k must be an integer >= 1, got {max_k!r}")
     circuit = source if isinstance(source, Circuit) else Circuit.from_attribution(source)
     _check(circuit, model, ablation, allow_other_model)
     pairs = _pairs(model, pairs)
+    if meter is not None and not meter.measures(model, pairs, ablation, metric):
+        raise WorkbenchError("the faithfulness meter given was measured on another model, pairs, ablation or metric "
+                             "than this curve's")
     ranking = _ranking(circuit.scores)
     ks = tuple(range(1, min(max_k, len(ranking)) + 1))
     tracker = Steps(len(ks) + 1, "faithfulness curve", progress)
     try:
-        ablator = FaithfulnessMeter(model, pairs, ablation, metric)
+        ablator = meter if meter is not None else FaithfulnessMeter(model, pairs, ablation, metric)
         tracker.step("baselines")
         points = []
         for k in ks:
