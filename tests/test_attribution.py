@@ -278,6 +278,40 @@ def test_ablated_metric_full_and_empty(models, pairs, name):
         ablated_metric(m, p, set(), ablation="zero")
 
 
+@pytest.mark.parametrize("name", ["gpt2", "gpt_neox", "llama_gqa"])
+def test_activations_stop_after_the_last_hook_with_the_whole_forwards_values(models, pairs, name):
+    """The means pass and the corrupt runs stop the forward once their hooks have fired (no final
+    norm or unembedding): the values are bit for bit those of the whole forward, and the bridge is
+    left as it was (no hook attached, the next forward's logits unchanged)."""
+    from workbench.interpretability.attribution import _activations, _forward, _Layout
+
+    m, p = models[name], pairs[name]
+    bridge = m.bridge()
+    lay = _Layout.of(bridge)
+    tokens = p.groups[0].clean
+    with torch.no_grad():
+        logits_before, whole = _forward(bridge, tokens, lay.node_hooks)
+        unembedded = []
+        handle = bridge.unembed.register_forward_hook(lambda *args: unembedded.append(1))
+        try:
+            _forward(bridge, tokens, lay.node_hooks)
+            assert unembedded == [1]  # the hook sees the unembedding of a whole forward
+            for names in (lay.node_hooks, lay.node_hooks[:3], [lay.z(0)]):
+                early = _activations(bridge, tokens, names)
+                assert unembedded == [1]  # and none of a stopped one
+                assert sorted(early) == sorted(names)
+                assert all(torch.equal(early[n], whole[n]) for n in names)
+        finally:
+            handle.remove()
+        for names in (lay.node_hooks, lay.node_hooks[:3], [lay.z(0)]):
+            early = _activations(bridge, tokens, names)
+            assert sorted(early) == sorted(names)
+            assert all(torch.equal(early[n], whole[n]) for n in names)
+        logits_after, _ = _forward(bridge, tokens, lay.node_hooks)
+    assert torch.equal(logits_before, logits_after)
+    assert not any(hp.fwd_hooks or hp.bwd_hooks for hp in bridge.hook_dict.values())
+
+
 # --- validation, read-only, serialisation ---------------------------------------------------
 
 

@@ -660,3 +660,28 @@ def test_faithfulness_arithmetic(monkeypatch, toy2):
     assert calls[2][0] == frozenset(SCORES) - {head(0, 1), mlp(1)} and EMBED in calls[2][0]
     with pytest.raises(WorkbenchError, match="ablation"):
         faithfulness(circuit, toy2, pairs=[], ablation="zero")  # type: ignore[arg-type]
+
+
+def test_component_hash_is_cached_consistent_and_the_same_in_every_process():
+    """Components are hashed once (an attribution's edge dict hashes them ~750k times on SmolLM2):
+    equal components hash equal however they were made, a pickled one keeps working as a key, and
+    the value does not depend on the process' string-hash seed (it travels with a pickle)."""
+    import pickle
+    import subprocess
+    import sys
+
+    from workbench.core.components import all_components
+
+    comps = [*all_components(30, 9), LOGITS]
+    assert len({hash(c) for c in comps}) == len(comps)  # no collisions within a model's components
+    table = {c: i for i, c in enumerate(comps)}
+    for i, c in enumerate(comps):
+        assert table[Component.parse(c.name)] == i
+        assert table[Component(c.kind, c.layer, c.head)] == i
+        assert table[pickle.loads(pickle.dumps(c))] == i
+    assert replace(head(3, 5), head=4) == head(3, 4) and hash(replace(head(3, 5), head=4)) == hash(head(3, 4))
+    code = ("from workbench.core.components import EMBED, LOGITS, head, mlp; "
+            "print(hash(EMBED), hash(LOGITS), hash(head(2, 7)), hash(mlp(4)))")
+    seen = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={"PYTHONHASHSEED": seed, "PATH": ""}).stdout for seed in ("1", "2")}
+    assert seen == {f"{hash(EMBED)} {hash(LOGITS)} {hash(head(2, 7))} {hash(mlp(4))}\n"}

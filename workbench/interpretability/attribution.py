@@ -97,7 +97,7 @@ import random
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -952,6 +952,38 @@ def _forward(
     return logits, live
 
 
+class _AllHooksFired(Exception):
+    """Raised by :func:`_activations` once its last hook has fired: the rest of the forward
+    (the final norm and the unembedding, ~20% of a SmolLM2 forward) is not needed."""
+
+
+def _activations(bridge: Any, tokens: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The activations at ``names`` of a forward stopped as soon as each has fired (no logits).
+
+    The values are those of the whole forward: everything up to the last hook is computed as
+    there, and nothing after it is."""
+    live: dict[str, torch.Tensor] = {}
+    wanted = set(names)
+
+    def make(name: str) -> Callable[..., torch.Tensor]:
+        def hook(tensor: torch.Tensor, *, hook: Any) -> torch.Tensor:
+            del hook
+            live[name] = tensor
+            if wanted.issubset(live):
+                raise _AllHooksFired
+            return tensor
+
+        return hook
+
+    with bridge.hooks(fwd_hooks=[(n, make(n)) for n in names]):
+        with suppress(_AllHooksFired):
+            bridge(tokens.to(module_device(bridge)), use_cache=False)
+    missing = wanted - set(live)
+    if missing:
+        raise WorkbenchError(f"internal: hooks {sorted(missing)} did not fire in this bridge's forward")
+    return live
+
+
 def _metric_values(logits: torch.Tensor, group: PairGroup, metric: MetricName) -> torch.Tensor:
     """``[n]`` metric per pair (see the module docstring): ``logit_diff`` at the first answer
     position, ``logprob`` summed over the answer span (teacher forced)."""
@@ -1020,7 +1052,7 @@ def _means(bridge: Any, lay: _Layout, pairs: PromptPairs, batch_size: int) -> Ac
     with torch.no_grad():
         for group in pairs.groups:
             for chunk in group.chunks(batch_size):
-                _, live = _forward(bridge, chunk.clean, lay.node_hooks)
+                live = _activations(bridge, chunk.clean, lay.node_hooks)
                 for name, act in live.items():
                     dtypes[name] = act.dtype  # the means are stored in the activations' own dtype
                     act = act.float().expand(chunk.n, *act.shape[1:])
@@ -1545,8 +1577,7 @@ def corrupt_activations(model: LoadedModel, pairs: PromptPairs, *, batch_size: i
                 if chunk.baseline == "mean":
                     chunks.append(None)
                     continue
-                _, live = _forward(bridge, chunk.corrupt, lay.node_hooks)
-                acts = {n: t.clone() for n, t in live.items()}
+                acts = {n: t.clone() for n, t in _activations(bridge, chunk.corrupt, lay.node_hooks).items()}
                 if not estimated:
                     per_token = sum(t.nbytes for t in acts.values()) / (chunk.n * chunk.seq)
                     if max_bytes is not None and per_token * paired_tokens > max_bytes:
@@ -1608,8 +1639,7 @@ def ablated_metric(
                 elif kept is not None:  # the hooks copy what they write, so the kept tensors stay as run
                     source = {n: kept[n] for n in names}
                 else:
-                    _, live = _forward(bridge, chunk.corrupt, names)
-                    source = {n: t.clone() for n, t in live.items()}
+                    source = {n: t.clone() for n, t in _activations(bridge, chunk.corrupt, names).items()}
                 hooks = [(n, _replace_hook(n, source, heads_by_layer)) for n in names if n in source]
                 with bridge.hooks(fwd_hooks=hooks):
                     logits = bridge(chunk.clean)
