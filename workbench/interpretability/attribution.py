@@ -975,9 +975,8 @@ def _activations(bridge: Any, tokens: torch.Tensor, names: Sequence[str]) -> dic
 
         return hook
 
-    with bridge.hooks(fwd_hooks=[(n, make(n)) for n in names]):
-        with suppress(_AllHooksFired):
-            bridge(tokens.to(module_device(bridge)), use_cache=False)
+    with bridge.hooks(fwd_hooks=[(n, make(n)) for n in names]), suppress(_AllHooksFired):
+        bridge(tokens.to(module_device(bridge)), use_cache=False)
     missing = wanted - set(live)
     if missing:
         raise WorkbenchError(f"internal: hooks {sorted(missing)} did not fire in this bridge's forward")
