@@ -3,6 +3,8 @@ computations (evaluation of the variants, the real quantizer), and the report ca
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from workbench.core.components import all_components
 from workbench.core.errors import WorkbenchError
 from workbench.core.memo import clear_base_memo
 from workbench.measurement.evaluation import evaluate_facts
-from workbench.measurement.metrics import Thresholds, build_variants, measure_update, report_card
+from workbench.measurement.metrics import Thresholds, build_variants, measure_update, quantized_base, report_card
 from workbench.measurement.results import (
     CadScores,
     OracleAccuracies,
@@ -217,6 +219,90 @@ def test_base_measurements_are_memoised_per_model_and_quantizer(facts_tiny, spli
     evaluated.clear()
     measure_update(facts_tiny, split, Update({name: delta}), quant=QuantConfig("fp4"), cad=False)
     assert len(evaluated) == 5 * n_sets
+
+
+def test_base_scores_are_the_setups_and_the_measurements_and_taken_ahead_of_a_run(facts_tiny, split, monkeypatch):
+    """The app's setup reads top-1 from base_scores, and base_measurement takes ahead of any run
+    what a measurement reads from the base alone: the scores equal the plain evaluations (setup's
+    fake-quantized copy for Q(w); multiple choice added to the memoised scores equals scoring with
+    it), and a measurement after base_measurement evaluates and attributes only the update's
+    variants, with metrics equal to a cold measurement's."""
+    from dataclasses import asdict
+
+    import workbench.measurement.metrics as metrics_mod
+    from workbench.measurement.evaluation import evaluate_split
+    from workbench.measurement.metrics import base_measurement, base_scores
+
+    def fields_of(scores):  # every field, correct included; nan (no multiple choice) equal to nan
+        return {k: ("nan" if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(scores).items()}
+
+    def same(a, b):
+        return a.keys() == b.keys() and all(fields_of(a[k]) == fields_of(b[k]) for k in a)
+
+    plain = base_scores(facts_tiny, split, NF4, multiple_choice=False)
+    assert same(plain["base_fp"], evaluate_split(facts_tiny, split, multiple_choice=False))
+    assert same(plain["base_q"], evaluate_split(facts_tiny, split, quant=NF4, multiple_choice=False))
+    with_mc = base_scores(facts_tiny, split, NF4)
+    q_model = facts_tiny.with_state(quantized_base(facts_tiny, NF4), "q")
+    for vname, model in (("base_fp", facts_tiny), ("base_q", q_model)):
+        expected = evaluate_facts(model, split.forget, multiple_choice=True)
+        assert fields_of(with_mc[vname]["forget"]) == fields_of(expected)
+        assert not math.isnan(with_mc[vname]["forget"].mc) and math.isnan(with_mc[vname]["retain"].mc)
+    with pytest.raises(WorkbenchError, match="not a base variant"):
+        base_scores(facts_tiny, split, NF4, variants=("after_q",))
+
+    name = "transformer.h.1.mlp.c_fc.weight"
+    delta = torch.zeros_like(facts_tiny.state()[name])
+    delta[:4, :4] = 0.5
+    circuit = all_components(facts_tiny.n_layers, facts_tiny.n_heads, include_embed=False)
+    cold = measure_update(facts_tiny, split, Update({name: delta}), quant=NF4, circuit=circuit)
+    clear_base_memo()
+    base_measurement(facts_tiny, split, NF4)
+    evaluated: list[str] = []
+    attributed: list[str] = []
+    real_evaluate, real_attribute = metrics_mod.evaluate_facts, metrics_mod.attribute
+    monkeypatch.setattr(metrics_mod, "evaluate_facts",
+                        lambda m, facts, **kw: evaluated.append(m.name) or real_evaluate(m, facts, **kw))
+    monkeypatch.setattr(metrics_mod, "attribute",
+                        lambda m, facts, *a, **kw: attributed.append(m.name) or real_attribute(m, facts, *a, **kw))
+    monkeypatch.setattr(metrics_mod, "multiple_choice_accuracy", lambda *a, **kw: pytest.fail("base MC again"))
+    warm = measure_update(facts_tiny, split, Update({name: delta}), quant=NF4, circuit=circuit)
+    n_sets = sum(1 for s in (split.forget, split.retain, split.forget_paraphrase, split.retain_paraphrase) if s)
+    assert len(evaluated) == 3 * n_sets and facts_tiny.name not in evaluated
+    assert len(attributed) == 2
+    assert warm == cold
+
+
+def test_the_retain_kl_reuses_the_after_evaluations_logits_with_the_same_numbers(facts_tiny, split, monkeypatch):
+    """w+Δ's retain prompts run once for its evaluation and the retain KL: given logits change
+    neither (equal to computing them again), and wrong ones are refused."""
+    import workbench.measurement.evaluation as evaluation_mod
+    from workbench.measurement.evaluation import prompt_logits
+    from workbench.measurement.metrics import retain_kl
+
+    name = "transformer.h.1.mlp.c_fc.weight"
+    delta = torch.zeros_like(facts_tiny.state()[name])
+    delta[:4, :4] = 0.5
+    after = facts_tiny.with_state({name: facts_tiny.state()[name] + delta}, "after")
+    logits = prompt_logits(after, split.retain)
+    given = evaluate_facts(after, split.retain, prompt_logits=logits)
+    again = evaluate_facts(after, split.retain)
+    assert (given.top1, given.exact, given.logprob, given.mean_prob, given.correct) == (
+        again.top1, again.exact, again.logprob, again.mean_prob, again.correct)
+    assert retain_kl(facts_tiny, after, split.retain, logits) == retain_kl(facts_tiny, after, split.retain) > 0
+    with pytest.raises(WorkbenchError, match="prompt_logits must be"):
+        evaluate_facts(after, split.retain, prompt_logits=logits[:-1])
+    # in the measurement: each set of the retain set's size runs once per variant, and the retain
+    # set once more for the base's side of the KL; w+Δ's run serves its evaluation and the KL (one
+    # more run before)
+    sets = (split.forget, split.retain, split.forget_paraphrase, split.retain_paraphrase)
+    like_retain = sum(1 for f in sets if f and len(f) == len(split.retain))
+    runs: list[int] = []
+    real_last = evaluation_mod.last_token_logits
+    monkeypatch.setattr(evaluation_mod, "last_token_logits",
+                        lambda hf, ids, *a, **kw: runs.append(len(ids)) or real_last(hf, ids, *a, **kw))
+    measure_update(facts_tiny, split, Update({name: delta}), quant=NF4, cad=False)
+    assert runs.count(len(split.retain)) == 5 * like_retain + 1
 
 
 def test_measure_update_refuses_an_update_for_another_model(facts_tiny, split):

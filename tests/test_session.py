@@ -441,10 +441,10 @@ def test_shared_models_preload_status():
 
 def test_shared_base_accuracy_is_computed_once(attributed, monkeypatch):
     calls = []
-    import workbench.faces.session as evaluation  # the evaluate_split the session calls
+    import workbench.faces.session as session_mod  # the base_scores the session calls
 
-    real = evaluation.evaluate_split
-    monkeypatch.setattr(evaluation, "evaluate_split", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = session_mod.base_scores
+    monkeypatch.setattr(session_mod, "base_scores", lambda *a, **k: calls.append(1) or real(*a, **k))
     shared = SharedModels()
     results = []
     threads = [threading.Thread(target=lambda: results.append(shared.base_accuracy(
@@ -453,7 +453,7 @@ def test_shared_base_accuracy_is_computed_once(attributed, monkeypatch):
         t.start()
     for t in threads:
         t.join()
-    assert len(calls) == 2 and results[0] == results[1] == results[2]  # fp + quantized, once for 3 sessions
+    assert len(calls) == 1 and results[0] == results[1] == results[2]  # once for 3 sessions
     assert SHARED is not shared
 
 

@@ -8,7 +8,8 @@ the HTTP API call), after the model is loaded:
 step             what is timed
 ===============  ==============================================================================
 ``setup``        "Load model and data" once the start model is preloaded (the app loads it, its
-                 split and the base's accuracy in the background from its start; untimed here)
+                 split, the base's accuracy and the rest of what a run's measurement takes from the
+                 base alone in the background from its start: ``SharedModels.prepare_base``; untimed here)
 ``attribution``  "Run attribution": attribution patching of the forget set and the default circuit,
                  until its graph, heatmap and node table are drawn
 ``edit``         one circuit edit (top-k 10 → 9) until the graph, heatmap and node table are drawn
@@ -96,7 +97,7 @@ def run_flow(model: str, *, reference: bool, mansu: dict[str, Any], runs_root: s
     SHARED.clear_scores()
     # What the app does in the background from its start (SharedModels.preload), before any click.
     loaded = SHARED.model(model)
-    SHARED.base_accuracy(loaded, SHARED.builtin_split(loaded), QuantConfig("nf4"))
+    SHARED.prepare_base(loaded, SHARED.builtin_split(loaded), QuantConfig("nf4"))
     s = Session(runs_root=runs_root)
     seconds: dict[str, float] = {}
     _clock(seconds, "setup", lambda: s.setup(model))

@@ -56,6 +56,15 @@ class FactScores:
                 "mean_prob": self.mean_prob, "n": self.n}
 
 
+def multiple_choice_accuracy(model: LoadedModel | torch.nn.Module, facts: Sequence[Fact], *, tokenizer: Any = None,
+                             batch_size: int = 128) -> float:
+    """:func:`evaluate_facts`' ``mc`` alone (``nan`` when no fact has choices)."""
+    tokenizer = tokenizer or getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise WorkbenchError("multiple_choice_accuracy needs a tokenizer for a bare module")
+    return _mc_accuracy(hf_module(model), tokenizer, facts, batch_size)
+
+
 def _mc_accuracy(hf: torch.nn.Module, tokenizer: Any, facts: Sequence[Fact], batch_size: int) -> float:
     """Multiple-choice accuracy by summed candidate log-probability (the facts with choices;
     the same scoring the unlearning stop rules use on a multiple-choice forget set)."""
@@ -73,9 +82,13 @@ def evaluate_facts(
     tokenizer: Any = None,
     batch_size: int = 128,
     multiple_choice: bool = True,
+    prompt_logits: torch.Tensor | None = None,
 ) -> FactScores:
     """First-token top-1, greedy exact match, answer log-probability, multiple-choice accuracy
-    and mean first-token probability of ``model`` on ``facts``."""
+    and mean first-token probability of ``model`` on ``facts``.
+
+    ``prompt_logits``: the facts' last-prompt-token logits when the caller already has them
+    (:func:`prompt_logits`, the same forwards), so they are not computed twice."""
     hf = hf_module(model)
     tokenizer = tokenizer or getattr(model, "tokenizer", None)
     if tokenizer is None:
@@ -83,7 +96,12 @@ def evaluate_facts(
     if len(facts) == 0:
         return FactScores(top1=float("nan"), mc=float("nan"), mean_prob=float("nan"), n=0)
     ids, last, answers = encode_prompts(tokenizer, [f.prompt for f in facts], [f.answer for f in facts])
-    logits = last_token_logits(hf, ids, last, batch_size)
+    if prompt_logits is None:
+        logits = last_token_logits(hf, ids, last, batch_size)
+    elif prompt_logits.ndim != 2 or prompt_logits.shape[0] != len(facts):
+        raise WorkbenchError(f"prompt_logits must be [{len(facts)}, vocab], got {tuple(prompt_logits.shape)}")
+    else:
+        logits = prompt_logits
     correct = is_top1(logits, answers)
     probs = torch.softmax(logits.float(), dim=-1)[torch.arange(len(facts)), answers]
     mc = _mc_accuracy(hf, tokenizer, facts, batch_size) if multiple_choice else float("nan")
@@ -101,6 +119,13 @@ def evaluate_facts(
         exact=float(exact.float().mean()),
         logprob=float(logp.mean()),
     )
+
+
+def prompt_logits(model: LoadedModel, facts: Sequence[Fact], *, batch_size: int = 128) -> torch.Tensor:
+    """``[n, vocab]`` logits at each fact's last prompt token, as :func:`evaluate_facts` reads them
+    (same chunks, so bit for bit the same)."""
+    ids, last, _ = encode_prompts(model.tokenizer, [f.prompt for f in facts])
+    return last_token_logits(model.hf, ids, last, batch_size)
 
 
 def evaluate_split(

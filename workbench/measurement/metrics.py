@@ -27,7 +27,7 @@ update in every quantized model, as they would in a bitsandbytes 4-bit deploymen
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -41,7 +41,12 @@ from workbench.core.sharing import widened_copy
 from workbench.data.facts import AnswerCriterion, Fact, FactSplit, answer_criterion, chance_level
 from workbench.interpretability.attribution import Attribution, AttributionConfig, attribute
 from workbench.interpretability.cad import CADResult, circuit_attribution_divergence
-from workbench.measurement.evaluation import FactScores, evaluate_facts
+from workbench.measurement.evaluation import (
+    FactScores,
+    evaluate_facts,
+    multiple_choice_accuracy,
+    prompt_logits,
+)
 from workbench.measurement.results import (
     BinWidthRatios,
     CadCalibration,
@@ -60,7 +65,6 @@ from workbench.measurement.results import (
     VariantLogprobs,
 )
 from workbench.models.loaded import LoadedModel
-from workbench.models.scoring import encode_prompts, last_token_logits
 from workbench.models.update import Update, stored_sum
 from workbench.quant import (
     QuantConfig,
@@ -172,12 +176,15 @@ def build_variants(model: LoadedModel, update: Update, quant: QuantConfig) -> di
     return {v: variant_model(model, update, quant, v, qbase) for v in VARIANTS}
 
 
-def retain_kl(base: LoadedModel, after: LoadedModel, facts: Sequence[Fact]) -> float:
-    """Mean KL(p_base ‖ p_after) of the next-token distribution at the retain prompts' answer position."""
+def retain_kl(base: LoadedModel, after: LoadedModel, facts: Sequence[Fact],
+              after_logits: torch.Tensor | None = None) -> float:
+    """Mean KL(p_base ‖ p_after) of the next-token distribution at the retain prompts' answer position.
 
-    ids, last, _ = encode_prompts(base.tokenizer, [f.prompt for f in facts])
-    lb = torch.log_softmax(last_token_logits(base.hf, ids, last).float(), -1)
-    la = torch.log_softmax(last_token_logits(after.hf, ids, last).float(), -1)
+    ``after_logits``: ``after``'s :func:`~workbench.measurement.evaluation.prompt_logits` on
+    ``facts`` when the caller already took them (the measurement's evaluation of w+Δ)."""
+
+    lb = torch.log_softmax(prompt_logits(base, facts).float(), -1)
+    la = torch.log_softmax((prompt_logits(after, facts) if after_logits is None else after_logits).float(), -1)
     return float((lb.exp() * (lb - la)).sum(-1).mean())
 
 
@@ -213,21 +220,80 @@ def _fact_sets(split: FactSplit) -> dict[str, Sequence[Fact]]:
     return {name: facts for name in _SETS if (facts := getattr(split, name))}
 
 
-def _variant_scores(vname: str, vmodel: LoadedModel, split: FactSplit, quant: QuantConfig,
-                    key_model: LoadedModel) -> dict[str, FactScores]:
-    """Scores of one variant on every fact set of ``split`` (multiple choice on forget only).
+def _with_multiple_choice(sname: str, facts: Sequence[Fact]) -> bool:
+    """Whether the measurement reads multiple choice on this set: on the forget set, and on
+    the retain set only when it is judged by it."""
+    return sname == "forget" or (sname == "retain" and answer_criterion(facts) == "mc")
 
-    The base variants are memoised under ``key_model``'s fingerprint (the base's): Q(w) is
-    fixed by w and the quantizer, and hashing a variant's weights would cost a pass over them."""
-    out = {}
-    for sname, facts in _fact_sets(split).items():
-        # multiple choice on the forget set; on the retain set only when it is judged by it
-        mc = sname == "forget" or (sname == "retain" and answer_criterion(facts) == "mc")
-        if vname in BASE_VARIANTS:
-            key = ("evaluate", vname, key_model.fingerprint, quant, tuple(facts), mc)
-            out[sname] = base_memo(key, lambda f=facts, m=mc: evaluate_facts(vmodel, f, multiple_choice=m))
-        else:
-            out[sname] = evaluate_facts(vmodel, facts, multiple_choice=mc)
+
+def _variant_scores(vname: str, vmodel: LoadedModel, split: FactSplit, quant: QuantConfig,
+                    key_model: LoadedModel, logits: dict[str, torch.Tensor] | None = None) -> dict[str, FactScores]:
+    """Scores of one variant on every fact set of ``split`` (multiple choice on forget only);
+    the base variants' through :func:`base_scores` (memoised under ``key_model``, the base).
+    ``logits``: per set, its prompt logits already taken (see ``evaluate_facts``)."""
+    if vname in BASE_VARIANTS:
+        return base_scores(key_model, split, quant, variants=(vname,), built={vname: vmodel})[vname]
+    given = logits or {}
+    return {sname: evaluate_facts(vmodel, facts, multiple_choice=_with_multiple_choice(sname, facts),
+                                  prompt_logits=given.get(sname))
+            for sname, facts in _fact_sets(split).items()}
+
+
+def _base_variants(model: LoadedModel, quant: QuantConfig,
+                   built: dict[str, LoadedModel] | None = None) -> Callable[[str], LoadedModel]:
+    """``variant(name)``: the base variant, made on first use only (a memo hit needs no Q(w),
+    which costs a pass over the weights)."""
+    models = dict(built or {})
+
+    def variant(vname: str) -> LoadedModel:
+        if vname not in models:
+            models[vname] = variant_model(model, Update({}), quant, vname, quantized_base(model, quant))
+        return models[vname]
+
+    return variant
+
+
+def base_measurement(model: LoadedModel, split: FactSplit, quant: QuantConfig,
+                     attribution_config: AttributionConfig | None = None) -> None:
+    """Take ahead of any run what :func:`measure_update` reads from the base alone (memoised):
+    the scores of w and Q(w) (:func:`base_scores`) and their forget-set attributions for CAD.
+    The app does this in the background from its start, so the first "Run MANSU" measures only
+    the update's variants."""
+    base_scores(model, split, quant)
+    config = attribution_config or AttributionConfig()
+    variant = _base_variants(model, quant)
+    for vname in BASE_VARIANTS:
+        base_memo(_attribution_key(vname, model, quant, split.forget, config),
+                  lambda v=vname: attribute(variant(v), split.forget, config, progress=silent))
+
+
+def base_scores(model: LoadedModel, split: FactSplit, quant: QuantConfig, *, multiple_choice: bool = True,
+                variants: Sequence[str] = BASE_VARIANTS,
+                built: dict[str, LoadedModel] | None = None) -> dict[str, dict[str, FactScores]]:
+    """The base's scores as :func:`measure_update` takes them: w and Q(w) on every fact set of
+    ``split``, with multiple choice where the measurement reads it (``multiple_choice=False``:
+    none, ``mc`` nan).
+
+    Memoised under the base's weight fingerprint (Q(w) is fixed by w and the quantizer, and
+    hashing a variant's weights would cost a pass over them), the multiple choice apart: the
+    app's setup reads top-1 from the very scores every run's measurement then reuses, so the
+    first "Run MANSU" does not evaluate the base again. ``built``: variant models already made."""
+    variant = _base_variants(model, quant, built)
+
+    out: dict[str, dict[str, FactScores]] = {}
+    for vname in variants:
+        if vname not in BASE_VARIANTS:
+            raise WorkbenchError(f"not a base variant: {vname!r}; choose from {', '.join(BASE_VARIANTS)}")
+        out[vname] = {}
+        for sname, facts in _fact_sets(split).items():
+            key = (vname, model.fingerprint, quant, tuple(facts))
+            scores = base_memo(("evaluate", *key),
+                               lambda v=vname, f=facts: evaluate_facts(variant(v), f, multiple_choice=False))
+            if multiple_choice and _with_multiple_choice(sname, facts):
+                mc = base_memo(("multiple-choice", *key),
+                               lambda v=vname, f=facts: multiple_choice_accuracy(variant(v), f))
+                scores = replace(scores, mc=mc)
+            out[vname][sname] = scores
     return out
 
 
@@ -333,9 +399,13 @@ def measure_update(
     for i, vname in enumerate(VARIANTS):
         report(0.1 + 0.6 * i / len(VARIANTS), f"evaluating {vname}")
         vmodel = variant_model(model, update, quant, vname, qbase)
-        scores[vname] = _variant_scores(vname, vmodel, split, quant, model)
-        if vname == "after_fp":
-            kl = retain_kl(model, vmodel, split.retain)
+        if vname == "after_fp":  # its retain logits serve its evaluation and the retain KL
+            after_logits = prompt_logits(vmodel, split.retain)
+            scores[vname] = _variant_scores(vname, vmodel, split, quant, model, {"retain": after_logits})
+            kl = retain_kl(model, vmodel, split.retain, after_logits)
+            del after_logits
+        else:
+            scores[vname] = _variant_scores(vname, vmodel, split, quant, model)
         if cad and vname in _CAD_VARIANTS:
             attributions[vname] = _variant_attribution(vname, vmodel, split.forget, config, quant, model)
         del vmodel
@@ -406,8 +476,13 @@ def _variant_attribution(vname: str, vmodel: LoadedModel, forget: Sequence[Fact]
         return attribute(vmodel, forget, config, progress=silent)
 
     if vname in BASE_VARIANTS and quant is not None:
-        return base_memo(("attribute", vname, key_model.fingerprint, quant, tuple(forget), repr(config)), compute)
+        return base_memo(_attribution_key(vname, key_model, quant, forget, config), compute)
     return compute()
+
+
+def _attribution_key(vname: str, model: LoadedModel, quant: QuantConfig, forget: Sequence[Fact],
+                     config: AttributionConfig) -> tuple[Any, ...]:
+    return ("attribute", vname, model.fingerprint, quant, tuple(forget), repr(config))
 
 
 def cad_of(attributions: dict[str, Attribution], circuit: list[Component] | None) -> CadScores:
