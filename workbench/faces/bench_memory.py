@@ -10,7 +10,8 @@ resets ``ru_maxrss`` too).
 Flows:
 
 - ``flow``: the app's default path through :class:`~workbench.faces.session.Session` —
-  ``load`` (setup: load, built-in split, base accuracy full precision and quantized),
+  ``load`` (setup: load, built-in split, base accuracy full precision and quantized, and what
+  the app's background start measures besides: ``SharedModels.prepare_base``),
   ``attribution`` (Run attribution), ``mansu`` (Run MANSU with its whole measurement, at most
   ``rounds`` rounds).
 - ``mansu-no-circuit``: load, then MANSU over every quantized weight (``use_circuit=False``)
@@ -45,7 +46,7 @@ import torch
 from workbench.core.errors import WorkbenchError
 from workbench.data.facts import Fact, FactSplit
 from workbench.experiments.flow import attribute_forget_set, default_circuit
-from workbench.faces.session import Session
+from workbench.faces.session import SHARED, Session
 from workbench.measurement.metrics import measure_update
 from workbench.models.scoring import encode_prompts, last_token_logits
 from workbench.models.toy import toy_model
@@ -159,7 +160,15 @@ def child(flow: str, model_name: str, rounds: int) -> dict[str, Any]:
         return _report(flow, model_name, _model_bytes(model), baseline, rows)
     with tempfile.TemporaryDirectory() as runs:
         session = Session(runs_root=runs)
-        _phase(rows, "load", lambda: session.setup(model_name))
+
+        def load() -> None:
+            session.setup(model_name)
+            # and what the app's background start measures besides (a checkout before it has none)
+            prepare = getattr(SHARED, "prepare_base", None)
+            if flow == "flow" and prepare is not None and session.model is not None:
+                prepare(session.model, session.split, session.quant)
+
+        _phase(rows, "load", load)
         assert session.model is not None and session.split is not None and session.quant is not None
         model_bytes = _model_bytes(session.model)
         if flow == "flow":
