@@ -149,3 +149,30 @@ def test_bare_module_needs_a_tokenizer(toy_gpt2):
         evaluate_facts(toy_gpt2.hf, _toy_facts())
     scores = evaluate_facts(toy_gpt2.hf, _toy_facts(), tokenizer=toy_gpt2.tokenizer)
     assert scores.correct == evaluate_facts(toy_gpt2, _toy_facts()).correct
+
+
+def test_answer_probabilities_and_the_retain_kl_over_row_chunks_equal_the_whole_tensors(facts_tiny, monkeypatch):
+    """Softmax is row by row, so normalising the [n, vocab] logits a chunk of rows at a time (which
+    spares float copies of the whole tensor: five of them in the retain KL) gives each row's value
+    bit for bit; chunks of 5 rows exercise the seams on a tiny model."""
+    import workbench.measurement.evaluation as evaluation_mod
+    import workbench.measurement.metrics as metrics_mod
+    from workbench.measurement.evaluation import _at_answers, prompt_logits
+    from workbench.models.scoring import encode_prompts
+
+    monkeypatch.setattr(evaluation_mod, "ROWS_PER_SOFTMAX", 5)
+    monkeypatch.setattr(metrics_mod, "ROWS_PER_SOFTMAX", 5)
+    split = builtin_split(facts_tiny)
+    facts = split.retain
+    logits = prompt_logits(facts_tiny, facts)
+    _, _, answers = encode_prompts(facts_tiny.tokenizer, [f.prompt for f in facts], [f.answer for f in facts])
+    rows = torch.arange(len(facts))
+    assert len(facts) > 10  # several chunks
+    for normalise in (torch.softmax, torch.log_softmax):
+        assert torch.equal(_at_answers(normalise, logits, answers), normalise(logits.float(), dim=-1)[rows, answers])
+    name = next(n for n in facts_tiny.state() if n.endswith("mlp.c_fc.weight"))
+    after = facts_tiny.with_state({name: facts_tiny.state()[name] * 1.5}, "after")
+    lb = torch.log_softmax(logits.float(), -1)
+    la = torch.log_softmax(prompt_logits(after, facts).float(), -1)
+    whole = float((lb.exp() * (lb - la)).sum(-1).mean())
+    assert metrics_mod.retain_kl(facts_tiny, after, facts) == whole > 0

@@ -42,6 +42,7 @@ from workbench.data.facts import AnswerCriterion, Fact, FactSplit, answer_criter
 from workbench.interpretability.attribution import Attribution, AttributionConfig, attribute
 from workbench.interpretability.cad import CADResult, circuit_attribution_divergence
 from workbench.measurement.evaluation import (
+    ROWS_PER_SOFTMAX,
     FactScores,
     evaluate_facts,
     multiple_choice_accuracy,
@@ -183,9 +184,15 @@ def retain_kl(base: LoadedModel, after: LoadedModel, facts: Sequence[Fact],
     ``after_logits``: ``after``'s :func:`~workbench.measurement.evaluation.prompt_logits` on
     ``facts`` when the caller already took them (the measurement's evaluation of w+Δ)."""
 
-    lb = torch.log_softmax(prompt_logits(base, facts).float(), -1)
-    la = torch.log_softmax((prompt_logits(after, facts) if after_logits is None else after_logits).float(), -1)
-    return float((lb.exp() * (lb - la)).sum(-1).mean())
+    base_logits = prompt_logits(base, facts)
+    after_logits = prompt_logits(after, facts) if after_logits is None else after_logits
+    per_fact = torch.empty(len(facts))
+    rows = ROWS_PER_SOFTMAX  # row by row as on the whole [n, vocab] tensors, without five float copies of them
+    for start in range(0, len(facts), rows):
+        lb = torch.log_softmax(base_logits[start : start + rows].float(), -1)
+        la = torch.log_softmax(after_logits[start : start + rows].float(), -1)
+        per_fact[start : start + rows] = (lb.exp() * (lb - la)).sum(-1).cpu()
+    return float(per_fact.mean())
 
 
 # The base's own numbers (w and Q(w) on each fact set, their attributions for CAD) are the
