@@ -23,7 +23,7 @@ from workbench.interpretability.attribution import (
     AttributionConfig,
     PromptPairs,
     attribute,
-    make_prompt_pairs,
+    pairs_for,
 )
 from workbench.interpretability.circuit import Circuit
 from workbench.measurement.metrics import Thresholds, measure_update
@@ -47,9 +47,7 @@ def forget_set_pairs(model: LoadedModel, split: FactSplit, config: AttributionCo
 
     if not split.forget:
         raise WorkbenchError("the forget set is empty: nothing to attribute")
-    config = config or AttributionConfig()
-    return make_prompt_pairs(model, list(split.forget), metric=config.metric, baseline=config.baseline,
-                             seed=config.seed)
+    return pairs_for(model, list(split.forget), config or AttributionConfig())
 
 
 def attribute_forget_set(

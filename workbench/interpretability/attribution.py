@@ -1444,7 +1444,7 @@ def attribute(
     if not isinstance(config, AttributionConfig):
         raise WorkbenchError(f"config must be an AttributionConfig, got {type(config).__name__}")
     bridge = _check_model(model)
-    pairs = _as_pairs(model, facts_or_pairs, config)
+    pairs = pairs_for(model, facts_or_pairs, config)
     lay = _Layout.of(bridge)
     _check_tokens(lay, pairs, bridge)
     chunks = _n_chunks(pairs, config.batch_size)
@@ -1493,7 +1493,9 @@ def _post_norms(model: LoadedModel) -> list[torch.nn.Module | None]:
             for layer in model.adapter.layers]
 
 
-def _as_pairs(model: LoadedModel, facts_or_pairs: Any, config: AttributionConfig) -> PromptPairs:
+def pairs_for(model: LoadedModel, facts_or_pairs: Any, config: AttributionConfig) -> PromptPairs:
+    """The pairs :func:`attribute` runs on: ready pairs under ``config``'s metric, or facts made
+    into pairs with ``config``'s metric, baseline and seed."""
     if isinstance(facts_or_pairs, PromptPairs):
         return facts_or_pairs.with_metric(config.metric)
     if facts_or_pairs is None or isinstance(facts_or_pairs, (str, bytes)):
