@@ -180,19 +180,25 @@ def test_variant_accuracies_match_independent_evaluation(facts_tiny, split, grad
     assert m.forget.after_q == top1(variants["after_q"], split.forget)
 
 
+def _count_base_work(monkeypatch) -> tuple[list[str], list[str]]:
+    """The names of the models the measurement evaluates and attributes (metrics calls the
+    evaluate_facts and attribute it imported), in call order."""
+    import workbench.measurement.metrics as metrics_mod
+
+    evaluated: list[str] = []
+    attributed: list[str] = []
+    real_evaluate, real_attribute = metrics_mod.evaluate_facts, metrics_mod.attribute
+    monkeypatch.setattr(metrics_mod, "evaluate_facts",
+                        lambda m, facts, **kw: evaluated.append(m.name) or real_evaluate(m, facts, **kw))
+    monkeypatch.setattr(metrics_mod, "attribute",
+                        lambda m, facts, *a, **kw: attributed.append(m.name) or real_attribute(m, facts, *a, **kw))
+    return evaluated, attributed
+
+
 def test_base_measurements_are_memoised_per_model_and_quantizer(facts_tiny, split, monkeypatch):
     """A second update on the same model re-measures only its own variants; the base numbers
     (w, Q(w), their attributions) are reused and equal; another quantizer recomputes Q(w)."""
-    import workbench.measurement.metrics as metrics_mod
-
-    attribution_mod = metrics_mod  # metrics calls the attribute() it imported
-    evaluated: list[str] = []
-    attributed: list[str] = []
-    real_evaluate, real_attribute = metrics_mod.evaluate_facts, attribution_mod.attribute
-    monkeypatch.setattr(metrics_mod, "evaluate_facts",
-                        lambda m, facts, **kw: evaluated.append(m.name) or real_evaluate(m, facts, **kw))
-    monkeypatch.setattr(attribution_mod, "attribute",
-                        lambda m, facts, *a, **kw: attributed.append(m.name) or real_attribute(m, facts, *a, **kw))
+    evaluated, attributed = _count_base_work(monkeypatch)
     name = "transformer.h.1.mlp.c_fc.weight"
     delta = torch.zeros_like(facts_tiny.state()[name])
     delta[:4, :4] = 0.5
@@ -258,13 +264,7 @@ def test_base_scores_are_the_setups_and_the_measurements_and_taken_ahead_of_a_ru
     cold = measure_update(facts_tiny, split, Update({name: delta}), quant=NF4, circuit=circuit)
     clear_base_memo()
     base_measurement(facts_tiny, split, NF4)
-    evaluated: list[str] = []
-    attributed: list[str] = []
-    real_evaluate, real_attribute = metrics_mod.evaluate_facts, metrics_mod.attribute
-    monkeypatch.setattr(metrics_mod, "evaluate_facts",
-                        lambda m, facts, **kw: evaluated.append(m.name) or real_evaluate(m, facts, **kw))
-    monkeypatch.setattr(metrics_mod, "attribute",
-                        lambda m, facts, *a, **kw: attributed.append(m.name) or real_attribute(m, facts, *a, **kw))
+    evaluated, attributed = _count_base_work(monkeypatch)
     monkeypatch.setattr(metrics_mod, "multiple_choice_accuracy", lambda *a, **kw: pytest.fail("base MC again"))
     warm = measure_update(facts_tiny, split, Update({name: delta}), quant=NF4, circuit=circuit)
     n_sets = sum(1 for s in (split.forget, split.retain, split.forget_paraphrase, split.retain_paraphrase) if s)
