@@ -24,7 +24,15 @@ import torch
 from workbench.core.errors import WorkbenchError
 from workbench.data.facts import Fact, FactSplit
 from workbench.models.loaded import LoadedModel, hf_module
-from workbench.models.scoring import ChoiceBatch, FactBatch, encode_prompts, is_top1, last_token_logits, span_scores
+from workbench.models.scoring import (
+    ChoiceBatch,
+    FactBatch,
+    by_rows,
+    encode_prompts,
+    is_top1,
+    last_token_logits,
+    span_scores,
+)
 from workbench.quant import QuantConfig, quantized_copy
 
 
@@ -130,12 +138,10 @@ def _at_answers(normalise: Callable[..., torch.Tensor], logits: torch.Tensor, an
 
     Softmax is row by row, so each row's value is the whole tensor's bit for bit (tested); the
     chunks spare a float ``[n, vocab]`` copy at once (125 MB for SmolLM2's 634 retain facts)."""
-    out = torch.empty(len(answers))
-    for start in range(0, len(answers), ROWS_PER_SOFTMAX):
-        rows = slice(start, start + ROWS_PER_SOFTMAX)
-        part = normalise(logits[rows].float(), dim=-1)
-        out[rows] = part[torch.arange(part.shape[0]), answers[rows]].cpu()
-    return out
+    def at_answers(part: torch.Tensor, part_answers: torch.Tensor) -> torch.Tensor:
+        return normalise(part.float(), dim=-1)[torch.arange(part.shape[0]), part_answers]
+
+    return by_rows(at_answers, logits, answers.to(logits.device), rows=ROWS_PER_SOFTMAX).cpu()
 
 
 def prompt_logits(model: LoadedModel, facts: Sequence[Fact], *, batch_size: int = 128) -> torch.Tensor:

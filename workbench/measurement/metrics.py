@@ -66,6 +66,7 @@ from workbench.measurement.results import (
     VariantLogprobs,
 )
 from workbench.models.loaded import LoadedModel
+from workbench.models.scoring import by_rows
 from workbench.models.update import Update, stored_sum
 from workbench.quant import (
     QuantConfig,
@@ -186,13 +187,13 @@ def retain_kl(base: LoadedModel, after: LoadedModel, facts: Sequence[Fact],
 
     base_logits = prompt_logits(base, facts)
     after_logits = prompt_logits(after, facts) if after_logits is None else after_logits
-    per_fact = torch.empty(len(facts))
-    rows = ROWS_PER_SOFTMAX  # row by row as on the whole [n, vocab] tensors, without five float copies of them
-    for start in range(0, len(facts), rows):
-        lb = torch.log_softmax(base_logits[start : start + rows].float(), -1)
-        la = torch.log_softmax(after_logits[start : start + rows].float(), -1)
-        per_fact[start : start + rows] = (lb.exp() * (lb - la)).sum(-1).cpu()
-    return float(per_fact.mean())
+
+    def kl(base_part: torch.Tensor, after_part: torch.Tensor) -> torch.Tensor:
+        lb, la = torch.log_softmax(base_part.float(), -1), torch.log_softmax(after_part.float(), -1)
+        return (lb.exp() * (lb - la)).sum(-1)
+
+    # row chunks: the same bits as on the whole [n, vocab] tensors, without five float copies of them
+    return float(by_rows(kl, base_logits, after_logits.to(base_logits.device), rows=ROWS_PER_SOFTMAX).mean())
 
 
 # The base's own numbers (w and Q(w) on each fact set, their attributions for CAD) are the

@@ -269,13 +269,22 @@ def span_logprob(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
 
     ``logits`` ``[n, A, vocab]`` (from :func:`span_logits`), ``targets``/``mask`` ``[n, A]``.
     """
+    def token(part: torch.Tensor, part_targets: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(part.float(), dim=-1).gather(-1, part_targets[..., None]).squeeze(-1)
+
     if logits.requires_grad and torch.is_grad_enabled():
-        token = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
-    else:  # a few rows at a time: log-softmax is row by row, so the same bits without a float copy
-        rows = SPAN_ROWS_PER_SOFTMAX
-        token = torch.cat([torch.log_softmax(part.float(), dim=-1).gather(-1, tp[..., None]).squeeze(-1)
-                           for part, tp in zip(logits.split(rows), targets.split(rows))])
-    return (token * mask).sum(-1)
+        return (token(logits, targets) * mask).sum(-1)
+    return (by_rows(token, logits, targets, rows=SPAN_ROWS_PER_SOFTMAX) * mask).sum(-1)
+
+
+def by_rows(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor, rows: int) -> torch.Tensor:
+    """``fn`` on ``rows`` rows of ``tensors`` at a time, the results concatenated.
+
+    For normalising vocab-sized logits without a float copy of them all at once: softmax is row
+    by row, so each row comes out bit for bit as from ``fn`` on the whole tensors (tested)."""
+    if tensors[0].shape[0] == 0:
+        return fn(*tensors)
+    return torch.cat([fn(*parts) for parts in zip(*(t.split(rows) for t in tensors))])
 
 
 SPAN_ROWS_PER_SOFTMAX = 8
