@@ -410,3 +410,32 @@ def test_attribution_forwards_fill_no_key_value_cache(toy_llama_gqa, method):
     finally:
         hook.remove()
     assert asked and all(a is False for a in asked), asked
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_edge_cells_read_every_edge_from_its_accumulator_cell(parallel):
+    """The edge dict is read from the accumulator's totals through once-built cells
+    (attribution._edge_cells); each edge gets the cell the reader-by-reader loop gives it."""
+    from workbench.interpretability import attribution as attribution_module
+
+    lay = attribution_module._Layout(n_layers=3, n_heads=4, n_kv_heads=2, d_model=8, parallel=parallel, pos_embed=False)
+    writers, h = lay.writers(), lay.n_heads
+    totals = torch.randn(len(writers), lay.n_layers * (3 * h + 1) + 1, dtype=torch.float64,
+                         generator=torch.Generator().manual_seed(0))
+    accumulator = attribution_module._EdgeAccumulator.__new__(attribution_module._EdgeAccumulator)
+    accumulator.lay, accumulator.totals = lay, totals
+    expected: dict = {}
+    col = 0
+    for layer in range(lay.n_layers):
+        upstream = 1 + layer * (h + 1)
+        for kind in "qkv":
+            for i in range(h):
+                expected.update({(writers[r], head(layer, i), kind): float(totals[r, col]) for r in range(upstream)})
+                col += 1
+        mlp_upstream = upstream if parallel else upstream + h
+        expected.update({(writers[r], mlp(layer), "mlp"): float(totals[r, col]) for r in range(mlp_upstream)})
+        col += 1
+    expected.update({(w, LOGITS, "logits"): float(totals[r, col]) for r, w in enumerate(writers)})
+    got = accumulator.result()
+    assert list(got) == list(expected) and got == expected
+    assert attribution_module._edge_cells(lay)[0] is attribution_module._edge_cells(lay)[0]  # built once

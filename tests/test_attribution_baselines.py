@@ -240,3 +240,61 @@ def test_faithfulness_meter_keeps_the_corrupt_runs_until_released(models, monkey
     assert not meter.keeps_corrupt_runs
     again = meter.measure({mlp(0), mlp(1)})
     assert meter.keeps_corrupt_runs and again == plain.measure({mlp(0), mlp(1)})
+
+
+def _count_means(monkeypatch) -> list[int]:
+    import workbench.interpretability.attribution as attribution_module
+
+    passes: list[int] = []
+    real = attribution_module._means
+
+    def counted(*args, **kwargs):
+        passes.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attribution_module, "_means", counted)
+    return passes
+
+
+def test_dataset_means_are_taken_once_per_weights_pairs_and_batch(models, monkeypatch):
+    """dataset_means is memoised: the same object for the same weights, clean ids and batch size,
+    bit for bit the pass it memoises; another batch size, pairs or model is a pass of its own."""
+    import workbench.interpretability.attribution as attribution_module
+
+    m = models["llama_gqa"]
+    pairs = make_prompt_pairs(m, mixed_facts(), metric="logprob")
+    bridge = attribution_module._check_model(m)
+    lay = attribution_module._Layout.of(bridge)
+    direct = attribution_module._means(bridge, lay, pairs, 64)
+    passes = _count_means(monkeypatch)
+    first = dataset_means(m, pairs)
+    assert dataset_means(m, pairs) is first and len(passes) == 1
+    assert set(first.rest) == set(direct.rest) and first.n_sequences == direct.n_sequences == pairs.n_pairs
+    for name in direct.rest:
+        assert torch.equal(first.first[name], direct.first[name]) and torch.equal(first.rest[name], direct.rest[name])
+    dataset_means(m, pairs, batch_size=2)
+    dataset_means(m, make_prompt_pairs(m, mixed_facts(seed=1), metric="logprob"))
+    dataset_means(models["gpt2"], make_prompt_pairs(models["gpt2"], mixed_facts(), metric="logprob"))
+    assert len(passes) == 4
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
+def test_attribution_reads_given_means_with_the_same_scores(models, monkeypatch, name):
+    """attribute(means=) takes no means pass of its own and gives the scores, per-pair scores and
+    edges it gives when it takes them (bit for bit); means of other pairs are refused."""
+    m = models[name]
+    pairs = make_prompt_pairs(m, mixed_facts(), metric="logprob")
+    assert pairs.has_mean
+    config = AttributionConfig(method="atp", edges=True, metric="logprob", batch_size=2)
+    own = attribute(m, pairs, config, progress=SILENT)
+    means = dataset_means(m, pairs, batch_size=2)
+    passes = _count_means(monkeypatch)
+    given = attribute(m, pairs, config, progress=SILENT, means=means)
+    assert passes == []
+    assert given.scores == own.scores and given.edge_scores == own.edge_scores
+    assert torch.equal(given.pair_scores, own.pair_scores)
+    other = make_prompt_pairs(m, mixed_facts()[:5], metric="logprob")
+    with pytest.raises(WorkbenchError, match="not the dataset means of these pairs"):
+        attribute(m, pairs, config, progress=SILENT, means=dataset_means(m, other))
+    with pytest.raises(WorkbenchError, match="ActivationMeans"):
+        attribute(m, pairs, config, progress=SILENT, means={"x": 1})  # type: ignore[arg-type]

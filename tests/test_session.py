@@ -275,8 +275,12 @@ def test_the_readout_measures_on_the_attributed_pairs_and_keeps_their_baselines(
         assert results[k] == fresh
     # four meters: the three from-scratch measurements above and the session's one (none per edit)
     assert len(built) == 4 and built[0] is pairs and s.pairs is pairs
-    s.attribute("atp", edges=False)  # a new attribution: new pairs, new baselines
+    s.attribute("atp", edges=False)  # the same forget set again: its (memoised) pairs, baselines kept
+    assert s.pairs is pairs and len(built) == 4
+    s.attribute("atp", edges=False, baseline="mean")  # other pairs: their own baselines
     assert s.pairs is not pairs and len(built) == 5 and built[-1] is s.pairs
+    s.attribute("atp", edges=False)
+    assert s.pairs is pairs and len(built) == 6 and built[-1] is pairs  # the session keeps one meter
     assert s._meter is not None and s._meter.keeps_corrupt_runs  # facts-tiny's are far under the cap
     s.unlearn("mansu", mansu={"max_rounds": 1}, measure_cad=False, use_oracle=False)
     assert not s._meter.keeps_corrupt_runs  # let go for the run; the baselines stay

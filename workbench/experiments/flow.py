@@ -14,6 +14,7 @@ from dataclasses import asdict
 from typing import Any
 
 from workbench.core.errors import WorkbenchError
+from workbench.core.memo import base_memo
 from workbench.core.progress import Progress, scaled, silent
 from workbench.data.facts import FactSplit
 from workbench.experiments.provenance import provenance
@@ -23,6 +24,7 @@ from workbench.interpretability.attribution import (
     AttributionConfig,
     PromptPairs,
     attribute,
+    dataset_means,
     pairs_for,
 )
 from workbench.interpretability.circuit import Circuit
@@ -43,11 +45,32 @@ DEFAULT_TOP_K = 10
 
 def forget_set_pairs(model: LoadedModel, split: FactSplit, config: AttributionConfig | None = None) -> PromptPairs:
     """The forget set's clean/baseline pairs as :func:`attribute_forget_set` attributes them
-    (``config``'s metric, baseline and seed), for a face that measures more on the same pairs."""
+    (``config``'s metric, baseline and seed), for a face that measures more on the same pairs.
+
+    Memoised per weights, tokenizer, facts, metric, baseline and seed (the pairs read the model's
+    own answers, a forward): the same object each time, shared, never written."""
 
     if not split.forget:
         raise WorkbenchError("the forget set is empty: nothing to attribute")
-    return pairs_for(model, list(split.forget), config or AttributionConfig())
+    config = config or AttributionConfig()
+    key = ("forget-set-pairs", model.fingerprint, model.name, tuple(split.forget), config.metric,
+           config.baseline, config.seed)
+    return base_memo(key, lambda: pairs_for(model, list(split.forget), config))
+
+
+def prepare_forget_set(model: LoadedModel, split: FactSplit, config: AttributionConfig | None = None) -> PromptPairs:
+    """Take ahead of the first click what an attribution of the forget set and its faithfulness
+    readout read first: the pairs (:func:`forget_set_pairs`) and, when a pair is on the mean
+    baseline, their dataset means at the attribution's batch size and at the readout's
+    (:class:`~workbench.interpretability.faithfulness.FaithfulnessMeter` takes them at
+    :func:`dataset_means`' default). All memoised, so the click then finds them."""
+
+    config = config or AttributionConfig()
+    pairs = forget_set_pairs(model, split, config)
+    if pairs.has_mean:
+        dataset_means(model, pairs, batch_size=config.batch_size)
+        dataset_means(model, pairs)
+    return pairs
 
 
 def attribute_forget_set(
@@ -55,11 +78,14 @@ def attribute_forget_set(
     pairs: PromptPairs | None = None,
 ) -> Attribution:
     """Attribution of the forget-set behaviour (clean = forget prompts, corrupt = other subjects);
-    ``pairs``: the forget set's pairs already made (:func:`forget_set_pairs`), else made here."""
+    ``pairs``: the forget set's pairs already made (:func:`forget_set_pairs`), else made here.
+    Pairs on the mean baseline read the memoised :func:`dataset_means`, as the faithfulness
+    readout on the same pairs does."""
 
     config = config or AttributionConfig()
-    return attribute(model, forget_set_pairs(model, split, config) if pairs is None else pairs, config,
-                     progress=progress)
+    pairs = forget_set_pairs(model, split, config) if pairs is None else pairs.with_metric(config.metric)
+    means = dataset_means(model, pairs, batch_size=config.batch_size) if pairs.has_mean else None
+    return attribute(model, pairs, config, progress=progress, means=means)
 
 
 def default_circuit(attribution: Attribution, top_k: int = DEFAULT_TOP_K) -> Circuit:

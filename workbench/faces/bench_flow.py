@@ -109,6 +109,8 @@ def run_flow(model: str, *, reference: bool, mansu: dict[str, Any], runs_root: s
     # Until the user sees the circuit: on the fast path its faithfulness readout follows (as in
     # the app), on the reference path the click measured it first.
     readouts: dict[str, float] = {}
+    if reference:
+        clear_base_memo()  # the forget set's pairs and means the background start took: made in the click
     _clock(seconds, "attribution", lambda: (s.attribute("atp", measure=reference), redraw()))
     if not reference:
         _clock(readouts, "attribution", s.measure_faithfulness)

@@ -46,6 +46,7 @@ from workbench.experiments.flow import (
     forget_set_pairs,
     no_oracle_reason,
     oracle_for,
+    prepare_forget_set,
     run_unlearning,
 )
 from workbench.experiments.store import Run, check_run_id, list_runs, load_run
@@ -185,11 +186,14 @@ class SharedModels:
         """What the app computes in the background from its start, before any click: the base
         accuracies the setup panel shows, and the rest of what a run's measurement takes from the
         base alone (the forget set's multiple choice, the CAD attributions of w and Q(w)), so the
-        first "Run MANSU" measures only the update's variants."""
+        first "Run MANSU" measures only the update's variants; last, the forget set's prompt pairs
+        and dataset means the default attribution and its readout start from."""
         status(f"measuring base accuracy, full precision vs {quant.label}")
         self.base_accuracy(model, split, quant)
         status(f"attributing the base for CAD, full precision and {quant.label}")
         base_measurement(model, split, quant)
+        status("making the forget set's prompt pairs for attribution")
+        prepare_forget_set(model, split)
 
     def clear_scores(self) -> None:
         """Forget the cached base accuracies (the bench starts each path from none)."""

@@ -106,6 +106,7 @@ import torch
 from workbench.core.components import EMBED, LOGITS, Component, ComponentKind, EdgeInput, all_components, head, mlp
 from workbench.core.device import module_device
 from workbench.core.errors import WorkbenchError
+from workbench.core.memo import base_memo
 from workbench.core.progress import Progress, Steps
 from workbench.models.loaded import LoadedModel
 from workbench.models.scoring import last_token_logits
@@ -508,6 +509,14 @@ class PromptPairs:
         else:
             for g in self.groups:
                 h.update(g.clean.numpy().tobytes() + b"\x00" + g.corrupt.numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    @property
+    def clean_hash(self) -> str:
+        """sha256 (16 hex) of the clean token ids as grouped: all that the dataset means read."""
+        h = hashlib.sha256()
+        for g in self.groups:
+            h.update(repr(tuple(g.clean.shape)).encode() + g.clean.cpu().numpy().tobytes())
         return h.hexdigest()[:16]
 
     @classmethod
@@ -1066,10 +1075,28 @@ def _means(bridge: Any, lay: _Layout, pairs: PromptPairs, batch_size: int) -> Ac
 
 
 def dataset_means(model: LoadedModel, pairs: PromptPairs, *, batch_size: int = 64) -> ActivationMeans:
-    """The mean baseline of ``pairs`` (see :class:`ActivationMeans`)."""
+    """The mean baseline of ``pairs`` (see :class:`ActivationMeans`), taken in chunks of ``batch_size``.
+
+    Memoised per weights, clean ids and batch size (:func:`~workbench.core.memo.base_memo`): an
+    app session attributes its forget set and measures faithfulness on it again and again, and
+    the means (a pass over every pair) are the same each time. Shared: read, never written."""
     bridge = _check_model(model)
-    with _bridge_lock(bridge):
-        return _means(bridge, _Layout.of(bridge), pairs, batch_size)
+    key = ("dataset-means", model.fingerprint, pairs.clean_hash, batch_size)
+
+    def compute() -> ActivationMeans:
+        with _bridge_lock(bridge):
+            return _means(bridge, _Layout.of(bridge), pairs, batch_size)
+
+    return base_memo(key, compute)
+
+
+def _check_means(means: ActivationMeans, lay: _Layout, pairs: PromptPairs) -> None:
+    if not isinstance(means, ActivationMeans):
+        raise WorkbenchError(f"means must be ActivationMeans (dataset_means), got {type(means).__name__}")
+    if means.n_sequences != pairs.n_pairs or set(means.rest) != set(lay.node_hooks):
+        raise WorkbenchError(f"these means ({means.n_sequences} sequences, {len(means.rest)} hooks) are not the "
+                             f"dataset means of these pairs on this model ({pairs.n_pairs} pairs, "
+                             f"{len(lay.node_hooks)} hooks): take them with dataset_means(model, pairs)")
 
 
 def _replace_all(base: dict[str, torch.Tensor]) -> PatchFn:
@@ -1281,7 +1308,8 @@ class _EdgeAccumulator:
             for kind, out_name, head_dim in (("k", "attn.hook_attn_scores", 1), ("v", "attn.hook_z", 2)):
                 inp = f"blocks.{layer}.attn.hook_{kind}_input"
                 out = f"blocks.{layer}.{out_name}"
-                parts = torch.zeros(*grad[inp].shape[:2], lay.n_heads, grad[inp].shape[-1], device=grad[inp].device)
+                # every slot is written below (the r::group slices of the heads cover them all): no zeroing
+                parts = torch.empty(*grad[inp].shape[:2], lay.n_heads, grad[inp].shape[-1], device=grad[inp].device)
                 for r in range(group):
                     mask_shape = [1] * grad[out].ndim
                     mask_shape[head_dim] = lay.n_heads
@@ -1332,24 +1360,34 @@ class _EdgeAccumulator:
         self.writer_rows = None
 
     def result(self) -> dict[EdgeKey, float]:
-        lay, h = self.lay, self.lay.n_heads
-        writers = lay.writers()
-        readers: list[tuple[Component, EdgeInput, int]] = []  # (reader, input, number of upstream writers)
-        for layer in range(lay.n_layers):
-            upstream = 1 + layer * (h + 1)
-            kinds: tuple[EdgeInput, ...] = ("q", "k", "v")
-            for kind in kinds:
-                readers.extend((head(layer, i), kind, upstream) for i in range(h))
-            mlp_input: EdgeInput = "mlp"
-            readers.append((mlp(layer), mlp_input, upstream if lay.parallel else upstream + h))
-        logits_input: EdgeInput = "logits"
-        readers.append((LOGITS, logits_input, self.n_writers))
-        out: dict[EdgeKey, float] = {}
-        values = self.totals.tolist()
-        for col, (reader, inp, upstream) in enumerate(readers):
-            for row in range(upstream):
-                out[(writers[row], reader, inp)] = values[row][col]
-        return out
+        keys, rows, cols = _edge_cells(self.lay)
+        return dict(zip(keys, self.totals[rows.to(self.totals.device), cols.to(self.totals.device)].tolist()))
+
+
+@functools.lru_cache(maxsize=8)
+def _edge_cells(lay: _Layout) -> tuple[tuple[EdgeKey, ...], torch.Tensor, torch.Tensor]:
+    """Every edge of the layout (reader by reader, its upstream writers in forward order) with its
+    row and column in :class:`_EdgeAccumulator`'s totals. The same keys on every attribution of one
+    model (123k on SmolLM2), so they are built once per layout."""
+    h, writers = lay.n_heads, lay.writers()
+    readers: list[tuple[Component, EdgeInput, int]] = []  # (reader, input, number of upstream writers)
+    for layer in range(lay.n_layers):
+        upstream = 1 + layer * (h + 1)
+        kinds: tuple[EdgeInput, ...] = ("q", "k", "v")
+        for kind in kinds:
+            readers.extend((head(layer, i), kind, upstream) for i in range(h))
+        mlp_input: EdgeInput = "mlp"
+        readers.append((mlp(layer), mlp_input, upstream if lay.parallel else upstream + h))
+    logits_input: EdgeInput = "logits"
+    readers.append((LOGITS, logits_input, len(writers)))
+    keys: list[EdgeKey] = []
+    rows: list[int] = []
+    cols: list[int] = []
+    for col, (reader, inp, upstream) in enumerate(readers):
+        keys.extend((writers[row], reader, inp) for row in range(upstream))
+        rows.extend(range(upstream))
+        cols.extend([col] * upstream)
+    return tuple(keys), torch.tensor(rows), torch.tensor(cols)
 
 
 # --- exact patching and ablation -------------------------------------------------------
@@ -1426,6 +1464,8 @@ def attribute(
     facts_or_pairs: Sequence[Any] | PromptPairs,
     config: AttributionConfig = AttributionConfig(),
     progress: Progress | None = None,
+    *,
+    means: ActivationMeans | None = None,
 ) -> Attribution:
     """Attribute the metric over clean/baseline pairs to the model's components.
 
@@ -1435,6 +1475,8 @@ def attribute(
             ``config.baseline`` and ``config.seed``) or ready :class:`PromptPairs`.
         config: method, IG steps, metric, baseline, edges, batch size.
         progress: ``progress(fraction, message)``; a tqdm bar when ``None``.
+        means: the pairs' :func:`dataset_means` at ``config.batch_size`` when already taken
+            (read only by pairs on the mean baseline); else taken here.
 
     Returns:
         An :class:`Attribution` with a score for the embed, every head and every MLP
@@ -1452,7 +1494,12 @@ def attribute(
     tracker = Steps(total, f"attribution ({config.method})", progress)
     try:
         with _bridge_lock(bridge):
-            means = _means(bridge, lay, pairs, config.batch_size) if pairs.has_mean else None
+            if not pairs.has_mean:
+                means = None
+            elif means is None:
+                means = _means(bridge, lay, pairs, config.batch_size)
+            else:
+                _check_means(means, lay, pairs)
             if config.method == "exact":
                 sums = _exact_sweep(bridge, lay, pairs, config, tracker, means)
             elif config.edges:
