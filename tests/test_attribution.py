@@ -259,6 +259,26 @@ def test_gqa_edges_equal_those_of_the_equivalent_mha_model(models, pairs):
     assert ours.edge_scores[(EMBED, head(1, 0), "k")] != pytest.approx(ours.edge_scores[(EMBED, head(1, 1), "k")])
 
 
+def test_gqa_split_is_checked_on_the_first_chunk_and_a_wrong_split_is_refused(models, pairs, monkeypatch):
+    """The per-query-head K/V split is checked against the kv head's full gradient once per sweep
+    (its first chunk: every layer, K and V), and a split that does not add up is refused."""
+    from workbench.interpretability import attribution as attribution_module
+
+    m, p = models["llama_gqa"], pairs["llama_gqa"]
+    config = AttributionConfig(edges=True, batch_size=2)
+    assert attribution_module._n_chunks(p, 2) > 1
+    checks = []
+    real = attribution_module._EdgeAccumulator._check_split
+    monkeypatch.setattr(attribution_module._EdgeAccumulator, "_check_split",
+                        lambda self, *a: checks.append(a[2:]) or real(self, *a))
+    attribute(m, p, config, progress=SILENT)
+    assert checks == [(layer, kind) for layer in range(m.n_layers) for kind in "kv"]
+    monkeypatch.setattr(attribution_module._EdgeAccumulator, "_member_mask",
+                        lambda self, r, head_dim, like: torch.ones(()))  # every member takes every head
+    with pytest.raises(WorkbenchError, match="does not add up"):
+        attribute(m, p, config, progress=SILENT)
+
+
 # --- ablation -------------------------------------------------------------------------------
 
 

@@ -1253,6 +1253,8 @@ class _EdgeAccumulator:
         self.chunk = torch.zeros_like(self.totals)
         self.writer_rows: torch.Tensor | None = None
         self.kv_split: dict[str, torch.Tensor] = {}
+        self.kv_checked = False  # the split is checked against the full gradient on the first chunk
+        self.kv_masks: dict[tuple[int, int, torch.device], torch.Tensor] = {}
 
     def set_deltas(self, deltas: dict[str, torch.Tensor]) -> None:
         """Stack every writer's residual-write difference into ``[n_writers, batch*seq*d]``."""
@@ -1301,7 +1303,8 @@ class _EdgeAccumulator:
         For group member ``r`` (query heads ``g * group + r``, the ``repeat_kv`` layout),
         a vector-Jacobian product from ``dm/d(attn_scores)`` (for K) or ``dm/d(z)`` (for V)
         restricted to those heads back to the K/V input fork gives ``[b, s, n_kv, d]``; slot
-        ``g`` is query head ``g * group + r``'s part. Checked to add up to the full gradient.
+        ``g`` is query head ``g * group + r``'s part. Checked to add up to the full gradient on
+        the sweep's first chunk (the layout is the same on every chunk).
         """
         lay, group = self.lay, self.lay.group
         for layer in range(lay.n_layers):
@@ -1311,23 +1314,37 @@ class _EdgeAccumulator:
                 # every slot is written below (the r::group slices of the heads cover them all): no zeroing
                 parts = torch.empty(*grad[inp].shape[:2], lay.n_heads, grad[inp].shape[-1], device=grad[inp].device)
                 for r in range(group):
-                    mask_shape = [1] * grad[out].ndim
-                    mask_shape[head_dim] = lay.n_heads
-                    mask = (torch.arange(lay.n_heads, device=grad[out].device) % group == r).float().reshape(mask_shape)
+                    mask = self._member_mask(r, head_dim, grad[out])
                     (part,) = torch.autograd.grad(
                         live[out], live[inp], grad_outputs=grad[out] * mask, retain_graph=True, allow_unused=True
                     )
                     if part is None:
                         part = torch.zeros_like(grad[inp])
                     parts[:, :, r::group] = part
-                total = parts.reshape(*parts.shape[:2], lay.n_kv_heads, group, -1).sum(3)
-                scale = float(grad[inp].abs().max()) + 1e-30
-                if float((total - grad[inp]).abs().max()) > 1e-4 * scale + 1e-7:
-                    raise WorkbenchError(
-                        f"internal: the per-query-head split of blocks.{layer} {kind.upper()} input gradients "
-                        "does not add up to the kv-head gradient; this bridge's GQA layout is not supported"
-                    )
+                if not self.kv_checked:
+                    self._check_split(parts, grad[inp], layer, kind)
                 self.kv_split[inp] = parts
+        self.kv_checked = True
+
+    def _member_mask(self, r: int, head_dim: int, like: torch.Tensor) -> torch.Tensor:
+        """1.0 on the query heads of group member ``r`` along ``head_dim`` of ``like``, else 0.0."""
+        key = (r, head_dim, like.device)
+        mask = self.kv_masks.get(key)
+        if mask is None:
+            shape = [1] * like.ndim
+            shape[head_dim] = self.lay.n_heads
+            members = torch.arange(self.lay.n_heads, device=like.device) % self.lay.group == r
+            mask = self.kv_masks[key] = members.float().reshape(shape)
+        return mask
+
+    def _check_split(self, parts: torch.Tensor, full: torch.Tensor, layer: int, kind: str) -> None:
+        total = parts.reshape(*parts.shape[:2], self.lay.n_kv_heads, self.lay.group, -1).sum(3)
+        scale = float(full.abs().max()) + 1e-30
+        if float((total - full).abs().max()) > 1e-4 * scale + 1e-7:
+            raise WorkbenchError(
+                f"internal: the per-query-head split of blocks.{layer} {kind.upper()} input gradients "
+                "does not add up to the kv-head gradient; this bridge's GQA layout is not supported"
+            )
 
     def add(self, grad: dict[str, torch.Tensor], weight: float, live: dict[str, torch.Tensor]) -> None:
         lay, h = self.lay, self.lay.n_heads
