@@ -279,6 +279,44 @@ def test_gqa_split_is_checked_on_the_first_chunk_and_a_wrong_split_is_refused(mo
         attribute(m, p, config, progress=SILENT)
 
 
+def test_each_pass_lets_the_previous_graph_go_before_its_forward(models, pairs, monkeypatch):
+    """Memory: the GQA edge sweep keeps each differentiated pass's autograd graph for the K/V split;
+    no tensor saved for a backward survives into the next forward (it used to: one whole graph of
+    the previous chunk beside the next), and the scores are the same."""
+    import weakref
+
+    from workbench.interpretability import attribution as attribution_module
+
+    m, p = models["llama_gqa"], pairs["llama_gqa"]
+    config = AttributionConfig(edges=True, batch_size=2)
+    reference = attribute(m, p, config, progress=SILENT)
+
+    class Held:  # what the graph saves, so that its lifetime can be watched
+        def __init__(self, tensor):
+            self.tensor = tensor
+
+    saved: weakref.WeakSet = weakref.WeakSet()
+
+    def pack(tensor):
+        holder = Held(tensor.detach())  # not the tensor itself: its grad_fn would make a cycle with the graph
+        saved.add(holder)
+        return holder
+
+    alive_at_forward = []
+    real_forward = attribution_module._forward
+
+    def watched(*args, **kwargs):
+        alive_at_forward.append(len(saved))
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(attribution_module, "_forward", watched)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda holder: holder.tensor):
+        ours = attribute(m, p, config, progress=SILENT)
+    assert len(alive_at_forward) == 2 * attribution_module._n_chunks(p, 2)
+    assert alive_at_forward == [0] * len(alive_at_forward)
+    assert ours.scores == reference.scores and ours.edge_scores == reference.edge_scores
+
+
 # --- ablation -------------------------------------------------------------------------------
 
 

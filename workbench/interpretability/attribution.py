@@ -1153,6 +1153,7 @@ def _gradient_sweep(
                     logits, live = _forward(bridge, chunk.clean, lay.node_hooks)
                     clean_acts = {n: t.detach().clone() for n, t in live.items()}
                     sums.clean += float(_metric_values(logits, chunk, config.metric).sum())
+                    del logits, live  # not beside the differentiated forward below
             for k in range(steps):
                 # k = 0 is the plain run (so N = 1 is atp); IG then walks the token embedding
                 # from the corrupt run toward clean (denoising), or from clean toward the mean (noising).
@@ -1184,7 +1185,9 @@ def _gradient_sweep(
                 sums.per_pair[chunk.index] += _node_contributions(lay, deltas, grad, chunk.n) / steps
                 if edges is not None:
                     edges.add(grad, 1.0 / steps, live)
-                del live, grads, grad, logits
+                # ``values`` holds the pass's autograd graph (kept for the GQA split): let it go before
+                # the next forward rather than beside it
+                del live, grads, grad, logits, values
                 tracker.step(f"{config.method}: {tracker.done + 1}/{tracker.total} passes")
             if edges is not None:
                 edges.end_chunk()
@@ -1374,7 +1377,9 @@ class _EdgeAccumulator:
     def end_chunk(self) -> None:
         self.totals += self.chunk
         self.chunk.zero_()
+        # the chunk's residual-write differences, released before the next chunk's forward
         self.writer_rows = None
+        self.head_results, self.mlp_deltas = [], []
 
     def result(self) -> dict[EdgeKey, float]:
         keys, rows, cols = _edge_cells(self.lay)
