@@ -281,8 +281,8 @@ def test_gqa_split_is_checked_on_the_first_chunk_and_a_wrong_split_is_refused(mo
 
 def test_each_pass_lets_the_previous_graph_go_before_its_forward(models, pairs, monkeypatch):
     """Memory: the GQA edge sweep keeps each differentiated pass's autograd graph for the K/V split;
-    no tensor saved for a backward survives into the next forward (it used to: one whole graph of
-    the previous chunk beside the next), and the scores are the same."""
+    no tensor saved for a backward survives past it, into the stacking of the writes or the next
+    forward (it used to: one whole graph of the previous chunk beside the next), same scores."""
     import weakref
 
     from workbench.interpretability import attribution as attribution_module
@@ -310,10 +310,16 @@ def test_each_pass_lets_the_previous_graph_go_before_its_forward(models, pairs, 
         return real_forward(*args, **kwargs)
 
     monkeypatch.setattr(attribution_module, "_forward", watched)
+    alive_at_rows = []
+    real_set_deltas = attribution_module._EdgeAccumulator.set_deltas
+    monkeypatch.setattr(attribution_module._EdgeAccumulator, "set_deltas",
+                        lambda self, deltas: alive_at_rows.append(len(saved)) or real_set_deltas(self, deltas))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda holder: holder.tensor):
         ours = attribute(m, p, config, progress=SILENT)
     assert len(alive_at_forward) == 2 * attribution_module._n_chunks(p, 2)
     assert alive_at_forward == [0] * len(alive_at_forward)
+    # nor while the chunk's write differences are stacked (the largest allocation of the sweep)
+    assert len(alive_at_rows) == attribution_module._n_chunks(p, 2) and not any(alive_at_rows)
     assert ours.scores == reference.scores and ours.edge_scores == reference.edge_scores
 
 

@@ -1179,15 +1179,18 @@ def _gradient_sweep(
                     else:
                         base_acts = run_acts
                         sums.corrupt += float(values.detach().sum())
+                # The pass's autograd graph (kept for the GQA split) is not read past here: let it go
+                # before the chunk's write differences and edge products take their memory.
+                live = {n: t.detach() for n, t in live.items()}
+                del values, logits
+                if k == 0:
                     deltas = {n: clean_acts[n] - base_acts[n] for n in base_acts}
                     if edges is not None:
                         edges.set_deltas(deltas)
                 sums.per_pair[chunk.index] += _node_contributions(lay, deltas, grad, chunk.n) / steps
                 if edges is not None:
                     edges.add(grad, 1.0 / steps, live)
-                # ``values`` holds the pass's autograd graph (kept for the GQA split): let it go before
-                # the next forward rather than beside it
-                del live, grads, grad, logits, values
+                del live, grads, grad
                 tracker.step(f"{config.method}: {tracker.done + 1}/{tracker.total} passes")
             if edges is not None:
                 edges.end_chunk()
@@ -1267,7 +1270,9 @@ class _EdgeAccumulator:
         self.head_results = [torch.einsum("bshe,hed->bshd", deltas[lay.z(layer)].float(), self.w_o[layer])
                              for layer in range(lay.n_layers)]
         self.mlp_deltas = [deltas[lay.mlp_out(layer)].unsqueeze(2) for layer in range(lay.n_layers)]
-        self.writer_rows = None if self.has_post_norms else self._stack(self.head_results)
+        if not self.has_post_norms:  # else the rows are made per pass from the linearised writes (add)
+            self.writer_rows = self._stack(self.head_results)
+            self.head_results = []  # in the rows now; not read again
 
     @property
     def has_post_norms(self) -> bool:
@@ -1278,11 +1283,19 @@ class _EdgeAccumulator:
         return [f"blocks.{layer}.ln1_post.hook_in" for layer, n in enumerate(self.post_norms) if n is not None]
 
     def _stack(self, head_writes: list[torch.Tensor]) -> torch.Tensor:
+        """``[n_writers, b*s*d]``, written in place writer by writer (the values ``cat`` along the
+        writers, then a permuted copy, would give, without holding both copies at once)."""
         rows = [self.embed_delta]
         for layer in range(self.lay.n_layers):
             rows += [head_writes[layer], self.mlp_deltas[layer]]
-        stacked = torch.cat(rows, dim=2)  # [b, s, n_writers, d]
-        return stacked.permute(2, 0, 1, 3).reshape(self.n_writers, -1)
+        b, s, _, d = rows[0].shape
+        dtype = functools.reduce(torch.promote_types, (r.dtype for r in rows))  # cat's result type
+        out = torch.empty(self.n_writers, b, s, d, dtype=dtype, device=rows[0].device)
+        at = 0
+        for row in rows:  # [b, s, n, d]
+            out[at : at + row.shape[2]].copy_(row.permute(2, 0, 1, 3))
+            at += row.shape[2]
+        return out.reshape(self.n_writers, -1)
 
     def _head_writes(self, live: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """Each head's residual write linearised at this pass: ``J_norm(a) (z_h W_O[h])``."""
