@@ -177,20 +177,12 @@ def test_faithfulness_meter_takes_the_dataset_means_once(models, monkeypatch, me
     """The meter's baselines on pairs with a mean-baseline fact: one pass for the means (not one
     more inside metric_baselines), and the same clean/baseline metrics as metric_baselines taking
     its own."""
-    import workbench.interpretability.attribution as attribution_module
     from workbench.interpretability.faithfulness import FaithfulnessMeter
 
     m = models["llama_gqa"]
     pairs = make_prompt_pairs(m, mixed_facts(), baseline="mean", metric="logprob")
     own = metric_baselines(m, pairs) if metric is None else metric_baselines(m, pairs, metric=metric)
-    passes = []
-    real = attribution_module._means
-
-    def counted(*args, **kwargs):
-        passes.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(attribution_module, "_means", counted)
+    passes = _count_means(monkeypatch)
     meter = FaithfulnessMeter(m, pairs, metric=metric)
     assert len(passes) == 1
     assert (meter.clean, meter.corrupt) == own  # equal, not approximately: the same means
