@@ -20,6 +20,7 @@ from workbench.data.facts import FactSplit
 from workbench.experiments.provenance import provenance
 from workbench.experiments.store import Run, save_run
 from workbench.interpretability.attribution import (
+    ABLATION_BATCH_SIZE,
     Attribution,
     AttributionConfig,
     PromptPairs,
@@ -62,14 +63,13 @@ def prepare_forget_set(model: LoadedModel, split: FactSplit, config: Attribution
     """Take ahead of the first click what an attribution of the forget set and its faithfulness
     readout read first: the pairs (:func:`forget_set_pairs`) and, when a pair is on the mean
     baseline, their dataset means at the attribution's batch size and at the readout's
-    (:class:`~workbench.interpretability.faithfulness.FaithfulnessMeter` takes them at
-    :func:`dataset_means`' default). All memoised, so the click then finds them."""
+    (:data:`ABLATION_BATCH_SIZE`). All memoised, so the click then finds them."""
 
     config = config or AttributionConfig()
     pairs = forget_set_pairs(model, split, config)
     if pairs.has_mean:
         dataset_means(model, pairs, batch_size=config.batch_size)
-        dataset_means(model, pairs)
+        dataset_means(model, pairs, batch_size=ABLATION_BATCH_SIZE)
     return pairs
 
 

@@ -1018,6 +1018,11 @@ def _n_chunks(pairs: PromptPairs, batch_size: int) -> int:
 
 # --- the mean baseline -----------------------------------------------------------------
 
+ABLATION_BATCH_SIZE = 64
+"""Pairs per forward of the no-grad passes (dataset means, baselines, ablated runs): the batch
+the faithfulness readout measures at, so means taken ahead for it must be taken at this size."""
+
+
 
 @dataclass(frozen=True, eq=False)
 class ActivationMeans:
@@ -1074,7 +1079,7 @@ def _means(bridge: Any, lay: _Layout, pairs: PromptPairs, batch_size: int) -> Ac
     return ActivationMeans(means_first, means_rest, n)
 
 
-def dataset_means(model: LoadedModel, pairs: PromptPairs, *, batch_size: int = 64) -> ActivationMeans:
+def dataset_means(model: LoadedModel, pairs: PromptPairs, *, batch_size: int = ABLATION_BATCH_SIZE) -> ActivationMeans:
     """The mean baseline of ``pairs`` (see :class:`ActivationMeans`), taken in chunks of ``batch_size``.
 
     Memoised per weights, clean ids and batch size (:func:`~workbench.core.memo.base_memo`): an
@@ -1600,8 +1605,8 @@ def _check_tokens(lay: _Layout, pairs: PromptPairs, bridge: Any) -> None:
 
 
 def metric_baselines(
-    model: LoadedModel, pairs: PromptPairs, *, metric: AblationMetric | None = None, batch_size: int = 64,
-    means: ActivationMeans | None = None,
+    model: LoadedModel, pairs: PromptPairs, *, metric: AblationMetric | None = None,
+    batch_size: int = ABLATION_BATCH_SIZE, means: ActivationMeans | None = None,
 ) -> tuple[float, float]:
     """Mean metric of the clean runs and of the baseline runs, ``(clean, corrupt)``: a
     pair's baseline run is its corrupt prompt, or on the mean baseline the clean prompt
@@ -1644,7 +1649,7 @@ class CorruptActivations:
         return sum(t.nbytes for acts in self.chunks if acts is not None for t in acts.values())
 
 
-def corrupt_activations(model: LoadedModel, pairs: PromptPairs, *, batch_size: int = 64,
+def corrupt_activations(model: LoadedModel, pairs: PromptPairs, *, batch_size: int = ABLATION_BATCH_SIZE,
                         max_bytes: int | None = None) -> CorruptActivations | None:
     """The corrupt runs of ``pairs`` at every writer hook (see :class:`CorruptActivations`), or
     ``None`` when they would take more than ``max_bytes`` (estimated from the first chunk run,
@@ -1677,7 +1682,7 @@ def ablated_metric(
     ablation: AblationName = "corrupt",
     *,
     metric: AblationMetric | None = None,
-    batch_size: int = 64,
+    batch_size: int = ABLATION_BATCH_SIZE,
     means: ActivationMeans | None = None,
     corrupt: CorruptActivations | None = None,
 ) -> float:
