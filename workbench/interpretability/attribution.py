@@ -1140,68 +1140,96 @@ def _gradient_sweep(
     raises the metric by this much" (see docs/SCIENCE.md).
     """
     sums = _Sums(torch.zeros(pairs.n_pairs, len(lay.writers()), dtype=torch.float64))
-    steps = config.steps
     edges = _EdgeAccumulator(bridge, lay, post_norms) if config.edges else None
     names = lay.node_hooks + (lay.reader_hooks() + edges.post_norm_hooks() if edges is not None else [])
     for group in pairs.groups:
         for chunk in group.chunks(config.batch_size):
-            noising = chunk.baseline == "mean"
-            clean_acts: dict[str, torch.Tensor] = {}
-            base_acts: dict[str, torch.Tensor] = {}
-            deltas: dict[str, torch.Tensor] = {}
-            if noising:  # the k = 0 pass below is the clean run itself
-                assert means is not None
-                base_acts = means.for_chunk(lay.node_hooks, chunk)
-                sums.corrupt += _ablated_all(bridge, lay, chunk, base_acts, config.metric)
-            else:
-                with torch.no_grad():
-                    logits, live = _forward(bridge, chunk.clean, lay.node_hooks)
-                    clean_acts = {n: t.detach().clone() for n, t in live.items()}
-                    sums.clean += float(_metric_values(logits, chunk, config.metric).sum())
-                    del logits, live  # not beside the differentiated forward below
-            for k in range(steps):
-                # k = 0 is the plain run (so N = 1 is atp); IG then walks the token embedding
-                # from the corrupt run toward clean (denoising), or from clean toward the mean (noising).
-                alpha = 1 - k / steps if noising else k / steps
-                patch = None if k == 0 else _interpolate_embed(clean_acts, base_acts, alpha)
-                with torch.enable_grad():
-                    logits, live = _forward(bridge, chunk.clean if noising else chunk.corrupt, names,
-                                            patch=patch, leaf_embed=True)
-                    values = _metric_values(logits, chunk, config.metric)
-                    present = [n for n in names if n in live]
-                    grads = torch.autograd.grad(
-                        values.sum(), [live[n] for n in present], allow_unused=True,
-                        retain_graph=edges is not None and lay.group > 1,
-                    )
-                    grad = {n: (torch.zeros_like(live[n]) if g is None else g) for n, g in zip(present, grads)}
-                    if edges is not None and lay.group > 1:
-                        edges.split_kv(live, grad)
-                if k == 0:
-                    run_acts = {n: live[n].detach().clone() for n in lay.node_hooks if n in live}
-                    if noising:
-                        clean_acts = run_acts
-                        sums.clean += float(values.detach().sum())
-                    else:
-                        base_acts = run_acts
-                        sums.corrupt += float(values.detach().sum())
-                # The pass's autograd graph (kept for the GQA split) is not read past here: let it go
-                # before the chunk's write differences and edge products take their memory.
-                live = {n: t.detach() for n, t in live.items()}
-                del values, logits
-                if k == 0:
-                    deltas = {n: clean_acts[n] - base_acts[n] for n in base_acts}
-                    if edges is not None:
-                        edges.set_deltas(deltas)
-                sums.per_pair[chunk.index] += _node_contributions(lay, deltas, grad, chunk.n) / steps
-                if edges is not None:
-                    edges.add(grad, 1.0 / steps, live)
-                del live, grads, grad
-                tracker.step(f"{config.method}: {tracker.done + 1}/{tracker.total} passes")
+            _sweep_chunk(bridge, lay, chunk, config, names, sums, edges, means, tracker)
             if edges is not None:
                 edges.end_chunk()
     if edges is not None:
         sums.edges = edges.result()
     return sums
+
+
+def _sweep_chunk(
+    bridge: Any, lay: _Layout, chunk: PairGroup, config: AttributionConfig, names: list[str], sums: _Sums,
+    edges: _EdgeAccumulator | None, means: ActivationMeans | None, tracker: Steps,
+) -> None:
+    """One chunk's ``config.steps`` differentiated passes, added into ``sums`` (and ``edges``).
+
+    1. The endpoint no pass runs (:func:`_unrun_endpoint`).
+    2. Each pass ``k`` (:func:`_differentiated_pass`); ``k = 0`` is the plain run (so N = 1 is
+       atp) and gives the other endpoint; IG then walks the token embedding from the corrupt run
+       toward clean (denoising), or from clean toward the mean (noising).
+    3. The pass's node contributions and edge products, weighted ``1 / steps``.
+    """
+    noising, steps = chunk.baseline == "mean", config.steps
+    clean_acts, base_acts = _unrun_endpoint(bridge, lay, chunk, config.metric, sums, means)
+    deltas: dict[str, torch.Tensor] = {}
+    for k in range(steps):
+        alpha = 1 - k / steps if noising else k / steps
+        patch = None if k == 0 else _interpolate_embed(clean_acts, base_acts, alpha)
+        values, live, grad = _differentiated_pass(bridge, lay, chunk.clean if noising else chunk.corrupt, chunk,
+                                                  names, patch, config.metric, edges)
+        if k == 0:
+            run_acts = {n: live[n].clone() for n in lay.node_hooks if n in live}
+            if noising:
+                clean_acts = run_acts
+                sums.clean += float(values.sum())
+            else:
+                base_acts = run_acts
+                sums.corrupt += float(values.sum())
+            deltas = {n: clean_acts[n] - base_acts[n] for n in base_acts}
+            if edges is not None:
+                edges.set_deltas(deltas)
+        sums.per_pair[chunk.index] += _node_contributions(lay, deltas, grad, chunk.n) / steps
+        if edges is not None:
+            edges.add(grad, 1.0 / steps, live)
+        del live, grad  # not alive through the next pass's forward
+        tracker.step(f"{config.method}: {tracker.done + 1}/{tracker.total} passes")
+
+
+def _unrun_endpoint(
+    bridge: Any, lay: _Layout, chunk: PairGroup, metric: MetricName, sums: _Sums, means: ActivationMeans | None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(clean, baseline)`` activations, the one the chunk's passes do not run filled in.
+
+    Noising: the baseline is the dataset mean (its metric: the clean run with every writer at
+    its mean). Denoising: the clean run, without gradients. The summed metric goes to ``sums``.
+    """
+    if chunk.baseline == "mean":
+        assert means is not None
+        base = means.for_chunk(lay.node_hooks, chunk)
+        sums.corrupt += _ablated_all(bridge, lay, chunk, base, metric)
+        return {}, base
+    with torch.no_grad():
+        logits, live = _forward(bridge, chunk.clean, lay.node_hooks)
+        sums.clean += float(_metric_values(logits, chunk, metric).sum())
+        return {n: t.detach().clone() for n, t in live.items()}, {}
+
+
+def _differentiated_pass(
+    bridge: Any, lay: _Layout, tokens: torch.Tensor, chunk: PairGroup, names: list[str], patch: PatchFn | None,
+    metric: MetricName, edges: _EdgeAccumulator | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One forward of ``tokens`` and the gradient of the chunk's summed metric at every hook in ``names``.
+
+    Returns the per-pair metric, the hooks' activations and their gradients, all detached. The
+    pass's autograd graph is kept only for the GQA split of K/V gradients (done here), and goes
+    when this returns: before the chunk's write differences and edge products take their memory.
+    """
+    split = edges is not None and lay.group > 1
+    with torch.enable_grad():
+        logits, live = _forward(bridge, tokens, names, patch=patch, leaf_embed=True)
+        values = _metric_values(logits, chunk, metric)
+        present = [n for n in names if n in live]
+        grads = torch.autograd.grad(values.sum(), [live[n] for n in present], allow_unused=True, retain_graph=split)
+        grad = {n: (torch.zeros_like(live[n]) if g is None else g) for n, g in zip(present, grads)}
+        if split:
+            assert edges is not None
+            edges.split_kv(live, grad)
+    return values.detach(), {n: t.detach() for n, t in live.items()}, grad
 
 
 def _ablated_all(bridge: Any, lay: _Layout, chunk: PairGroup, base: dict[str, torch.Tensor],
