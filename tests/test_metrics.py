@@ -285,13 +285,13 @@ def test_the_retain_kl_reuses_the_after_evaluations_logits_with_the_same_numbers
     delta[:4, :4] = 0.5
     after = facts_tiny.with_state({name: facts_tiny.state()[name] + delta}, "after")
     logits = prompt_logits(after, split.retain)
-    given = evaluate_facts(after, split.retain, prompt_logits=logits)
+    given = evaluate_facts(after, split.retain, last_logits=logits)
     again = evaluate_facts(after, split.retain)
     assert (given.top1, given.exact, given.logprob, given.mean_prob, given.correct) == (
         again.top1, again.exact, again.logprob, again.mean_prob, again.correct)
     assert retain_kl(facts_tiny, after, split.retain, logits) == retain_kl(facts_tiny, after, split.retain) > 0
-    with pytest.raises(WorkbenchError, match="prompt_logits must be"):
-        evaluate_facts(after, split.retain, prompt_logits=logits[:-1])
+    with pytest.raises(WorkbenchError, match="last_logits must be"):
+        evaluate_facts(after, split.retain, last_logits=logits[:-1])
     # in the measurement: each set of the retain set's size runs once per variant, and the retain
     # set once more for the base's side of the KL; w+Δ's run serves its evaluation and the KL (one
     # more run before)

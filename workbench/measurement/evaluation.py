@@ -90,12 +90,12 @@ def evaluate_facts(
     tokenizer: Any = None,
     batch_size: int = 128,
     multiple_choice: bool = True,
-    prompt_logits: torch.Tensor | None = None,
+    last_logits: torch.Tensor | None = None,
 ) -> FactScores:
     """First-token top-1, greedy exact match, answer log-probability, multiple-choice accuracy
     and mean first-token probability of ``model`` on ``facts``.
 
-    ``prompt_logits``: the facts' last-prompt-token logits when the caller already has them
+    ``last_logits``: the facts' last-prompt-token logits when the caller already has them
     (:func:`prompt_logits`, the same forwards), so they are not computed twice."""
     hf = hf_module(model)
     tokenizer = tokenizer or getattr(model, "tokenizer", None)
@@ -104,12 +104,12 @@ def evaluate_facts(
     if len(facts) == 0:
         return FactScores(top1=float("nan"), mc=float("nan"), mean_prob=float("nan"), n=0)
     ids, last, answers = encode_prompts(tokenizer, [f.prompt for f in facts], [f.answer for f in facts])
-    if prompt_logits is None:
+    if last_logits is None:
         logits = last_token_logits(hf, ids, last, batch_size)
-    elif prompt_logits.ndim != 2 or prompt_logits.shape[0] != len(facts):
-        raise WorkbenchError(f"prompt_logits must be [{len(facts)}, vocab], got {tuple(prompt_logits.shape)}")
+    elif last_logits.ndim != 2 or last_logits.shape[0] != len(facts):
+        raise WorkbenchError(f"last_logits must be [{len(facts)}, vocab], got {tuple(last_logits.shape)}")
     else:
-        logits = prompt_logits
+        logits = last_logits
     correct = is_top1(logits, answers)
     probs = _at_answers(torch.softmax, logits, answers)
     mc = _mc_accuracy(hf, tokenizer, facts, batch_size) if multiple_choice else float("nan")

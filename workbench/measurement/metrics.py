@@ -243,7 +243,7 @@ def _variant_scores(vname: str, vmodel: LoadedModel, split: FactSplit, quant: Qu
         return base_scores(key_model, split, quant, variants=(vname,), built={vname: vmodel})[vname]
     given = logits or {}
     return {sname: evaluate_facts(vmodel, facts, multiple_choice=_with_multiple_choice(sname, facts),
-                                  prompt_logits=given.get(sname))
+                                  last_logits=given.get(sname))
             for sname, facts in _fact_sets(split).items()}
 
 
