@@ -459,6 +459,90 @@ def test_retain_guard_stops_when_passing_and_undone_rounds_alternate(facts_tiny,
         assert torch.equal(delta, reference.deltas[name]), name
 
 
+def test_the_guard_reading_is_its_samples_accuracy_now(facts_tiny, split, every_module):
+    """The retain the live progress shows is the guard's sample's accuracy at the round's models."""
+    import dataclasses
+
+    from workbench.quant import quantized_copy
+    from workbench.unlearning.mansu.rounds import guard_reading
+
+    config = MansuConfig(**SMALL, guard_precision="both", retain_guard=0.5)
+    task = _task(facts_tiny, split, every_module)
+    state = setup_state(facts_tiny, task.batches, task.circuit, task.quant, config, report=lambda *_: None)
+    # A sample the model gets partly wrong (every other retain fact given its neighbour's answer),
+    # so a reading that is not this sample's accuracy now (e.g. the base's) shows.
+    retain = list(split.retain)
+    swapped = tuple(dataclasses.replace(f, answer=retain[(i + 1) % len(retain)].answer, choices=()) if i % 2 else f
+                    for i, f in enumerate(retain))
+    state.guard_batch = Batches.build(facts_tiny, dataclasses.replace(split, retain=swapped)).retain_set
+    # and a quantized model that answers otherwise than the full-precision one (a noisy deep copy of
+    # Q(w): the copy shares the base's unquantized tensors, which must not be touched)
+    before = facts_tiny.weights_hash()
+    noisy = copy.deepcopy(quantized_copy(facts_tiny.hf, task.quant, progress=lambda *_: None))
+    with torch.no_grad():
+        for p in noisy.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.5 * p.std())
+    state.q_answers = noisy
+    fp, q = state.guard_batch.accuracy(facts_tiny.hf), state.guard_batch.accuracy(noisy)
+    assert 0 < fp < 1 and q != fp
+    reading = guard_reading(state, config)
+    assert (reading.retain, reading.retain_q) == (fp, q)
+    assert reading.drop == max(state.guard_base - fp, state.guard_base_q - q)
+    assert reading.record("top1") == {"retain_top1": fp, "retain_top1_q": q}
+    only_fp = guard_reading(state, MansuConfig(**SMALL, retain_guard=0.5))
+    assert (only_fp.retain, only_fp.retain_q, only_fp.record("mc")) == (fp, None, {"retain_mc": fp})
+    assert guard_reading(state, MansuConfig(**SMALL, retain_guard=None)).record("top1") == {}
+    assert facts_tiny.weights_hash() == before
+
+
+@pytest.mark.parametrize("precision", ["full_precision", "both"])
+def test_each_kept_round_shows_the_retain_its_guard_measured(facts_tiny, split, every_module, monkeypatch,
+                                                             precision):
+    """Round, forget fp/quantized and retain in the round's record and its progress line: the
+    guard's own reading of that round (no extra forward)."""
+    import dataclasses
+
+    from workbench.unlearning.mansu import method
+    from workbench.unlearning.mansu.rounds import guard_reading
+
+    readings = []
+    monkeypatch.setattr(method, "guard_reading", lambda *a: readings.append(guard_reading(*a)) or readings[-1])
+    seen: list[str] = []
+    task = dataclasses.replace(_task(facts_tiny, split, every_module), progress=lambda _f, m: seen.append(m))
+    result = method.mansu(task, MansuConfig(**{**SMALL, "max_rounds": 2}, guard_precision=precision,
+                                            retain_guard=0.5))
+    assert len(result.history) == len(readings) == 2  # no round undone at this guard
+    for record, reading in zip(result.history, readings):
+        assert {k: v for k, v in record.items() if k.startswith("retain")} == reading.record("top1")
+        assert ("retain_top1_q" in record) == (precision == "both")
+        line = next(m for m in seen if m.startswith(f"MANSU round {int(record['step'])}: moved"))
+        assert f"retain top-1 {record['retain_top1']:.3f}" in line and "guard's sample" in line
+    off = method.mansu(_task(facts_tiny, split, every_module), MansuConfig(**{**SMALL, "max_rounds": 1},
+                                                                           retain_guard=None))
+    assert off.history and not any(k.startswith("retain") for k in off.history[0])
+
+
+def test_a_round_the_guard_undoes_is_shown(facts_tiny, split, every_module, monkeypatch):
+    import dataclasses
+
+    from workbench.unlearning.mansu import method
+    from workbench.unlearning.mansu.rounds import GuardReading, guard_reading
+
+    calls: list[int] = []
+
+    def first_fails(state, config):
+        calls.append(1)
+        return GuardReading(1.0, 0.0) if len(calls) == 1 else guard_reading(state, config)
+
+    monkeypatch.setattr(method, "guard_reading", first_fails)
+    seen: list[str] = []
+    task = dataclasses.replace(_task(facts_tiny, split, every_module), progress=lambda _f, m: seen.append(m))
+    method.mansu(task, MansuConfig(**{**SMALL, "max_rounds": 2}, retain_guard=0.5))
+    assert (f"MANSU round 1: undone by the retain guard; the next round makes at most "
+            f"{SMALL['params_per_round'] // 2} moves") in seen
+    assert any(m.startswith("MANSU round 2: moved") for m in seen)
+
+
 def test_a_run_reports_every_phase(facts_tiny, split, every_module):
     result = _run(facts_tiny, split, every_module, max_rounds=2)
     phases = result.diagnostics["seconds_by_phase"]
@@ -586,15 +670,15 @@ def test_best_step_moves_stay_within_max_code_steps(facts_tiny, split, every_mod
 
 
 def test_guard_in_both_precisions_sees_a_quantized_drop(facts_tiny, split, every_module):
-    from workbench.unlearning.mansu.rounds import retain_drop
+    from workbench.unlearning.mansu.rounds import guard_reading
 
     config = MansuConfig(**SMALL, guard_precision="both")
     task = _task(facts_tiny, split, every_module)
     state = setup_state(facts_tiny, task.batches, task.circuit, task.quant, config, report=lambda *_: None)
-    assert state.guard_base_q is not None and retain_drop(state, config) == 0.0
+    assert state.guard_base_q is not None and guard_reading(state, config).drop == 0.0
     state.guard_base_q += 0.5  # as if the quantized model had lost half its retain facts
-    assert retain_drop(state, config) == pytest.approx(0.5)
-    assert retain_drop(state, MansuConfig(**SMALL)) == 0.0  # the full-precision guard does not see it
+    assert guard_reading(state, config).drop == pytest.approx(0.5)
+    assert guard_reading(state, MansuConfig(**SMALL)).drop == 0.0  # the full-precision guard does not see it
 
 
 @pytest.mark.parametrize("where", ["full_precision", "quantized"])

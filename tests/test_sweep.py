@@ -318,6 +318,8 @@ def test_mlflow_tracking_reads_back(facts_tiny, split, tmp_path):
     assert logged.data.params["method"] == "mansu" and logged.data.params["quant.type"] == "nf4"
     rounds = client.get_metric_history(logged.info.run_id, "forget/nf4")  # MANSU measures each round quantized
     assert [m.value for m in rounds] == pytest.approx([h["forget_top1_q"] for h in run.history])
+    retain = client.get_metric_history(logged.info.run_id, "retain/fp")  # the retain guard's reading per round
+    assert run.history and [m.value for m in retain] == pytest.approx([h["retain_top1"] for h in run.history])
     assert logged.data.metrics["final/forget/fp"] == pytest.approx(run.metrics.forget.after_fp)
     assert logged.data.metrics["final/retain/nf4"] == pytest.approx(run.metrics.retain.after_q)
     diagnostics = run.metrics.diagnostics

@@ -34,7 +34,7 @@ EXPERIMENT = "mansu-workbench"
 # history record key → logged name; "{q}" is the run's quantizer (nf4, fp4, int8)
 HISTORY_SERIES = {"forget_top1": "forget/fp", "forget_top1_q": "forget/{q}", "retain_top1": "retain/fp",
                   "retain_top1_q": "retain/{q}", "forget_mc": "forget_mc/fp", "forget_mc_q": "forget_mc/{q}",
-                  "loss": "loss"}
+                  "retain_mc": "retain_mc/fp", "retain_mc_q": "retain_mc/{q}", "loss": "loss"}
 
 
 @dataclass(frozen=True)

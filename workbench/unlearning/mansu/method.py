@@ -23,8 +23,8 @@ from workbench.unlearning.mansu.rounds import (
     apply_round,
     evaluate_round,
     grow_round,
+    guard_reading,
     on_guard_failure,
-    retain_drop,
     snap_to_codes,
     take_moves,
     undo_round,
@@ -112,9 +112,12 @@ def mansu(task: UnlearningTask, config: MansuConfig | None = None) -> Unlearning
             rounds, stopped = rounds - 1, "cancelled"
             break
         stop, record = run_round(state, task, config, rounds)
+        fraction = min(0.99, 0.15 + 0.85 * rounds / config.max_rounds)
         if record is not None:
-            report(min(0.99, 0.15 + 0.85 * rounds / config.max_rounds),
-                   f"MANSU round {rounds}: moved {int(record['moved'])}, {_forget_text(record)}")
+            report(fraction, f"MANSU round {rounds}: moved {int(record['moved'])}, {_round_text(record)}")
+        elif stop is None:  # undone by the retain guard, and its patience not spent
+            report(fraction, f"MANSU round {rounds}: undone by the retain guard; the next round makes at most "
+                             f"{state.per_round} moves")
         if stop is not None:
             stopped = stop
             break
@@ -122,14 +125,20 @@ def mansu(task: UnlearningTask, config: MansuConfig | None = None) -> Unlearning
         snap_to_codes(state, task.quant, config)
         record = evaluate_round(state, task.batches, config, rounds)
         report(0.99, f"MANSU snapped {state.snapped} moves onto codes (dropped {state.snap_dropped}): "
-                     f"{_forget_text(record)}")
+                     f"{_round_text(record)}")
     return _result(state, task, config, rounds, stopped, time.perf_counter() - start)
 
 
-def _forget_text(record: dict[str, float]) -> str:
-    """A round's forget accuracy as the progress line shows it (the deciding one)."""
+def _round_text(record: dict[str, float]) -> str:
+    """A round's forget accuracy as the progress line shows it (the deciding one), and the retain
+    accuracy the guard measured on its sample when the record has it."""
     name, key = ("MC", "forget_mc") if "forget_mc" in record else ("top-1", "forget_top1")
-    return f"forget {name} {record[key]:.3f} (quantized {record[key + '_q']:.3f})"
+    text = f"forget {name} {record[key]:.3f} (quantized {record[key + '_q']:.3f})"
+    for label, retain in (("top-1", "retain_top1"), ("MC", "retain_mc")):
+        if retain in record:
+            quantized = f" (quantized {record[retain + '_q']:.3f})" if retain + "_q" in record else ""
+            text += f", retain {label} {record[retain]:.3f}{quantized} on the guard's sample"
+    return text
 
 
 def run_round(state: MansuState, task: UnlearningTask, config: MansuConfig,
@@ -153,8 +162,8 @@ def run_round(state: MansuState, task: UnlearningTask, config: MansuConfig,
         return ("fisher budget" if done.over_budget else "no candidates"), None
     apply_round(state, done, task.quant)
     tick = state.lap("quantizer", tick)
-    drop = retain_drop(state, config)
-    if config.retain_guard is not None and drop > config.retain_guard:
+    guard = guard_reading(state, config)
+    if config.retain_guard is not None and guard.drop > config.retain_guard:
         # The Fisher bound let the round through; the measurement does not.
         undo_round(state, done, task.quant)
         if on_guard_failure(state, done, config):
@@ -162,8 +171,8 @@ def run_round(state: MansuState, task: UnlearningTask, config: MansuConfig,
         state.lap("evaluation", tick)
         return None, None
     state.gradients = None  # the weights moved
-    grow_round(state, drop, config)
-    record = evaluate_round(state, task.batches, config, rounds)
+    grow_round(state, guard.drop, config)
+    record = evaluate_round(state, task.batches, config, rounds, guard.record(state.guard_batch.criterion))
     state.lap("evaluation", tick)
     key, target = task.batches.record_key, task.batches.target(config.forget_target)
     reached = record[key] <= target and record[f"{key}_q"] <= target

@@ -2,12 +2,13 @@
 real quantizer, the retain guard and the round's evaluation.
 
 Steps, in the order a round runs them: :func:`take_moves` (within the Fisher budget),
-:func:`verify_codes` (floor on), :func:`apply_round`, :func:`retain_drop`, then either
+:func:`verify_codes` (floor on), :func:`apply_round`, :func:`guard_reading`, then either
 :func:`undo_round` + :func:`on_guard_failure` or :func:`grow_round` + :func:`evaluate_round`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -106,16 +107,35 @@ def _hold_sum(state: MansuState, name: str) -> None:
         install(owner, SumAtForward(state.base[name], state.deltas.write(name)))
 
 
-def retain_drop(state: MansuState, config: MansuConfig) -> float:
+@dataclass(frozen=True)
+class GuardReading:
+    """What the retain guard measured after a round: the drop it judges the round by, and the
+    retain accuracy on its sample the drop came from (``retain_q`` only when it watches both
+    precisions; both ``None`` when the guard is off and measured nothing)."""
+
+    drop: float
+    retain: float | None = None
+    retain_q: float | None = None
+
+    def record(self, criterion: str) -> dict[str, float]:
+        """The reading as round-record entries: ``retain_top1`` (or ``retain_mc``), ``_q`` quantized."""
+        out = {} if self.retain is None else {f"retain_{criterion}": self.retain}
+        if self.retain_q is not None:
+            out[f"retain_{criterion}_q"] = self.retain_q
+        return out
+
+
+def guard_reading(state: MansuState, config: MansuConfig) -> GuardReading:
     """The retain guard's measurement: drop of the retain accuracy (top-1; multiple-choice accuracy
     on a multiple-choice retain set) on its retain sample since the base, in full
     precision (or the larger of the fp and quantized drops, with ``guard_precision="both"``); 0 when off."""
     if config.retain_guard is None:
-        return 0.0
-    drop = state.guard_base - state.guard_batch.accuracy(state.answers)
+        return GuardReading(0.0)
+    fp = state.guard_batch.accuracy(state.answers)
     if config.guard_precision == "both" and state.guard_base_q is not None:
-        drop = max(drop, state.guard_base_q - state.guard_batch.accuracy(state.q_answers))
-    return drop
+        q = state.guard_batch.accuracy(state.q_answers)
+        return GuardReading(max(state.guard_base - fp, state.guard_base_q - q), fp, q)
+    return GuardReading(state.guard_base - fp, fp)
 
 
 def undo_round(state: MansuState, done: Round, quant: QuantConfig) -> None:
@@ -173,10 +193,12 @@ def snap_to_codes(state: MansuState, quant: QuantConfig, config: MansuConfig) ->
     apply_round(state, written, quant)
 
 
-def evaluate_round(state: MansuState, batches: Batches, config: MansuConfig, rounds: int) -> dict[str, float]:
+def evaluate_round(state: MansuState, batches: Batches, config: MansuConfig, rounds: int,
+                   retain: Mapping[str, float] | None = None) -> dict[str, float]:
     """Forget accuracy of w+Δ and Q(w+Δ) after a kept round (refreshing which facts each still
     answers), by the run's criterion: first-token top-1 (``forget_top1``/``forget_top1_q``), and
-    on a multiple-choice forget set also ``forget_mc``/``forget_mc_q``, which decide."""
+    on a multiple-choice forget set also ``forget_mc``/``forget_mc_q``, which decide; ``retain``:
+    the round's retain entries (:meth:`GuardReading.record`), measured by the guard already."""
     state.still = batches.forget_answered(state.answers)
     answered_q = batches.forget_answered(state.q_answers)
     state.q_still = answered_q if config.forget_direction != "full_precision" else None
@@ -186,5 +208,6 @@ def evaluate_round(state: MansuState, batches: Batches, config: MansuConfig, rou
         record["forget_mc"], record["forget_mc_q"] = fp, q
         fp, q = state.answers.top1(batches.forget), state.q_answers.top1(batches.forget)
     record["forget_top1"], record["forget_top1_q"] = fp, q
+    record.update(retain or {})
     state.history.append(record)
     return record
