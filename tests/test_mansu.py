@@ -5,6 +5,7 @@ bitsandbytes quantizer), the diagonal-Fisher budget, and circuit restriction."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -461,8 +462,6 @@ def test_retain_guard_stops_when_passing_and_undone_rounds_alternate(facts_tiny,
 
 def test_the_guard_reading_is_its_samples_accuracy_now(facts_tiny, split, every_module):
     """The retain the live progress shows is the guard's sample's accuracy at the round's models."""
-    import dataclasses
-
     from workbench.quant import quantized_copy
     from workbench.unlearning.mansu.rounds import guard_reading
 
@@ -500,13 +499,16 @@ def test_each_kept_round_shows_the_retain_its_guard_measured(facts_tiny, split, 
                                                              precision):
     """Round, forget fp/quantized and retain in the round's record and its progress line: the
     guard's own reading of that round (no extra forward)."""
-    import dataclasses
-
     from workbench.unlearning.mansu import method
-    from workbench.unlearning.mansu.rounds import guard_reading
+    from workbench.unlearning.mansu.rounds import GuardReading, guard_reading
 
-    readings = []
-    monkeypatch.setattr(method, "guard_reading", lambda *a: readings.append(guard_reading(*a)) or readings[-1])
+    readings: list[GuardReading] = []
+
+    def recorded(state, config):
+        readings.append(guard_reading(state, config))
+        return readings[-1]
+
+    monkeypatch.setattr(method, "guard_reading", recorded)
     seen: list[str] = []
     task = dataclasses.replace(_task(facts_tiny, split, every_module), progress=lambda _f, m: seen.append(m))
     result = method.mansu(task, MansuConfig(**{**SMALL, "max_rounds": 2}, guard_precision=precision,
@@ -523,8 +525,6 @@ def test_each_kept_round_shows_the_retain_its_guard_measured(facts_tiny, split, 
 
 
 def test_a_round_the_guard_undoes_is_shown(facts_tiny, split, every_module, monkeypatch):
-    import dataclasses
-
     from workbench.unlearning.mansu import method
     from workbench.unlearning.mansu.rounds import GuardReading, guard_reading
 
