@@ -487,10 +487,12 @@ def test_the_guard_reading_is_its_samples_accuracy_now(facts_tiny, split, every_
     reading = guard_reading(state, config)
     assert (reading.retain, reading.retain_q) == (fp, q)
     assert reading.drop == max(state.guard_base - fp, state.guard_base_q - q)
-    assert reading.record("top1") == {"retain_top1": fp, "retain_top1_q": q}
+    assert reading.record() == {"retain_top1": fp, "retain_top1_q": q}
     only_fp = guard_reading(state, MansuConfig(**SMALL, retain_guard=0.5))
-    assert (only_fp.retain, only_fp.retain_q, only_fp.record("mc")) == (fp, None, {"retain_mc": fp})
-    assert guard_reading(state, MansuConfig(**SMALL, retain_guard=None)).record("top1") == {}
+    assert (only_fp.retain, only_fp.retain_q, only_fp.record()) == (fp, None, {"retain_top1": fp})
+    assert guard_reading(state, MansuConfig(**SMALL, retain_guard=None)).record() == {}
+    # a multiple-choice sample names its entries so
+    assert dataclasses.replace(reading, criterion="mc").record() == {"retain_mc": fp, "retain_mc_q": q}
     assert facts_tiny.weights_hash() == before
 
 
@@ -515,7 +517,7 @@ def test_each_kept_round_shows_the_retain_its_guard_measured(facts_tiny, split, 
                                             retain_guard=0.5))
     assert len(result.history) == len(readings) == 2  # no round undone at this guard
     for record, reading in zip(result.history, readings):
-        assert {k: v for k, v in record.items() if k.startswith("retain")} == reading.record("top1")
+        assert {k: v for k, v in record.items() if k.startswith("retain")} == reading.record()
         assert ("retain_top1_q" in record) == (precision == "both")
         line = next(m for m in seen if m.startswith(f"MANSU round {int(record['step'])}: moved"))
         assert f"retain top-1 {record['retain_top1']:.3f}" in line and "guard's sample" in line

@@ -172,7 +172,7 @@ def run_round(state: MansuState, task: UnlearningTask, config: MansuConfig,
         return None, None
     state.gradients = None  # the weights moved
     grow_round(state, guard.drop, config)
-    record = evaluate_round(state, task.batches, config, rounds, guard.record(state.guard_batch.criterion))
+    record = evaluate_round(state, task.batches, config, rounds, guard.record())
     state.lap("evaluation", tick)
     key, target = task.batches.record_key, task.batches.target(config.forget_target)
     reached = record[key] <= target and record[f"{key}_q"] <= target

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from workbench.core.computed_weight import install, installed
+from workbench.data.facts import AnswerCriterion
 from workbench.models.update import SumAtForward, stored_sum
 from workbench.quant import QuantConfig, quantize_codes
 from workbench.quant.compact import write_quantized
@@ -116,12 +117,13 @@ class GuardReading:
     drop: float
     retain: float | None = None
     retain_q: float | None = None
+    criterion: AnswerCriterion = "top1"  # the guard sample's: top-1, or multiple choice ("mc")
 
-    def record(self, criterion: str) -> dict[str, float]:
+    def record(self) -> dict[str, float]:
         """The reading as round-record entries: ``retain_top1`` (or ``retain_mc``), ``_q`` quantized."""
-        out = {} if self.retain is None else {f"retain_{criterion}": self.retain}
+        out = {} if self.retain is None else {f"retain_{self.criterion}": self.retain}
         if self.retain_q is not None:
-            out[f"retain_{criterion}_q"] = self.retain_q
+            out[f"retain_{self.criterion}_q"] = self.retain_q
         return out
 
 
@@ -131,11 +133,11 @@ def guard_reading(state: MansuState, config: MansuConfig) -> GuardReading:
     precision (or the larger of the fp and quantized drops, with ``guard_precision="both"``); 0 when off."""
     if config.retain_guard is None:
         return GuardReading(0.0)
-    fp = state.guard_batch.accuracy(state.answers)
+    fp, criterion = state.guard_batch.accuracy(state.answers), state.guard_batch.criterion
     if config.guard_precision == "both" and state.guard_base_q is not None:
         q = state.guard_batch.accuracy(state.q_answers)
-        return GuardReading(max(state.guard_base - fp, state.guard_base_q - q), fp, q)
-    return GuardReading(state.guard_base - fp, fp)
+        return GuardReading(max(state.guard_base - fp, state.guard_base_q - q), fp, q, criterion)
+    return GuardReading(state.guard_base - fp, fp, criterion=criterion)
 
 
 def undo_round(state: MansuState, done: Round, quant: QuantConfig) -> None:
