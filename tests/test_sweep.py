@@ -291,6 +291,9 @@ def test_tensorboard_tracking_reads_back(capsys, facts_tiny, tmp_path):
     scalars = acc.Tags()["scalars"]
     assert [e.step for e in acc.Scalars("forget/fp")] == [1, 2]
     assert [e.value for e in acc.Scalars("forget/fp")] == pytest.approx([h["forget_top1"] for h in run.history])
+    # the loop's reading at its last step: retain, and the deployed model's forget (the final metric's)
+    assert [(e.step, e.value) for e in acc.Scalars("retain/fp")] == [(2, pytest.approx(run.history[-1]["retain_top1"]))]
+    assert [(e.step, e.value) for e in acc.Scalars("forget/nf4")] == [(2, pytest.approx(run.metrics.forget.after_q))]
     assert acc.Scalars("final/forget/nf4")[0].value == pytest.approx(run.metrics.forget.after_q)
     assert acc.Scalars("final/retain/fp")[0].value == pytest.approx(run.metrics.retain.after_fp)
     assert "loss" in scalars and "final/ptq_gap" in scalars

@@ -37,6 +37,7 @@ from workbench.models.loaded import LoadedModel
 from workbench.models.loading import load_model
 from workbench.quant import QuantConfig
 from workbench.unlearning.objectives import BaselineConfig
+from workbench.unlearning.readings import LoopReadings
 from workbench.unlearning.registry import MethodConfig, unlearn
 from workbench.unlearning.result import UnlearningResult
 from workbench.unlearning.task import OptimConfig, StopRule
@@ -106,6 +107,7 @@ def run_unlearning(
     optim: OptimConfig | None = None,
     stop: StopRule | None = None,
     baseline: BaselineConfig | None = None,
+    readings: LoopReadings | None = None,
     thresholds: Thresholds | None = None,
     oracle: LoadedModel | None = None,
     measure_cad: bool = True,
@@ -118,7 +120,9 @@ def run_unlearning(
     """Unlearn, measure everything, and (by default) save the run atomically.
 
     ``method_config`` is the method's own config (e.g. :class:`MansuConfig`); ``optim``,
-    ``stop`` and ``baseline`` are the gradient methods' shared settings. MANSU needs a
+    ``stop`` and ``baseline`` are the gradient methods' shared settings, ``readings`` what their
+    loop measures for its progress besides (:class:`LoopReadings`; not part of a job's key: it
+    changes no result). MANSU needs a
     circuit; when none is given, the forget set is attributed and the default top-k circuit
     is used. Baselines record the circuit too (for CAD's circuit share). Returns the
     method's result, the run's metrics (without ``run_id``) and the saved run (``None``
@@ -133,7 +137,7 @@ def run_unlearning(
     circuit = _circuit_for(model, split, circuit, method, report)
     components = sorted(circuit.selected) if circuit is not None else None
     result = unlearn(model, split, method=method, quant=quant, circuit=components, method_config=method_config,
-                     optim=optim, stop=stop, baseline=baseline, progress=scaled(report, 0.0, 0.6),
+                     optim=optim, stop=stop, baseline=baseline, readings=readings, progress=scaled(report, 0.0, 0.6),
                      should_stop=should_stop)
     if result.stopped == "cancelled":
         raise WorkbenchError("the run was cancelled; nothing was saved")

@@ -2,8 +2,9 @@
 
 Each newly saved run is logged once, from what the store holds: its ``config.json`` (as
 text / flattened parameters), its per-step or per-round history (forget top-1 in full
-precision, and quantized where the method measured it: MANSU's rounds do, the gradient
-loop measures full precision only; retain where a record carries it; the loss) and its
+precision and quantized, retain top-1 on a sample in both, where the record carries them:
+every MANSU round, every ``LoopReadings.every``-th step of the gradient loop and its last;
+the loss) and its
 final metrics (forget and retain of the base, w+Δ, Q(w)+Δ and Q(w+Δ), the PTQ gap, the
 update's size, the four properties). Logging from the saved run rather than from the live
 loop is what lets worker processes and Ray tasks be tracked by the driver alone.

@@ -124,7 +124,8 @@ class LoadedModel:
         h = hashlib.sha256()
         for name, p in self.hf.named_parameters():
             h.update(name.encode())
-            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+            # as raw bytes: numpy has no bfloat16 (the same bytes, so the same hash, for float32)
+            h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
 
     def bridge(self) -> Any:

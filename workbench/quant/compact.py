@@ -19,7 +19,7 @@ MANSU without a circuit holds its whole model at Q(w+Δ) as codes, the weights i
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -74,13 +74,16 @@ class CodesAtForward(WeightAtForward):
         return self.packed.nbytes + w.absmax.nbytes + w.absmax_exact.nbytes + w.code_table.nbytes
 
 
-def compact_quantized_copy(model: nn.Module, cfg: QuantConfig, *, materialized: Collection[str]) -> nn.Module:
+def compact_quantized_copy(model: nn.Module, cfg: QuantConfig, *, materialized: Collection[str],
+                           weights: Mapping[str, Tensor] | None = None) -> nn.Module:
     """:func:`~workbench.quant.model.quantized_copy` holding as codes every quantized weight that is
     not in ``materialized`` and belongs to one Linear/Conv1D module alone (the rest as tensors).
 
     ``materialized``: the weights the caller writes into from the start; the others are read
     only by their own module's forward (a compact weight's parameter is a placeholder without
     storage between forwards, which can take a gradient; :func:`write_quantized` gives it new codes).
+    ``weights``: values to quantize in place of ``model``'s own quantized weights of those names
+    (same shapes), each read once as the copy is built, so a lazy mapping holds one at a time.
     ``model`` is not modified.
     """
     if not isinstance(model, nn.Module):
@@ -93,7 +96,8 @@ def compact_quantized_copy(model: nn.Module, cfg: QuantConfig, *, materialized: 
     copy = sharing_copy(model)
     with torch.no_grad():
         for name in names:
-            w = model.get_parameter(name).detach()
+            w = weights[name] if weights is not None and name in weights else model.get_parameter(name).detach()
+            _check_same_shape(name, w, model.get_parameter(name))
             if name in tensors:  # as quantized_copy holds it
                 copy.get_parameter(name).data = quantize_dequantize(w, cfg, transposed=name in transposed)
                 continue
@@ -102,6 +106,12 @@ def compact_quantized_copy(model: nn.Module, cfg: QuantConfig, *, materialized: 
     for p in copy.parameters():
         p.requires_grad_(False)
     return copy.eval()
+
+
+def _check_same_shape(name: str, value: Tensor, parameter: Tensor) -> None:
+    if value.shape != parameter.shape:
+        raise WorkbenchError(f"a value of shape {tuple(value.shape)} for {name!r}, a weight of shape "
+                             f"{tuple(parameter.shape)}")
 
 
 def compact_bytes(model: nn.Module) -> int:

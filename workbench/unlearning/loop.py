@@ -25,6 +25,7 @@ from workbench.models.loaded import LoadedModel
 from workbench.models.scoring import FactBatch, top1
 from workbench.models.update import Update
 from workbench.quant import QuantConfig
+from workbench.unlearning.readings import take_reading
 from workbench.unlearning.result import UnlearningResult, already_at_target, nothing_to_unlearn
 from workbench.unlearning.task import OptimConfig, TrainableSet, UnlearningTask
 
@@ -87,9 +88,17 @@ def run_gradient_method(
     opt = torch.optim.Adam([params[n] for n in names], lr=optim.lr)
     gen = torch.Generator().manual_seed(optim.seed)
 
+    def trained() -> dict[str, torch.Tensor]:
+        """The trained tensors under the base's names (``work`` in eval mode)."""
+        with torch.no_grad():
+            return finish(work) if finish is not None else {n: params[n].detach() for n in names}
+
     history: list[dict[str, float]] = []
     stopped = "budget"
     step = 0
+    reading_seconds = 0.0
+    sample = task.readings.sample(batches) if task.readings.every else None
+    target = None if stop.forget_target is None else batches.target(stop.forget_target)
     with Steps(stop.max_steps, f"unlearning ({method})", task.progress) as steps:
         for step in range(1, stop.max_steps + 1):
             if task.should_stop is not None and task.should_stop():
@@ -98,26 +107,29 @@ def run_gradient_method(
                 break
             loss = _step(objective, work, task, optim, gen, opt, names, params, grad_mask, method, step)
             record: dict[str, float] = {"step": step, "loss": float(loss.detach())}
+            work.eval()
             if step % stop.eval_every == 0 or step == stop.max_steps:
-                work.eval()
                 record["forget_top1"] = top1(work, batches.forget)
                 if batches.choices is not None:
                     record["forget_mc"] = batches.forget_accuracy(work)
-                work.train()
+            reached = target is not None and record.get(batches.record_key, 1.0) <= target
+            if sample is not None and task.readings.due(step, last=reached or step == stop.max_steps):
+                tick = time.perf_counter()
+                record.update(take_reading(model, batches, task.quant, work, trained, sample).record())
+                reading_seconds += time.perf_counter() - tick  # for display only: not the method's time
+            work.train()
             history.append(record)
             steps.postfix(**{k: f"{v:.3f}" for k, v in record.items() if k != "step"})
             steps.step(_step_message(method, record))
-            target = None if stop.forget_target is None else batches.target(stop.forget_target)
-            if target is not None and record.get(batches.record_key, 1.0) <= target:
+            if reached:
                 stopped = "target"
                 break
     work.eval()
-    with torch.no_grad():
-        after = finish(work) if finish is not None else {n: params[n].detach() for n in names}
-    update = Update.between(model.state(), after)
+    update = Update.between(model.state(), trained())
     update.meta.update({"method": method, "base_fingerprint": model.fingerprint})
     return UnlearningResult(update=update, method=method, steps=step, stopped=stopped,
-                            seconds=time.perf_counter() - start, history=history)
+                            seconds=time.perf_counter() - start - reading_seconds, history=history,
+                            diagnostics={"reading_seconds": reading_seconds} if sample is not None else {})
 
 
 def _step(objective: Objective, work: torch.nn.Module, task: UnlearningTask, optim: OptimConfig,
@@ -146,9 +158,11 @@ def _step(objective: Objective, work: torch.nn.Module, task: UnlearningTask, opt
 
 
 def _step_message(method: str, record: dict[str, float]) -> str:
+    """A step's progress line: the loss, and each accuracy the step measured (quantized beside it)."""
     msg = f"{method} step {int(record['step'])}: loss {record['loss']:.3f}"
-    if "forget_top1" in record:
-        msg += f", forget top-1 {record['forget_top1']:.3f}"
-    if "forget_mc" in record:
-        msg += f", forget MC {record['forget_mc']:.3f}"
+    for label, key in (("forget top-1", "forget_top1"), ("forget MC", "forget_mc"),
+                       ("retain top-1", "retain_top1"), ("retain MC", "retain_mc")):
+        if key in record:
+            quantized = f" (quantized {record[key + '_q']:.3f})" if key + "_q" in record else ""
+            msg += f", {label} {record[key]:.3f}{quantized}"
     return msg

@@ -27,6 +27,7 @@ from workbench.unlearning.methods.quail import QuailConfig, quail
 from workbench.unlearning.methods.rmu import RmuConfig, rmu
 from workbench.unlearning.methods.sure import SureConfig, sure
 from workbench.unlearning.objectives import BaselineConfig, ForgetRetainObjective
+from workbench.unlearning.readings import LoopReadings
 from workbench.unlearning.result import UnlearningResult
 from workbench.unlearning.task import OptimConfig, StopRule, UnlearningTask
 
@@ -115,6 +116,7 @@ def unlearn(
     optim: OptimConfig | None = None,
     stop: StopRule | None = None,
     baseline: BaselineConfig | None = None,
+    readings: LoopReadings | None = None,
     progress: Progress | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> UnlearningResult:
@@ -122,7 +124,8 @@ def unlearn(
 
     ``method_config`` is the method's own config (``REGISTRY[method].config_type``; its
     defaults when None). The gradient methods share ``optim`` (default: Adam at the model's
-    :func:`default_lr`), ``stop`` and ``baseline``, so runs stop by the same rule.
+    :func:`default_lr`), ``stop`` and ``baseline``, so runs stop by the same rule; ``readings``:
+    what their loop measures for progress and history besides (default :class:`LoopReadings`).
     """
     spec = method_spec(method)
     check_method_config(spec, method_config)
@@ -130,6 +133,7 @@ def unlearn(
         model=model, batches=Batches.build(model, split), quant=quant or QuantConfig("nf4"),
         circuit=tuple(circuit) if circuit is not None else None,
         optim=optim or OptimConfig(lr=default_lr(model)), stop=stop or StopRule(),
-        baseline=baseline or BaselineConfig(), progress=progress, should_stop=should_stop,
+        baseline=baseline or BaselineConfig(), readings=readings or LoopReadings(), progress=progress,
+        should_stop=should_stop,
     )
     return spec.run(task, method_config)

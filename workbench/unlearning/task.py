@@ -19,6 +19,7 @@ from workbench.models.loaded import LoadedModel
 from workbench.quant import QuantConfig
 from workbench.unlearning.batches import Batches
 from workbench.unlearning.objectives import BaselineConfig
+from workbench.unlearning.readings import LoopReadings
 
 TrainableSet = Literal["quantized", "all"]
 """``quantized``: only the weights the quantizer quantizes (decoder Linear/Conv1D weights), so every
@@ -82,6 +83,8 @@ class UnlearningTask:
         optim: optimiser and batching of the gradient methods.
         stop: the shared stopping rule of the gradient methods.
         baseline: loss weights of the gradient-ascent family (also used by SURE, QUAIL, LoRA).
+        readings: what the gradient loop reads for its progress and history beside the forget
+            accuracy (retain, and Q(w+Δ)'s forget and retain; :mod:`~workbench.unlearning.readings`).
         progress: ``progress(fraction, message)``; a tqdm bar when ``None``.
         should_stop: polled between steps; ``True`` cancels the run.
     """
@@ -93,5 +96,6 @@ class UnlearningTask:
     optim: OptimConfig = field(default_factory=OptimConfig)
     stop: StopRule = field(default_factory=StopRule)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    readings: LoopReadings = field(default_factory=LoopReadings)
     progress: Progress | None = None
     should_stop: Callable[[], bool] | None = None
