@@ -237,6 +237,10 @@ def test_node_table_cancel_pin_and_runs(page):
     expect(page.locator("#pinned-summary")).to_contain_text("mansu ·")
     expect(page.locator("#accuracy")).to_contain_text("graddiff")
     expect(page.locator("#accuracy")).to_contain_text("mansu")
+    # forget/retain over the steps: both runs, full precision and quantized (GradDiff read at its last step)
+    history = page.locator("#history")
+    for series in ("graddiff", "mansu", "full precision", "quantized"):
+        expect(history).to_contain_text(series)
     page.locator("#accuracy").scroll_into_view_if_needed()
     shot(page, "09-pinned-comparison")
 

@@ -176,3 +176,31 @@ def test_faithfulness_curve_and_fact_figures():
     rec, drop = fig.data
     assert list(rec.x) == [1, 2, 3] and list(rec.y) == [0.2, 0.5, 0.9] and list(drop.y) == [0.1, 0.4, 0.8]
     assert list(rec.customdata) == ["L0.H1", "L2.MLP", "L2.H3"] and "kl" in fig.layout.title.text
+
+
+def test_history_figure_draws_only_the_points_each_run_measured():
+    from workbench.faces.plots import history_figure
+
+    # a baseline: forget every step, retain and the quantized model at steps 2 and 3 only
+    baseline = [{"step": 1, "loss": 0.5, "forget_top1": 0.9},
+                {"step": 2, "loss": 0.4, "forget_top1": 0.7, "forget_top1_q": 0.8, "retain_top1": 0.95,
+                 "retain_top1_q": 0.9},
+                {"step": 3, "loss": 0.3, "forget_top1": 0.5, "forget_top1_q": 0.6, "retain_top1": 0.93,
+                 "retain_top1_q": 0.88}]
+    # MANSU on a multiple-choice forget set: MC decides, so its panel plots MC
+    mansu = [{"step": 1, "forget_mc": 0.6, "forget_mc_q": 0.7, "forget_top1": 0.5, "forget_top1_q": 0.5,
+              "retain_top1": 1.0}]
+    fig = history_figure({"ga": baseline, "mansu": mansu})
+    traces = {(t.name, t.xaxis): (list(t.x), list(t.y)) for t in fig.data}
+    assert traces == {
+        ("ga, full precision", "x"): ([1, 2, 3], [0.9, 0.7, 0.5]),
+        ("ga, quantized", "x"): ([2, 3], [0.8, 0.6]),
+        ("ga, full precision", "x2"): ([2, 3], [0.95, 0.93]),
+        ("ga, quantized", "x2"): ([2, 3], [0.9, 0.88]),
+        ("mansu, full precision", "x"): ([1], [0.6]),
+        ("mansu, quantized", "x"): ([1], [0.7]),
+        ("mansu, full precision", "x2"): ([1], [1.0]),
+    }
+    assert {t.line.dash for t in fig.data if t.name.endswith("quantized")} == {"dash"}
+    empty = history_figure({"old run": [{"step": 1, "loss": 0.1}]})
+    assert not empty.data and any("no per-step record" in a.text for a in empty.layout.annotations)

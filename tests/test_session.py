@@ -394,8 +394,13 @@ def test_unlearn_compare_and_runs(attributed, runs_root):
     graddiff = s.unlearn("graddiff", stop={"max_steps": 2, "forget_target": None}, measure_cad=False,
                          use_oracle=False)
     assert graddiff.metrics.method == "graddiff" and s.pinned is view
-    accuracy, _ratios = shared_figures([s.current, s.pinned])
+    accuracy, _ratios, steps = shared_figures([s.current, s.pinned])
     assert len({t.name for t in accuracy.data}) == 2
+    # forget/retain over the steps: the graddiff run's records as saved (its last step read retain too)
+    assert s.current.history and list(s.current.history) == json.loads((graddiff.path / "history.json").read_text())
+    retain_fp = next(t for t in steps.data if t.name.endswith("full precision") and t.xaxis == "x2"
+                     and t.name.startswith(graddiff.label))
+    assert list(retain_fp.x) == [2] and list(retain_fp.y) == [s.current.history[-1]["retain_top1"]]
     assert compare_figures(graddiff).cad is None and compare_figures(graddiff).notes  # measured without CAD
 
     rows = runs_table(runs_root)

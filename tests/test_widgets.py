@@ -133,6 +133,9 @@ def test_run_baseline_and_mansu_fill_the_compare_tab(wb):
     assert any("Accuracy" in t for t in titles) and any("occupancy" in t for t in titles)
     ratio = next(f for f in wb.compare_figs if "bin widths" in f.layout.title.text)
     assert {t.name for t in ratio.data} == {"ga #1", "mansu #2"}
+    steps = next(f for f in wb.compare_figs if "while unlearning" in f.layout.title.text)
+    mansu_fp = next(t for t in steps.data if t.name == "mansu #2, full precision" and t.xaxis == "x")
+    assert list(mansu_fp.y) == [r["forget_top1"] for r in wb.histories["mansu #2"]]
     assert wb.tabs.selected_index == 3
 
 

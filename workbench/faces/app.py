@@ -175,15 +175,15 @@ def _view_outputs(view: RunView | None, module: str, cad: str) -> tuple[Any, ...
 
 
 def compare_outputs(s: Session, module: str | None, cad: str | None) -> tuple[Any, ...]:
-    """module picker, current run (4), pinned run (4), accuracy, |Δw|/bin width."""
+    """module picker, current run (4), pinned run (4), accuracy, |Δw|/bin width, forget/retain over the steps."""
     if s.current is None:
         raise WorkbenchError("no run yet: run unlearning or open a saved run")
     module = module if module in s.current.modules else "overall"
     cad = cad or "fp"
     views = [s.current] + ([s.pinned] if s.pinned is not None and s.pinned is not s.current else [])
-    accuracy, ratios = shared_figures(views)
+    accuracy, ratios, history = shared_figures(views)
     return (gr.Dropdown(choices=s.current.modules, value=module),
-            *_view_outputs(s.current, module, cad), *_view_outputs(s.pinned, module, cad), accuracy, ratios)
+            *_view_outputs(s.current, module, cad), *_view_outputs(s.pinned, module, cad), accuracy, ratios, history)
 
 
 def runs_outputs(s: Session) -> tuple[Any, ...]:
@@ -675,10 +675,11 @@ class CompareViews:
     pinned: tuple[gr.Markdown, gr.Dataframe, gr.Plot, gr.Plot]
     accuracy_plot: gr.Plot
     ratio_plot: gr.Plot
+    history_plot: gr.Plot
 
     def outputs(self) -> list[Any]:
         """What every compare handler returns, in its order."""
-        return [self.module, *self.current, *self.pinned, self.accuracy_plot, self.ratio_plot]
+        return [self.module, *self.current, *self.pinned, self.accuracy_plot, self.ratio_plot, self.history_plot]
 
 
 def _compare_section() -> CompareViews:
@@ -707,7 +708,10 @@ def _compare_section() -> CompareViews:
     accuracy_plot = gr.Plot(label="Forget / retain accuracy, full precision vs quantized (PTQ gap)",
                             elem_id="accuracy")
     ratio_plot = gr.Plot(label="|Δw| / bin width of changed weights", elem_id="ratio")
-    return CompareViews(module, cad_which, pin_button, unpin_button, current, pinned, accuracy_plot, ratio_plot)
+    history_plot = gr.Plot(label="Forget / retain over the steps (rounds), full precision vs quantized",
+                           elem_id="history")
+    return CompareViews(module, cad_which, pin_button, unpin_button, current, pinned, accuracy_plot, ratio_plot,
+                        history_plot)
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import plotly.graph_objects as go
@@ -475,6 +475,45 @@ def accuracy_figure(metrics: UpdateMetrics | Mapping[str, UpdateMetrics], *, tit
     return fig
 
 
+HISTORY_SERIES = {"forget": ("forget_mc", "forget_top1"), "retain": ("retain_mc", "retain_top1")}
+"""Per panel, the history keys it plots, the deciding one first (multiple choice where measured)."""
+
+
+def _history_key(history: Sequence[Mapping[str, float]], panel: str) -> str | None:
+    """The key a panel plots: the first of :data:`HISTORY_SERIES` any record carries."""
+    return next((k for k in HISTORY_SERIES[panel] if any(k in r for r in history)), None)
+
+
+def history_figure(histories: Mapping[str, Sequence[Mapping[str, float]]], *, title: str | None = None) -> go.Figure:
+    """Forget | retain accuracy over each run's steps (gradient methods) or kept rounds (MANSU),
+    full precision solid and quantized dashed, one colour per run. Only the points a run
+    measured are drawn: a baseline reads retain and the quantized model every few steps
+    (:class:`~workbench.unlearning.readings.LoopReadings`), MANSU's guard reads retain on its sample."""
+    fig = make_subplots(rows=1, cols=2, shared_yaxes=True,
+                        subplot_titles=("forget (lower = forgotten)", "retain on a sample (higher = kept)"))
+    palette = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+    for i, (label, history) in enumerate(histories.items()):
+        for col, panel in ((1, "forget"), (2, "retain")):
+            key = _history_key(history, panel)
+            for suffix, dash, precision in (("", "solid", "full precision"), ("_q", "dash", "quantized")):
+                points = [(r["step"], r[key + suffix]) for r in history if key and key + suffix in r and "step" in r]
+                if not points:
+                    continue
+                xs, ys = zip(*points)
+                fig.add_trace(go.Scatter(
+                    x=list(xs), y=list(ys), mode="lines+markers", name=f"{label}, {precision}", legendgroup=label,
+                    line=dict(color=palette[i % len(palette)], dash=dash), showlegend=col == 1,
+                    hovertemplate=f"{label}<br>step %{{x}}: %{{y:.3f}}<extra>{key}{suffix}</extra>"), row=1, col=col)
+    if not fig.data:
+        fig.add_annotation(text="no per-step record in these runs", showarrow=False, x=0.5, y=0.5,
+                           xref="paper", yref="paper")
+    fig.update_xaxes(title="step (gradient methods) or round (MANSU)")
+    fig.update_yaxes(range=[0, 1.05], tickformat=".0%")
+    fig.update_layout(title=title or "Forget and retain while unlearning, full precision vs quantized",
+                      plot_bgcolor="white", height=380, margin=dict(l=60, r=20, t=70, b=60))
+    return fig
+
+
 def cad_diff_figure(metrics: UpdateMetrics, which: str = "fp", *, top: int | None = 30) -> go.Figure:
     """Per-node attribution before | after | difference behind a run's CAD (``which``:
     ``"fp"`` = w vs w+Δ, ``"quantized"`` = Q(w) vs Q(w+Δ))."""
@@ -500,6 +539,7 @@ __all__ = [
     "circuit_diff_figure",
     "circuit_figure",
     "head_heatmap",
+    "history_figure",
     "node_positions",
     "occupancy_figure",
     "quantization_module",

@@ -60,6 +60,7 @@ from workbench.faces.plots import (
     fact_heatmap,
     faithfulness_curve_figure,
     head_heatmap,
+    history_figure,
     occupancy_figure,
     update_ratio_figure,
 )
@@ -360,6 +361,7 @@ class RunView:
     metrics: RunMetrics
     run_id: str | None = None
     path: Path | None = None
+    history: tuple[dict[str, float], ...] = ()  # the run's per-step (per-round) records
 
     @property
     def modules(self) -> list[str]:
@@ -890,7 +892,8 @@ class Session:
         run = self._execute(model, split, quant, method, method_config=method_config, optim=optim_config,
                             stop=stop_rule, circuit=self.circuit, oracle=oracle, measure_cad=bool(measure_cad),
                             progress=progress)
-        self.current = RunView(label=f"{method} · {run.id}", metrics=run.metrics, run_id=run.id, path=run.path)
+        self.current = RunView(label=f"{method} · {run.id}", metrics=run.metrics, run_id=run.id, path=run.path,
+                               history=tuple(run.history))
         self._last_mansu, self.ablations = None, []
         if method == "mansu" and isinstance(method_config, MansuConfig):
             self._last_mansu = _MansuRun(run, method_config, bool(use_oracle), bool(measure_cad))
@@ -1007,7 +1010,7 @@ class Session:
             raise WorkbenchError("choose a run from the history first")
         run = self._load_own_run(str(run_id).strip())
         self.current = RunView(label=f"{run.metrics.method} · {run.id}", metrics=run.metrics,
-                               run_id=run.id, path=run.path)
+                               run_id=run.id, path=run.path, history=tuple(run.history))
         return self.current
 
     def run_files(self, run_id: str | None = None) -> list[Path]:
@@ -1121,13 +1124,13 @@ def compare_figures(view: RunView, module: str = "overall", cad: str = "fp") -> 
                           summary=run_summary(view), notes=notes)
 
 
-def shared_figures(views: Sequence[RunView]) -> tuple[go.Figure, go.Figure]:
-    """Accuracy fp vs quantized and |Δw|/bin width, every given run overlaid."""
+def shared_figures(views: Sequence[RunView]) -> tuple[go.Figure, go.Figure, go.Figure]:
+    """Accuracy fp vs quantized, |Δw|/bin width and forget/retain over the steps, every given run overlaid."""
 
     labelled = _unique_labels(views)
     accuracy = accuracy_figure({label: v.metrics for label, v in labelled.items()})
     ratios = update_ratio_figure({label: v.metrics.quantization for label, v in labelled.items()})
-    return accuracy, ratios
+    return accuracy, ratios, history_figure({label: v.history for label, v in labelled.items()})
 
 
 def _unique_labels(views: Sequence[RunView]) -> dict[str, RunView]:

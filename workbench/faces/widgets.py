@@ -123,6 +123,7 @@ class Workbench:
         self.attribution: Attribution | None = None
         self.circuit: Circuit | None = None
         self.runs: dict[str, RunMetrics] = {}
+        self.histories: dict[str, list[dict[str, float]]] = {}  # each run's per-step (per-round) records
         self.last_metrics: RunMetrics | None = None
         self._given_model = model if not isinstance(model, str) else None
         self._forget, self._retain = forget, retain
@@ -405,13 +406,14 @@ class Workbench:
         if self.circuit is not None and not self.circuit.selected and method == "mansu":
             raise WorkbenchError("the circuit is empty: select at least one component for MANSU")
         self._busy(True)
-        _result, metrics, run = run_unlearning(
+        result, metrics, run = run_unlearning(
             model, split, method=method, quant=self.quant, circuit=self.circuit,
             method_config=self.mansu_config if method == "mansu" else None, optim=self.optim, stop=self.stop,
             measure_cad=self.measure_cad, runs_root=self.runs_root, progress=self._report,
         )
         label = f"{method} #{len(self.runs) + 1}"
         self.runs[label] = metrics
+        self.histories[label] = result.history
         self.last_metrics = metrics
         f = metrics.forget
         self._message(f"{label}: forget {f.base_fp:.2f} → {f.after_fp:.2f} (fp), {f.after_q:.2f} "
@@ -422,7 +424,8 @@ class Workbench:
 
     # --- 4. comparison --------------------------------------------------------------------
     def show_comparison(self) -> None:
-        """Report card of the last run, accuracy and occupancy figures, and |Δw|/bin width of every run."""
+        """Report card of the last run, accuracy and occupancy figures, and |Δw|/bin width and
+        forget/retain over the steps of every run."""
         import html
 
 
@@ -434,7 +437,8 @@ class Workbench:
         self.report_html.value = f"<b>{label}</b> — report card" + html_table(report_card_rows(m)) + f"<p>{summary}</p>"
         figures = [plots.accuracy_figure(dict(self.runs)),
                    plots.occupancy_figure(m.quantization),
-                   plots.update_ratio_figure({k: v.quantization for k, v in self.runs.items()})]
+                   plots.update_ratio_figure({k: v.quantization for k, v in self.runs.items()}),
+                   plots.history_figure(self.histories)]
         self.compare_figs = [go.FigureWidget(f) for f in figures]
         self.compare_box.children = [self.report_html, *self.compare_figs]
 
