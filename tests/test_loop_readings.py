@@ -62,6 +62,16 @@ def test_deployed_quantized_is_the_measurements_after_q_model(facts_tiny, toy_ll
     assert model.weights_hash() == before  # the base is not modified
 
 
+def test_deployed_quantized_shares_the_tensors_a_run_left_unchanged(facts_tiny):
+    # LoRA's merged after-state names every tensor; the unchanged ones stay the base's storage
+    after = {n: p.detach() for n, p in facts_tiny.hf.named_parameters()}
+    moved = facts_tiny.adapter.quantizable(NF4)[0]
+    after[moved] = after[moved] + 0.01
+    deployed = deployed_quantized(facts_tiny, after, NF4)
+    embedding = "transformer.wte.weight"
+    assert deployed.get_parameter(embedding).data_ptr() == facts_tiny.hf.get_parameter(embedding).data_ptr()
+
+
 def test_deployed_quantized_refuses_a_value_of_the_wrong_shape(facts_tiny):
     name = facts_tiny.adapter.quantizable(NF4)[0]
     with pytest.raises(WorkbenchError, match="shape"):
@@ -90,6 +100,47 @@ def test_readings_are_taken_every_n_steps_and_at_the_last_and_change_no_step(fac
     assert lines[-1].endswith(f"forget top-1 {last['forget_top1']:.3f} (quantized {last['forget_top1_q']:.3f}), "
                               f"retain top-1 {last['retain_top1']:.3f} (quantized {last['retain_top1_q']:.3f})")
     assert "quantized" not in plain_lines[-1] and "retain" not in plain_lines[-1]
+
+
+def test_readings_change_no_step_with_dropout_on(facts_tiny, split):
+    # dropout draws from the global generator in train mode: a reading that consumed it, or left
+    # the model in eval mode, would change the next steps
+    hf = copy.deepcopy(facts_tiny.hf)
+    for module in hf.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.1
+    model = LoadedModel(name=facts_tiny.name + "-dropout", hf=hf, tokenizer=facts_tiny.tokenizer)
+
+    def deltas(every: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        result = unlearn(model, split, method="ga", optim=OptimConfig(lr=3e-3),
+                         stop=StopRule(max_steps=3, forget_target=None), readings=LoopReadings(every=every))
+        return result.update.deltas
+
+    with_readings, without = deltas(1), deltas(0)
+    torch.manual_seed(1)
+    other_draws = unlearn(model, split, method="ga", optim=OptimConfig(lr=3e-3),
+                          stop=StopRule(max_steps=3, forget_target=None), readings=LoopReadings(every=0)).update.deltas
+    assert any(not torch.equal(other_draws[n], without[n]) for n in without)  # dropout is live here
+    assert with_readings.keys() == without.keys()
+    assert all(torch.equal(with_readings[n], without[n]) for n in without)
+
+
+def test_a_reading_between_forget_checks_shows_its_quantized_forget(facts_tiny, split):
+    lines: list[str] = []
+    result = unlearn(facts_tiny, split, method="ga", optim=OptimConfig(lr=3e-3),
+                     stop=StopRule(max_steps=4, forget_target=None, eval_every=2), readings=LoopReadings(every=3),
+                     progress=lambda fraction, message: lines.append(message))
+    third = result.history[2]
+    assert "forget_top1" not in third and "forget_top1_q" in third
+    assert f"forget top-1 quantized {third['forget_top1_q']:.3f}" in lines[2]
+
+
+def test_the_readings_sample_is_the_retain_guards(facts_tiny, split):
+    batches = Batches.build(facts_tiny, split)
+    assert torch.equal(LoopReadings().sample(batches).facts.ids, batches.retain_sample().facts.ids)
+    small = LoopReadings(retain_sample=16).sample(batches).facts
+    assert len(small) == 16 and torch.equal(small.ids, batches.retain_sample(16).facts.ids)
 
 
 @pytest.mark.parametrize("method", ["graddiff", "lora"])

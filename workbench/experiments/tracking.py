@@ -1,10 +1,11 @@
 """Experiment tracking through the libraries labs already use: TensorBoard and MLflow.
 
 Each newly saved run is logged once, from what the store holds: its ``config.json`` (as
-text / flattened parameters), its per-step or per-round history (forget top-1 in full
-precision and quantized, retain top-1 on a sample in both, where the record carries them:
-every MANSU round, every ``LoopReadings.every``-th step of the gradient loop and its last;
-the loss) and its
+text / flattened parameters), its per-step or per-round history, each series where the
+records carry it (forget top-1 in full precision, and quantized: every MANSU round, and the
+gradient loop's readings, every ``LoopReadings.every``-th step and the last; retain top-1 on a
+sample: those readings in both precisions, and MANSU's retain guard, quantized only with
+``guard_precision="both"``; the loss) and its
 final metrics (forget and retain of the base, w+Δ, Q(w)+Δ and Q(w+Δ), the PTQ gap, the
 update's size, the four properties). Logging from the saved run rather than from the live
 loop is what lets worker processes and Ray tasks be tracked by the driver alone.

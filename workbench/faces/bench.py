@@ -375,7 +375,7 @@ def bench_unlearning(model: LoadedModel, *, steps: int = 5) -> dict[str, Any]:
     t_gd, m_gd, graddiff = _timed(lambda: unlearn(
         model, split, method="graddiff", quant=quant, progress=silent, readings=LoopReadings(every=0),
         optim=OptimConfig(lr=default_lr(model)), stop=StopRule(max_steps=steps, forget_target=None)))
-    # The loop's progress readings (every 5th step and the last: here one), as a run takes them by default
+    # The loop's progress readings (every 10th step and the last: here one), as a run takes them by default
     t_gd_read, _, gd_read = _timed(lambda: unlearn(
         model, split, method="graddiff", quant=quant, progress=silent,
         optim=OptimConfig(lr=default_lr(model)), stop=StopRule(max_steps=steps, forget_target=None)))

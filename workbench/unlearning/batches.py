@@ -68,6 +68,11 @@ class ScoredSet:
         return float(self.answered(model).float().mean())
 
 
+RETAIN_SAMPLE = 256
+"""The retain facts MANSU's retain guard judges a round on and the gradient loop's readings
+measure (:meth:`Batches.retain_sample`: one seeded sample, so both read the same facts)."""
+
+
 @dataclass(frozen=True)
 class Batches:
     """The split as tensors, plus the frozen base's answer-span logits on them
@@ -86,6 +91,10 @@ class Batches:
     retain_set: ScoredSet
     reference: torch.nn.Module = field(repr=False, compare=False)
     chance: float = 0.0
+
+    def retain_sample(self, size: int = RETAIN_SAMPLE) -> ScoredSet:
+        """The seeded retain sample of :data:`RETAIN_SAMPLE` facts (all of them in a smaller set)."""
+        return self.retain_set.sample(size, torch.Generator().manual_seed(1))
 
     @cached_property
     def ref_forget(self) -> torch.Tensor:

@@ -25,6 +25,7 @@ from workbench.models.loaded import LoadedModel
 from workbench.models.scoring import FactBatch, top1
 from workbench.models.update import Update
 from workbench.quant import QuantConfig
+from workbench.unlearning.batches import ScoredSet
 from workbench.unlearning.readings import take_reading
 from workbench.unlearning.result import UnlearningResult, already_at_target, nothing_to_unlearn
 from workbench.unlearning.task import OptimConfig, TrainableSet, UnlearningTask
@@ -114,9 +115,7 @@ def run_gradient_method(
                     record["forget_mc"] = batches.forget_accuracy(work)
             reached = target is not None and record.get(batches.record_key, 1.0) <= target
             if sample is not None and task.readings.due(step, last=reached or step == stop.max_steps):
-                tick = time.perf_counter()
-                record.update(take_reading(model, batches, task.quant, work, trained, sample).record())
-                reading_seconds += time.perf_counter() - tick  # for display only: not the method's time
+                reading_seconds += _read(task, work, trained, sample, record)
             work.train()
             history.append(record)
             steps.postfix(**{k: f"{v:.3f}" for k, v in record.items() if k != "step"})
@@ -157,12 +156,24 @@ def _step(objective: Objective, work: torch.nn.Module, task: UnlearningTask, opt
     return loss
 
 
+def _read(task: UnlearningTask, work: torch.nn.Module, trained: Callable[[], dict[str, torch.Tensor]],
+          sample: ScoredSet, record: dict[str, float]) -> float:
+    """Add a reading (:func:`~workbench.unlearning.readings.take_reading`) to ``record``; return
+    its seconds, which the run's ``seconds`` leave out (it is for display: no decision reads it)."""
+    tick = time.perf_counter()
+    record.update(take_reading(task.model, task.batches, task.quant, work, trained, sample).record())
+    return time.perf_counter() - tick
+
+
 def _step_message(method: str, record: dict[str, float]) -> str:
-    """A step's progress line: the loss, and each accuracy the step measured (quantized beside it)."""
+    """A step's progress line: the loss, and each accuracy the step measured (quantized beside it,
+    or alone when only a reading measured it: a reading step need not be an ``eval_every`` step)."""
     msg = f"{method} step {int(record['step'])}: loss {record['loss']:.3f}"
     for label, key in (("forget top-1", "forget_top1"), ("forget MC", "forget_mc"),
                        ("retain top-1", "retain_top1"), ("retain MC", "retain_mc")):
+        quantized = record.get(key + "_q")
         if key in record:
-            quantized = f" (quantized {record[key + '_q']:.3f})" if key + "_q" in record else ""
-            msg += f", {label} {record[key]:.3f}{quantized}"
+            msg += f", {label} {record[key]:.3f}" + (f" (quantized {quantized:.3f})" if quantized is not None else "")
+        elif quantized is not None:
+            msg += f", {label} quantized {quantized:.3f}"
     return msg

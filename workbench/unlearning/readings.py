@@ -21,11 +21,7 @@ from workbench.models.scoring import top1
 from workbench.models.update import stored_sum
 from workbench.quant import QuantConfig, quantizable_parameters
 from workbench.quant.compact import compact_quantized_copy
-from workbench.unlearning.batches import Batches, ScoredSet
-
-READING_SAMPLE_SEED = 1
-"""The retain sample's seed: MANSU's retain guard samples its 256 facts with it too, so a
-baseline's retain reading and MANSU's round lines read the same facts."""
+from workbench.unlearning.batches import RETAIN_SAMPLE, Batches, ScoredSet
 
 
 @dataclass(frozen=True)
@@ -34,23 +30,27 @@ class LoopReadings:
 
     Attributes:
         every: every this many steps, and at the step a run ends on; 0: never. A reading is a
-            quantizer pass and forwards over the sample (twice) and the forget set: on SmolLM2 at
-            one thread about half a GradDiff step (17 s beside 32 s), so every fifth step adds
-            ~10% to a run's wall time; it is not counted in the run's ``seconds``.
-        retain_sample: retain facts read (the same seeded sample at every reading).
+            quantizer pass and forwards over the sample (twice) and the forget set: on SmolLM2
+            on two threads 8.2 s, most of a GradDiff step (9–13 s), so every tenth step adds
+            ~8% to a run's wall time (docs/results/bench.md); it is not counted in the run's
+            ``seconds``.
+        retain_sample: retain facts read (the same seeded sample at every reading; by default
+            the sample MANSU's retain guard reads, :meth:`Batches.retain_sample`).
     """
 
-    every: int = 5
-    retain_sample: int = 256
+    every: int = 10
+    retain_sample: int = RETAIN_SAMPLE
 
     def __post_init__(self) -> None:
         check_config(self, {"every": Range(0, 100_000, integer=True), "retain_sample": Range(1, 10**6, integer=True)})
 
     def due(self, step: int, *, last: bool) -> bool:
+        """Is a reading taken at ``step`` (``last``: the step the run ends on)?"""
         return self.every > 0 and (last or step % self.every == 0)
 
     def sample(self, batches: Batches) -> ScoredSet:
-        return batches.retain_set.sample(self.retain_sample, torch.Generator().manual_seed(READING_SAMPLE_SEED))
+        """The retain facts every reading of a run measures."""
+        return batches.retain_sample(self.retain_sample)
 
 
 class StoredAfter(Mapping[str, torch.Tensor]):
@@ -82,22 +82,26 @@ class StoredAfter(Mapping[str, torch.Tensor]):
 def deployed_quantized(model: LoadedModel, after: Mapping[str, torch.Tensor], quant: QuantConfig) -> torch.nn.Module:
     """Q(w+Δ) for the trained tensors ``after`` (the base's names): each stored as a saved model
     would be (:class:`StoredAfter`), then quantized; held as codes (half a byte per 4-bit weight),
-    so a reading does not hold a second model. Trained tensors the quantizer leaves alone
-    (``trainable="all"``: embeddings, norms, biases) are set as stored. The base is not modified."""
-    stored = StoredAfter(model.state(), after)
+    so the copy holds no second model (``after`` itself may be one: LoRA's merged copy, which the
+    run's end makes too). Trained tensors the quantizer leaves alone (``trainable="all"``:
+    embeddings, norms, biases) are set as stored where they changed. The base is not modified."""
+    base = model.state()
+    stored = StoredAfter(base, after)
     deployed = compact_quantized_copy(model.hf, quant, materialized=(), weights=stored)
     quantized = set(quantizable_parameters(model.hf, quant))
     with torch.no_grad():
         for name in after:
-            if name not in quantized:
+            # an unchanged tensor is stored as the base's (w + 0): keep sharing it, not a copy
+            if name not in quantized and not torch.equal(after[name].detach().float(), base[name].detach().float()):
                 deployed.get_parameter(name).data = stored[name]
     return deployed
 
 
 @dataclass(frozen=True)
 class Reading:
-    """One reading: retain on the sample at w+Δ and at Q(w+Δ), forget at Q(w+Δ) (top-1, and
-    multiple choice on a multiple-choice forget set)."""
+    """One reading: retain on the sample, in full precision (the training copy, as the loop's
+    forget accuracy: before the after-model is rounded to a 16-bit storage dtype) and at Q(w+Δ);
+    forget at Q(w+Δ) (top-1, and multiple choice on a multiple-choice forget set)."""
 
     retain: float
     retain_q: float

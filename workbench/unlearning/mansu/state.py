@@ -353,7 +353,7 @@ def setup_state(model: LoadedModel, batches: Batches, circuit: tuple[Component, 
     n_candidates = int(sum(int(masks[n].sum()) for n in names))  # each all-true mask only for its count
     per_round, max_per_round = round_sizes(n_candidates, config)
     # The guard's retain sample differs from the projector's, so the guard stays an independent check.
-    guard_batch = batches.retain_set.sample(256, torch.Generator().manual_seed(1))
+    guard_batch = batches.retain_sample()
     # Rounds write only the weights they move (apply_round tells the caches): the blocks before
     # the first one written are the base's (Q(w)'s), so each batch runs them once.
     answers, q_answers = PrefixCache(work, model.adapter), PrefixCache(qwork, model.adapter)
