@@ -31,8 +31,8 @@ class LoopReadings:
     Attributes:
         every: every this many steps, and at the step a run ends on; 0: never. A reading is a
             quantizer pass and forwards over the sample (twice) and the forget set: on SmolLM2
-            on two threads 8.2 s, most of a GradDiff step (9–13 s), so every tenth step adds
-            ~8% to a run's wall time (docs/results/bench.md); it is not counted in the run's
+            on two threads 8–10 s, most of a GradDiff step (9–13 s), so every tenth step adds
+            ~10% to a run's wall time (docs/results/bench.md); it is not counted in the run's
             ``seconds``.
         retain_sample: retain facts read (the same seeded sample at every reading; by default
             the sample MANSU's retain guard reads, :meth:`Batches.retain_sample`).
