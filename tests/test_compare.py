@@ -21,6 +21,7 @@ from workbench.faces.compare import (
     compare_row,
     compare_table,
     comparison_csv,
+    comparison_figures,
     comparison_markdown,
     forget_fp_vs_quantized_figure,
     output_format,
@@ -83,7 +84,8 @@ def test_every_output_format(runs, tmp_path):
         text = path.read_text()
         assert runs[0].id in text
     page = (tmp_path / "table.html").read_text()
-    assert page.count("<table>") == 1 and page.count("plotly-graph-div") == 4
+    assert page.count("<table>") == 1 and page.count("plotly-graph-div") == 5
+    assert "while unlearning" in page  # forget/retain over each run's steps
     with pytest.raises(WorkbenchError, match="use .md, .csv or .html"):
         output_format(tmp_path / "table.txt")
 
@@ -96,6 +98,12 @@ def test_figures_have_the_expected_traces(runs):
     names = [t.name for t in fig.data]
     assert names == ["full precision w+Δ", "Q(w)+Δ", "NF4 Q(w+Δ)"]  # FP4/int8 absent: not measured
     assert list(fig.data[0].x) == labels and list(fig.data[2].y) == [r["forget nf4"] for r in rows]
+
+    steps = comparison_figures(rows, runs)[-1]
+    first = next(t for t in steps.data if t.name == f"{labels[0]}, full precision" and t.xaxis == "x")
+    assert list(first.y) == [h["forget_top1"] for h in runs[0].history if "forget_top1" in h]
+    doubled = comparison_figures(rows + rows[:1], [*runs, runs[0]])[-1]  # a method twice: told apart by run id
+    assert {t.name for t in doubled.data} >= {f"{labels[0]} · {runs[0].id}, full precision"}
 
     fig = update_ratio_figure(runs, labels)
     assert [t.name for t in fig.data] == labels

@@ -49,6 +49,7 @@ from workbench.experiments.jobs import DEFAULT_CIRCUIT, circuit_digest, job_for
 from workbench.experiments.store import Run, resolve_run
 from workbench.experiments.sweep import ExecutorConfig, JobGroup, RunCallback, run_jobs
 from workbench.experiments.sweep_config import ABLATIONS
+from workbench.faces.plots import history_figure
 from workbench.faces.tables import csv_table, html_table, markdown_table
 from workbench.interpretability.circuit import Circuit
 from workbench.measurement.evaluation import evaluate_facts
@@ -364,10 +365,15 @@ def ptq_decomposition_figure(rows: Sequence[Mapping[str, Any]]) -> go.Figure:
 
 
 def comparison_figures(rows: Sequence[Mapping[str, Any]], runs: Sequence[Run] | None = None) -> list[go.Figure]:
-    """The four comparison figures (the |Δw| distribution needs the runs themselves)."""
+    """The comparison figures: three from the table's rows, and with the runs themselves also the
+    |Δw| distribution and forget/retain over each run's steps (rounds) last."""
     figs = [forget_fp_vs_quantized_figure(rows), ptq_decomposition_figure(rows), bucket_overlap_figure(rows)]
     if runs is not None:
-        figs.insert(1, update_ratio_figure(runs, [r["method"] for r in rows]))
+        labels = [r["method"] for r in rows]
+        figs.insert(1, update_ratio_figure(runs, labels))
+        # a method twice in the table (two seeds, two circuits) is told apart by its run id
+        unique = [label if labels.count(label) == 1 else f"{label} · {run.id}" for label, run in zip(labels, runs)]
+        figs.append(history_figure({label: run.history for label, run in zip(unique, runs)}))
     return figs
 
 
