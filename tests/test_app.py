@@ -216,6 +216,9 @@ def test_node_table_cancel_pin_and_runs(page):
     page.get_by_role("button", name="Run MANSU").click()
     expect(page.locator("#live textarea")).to_have_value(
         re.compile(r"MANSU round \d+: .*forget top-1 .*retain top-1 \d\.\d{3} on the guard's sample"), timeout=LONG)
+    # the live plot draws the rounds so far while the run goes on
+    expect(page.locator("#live-plot")).to_contain_text("Forget and retain so far", timeout=LONG)
+    expect(page.locator("#live-plot")).to_contain_text("this run, quantized")
     page.get_by_role("button", name="Cancel run").click()
     expect(page.get_by_text("the run was cancelled; nothing was saved")).to_be_visible(timeout=LONG)
     shot(page, "08-cancelled")

@@ -131,3 +131,19 @@ def test_errors_become_page_messages_never_tracebacks(caplog):
     # The server log keeps the exception itself (every log.exception record has *some* exc_info: check which).
     logged = [r.exc_info[1] for r in caplog.records if r.exc_info]
     assert any(isinstance(e, KeyError) and "secret internal detail" in str(e) for e in logged), logged
+
+
+def test_the_live_plot_is_redrawn_only_when_a_record_came():
+    import gradio as gr
+
+    from workbench.faces.app import on_live_tick
+    from workbench.faces.session import Session
+
+    s = Session()
+    _text, plot, drawn = on_live_tick(s, 0)
+    assert plot == gr.skip() and drawn == 0  # nothing yet: nothing drawn
+    s.live_records.append({"step": 1, "forget_top1": 0.5, "forget_top1_q": 0.6})
+    _text, plot, drawn = on_live_tick(s, 0)
+    assert drawn == 1 and [list(t.y) for t in plot.data] == [[0.5], [0.6]]
+    _text, plot, drawn = on_live_tick(s, 1)
+    assert plot == gr.skip() and drawn == 1

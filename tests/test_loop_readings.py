@@ -189,3 +189,21 @@ def test_cli_refuses_a_negative_readings_interval_before_loading_a_model(capsys,
     monkeypatch.setattr(runs, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     code = main(["unlearn", "--model", "facts-tiny", "--method", "ga", "--readings-every", "-1"])
     assert code != 0 and "every" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["ga", "mansu"])
+def test_each_record_is_published_as_it_is_made(facts_tiny, split, method):
+    from workbench.core.components import all_components
+    from workbench.unlearning.mansu import MansuConfig
+
+    published: list[dict[str, float]] = []
+    lengths: list[int] = []  # how many records were out at each progress message
+    circuit = all_components(facts_tiny.n_layers, facts_tiny.n_heads, include_embed=False)
+    result = unlearn(facts_tiny, split, method=method, optim=OptimConfig(lr=3e-3), circuit=circuit,
+                     stop=StopRule(max_steps=3, forget_target=None), readings=LoopReadings(every=2),
+                     method_config=MansuConfig(max_rounds=3, params_per_round=16) if method == "mansu" else None,
+                     on_record=published.append, progress=lambda fraction, message: lengths.append(len(published)))
+    assert result.history and published == result.history
+    assert published[0] is not result.history[0]  # a copy: the sink may keep or change it
+    # during the run, one at a time: each progress line saw the records made before it
+    assert lengths == sorted(lengths) and 1 in lengths and lengths[-1] == len(published)

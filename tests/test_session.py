@@ -370,9 +370,20 @@ def test_unlearn_compare_and_runs(attributed, runs_root):
     s = attributed
     base_hash = s.model.weights_hash()
     seen = []
-    view = s.unlearn("mansu", mansu={"max_rounds": 2}, progress=lambda f, m: seen.append((f, m)))
+    drawn = []  # what the live plot shows at each progress message: the rounds recorded so far
+
+    def progress(f, m):
+        seen.append((f, m))
+        figure = s.live_figure()
+        drawn.append(None if figure is None else list(figure.data[0].y))
+
+    view = s.unlearn("mansu", mansu={"max_rounds": 2}, progress=progress)
     assert s.model.weights_hash() == base_hash  # the shared base is never modified
     assert any("MANSU round" in m for _f, m in seen) and "MANSU round" in s.live_text()
+    # the live plot grew round by round, and ends as the run's history
+    first_round = next(i for i, (_f, m) in enumerate(seen) if m.startswith("MANSU round 1:"))
+    assert drawn[first_round - 1] is None and drawn[first_round] == [view.history[0]["forget_top1"]]
+    assert s.live_records == list(view.history)
     m = view.metrics
     assert m.method == "mansu" and m.steps <= 2 and view.run_id and (runs_root / view.run_id).is_dir()
     assert [name for name, _ in m.properties.items()] == ["forgetting", "retain", "ptq", "structural"]

@@ -40,7 +40,7 @@ from workbench.unlearning.objectives import BaselineConfig
 from workbench.unlearning.readings import LoopReadings
 from workbench.unlearning.registry import MethodConfig, unlearn
 from workbench.unlearning.result import UnlearningResult
-from workbench.unlearning.task import OptimConfig, StopRule
+from workbench.unlearning.task import OptimConfig, RecordSink, StopRule
 
 DEFAULT_TOP_K = 10
 
@@ -115,6 +115,7 @@ def run_unlearning(
     runs_root: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_record: RecordSink | None = None,
     job_key: str | None = None,
 ) -> tuple[UnlearningResult, RunMetrics, Run | None]:
     """Unlearn, measure everything, and (by default) save the run atomically.
@@ -138,7 +139,7 @@ def run_unlearning(
     components = sorted(circuit.selected) if circuit is not None else None
     result = unlearn(model, split, method=method, quant=quant, circuit=components, method_config=method_config,
                      optim=optim, stop=stop, baseline=baseline, readings=readings, progress=scaled(report, 0.0, 0.6),
-                     should_stop=should_stop)
+                     should_stop=should_stop, on_record=on_record)
     if result.stopped == "cancelled":
         raise WorkbenchError("the run was cancelled; nothing was saved")
     measured = measure_update(model, split, result.update, quant=quant, circuit=components, oracle=oracle,

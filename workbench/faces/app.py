@@ -315,8 +315,8 @@ def on_method(method: str):
 
 
 def on_run_start(s: Session):
-    s.live = []
-    return gr.Timer(active=True), "Starting…"
+    s.live, s.live_records = [], []
+    return gr.Timer(active=True), "Starting…", None, 0
 
 
 @friendly
@@ -356,7 +356,16 @@ def on_ablations(s: Session, progress: gr.Progress = gr.Progress(), request: gr.
 
 
 def on_run_end(s: Session):
-    return gr.Timer(active=False), s.live_text()
+    return gr.Timer(active=False), s.live_text(), s.live_figure(), len(s.live_records)
+
+
+def on_live_tick(s: Session, drawn: int) -> tuple[Any, ...]:
+    """The live text, and the live plot redrawn only when a record came since the last draw
+    (``drawn``: how many records it shows)."""
+    records = len(s.live_records)
+    if records == drawn:
+        return s.live_text(), gr.skip(), drawn
+    return s.live_text(), s.live_figure(), records
 
 
 def on_cancel(s: Session) -> str:
@@ -619,6 +628,8 @@ class UnlearningViews:
     cancel_button: gr.Button
     live: gr.Textbox
     live_timer: gr.Timer
+    live_plot: gr.Plot
+    live_drawn: gr.State
     ablate_button: gr.Button
     ablation_text: gr.Markdown
 
@@ -654,13 +665,15 @@ def _unlearning_section() -> UnlearningViews:
     live = gr.Textbox(label="Live progress (forget top-1, full precision and quantized)", lines=4,
                       interactive=False, elem_id="live")
     live_timer = gr.Timer(1.0, active=False)
+    live_plot = gr.Plot(label="Forget / retain so far (full precision solid, quantized dashed)", elem_id="live-plot")
+    live_drawn = gr.State(0)
     ablate_button = gr.Button("Would an ablation have passed? (re-runs this MANSU run 4×, each with one component "
                               "off)", size="sm", elem_id="ablate-btn")
     ablation_text = gr.Markdown(elem_id="ablation-text")
     return UnlearningViews(method, forget_target, measure_cad, use_oracle, mansu_box, use_circuit, use_projection,
                            use_fisher, use_floor, max_rounds, fisher_budget, params_per_round, code_steps,
                            baseline_box, lr, max_steps, settings, run_button, cancel_button, live, live_timer,
-                           ablate_button, ablation_text)
+                           live_plot, live_drawn, ablate_button, ablation_text)
 
 
 @dataclass
@@ -783,22 +796,21 @@ def _wire_unlearning(session: gr.State, u: UnlearningViews, cmp: CompareViews, r
                      heavy: dict[str, Any]) -> None:
     u.method.change(on_method, u.method, [u.run_button, u.mansu_box, u.baseline_box, u.settings],
                     api_visibility="private")
-    run_event = u.run_button.click(on_run_start, [session], [u.live_timer, u.live], api_visibility="private",
-                                   queue=False)
+    live_outputs = [u.live_timer, u.live, u.live_plot, u.live_drawn]
+    run_event = u.run_button.click(on_run_start, [session], live_outputs, api_visibility="private", queue=False)
     run_event.then(
         on_unlearn,
         [session, u.method, u.use_circuit, u.use_projection, u.use_fisher, u.use_floor, u.max_rounds,
          u.fisher_budget, u.params_per_round, u.forget_target, u.code_steps, u.lr, u.max_steps, u.settings,
          u.measure_cad, u.use_oracle, cmp.module, cmp.cad_which],
         [u.live, *cmp.outputs(), runs.history, runs.pick], api_name="unlearn", **heavy,
-    ).then(on_run_end, [session], [u.live_timer, u.live], api_visibility="private")
-    u.live_timer.tick(lambda s: s.live_text(), [session], u.live, concurrency_limit=None, show_progress="hidden",
-                      api_visibility="private")
+    ).then(on_run_end, [session], live_outputs, api_visibility="private")
+    u.live_timer.tick(on_live_tick, [session, u.live_drawn], [u.live, u.live_plot, u.live_drawn],
+                      concurrency_limit=None, show_progress="hidden", api_visibility="private")
     u.cancel_button.click(on_cancel, [session], u.live, concurrency_limit=None, api_name="cancel")
-    u.ablate_button.click(on_run_start, [session], [u.live_timer, u.live], api_visibility="private",
-                          queue=False).then(
+    u.ablate_button.click(on_run_start, [session], live_outputs, api_visibility="private", queue=False).then(
         on_ablations, [session], [u.ablation_text, runs.history, runs.pick], api_name="ablations", **heavy,
-    ).then(on_run_end, [session], [u.live_timer, u.live], api_visibility="private")
+    ).then(on_run_end, [session], live_outputs, api_visibility="private")
 
 
 def _wire_compare_and_runs(session: gr.State, cmp: CompareViews, runs: RunsViews) -> None:

@@ -409,6 +409,7 @@ class Session:
         self._last_mansu: _MansuRun | None = None  # what try_ablations re-runs
         self.ablations: list[AblationOutcome] = []
         self.live: list[str] = []
+        self.live_records: list[dict[str, float]] = []  # the running run's history so far (live plot)
         self._run_clock: tuple[float, float] | None = None  # (start, latest progress fraction) of a run
         self.running = False
         self._cancel = False
@@ -909,7 +910,7 @@ class Session:
             raise WorkbenchError("a run is already in progress in this session; wait for it or cancel it")
         self._check_quota()
         report = self._bounded(progress)
-        self.live = []
+        self.live, self.live_records = [], []
         self._run_clock = None
 
         def tracked(f: float, message: str) -> None:
@@ -926,7 +927,7 @@ class Session:
                 optim=optim, stop=stop, method_config=method_config, oracle=oracle,
                 measure_cad=measure_cad,
                 runs_root=str(self.runs_root) if self.runs_root is not None else None,
-                progress=tracked, should_stop=lambda: self._cancel,
+                progress=tracked, should_stop=lambda: self._cancel, on_record=self.live_records.append,
             )
         finally:
             self.running = False
@@ -990,6 +991,13 @@ class Session:
         if self._run_clock is not None:
             lines.append(_time_line(*self._run_clock))
         return "\n".join(lines)
+
+    def live_figure(self) -> go.Figure | None:
+        """Forget and retain over the running (or last) run's steps so far; ``None`` before its
+        first record (MANSU's setup, or a baseline's first step)."""
+        if not self.live_records:
+            return None
+        return history_figure({"this run": list(self.live_records)}, title="Forget and retain so far")
 
     # --- compare ----------------------------------------------------------------------------
     def pin(self) -> RunView:

@@ -118,6 +118,7 @@ def run_gradient_method(
                 reading_seconds += _read(task, work, trained, sample, record)
             work.train()
             history.append(record)
+            task.publish(record)
             steps.postfix(**{k: f"{v:.3f}" for k, v in record.items() if k != "step"})
             steps.step(_step_message(method, record))
             if reached:

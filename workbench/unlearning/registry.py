@@ -29,7 +29,7 @@ from workbench.unlearning.methods.sure import SureConfig, sure
 from workbench.unlearning.objectives import BaselineConfig, ForgetRetainObjective
 from workbench.unlearning.readings import LoopReadings
 from workbench.unlearning.result import UnlearningResult
-from workbench.unlearning.task import OptimConfig, StopRule, UnlearningTask
+from workbench.unlearning.task import OptimConfig, RecordSink, StopRule, UnlearningTask
 
 MethodConfig = MansuConfig | RmuConfig | SureConfig | QuailConfig | LoraConfig
 """A method's own settings (the gradient-ascent family has none beyond :class:`BaselineConfig`)."""
@@ -119,13 +119,15 @@ def unlearn(
     readings: LoopReadings | None = None,
     progress: Progress | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_record: RecordSink | None = None,
 ) -> UnlearningResult:
     """Run one method and return its result (update, history, diagnostics).
 
     ``method_config`` is the method's own config (``REGISTRY[method].config_type``; its
     defaults when None). The gradient methods share ``optim`` (default: Adam at the model's
     :func:`default_lr`), ``stop`` and ``baseline``, so runs stop by the same rule; ``readings``:
-    what their loop measures for progress and history besides (default :class:`LoopReadings`).
+    what their loop measures for progress and history besides (default :class:`LoopReadings`);
+    ``on_record``: each history record as it is made (:data:`~workbench.unlearning.task.RecordSink`).
     """
     spec = method_spec(method)
     check_method_config(spec, method_config)
@@ -134,6 +136,6 @@ def unlearn(
         circuit=tuple(circuit) if circuit is not None else None,
         optim=optim or OptimConfig(lr=default_lr(model)), stop=stop or StopRule(),
         baseline=baseline or BaselineConfig(), readings=readings or LoopReadings(), progress=progress,
-        should_stop=should_stop,
+        should_stop=should_stop, on_record=on_record,
     )
     return spec.run(task, method_config)

@@ -21,6 +21,10 @@ from workbench.unlearning.batches import Batches
 from workbench.unlearning.objectives import BaselineConfig
 from workbench.unlearning.readings import LoopReadings
 
+RecordSink = Callable[[dict[str, float]], None]
+"""Called with each history record as a method makes it (a gradient step, a kept MANSU round): the
+app's live plot. The record is a copy: the sink may keep it."""
+
 TrainableSet = Literal["quantized", "all"]
 """``quantized``: only the weights the quantizer quantizes (decoder Linear/Conv1D weights), so every
 change is exposed to quantization; ``all``: every parameter (embeddings, norms and biases too)."""
@@ -87,6 +91,7 @@ class UnlearningTask:
             accuracy (retain, and Q(w+Δ)'s forget and retain; :mod:`~workbench.unlearning.readings`).
         progress: ``progress(fraction, message)``; a tqdm bar when ``None``.
         should_stop: polled between steps; ``True`` cancels the run.
+        on_record: each history record as it is made (:data:`RecordSink`).
     """
 
     model: LoadedModel
@@ -99,3 +104,9 @@ class UnlearningTask:
     readings: LoopReadings = field(default_factory=LoopReadings)
     progress: Progress | None = None
     should_stop: Callable[[], bool] | None = None
+    on_record: RecordSink | None = None
+
+    def publish(self, record: dict[str, float]) -> None:
+        """Hand a new history record to :attr:`on_record` (a copy), when there is one."""
+        if self.on_record is not None:
+            self.on_record(dict(record))

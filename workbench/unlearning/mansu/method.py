@@ -114,6 +114,7 @@ def mansu(task: UnlearningTask, config: MansuConfig | None = None) -> Unlearning
         stop, record = run_round(state, task, config, rounds)
         fraction = min(0.99, 0.15 + 0.85 * rounds / config.max_rounds)
         if record is not None:
+            task.publish(record)
             report(fraction, f"MANSU round {rounds}: moved {int(record['moved'])}, {_round_text(record)}")
         elif stop is None:  # undone by the retain guard, and its patience not spent
             report(fraction, f"MANSU round {rounds}: undone by the retain guard; the next round makes at most "
@@ -124,6 +125,7 @@ def mansu(task: UnlearningTask, config: MansuConfig | None = None) -> Unlearning
     if config.snaps and stopped != "cancelled":
         snap_to_codes(state, task.quant, config)
         record = evaluate_round(state, task.batches, config, rounds)
+        task.publish(record)
         report(0.99, f"MANSU snapped {state.snapped} moves onto codes (dropped {state.snap_dropped}): "
                      f"{_round_text(record)}")
     return _result(state, task, config, rounds, stopped, time.perf_counter() - start)
