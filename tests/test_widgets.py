@@ -136,6 +136,10 @@ def test_run_baseline_and_mansu_fill_the_compare_tab(wb):
     steps = next(f for f in wb.compare_figs if "while unlearning" in f.layout.title.text)
     mansu_fp = next(t for t in steps.data if t.name == "mansu #2, full precision" and t.xaxis == "x")
     assert list(mansu_fp.y) == [r["forget_top1"] for r in wb.histories["mansu #2"]]
+    # the unlearn tab's live plot ends as the last run's rounds, drawn as they came
+    assert wb.live_records == wb.histories["mansu #2"]
+    live_fp = next(t for t in wb.live_fig.data if t.name == "this run, full precision" and t.xaxis == "x")
+    assert list(live_fp.y) == [r["forget_top1"] for r in wb.live_records]
     assert wb.tabs.selected_index == 3
 
 

@@ -167,6 +167,8 @@ class Workbench:
         self.progress = W.FloatProgress(value=0.0, min=0.0, max=1.0, description="progress")
         self.status = W.Label()
         self.output = W.Output(layout=W.Layout(max_height="240px", overflow="auto", border="1px solid #ddd"))
+        self.live_records: list[dict[str, float]] = []  # the running run's history so far
+        self.live_fig = go.FigureWidget(layout=dict(height=320, title="Forget and retain so far: run a method"))
         self.report_html = W.HTML("<i>No run yet.</i>")
         self.compare_box = W.VBox([self.report_html])
 
@@ -189,7 +191,7 @@ class Workbench:
                           W.HTML("<b>One fact</b>: which heads and MLPs carry it."), self.fact_dropdown,
                           self.fact_fig])
         unlearn = W.VBox([W.HTML("<b>3. Unlearn</b>: MANSU edits the circuit; baselines use plain gradients."),
-                          W.HBox([self.method_dropdown, self.run_button])])
+                          W.HBox([self.method_dropdown, self.run_button]), self.live_fig])
         compare = W.VBox([W.HTML("<b>4. Compare</b>: full precision vs quantized, "
                                  "and what the update did to the bins."),
                           self.compare_box])
@@ -223,6 +225,15 @@ class Workbench:
         """The core's ``progress(fraction, message)`` callback."""
         self.progress.value = min(1.0, max(0.0, float(fraction)))
         self.status.value = message
+
+    def _record(self, record: dict[str, float]) -> None:
+        """The core's ``on_record`` callback: redraw the live plot with the new step (round)."""
+        self.live_records.append(record)
+        drawn = plots.history_figure({"this run": self.live_records}, title="Forget and retain so far")
+        with self.live_fig.batch_update():
+            self.live_fig.data = ()
+            self.live_fig.add_traces(list(drawn.data))
+            self.live_fig.layout = drawn.layout
 
     def _busy(self, busy: bool) -> None:
         for b in (self.load_button, self.attribute_button, self.run_button):
@@ -406,10 +417,11 @@ class Workbench:
         if self.circuit is not None and not self.circuit.selected and method == "mansu":
             raise WorkbenchError("the circuit is empty: select at least one component for MANSU")
         self._busy(True)
+        self.live_records = []
         result, metrics, run = run_unlearning(
             model, split, method=method, quant=self.quant, circuit=self.circuit,
             method_config=self.mansu_config if method == "mansu" else None, optim=self.optim, stop=self.stop,
-            measure_cad=self.measure_cad, runs_root=self.runs_root, progress=self._report,
+            measure_cad=self.measure_cad, runs_root=self.runs_root, progress=self._report, on_record=self._record,
         )
         label = f"{method} #{len(self.runs) + 1}"
         self.runs[label] = metrics
