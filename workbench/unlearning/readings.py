@@ -117,13 +117,13 @@ class Reading:
         return out
 
 
-def take_reading(task_model: LoadedModel, batches: Batches, quant: QuantConfig, work: torch.nn.Module,
+def take_reading(model: LoadedModel, batches: Batches, quant: QuantConfig, work: torch.nn.Module,
                  trained: Callable[[], Mapping[str, torch.Tensor]], sample: ScoredSet) -> Reading:
     """Read the training copy ``work`` (in eval mode) and its deployed Q(w+Δ); ``trained()``
     gives the after-tensors under the base's names (the loop's ``finish``)."""
     with torch.no_grad():
         retain = sample.accuracy(work)
-        deployed = deployed_quantized(task_model, trained(), quant)
+        deployed = deployed_quantized(model, trained(), quant)
         forget_mc_q = batches.forget_accuracy(deployed) if batches.choices is not None else None
         return Reading(retain=retain, retain_q=sample.accuracy(deployed), forget_top1_q=top1(deployed, batches.forget),
                        forget_mc_q=forget_mc_q, retain_key=f"retain_{sample.criterion}")
