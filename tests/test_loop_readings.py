@@ -207,3 +207,37 @@ def test_each_record_is_published_as_it_is_made(facts_tiny, split, method):
     assert published[0] is not result.history[0]  # a copy: the sink may keep or change it
     # during the run, one at a time: each progress line saw the records made before it
     assert lengths == sorted(lengths) and 1 in lengths and lengths[-1] == len(published)
+
+
+def test_a_tables_readings_reach_its_runs_and_leave_its_job_keys_alone(facts_tiny, split, tmp_path):
+    from workbench.experiments.jobs import job_for
+    from workbench.faces.compare import paper_table
+    from workbench.quant import QuantConfig
+
+    plain = job_for(facts_tiny, split, "graddiff", QuantConfig("nf4"))
+    quiet = job_for(facts_tiny, split, "graddiff", QuantConfig("nf4"), readings=LoopReadings(every=0))
+    assert quiet.readings.every == 0 and quiet.key == plain.key  # a finished run is found either way
+
+    def table(readings):
+        return paper_table(facts_tiny, methods=["graddiff"], split=split, measure_cad=False, runs_root=str(tmp_path),
+                           stop=StopRule(max_steps=2, forget_target=None), readings=readings,
+                           progress=lambda fraction, message: None)
+
+    (run,) = table(LoopReadings(every=0))
+    assert run.history and not any("retain_top1" in r for r in run.history)
+    (again,) = table(None)  # the default readings: the same job, so the finished run is reused
+    assert again.id == run.id
+
+
+def test_a_sweep_files_readings_table(tmp_path):
+    from workbench.experiments.sweep_config import plan_sweep, sweep_config
+
+    config = sweep_config({"models": ["facts-tiny"], "readings": {"every": 0, "retain_sample": 64}}, source="s.toml")
+    assert config.readings == LoopReadings(every=0, retain_sample=64)
+    config = sweep_config({"models": ["facts-tiny"], "methods": ["graddiff", "mansu"], "readings": {"every": 3}},
+                          source="s.toml")
+    assert {job.readings for job in plan_sweep(config).jobs} == {LoopReadings(every=3)}
+    with pytest.raises(WorkbenchError, match=r"s\.toml \[readings\]: .*every"):
+        sweep_config({"models": ["facts-tiny"], "readings": {"every": -1}}, source="s.toml")
+    with pytest.raises(WorkbenchError, match=r"s\.toml \[readings\]: unknown key 'often'"):
+        sweep_config({"models": ["facts-tiny"], "readings": {"often": 2}}, source="s.toml")

@@ -14,13 +14,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from workbench.data.facts import FactSplit
 from workbench.interpretability.circuit import Circuit
 from workbench.models.loaded import LoadedModel
 from workbench.quant import QuantConfig
+from workbench.unlearning.readings import LoopReadings
 from workbench.unlearning.registry import MethodConfig
 from workbench.unlearning.task import OptimConfig, StopRule
 
@@ -47,6 +48,9 @@ class Job:
         circuit: :data:`DEFAULT_CIRCUIT` (attributed once per model and split), the digest of a
             given circuit (:func:`circuit_digest`), or None: the run gets no circuit.
         seed: the gradient methods' batch-sampling seed (MANSU is deterministic).
+        readings: what the gradient loop reads for progress and history besides; not part of
+            :meth:`canonical` or :attr:`key`: it changes no result, so a finished run is found
+            whatever its readings were.
     """
 
     model: str
@@ -62,6 +66,7 @@ class Job:
     oracle: str | None = None
     circuit: str | None = DEFAULT_CIRCUIT
     seed: int = 0
+    readings: LoopReadings = field(default_factory=LoopReadings)
 
     def canonical(self) -> dict[str, Any]:
         """The job as plain JSON (config types named, so two configs with equal fields differ)."""
@@ -111,9 +116,10 @@ def circuit_digest(circuit: Circuit) -> str:
 def job_for(model: LoadedModel, split: FactSplit, method: str, quant: QuantConfig, *,
             method_config: MethodConfig | None = None, optim: OptimConfig | None = None,
             stop: StopRule | None = None, measure_cad: bool = True, oracle: LoadedModel | None = None,
-            circuit: str | None = DEFAULT_CIRCUIT) -> Job:
-    """The job for a loaded model and split (the seed is the optimiser's); ``circuit`` as in :class:`Job`."""
+            circuit: str | None = DEFAULT_CIRCUIT, readings: LoopReadings | None = None) -> Job:
+    """The job for a loaded model and split (the seed is the optimiser's); ``circuit`` and
+    ``readings`` as in :class:`Job`."""
     return Job(model=model.name, model_fingerprint=model.fingerprint, split=split.name,
                split_digest=split_digest(split), method=method, quant=quant, method_config=method_config,
                optim=optim, stop=stop, measure_cad=measure_cad, oracle=oracle.name if oracle is not None else None,
-               circuit=circuit, seed=optim.seed if optim is not None else 0)
+               circuit=circuit, seed=optim.seed if optim is not None else 0, readings=readings or LoopReadings())

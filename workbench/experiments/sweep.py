@@ -197,7 +197,8 @@ def execute(model: LoadedModel, work: Workload, root: str | os.PathLike[str], or
     circuit = Circuit.from_dict(json.loads(work.circuit_json), model=model) if work.circuit_json else None
     _, _, run = run_unlearning(model, work.split, method=job.method, quant=job.quant, circuit=circuit, oracle=oracle,
                                method_config=job.method_config, optim=job.run_optim(), stop=job.stop,
-                               measure_cad=job.measure_cad, runs_root=root, progress=progress, job_key=job.key)
+                               readings=job.readings, measure_cad=job.measure_cad, runs_root=root, progress=progress,
+                               job_key=job.key)
     assert run is not None  # run_unlearning saves by default
     return run
 

@@ -17,6 +17,7 @@ methods), every run under one stopping rule, as in the paper table::
     [stop]     # the gradient methods' rule (StopRule); forget_target is MANSU's target too
     max_steps = 20
     [optim]    # OptimConfig (lr defaults per model)
+    [readings] # the gradient loop's progress readings (LoopReadings: every = 10; 0 = none)
     [mansu]    # MansuConfig fields, plus variant = "v1" | "snap" | ...
     [rmu]      # each method's own config table (RmuConfig, SureConfig, QuailConfig, LoraConfig)
 
@@ -46,6 +47,7 @@ from workbench.models.loading import load_model
 from workbench.quant import QUANT_TYPES, QuantConfig, QuantType
 from workbench.unlearning.mansu import MansuConfig
 from workbench.unlearning.mansu.config import MANSU_VARIANTS
+from workbench.unlearning.readings import LoopReadings
 from workbench.unlearning.registry import METHODS, REGISTRY, MethodConfig, default_lr
 from workbench.unlearning.task import OptimConfig, StopRule
 
@@ -55,7 +57,7 @@ TOP_LEVEL: dict[str, type] = {
     "models": list, "methods": list, "forget_domains": list, "quantizers": list, "ablations": list, "seeds": list,
     "blocksize": int, "double_quant": bool, "cad": bool, "oracle": bool,
 }
-TABLES = ("stop", "optim", *(m for m in METHODS if REGISTRY[m].config_type is not None))
+TABLES = ("stop", "optim", "readings", *(m for m in METHODS if REGISTRY[m].config_type is not None))
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class SweepConfig:
     oracle: bool = False
     stop: StopRule = field(default_factory=StopRule)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    readings: LoopReadings = field(default_factory=LoopReadings)
     lr: float | None = None
     mansu: MansuConfig = field(default_factory=MansuConfig)
     method_configs: dict[str, MethodConfig] = field(default_factory=dict)
@@ -124,10 +127,11 @@ def sweep_config(data: dict[str, Any], *, source: str = "sweep") -> SweepConfig:
         seeds=_seeds(data, source),
         blocksize=data.get("blocksize", 64), double_quant=data.get("double_quant", False),
         cad=data.get("cad", False), oracle=data.get("oracle", False), stop=stop, optim=optim,
+        readings=_dataclass_from(LoopReadings, _table(data, "readings", source), f"{source} [readings]"),
         lr=optim_table.get("lr"),
         mansu=_mansu(_table(data, "mansu", source), stop, f"{source} [mansu]"),
         method_configs={m: _method_config(m, _table(data, m, source), f"{source} [{m}]")
-                        for m in TABLES if m not in ("stop", "optim", "mansu") and m in data},
+                        for m in TABLES if m not in ("stop", "optim", "readings", "mansu") and m in data},
     )
     for qtype in config.quantizers:  # a block size the quantizer does not support fails now
         _quant(config, qtype, source)
@@ -276,7 +280,7 @@ def _group_jobs(config: SweepConfig, group: JobGroup, quant: QuantConfig, optim:
 
     def job(method: str, **kwargs: Any) -> Job:
         return job_for(group.model, group.split, method, quant, measure_cad=config.cad, oracle=group.oracle,
-                       circuit=uses_circuit, **kwargs)
+                       circuit=uses_circuit, readings=config.readings, **kwargs)
 
     jobs = []
     for method in config.methods:

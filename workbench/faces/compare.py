@@ -58,6 +58,7 @@ from workbench.models.builtin_splits import builtin_split
 from workbench.models.loaded import LoadedModel
 from workbench.quant import QUANT_TYPES, QuantConfig, QuantType
 from workbench.unlearning.mansu import MansuConfig
+from workbench.unlearning.readings import LoopReadings
 from workbench.unlearning.registry import METHODS, MethodConfig, default_lr
 from workbench.unlearning.task import OptimConfig, StopRule
 
@@ -393,6 +394,7 @@ def paper_table(
     progress: Callable[[float, str], None] | None = None,
     executor: ExecutorConfig | None = None,
     on_run: RunCallback | None = None,
+    readings: LoopReadings | None = None,
 ) -> list[Run]:
     """Run MANSU and every baseline on one split with one budget; return the saved runs.
 
@@ -405,7 +407,8 @@ def paper_table(
     Each method is a :class:`~workbench.experiments.jobs.Job` saved as a run that records its
     key: a second call with the same arguments and ``runs_root`` skips the finished ones
     (resume), and ``executor`` runs the rest in worker processes or on Ray. ``on_run`` sees
-    each newly finished run (experiment tracking).
+    each newly finished run (experiment tracking). ``readings``: what the baselines' loop reads
+    for progress and history besides (default :class:`LoopReadings`; it changes no result).
     """
 
     methods = list(methods or METHODS)
@@ -422,7 +425,7 @@ def paper_table(
             jobs.append(_Method(method, optim=OptimConfig(lr=default_lr(model)), stop=stop))
     return _table_runs(model, jobs, split=split, quant=quant, measure_cad=measure_cad,
                        needs_circuit="mansu" in methods, oracle=oracle, runs_root=runs_root, progress=progress,
-                       executor=executor, on_run=on_run)
+                       executor=executor, on_run=on_run, readings=readings)
 
 
 def check_ablations(ablations: Sequence[str]) -> list[str]:
@@ -512,6 +515,7 @@ def _table_runs(
     progress: Callable[[float, str], None] | None,
     executor: ExecutorConfig | None,
     on_run: RunCallback | None,
+    readings: LoopReadings | None = None,
 ) -> list[Run]:
     """The table's runs as jobs on one split, quantizer and circuit (finished ones skipped).
 
@@ -523,7 +527,7 @@ def _table_runs(
     uses_circuit = circuit is not None or needs_circuit or measure_cad
     named = (circuit_digest(circuit) if circuit is not None else DEFAULT_CIRCUIT) if uses_circuit else None
     table = [job_for(model, split, m.method, quant, method_config=m.method_config, optim=m.optim, stop=m.stop,
-                     measure_cad=measure_cad, oracle=oracle, circuit=named)
+                     measure_cad=measure_cad, oracle=oracle, circuit=named, readings=readings)
              for m in jobs]
     group = JobGroup(model, split, circuit=circuit, oracle=oracle)
     return run_jobs(table, [group], runs_root=runs_root, executor=executor, progress=progress, on_run=on_run).runs

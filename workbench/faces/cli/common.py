@@ -28,6 +28,7 @@ from workbench.experiments.tracking import TRACKERS, Tracker, TrackingConfig, op
 from workbench.models.builtin_splits import builtin_split
 from workbench.models.loaded import LoadedModel
 from workbench.quant import QuantConfig
+from workbench.unlearning.readings import LoopReadings
 
 QUANT_CHOICES = ("nf4", "fp4", "int8", "none")
 
@@ -133,6 +134,19 @@ def add_executor_args(p: argparse.ArgumentParser) -> None:
 
 def executor_from_args(args: argparse.Namespace) -> ExecutorConfig:
     return ExecutorConfig(kind=args.executor, jobs=args.jobs)
+
+
+def add_readings_arg(p: argparse.ArgumentParser) -> None:
+    """``--readings-every N``: how often the gradient methods' loop also reads retain and Q(w+Δ)."""
+    p.add_argument("--readings-every", type=int, default=LoopReadings.every, metavar="N",
+                   help="gradient methods: every N steps (and at the last) also read retain top-1 on a "
+                        f"{LoopReadings.retain_sample}-fact sample and forget/retain of Q(w+Δ), for the progress "
+                        f"line and --report-to (default {LoopReadings.every}; 0: never; changes no result)")
+
+
+def readings_from_args(args: argparse.Namespace) -> LoopReadings:
+    """The readings ``--readings-every`` asks for (a bad value fails before any model loads)."""
+    return LoopReadings(every=args.readings_every)
 
 
 def add_tracking_args(p: argparse.ArgumentParser) -> None:

@@ -18,11 +18,13 @@ from workbench.faces.cli.common import (
     add_executor_args,
     add_json,
     add_quant_args,
+    add_readings_arg,
     add_runs_root,
     add_tracking_args,
     executor_from_args,
     load_split,
     quant_from_args,
+    readings_from_args,
     tracker_from_args,
     tracking_callback,
 )
@@ -84,6 +86,7 @@ def _add_paper_table(sub: argparse._SubParsersAction) -> None:
                    help="shared stopping rule: forget top-1 <= this (multiple-choice forget sets: MC accuracy "
                         "<= max(this, chance))")
     p.add_argument("--all-quantizers", action="store_true", help="fill NF4/FP4/int8 columns for every run")
+    add_readings_arg(p)
     p.set_defaults(func=cmd_paper_table)
 
 
@@ -144,6 +147,7 @@ def cmd_paper_table(args: argparse.Namespace, out: Printer) -> int:
     q = quant_from_args(args, "paper-table")
     executor = executor_from_args(args)
     tracker = tracker_from_args(args)
+    readings = readings_from_args(args)
     model = load_model(args.model)
     split = load_split(model, args)
     oracle = None if args.no_oracle else oracle_for(model, split)
@@ -151,7 +155,7 @@ def cmd_paper_table(args: argparse.Namespace, out: Printer) -> int:
     try:
         runs = paper_table(model, methods=methods, split=split, stop=stop, quant=q, measure_cad=not args.no_cad,
                            oracle=oracle, runs_root=args.runs_root, progress=bar, executor=executor,
-                           on_run=tracking_callback(tracker))
+                           on_run=tracking_callback(tracker), readings=readings)
     finally:
         bar.close()
     out.line(f"{len(runs)} runs on {model.name} ({split.name}), saved under {runs[0].path.parent}")

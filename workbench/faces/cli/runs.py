@@ -15,10 +15,12 @@ from workbench.faces.cli.common import (
     add_data_args,
     add_json,
     add_quant_args,
+    add_readings_arg,
     add_runs_root,
     add_tracking_args,
     load_split,
     quant_from_args,
+    readings_from_args,
     tracker_from_args,
 )
 from workbench.faces.tables import text_table
@@ -28,7 +30,6 @@ from workbench.measurement.results import PerVariant, RunMetrics
 from workbench.models.loaded import LoadedModel
 from workbench.models.loading import load_model
 from workbench.unlearning.mansu.config import MANSU_VARIANTS
-from workbench.unlearning.readings import LoopReadings
 from workbench.unlearning.registry import METHODS, MethodConfig, default_lr
 from workbench.unlearning.task import OptimConfig, StopRule
 
@@ -84,10 +85,7 @@ def _add_unlearn(sub: argparse._SubParsersAction) -> None:
                         "<= max(this, chance))")
     p.add_argument("--max-steps", type=int, default=100, help="gradient methods: step budget")
     p.add_argument("--lr", type=float, help="gradient methods: Adam learning rate (default per model)")
-    p.add_argument("--readings-every", type=int, default=LoopReadings.every, metavar="N",
-                   help="gradient methods: every N steps (and at the last) also read retain top-1 on a "
-                        f"{LoopReadings.retain_sample}-fact sample and forget/retain of Q(w+Δ), for the progress "
-                        f"line and --report-to (default {LoopReadings.every}; 0: never; changes no result)")
+    add_readings_arg(p)
     p.add_argument("--mansu-variant", choices=tuple(MANSU_VARIANTS), default="v1",
                    help="MANSU: which reading (docs/results/mansu_study.md; default v1); the flags below override it")
     p.add_argument("--params-per-round", type=int, default=None,
@@ -125,7 +123,7 @@ def _method_settings(args: argparse.Namespace, model: LoadedModel) -> tuple[Meth
 
 def cmd_unlearn(args: argparse.Namespace, out: Printer) -> int:
     tracker = tracker_from_args(args)  # a missing tracking library fails before the model loads
-    readings = LoopReadings(every=args.readings_every)  # and a bad --readings-every
+    readings = readings_from_args(args)  # and a bad --readings-every
     model = load_model(args.model)
     split = load_split(model, args)
     circuit = Circuit.load(args.circuit, model=model) if args.circuit else None
