@@ -503,6 +503,8 @@ def history_figure(histories: Mapping[str, Sequence[Mapping[str, float]]], *, ti
                 fig.add_trace(go.Scatter(
                     x=list(xs), y=list(ys), mode="lines+markers", name=f"{label}, {precision}", legendgroup=label,
                     line=dict(color=palette[i % len(palette)], dash=dash), showlegend=col == 1,
+                    # open and larger: visible around the full-precision point when the two agree
+                    marker=dict(symbol="circle-open" if suffix else "circle", size=10 if suffix else 6),
                     hovertemplate=f"{label}<br>step %{{x}}: %{{y:.3f}}<extra>{key}{suffix}</extra>"), row=1, col=col)
     if not fig.data:
         fig.add_annotation(text="no per-step record in these runs", showarrow=False, x=0.5, y=0.5,
