@@ -448,6 +448,10 @@ def update_ratio_figure(runs: Mapping[str, Mapping[str, Any]], *, title: str | N
     return fig
 
 
+RUN_COLOURS = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+"""One colour per run, in order, in every figure that overlays runs."""
+
+
 def accuracy_figure(metrics: UpdateMetrics | Mapping[str, UpdateMetrics], *, title: str | None = None) -> go.Figure:
     """Forget | retain top-1 for the five variants (base fp, Q(w), w+Δ, Q(w)+Δ, Q(w+Δ)).
 
@@ -459,12 +463,12 @@ def accuracy_figure(metrics: UpdateMetrics | Mapping[str, UpdateMetrics], *, tit
     variants = list(VARIANT_LABELS)
     fig = make_subplots(rows=1, cols=2, shared_yaxes=True, subplot_titles=("forget top-1 (lower = forgotten)",
                                                                           "retain top-1 (higher = kept)"))
-    palette = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
     for i, (label, m) in enumerate(runs.items()):
         for col, key, accuracies in ((1, "forget", m.forget), (2, "retain", m.retain)):
             ys = [accuracies.by_variant()[v] for v in variants]
             fig.add_trace(go.Bar(x=[VARIANT_LABELS[v] for v in variants], y=ys, name=label,
-                                 marker_color=palette[i % len(palette)], showlegend=(col == 1 and len(runs) > 1),
+                                 marker_color=RUN_COLOURS[i % len(RUN_COLOURS)],
+                                 showlegend=(col == 1 and len(runs) > 1),
                                  text=[None if y is None else f"{y:.2f}" for y in ys], textposition="outside",
                                  hovertemplate=f"{label}<br>%{{x}}: %{{y:.3f}}<extra>{key}</extra>"),
                           row=1, col=col)
@@ -475,13 +479,13 @@ def accuracy_figure(metrics: UpdateMetrics | Mapping[str, UpdateMetrics], *, tit
     return fig
 
 
-HISTORY_SERIES = {"forget": ("forget_mc", "forget_top1"), "retain": ("retain_mc", "retain_top1")}
+HISTORY_PANELS = {"forget": ("forget_mc", "forget_top1"), "retain": ("retain_mc", "retain_top1")}
 """Per panel, the history keys it plots, the deciding one first (multiple choice where measured)."""
 
 
 def _history_key(history: Sequence[Mapping[str, float]], panel: str) -> str | None:
-    """The key a panel plots: the first of :data:`HISTORY_SERIES` any record carries."""
-    return next((k for k in HISTORY_SERIES[panel] if any(k in r for r in history)), None)
+    """The key a panel plots: the first of :data:`HISTORY_PANELS` any record carries."""
+    return next((k for k in HISTORY_PANELS[panel] if any(k in r for r in history)), None)
 
 
 def history_figure(histories: Mapping[str, Sequence[Mapping[str, float]]], *, title: str | None = None) -> go.Figure:
@@ -491,7 +495,6 @@ def history_figure(histories: Mapping[str, Sequence[Mapping[str, float]]], *, ti
     (:class:`~workbench.unlearning.readings.LoopReadings`), MANSU's guard reads retain on its sample."""
     fig = make_subplots(rows=1, cols=2, shared_yaxes=True,
                         subplot_titles=("forget (lower = forgotten)", "retain on a sample (higher = kept)"))
-    palette = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
     for i, (label, history) in enumerate(histories.items()):
         for col, panel in ((1, "forget"), (2, "retain")):
             key = _history_key(history, panel)
@@ -502,7 +505,7 @@ def history_figure(histories: Mapping[str, Sequence[Mapping[str, float]]], *, ti
                 xs, ys = zip(*points)
                 fig.add_trace(go.Scatter(
                     x=list(xs), y=list(ys), mode="lines+markers", name=f"{label}, {precision}", legendgroup=label,
-                    line=dict(color=palette[i % len(palette)], dash=dash), showlegend=col == 1,
+                    line=dict(color=RUN_COLOURS[i % len(RUN_COLOURS)], dash=dash), showlegend=col == 1,
                     # open and larger: visible around the full-precision point when the two agree
                     marker=dict(symbol="circle-open" if suffix else "circle", size=10 if suffix else 6),
                     hovertemplate=f"{label}<br>step %{{x}}: %{{y:.3f}}<extra>{key}{suffix}</extra>"), row=1, col=col)
