@@ -241,3 +241,16 @@ def test_a_sweep_files_readings_table(tmp_path):
         sweep_config({"models": ["facts-tiny"], "readings": {"every": -1}}, source="s.toml")
     with pytest.raises(WorkbenchError, match=r"s\.toml \[readings\]: unknown key 'often'"):
         sweep_config({"models": ["facts-tiny"], "readings": {"often": 2}}, source="s.toml")
+
+
+def test_a_reading_stores_the_after_model_on_the_models_device():
+    # no GPU here: the ``meta`` device stands in for one (where a tensor lands shows a silent copy);
+    # the quantizer itself reads values (.item()), so only the stored after-model is checked there
+    from workbench.models.toy import toy_model
+    from workbench.unlearning.readings import StoredAfter
+
+    toy = toy_model("llama", n_layers=2, d_model=32, n_heads=4, n_kv_heads=2)
+    model = LoadedModel(name="meta-llama", hf=toy.hf.to("meta"), tokenizer=toy.tokenizer)
+    trained = {n: p.detach().float() for n, p in model.hf.named_parameters() if "mlp" in n}  # as the loop's copy
+    stored = StoredAfter(model.state(), trained)
+    assert trained and all(stored[n].device.type == "meta" and stored[n].dtype == torch.float32 for n in trained)
