@@ -366,14 +366,15 @@ def bench_unlearning(model: LoadedModel, *, steps: int = 5) -> dict[str, Any]:
     unlearn(model, split, method="mansu", quant=quant, circuit=circuit, progress=silent,
             method_config=MansuConfig(max_rounds=1, forget_target=0.0, retain_guard=None))
     # GradDiff's progress readings off: the bench times the method, and MANSU reads nothing extra
-    unlearn(model, split, method="graddiff", quant=quant, progress=silent, readings=LoopReadings(every=0),
+    quiet = LoopReadings(every=0)
+    unlearn(model, split, method="graddiff", quant=quant, progress=silent, readings=quiet,
             optim=OptimConfig(lr=default_lr(model)), stop=StopRule(max_steps=1, forget_target=None))
     # forget_target 0 and no guard: both run exactly ``steps`` iterations
     t_mansu, m_mansu, mansu = _timed(lambda: unlearn(
         model, split, method="mansu", quant=quant, circuit=circuit, progress=silent,
         method_config=MansuConfig(max_rounds=steps, forget_target=0.0, retain_guard=None)))
     t_gd, m_gd, graddiff = _timed(lambda: unlearn(
-        model, split, method="graddiff", quant=quant, progress=silent, readings=LoopReadings(every=0),
+        model, split, method="graddiff", quant=quant, progress=silent, readings=quiet,
         optim=OptimConfig(lr=default_lr(model)), stop=StopRule(max_steps=steps, forget_target=None)))
     # The loop's progress readings (every 10th step and the last: here one), as a run takes them by default
     t_gd_read, _, gd_read = _timed(lambda: unlearn(
@@ -386,7 +387,7 @@ def bench_unlearning(model: LoadedModel, *, steps: int = 5) -> dict[str, Any]:
         model, split, method="mansu", quant=quant, circuit=circuit, progress=silent))
     t_gd_target, _, gd_target = _timed(lambda: unlearn(
         model, split, method="graddiff", quant=quant, progress=silent, optim=OptimConfig(lr=default_lr(model)),
-        readings=LoopReadings(every=0)))
+        readings=quiet))
     model_bytes = sum(p.numel() * 4 for p in model.hf.parameters())
     with tempfile.TemporaryDirectory() as tmp:
         size = {name: Path(r.update.save(Path(tmp) / f"{name}.safetensors")).stat().st_size

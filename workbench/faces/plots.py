@@ -519,6 +519,11 @@ def history_figure(histories: Mapping[str, Sequence[Mapping[str, float]]], *, ti
     return fig
 
 
+def live_history_figure(records: Sequence[Mapping[str, float]]) -> go.Figure:
+    """:func:`history_figure` of the run going on: the app's and the widget's live plot."""
+    return history_figure({"this run": records}, title="Forget and retain so far")
+
+
 def cad_diff_figure(metrics: UpdateMetrics, which: str = "fp", *, top: int | None = 30) -> go.Figure:
     """Per-node attribution before | after | difference behind a run's CAD (``which``:
     ``"fp"`` = w vs w+Δ, ``"quantized"`` = Q(w) vs Q(w+Δ))."""
@@ -545,6 +550,7 @@ __all__ = [
     "circuit_figure",
     "head_heatmap",
     "history_figure",
+    "live_history_figure",
     "node_positions",
     "occupancy_figure",
     "quantization_module",

@@ -61,6 +61,7 @@ from workbench.faces.plots import (
     faithfulness_curve_figure,
     head_heatmap,
     history_figure,
+    live_history_figure,
     occupancy_figure,
     update_ratio_figure,
 )
@@ -997,7 +998,7 @@ class Session:
         first record (MANSU's setup, or a baseline's first step)."""
         if not self.live_records:
             return None
-        return history_figure({"this run": list(self.live_records)}, title="Forget and retain so far")
+        return live_history_figure(list(self.live_records))
 
     # --- compare ----------------------------------------------------------------------------
     def pin(self) -> RunView:

@@ -229,7 +229,7 @@ class Workbench:
     def _record(self, record: dict[str, float]) -> None:
         """The core's ``on_record`` callback: redraw the live plot with the new step (round)."""
         self.live_records.append(record)
-        drawn = plots.history_figure({"this run": self.live_records}, title="Forget and retain so far")
+        drawn = plots.live_history_figure(self.live_records)
         with self.live_fig.batch_update():
             self.live_fig.data = ()
             self.live_fig.add_traces(list(drawn.data))

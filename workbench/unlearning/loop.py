@@ -27,7 +27,7 @@ from workbench.models.update import Update
 from workbench.quant import QuantConfig
 from workbench.unlearning.batches import ScoredSet
 from workbench.unlearning.readings import take_reading
-from workbench.unlearning.result import UnlearningResult, already_at_target, nothing_to_unlearn
+from workbench.unlearning.result import UnlearningResult, accuracy_text, already_at_target, nothing_to_unlearn
 from workbench.unlearning.task import OptimConfig, TrainableSet, UnlearningTask
 
 Objective = Callable[[torch.nn.Module, FactBatch, torch.Tensor, FactBatch, torch.Tensor], torch.Tensor]
@@ -169,12 +169,7 @@ def _read(task: UnlearningTask, work: torch.nn.Module, trained: Callable[[], dic
 def _step_message(method: str, record: dict[str, float]) -> str:
     """A step's progress line: the loss, and each accuracy the step measured (quantized beside it,
     or alone when only a reading measured it: a reading step need not be an ``eval_every`` step)."""
-    msg = f"{method} step {int(record['step'])}: loss {record['loss']:.3f}"
-    for label, key in (("forget top-1", "forget_top1"), ("forget MC", "forget_mc"),
-                       ("retain top-1", "retain_top1"), ("retain MC", "retain_mc")):
-        quantized = record.get(key + "_q")
-        if key in record:
-            msg += f", {label} {record[key]:.3f}" + (f" (quantized {quantized:.3f})" if quantized is not None else "")
-        elif quantized is not None:
-            msg += f", {label} quantized {quantized:.3f}"
-    return msg
+    parts = [accuracy_text(record, key, label) for label, key in (
+        ("forget top-1", "forget_top1"), ("forget MC", "forget_mc"), ("retain top-1", "retain_top1"),
+        ("retain MC", "retain_mc"))]
+    return ", ".join([f"{method} step {int(record['step'])}: loss {record['loss']:.3f}", *filter(None, parts)])

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +43,16 @@ class UnlearningResult:
     history: list[dict[str, float]] = field(default_factory=list)
     diagnostics: dict[str, Any] = field(default_factory=dict)
     seconds_by_phase: dict[str, float] = field(default_factory=dict)
+
+
+def accuracy_text(record: Mapping[str, float], key: str, label: str) -> str | None:
+    """How a progress line shows a history record's accuracy ``key``: ``label v (quantized q)``,
+    ``label v`` without ``key_q``, ``label quantized q`` with only ``key_q``; ``None`` with neither.
+    MANSU's round lines and the gradient loop's step lines both read their records through it."""
+    value, quantized = record.get(key), record.get(key + "_q")
+    if value is None:
+        return None if quantized is None else f"{label} quantized {quantized:.3f}"
+    return f"{label} {value:.3f}" + ("" if quantized is None else f" (quantized {quantized:.3f})")
 
 
 def already_at_target(batches: Batches, hf: torch.nn.Module | PrefixCache, target: float | None, *,

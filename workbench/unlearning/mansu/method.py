@@ -31,7 +31,7 @@ from workbench.unlearning.mansu.rounds import (
     verify_codes,
 )
 from workbench.unlearning.mansu.state import MansuState, setup_state
-from workbench.unlearning.result import UnlearningResult, already_at_target, nothing_to_unlearn
+from workbench.unlearning.result import UnlearningResult, accuracy_text, already_at_target, nothing_to_unlearn
 from workbench.unlearning.task import UnlearningTask
 
 ADDED_LATER: dict[str, object] = {"rounds_undone_by_retain_guard": 0, "rounds_blocked_at_smallest_size": 0,
@@ -135,11 +135,11 @@ def _round_text(record: dict[str, float]) -> str:
     """A round's forget accuracy as the progress line shows it (the deciding one), and the retain
     accuracy the guard measured on its sample when the record has it."""
     name, key = ("MC", "forget_mc") if "forget_mc" in record else ("top-1", "forget_top1")
-    text = f"forget {name} {record[key]:.3f} (quantized {record[key + '_q']:.3f})"
+    text = accuracy_text(record, key, f"forget {name}")
+    assert text is not None  # every kept round measures the forget set
     for label, retain in (("top-1", "retain_top1"), ("MC", "retain_mc")):
         if retain in record:
-            quantized = f" (quantized {record[retain + '_q']:.3f})" if retain + "_q" in record else ""
-            text += f", retain {label} {record[retain]:.3f}{quantized} on the guard's sample"
+            text += f", {accuracy_text(record, retain, f'retain {label}')} on the guard's sample"
     return text
 
 
