@@ -86,3 +86,102 @@ def test_the_app_background_start_prepares_the_forget_set(monkeypatch):
     s.setup("facts-tiny")
     s.attribute("atp", measure=False)
     assert counts["pairs"] == 0
+
+
+def _counting_clean_runs(monkeypatch) -> list[int]:
+    import workbench.interpretability.attribution as attribution_module
+
+    made: list[int] = []
+    real = attribution_module._clean_run
+
+    def clean_run(bridge, lay, chunk, metric):
+        made.append(chunk.n)
+        return real(bridge, lay, chunk, metric)
+
+    monkeypatch.setattr(attribution_module, "_clean_run", clean_run)
+    return made
+
+
+@pytest.mark.parametrize("config_args", [
+    {"method": "atp", "edges": True},
+    {"method": "ig", "ig_steps": 3, "edges": True, "batch_size": 2},
+    {"method": "atp", "edges": False, "metric": "logprob"},
+])
+def test_clean_runs_taken_ahead_give_the_click_the_same_attribution(monkeypatch, config_args):
+    """The background start's clean runs (prepare_forget_set with the click's config) replace
+    the click's own: the same scores, edges, per-pair scores and metrics bit for bit, no clean
+    forward in the click, and nothing held after it."""
+    from workbench.core.memo import take_once
+    from workbench.experiments.flow import CLEAN_RUNS, attribute_forget_set, prepare_forget_set
+    from workbench.interpretability.attribution import AttributionConfig
+    from workbench.models.toy import toy_model
+
+    model, split = toy_model("llama", n_kv_heads=2), _split()
+    config = AttributionConfig(**config_args)
+    cold = attribute_forget_set(model, split, config)
+    clear_base_memo()
+    made = _counting_clean_runs(monkeypatch)
+    pairs = prepare_forget_set(model, split, config)
+    paired = sum(g.n for g in pairs.groups if g.baseline != "mean")
+    assert paired > 0 and sum(made) == paired  # every paired fact's clean run, once, ahead
+    warm = attribute_forget_set(model, split, config)
+    assert sum(made) == paired  # the click made none
+    assert warm.scores == cold.scores and warm.edge_scores == cold.edge_scores
+    assert torch.equal(warm.pair_scores, cold.pair_scores)
+    assert (warm.clean_metric, warm.corrupt_metric) == (cold.clean_metric, cold.corrupt_metric)
+    assert take_once(CLEAN_RUNS, ()) is None  # let go once used
+    attribute_forget_set(model, split, config)  # a second click makes its own
+    assert sum(made) == 2 * paired
+
+
+def test_clean_runs_of_another_config_are_refused_or_let_go(monkeypatch):
+    """Runs taken for another batch size, edge setting or model are refused by attribute with a
+    clear error; through the flow, runs held for another config are let go, not used."""
+    from workbench.core.errors import WorkbenchError
+    from workbench.core.memo import take_once
+    from workbench.experiments.flow import CLEAN_RUNS, attribute_forget_set, forget_set_pairs, prepare_forget_set
+    from workbench.interpretability.attribution import AttributionConfig, attribute, clean_runs
+    from workbench.models.toy import toy_model
+
+    model, split = toy_model("llama", n_kv_heads=2), _split()
+    pairs = forget_set_pairs(model, split)
+    for held, asked in [(AttributionConfig(batch_size=2), AttributionConfig()),
+                        (AttributionConfig(edges=True), AttributionConfig())]:
+        with pytest.raises(WorkbenchError, match="clean runs were taken for other"):
+            attribute(model, pairs, asked, clean=clean_runs(model, pairs, held))
+    with pytest.raises(WorkbenchError, match="clean runs were taken for other"):
+        attribute(toy_model("llama", n_kv_heads=2, seed=3), pairs, clean=clean_runs(model, pairs))
+
+    made = _counting_clean_runs(monkeypatch)
+    prepare_forget_set(model, split, AttributionConfig(edges=True))
+    ahead = len(made)
+    attribute_forget_set(model, split, AttributionConfig(edges=False))
+    assert len(made) == 2 * ahead  # the click made its own ...
+    assert take_once(CLEAN_RUNS, ()) is None  # ... and the held runs are gone
+
+
+def test_a_run_lets_go_of_clean_runs_held_for_an_attribution():
+    """Runs held for a first attribution that does not come (a run started with a circuit of its
+    own) are let go at the run's start, not carried through its memory peak."""
+    import workbench.core.memo as memo
+    from workbench.core.errors import WorkbenchError
+    from workbench.experiments.flow import (
+        CLEAN_RUNS,
+        attribute_forget_set,
+        default_circuit,
+        prepare_forget_set,
+        run_unlearning,
+    )
+    from workbench.interpretability.attribution import AttributionConfig
+    from workbench.models.toy import toy_model
+
+    model, forget = toy_model("llama", n_kv_heads=2), _split()
+    split = FactSplit("mixed", forget=forget.forget, retain=(Fact("w1 w2 w3", "w4", ()), Fact("w5 w6", "w7", ())))
+    circuit = default_circuit(attribute_forget_set(model, split), top_k=2)
+    prepare_forget_set(model, split, AttributionConfig(edges=True))
+    assert CLEAN_RUNS in memo._ONCE
+    try:  # stopped before its first round: what is held is let go at the start all the same
+        run_unlearning(model, split, circuit=circuit, save=False, measure_cad=False, should_stop=lambda: True)
+    except WorkbenchError as e:
+        assert "cancelled" in str(e)
+    assert CLEAN_RUNS not in memo._ONCE

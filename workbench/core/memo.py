@@ -5,7 +5,8 @@ projectors (unlearning) are the same for every run on one model: a paper table, 
 or an app session would otherwise recompute them per run. Keys start with the model's weight
 fingerprint; the memo is in-process, never on disk, so a cached value always comes from weights
 this process holds. Small values are kept by :func:`base_memo` (the 64 latest); large ones by
-:func:`latest_memo`, one per kind, so a session that tries many circuits holds one circuit's.
+:func:`latest_memo`, one per kind, so a session that tries many circuits holds one circuit's;
+values taken ahead for one later use by :func:`hold_once` (given up by :func:`take_once`).
 """
 
 from __future__ import annotations
@@ -56,7 +57,32 @@ def latest_memo(kind: str, key: tuple[Any, ...], compute: Callable[[], T]) -> T:
     return value
 
 
+_ONCE: dict[str, tuple[tuple[Any, ...], object]] = {}
+
+
+def hold_once(kind: str, key: tuple[Any, ...], value: object) -> None:
+    """Hold ``value`` until :func:`take_once` asks for it (one per kind): work done ahead of a
+    click that the click uses once, and that is not worth its memory after."""
+    with _BASE_MEMO_LOCK:
+        _ONCE[kind] = (key, value)
+
+
+def take_once(kind: str, key: tuple[Any, ...]) -> object | None:
+    """The value held for ``key`` (and no longer held), or ``None``. A held value of another key
+    is let go too: it was taken ahead for a use that did not come."""
+    with _BASE_MEMO_LOCK:
+        held = _ONCE.pop(kind, None)
+    return held[1] if held is not None and held[0] == key else None
+
+
+def drop_once(kind: str) -> None:
+    """Let go of what is held for ``kind`` (its use will not come, e.g. a run started first)."""
+    with _BASE_MEMO_LOCK:
+        _ONCE.pop(kind, None)
+
+
 def clear_base_memo() -> None:
     with _BASE_MEMO_LOCK:
         _BASE_MEMO.clear()
         _LATEST.clear()
+        _ONCE.clear()

@@ -14,7 +14,7 @@ from dataclasses import asdict
 from typing import Any
 
 from workbench.core.errors import WorkbenchError
-from workbench.core.memo import base_memo
+from workbench.core.memo import base_memo, drop_once, hold_once, take_once
 from workbench.core.progress import Progress, scaled, silent
 from workbench.data.facts import FactSplit
 from workbench.experiments.provenance import provenance
@@ -23,8 +23,10 @@ from workbench.interpretability.attribution import (
     ABLATION_BATCH_SIZE,
     Attribution,
     AttributionConfig,
+    CleanRuns,
     PromptPairs,
     attribute,
+    clean_runs,
     dataset_means,
     pairs_for,
 )
@@ -62,16 +64,27 @@ def forget_set_pairs(model: LoadedModel, split: FactSplit, config: AttributionCo
 
 def prepare_forget_set(model: LoadedModel, split: FactSplit, config: AttributionConfig | None = None) -> PromptPairs:
     """Take ahead of the first click what an attribution of the forget set and its faithfulness
-    readout read first: the pairs (:func:`forget_set_pairs`) and, when a pair is on the mean
-    baseline, their dataset means at the attribution's batch size and at the readout's
-    (:data:`ABLATION_BATCH_SIZE`). All memoised, so the click then finds them."""
+    readout read first: the pairs (:func:`forget_set_pairs`), when a pair is on the mean
+    baseline their dataset means at the attribution's batch size and at the readout's
+    (:data:`ABLATION_BATCH_SIZE`), all memoised; and the sweep's clean runs with ``config``,
+    held for the next :func:`attribute_forget_set` with that config, which takes them."""
 
     config = config or AttributionConfig()
     pairs = forget_set_pairs(model, split, config)
     if pairs.has_mean:
         dataset_means(model, pairs, batch_size=config.batch_size)
         dataset_means(model, pairs, batch_size=ABLATION_BATCH_SIZE)
+    if config.method != "exact":
+        # held once, not memoised: ~66 MiB on SmolLM2, used by the first click and then let go
+        hold_once(CLEAN_RUNS, _clean_runs_key(model, pairs, config), clean_runs(model, pairs, config))
     return pairs
+
+
+CLEAN_RUNS = "forget-set-clean-runs"
+
+
+def _clean_runs_key(model: LoadedModel, pairs: PromptPairs, config: AttributionConfig) -> tuple[object, ...]:
+    return (model.fingerprint, pairs.prompts_hash, config.batch_size, config.edges, config.metric)
 
 
 def attribute_forget_set(
@@ -86,7 +99,9 @@ def attribute_forget_set(
     config = config or AttributionConfig()
     pairs = forget_set_pairs(model, split, config) if pairs is None else pairs.with_metric(config.metric)
     means = dataset_means(model, pairs, batch_size=config.batch_size) if pairs.has_mean else None
-    return attribute(model, pairs, config, progress=progress, means=means)
+    held = take_once(CLEAN_RUNS, _clean_runs_key(model, pairs, config))
+    clean = held if isinstance(held, CleanRuns) and config.method != "exact" else None
+    return attribute(model, pairs, config, progress=progress, means=means, clean=clean)
 
 
 def default_circuit(attribution: Attribution, top_k: int = DEFAULT_TOP_K) -> Circuit:
@@ -136,6 +151,7 @@ def run_unlearning(
     quant = quant or QuantConfig("nf4")
     start = time.perf_counter()
     circuit = _circuit_for(model, split, circuit, method, report)
+    drop_once(CLEAN_RUNS)  # held for an attribution that did not come: not carried into the run's peak
     components = sorted(circuit.selected) if circuit is not None else None
     result = unlearn(model, split, method=method, quant=quant, circuit=components, method_config=method_config,
                      optim=optim, stop=stop, baseline=baseline, readings=readings, progress=scaled(report, 0.0, 0.6),

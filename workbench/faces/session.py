@@ -188,14 +188,14 @@ class SharedModels:
         """What the app computes in the background from its start, before any click: the base
         accuracies the setup panel shows, and the rest of what a run's measurement takes from the
         base alone (the forget set's multiple choice, the CAD attributions of w and Q(w)), so the
-        first "Run MANSU" measures only the update's variants; last, the forget set's prompt pairs
-        and dataset means the default attribution and its readout start from."""
+        first "Run MANSU" measures only the update's variants; last, the forget set's prompt pairs,
+        dataset means and clean runs the default attribution and its readout start from."""
         status(f"measuring base accuracy, full precision vs {quant.label}")
         self.base_accuracy(model, split, quant)
         status(f"attributing the base for CAD, full precision and {quant.label}")
         base_measurement(model, split, quant)
-        status("making the forget set's prompt pairs for attribution")
-        prepare_forget_set(model, split)
+        status("making the forget set's prompt pairs and clean runs for attribution")
+        prepare_forget_set(model, split, attribution_config())
 
     def clear_scores(self) -> None:
         """Forget the cached base accuracies (the bench starts each path from none)."""
@@ -618,9 +618,7 @@ class Session:
 
         self.assumed = []
         model, split, _q = self.ensure_setup(progress)
-        config = AttributionConfig(method=method,  # type: ignore[arg-type] -- checked by AttributionConfig
-                                   ig_steps=_whole(ig_steps, "IG steps"), edges=bool(edges) and method != "exact",
-                                   baseline=baseline)  # type: ignore[arg-type] -- checked by AttributionConfig
+        config = attribution_config(method, ig_steps=ig_steps, edges=edges, baseline=baseline)
         pairs = forget_set_pairs(model, split, config)
         attribution = attribute_forget_set(model, split, config, progress=self._bounded(progress), pairs=pairs)
         self.attribution = attribution
@@ -1223,6 +1221,14 @@ def _time_line(start: float, fraction: float) -> str:
     if not 0.02 <= fraction < 1:  # too early to say, or done
         return f"elapsed {_clock(elapsed)}"
     return f"elapsed {_clock(elapsed)} · about {_clock(elapsed * (1 - fraction) / fraction)} left"
+
+
+def attribution_config(method: str = "atp", *, ig_steps: Any = 8, edges: bool = True,
+                       baseline: str = "paired") -> AttributionConfig:
+    """The attribution a face asks for (its defaults: the app's "Run attribution" as it opens)."""
+    return AttributionConfig(method=method,  # type: ignore[arg-type] -- checked by AttributionConfig
+                             ig_steps=_whole(ig_steps, "IG steps"), edges=bool(edges) and method != "exact",
+                             baseline=baseline)  # type: ignore[arg-type] -- checked by AttributionConfig
 
 
 def _whole(value: Any, what: str) -> int:

@@ -97,7 +97,7 @@ import random
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -1131,6 +1131,7 @@ class _Sums:
 def _gradient_sweep(
     bridge: Any, lay: _Layout, pairs: PromptPairs, config: AttributionConfig, tracker: Steps,
     post_norms: Sequence[torch.nn.Module | None] = (), means: ActivationMeans | None = None,
+    held: CleanRuns | None = None,
 ) -> _Sums:
     """Node (and edge) scores per pair, and the summed clean/baseline metrics.
 
@@ -1144,7 +1145,7 @@ def _gradient_sweep(
     names = lay.node_hooks + (lay.reader_hooks() + edges.post_norm_hooks() if edges is not None else [])
     for group in pairs.groups:
         for chunk in group.chunks(config.batch_size):
-            _sweep_chunk(bridge, lay, chunk, config, names, sums, edges, means, tracker)
+            _sweep_chunk(bridge, lay, chunk, config, names, sums, edges, means, tracker, held)
             if edges is not None:
                 edges.end_chunk()
     if edges is not None:
@@ -1154,7 +1155,7 @@ def _gradient_sweep(
 
 def _sweep_chunk(
     bridge: Any, lay: _Layout, chunk: PairGroup, config: AttributionConfig, names: list[str], sums: _Sums,
-    edges: _EdgeAccumulator | None, means: ActivationMeans | None, tracker: Steps,
+    edges: _EdgeAccumulator | None, means: ActivationMeans | None, tracker: Steps, held: CleanRuns | None = None,
 ) -> None:
     """One chunk's ``config.steps`` differentiated passes, added into ``sums`` (and ``edges``).
 
@@ -1165,7 +1166,7 @@ def _sweep_chunk(
     3. The pass's node contributions and edge products, weighted ``1 / steps``.
     """
     noising, steps = chunk.baseline == "mean", config.steps
-    clean_acts, base_acts = _unrun_endpoint(bridge, lay, chunk, config.metric, sums, means)
+    clean_acts, base_acts = _unrun_endpoint(bridge, lay, chunk, config.metric, sums, means, held)
     deltas: dict[str, torch.Tensor] = {}
     for k in range(steps):
         alpha = 1 - k / steps if noising else k / steps
@@ -1192,21 +1193,90 @@ def _sweep_chunk(
 
 def _unrun_endpoint(
     bridge: Any, lay: _Layout, chunk: PairGroup, metric: MetricName, sums: _Sums, means: ActivationMeans | None,
+    held: CleanRuns | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """``(clean, baseline)`` activations, the one the chunk's passes do not run filled in.
 
     Noising: the baseline is the dataset mean (its metric: the clean run with every writer at
-    its mean). Denoising: the clean run, without gradients. The summed metric goes to ``sums``.
+    its mean). Denoising: the clean run, without gradients (``held``'s when taken ahead). The
+    summed metric goes to ``sums``.
     """
     if chunk.baseline == "mean":
         assert means is not None
         base = means.for_chunk(lay.node_hooks, chunk)
         sums.corrupt += _ablated_all(bridge, lay, chunk, base, metric)
         return {}, base
+    run = held.take(chunk) if held is not None else None
+    if run is None:
+        run = _clean_run(bridge, lay, chunk, metric)
+    sums.clean += run.metric_sum
+    return run.activations, {}
+
+
+@dataclass(frozen=True)
+class _CleanRun:
+    """One chunk's clean run: its summed metric and its node activations (detached)."""
+
+    metric_sum: float
+    activations: dict[str, torch.Tensor]
+    tokens_shape: tuple[int, ...]  # the chunk's [n, seq]
+
+
+def _clean_run(bridge: Any, lay: _Layout, chunk: PairGroup, metric: MetricName) -> _CleanRun:
     with torch.no_grad():
         logits, live = _forward(bridge, chunk.clean, lay.node_hooks)
-        sums.clean += float(_metric_values(logits, chunk, metric).sum())
-        return {n: t.detach().clone() for n, t in live.items()}, {}
+        return _CleanRun(float(_metric_values(logits, chunk, metric).sum()),
+                         {n: t.detach().clone() for n, t in live.items()}, tuple(chunk.clean.shape))
+
+
+@dataclass
+class CleanRuns:
+    """The clean runs of a gradient sweep's denoising chunks, taken ahead (:func:`clean_runs`).
+
+    They depend only on the weights, the pairs, the batch size, the edge hooks and the metric,
+    so the app takes them in the background before the first "Run attribution" (~2-3 s of that
+    click on SmolLM2). A sweep takes each chunk's run once (:meth:`take`), letting it go.
+    """
+
+    model_fingerprint: str
+    prompts_hash: str
+    batch_size: int
+    edges: bool
+    metric: MetricName
+    runs: dict[int, _CleanRun]  # first pair index of the chunk -> its run
+
+    def fits(self, model: LoadedModel, pairs: PromptPairs, config: AttributionConfig) -> bool:
+        return (self.model_fingerprint, self.prompts_hash, self.batch_size, self.edges, self.metric) == (
+            model.fingerprint, pairs.prompts_hash, config.batch_size, config.edges, config.metric)
+
+    def take(self, chunk: PairGroup) -> _CleanRun | None:
+        run = self.runs.pop(int(chunk.index[0]), None)
+        if run is not None and run.tokens_shape != tuple(chunk.clean.shape):
+            raise WorkbenchError(f"the clean run held for the chunk at pair {int(chunk.index[0])} is of another "
+                                 "chunk: take clean runs at the attribution's batch size")
+        return run
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for r in self.runs.values() for t in r.activations.values())
+
+
+def clean_runs(model: LoadedModel, pairs: PromptPairs, config: AttributionConfig = AttributionConfig()) -> CleanRuns:
+    """The no-grad clean runs a gradient sweep of ``pairs`` with ``config`` starts each denoising
+    chunk with, made as the sweep makes them (the same chunks, hooks and edge flags: the same
+    bits), for :func:`attribute`'s ``clean`` argument."""
+    bridge = _check_model(model)
+    pairs = pairs.with_metric(config.metric)
+    lay = _Layout.of(bridge)
+    _check_tokens(lay, pairs, bridge)
+    runs: dict[int, _CleanRun] = {}
+    with _bridge_lock(bridge), (_edge_flags(bridge) if config.edges else nullcontext()):
+        for group in pairs.groups:
+            if group.baseline == "mean":
+                continue
+            for chunk in group.chunks(config.batch_size):
+                runs[int(chunk.index[0])] = _clean_run(bridge, lay, chunk, config.metric)
+    return CleanRuns(model.fingerprint, pairs.prompts_hash, config.batch_size, config.edges, config.metric, runs)
 
 
 def _differentiated_pass(
@@ -1534,6 +1604,7 @@ def attribute(
     progress: Progress | None = None,
     *,
     means: ActivationMeans | None = None,
+    clean: CleanRuns | None = None,
 ) -> Attribution:
     """Attribute the metric over clean/baseline pairs to the model's components.
 
@@ -1545,6 +1616,8 @@ def attribute(
         progress: ``progress(fraction, message)``; a tqdm bar when ``None``.
         means: the pairs' :func:`dataset_means` at ``config.batch_size`` when already taken
             (read only by pairs on the mean baseline); else taken here.
+        clean: the pairs' :func:`clean_runs` with this config when taken ahead (each chunk's
+            is taken from it once); else each chunk's clean run is made here.
 
     Returns:
         An :class:`Attribution` with a score for the embed, every head and every MLP
@@ -1557,6 +1630,9 @@ def attribute(
     pairs = pairs_for(model, facts_or_pairs, config)
     lay = _Layout.of(bridge)
     _check_tokens(lay, pairs, bridge)
+    if clean is not None and not clean.fits(model, pairs, config):
+        raise WorkbenchError("these clean runs were taken for other weights, pairs, batch size, edge hooks or "
+                             "metric: take them with clean_runs(model, pairs, config)")
     chunks = _n_chunks(pairs, config.batch_size)
     total = chunks * (len(lay.writers()) if config.method == "exact" else config.steps)
     tracker = Steps(total, f"attribution ({config.method})", progress)
@@ -1572,9 +1648,9 @@ def attribute(
                 sums = _exact_sweep(bridge, lay, pairs, config, tracker, means)
             elif config.edges:
                 with _edge_flags(bridge):
-                    sums = _gradient_sweep(bridge, lay, pairs, config, tracker, _post_norms(model), means)
+                    sums = _gradient_sweep(bridge, lay, pairs, config, tracker, _post_norms(model), means, clean)
             else:
-                sums = _gradient_sweep(bridge, lay, pairs, config, tracker, means=means)
+                sums = _gradient_sweep(bridge, lay, pairs, config, tracker, means=means, held=clean)
     finally:
         tracker.close()
     n = pairs.n_pairs
