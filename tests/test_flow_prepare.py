@@ -82,10 +82,11 @@ def test_the_app_background_start_prepares_the_forget_set(monkeypatch):
     shared.prepare_base(model, split, QuantConfig("nf4"), status=statuses.append)
     assert "prompt pairs" in statuses[-1]
     counts = _counting(monkeypatch)
+    made = _counting_clean_runs(monkeypatch)
     s = Session()
     s.setup("facts-tiny")
     s.attribute("atp", measure=False)
-    assert counts["pairs"] == 0
+    assert counts["pairs"] == 0 and made == []  # nor clean runs: held for the click's own config
 
 
 def _counting_clean_runs(monkeypatch) -> list[int]:
@@ -102,6 +103,13 @@ def _counting_clean_runs(monkeypatch) -> list[int]:
     return made
 
 
+def _held() -> bool:
+    import workbench.core.memo as memo
+    from workbench.experiments.flow import CLEAN_RUNS
+
+    return CLEAN_RUNS in memo._ONCE
+
+
 @pytest.mark.parametrize("config_args", [
     {"method": "atp", "edges": True},
     {"method": "ig", "ig_steps": 3, "edges": True, "batch_size": 2},
@@ -111,8 +119,7 @@ def test_clean_runs_taken_ahead_give_the_click_the_same_attribution(monkeypatch,
     """The background start's clean runs (prepare_forget_set with the click's config) replace
     the click's own: the same scores, edges, per-pair scores and metrics bit for bit, no clean
     forward in the click, and nothing held after it."""
-    from workbench.core.memo import take_once
-    from workbench.experiments.flow import CLEAN_RUNS, attribute_forget_set, prepare_forget_set
+    from workbench.experiments.flow import attribute_forget_set, prepare_forget_set
     from workbench.interpretability.attribution import AttributionConfig
     from workbench.models.toy import toy_model
 
@@ -123,65 +130,108 @@ def test_clean_runs_taken_ahead_give_the_click_the_same_attribution(monkeypatch,
     made = _counting_clean_runs(monkeypatch)
     pairs = prepare_forget_set(model, split, config)
     paired = sum(g.n for g in pairs.groups if g.baseline != "mean")
-    assert paired > 0 and sum(made) == paired  # every paired fact's clean run, once, ahead
+    assert paired > 0 and sum(made) == paired and _held()  # every paired fact's clean run, once, ahead
     warm = attribute_forget_set(model, split, config)
     assert sum(made) == paired  # the click made none
     assert warm.scores == cold.scores and warm.edge_scores == cold.edge_scores
     assert torch.equal(warm.pair_scores, cold.pair_scores)
     assert (warm.clean_metric, warm.corrupt_metric) == (cold.clean_metric, cold.corrupt_metric)
-    assert take_once(CLEAN_RUNS, ()) is None  # let go once used
+    assert not _held()  # let go once used
     attribute_forget_set(model, split, config)  # a second click makes its own
     assert sum(made) == 2 * paired
 
 
-def test_clean_runs_of_another_config_are_refused_or_let_go(monkeypatch):
-    """Runs taken for another batch size, edge setting or model are refused by attribute with a
-    clear error; through the flow, runs held for another config are let go, not used."""
+def _other_answers(split: FactSplit) -> FactSplit:
+    """The same prompts with other answers (the clean runs' ids are the same, their metric not)."""
+    return FactSplit(split.name, forget=tuple(Fact(f.prompt, f"w{(int(f.answer[1:]) + 7) % 100}", ())
+                                              for f in split.forget), retain=split.retain)
+
+
+@pytest.mark.parametrize("click", ["batch", "edges", "metric", "answers"])
+def test_clean_runs_held_for_another_attribution_are_let_go_not_used(monkeypatch, click):
+    """Runs held for one config or forget set are not used by a click with another batch size,
+    edge setting, metric or answers (same prompts): the click makes its own and gives what a
+    cold click gives; the held runs are let go."""
+    from workbench.experiments.flow import attribute_forget_set, prepare_forget_set
+    from workbench.interpretability.attribution import AttributionConfig
+    from workbench.models.toy import toy_model
+
+    model, split = toy_model("llama", n_kv_heads=2), _split()
+    held = AttributionConfig(edges=True)
+    asked = {"batch": AttributionConfig(edges=True, batch_size=2), "edges": AttributionConfig(),
+             "metric": AttributionConfig(edges=True, metric="logprob"), "answers": held}[click]
+    asked_split = _other_answers(split) if click == "answers" else split
+    cold = attribute_forget_set(model, asked_split, asked)
+    clear_base_memo()
+    made = _counting_clean_runs(monkeypatch)
+    prepare_forget_set(model, split, held)
+    ahead = len(made)
+    warm = attribute_forget_set(model, asked_split, asked)
+    assert len(made) > ahead and not _held()  # the click made its own; the held runs are gone
+    assert warm.scores == cold.scores and warm.clean_metric == cold.clean_metric
+
+
+def test_attribute_refuses_clean_runs_of_other_pairs_config_or_weights():
     from workbench.core.errors import WorkbenchError
-    from workbench.core.memo import take_once
-    from workbench.experiments.flow import CLEAN_RUNS, attribute_forget_set, forget_set_pairs, prepare_forget_set
+    from workbench.experiments.flow import forget_set_pairs
     from workbench.interpretability.attribution import AttributionConfig, attribute, clean_runs
     from workbench.models.toy import toy_model
 
     model, split = toy_model("llama", n_kv_heads=2), _split()
     pairs = forget_set_pairs(model, split)
-    for held, asked in [(AttributionConfig(batch_size=2), AttributionConfig()),
-                        (AttributionConfig(edges=True), AttributionConfig())]:
+    other = forget_set_pairs(model, _other_answers(split))
+    cases = [(model, pairs, AttributionConfig(batch_size=2), AttributionConfig()),
+             (model, pairs, AttributionConfig(edges=True), AttributionConfig()),
+             (model, pairs, AttributionConfig(metric="logprob"), AttributionConfig()),
+             (model, other, AttributionConfig(), AttributionConfig()),
+             (toy_model("llama", n_kv_heads=2, seed=3), pairs, AttributionConfig(), AttributionConfig())]
+    for on, taken_for, held, asked in cases:
         with pytest.raises(WorkbenchError, match="clean runs were taken for other"):
-            attribute(model, pairs, asked, clean=clean_runs(model, pairs, held))
-    with pytest.raises(WorkbenchError, match="clean runs were taken for other"):
-        attribute(toy_model("llama", n_kv_heads=2, seed=3), pairs, clean=clean_runs(model, pairs))
-
-    made = _counting_clean_runs(monkeypatch)
-    prepare_forget_set(model, split, AttributionConfig(edges=True))
-    ahead = len(made)
-    attribute_forget_set(model, split, AttributionConfig(edges=False))
-    assert len(made) == 2 * ahead  # the click made its own ...
-    assert take_once(CLEAN_RUNS, ()) is None  # ... and the held runs are gone
+            attribute(model, pairs, asked, taken_ahead=clean_runs(on, taken_for, held))
 
 
-def test_a_run_lets_go_of_clean_runs_held_for_an_attribution():
+def test_a_run_lets_go_of_clean_runs_held_for_an_attribution(monkeypatch):
     """Runs held for a first attribution that does not come (a run started with a circuit of its
-    own) are let go at the run's start, not carried through its memory peak."""
-    import workbench.core.memo as memo
+    own) are let go before the run's unlearning, not carried through its memory peak."""
+    import workbench.experiments.flow as flow
     from workbench.core.errors import WorkbenchError
-    from workbench.experiments.flow import (
-        CLEAN_RUNS,
-        attribute_forget_set,
-        default_circuit,
-        prepare_forget_set,
-        run_unlearning,
-    )
     from workbench.interpretability.attribution import AttributionConfig
     from workbench.models.toy import toy_model
 
     model, forget = toy_model("llama", n_kv_heads=2), _split()
     split = FactSplit("mixed", forget=forget.forget, retain=(Fact("w1 w2 w3", "w4", ()), Fact("w5 w6", "w7", ())))
-    circuit = default_circuit(attribute_forget_set(model, split), top_k=2)
-    prepare_forget_set(model, split, AttributionConfig(edges=True))
-    assert CLEAN_RUNS in memo._ONCE
+    circuit = flow.default_circuit(flow.attribute_forget_set(model, split), top_k=2)
+    flow.prepare_forget_set(model, split, AttributionConfig(edges=True))
+    assert _held()
+    held_at_unlearning = []
+    real_unlearn = flow.unlearn
+
+    def unlearn(*args, **kwargs):
+        held_at_unlearning.append(_held())
+        return real_unlearn(*args, **kwargs)
+
+    monkeypatch.setattr(flow, "unlearn", unlearn)
     try:  # stopped before its first round: what is held is let go at the start all the same
-        run_unlearning(model, split, circuit=circuit, save=False, measure_cad=False, should_stop=lambda: True)
+        flow.run_unlearning(model, split, circuit=circuit, save=False, measure_cad=False, should_stop=lambda: True)
     except WorkbenchError as e:
         assert "cancelled" in str(e)
-    assert CLEAN_RUNS not in memo._ONCE
+    assert held_at_unlearning == [False]
+
+
+def test_runs_computed_while_their_click_came_are_not_held():
+    """hold_once does not hold what was computed while the kind was taken or let go (the click
+    came first and made its own, or a run started): it would be held for nothing."""
+    from workbench.core import memo
+
+    def taken_meanwhile() -> str:
+        assert memo.take_once("k", ("a",), str) is None
+        return "value"
+
+    memo.hold_once("k", ("a",), taken_meanwhile)
+    assert memo.take_once("k", ("a",), str) is None
+    memo.hold_once("k", ("a",), lambda: "value")
+    assert memo.take_once("k", ("b",), str) is None and memo.take_once("k", ("a",), str) is None  # let go
+    memo.hold_once("k", ("a",), lambda: "value")
+    assert memo.take_once("k", ("a",), int) is None  # of another type: not given
+    memo.hold_once("k", ("a",), lambda: "value")
+    assert memo.take_once("k", ("a",), str) == "value"

@@ -58,26 +58,34 @@ def latest_memo(kind: str, key: tuple[Any, ...], compute: Callable[[], T]) -> T:
 
 
 _ONCE: dict[str, tuple[tuple[Any, ...], object]] = {}
+_ONCE_ASKED: dict[str, int] = {}  # per kind, how often a value was taken or let go
 
 
-def hold_once(kind: str, key: tuple[Any, ...], value: object) -> None:
-    """Hold ``value`` until :func:`take_once` asks for it (one per kind): work done ahead of a
-    click that the click uses once, and that is not worth its memory after."""
+def hold_once(kind: str, key: tuple[Any, ...], compute: Callable[[], object]) -> None:
+    """Hold ``compute()`` until :func:`take_once` asks for it (one per kind): work done ahead of a
+    click that the click uses once, and that is not worth its memory after. Not held when the
+    kind was taken or let go while it was computed (that click came first, or a run started)."""
     with _BASE_MEMO_LOCK:
-        _ONCE[kind] = (key, value)
+        asked = _ONCE_ASKED.get(kind, 0)
+    value = compute()
+    with _BASE_MEMO_LOCK:
+        if _ONCE_ASKED.get(kind, 0) == asked:
+            _ONCE[kind] = (key, value)
 
 
-def take_once(kind: str, key: tuple[Any, ...]) -> object | None:
+def take_once(kind: str, key: tuple[Any, ...], of: type[T]) -> T | None:
     """The value held for ``key`` (and no longer held), or ``None``. A held value of another key
     is let go too: it was taken ahead for a use that did not come."""
     with _BASE_MEMO_LOCK:
+        _ONCE_ASKED[kind] = _ONCE_ASKED.get(kind, 0) + 1
         held = _ONCE.pop(kind, None)
-    return held[1] if held is not None and held[0] == key else None
+    return held[1] if held is not None and held[0] == key and isinstance(held[1], of) else None
 
 
 def drop_once(kind: str) -> None:
-    """Let go of what is held for ``kind`` (its use will not come, e.g. a run started first)."""
+    """Let go of what is held for ``kind``, or being computed for it (its use will not come)."""
     with _BASE_MEMO_LOCK:
+        _ONCE_ASKED[kind] = _ONCE_ASKED.get(kind, 0) + 1
         _ONCE.pop(kind, None)
 
 

@@ -74,17 +74,13 @@ def prepare_forget_set(model: LoadedModel, split: FactSplit, config: Attribution
     if pairs.has_mean:
         dataset_means(model, pairs, batch_size=config.batch_size)
         dataset_means(model, pairs, batch_size=ABLATION_BATCH_SIZE)
-    if config.method != "exact":
+    if config.method != "exact":  # exact patching has no clean runs to take ahead
         # held once, not memoised: ~66 MiB on SmolLM2, used by the first click and then let go
-        hold_once(CLEAN_RUNS, _clean_runs_key(model, pairs, config), clean_runs(model, pairs, config))
+        hold_once(CLEAN_RUNS, CleanRuns.key_of(model, pairs, config), lambda: clean_runs(model, pairs, config))
     return pairs
 
 
 CLEAN_RUNS = "forget-set-clean-runs"
-
-
-def _clean_runs_key(model: LoadedModel, pairs: PromptPairs, config: AttributionConfig) -> tuple[object, ...]:
-    return (model.fingerprint, pairs.prompts_hash, config.batch_size, config.edges, config.metric)
 
 
 def attribute_forget_set(
@@ -99,9 +95,8 @@ def attribute_forget_set(
     config = config or AttributionConfig()
     pairs = forget_set_pairs(model, split, config) if pairs is None else pairs.with_metric(config.metric)
     means = dataset_means(model, pairs, batch_size=config.batch_size) if pairs.has_mean else None
-    held = take_once(CLEAN_RUNS, _clean_runs_key(model, pairs, config))
-    clean = held if isinstance(held, CleanRuns) and config.method != "exact" else None
-    return attribute(model, pairs, config, progress=progress, means=means, clean=clean)
+    ahead = take_once(CLEAN_RUNS, CleanRuns.key_of(model, pairs, config), CleanRuns)
+    return attribute(model, pairs, config, progress=progress, means=means, taken_ahead=ahead)
 
 
 def default_circuit(attribution: Attribution, top_k: int = DEFAULT_TOP_K) -> Circuit:

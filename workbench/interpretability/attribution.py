@@ -512,6 +512,16 @@ class PromptPairs:
         return h.hexdigest()[:16]
 
     @property
+    def ids_hash(self) -> str:
+        """sha256 (16 hex) of every group's ids as grouped: prompts, baselines, answers, order."""
+        h = hashlib.sha256()
+        for g in self.groups:
+            for t in (g.clean, g.corrupt, g.answers, g.corrupt_answers, g.index, g.targets):
+                h.update(repr(tuple(t.shape)).encode() + t.cpu().numpy().tobytes())
+            h.update(g.baseline.encode())
+        return h.hexdigest()[:16]
+
+    @property
     def clean_hash(self) -> str:
         """sha256 (16 hex) of the clean token ids as grouped: all that the dataset means read."""
         h = hashlib.sha256()
@@ -1131,7 +1141,7 @@ class _Sums:
 def _gradient_sweep(
     bridge: Any, lay: _Layout, pairs: PromptPairs, config: AttributionConfig, tracker: Steps,
     post_norms: Sequence[torch.nn.Module | None] = (), means: ActivationMeans | None = None,
-    held: CleanRuns | None = None,
+    ahead: CleanRuns | None = None,
 ) -> _Sums:
     """Node (and edge) scores per pair, and the summed clean/baseline metrics.
 
@@ -1145,7 +1155,7 @@ def _gradient_sweep(
     names = lay.node_hooks + (lay.reader_hooks() + edges.post_norm_hooks() if edges is not None else [])
     for group in pairs.groups:
         for chunk in group.chunks(config.batch_size):
-            _sweep_chunk(bridge, lay, chunk, config, names, sums, edges, means, tracker, held)
+            _sweep_chunk(bridge, lay, chunk, config, names, sums, edges, means, tracker, ahead)
             if edges is not None:
                 edges.end_chunk()
     if edges is not None:
@@ -1155,7 +1165,7 @@ def _gradient_sweep(
 
 def _sweep_chunk(
     bridge: Any, lay: _Layout, chunk: PairGroup, config: AttributionConfig, names: list[str], sums: _Sums,
-    edges: _EdgeAccumulator | None, means: ActivationMeans | None, tracker: Steps, held: CleanRuns | None = None,
+    edges: _EdgeAccumulator | None, means: ActivationMeans | None, tracker: Steps, ahead: CleanRuns | None = None,
 ) -> None:
     """One chunk's ``config.steps`` differentiated passes, added into ``sums`` (and ``edges``).
 
@@ -1166,7 +1176,7 @@ def _sweep_chunk(
     3. The pass's node contributions and edge products, weighted ``1 / steps``.
     """
     noising, steps = chunk.baseline == "mean", config.steps
-    clean_acts, base_acts = _unrun_endpoint(bridge, lay, chunk, config.metric, sums, means, held)
+    clean_acts, base_acts = _unrun_endpoint(bridge, lay, chunk, config.metric, sums, means, ahead)
     deltas: dict[str, torch.Tensor] = {}
     for k in range(steps):
         alpha = 1 - k / steps if noising else k / steps
@@ -1193,12 +1203,12 @@ def _sweep_chunk(
 
 def _unrun_endpoint(
     bridge: Any, lay: _Layout, chunk: PairGroup, metric: MetricName, sums: _Sums, means: ActivationMeans | None,
-    held: CleanRuns | None = None,
+    ahead: CleanRuns | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """``(clean, baseline)`` activations, the one the chunk's passes do not run filled in.
 
     Noising: the baseline is the dataset mean (its metric: the clean run with every writer at
-    its mean). Denoising: the clean run, without gradients (``held``'s when taken ahead). The
+    its mean). Denoising: the clean run, without gradients (``ahead``'s when taken ahead). The
     summed metric goes to ``sums``.
     """
     if chunk.baseline == "mean":
@@ -1206,7 +1216,7 @@ def _unrun_endpoint(
         base = means.for_chunk(lay.node_hooks, chunk)
         sums.corrupt += _ablated_all(bridge, lay, chunk, base, metric)
         return {}, base
-    run = held.take(chunk) if held is not None else None
+    run = ahead.take(chunk) if ahead is not None else None
     if run is None:
         run = _clean_run(bridge, lay, chunk, metric)
     sums.clean += run.metric_sum
@@ -1219,64 +1229,54 @@ class _CleanRun:
 
     metric_sum: float
     activations: dict[str, torch.Tensor]
-    tokens_shape: tuple[int, ...]  # the chunk's [n, seq]
 
 
 def _clean_run(bridge: Any, lay: _Layout, chunk: PairGroup, metric: MetricName) -> _CleanRun:
     with torch.no_grad():
         logits, live = _forward(bridge, chunk.clean, lay.node_hooks)
         return _CleanRun(float(_metric_values(logits, chunk, metric).sum()),
-                         {n: t.detach().clone() for n, t in live.items()}, tuple(chunk.clean.shape))
+                         {n: t.detach().clone() for n, t in live.items()})
 
 
 @dataclass
 class CleanRuns:
     """The clean runs of a gradient sweep's denoising chunks, taken ahead (:func:`clean_runs`).
 
-    They depend only on the weights, the pairs, the batch size, the edge hooks and the metric,
-    so the app takes them in the background before the first "Run attribution" (~2-3 s of that
-    click on SmolLM2). A sweep takes each chunk's run once (:meth:`take`), letting it go.
+    They depend only on the weights, the pairs (ids and answers), the batch size, the edge hooks
+    and the metric (:meth:`key_of`), so the app takes them in the background before the first
+    "Run attribution" (~2.5 s of that click on SmolLM2). A sweep takes each chunk's run once
+    (:meth:`take`), letting it go.
     """
 
-    model_fingerprint: str
-    prompts_hash: str
-    batch_size: int
-    edges: bool
-    metric: MetricName
+    key: tuple[object, ...]
     runs: dict[int, _CleanRun]  # first pair index of the chunk -> its run
 
-    def fits(self, model: LoadedModel, pairs: PromptPairs, config: AttributionConfig) -> bool:
-        return (self.model_fingerprint, self.prompts_hash, self.batch_size, self.edges, self.metric) == (
-            model.fingerprint, pairs.prompts_hash, config.batch_size, config.edges, config.metric)
+    @staticmethod
+    def key_of(model: LoadedModel, pairs: PromptPairs, config: AttributionConfig) -> tuple[object, ...]:
+        return (model.fingerprint, pairs.ids_hash, config.batch_size, config.edges, config.metric)
 
     def take(self, chunk: PairGroup) -> _CleanRun | None:
-        run = self.runs.pop(int(chunk.index[0]), None)
-        if run is not None and run.tokens_shape != tuple(chunk.clean.shape):
-            raise WorkbenchError(f"the clean run held for the chunk at pair {int(chunk.index[0])} is of another "
-                                 "chunk: take clean runs at the attribution's batch size")
-        return run
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for r in self.runs.values() for t in r.activations.values())
+        return self.runs.pop(int(chunk.index[0]), None)
 
 
 def clean_runs(model: LoadedModel, pairs: PromptPairs, config: AttributionConfig = AttributionConfig()) -> CleanRuns:
     """The no-grad clean runs a gradient sweep of ``pairs`` with ``config`` starts each denoising
     chunk with, made as the sweep makes them (the same chunks, hooks and edge flags: the same
-    bits), for :func:`attribute`'s ``clean`` argument."""
+    bits), for :func:`attribute`'s ``taken_ahead``."""
     bridge = _check_model(model)
     pairs = pairs.with_metric(config.metric)
     lay = _Layout.of(bridge)
     _check_tokens(lay, pairs, bridge)
     runs: dict[int, _CleanRun] = {}
+    # under the sweep's edge flags: with them each head reads its q/k/v input from its own copy
+    # of the residual stream, other matmul shapes whose last bits may differ on a real model
     with _bridge_lock(bridge), (_edge_flags(bridge) if config.edges else nullcontext()):
         for group in pairs.groups:
             if group.baseline == "mean":
                 continue
             for chunk in group.chunks(config.batch_size):
                 runs[int(chunk.index[0])] = _clean_run(bridge, lay, chunk, config.metric)
-    return CleanRuns(model.fingerprint, pairs.prompts_hash, config.batch_size, config.edges, config.metric, runs)
+    return CleanRuns(CleanRuns.key_of(model, pairs, config), runs)
 
 
 def _differentiated_pass(
@@ -1604,7 +1604,7 @@ def attribute(
     progress: Progress | None = None,
     *,
     means: ActivationMeans | None = None,
-    clean: CleanRuns | None = None,
+    taken_ahead: CleanRuns | None = None,
 ) -> Attribution:
     """Attribute the metric over clean/baseline pairs to the model's components.
 
@@ -1616,8 +1616,8 @@ def attribute(
         progress: ``progress(fraction, message)``; a tqdm bar when ``None``.
         means: the pairs' :func:`dataset_means` at ``config.batch_size`` when already taken
             (read only by pairs on the mean baseline); else taken here.
-        clean: the pairs' :func:`clean_runs` with this config when taken ahead (each chunk's
-            is taken from it once); else each chunk's clean run is made here.
+        taken_ahead: the pairs' :func:`clean_runs` with this config when taken ahead (each
+            chunk's is taken from it once); else each chunk's clean run is made here.
 
     Returns:
         An :class:`Attribution` with a score for the embed, every head and every MLP
@@ -1630,7 +1630,7 @@ def attribute(
     pairs = pairs_for(model, facts_or_pairs, config)
     lay = _Layout.of(bridge)
     _check_tokens(lay, pairs, bridge)
-    if clean is not None and not clean.fits(model, pairs, config):
+    if taken_ahead is not None and taken_ahead.key != CleanRuns.key_of(model, pairs, config):
         raise WorkbenchError("these clean runs were taken for other weights, pairs, batch size, edge hooks or "
                              "metric: take them with clean_runs(model, pairs, config)")
     chunks = _n_chunks(pairs, config.batch_size)
@@ -1648,9 +1648,9 @@ def attribute(
                 sums = _exact_sweep(bridge, lay, pairs, config, tracker, means)
             elif config.edges:
                 with _edge_flags(bridge):
-                    sums = _gradient_sweep(bridge, lay, pairs, config, tracker, _post_norms(model), means, clean)
+                    sums = _gradient_sweep(bridge, lay, pairs, config, tracker, _post_norms(model), means, taken_ahead)
             else:
-                sums = _gradient_sweep(bridge, lay, pairs, config, tracker, means=means, held=clean)
+                sums = _gradient_sweep(bridge, lay, pairs, config, tracker, means=means, ahead=taken_ahead)
     finally:
         tracker.close()
     n = pairs.n_pairs
