@@ -193,6 +193,7 @@ def test_attribute_refuses_clean_runs_of_other_pairs_config_or_weights():
 def test_a_run_lets_go_of_clean_runs_held_for_an_attribution(monkeypatch):
     """Runs held for a first attribution that does not come (a run started with a circuit of its
     own) are let go before the run's unlearning, not carried through its memory peak."""
+    import workbench.core.memo as memo
     import workbench.experiments.flow as flow
     from workbench.core.errors import WorkbenchError
     from workbench.interpretability.attribution import AttributionConfig
@@ -202,7 +203,7 @@ def test_a_run_lets_go_of_clean_runs_held_for_an_attribution(monkeypatch):
     split = FactSplit("mixed", forget=forget.forget, retain=(Fact("w1 w2 w3", "w4", ()), Fact("w5 w6", "w7", ())))
     circuit = flow.default_circuit(flow.attribute_forget_set(model, split), top_k=2)
     flow.prepare_forget_set(model, split, AttributionConfig(edges=True))
-    assert _held()
+    assert _held() and flow.READOUT_METER in memo._ONCE
     held_at_unlearning = []
     real_unlearn = flow.unlearn
 
@@ -216,6 +217,7 @@ def test_a_run_lets_go_of_clean_runs_held_for_an_attribution(monkeypatch):
     except WorkbenchError as e:
         assert "cancelled" in str(e)
     assert held_at_unlearning == [False]
+    assert flow.READOUT_METER not in memo._ONCE  # nor the readout's meter
 
 
 def test_runs_computed_while_their_click_came_are_not_held():
@@ -235,3 +237,64 @@ def test_runs_computed_while_their_click_came_are_not_held():
     assert memo.take_once("k", ("a",), int) is None  # of another type: not given
     memo.hold_once("k", ("a",), lambda: "value")
     assert memo.take_once("k", ("a",), str) == "value"
+
+
+def test_the_readout_meter_made_ahead_gives_the_first_readout_without_its_baselines(monkeypatch):
+    """prepare_forget_set makes the faithfulness readout's meter (baselines, floor, corrupt runs);
+    the session's first readout takes it: only the circuit's two ablated runs, the same numbers
+    as a meter made in the click, and nothing held after."""
+    import workbench.core.memo as memo
+    import workbench.interpretability.faithfulness as faithfulness_module
+    from workbench.experiments.flow import READOUT_METER
+    from workbench.faces.session import Session
+
+    cold = Session()
+    cold.setup("facts-tiny")
+    cold.attribute("atp", measure=False)
+    expected = cold.measure_faithfulness()
+    clear_base_memo()
+
+    s = Session()
+    s.setup("facts-tiny")
+    model, split, _q = s.require()
+    prepare_forget_set_default(model, split)
+    assert READOUT_METER in memo._ONCE
+    s.attribute("atp", measure=False)
+    runs = []
+    real = faithfulness_module.ablated_metric
+
+    def ablated_metric(*args, **kwargs):
+        runs.append(kwargs.get("keep"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(faithfulness_module, "ablated_metric", ablated_metric)
+    monkeypatch.setattr(faithfulness_module, "metric_baselines", lambda *a, **k: pytest.fail("baselines again"))
+    got = s.measure_faithfulness()
+    assert len(runs) == 2 and READOUT_METER not in memo._ONCE  # the circuit's two ablated runs only
+    assert got == expected
+
+
+def prepare_forget_set_default(model, split):
+    from workbench.experiments.flow import prepare_forget_set
+    from workbench.faces.session import attribution_config
+
+    return prepare_forget_set(model, split, attribution_config())
+
+
+def test_undefined_faithfulness_holds_no_meter_and_fails_nothing_ahead(monkeypatch):
+    """Pairs whose faithfulness is undefined: the background start holds no meter (and does not
+    fail); the readout then says why itself, as without it."""
+    import workbench.core.memo as memo
+    import workbench.experiments.flow as flow
+    from workbench.core.errors import WorkbenchError
+    from workbench.interpretability.attribution import AttributionConfig
+    from workbench.models.toy import toy_model
+
+    class Undefined(flow.FaithfulnessMeter):
+        def __init__(self, *args, **kwargs):
+            raise WorkbenchError("faithfulness is undefined: ...")
+
+    monkeypatch.setattr(flow, "FaithfulnessMeter", Undefined)
+    model, split = toy_model("llama", n_kv_heads=2), _split()
+    pairs = flow.prepare_forget_set(model, split, AttributionConfig(edges=True))
+    assert flow.take_readout_meter(model, pairs) is None and flow.READOUT_METER not in memo._ONCE

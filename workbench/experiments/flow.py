@@ -31,6 +31,7 @@ from workbench.interpretability.attribution import (
     pairs_for,
 )
 from workbench.interpretability.circuit import Circuit
+from workbench.interpretability.faithfulness import FaithfulnessMeter
 from workbench.measurement.metrics import Thresholds, measure_update
 from workbench.measurement.results import RunMetrics
 from workbench.models.builtin_splits import builtin_split
@@ -77,10 +78,36 @@ def prepare_forget_set(model: LoadedModel, split: FactSplit, config: Attribution
     if config.method != "exact":  # exact patching has no clean runs to take ahead
         # held once, not memoised: ~66 MiB on SmolLM2, used by the first click and then let go
         hold_once(CLEAN_RUNS, CleanRuns.key_of(model, pairs, config), lambda: clean_runs(model, pairs, config))
+    hold_once(READOUT_METER, _readout_key(model, pairs), lambda: _readout_meter(model, pairs))
     return pairs
 
 
 CLEAN_RUNS = "forget-set-clean-runs"
+READOUT_METER = "forget-set-readout-meter"
+
+
+def _readout_key(model: LoadedModel, pairs: PromptPairs) -> tuple[object, ...]:
+    return (model.fingerprint, pairs.ids_hash)
+
+
+def _readout_meter(model: LoadedModel, pairs: PromptPairs) -> FaithfulnessMeter | None:
+    try:  # the readout's baselines, floor and corrupt runs (a meter measures them when made)
+        return FaithfulnessMeter(model, pairs)
+    except WorkbenchError:  # faithfulness undefined on these pairs: the readout itself says so
+        return None
+
+
+def take_readout_meter(model: LoadedModel, pairs: PromptPairs) -> FaithfulnessMeter | None:
+    """The faithfulness readout's meter of ``pairs`` (corrupt ablation, the pairs' metric) when
+    :func:`prepare_forget_set` made it ahead, once; else ``None``."""
+    meter = take_once(READOUT_METER, _readout_key(model, pairs), FaithfulnessMeter)
+    return meter if meter is not None and meter.measures(model, pairs, "corrupt", None) else None
+
+
+def release_prepared() -> None:
+    """Let go of what :func:`prepare_forget_set` holds for a first click that did not come."""
+    drop_once(CLEAN_RUNS)
+    drop_once(READOUT_METER)
 
 
 def attribute_forget_set(
@@ -146,7 +173,7 @@ def run_unlearning(
     quant = quant or QuantConfig("nf4")
     start = time.perf_counter()
     circuit = _circuit_for(model, split, circuit, method, report)
-    drop_once(CLEAN_RUNS)  # held for an attribution that did not come: not carried into the run's peak
+    release_prepared()  # held for an attribution that did not come: not carried into the run's peak
     components = sorted(circuit.selected) if circuit is not None else None
     result = unlearn(model, split, method=method, quant=quant, circuit=components, method_config=method_config,
                      optim=optim, stop=stop, baseline=baseline, readings=readings, progress=scaled(report, 0.0, 0.6),

@@ -48,6 +48,7 @@ from workbench.experiments.flow import (
     oracle_for,
     prepare_forget_set,
     run_unlearning,
+    take_readout_meter,
 )
 from workbench.experiments.store import Run, check_run_id, list_runs, load_run
 from workbench.experiments.sweep_config import ABLATIONS
@@ -717,7 +718,7 @@ class Session:
             raise WorkbenchError("no prompt pairs to measure faithfulness on: run attribution first")
         meter = self._meter
         if meter is None or meter.model is not model or meter.pairs is not self.pairs:
-            meter = self._meter = FaithfulnessMeter(model, self.pairs)
+            meter = self._meter = take_readout_meter(model, self.pairs) or FaithfulnessMeter(model, self.pairs)
         return meter
 
     @property
