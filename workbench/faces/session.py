@@ -190,12 +190,12 @@ class SharedModels:
         accuracies the setup panel shows, and the rest of what a run's measurement takes from the
         base alone (the forget set's multiple choice, the CAD attributions of w and Q(w)), so the
         first "Run MANSU" measures only the update's variants; last, the forget set's prompt pairs,
-        dataset means and clean runs the default attribution and its readout start from."""
+        dataset means, clean runs and readout meter the default attribution and its readout start from."""
         status(f"measuring base accuracy, full precision vs {quant.label}")
         self.base_accuracy(model, split, quant)
         status(f"attributing the base for CAD, full precision and {quant.label}")
         base_measurement(model, split, quant)
-        status("making the forget set's prompt pairs and clean runs for attribution")
+        status("making the forget set's prompt pairs, clean runs and readout baselines for attribution")
         prepare_forget_set(model, split, attribution_config())
 
     def clear_scores(self) -> None:
