@@ -237,6 +237,11 @@ def test_runs_computed_while_their_click_came_are_not_held():
     assert memo.take_once("k", ("a",), int) is None  # of another type: not given
     memo.hold_once("k", ("a",), lambda: "value")
     assert memo.take_once("k", ("a",), str) == "value"
+    since = memo.once_asked("k")
+    memo.drop_once("k")  # asked before the work began: nothing computed, nothing held
+    memo.hold_once("k", ("a",), lambda: pytest.fail("computed"), since=since)
+    memo.hold_once("k", ("a",), lambda: None)
+    assert "k" not in memo._ONCE  # None is not held
 
 
 def test_the_readout_meter_made_ahead_gives_the_first_readout_without_its_baselines(monkeypatch):
@@ -297,4 +302,56 @@ def test_undefined_faithfulness_holds_no_meter_and_fails_nothing_ahead(monkeypat
     monkeypatch.setattr(flow, "FaithfulnessMeter", Undefined)
     model, split = toy_model("llama", n_kv_heads=2), _split()
     pairs = flow.prepare_forget_set(model, split, AttributionConfig(edges=True))
-    assert flow.take_readout_meter(model, pairs) is None and flow.READOUT_METER not in memo._ONCE
+    assert flow.READOUT_METER not in memo._ONCE and flow.take_readout_meter(model, pairs) is None
+
+
+def test_a_readout_meter_is_given_only_to_its_own_pairs_and_metric():
+    """The held meter goes to a readout of the very pairs it measured with their metric only: not
+    to the same pairs under another metric, nor to another pairs object of the same ids."""
+    import dataclasses
+
+    import workbench.experiments.flow as flow
+    from workbench.interpretability.attribution import AttributionConfig
+    from workbench.models.toy import toy_model
+
+    model, split = toy_model("llama", n_kv_heads=2), _split()
+    pairs = flow.prepare_forget_set(model, split, AttributionConfig(edges=True))
+    assert flow.take_readout_meter(model, pairs.with_metric("logprob")) is None
+    pairs = flow.prepare_forget_set(model, split, AttributionConfig(edges=True))
+    assert flow.take_readout_meter(model, dataclasses.replace(pairs)) is None
+    pairs = flow.prepare_forget_set(model, split, AttributionConfig(edges=True))
+    assert flow.take_readout_meter(model, pairs) is not None
+
+
+@pytest.mark.parametrize("meanwhile", ["run", "click"])
+def test_nothing_is_held_when_a_run_or_click_came_while_the_start_worked(monkeypatch, meanwhile):
+    """A run that starts (release_prepared), or a first readout and attribution that come
+    (take_*), while the background start still makes the clean runs: the start then neither
+    holds those nor makes the readout's meter (it would be held through the run's peak)."""
+    import workbench.core.memo as memo
+    import workbench.experiments.flow as flow
+    from workbench.interpretability.attribution import AttributionConfig, CleanRuns
+    from workbench.models.toy import toy_model
+
+    model, split = toy_model("llama", n_kv_heads=2), _split()
+    config = AttributionConfig(edges=True)
+    real_clean_runs, meters = flow.clean_runs, []
+
+    def clean_runs_while_asked(*args, **kwargs):
+        if meanwhile == "run":
+            flow.release_prepared()
+        else:
+            pairs = flow.forget_set_pairs(model, split, config)
+            memo.take_once(flow.CLEAN_RUNS, CleanRuns.key_of(model, pairs, config), CleanRuns)
+            flow.take_readout_meter(model, pairs)
+        return real_clean_runs(*args, **kwargs)
+
+    class CountedMeter(flow.FaithfulnessMeter):
+        def __init__(self, *args, **kwargs):
+            meters.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(flow, "clean_runs", clean_runs_while_asked)
+    monkeypatch.setattr(flow, "FaithfulnessMeter", CountedMeter)
+    flow.prepare_forget_set(model, split, config)
+    assert memo._ONCE == {} and meters == []

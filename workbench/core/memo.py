@@ -61,15 +61,26 @@ _ONCE: dict[str, tuple[tuple[Any, ...], object]] = {}
 _ONCE_ASKED: dict[str, int] = {}  # per kind, how often a value was taken or let go
 
 
-def hold_once(kind: str, key: tuple[Any, ...], compute: Callable[[], object]) -> None:
+def once_asked(kind: str) -> int:
+    """How often ``kind`` was taken or let go so far: pass it to :func:`hold_once` as ``since``."""
+    with _BASE_MEMO_LOCK:
+        return _ONCE_ASKED.get(kind, 0)
+
+
+def hold_once(kind: str, key: tuple[Any, ...], compute: Callable[[], object | None], *,
+              since: int | None = None) -> None:
     """Hold ``compute()`` until :func:`take_once` asks for it (one per kind): work done ahead of a
-    click that the click uses once, and that is not worth its memory after. Not held when the
-    kind was taken or let go while it was computed (that click came first, or a run started)."""
+    click that the click uses once, and that is not worth its memory after. Nothing is computed
+    or held when the kind was taken or let go since ``since`` (:func:`once_asked`, read when the
+    work ahead began; default: now), or while it was computed: that click came first and made
+    its own, or a run started. ``None`` is not held."""
     with _BASE_MEMO_LOCK:
         asked = _ONCE_ASKED.get(kind, 0)
+    if since is not None and since != asked:
+        return
     value = compute()
     with _BASE_MEMO_LOCK:
-        if _ONCE_ASKED.get(kind, 0) == asked:
+        if _ONCE_ASKED.get(kind, 0) == asked and value is not None:
             _ONCE[kind] = (key, value)
 
 

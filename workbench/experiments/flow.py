@@ -14,7 +14,7 @@ from dataclasses import asdict
 from typing import Any
 
 from workbench.core.errors import WorkbenchError
-from workbench.core.memo import base_memo, drop_once, hold_once, take_once
+from workbench.core.memo import base_memo, drop_once, hold_once, once_asked, take_once
 from workbench.core.progress import Progress, scaled, silent
 from workbench.data.facts import FactSplit
 from workbench.experiments.provenance import provenance
@@ -70,6 +70,8 @@ def prepare_forget_set(model: LoadedModel, split: FactSplit, config: Attribution
     (:data:`ABLATION_BATCH_SIZE`), all memoised; and the sweep's clean runs with ``config``,
     held for the next :func:`attribute_forget_set` with that config, which takes them."""
 
+    # a click or a run that comes while this works makes its own: from then on nothing is held
+    since = {kind: once_asked(kind) for kind in (CLEAN_RUNS, READOUT_METER)}
     config = config or AttributionConfig()
     pairs = forget_set_pairs(model, split, config)
     if pairs.has_mean:
@@ -77,8 +79,10 @@ def prepare_forget_set(model: LoadedModel, split: FactSplit, config: Attribution
         dataset_means(model, pairs, batch_size=ABLATION_BATCH_SIZE)
     if config.method != "exact":  # exact patching has no clean runs to take ahead
         # held once, not memoised: ~66 MiB on SmolLM2, used by the first click and then let go
-        hold_once(CLEAN_RUNS, CleanRuns.key_of(model, pairs, config), lambda: clean_runs(model, pairs, config))
-    hold_once(READOUT_METER, _readout_key(model, pairs), lambda: _readout_meter(model, pairs))
+        hold_once(CLEAN_RUNS, CleanRuns.key_of(model, pairs, config), lambda: clean_runs(model, pairs, config),
+                  since=since[CLEAN_RUNS])
+    hold_once(READOUT_METER, _readout_key(model, pairs), lambda: _readout_meter(model, pairs),
+              since=since[READOUT_METER])
     return pairs
 
 
@@ -87,7 +91,7 @@ READOUT_METER = "forget-set-readout-meter"
 
 
 def _readout_key(model: LoadedModel, pairs: PromptPairs) -> tuple[object, ...]:
-    return (model.fingerprint, pairs.ids_hash)
+    return (model.fingerprint, pairs.ids_hash, pairs.metric, "corrupt")  # the readout's ablation
 
 
 def _readout_meter(model: LoadedModel, pairs: PromptPairs) -> FaithfulnessMeter | None:

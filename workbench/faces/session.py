@@ -718,6 +718,8 @@ class Session:
             raise WorkbenchError("no prompt pairs to measure faithfulness on: run attribution first")
         meter = self._meter
         if meter is None or meter.model is not model or meter.pairs is not self.pairs:
+            # the background start's meter when these are its pairs (the default forget set's, not yet
+            # taken); else measured here (pairs of an uploaded circuit or another metric: ~11 s on SmolLM2)
             meter = self._meter = take_readout_meter(model, self.pairs) or FaithfulnessMeter(model, self.pairs)
         return meter
 
