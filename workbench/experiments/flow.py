@@ -67,8 +67,11 @@ def prepare_forget_set(model: LoadedModel, split: FactSplit, config: Attribution
     """Take ahead of the first click what an attribution of the forget set and its faithfulness
     readout read first: the pairs (:func:`forget_set_pairs`), when a pair is on the mean
     baseline their dataset means at the attribution's batch size and at the readout's
-    (:data:`ABLATION_BATCH_SIZE`), all memoised; and the sweep's clean runs with ``config``,
-    held for the next :func:`attribute_forget_set` with that config, which takes them."""
+    (:data:`ABLATION_BATCH_SIZE`), all memoised; the sweep's clean runs with ``config``, held
+    for the next :func:`attribute_forget_set` with that config, which takes them; and the
+    faithfulness readout's meter on the pairs, held for :func:`take_readout_meter`. What is held
+    is let go when taken, by :func:`release_prepared` (a run's start), or not held at all when
+    either was asked for while this worked."""
 
     # a click or a run that comes while this works makes its own: from then on nothing is held
     since = {kind: once_asked(kind) for kind in (CLEAN_RUNS, READOUT_METER)}
