@@ -159,3 +159,56 @@ def test_widened_copy_computes_as_a_float32_copy_holding_one_module_at_a_time(fa
     assert got.dtype == torch.float32 and torch.equal(got, expected)
     assert all(p.dtype == torch.bfloat16 for p in wide.parameters())  # put back after the forward
     assert all(torch.equal(p.detach(), before[n]) and p.dtype == torch.bfloat16 for n, p in model.hf.named_parameters())
+
+
+def _widened_gradients(monkeypatch) -> None:
+    """MANSU's gradients as they were held before: widened to float32 as soon as computed."""
+    import workbench.unlearning.mansu.candidates as candidates
+
+    computed = candidates.answer_logprob_gradient
+    monkeypatch.setattr(candidates, "answer_logprob_gradient",
+                        lambda *a, **k: {n: g.float() for n, g in computed(*a, **k).items()})
+
+
+@pytest.mark.parametrize("direction", ["average", "full_precision", "quantized"])
+def test_mansu_in_bf16_holds_its_gradients_in_bf16_and_moves_as_with_float32_ones(toy_llama_gqa, direction,
+                                                                                   monkeypatch):
+    """A 16-bit model's gradients are held in its dtype until scored (half their float32 bytes):
+    widening is exact, so the run is the one with float32 gradients, bit for bit; the average of
+    the two forget directions is taken in float32, where it was."""
+    from workbench.unlearning.batches import Batches
+    from workbench.unlearning.mansu.candidates import round_gradients
+    from workbench.unlearning.mansu.state import setup_state
+    from workbench.unlearning.task import UnlearningTask
+
+    model = _bf16(toy_llama_gqa)
+    split = own_top1_split(model)
+    circuit = all_components(model.n_layers, model.n_heads, include_embed=False)
+    config = MansuConfig(max_rounds=3, params_per_round=16, forget_direction=direction)
+
+    task = UnlearningTask(model=model, batches=Batches.build(model, split), quant=NF4, circuit=tuple(circuit))
+    state = setup_state(model, task.batches, task.circuit, NF4, config, report=SILENT)
+    gradients = round_gradients(state, task.batches, config)
+    assert gradients.retain is not None and {g.dtype for g in gradients.retain.values()} == {torch.bfloat16}
+    held = torch.float32 if direction == "average" else torch.bfloat16
+    assert {g.dtype for g in gradients.forget.values()} == {held}
+    if direction == "average":  # ½(a + b) of the two widened directions, to the bit
+        from workbench.unlearning.mansu.candidates import forget_direction
+
+        a = forget_direction(state.work, state.names, task.batches.forget, state.still)
+        b = forget_direction(state.qwork, state.names, task.batches.forget, state.q_still)
+        for n in state.names:
+            assert torch.equal(gradients.forget[n], (a[n].float() + b[n].float()) * 0.5), n
+
+    def run():
+        return unlearn(model, split, method="mansu", quant=NF4, circuit=circuit, progress=SILENT,
+                       method_config=config)
+
+    held_run = run()
+    _widened_gradients(monkeypatch)
+    widened_run = run()
+    assert held_run.history == widened_run.history and held_run.history
+    assert sorted(held_run.update.deltas) == sorted(widened_run.update.deltas)
+    assert sum(int((d != 0).sum()) for d in held_run.update.deltas.values()) > 0
+    for name, delta in held_run.update.deltas.items():
+        assert torch.equal(widened_run.update.deltas[name], delta), name

@@ -757,3 +757,22 @@ def test_grid_and_floor_targets_are_bin_geometrys_values_in_fewer_bytes(qtype, t
             target, ok = floor_targets(direction, grid, steps)
             assert torch.equal(ok, valid) and bool(valid.any()) and bool((~valid).any())
             assert torch.equal(target, grid.values[rank.clamp(0, n - 1)] * grid.absmax)
+
+
+def test_live_costs_are_the_concatenation_of_each_tensors_and_give_the_same_mean():
+    """The damping's pooled costs, written into one buffer as each tensor is scored, are the
+    tensor ``torch.cat`` made (same order, same values) and their mean is the same to the bit."""
+    from workbench.unlearning.mansu.candidates import ModuleScores, live_costs
+
+    g = torch.Generator().manual_seed(5)
+    scores = []
+    for k, n in enumerate([1000, 0, 70_001, 3, 250_000]):
+        gain = torch.randn(n, generator=g).clamp_min(0)
+        cost = torch.rand(n, generator=g) * 10.0 ** (k - 2)
+        scores.append(ModuleScores(f"t{k}", gain, cost, torch.zeros(n)))
+    pieces = torch.cat([s.cost[s.gain > 0] for s in scores])
+    pooled = live_costs(iter(scores), sum(s.cost.numel() for s in scores))
+    assert 0 < pooled.numel() < sum(s.cost.numel() for s in scores)
+    assert torch.equal(pooled, pieces)
+    assert float(pooled.mean()) == float(pieces.mean())
+    assert live_costs(iter([]), 0).numel() == 0

@@ -7,7 +7,7 @@ Steps, in the order a round runs them: :func:`round_gradients`, then :func:`sele
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -59,7 +59,11 @@ def answer_logprob_gradient(work: torch.nn.Module, names: list[str], batch: Fact
     a chunk's span logits (default :func:`~workbench.models.scoring.span_logits` of ``work``;
     MANSU's retain gradient passes its prefix cache's). Uses and clears the named parameters'
     ``.grad``; every other parameter of ``work`` must not require grad (MANSU's working
-    models are frozen copies)."""
+    models are frozen copies).
+
+    Returned in the parameters' storage dtype, as backward summed them: widening a 16-bit
+    gradient to float32 is exact, so a caller widens one tensor when it computes with it
+    (:func:`score_module`) instead of holding every gradient at twice its bytes."""
     params = dict(work.named_parameters())
     n = len(batch)
     for name in names:
@@ -78,9 +82,7 @@ def answer_logprob_gradient(work: torch.nn.Module, names: list[str], batch: Fact
         for name in names:
             params[name].requires_grad_(False)
             params[name].grad = None
-    # float32 whatever the storage dtype: MANSU's scores and deltas live there
-    return {name: (g.float() if g is not None else torch.zeros_like(params[name], dtype=torch.float32))
-            for name, g in zip(names, total)}
+    return {name: (g if g is not None else torch.zeros_like(params[name])) for name, g in zip(names, total)}
 
 
 def forget_direction(work: torch.nn.Module, names: list[str], forget: FactBatch,
@@ -104,8 +106,8 @@ def round_gradients(state: MansuState, batches: Batches, config: MansuConfig) ->
     if config.forget_direction == "average":
         assert state.q_still is not None
         q_direction = forget_direction(state.qwork, state.names, batches.forget, state.q_still)
-        for n in state.names:  # in place, freeing each quantized one as it goes: ½(a + b) as before
-            direction[n].add_(q_direction.pop(n)).mul_(0.5)
+        for n in state.names:  # freeing each quantized one as it goes: ½(a + b) in float32, as before
+            direction[n] = direction[n].float().add_(q_direction.pop(n)).mul_(0.5)
     retain = (answer_logprob_gradient(state.work, state.names, state.retain_sample, span=state.answers.span_logits)
               if config.use_fisher and config.retain_first_order else None)
     return Gradients(direction, retain)
@@ -123,7 +125,7 @@ def score_module(state: MansuState, name: str, gradients: Gradients, config: Man
     direction's size.
     """
     mask = state.masks[name]
-    raw = gradients.forget[name] * mask
+    raw = gradients.forget[name].float() * mask  # float32 whatever the storage dtype: scores and deltas live there
     if config.use_projection:
         d = project_update(raw, state.projectors[name].matrix(), conv1d=state.conv1d[name]) * mask
     else:
@@ -165,7 +167,7 @@ def _gain_and_cost(state: MansuState, name: str, raw: torch.Tensor, flat: torch.
         gain = (raw.reshape(-1) * move).clamp_min(0)
         cost = 0.5 * state.fisher[name].reshape(-1) * move**2
         if gradients.retain is not None:
-            cost = cost + (-(gradients.retain[name].reshape(-1) * move)).clamp_min(0)
+            cost = cost + (-(gradients.retain[name].reshape(-1).float() * move)).clamp_min(0)
     else:
         gain, cost = flat.abs(), torch.zeros_like(flat)
     gain = torch.where(valid, gain, torch.zeros_like(gain))
@@ -188,7 +190,7 @@ def rank_moves(scores: list[ModuleScores], per_round: int, config: MansuConfig) 
     Saliency is gain per cost (with the Fisher; damped by ``fisher_damping`` times the mean
     cost of the moves with a gain), else the gain itself.
     """
-    damping = _damping([s.cost[s.gain > 0] for s in scores], config)
+    damping = _damping(scores, sum(s.cost.numel() for s in scores), config)
     moves = [move for s in scores for move in _module_moves(s, per_round, damping, config)]
     moves.sort(key=lambda m: -m.saliency)
     return moves
@@ -213,18 +215,35 @@ def select_moves(state: MansuState, gradients: Gradients, config: MansuConfig) -
         return rank_moves(list(scores()), state.per_round, config)
     damping = 0.0
     if config.use_fisher:  # first pass: only the costs the damping is the mean of
-        damping = _damping([s.cost[s.gain > 0] for s in scores()], config)
+        damping = _damping(scores(), state.n_weights(), config)
     moves = [m for s in scores() for m in _module_moves(s, state.per_round, damping, config)]
     moves.sort(key=lambda m: -m.saliency)
     return moves
 
 
-def _damping(live_costs: list[torch.Tensor], config: MansuConfig) -> float:
-    """``fisher_damping`` × the mean cost of the moves with a gain (0 without the Fisher)."""
+def _damping(scores: Iterable[ModuleScores], weights: int, config: MansuConfig) -> float:
+    """``fisher_damping`` × the mean cost of the moves with a gain (0 without the Fisher), over
+    ``scores`` of ``weights`` weights in all."""
     if not config.use_fisher:
         return 0.0
-    pooled = torch.cat(live_costs) if live_costs else torch.zeros(0)
+    pooled = live_costs(scores, weights)
     return config.fisher_damping * float(pooled.mean()) if pooled.numel() else 0.0
+
+
+def live_costs(scores: Iterable[ModuleScores], weights: int) -> torch.Tensor:
+    """The costs of the moves with a gain, in ``scores``' order: the tensor ``torch.cat`` of
+    each tensor's would be (so its mean is the same to the bit), written into one buffer of
+    ``weights`` entries as each tensor is scored. Without a circuit the pieces and their
+    concatenation held at once were the round's largest allocation (twice the live costs)."""
+    buffer: torch.Tensor | None = None
+    filled = 0
+    for s in scores:
+        if buffer is None:
+            buffer = torch.empty(weights, dtype=s.cost.dtype, device=s.cost.device)
+        live = s.cost[s.gain > 0]
+        buffer[filled:filled + live.numel()] = live
+        filled += live.numel()
+    return torch.zeros(0) if buffer is None else buffer[:filled]
 
 
 def _module_moves(s: ModuleScores, per_round: int, damping: float, config: MansuConfig) -> list[Move]:

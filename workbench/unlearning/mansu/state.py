@@ -69,6 +69,10 @@ class Gradients:
         forget: the forget direction per weight (−∇ log p(answer) over the facts still answered;
             or at Q(w+Δ), as ``forget_direction`` says).
         retain: ∇ log p(answer) over the projector's retain sample (``None`` when unused).
+
+    Each in the storage dtype when that holds it exactly (a 16-bit model's gradient, half the
+    bytes of float32 over every candidate weight), in float32 otherwise (the average of two
+    directions); scoring widens one tensor at a time.
     """
 
     forget: dict[str, torch.Tensor]
