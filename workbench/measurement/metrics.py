@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from workbench.core.allocator import hand_back_freed_memory
 from workbench.core.components import Component
 from workbench.core.errors import WorkbenchError
 from workbench.core.memo import base_memo
@@ -417,6 +418,7 @@ def measure_update(
         if cad and vname in _CAD_VARIANTS:
             attributions[vname] = _variant_attribution(vname, vmodel, split.forget, config, quant, model)
         del vmodel
+        hand_back_freed_memory()  # the variant's evaluation batches: not kept under the next one's
     del qbase
     accuracies = _accuracies(scores)
     report(0.68, "the exact update in float32 (storage-rounding term)")

@@ -12,6 +12,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, fields
 
+from workbench.core.allocator import hand_back_freed_memory
 from workbench.core.errors import WorkbenchError
 from workbench.core.progress import silent
 from workbench.models.update import Update
@@ -149,11 +150,13 @@ def run_round(state: MansuState, task: UnlearningTask, config: MansuConfig,
     when the round was undone or made no move)."""
     tick = time.perf_counter()
     if state.gradients is None or not config.reuse_gradients:
+        hand_back_freed_memory()  # the last round's evaluation freed its batches: not kept for the backward
         state.gradients = round_gradients(state, task.batches, config)
     else:
         # An undone round restored the weights exactly, so its gradients still hold.
         state.reused_gradients += 1
     tick = state.lap("gradients", tick)
+    hand_back_freed_memory()  # the backward's transients: not kept beside the scoring's
     done = take_moves(state, select_moves(state, state.gradients, config), config)
     tick = state.lap("selection", tick)
     if config.steps_on_grid:
