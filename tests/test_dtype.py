@@ -170,16 +170,25 @@ def _widened_gradients(monkeypatch) -> None:
                         lambda *a, **k: {n: g.float() for n, g in computed(*a, **k).items()})
 
 
-@pytest.mark.parametrize("direction", ["average", "full_precision", "quantized"])
-def test_mansu_in_bf16_holds_its_gradients_in_bf16_and_moves_as_with_float32_ones(toy_llama_gqa, direction,
+@pytest.mark.parametrize(("direction", "large"), [("average", False), ("full_precision", False),
+                                                   ("quantized", False), ("average", True)])
+def test_mansu_in_bf16_holds_its_gradients_in_bf16_and_moves_as_with_float32_ones(toy_llama_gqa, direction, large,
                                                                                    monkeypatch):
     """A 16-bit model's gradients are held in its dtype until scored (half their float32 bytes):
     widening is exact, so the run is the one with float32 gradients, bit for bit; the average of
-    the two forget directions is taken in float32, where it was."""
+    the two forget directions is taken in float32, where it was. ``large``: the paths a large
+    circuit takes (grids rebuilt, Q(w+Δ) as codes, w+Δ summed at forward, scoring in two passes)."""
+    import workbench.unlearning.mansu.candidates as candidates
+    import workbench.unlearning.mansu.state as mansu_state
     from workbench.unlearning.batches import Batches
     from workbench.unlearning.mansu.candidates import round_gradients
     from workbench.unlearning.mansu.state import setup_state
     from workbench.unlearning.task import UnlearningTask
+
+    if large:
+        for module, threshold in ((mansu_state, "GRID_CACHE_WEIGHTS"), (mansu_state, "COMPACT_QWORK_BYTES"),
+                                  (candidates, "SCORE_CACHE_WEIGHTS")):
+            monkeypatch.setattr(module, threshold, 0)
 
     model = _bf16(toy_llama_gqa)
     split = own_top1_split(model)

@@ -8,7 +8,9 @@ reuse all of that memory, and the process's resident size climbs: on the scale b
 gives the free pages back: no tensor moves and no number changes, in tens of milliseconds.
 
 Only host memory, and only glibc's: elsewhere (macOS, musl) this does nothing. GPU memory is left
-to PyTorch's caching allocator, which keeps it on purpose.
+to PyTorch's caching allocator, which keeps it on purpose. The trim locks each of glibc's arenas
+in turn, so another thread allocating meanwhile (an app session's) waits those milliseconds, and
+the returned pages are faulted in again when next used: a cost in time, never in numbers.
 """
 
 from __future__ import annotations

@@ -167,7 +167,8 @@ def _gain_and_cost(state: MansuState, name: str, raw: torch.Tensor, flat: torch.
         gain = (raw.reshape(-1) * move).clamp_min(0)
         cost = 0.5 * state.fisher[name].reshape(-1) * move**2
         if gradients.retain is not None:
-            cost = cost + (-(gradients.retain[name].reshape(-1).float() * move)).clamp_min(0)
+            # a 16-bit gradient times the float32 move is computed in float32 (exact widening), no copy
+            cost = cost + (-(gradients.retain[name].reshape(-1) * move)).clamp_min(0)
     else:
         gain, cost = flat.abs(), torch.zeros_like(flat)
     gain = torch.where(valid, gain, torch.zeros_like(gain))
@@ -221,25 +222,26 @@ def select_moves(state: MansuState, gradients: Gradients, config: MansuConfig) -
     return moves
 
 
-def _damping(scores: Iterable[ModuleScores], weights: int, config: MansuConfig) -> float:
+def _damping(scores: Iterable[ModuleScores], capacity: int, config: MansuConfig) -> float:
     """``fisher_damping`` × the mean cost of the moves with a gain (0 without the Fisher), over
-    ``scores`` of ``weights`` weights in all."""
+    ``scores`` of ``capacity`` weights in all."""
     if not config.use_fisher:
         return 0.0
-    pooled = live_costs(scores, weights)
+    pooled = live_costs(scores, capacity)
     return config.fisher_damping * float(pooled.mean()) if pooled.numel() else 0.0
 
 
-def live_costs(scores: Iterable[ModuleScores], weights: int) -> torch.Tensor:
+def live_costs(scores: Iterable[ModuleScores], capacity: int) -> torch.Tensor:
     """The costs of the moves with a gain, in ``scores``' order: the tensor ``torch.cat`` of
     each tensor's would be (so its mean is the same to the bit), written into one buffer of
-    ``weights`` entries as each tensor is scored. Without a circuit the pieces and their
-    concatenation held at once were the round's largest allocation (twice the live costs)."""
+    ``capacity`` entries (at least the scored weights) as each tensor is scored. The pieces and
+    their concatenation held at once were twice the live costs. On the CPU only the filled
+    pages become resident; a GPU's caching allocator reserves the whole buffer (unmeasured)."""
     buffer: torch.Tensor | None = None
     filled = 0
     for s in scores:
         if buffer is None:
-            buffer = torch.empty(weights, dtype=s.cost.dtype, device=s.cost.device)
+            buffer = torch.empty(capacity, dtype=s.cost.dtype, device=s.cost.device)
         live = s.cost[s.gain > 0]
         buffer[filled:filled + live.numel()] = live
         filled += live.numel()
