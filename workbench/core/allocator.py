@@ -4,7 +4,7 @@ glibc keeps the memory of freed blocks below its mmap threshold (which rises to 
 large blocks have come and gone) for its next allocations instead of returning it. A MANSU
 round's backward passes and its scoring free hundreds of such tensors, the next phase does not
 reuse all of that memory, and the process's resident size climbs: on the scale bench's 1B model
-1.0–1.4 GB above what a trim leaves, at each round (docs/results/bench.md). ``malloc_trim``
+0.8–1.6 GB above what a trim leaves, at each round (docs/results/bench.md). ``malloc_trim``
 gives the free pages back: no tensor moves and no number changes, in tens of milliseconds.
 
 Only host memory, and only glibc's: elsewhere (macOS, musl) this does nothing. GPU memory is left

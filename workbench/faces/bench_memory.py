@@ -75,6 +75,7 @@ def _trim() -> None:
     import gc
 
     gc.collect()
+    # its own call, not ``core.allocator``: this file also measures checkouts that predate that module
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
 
