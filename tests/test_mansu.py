@@ -460,6 +460,34 @@ def test_retain_guard_stops_when_passing_and_undone_rounds_alternate(facts_tiny,
         assert torch.equal(delta, reference.deltas[name]), name
 
 
+def test_an_undone_round_leaves_the_state_as_it_found_it(facts_tiny, split, every_module):
+    """After a round the guard undoes, the deltas, the moved flags (the undone weights may move
+    again) and both working models are what they were before the round, and the Fisher bound
+    is back (to its float rounding)."""
+    config = MansuConfig(**{**SMALL, "params_per_round": 8, "max_rounds": 3, "forget_target": 0.0})
+    task = _task(facts_tiny, split, every_module)
+    state = setup_state(facts_tiny, task.batches, task.circuit, task.quant, config, report=lambda *_: None)
+    assert run_round(state, task, config, 1)[1] is not None  # a kept round first: moved weights to restore
+
+    def snapshot():
+        return ({n: (state.deltas[n], state.deltas.moved(n)) for n in state.names}, state.bound,
+                {n: p.detach().clone() for n, p in state.work.named_parameters()},
+                {n: p.detach().clone() for n, p in state.qwork.named_parameters()})
+
+    before = snapshot()
+    moved_before = state.n_moved()
+    state.guard_base = 2.0  # above any reachable top-1: the guard undoes the round
+    stop, record = run_round(state, task, config, 2)
+    assert record is None and stop is None and state.guard_undone == 1
+    after = snapshot()
+    # the bound is restored by subtracting the round's cost: exact up to the float rounding of the two
+    assert state.n_moved() == moved_before and after[1] == pytest.approx(before[1], rel=1e-12, abs=0)
+    for n in state.names:
+        assert torch.equal(after[0][n][0], before[0][n][0]) and torch.equal(after[0][n][1], before[0][n][1]), n
+    for held_after, held_before in ((after[2], before[2]), (after[3], before[3])):
+        assert all(torch.equal(held_after[n], held_before[n]) for n in held_before)
+
+
 def test_the_guard_reading_is_its_samples_accuracy_now(facts_tiny, split, every_module):
     """The retain the live progress shows is the guard's sample's accuracy at the round's models."""
     from workbench.quant import quantized_copy

@@ -10,6 +10,7 @@ import torch
 from conftest import own_top1_split
 
 from workbench.core.components import all_components
+from workbench.core.errors import WorkbenchError
 from workbench.core.sharing import sharing_copy
 from workbench.data.facts import FactSplit
 from workbench.interpretability.attribution import AttributionConfig, attribute
@@ -184,7 +185,7 @@ def test_mansu_over_every_weight_sums_the_written_weights_at_forward(family, toy
     rounded to bf16 in the forward) run exactly as with the copies."""
     import workbench.unlearning.mansu.state as state
     from workbench.core.computed_weight import installed
-    from workbench.models.update import SumAtForward
+    from workbench.models.update import SparseDelta, SumAtForward
     from workbench.unlearning.batches import Batches
     from workbench.unlearning.mansu.method import run_round
     from workbench.unlearning.task import UnlearningTask
@@ -216,15 +217,19 @@ def test_mansu_over_every_weight_sums_the_written_weights_at_forward(family, toy
     assert written and not st.owned
     for n in written:
         at_forward = installed(st.work.get_submodule(n.rpartition(".")[0]))
-        assert isinstance(at_forward, SumAtForward) and at_forward.delta.data_ptr() == st.deltas[n].data_ptr()
+        assert isinstance(at_forward, SumAtForward) and isinstance(at_forward.delta, SparseDelta)
+        # the moves only, not a dense delta: what the forward sums is the delta the run holds
+        assert at_forward.delta.index.numel() == int(st.deltas.moved(n).sum()) < st.deltas[n].numel()
+        assert torch.equal(at_forward.delta.dense(), st.deltas[n])
         assert st.work.get_parameter(n).untyped_storage().nbytes() == st.work.get_parameter(n).element_size()
     for n, p in model.hf.named_parameters():
         assert torch.equal(p.detach(), before[n]), f"the base model changed: {n}"
 
 
 def test_mansu_state_holds_only_the_tensors_a_round_wrote(facts_tiny, split):
-    """The working model shares every base tensor until a round writes into it, deltas, moved
-    flags and (all-true) masks exist only for written tensors, and the base model is never touched."""
+    """The working model shares every base tensor until a round writes into it, deltas and moved
+    flags are held per moved weight, (all-true) masks exist only for written tensors, and the base
+    model is never touched."""
     from workbench.unlearning.batches import Batches
     from workbench.unlearning.mansu.method import run_round
     from workbench.unlearning.mansu.state import setup_state
@@ -243,7 +248,8 @@ def test_mansu_state_holds_only_the_tensors_a_round_wrote(facts_tiny, split):
     run_round(state, task, config, 1)
     written = {n for n, d in state.deltas.items() if bool((d != 0).any())}
     assert written and written < set(state.names)
-    assert state.owned == {n for n, _ in state.deltas.items()} and set(dict(state.moved.items())) == state.owned
+    assert state.owned == set(state.deltas.written()) and set(state.deltas.moved_names()) == state.owned
+    assert state.deltas.n_held() == state.n_moved() == sum(int((d != 0).sum()) for _, d in state.deltas.items())
     for n in state.names:
         shares = work[n].data_ptr() == base[n].data_ptr()
         assert shares == (n not in state.owned), n
@@ -356,6 +362,136 @@ def test_a_weight_summed_at_forward_gives_the_held_sums_logits_and_gradient(toy_
     assert grads[0].abs().sum() > 0 and torch.equal(grads[0], grads[1])
     with pytest.raises(WorkbenchError, match="w\\+Δ of shapes"):
         SumAtForward(base, delta[:1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_sparse_delta_added_to_a_weight_is_the_dense_sum_bit_for_bit(dtype):
+    """``SparseDelta.added_to`` is ``stored_sum`` of the dense delta, to the bit: signed zeros
+    (``-0.0 + 0.0`` is ``+0.0`` where the dense delta adds its zeros, ``-0.0 + -0.0`` stays
+    ``-0.0`` at a stored ``-0.0``), rounding to a 16-bit dtype, and a non-contiguous weight."""
+    from workbench.models.update import SparseDelta, stored_sum
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 10, generator=gen).to(dtype)
+    base.view(-1)[:6] = -0.0
+    index = torch.tensor([0, 1, 7, 13, 59, 22])
+    values = torch.tensor([-0.0, 0.25, 1e-3, -2.5, 0.0, 3e-7])
+    sparse = SparseDelta(base.shape, index, values)
+    dense = sparse.dense()
+    assert dense.dtype == torch.float32 and dense.view(-1)[index].tolist() == values.tolist()
+
+    def bits(t: torch.Tensor) -> torch.Tensor:
+        return t.contiguous().view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+    for weight in (base, base.T.contiguous().T):  # the second: the same values, transposed strides
+        assert torch.equal(bits(sparse.added_to(weight)), bits(stored_sum(weight, dense)))
+    assert torch.signbit(sparse.added_to(base).view(-1)[:6]).tolist() == [True, False, False, False, False, False]
+    with pytest.raises(WorkbenchError, match="one value per index"):
+        SparseDelta(base.shape, index, values[:2])
+
+
+class DenseDeltas:
+    """MANSU's deltas as it held them before :class:`SparseDeltas`: a dense float32 delta and a
+    dense bool flag tensor per written tensor, the forward's sum reading the live delta. The
+    reference the sparse store must match, run for run."""
+
+    def __init__(self, like):
+        self._like, self._d, self._m = like, {}, {}
+
+    def _delta(self, n):
+        return self._d.setdefault(n, torch.zeros(self._like[n].shape, dtype=torch.float32))
+
+    def _flags(self, n):
+        return self._m.setdefault(n, torch.zeros(self._like[n].numel(), dtype=torch.bool))
+
+    def at(self, n, i):
+        return float(self._delta(n).view(-1)[i])
+
+    def set(self, n, indices, values):
+        flat = self._delta(n).view(-1)
+        for i, v in zip(indices, values, strict=True):
+            flat[int(i)] = v
+
+    def replace(self, n, index, values):
+        flat = self._delta(n).view(-1)
+        flat.zero_()
+        flat[index] = values.float()
+
+    def mark(self, n, indices, moved=True):
+        indices = list(indices)
+        flags = [moved] * len(indices) if isinstance(moved, bool) else list(moved)
+        for i, m in zip(indices, flags, strict=True):
+            self._flags(n)[int(i)] = m
+
+    def mark_only(self, n, indices):
+        self._flags(n).zero_()
+        self._flags(n)[list(indices)] = True
+
+    def sparse(self, n):
+        return self._delta(n)  # the live tensor, as SumAtForward held it
+
+    def __getitem__(self, n):
+        return self._d[n].clone() if n in self._d else torch.zeros(self._like[n].shape)
+
+    def after(self, n):
+        from workbench.models.update import stored_sum
+
+        return stored_sum(self._like[n], self[n])
+
+    def moved(self, n):
+        return self._m[n].clone() if n in self._m else torch.zeros(self._like[n].numel(), dtype=torch.bool)
+
+    def written(self):
+        return list(self._d)
+
+    def items(self):
+        return ((n, self[n]) for n in self._d)
+
+    def moved_names(self):
+        return sorted(self._m)
+
+    def n_moved(self):
+        return sum(int(f.sum()) for f in self._m.values())
+
+
+@pytest.mark.parametrize(("family", "large", "floor_mode"), [
+    ("gpt2", False, "each_round"), ("gpt2", True, "snap"), ("llama-bf16", True, "each_round"),
+    ("llama-bf16", False, "snap")])
+def test_mansu_with_sparse_deltas_runs_as_with_dense_ones(family, large, floor_mode, toy_gpt2, toy_llama_gqa,
+                                                           monkeypatch):
+    """Deltas and moved flags held per moved weight (``SparseDeltas``) give the run the dense
+    tensors gave, bit for bit: history, every delta's bits, the update's order, the diagnostics;
+    through rounds the retain guard undoes (it is set to 0 here), the final snap, a 16-bit model,
+    and a large circuit's paths (w+Δ summed at forward from the sparse delta, grids rebuilt)."""
+    import workbench.unlearning.mansu.candidates as candidates
+    import workbench.unlearning.mansu.state as mansu_state
+
+    model = toy_gpt2 if family == "gpt2" else LoadedModel(
+        name="toy-llama-bf16", hf=copy.deepcopy(toy_llama_gqa.hf).to(torch.bfloat16), tokenizer=toy_llama_gqa.tokenizer)
+    if large:
+        for module, threshold in ((mansu_state, "GRID_CACHE_WEIGHTS"), (mansu_state, "COMPACT_QWORK_BYTES"),
+                                  (candidates, "SCORE_CACHE_WEIGHTS")):
+            monkeypatch.setattr(module, threshold, 0)
+    split = own_top1_split(model)
+    config = MansuConfig(use_circuit=False, max_rounds=5, params_per_round=128, floor_mode=floor_mode,
+                         retain_guard=0.0 if floor_mode == "each_round" else 0.02)
+
+    def run():
+        result = unlearn(model, split, method="mansu", quant=NF4, progress=SILENT, method_config=config)
+        diagnostics = {k: v for k, v in result.diagnostics.items() if k != "seconds_by_phase"}
+        return result.history, result.update.deltas, diagnostics
+
+    sparse_history, sparse, sparse_diagnostics = run()
+    monkeypatch.setattr(mansu_state, "SparseDeltas", DenseDeltas)
+    dense_history, dense, dense_diagnostics = run()
+    assert sparse and sparse_history == dense_history and sparse_diagnostics == dense_diagnostics
+    if floor_mode == "each_round":
+        assert sparse_diagnostics["rounds_undone_by_retain_guard"] > 0
+    else:
+        assert sparse_diagnostics["snapped"] > 0
+    assert list(sparse) == list(dense)
+    for name, delta in sparse.items():
+        assert torch.equal(delta.view(torch.int32), dense[name].view(torch.int32)), name
 
 
 _FRAGMENTED = """

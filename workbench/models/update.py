@@ -32,24 +32,64 @@ def stored_sum(base: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return exact if base.dtype == torch.float32 else exact.to(base.dtype)
 
 
+@dataclass(frozen=True, eq=False)  # holds tensors: no elementwise ==
+class SparseDelta:
+    """A delta held as the weights it changes: float32 ``values`` at the flat positions ``index``
+    (int64, distinct) of a tensor of ``shape``, zero elsewhere. A run that moves a few thousand
+    weights of a 1B model holds them in kilobytes, where a dense float32 delta holds 4 bytes per
+    weight of every tensor it touched."""
+
+    shape: torch.Size
+    index: torch.Tensor
+    values: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.index.shape != self.values.shape or self.index.ndim != 1:
+            raise WorkbenchError(f"a sparse delta needs one value per index, got {tuple(self.index.shape)} "
+                                 f"indices and {tuple(self.values.shape)} values")
+
+    def dense(self) -> torch.Tensor:
+        """The delta as a float32 tensor of ``shape`` (a fresh one)."""
+        out = torch.zeros(self.shape.numel(), dtype=torch.float32, device=self.values.device)
+        out[self.index] = self.values.to(torch.float32)
+        return out.view(self.shape)
+
+    def added_to(self, base: torch.Tensor) -> torch.Tensor:
+        """``stored_sum(base, self.dense())``, bit for bit, without the dense delta: elsewhere
+        ``base + 0.0`` (what adding the dense delta's zeros gives: ``-0.0`` becomes ``+0.0``,
+        in the storage dtype as in float32), at ``index`` the float32 sum rounded once."""
+        if base.shape != self.shape:
+            raise WorkbenchError(f"a delta of shape {tuple(self.shape)} added to a weight of shape {tuple(base.shape)}")
+        if not base.is_contiguous():  # the dense sum's layout, which a matmul's bits may follow
+            return stored_sum(base, self.dense())
+        out = base.detach() + 0.0
+        flat, index = out.view(-1), self.index.to(base.device)
+        flat[index] = stored_sum(base.detach().reshape(-1)[index], self.values)
+        return out
+
+
 class SumAtForward(WeightAtForward):
     """A weight held as the base's tensor and a delta, summed (:func:`stored_sum`) by each
     forward of its module (:func:`~workbench.core.computed_weight.install`): the model at w+Δ
     without a copy of the weight, where the caller keeps the delta anyway (MANSU over every
-    weight of a model). It reads the delta as it is at each forward: change the delta only
-    where a held weight would be written."""
+    weight of a model). A dense delta is read as it is at each forward: change it only where a
+    held weight would be written; a :class:`SparseDelta` is a snapshot: :meth:`hold` the new
+    one after each change."""
 
-    def __init__(self, base: torch.Tensor, delta: torch.Tensor) -> None:
+    def __init__(self, base: torch.Tensor, delta: torch.Tensor | SparseDelta) -> None:
         super().__init__(base.shape, base.dtype, base.device)
         self.hold(base, delta)
 
-    def hold(self, base: torch.Tensor, delta: torch.Tensor) -> None:
+    def hold(self, base: torch.Tensor, delta: torch.Tensor | SparseDelta) -> None:
         if base.shape != self.shape or delta.shape != self.shape:
             raise WorkbenchError(f"w+Δ of shapes {tuple(base.shape)} and {tuple(delta.shape)} for a weight "
                                  f"of shape {tuple(self.shape)}")
-        self.base, self.delta = base.detach(), delta.detach()
+        self.base = base.detach()
+        self.delta = delta if isinstance(delta, SparseDelta) else delta.detach()
 
     def value(self) -> torch.Tensor:
+        if isinstance(self.delta, SparseDelta):
+            return self.delta.added_to(self.base)
         return stored_sum(self.base, self.delta)
 
 

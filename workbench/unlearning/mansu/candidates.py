@@ -134,7 +134,7 @@ def score_module(state: MansuState, name: str, gradients: Gradients, config: Man
     grid, delta = state.grids[name], state.deltas[name].reshape(-1)  # fetched once: a grid may be rebuilt
     if config.steps_on_grid:
         ks = [config.code_steps] if config.code_choice == "fixed" else range(1, config.max_code_steps + 1)
-        moved = state.moved[name]
+        moved = state.deltas.moved(name)
         options = [_grid_step(grid, state.base[name], moved, flat, k) for k in ks]
     else:
         options = [_sub_bin_step(grid, state.base[name], delta, flat, config)]

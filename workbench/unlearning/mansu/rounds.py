@@ -15,7 +15,7 @@ import torch
 
 from workbench.core.computed_weight import install, installed
 from workbench.data.facts import AnswerCriterion
-from workbench.models.update import SumAtForward, stored_sum
+from workbench.models.update import SumAtForward
 from workbench.quant import QuantConfig, quantize_codes
 from workbench.quant.compact import write_quantized
 from workbench.unlearning.batches import Batches
@@ -44,8 +44,7 @@ def take_moves(state: MansuState, moves: list[Move], config: MansuConfig) -> Rou
         if done.chosen >= state.per_round:
             break
         n, i = move.name, move.index
-        deltas = state.deltas.write(n)
-        old = float(deltas.view(-1)[i])
+        old = state.deltas.at(n, i)
         if config.use_fisher:
             cost = 0.5 * float(state.fisher[n].view(-1)[i]) * (move.delta**2 - old**2)
             if config.fisher_budget is not None and state.bound + cost > config.fisher_budget:
@@ -53,8 +52,8 @@ def take_moves(state: MansuState, moves: list[Move], config: MansuConfig) -> Rou
                 continue
             state.bound += cost
             done.fisher_cost += cost
-        deltas.view(-1)[i] = move.delta
-        state.moved.write(n)[i] = True
+        state.deltas.set(n, [i], [move.delta])
+        state.deltas.mark(n, [i])
         done.touched.setdefault(n, []).append(i)
         done.previous.setdefault(n, []).append(old)
         done.chosen += 1
@@ -66,14 +65,14 @@ def verify_codes(state: MansuState, done: Round, quant: QuantConfig) -> None:
     only where bnb's own thresholds are not midpoints, e.g. int8 on CPU) is undone and never
     tried again, so "every moved code changes" holds by construction."""
     for n, idx in done.touched.items():
-        codes = quantize_codes(stored_sum(state.base[n], state.deltas[n]), quant, transposed=state.transposed[n])
+        codes = quantize_codes(state.deltas.after(n), quant, transposed=state.transposed[n])
         new = codes.codes_like_weight().reshape(-1).long()
-        index = torch.tensor(idx, dtype=torch.long, device=state.deltas[n].device)
+        index = torch.tensor(idx, dtype=torch.long, device=new.device)
         stuck = index[new[index] == state.grids[n].code[index]]
         if stuck.numel():
-            state.deltas.write(n).view(-1)[stuck] = 0.0
+            state.deltas.set(n, stuck.tolist(), [0.0] * stuck.numel())
             state.masks.write(n).view(-1)[stuck] = False
-            state.moved.write(n)[stuck] = False
+            state.deltas.mark(n, stuck.tolist(), False)
             state.floor_reverted += int(stuck.numel())
             done.chosen -= int(stuck.numel())
 
@@ -85,7 +84,7 @@ def apply_round(state: MansuState, done: Round, quant: QuantConfig) -> None:
     state.q_answers.changing(done.touched)
     with torch.no_grad():
         for n in done.touched:
-            after = stored_sum(state.base[n], state.deltas[n])  # w+Δ as stored (rounded to a 16-bit dtype)
+            after = state.deltas.after(n)  # w+Δ as stored (rounded to a 16-bit dtype)
             if n in state.summed:
                 _hold_sum(state, n)
             else:
@@ -102,10 +101,11 @@ def _hold_sum(state: MansuState, name: str) -> None:
     as ``stored_sum``), installed at its first write (:func:`~.state.summed_at_forward`)."""
     owner = state.work.get_submodule(name.rpartition(".")[0])
     held = installed(owner)
+    delta = state.deltas.sparse(name)  # a snapshot: every change of the deltas is followed by this
     if isinstance(held, SumAtForward):
-        held.hold(state.base[name], state.deltas.write(name))
+        held.hold(state.base[name], delta)
     else:
-        install(owner, SumAtForward(state.base[name], state.deltas.write(name)))
+        install(owner, SumAtForward(state.base[name], delta))
 
 
 @dataclass(frozen=True)
@@ -143,11 +143,9 @@ def guard_reading(state: MansuState, config: MansuConfig) -> GuardReading:
 def undo_round(state: MansuState, done: Round, quant: QuantConfig) -> None:
     """Restore the deltas (and both working models) exactly as they were before the round."""
     for n, idx in done.touched.items():
-        deltas = state.deltas.write(n)
-        index = torch.tensor(idx, dtype=torch.long, device=deltas.device)
-        old = torch.tensor(done.previous[n], dtype=deltas.dtype, device=deltas.device)
-        deltas.view(-1)[index] = old
-        state.moved.write(n)[index] = old != 0
+        old = done.previous[n]  # float32 values (read from the deltas)
+        state.deltas.set(n, idx, old)
+        state.deltas.mark(n, idx, [v != 0 for v in old])
     apply_round(state, done, quant)
     state.bound -= done.fisher_cost
 
@@ -179,8 +177,8 @@ def snap_to_codes(state: MansuState, quant: QuantConfig, config: MansuConfig) ->
     ``snap_fraction`` of its bin goes onto the code next to its base code in the direction of
     its change (so its code changes and Q(w+Δ) = w+Δ there); the smaller moves are dropped."""
     snapped, written = Round(), Round()
-    for n, moved in sorted(state.moved.items()):  # a tensor never written has no move to snap
-        delta = state.deltas.write(n).view(-1)
+    for n in state.deltas.moved_names():  # a tensor never written has no move to snap
+        delta, moved = state.deltas[n].view(-1), state.deltas.moved(n)
         grid = state.grids[n]
         target, valid = floor_targets(delta, grid, 1)
         keep = moved & valid & (delta.abs() >= config.snap_fraction * grid.bin_width)
@@ -188,8 +186,9 @@ def snap_to_codes(state: MansuState, quant: QuantConfig, config: MansuConfig) ->
         written.touched[n] = moved.nonzero().squeeze(-1).tolist()  # snapped or dropped
         snapped.touched[n] = keep.nonzero().squeeze(-1).tolist()  # the moves the quantizer must confirm
         snapped.chosen += len(snapped.touched[n])
-        delta.copy_(torch.where(keep, target - state.base[n].view(-1), torch.zeros_like(delta)))
-        state.moved.replace(n, keep)
+        kept = keep.nonzero().squeeze(-1)
+        state.deltas.replace(n, kept, (target - state.base[n].view(-1))[kept])
+        state.deltas.mark_only(n, kept.tolist())
     verify_codes(state, snapped, quant)
     state.snapped = snapped.chosen
     apply_round(state, written, quant)

@@ -29,6 +29,7 @@ from workbench.quant.compact import compact_quantized_copy
 from workbench.quant.parameters import single_use_linear_owners
 from workbench.unlearning.batches import Batches, ScoredSet
 from workbench.unlearning.mansu.config import MansuConfig
+from workbench.unlearning.mansu.deltas import SparseDeltas
 from workbench.unlearning.mansu.fisher import diagonal_fisher
 from workbench.unlearning.mansu.grid import Grid, weight_grid
 from workbench.unlearning.mansu.projection import HeldProjector, projectors_for
@@ -82,9 +83,9 @@ class Gradients:
 class ConstantUntilWritten:
     """Per candidate tensor, a tensor that reads as ``fill`` until a round writes into it.
 
-    Allocated at the first write (:meth:`write`): a round moves a few hundred weights in a few
-    tensors, so a run over every weight of the model holds deltas, flags and masks only where
-    it changed something. ``written`` starts it with given tensors (a circuit's masks). ``[name]``
+    Allocated at the first write (:meth:`write`): a run over every weight of the model holds
+    masks only where a round masked something. ``written`` starts it with given tensors (a
+    circuit's masks). ``[name]``
     reads (a fresh tensor when never written: do not write into what it returns);
     :meth:`items` and :meth:`values` list the written tensors only.
     """
@@ -158,8 +159,8 @@ class MansuState:
     precisions), ``n_candidates``, ``max_per_round``.
 
     Changed by rounds: ``masks`` (a move that cannot change its code, or that the guard
-    blocked at the smallest round size, is masked out for good), ``deltas`` and ``moved``
-    (flat bool per weight; all three :class:`ConstantUntilWritten`), ``owned`` (the tensors of ``work``
+    blocked at the smallest round size, is masked out for good; :class:`ConstantUntilWritten`),
+    ``deltas`` (each moved weight's delta and flag, :class:`~.deltas.SparseDeltas`), ``owned`` (the tensors of ``work``
     given their own storage, at their first write; ``summed`` names the tensors that instead
     are computed as base + delta by each forward once written, see :func:`summed_at_forward`),
     ``bound`` (the running Fisher bound), ``per_round``, ``still`` and ``q_still`` (which forget
@@ -182,8 +183,7 @@ class MansuState:
     n_candidates: int
     per_round: int
     max_per_round: int
-    deltas: ConstantUntilWritten
-    moved: ConstantUntilWritten
+    deltas: SparseDeltas
     still: torch.Tensor
     q_still: torch.Tensor | None
     guard_base_q: float | None = None
@@ -203,7 +203,7 @@ class MansuState:
     history: list[dict[str, float]] = field(default_factory=list)
 
     def n_moved(self) -> int:
-        return int(sum(int(m.sum()) for m in self.moved.values()))
+        return self.deltas.n_moved()
 
     def n_weights(self) -> int:
         """Weights in the candidate tensors (candidates or not)."""
@@ -368,8 +368,7 @@ def setup_state(model: LoadedModel, batches: Batches, circuit: tuple[Component, 
         guard_base_q=guard_batch.accuracy(q_answers) if config.guard_precision == "both" else None,
         n_candidates=n_candidates, per_round=per_round, max_per_round=max_per_round,
         # float32 whatever the storage dtype: updates accumulate there (rounded only when written)
-        deltas=ConstantUntilWritten(base, torch.float32, flat=False),
-        moved=ConstantUntilWritten(base, torch.bool, flat=True),
+        deltas=SparseDeltas(base),
         # Which forget facts each model still answers: the forget gradient only runs over those
         # (forgotten facts contribute nothing to it), and each round's evaluation refreshes them.
         still=batches.forget_answered(answers),
