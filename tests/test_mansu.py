@@ -320,6 +320,7 @@ def test_floor_verification_reverts_moves_that_keep_their_code(facts_tiny, split
     for name, index in sabotaged:
         assert float(state.deltas[name].view(-1)[index]) == 0.0, "a code-preserving move survived"
         assert not bool(state.masks[name].view(-1)[index]), "a code-preserving move may be tried again"
+        assert not bool(state.deltas.moved(name)[index]), "a reverted move still counts as moved"
     for name, idx in done.touched.items():
         kept = [i for i in idx if (name, i) not in sabotaged]
         codes = quantize_codes(state.base[name] + state.deltas[name], quant,
@@ -460,14 +461,17 @@ def test_retain_guard_stops_when_passing_and_undone_rounds_alternate(facts_tiny,
         assert torch.equal(delta, reference.deltas[name]), name
 
 
-def test_an_undone_round_leaves_the_state_as_it_found_it(facts_tiny, split, every_module):
+@pytest.mark.parametrize("steps", [{}, {"use_floor": False}, {"floor_mode": "snap"}])
+def test_an_undone_round_leaves_the_state_as_it_found_it(facts_tiny, split, every_module, steps):
     """After a round the guard undoes, the deltas, the moved flags (the undone weights may move
     again) and both working models are what they were before the round, and the Fisher bound
-    is back (to its float rounding)."""
-    config = MansuConfig(**{**SMALL, "params_per_round": 8, "max_rounds": 3, "forget_target": 0.0})
+    is back (to its float rounding). Sub-bin steps (no floor, snap) move a weight again, so an
+    undone round must restore nonzero deltas too."""
+    config = MansuConfig(**{**SMALL, "params_per_round": 8, "max_rounds": 4, "forget_target": 0.0, **steps})
     task = _task(facts_tiny, split, every_module)
     state = setup_state(facts_tiny, task.batches, task.circuit, task.quant, config, report=lambda *_: None)
-    assert run_round(state, task, config, 1)[1] is not None  # a kept round first: moved weights to restore
+    for rounds in (1, 2):  # kept rounds first: moved weights (and, with sub-bin steps, deltas) to restore
+        assert run_round(state, task, config, rounds)[1] is not None
 
     def snapshot():
         return ({n: (state.deltas[n], state.deltas.moved(n)) for n in state.names}, state.bound,
@@ -477,7 +481,7 @@ def test_an_undone_round_leaves_the_state_as_it_found_it(facts_tiny, split, ever
     before = snapshot()
     moved_before = state.n_moved()
     state.guard_base = 2.0  # above any reachable top-1: the guard undoes the round
-    stop, record = run_round(state, task, config, 2)
+    stop, record = run_round(state, task, config, 3)
     assert record is None and stop is None and state.guard_undone == 1
     after = snapshot()
     # the bound is restored by subtracting the round's cost: exact up to the float rounding of the two

@@ -404,8 +404,11 @@ class DenseDeltas:
     def _flags(self, n):
         return self._m.setdefault(n, torch.zeros(self._like[n].numel(), dtype=torch.bool))
 
+    def touch(self, n):
+        self._delta(n)  # allocated at the first move tried, as MANSU's dense store did
+
     def at(self, n, i):
-        return float(self._delta(n).view(-1)[i])
+        return float(self._d[n].view(-1)[i]) if n in self._d else 0.0
 
     def set(self, n, indices, values):
         flat = self._delta(n).view(-1)
@@ -452,6 +455,26 @@ class DenseDeltas:
 
     def n_moved(self):
         return sum(int(f.sum()) for f in self._m.values())
+
+
+def test_sparse_deltas_keep_the_order_tensors_were_first_tried_in():
+    """The update lists tensors in the order the rounds first tried a move in them (a move the
+    Fisher budget then skipped included), as the dense store did: its Fisher bound sums in it."""
+    from workbench.unlearning.mansu.deltas import SparseDeltas
+
+    like = {n: torch.zeros(3, 4) for n in ("a", "b", "c")}
+    deltas = SparseDeltas(like)
+    deltas.touch("a")  # tried, skipped: no delta yet
+    deltas.touch("b")
+    deltas.set("b", [5], [0.1])
+    deltas.set("a", [2], [-0.25])
+    deltas.set("c", [0], [1.0])
+    assert deltas.written() == ["a", "b", "c"] and [n for n, _ in deltas.items()] == ["a", "b", "c"]
+    assert deltas.at("b", 5) == float(torch.tensor(0.1))  # rounded to float32, as a tensor stores it
+    assert deltas["a"].view(-1).tolist() == [0, 0, -0.25] + [0] * 9 and deltas.at("c", 1) == 0.0
+    deltas.mark("a", [2, 7])
+    deltas.mark("a", [7], False)
+    assert deltas.moved("a").nonzero().view(-1).tolist() == [2] and deltas.n_moved() == 1
 
 
 @pytest.mark.parametrize(("family", "large", "floor_mode"), [

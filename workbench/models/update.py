@@ -32,6 +32,10 @@ def stored_sum(base: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return exact if base.dtype == torch.float32 else exact.to(base.dtype)
 
 
+_ROUNDED_ONCE = (torch.float32, torch.bfloat16, torch.float16)
+"""Storage dtypes where ``base + 0.0`` is what adding a float32 zero and rounding back gives."""
+
+
 @dataclass(frozen=True, eq=False)  # holds tensors: no elementwise ==
 class SparseDelta:
     """A delta held as the weights it changes: float32 ``values`` at the flat positions ``index``
@@ -60,7 +64,9 @@ class SparseDelta:
         in the storage dtype as in float32), at ``index`` the float32 sum rounded once."""
         if base.shape != self.shape:
             raise WorkbenchError(f"a delta of shape {tuple(self.shape)} added to a weight of shape {tuple(base.shape)}")
-        if not base.is_contiguous():  # the dense sum's layout, which a matmul's bits may follow
+        if not base.is_contiguous() or base.dtype not in _ROUNDED_ONCE:
+            # the dense sum's layout (a matmul's bits may follow it); a float64 weight, which
+            # stored_sum sums in float32
             return stored_sum(base, self.dense())
         out = base.detach() + 0.0
         flat, index = out.view(-1), self.index.to(base.device)

@@ -34,7 +34,8 @@ class ModuleScores:
 
 @dataclass(frozen=True)
 class Move:
-    """One proposed move: set ``deltas[name].view(-1)[index]`` to ``delta`` (ranked by ``saliency``)."""
+    """One proposed move: make the delta of weight ``index`` (flat) of ``name`` equal ``delta``
+    (:func:`~.rounds.take_moves`; ranked by ``saliency``)."""
 
     saliency: float
     name: str

@@ -2,11 +2,12 @@
 weights count as moved, held per weight rather than per tensor.
 
 A round moves at most a few thousand weights, spread over the candidate tensors; dense float32
-deltas and bool flags cost 5 bytes for every weight of each tensor a round touched (~1.2 GB for
-the scale bench's 1B model after its first rounds, for ~2,000 moves). Here they cost a few dozen
-bytes per moved weight. Every read gives what the dense tensors gave, bit for bit: the values are
-float32 numbers, stored as the Python floats that hold them exactly, and a tensor's dense delta
-is rebuilt (zeros, then the values) only for the step that reads it.
+deltas and bool flags cost 5 bytes for every weight of each tensor a round touched (57 MB per MLP
+matrix of the scale bench's 1B model; its MANSU peak fell by 0.4–0.7 GiB without them). Here they
+cost ~130 bytes per moved weight (Python's dict and set entries). Every read gives what the dense
+tensors gave, bit for bit: the values are float32 numbers, stored as the Python floats that hold
+them exactly, and a tensor's dense delta is rebuilt (zeros, then the values) only for the step
+that reads it.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from workbench.models.update import SparseDelta
 class SparseDeltas:
     """The deltas and moved flags of a run over the tensors ``like`` (the base's candidate tensors).
 
-    A tensor counts as written from the first move tried on it (:meth:`at`), so :meth:`items`
-    lists tensors in the order the rounds first reached them (the update's order); its moved
-    flags from its first :meth:`mark`. ``[name]`` is the dense float32 delta (a fresh tensor).
+    A tensor counts as written from the first move tried on it (:meth:`touch`, even when the
+    Fisher budget then skips the move, as the dense store allocated it there), so :meth:`items`
+    lists tensors in the order the rounds first tried them (the update's order, which the Fisher
+    bound's sum follows); its moved flags from its first :meth:`mark`. ``[name]`` is the dense
+    float32 delta (a fresh tensor: writing into it changes nothing).
     """
 
     def __init__(self, like: Mapping[str, torch.Tensor]) -> None:
@@ -32,9 +35,13 @@ class SparseDeltas:
         self._values: dict[str, dict[int, float]] = {}
         self._moved: dict[str, set[int]] = {}
 
+    def touch(self, name: str) -> None:
+        """Count ``name`` as written (it keeps the place it takes now in :meth:`written`)."""
+        self._values.setdefault(name, {})
+
     def at(self, name: str, index: int) -> float:
         """The delta of weight ``index`` (flat) of ``name`` (0.0 when never set)."""
-        return self._values.setdefault(name, {}).get(index, 0.0)
+        return self._values.get(name, {}).get(index, 0.0)
 
     def set(self, name: str, indices: Iterable[int], values: Iterable[float]) -> None:
         """Set the deltas at ``indices``; each value rounded to float32, as a float32 tensor
@@ -82,11 +89,11 @@ class SparseDeltas:
         """The flat bool flags of ``name`` (a fresh tensor)."""
         like = self._like[name]
         flags = torch.zeros(like.numel(), dtype=torch.bool, device=like.device)
-        flags[torch.tensor(sorted(self._moved.get(name, ())), dtype=torch.long, device=like.device)] = True
+        flags[torch.tensor(list(self._moved.get(name, ())), dtype=torch.long, device=like.device)] = True
         return flags
 
     def written(self) -> list[str]:
-        """The tensors with a delta, in the order they were first written."""
+        """The tensors written (:meth:`touch`), in the order they were first tried."""
         return list(self._values)
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:

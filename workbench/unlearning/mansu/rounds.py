@@ -44,6 +44,7 @@ def take_moves(state: MansuState, moves: list[Move], config: MansuConfig) -> Rou
         if done.chosen >= state.per_round:
             break
         n, i = move.name, move.index
+        state.deltas.touch(n)  # from the first move tried, skipped or not: the update's order
         old = state.deltas.at(n, i)
         if config.use_fisher:
             cost = 0.5 * float(state.fisher[n].view(-1)[i]) * (move.delta**2 - old**2)
@@ -101,7 +102,9 @@ def _hold_sum(state: MansuState, name: str) -> None:
     as ``stored_sum``), installed at its first write (:func:`~.state.summed_at_forward`)."""
     owner = state.work.get_submodule(name.rpartition(".")[0])
     held = installed(owner)
-    delta = state.deltas.sparse(name)  # a snapshot: every change of the deltas is followed by this
+    # A snapshot: every change of the deltas that moves a weight is followed by apply_round,
+    # before any forward (verify_codes alone, when all of a round's moves stuck, restores zeros).
+    delta = state.deltas.sparse(name)
     if isinstance(held, SumAtForward):
         held.hold(state.base[name], delta)
     else:

@@ -80,25 +80,22 @@ class Gradients:
     retain: dict[str, torch.Tensor] | None
 
 
-class ConstantUntilWritten:
-    """Per candidate tensor, a tensor that reads as ``fill`` until a round writes into it.
+class CandidateMasks:
+    """Per candidate tensor, which of its weights may move: all of them until a round masks some.
 
-    Allocated at the first write (:meth:`write`): a run over every weight of the model holds
-    masks only where a round masked something. ``written`` starts it with given tensors (a
-    circuit's masks). ``[name]``
-    reads (a fresh tensor when never written: do not write into what it returns);
-    :meth:`items` and :meth:`values` list the written tensors only.
+    A mask is allocated at the first write (:meth:`write`): a run over every weight of the model
+    holds masks only where a round masked something. ``written`` starts it with given masks (a
+    circuit's). ``[name]`` reads (a fresh all-true mask when never written: do not write into
+    what it returns); :meth:`items` and :meth:`values` list the written masks only.
     """
 
-    def __init__(self, like: Mapping[str, torch.Tensor], dtype: torch.dtype, *, flat: bool,
-                 fill: float | bool = 0, written: Mapping[str, torch.Tensor] | None = None) -> None:
-        self._like, self._dtype, self._flat, self._fill = like, dtype, flat, fill
+    def __init__(self, like: Mapping[str, torch.Tensor], written: Mapping[str, torch.Tensor] | None = None) -> None:
+        self._like = like
         self._written: dict[str, torch.Tensor] = dict(written or {})
 
     def _filled(self, name: str) -> torch.Tensor:
         like = self._like[name]
-        return torch.full((like.numel(),) if self._flat else like.shape, self._fill, dtype=self._dtype,
-                          device=like.device)
+        return torch.ones(like.shape, dtype=torch.bool, device=like.device)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         held = self._written.get(name)
@@ -109,9 +106,6 @@ class ConstantUntilWritten:
         if name not in self._written:
             self._written[name] = self._filled(name)
         return self._written[name]
-
-    def replace(self, name: str, value: torch.Tensor) -> None:
-        self._written[name] = value
 
     def names(self) -> list[str]:
         """Every tensor it covers, written or not, sorted."""
@@ -159,7 +153,7 @@ class MansuState:
     precisions), ``n_candidates``, ``max_per_round``.
 
     Changed by rounds: ``masks`` (a move that cannot change its code, or that the guard
-    blocked at the smallest round size, is masked out for good; :class:`ConstantUntilWritten`),
+    blocked at the smallest round size, is masked out for good; :class:`CandidateMasks`),
     ``deltas`` (each moved weight's delta and flag, :class:`~.deltas.SparseDeltas`), ``owned`` (the tensors of ``work``
     given their own storage, at their first write; ``summed`` names the tensors that instead
     are computed as base + delta by each forward once written, see :func:`summed_at_forward`),
@@ -168,7 +162,7 @@ class MansuState:
     """
 
     names: list[str]
-    masks: ConstantUntilWritten
+    masks: CandidateMasks
     base: dict[str, torch.Tensor]
     grids: GridStore
     transposed: dict[str, bool]
@@ -219,7 +213,7 @@ class MansuState:
 
 
 def candidate_masks(model: LoadedModel, circuit: tuple[Component, ...] | None, quant: QuantConfig,
-                    config: MansuConfig) -> ConstantUntilWritten:
+                    config: MansuConfig) -> CandidateMasks:
     """Which weights may move: the quantized weights of the circuit's components (a).
 
     Without circuit restriction, every quantized weight: all-true masks, allocated only for the
@@ -227,14 +221,14 @@ def candidate_masks(model: LoadedModel, circuit: tuple[Component, ...] | None, q
     quantizable = model.adapter.quantizable(quant)
     params = {n: p.detach() for n, p in model.hf.named_parameters() if n in quantizable}
     if not config.use_circuit:
-        return ConstantUntilWritten(params, torch.bool, flat=False, fill=True)
+        return CandidateMasks(params)
     components = list(circuit or [])
     if not components:
         raise WorkbenchError("MANSU with circuit restriction needs a non-empty circuit")
     masks = {n: m for n, m in circuit_parameters(model, components).items() if n in quantizable and bool(m.any())}
     if not masks:
         raise WorkbenchError("the circuit maps to no quantized weight (only embeddings?); add heads or MLPs")
-    return ConstantUntilWritten({n: params[n] for n in masks}, torch.bool, flat=False, written=masks)
+    return CandidateMasks({n: params[n] for n in masks}, written=masks)
 
 
 def round_sizes(n_candidates: int, config: MansuConfig) -> tuple[int, int]:
