@@ -364,11 +364,12 @@ def test_a_weight_summed_at_forward_gives_the_held_sums_logits_and_gradient(toy_
         SumAtForward(base, delta[:1])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_a_sparse_delta_added_to_a_weight_is_the_dense_sum_bit_for_bit(dtype):
     """``SparseDelta.added_to`` is ``stored_sum`` of the dense delta, to the bit: signed zeros
     (``-0.0 + 0.0`` is ``+0.0`` where the dense delta adds its zeros, ``-0.0 + -0.0`` stays
-    ``-0.0`` at a stored ``-0.0``), rounding to a 16-bit dtype, and a non-contiguous weight."""
+    ``-0.0`` at a stored ``-0.0``), rounding to a 16-bit dtype, a non-contiguous weight, and a
+    float64 weight (which ``stored_sum`` sums in float32)."""
     from workbench.models.update import SparseDelta, stored_sum
 
     gen = torch.Generator().manual_seed(0)
@@ -381,7 +382,7 @@ def test_a_sparse_delta_added_to_a_weight_is_the_dense_sum_bit_for_bit(dtype):
     assert dense.dtype == torch.float32 and dense.view(-1)[index].tolist() == values.tolist()
 
     def bits(t: torch.Tensor) -> torch.Tensor:
-        return t.contiguous().view(torch.int16 if t.element_size() == 2 else torch.int32)
+        return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
     for weight in (base, base.T.contiguous().T):  # the second: the same values, transposed strides
         assert torch.equal(bits(sparse.added_to(weight)), bits(stored_sum(weight, dense)))
