@@ -373,7 +373,7 @@ def test_a_sparse_delta_added_to_a_weight_is_the_dense_sum_bit_for_bit(dtype):
     from workbench.models.update import SparseDelta, stored_sum
 
     gen = torch.Generator().manual_seed(0)
-    base = torch.randn(6, 10, generator=gen).to(dtype)
+    base = torch.randn(6, 10, generator=gen, dtype=torch.float64).to(dtype)  # float64: past float32's digits
     base.view(-1)[:6] = -0.0
     index = torch.tensor([0, 1, 7, 13, 59, 22])
     values = torch.tensor([-0.0, 0.25, 1e-3, -2.5, 0.0, 3e-7])
