@@ -18,7 +18,7 @@ from workbench.interpretability.cad import circuit_attribution_divergence
 from workbench.measurement.evaluation import evaluate_facts
 from workbench.measurement.metrics import measure_update
 from workbench.models.loaded import LoadedModel
-from workbench.models.update import Update
+from workbench.models.update import SparseDelta, Update
 from workbench.quant import QuantConfig, quantize_dequantize
 from workbench.unlearning.mansu import MansuConfig
 from workbench.unlearning.registry import unlearn
@@ -185,7 +185,7 @@ def test_mansu_over_every_weight_sums_the_written_weights_at_forward(family, toy
     rounded to bf16 in the forward) run exactly as with the copies."""
     import workbench.unlearning.mansu.state as state
     from workbench.core.computed_weight import installed
-    from workbench.models.update import SparseDelta, SumAtForward
+    from workbench.models.update import SumAtForward
     from workbench.unlearning.batches import Batches
     from workbench.unlearning.mansu.method import run_round
     from workbench.unlearning.task import UnlearningTask
@@ -348,7 +348,7 @@ def test_a_weight_summed_at_forward_gives_the_held_sums_logits_and_gradient(toy_
     delta = torch.randn(base.shape, generator=torch.Generator().manual_seed(0)) * 1e-2
     held, summed = sharing_copy(hf), sharing_copy(hf)
     held.get_parameter(name).data = stored_sum(base, delta)
-    install(summed.get_submodule(name.rpartition(".")[0]), SumAtForward(base, delta))
+    install(summed.get_submodule(name.rpartition(".")[0]), SumAtForward(base, SparseDelta.of(delta)))
     ids = torch.arange(1, 13).reshape(2, 6)
     grads = []
     for model in (held, summed):
@@ -361,7 +361,7 @@ def test_a_weight_summed_at_forward_gives_the_held_sums_logits_and_gradient(toy_
         assert torch.equal(held(ids).logits, summed(ids).logits)
     assert grads[0].abs().sum() > 0 and torch.equal(grads[0], grads[1])
     with pytest.raises(WorkbenchError, match="w\\+Δ of shapes"):
-        SumAtForward(base, delta[:1])
+        SumAtForward(base, SparseDelta.of(delta[:1]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
@@ -370,7 +370,7 @@ def test_a_sparse_delta_added_to_a_weight_is_the_dense_sum_bit_for_bit(dtype):
     (``-0.0 + 0.0`` is ``+0.0`` where the dense delta adds its zeros, ``-0.0 + -0.0`` stays
     ``-0.0`` at a stored ``-0.0``), rounding to a 16-bit dtype, a non-contiguous weight, and a
     float64 weight (which ``stored_sum`` sums in float32)."""
-    from workbench.models.update import SparseDelta, stored_sum
+    from workbench.models.update import stored_sum
 
     gen = torch.Generator().manual_seed(0)
     base = torch.randn(6, 10, generator=gen, dtype=torch.float64).to(dtype)  # float64: past float32's digits
@@ -432,7 +432,7 @@ class DenseDeltas:
         self._flags(n)[list(indices)] = True
 
     def sparse(self, n):
-        return self._delta(n)  # the live tensor, as SumAtForward held it
+        return SparseDelta.of(self._delta(n))  # every entry: the dense sum, re-held after each change
 
     def __getitem__(self, n):
         return self._d[n].clone() if n in self._d else torch.zeros(self._like[n].shape)

@@ -52,6 +52,12 @@ class SparseDelta:
             raise WorkbenchError(f"a sparse delta needs one value per index, got {tuple(self.index.shape)} "
                                  f"indices and {tuple(self.values.shape)} values")
 
+    @classmethod
+    def of(cls, delta: torch.Tensor) -> SparseDelta:
+        """Every entry of a dense delta (its zeros too: what it adds is the dense sum's)."""
+        flat = delta.detach().reshape(-1)
+        return cls(delta.shape, torch.arange(flat.numel(), device=flat.device), flat.to(torch.float32))
+
     def dense(self) -> torch.Tensor:
         """The delta as a float32 tensor of ``shape`` (a fresh one)."""
         out = torch.zeros(self.shape.numel(), dtype=torch.float32, device=self.values.device)
@@ -75,28 +81,24 @@ class SparseDelta:
 
 
 class SumAtForward(WeightAtForward):
-    """A weight held as the base's tensor and a delta, summed (:func:`stored_sum`) by each
-    forward of its module (:func:`~workbench.core.computed_weight.install`): the model at w+Δ
-    without a copy of the weight, where the caller keeps the delta anyway (MANSU over every
-    weight of a model). A dense delta is read as it is at each forward: change it only where a
-    held weight would be written; a :class:`SparseDelta` is a snapshot: :meth:`hold` the new
-    one after each change."""
+    """A weight held as the base's tensor and a sparse delta, summed
+    (:meth:`SparseDelta.added_to`, which is :func:`stored_sum`) by each forward of its module
+    (:func:`~workbench.core.computed_weight.install`): the model at w+Δ without a copy of the
+    weight, where the caller keeps the delta anyway (MANSU over every weight of a model). The
+    delta is a snapshot: :meth:`hold` the new one after each change."""
 
-    def __init__(self, base: torch.Tensor, delta: torch.Tensor | SparseDelta) -> None:
+    def __init__(self, base: torch.Tensor, delta: SparseDelta) -> None:
         super().__init__(base.shape, base.dtype, base.device)
         self.hold(base, delta)
 
-    def hold(self, base: torch.Tensor, delta: torch.Tensor | SparseDelta) -> None:
+    def hold(self, base: torch.Tensor, delta: SparseDelta) -> None:
         if base.shape != self.shape or delta.shape != self.shape:
             raise WorkbenchError(f"w+Δ of shapes {tuple(base.shape)} and {tuple(delta.shape)} for a weight "
                                  f"of shape {tuple(self.shape)}")
-        self.base = base.detach()
-        self.delta = delta if isinstance(delta, SparseDelta) else delta.detach()
+        self.base, self.delta = base.detach(), delta
 
     def value(self) -> torch.Tensor:
-        if isinstance(self.delta, SparseDelta):
-            return self.delta.added_to(self.base)
-        return stored_sum(self.base, self.delta)
+        return self.delta.added_to(self.base)
 
 
 @dataclass
