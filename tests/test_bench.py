@@ -130,13 +130,15 @@ def test_bench_flow_times_every_step_and_both_paths_measure_the_same():
     assert same_measurements(flow.fast.metrics, moved) == ["params_changed", "ptq_gap"]
 
 
-def test_scale_bench_reduced_runs_every_phase_in_a_child_process():
+@pytest.mark.parametrize("state", ["float32", "storage"])
+def test_scale_bench_reduced_runs_every_phase_in_a_child_process(state):
     """``workbench bench scale`` at its reduced size: a random bf16 Llama built in a child process,
-    attributed, unlearned (MANSU, 3 rounds, top-10 circuit) and measured; peak RSS per phase."""
+    attributed, unlearned (MANSU, 3 rounds, top-10 circuit, its state in ``state``) and measured;
+    peak RSS per phase."""
     from workbench.faces.bench import format_rows
     from workbench.faces.bench_memory import MEMORY_COLUMNS, circuit_note, memory_rows, run_flow
 
-    report = run_flow("scale", "reduced")
+    report = run_flow("scale", "reduced", state_precision=state)
     assert [p["phase"] for p in report["phases"]] == ["load", "attribution", "mansu", "measurement"]
     # a 2-layer d128 Llama with a 2000-word vocabulary, in bfloat16 (2 bytes per parameter)
     n_params = 2 * 2000 * 128 + 2 * (2 * 128 * 128 + 2 * 128 * 32 + 3 * 128 * 352 + 2 * 128) + 128
@@ -149,6 +151,8 @@ def test_scale_bench_reduced_runs_every_phase_in_a_child_process():
     mansu = report["phases"][2]  # says what its circuit held: MANSU's state is per candidate weight
     assert len(mansu["circuit"].split()) == 10 and 0 < mansu["candidate_weights"] < mansu["model_weights"] == n_params
     assert f"{mansu['candidate_weights']:,} candidate weights" in circuit_note(memory_rows(report))
+    assert mansu["state_precision"] == state
+    assert f"MANSU holds {'bfloat16' if state == 'storage' else 'float32'} state" in circuit_note(memory_rows(report))
 
 
 def test_memory_bench_refuses_unknown_flows():
@@ -157,3 +161,5 @@ def test_memory_bench_refuses_unknown_flows():
 
     with pytest.raises(WorkbenchError, match="unknown memory flow"):
         run_flow("everything", "facts-tiny")
+    with pytest.raises(WorkbenchError, match="state precision must be one of float32, storage, got 'int8'"):
+        run_flow("scale", "reduced", state_precision="int8")

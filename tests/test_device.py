@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -98,3 +100,42 @@ def test_cpu_bridge_shares_the_models_storage(toy_llama_gqa):
     bridge = toy_llama_gqa.bridge()
     ptrs = {p.data_ptr() for p in toy_llama_gqa.hf.parameters()}
     assert all(p.device.type == "cpu" and p.data_ptr() in ptrs for p in bridge.parameters())
+
+
+def test_the_fisher_bound_reads_a_cpu_update_against_a_fisher_on_the_models_device():
+    """An :class:`Update` keeps its deltas on the CPU while MANSU's Fisher lives on the model's
+    device (a GPU run ended in a device mismatch here). On ``meta`` the bound gets as far as
+    reading its number, which a meta tensor cannot give; on the CPU a bf16 Fisher is widened."""
+    from workbench.models.update import Update
+    from workbench.unlearning.mansu.fisher import fisher_bound
+
+    name = "model.layers.0.mlp.up_proj.weight"
+    delta = torch.zeros(8, 4)
+    delta[0, :2] = torch.tensor([0.5, -0.25])
+    fisher = torch.full((8, 4), 3.0, dtype=torch.bfloat16)
+    assert fisher_bound({name: fisher}, Update({name: delta})) == 0.5 * 3.0 * (0.25 + 0.0625)
+    with pytest.raises(RuntimeError, match="meta tensors"):  # not "Tensor on device cpu is not on ... meta"
+        fisher_bound({name: fisher.to("meta")}, Update({name: delta}))
+
+
+def test_the_tradeoff_reads_a_cpu_update_against_the_base_on_its_device():
+    """The survival curve's predicted code-change fraction divides each CPU delta by its bin width
+    computed from the base on the model's device: on ``meta`` it gets as far as reading the number."""
+    from workbench.measurement.tradeoff import _predicted_fraction
+    from workbench.models.update import Update
+    from workbench.quant import QuantConfig, bin_geometry
+
+    w = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+    delta = torch.zeros(4, 64)
+    delta[0, :3] = 0.01
+    update = Update({"w": delta})
+    on_cpu = _predicted_fraction(update, {"w": bin_geometry(w, QuantConfig("nf4"))})
+    assert 0 < on_cpu <= 1
+    geometry = bin_geometry(w, QuantConfig("nf4"))  # (bnb's quantizer reads numbers: built on the CPU)
+    on_meta = dataclasses.replace(geometry, **{f.name: getattr(geometry, f.name).to("meta")
+                                               for f in dataclasses.fields(geometry)
+                                               if isinstance(getattr(geometry, f.name), torch.Tensor)})
+    # meta stops at the first step that reads values (selecting the moved weights), not at the
+    # mix of devices ("Tensor on device cpu is not on the expected device meta")
+    with pytest.raises(NotImplementedError, match=r"torch\.nonzero"):
+        _predicted_fraction(update, {"w": on_meta})

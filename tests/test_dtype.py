@@ -221,3 +221,84 @@ def test_mansu_in_bf16_holds_its_gradients_in_bf16_and_moves_as_with_float32_one
     assert sum(int((d != 0).sum()) for d in held_run.update.deltas.values()) > 0
     for name, delta in held_run.update.deltas.items():
         assert torch.equal(widened_run.update.deltas[name], delta), name
+
+
+@pytest.mark.parametrize("large", [False, True])
+def test_mansu_state_in_the_storage_dtype_holds_half_the_bytes(toy_llama_gqa, large, monkeypatch):
+    """``state_precision="storage"`` on a bf16 model: the retain Fisher and the averaged forget
+    direction are the float32 ones rounded once to bf16 (2 bytes per candidate weight each, not
+    4); the run moves weights, accumulates its deltas in float32 and says so in its label.
+    ``large``: the paths a large circuit takes (scoring in two passes, the streamed damping)."""
+    import workbench.unlearning.mansu.candidates as candidates
+    import workbench.unlearning.mansu.state as mansu_state
+    from workbench.unlearning.batches import Batches
+    from workbench.unlearning.mansu.candidates import forget_direction, round_gradients
+    from workbench.unlearning.mansu.state import setup_state
+
+    if large:
+        for module, threshold in ((mansu_state, "GRID_CACHE_WEIGHTS"), (mansu_state, "COMPACT_QWORK_BYTES"),
+                                  (candidates, "SCORE_CACHE_WEIGHTS")):
+            monkeypatch.setattr(module, threshold, 0)
+    model = _bf16(toy_llama_gqa)
+    split = own_top1_split(model)
+    circuit = tuple(all_components(model.n_layers, model.n_heads, include_embed=False))
+    batches = Batches.build(model, split)
+    wide, narrow = MansuConfig(max_rounds=2, params_per_round=16), MansuConfig(max_rounds=2, params_per_round=16,
+                                                                               state_precision="storage")
+    # float32 first: a Fisher kept from it (the setup memo) must not stand in for the rounded one
+    wide_state = setup_state(model, batches, circuit, NF4, wide, report=SILENT)
+    state = setup_state(model, batches, circuit, NF4, narrow, report=SILENT)
+    assert state.names == wide_state.names and state.names
+    for n in state.names:
+        assert wide_state.fisher[n].dtype == torch.float32 and state.fisher[n].dtype == torch.bfloat16
+        assert torch.equal(state.fisher[n], wide_state.fisher[n].to(torch.bfloat16)), n
+    gradients = round_gradients(state, batches, narrow)
+    a = forget_direction(state.work, state.names, batches.forget, state.still)
+    b = forget_direction(state.qwork, state.names, batches.forget, state.q_still)
+    for n in state.names:
+        assert gradients.forget[n].dtype == torch.bfloat16
+        assert torch.equal(gradients.forget[n], ((a[n].float() + b[n].float()) * 0.5).to(torch.bfloat16)), n
+    held = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)  # noqa: E731
+    wide_gradients = round_gradients(wide_state, batches, wide)
+    assert 2 * held(state.fisher.values()) == held(wide_state.fisher.values())
+    assert 2 * held(gradients.forget.values()) == held(wide_gradients.forget.values())
+
+    result = unlearn(model, split, method="mansu", quant=NF4, circuit=list(circuit), progress=SILENT,
+                     method_config=narrow)
+    assert result.method == "mansu-state_storage" and result.history
+    assert result.update.nnz() > 0 and all(d.dtype == torch.float32 for d in result.update.deltas.values())
+    assert result.diagnostics["fisher_bound"] is not None and result.diagnostics["fisher_bound"] > 0
+
+
+def test_mansu_state_in_the_storage_dtype_of_a_float32_model_is_float32(facts_tiny, split):
+    """Nothing to round on a float32 model: the same Fisher and directions as the default."""
+    from workbench.unlearning.batches import Batches
+    from workbench.unlearning.mansu.candidates import round_gradients
+    from workbench.unlearning.mansu.state import setup_state
+
+    circuit = tuple(all_components(facts_tiny.n_layers, facts_tiny.n_heads, include_embed=False))
+    batches = Batches.build(facts_tiny, split)
+    configs = [MansuConfig(state_precision="float32"), MansuConfig(state_precision="storage")]
+    states = [setup_state(facts_tiny, batches, circuit, NF4, c, report=SILENT) for c in configs]
+    grads = [round_gradients(s, batches, c) for s, c in zip(states, configs)]
+    for n in states[0].names:
+        assert states[1].fisher[n].dtype == torch.float32 and torch.equal(states[1].fisher[n], states[0].fisher[n])
+        assert grads[1].forget[n].dtype == torch.float32 and torch.equal(grads[1].forget[n], grads[0].forget[n])
+
+
+def test_cli_mansu_state_reaches_the_run_and_its_label(capsys, tmp_path, monkeypatch):
+    """``workbench --dtype bfloat16 unlearn --mansu-state storage``: the run's config and method say so."""
+    from workbench.experiments.store import list_runs
+
+    monkeypatch.delenv(DTYPE_ENV, raising=False)
+    code = main(["--dtype", "bfloat16", "unlearn", "--model", "facts-tiny", "--method", "mansu", "--mansu-state",
+                 "storage", "--max-rounds", "1", "--params-per-round", "8", "--runs-root", str(tmp_path),
+                 "--no-oracle"])
+    out = capsys.readouterr().out
+    assert code == 0 and "mansu-state_storage on facts-tiny" in out
+    (run,) = list_runs(root=tmp_path)
+    assert run.config["mansu"]["state_precision"] == "storage" and run.metrics.method == "mansu-state_storage"
+    assert run.metrics.params_changed > 0
+    with pytest.raises(SystemExit):
+        main(["unlearn", "--model", "facts-tiny", "--method", "mansu", "--mansu-state", "float16"])
+    assert "invalid choice: 'float16'" in capsys.readouterr().err

@@ -739,7 +739,9 @@ def test_variant_names_show_in_the_method_label():
     assert MANSU_VARIANTS["v1"] == MansuConfig() and MANSU_VARIANTS["v1"].label == "mansu"
     assert MANSU_VARIANTS["snap"].label == "mansu-snap"
     assert MansuConfig(name="snap", use_floor=False).label == "mansu-snap-no_floor"
-    for bad in (dict(forget_direction="sideways"), dict(snap_fraction=0.0), dict(max_code_steps=0)):
+    assert MansuConfig(use_floor=False, state_precision="storage").label == "mansu-no_floor-state_storage"
+    for bad in (dict(forget_direction="sideways"), dict(snap_fraction=0.0), dict(max_code_steps=0),
+                dict(state_precision="float16")):
         with pytest.raises(WorkbenchError):
             MansuConfig(**bad)
 
@@ -808,3 +810,24 @@ def test_live_costs_are_the_concatenation_of_each_tensors_and_give_the_same_mean
     assert torch.equal(pooled, pieces)
     assert float(pooled.mean()) == float(pieces.mean())
     assert live_costs(iter([]), 0).numel() == 0
+
+
+def test_the_streamed_mean_cost_is_the_pooled_mean_without_the_buffer():
+    """``state_precision="storage"``'s damping: the mean of the same costs, summed per tensor in
+    float64 (so within float32's rounding of the pooled mean, not bit for bit); 0 with no gain."""
+    from workbench.unlearning.mansu.candidates import ModuleScores, live_costs, streamed_mean_cost
+
+    g = torch.Generator().manual_seed(6)
+    scores = []
+    for k, n in enumerate([1000, 0, 70_001, 3, 250_000]):
+        gain = torch.randn(n, generator=g).clamp_min(0)
+        scores.append(ModuleScores(f"t{k}", gain, torch.rand(n, generator=g) * 10.0 ** (k - 2), torch.zeros(n)))
+    pooled = live_costs(iter(scores), sum(s.cost.numel() for s in scores))
+    exact = float(pooled.double().sum()) / pooled.numel()
+    assert streamed_mean_cost(iter(scores)) == pytest.approx(exact, rel=1e-12)
+    assert streamed_mean_cost(iter(scores)) == pytest.approx(float(pooled.mean()), rel=1e-6)
+    # a tensor's costs count only where its move gains: doubling the others' costs changes nothing
+    masked = [ModuleScores(s.name, s.gain, torch.where(s.gain > 0, s.cost, 2 * s.cost + 1), s.step) for s in scores]
+    assert streamed_mean_cost(iter(masked)) == streamed_mean_cost(iter(scores))
+    none = [ModuleScores("z", torch.zeros(4), torch.ones(4), torch.zeros(4))]
+    assert streamed_mean_cost(iter(none)) == 0.0 and streamed_mean_cost(iter([])) == 0.0

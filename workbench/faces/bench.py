@@ -471,7 +471,8 @@ EXTRA_SECTIONS = ("flow",)
 """Run only when named: ``flow`` is the app's whole default flow twice (minutes on SmolLM2)."""
 
 
-def run_bench(sections: Sequence[str] = (), *, quick: bool = False, flow_threads: int = 1) -> dict[str, Any]:
+def run_bench(sections: Sequence[str] = (), *, quick: bool = False, flow_threads: int = 1,
+              scale_state: str = "float32") -> dict[str, Any]:
     """``workbench bench``: run the named sections (all by default), print their tables as
     they finish, and return the whole report (JSON-ready: ``quick``, one list of rows per
     section, ``seconds``).
@@ -480,8 +481,9 @@ def run_bench(sections: Sequence[str] = (), *, quick: bool = False, flow_threads
     on its forget set, plus the default random 12-layer GPT-2-small-shaped model; the
     quantization section ``smollm2`` (``facts-tiny`` with ``--quick``); the unlearning
     section ``facts`` (``facts-tiny``); the memory section ``smollm2`` (``facts-tiny``); the
-    scale section the 1B-class Llama (its reduced shape with ``--quick``). Torch runs on one
-    thread throughout (see above), except the flow section on ``flow_threads``.
+    scale section the 1B-class Llama (its reduced shape with ``--quick``), MANSU's state there in
+    ``scale_state`` (:attr:`MansuConfig.state_precision`). Torch runs on one thread throughout
+    (see above), except the flow section on ``flow_threads``.
     """
     chosen = list(sections) or list(SECTIONS)
     unknown = [s for s in chosen if s not in SECTIONS + EXTRA_SECTIONS]
@@ -532,8 +534,9 @@ def run_bench(sections: Sequence[str] = (), *, quick: bool = False, flow_threads
     if "memory" in chosen:
         report["memory"] = _memory_section("facts-tiny" if quick else "smollm2")
     if "scale" in chosen:
-        print("== scale: a random 1B-class Llama in bfloat16, each phase's peak RSS / model bytes (target <= 3)")
-        rows = memory_rows(run_flow("scale", "reduced" if quick else "full"))
+        print("== scale: a random 1B-class Llama in bfloat16, each phase's peak RSS / model bytes (target <= 3); "
+              f"MANSU's state in {'bfloat16' if scale_state == 'storage' else 'float32'}")
+        rows = memory_rows(run_flow("scale", "reduced" if quick else "full", state_precision=scale_state))
         print(format_rows(rows, MEMORY_COLUMNS))
         note = circuit_note(rows)
         if note:

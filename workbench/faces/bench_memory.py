@@ -30,6 +30,7 @@ only uses interfaces that predate issue 17, so the same file measures an older c
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import resource
@@ -39,7 +40,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
@@ -125,9 +126,10 @@ def _own_facts(model: Any, n: int, seed: int = 0) -> list[Any]:
     return [Fact(p, model.tokenizer.convert_ids_to_tokens(int(t)), ()) for p, t in zip(prompts, top.tolist())]
 
 
-def scale_flow(rows: list[dict[str, Any]], size: dict[str, int]) -> Any:
+def scale_flow(rows: list[dict[str, Any]], size: dict[str, int], state_precision: str = "float32") -> Any:
     """The ``scale`` flow's phases (module docstring); returns the model. The MANSU row also says
-    what its circuit holds (components, candidate weights): MANSU's float32 state is per candidate."""
+    what its circuit holds (components, candidate weights): MANSU's state is per candidate weight,
+    in float32 or in bfloat16 (``state_precision``, :attr:`MansuConfig.state_precision`)."""
 
     def load() -> tuple[Any, Any]:
         model = toy_model("llama", n_layers=size["layers"], d_model=size["d_model"], n_heads=size["heads"],
@@ -140,24 +142,28 @@ def scale_flow(rows: list[dict[str, Any]], size: dict[str, int]) -> Any:
     attribution = _phase(rows, "attribution", lambda: attribute_forget_set(model, split))
     circuit = sorted(default_circuit(attribution, top_k=10).selected)
     quant = QuantConfig("nf4")
+    config = MansuConfig(max_rounds=3)
+    if state_precision != "float32":  # only then: an older checkout's MansuConfig has no such field
+        config = dataclasses.replace(config, state_precision=state_precision)
     result = _phase(rows, "mansu", lambda: unlearn(model, split, method="mansu", quant=quant, circuit=circuit,
-                                                   method_config=MansuConfig(max_rounds=3),
-                                                   progress=lambda f, m: None))
+                                                   method_config=config, progress=lambda f, m: None))
     rows[-1]["circuit"] = " ".join(str(c) for c in circuit)
     rows[-1]["candidate_weights"] = int(result.diagnostics["n_candidate_params"])
     rows[-1]["model_weights"] = sum(p.numel() for p in model.hf.parameters())
+    rows[-1]["state_precision"] = state_precision
     _phase(rows, "measurement", lambda: measure_update(model, split, result.update, quant=quant, circuit=circuit))
     return model
 
 
-def child(flow: str, model_name: str, rounds: int) -> dict[str, Any]:
-    """Run one flow in this process (see the module docstring); a JSON-ready report."""
+def child(flow: str, model_name: str, rounds: int, state_precision: str = "float32") -> dict[str, Any]:
+    """Run one flow in this process (see the module docstring); a JSON-ready report.
+    ``state_precision``: MANSU's, in the scale flow only."""
     torch.set_num_threads(1)
 
     baseline = _rss_bytes("VmRSS")  # the interpreter and the workbench's imports
     rows: list[dict[str, Any]] = []
     if flow == "scale":
-        model = scale_flow(rows, SCALE_REDUCED if model_name == "reduced" else SCALE_FULL)
+        model = scale_flow(rows, SCALE_REDUCED if model_name == "reduced" else SCALE_FULL, state_precision)
         return _report(flow, model_name, _model_bytes(model), baseline, rows)
     with tempfile.TemporaryDirectory() as runs:
         session = Session(runs_root=runs)
@@ -194,15 +200,23 @@ def _report(flow: str, model_name: str, model_bytes: int, baseline: int, rows: l
             "max_rss_bytes": max(row["peak_rss_bytes"] for row in rows), "phases": rows}
 
 
-def run_flow(flow: str, model_name: str, *, rounds: int = 3, pythonpath: str | None = None) -> dict[str, Any]:
+def run_flow(flow: str, model_name: str, *, rounds: int = 3, pythonpath: str | None = None,
+             state_precision: str = "float32") -> dict[str, Any]:
     """Run ``flow`` on ``model_name`` in a child process and return its report.
 
-    ``pythonpath``: the checkout whose ``workbench`` the child imports (default: this one)."""
+    ``pythonpath``: the checkout whose ``workbench`` the child imports (default: this one);
+    ``state_precision``: MANSU's in the scale flow (:attr:`MansuConfig.state_precision`)."""
     if flow not in FLOWS:
         raise WorkbenchError(f"unknown memory flow {flow!r}; choose from {', '.join(FLOWS)}")
+    from workbench.unlearning.mansu.config import StatePrecision  # here: an older checkout's child lacks it
+
+    if state_precision not in get_args(StatePrecision):
+        raise WorkbenchError(f"MANSU state precision must be one of {', '.join(get_args(StatePrecision))}, "
+                             f"got {state_precision!r}")
+    extra = [state_precision] if state_precision != "float32" else []  # an older checkout takes three
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=pythonpath or str(Path(__file__).resolve().parents[2]))
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), flow, model_name, str(rounds)],
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), flow, model_name, str(rounds), *extra],
                           env=env, capture_output=True, text=True, check=False)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -223,8 +237,9 @@ def circuit_note(rows: list[dict[str, Any]]) -> str | None:
     if row is None:
         return None
     share = row["candidate_weights"] / row["model_weights"]
+    state = "bfloat16" if row.get("state_precision") == "storage" else "float32"
     return (f"MANSU's circuit: {row['circuit']}: {row['candidate_weights']:,} candidate weights, "
-            f"{share:.0%} of the model's (MANSU holds float32 state per candidate weight)")
+            f"{share:.0%} of the model's (MANSU holds {state} state per candidate weight)")
 
 
 def memory_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -235,4 +250,5 @@ def memory_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 if __name__ == "__main__":
     flow_arg, model_arg, rounds_arg = sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 3
-    print(json.dumps(child(flow_arg, model_arg, rounds_arg)))
+    precision_arg = sys.argv[4] if len(sys.argv) > 4 else "float32"
+    print(json.dumps(child(flow_arg, model_arg, rounds_arg, precision_arg)))

@@ -299,8 +299,9 @@ def _predicted_fraction(update: Update, geometry: Mapping[str, Any]) -> float:
     boundary lies in the direction of the move (the top code moving up, the bottom code
     moving down: the block's absmax grows instead, assumption 3's exception)."""
     probs = []
-    for name, d in update.deltas.items():
+    for name, delta in update.deltas.items():
         g = geometry[name]
+        d = delta.to(g.bin_width.device)  # an Update keeps its deltas on the CPU
         moved = d != 0
         p = torch.nan_to_num(d.abs().double() / g.bin_width.double(), posinf=1.0).clamp(max=1.0)
         no_boundary = ((d > 0) & torch.isinf(g.to_upper)) | ((d < 0) & torch.isinf(g.to_lower))
@@ -383,11 +384,13 @@ def survival_curve(
         forget = retain = None
         if evaluate:
             after_fp = upd.apply(model, f"{model.name}+Δ")
-            after_qbd = model.with_state({**qbase, **{n: qbase[n] + d for n, d in upd.deltas.items()}},
+            # the update's deltas are on the CPU, the base on the model's device
+            on_device = {n: d.to(base[n].device) for n, d in upd.deltas.items()}
+            after_qbd = model.with_state({**qbase, **{n: qbase[n] + d for n, d in on_device.items()}},
                                          f"{model.name}|{quant.label}+Δ")
             after_q = model.with_state(
                 {**qbase, **{n: quantize_dequantize(base[n] + d, quant, transposed=n in tr)
-                             for n, d in upd.deltas.items()}},
+                             for n, d in on_device.items()}},
                 f"{model.name}+Δ|{quant.label}")
             variants = {"after_fp": after_fp, "after_qbase_delta": after_qbd, "after_q": after_q}
             acc = {key: {**acc_base[key], **{v: fact_top1(m, sets[key]) for v, m in variants.items()}}

@@ -6,7 +6,7 @@ import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from workbench.core.errors import WorkbenchError
 from workbench.data.facts import Fact, FactSplit
@@ -35,6 +35,7 @@ from workbench.quant import (
     compare_quantization,
     weight_relative_error,
 )
+from workbench.unlearning.mansu.config import StatePrecision
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -67,6 +68,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1, metavar="N",
                    help="torch threads of the flow section (default 1: its ratios hold on a shared machine; "
                         "the app's own count, e.g. 2 here, for its seconds as a user waits them)")
+    p.add_argument("--mansu-state", choices=get_args(StatePrecision), default="float32",
+                   help="MANSU's per-weight state in the scale section: float32 (default, exact) or the "
+                        "weights' storage dtype (bfloat16 there: less memory, other last bits)")
     p.add_argument("--out", metavar="FILE", help="also write the report as JSON to FILE")
     add_json(p)
     p.set_defaults(func=cmd_bench)
@@ -174,7 +178,8 @@ def _update(ref: str, runs_root: str | None) -> Update:
 
 
 def cmd_bench(args: argparse.Namespace, out: Printer) -> int:
-    report = run_bench(sections=args.sections, quick=args.quick, flow_threads=args.threads)
+    report = run_bench(sections=args.sections, quick=args.quick, flow_threads=args.threads,
+                       scale_state=args.mansu_state)
     if args.out:
         try:
             Path(args.out).write_text(json.dumps(report, indent=2, default=float))

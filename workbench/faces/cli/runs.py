@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import replace
+from typing import get_args
 
 from workbench.experiments.export import DTYPES, export_lora_adapter, export_run
 from workbench.experiments.flow import no_oracle_reason, oracle_for, run_unlearning
@@ -29,7 +30,7 @@ from workbench.measurement.metrics import Thresholds, report_card_rows, summary_
 from workbench.measurement.results import PerVariant, RunMetrics
 from workbench.models.loaded import LoadedModel
 from workbench.models.loading import load_model
-from workbench.unlearning.mansu.config import MANSU_VARIANTS
+from workbench.unlearning.mansu.config import MANSU_VARIANTS, StatePrecision
 from workbench.unlearning.registry import METHODS, MethodConfig, default_lr
 from workbench.unlearning.task import OptimConfig, StopRule
 
@@ -97,6 +98,9 @@ def _add_unlearn(sub: argparse._SubParsersAction) -> None:
                    help="MANSU: undo a round that drops retain top-1 by more than this (0.02)")
     for flag in ("circuit", "projection", "fisher", "floor"):
         p.add_argument(f"--no-{flag}", action="store_true", help=f"MANSU ablation: switch off the {flag} component")
+    p.add_argument("--mansu-state", choices=get_args(StatePrecision),
+                   help="MANSU: its per-weight Fisher and forget direction in float32 (default) or in the weights' "
+                        "storage dtype (half the memory on a bfloat16/float16 model; other last bits, other moves)")
     p.add_argument("--cad-min", type=float, default=None,
                    help="structural-erasure threshold τ on CAD (default: calibrated on the retrain oracle "
                         "when the model has one, else 0.1)")
@@ -111,7 +115,8 @@ def _method_settings(args: argparse.Namespace, model: LoadedModel) -> tuple[Meth
     """MANSU's config, or the gradient methods' optimiser and stopping rule, from the flags."""
     if args.method == "mansu":
         given = {"params_per_round": args.params_per_round, "max_rounds": args.max_rounds,
-                 "fisher_budget": args.fisher_budget, "code_steps": args.code_steps, "retain_guard": args.retain_guard}
+                 "fisher_budget": args.fisher_budget, "code_steps": args.code_steps, "retain_guard": args.retain_guard,
+                 "state_precision": args.mansu_state}
         return replace(
             MANSU_VARIANTS[args.mansu_variant], use_circuit=not args.no_circuit, use_projection=not args.no_projection,
             use_fisher=not args.no_fisher, use_floor=not args.no_floor, forget_target=args.forget_target,

@@ -108,7 +108,9 @@ def round_gradients(state: MansuState, batches: Batches, config: MansuConfig) ->
         assert state.q_still is not None
         q_direction = forget_direction(state.qwork, state.names, batches.forget, state.q_still)
         for n in state.names:  # freeing each quantized one as it goes: ½(a + b) in float32, as before
-            direction[n] = direction[n].float().add_(q_direction.pop(n)).mul_(0.5)
+            average = direction[n].float().add_(q_direction.pop(n)).mul_(0.5)
+            # rounded to the storage dtype when the state is held there (a copy for 16 bits only)
+            direction[n] = average.to(state.base[n].dtype) if config.state_precision == "storage" else average
     retain = (answer_logprob_gradient(state.work, state.names, state.retain_sample, span=state.answers.span_logits)
               if config.use_fisher and config.retain_first_order else None)
     return Gradients(direction, retain)
@@ -166,7 +168,7 @@ def _gain_and_cost(state: MansuState, name: str, raw: torch.Tensor, flat: torch.
     if config.use_fisher:
         move = step - delta
         gain = (raw.reshape(-1) * move).clamp_min(0)
-        cost = 0.5 * state.fisher[name].reshape(-1) * move**2
+        cost = 0.5 * state.fisher[name].reshape(-1).float() * move**2  # a 16-bit Fisher widened (exact)
         if gradients.retain is not None:
             # a 16-bit gradient times the float32 move is computed in float32 (exact widening), no copy
             cost = cost + (-(gradients.retain[name].reshape(-1) * move)).clamp_min(0)
@@ -228,8 +230,21 @@ def _damping(scores: Iterable[ModuleScores], capacity: int, config: MansuConfig)
     ``scores`` of ``capacity`` weights in all."""
     if not config.use_fisher:
         return 0.0
+    if config.state_precision == "storage":
+        return config.fisher_damping * streamed_mean_cost(scores)
     pooled = live_costs(scores, capacity)
     return config.fisher_damping * float(pooled.mean()) if pooled.numel() else 0.0
+
+
+def streamed_mean_cost(scores: Iterable[ModuleScores]) -> float:
+    """The mean cost of the moves with a gain, summed tensor by tensor in float64: no buffer of
+    every cost (:func:`live_costs`), the same mean up to its last bits (0 when none has a gain)."""
+    total, count = 0.0, 0
+    for s in scores:
+        live = s.cost[s.gain > 0]
+        total += float(live.sum(dtype=torch.float64))
+        count += live.numel()
+    return total / count if count else 0.0
 
 
 def live_costs(scores: Iterable[ModuleScores], capacity: int) -> torch.Tensor:

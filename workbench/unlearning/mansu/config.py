@@ -16,6 +16,9 @@ CodeChoice = Literal["fixed", "best"]
 """Move every weight ``code_steps`` codes, or each by the 1..``max_code_steps`` codes that gain most per cost."""
 GuardPrecision = Literal["full_precision", "both"]
 """The retain guard watches full-precision retain, or the larger of the fp and quantized drops."""
+StatePrecision = Literal["float32", "storage"]
+"""MANSU's per-candidate-weight state in float32, or in the weights' storage dtype (see
+:attr:`MansuConfig.state_precision`)."""
 
 
 # The numeric settings' ranges; the upper bounds keep a typo from running for days.
@@ -91,6 +94,16 @@ class MansuConfig:
         snap_fraction: see ``floor_mode``.
         code_choice: see :data:`CodeChoice`; ``max_code_steps`` bounds ``"best"``.
         guard_precision: see :data:`GuardPrecision`.
+        state_precision: see :data:`StatePrecision`. ``"float32"`` (the default, every recorded
+            result): the retain Fisher and the averaged forget direction are held in float32 and
+            the damping is the mean of one buffer holding every cost with a gain.
+            ``"storage"``: the Fisher and the averaged direction are rounded to the weights'
+            storage dtype once computed (2 bytes per candidate weight each instead of 4 for a
+            16-bit model; nothing changes for a float32 model) and the damping's mean is summed
+            tensor by tensor in float64 instead of over that buffer (4 bytes per scored weight
+            with a gain). A memory trade for large circuits: the costs and directions lose their
+            bits below the storage dtype's precision, so the run's moves may differ
+            (docs/results/bench.md measures both on the scale bench).
         reuse_gradients: after an undone round the weights are restored exactly, so the next
             round reuses that round's gradients instead of recomputing them (switch off only to
             check that it changes nothing).
@@ -124,13 +137,15 @@ class MansuConfig:
     code_choice: CodeChoice = "fixed"
     max_code_steps: int = 3
     guard_precision: GuardPrecision = "full_precision"
+    state_precision: StatePrecision = "float32"
 
     def __post_init__(self) -> None:
         check_config(self, _RANGES)
         if self.null_threshold >= 1.0:
             raise WorkbenchError(f"MansuConfig.null_threshold must be below 1, got {self.null_threshold}")
         for field, allowed in (("forget_direction", ForgetDirection), ("floor_mode", FloorMode),
-                               ("code_choice", CodeChoice), ("guard_precision", GuardPrecision)):
+                               ("code_choice", CodeChoice), ("guard_precision", GuardPrecision),
+                               ("state_precision", StatePrecision)):
             if getattr(self, field) not in get_args(allowed):
                 raise WorkbenchError(f"{field} must be one of {', '.join(get_args(allowed))}, "
                                      f"got {getattr(self, field)!r}")
@@ -149,7 +164,9 @@ class MansuConfig:
     def label(self) -> str:
         off = [n for n, on in (("circuit", self.use_circuit), ("projection", self.use_projection),
                                ("fisher", self.use_fisher), ("floor", self.use_floor)) if not on]
-        return "mansu" + (f"-{self.name}" if self.name else "") + "".join(f"-no_{n}" for n in off)
+        # a run with 16-bit state is another run's numbers: tables must tell the two apart
+        state = "-state_storage" if self.state_precision == "storage" else ""
+        return "mansu" + (f"-{self.name}" if self.name else "") + "".join(f"-no_{n}" for n in off) + state
 
 
 def is_mansu_method(name: str) -> bool:

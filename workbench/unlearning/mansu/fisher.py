@@ -128,9 +128,15 @@ def _batched_linear_fisher(
         outputs.clear()
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
-    return {n: f / len(batch) for n, f in fisher.items()}
+    for f in fisher.values():  # in place: the sums and the means are not held at once (the same bits)
+        f.div_(len(batch))
+    return fisher
 
 
 def fisher_bound(fisher: dict[str, torch.Tensor], update: Update) -> float:
-    """Second-order retain KL estimate ½ Σ F_i Δ_i² of an update."""
-    return float(sum(0.5 * (fisher[n] * d**2).sum() for n, d in update.deltas.items() if n in fisher))
+    """Second-order retain KL estimate ½ Σ F_i Δ_i² of an update, in float32 (a 16-bit Fisher is
+    widened) on the Fisher's device (an :class:`Update` keeps its deltas on the CPU)."""
+    def term(f: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (f.float() * d.to(f.device).float() ** 2).sum()
+
+    return float(sum(term(fisher[n], d) for n, d in update.deltas.items() if n in fisher))

@@ -193,7 +193,7 @@ def retain_output_change(work: torch.nn.Module, update: Update, conv1d: dict[str
     def visit(owner: str, x: torch.Tensor, real: torch.Tensor) -> None:
         k = x.detach()[real].float()  # activations in the storage dtype, deltas in float32
         for n in by_owner[owner]:
-            d = update.deltas[n]
+            d = update.deltas[n].to(k.device)  # an Update keeps its deltas on the CPU
             out = k @ d if conv1d.get(n) else k @ d.T
             terms[n] = (float(out.norm()), float(d.norm() * k.norm()))
 

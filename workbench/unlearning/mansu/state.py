@@ -28,7 +28,7 @@ from workbench.quant import QuantConfig, quantized_copy
 from workbench.quant.compact import compact_quantized_copy
 from workbench.quant.parameters import single_use_linear_owners
 from workbench.unlearning.batches import Batches, ScoredSet
-from workbench.unlearning.mansu.config import MansuConfig
+from workbench.unlearning.mansu.config import MansuConfig, StatePrecision
 from workbench.unlearning.mansu.deltas import SparseDeltas
 from workbench.unlearning.mansu.fisher import diagonal_fisher
 from workbench.unlearning.mansu.grid import Grid, weight_grid
@@ -245,18 +245,24 @@ runs (:func:`retain_fisher`, :func:`null_space_projectors`)."""
 
 
 def retain_fisher(model: LoadedModel, work: torch.nn.Module, names: list[str], retain: FactBatch,
-                  samples: int) -> dict[str, torch.Tensor]:
-    """The base's diagonal retain Fisher on the tensors ``names`` (``work`` still equals the base).
+                  samples: int, precision: StatePrecision = "float32") -> dict[str, torch.Tensor]:
+    """The base's diagonal retain Fisher on the tensors ``names`` (``work`` still equals the base),
+    in float32, or rounded to each weight's storage dtype (``precision``, see
+    :attr:`MansuConfig.state_precision`).
 
     It depends on nothing a run changes, so the latest one is kept (:func:`~workbench.core.memo.latest_memo`):
     the next run on the same model, tensors, retain facts and sample count (an ablation table, a
     study, a second click on the same circuit) reuses it. Above :data:`SETUP_MEMO_ENTRIES` it is
     not kept (without a circuit it is 4 bytes per decoder weight)."""
     def compute() -> dict[str, torch.Tensor]:
-        return diagonal_fisher(work, names, retain, samples, transposed=model.adapter.transposed)
+        fisher = diagonal_fisher(work, names, retain, samples, transposed=model.adapter.transposed)
+        if precision == "storage":
+            for n in names:  # one float32 tensor let go at a time
+                fisher[n] = fisher[n].to(work.get_parameter(n).dtype)
+        return fisher
 
     entries = sum(work.get_parameter(n).numel() for n in names)
-    return _setup_memo("fisher", model, work, names, (samples, _digest(retain)), entries, compute)
+    return _setup_memo("fisher", model, work, names, (samples, _digest(retain), precision), entries, compute)
 
 
 def null_space_projectors(model: LoadedModel, work: torch.nn.Module, names: list[str], sample: FactBatch,
@@ -345,7 +351,7 @@ def setup_state(model: LoadedModel, batches: Batches, circuit: tuple[Component, 
     fisher: dict[str, torch.Tensor] = {}
     if config.use_fisher:
         report(0.1, "retain Fisher")
-        fisher = retain_fisher(model, work, names, batches.retain, config.fisher_samples)
+        fisher = retain_fisher(model, work, names, batches.retain, config.fisher_samples, config.state_precision)
 
     qwork = quantized_working_copy(model, quant, names)
     n_candidates = int(sum(int(masks[n].sum()) for n in names))  # each all-true mask only for its count
