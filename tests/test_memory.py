@@ -587,3 +587,33 @@ def test_the_measurement_hands_freed_memory_back_after_each_variant(facts_tiny, 
     delta[:4, :4] = 0.3
     measure_update(facts_tiny, split, Update({name: delta}), quant=NF4, cad=False)
     assert len(calls) == len(metrics.VARIANTS)
+
+
+def test_the_measurement_lets_go_of_q_w_where_the_update_writes_once_q_w_plus_delta_is_built(
+        facts_tiny, split, monkeypatch):
+    """Q(w) of an updated tensor is read by Q(w)+Δ alone: the last variant, Q(w+Δ), does not hold
+    it beside its own tensor (the updated tensors' bytes once more on a large circuit), and every
+    variant is the model :func:`build_variants` builds with all of Q(w), weight for weight."""
+    import workbench.measurement.metrics as metrics
+
+    names = ["transformer.h.1.mlp.c_fc.weight", "transformer.h.0.attn.c_proj.weight"]
+    deltas = {n: torch.zeros_like(facts_tiny.state()[n]) for n in names}
+    for d in deltas.values():
+        d[:4, :4] = 0.3
+    update = Update(deltas)
+    reference = metrics.build_variants(facts_tiny, update, NF4)
+    held: dict[str, set[str]] = {}
+    built = metrics.variant_model
+
+    def watched(model, upd, quant, vname, qbase):
+        held[vname] = set(qbase)
+        vmodel = built(model, upd, quant, vname, qbase)
+        for n, p in vmodel.hf.named_parameters():
+            assert torch.equal(p, reference[vname].hf.get_parameter(n)), (vname, n)
+        return vmodel
+
+    monkeypatch.setattr(metrics, "variant_model", watched)
+    measure_update(facts_tiny, split, update, quant=NF4, cad=False)
+    quantized = set(facts_tiny.adapter.quantizable(NF4))
+    assert held["base_q"] == held["after_qbase_delta"] == quantized
+    assert held["after_q"] == quantized - set(names)

@@ -149,8 +149,10 @@ def variant_state(model: LoadedModel, update: Update, quant: QuantConfig, vname:
     after = update.after_state(base)
     if vname == "after_fp":
         return after
-    tr = model.adapter.transposed
-    return {**qbase, **{n: quantize_dequantize(a, quant, transposed=n in tr) if n in qbase else a
+    tr, quantized = model.adapter.transposed, set(model.adapter.quantizable(quant))
+    # (``quantized``, not ``qbase``'s names: the measurement lets go of Q(w) where the update
+    # writes once Q(w)+Δ is built, and Q(w+Δ) replaces those tensors)
+    return {**qbase, **{n: quantize_dequantize(a, quant, transposed=n in tr) if n in quantized else a
                         for n, a in after.items()}}
 
 
@@ -408,6 +410,11 @@ def measure_update(
     for i, vname in enumerate(VARIANTS):
         report(0.1 + 0.6 * i / len(VARIANTS), f"evaluating {vname}")
         vmodel = variant_model(model, update, quant, vname, qbase)
+        if vname == "after_qbase_delta":
+            # Q(w) where the update writes is read by no later variant (Q(w)+Δ holds its own sums,
+            # Q(w+Δ) replaces them): let it go rather than hold it beside those tensors
+            for n in update.deltas:
+                qbase.pop(n, None)
         if vname == "after_fp":  # its retain logits serve its evaluation and the retain KL
             after_logits = prompt_logits(vmodel, split.retain)
             scores[vname] = _variant_scores(vname, vmodel, split, quant, model, {"retain": after_logits})
