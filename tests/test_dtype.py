@@ -252,6 +252,13 @@ def test_mansu_state_in_the_storage_dtype_holds_half_the_bytes(toy_llama_gqa, la
     for n in state.names:
         assert wide_state.fisher[n].dtype == torch.float32 and state.fisher[n].dtype == torch.bfloat16
         assert torch.equal(state.fisher[n], wide_state.fisher[n].to(torch.bfloat16)), n
+        held_p, wide_p = state.projectors[n], wide_state.projectors[n]
+        assert wide_p.stored.dtype == torch.float32 and held_p.stored.dtype == torch.bfloat16
+        assert torch.equal(held_p.stored, wide_p.stored.to(torch.bfloat16)), n
+        assert held_p.matrix().dtype == torch.float32  # widened where used
+        assert torch.equal(held_p.matrix(), wide_p.matrix().to(torch.bfloat16).float()), n
+    # weights reading one input (q/k/v, gate/up) still share one projector
+    assert len({id(p) for p in state.projectors.values()}) == len({id(p) for p in wide_state.projectors.values()})
     gradients = round_gradients(state, batches, narrow)
     a = forget_direction(state.work, state.names, batches.forget, state.still)
     b = forget_direction(state.qwork, state.names, batches.forget, state.q_still)
@@ -261,6 +268,8 @@ def test_mansu_state_in_the_storage_dtype_holds_half_the_bytes(toy_llama_gqa, la
     held = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)  # noqa: E731
     wide_gradients = round_gradients(wide_state, batches, wide)
     assert 2 * held(state.fisher.values()) == held(wide_state.fisher.values())
+    distinct = lambda projectors: {id(p): p.stored for p in projectors.values()}.values()  # noqa: E731
+    assert 2 * held(distinct(state.projectors)) == held(distinct(wide_state.projectors))
     assert 2 * held(gradients.forget.values()) == held(wide_gradients.forget.values())
 
     result = unlearn(model, split, method="mansu", quant=NF4, circuit=list(circuit), progress=SILENT,
@@ -283,6 +292,7 @@ def test_mansu_state_in_the_storage_dtype_of_a_float32_model_is_float32(facts_ti
     grads = [round_gradients(s, batches, c) for s, c in zip(states, configs)]
     for n in states[0].names:
         assert states[1].fisher[n].dtype == torch.float32 and torch.equal(states[1].fisher[n], states[0].fisher[n])
+        assert torch.equal(states[1].projectors[n].stored, states[0].projectors[n].stored)
         assert grads[1].forget[n].dtype == torch.float32 and torch.equal(grads[1].forget[n], grads[0].forget[n])
 
 

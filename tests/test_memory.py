@@ -617,3 +617,37 @@ def test_the_measurement_lets_go_of_q_w_where_the_update_writes_once_q_w_plus_de
     quantized = set(facts_tiny.adapter.quantizable(NF4))
     assert held["base_q"] == held["after_qbase_delta"] == quantized
     assert held["after_q"] == quantized - set(names)
+
+
+def test_a_circuit_s_whole_tensors_hold_no_mask_and_the_run_is_the_same(facts_tiny, split, monkeypatch):
+    """MANSU's candidate masks are held only for tensors the circuit takes in part (a head's rows
+    of a shared projection); an MLP's matrices read as all-true until a round masks something.
+    The run equals the one holding every circuit mask (history, delta bits)."""
+    import workbench.unlearning.mansu.state as mansu_state
+    from workbench.core.components import head, mlp
+    from workbench.interpretability.parameters import circuit_parameters
+
+    circuit = [head(0, 1), mlp(1), head(1, 0)]
+    config = MansuConfig(max_rounds=3, params_per_round=16)
+    masks = mansu_state.candidate_masks(facts_tiny, tuple(circuit), NF4, config)
+    full = {n: m for n, m in circuit_parameters(facts_tiny, circuit).items()
+            if n in facts_tiny.adapter.quantizable(NF4)}
+    assert masks.names() == sorted(full)
+    held = dict(masks.items())
+    assert held and set(held) == {n for n, m in full.items() if not bool(m.all())} != set(full)
+    for n, m in full.items():
+        assert torch.equal(masks[n], m), n
+
+    def run():
+        return unlearn(facts_tiny, split, method="mansu", quant=NF4, circuit=circuit, progress=SILENT,
+                       method_config=config)
+
+    lean = run()
+    params = dict(facts_tiny.hf.named_parameters())
+    every_mask = mansu_state.CandidateMasks({n: params[n].detach() for n in full}, written=dict(full))
+    monkeypatch.setattr(mansu_state, "candidate_masks", lambda *args: every_mask)
+    every = run()
+    assert lean.history == every.history and lean.update.nnz() > 0
+    assert sorted(lean.update.deltas) == sorted(every.update.deltas)
+    for n, d in lean.update.deltas.items():
+        assert torch.equal(d, every.update.deltas[n]), n

@@ -95,13 +95,14 @@ class MansuConfig:
         code_choice: see :data:`CodeChoice`; ``max_code_steps`` bounds ``"best"``.
         guard_precision: see :data:`GuardPrecision`.
         state_precision: see :data:`StatePrecision`. ``"float32"`` (the default, every recorded
-            result): the retain Fisher and the averaged forget direction are held in float32 and
-            the damping is the mean of one buffer holding every cost with a gain.
-            ``"storage"``: the Fisher and the averaged direction are rounded to the weights'
-            storage dtype once computed (2 bytes per candidate weight each instead of 4 for a
-            16-bit model; nothing changes for a float32 model) and the damping's mean is summed
-            tensor by tensor in float64 instead of over that buffer (4 bytes per scored weight
-            with a gain). A memory trade for large circuits: the costs and directions lose their
+            result): the retain Fisher, the averaged forget direction and the null-space
+            projectors are held in float32 and the damping is the mean of one buffer holding
+            every cost with a gain. ``"storage"``: the Fisher, the averaged direction and the
+            projectors are rounded to the weights' storage dtype once computed (half their
+            bytes for a 16-bit model; nothing changes for a float32 model), widened to float32
+            one tensor at a time where used, and the damping's mean is summed tensor by tensor
+            in float64 instead of over that buffer (4 bytes per scored weight with a gain). A
+            memory trade for large circuits: the costs, directions and projections lose their
             bits below the storage dtype's precision, so the run's moves may differ
             (docs/results/bench.md measures both on the scale bench).
         reuse_gradients: after an undone round the weights are restored exactly, so the next

@@ -72,13 +72,18 @@ class HeldProjector:
         return self.stored.ndim == 1
 
     def matrix(self) -> torch.Tensor:
-        """The ``[d, d]`` projector (a fresh tensor when packed): values placed, no arithmetic."""
+        """The ``[d, d]`` projector in float32 (a fresh tensor when packed or held in 16 bits):
+        values placed and widened, no arithmetic."""
         if not self.packed:
-            return self.stored
+            return self.stored.float()
         upper = _upper(self.size, self.stored.device)
         full = torch.zeros(self.size, self.size, dtype=self.stored.dtype, device=self.stored.device)
         full.masked_scatter_(upper, self.stored)  # row-major, the order ``of`` read them in
-        return torch.where(upper, full, full.T)
+        return torch.where(upper, full, full.T).float()
+
+    def rounded(self, dtype: torch.dtype) -> HeldProjector:
+        """The same projector held in ``dtype`` (MANSU's ``state_precision="storage"``)."""
+        return HeldProjector(self.stored.to(dtype), self.size)
 
     def trace(self) -> float:
         """``tr P``: the null space's dimension (P is idempotent)."""

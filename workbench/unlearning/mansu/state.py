@@ -228,7 +228,10 @@ def candidate_masks(model: LoadedModel, circuit: tuple[Component, ...] | None, q
     masks = {n: m for n, m in circuit_parameters(model, components).items() if n in quantizable and bool(m.any())}
     if not masks:
         raise WorkbenchError("the circuit maps to no quantized weight (only embeddings?); add heads or MLPs")
-    return CandidateMasks({n: params[n] for n in masks}, written=masks)
+    # a tensor the circuit takes whole (an MLP's) needs no mask until a round masks something:
+    # a byte per weight of every candidate MLP matrix otherwise (0.24 GB on the scale bench's circuit)
+    partial = {n: m for n, m in masks.items() if not bool(m.all())}
+    return CandidateMasks({n: params[n] for n in masks}, written=partial)
 
 
 def round_sizes(n_candidates: int, config: MansuConfig) -> tuple[int, int]:
@@ -271,12 +274,24 @@ def null_space_projectors(model: LoadedModel, work: torch.nn.Module, names: list
     kept for later runs as :func:`retain_fisher` (``d_in²`` entries per weight, counted per weight
     although weights reading one input share one projector, and each is held as a triangle)."""
     def compute() -> dict[str, HeldProjector]:
-        return projectors_for(work, names, sample, config.null_threshold, config.min_null_fraction)
+        held = projectors_for(work, names, sample, config.null_threshold, config.min_null_fraction)
+        return held if config.state_precision == "float32" else _rounded_projectors(work, held)
 
     conv1d = model.adapter.transposed
     entries = sum(work.get_parameter(n).shape[0 if n in conv1d else -1] ** 2 for n in names)
-    settings = (config.null_threshold, config.min_null_fraction, _digest(sample))
+    settings = (config.null_threshold, config.min_null_fraction, _digest(sample), config.state_precision)
     return _setup_memo("projectors", model, work, names, settings, entries, compute)
+
+
+def _rounded_projectors(work: torch.nn.Module, held: dict[str, HeldProjector]) -> dict[str, HeldProjector]:
+    """Each projector in its weight's storage dtype; weights reading one input still share one."""
+    rounded: dict[int, HeldProjector] = {}
+    out = {}
+    for n, projector in held.items():
+        if id(projector) not in rounded:
+            rounded[id(projector)] = projector.rounded(work.get_parameter(n).dtype)
+        out[n] = rounded[id(projector)]
+    return out
 
 
 def quantized_working_copy(model: LoadedModel, quant: QuantConfig, names: list[str]) -> torch.nn.Module:
