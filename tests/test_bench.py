@@ -163,3 +163,9 @@ def test_memory_bench_refuses_unknown_flows():
         run_flow("everything", "facts-tiny")
     with pytest.raises(WorkbenchError, match="state precision must be one of float32, storage, got 'int8'"):
         run_flow("scale", "reduced", state_precision="int8")
+    from typing import get_args
+
+    from workbench.faces.bench_memory import STATE_PRECISIONS
+    from workbench.unlearning.mansu.config import StatePrecision
+
+    assert get_args(StatePrecision) == STATE_PRECISIONS

@@ -40,7 +40,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import torch
 
@@ -58,6 +58,9 @@ from workbench.unlearning.registry import unlearn
 FLOWS = ("flow", "mansu-no-circuit", "scale")
 SCALE_FULL = {"layers": 22, "d_model": 2048, "heads": 32, "kv_heads": 4, "d_mlp": 5632, "vocab": 32000}
 """The scale bench's 1B-class Llama shape (TinyLlama-1.1B's): about 1.1B parameters, 2.2 GB in bfloat16."""
+STATE_PRECISIONS = ("float32", "storage")
+"""``MansuConfig.state_precision``'s values, spelled out: the child of an older checkout imports
+this file, and its ``workbench`` has no such setting (a test checks the two agree)."""
 SCALE_REDUCED = {"layers": 2, "d_model": 128, "heads": 8, "kv_heads": 2, "d_mlp": 352, "vocab": 2000}
 """The same shape scaled down, for the test suite."""
 
@@ -208,10 +211,8 @@ def run_flow(flow: str, model_name: str, *, rounds: int = 3, pythonpath: str | N
     ``state_precision``: MANSU's in the scale flow (:attr:`MansuConfig.state_precision`)."""
     if flow not in FLOWS:
         raise WorkbenchError(f"unknown memory flow {flow!r}; choose from {', '.join(FLOWS)}")
-    from workbench.unlearning.mansu.config import StatePrecision  # here: an older checkout's child lacks it
-
-    if state_precision not in get_args(StatePrecision):
-        raise WorkbenchError(f"MANSU state precision must be one of {', '.join(get_args(StatePrecision))}, "
+    if state_precision not in STATE_PRECISIONS:
+        raise WorkbenchError(f"MANSU state precision must be one of {', '.join(STATE_PRECISIONS)}, "
                              f"got {state_precision!r}")
     extra = [state_precision] if state_precision != "float32" else []  # an older checkout takes three
     env = dict(os.environ, OMP_NUM_THREADS="1",
