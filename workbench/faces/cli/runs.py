@@ -99,8 +99,9 @@ def _add_unlearn(sub: argparse._SubParsersAction) -> None:
     for flag in ("circuit", "projection", "fisher", "floor"):
         p.add_argument(f"--no-{flag}", action="store_true", help=f"MANSU ablation: switch off the {flag} component")
     p.add_argument("--mansu-state", choices=get_args(StatePrecision),
-                   help="MANSU: its per-weight Fisher and forget direction in float32 (default) or in the weights' "
-                        "storage dtype (half the memory on a bfloat16/float16 model; other last bits, other moves)")
+                   help="MANSU: its Fisher, averaged forget direction and null-space projectors in float32 "
+                        "(default) or in the weights' storage dtype (half their memory on a bfloat16/float16 "
+                        "model; other last bits, other moves)")
     p.add_argument("--cad-min", type=float, default=None,
                    help="structural-erasure threshold τ on CAD (default: calibrated on the retrain oracle "
                         "when the model has one, else 0.1)")
