@@ -170,6 +170,17 @@ def _widened_gradients(monkeypatch) -> None:
                         lambda *a, **k: {n: g.float() for n, g in computed(*a, **k).items()})
 
 
+def _large_circuit_paths(monkeypatch) -> None:
+    """MANSU's paths for a large circuit at any size: grids rebuilt, Q(w+Δ) as codes, w+Δ summed
+    at forward, scoring in two passes (each threshold set to 0)."""
+    import workbench.unlearning.mansu.candidates as candidates
+    import workbench.unlearning.mansu.state as mansu_state
+
+    for module, threshold in ((mansu_state, "GRID_CACHE_WEIGHTS"), (mansu_state, "COMPACT_QWORK_BYTES"),
+                              (candidates, "SCORE_CACHE_WEIGHTS")):
+        monkeypatch.setattr(module, threshold, 0)
+
+
 @pytest.mark.parametrize(("direction", "large"), [("average", False), ("full_precision", False),
                                                    ("quantized", False), ("average", True)])
 def test_mansu_in_bf16_holds_its_gradients_in_bf16_and_moves_as_with_float32_ones(toy_llama_gqa, direction, large,
@@ -178,17 +189,13 @@ def test_mansu_in_bf16_holds_its_gradients_in_bf16_and_moves_as_with_float32_one
     widening is exact, so the run is the one with float32 gradients, bit for bit; the average of
     the two forget directions is taken in float32, where it was. ``large``: the paths a large
     circuit takes (grids rebuilt, Q(w+Δ) as codes, w+Δ summed at forward, scoring in two passes)."""
-    import workbench.unlearning.mansu.candidates as candidates
-    import workbench.unlearning.mansu.state as mansu_state
     from workbench.unlearning.batches import Batches
     from workbench.unlearning.mansu.candidates import round_gradients
     from workbench.unlearning.mansu.state import setup_state
     from workbench.unlearning.task import UnlearningTask
 
     if large:
-        for module, threshold in ((mansu_state, "GRID_CACHE_WEIGHTS"), (mansu_state, "COMPACT_QWORK_BYTES"),
-                                  (candidates, "SCORE_CACHE_WEIGHTS")):
-            monkeypatch.setattr(module, threshold, 0)
+        _large_circuit_paths(monkeypatch)
 
     model = _bf16(toy_llama_gqa)
     split = own_top1_split(model)
@@ -229,16 +236,12 @@ def test_mansu_state_in_the_storage_dtype_holds_half_the_bytes(toy_llama_gqa, la
     direction are the float32 ones rounded once to bf16 (2 bytes per candidate weight each, not
     4); the run moves weights, accumulates its deltas in float32 and says so in its label.
     ``large``: the paths a large circuit takes (scoring in two passes, the streamed damping)."""
-    import workbench.unlearning.mansu.candidates as candidates
-    import workbench.unlearning.mansu.state as mansu_state
     from workbench.unlearning.batches import Batches
     from workbench.unlearning.mansu.candidates import forget_direction, round_gradients
     from workbench.unlearning.mansu.state import setup_state
 
     if large:
-        for module, threshold in ((mansu_state, "GRID_CACHE_WEIGHTS"), (mansu_state, "COMPACT_QWORK_BYTES"),
-                                  (candidates, "SCORE_CACHE_WEIGHTS")):
-            monkeypatch.setattr(module, threshold, 0)
+        _large_circuit_paths(monkeypatch)
     model = _bf16(toy_llama_gqa)
     split = own_top1_split(model)
     circuit = tuple(all_components(model.n_layers, model.n_heads, include_embed=False))
