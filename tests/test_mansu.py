@@ -16,6 +16,7 @@ from workbench.core.errors import WorkbenchError
 from workbench.data.facts import Fact, FactSplit
 from workbench.interpretability.parameters import circuit_parameters
 from workbench.measurement.reference import diagonal_fisher_per_example
+from workbench.models.loaded import LoadedModel
 from workbench.models.scoring import FactBatch
 from workbench.models.update import Update
 from workbench.quant import (
@@ -831,3 +832,119 @@ def test_the_streamed_mean_cost_is_the_pooled_mean_without_the_buffer():
     assert streamed_mean_cost(iter(masked)) == streamed_mean_cost(iter(scores))
     none = [ModuleScores("z", torch.zeros(4), torch.ones(4), torch.zeros(4))]
     assert streamed_mean_cost(iter(none)) == 0.0 and streamed_mean_cost(iter([])) == 0.0
+
+
+# --- scoring's memory: the same scores as the plain expressions ---------------------------------
+
+
+def _plain_score_module(state, name, gradients, config):
+    """:func:`score_module` as it was written before its temporaries were cut (the scale bench's
+    peak): every mask multiplied, the dense delta, the grid and the projected direction held to
+    the end, out-of-place arithmetic. The reference the rewritten one must equal bit for bit."""
+    from workbench.unlearning.mansu.candidates import ModuleScores, _best_per_weight
+    from workbench.unlearning.mansu.grid import floor_targets
+
+    mask = state.masks[name]
+    raw = gradients.forget[name].float() * mask
+    d = project_update(raw, _plain_matrix(state.projectors[name]), conv1d=state.conv1d[name]) * mask \
+        if config.use_projection else raw
+    flat = d.reshape(-1)
+    grid, delta = state.grids[name], state.deltas[name].reshape(-1)
+    base = state.base[name].reshape(-1)
+    if config.steps_on_grid:
+        ks = [config.code_steps] if config.code_choice == "fixed" else range(1, config.max_code_steps + 1)
+        moved = state.deltas.moved(name)
+        options = []
+        for k in ks:
+            target, valid = floor_targets(flat, grid, k)
+            options.append((target - base, valid & ~moved))
+    else:
+        valid = (flat != 0) & ~grid.is_block_max
+        rel = flat.abs() / flat.abs().max().clamp_min(1e-30)
+        step = torch.sign(flat) * config.no_floor_step * grid.bin_width * rel
+        options = [((base + delta + step) - base, valid)]
+    scored = []
+    for step, valid in options:
+        valid = valid & mask.reshape(-1)
+        if config.use_fisher:
+            move = step - delta
+            gain = (raw.reshape(-1) * move).clamp_min(0)
+            cost = 0.5 * state.fisher[name].reshape(-1).float() * move**2
+            if gradients.retain is not None:
+                cost = cost + (-(gradients.retain[name].reshape(-1) * move)).clamp_min(0)
+        else:
+            gain, cost = flat.abs(), torch.zeros_like(flat)
+        scored.append(ModuleScores(name, torch.where(valid, gain, torch.zeros_like(gain)), cost, step))
+    return scored[0] if len(scored) == 1 else _best_per_weight(scored, config)
+
+
+def _plain_matrix(held):
+    """:meth:`HeldProjector.matrix` as it was: zeros, scatter, ``torch.where`` with the transpose."""
+    from workbench.unlearning.mansu.projection import _upper
+
+    if not held.packed:
+        return held.stored.float()
+    upper = _upper(held.size, held.stored.device)
+    full = torch.zeros(held.size, held.size, dtype=held.stored.dtype)
+    full.masked_scatter_(upper, held.stored)
+    return torch.where(upper, full, full.T).float()
+
+
+SCORING_VARIANTS = {
+    "default": {},
+    "best code": {"code_choice": "best", "max_code_steps": 3},
+    "no fisher": {"use_fisher": False},
+    "no retain term": {"retain_first_order": False},
+    "sub-bin steps": {"use_floor": False},
+    "no projection": {"use_projection": False},
+}
+
+
+@pytest.mark.parametrize("model_kind", ["facts-tiny", "bf16 llama", "bf16 llama, storage state, large"])
+def test_scoring_equals_the_plain_expressions_bit_for_bit(model_kind, facts_tiny, split, toy_llama_gqa, llama_split,
+                                                           monkeypatch):
+    """Each candidate tensor's gain, cost and step, after two rounds (deltas set, weights marked
+    moved, a circuit that takes some tensors in part), equal :func:`_plain_score_module`'s to
+    the bit in every scoring variant; the projectors too (:meth:`HeldProjector.matrix`)."""
+    if model_kind == "facts-tiny":
+        model, data = facts_tiny, split
+        circuit = [head(0, 0), head(0, 1), head(1, 2), mlp(1)]  # heads: partial q/k/v/o masks
+        state_cfg = {}
+    else:
+        model = toy_llama_gqa
+        model = LoadedModel(name=model.name + "-bf16", hf=copy.deepcopy(model.hf).to(torch.bfloat16),
+                            tokenizer=model.tokenizer)
+        data = llama_split
+        circuit = [head(0, 1), head(1, 0), mlp(0)]
+        state_cfg = {"state_precision": "storage"} if "storage" in model_kind else {}
+        if "large" in model_kind:  # grids rebuilt per use, Q(w+Δ) as codes, two scoring passes
+            import workbench.unlearning.mansu.candidates as candidates
+            import workbench.unlearning.mansu.state as mansu_state
+
+            for module, threshold in ((mansu_state, "GRID_CACHE_WEIGHTS"), (mansu_state, "COMPACT_QWORK_BYTES"),
+                                      (candidates, "SCORE_CACHE_WEIGHTS")):
+                monkeypatch.setattr(module, threshold, 0)
+    from workbench.unlearning.mansu import projection
+
+    monkeypatch.setattr(projection, "MIRROR_ROWS", 5)  # several blocks, the last one short, at these widths
+    config = MansuConfig(**{**SMALL, "params_per_round": 64, **state_cfg})
+    task = _task(model, data, circuit)
+    state = setup_state(model, task.batches, task.circuit, task.quant, config, report=lambda *_: None)
+    for rounds in (1, 2):
+        run_round(state, task, config, rounds)
+    assert state.n_moved() > 0 and any(m is not None for m in map(state.masks.held, state.names))
+    assert any(state.masks.held(n) is None for n in state.names)
+    gradients = round_gradients(state, task.batches, config)
+    for n, held in state.projectors.items():
+        assert torch.equal(held.matrix(), _plain_matrix(held)), n
+    for variant, changes in SCORING_VARIANTS.items():
+        variant_config = dataclasses.replace(config, **changes)
+        gains = 0
+        for n in state.names:
+            mine, plain = score_module(state, n, gradients, variant_config), _plain_score_module(
+                state, n, gradients, variant_config)
+            for field in ("gain", "cost", "step"):
+                a, b = getattr(mine, field), getattr(plain, field)
+                assert a.dtype == b.dtype and torch.equal(a.view(torch.int32), b.view(torch.int32)), (variant, n, field)
+            gains += int((mine.gain > 0).sum())
+        assert gains > 0, variant  # something to score: the comparison is not of zeros only

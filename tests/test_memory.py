@@ -432,7 +432,9 @@ class DenseDeltas:
         self._flags(n)[list(indices)] = True
 
     def sparse(self, n):
-        return SparseDelta.of(self._delta(n))  # every entry: the dense sum, re-held after each change
+        # every entry: the dense sum, re-held after each change; reading allocates nothing (as
+        # the sparse store's read: the order tensors were first tried in is kept)
+        return SparseDelta.of(self._d[n] if n in self._d else torch.zeros(self._like[n].shape))
 
     def __getitem__(self, n):
         return self._d[n].clone() if n in self._d else torch.zeros(self._like[n].shape)

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
+from workbench.core.allocator import hand_back_freed_memory
 from workbench.models.scoring import FactBatch, span_logits
 from workbench.unlearning.batches import Batches
 from workbench.unlearning.losses import answer_logprob
 from workbench.unlearning.mansu.config import MansuConfig
-from workbench.unlearning.mansu.grid import Grid, floor_targets
+from workbench.unlearning.mansu.grid import Grid, direction_sign, sign_targets
 from workbench.unlearning.mansu.projection import project_update
 from workbench.unlearning.mansu.state import Gradients, MansuState
 
@@ -126,31 +127,63 @@ def score_module(state: MansuState, name: str, gradients: Gradients, config: Man
     (along the unprojected gradient) and the cost its curvature ``½FΔ²``, plus the
     first-order retain loss with ``retain_first_order``; without it, the gain is the projected
     direction's size.
+
+    Memory: above :data:`SCORE_CACHE_WEIGHTS` this runs twice a round per candidate tensor and
+    its temporaries set MANSU's peak (the scale bench's), so each step lets go of what the next
+    does not read (the projected direction once its sign is taken, the grid once the targets
+    are) and computes in place where the formula allows; every value is the one the plain
+    expressions gave (``tests/test_mansu.py`` holds them as the reference).
     """
-    mask = state.masks[name]
-    raw = gradients.forget[name].float() * mask  # float32 whatever the storage dtype: scores and deltas live there
-    if config.use_projection:
-        d = project_update(raw, state.projectors[name].matrix(), conv1d=state.conv1d[name]) * mask
-    else:
-        d = raw
-    flat = d.reshape(-1)
-    grid, delta = state.grids[name], state.deltas[name].reshape(-1)  # fetched once: a grid may be rebuilt
+    mask = state.masks.held(name)  # None: the circuit takes the whole tensor, no weight masked
+    raw = _masked_direction(gradients.forget[name], mask)
+    flat = _projected(state, name, raw, mask) if config.use_projection else raw.reshape(-1)
     if config.steps_on_grid:
-        ks = [config.code_steps] if config.code_choice == "fixed" else range(1, config.max_code_steps + 1)
-        moved = state.deltas.moved(name)
-        options = [_grid_step(grid, state.base[name], moved, flat, k) for k in ks]
+        sign = direction_sign(flat)
+        if config.use_fisher:
+            flat = None  # the Fisher's gain reads the unprojected direction: let go before the grid
+        options = _grid_steps(state, name, sign, config)
+        if state.grids.per_use:
+            # the grid's build and the targets freed blocks under glibc's mmap threshold (its
+            # int16 and bool tensors): handed back, not kept resident under the scoring's
+            hand_back_freed_memory()
     else:
-        options = [_sub_bin_step(grid, state.base[name], delta, flat, config)]
-    scored = [_gain_and_cost(state, name, raw, flat, delta, step, valid & mask.reshape(-1), gradients, config)
+        options = [_sub_bin_step(state.grids[name], state.base[name], state.deltas[name].reshape(-1), flat, config)]
+    scored = [_gain_and_cost(state, name, raw, flat, step, valid if mask is None else valid & mask.reshape(-1),
+                             gradients, config)
               for step, valid in options]
     return scored[0] if len(scored) == 1 else _best_per_weight(scored, config)
 
 
-def _grid_step(grid: Grid, base: torch.Tensor, moved: torch.Tensor, flat: torch.Tensor,
-               k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The delta that puts each weight on the code ``k`` away (floor rule), and where that is allowed."""
-    target, valid = floor_targets(flat, grid, k)
-    return target - base.reshape(-1), valid & ~moved
+def _masked_direction(direction: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The forget direction in float32 (scores and deltas live there, whatever the storage
+    dtype), zero outside ``mask``. Read only: a float32 direction without a mask is returned
+    as it is held."""
+    if mask is None:
+        return direction.float()
+    return direction.to(torch.float32, copy=True).mul_(mask)
+
+
+def _projected(state: MansuState, name: str, raw: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The direction projected onto the retain inputs' null space, zero outside ``mask``; flat."""
+    d = project_update(raw, state.projectors[name].matrix(), conv1d=state.conv1d[name])
+    return (d if mask is None else d.mul_(mask)).reshape(-1)
+
+
+def _grid_steps(state: MansuState, name: str, sign: torch.Tensor,
+                config: MansuConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each option's delta (the weight put on the code ``k`` away, floor rule) and where it is
+    allowed; the grid (rebuilt per use above :data:`~.state.GRID_CACHE_WEIGHTS`) is let go on
+    return."""
+    ks = [config.code_steps] if config.code_choice == "fixed" else range(1, config.max_code_steps + 1)
+    grid = state.grids[name]
+    if state.grids.per_use:
+        hand_back_freed_memory()  # the build's temporaries: not kept resident under the targets'
+    moved, base = state.deltas.moved(name), state.base[name].reshape(-1)
+    options = []
+    for k in ks:
+        target, valid = sign_targets(sign, grid, k)
+        options.append((target.sub_(base), valid.logical_and_(~moved)))  # in place: target − w, float32
+    return options
 
 
 def _sub_bin_step(grid: Grid, base: torch.Tensor, delta: torch.Tensor, flat: torch.Tensor,
@@ -163,19 +196,31 @@ def _sub_bin_step(grid: Grid, base: torch.Tensor, delta: torch.Tensor, flat: tor
     return (base + delta + step) - base, valid  # the delta w+Δ would have, in w+Δ's rounding
 
 
-def _gain_and_cost(state: MansuState, name: str, raw: torch.Tensor, flat: torch.Tensor, delta: torch.Tensor,
+def _gain_and_cost(state: MansuState, name: str, raw: torch.Tensor, flat: torch.Tensor | None,
                    step: torch.Tensor, valid: torch.Tensor, gradients: Gradients, config: MansuConfig) -> ModuleScores:
     if config.use_fisher:
-        move = step - delta
-        gain = (raw.reshape(-1) * move).clamp_min(0)
-        cost = 0.5 * state.fisher[name].reshape(-1).float() * move**2  # a 16-bit Fisher widened (exact)
+        move = _move(state, name, step)
+        gain = (raw.reshape(-1) * move).clamp_min_(0)
+        # ½F·move², as (0.5·F)·move² (a 16-bit Fisher widened exactly), in one buffer
+        cost = state.fisher[name].reshape(-1).to(torch.float32, copy=True).mul_(0.5).mul_(move**2)
         if gradients.retain is not None:
-            # a 16-bit gradient times the float32 move is computed in float32 (exact widening), no copy
-            cost = cost + (-(gradients.retain[name].reshape(-1) * move)).clamp_min(0)
+            # a 16-bit gradient times the float32 move is computed in float32 (exact widening)
+            cost.add_((gradients.retain[name].reshape(-1) * move).neg_().clamp_min_(0))
     else:
+        assert flat is not None
         gain, cost = flat.abs(), torch.zeros_like(flat)
-    gain = torch.where(valid, gain, torch.zeros_like(gain))
-    return ModuleScores(name, gain, cost, step)
+    return ModuleScores(name, gain.masked_fill_(~valid, 0.0), cost, step)
+
+
+def _move(state: MansuState, name: str, step: torch.Tensor) -> torch.Tensor:
+    """``step − Δ``: what each weight would move by. The delta is zero but where a round set
+    it, and ``x − 0.0`` is ``x`` to the bit (``-0.0`` included), so only those weights are
+    subtracted: no dense delta."""
+    held = state.deltas.sparse(name)
+    move = step.clone()
+    if held.index.numel():
+        move[held.index] = step[held.index] - held.values
+    return move
 
 
 def _best_per_weight(options: list[ModuleScores], config: MansuConfig) -> ModuleScores:
@@ -220,7 +265,10 @@ def select_moves(state: MansuState, gradients: Gradients, config: MansuConfig) -
     damping = 0.0
     if config.use_fisher:  # first pass: only the costs the damping is the mean of
         damping = _damping(scores(), state.n_weights(), config)
-    moves = [m for s in scores() for m in _module_moves(s, state.per_round, damping, config)]
+    moves: list[Move] = []
+    for s in scores():
+        moves += _module_moves(s, state.per_round, damping, config)
+        del s  # else this tensor's scores are held while the next tensor is scored
     moves.sort(key=lambda m: -m.saliency)
     return moves
 
@@ -244,6 +292,7 @@ def streamed_mean_cost(scores: Iterable[ModuleScores]) -> float:
         live = s.cost[s.gain > 0]
         total += float(live.sum(dtype=torch.float64))
         count += live.numel()
+        del s, live  # not held while the next tensor is scored
     return total / count if count else 0.0
 
 
@@ -261,6 +310,7 @@ def live_costs(scores: Iterable[ModuleScores], capacity: int) -> torch.Tensor:
         live = s.cost[s.gain > 0]
         buffer[filled:filled + live.numel()] = live
         filled += live.numel()
+        del s, live  # not held while the next tensor is scored
     return torch.zeros(0) if buffer is None else buffer[:filled]
 
 

@@ -55,12 +55,25 @@ def floor_targets(direction: torch.Tensor, grid: Grid, steps: int) -> tuple[torc
     The target sits *on* a code value, half a bin or more past the decision boundary, so the
     real quantizer maps it to that code. Invalid where the direction is 0 (or NaN), the code
     would leave the table, or the weight is its block's absmax (moving it rescales the block).
-    Ranks are counted in int16 (codes number at most 256): 2 bytes per weight per temporary.
     """
+    return sign_targets(direction_sign(direction), grid, steps)
+
+
+def direction_sign(direction: torch.Tensor) -> torch.Tensor:
+    """``sign(direction)`` flat, as int16 (0 where it is 0 or NaN): all the floor rule reads of a
+    direction, so a caller can let the float32 direction go before the grid is built."""
     flat = direction.reshape(-1)
-    sign = (flat > 0).to(torch.int16) - (flat < 0).to(torch.int16)
+    return (flat > 0).to(torch.int16) - (flat < 0).to(torch.int16)
+
+
+def sign_targets(sign: torch.Tensor, grid: Grid, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`floor_targets` of a direction whose :func:`direction_sign` is ``sign``.
+
+    Ranks are counted in int16 (codes number at most 256): 2 bytes per weight per temporary;
+    the target is scaled in place (the same product, one float32 tensor fewer at once).
+    """
     target_rank = grid.rank.to(torch.int16) + steps * sign
     n = grid.values.numel()
     valid = (sign != 0) & (target_rank >= 0) & (target_rank < n) & ~grid.is_block_max
-    target = grid.values[target_rank.clamp_(0, n - 1).int()] * grid.absmax
+    target = grid.values[target_rank.clamp_(0, n - 1).int()].mul_(grid.absmax)
     return target, valid

@@ -101,6 +101,11 @@ class CandidateMasks:
         held = self._written.get(name)
         return held if held is not None else self._filled(name)
 
+    def held(self, name: str) -> torch.Tensor | None:
+        """The written mask of ``name``, or ``None`` while every weight of it may move (scoring
+        then skips the mask: multiplying by an all-true mask changes no value)."""
+        return self._written.get(name)
+
     def write(self, name: str) -> torch.Tensor:
         """The tensor to write into (allocated, filled, on the first call)."""
         if name not in self._written:
@@ -134,6 +139,11 @@ class GridStore:
 
     def __getitem__(self, name: str) -> Grid:
         return self._kept[name] if self._kept is not None else self._build(name)
+
+    @property
+    def per_use(self) -> bool:
+        """Grids rebuilt on each use (many candidates): scoring then sets MANSU's memory peak."""
+        return self._kept is None
 
 
 @dataclass
