@@ -14,6 +14,7 @@ import torch
 
 from workbench.core.allocator import hand_back_freed_memory
 from workbench.models.scoring import FactBatch, span_logits
+from workbench.models.update import SparseDelta
 from workbench.unlearning.batches import Batches
 from workbench.unlearning.losses import answer_logprob
 from workbench.unlearning.mansu.config import MansuConfig
@@ -117,6 +118,11 @@ def round_gradients(state: MansuState, batches: Batches, config: MansuConfig) ->
     return Gradients(direction, retain)
 
 
+SCORE_CHUNK = 1 << 20
+"""Weights whose targets, gains and costs are computed at once (:func:`score_module`): their
+elementwise temporaries are this many weights (4 MiB each in float32), not a whole tensor's."""
+
+
 def score_module(state: MansuState, name: str, gradients: Gradients, config: MansuConfig) -> ModuleScores:
     """Each candidate weight of ``name``: where it would move, what that gains and what it costs.
 
@@ -130,13 +136,15 @@ def score_module(state: MansuState, name: str, gradients: Gradients, config: Man
 
     Memory: above :data:`SCORE_CACHE_WEIGHTS` this runs twice a round per candidate tensor and
     its temporaries set MANSU's peak (the scale bench's), so each step lets go of what the next
-    does not read (the projected direction once its sign is taken, the grid once the targets
-    are) and computes in place where the formula allows; every value is the one the plain
+    does not read (the widened direction once projected, the projected one once its sign is
+    taken, the grid once the targets are), and the elementwise steps run :data:`SCORE_CHUNK`
+    weights at a time into the outputs; every value is the one the plain whole-tensor
     expressions gave (``tests/test_mansu.py`` holds them as the reference).
     """
     mask = state.masks.held(name)  # None: the circuit takes the whole tensor, no weight masked
-    raw = _masked_direction(gradients.forget[name], mask)
-    flat = _projected(state, name, raw, mask) if config.use_projection else raw.reshape(-1)
+    direction = gradients.forget[name]
+    flat = (_projected(state, name, _masked_direction(direction, mask), mask) if config.use_projection
+            else _masked_direction(direction, mask).reshape(-1))
     if config.steps_on_grid:
         sign = direction_sign(flat)
         if config.use_fisher:
@@ -148,10 +156,14 @@ def score_module(state: MansuState, name: str, gradients: Gradients, config: Man
             hand_back_freed_memory()
     else:
         options = [_sub_bin_step(state.grids[name], state.base[name], state.deltas[name].reshape(-1), flat, config)]
-    scored = [_gain_and_cost(state, name, raw, flat, step, valid if mask is None else valid & mask.reshape(-1),
-                             gradients, config)
+    scored = [_gain_and_cost(state, name, direction, mask, flat, step,
+                             valid if mask is None else valid & mask.reshape(-1), gradients, config)
               for step, valid in options]
     return scored[0] if len(scored) == 1 else _best_per_weight(scored, config)
+
+
+def _chunks(n: int) -> Iterator[slice]:
+    return (slice(start, min(n, start + SCORE_CHUNK)) for start in range(0, n, SCORE_CHUNK))
 
 
 def _masked_direction(direction: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -164,7 +176,8 @@ def _masked_direction(direction: torch.Tensor, mask: torch.Tensor | None) -> tor
 
 
 def _projected(state: MansuState, name: str, raw: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """The direction projected onto the retain inputs' null space, zero outside ``mask``; flat."""
+    """The direction projected onto the retain inputs' null space, zero outside ``mask``; flat.
+    Whole-tensor (a matmul's bits may follow its shape)."""
     d = project_update(raw, state.projectors[name].matrix(), conv1d=state.conv1d[name])
     return (d if mask is None else d.mul_(mask)).reshape(-1)
 
@@ -181,8 +194,12 @@ def _grid_steps(state: MansuState, name: str, sign: torch.Tensor,
     moved, base = state.deltas.moved(name), state.base[name].reshape(-1)
     options = []
     for k in ks:
-        target, valid = sign_targets(sign, grid, k)
-        options.append((target.sub_(base), valid.logical_and_(~moved)))  # in place: target − w, float32
+        step = torch.empty(sign.shape, dtype=torch.float32, device=sign.device)
+        valid = torch.empty(sign.shape, dtype=torch.bool, device=sign.device)
+        for part in _chunks(sign.numel()):
+            target, ok = sign_targets(sign[part], grid.part(part), k)
+            step[part], valid[part] = target.sub_(base[part]), ok.logical_and_(~moved[part])  # target − w, float32
+        options.append((step, valid))
     return options
 
 
@@ -196,30 +213,38 @@ def _sub_bin_step(grid: Grid, base: torch.Tensor, delta: torch.Tensor, flat: tor
     return (base + delta + step) - base, valid  # the delta w+Δ would have, in w+Δ's rounding
 
 
-def _gain_and_cost(state: MansuState, name: str, raw: torch.Tensor, flat: torch.Tensor | None,
-                   step: torch.Tensor, valid: torch.Tensor, gradients: Gradients, config: MansuConfig) -> ModuleScores:
-    if config.use_fisher:
-        move = _move(state, name, step)
-        gain = (raw.reshape(-1) * move).clamp_min_(0)
-        # ½F·move², as (0.5·F)·move² (a 16-bit Fisher widened exactly), in one buffer
-        cost = state.fisher[name].reshape(-1).to(torch.float32, copy=True).mul_(0.5).mul_(move**2)
-        if gradients.retain is not None:
-            # a 16-bit gradient times the float32 move is computed in float32 (exact widening)
-            cost.add_((gradients.retain[name].reshape(-1) * move).neg_().clamp_min_(0))
-    else:
+def _gain_and_cost(state: MansuState, name: str, direction: torch.Tensor, mask: torch.Tensor | None,
+                   flat: torch.Tensor | None, step: torch.Tensor, valid: torch.Tensor, gradients: Gradients,
+                   config: MansuConfig) -> ModuleScores:
+    if not config.use_fisher:
         assert flat is not None
-        gain, cost = flat.abs(), torch.zeros_like(flat)
-    return ModuleScores(name, gain.masked_fill_(~valid, 0.0), cost, step)
-
-
-def _move(state: MansuState, name: str, step: torch.Tensor) -> torch.Tensor:
-    """``step − Δ``: what each weight would move by. The delta is zero but where a round set
-    it, and ``x − 0.0`` is ``x`` to the bit (``-0.0`` included), so only those weights are
-    subtracted: no dense delta."""
+        return ModuleScores(name, flat.abs().masked_fill_(~valid, 0.0), torch.zeros_like(flat), step)
+    gain, cost = torch.empty_like(step), torch.empty_like(step)
     held = state.deltas.sparse(name)
-    move = step.clone()
-    if held.index.numel():
-        move[held.index] = step[held.index] - held.values
+    direction, fisher = direction.reshape(-1), state.fisher[name].reshape(-1)
+    retain = gradients.retain[name].reshape(-1) if gradients.retain is not None else None
+    for part in _chunks(step.numel()):
+        move = _move(held, step, part)
+        raw = _masked_direction(direction[part], None if mask is None else mask.reshape(-1)[part])
+        gain[part] = (raw * move).clamp_min_(0).masked_fill_(~valid[part], 0.0)
+        # ½F·move², as (0.5·F)·move² (a 16-bit Fisher widened exactly), in one buffer
+        part_cost = fisher[part].to(torch.float32, copy=True).mul_(0.5).mul_(move**2)
+        if retain is not None:
+            # a 16-bit gradient times the float32 move is computed in float32 (exact widening)
+            part_cost.add_((retain[part] * move).neg_().clamp_min_(0))
+        cost[part] = part_cost
+    return ModuleScores(name, gain, cost, step)
+
+
+def _move(held: SparseDelta, step: torch.Tensor, part: slice) -> torch.Tensor:
+    """``step − Δ`` over the flat range ``part``: what each weight would move by. The delta is
+    zero but where a round set it, and ``x − 0.0`` is ``x`` to the bit (``-0.0`` included), so
+    only those weights are subtracted: no dense delta."""
+    move = step[part].clone()
+    inside = (held.index >= part.start) & (held.index < part.stop)
+    if bool(inside.any()):
+        index = held.index[inside]
+        move[index - part.start] = step[index] - held.values[inside]
     return move
 
 

@@ -36,6 +36,12 @@ class Grid:
     bin_width: torch.Tensor
     is_block_max: torch.Tensor
 
+    def part(self, weights: slice) -> Grid:
+        """The grid of the flat range ``weights`` (views; the code values are every weight's)."""
+        return Grid(code=self.code[weights], rank=self.rank[weights], absmax=self.absmax[weights],
+                    values=self.values, bin_width=self.bin_width[weights],
+                    is_block_max=self.is_block_max[weights])
+
 
 def weight_grid(w: torch.Tensor, quant: QuantConfig, *, transposed: bool) -> Grid:
     # bin_placement, not bin_geometry: a grid needs no distances to the boundaries, and above
