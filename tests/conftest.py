@@ -215,3 +215,26 @@ def own_top1_split(model, *, n_prompts: int = 40, n_forget: int = 8, name: str =
     facts = [Fact(p, model.tokenizer.convert_ids_to_tokens(int(t)), ()) for p, t in zip(prompts, top.tolist())]
     facts = [f for f in facts if f.answer.startswith("w")]
     return FactSplit(name, forget=tuple(facts[:n_forget]), retain=tuple(facts[n_forget:]))
+
+
+def bf16_copy(model):
+    """``model`` with its weights in bfloat16 (its own copy; the tokenizer shared)."""
+    import copy
+
+    import torch
+
+    from workbench.models.loaded import LoadedModel
+
+    return LoadedModel(name=model.name + "-bf16", hf=copy.deepcopy(model.hf).to(torch.bfloat16),
+                       tokenizer=model.tokenizer)
+
+
+def large_circuit_paths(monkeypatch) -> None:
+    """MANSU's paths for a large circuit at any size: grids rebuilt, Q(w+Δ) as codes, w+Δ summed
+    at forward, scoring in two passes (each threshold set to 0)."""
+    import workbench.unlearning.mansu.candidates as candidates
+    import workbench.unlearning.mansu.state as mansu_state
+
+    for module, threshold in ((mansu_state, "GRID_CACHE_WEIGHTS"), (mansu_state, "COMPACT_QWORK_BYTES"),
+                              (candidates, "SCORE_CACHE_WEIGHTS")):
+        monkeypatch.setattr(module, threshold, 0)

@@ -10,14 +10,13 @@ import copy
 import bitsandbytes.functional as bnbf
 import pytest
 import torch
-from conftest import own_top1_split
+from conftest import bf16_copy, large_circuit_paths, own_top1_split
 
 from workbench.core.components import all_components
 from workbench.core.device import DTYPE_ENV, choose_dtype
 from workbench.core.errors import WorkbenchError
 from workbench.faces.cli import main
 from workbench.measurement.metrics import measure_update, quantized_base, variant_model
-from workbench.models.loaded import LoadedModel
 from workbench.models.loading import load_model
 from workbench.models.toy import toy_model
 from workbench.models.update import Update, stored_sum
@@ -85,14 +84,9 @@ def test_stored_sum_adds_in_float32_and_rounds_once():
     assert torch.equal(stored_sum(f32, torch.tensor([1e-8, 0.5])), f32 + torch.tensor([1e-8, 0.5]))
 
 
-def _bf16(model: LoadedModel) -> LoadedModel:
-    hf = copy.deepcopy(model.hf).to(torch.bfloat16)
-    return LoadedModel(name=model.name + "-bf16", hf=hf, tokenizer=model.tokenizer)
-
-
 
 def test_quantization_reads_the_bf16_weights_as_stored(toy_llama_gqa):
-    model = _bf16(toy_llama_gqa)
+    model = bf16_copy(toy_llama_gqa)
     name = "model.layers.0.mlp.up_proj.weight"
     w = model.hf.get_parameter(name).detach()
     q = quantized_base(model, NF4)[name]
@@ -102,7 +96,7 @@ def test_quantization_reads_the_bf16_weights_as_stored(toy_llama_gqa):
 
 
 def test_mansu_in_bf16_accumulates_in_float32_and_the_after_model_is_rounded_once(toy_llama_gqa):
-    model = _bf16(toy_llama_gqa)
+    model = bf16_copy(toy_llama_gqa)
     split = own_top1_split(model)
     circuit = all_components(model.n_layers, model.n_heads, include_embed=False)
     result = unlearn(model, split, method="mansu", quant=NF4, circuit=circuit, progress=SILENT,
@@ -145,7 +139,7 @@ def test_widened_copy_computes_as_a_float32_copy_holding_one_module_at_a_time(fa
     model cast to float32 (with one weight replaced), while the 16-bit model stays as it was."""
     from workbench.core.sharing import sharing_copy, widened_copy
 
-    model = _bf16(toy_model(family))
+    model = bf16_copy(toy_model(family))
     name = next(n for n in model.adapter.quantizable(NF4))
     replacement = torch.randn(model.hf.get_parameter(name).shape, generator=torch.Generator().manual_seed(0))
     ids = torch.randint(0, 40, (3, 7), generator=torch.Generator().manual_seed(1))
@@ -170,17 +164,6 @@ def _widened_gradients(monkeypatch) -> None:
                         lambda *a, **k: {n: g.float() for n, g in computed(*a, **k).items()})
 
 
-def _large_circuit_paths(monkeypatch) -> None:
-    """MANSU's paths for a large circuit at any size: grids rebuilt, Q(w+Δ) as codes, w+Δ summed
-    at forward, scoring in two passes (each threshold set to 0)."""
-    import workbench.unlearning.mansu.candidates as candidates
-    import workbench.unlearning.mansu.state as mansu_state
-
-    for module, threshold in ((mansu_state, "GRID_CACHE_WEIGHTS"), (mansu_state, "COMPACT_QWORK_BYTES"),
-                              (candidates, "SCORE_CACHE_WEIGHTS")):
-        monkeypatch.setattr(module, threshold, 0)
-
-
 @pytest.mark.parametrize(("direction", "large"), [("average", False), ("full_precision", False),
                                                    ("quantized", False), ("average", True)])
 def test_mansu_in_bf16_holds_its_gradients_in_bf16_and_moves_as_with_float32_ones(toy_llama_gqa, direction, large,
@@ -195,9 +178,9 @@ def test_mansu_in_bf16_holds_its_gradients_in_bf16_and_moves_as_with_float32_one
     from workbench.unlearning.task import UnlearningTask
 
     if large:
-        _large_circuit_paths(monkeypatch)
+        large_circuit_paths(monkeypatch)
 
-    model = _bf16(toy_llama_gqa)
+    model = bf16_copy(toy_llama_gqa)
     split = own_top1_split(model)
     circuit = all_components(model.n_layers, model.n_heads, include_embed=False)
     config = MansuConfig(max_rounds=3, params_per_round=16, forget_direction=direction)
@@ -241,8 +224,8 @@ def test_mansu_state_in_the_storage_dtype_holds_half_the_bytes(toy_llama_gqa, la
     from workbench.unlearning.mansu.state import setup_state
 
     if large:
-        _large_circuit_paths(monkeypatch)
-    model = _bf16(toy_llama_gqa)
+        large_circuit_paths(monkeypatch)
+    model = bf16_copy(toy_llama_gqa)
     split = own_top1_split(model)
     circuit = tuple(all_components(model.n_layers, model.n_heads, include_embed=False))
     batches = Batches.build(model, split)

@@ -9,6 +9,7 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import bf16_copy, large_circuit_paths
 from torch import nn
 
 from workbench.core.components import EMBED, all_components, head, mlp
@@ -16,7 +17,6 @@ from workbench.core.errors import WorkbenchError
 from workbench.data.facts import Fact, FactSplit
 from workbench.interpretability.parameters import circuit_parameters
 from workbench.measurement.reference import diagonal_fisher_per_example
-from workbench.models.loaded import LoadedModel
 from workbench.models.scoring import FactBatch
 from workbench.models.update import Update
 from workbench.quant import (
@@ -912,9 +912,7 @@ def test_scoring_equals_the_plain_expressions_bit_for_bit(model_kind, facts_tiny
         circuit = [head(0, 0), head(0, 1), head(1, 2), mlp(1)]  # heads: partial q/k/v/o masks
         state_cfg = {}
     else:
-        model = toy_llama_gqa
-        model = LoadedModel(name=model.name + "-bf16", hf=copy.deepcopy(model.hf).to(torch.bfloat16),
-                            tokenizer=model.tokenizer)
+        model = bf16_copy(toy_llama_gqa)
         data = llama_split
         circuit = [head(0, 1), head(1, 0), mlp(0)]
         state_cfg = {"state_precision": "storage"} if "storage" in model_kind else {}
@@ -922,11 +920,7 @@ def test_scoring_equals_the_plain_expressions_bit_for_bit(model_kind, facts_tiny
 
         monkeypatch.setattr(candidates, "SCORE_CHUNK", 97)  # many chunks, moved weights in several
         if "large" in model_kind:  # grids rebuilt per use, Q(w+Δ) as codes, two scoring passes
-            import workbench.unlearning.mansu.state as mansu_state
-
-            for module, threshold in ((mansu_state, "GRID_CACHE_WEIGHTS"), (mansu_state, "COMPACT_QWORK_BYTES"),
-                                      (candidates, "SCORE_CACHE_WEIGHTS")):
-                monkeypatch.setattr(module, threshold, 0)
+            large_circuit_paths(monkeypatch)
     from workbench.unlearning.mansu import projection
 
     monkeypatch.setattr(projection, "MIRROR_ROWS", 5)  # several blocks, the last one short, at these widths

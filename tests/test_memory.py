@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import own_top1_split
+from conftest import bf16_copy, large_circuit_paths, own_top1_split
 
 from workbench.core.components import all_components
 from workbench.core.errors import WorkbenchError
@@ -190,8 +190,7 @@ def test_mansu_over_every_weight_sums_the_written_weights_at_forward(family, toy
     from workbench.unlearning.mansu.method import run_round
     from workbench.unlearning.task import UnlearningTask
 
-    model = toy_gpt2 if family == "gpt2" else LoadedModel(
-        name="toy-llama-bf16", hf=copy.deepcopy(toy_llama_gqa.hf).to(torch.bfloat16), tokenizer=toy_llama_gqa.tokenizer)
+    model = toy_gpt2 if family == "gpt2" else bf16_copy(toy_llama_gqa)
     split = own_top1_split(model)
     config = MansuConfig(use_circuit=False, max_rounds=3, params_per_round=64)
 
@@ -489,15 +488,11 @@ def test_mansu_with_sparse_deltas_runs_as_with_dense_ones(family, large, floor_m
     tensors gave, bit for bit: history, every delta's bits, the update's order, the diagnostics;
     through rounds the retain guard undoes (it is set to 0 here), the final snap, a 16-bit model,
     and a large circuit's paths (w+Δ summed at forward from the sparse delta, grids rebuilt)."""
-    import workbench.unlearning.mansu.candidates as candidates
     import workbench.unlearning.mansu.state as mansu_state
 
-    model = toy_gpt2 if family == "gpt2" else LoadedModel(
-        name="toy-llama-bf16", hf=copy.deepcopy(toy_llama_gqa.hf).to(torch.bfloat16), tokenizer=toy_llama_gqa.tokenizer)
+    model = toy_gpt2 if family == "gpt2" else bf16_copy(toy_llama_gqa)
     if large:
-        for module, threshold in ((mansu_state, "GRID_CACHE_WEIGHTS"), (mansu_state, "COMPACT_QWORK_BYTES"),
-                                  (candidates, "SCORE_CACHE_WEIGHTS")):
-            monkeypatch.setattr(module, threshold, 0)
+        large_circuit_paths(monkeypatch)
     split = own_top1_split(model)
     config = MansuConfig(use_circuit=False, max_rounds=5, params_per_round=128, floor_mode=floor_mode,
                          retain_guard=0.0 if floor_mode == "each_round" else 0.02)
