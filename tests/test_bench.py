@@ -130,11 +130,11 @@ def test_bench_flow_times_every_step_and_both_paths_measure_the_same():
     assert same_measurements(flow.fast.metrics, moved) == ["params_changed", "ptq_gap"]
 
 
-@pytest.mark.parametrize("state", ["float32", "storage"])
-def test_scale_bench_reduced_runs_every_phase_in_a_child_process(state):
+@pytest.mark.parametrize(("state", "held"), [("auto", "storage"), ("float32", "float32")])
+def test_scale_bench_reduced_runs_every_phase_in_a_child_process(state, held):
     """``workbench bench scale`` at its reduced size: a random bf16 Llama built in a child process,
-    attributed, unlearned (MANSU, 3 rounds, top-10 circuit, its state in ``state``) and measured;
-    peak RSS per phase."""
+    attributed, unlearned (MANSU, 3 rounds, top-10 circuit, its state in ``state``: the default,
+    "auto", holds it in the model's bf16) and measured; peak RSS per phase."""
     from workbench.faces.bench import format_rows
     from workbench.faces.bench_memory import MEMORY_COLUMNS, circuit_note, memory_rows, run_flow
 
@@ -151,8 +151,8 @@ def test_scale_bench_reduced_runs_every_phase_in_a_child_process(state):
     mansu = report["phases"][2]  # says what its circuit held: MANSU's state is per candidate weight
     assert len(mansu["circuit"].split()) == 10 and 0 < mansu["candidate_weights"] < mansu["model_weights"] == n_params
     assert f"{mansu['candidate_weights']:,} candidate weights" in circuit_note(memory_rows(report))
-    assert mansu["state_precision"] == state
-    assert f"MANSU holds {'bfloat16' if state == 'storage' else 'float32'} state" in circuit_note(memory_rows(report))
+    assert mansu["state_precision"] == held  # as the run decided it
+    assert f"MANSU holds {'bfloat16' if held == 'storage' else 'float32'} state" in circuit_note(memory_rows(report))
 
 
 def test_memory_bench_refuses_unknown_flows():
@@ -161,7 +161,7 @@ def test_memory_bench_refuses_unknown_flows():
 
     with pytest.raises(WorkbenchError, match="unknown memory flow"):
         run_flow("everything", "facts-tiny")
-    with pytest.raises(WorkbenchError, match="state precision must be one of float32, storage, got 'int8'"):
+    with pytest.raises(WorkbenchError, match="state precision must be one of auto, float32, storage, got 'int8'"):
         run_flow("scale", "reduced", state_precision="int8")
     from typing import get_args
 

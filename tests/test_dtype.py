@@ -183,7 +183,8 @@ def test_mansu_in_bf16_holds_its_gradients_in_bf16_and_moves_as_with_float32_one
     model = bf16_copy(toy_llama_gqa)
     split = own_top1_split(model)
     circuit = all_components(model.n_layers, model.n_heads, include_embed=False)
-    config = MansuConfig(max_rounds=3, params_per_round=16, forget_direction=direction)
+    # float32 state (not the "auto" default's bf16 for this model): the average stays float32
+    config = MansuConfig(max_rounds=3, params_per_round=16, forget_direction=direction, state_precision="float32")
 
     task = UnlearningTask(model=model, batches=Batches.build(model, split), quant=NF4, circuit=tuple(circuit))
     state = setup_state(model, task.batches, task.circuit, NF4, config, report=SILENT)
@@ -229,8 +230,8 @@ def test_mansu_state_in_the_storage_dtype_holds_half_the_bytes(toy_llama_gqa, la
     split = own_top1_split(model)
     circuit = tuple(all_components(model.n_layers, model.n_heads, include_embed=False))
     batches = Batches.build(model, split)
-    wide, narrow = MansuConfig(max_rounds=2, params_per_round=16), MansuConfig(max_rounds=2, params_per_round=16,
-                                                                               state_precision="storage")
+    wide = MansuConfig(max_rounds=2, params_per_round=16, state_precision="float32")
+    narrow = MansuConfig(max_rounds=2, params_per_round=16, state_precision="storage")
     # float32 first: a Fisher kept from it (the setup memo) must not stand in for the rounded one
     wide_state = setup_state(model, batches, circuit, NF4, wide, report=SILENT)
     state = setup_state(model, batches, circuit, NF4, narrow, report=SILENT)
@@ -298,3 +299,48 @@ def test_cli_mansu_state_reaches_the_run_and_its_label(capsys, tmp_path, monkeyp
     with pytest.raises(SystemExit):
         main(["unlearn", "--model", "facts-tiny", "--method", "mansu", "--mansu-state", "float16"])
     assert "invalid choice: 'float16'" in capsys.readouterr().err
+
+
+def test_auto_state_precision_is_the_storage_dtype_of_a_16bit_model_and_float32_otherwise():
+    """MANSU's default state precision, decided per model (docs/results/smollm2_bf16.md's held-out
+    check): 16-bit weights hold 16-bit state, anything else float32; an explicit choice stays."""
+    auto = MansuConfig()
+    assert auto.state_precision == "auto"
+    assert auto.for_storage({torch.bfloat16}).state_precision == "storage"
+    assert auto.for_storage({torch.float16}).state_precision == "storage"
+    assert auto.for_storage({torch.float32}).state_precision == "float32"
+    assert auto.for_storage({torch.bfloat16, torch.float32}).state_precision == "float32"  # mixed: the wider
+    assert auto.for_storage(set()).state_precision == "float32"
+    for explicit in ("float32", "storage"):
+        config = MansuConfig(state_precision=explicit)
+        assert config.for_storage({torch.bfloat16}) is config and config.for_storage({torch.float32}) is config
+    with pytest.raises(WorkbenchError, match="decide it with config.for_storage"):
+        _ = auto.state_in_storage_dtype  # no step of the method guesses it
+    assert auto.label == "mansu"
+
+
+@pytest.mark.parametrize("sixteen_bit", [True, False])
+def test_default_mansu_state_is_the_explicit_one_the_model_calls_for(toy_llama_gqa, sixteen_bit):
+    """A default MANSU run on a bf16 model is the ``state_precision="storage"`` run (history and
+    deltas to the bit, its label and diagnostics saying so); on a float32 model it is the float32
+    run, exactly as before the default was "auto"."""
+    from workbench.unlearning.batches import Batches
+    from workbench.unlearning.mansu.state import setup_state
+
+    model = bf16_copy(toy_llama_gqa) if sixteen_bit else toy_llama_gqa
+    split = own_top1_split(model)
+    circuit = list(all_components(model.n_layers, model.n_heads, include_embed=False))
+    explicit = "storage" if sixteen_bit else "float32"
+    runs = [unlearn(model, split, method="mansu", quant=NF4, circuit=circuit, progress=SILENT,
+                    method_config=MansuConfig(max_rounds=2, params_per_round=16, state_precision=precision))
+            for precision in ("auto", explicit)]
+    assert runs[0].history == runs[1].history and runs[0].update.nnz() > 0
+    assert sorted(runs[0].update.deltas) == sorted(runs[1].update.deltas)
+    for name, delta in runs[0].update.deltas.items():
+        assert torch.equal(delta, runs[1].update.deltas[name]), name
+    assert runs[0].method == ("mansu-state_storage" if sixteen_bit else "mansu")
+    assert runs[0].diagnostics["config"]["state_precision"] == explicit
+    # setup_state decides "auto" too (a step called without mansu() holds what the model calls for)
+    state = setup_state(model, Batches.build(model, split), tuple(circuit), NF4, MansuConfig(), report=SILENT)
+    assert state.storage_state is sixteen_bit
+    assert {f.dtype for f in state.fisher.values()} == {torch.bfloat16 if sixteen_bit else torch.float32}

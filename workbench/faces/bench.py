@@ -472,7 +472,7 @@ EXTRA_SECTIONS = ("flow",)
 
 
 def run_bench(sections: Sequence[str] = (), *, quick: bool = False, flow_threads: int = 1,
-              scale_state: str = "float32") -> dict[str, Any]:
+              scale_state: str = "auto") -> dict[str, Any]:
     """``workbench bench``: run the named sections (all by default), print their tables as
     they finish, and return the whole report (JSON-ready: ``quick``, one list of rows per
     section, ``seconds``).
@@ -482,7 +482,8 @@ def run_bench(sections: Sequence[str] = (), *, quick: bool = False, flow_threads
     quantization section ``smollm2`` (``facts-tiny`` with ``--quick``); the unlearning
     section ``facts`` (``facts-tiny``); the memory section ``smollm2`` (``facts-tiny``); the
     scale section the 1B-class Llama (its reduced shape with ``--quick``), MANSU's state there in
-    ``scale_state`` (:attr:`MansuConfig.state_precision`). Torch runs on one thread throughout
+    ``scale_state`` (:attr:`MansuConfig.state_precision`; ``"auto"``, the default, holds it in
+    bfloat16 as the model is stored). Torch runs on one thread throughout
     (see above), except the flow section on ``flow_threads``.
     """
     chosen = list(sections) or list(SECTIONS)
@@ -535,7 +536,7 @@ def run_bench(sections: Sequence[str] = (), *, quick: bool = False, flow_threads
         report["memory"] = _memory_section("facts-tiny" if quick else "smollm2")
     if "scale" in chosen:
         print("== scale: a random 1B-class Llama in bfloat16, each phase's peak RSS / model bytes (target <= 3); "
-              f"MANSU's state in {'bfloat16' if scale_state == 'storage' else 'float32'}")
+              f"MANSU's state: {scale_state}")
         rows = memory_rows(run_flow("scale", "reduced" if quick else "full", state_precision=scale_state))
         print(format_rows(rows, MEMORY_COLUMNS))
         note = circuit_note(rows)

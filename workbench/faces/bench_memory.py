@@ -58,7 +58,7 @@ from workbench.unlearning.registry import unlearn
 FLOWS = ("flow", "mansu-no-circuit", "scale")
 SCALE_FULL = {"layers": 22, "d_model": 2048, "heads": 32, "kv_heads": 4, "d_mlp": 5632, "vocab": 32000}
 """The scale bench's 1B-class Llama shape (TinyLlama-1.1B's): about 1.1B parameters, 2.2 GB in bfloat16."""
-STATE_PRECISIONS = ("float32", "storage")
+STATE_PRECISIONS = ("auto", "float32", "storage")
 """``MansuConfig.state_precision``'s values, spelled out: the child of an older checkout imports
 this file, and its ``workbench`` has no such setting (a test checks the two agree)."""
 SCALE_REDUCED = {"layers": 2, "d_model": 128, "heads": 8, "kv_heads": 2, "d_mlp": 352, "vocab": 2000}
@@ -129,10 +129,11 @@ def _own_facts(model: Any, n: int, seed: int = 0) -> list[Any]:
     return [Fact(p, model.tokenizer.convert_ids_to_tokens(int(t)), ()) for p, t in zip(prompts, top.tolist())]
 
 
-def scale_flow(rows: list[dict[str, Any]], size: dict[str, int], state_precision: str = "float32") -> Any:
+def scale_flow(rows: list[dict[str, Any]], size: dict[str, int], state_precision: str = "auto") -> Any:
     """The ``scale`` flow's phases (module docstring); returns the model. The MANSU row also says
     what its circuit holds (components, candidate weights): MANSU's state is per candidate weight,
-    in float32 or in bfloat16 (``state_precision``, :attr:`MansuConfig.state_precision`)."""
+    in float32 or in bfloat16 (``state_precision``, :attr:`MansuConfig.state_precision`; ``"auto"``:
+    the checkout's default, recorded as the run decided it)."""
 
     def load() -> tuple[Any, Any]:
         model = toy_model("llama", n_layers=size["layers"], d_model=size["d_model"], n_heads=size["heads"],
@@ -146,19 +147,20 @@ def scale_flow(rows: list[dict[str, Any]], size: dict[str, int], state_precision
     circuit = sorted(default_circuit(attribution, top_k=10).selected)
     quant = QuantConfig("nf4")
     config = MansuConfig(max_rounds=3)
-    if state_precision != "float32":  # only then: an older checkout's MansuConfig has no such field
+    if state_precision != "auto":  # only then: an older checkout's MansuConfig has no such field or value
         config = dataclasses.replace(config, state_precision=state_precision)
     result = _phase(rows, "mansu", lambda: unlearn(model, split, method="mansu", quant=quant, circuit=circuit,
                                                    method_config=config, progress=lambda f, m: None))
     rows[-1]["circuit"] = " ".join(str(c) for c in circuit)
     rows[-1]["candidate_weights"] = int(result.diagnostics["n_candidate_params"])
     rows[-1]["model_weights"] = sum(p.numel() for p in model.hf.parameters())
-    rows[-1]["state_precision"] = state_precision
+    # what the run held (an "auto" decided for the model's dtype; an older checkout records none)
+    rows[-1]["state_precision"] = result.diagnostics.get("config", {}).get("state_precision", state_precision)
     _phase(rows, "measurement", lambda: measure_update(model, split, result.update, quant=quant, circuit=circuit))
     return model
 
 
-def child(flow: str, model_name: str, rounds: int, state_precision: str = "float32") -> dict[str, Any]:
+def child(flow: str, model_name: str, rounds: int, state_precision: str = "auto") -> dict[str, Any]:
     """Run one flow in this process (see the module docstring); a JSON-ready report.
     ``state_precision``: MANSU's, in the scale flow only."""
     torch.set_num_threads(1)
@@ -204,7 +206,7 @@ def _report(flow: str, model_name: str, model_bytes: int, baseline: int, rows: l
 
 
 def run_flow(flow: str, model_name: str, *, rounds: int = 3, pythonpath: str | None = None,
-             state_precision: str = "float32") -> dict[str, Any]:
+             state_precision: str = "auto") -> dict[str, Any]:
     """Run ``flow`` on ``model_name`` in a child process and return its report.
 
     ``pythonpath``: the checkout whose ``workbench`` the child imports (default: this one);
@@ -214,7 +216,7 @@ def run_flow(flow: str, model_name: str, *, rounds: int = 3, pythonpath: str | N
     if state_precision not in STATE_PRECISIONS:
         raise WorkbenchError(f"MANSU state precision must be one of {', '.join(STATE_PRECISIONS)}, "
                              f"got {state_precision!r}")
-    extra = [state_precision] if state_precision != "float32" else []  # an older checkout takes three
+    extra = [state_precision] if state_precision != "auto" else []  # an older checkout takes three
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=pythonpath or str(Path(__file__).resolve().parents[2]))
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), flow, model_name, str(rounds), *extra],
@@ -251,5 +253,5 @@ def memory_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 if __name__ == "__main__":
     flow_arg, model_arg, rounds_arg = sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 3
-    precision_arg = sys.argv[4] if len(sys.argv) > 4 else "float32"
+    precision_arg = sys.argv[4] if len(sys.argv) > 4 else "auto"
     print(json.dumps(child(flow_arg, model_arg, rounds_arg, precision_arg)))

@@ -68,9 +68,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1, metavar="N",
                    help="torch threads of the flow section (default 1: its ratios hold on a shared machine; "
                         "the app's own count, e.g. 2 here, for its seconds as a user waits them)")
-    p.add_argument("--mansu-state", choices=get_args(StatePrecision), default="float32",
-                   help="MANSU's per-weight state in the scale section: float32 (default, exact) or the "
-                        "weights' storage dtype (bfloat16 there: less memory, other last bits)")
+    p.add_argument("--mansu-state", choices=get_args(StatePrecision), default="auto",
+                   help="MANSU's per-weight state in the scale section: auto (default: the weights' storage "
+                        "dtype, bfloat16 there), float32 (twice its bytes, other last bits) or storage")
     p.add_argument("--out", metavar="FILE", help="also write the report as JSON to FILE")
     add_json(p)
     p.set_defaults(func=cmd_bench)

@@ -100,8 +100,8 @@ def _add_unlearn(sub: argparse._SubParsersAction) -> None:
         p.add_argument(f"--no-{flag}", action="store_true", help=f"MANSU ablation: switch off the {flag} component")
     p.add_argument("--mansu-state", choices=get_args(StatePrecision),
                    help="MANSU: its Fisher, averaged forget direction and null-space projectors in float32 "
-                        "(default) or in the weights' storage dtype (half their memory on a bfloat16/float16 "
-                        "model; other last bits, other moves)")
+                        "or in the weights' storage dtype (half their memory on a bfloat16/float16 model; other "
+                        "last bits, other moves); auto (the default): storage for a 16-bit model, else float32")
     p.add_argument("--cad-min", type=float, default=None,
                    help="structural-erasure threshold τ on CAD (default: calibrated on the retrain oracle "
                         "when the model has one, else 0.1)")

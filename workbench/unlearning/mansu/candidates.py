@@ -112,7 +112,7 @@ def round_gradients(state: MansuState, batches: Batches, config: MansuConfig) ->
         for n in state.names:  # freeing each quantized one as it goes: ½(a + b) in float32, as before
             average = direction[n].float().add_(q_direction.pop(n)).mul_(0.5)
             # rounded to the storage dtype when the state is held there (a copy for 16 bits only)
-            direction[n] = average.to(state.base[n].dtype) if config.state_precision == "storage" else average
+            direction[n] = average.to(state.base[n].dtype) if state.storage_state else average
     retain = (answer_logprob_gradient(state.work, state.names, state.retain_sample, span=state.answers.span_logits)
               if config.use_fisher and config.retain_first_order else None)
     return Gradients(direction, retain)
@@ -258,13 +258,15 @@ def _best_per_weight(options: list[ModuleScores], config: MansuConfig) -> Module
     return ModuleScores(options[0].name, pick(gain), pick(cost), pick(torch.stack([o.step for o in options])))
 
 
-def rank_moves(scores: list[ModuleScores], per_round: int, config: MansuConfig) -> list[Move]:
+def rank_moves(scores: list[ModuleScores], per_round: int, config: MansuConfig, *,
+               storage_state: bool = False) -> list[Move]:
     """The ``per_round`` most salient moves of each module, pooled and sorted by saliency.
 
     Saliency is gain per cost (with the Fisher; damped by ``fisher_damping`` times the mean
-    cost of the moves with a gain), else the gain itself.
+    cost of the moves with a gain), else the gain itself. ``storage_state``: the run's
+    (:attr:`MansuState.storage_state`), which sets how the damping's mean is summed.
     """
-    damping = _damping(scores, sum(s.cost.numel() for s in scores), config)
+    damping = _damping(scores, sum(s.cost.numel() for s in scores), config, storage_state)
     moves = [move for s in scores for move in _module_moves(s, per_round, damping, config)]
     moves.sort(key=lambda m: -m.saliency)
     return moves
@@ -286,10 +288,10 @@ def select_moves(state: MansuState, gradients: Gradients, config: MansuConfig) -
         return (score_module(state, n, gradients, config) for n in state.names)
 
     if config.use_fisher and state.n_weights() <= SCORE_CACHE_WEIGHTS:
-        return rank_moves(list(scores()), state.per_round, config)
+        return rank_moves(list(scores()), state.per_round, config, storage_state=state.storage_state)
     damping = 0.0
     if config.use_fisher:  # first pass: only the costs the damping is the mean of
-        damping = _damping(scores(), state.n_weights(), config)
+        damping = _damping(scores(), state.n_weights(), config, state.storage_state)
     moves: list[Move] = []
     for s in scores():
         moves += _module_moves(s, state.per_round, damping, config)
@@ -298,12 +300,12 @@ def select_moves(state: MansuState, gradients: Gradients, config: MansuConfig) -
     return moves
 
 
-def _damping(scores: Iterable[ModuleScores], capacity: int, config: MansuConfig) -> float:
+def _damping(scores: Iterable[ModuleScores], capacity: int, config: MansuConfig, storage_state: bool) -> float:
     """``fisher_damping`` × the mean cost of the moves with a gain (0 without the Fisher), over
-    ``scores`` of ``capacity`` weights in all."""
+    ``scores`` of ``capacity`` weights in all; with ``storage_state`` summed tensor by tensor."""
     if not config.use_fisher:
         return 0.0
-    if config.state_precision == "storage":
+    if storage_state:
         return config.fisher_damping * streamed_mean_cost(scores)
     pooled = live_costs(scores, capacity)
     return config.fisher_damping * float(pooled.mean()) if pooled.numel() else 0.0

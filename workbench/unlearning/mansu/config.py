@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Collection
+from dataclasses import dataclass, replace
 from typing import Literal, get_args
+
+import torch
 
 from workbench.core.checks import Range, check_config
 from workbench.core.errors import WorkbenchError
@@ -16,8 +19,9 @@ CodeChoice = Literal["fixed", "best"]
 """Move every weight ``code_steps`` codes, or each by the 1..``max_code_steps`` codes that gain most per cost."""
 GuardPrecision = Literal["full_precision", "both"]
 """The retain guard watches full-precision retain, or the larger of the fp and quantized drops."""
-StatePrecision = Literal["float32", "storage"]
-"""MANSU's per-candidate-weight state in float32, or in the weights' storage dtype (see
+StatePrecision = Literal["auto", "float32", "storage"]
+"""MANSU's per-candidate-weight state in float32, in the weights' storage dtype, or (``"auto"``)
+in the storage dtype when that is 16-bit and float32 otherwise (see
 :attr:`MansuConfig.state_precision`)."""
 
 
@@ -94,17 +98,19 @@ class MansuConfig:
         snap_fraction: see ``floor_mode``.
         code_choice: see :data:`CodeChoice`; ``max_code_steps`` bounds ``"best"``.
         guard_precision: see :data:`GuardPrecision`.
-        state_precision: see :data:`StatePrecision`. ``"float32"`` (the default, every recorded
-            result): the retain Fisher, the averaged forget direction and the null-space
-            projectors are held in float32 and the damping is the mean of one buffer holding
-            every cost with a gain. ``"storage"``: the Fisher, the averaged direction and the
-            projectors are rounded to the weights' storage dtype once computed (half their
-            bytes for a 16-bit model; nothing changes for a float32 model), widened to float32
-            one tensor at a time where used, and the damping's mean is summed tensor by tensor
-            in float64 instead of over that buffer (4 bytes per scored weight with a gain). A
-            memory trade for large circuits: the costs, directions and projections lose their
-            bits below the storage dtype's precision, so the run's moves may differ
-            (docs/results/bench.md measures both on the scale bench).
+        state_precision: see :data:`StatePrecision`. ``"float32"``: the retain Fisher, the averaged
+            forget direction and the null-space projectors are held in float32 and the damping is
+            the mean of one buffer holding every cost with a gain. ``"storage"``: the Fisher, the
+            averaged direction and the projectors are rounded to the weights' storage dtype once
+            computed (half their bytes for a 16-bit model), widened to float32 one tensor at a
+            time where used, and the damping's mean is summed tensor by tensor in float64 instead
+            of over that buffer (4 bytes per scored weight with a gain): the costs, directions and
+            projections lose their bits below the storage dtype's precision, so a run's moves may
+            differ. ``"auto"`` (the default) is ``"storage"`` for a model whose quantized weights
+            are stored in 16 bits and ``"float32"`` otherwise (:meth:`for_storage`), so every
+            float32 model runs as before; docs/results/smollm2_bf16.md holds the held-out check
+            that decided it (16-bit state lost no report-card pass on three sets) and
+            docs/results/bench.md what it saves. The deltas accumulate in float32 either way.
         reuse_gradients: after an undone round the weights are restored exactly, so the next
             round reuses that round's gradients instead of recomputing them (switch off only to
             check that it changes nothing).
@@ -138,7 +144,7 @@ class MansuConfig:
     code_choice: CodeChoice = "fixed"
     max_code_steps: int = 3
     guard_precision: GuardPrecision = "full_precision"
-    state_precision: StatePrecision = "float32"
+    state_precision: StatePrecision = "auto"
 
     def __post_init__(self) -> None:
         check_config(self, _RANGES)
@@ -160,6 +166,26 @@ class MansuConfig:
     def snaps(self) -> bool:
         """The floor is one final snap after sub-bin rounds."""
         return self.use_floor and self.floor_mode == "snap"
+
+    def for_storage(self, storage_dtypes: Collection[torch.dtype]) -> MansuConfig:
+        """This configuration with ``"auto"`` state precision decided for weights stored in
+        ``storage_dtypes`` (the model's quantized weights): ``"storage"`` when every one is a
+        16-bit float, ``"float32"`` otherwise (a float32 model keeps its float32 state exactly).
+        An explicit ``"float32"`` or ``"storage"`` is kept."""
+        if self.state_precision != "auto":
+            return self
+        sixteen_bit = bool(storage_dtypes) and all(d.is_floating_point and d.itemsize == 2 for d in storage_dtypes)
+        return replace(self, state_precision="storage" if sixteen_bit else "float32")
+
+    @property
+    def state_in_storage_dtype(self) -> bool:
+        """Whether the Fisher, averaged direction and projectors are held in the storage dtype
+        (``"storage"``). ``"auto"`` is decided per model first (:meth:`for_storage`; :func:`mansu`
+        does it), so a step of the method never guesses it."""
+        if self.state_precision == "auto":
+            raise WorkbenchError("MansuConfig.state_precision 'auto' depends on the model's storage dtype: "
+                                 "decide it with config.for_storage(...) first (mansu() does)")
+        return self.state_precision == "storage"
 
     @property
     def label(self) -> str:

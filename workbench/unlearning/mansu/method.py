@@ -31,7 +31,7 @@ from workbench.unlearning.mansu.rounds import (
     undo_round,
     verify_codes,
 )
-from workbench.unlearning.mansu.state import MansuState, setup_state
+from workbench.unlearning.mansu.state import MansuState, setup_state, storage_dtypes
 from workbench.unlearning.result import UnlearningResult, accuracy_text, already_at_target, nothing_to_unlearn
 from workbench.unlearning.task import UnlearningTask
 
@@ -100,7 +100,8 @@ class MansuDiagnostics:
 
 def mansu(task: UnlearningTask, config: MansuConfig | None = None) -> UnlearningResult:
     """Run MANSU on the task's model and forget/retain batches; returns a sparse update."""
-    config = config or MansuConfig()
+    # "auto" state precision decided once, here, so the run's label and diagnostics say what ran
+    config = (config or MansuConfig()).for_storage(storage_dtypes(task.model, task.quant))
     start = time.perf_counter()
     report = task.progress or silent
     state = setup_state(task.model, task.batches, task.circuit, task.quant, config, report)

@@ -160,7 +160,9 @@ class MansuState:
     a round wrote run once per batch), ``retain_sample`` (for projectors and the retain
     gradient), ``guard_batch`` and ``guard_base`` (the retain guard's independent sample and
     its base accuracy; ``guard_base_q`` the same for Q(w), when the guard watches both
-    precisions), ``n_candidates``, ``max_per_round``.
+    precisions), ``n_candidates``, ``max_per_round``, ``storage_state`` (the Fisher, averaged
+    forget direction and projectors held in the weights' storage dtype: the configuration's
+    ``state_precision`` as :meth:`~.config.MansuConfig.for_storage` decides it for this model).
 
     Changed by rounds: ``masks`` (a move that cannot change its code, or that the guard
     blocked at the smallest round size, is masked out for good; :class:`CandidateMasks`),
@@ -191,6 +193,7 @@ class MansuState:
     still: torch.Tensor
     q_still: torch.Tensor | None
     guard_base_q: float | None = None
+    storage_state: bool = False
     owned: set[str] = field(default_factory=set)
     summed: frozenset[str] = frozenset()
     projectors: dict[str, HeldProjector] = field(default_factory=dict)
@@ -285,7 +288,7 @@ def null_space_projectors(model: LoadedModel, work: torch.nn.Module, names: list
     although weights reading one input share one projector, and each is held as a triangle)."""
     def compute() -> dict[str, HeldProjector]:
         held = projectors_for(work, names, sample, config.null_threshold, config.min_null_fraction)
-        return held if config.state_precision == "float32" else _rounded_projectors(work, held)
+        return _rounded_projectors(work, held) if config.state_in_storage_dtype else held
 
     conv1d = model.adapter.transposed
     entries = sum(work.get_parameter(n).shape[0 if n in conv1d else -1] ** 2 for n in names)
@@ -302,6 +305,13 @@ def _rounded_projectors(work: torch.nn.Module, held: dict[str, HeldProjector]) -
             rounded[id(projector)] = projector.rounded(work.get_parameter(n).dtype)
         out[n] = rounded[id(projector)]
     return out
+
+
+def storage_dtypes(model: LoadedModel, quant: QuantConfig) -> set[torch.dtype]:
+    """The dtypes ``model`` stores its quantized weights in: what decides ``"auto"`` state
+    precision (:meth:`MansuConfig.for_storage`)."""
+    state = model.state()
+    return {state[n].dtype for n in model.adapter.quantizable(quant)}
 
 
 def quantized_working_copy(model: LoadedModel, quant: QuantConfig, names: list[str]) -> torch.nn.Module:
@@ -352,6 +362,7 @@ def _digest(batch: FactBatch) -> str:
 def setup_state(model: LoadedModel, batches: Batches, circuit: tuple[Component, ...] | None, quant: QuantConfig,
                 config: MansuConfig, report: Progress) -> MansuState:
     """Candidates, grids, projectors, Fisher, the two working models and the guard's baseline."""
+    config = config.for_storage(storage_dtypes(model, quant))  # "auto" decided for this model
     steps = config.code_steps if config.code_choice == "fixed" else config.max_code_steps
     if config.steps_on_grid and steps >= quant.n_codes:
         raise WorkbenchError(f"code_steps {steps} moves past every code of the {quant.n_codes}-code {quant.label} "
@@ -376,7 +387,8 @@ def setup_state(model: LoadedModel, batches: Batches, circuit: tuple[Component, 
     fisher: dict[str, torch.Tensor] = {}
     if config.use_fisher:
         report(0.1, "retain Fisher")
-        fisher = retain_fisher(model, work, names, batches.retain, config.fisher_samples, config.state_precision)
+        fisher = retain_fisher(model, work, names, batches.retain, config.fisher_samples,
+                               "storage" if config.state_in_storage_dtype else "float32")
 
     qwork = quantized_working_copy(model, quant, names)
     n_candidates = int(sum(int(masks[n].sum()) for n in names))  # each all-true mask only for its count
@@ -392,6 +404,7 @@ def setup_state(model: LoadedModel, batches: Batches, circuit: tuple[Component, 
         guard_base=guard_batch.accuracy(answers),
         guard_base_q=guard_batch.accuracy(q_answers) if config.guard_precision == "both" else None,
         n_candidates=n_candidates, per_round=per_round, max_per_round=max_per_round,
+        storage_state=config.state_in_storage_dtype,
         # float32 whatever the storage dtype: updates accumulate there (rounded only when written)
         deltas=SparseDeltas(base),
         # Which forget facts each model still answers: the forget gradient only runs over those
