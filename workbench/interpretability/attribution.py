@@ -1459,7 +1459,10 @@ class _EdgeAccumulator:
     def _check_split(self, parts: torch.Tensor, full: torch.Tensor, layer: int, kind: str) -> None:
         total = parts.reshape(*parts.shape[:2], self.lay.n_kv_heads, self.lay.group, -1).sum(3)
         scale = float(full.abs().max()) + 1e-30
-        if float((total - full).abs().max()) > 1e-4 * scale + 1e-7:
+        # a wrong layout misses by the size of the gradient itself; a 16-bit model's parts and
+        # their sum are each rounded to its dtype (bf16: ~0.5% of the largest value), float32 ~1e-7
+        tolerance = max(1e-4, 8 * torch.finfo(full.dtype).eps)
+        if float((total - full).abs().max()) > tolerance * scale + 1e-7:
             raise WorkbenchError(
                 f"internal: the per-query-head split of blocks.{layer} {kind.upper()} input gradients "
                 "does not add up to the kv-head gradient; this bridge's GQA layout is not supported"
@@ -1477,16 +1480,16 @@ class _EdgeAccumulator:
             for kind in "qkv":
                 name = f"blocks.{layer}.attn.hook_{kind}_input"
                 g = self.kv_split.get(name, grad[name]) if kind != "q" else grad[name]
-                readers.append(g)  # [b, s, h, d]
+                readers.append(g.float())  # [b, s, h, d]; a 16-bit model's gradient widened (exact), as the rows are
             attn = torch.cat(readers, dim=2).permute(2, 0, 1, 3).reshape(3 * h, -1)
             upstream = 1 + layer * (h + 1)
             self.chunk[:upstream, col : col + 3 * h] += weight * (self.writer_rows[:upstream] @ attn.T).double()
             col += 3 * h
-            mlp_in = grad[f"blocks.{layer}.hook_mlp_in"].reshape(1, -1)
+            mlp_in = grad[f"blocks.{layer}.hook_mlp_in"].reshape(1, -1).float()
             upstream_mlp = upstream if lay.parallel else upstream + h
             self.chunk[:upstream_mlp, col] += weight * (self.writer_rows[:upstream_mlp] @ mlp_in.T).double()[:, 0]
             col += 1
-        final = grad[f"blocks.{lay.n_layers - 1}.hook_resid_post"].reshape(1, -1)
+        final = grad[f"blocks.{lay.n_layers - 1}.hook_resid_post"].reshape(1, -1).float()
         self.chunk[:, col] += weight * (self.writer_rows @ final.T).double()[:, 0]
         self.kv_split = {}
 
