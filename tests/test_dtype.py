@@ -17,6 +17,7 @@ from workbench.core.device import DTYPE_ENV, choose_dtype
 from workbench.core.errors import WorkbenchError
 from workbench.faces.cli import main
 from workbench.measurement.metrics import measure_update, quantized_base, variant_model
+from workbench.models.adapter import SUPPORTED_FAMILIES
 from workbench.models.loading import load_model
 from workbench.models.toy import toy_model
 from workbench.models.update import Update, stored_sum
@@ -372,3 +373,21 @@ def test_edge_attribution_runs_on_a_16bit_model_and_agrees_with_its_float32_copy
 
     close(narrow.scores, full.scores)
     close(narrow.edge_scores, full.edge_scores)
+
+
+@pytest.mark.parametrize("family", sorted(SUPPORTED_FAMILIES))
+def test_every_family_in_bf16_runs_through_the_bridge_as_through_transformers(family):
+    """Each supported family stored in bf16: the attribution bridge's logits are the model's own,
+    bit for bit (OLMo-2's float32 rotary tables made the bridge mix float32 queries with bf16
+    values and fail: the rotated queries and keys now get their dtype back, as transformers
+    gives it them), and the app's default attribution (edges on) gives finite scores."""
+    from workbench.faces.bench import toy_pairs
+    from workbench.interpretability.attribution import AttributionConfig, attribute
+
+    model = toy_model(family, n_layers=2, d_model=32, n_heads=4, dtype=torch.bfloat16)
+    ids = torch.randint(3, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        own, bridged = model.hf(ids).logits, model.bridge()(ids)
+    assert bridged.dtype == torch.bfloat16 and torch.equal(bridged, own)
+    result = attribute(model, toy_pairs(model, 4, 6), AttributionConfig(edges=True))
+    assert result.edge_scores and all(torch.isfinite(torch.tensor(v)) for v in result.edge_scores.values())

@@ -156,6 +156,9 @@ class LoadedModel:
                 bridge.eval()
                 for p in bridge.parameters():
                     p.requires_grad_(False)
+                embed = self.hf.get_input_embeddings()
+                assert isinstance(embed, torch.nn.Module) and isinstance(embed.weight, torch.Tensor)
+                _keep_rotary_in_model_dtype(bridge, embed.weight.dtype)
                 self._bridge = bridge
             return self._bridge
 
@@ -182,3 +185,23 @@ class LoadedModel:
             p.data = value.detach().to(device=p.device, dtype=p.dtype)
         # Same modules and shapes: the layout carries over.
         return LoadedModel(name=name, hf=hf_copy, tokenizer=self.tokenizer, path=None, _adapter=self._adapter)
+
+
+def _keep_rotary_in_model_dtype(bridge: Any, dtype: torch.dtype) -> None:
+    """Give a 16-bit model's rotated queries and keys back their dtype inside the bridge.
+
+    Hugging Face's rotary step returns ``q``/``k`` in their own dtype; the bridge applies Llama's
+    formula, which keeps whatever dtype ``cos``/``sin`` have. Families that hand it float32
+    ``cos``/``sin`` (OLMo-2) then get float32 scores and a float32 pattern against 16-bit values,
+    and the bridge's forward fails. Casting the rotated tensors back (a permanent hook, which
+    the attribution's scoped hooks leave alone) is the step Hugging Face takes, so the bridge
+    computes what the model computes. Nothing to do in float32, or where they already match."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return
+
+    def cast(tensor: torch.Tensor, hook: Any) -> torch.Tensor:
+        return tensor.to(dtype)
+
+    for name, point in bridge.hook_dict.items():
+        if name.endswith(("attn.hook_rot_q", "attn.hook_rot_k")):
+            point.add_hook(cast, is_permanent=True)
