@@ -391,3 +391,18 @@ def test_every_family_in_bf16_runs_through_the_bridge_as_through_transformers(fa
     assert bridged.dtype == torch.bfloat16 and torch.equal(bridged, own)
     result = attribute(model, toy_pairs(model, 4, 6), AttributionConfig(edges=True))
     assert result.edge_scores and all(torch.isfinite(torch.tensor(v)) for v in result.edge_scores.values())
+
+
+def test_the_app_session_names_a_16bit_run_as_it_ran(tmp_path, monkeypatch):
+    """The app's "Run MANSU" on a bf16 model: the run on screen is labelled as it ran (its state
+    in bf16 by default), the label a reopened run shows."""
+    from workbench.faces.session import Session, run_summary
+
+    monkeypatch.setenv(DTYPE_ENV, "bfloat16")
+    s = Session(runs_root=tmp_path)
+    s.setup("facts-tiny")
+    s.attribute()
+    s.unlearn("mansu", mansu={"max_rounds": 1, "params_per_round": 8}, use_oracle=False, measure_cad=False)
+    assert s.current is not None and s.current.label.startswith("mansu-state_storage · ")
+    assert run_summary(s.current).startswith("**mansu-state_storage · ")
+    assert s.open_run(s.current.run_id).label == s.current.label

@@ -895,8 +895,9 @@ class Session:
         run = self._execute(model, split, quant, method, method_config=method_config, optim=optim_config,
                             stop=stop_rule, circuit=self.circuit, oracle=oracle, measure_cad=bool(measure_cad),
                             progress=progress)
-        self.current = RunView(label=f"{method} · {run.id}", metrics=run.metrics, run_id=run.id, path=run.path,
-                               history=tuple(run.history))
+        # what ran, as a reopened run shows it (e.g. ``mansu-state_storage`` on a 16-bit model)
+        self.current = RunView(label=f"{run.metrics.method} · {run.id}", metrics=run.metrics, run_id=run.id,
+                               path=run.path, history=tuple(run.history))
         self._last_mansu, self.ablations = None, []
         if method == "mansu" and isinstance(method_config, MansuConfig):
             self._last_mansu = _MansuRun(run, method_config, bool(use_oracle), bool(measure_cad))
