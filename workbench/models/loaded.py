@@ -202,6 +202,6 @@ def _keep_rotary_in_model_dtype(bridge: Any, dtype: torch.dtype) -> None:
     def cast(tensor: torch.Tensor, hook: Any) -> torch.Tensor:
         return tensor.to(dtype)
 
-    for name, point in bridge.hook_dict.items():
-        if name.endswith(("attn.hook_rot_q", "attn.hook_rot_k")):
-            point.add_hook(cast, is_permanent=True)
+    points = {id(p): p for n, p in bridge.hook_dict.items() if n.endswith(("attn.hook_rot_q", "attn.hook_rot_k"))}
+    for point in points.values():  # once per hook point (the dict may list one under two names)
+        point.add_hook(cast, is_permanent=True)
