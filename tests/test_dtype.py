@@ -406,3 +406,32 @@ def test_the_app_session_names_a_16bit_run_as_it_ran(tmp_path, monkeypatch):
     assert s.current is not None and s.current.label.startswith("mansu-state_storage · ")
     assert run_summary(s.current).startswith("**mansu-state_storage · ")
     assert s.open_run(s.current.run_id).label == s.current.label
+
+
+def test_a_16bit_run_is_exported_and_probed_on_its_own_dtype(tmp_path, monkeypatch, capsys):
+    """``workbench export RUN`` and ``workbench probe RUN`` load the run's base model in the dtype
+    the run recorded (without ``--dtype`` they loaded float32, another fingerprint, and refused),
+    and the relearning attack on a float16 run trains a float32 copy (Adam on float16 weights
+    went to NaN) whose result is stored back in float16."""
+    import json
+
+    from workbench.experiments.store import list_runs
+    from workbench.measurement.probes import relearning_attack
+
+    monkeypatch.delenv(DTYPE_ENV, raising=False)
+    assert main(["--dtype", "float16", "unlearn", "--model", "facts-tiny", "--method", "mansu", "--max-rounds", "1",
+                 "--params-per-round", "8", "--runs-root", str(tmp_path), "--no-oracle"]) == 0
+    (run,) = list_runs(root=tmp_path)
+    assert run.config["provenance"]["dtype"] == "float16"
+    capsys.readouterr()
+    assert main(["export", str(run.path), "--out", str(tmp_path / "out")]) == 0  # no --dtype: the run's
+    info = json.loads((tmp_path / "out" / "workbench_export.json").read_text())
+    assert info["dtype"] == "float16" and info["base_fingerprint"] == run.metrics.model_fingerprint
+
+    from workbench.experiments.flow import model_and_split_for_run
+
+    model, split = model_and_split_for_run(run)
+    assert model.fingerprint == run.metrics.model_fingerprint and next(model.hf.parameters()).dtype == torch.float16
+    result = relearning_attack(model, split, run.update(), quant=NF4, steps=3)
+    for side in ("fp", "quantized"):
+        assert all(0.0 <= result[side][k] <= 1.0 for k in ("base", "unlearned", "relearned")), result

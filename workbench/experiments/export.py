@@ -24,9 +24,9 @@ import torch
 
 from workbench.core.errors import WorkbenchError
 from workbench.core.files import atomic_directory
+from workbench.experiments.flow import run_base_model
 from workbench.experiments.store import Run
 from workbench.models.loaded import LoadedModel
-from workbench.models.loading import load_model
 from workbench.models.update import Update
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -55,7 +55,7 @@ def export_run(run: Run, out: str | Path, *, dtype: str | None = None, model: Lo
         model: the run's base model, if already loaded (else loaded by the run's model name).
     """
     target = _check_out(out)
-    base = _base_model(run, model)
+    base = run_base_model(run, model)
     update = _checked_update(run, base)
     torch_dtype = _dtype(dtype, base)
     after = update.apply(base, f"{base.name}+Δ")
@@ -80,7 +80,7 @@ def export_lora_adapter(run: Run, out: str | Path, *, model: LoadedModel | None 
     if not str(run.config.get("method", "")).startswith("lora"):
         raise WorkbenchError(f"run {run.id} is a {run.config.get('method')!r} run; only LoRA runs export as adapters")
     target = _check_out(out)
-    base = _base_model(run, model)
+    base = run_base_model(run, model)
     update = _checked_update(run, base)
     rank = int((run.config.get("method_config") or {}).get("rank", 8))
     conv1d = base.adapter.transposed
@@ -115,16 +115,6 @@ def _check_out(out: str | Path) -> Path:
     if target.exists():
         raise WorkbenchError(f"{target} already exists; export into a new directory")
     return target
-
-
-def _base_model(run: Run, model: LoadedModel | None) -> LoadedModel:
-    name = str(run.config.get("model") or "")
-    base = model or load_model(name)
-    want = run.config.get("model_fingerprint")
-    if want and base.fingerprint != want:
-        raise WorkbenchError(f"run {run.id} was made on a model with fingerprint {want}, but {base.name!r} now has "
-                             f"{base.fingerprint}")
-    return base
 
 
 def _checked_update(run: Run, base: LoadedModel) -> Update:

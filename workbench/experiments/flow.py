@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
+from workbench.core.device import DTYPES
 from workbench.core.errors import WorkbenchError
 from workbench.core.memo import base_memo, drop_once, hold_once, once_asked, take_once
 from workbench.core.progress import Progress, scaled, silent
@@ -271,6 +272,21 @@ def no_oracle_reason(model: LoadedModel, split: FactSplit) -> str | None:
             f"{split.name} forgets other facts (thresholds without an oracle apply)")
 
 
+def run_base_model(run: Run, model: LoadedModel | None = None) -> LoadedModel:
+    """The base model a saved run was made on: ``model`` if given, else loaded by the run's model
+    name in the storage dtype its provenance records (the same name in another dtype is another
+    model); either way it must have the run's fingerprint."""
+    m = run.metrics
+    made_in = (run.config.get("provenance") or {}).get("dtype")
+    model = model or load_model(m.model, dtype=made_in if made_in in DTYPES else None)
+    if m.model_fingerprint and model.fingerprint != m.model_fingerprint:
+        raise WorkbenchError(
+            f"run {run.id} was made on a model with fingerprint {m.model_fingerprint}, "
+            f"but {model.name!r} now has {model.fingerprint}"
+        )
+    return model
+
+
 def model_and_split_for_run(run: Run, *, model: LoadedModel | None = None,
                             split: FactSplit | None = None) -> tuple[LoadedModel, FactSplit]:
     """The base model and the split a saved run was measured on (for probes and re-evaluation).
@@ -281,12 +297,7 @@ def model_and_split_for_run(run: Run, *, model: LoadedModel | None = None,
     """
 
     m = run.metrics
-    model = model or load_model(m.model)
-    if m.model_fingerprint and model.fingerprint != m.model_fingerprint:
-        raise WorkbenchError(
-            f"run {run.id} was made on a model with fingerprint {m.model_fingerprint}, "
-            f"but {model.name!r} now has {model.fingerprint}"
-        )
+    model = run_base_model(run, model)
     if split is not None:
         return model, split
     name = m.split

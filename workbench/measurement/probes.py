@@ -95,7 +95,9 @@ def relearning_attack(
     train = [split.forget[i] for i in train_idx.tolist()]
     held = [split.forget[i] for i in eval_idx.tolist()]
     after = update.apply(model, f"{model.name}+Δ")
-    work = copy.deepcopy(after.hf).train()
+    # trained in float32 whatever the storage dtype, as the gradient baselines are (Adam on 16-bit
+    # weights loses its small steps, and in float16 its second moments, to NaN), then stored
+    work = copy.deepcopy(after.hf).float().train()
     names = set(quantizable_parameters(work, QuantConfig("nf4")))
     params = [p for n, p in work.named_parameters() if n in names]
     for n, p in work.named_parameters():

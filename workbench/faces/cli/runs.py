@@ -7,7 +7,7 @@ from dataclasses import replace
 from typing import get_args
 
 from workbench.experiments.export import DTYPES, export_lora_adapter, export_run
-from workbench.experiments.flow import no_oracle_reason, oracle_for, run_unlearning
+from workbench.experiments.flow import no_oracle_reason, oracle_for, run_base_model, run_unlearning
 from workbench.experiments.probing import probe_rows, probe_run
 from workbench.experiments.store import list_runs, resolve_run
 from workbench.faces.cli.common import (
@@ -197,7 +197,7 @@ def cmd_report(args: argparse.Namespace, out: Printer) -> int:
 
 def cmd_probe(args: argparse.Namespace, out: Printer) -> int:
     run = resolve_run(args.run, root=args.runs_root)
-    split = load_split(load_model(run.metrics.model), args) if args.forget or args.retain else None
+    split = load_split(run_base_model(run), args) if args.forget or args.retain else None
     bar = Bar(f"probes of {run.id}")
     try:
         result = probe_run(run, relearn_steps=args.relearn_steps, relearn_lr=args.relearn_lr, split=split, progress=bar)
