@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from workbench.core.device import DTYPES
 from workbench.core.errors import WorkbenchError
 from workbench.core.files import atomic_directory
 from workbench.experiments.flow import run_base_model
@@ -29,7 +30,6 @@ from workbench.experiments.store import Run
 from workbench.models.loaded import LoadedModel
 from workbench.models.update import Update
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """Storage dtypes an export may be written in (``--dtype``)."""
 
 EXPORT_INFO = "workbench_export.json"

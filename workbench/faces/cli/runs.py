@@ -6,7 +6,8 @@ import argparse
 from dataclasses import replace
 from typing import get_args
 
-from workbench.experiments.export import DTYPES, export_lora_adapter, export_run
+from workbench.core.device import DTYPES
+from workbench.experiments.export import export_lora_adapter, export_run
 from workbench.experiments.flow import no_oracle_reason, oracle_for, run_base_model, run_unlearning
 from workbench.experiments.probing import probe_rows, probe_run
 from workbench.experiments.store import list_runs, resolve_run
