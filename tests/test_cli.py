@@ -523,6 +523,33 @@ def test_attribute_needs_only_the_forget_set(capsys, facts_tiny, split, tmp_path
     assert f["n_components"] == 3
 
 
+def test_attribute_passes_are_sized_by_batch_size_or_pass_mb(capsys, facts_tiny, split, tmp_path, monkeypatch):
+    from workbench.interpretability import attribution as attribution_module
+
+    sizes: list[int] = []
+    sweep_chunk = attribution_module._sweep_chunk
+    monkeypatch.setattr(attribution_module, "_sweep_chunk", lambda bridge, lay, chunk, *a, **k: (
+        sizes.append(chunk.n), sweep_chunk(bridge, lay, chunk, *a, **k))[1])
+    scores = {}
+    for flags in ([], ["--batch-size", "3"], ["--pass-mb", "1"]):
+        sizes.clear()
+        data = _json_stdout(capsys, "attribute", "--model", "facts-tiny", "--edges", "--out", str(tmp_path / "c.json"),
+                            *flags)
+        scores[tuple(flags)] = {r["component"]: r["score"] for r in data["top"]}
+        if not flags:  # facts-tiny is far below 256 MiB: its groups run whole, up to 32 pairs
+            assert max(sizes) == min(32, len(split.forget)) and sum(sizes) == len(split.forget)
+        elif flags[0] == "--batch-size":
+            assert max(sizes) == 3 and sum(sizes) == len(split.forget)
+        else:  # 1 MiB holds fewer pairs of facts-tiny's edge pass than its whole set (5 here)
+            assert 1 <= max(sizes) < len(split.forget) <= 32 and sum(sizes) == len(split.forget)
+    for other in list(scores)[1:]:
+        assert scores[other].keys() == scores[()].keys()
+        assert all(abs(scores[other][c] - scores[()][c]) < 1e-5 for c in scores[()])
+    for flag, said in (("--pass-mb", "--pass-mb must be at least 1"), ("--batch-size", "batch_size must be")):
+        code, out, err = run(capsys, "attribute", "--model", "facts-tiny", "--out", str(tmp_path / "c.json"), flag, "0")
+        assert code == 1 and said in err and out == ""
+
+
 def test_exit_codes_user_error_1_usage_error_2(capsys, tmp_path):
     code, out, err = run(capsys, "report", "nope", "--runs-root", str(tmp_path))
     assert code == 1 and out == "" and err.startswith("error: no run 'nope'")

@@ -79,7 +79,7 @@ def prepare_forget_set(model: LoadedModel, split: FactSplit, config: Attribution
     config = config or AttributionConfig()
     pairs = forget_set_pairs(model, split, config)
     if pairs.has_mean:
-        dataset_means(model, pairs, batch_size=config.batch_size)
+        dataset_means(model, pairs, batch_size=config.means_batch)
         dataset_means(model, pairs, batch_size=ABLATION_BATCH_SIZE)
     if config.method != "exact":  # exact patching has no clean runs to take ahead
         # held once, not memoised: ~66 MiB on SmolLM2, used by the first click and then let go
@@ -129,7 +129,7 @@ def attribute_forget_set(
 
     config = config or AttributionConfig()
     pairs = forget_set_pairs(model, split, config) if pairs is None else pairs.with_metric(config.metric)
-    means = dataset_means(model, pairs, batch_size=config.batch_size) if pairs.has_mean else None
+    means = dataset_means(model, pairs, batch_size=config.means_batch) if pairs.has_mean else None
     ahead = take_once(CLEAN_RUNS, CleanRuns.key_of(model, pairs, config), CleanRuns)
     return attribute(model, pairs, config, progress=progress, means=means, taken_ahead=ahead)
 

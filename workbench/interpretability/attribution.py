@@ -760,9 +760,15 @@ class AttributionConfig:
         method: ``atp`` (default), ``ig`` or ``exact`` (see :data:`AttributionMethod`).
         ig_steps: points on the integration path for ``ig`` (>= 1; ``ig_steps=1`` equals ``atp``).
         metric: ``logit_diff`` (default) or ``logprob``.
-        edges: also score writer->reader edges (``atp``/``ig`` only). Memory grows with
-            ``n_writers x batch_size x seq x d_model``; lower ``batch_size`` on big models.
-        batch_size: pairs per forward/backward.
+        edges: also score writer->reader edges (``atp``/``ig`` only). A pass then holds every
+            head's own copy of the residual stream (its q/k/v inputs) and its gradient.
+        batch_size: pairs per forward/backward; ``None`` (default): per length group, the most
+            pairs (at most :data:`MAX_PAIRS_PER_PASS`) whose pass is estimated to fit in
+            ``pass_bytes`` (see :meth:`_Layout.pass_bytes_per_token`). The scores do not depend
+            on it beyond float rounding (tested to 1e-5).
+        pass_bytes: the working memory one pass may take when ``batch_size`` is ``None``;
+            ``None``: the model's own bytes, at least :data:`MIN_PASS_BYTES`. So the attribution
+            of a big model, or with edges, takes memory in proportion to the model, not to 32 pairs.
         baseline: ``paired`` (default), ``mean`` or ``resample`` (see :data:`BaselineName`);
             used when facts are given (ready :class:`PromptPairs` carry their own).
         seed: the draw of ``resample`` partners.
@@ -772,9 +778,10 @@ class AttributionConfig:
     ig_steps: int = 8
     metric: MetricName = "logit_diff"
     edges: bool = False
-    batch_size: int = 32
+    batch_size: int | None = None
     baseline: BaselineName = "paired"
     seed: int = 0
+    pass_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in _METHODS:
@@ -783,8 +790,10 @@ class AttributionConfig:
             raise WorkbenchError(f"unknown metric {self.metric!r}; use one of {', '.join(_METRICS)}")
         if isinstance(self.ig_steps, bool) or not isinstance(self.ig_steps, int) or self.ig_steps < 1:
             raise WorkbenchError(f"ig_steps must be an integer >= 1, got {self.ig_steps!r}")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise WorkbenchError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        for name in ("batch_size", "pass_bytes"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise WorkbenchError(f"{name} must be an integer >= 1 or None, got {value!r}")
         if not isinstance(self.edges, bool):
             raise WorkbenchError(f"edges must be True or False, got {self.edges!r}")
         if self.edges and self.method == "exact":
@@ -796,6 +805,18 @@ class AttributionConfig:
     def steps(self) -> int:
         """Forward/backward runs per chunk on the corrupt side."""
         return self.ig_steps if self.method == "ig" else 1
+
+    @property
+    def means_batch(self) -> int:
+        """Pairs per pass of the mean baseline's no-grad pass (it holds node activations only)."""
+        return self.batch_size or MAX_PAIRS_PER_PASS
+
+
+MAX_PAIRS_PER_PASS = 32
+"""The most pairs one pass takes when its batch is sized to memory (every attribution's batch before
+the sizing existed: small models keep it)."""
+MIN_PASS_BYTES = 256 * 2**20
+"""The least working memory a pass is sized to (so small models keep the whole batch)."""
 
 
 # --- the model's graph on the bridge ---------------------------------------------------
@@ -814,6 +835,9 @@ class _Layout:
     d_model: int
     parallel: bool
     pos_embed: bool
+    d_head: int = 0  # 0: d_model // n_heads
+    d_mlp: int = 0  # 0: 4 * d_model
+    d_vocab: int = 0
 
     @classmethod
     def of(cls, bridge: Any) -> _Layout:
@@ -827,7 +851,38 @@ class _Layout:
             parallel=bool(getattr(cfg, "parallel_attn_mlp", False)),
             pos_embed=getattr(cfg, "positional_embedding_type", "standard") == "standard"
             and POS_EMBED_HOOK in bridge.hook_dict,
+            d_head=int(getattr(cfg, "d_head", None) or 0),
+            d_mlp=int(getattr(cfg, "d_mlp", None) or 0),
+            d_vocab=int(getattr(cfg, "d_vocab", None) or 0),
         )
+
+    def pass_bytes_per_token(self, seq: int, edges: bool, post_norms: bool = False) -> int:
+        """What one token of a differentiated pass holds at its peak, estimated from above, in bytes.
+
+        Every value counted in float32 (a 16-bit model's activations take less): the hooked
+        activations and their gradients; a rough allowance for what autograd saves per layer
+        (norm inputs, q/k/v, attention pattern, the MLP's hidden values); the logits, their
+        log-softmax and its gradient. With edges, the reader hooks (each head's own q/k/v input,
+        each MLP's input, the attention scores under GQA) and their gradients, the chunk's
+        residual writes (three copies at the stacking), under GQA the K/V gradients split per
+        query head, and with ``post_norms`` (a norm on the attention output, OLMo-2 and Gemma-2)
+        each head's write taken through it. Checked against what a pass really allocates for
+        several families (tests/test_attribution_memory.py).
+        """
+        d, heads, layers = self.d_model, self.n_heads, self.n_layers
+        d_head = self.d_head or d // heads
+        hooked = d * len(self.embed_hooks) + layers * (heads * d_head + d)  # hook_z, hook_mlp_out
+        saved = layers * (10 * d + 3 * (self.d_mlp or 4 * d) + 2 * heads * seq)
+        extra = 0
+        if edges:
+            hooked += layers * (d * (heads + 2 * self.n_kv_heads + 2) + heads * seq) + d
+            extra = 3 * len(self.writers()) * d  # the writes per layer, their stack and its permuted copy
+            if self.group > 1:
+                extra += 2 * layers * heads * d
+            if post_norms:
+                extra += 2 * layers * (heads + 1) * d
+        logits = 3 * self.d_vocab
+        return 4 * (2 * hooked + saved + extra + logits)
 
     @property
     def group(self) -> int:
@@ -1026,6 +1081,37 @@ def _n_chunks(pairs: PromptPairs, batch_size: int) -> int:
     return sum((g.n + batch_size - 1) // batch_size for g in pairs.groups)
 
 
+@dataclass(frozen=True)
+class _PassSizes:
+    """Pairs per pass of a gradient (or exact) sweep, per length group: ``config.batch_size``, or
+    the most that fit ``budget`` bytes by :meth:`_Layout.pass_bytes_per_token` (at least one)."""
+
+    lay: _Layout
+    config: AttributionConfig
+    budget: int
+    post_norms: bool
+
+    @classmethod
+    def of(cls, model: LoadedModel, lay: _Layout, config: AttributionConfig) -> _PassSizes:
+        return cls(lay, config, config.pass_bytes or max(model.weight_bytes, MIN_PASS_BYTES),
+                   any(layer.attention_out_norm is not None for layer in model.adapter.layers))
+
+    def bytes_per_token(self, seq: int) -> int:
+        return self.lay.pass_bytes_per_token(seq, self.config.edges, self.post_norms)
+
+    def size(self, group: PairGroup) -> int:
+        if self.config.batch_size is not None:
+            return self.config.batch_size
+        per_pair = group.seq * self.bytes_per_token(group.seq)
+        return max(1, min(MAX_PAIRS_PER_PASS, self.budget // per_pair))
+
+    def chunks(self, group: PairGroup) -> Iterator[PairGroup]:
+        return group.chunks(self.size(group))
+
+    def count(self, pairs: PromptPairs) -> int:
+        return sum(-(-group.n // self.size(group)) for group in pairs.groups)
+
+
 # --- the mean baseline -----------------------------------------------------------------
 
 ABLATION_BATCH_SIZE = 64
@@ -1139,7 +1225,7 @@ class _Sums:
 
 
 def _gradient_sweep(
-    bridge: Any, lay: _Layout, pairs: PromptPairs, config: AttributionConfig, tracker: Steps,
+    bridge: Any, sizes: _PassSizes, pairs: PromptPairs, tracker: Steps,
     post_norms: Sequence[torch.nn.Module | None] = (), means: ActivationMeans | None = None,
     ahead: CleanRuns | None = None,
 ) -> _Sums:
@@ -1150,11 +1236,12 @@ def _gradient_sweep(
     dataset mean): both estimate "the component's clean value, against its baseline,
     raises the metric by this much" (see docs/SCIENCE.md).
     """
+    lay, config = sizes.lay, sizes.config
     sums = _Sums(torch.zeros(pairs.n_pairs, len(lay.writers()), dtype=torch.float64))
     edges = _EdgeAccumulator(bridge, lay, post_norms) if config.edges else None
     names = lay.node_hooks + (lay.reader_hooks() + edges.post_norm_hooks() if edges is not None else [])
     for group in pairs.groups:
-        for chunk in group.chunks(config.batch_size):
+        for chunk in sizes.chunks(group):
             _sweep_chunk(bridge, lay, chunk, config, names, sums, edges, means, tracker, ahead)
             if edges is not None:
                 edges.end_chunk()
@@ -1242,7 +1329,7 @@ def _clean_run(bridge: Any, lay: _Layout, chunk: PairGroup, metric: MetricName) 
 class CleanRuns:
     """The clean runs of a gradient sweep's denoising chunks, taken ahead (:func:`clean_runs`).
 
-    They depend only on the weights, the pairs (ids and answers), the batch size, the edge hooks
+    They depend only on the weights, the pairs (ids and answers), the batch sizing, the edge hooks
     and the metric (:meth:`key_of`), so the app takes them in the background before the first
     "Run attribution" (~2.5 s of that click on SmolLM2). A sweep takes each chunk's run once
     (:meth:`take`), letting it go.
@@ -1253,7 +1340,7 @@ class CleanRuns:
 
     @staticmethod
     def key_of(model: LoadedModel, pairs: PromptPairs, config: AttributionConfig) -> tuple[object, ...]:
-        return (model.fingerprint, pairs.ids_hash, config.batch_size, config.edges, config.metric)
+        return (model.fingerprint, pairs.ids_hash, config.batch_size, config.pass_bytes, config.edges, config.metric)
 
     def take(self, chunk: PairGroup) -> _CleanRun | None:
         return self.runs.pop(int(chunk.index[0]), None)
@@ -1267,6 +1354,7 @@ def clean_runs(model: LoadedModel, pairs: PromptPairs, config: AttributionConfig
     pairs = pairs.with_metric(config.metric)
     lay = _Layout.of(bridge)
     _check_tokens(lay, pairs, bridge)
+    sizes = _PassSizes.of(model, lay, config)
     runs: dict[int, _CleanRun] = {}
     # under the sweep's edge flags: with them each head reads its q/k/v input from its own copy
     # of the residual stream, other matmul shapes whose last bits may differ on a real model
@@ -1274,7 +1362,7 @@ def clean_runs(model: LoadedModel, pairs: PromptPairs, config: AttributionConfig
         for group in pairs.groups:
             if group.baseline == "mean":
                 continue
-            for chunk in group.chunks(config.batch_size):
+            for chunk in sizes.chunks(group):
                 runs[int(chunk.index[0])] = _clean_run(bridge, lay, chunk, config.metric)
     return CleanRuns(CleanRuns.key_of(model, pairs, config), runs)
 
@@ -1555,16 +1643,16 @@ def _node_patch(lay: _Layout, source: dict[str, torch.Tensor], current: list[Com
 
 
 def _exact_sweep(
-    bridge: Any, lay: _Layout, pairs: PromptPairs, config: AttributionConfig, tracker: Steps,
-    means: ActivationMeans | None = None,
+    bridge: Any, sizes: _PassSizes, pairs: PromptPairs, tracker: Steps, means: ActivationMeans | None = None,
 ) -> _Sums:
     """Per pair and node: ``m(corrupt, node clean) - m(corrupt)`` (denoising), or on the mean
     baseline ``m(clean) - m(clean, node at its mean)`` (noising)."""
+    lay, config = sizes.lay, sizes.config
     writers = lay.writers()
     sums = _Sums(torch.zeros(pairs.n_pairs, len(writers), dtype=torch.float64))
     with torch.no_grad():
         for group in pairs.groups:
-            for chunk in group.chunks(config.batch_size):
+            for chunk in sizes.chunks(group):
                 logits, live = _forward(bridge, chunk.clean, lay.node_hooks)
                 clean_acts = {n: t.clone() for n, t in live.items()}
                 clean = _metric_values(logits, chunk, config.metric)
@@ -1617,7 +1705,7 @@ def attribute(
             ``config.baseline`` and ``config.seed``) or ready :class:`PromptPairs`.
         config: method, IG steps, metric, baseline, edges, batch size.
         progress: ``progress(fraction, message)``; a tqdm bar when ``None``.
-        means: the pairs' :func:`dataset_means` at ``config.batch_size`` when already taken
+        means: the pairs' :func:`dataset_means` at ``config.means_batch`` when already taken
             (read only by pairs on the mean baseline); else taken here.
         taken_ahead: the pairs' :func:`clean_runs` with this config when taken ahead (each
             chunk's is taken from it once); else each chunk's clean run is made here.
@@ -1636,24 +1724,24 @@ def attribute(
     if taken_ahead is not None and taken_ahead.key != CleanRuns.key_of(model, pairs, config):
         raise WorkbenchError("these clean runs were taken for other weights, pairs, batch size, edge hooks or "
                              "metric: take them with clean_runs(model, pairs, config)")
-    chunks = _n_chunks(pairs, config.batch_size)
-    total = chunks * (len(lay.writers()) if config.method == "exact" else config.steps)
+    sizes = _PassSizes.of(model, lay, config)
+    total = sizes.count(pairs) * (len(lay.writers()) if config.method == "exact" else config.steps)
     tracker = Steps(total, f"attribution ({config.method})", progress)
     try:
         with _bridge_lock(bridge):
             if not pairs.has_mean:
                 means = None
             elif means is None:
-                means = _means(bridge, lay, pairs, config.batch_size)
+                means = _means(bridge, lay, pairs, config.means_batch)
             else:
                 _check_means(means, lay, pairs)
             if config.method == "exact":
-                sums = _exact_sweep(bridge, lay, pairs, config, tracker, means)
+                sums = _exact_sweep(bridge, sizes, pairs, tracker, means)
             elif config.edges:
                 with _edge_flags(bridge):
-                    sums = _gradient_sweep(bridge, lay, pairs, config, tracker, _post_norms(model), means, taken_ahead)
+                    sums = _gradient_sweep(bridge, sizes, pairs, tracker, _post_norms(model), means, taken_ahead)
             else:
-                sums = _gradient_sweep(bridge, lay, pairs, config, tracker, means=means, ahead=taken_ahead)
+                sums = _gradient_sweep(bridge, sizes, pairs, tracker, means=means, ahead=taken_ahead)
     finally:
         tracker.close()
     n = pairs.n_pairs

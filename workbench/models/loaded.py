@@ -96,6 +96,12 @@ class LoadedModel:
         cfg = self.hf.config
         return int(getattr(cfg, "n_positions", None) or cfg.max_position_embeddings)
 
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the model's parameters as stored (a tied weight once): the unit in which the
+        workbench bounds its working memory."""
+        return sum(p.numel() * p.element_size() for p in self.hf.parameters())  # parameters() yields a tied one once
+
     def state(self) -> dict[str, torch.Tensor]:
         """The HF parameters by name (the live tensors: read, never write)."""
         return {name: p.detach() for name, p in self.hf.named_parameters()}

@@ -28,6 +28,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="what each fact is compared with: its counterfactual twin (default; facts without a "
                         "same-length twin get another fact, else the mean), the dataset-mean activations, or "
                         "another fact of the set")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="pairs per forward/backward (default: per length group, as many as fit in --pass-mb, "
+                        "at most 32)")
+    p.add_argument("--pass-mb", type=int, default=None, metavar="MB",
+                   help="working memory one pass may take, estimated from above (default: the model's own size, "
+                        "at least 256)")
     p.add_argument("--fact", type=int, action="append", metavar="N",
                    help="also show fact N's own attribution (which heads and MLPs carry it); repeatable")
     p.add_argument("--per-fact", metavar="FILE",
@@ -62,8 +68,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def cmd_attribute(args: argparse.Namespace, out: Printer) -> int:
     model = load_model(args.model)
     split = load_forget_split(model, args, "attribute")
+    if args.pass_mb is not None and args.pass_mb < 1:
+        raise WorkbenchError(f"--pass-mb must be at least 1, got {args.pass_mb}")
     config = AttributionConfig(method=args.method, ig_steps=args.ig_steps, metric=args.metric, edges=args.edges,
-                               baseline=args.baseline)
+                               baseline=args.baseline, batch_size=args.batch_size,
+                               pass_bytes=None if args.pass_mb is None else args.pass_mb * 2**20)
     for n in args.fact or []:
         if not 0 <= n < len(split.forget):
             raise WorkbenchError(f"--fact {n}: the forget set has facts 0..{len(split.forget) - 1}")

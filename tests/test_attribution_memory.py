@@ -1,0 +1,145 @@
+"""Attribution passes sized to memory (issue 17): the estimate of a pass's bytes bounds what a pass
+really allocates, the sizing follows its budget, and sized passes give the fixed batch's scores."""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import replace
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from workbench.core.errors import WorkbenchError
+from workbench.interpretability import attribution as attribution_module
+from workbench.interpretability.attribution import (
+    MAX_PAIRS_PER_PASS,
+    MIN_PASS_BYTES,
+    AttributionConfig,
+    attribute,
+    clean_runs,
+    make_prompt_pairs,
+)
+from workbench.models.toy import toy_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SILENT = lambda fraction, message: None  # noqa: E731
+FAMILIES = {"gpt2": None, "gpt_neox": None, "llama": 2, "olmo2": 2, "gemma2": 2, "phi3": 4}
+"""Family -> key/value heads (None: the family has no GQA); 4 query heads each."""
+
+
+class PeakTensorBytes(TorchDispatchMode):
+    """The most bytes of tensors made inside the mode alive at once (each storage once; the
+    storages present before, such as the weights, are not counted)."""
+
+    def __init__(self, existing: set[int]) -> None:
+        super().__init__()
+        self.existing, self.alive, self.live, self.peak = existing, set[int](), 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor) and not tensor._is_zerotensor():  # a zero tensor has no storage
+                storage = tensor.untyped_storage()
+                key, size = storage.data_ptr(), storage.nbytes()
+                if size and key not in self.alive and key not in self.existing:
+                    self.alive.add(key)
+                    self.live += size
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._freed, key, size)
+        return out
+
+    def _freed(self, key: int, size: int) -> None:
+        self.alive.discard(key)
+        self.live -= size
+
+
+def _pairs(model, n: int, length: int = 7):
+    """``n`` facts of one token length in swapped pairs, so one length group of ``n`` paired facts."""
+    from test_attribution import toy_facts
+
+    pairs = make_prompt_pairs(model, toy_facts(n, length=length))
+    assert len(pairs.groups) == 1 and pairs.groups[0].n == n
+    return pairs
+
+
+def _peak_of_attribution(model, pairs, config: AttributionConfig) -> int:
+    existing = {t.untyped_storage().data_ptr() for t in [*model.hf.parameters(), *model.hf.buffers(),
+                                                        *model.bridge().parameters(), *model.bridge().buffers()]}
+    mode = PeakTensorBytes(existing)
+    with mode:
+        attribute(model, pairs, config, progress=SILENT)
+    return mode.peak
+
+
+@pytest.mark.parametrize("edges", [False, True], ids=["nodes", "edges"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_estimate_of_a_pass_bounds_what_one_more_pair_allocates(family, edges):
+    """What one more pair of ``seq`` tokens adds to an attribution's peak (two runs whose only
+    difference is the pairs per pass) is at most the estimate, and not below a third of it (an
+    estimate that missed the edge hooks, or counted them for every family, would fail one side)."""
+    model = toy_model(family, n_kv_heads=FAMILIES[family], d_mlp=128)
+    pairs = _pairs(model, 8)
+    seq = pairs.groups[0].seq
+    peaks = {n: _peak_of_attribution(model, pairs, AttributionConfig(edges=edges, batch_size=n)) for n in (2, 6)}
+    measured = (peaks[6] - peaks[2]) / (4 * seq)
+    lay = attribution_module._Layout.of(model.bridge())
+    estimate = attribution_module._PassSizes.of(model, lay, AttributionConfig(edges=edges)).bytes_per_token(seq)
+    assert measured > 0
+    assert measured <= estimate <= 3 * measured, (measured, estimate)
+
+
+def test_pairs_per_pass_follow_the_budget_and_a_fixed_batch_wins(toy_llama_gqa):
+    pairs = _pairs(toy_llama_gqa, 8)
+    group = pairs.groups[0]
+    lay = attribution_module._Layout.of(toy_llama_gqa.bridge())
+    per_pair = group.seq * lay.pass_bytes_per_token(group.seq, True)
+    assert attribution_module._PassSizes.of(toy_llama_gqa, lay, AttributionConfig(edges=True)).bytes_per_token(
+        group.seq) == per_pair // group.seq  # Llama has no norm on the attention output
+
+    def size(**config) -> int:
+        sizes = attribution_module._PassSizes.of(toy_llama_gqa, lay, AttributionConfig(edges=True, **config))
+        return sizes.size(group)
+
+    assert size(pass_bytes=3 * per_pair) == 3
+    assert size(pass_bytes=3 * per_pair - 1) == 2
+    assert size(pass_bytes=1) == 1  # never fewer than one pair
+    assert size(pass_bytes=10**15) == MAX_PAIRS_PER_PASS
+    assert size(pass_bytes=1, batch_size=5) == 5
+    # by default the model's bytes, at least MIN_PASS_BYTES: a small model keeps the whole batch
+    assert toy_llama_gqa.weight_bytes < MIN_PASS_BYTES
+    assert size() == min(MAX_PAIRS_PER_PASS, MIN_PASS_BYTES // per_pair) == MAX_PAIRS_PER_PASS
+    assert toy_llama_gqa.weight_bytes == sum(p.numel() * 4 for p in toy_llama_gqa.hf.parameters())
+
+
+def test_sized_passes_give_the_scores_of_one_batch(toy_llama_gqa, monkeypatch):
+    """Passes of two pairs (a budget of two pairs' estimate) against one batch of all eight: the
+    same node and edge scores to float rounding, with clean runs taken ahead or not; the sweep
+    really ran four passes."""
+    pairs = _pairs(toy_llama_gqa, 8)
+    seq = pairs.groups[0].seq
+    lay = attribution_module._Layout.of(toy_llama_gqa.bridge())
+    sized = AttributionConfig(edges=True, pass_bytes=2 * seq * lay.pass_bytes_per_token(seq, True))
+    whole = replace(sized, batch_size=8, pass_bytes=None)
+    one = attribute(toy_llama_gqa, pairs, whole, progress=SILENT)
+    seen: list[int] = []
+    sweep_chunk = attribution_module._sweep_chunk
+    monkeypatch.setattr(attribution_module, "_sweep_chunk", lambda bridge, lay, chunk, *a, **k: (
+        seen.append(chunk.n), sweep_chunk(bridge, lay, chunk, *a, **k))[1])
+    for ahead in (None, clean_runs(toy_llama_gqa, pairs, sized)):
+        seen.clear()
+        two = attribute(toy_llama_gqa, pairs, sized, progress=SILENT, taken_ahead=ahead)
+        assert seen == [2, 2, 2, 2]
+        assert max(abs(one.scores[c] - two.scores[c]) for c in one.scores) < 1e-5
+        assert max(abs(one.edge_scores[e] - two.edge_scores[e]) for e in one.edge_scores) < 1e-5
+        assert max(abs(s) for s in one.edge_scores.values()) > 1e-3  # not trivially zero
+    with pytest.raises(WorkbenchError, match="clean runs were taken for other"):
+        attribute(toy_llama_gqa, pairs, sized, progress=SILENT, taken_ahead=clean_runs(toy_llama_gqa, pairs, whole))
+
+
+@pytest.mark.parametrize("field", ["batch_size", "pass_bytes"])
+@pytest.mark.parametrize("value", [0, -1, 2.5, True, "8"])
+def test_pass_sizes_must_be_whole_and_positive(field, value):
+    with pytest.raises(WorkbenchError, match=field):
+        AttributionConfig(**{field: value})
