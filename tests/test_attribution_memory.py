@@ -20,6 +20,7 @@ from workbench.interpretability.attribution import (
     attribute,
     clean_runs,
     make_prompt_pairs,
+    passes,
 )
 from workbench.models.toy import toy_model
 
@@ -123,6 +124,7 @@ def test_sized_passes_give_the_scores_of_one_batch(toy_llama_gqa, monkeypatch):
     sized = AttributionConfig(edges=True, pass_bytes=2 * seq * lay.pass_bytes_per_token(seq, True))
     whole = replace(sized, batch_size=8, pass_bytes=None)
     one = attribute(toy_llama_gqa, pairs, whole, progress=SILENT)
+    assert passes(toy_llama_gqa, pairs, whole) == [8]
     seen: list[int] = []
     sweep_chunk = attribution_module._sweep_chunk
     monkeypatch.setattr(attribution_module, "_sweep_chunk", lambda bridge, lay, chunk, *a, **k: (
@@ -130,7 +132,7 @@ def test_sized_passes_give_the_scores_of_one_batch(toy_llama_gqa, monkeypatch):
     for ahead in (None, clean_runs(toy_llama_gqa, pairs, sized)):
         seen.clear()
         two = attribute(toy_llama_gqa, pairs, sized, progress=SILENT, taken_ahead=ahead)
-        assert seen == [2, 2, 2, 2]
+        assert seen == [2, 2, 2, 2] == passes(toy_llama_gqa, pairs, sized)
         assert max(abs(one.scores[c] - two.scores[c]) for c in one.scores) < 1e-5
         assert max(abs(one.edge_scores[e] - two.edge_scores[e]) for e in one.edge_scores) < 1e-5
         assert max(abs(s) for s in one.edge_scores.values()) > 1e-3  # not trivially zero

@@ -155,6 +155,22 @@ def test_scale_bench_reduced_runs_every_phase_in_a_child_process(state, held):
     assert f"MANSU holds {'bfloat16' if held == 'storage' else 'float32'} state" in circuit_note(memory_rows(report))
 
 
+def test_scale_edges_bench_reduced_attributes_with_edges_in_sized_then_whole_passes():
+    """``workbench bench scale``'s second flow at its reduced size: the app's default attribution
+    (edges) on the scale model, in sized passes then in one pass of 32 pairs, each a phase that
+    says the passes it ran (the reduced model is far under 256 MiB, so both run 32 at once)."""
+    from workbench.faces.bench_memory import memory_rows, passes_note, run_flow
+
+    report = run_flow("scale-edges", "reduced")
+    phases = report["phases"]
+    assert [p["phase"] for p in phases] == ["load", "attribution (edges, sized passes)",
+                                             "attribution (edges, 32 pairs per pass)"]
+    assert phases[1]["pairs_per_pass"] == phases[2]["pairs_per_pass"] == [32]
+    assert all(p["seconds"] > 0 and p["peak_rss_bytes"] >= report["imports_rss_bytes"] for p in phases)
+    assert passes_note(memory_rows(report)) == ("attribution (edges, sized passes): 1 passes of 32 pairs; "
+                                                "attribution (edges, 32 pairs per pass): 1 passes of 32 pairs")
+
+
 def test_memory_bench_refuses_unknown_flows():
     from workbench.core.errors import WorkbenchError
     from workbench.faces.bench_memory import run_flow

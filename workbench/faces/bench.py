@@ -39,7 +39,7 @@ from workbench.core.components import all_components
 from workbench.core.errors import WorkbenchError
 from workbench.core.progress import silent
 from workbench.faces.bench_flow import FLOW_COLUMNS, bench_flow
-from workbench.faces.bench_memory import MEMORY_COLUMNS, circuit_note, memory_rows, run_flow
+from workbench.faces.bench_memory import MEMORY_COLUMNS, circuit_note, memory_rows, passes_note, run_flow
 from workbench.interpretability.attribution import (
     AttributionConfig,
     PromptPairs,
@@ -537,11 +537,14 @@ def run_bench(sections: Sequence[str] = (), *, quick: bool = False, flow_threads
     if "scale" in chosen:
         print("== scale: a random 1B-class Llama in bfloat16, each phase's peak RSS / model bytes (target <= 3); "
               f"MANSU's state: {scale_state}")
-        rows = memory_rows(run_flow("scale", "reduced" if quick else "full", state_precision=scale_state))
+        size = "reduced" if quick else "full"
+        rows = memory_rows(run_flow("scale", size, state_precision=scale_state))
+        # the app's default attribution (edges) on the same model: passes sized to memory, then 32 pairs at once
+        rows += memory_rows(run_flow("scale-edges", size))
         print(format_rows(rows, MEMORY_COLUMNS))
-        note = circuit_note(rows)
-        if note:
-            print(note)
+        for line in (circuit_note(rows), passes_note(rows)):
+            if line:
+                print(line)
         report["scale"] = rows
     report["seconds"] = time.perf_counter() - started
     print(f"bench: {report['seconds']:.0f} s in all")

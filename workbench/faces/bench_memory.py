@@ -21,6 +21,10 @@ Flows:
   tokenizer, and facts whose answers are its own top-1: ``load`` (build), ``attribution``
   (32 forget facts), ``mansu`` (3 rounds in the top-10 circuit), ``measurement`` (NF4,
   everything ``metrics.json`` holds, CAD included).
+- ``scale-edges``: the same model and facts, ``load``, then the forget facts attributed with
+  edges (the app's default), in passes sized to memory (the default,
+  ``attribution (edges, sized passes)``), then with all 32 pairs in one pass (every attribution's
+  batch before the sizing, ``attribution (edges, 32 pairs per pass)``).
 
 The child prints one JSON line; :func:`run_flow` starts it and parses that line. The script
 only uses interfaces that predate issue 17, so the same file measures an older checkout
@@ -46,8 +50,9 @@ import torch
 
 from workbench.core.errors import WorkbenchError
 from workbench.data.facts import Fact, FactSplit
-from workbench.experiments.flow import attribute_forget_set, default_circuit
+from workbench.experiments.flow import attribute_forget_set, default_circuit, forget_set_pairs
 from workbench.faces.session import SHARED, Session
+from workbench.interpretability.attribution import AttributionConfig, passes
 from workbench.measurement.metrics import measure_update
 from workbench.models.scoring import encode_prompts, last_token_logits
 from workbench.models.toy import toy_model
@@ -55,7 +60,7 @@ from workbench.quant import QuantConfig
 from workbench.unlearning.mansu import MansuConfig
 from workbench.unlearning.registry import unlearn
 
-FLOWS = ("flow", "mansu-no-circuit", "scale")
+FLOWS = ("flow", "mansu-no-circuit", "scale", "scale-edges")
 SCALE_FULL = {"layers": 22, "d_model": 2048, "heads": 32, "kv_heads": 4, "d_mlp": 5632, "vocab": 32000}
 """The scale bench's 1B-class Llama shape (TinyLlama-1.1B's): about 1.1B parameters, 2.2 GB in bfloat16."""
 STATE_PRECISIONS = ("auto", "float32", "storage")
@@ -129,20 +134,34 @@ def _own_facts(model: Any, n: int, seed: int = 0) -> list[Any]:
     return [Fact(p, model.tokenizer.convert_ids_to_tokens(int(t)), ()) for p, t in zip(prompts, top.tolist())]
 
 
+def _scale_model(size: dict[str, int]) -> tuple[Any, FactSplit]:
+    """The scale flows' model (a random Llama of shape ``size`` in bfloat16) and its split: 32 forget
+    and 64 retain facts whose answers are its own top-1."""
+    model = toy_model("llama", n_layers=size["layers"], d_model=size["d_model"], n_heads=size["heads"],
+                      n_kv_heads=size["kv_heads"], d_mlp=size["d_mlp"], dtype=torch.bfloat16,
+                      vocab=[f"w{i}" for i in range(size["vocab"] - 3)])  # + <unk>, <pad>, <eos>
+    facts = _own_facts(model, 96)
+    return model, FactSplit("scale", forget=tuple(facts[:32]), retain=tuple(facts[32:]))
+
+
+def scale_edges_flow(rows: list[dict[str, Any]], size: dict[str, int]) -> Any:
+    """The ``scale-edges`` flow's phases (module docstring); returns the model. Each attribution
+    phase records the pairs of each pass it ran (:func:`~workbench.interpretability.attribution.passes`)."""
+    model, split = _phase(rows, "load", lambda: _scale_model(size))
+    for name, batch in (("attribution (edges, sized passes)", None), ("attribution (edges, 32 pairs per pass)", 32)):
+        config = AttributionConfig(edges=True, batch_size=batch)
+        _phase(rows, name, lambda config=config: attribute_forget_set(model, split, config))
+        rows[-1]["pairs_per_pass"] = passes(model, forget_set_pairs(model, split, config), config)
+    return model
+
+
 def scale_flow(rows: list[dict[str, Any]], size: dict[str, int], state_precision: str = "auto") -> Any:
     """The ``scale`` flow's phases (module docstring); returns the model. The MANSU row also says
     what its circuit holds (components, candidate weights): MANSU's state is per candidate weight,
     in float32 or in bfloat16 (``state_precision``, :attr:`MansuConfig.state_precision`; ``"auto"``:
     the checkout's default, recorded as the run decided it)."""
 
-    def load() -> tuple[Any, Any]:
-        model = toy_model("llama", n_layers=size["layers"], d_model=size["d_model"], n_heads=size["heads"],
-                          n_kv_heads=size["kv_heads"], d_mlp=size["d_mlp"], dtype=torch.bfloat16,
-                          vocab=[f"w{i}" for i in range(size["vocab"] - 3)])  # + <unk>, <pad>, <eos>
-        facts = _own_facts(model, 96)
-        return model, FactSplit("scale", forget=tuple(facts[:32]), retain=tuple(facts[32:]))
-
-    model, split = _phase(rows, "load", load)
+    model, split = _phase(rows, "load", lambda: _scale_model(size))
     attribution = _phase(rows, "attribution", lambda: attribute_forget_set(model, split))
     circuit = sorted(default_circuit(attribution, top_k=10).selected)
     quant = QuantConfig("nf4")
@@ -167,8 +186,9 @@ def child(flow: str, model_name: str, rounds: int, state_precision: str = "auto"
 
     baseline = _rss_bytes("VmRSS")  # the interpreter and the workbench's imports
     rows: list[dict[str, Any]] = []
-    if flow == "scale":
-        model = scale_flow(rows, SCALE_REDUCED if model_name == "reduced" else SCALE_FULL, state_precision)
+    if flow in ("scale", "scale-edges"):
+        size = SCALE_REDUCED if model_name == "reduced" else SCALE_FULL
+        model = scale_flow(rows, size, state_precision) if flow == "scale" else scale_edges_flow(rows, size)
         return _report(flow, model_name, _model_bytes(model), baseline, rows)
     with tempfile.TemporaryDirectory() as runs:
         session = Session(runs_root=runs)
@@ -243,6 +263,13 @@ def circuit_note(rows: list[dict[str, Any]]) -> str | None:
     state = "bfloat16" if row.get("state_precision") == "storage" else "float32"
     return (f"MANSU's circuit: {row['circuit']}: {row['candidate_weights']:,} candidate weights, "
             f"{share:.0%} of the model's (MANSU holds {state} state per candidate weight)")
+
+
+def passes_note(rows: list[dict[str, Any]]) -> str | None:
+    """The pairs per pass of each attribution phase that records them (the scale-edges flow), as one line."""
+    said = [f"{row['phase']}: {len(row['pairs_per_pass'])} passes of {'/'.join(map(str, row['pairs_per_pass']))} pairs"
+            for row in rows if "pairs_per_pass" in row]
+    return "; ".join(said) or None
 
 
 def memory_rows(report: dict[str, Any]) -> list[dict[str, Any]]:

@@ -1077,6 +1077,13 @@ def _kl_values(logits: torch.Tensor, clean_logits: torch.Tensor, group: PairGrou
     return -(p.exp() * (p - q)).sum(dim=(1, 2))
 
 
+def passes(model: LoadedModel, pairs: PromptPairs, config: AttributionConfig = AttributionConfig()) -> list[int]:
+    """The pairs of each pass :func:`attribute` runs on ``pairs`` with ``config``, in order."""
+    bridge = _check_model(model)
+    sizes = _PassSizes.of(model, _Layout.of(bridge), config)
+    return [chunk.n for group in pairs.with_metric(config.metric).groups for chunk in sizes.chunks(group)]
+
+
 def _n_chunks(pairs: PromptPairs, batch_size: int) -> int:
     return sum((g.n + batch_size - 1) // batch_size for g in pairs.groups)
 
