@@ -74,21 +74,49 @@ def _peak_of_attribution(model, pairs, config: AttributionConfig) -> int:
     return mode.peak
 
 
-@pytest.mark.parametrize("edges", [False, True], ids=["nodes", "edges"])
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_the_estimate_of_a_pass_bounds_what_one_more_pair_allocates(family, edges):
+SHAPES = {  # id -> (family, toy_model keywords, prompt words): each a term of the estimate that matters
+    "gemma2-softcap-vocab2k": ("gemma2", dict(n_kv_heads=2, vocab=[f"w{i}" for i in range(2000)]), 7),
+    "qwen3-head-width-192-of-d64": ("qwen3", dict(n_kv_heads=2, d_head=48), 7),
+    "gemma3-head-width-192-of-d64": ("gemma3", dict(n_kv_heads=2, d_head=48), 7),
+    "llama-16-heads-40-tokens": ("llama", dict(n_kv_heads=4, n_heads=16, n_ctx=128), 40),
+}
+METHODS = {"ig": dict(method="ig", ig_steps=4), "mean": dict(baseline="mean"), "exact": dict(method="exact")}
+
+
+def _assert_estimate_bounds_one_more_pair(model, length: int = 7, **config) -> None:
     """What one more pair of ``seq`` tokens adds to an attribution's peak (two runs whose only
     difference is the pairs per pass) is at most the estimate, and not below a third of it (an
     estimate that missed the edge hooks, or counted them for every family, would fail one side)."""
-    model = toy_model(family, n_kv_heads=FAMILIES[family], d_mlp=128)
-    pairs = _pairs(model, 8)
+    pairs = _pairs(model, 8, length)
     seq = pairs.groups[0].seq
-    peaks = {n: _peak_of_attribution(model, pairs, AttributionConfig(edges=edges, batch_size=n)) for n in (2, 6)}
+    peaks = {n: _peak_of_attribution(model, pairs, AttributionConfig(batch_size=n, **config)) for n in (2, 6)}
     measured = (peaks[6] - peaks[2]) / (4 * seq)
     lay = attribution_module._Layout.of(model.bridge())
-    estimate = attribution_module._PassSizes.of(model, lay, AttributionConfig(edges=edges)).bytes_per_token(seq)
+    estimate = attribution_module._PassSizes.of(model, lay, AttributionConfig(**config)).bytes_per_token(seq)
     assert measured > 0
     assert measured <= estimate <= 3 * measured, (measured, estimate)
+
+
+@pytest.mark.parametrize("edges", [False, True], ids=["nodes", "edges"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_estimate_of_a_pass_bounds_what_it_allocates_per_family(family, edges):
+    _assert_estimate_bounds_one_more_pair(toy_model(family, n_kv_heads=FAMILIES[family], d_mlp=128), edges=edges)
+
+
+@pytest.mark.parametrize("edges", [False, True], ids=["nodes", "edges"])
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_the_estimate_of_a_pass_bounds_what_it_allocates_per_shape(shape, edges):
+    """Logits soft-capped over a larger vocabulary, heads wider than d_model, long prompts."""
+    family, keywords, length = SHAPES[shape]
+    _assert_estimate_bounds_one_more_pair(toy_model(family, d_mlp=128, **keywords), length, edges=edges)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_the_estimate_of_a_pass_bounds_what_it_allocates_per_method(family, method):
+    """IG's several passes, the mean baseline's noising, exact patching's no-grad passes."""
+    config = METHODS[method] | (dict(edges=True) if method != "exact" else {})
+    _assert_estimate_bounds_one_more_pair(toy_model(family, n_kv_heads=2, d_mlp=128), **config)
 
 
 def test_pairs_per_pass_follow_the_budget_and_a_fixed_batch_wins(toy_llama_gqa):

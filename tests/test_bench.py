@@ -167,8 +167,10 @@ def test_scale_edges_bench_reduced_attributes_with_edges_in_sized_then_whole_pas
                                              "attribution (edges, 32 pairs per pass)"]
     assert phases[1]["pairs_per_pass"] == phases[2]["pairs_per_pass"] == [32]
     assert all(p["seconds"] > 0 and p["peak_rss_bytes"] >= report["imports_rss_bytes"] for p in phases)
-    assert passes_note(memory_rows(report)) == ("attribution (edges, sized passes): 1 passes of 32 pairs; "
-                                                "attribution (edges, 32 pairs per pass): 1 passes of 32 pairs")
+    assert passes_note(memory_rows(report)) == ("attribution (edges, sized passes): 1 pass of 32 pairs; "
+                                                "attribution (edges, 32 pairs per pass): 1 pass of 32 pairs")
+    several = [{"phase": "p", "pairs_per_pass": [11, 11, 10]}, {"phase": "q", "pairs_per_pass": None}]
+    assert passes_note(several) == "p: 3 passes of 11 + 11 + 10 pairs"
 
 
 def test_memory_bench_refuses_unknown_flows():

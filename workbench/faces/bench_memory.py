@@ -50,9 +50,11 @@ import torch
 
 from workbench.core.errors import WorkbenchError
 from workbench.data.facts import Fact, FactSplit
-from workbench.experiments.flow import attribute_forget_set, default_circuit, forget_set_pairs
+from workbench.experiments import flow as flow_module
+from workbench.experiments.flow import attribute_forget_set, default_circuit
 from workbench.faces.session import SHARED, Session
-from workbench.interpretability.attribution import AttributionConfig, passes
+from workbench.interpretability import attribution as attribution_module
+from workbench.interpretability.attribution import AttributionConfig
 from workbench.measurement.metrics import measure_update
 from workbench.models.scoring import encode_prompts, last_token_logits
 from workbench.models.toy import toy_model
@@ -146,13 +148,24 @@ def _scale_model(size: dict[str, int]) -> tuple[Any, FactSplit]:
 
 def scale_edges_flow(rows: list[dict[str, Any]], size: dict[str, int]) -> Any:
     """The ``scale-edges`` flow's phases (module docstring); returns the model. Each attribution
-    phase records the pairs of each pass it ran (:func:`~workbench.interpretability.attribution.passes`)."""
+    phase records the pairs of each pass it ran (:func:`_passes_of`)."""
     model, split = _phase(rows, "load", lambda: _scale_model(size))
-    for name, batch in (("attribution (edges, sized passes)", None), ("attribution (edges, 32 pairs per pass)", 32)):
-        config = AttributionConfig(edges=True, batch_size=batch)
+    sized, whole = AttributionConfig(edges=True), AttributionConfig(edges=True, batch_size=32)
+    phases = (("attribution (edges, sized passes)", sized), ("attribution (edges, 32 pairs per pass)", whole))
+    for name, config in phases:
         _phase(rows, name, lambda config=config: attribute_forget_set(model, split, config))
-        rows[-1]["pairs_per_pass"] = passes(model, forget_set_pairs(model, split, config), config)
+        rows[-1]["pairs_per_pass"] = _passes_of(model, split, config)
     return model
+
+
+def _passes_of(model: Any, split: FactSplit, config: AttributionConfig) -> list[int] | None:
+    """The pairs of each pass the forget set's attribution runs with ``config``; ``None`` from a
+    checkout without pass sizing (then every pass took 32 pairs)."""
+    passes = getattr(attribution_module, "passes", None)
+    pairs_of = getattr(flow_module, "forget_set_pairs", None)
+    if passes is None or pairs_of is None:
+        return None
+    return passes(model, pairs_of(model, split, config), config)
 
 
 def scale_flow(rows: list[dict[str, Any]], size: dict[str, int], state_precision: str = "auto") -> Any:
@@ -267,9 +280,13 @@ def circuit_note(rows: list[dict[str, Any]]) -> str | None:
 
 def passes_note(rows: list[dict[str, Any]]) -> str | None:
     """The pairs per pass of each attribution phase that records them (the scale-edges flow), as one line."""
-    said = [f"{row['phase']}: {len(row['pairs_per_pass'])} passes of {'/'.join(map(str, row['pairs_per_pass']))} pairs"
-            for row in rows if "pairs_per_pass" in row]
+    said = [f"{row['phase']}: {_count(len(row['pairs_per_pass']), 'pass', 'passes')} of "
+            f"{' + '.join(map(str, row['pairs_per_pass']))} pairs" for row in rows if row.get("pairs_per_pass")]
     return "; ".join(said) or None
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
 
 
 def memory_rows(report: dict[str, Any]) -> list[dict[str, Any]]:

@@ -35,7 +35,7 @@ Scores (denoising convention, as TransformerLens' ``attribution_patching``)
     ``atp``: ``score(c) = mean_pairs sum_{pos, dim} (a_clean - a_corrupt) * dm/da``, the
     gradient taken on the corrupt run; positive = moving ``c`` toward its clean value
     restores the clean behaviour. One forward on the clean batch (no grad) and one
-    forward/backward on the corrupt batch per chunk of ``batch_size`` pairs — never a
+    forward/backward on the corrupt batch per pass of pairs (sized to memory, or ``batch_size``) — never a
     loop over examples. The pairs of a batch are independent, so the gradient of the
     *summed* metric gives every pair its own gradient.
 
@@ -412,6 +412,9 @@ class PairGroup:
         """``[n, span]`` answer tokens."""
         return self.answers[:, None] if self.answer_ids is None else self.answer_ids
 
+    def n_chunks(self, batch_size: int) -> int:
+        return (self.n + batch_size - 1) // batch_size
+
     def chunks(self, batch_size: int) -> Iterator[PairGroup]:
         """Consecutive sub-groups of at most ``batch_size`` pairs."""
         for start in range(0, self.n, batch_size):
@@ -752,6 +755,16 @@ def _group(plans: list[_Plan], prompts: list[str], clean_ids: list[list[int]], s
 # --- configuration ---------------------------------------------------------------------
 
 
+MAX_PAIRS_PER_PASS = 32
+"""The most pairs one pass takes when its batch is sized to memory (every attribution's batch before
+the sizing existed: models under :data:`MIN_PASS_BYTES` keep it)."""
+MIN_PASS_BYTES = 256 * 2**20
+"""The least working memory a pass is sized to."""
+MEANS_BATCH_SIZE = 32
+"""Pairs per pass of the mean baseline when the sweep's passes are sized: the batch it always ran at,
+so its memoised means keep their key and bits (it holds node activations only, without gradients)."""
+
+
 @dataclass(frozen=True)
 class AttributionConfig:
     """How to attribute.
@@ -808,15 +821,8 @@ class AttributionConfig:
 
     @property
     def means_batch(self) -> int:
-        """Pairs per pass of the mean baseline's no-grad pass (it holds node activations only)."""
-        return self.batch_size or MAX_PAIRS_PER_PASS
-
-
-MAX_PAIRS_PER_PASS = 32
-"""The most pairs one pass takes when its batch is sized to memory (every attribution's batch before
-the sizing existed: small models keep it)."""
-MIN_PASS_BYTES = 256 * 2**20
-"""The least working memory a pass is sized to (so small models keep the whole batch)."""
+        """Pairs per pass of the mean baseline's no-grad pass."""
+        return self.batch_size or MEANS_BATCH_SIZE
 
 
 # --- the model's graph on the bridge ---------------------------------------------------
@@ -838,6 +844,7 @@ class _Layout:
     d_head: int = 0  # 0: d_model // n_heads
     d_mlp: int = 0  # 0: 4 * d_model
     d_vocab: int = 0
+    soft_cap: bool = False  # the logits soft-capped (Gemma-2): two more vocabulary-sized values per token
 
     @classmethod
     def of(cls, bridge: Any) -> _Layout:
@@ -854,35 +861,41 @@ class _Layout:
             d_head=int(getattr(cfg, "d_head", None) or 0),
             d_mlp=int(getattr(cfg, "d_mlp", None) or 0),
             d_vocab=int(getattr(cfg, "d_vocab", None) or 0),
+            soft_cap=float(getattr(cfg, "output_logits_soft_cap", -1.0) or -1.0) > 0,
         )
 
-    def pass_bytes_per_token(self, seq: int, edges: bool, post_norms: bool = False) -> int:
+    def pass_bytes_per_token(self, seq: int, edges: bool, post_norms: bool = False, gradients: bool = True) -> int:
         """What one token of a differentiated pass holds at its peak, estimated from above, in bytes.
 
-        Every value counted in float32 (a 16-bit model's activations take less): the hooked
-        activations and their gradients; a rough allowance for what autograd saves per layer
-        (norm inputs, q/k/v, attention pattern, the MLP's hidden values); the logits, their
+        Every value counted in float32 (a 16-bit model's activations take less): the node hooks'
+        activations, their gradients, and the three node-sized copies a chunk keeps (the clean
+        and baseline activations and their difference); an allowance for what autograd saves per
+        layer (norm inputs, q/k/v before and after rotation, the attention pattern and its
+        softmax, the MLP's hidden values); the logits (and a soft cap's two intermediates), their
         log-softmax and its gradient. With edges, the reader hooks (each head's own q/k/v input,
         each MLP's input, the attention scores under GQA) and their gradients, the chunk's
         residual writes (three copies at the stacking), under GQA the K/V gradients split per
         query head, and with ``post_norms`` (a norm on the attention output, OLMo-2 and Gemma-2)
-        each head's write taken through it. Checked against what a pass really allocates for
-        several families (tests/test_attribution_memory.py).
+        each head's write taken through it. Without ``gradients`` (exact patching's no-grad
+        passes) no gradients, and only one layer's intermediate values at a time. Checked against
+        what a pass really allocates for several families, shapes and methods
+        (tests/test_attribution_memory.py).
         """
         d, heads, layers = self.d_model, self.n_heads, self.n_layers
         d_head = self.d_head or d // heads
-        hooked = d * len(self.embed_hooks) + layers * (heads * d_head + d)  # hook_z, hook_mlp_out
-        saved = layers * (10 * d + 3 * (self.d_mlp or 4 * d) + 2 * heads * seq)
-        extra = 0
+        qkv = (heads + 2 * self.n_kv_heads) * d_head
+        nodes = d * len(self.embed_hooks) + layers * (heads * d_head + d)  # hook_z, hook_mlp_out
+        saved = (layers if gradients else 1) * (6 * d + 3 * qkv + 3 * (self.d_mlp or 4 * d) + 4 * heads * seq)
+        readers = extra = 0
         if edges:
-            hooked += layers * (d * (heads + 2 * self.n_kv_heads + 2) + heads * seq) + d
+            readers = layers * (d * (heads + 2 * self.n_kv_heads + 2) + heads * seq) + d
             extra = 3 * len(self.writers()) * d  # the writes per layer, their stack and its permuted copy
             if self.group > 1:
                 extra += 2 * layers * heads * d
             if post_norms:
                 extra += 2 * layers * (heads + 1) * d
-        logits = 3 * self.d_vocab
-        return 4 * (2 * hooked + saved + extra + logits)
+        logits = (5 if self.soft_cap else 3) * self.d_vocab
+        return 4 * ((2 if gradients else 1) * (nodes + readers) + 3 * nodes + saved + extra + logits)
 
     @property
     def group(self) -> int:
@@ -1085,38 +1098,39 @@ def passes(model: LoadedModel, pairs: PromptPairs, config: AttributionConfig = A
 
 
 def _n_chunks(pairs: PromptPairs, batch_size: int) -> int:
-    return sum((g.n + batch_size - 1) // batch_size for g in pairs.groups)
+    return sum(group.n_chunks(batch_size) for group in pairs.groups)
 
 
 @dataclass(frozen=True)
 class _PassSizes:
-    """Pairs per pass of a gradient (or exact) sweep, per length group: ``config.batch_size``, or
-    the most that fit ``budget`` bytes by :meth:`_Layout.pass_bytes_per_token` (at least one)."""
+    """Pairs per pass of a sweep, per length group: ``fixed``, or the most that fit ``budget`` bytes
+    by :meth:`_Layout.pass_bytes_per_token` (at least one, at most :data:`MAX_PAIRS_PER_PASS`)."""
 
     lay: _Layout
-    config: AttributionConfig
+    fixed: int | None
     budget: int
+    edges: bool
+    gradients: bool
     post_norms: bool
 
     @classmethod
     def of(cls, model: LoadedModel, lay: _Layout, config: AttributionConfig) -> _PassSizes:
-        return cls(lay, config, config.pass_bytes or max(model.weight_bytes, MIN_PASS_BYTES),
-                   any(layer.attention_out_norm is not None for layer in model.adapter.layers))
+        return cls(lay, config.batch_size, config.pass_bytes or max(model.weight_bytes, MIN_PASS_BYTES),
+                   config.edges, config.method != "exact", any(n is not None for n in _post_norms(model)))
 
     def bytes_per_token(self, seq: int) -> int:
-        return self.lay.pass_bytes_per_token(seq, self.config.edges, self.post_norms)
+        return self.lay.pass_bytes_per_token(seq, self.edges, self.post_norms, gradients=self.gradients)
 
     def size(self, group: PairGroup) -> int:
-        if self.config.batch_size is not None:
-            return self.config.batch_size
-        per_pair = group.seq * self.bytes_per_token(group.seq)
-        return max(1, min(MAX_PAIRS_PER_PASS, self.budget // per_pair))
+        if self.fixed is not None:
+            return self.fixed
+        return max(1, min(MAX_PAIRS_PER_PASS, self.budget // (group.seq * self.bytes_per_token(group.seq))))
 
     def chunks(self, group: PairGroup) -> Iterator[PairGroup]:
         return group.chunks(self.size(group))
 
     def count(self, pairs: PromptPairs) -> int:
-        return sum(-(-group.n // self.size(group)) for group in pairs.groups)
+        return sum(group.n_chunks(self.size(group)) for group in pairs.groups)
 
 
 # --- the mean baseline -----------------------------------------------------------------
@@ -1232,7 +1246,7 @@ class _Sums:
 
 
 def _gradient_sweep(
-    bridge: Any, sizes: _PassSizes, pairs: PromptPairs, tracker: Steps,
+    bridge: Any, lay: _Layout, pairs: PromptPairs, config: AttributionConfig, sizes: _PassSizes, tracker: Steps,
     post_norms: Sequence[torch.nn.Module | None] = (), means: ActivationMeans | None = None,
     ahead: CleanRuns | None = None,
 ) -> _Sums:
@@ -1243,7 +1257,6 @@ def _gradient_sweep(
     dataset mean): both estimate "the component's clean value, against its baseline,
     raises the metric by this much" (see docs/SCIENCE.md).
     """
-    lay, config = sizes.lay, sizes.config
     sums = _Sums(torch.zeros(pairs.n_pairs, len(lay.writers()), dtype=torch.float64))
     edges = _EdgeAccumulator(bridge, lay, post_norms) if config.edges else None
     names = lay.node_hooks + (lay.reader_hooks() + edges.post_norm_hooks() if edges is not None else [])
@@ -1650,11 +1663,11 @@ def _node_patch(lay: _Layout, source: dict[str, torch.Tensor], current: list[Com
 
 
 def _exact_sweep(
-    bridge: Any, sizes: _PassSizes, pairs: PromptPairs, tracker: Steps, means: ActivationMeans | None = None,
+    bridge: Any, lay: _Layout, pairs: PromptPairs, config: AttributionConfig, sizes: _PassSizes, tracker: Steps,
+    means: ActivationMeans | None = None,
 ) -> _Sums:
     """Per pair and node: ``m(corrupt, node clean) - m(corrupt)`` (denoising), or on the mean
     baseline ``m(clean) - m(clean, node at its mean)`` (noising)."""
-    lay, config = sizes.lay, sizes.config
     writers = lay.writers()
     sums = _Sums(torch.zeros(pairs.n_pairs, len(writers), dtype=torch.float64))
     with torch.no_grad():
@@ -1743,12 +1756,13 @@ def attribute(
             else:
                 _check_means(means, lay, pairs)
             if config.method == "exact":
-                sums = _exact_sweep(bridge, sizes, pairs, tracker, means)
+                sums = _exact_sweep(bridge, lay, pairs, config, sizes, tracker, means)
             elif config.edges:
                 with _edge_flags(bridge):
-                    sums = _gradient_sweep(bridge, sizes, pairs, tracker, _post_norms(model), means, taken_ahead)
+                    sums = _gradient_sweep(bridge, lay, pairs, config, sizes, tracker, _post_norms(model), means,
+                                           taken_ahead)
             else:
-                sums = _gradient_sweep(bridge, sizes, pairs, tracker, means=means, ahead=taken_ahead)
+                sums = _gradient_sweep(bridge, lay, pairs, config, sizes, tracker, means=means, ahead=taken_ahead)
     finally:
         tracker.close()
     n = pairs.n_pairs

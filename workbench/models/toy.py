@@ -23,6 +23,8 @@ if TYPE_CHECKING:  # only for the annotation: importing transformers costs secon
 _ALIASES = {"gemma3": "gemma3_text", "neox": "gpt_neox", "pythia": "gpt_neox"}
 # Families without grouped-query attention in their config.
 _NO_GQA = ("gpt2", "gpt_neox")
+_OWN_HEAD_DIM = ("qwen3", "gemma2", "gemma3_text")
+"""Families whose config takes a head width of its own (``toy_model(d_head=)``)."""
 
 
 def toy_model(
@@ -33,6 +35,7 @@ def toy_model(
     n_heads: int = 4,
     n_kv_heads: int | None = None,
     d_mlp: int | None = None,
+    d_head: int | None = None,
     vocab: list[str] | None = None,
     n_ctx: int = 64,
     seed: int = 0,
@@ -44,7 +47,8 @@ def toy_model(
     downloaded. ``architecture`` is an HF ``model_type`` (``gpt2``, ``gpt_neox``, ``llama``,
     ``qwen2``, ``qwen3``, ``mistral``, ``gemma2``, ``gemma3``, ``phi3``, ``olmo2``).
     ``vocab`` defaults to ``w0 … w99``; ``n_kv_heads`` < ``n_heads`` gives grouped-query
-    attention (not GPT-2 or GPT-NeoX). ``dtype``: the weights' storage dtype, initialised in it
+    attention (not GPT-2 or GPT-NeoX). ``d_head`` other than ``d_model // n_heads``: Qwen3 and
+    Gemma only (their configs carry it). ``dtype``: the weights' storage dtype, initialised in it
     directly (a 1B-parameter model never exists in float32 first).
     """
     family = _ALIASES.get(architecture, architecture)
@@ -54,11 +58,13 @@ def toy_model(
         raise WorkbenchError(f"{SUPPORTED_FAMILIES[family]} has no grouped-query attention")
     if d_model % n_heads:
         raise WorkbenchError(f"d_model {d_model} is not a multiple of n_heads {n_heads}")
+    if d_head not in (None, d_model // n_heads) and family not in _OWN_HEAD_DIM:
+        raise WorkbenchError(f"a head width other than d_model / n_heads needs one of {', '.join(_OWN_HEAD_DIM)}")
     words = vocab or [f"w{i}" for i in range(100)]
     tok_dir = Path(tempfile.mkdtemp(prefix="workbench-toy-tok-"))
     tokenizer = word_tokenizer(words, tok_dir)
     shape = _Shape(len(tokenizer), n_layers, d_model, n_heads, n_kv_heads or n_heads, d_mlp or 4 * d_model, n_ctx,
-                   tokenizer.eos_token_id, tokenizer.pad_token_id)
+                   tokenizer.eos_token_id, tokenizer.pad_token_id, d_head or d_model // n_heads)
     torch.manual_seed(seed)
     saved = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -73,14 +79,16 @@ def toy_model(
     for p in hf.parameters():
         p.requires_grad_(False)
     name = f"toy-{architecture}-L{n_layers}-d{d_model}-h{n_heads}" + (f"-kv{n_kv_heads}" if n_kv_heads else "")
+    name += f"-dh{d_head}" if d_head not in (None, d_model // n_heads) else ""
     return LoadedModel(name=name, hf=hf, tokenizer=tokenizer, path=None)
 
 
 class _Shape:
     def __init__(self, vocab: int, n_layers: int, d_model: int, n_heads: int, n_kv_heads: int, d_mlp: int,
-                 n_ctx: int, eos: int, pad: int | None) -> None:
+                 n_ctx: int, eos: int, pad: int | None, d_head: int) -> None:
         self.vocab, self.n_layers, self.d_model, self.n_heads = vocab, n_layers, d_model, n_heads
         self.n_kv_heads, self.d_mlp, self.n_ctx, self.eos, self.pad = n_kv_heads, d_mlp, n_ctx, eos, pad
+        self.d_head = d_head
 
     def decoder(self) -> dict[str, Any]:
         """The config keywords every Llama-like family shares."""
@@ -104,7 +112,7 @@ def _build(family: str, s: _Shape) -> PreTrainedModel:
             intermediate_size=s.d_mlp, max_position_embeddings=s.n_ctx, hidden_dropout=0.0,
             attention_dropout=0.0,  # rotary on 25% of dims: the default, as Pythia
             bos_token_id=s.eos, eos_token_id=s.eos))
-    head_dim = {"head_dim": s.d_model // s.n_heads}
+    head_dim = {"head_dim": s.d_head}
     builders: dict[str, tuple[Any, Any, dict[str, Any]]] = {
         "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, {}),
         "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, {}),
