@@ -66,13 +66,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_attribute(args: argparse.Namespace, out: Printer) -> int:
-    model = load_model(args.model)
-    split = load_forget_split(model, args, "attribute")
+    # the settings checked before the model loads: a typo should not wait for a 7B model
     if args.pass_mb is not None and args.pass_mb < 1:
         raise WorkbenchError(f"--pass-mb must be at least 1, got {args.pass_mb}")
     config = AttributionConfig(method=args.method, ig_steps=args.ig_steps, metric=args.metric, edges=args.edges,
                                baseline=args.baseline, batch_size=args.batch_size,
                                pass_bytes=None if args.pass_mb is None else args.pass_mb * 2**20)
+    model = load_model(args.model)
+    split = load_forget_split(model, args, "attribute")
     for n in args.fact or []:
         if not 0 <= n < len(split.forget):
             raise WorkbenchError(f"--fact {n}: the forget set has facts 0..{len(split.forget) - 1}")
