@@ -11,6 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from workbench.core.device import device_memory_bytes
 from workbench.core.errors import WorkbenchError
 from workbench.interpretability import attribution as attribution_module
 from workbench.interpretability.attribution import (
@@ -19,6 +20,7 @@ from workbench.interpretability.attribution import (
     AttributionConfig,
     attribute,
     clean_runs,
+    default_pass_bytes,
     make_prompt_pairs,
     passes,
 )
@@ -173,3 +175,21 @@ def test_sized_passes_give_the_scores_of_one_batch(toy_llama_gqa, monkeypatch):
 def test_pass_sizes_must_be_whole_and_positive(field, value):
     with pytest.raises(WorkbenchError, match=field):
         AttributionConfig(**{field: value})
+
+
+def test_on_a_gpu_the_default_budget_is_at_most_half_what_the_model_leaves_of_it(toy_llama_gqa, monkeypatch):
+    """No GPU here: the device and its total memory are stood in for, the rule is what is tested.
+    On the CPU (and the meta device) the budget is the model's bytes, at least 256 MiB."""
+    assert device_memory_bytes(torch.device("cpu")) is None and device_memory_bytes(torch.device("meta")) is None
+    assert default_pass_bytes(toy_llama_gqa) == MIN_PASS_BYTES
+    pairs = _pairs(toy_llama_gqa, 8)
+    seq = pairs.groups[0].seq
+    per_pair = seq * attribution_module._Layout.of(toy_llama_gqa.bridge()).pass_bytes_per_token(seq, True)
+    weights = toy_llama_gqa.weight_bytes
+    total = {"value": 10 * MIN_PASS_BYTES}
+    monkeypatch.setattr(attribution_module, "module_device", lambda module: torch.device("cuda", 0))
+    monkeypatch.setattr(attribution_module, "device_memory_bytes", lambda device: total["value"])
+    assert default_pass_bytes(toy_llama_gqa) == MIN_PASS_BYTES  # room for the usual budget: unchanged
+    total["value"] = weights + 2 * (2 * per_pair)  # the model leaves room for 4 pairs: passes get half of it
+    assert default_pass_bytes(toy_llama_gqa) == 2 * per_pair
+    assert passes(toy_llama_gqa, pairs, AttributionConfig(edges=True)) == [2, 2, 2, 2]

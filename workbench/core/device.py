@@ -86,3 +86,11 @@ def module_device(module: torch.nn.Module) -> torch.device:
     for p in module.parameters():
         return p.device
     return torch.device("cpu")
+
+
+def device_memory_bytes(device: torch.device) -> int | None:
+    """A CUDA device's total memory; ``None`` elsewhere (the CPU's bound is the host's, which the
+    workbench leaves to the operating system)."""
+    if device.type != "cuda":
+        return None
+    return int(torch.cuda.get_device_properties(device).total_memory)
