@@ -50,6 +50,7 @@ class PeakTensorBytes(TorchDispatchMode):
                     self.alive.add(key)
                     self.live += size
                     self.peak = max(self.peak, self.live)
+                    # torch keeps one Python object per live storage, so this runs when the storage is freed
                     weakref.finalize(storage, self._freed, key, size)
         return out
 
