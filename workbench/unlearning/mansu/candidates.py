@@ -7,12 +7,15 @@ Steps, in the order a round runs them: :func:`round_gradients`, then :func:`sele
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from workbench.core.allocator import hand_back_freed_memory
+from workbench.models.adapter import ModelAdapter
+from workbench.models.recompute import blocks_recomputed
 from workbench.models.scoring import FactBatch, span_logits
 from workbench.models.update import SparseDelta
 from workbench.unlearning.batches import Batches
@@ -20,7 +23,7 @@ from workbench.unlearning.losses import answer_logprob
 from workbench.unlearning.mansu.config import MansuConfig
 from workbench.unlearning.mansu.grid import Grid, direction_sign, sign_targets
 from workbench.unlearning.mansu.projection import project_update
-from workbench.unlearning.mansu.state import Gradients, MansuState
+from workbench.unlearning.mansu.state import GRADIENT_CHUNK, Gradients, MansuState
 
 
 @dataclass(frozen=True)
@@ -45,24 +48,22 @@ class Move:
     delta: float
 
 
-GRADIENT_CHUNK = 16
-"""Facts per forward/backward of a gradient (as the Fisher's chunks): activation memory grows
-with the rows of one backward (about 47 MB per SmolLM2 fact in float32, 7.7 GB for 256 in one
-pass), so larger batches are summed in chunks."""
-
 
 def answer_logprob_gradient(work: torch.nn.Module, names: list[str], batch: FactBatch,
                             chunk: int = GRADIENT_CHUNK,
-                            span: Callable[[FactBatch], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                            span: Callable[[FactBatch], torch.Tensor] | None = None,
+                            recompute: ModelAdapter | None = None) -> dict[str, torch.Tensor]:
     """∇ mean log p(answer) over ``batch`` w.r.t. the named parameters (zeros where unused).
 
     Up to ``chunk`` facts take one backward (the mean, as before chunking); more are summed
     chunk by chunk (each chunk's sum ÷ n), equal up to float summation order. log p(answer)
     sums over the answer's tokens, teacher-forced, padding masked. ``span``: the forward giving
     a chunk's span logits (default :func:`~workbench.models.scoring.span_logits` of ``work``;
-    MANSU's retain gradient passes its prefix cache's). Uses and clears the named parameters'
-    ``.grad``; every other parameter of ``work`` must not require grad (MANSU's working
-    models are frozen copies).
+    MANSU's retain gradient passes its prefix cache's). ``recompute``: ``work``'s adapter to
+    recompute its blocks in the backward rather than keep their activations (the same
+    gradients, one more forward: :func:`~workbench.models.recompute.blocks_recomputed`).
+    Uses and clears the named parameters' ``.grad``; every other parameter of ``work`` must not
+    require grad (MANSU's working models are frozen copies).
 
     Returned in the parameters' storage dtype, as backward summed them: widening a 16-bit
     gradient to float32 is exact, so a caller widens one tensor when it computes with it
@@ -72,14 +73,17 @@ def answer_logprob_gradient(work: torch.nn.Module, names: list[str], batch: Fact
     for name in names:
         params[name].requires_grad_(True)
         params[name].grad = None
+    recomputing = blocks_recomputed(work, recompute) if recompute is not None else contextlib.nullcontext()
     try:
-        for start in range(0, n, chunk):
-            rows = batch if n <= chunk else batch.subset(torch.arange(start, min(n, start + chunk)))
-            logp = answer_logprob(span(rows) if span is not None else span_logits(work, rows), rows.targets, rows.mask)
-            objective = logp.mean() if n <= chunk else logp.sum() / n
-            # backward() adds each chunk into .grad in place, one weight at a time: the sum and
-            # one weight's new gradient are held, not the sum and a whole second gradient
-            objective.backward()
+        with recomputing:
+            for start in range(0, n, chunk):
+                rows = batch if n <= chunk else batch.subset(torch.arange(start, min(n, start + chunk)))
+                logits = span(rows) if span is not None else span_logits(work, rows)
+                logp = answer_logprob(logits, rows.targets, rows.mask)
+                objective = logp.mean() if n <= chunk else logp.sum() / n
+                # backward() adds each chunk into .grad in place, one weight at a time: the sum and
+                # one weight's new gradient are held, not the sum and a whole second gradient
+                objective.backward()
         total = [params[name].grad for name in names]
     finally:
         for name in names:
@@ -88,13 +92,14 @@ def answer_logprob_gradient(work: torch.nn.Module, names: list[str], batch: Fact
     return {name: (g if g is not None else torch.zeros_like(params[name])) for name, g in zip(names, total)}
 
 
-def forget_direction(work: torch.nn.Module, names: list[str], forget: FactBatch,
-                     still: torch.Tensor) -> dict[str, torch.Tensor]:
+def forget_direction(work: torch.nn.Module, names: list[str], forget: FactBatch, still: torch.Tensor,
+                     recompute: ModelAdapter | None = None) -> dict[str, torch.Tensor]:
     """−∇ mean log p(answer) over the forget facts ``work`` still answers (``still``, ``[n]``
     bool; all facts once none is left), so already-forgotten facts stop pulling on the
     direction. Only those facts are run: the same gradient, for less work."""
     rows = forget.subset(still.nonzero().squeeze(-1)) if bool(still.any()) else forget
-    return {n: g.neg_() for n, g in answer_logprob_gradient(work, names, rows).items()}  # in place: no second copy
+    gradient = answer_logprob_gradient(work, names, rows, recompute=recompute)
+    return {n: g.neg_() for n, g in gradient.items()}  # in place: no second copy
 
 
 def round_gradients(state: MansuState, batches: Batches, config: MansuConfig) -> Gradients:
@@ -103,17 +108,18 @@ def round_gradients(state: MansuState, batches: Batches, config: MansuConfig) ->
     explicitly) and, for the first-order retain cost, the retain gradient."""
     if config.forget_direction == "quantized":
         assert state.q_still is not None
-        direction = forget_direction(state.qwork, state.names, batches.forget, state.q_still)
+        direction = forget_direction(state.qwork, state.names, batches.forget, state.q_still, state.recompute)
     else:
-        direction = forget_direction(state.work, state.names, batches.forget, state.still)
+        direction = forget_direction(state.work, state.names, batches.forget, state.still, state.recompute)
     if config.forget_direction == "average":
         assert state.q_still is not None
-        q_direction = forget_direction(state.qwork, state.names, batches.forget, state.q_still)
+        q_direction = forget_direction(state.qwork, state.names, batches.forget, state.q_still, state.recompute)
         for n in state.names:  # freeing each quantized one as it goes: ½(a + b) in float32, as before
             average = direction[n].float().add_(q_direction.pop(n)).mul_(0.5)
             # rounded to the storage dtype when the state is held there (a copy for 16 bits only)
             direction[n] = average.to(state.base[n].dtype) if state.storage_state else average
-    retain = (answer_logprob_gradient(state.work, state.names, state.retain_sample, span=state.answers.span_logits)
+    retain = (answer_logprob_gradient(state.work, state.names, state.retain_sample, span=state.answers.span_logits,
+                                      recompute=state.recompute)
               if config.use_fisher and config.retain_first_order else None)
     return Gradients(direction, retain)
 

@@ -7,6 +7,7 @@ update it; :mod:`.method` runs the rounds.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from collections.abc import Callable, ItemsView, Mapping
@@ -20,10 +21,13 @@ from workbench.core.errors import WorkbenchError
 from workbench.core.memo import latest_memo
 from workbench.core.progress import Progress
 from workbench.core.sharing import sharing_copy
+from workbench.interpretability.attribution import default_pass_bytes
 from workbench.interpretability.parameters import circuit_parameters
+from workbench.models.adapter import ModelAdapter
 from workbench.models.loaded import LoadedModel
 from workbench.models.prefix import PrefixCache
-from workbench.models.scoring import FactBatch
+from workbench.models.recompute import saved_bytes
+from workbench.models.scoring import FactBatch, span_logits
 from workbench.quant import QuantConfig, quantized_copy
 from workbench.quant.compact import compact_quantized_copy
 from workbench.quant.parameters import single_use_linear_owners
@@ -50,6 +54,13 @@ the same logits and gradients, one dequantization per module per forward); below
 Above :data:`GRID_CACHE_WEIGHTS` candidate weights (no circuit restriction) it holds the
 candidate tensors as codes too, and a round writes their new codes: the gradient of a weight
 held as codes is the same as a tensor's."""
+
+GRADIENT_CHUNK = 16
+"""Facts per forward/backward of a gradient (as the Fisher's chunks): activation memory grows
+with the rows of one backward (about 47 MB per SmolLM2 fact in float32, 7.7 GB for 256 in one
+pass), so larger batches are summed in chunks; when a chunk's would still outweigh the working
+budget, the blocks are recomputed in the backward (:func:`gradients_recompute_blocks`)."""
+
 
 def many_candidates(tensors: Mapping[str, torch.Tensor], names: list[str]) -> bool:
     """More than :data:`GRID_CACHE_WEIGHTS` weights in the candidate tensors ``names`` (MANSU
@@ -198,6 +209,7 @@ class MansuState:
     summed: frozenset[str] = frozenset()
     projectors: dict[str, HeldProjector] = field(default_factory=dict)
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)
+    recompute: ModelAdapter | None = None  # the adapter when the gradients recompute the blocks
     bound: float = 0.0
     gradients: Gradients | None = None
     floor_reverted: int = 0
@@ -340,6 +352,33 @@ def summed_at_forward(work: torch.nn.Module, names: list[str]) -> frozenset[str]
     return frozenset(single_use_linear_owners(work, names))
 
 
+def gradients_recompute_blocks(model: LoadedModel, work: torch.nn.Module, names: list[str],
+                               batches: tuple[FactBatch, ...]) -> bool:
+    """Whether MANSU's gradients recompute the blocks in their backward
+    (:func:`~workbench.models.recompute.blocks_recomputed`: the same gradients, one more forward
+    per backward): when :data:`GRADIENT_CHUNK` facts as long as a batch's longest would save more
+    for their backward than the working budget (the model's bytes, at least 256 MiB, as an
+    attribution pass: :func:`~workbench.interpretability.attribution.default_pass_bytes`).
+    Measured by one forward of each batch's longest fact with the candidate tensors taking a
+    gradient, as the rounds' gradients do."""
+    budget = default_pass_bytes(model)
+    params = [work.get_parameter(n) for n in names]
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        for batch in batches:
+            if len(batch) == 0:
+                continue
+            longest = batch.subset((batch.last + batch.mask.sum(-1)).argmax().reshape(1))
+            per_fact = saved_bytes(work, functools.partial(span_logits, work, longest))
+            if min(len(batch), GRADIENT_CHUNK) * per_fact > budget:
+                return True
+        return False
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+
+
 def _setup_memo(what: str, model: LoadedModel, work: torch.nn.Module, names: list[str], settings: tuple[object, ...],
                 entries: int, compute: Callable[[], dict[str, T]]) -> dict[str, T]:
     """``compute()``, kept for the next run with the same model, device, tensors and ``settings``
@@ -391,6 +430,7 @@ def setup_state(model: LoadedModel, batches: Batches, circuit: tuple[Component, 
                                "storage" if config.state_in_storage_dtype else "float32")
 
     qwork = quantized_working_copy(model, quant, names)
+    recompute = gradients_recompute_blocks(model, work, names, (retain_sample, batches.forget))
     n_candidates = int(sum(int(masks[n].sum()) for n in names))  # each all-true mask only for its count
     per_round, max_per_round = round_sizes(n_candidates, config)
     # The guard's retain sample differs from the projector's, so the guard stays an independent check.
@@ -412,4 +452,5 @@ def setup_state(model: LoadedModel, batches: Batches, circuit: tuple[Component, 
         still=batches.forget_answered(answers),
         q_still=batches.forget_answered(q_answers) if config.forget_direction != "full_precision" else None,
         projectors=projectors, fisher=fisher, summed=summed_at_forward(work, names),
+        recompute=model.adapter if recompute else None,
     )

@@ -1,0 +1,163 @@
+"""Blocks recomputed in the backward (activation checkpointing, issue 17): the same gradients to
+the bit, less saved for the backward, and MANSU decides to recompute from what a gradient would
+save against its budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import bf16_copy, large_circuit_paths, own_top1_split
+
+from workbench.models.recompute import blocks_recomputed, saved_bytes
+from workbench.models.scoring import FactBatch, span_logits
+from workbench.models.toy import toy_model
+from workbench.quant import QuantConfig
+from workbench.quant.compact import compact_quantized_copy
+from workbench.unlearning.batches import Batches
+from workbench.unlearning.mansu import MansuConfig
+from workbench.unlearning.mansu.candidates import answer_logprob_gradient
+from workbench.unlearning.registry import unlearn
+
+NF4 = QuantConfig("nf4")
+SILENT = lambda fraction, message: None  # noqa: E731
+FAMILIES = ["gpt2", "llama", "neox", "gemma2", "phi3"]
+
+
+def _batch(model) -> FactBatch:
+    split = own_top1_split(model, n_prompts=24, n_forget=8)
+    return FactBatch.from_facts(model.tokenizer, split.retain)
+
+
+def _mlp_and_attention_weights(module: torch.nn.Module) -> list[str]:
+    return [n for n, p in module.named_parameters() if p.dim() == 2 and "embed" not in n and "wte" not in n
+            and "wpe" not in n and "lm_head" not in n]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_recomputed_blocks_give_the_same_gradient_and_save_less(family):
+    """Every family's gradient over several chunks, recomputing the blocks or not: equal to the
+    bit; what the forward saves for its backward shrinks (a block keeps its input only); the
+    blocks' own forwards are back afterwards."""
+    model = toy_model(family)
+    work, batch = model.hf.eval(), _batch(model)
+    names = _mlp_and_attention_weights(work)
+    for p in work.parameters():
+        p.requires_grad_(False)
+    plain = answer_logprob_gradient(work, names, batch, chunk=5)
+    recomputed = answer_logprob_gradient(work, names, batch, chunk=5, recompute=model.adapter)
+    assert set(plain) == set(recomputed)
+    for n in names:
+        assert plain[n].abs().sum() > 0, n
+        assert torch.equal(plain[n], recomputed[n]), n
+
+    for p in (work.get_parameter(n) for n in names):
+        p.requires_grad_(True)
+    try:
+        kept = saved_bytes(work, lambda: span_logits(work, batch))
+        with blocks_recomputed(work, model.adapter):
+            recomputing = saved_bytes(work, lambda: span_logits(work, batch))
+    finally:
+        for p in work.parameters():
+            p.requires_grad_(False)
+    assert 0 < recomputing < kept / 2
+    assert all("forward" not in block.__dict__ for block in work.get_submodule(model.adapter.blocks))
+
+
+def test_recomputation_through_weights_computed_at_forward(toy_llama_gqa):
+    """A compact quantized copy (weights dequantized from codes in their module's forward, the
+    gradient taken through their placeholders) gives the same gradient recomputing the blocks."""
+    model = toy_llama_gqa
+    copy, batch = compact_quantized_copy(model.hf, NF4, materialized=()), _batch(model)
+    names = _mlp_and_attention_weights(copy)
+    plain = answer_logprob_gradient(copy, names, batch, chunk=4)
+    recomputed = answer_logprob_gradient(copy, names, batch, chunk=4, recompute=model.adapter)
+    for n in names:
+        assert plain[n].abs().sum() > 0, n
+        assert torch.equal(plain[n], recomputed[n]), n
+
+
+def test_blocks_get_their_forward_back_when_the_work_inside_fails(toy_llama_gqa):
+    model = toy_llama_gqa
+    blocks = model.hf.get_submodule(model.adapter.blocks)
+    with pytest.raises(RuntimeError, match="inside"), blocks_recomputed(model.hf, model.adapter):
+        assert all("forward" in block.__dict__ for block in blocks)
+        raise RuntimeError("inside")
+    assert all("forward" not in block.__dict__ for block in blocks)
+
+
+def test_without_grad_recomputing_blocks_changes_nothing(toy_llama_gqa):
+    model, batch = toy_llama_gqa, _batch(toy_llama_gqa)
+    with torch.no_grad():
+        plain = span_logits(model.hf, batch)
+        with blocks_recomputed(model.hf, model.adapter):
+            recomputing = span_logits(model.hf, batch)
+    assert torch.equal(plain, recomputing)
+
+
+def _run(model, split, config):
+    result = unlearn(model, split, method="mansu", quant=NF4, progress=SILENT, method_config=config)
+    diagnostics = {k: v for k, v in result.diagnostics.items() if k != "seconds_by_phase"}
+    return result.history, result.update.deltas, diagnostics
+
+
+@pytest.mark.parametrize("family,large", [("gpt2", False), ("llama-bf16", False), ("llama-bf16", True)])
+def test_mansu_recomputing_its_blocks_runs_exactly_as_without(family, large, toy_gpt2, toy_llama_gqa, monkeypatch):
+    """A budget below what a gradient saves makes MANSU recompute the blocks (forget direction at
+    w+Δ and Q(w+Δ), retain gradient); the run is the same to the bit: history, every delta,
+    diagnostics; also on a large circuit's paths (w+Δ summed at forward, Q(w+Δ) as codes)."""
+    import workbench.unlearning.mansu.state as mansu_state
+    from workbench.models import recompute
+
+    model = toy_gpt2 if family == "gpt2" else bf16_copy(toy_llama_gqa)
+    if large:
+        large_circuit_paths(monkeypatch)
+    split = own_top1_split(model)
+    config = MansuConfig(use_circuit=False, max_rounds=4, params_per_round=128, retain_guard=0.02)
+    kept_history, kept, kept_diagnostics = _run(model, split, config)
+
+    entered = []
+    real = recompute.blocks_recomputed
+
+    def counting(*args, **kwargs):
+        entered.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mansu_state, "default_pass_bytes", lambda model: 1)
+    monkeypatch.setattr("workbench.unlearning.mansu.candidates.blocks_recomputed", counting)
+    history, deltas, diagnostics = _run(model, split, config)
+    assert entered, "the budget of 1 byte did not make MANSU recompute its blocks"
+    assert kept and history == kept_history and diagnostics == kept_diagnostics
+    assert list(deltas) == list(kept)
+    for name, delta in kept.items():
+        assert torch.equal(deltas[name].view(torch.int16 if delta.dtype == torch.bfloat16 else torch.int32),
+                           delta.view(torch.int16 if delta.dtype == torch.bfloat16 else torch.int32)), name
+
+
+def test_mansu_recomputes_only_when_a_gradient_would_save_more_than_its_budget(toy_llama_gqa, monkeypatch):
+    """The decision follows the measurement: a gradient chunk's saved bytes against the budget."""
+    import workbench.unlearning.mansu.state as mansu_state
+    from workbench.core.sharing import sharing_copy
+
+    model = toy_llama_gqa
+    split = own_top1_split(model)
+    batches = Batches.build(model, split)
+    work = sharing_copy(model.hf).eval()
+    names = _mlp_and_attention_weights(work)
+    longest = batches.retain.subset((batches.retain.last + batches.retain.mask.sum(-1)).argmax().reshape(1))
+    for p in (work.get_parameter(n) for n in names):
+        p.requires_grad_(True)
+    per_fact = saved_bytes(work, lambda: span_logits(work, longest))
+    for p in work.parameters():
+        p.requires_grad_(False)
+    chunk = min(len(batches.retain), mansu_state.GRADIENT_CHUNK)
+    assert per_fact > 0
+
+    def decide(budget: int) -> bool:
+        monkeypatch.setattr(mansu_state, "default_pass_bytes", lambda model: budget)
+        return mansu_state.gradients_recompute_blocks(model, work, names, (batches.retain,))
+
+    assert decide(chunk * per_fact) is False and decide(chunk * per_fact - 1) is True
+    assert not any(p.requires_grad for p in work.parameters())
+    # a tiny model's gradients stay far under the default budget (at least 256 MiB): never recomputed
+    monkeypatch.undo()
+    assert mansu_state.gradients_recompute_blocks(model, work, names, (batches.retain, batches.forget)) is False
