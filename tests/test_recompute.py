@@ -96,8 +96,8 @@ def test_without_grad_recomputing_blocks_changes_nothing(toy_llama_gqa):
 
 def _run(model, split, config):
     result = unlearn(model, split, method="mansu", quant=NF4, progress=SILENT, method_config=config)
-    diagnostics = {k: v for k, v in result.diagnostics.items() if k != "seconds_by_phase"}
-    return result.history, result.update.deltas, diagnostics
+    diagnostics = {k: v for k, v in result.diagnostics.items() if k not in ("seconds_by_phase", "blocks_recomputed")}
+    return result.history, result.update.deltas, diagnostics, result.diagnostics["blocks_recomputed"]
 
 
 @pytest.mark.parametrize("family,large", [("gpt2", False), ("llama-bf16", False), ("llama-bf16", True)])
@@ -113,7 +113,7 @@ def test_mansu_recomputing_its_blocks_runs_exactly_as_without(family, large, toy
         large_circuit_paths(monkeypatch)
     split = own_top1_split(model)
     config = MansuConfig(use_circuit=False, max_rounds=4, params_per_round=128, retain_guard=0.02)
-    kept_history, kept, kept_diagnostics = _run(model, split, config)
+    kept_history, kept, kept_diagnostics, kept_recomputed = _run(model, split, config)
 
     entered = []
     real = recompute.blocks_recomputed
@@ -124,8 +124,9 @@ def test_mansu_recomputing_its_blocks_runs_exactly_as_without(family, large, toy
 
     monkeypatch.setattr(mansu_state, "default_pass_bytes", lambda model: 1)
     monkeypatch.setattr("workbench.unlearning.mansu.candidates.blocks_recomputed", counting)
-    history, deltas, diagnostics = _run(model, split, config)
+    history, deltas, diagnostics, recomputed = _run(model, split, config)
     assert entered, "the budget of 1 byte did not make MANSU recompute its blocks"
+    assert recomputed is True and kept_recomputed is False  # what the run's diagnostics say
     assert kept and history == kept_history and diagnostics == kept_diagnostics
     assert list(deltas) == list(kept)
     for name, delta in kept.items():
