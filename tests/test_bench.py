@@ -173,19 +173,20 @@ def test_scale_edges_bench_reduced_attributes_with_edges_in_sized_then_whole_pas
     assert passes_note(several) == "p: 3 passes of 11 + 11 + 10 pairs"
 
 
-def test_gradient_long_bench_runs_the_gradient_both_ways_mansus_choice_first():
-    """The memory section's third flow on facts-tiny: MANSU's retain gradient over long prompts, as
-    MANSU decides (a tiny model keeps its blocks), then the other way; the child raises if the two
-    gradients differ in any bit."""
+def test_gradient_bench_runs_each_gradient_both_ways_mansus_choice_first():
+    """The memory section's third flow on facts-tiny: MANSU's retain gradient over short facts and
+    over long ones, each as MANSU decides (a tiny model keeps its blocks), then the other way;
+    the child raises if the two gradients of a set differ in any bit."""
     from workbench.faces.bench_memory import run_flow
 
-    report = run_flow("gradient-long", "facts-tiny")
+    report = run_flow("gradient", "facts-tiny")
     phases = report["phases"]
-    assert [p["phase"] for p in phases] == ["load", "gradient, 32 long facts, blocks kept (MANSU's choice)",
-                                             "gradient, 32 long facts, blocks recomputed"]
-    assert [p.get("recomputed") for p in phases] == [None, False, True]
+    assert [p["phase"] for p in phases] == [
+        "load", "gradient, 32 facts, blocks kept (MANSU's choice)", "gradient, 32 facts, blocks recomputed",
+        "gradient, 32 long facts, blocks kept (MANSU's choice)", "gradient, 32 long facts, blocks recomputed"]
+    assert [p.get("recomputed") for p in phases] == [None, False, True, False, True]
     # the context fills what facts-tiny's positions allow, far past its own short prompts
-    assert phases[1]["tokens_per_fact"] > 16
+    assert phases[3]["tokens_per_fact"] > 2 * phases[1]["tokens_per_fact"]
     assert all(p["seconds"] > 0 and p["peak_rss_bytes"] >= report["imports_rss_bytes"] for p in phases)
 
 

@@ -25,12 +25,13 @@ Flows:
   edges (the app's default), in passes sized to memory (the default,
   ``attribution (edges, sized passes)``), then with all 32 pairs in one pass (every attribution's
   batch before the sizing, ``attribution (edges, 32 pairs per pass)``).
-- ``gradient-long``: load, then MANSU's retain gradient (the candidate tensors: block 0's MLP, so
+- ``gradient``: load, then MANSU's retain gradient (the candidate tensors: block 0's MLP, so
   the backward runs through every block, as in the app's default circuit) over 32 of the
-  model's retain facts behind a shared context of :data:`LONG_CONTEXT_WORDS` words, in chunks
-  of 16 facts: first as MANSU would run it (blocks recomputed in the backward or not, by
-  :func:`~workbench.unlearning.mansu.state.gradients_recompute_blocks`), then the other way;
-  each phase records ``recomputed``, and the two gradients must be equal to the bit.
+  model's retain facts in chunks of 16, first as they are, then behind a shared context of
+  :data:`LONG_CONTEXT_WORDS` words; each first as MANSU would run it (blocks recomputed in
+  the backward or not, by :func:`~workbench.unlearning.mansu.state.gradients_recompute_blocks`),
+  then the other way. Each phase records ``recomputed`` and ``tokens_per_fact``; the two
+  gradients of a set must be equal to the bit.
 
 The child prints one JSON line; :func:`run_flow` starts it and parses that line. The script
 only uses interfaces that predate issue 17, so the same file measures an older checkout
@@ -71,9 +72,9 @@ from workbench.unlearning.mansu import candidates as mansu_candidates
 from workbench.unlearning.mansu import state as mansu_state
 from workbench.unlearning.registry import unlearn
 
-FLOWS = ("flow", "mansu-no-circuit", "scale", "scale-edges", "gradient-long")
+FLOWS = ("flow", "mansu-no-circuit", "scale", "scale-edges", "gradient")
 LONG_CONTEXT_WORDS = 200
-"""The ``gradient-long`` flow's shared context before each fact's prompt (a long document's question)."""
+"""The ``gradient`` flow's shared context before each long fact's prompt (a long document's question)."""
 SCALE_FULL = {"layers": 22, "d_model": 2048, "heads": 32, "kv_heads": 4, "d_mlp": 5632, "vocab": 32000}
 """The scale bench's 1B-class Llama shape (TinyLlama-1.1B's): about 1.1B parameters, 2.2 GB in bfloat16."""
 STATE_PRECISIONS = ("auto", "float32", "storage")
@@ -169,44 +170,45 @@ def scale_edges_flow(rows: list[dict[str, Any]], size: dict[str, int]) -> Any:
     return model
 
 
-def _long_facts(model: Any, split: FactSplit, n: int = 32) -> FactBatch:
-    """``n`` retain facts, each prompt behind the same context of :data:`LONG_CONTEXT_WORDS` words
-    (the retain prompts' own words, repeated; fewer when the model's positions run out)."""
+def _gradient_facts(model: Any, split: FactSplit, context_words: int, n: int = 32) -> FactBatch:
+    """``n`` retain facts, each prompt behind the same context of ``context_words`` words (the
+    retain prompts' own words, repeated; fewer when the model's positions run out)."""
     words = " ".join(f.prompt for f in split.retain).split()
-    words = (words * (LONG_CONTEXT_WORDS // max(1, len(words)) + 1))[:LONG_CONTEXT_WORDS]
+    words = (words * (context_words // max(1, len(words)) + 1))[:context_words]
     cfg = model.hf.config
     positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 1 << 30
     while True:
-        facts = tuple(Fact(f"{' '.join(words)} {f.prompt}", f.answer, ()) for f in split.retain[:n])
+        facts = tuple(Fact(" ".join([*words, f.prompt]), f.answer, ()) for f in split.retain[:n])
         batch = FactBatch.from_facts(model.tokenizer, facts)
         if batch.ids.shape[1] <= positions or not words:
             return batch
         words = words[: len(words) * 3 // 4]
 
 
-def gradient_long_flow(rows: list[dict[str, Any]], model: Any, split: FactSplit) -> None:
-    """The ``gradient-long`` flow's gradient phases (module docstring)."""
+def gradient_flow(rows: list[dict[str, Any]], model: Any, split: FactSplit) -> None:
+    """The ``gradient`` flow's phases after the load (module docstring)."""
     decide = getattr(mansu_state, "gradients_recompute_blocks", None)
     if decide is None:
         raise SystemExit("this checkout cannot recompute blocks in MANSU's gradients")
-    batch = _long_facts(model, split)
     work = sharing_copy(model.hf).eval()
     for p in work.parameters():
         p.requires_grad_(False)
-    first_mlp = f"{model.adapter.blocks}.0."
-    names = [n for n, p in work.named_parameters() if n.startswith(first_mlp) and p.dim() == 2 and "mlp" in n]
-    chosen = decide(model, work, names, (batch,))
-    gradients = []
-    for recomputed in (chosen, not chosen):
-        phase = f"gradient, 32 long facts, blocks {'recomputed' if recomputed else 'kept'}" + (
-            " (MANSU's choice)" if recomputed == chosen else "")
-        adapter = model.adapter if recomputed else None
-        gradients.append(_phase(rows, phase, lambda adapter=adapter: mansu_candidates.answer_logprob_gradient(
-            work, names, batch, recompute=adapter)))
-        rows[-1]["recomputed"] = recomputed
-        rows[-1]["tokens_per_fact"] = int(batch.ids.shape[1])
-    if any(not torch.equal(gradients[0][n], gradients[1][n]) for n in names):
-        raise SystemExit("recomputing the blocks changed the gradient")
+    first_block = f"{model.adapter.blocks}.0."
+    names = [n for n, p in work.named_parameters() if n.startswith(first_block) and p.dim() == 2 and "mlp" in n]
+    for label, context in (("32 facts", 0), ("32 long facts", LONG_CONTEXT_WORDS)):
+        batch = _gradient_facts(model, split, context)
+        chosen = decide(model, work, names, (batch,))
+        gradients = []
+        for recomputed in (chosen, not chosen):
+            phase = f"gradient, {label}, blocks {'recomputed' if recomputed else 'kept'}" + (
+                " (MANSU's choice)" if recomputed == chosen else "")
+            adapter = model.adapter if recomputed else None
+            gradients.append(_phase(rows, phase, lambda batch=batch, adapter=adapter: (
+                mansu_candidates.answer_logprob_gradient(work, names, batch, recompute=adapter))))
+            rows[-1]["recomputed"] = recomputed
+            rows[-1]["tokens_per_fact"] = int(batch.ids.shape[1])
+        if any(not torch.equal(gradients[0][n], gradients[1][n]) for n in names):
+            raise SystemExit(f"recomputing the blocks changed the gradient ({label})")
 
 
 def _passes_of(model: Any, split: FactSplit, config: AttributionConfig) -> list[int] | None:
@@ -271,8 +273,8 @@ def child(flow: str, model_name: str, rounds: int, state_precision: str = "auto"
             _phase(rows, "attribution", session.attribute)
             # ``rounds`` caps the run: memory per round is the same, the time is not
             _phase(rows, "mansu", lambda: session.unlearn("mansu", mansu={"max_rounds": rounds}))
-        elif flow == "gradient-long":
-            gradient_long_flow(rows, session.model, session.split)
+        elif flow == "gradient":
+            gradient_flow(rows, session.model, session.split)
         elif flow == "mansu-no-circuit":
             config = MansuConfig(use_circuit=False, max_rounds=rounds)
             model, split, quant = session.model, session.split, session.quant
