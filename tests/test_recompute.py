@@ -94,8 +94,8 @@ def test_without_grad_recomputing_blocks_changes_nothing(toy_llama_gqa):
     assert torch.equal(plain, recomputing)
 
 
-def _run(model, split, config):
-    result = unlearn(model, split, method="mansu", quant=NF4, progress=SILENT, method_config=config)
+def _run(model, split, config, progress=SILENT):
+    result = unlearn(model, split, method="mansu", quant=NF4, progress=progress, method_config=config)
     diagnostics = {k: v for k, v in result.diagnostics.items() if k not in ("seconds_by_phase", "blocks_recomputed")}
     return result.history, result.update.deltas, diagnostics, result.diagnostics["blocks_recomputed"]
 
@@ -124,8 +124,11 @@ def test_mansu_recomputing_its_blocks_runs_exactly_as_without(family, large, toy
 
     monkeypatch.setattr(mansu_state, "default_pass_bytes", lambda model: 1)
     monkeypatch.setattr("workbench.unlearning.mansu.candidates.blocks_recomputed", counting)
-    history, deltas, diagnostics, recomputed = _run(model, split, config)
+    messages: list[str] = []
+    history, deltas, diagnostics, recomputed = _run(model, split, config, lambda f, m: messages.append(m))
     assert entered, "the budget of 1 byte did not make MANSU recompute its blocks"
+    said = [m for m in messages if "recompute each block" in m]
+    assert len(said) == 1 and "over the 0 MiB budget" in said[0], messages
     assert recomputed is True and kept_recomputed is False  # what the run's diagnostics say
     assert kept and history == kept_history and diagnostics == kept_diagnostics
     assert list(deltas) == list(kept)

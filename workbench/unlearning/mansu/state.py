@@ -352,31 +352,36 @@ def summed_at_forward(work: torch.nn.Module, names: list[str]) -> frozenset[str]
     return frozenset(single_use_linear_owners(work, names))
 
 
-def gradients_recompute_blocks(model: LoadedModel, work: torch.nn.Module, names: list[str],
-                               batches: tuple[FactBatch, ...]) -> bool:
-    """Whether MANSU's gradients recompute the blocks in their backward
-    (:func:`~workbench.models.recompute.blocks_recomputed`: the same gradients, one more forward
-    per backward): when :data:`GRADIENT_CHUNK` facts as long as a batch's longest would save more
-    for their backward than the working budget (the model's bytes, at least 256 MiB, as an
-    attribution pass: :func:`~workbench.interpretability.attribution.default_pass_bytes`).
-    Measured by one forward of each batch's longest fact with the candidate tensors taking a
-    gradient, as the rounds' gradients do."""
-    budget = default_pass_bytes(model)
+def gradient_chunk_saved_bytes(work: torch.nn.Module, names: list[str], batches: tuple[FactBatch, ...]) -> int:
+    """What one gradient chunk saves for its backward, estimated as :data:`GRADIENT_CHUNK` facts
+    (or the batch's size, if smaller) as long as a batch's longest; the most over ``batches``.
+    Measured by one forward of each batch's longest fact with the candidate tensors ``names``
+    taking a gradient, as the rounds' gradients do (:func:`~workbench.models.recompute.saved_bytes`)."""
     params = [work.get_parameter(n) for n in names]
     for p in params:
         p.requires_grad_(True)
+    most = 0
     try:
         for batch in batches:
             if len(batch) == 0:
                 continue
             longest = batch.subset((batch.last + batch.mask.sum(-1)).argmax().reshape(1))
             per_fact = saved_bytes(work, functools.partial(span_logits, work, longest))
-            if min(len(batch), GRADIENT_CHUNK) * per_fact > budget:
-                return True
-        return False
+            most = max(most, min(len(batch), GRADIENT_CHUNK) * per_fact)
+        return most
     finally:
         for p in params:
             p.requires_grad_(False)
+
+
+def gradients_recompute_blocks(model: LoadedModel, work: torch.nn.Module, names: list[str],
+                               batches: tuple[FactBatch, ...]) -> bool:
+    """Whether MANSU's gradients recompute the blocks in their backward
+    (:func:`~workbench.models.recompute.blocks_recomputed`: the same gradients, one more forward
+    per backward): when a chunk would save more for its backward (:func:`gradient_chunk_saved_bytes`)
+    than the working budget (the model's bytes, at least 256 MiB, as an attribution pass:
+    :func:`~workbench.interpretability.attribution.default_pass_bytes`)."""
+    return gradient_chunk_saved_bytes(work, names, batches) > default_pass_bytes(model)
 
 
 def _setup_memo(what: str, model: LoadedModel, work: torch.nn.Module, names: list[str], settings: tuple[object, ...],
@@ -430,7 +435,11 @@ def setup_state(model: LoadedModel, batches: Batches, circuit: tuple[Component, 
                                "storage" if config.state_in_storage_dtype else "float32")
 
     qwork = quantized_working_copy(model, quant, names)
-    recompute = gradients_recompute_blocks(model, work, names, (retain_sample, batches.forget))
+    saved, budget = gradient_chunk_saved_bytes(work, names, (retain_sample, batches.forget)), default_pass_bytes(model)
+    if saved > budget:
+        report(0.12, f"gradients recompute each block in their backward: {GRADIENT_CHUNK} facts would save "
+                     f"{saved / 2**20:,.0f} MiB for it, over the {budget / 2**20:,.0f} MiB budget (same numbers, "
+                     "one more forward per backward)")
     n_candidates = int(sum(int(masks[n].sum()) for n in names))  # each all-true mask only for its count
     per_round, max_per_round = round_sizes(n_candidates, config)
     # The guard's retain sample differs from the projector's, so the guard stays an independent check.
@@ -452,5 +461,5 @@ def setup_state(model: LoadedModel, batches: Batches, circuit: tuple[Component, 
         still=batches.forget_answered(answers),
         q_still=batches.forget_answered(q_answers) if config.forget_direction != "full_precision" else None,
         projectors=projectors, fisher=fisher, summed=summed_at_forward(work, names),
-        recompute=model.adapter if recompute else None,
+        recompute=model.adapter if saved > budget else None,
     )
