@@ -13,7 +13,6 @@ from workbench.models.scoring import FactBatch, span_logits
 from workbench.models.toy import toy_model
 from workbench.quant import QuantConfig
 from workbench.quant.compact import compact_quantized_copy
-from workbench.unlearning.batches import Batches
 from workbench.unlearning.mansu import MansuConfig
 from workbench.unlearning.mansu.candidates import answer_logprob_gradient
 from workbench.unlearning.registry import unlearn
@@ -44,7 +43,7 @@ def test_recomputed_blocks_give_the_same_gradient_and_save_less(family):
     for p in work.parameters():
         p.requires_grad_(False)
     plain = answer_logprob_gradient(work, names, batch, chunk=5)
-    recomputed = answer_logprob_gradient(work, names, batch, chunk=5, recompute=model.adapter)
+    recomputed = answer_logprob_gradient(work, names, batch, chunk=5, recompute_blocks_of=model.adapter)
     assert set(plain) == set(recomputed)
     for n in names:
         assert plain[n].abs().sum() > 0, n
@@ -70,19 +69,42 @@ def test_recomputation_through_weights_computed_at_forward(toy_llama_gqa):
     copy, batch = compact_quantized_copy(model.hf, NF4, materialized=()), _batch(model)
     names = _mlp_and_attention_weights(copy)
     plain = answer_logprob_gradient(copy, names, batch, chunk=4)
-    recomputed = answer_logprob_gradient(copy, names, batch, chunk=4, recompute=model.adapter)
+    recomputed = answer_logprob_gradient(copy, names, batch, chunk=4, recompute_blocks_of=model.adapter)
     for n in names:
         assert plain[n].abs().sum() > 0, n
         assert torch.equal(plain[n], recomputed[n]), n
 
 
 def test_blocks_get_their_forward_back_when_the_work_inside_fails(toy_llama_gqa):
+    """Every block's forward comes back on exit, an instance's own forward (the prefix cache sets
+    one while it replays) as it was, even when the work inside raises."""
     model = toy_llama_gqa
     blocks = model.hf.get_submodule(model.adapter.blocks)
-    with pytest.raises(RuntimeError, match="inside"), blocks_recomputed(model.hf, model.adapter):
-        assert all("forward" in block.__dict__ for block in blocks)
-        raise RuntimeError("inside")
-    assert all("forward" not in block.__dict__ for block in blocks)
+    own = blocks[0].forward  # the bound method, set on the instance: what another wrapper leaves
+    blocks[0].forward = own
+    try:
+        with pytest.raises(RuntimeError, match="inside"), blocks_recomputed(model.hf, model.adapter):
+            assert all(block.__dict__["forward"] is not own for block in blocks)
+            raise RuntimeError("inside")
+        assert blocks[0].__dict__["forward"] is own
+        assert all("forward" not in block.__dict__ for block in blocks[1:])
+    finally:
+        blocks[0].__dict__.pop("forward", None)
+
+
+def test_saved_bytes_counts_each_saved_storage_once_and_no_parameter():
+    """A hand-counted forward: x @ W saves x and W (a parameter: not counted); tanh saves its
+    output y; y * x[:, :1] saves y again and a view of x (the same storages: not counted twice)."""
+    weight = torch.nn.Parameter(torch.randn(8, 16))
+    module = torch.nn.Module()
+    module.weight = weight
+    x = torch.randn(4, 8, requires_grad=True)
+
+    def forward() -> torch.Tensor:
+        y = torch.tanh(x @ weight)
+        return (y * x[:, :1]).sum()
+
+    assert saved_bytes(module, forward) == 4 * (4 * 8 + 4 * 16)  # x and y, float32
 
 
 def test_without_grad_recomputing_blocks_changes_nothing(toy_llama_gqa):
@@ -105,6 +127,7 @@ def test_mansu_recomputing_its_blocks_runs_exactly_as_without(family, large, toy
     """A budget below what a gradient saves makes MANSU recompute the blocks (forget direction at
     w+Δ and Q(w+Δ), retain gradient); the run is the same to the bit: history, every delta,
     diagnostics; also on a large circuit's paths (w+Δ summed at forward, Q(w+Δ) as codes)."""
+    import workbench.unlearning.mansu.method as mansu_method
     import workbench.unlearning.mansu.state as mansu_state
     from workbench.models import recompute
 
@@ -115,18 +138,24 @@ def test_mansu_recomputing_its_blocks_runs_exactly_as_without(family, large, toy
     config = MansuConfig(use_circuit=False, max_rounds=4, params_per_round=128, retain_guard=0.02)
     kept_history, kept, kept_diagnostics, kept_recomputed = _run(model, split, config)
 
-    entered = []
-    real = recompute.blocks_recomputed
+    entered, rounds = [], []
+    real, real_round = recompute.blocks_recomputed, mansu_method.round_gradients
 
     def counting(*args, **kwargs):
         entered.append(1)
         return real(*args, **kwargs)
 
+    def counting_rounds(*args, **kwargs):
+        rounds.append(1)
+        return real_round(*args, **kwargs)
+
     monkeypatch.setattr(mansu_state, "default_pass_bytes", lambda model: 1)
     monkeypatch.setattr("workbench.unlearning.mansu.candidates.blocks_recomputed", counting)
+    monkeypatch.setattr(mansu_method, "round_gradients", counting_rounds)
     messages: list[str] = []
     history, deltas, diagnostics, recomputed = _run(model, split, config, lambda f, m: messages.append(m))
-    assert entered, "the budget of 1 byte did not make MANSU recompute its blocks"
+    # each round's gradients: the forget direction at w+Δ and at Q(w+Δ) (averaged), the retain gradient
+    assert rounds and len(entered) == 3 * len(rounds), "not every gradient of a round recomputed its blocks"
     said = [m for m in messages if "recompute each block" in m]
     assert len(said) == 1 and "over the 0 MiB budget" in said[0], messages
     assert recomputed is True and kept_recomputed is False  # what the run's diagnostics say
@@ -138,30 +167,65 @@ def test_mansu_recomputing_its_blocks_runs_exactly_as_without(family, large, toy
 
 
 def test_mansu_recomputes_only_when_a_gradient_would_save_more_than_its_budget(toy_llama_gqa, monkeypatch):
-    """The decision follows the measurement: a gradient chunk's saved bytes against the budget."""
+    """The decision follows the measurement: the longest fact's saved bytes (not the first
+    fact's) times the facts of a chunk (the batch's size when it has fewer), the most over the
+    batches, against the budget."""
     import workbench.unlearning.mansu.state as mansu_state
     from workbench.core.sharing import sharing_copy
+    from workbench.data.facts import Fact
 
     model = toy_llama_gqa
-    split = own_top1_split(model)
-    batches = Batches.build(model, split)
     work = sharing_copy(model.hf).eval()
     names = _mlp_and_attention_weights(work)
-    longest = batches.retain.subset((batches.retain.last + batches.retain.mask.sum(-1)).argmax().reshape(1))
-    for p in (work.get_parameter(n) for n in names):
-        p.requires_grad_(True)
-    per_fact = saved_bytes(work, lambda: span_logits(work, longest))
     for p in work.parameters():
         p.requires_grad_(False)
-    chunk = min(len(batches.retain), mansu_state.GRADIENT_CHUNK)
-    assert per_fact > 0
 
-    def decide(budget: int) -> bool:
+    def facts(lengths: list[int]) -> FactBatch:
+        return FactBatch.from_facts(model.tokenizer, [Fact(" ".join(f"w{i}" for i in range(n)), "w1", ())
+                                                      for n in lengths])
+
+    def per_fact(words: int) -> int:
+        with mansu_state.taking_grad(work, names):
+            return saved_bytes(work, lambda: span_logits(work, facts([words])))
+
+    many, few = facts([4] * 20), facts([3, 40, 5])  # more facts than a chunk; fewer, the longest in the middle
+    most = 3 * per_fact(40)
+    assert most > mansu_state.GRADIENT_CHUNK * per_fact(4) > 0  # the few long ones decide
+
+    def measured(budget: int):
         monkeypatch.setattr(mansu_state, "default_pass_bytes", lambda model: budget)
-        return mansu_state.gradients_recompute_blocks(model, work, names, (batches.retain,))
+        return mansu_state.gradient_memory(model, work, names, (many, few))
 
-    assert decide(chunk * per_fact) is False and decide(chunk * per_fact - 1) is True
-    assert not any(p.requires_grad for p in work.parameters())
+    assert measured(most).saved == most and measured(most).recompute is False and measured(most - 1).recompute
+    assert not any(p.requires_grad or p.grad is not None for p in work.parameters())
     # a tiny model's gradients stay far under the default budget (at least 256 MiB): never recomputed
     monkeypatch.undo()
-    assert mansu_state.gradients_recompute_blocks(model, work, names, (batches.retain, batches.forget)) is False
+    assert mansu_state.gradient_memory(model, work, names, (many, few)).recompute is False
+
+
+def test_through_weights_computed_at_forward_a_recomputed_gradient_holds_what_it_holds_through_tensors():
+    """Through a compact quantized copy (weights dequantized in their module's forward, with
+    saving hooks of their own inside the checkpointed blocks) a recomputed gradient holds about
+    what it holds through the plain quantized copy (the tensors each forward makes, counted at the
+    dispatcher; a weight or two of slack for the dequantization), far under a kept backward's."""
+    from test_attribution_memory import PeakTensorBytes
+
+    from workbench.quant import quantized_copy
+
+    model = toy_model("llama", n_layers=6, n_kv_heads=2)
+    batch = _batch(model)
+
+    def peak(copy: torch.nn.Module, recompute: bool = True) -> int:
+        names = _mlp_and_attention_weights(copy)[:1]  # the first block's: the backward runs through all
+        existing = {t.untyped_storage().data_ptr() for t in [*copy.parameters(), *copy.buffers()]}
+        mode = PeakTensorBytes(existing)
+        with mode:
+            answer_logprob_gradient(copy, names, batch, chunk=len(batch),
+                                    recompute_blocks_of=model.adapter if recompute else None)
+        return mode.peak
+
+    compact_copy = compact_quantized_copy(model.hf, NF4, materialized=())
+    compact, full = peak(compact_copy), peak(quantized_copy(model.hf, NF4))
+    largest_weight = max(p.numel() * 4 for p in model.hf.parameters() if p.dim() == 2)
+    assert compact <= full + 2 * largest_weight, (compact, full)
+    assert compact < peak(compact_copy, recompute=False) / 2

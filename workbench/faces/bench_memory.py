@@ -29,7 +29,7 @@ Flows:
   the backward runs through every block, as in the app's default circuit) over 32 of the
   model's retain facts in chunks of 16, first as they are, then behind a shared context of
   :data:`LONG_CONTEXT_WORDS` words; each first as MANSU would run it (blocks recomputed in
-  the backward or not, by :func:`~workbench.unlearning.mansu.state.gradients_recompute_blocks`),
+  the backward or not, by :func:`~workbench.unlearning.mansu.state.gradient_memory`),
   then the other way. Each phase records ``recomputed`` and ``tokens_per_fact``; the two
   gradients of a set must be equal to the bit.
 
@@ -187,8 +187,8 @@ def _gradient_facts(model: Any, split: FactSplit, context_words: int, n: int = 3
 
 def gradient_flow(rows: list[dict[str, Any]], model: Any, split: FactSplit) -> None:
     """The ``gradient`` flow's phases after the load (module docstring)."""
-    decide = getattr(mansu_state, "gradients_recompute_blocks", None)
-    if decide is None:
+    measure = getattr(mansu_state, "gradient_memory", None)
+    if measure is None:
         raise SystemExit("this checkout cannot recompute blocks in MANSU's gradients")
     work = sharing_copy(model.hf).eval()
     for p in work.parameters():
@@ -197,14 +197,14 @@ def gradient_flow(rows: list[dict[str, Any]], model: Any, split: FactSplit) -> N
     names = [n for n, p in work.named_parameters() if n.startswith(first_block) and p.dim() == 2 and "mlp" in n]
     for label, context in (("32 facts", 0), ("32 long facts", LONG_CONTEXT_WORDS)):
         batch = _gradient_facts(model, split, context)
-        chosen = decide(model, work, names, (batch,))
+        chosen = measure(model, work, names, (batch,)).recompute
         gradients = []
         for recomputed in (chosen, not chosen):
             phase = f"gradient, {label}, blocks {'recomputed' if recomputed else 'kept'}" + (
                 " (MANSU's choice)" if recomputed == chosen else "")
             adapter = model.adapter if recomputed else None
             gradients.append(_phase(rows, phase, lambda batch=batch, adapter=adapter: (
-                mansu_candidates.answer_logprob_gradient(work, names, batch, recompute=adapter))))
+                mansu_candidates.answer_logprob_gradient(work, names, batch, recompute_blocks_of=adapter))))
             rows[-1]["recomputed"] = recomputed
             rows[-1]["tokens_per_fact"] = int(batch.ids.shape[1])
         if any(not torch.equal(gradients[0][n], gradients[1][n]) for n in names):

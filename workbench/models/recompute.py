@@ -2,12 +2,15 @@
 what a forward saves for its backward (issue 17).
 
 A backward needs what its forward saved: per token and block, the norms' inputs, q/k/v, the
-attention's outputs, the MLP's hidden values. On SmolLM2 that is about 47 MB per fact in
-float32, so a gradient over 16 facts at once holds ~0.75 GB beside the model (1.4× its bytes)
-for the length of the backward. :func:`blocks_recomputed` has each block keep only its input and
-run its forward again when the backward reaches it (``torch.utils.checkpoint``, non-reentrant):
-one more forward per backward, and the gradients are the same to the bit, because the
-recomputation is the same computation on the same tensors (tested against the plain backward).
+attention pattern, the MLP's hidden values. On SmolLM2 one fact of 21 tokens saves ~20 MiB in
+float32 and one of 218 tokens ~200 MiB, so a gradient over 16 long facts holds GiBs beside the
+model for the length of its backward. :func:`blocks_recomputed` has each block keep only its
+input and run its forward again when the backward reaches it (``torch.utils.checkpoint``,
+non-reentrant): one more forward per backward, and the gradients are the same to the bit on the
+CPU, because the recomputation is the same computation on the same tensors (tested against the
+plain backward; on a GPU it holds as far as the forward's kernels are deterministic). Through
+weights computed at forward (:mod:`workbench.core.computed_weight`) a recomputed gradient holds
+about what it holds through plain weights (measured at the dispatcher, tests/test_recompute.py).
 
 :func:`saved_bytes` measures what one forward saves, so a caller can recompute only when the
 saved activations would outweigh its budget.
@@ -28,9 +31,10 @@ from workbench.models.adapter import ModelAdapter
 
 @contextlib.contextmanager
 def blocks_recomputed(model: torch.nn.Module, adapter: ModelAdapter) -> Iterator[None]:
-    """Within the block, every forward of ``model``'s transformer blocks saves only the block's
+    """Inside the ``with``, every forward of ``model``'s transformer blocks saves only the block's
     input, and the backward runs the block again to get the rest. Without grad the blocks run
-    as they always do. The blocks' own forwards are restored on exit, whatever happens."""
+    as they always do. The blocks' own forwards (an instance's own one too) are restored on exit,
+    whatever happens."""
     blocks = model.get_submodule(adapter.blocks)
     if not isinstance(blocks, torch.nn.ModuleList):
         raise WorkbenchError(f"{adapter.blocks!r} is not a list of blocks in this model")
@@ -51,6 +55,8 @@ def _checkpointed(forward: Callable[..., Any]) -> Callable[..., Any]:
     def run(*args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
+        # non-reentrant: blocks take keyword arguments (masks, position embeddings) and inputs
+        # that need no gradient, and a gradient w.r.t. the weights alone flows through it
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
     return run
@@ -58,7 +64,9 @@ def _checkpointed(forward: Callable[..., Any]) -> Callable[..., Any]:
 
 def saved_bytes(model: torch.nn.Module, forward: Callable[[], torch.Tensor]) -> int:
     """Bytes of the tensors ``forward()`` saves for its backward (each storage once; ``model``'s
-    parameters and buffers, which exist anyway, not counted). The graph is let go unused."""
+    parameters and buffers, which exist anyway, not counted). The graph is let go unused.
+    Tensors saved under hooks set inside the forward (a weight computed at forward, outside a
+    recomputed block) are not seen, nor what a custom autograd function keeps on its ``ctx``."""
     held = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     seen: set[int] = set()
     total = 0

@@ -230,6 +230,10 @@ class FactBatch:
         return FactBatch(self.ids[index][:, :width], self.last[index], self.answers[index],
                          self.targets[index][:, :span], mask[:, :span])
 
+    def longest(self) -> FactBatch:
+        """The one fact with the most tokens (prompt and answer; the first of equals)."""
+        return self.subset((self.last + self.mask.sum(-1)).argmax().reshape(1))
+
     def prompts(self, index: torch.Tensor, width: int) -> FactBatch:
         """The rows ``index`` cut to their first ``width`` columns: enough for the answer logits
         at ``last`` when ``width > last`` for every row (top-1), not for the answer spans."""

@@ -52,15 +52,15 @@ class Move:
 def answer_logprob_gradient(work: torch.nn.Module, names: list[str], batch: FactBatch,
                             chunk: int = GRADIENT_CHUNK,
                             span: Callable[[FactBatch], torch.Tensor] | None = None,
-                            recompute: ModelAdapter | None = None) -> dict[str, torch.Tensor]:
+                            recompute_blocks_of: ModelAdapter | None = None) -> dict[str, torch.Tensor]:
     """∇ mean log p(answer) over ``batch`` w.r.t. the named parameters (zeros where unused).
 
     Up to ``chunk`` facts take one backward (the mean, as before chunking); more are summed
     chunk by chunk (each chunk's sum ÷ n), equal up to float summation order. log p(answer)
     sums over the answer's tokens, teacher-forced, padding masked. ``span``: the forward giving
     a chunk's span logits (default :func:`~workbench.models.scoring.span_logits` of ``work``;
-    MANSU's retain gradient passes its prefix cache's). ``recompute``: ``work``'s adapter to
-    recompute its blocks in the backward rather than keep their activations (the same
+    MANSU's retain gradient passes its prefix cache's). ``recompute_blocks_of``: ``work``'s adapter,
+    to recompute its blocks in the backward rather than keep their activations (the same
     gradients, one more forward: :func:`~workbench.models.recompute.blocks_recomputed`).
     Uses and clears the named parameters' ``.grad``; every other parameter of ``work`` must not
     require grad (MANSU's working models are frozen copies).
@@ -73,7 +73,8 @@ def answer_logprob_gradient(work: torch.nn.Module, names: list[str], batch: Fact
     for name in names:
         params[name].requires_grad_(True)
         params[name].grad = None
-    recomputing = blocks_recomputed(work, recompute) if recompute is not None else contextlib.nullcontext()
+    recomputing = (blocks_recomputed(work, recompute_blocks_of) if recompute_blocks_of is not None
+                   else contextlib.nullcontext())
     try:
         with recomputing:
             for start in range(0, n, chunk):
@@ -93,12 +94,12 @@ def answer_logprob_gradient(work: torch.nn.Module, names: list[str], batch: Fact
 
 
 def forget_direction(work: torch.nn.Module, names: list[str], forget: FactBatch, still: torch.Tensor,
-                     recompute: ModelAdapter | None = None) -> dict[str, torch.Tensor]:
+                     recompute_blocks_of: ModelAdapter | None = None) -> dict[str, torch.Tensor]:
     """−∇ mean log p(answer) over the forget facts ``work`` still answers (``still``, ``[n]``
     bool; all facts once none is left), so already-forgotten facts stop pulling on the
     direction. Only those facts are run: the same gradient, for less work."""
     rows = forget.subset(still.nonzero().squeeze(-1)) if bool(still.any()) else forget
-    gradient = answer_logprob_gradient(work, names, rows, recompute=recompute)
+    gradient = answer_logprob_gradient(work, names, rows, recompute_blocks_of=recompute_blocks_of)
     return {n: g.neg_() for n, g in gradient.items()}  # in place: no second copy
 
 
@@ -108,18 +109,19 @@ def round_gradients(state: MansuState, batches: Batches, config: MansuConfig) ->
     explicitly) and, for the first-order retain cost, the retain gradient."""
     if config.forget_direction == "quantized":
         assert state.q_still is not None
-        direction = forget_direction(state.qwork, state.names, batches.forget, state.q_still, state.recompute)
+        direction = forget_direction(state.qwork, state.names, batches.forget, state.q_still, state.recompute_blocks_of)
     else:
-        direction = forget_direction(state.work, state.names, batches.forget, state.still, state.recompute)
+        direction = forget_direction(state.work, state.names, batches.forget, state.still, state.recompute_blocks_of)
     if config.forget_direction == "average":
         assert state.q_still is not None
-        q_direction = forget_direction(state.qwork, state.names, batches.forget, state.q_still, state.recompute)
+        q_direction = forget_direction(state.qwork, state.names, batches.forget, state.q_still,
+                                       state.recompute_blocks_of)
         for n in state.names:  # freeing each quantized one as it goes: ½(a + b) in float32, as before
             average = direction[n].float().add_(q_direction.pop(n)).mul_(0.5)
             # rounded to the storage dtype when the state is held there (a copy for 16 bits only)
             direction[n] = average.to(state.base[n].dtype) if state.storage_state else average
     retain = (answer_logprob_gradient(state.work, state.names, state.retain_sample, span=state.answers.span_logits,
-                                      recompute=state.recompute)
+                                      recompute_blocks_of=state.recompute_blocks_of)
               if config.use_fisher and config.retain_first_order else None)
     return Gradients(direction, retain)
 

@@ -56,7 +56,7 @@ class MansuDiagnostics:
         rounds_undone_by_retain_guard, rounds_blocked_at_smallest_size, rounds_reusing_gradients: counters.
         seconds_by_phase: time per phase (:data:`~workbench.unlearning.mansu.state.PHASES`).
         blocks_recomputed: the gradients recomputed the blocks in their backward (same numbers,
-            less memory, more time: :func:`~workbench.unlearning.mansu.state.gradients_recompute_blocks`).
+            less memory, more time: :class:`~workbench.unlearning.mansu.state.GradientMemory`).
         config: the configuration, as a dict.
         null_space_dims: per module, the null space's dimension (with projection).
         retain_output_change: ‖ΔW K_R‖ / (‖ΔW‖·‖K_R‖) of the final edit (with projection).
@@ -199,7 +199,7 @@ def _result(state: MansuState, task: UnlearningTask, config: MansuConfig, rounds
         floor_reverted=state.floor_reverted, snapped=state.snapped, snap_dropped=state.snap_dropped,
         rounds_undone_by_retain_guard=state.guard_undone,
         rounds_blocked_at_smallest_size=state.blocked, rounds_reusing_gradients=state.reused_gradients,
-        seconds_by_phase=state.timings, blocks_recomputed=state.recompute is not None, config=asdict(config),
+        seconds_by_phase=state.timings, blocks_recomputed=state.recompute_blocks_of is not None, config=asdict(config),
         null_space_dims=({n.rsplit(".", 1)[0]: round(p.trace()) for n, p in state.projectors.items()}
                          if state.projectors else None),
         retain_output_change=(retain_output_change(state.work, update, state.conv1d, state.retain_sample)

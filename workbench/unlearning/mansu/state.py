@@ -7,10 +7,11 @@ update it; :mod:`.method` runs the rounds.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import time
-from collections.abc import Callable, ItemsView, Mapping
+from collections.abc import Callable, ItemsView, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -57,9 +58,10 @@ held as codes is the same as a tensor's."""
 
 GRADIENT_CHUNK = 16
 """Facts per forward/backward of a gradient (as the Fisher's chunks): activation memory grows
-with the rows of one backward (about 47 MB per SmolLM2 fact in float32, 7.7 GB for 256 in one
-pass), so larger batches are summed in chunks; when a chunk's would still outweigh the working
-budget, the blocks are recomputed in the backward (:func:`gradients_recompute_blocks`)."""
+with the rows of one backward (on SmolLM2's short facts ~0.75 GB above the start for 16, ~20 MiB
+per fact of it the saved activations; 7.7 GB for 256 in one pass), so larger batches are summed
+in chunks; when a chunk's would still outweigh the working budget, the blocks are recomputed in
+the backward (:class:`GradientMemory`)."""
 
 
 def many_candidates(tensors: Mapping[str, torch.Tensor], names: list[str]) -> bool:
@@ -209,7 +211,7 @@ class MansuState:
     summed: frozenset[str] = frozenset()
     projectors: dict[str, HeldProjector] = field(default_factory=dict)
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)
-    recompute: ModelAdapter | None = None  # the adapter when the gradients recompute the blocks
+    recompute_blocks_of: ModelAdapter | None = None  # the adapter when the gradients recompute the blocks
     bound: float = 0.0
     gradients: Gradients | None = None
     floor_reverted: int = 0
@@ -352,36 +354,57 @@ def summed_at_forward(work: torch.nn.Module, names: list[str]) -> frozenset[str]
     return frozenset(single_use_linear_owners(work, names))
 
 
-def gradient_chunk_saved_bytes(work: torch.nn.Module, names: list[str], batches: tuple[FactBatch, ...]) -> int:
-    """What one gradient chunk saves for its backward, estimated as :data:`GRADIENT_CHUNK` facts
-    (or the batch's size, if smaller) as long as a batch's longest; the most over ``batches``.
-    Measured by one forward of each batch's longest fact with the candidate tensors ``names``
-    taking a gradient, as the rounds' gradients do (:func:`~workbench.models.recompute.saved_bytes`)."""
-    params = [work.get_parameter(n) for n in names]
-    for p in params:
-        p.requires_grad_(True)
+@dataclass(frozen=True)
+class GradientMemory:
+    """What one of MANSU's gradient chunks would save for its backward, against the working
+    budget; over it, the gradients recompute the blocks in their backward
+    (:func:`~workbench.models.recompute.blocks_recomputed`: the same gradients, one more forward
+    per backward)."""
+
+    saved: int  # bytes, :data:`GRADIENT_CHUNK` facts as long as the longest (estimated from one)
+    budget: int  # bytes: the model's, at least 256 MiB (as an attribution pass's)
+
+    @property
+    def recompute(self) -> bool:
+        return self.saved > self.budget
+
+    def message(self) -> str:
+        return (f"gradients recompute each block in their backward: {GRADIENT_CHUNK} facts would save "
+                f"{self.saved / 2**20:,.0f} MiB for it, over the {self.budget / 2**20:,.0f} MiB budget "
+                "(same numbers, one more forward per backward)")
+
+
+def gradient_memory(model: LoadedModel, work: torch.nn.Module, names: list[str],
+                    batches: tuple[FactBatch, ...]) -> GradientMemory:
+    """:class:`GradientMemory` of gradients over ``batches`` w.r.t. the candidate tensors ``names``:
+    per batch, one forward of its longest fact with those tensors taking a gradient, as the
+    rounds' gradients do (:func:`~workbench.models.recompute.saved_bytes`), times the facts of a
+    chunk (:data:`GRADIENT_CHUNK`, or the batch's size if smaller); the most over the batches.
+    The budget: :func:`~workbench.interpretability.attribution.default_pass_bytes`."""
     most = 0
-    try:
+    with taking_grad(work, names):
         for batch in batches:
             if len(batch) == 0:
                 continue
-            longest = batch.subset((batch.last + batch.mask.sum(-1)).argmax().reshape(1))
-            per_fact = saved_bytes(work, functools.partial(span_logits, work, longest))
+            per_fact = saved_bytes(work, functools.partial(span_logits, work, batch.longest()))
             most = max(most, min(len(batch), GRADIENT_CHUNK) * per_fact)
-        return most
+    return GradientMemory(most, default_pass_bytes(model))
+
+
+@contextlib.contextmanager
+def taking_grad(work: torch.nn.Module, names: list[str]) -> Iterator[None]:
+    """The parameters ``names`` of ``work`` (a frozen working copy) take a gradient inside the
+    ``with``; frozen again and their ``.grad`` dropped on exit."""
+    params = [work.get_parameter(n) for n in names]
+    for p in params:
+        p.requires_grad_(True)
+        p.grad = None
+    try:
+        yield
     finally:
         for p in params:
             p.requires_grad_(False)
-
-
-def gradients_recompute_blocks(model: LoadedModel, work: torch.nn.Module, names: list[str],
-                               batches: tuple[FactBatch, ...]) -> bool:
-    """Whether MANSU's gradients recompute the blocks in their backward
-    (:func:`~workbench.models.recompute.blocks_recomputed`: the same gradients, one more forward
-    per backward): when a chunk would save more for its backward (:func:`gradient_chunk_saved_bytes`)
-    than the working budget (the model's bytes, at least 256 MiB, as an attribution pass:
-    :func:`~workbench.interpretability.attribution.default_pass_bytes`)."""
-    return gradient_chunk_saved_bytes(work, names, batches) > default_pass_bytes(model)
+            p.grad = None
 
 
 def _setup_memo(what: str, model: LoadedModel, work: torch.nn.Module, names: list[str], settings: tuple[object, ...],
@@ -435,11 +458,9 @@ def setup_state(model: LoadedModel, batches: Batches, circuit: tuple[Component, 
                                "storage" if config.state_in_storage_dtype else "float32")
 
     qwork = quantized_working_copy(model, quant, names)
-    saved, budget = gradient_chunk_saved_bytes(work, names, (retain_sample, batches.forget)), default_pass_bytes(model)
-    if saved > budget:
-        report(0.12, f"gradients recompute each block in their backward: {GRADIENT_CHUNK} facts would save "
-                     f"{saved / 2**20:,.0f} MiB for it, over the {budget / 2**20:,.0f} MiB budget (same numbers, "
-                     "one more forward per backward)")
+    memory = gradient_memory(model, work, names, (retain_sample, batches.forget))
+    if memory.recompute:
+        report(0.12, memory.message())
     n_candidates = int(sum(int(masks[n].sum()) for n in names))  # each all-true mask only for its count
     per_round, max_per_round = round_sizes(n_candidates, config)
     # The guard's retain sample differs from the projector's, so the guard stays an independent check.
@@ -461,5 +482,5 @@ def setup_state(model: LoadedModel, batches: Batches, circuit: tuple[Component, 
         still=batches.forget_answered(answers),
         q_still=batches.forget_answered(q_answers) if config.forget_direction != "full_precision" else None,
         projectors=projectors, fisher=fisher, summed=summed_at_forward(work, names),
-        recompute=model.adapter if saved > budget else None,
+        recompute_blocks_of=model.adapter if memory.recompute else None,
     )
