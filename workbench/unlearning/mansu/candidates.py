@@ -23,7 +23,7 @@ from workbench.unlearning.losses import answer_logprob
 from workbench.unlearning.mansu.config import MansuConfig
 from workbench.unlearning.mansu.grid import Grid, direction_sign, sign_targets
 from workbench.unlearning.mansu.projection import project_update
-from workbench.unlearning.mansu.state import GRADIENT_CHUNK, Gradients, MansuState
+from workbench.unlearning.mansu.state import GRADIENT_CHUNK, Gradients, MansuState, taking_grad
 
 
 @dataclass(frozen=True)
@@ -70,26 +70,18 @@ def answer_logprob_gradient(work: torch.nn.Module, names: list[str], batch: Fact
     (:func:`score_module`) instead of holding every gradient at twice its bytes."""
     params = dict(work.named_parameters())
     n = len(batch)
-    for name in names:
-        params[name].requires_grad_(True)
-        params[name].grad = None
     recomputing = (blocks_recomputed(work, recompute_blocks_of) if recompute_blocks_of is not None
                    else contextlib.nullcontext())
-    try:
-        with recomputing:
-            for start in range(0, n, chunk):
-                rows = batch if n <= chunk else batch.subset(torch.arange(start, min(n, start + chunk)))
-                logits = span(rows) if span is not None else span_logits(work, rows)
-                logp = answer_logprob(logits, rows.targets, rows.mask)
-                objective = logp.mean() if n <= chunk else logp.sum() / n
-                # backward() adds each chunk into .grad in place, one weight at a time: the sum and
-                # one weight's new gradient are held, not the sum and a whole second gradient
-                objective.backward()
-        total = [params[name].grad for name in names]
-    finally:
-        for name in names:
-            params[name].requires_grad_(False)
-            params[name].grad = None
+    with taking_grad(work, names), recomputing:
+        for start in range(0, n, chunk):
+            rows = batch if n <= chunk else batch.subset(torch.arange(start, min(n, start + chunk)))
+            logits = span(rows) if span is not None else span_logits(work, rows)
+            logp = answer_logprob(logits, rows.targets, rows.mask)
+            objective = logp.mean() if n <= chunk else logp.sum() / n
+            # backward() adds each chunk into .grad in place, one weight at a time: the sum and
+            # one weight's new gradient are held, not the sum and a whole second gradient
+            objective.backward()
+        total = [params[name].grad for name in names]  # read before taking_grad drops them
     return {name: (g if g is not None else torch.zeros_like(params[name])) for name, g in zip(names, total)}
 
 
