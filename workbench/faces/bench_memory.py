@@ -56,7 +56,6 @@ from typing import Any
 import torch
 
 from workbench.core.errors import WorkbenchError
-from workbench.core.sharing import sharing_copy
 from workbench.data.facts import Fact, FactSplit
 from workbench.experiments import flow as flow_module
 from workbench.experiments.flow import attribute_forget_set, default_circuit
@@ -190,7 +189,8 @@ def gradient_flow(rows: list[dict[str, Any]], model: Any, split: FactSplit) -> N
     measure = getattr(mansu_state, "gradient_memory", None)
     if measure is None:
         raise SystemExit("this checkout cannot recompute blocks in MANSU's gradients")
-    work = sharing_copy(model.hf).eval()
+    # the child's own model, frozen (its values untouched): a gradient takes only ``names``'
+    work = model.hf.eval()
     for p in work.parameters():
         p.requires_grad_(False)
     first_block = f"{model.adapter.blocks}.0."

@@ -48,7 +48,6 @@ class Move:
     delta: float
 
 
-
 def answer_logprob_gradient(work: torch.nn.Module, names: list[str], batch: FactBatch,
                             chunk: int = GRADIENT_CHUNK,
                             span: Callable[[FactBatch], torch.Tensor] | None = None,
