@@ -369,9 +369,9 @@ class GradientMemory:
         return self.saved > self.budget
 
     def message(self) -> str:
-        return (f"gradients recompute each block in their backward: {GRADIENT_CHUNK} facts would save "
-                f"{self.saved / 2**20:,.0f} MiB for it, over the {self.budget / 2**20:,.0f} MiB budget "
-                "(same numbers, one more forward per backward)")
+        # first what and why, short enough for a progress bar; "same numbers" for the worried
+        return (f"gradients recompute the blocks: {GRADIENT_CHUNK} facts would save {self.saved / 2**20:,.0f} MiB, "
+                f"over the {self.budget / 2**20:,.0f} MiB budget (same numbers, one more forward)")
 
 
 def gradient_memory(model: LoadedModel, work: torch.nn.Module, names: list[str],
