@@ -16,14 +16,14 @@ from workbench.core.errors import WorkbenchError
 from workbench.interpretability import attribution as attribution_module
 from workbench.interpretability.attribution import (
     MAX_PAIRS_PER_PASS,
-    MIN_PASS_BYTES,
     AttributionConfig,
     attribute,
     clean_runs,
-    default_pass_bytes,
     make_prompt_pairs,
     passes,
 )
+from workbench.models import loaded as loaded_module
+from workbench.models.loaded import MIN_WORKING_BYTES
 from workbench.models.toy import toy_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -139,9 +139,9 @@ def test_pairs_per_pass_follow_the_budget_and_a_fixed_batch_wins(toy_llama_gqa):
     assert size(pass_bytes=1) == 1  # never fewer than one pair
     assert size(pass_bytes=10**15) == MAX_PAIRS_PER_PASS
     assert size(pass_bytes=1, batch_size=5) == 5
-    # by default the model's bytes, at least MIN_PASS_BYTES: a small model keeps the whole batch
-    assert toy_llama_gqa.weight_bytes < MIN_PASS_BYTES
-    assert size() == min(MAX_PAIRS_PER_PASS, MIN_PASS_BYTES // per_pair) == MAX_PAIRS_PER_PASS
+    # by default the model's bytes, at least MIN_WORKING_BYTES: a small model keeps the whole batch
+    assert toy_llama_gqa.weight_bytes < MIN_WORKING_BYTES
+    assert size() == min(MAX_PAIRS_PER_PASS, MIN_WORKING_BYTES // per_pair) == MAX_PAIRS_PER_PASS
     assert toy_llama_gqa.weight_bytes == sum(p.numel() * 4 for p in toy_llama_gqa.hf.parameters())
 
 
@@ -182,15 +182,15 @@ def test_on_a_gpu_the_default_budget_is_at_most_half_what_the_model_leaves_of_it
     """No GPU here: the device and its total memory are stood in for, the rule is what is tested.
     On the CPU (and the meta device) the budget is the model's bytes, at least 256 MiB."""
     assert device_memory_bytes(torch.device("cpu")) is None and device_memory_bytes(torch.device("meta")) is None
-    assert default_pass_bytes(toy_llama_gqa) == MIN_PASS_BYTES
+    assert toy_llama_gqa.working_budget_bytes() == MIN_WORKING_BYTES
     pairs = _pairs(toy_llama_gqa, 8)
     seq = pairs.groups[0].seq
     per_pair = seq * attribution_module._Layout.of(toy_llama_gqa.bridge()).pass_bytes_per_token(seq, True)
     weights = toy_llama_gqa.weight_bytes
-    total = {"value": 10 * MIN_PASS_BYTES}
-    monkeypatch.setattr(attribution_module, "module_device", lambda module: torch.device("cuda", 0))
-    monkeypatch.setattr(attribution_module, "device_memory_bytes", lambda device: total["value"])
-    assert default_pass_bytes(toy_llama_gqa) == MIN_PASS_BYTES  # room for the usual budget: unchanged
+    total = {"value": 10 * MIN_WORKING_BYTES}
+    monkeypatch.setattr(loaded_module, "module_device", lambda module: torch.device("cuda", 0))
+    monkeypatch.setattr(loaded_module, "device_memory_bytes", lambda device: total["value"])
+    assert toy_llama_gqa.working_budget_bytes() == MIN_WORKING_BYTES  # room for the usual budget: unchanged
     total["value"] = weights + 2 * (2 * per_pair)  # the model leaves room for 4 pairs: passes get half of it
-    assert default_pass_bytes(toy_llama_gqa) == 2 * per_pair
+    assert toy_llama_gqa.working_budget_bytes() == 2 * per_pair
     assert passes(toy_llama_gqa, pairs, AttributionConfig(edges=True)) == [2, 2, 2, 2]

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import bf16_copy, large_circuit_paths, own_top1_split
 
+from workbench.models.loaded import LoadedModel
 from workbench.models.recompute import blocks_recomputed, saved_bytes
 from workbench.models.scoring import FactBatch, span_logits
 from workbench.models.toy import toy_model
@@ -128,7 +129,6 @@ def test_mansu_recomputing_its_blocks_runs_exactly_as_without(family, large, toy
     w+Δ and Q(w+Δ), retain gradient); the run is the same to the bit: history, every delta,
     diagnostics; also on a large circuit's paths (w+Δ summed at forward, Q(w+Δ) as codes)."""
     import workbench.unlearning.mansu.method as mansu_method
-    import workbench.unlearning.mansu.state as mansu_state
     from workbench.models import recompute
 
     model = toy_gpt2 if family == "gpt2" else bf16_copy(toy_llama_gqa)
@@ -149,7 +149,7 @@ def test_mansu_recomputing_its_blocks_runs_exactly_as_without(family, large, toy
         rounds.append(1)
         return real_round(*args, **kwargs)
 
-    monkeypatch.setattr(mansu_state, "default_pass_bytes", lambda model: 1)
+    monkeypatch.setattr(LoadedModel, "working_budget_bytes", lambda self: 1)
     monkeypatch.setattr("workbench.unlearning.mansu.candidates.blocks_recomputed", counting)
     monkeypatch.setattr(mansu_method, "round_gradients", counting_rounds)
     messages: list[str] = []
@@ -193,7 +193,7 @@ def test_mansu_recomputes_only_when_a_gradient_would_save_more_than_its_budget(t
     assert most > mansu_state.GRADIENT_CHUNK * per_fact(4) > 0  # the few long ones decide
 
     def measured(budget: int):
-        monkeypatch.setattr(mansu_state, "default_pass_bytes", lambda model: budget)
+        monkeypatch.setattr(LoadedModel, "working_budget_bytes", lambda self: budget)
         return mansu_state.gradient_memory(model, work, names, (many, few))
 
     assert measured(most).saved == most and measured(most).recompute is False and measured(most - 1).recompute

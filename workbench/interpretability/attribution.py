@@ -104,7 +104,7 @@ from typing import Any, Literal, get_args
 import torch
 
 from workbench.core.components import EMBED, LOGITS, Component, ComponentKind, EdgeInput, all_components, head, mlp
-from workbench.core.device import device_memory_bytes, module_device
+from workbench.core.device import module_device
 from workbench.core.errors import WorkbenchError
 from workbench.core.memo import base_memo
 from workbench.core.progress import Progress, Steps
@@ -757,9 +757,7 @@ def _group(plans: list[_Plan], prompts: list[str], clean_ids: list[list[int]], s
 
 MAX_PAIRS_PER_PASS = 32
 """The most pairs one pass takes when its batch is sized to memory (every attribution's batch before
-the sizing existed: models under :data:`MIN_PASS_BYTES` keep it)."""
-MIN_PASS_BYTES = 256 * 2**20
-"""The least working memory a pass is sized to."""
+the sizing existed: models under :data:`~workbench.models.loaded.MIN_WORKING_BYTES` keep it)."""
 MEANS_BATCH_SIZE = 32
 """Pairs per pass of the mean baseline when the sweep's passes are sized: the batch it always ran at,
 so its memoised means keep their key and bits (it holds node activations only, without gradients)."""
@@ -780,8 +778,8 @@ class AttributionConfig:
             ``pass_bytes`` (see :meth:`_Layout.pass_bytes_per_token`). The scores do not depend
             on it beyond float rounding (tested to 1e-5).
         pass_bytes: the working memory one pass may take when ``batch_size`` is ``None``;
-            ``None``: :func:`default_pass_bytes` (the model's own bytes, at least
-            :data:`MIN_PASS_BYTES`, less on a GPU the model nearly fills). So the attribution of a
+            ``None``: :meth:`LoadedModel.working_budget_bytes` (the model's own bytes, at least
+            256 MiB, less on a GPU the model nearly fills). So the attribution of a
             big model, or with edges, takes memory in proportion to the model, not to 32 pairs.
         baseline: ``paired`` (default), ``mean`` or ``resample`` (see :data:`BaselineName`);
             used when facts are given (ready :class:`PromptPairs` carry their own).
@@ -1098,16 +1096,6 @@ def passes(model: LoadedModel, pairs: PromptPairs, config: AttributionConfig = A
     return [chunk.n for group in pairs.with_metric(config.metric).groups for chunk in sizes.chunks(group)]
 
 
-def default_pass_bytes(model: LoadedModel) -> int:
-    """``AttributionConfig.pass_bytes`` when it is ``None``: the model's own bytes, at least
-    :data:`MIN_PASS_BYTES`; on a CUDA device at most half of what the model leaves of the device's
-    total memory (its total, not its free memory: the same budget at every call, so clean runs
-    taken ahead are chunked as the sweep is)."""
-    budget = max(model.weight_bytes, MIN_PASS_BYTES)
-    total = device_memory_bytes(module_device(model.hf))
-    return budget if total is None else max(1, min(budget, (total - model.weight_bytes) // 2))
-
-
 def _n_chunks(pairs: PromptPairs, batch_size: int) -> int:
     return sum(group.n_chunks(batch_size) for group in pairs.groups)
 
@@ -1126,7 +1114,7 @@ class _PassSizes:
 
     @classmethod
     def of(cls, model: LoadedModel, lay: _Layout, config: AttributionConfig) -> _PassSizes:
-        return cls(lay, config.batch_size, config.pass_bytes or default_pass_bytes(model),
+        return cls(lay, config.batch_size, config.pass_bytes or model.working_budget_bytes(),
                    config.edges, config.method != "exact", any(n is not None for n in _post_norms(model)))
 
     def bytes_per_token(self, seq: int) -> int:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from workbench.core.device import device_memory_bytes, module_device
 from workbench.core.errors import WorkbenchError
 from workbench.core.sharing import sharing_copy
 from workbench.models.adapter import ModelAdapter, build_adapter, check_family
@@ -31,6 +32,9 @@ if TYPE_CHECKING:  # only for the annotation: importing transformers costs secon
 Architecture = Literal[
     "gpt2", "gpt_neox", "llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "phi3", "olmo2"
 ]
+
+MIN_WORKING_BYTES = 256 * 2**20
+"""The least working memory a step is sized to (:meth:`LoadedModel.working_budget_bytes`)."""
 
 
 def hf_module(model: LoadedModel | torch.nn.Module) -> torch.nn.Module:
@@ -101,6 +105,16 @@ class LoadedModel:
         """Bytes of the model's parameters as stored (a tied weight once): the unit in which the
         workbench bounds its working memory."""
         return sum(p.numel() * p.element_size() for p in self.hf.parameters())  # parameters() yields a tied one once
+
+    def working_budget_bytes(self) -> int:
+        """The memory one step of work on this model may take beside it: an attribution pass, a
+        chunk of MANSU's gradient kept whole. The model's own bytes, at least
+        :data:`MIN_WORKING_BYTES`; on a CUDA device at most half of what the model leaves of the
+        device's total memory (its total, not its free memory: the same budget at every call, so
+        work sized ahead is sized as the work that follows)."""
+        budget = max(self.weight_bytes, MIN_WORKING_BYTES)
+        total = device_memory_bytes(module_device(self.hf))
+        return budget if total is None else max(1, min(budget, (total - self.weight_bytes) // 2))
 
     def state(self) -> dict[str, torch.Tensor]:
         """The HF parameters by name (the live tensors: read, never write)."""

@@ -22,7 +22,6 @@ from workbench.core.errors import WorkbenchError
 from workbench.core.memo import latest_memo
 from workbench.core.progress import Progress
 from workbench.core.sharing import sharing_copy
-from workbench.interpretability.attribution import default_pass_bytes
 from workbench.interpretability.parameters import circuit_parameters
 from workbench.models.adapter import ModelAdapter
 from workbench.models.loaded import LoadedModel
@@ -380,7 +379,7 @@ def gradient_memory(model: LoadedModel, work: torch.nn.Module, names: list[str],
     per batch, one forward of its longest fact with those tensors taking a gradient, as the
     rounds' gradients do (:func:`~workbench.models.recompute.saved_bytes`), times the facts of a
     chunk (:data:`GRADIENT_CHUNK`, or the batch's size if smaller); the most over the batches.
-    The budget: :func:`~workbench.interpretability.attribution.default_pass_bytes`."""
+    The budget: :meth:`LoadedModel.working_budget_bytes`."""
     most = 0
     with taking_grad(work, names):
         for batch in batches:
@@ -388,7 +387,7 @@ def gradient_memory(model: LoadedModel, work: torch.nn.Module, names: list[str],
                 continue
             per_fact = saved_bytes(work, functools.partial(span_logits, work, batch.longest()))
             most = max(most, min(len(batch), GRADIENT_CHUNK) * per_fact)
-    return GradientMemory(most, default_pass_bytes(model))
+    return GradientMemory(most, model.working_budget_bytes())
 
 
 @contextlib.contextmanager
