@@ -176,17 +176,21 @@ def test_scale_edges_bench_reduced_attributes_with_edges_in_sized_then_whole_pas
 def test_gradient_bench_runs_each_gradient_both_ways_mansus_choice_first():
     """The memory section's third flow on facts-tiny: MANSU's retain gradient over short facts and
     over long ones, each as MANSU decides (a tiny model keeps its blocks), then the other way;
-    the child raises if the two gradients of a set differ in any bit."""
+    the child raises if the two gradients of a set differ in any bit. Then the retain Fisher on
+    the same facts, a whole chunk per pass (a tiny model's facts fit the budget)."""
     from workbench.faces.bench_memory import run_flow
 
     report = run_flow("gradient", "facts-tiny")
     phases = report["phases"]
     assert [p["phase"] for p in phases] == [
         "load", "gradient, 32 facts, blocks kept (MANSU's choice)", "gradient, 32 facts, blocks recomputed",
-        "gradient, 32 long facts, blocks kept (MANSU's choice)", "gradient, 32 long facts, blocks recomputed"]
-    assert [p.get("recomputed") for p in phases] == [None, False, True, False, True]
+        "fisher, 32 facts, 16 facts per pass (MANSU's choice)",
+        "gradient, 32 long facts, blocks kept (MANSU's choice)", "gradient, 32 long facts, blocks recomputed",
+        "fisher, 32 long facts, 16 facts per pass (MANSU's choice)"]
+    assert [p.get("recomputed") for p in phases] == [None, False, True, None, False, True, None]
+    assert [p.get("facts_per_pass") for p in phases] == [None, None, None, 16, None, None, 16]
     # the context fills what facts-tiny's positions allow, far past its own short prompts
-    assert phases[3]["tokens_per_fact"] > 2 * phases[1]["tokens_per_fact"]
+    assert phases[4]["tokens_per_fact"] > 2 * phases[1]["tokens_per_fact"] == 2 * phases[3]["tokens_per_fact"]
     assert all(p["seconds"] > 0 and p["peak_rss_bytes"] >= report["imports_rss_bytes"] for p in phases)
 
 

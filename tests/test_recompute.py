@@ -129,6 +129,7 @@ def test_mansu_recomputing_its_blocks_runs_exactly_as_without(family, large, toy
     w+Δ and Q(w+Δ), retain gradient); the run is the same to the bit: history, every delta,
     diagnostics; also on a large circuit's paths (w+Δ summed at forward, Q(w+Δ) as codes)."""
     import workbench.unlearning.mansu.method as mansu_method
+    import workbench.unlearning.mansu.state as mansu_state
     from workbench.models import recompute
 
     model = toy_gpt2 if family == "gpt2" else bf16_copy(toy_llama_gqa)
@@ -150,6 +151,8 @@ def test_mansu_recomputing_its_blocks_runs_exactly_as_without(family, large, toy
         return real_round(*args, **kwargs)
 
     monkeypatch.setattr(LoadedModel, "working_budget_bytes", lambda self: 1)
+    # the same budget would also take the Fisher one fact per pass (other float sums: its own test)
+    monkeypatch.setattr(mansu_state.GradientMemory, "facts_per_pass", lambda self: mansu_state.GRADIENT_CHUNK)
     monkeypatch.setattr("workbench.unlearning.mansu.candidates.blocks_recomputed", counting)
     monkeypatch.setattr(mansu_method, "round_gradients", counting_rounds)
     messages: list[str] = []
@@ -229,3 +232,88 @@ def test_through_weights_computed_at_forward_a_recomputed_gradient_holds_what_it
     largest_weight = max(p.numel() * 4 for p in model.hf.parameters() if p.dim() == 2)
     assert compact <= full + 2 * largest_weight, (compact, full)
     assert compact < peak(compact_copy, recompute=False) / 2
+
+
+def _long_facts(model, lengths: list[int]) -> FactBatch:
+    from workbench.data.facts import Fact
+
+    return FactBatch.from_facts(model.tokenizer, [Fact(" ".join(f"w{i}" for i in range(n)), "w1", ())
+                                                  for n in lengths])
+
+
+def test_fisher_passes_take_as_many_facts_as_the_budget_holds(toy_llama_gqa, monkeypatch):
+    """The Fisher's per-example gradients cannot recompute blocks, so over the budget it takes
+    fewer facts per pass: as many as the budget holds of the longest fact (at least one, at most a
+    chunk); within it, a whole chunk."""
+    import workbench.unlearning.mansu.state as mansu_state
+    from workbench.core.sharing import sharing_copy
+
+    model = toy_llama_gqa
+    work = sharing_copy(model.hf).eval()
+    names = _mlp_and_attention_weights(work)
+    batch = _long_facts(model, [5] * 10 + [40] + [5] * 9)  # the longest in the middle decides
+    with mansu_state.taking_grad(work, names):
+        one = saved_bytes(work, lambda: span_logits(work, _long_facts(model, [40])))
+
+    def per_pass(budget: int) -> int:
+        monkeypatch.setattr(LoadedModel, "working_budget_bytes", lambda self: budget)
+        memory = mansu_state.gradient_memory(model, work, names, (batch,))
+        assert memory.per_fact == one and memory.chunk_facts == mansu_state.GRADIENT_CHUNK
+        return memory.facts_per_pass()
+
+    assert per_pass(mansu_state.GRADIENT_CHUNK * one) == mansu_state.GRADIENT_CHUNK  # within: a whole chunk
+    assert per_pass(mansu_state.GRADIENT_CHUNK * one - 1) == mansu_state.GRADIENT_CHUNK - 1
+    assert per_pass(3 * one) == 3 and per_pass(3 * one - 1) == 2
+    assert per_pass(1) == 1
+    assert mansu_state.GradientMemory(10, 5, 10, 1).facts_per_pass() == 1  # a batch of one fact
+    assert "3 would save" in mansu_state.GradientMemory(30, 20, 10, 3).fisher_message()
+
+
+def test_the_fisher_in_fewer_facts_per_pass_is_the_same_to_float_rounding_and_holds_less(toy_llama_gqa):
+    from test_attribution_memory import PeakTensorBytes
+
+    from workbench.core.sharing import sharing_copy
+    from workbench.unlearning.mansu.fisher import diagonal_fisher
+
+    model = toy_llama_gqa
+    work = sharing_copy(model.hf).eval()
+    names = _mlp_and_attention_weights(work)
+    batch = _long_facts(model, [30 + i for i in range(16)])
+
+    def fisher(chunk: int) -> tuple[dict[str, torch.Tensor], int]:
+        existing = {t.untyped_storage().data_ptr() for t in [*work.parameters(), *work.buffers()]}
+        mode = PeakTensorBytes(existing)
+        with mode:
+            result = diagonal_fisher(work, names, batch, len(batch), transposed=model.adapter.transposed, chunk=chunk)
+        return result, mode.peak
+
+    (whole, whole_peak), (two, two_peak) = fisher(16), fisher(2)
+    for n in names:
+        torch.testing.assert_close(two[n], whole[n], rtol=1e-5, atol=1e-12)
+        assert whole[n].abs().sum() > 0, n
+    assert two_peak < whole_peak / 3, (two_peak, whole_peak)
+
+
+def test_mansu_takes_its_fisher_in_fewer_facts_when_the_budget_says_so(toy_gpt2, monkeypatch):
+    """A budget below one fact's saved bytes: the Fisher runs one fact per pass and says so; the
+    rounds' gradients recompute their blocks."""
+    from workbench.unlearning.mansu import fisher as mansu_fisher
+
+    split = own_top1_split(toy_gpt2)
+    config = MansuConfig(use_circuit=False, max_rounds=1, params_per_round=128, retain_guard=0.02)
+    chunks: list[int] = []
+    real = mansu_fisher._batched_linear_fisher
+
+    def recording(*args, **kwargs):
+        chunks.append(args[4] if len(args) > 4 else kwargs["chunk"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mansu_fisher, "_batched_linear_fisher", recording)
+    _run(toy_gpt2, split, config)
+    assert chunks == [16]
+    monkeypatch.setattr(LoadedModel, "working_budget_bytes", lambda self: 1)
+    messages: list[str] = []
+    _, _, _, recomputed = _run(toy_gpt2, split, config, lambda f, m: messages.append(m))
+    assert chunks == [16, 1] and recomputed
+    said = [m for m in messages if m.startswith("retain Fisher")]
+    assert said and "retain Fisher 1 fact per pass" in said[0] and "over the 0 MiB budget" in said[0], said

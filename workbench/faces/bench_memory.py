@@ -31,7 +31,9 @@ Flows:
   :data:`LONG_CONTEXT_WORDS` words; each first as MANSU would run it (blocks recomputed in
   the backward or not, by :func:`~workbench.unlearning.mansu.state.gradient_memory`),
   then the other way. Each phase records ``recomputed`` and ``tokens_per_fact``; the two
-  gradients of a set must be equal to the bit.
+  gradients of a set must be equal to the bit. Then MANSU's retain Fisher on the same facts,
+  in as many facts per pass as MANSU would take (``facts_per_pass``), and, when fewer, in a whole
+  chunk of 16; the two must agree to float rounding.
 
 The child prints one JSON line; :func:`run_flow` starts it and parses that line. The script
 only uses interfaces that predate issue 17, so the same file measures an older checkout
@@ -69,6 +71,7 @@ from workbench.quant import QuantConfig
 from workbench.unlearning.mansu import MansuConfig
 from workbench.unlearning.mansu import candidates as mansu_candidates
 from workbench.unlearning.mansu import state as mansu_state
+from workbench.unlearning.mansu.fisher import diagonal_fisher
 from workbench.unlearning.registry import unlearn
 
 FLOWS = ("flow", "mansu-no-circuit", "scale", "scale-edges", "gradient")
@@ -209,6 +212,28 @@ def gradient_flow(rows: list[dict[str, Any]], model: Any, split: FactSplit) -> N
             rows[-1]["tokens_per_fact"] = int(batch.ids.shape[1])
         if any(not torch.equal(gradients[0][n], gradients[1][n]) for n in names):
             raise SystemExit(f"recomputing the blocks changed the gradient ({label})")
+        _fisher_phases(rows, model, work, names, batch, label)
+
+
+def _fisher_phases(rows: list[dict[str, Any]], model: Any, work: torch.nn.Module, names: list[str],
+                   batch: FactBatch, label: str) -> None:
+    """MANSU's retain Fisher over ``batch``: as many facts per pass as MANSU would take, then (when
+    that is fewer) a whole chunk; the two must agree to float rounding. Skipped by a checkout
+    whose Fisher is not sized to memory."""
+    memory = mansu_state.gradient_memory(model, work, names, (batch,))
+    if not hasattr(memory, "facts_per_pass"):
+        return
+    chosen = memory.facts_per_pass()
+    fishers = []
+    for chunk in dict.fromkeys((chosen, mansu_state.GRADIENT_CHUNK)):
+        phase = f"fisher, {label}, {chunk} facts per pass" + (" (MANSU's choice)" if chunk == chosen else "")
+        fishers.append(_phase(rows, phase, lambda chunk=chunk: diagonal_fisher(
+            work, names, batch, len(batch), transposed=model.adapter.transposed, chunk=chunk)))
+        rows[-1]["facts_per_pass"] = chunk
+        rows[-1]["tokens_per_fact"] = int(batch.ids.shape[1])
+    for n in names:
+        if not torch.allclose(fishers[0][n], fishers[-1][n], rtol=1e-4, atol=0):
+            raise SystemExit(f"the Fisher in {chosen} facts per pass differs from a whole chunk's ({label}, {n})")
 
 
 def _passes_of(model: Any, split: FactSplit, config: AttributionConfig) -> list[int] | None:

@@ -17,9 +17,17 @@ from workbench.models.update import Update
 from workbench.quant import single_use_linear_owners, transposed_parameters
 from workbench.unlearning.losses import answer_logprob
 
+FISHER_CHUNK = 16
+"""Examples per forward/backward of the batched Fisher unless the caller sizes it to memory."""
+
+
+def fisher_rows(batch: FactBatch, samples: int) -> FactBatch:
+    """The facts :func:`diagonal_fisher` averages over: the first ``samples`` (all if fewer)."""
+    return batch.subset(torch.arange(min(samples, len(batch))))
+
 
 def diagonal_fisher(work: torch.nn.Module, names: list[str], batch: FactBatch, samples: int, *,
-                    transposed: Collection[str] | None = None) -> dict[str, torch.Tensor]:
+                    transposed: Collection[str] | None = None, chunk: int = FISHER_CHUNK) -> dict[str, torch.Tensor]:
     """``E[(∂ log p(y|x)/∂θ)²]`` over the first ``samples`` retain facts (all if fewer).
 
     The empirical Fisher with the true answers (the facts the model knows). The square must
@@ -31,18 +39,19 @@ def diagonal_fisher(work: torch.nn.Module, names: list[str], batch: FactBatch, s
     Any other weight (embeddings, shared tensors) takes one backward per example
     (:func:`diagonal_fisher_per_example`, the reference the batched path is tested against).
     ``transposed``: the Conv1D weights (``model.adapter.transposed``); by default read off
-    ``work``'s modules.
+    ``work``'s modules. ``chunk``: examples per batched forward/backward (the Fisher does not
+    depend on it beyond float rounding; its memory does, in proportion).
     """
-    count = min(samples, len(batch))
+    rows = fisher_rows(batch, samples)
+    count = len(rows)
     if count == 0:
         raise WorkbenchError("the diagonal Fisher needs at least one retain example")
-    rows = batch.subset(torch.arange(count))
     owners = single_use_linear_owners(work, names)
     rest = [n for n in names if n not in owners]
     fisher = diagonal_fisher_per_example(work, rest, rows, count) if rest else {}
     if owners:
         layout = transposed_parameters(work) if transposed is None else frozenset(transposed)
-        fisher.update(_batched_linear_fisher(work, owners, rows, layout))
+        fisher.update(_batched_linear_fisher(work, owners, rows, layout, chunk))
     return {n: fisher[n] for n in names}
 
 
@@ -77,7 +86,7 @@ def _weight(module: torch.nn.Module) -> torch.Tensor:
 
 def _batched_linear_fisher(
     work: torch.nn.Module, owners: dict[str, torch.nn.Module], batch: FactBatch, transposed: frozenset[str],
-    chunk: int = 16,
+    chunk: int = FISHER_CHUNK,
 ) -> dict[str, torch.Tensor]:
     """Per-example squared gradients of Linear/Conv1D weights, one forward/backward per ``chunk`` examples.
 

@@ -34,7 +34,7 @@ from workbench.quant.parameters import single_use_linear_owners
 from workbench.unlearning.batches import Batches, ScoredSet
 from workbench.unlearning.mansu.config import MansuConfig, StatePrecision
 from workbench.unlearning.mansu.deltas import SparseDeltas
-from workbench.unlearning.mansu.fisher import diagonal_fisher
+from workbench.unlearning.mansu.fisher import FISHER_CHUNK, diagonal_fisher, fisher_rows
 from workbench.unlearning.mansu.grid import Grid, weight_grid
 from workbench.unlearning.mansu.projection import HeldProjector, projectors_for
 
@@ -274,24 +274,26 @@ runs (:func:`retain_fisher`, :func:`null_space_projectors`)."""
 
 
 def retain_fisher(model: LoadedModel, work: torch.nn.Module, names: list[str], retain: FactBatch,
-                  samples: int, precision: StatePrecision = "float32") -> dict[str, torch.Tensor]:
+                  samples: int, precision: StatePrecision = "float32",
+                  chunk: int = FISHER_CHUNK) -> dict[str, torch.Tensor]:
     """The base's diagonal retain Fisher on the tensors ``names`` (``work`` still equals the base),
     in float32, or rounded to each weight's storage dtype (``precision``, see
-    :attr:`MansuConfig.state_precision`).
+    :attr:`MansuConfig.state_precision`), ``chunk`` facts per pass
+    (:meth:`GradientMemory.facts_per_pass`).
 
     It depends on nothing a run changes, so the latest one is kept (:func:`~workbench.core.memo.latest_memo`):
     the next run on the same model, tensors, retain facts and sample count (an ablation table, a
     study, a second click on the same circuit) reuses it. Above :data:`SETUP_MEMO_ENTRIES` it is
     not kept (without a circuit it is 4 bytes per decoder weight)."""
     def compute() -> dict[str, torch.Tensor]:
-        fisher = diagonal_fisher(work, names, retain, samples, transposed=model.adapter.transposed)
+        fisher = diagonal_fisher(work, names, retain, samples, transposed=model.adapter.transposed, chunk=chunk)
         if precision == "storage":
             for n in names:  # one float32 tensor let go at a time
                 fisher[n] = fisher[n].to(work.get_parameter(n).dtype)
         return fisher
 
     entries = sum(work.get_parameter(n).numel() for n in names)
-    return _setup_memo("fisher", model, work, names, (samples, _digest(retain), precision), entries, compute)
+    return _setup_memo("fisher", model, work, names, (samples, _digest(retain), precision, chunk), entries, compute)
 
 
 def null_space_projectors(model: LoadedModel, work: torch.nn.Module, names: list[str], sample: FactBatch,
@@ -361,15 +363,30 @@ class GradientMemory:
     per backward)."""
 
     saved: int  # bytes, :data:`GRADIENT_CHUNK` facts as long as the longest (estimated from one)
-    budget: int  # bytes: the model's, at least 256 MiB (as an attribution pass's)
+    budget: int  # bytes: :meth:`LoadedModel.working_budget_bytes` (as an attribution pass's)
+    per_fact: int = 0  # bytes one fact as long as the longest saves (the most over the batches)
+    chunk_facts: int = GRADIENT_CHUNK  # the facts of the chunk that would save ``saved`` (fewer in a small batch)
 
     @property
     def recompute(self) -> bool:
         return self.saved > self.budget
 
+    def facts_per_pass(self) -> int:
+        """Facts per backward for a pass that cannot recompute its blocks (the Fisher's per-example
+        gradients read every module's input and output gradient): :data:`GRADIENT_CHUNK`, or as
+        many facts as the budget holds when a chunk would save more than it (at least one)."""
+        if not self.recompute or self.per_fact <= 0:
+            return GRADIENT_CHUNK
+        return max(1, min(GRADIENT_CHUNK, self.budget // self.per_fact))
+
+    def fisher_message(self) -> str:
+        n = self.facts_per_pass()
+        return (f"retain Fisher {n} fact{'s' if n != 1 else ''} per pass: {self.chunk_facts} would save "
+                f"{self.saved / 2**20:,.0f} MiB, over the {self.budget / 2**20:,.0f} MiB budget")
+
     def message(self) -> str:
         # first what and why, short enough for a progress bar; "same numbers" for the worried
-        return (f"gradients recompute the blocks: {GRADIENT_CHUNK} facts would save {self.saved / 2**20:,.0f} MiB, "
+        return (f"gradients recompute the blocks: {self.chunk_facts} facts would save {self.saved / 2**20:,.0f} MiB, "
                 f"over the {self.budget / 2**20:,.0f} MiB budget (same numbers, one more forward)")
 
 
@@ -380,14 +397,18 @@ def gradient_memory(model: LoadedModel, work: torch.nn.Module, names: list[str],
     rounds' gradients do (:func:`~workbench.models.recompute.saved_bytes`), times the facts of a
     chunk (:data:`GRADIENT_CHUNK`, or the batch's size if smaller); the most over the batches.
     The budget: :meth:`LoadedModel.working_budget_bytes`."""
-    most = 0
+    most = most_per_fact = 0
+    facts = GRADIENT_CHUNK
     with taking_grad(work, names):
         for batch in batches:
             if len(batch) == 0:
                 continue
             per_fact = saved_bytes(work, functools.partial(span_logits, work, batch.longest()))
-            most = max(most, min(len(batch), GRADIENT_CHUNK) * per_fact)
-    return GradientMemory(most, model.working_budget_bytes())
+            if min(len(batch), GRADIENT_CHUNK) * per_fact > most:
+                facts = min(len(batch), GRADIENT_CHUNK)
+                most = facts * per_fact
+            most_per_fact = max(most_per_fact, per_fact)
+    return GradientMemory(most, model.working_budget_bytes(), most_per_fact, facts)
 
 
 @contextlib.contextmanager
@@ -452,9 +473,13 @@ def setup_state(model: LoadedModel, batches: Batches, circuit: tuple[Component, 
         projectors = null_space_projectors(model, work, names, retain_sample, config)
     fisher: dict[str, torch.Tensor] = {}
     if config.use_fisher:
-        report(0.1, "retain Fisher")
+        # Its per-example gradients cannot recompute blocks (they read each module's input and
+        # output gradient), so long facts take fewer per pass instead.
+        fisher_memory = gradient_memory(model, work, names, (fisher_rows(batches.retain, config.fisher_samples),))
+        report(0.1, fisher_memory.fisher_message() if fisher_memory.recompute else "retain Fisher")
         fisher = retain_fisher(model, work, names, batches.retain, config.fisher_samples,
-                               "storage" if config.state_in_storage_dtype else "float32")
+                               "storage" if config.state_in_storage_dtype else "float32",
+                               fisher_memory.facts_per_pass())
 
     qwork = quantized_working_copy(model, quant, names)
     memory = gradient_memory(model, work, names, (retain_sample, batches.forget))
