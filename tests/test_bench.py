@@ -190,8 +190,44 @@ def test_gradient_bench_runs_each_gradient_both_ways_mansus_choice_first():
     assert [p.get("recomputed") for p in phases] == [None, False, True, None, False, True, None]
     assert [p.get("facts_per_pass") for p in phases] == [None, None, None, 16, None, None, 16]
     # the context fills what facts-tiny's positions allow, far past its own short prompts
-    assert phases[4]["tokens_per_fact"] > 2 * phases[1]["tokens_per_fact"] == 2 * phases[3]["tokens_per_fact"]
+    assert phases[4]["tokens_per_fact"] > 2 * phases[1]["tokens_per_fact"]
+    assert phases[3]["tokens_per_fact"] == phases[1]["tokens_per_fact"]
+    assert phases[3]["per_fact_bytes"] < phases[6]["per_fact_bytes"] and phases[3]["budget_bytes"] >= 2**28
     assert all(p["seconds"] > 0 and p["peak_rss_bytes"] >= report["imports_rss_bytes"] for p in phases)
+
+
+def test_gradient_bench_runs_a_fisher_over_the_budget_both_ways(toy_llama_gqa, monkeypatch):
+    """The Fisher phases with a budget of three facts: MANSU's choice (3 per pass), then a whole
+    chunk; the phase checks the two agree (and raises on a Fisher that does not)."""
+    from workbench.core.sharing import sharing_copy
+    from workbench.data.facts import Fact
+    from workbench.faces import bench_memory
+    from workbench.models.loaded import LoadedModel
+    from workbench.models.scoring import FactBatch
+    from workbench.unlearning.mansu import state as mansu_state
+    from workbench.unlearning.mansu.fisher import per_example_bytes
+
+    model = toy_llama_gqa
+    work = sharing_copy(model.hf).eval()
+    names = [n for n, p in work.named_parameters() if p.dim() == 2 and ".layers.0.mlp." in n]
+    batch = FactBatch.from_facts(model.tokenizer, [Fact(" ".join(f"w{i}" for i in range(20 + k)), "w1", ())
+                                                   for k in range(16)])
+    per_fact = mansu_state.gradient_memory(model, work, names, (batch,), per_example_bytes(work, names)).per_fact
+    monkeypatch.setattr(LoadedModel, "working_budget_bytes", lambda self: 3 * per_fact)
+    rows: list[dict] = []
+    bench_memory._fisher_phases(rows, model, work, names, batch, "16 facts")
+    assert [r["phase"] for r in rows] == ["fisher, 16 facts, 3 facts per pass (MANSU's choice)",
+                                         "fisher, 16 facts, 16 facts per pass"]
+    assert [r["facts_per_pass"] for r in rows] == [3, 16] and rows[0]["per_fact_bytes"] == per_fact
+    real = bench_memory.mansu_fisher.diagonal_fisher
+
+    def off_when_chunked(*args, chunk, **kwargs):
+        fisher = real(*args, chunk=chunk, **kwargs)
+        return {n: f * (1.001 if chunk < 16 else 1.0) for n, f in fisher.items()}
+
+    monkeypatch.setattr(bench_memory.mansu_fisher, "diagonal_fisher", off_when_chunked)
+    with pytest.raises(SystemExit, match="differs from a whole chunk"):
+        bench_memory._fisher_phases([], model, work, names, batch, "16 facts")
 
 
 def test_memory_bench_refuses_unknown_flows():

@@ -175,7 +175,6 @@ def test_mansu_recomputes_only_when_a_gradient_would_save_more_than_its_budget(t
     batches, against the budget."""
     import workbench.unlearning.mansu.state as mansu_state
     from workbench.core.sharing import sharing_copy
-    from workbench.data.facts import Fact
 
     model = toy_llama_gqa
     work = sharing_copy(model.hf).eval()
@@ -183,15 +182,12 @@ def test_mansu_recomputes_only_when_a_gradient_would_save_more_than_its_budget(t
     for p in work.parameters():
         p.requires_grad_(False)
 
-    def facts(lengths: list[int]) -> FactBatch:
-        return FactBatch.from_facts(model.tokenizer, [Fact(" ".join(f"w{i}" for i in range(n)), "w1", ())
-                                                      for n in lengths])
-
     def per_fact(words: int) -> int:
         with mansu_state.taking_grad(work, names):
-            return saved_bytes(work, lambda: span_logits(work, facts([words])))
+            return saved_bytes(work, lambda: span_logits(work, _long_facts(model, [words])))
 
-    many, few = facts([4] * 20), facts([3, 40, 5])  # more facts than a chunk; fewer, the longest in the middle
+    # more facts than a chunk, listed first; fewer, the longest in the middle
+    many, few = _long_facts(model, [4] * 20), _long_facts(model, [3, 40, 5])
     most = 3 * per_fact(40)
     assert most > mansu_state.GRADIENT_CHUNK * per_fact(4) > 0  # the few long ones decide
 
@@ -200,6 +196,8 @@ def test_mansu_recomputes_only_when_a_gradient_would_save_more_than_its_budget(t
         return mansu_state.gradient_memory(model, work, names, (many, few))
 
     assert measured(most).saved == most and measured(most).recompute is False and measured(most - 1).recompute
+    assert measured(most).chunk_facts == 3 and measured(most).per_fact == per_fact(40)
+    assert "3 facts would save" in measured(most - 1).message()
     assert not any(p.requires_grad or p.grad is not None for p in work.parameters())
     # a tiny model's gradients stay far under the default budget (at least 256 MiB): never recomputed
     monkeypatch.undo()
@@ -267,6 +265,10 @@ def test_fisher_passes_take_as_many_facts_as_the_budget_holds(toy_llama_gqa, mon
     assert per_pass(1) == 1
     assert mansu_state.GradientMemory(10, 5, 10, 1).facts_per_pass() == 1  # a batch of one fact
     assert "3 would save" in mansu_state.GradientMemory(30, 20, 10, 3).fisher_message()
+    # what a fact holds besides its saved tensors (the Fisher's per-example gradient) counts too
+    monkeypatch.setattr(LoadedModel, "working_budget_bytes", lambda self: 3 * one)
+    with_extra = mansu_state.gradient_memory(model, work, names, (batch,), extra_per_fact=one // 2)
+    assert with_extra.per_fact == one + one // 2 and with_extra.facts_per_pass() == 2
 
 
 def test_the_fisher_in_fewer_facts_per_pass_is_the_same_to_float_rounding_and_holds_less(toy_llama_gqa):
@@ -296,11 +298,12 @@ def test_the_fisher_in_fewer_facts_per_pass_is_the_same_to_float_rounding_and_ho
 
 def test_mansu_takes_its_fisher_in_fewer_facts_when_the_budget_says_so(toy_gpt2, monkeypatch):
     """A budget below one fact's saved bytes: the Fisher runs one fact per pass and says so; the
-    rounds' gradients recompute their blocks."""
+    rounds' gradients recompute their blocks. The Fisher's probe measures the Fisher's own facts."""
+    import workbench.unlearning.mansu.state as mansu_state
     from workbench.unlearning.mansu import fisher as mansu_fisher
 
     split = own_top1_split(toy_gpt2)
-    config = MansuConfig(use_circuit=False, max_rounds=1, params_per_round=128, retain_guard=0.02)
+    config = MansuConfig(use_circuit=False, max_rounds=1, params_per_round=128, retain_guard=0.02, fisher_samples=5)
     chunks: list[int] = []
     real = mansu_fisher._batched_linear_fisher
 
@@ -308,9 +311,25 @@ def test_mansu_takes_its_fisher_in_fewer_facts_when_the_budget_says_so(toy_gpt2,
         chunks.append(args[4] if len(args) > 4 else kwargs["chunk"])
         return real(*args, **kwargs)
 
+    measured: list[tuple[tuple[FactBatch, ...], int]] = []
+    real_memory = mansu_state.gradient_memory
+
+    def recording_memory(model, work, names, batches, extra_per_fact=0):
+        measured.append((batches, extra_per_fact))
+        return real_memory(model, work, names, batches, extra_per_fact)
+
     monkeypatch.setattr(mansu_fisher, "_batched_linear_fisher", recording)
+    monkeypatch.setattr(mansu_state, "gradient_memory", recording_memory)
     _run(toy_gpt2, split, config)
     assert chunks == [16]
+    # the Fisher's probe: its own facts (the first fisher_samples retain facts) and its per-example gradient
+    (fisher_batches, extra), _rounds = measured
+    retain = FactBatch.from_facts(toy_gpt2.tokenizer, split.retain)
+    rows = min(config.fisher_samples, len(retain))
+    assert len(fisher_batches) == 1 and len(fisher_batches[0]) == rows < len(retain)
+    assert torch.equal(fisher_batches[0].ids, mansu_fisher.fisher_rows(retain, config.fisher_samples).ids)
+    assert extra == max(4 * p.numel() for n, p in toy_gpt2.hf.named_parameters()
+                        if n.startswith("transformer.h.") and p.dim() == 2) > 0
     monkeypatch.setattr(LoadedModel, "working_budget_bytes", lambda self: 1)
     messages: list[str] = []
     _, _, _, recomputed = _run(toy_gpt2, split, config, lambda f, m: messages.append(m))

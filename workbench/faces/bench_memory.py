@@ -70,8 +70,8 @@ from workbench.models.toy import toy_model
 from workbench.quant import QuantConfig
 from workbench.unlearning.mansu import MansuConfig
 from workbench.unlearning.mansu import candidates as mansu_candidates
+from workbench.unlearning.mansu import fisher as mansu_fisher
 from workbench.unlearning.mansu import state as mansu_state
-from workbench.unlearning.mansu.fisher import diagonal_fisher
 from workbench.unlearning.registry import unlearn
 
 FLOWS = ("flow", "mansu-no-circuit", "scale", "scale-edges", "gradient")
@@ -220,19 +220,21 @@ def _fisher_phases(rows: list[dict[str, Any]], model: Any, work: torch.nn.Module
     """MANSU's retain Fisher over ``batch``: as many facts per pass as MANSU would take, then (when
     that is fewer) a whole chunk; the two must agree to float rounding. Skipped by a checkout
     whose Fisher is not sized to memory."""
-    memory = mansu_state.gradient_memory(model, work, names, (batch,))
-    if not hasattr(memory, "facts_per_pass"):
+    per_example = getattr(mansu_fisher, "per_example_bytes", None)
+    if per_example is None:
         return
+    memory = mansu_state.gradient_memory(model, work, names, (batch,), per_example(work, names))
     chosen = memory.facts_per_pass()
     fishers = []
     for chunk in dict.fromkeys((chosen, mansu_state.GRADIENT_CHUNK)):
         phase = f"fisher, {label}, {chunk} facts per pass" + (" (MANSU's choice)" if chunk == chosen else "")
-        fishers.append(_phase(rows, phase, lambda chunk=chunk: diagonal_fisher(
+        fishers.append(_phase(rows, phase, lambda chunk=chunk: mansu_fisher.diagonal_fisher(
             work, names, batch, len(batch), transposed=model.adapter.transposed, chunk=chunk)))
-        rows[-1]["facts_per_pass"] = chunk
-        rows[-1]["tokens_per_fact"] = int(batch.ids.shape[1])
-    for n in names:
-        if not torch.allclose(fishers[0][n], fishers[-1][n], rtol=1e-4, atol=0):
+        rows[-1].update(facts_per_pass=chunk, tokens_per_fact=int(batch.ids.shape[1]),
+                        per_fact_bytes=memory.per_fact, budget_bytes=memory.budget)
+    for n in names:  # float rounding, relative to the tensor's largest entry (near-zero entries)
+        fisher, whole = fishers[0][n], fishers[-1][n]
+        if not torch.allclose(fisher, whole, rtol=1e-4, atol=1e-6 * float(whole.abs().max())):
             raise SystemExit(f"the Fisher in {chosen} facts per pass differs from a whole chunk's ({label}, {n})")
 
 

@@ -26,6 +26,12 @@ def fisher_rows(batch: FactBatch, samples: int) -> FactBatch:
     return batch.subset(torch.arange(min(samples, len(batch))))
 
 
+def per_example_bytes(work: torch.nn.Module, names: list[str]) -> int:
+    """What the batched Fisher holds per fact besides the forward's saved tensors: the largest
+    per-example gradient it forms (float32, one weight's size), 0 when no weight is batched."""
+    return max((4 * _weight(m).numel() for m in single_use_linear_owners(work, names).values()), default=0)
+
+
 def diagonal_fisher(work: torch.nn.Module, names: list[str], batch: FactBatch, samples: int, *,
                     transposed: Collection[str] | None = None, chunk: int = FISHER_CHUNK) -> dict[str, torch.Tensor]:
     """``E[(∂ log p(y|x)/∂θ)²]`` over the first ``samples`` retain facts (all if fewer).

@@ -34,7 +34,7 @@ from workbench.quant.parameters import single_use_linear_owners
 from workbench.unlearning.batches import Batches, ScoredSet
 from workbench.unlearning.mansu.config import MansuConfig, StatePrecision
 from workbench.unlearning.mansu.deltas import SparseDeltas
-from workbench.unlearning.mansu.fisher import FISHER_CHUNK, diagonal_fisher, fisher_rows
+from workbench.unlearning.mansu.fisher import diagonal_fisher, fisher_rows, per_example_bytes
 from workbench.unlearning.mansu.grid import Grid, weight_grid
 from workbench.unlearning.mansu.projection import HeldProjector, projectors_for
 
@@ -275,7 +275,7 @@ runs (:func:`retain_fisher`, :func:`null_space_projectors`)."""
 
 def retain_fisher(model: LoadedModel, work: torch.nn.Module, names: list[str], retain: FactBatch,
                   samples: int, precision: StatePrecision = "float32",
-                  chunk: int = FISHER_CHUNK) -> dict[str, torch.Tensor]:
+                  chunk: int = GRADIENT_CHUNK) -> dict[str, torch.Tensor]:
     """The base's diagonal retain Fisher on the tensors ``names`` (``work`` still equals the base),
     in float32, or rounded to each weight's storage dtype (``precision``, see
     :attr:`MansuConfig.state_precision`), ``chunk`` facts per pass
@@ -364,8 +364,8 @@ class GradientMemory:
 
     saved: int  # bytes, :data:`GRADIENT_CHUNK` facts as long as the longest (estimated from one)
     budget: int  # bytes: :meth:`LoadedModel.working_budget_bytes` (as an attribution pass's)
-    per_fact: int = 0  # bytes one fact as long as the longest saves (the most over the batches)
-    chunk_facts: int = GRADIENT_CHUNK  # the facts of the chunk that would save ``saved`` (fewer in a small batch)
+    per_fact: int  # bytes one fact as long as the longest holds (the most over the batches)
+    chunk_facts: int  # the facts of the chunk that would save ``saved`` (fewer in a small batch)
 
     @property
     def recompute(self) -> bool:
@@ -373,9 +373,9 @@ class GradientMemory:
 
     def facts_per_pass(self) -> int:
         """Facts per backward for a pass that cannot recompute its blocks (the Fisher's per-example
-        gradients read every module's input and output gradient): :data:`GRADIENT_CHUNK`, or as
-        many facts as the budget holds when a chunk would save more than it (at least one)."""
-        if not self.recompute or self.per_fact <= 0:
+        gradients read every candidate module's input and output gradient): :data:`GRADIENT_CHUNK`,
+        or as many facts as the budget holds when a chunk would hold more than it (at least one)."""
+        if not self.recompute:
             return GRADIENT_CHUNK
         return max(1, min(GRADIENT_CHUNK, self.budget // self.per_fact))
 
@@ -391,19 +391,20 @@ class GradientMemory:
 
 
 def gradient_memory(model: LoadedModel, work: torch.nn.Module, names: list[str],
-                    batches: tuple[FactBatch, ...]) -> GradientMemory:
+                    batches: tuple[FactBatch, ...], extra_per_fact: int = 0) -> GradientMemory:
     """:class:`GradientMemory` of gradients over ``batches`` w.r.t. the candidate tensors ``names``:
     per batch, one forward of its longest fact with those tensors taking a gradient, as the
-    rounds' gradients do (:func:`~workbench.models.recompute.saved_bytes`), times the facts of a
-    chunk (:data:`GRADIENT_CHUNK`, or the batch's size if smaller); the most over the batches.
-    The budget: :meth:`LoadedModel.working_budget_bytes`."""
+    rounds' gradients do (:func:`~workbench.models.recompute.saved_bytes`), plus
+    ``extra_per_fact`` (what a fact holds besides: the Fisher's per-example gradient), times the
+    facts of a chunk (:data:`GRADIENT_CHUNK`, or the batch's size if smaller); the most over the
+    batches. The budget: :meth:`LoadedModel.working_budget_bytes`."""
     most = most_per_fact = 0
     facts = GRADIENT_CHUNK
     with taking_grad(work, names):
         for batch in batches:
             if len(batch) == 0:
                 continue
-            per_fact = saved_bytes(work, functools.partial(span_logits, work, batch.longest()))
+            per_fact = saved_bytes(work, functools.partial(span_logits, work, batch.longest())) + extra_per_fact
             if min(len(batch), GRADIENT_CHUNK) * per_fact > most:
                 facts = min(len(batch), GRADIENT_CHUNK)
                 most = facts * per_fact
@@ -475,7 +476,8 @@ def setup_state(model: LoadedModel, batches: Batches, circuit: tuple[Component, 
     if config.use_fisher:
         # Its per-example gradients cannot recompute blocks (they read each module's input and
         # output gradient), so long facts take fewer per pass instead.
-        fisher_memory = gradient_memory(model, work, names, (fisher_rows(batches.retain, config.fisher_samples),))
+        fisher_memory = gradient_memory(model, work, names, (fisher_rows(batches.retain, config.fisher_samples),),
+                                        per_example_bytes(work, names))
         report(0.1, fisher_memory.fisher_message() if fisher_memory.recompute else "retain Fisher")
         fisher = retain_fisher(model, work, names, batches.retain, config.fisher_samples,
                                "storage" if config.state_in_storage_dtype else "float32",
