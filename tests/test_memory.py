@@ -551,15 +551,92 @@ def test_without_malloc_trim_handing_back_does_nothing(monkeypatch):
 
     from workbench.core import allocator
 
-    allocator._malloc_trim.cache_clear()
+    allocator._libc_function.cache_clear()
     try:
         monkeypatch.setattr(ctypes.util, "find_library", lambda name: "libno-such-c.so")
         assert allocator.hand_back_freed_memory() is False  # no C library by that name
-        allocator._malloc_trim.cache_clear()
+        allocator._libc_function.cache_clear()
         monkeypatch.setattr(ctypes, "CDLL", lambda name: object())
         assert allocator.hand_back_freed_memory() is False  # a C library without malloc_trim (musl, macOS)
     finally:
-        allocator._malloc_trim.cache_clear()
+        allocator._libc_function.cache_clear()
+
+
+_ARENAS = r"""
+import ctypes, ctypes.util, sys, tempfile, threading
+import torch
+from workbench.core.allocator import limit_arenas
+
+print(limit_arenas(2) if sys.argv[1] == "limit" else None)
+barrier = threading.Barrier(8)
+
+def work():
+    kept = [torch.empty(4096) for _ in range(20)]  # 16 KiB each: from the thread's own arena
+    barrier.wait()  # all alive at once, so no thread inherits an arena another let go
+    del kept
+
+threads = [threading.Thread(target=work) for _ in range(8)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.fopen.restype = ctypes.c_void_p
+libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+libc.fclose.argtypes = [ctypes.c_void_p]
+with tempfile.NamedTemporaryFile(suffix=".xml") as f:
+    fp = libc.fopen(f.name.encode(), b"w")
+    libc.malloc_info(0, fp)
+    libc.fclose(fp)
+    print(open(f.name).read().count("<heap nr="))
+"""
+
+
+def test_limited_arenas_keep_threads_allocations_in_two_heaps():
+    """Eight threads allocating at once get an arena each from glibc, or share two once limited
+    (what the app does at its start); $MALLOC_ARENA_MAX, when set, is left to stand."""
+    import os
+    import subprocess
+    import sys
+
+    from workbench.core import allocator
+
+    if not sys.platform.startswith("linux") or allocator._libc_function("malloc_info") is None:
+        pytest.skip("needs glibc (malloc_info, mallopt): elsewhere limit_arenas does nothing")
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+
+    def heaps(mode: str, **extra: str) -> tuple[str, int]:
+        out = subprocess.run([sys.executable, "-c", _ARENAS, mode], capture_output=True, text=True, check=True,
+                             env={**env, **extra}).stdout.split()
+        return out[0], int(out[1])
+
+    unlimited, many = heaps("none")  # the main thread's and one per thread, up to 8 per core
+    assert unlimited == "None" and many >= 4, many
+    assert heaps("limit") == ("True", 2)
+    assert heaps("limit", MALLOC_ARENA_MAX="3") == ("False", 3)  # the user's setting stands
+
+
+def test_the_app_limits_arenas_before_its_threads_start(monkeypatch):
+    from workbench.faces import app as app_module
+
+    order: list[str] = []
+    monkeypatch.setattr(app_module, "limit_arenas", lambda: order.append("arenas") or True)
+    # stand-ins for what would change this process's shared state (model roots, the loaded-model cap)
+    monkeypatch.setattr(app_module, "configure", lambda args: order.append("configure"))
+    monkeypatch.setattr(app_module.SHARED, "preload", lambda model: order.append("preload"))
+
+    class Stop(Exception):
+        pass
+
+    def build(*args, **kwargs):
+        order.append("build")
+        raise Stop
+
+    monkeypatch.setattr(app_module, "build_app", build)
+    with pytest.raises(Stop):
+        app_module.main(["--model", "facts-tiny"])
+    assert order == ["arenas", "configure", "preload", "build"]
 
 
 def test_mansu_hands_freed_memory_back_before_each_rounds_gradients_and_selection(facts_tiny, split, monkeypatch):

@@ -35,6 +35,7 @@ from typing import Any
 import gradio as gr
 from gradio.themes import Default as DefaultTheme
 
+from workbench.core.allocator import limit_arenas
 from workbench.core.checks import Range
 from workbench.core.errors import WorkbenchError
 from workbench.core.paths import cache_dir, runs_dir
@@ -887,6 +888,8 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
 
     args = parse_args(argv, prog)
+    # before any thread: clicks run on a pool of threads, each of which would keep its own heap
+    limit_arenas()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         limits = configure(args)
