@@ -639,6 +639,27 @@ def test_the_app_limits_arenas_before_its_threads_start(monkeypatch):
     assert order == ["arenas", "configure", "preload", "build"]
 
 
+def test_a_step_that_hands_back_memory_trims_however_it_ends(monkeypatch):
+    from workbench.core import allocator
+
+    calls: list[int] = []
+    monkeypatch.setattr(allocator, "hand_back_freed_memory", lambda: calls.append(1) or True)
+
+    @allocator.hands_back_memory
+    def step(x: int) -> int:
+        """A step."""
+        if x < 0:
+            raise ValueError("negative")
+        assert calls == []  # not before the step's own work
+        return 2 * x
+
+    assert step(3) == 6 and calls == [1]
+    with pytest.raises(ValueError, match="negative"):
+        step(-1)
+    assert calls == [1, 1]  # a failed click's transients too
+    assert step.__name__ == "step" and step.__doc__ == "A step."
+
+
 def test_mansu_hands_freed_memory_back_before_each_rounds_gradients_and_selection(facts_tiny, split, monkeypatch):
     import workbench.unlearning.mansu.method as method
 

@@ -459,6 +459,32 @@ def test_shared_models_preload_status():
     assert shared.status("/no/such/model").startswith("error:")
 
 
+def test_every_heavy_step_hands_freed_memory_back(runs_root, monkeypatch):
+    """The app's clicks (and the start model's background preload) return what glibc kept of their
+    transients when they end, failed or not, so it is not resident between clicks."""
+    import workbench.faces.session as session_mod
+    from workbench.core import allocator
+
+    calls: list[str] = []
+    monkeypatch.setattr(allocator, "hand_back_freed_memory", lambda: calls.append("step") or True)
+    monkeypatch.setattr(session_mod, "hand_back_freed_memory", lambda: calls.append("preload") or True)
+    s = Session(runs_root=runs_root)
+    with pytest.raises(WorkbenchError):
+        s.setup("facts-tiny", quant_type="int3")
+    assert calls == ["step"]
+    s.setup("facts-tiny")
+    s.attribute("atp", edges=False)
+    s.faithfulness_curve(2)
+    s.agreement("exact")
+    assert calls == ["step"] * 5
+    s.unlearn("mansu", mansu={"max_rounds": 1}, measure_cad=False, use_oracle=False)
+    assert calls == ["step"] * 6
+    shared = SharedModels()
+    shared.preload("facts-tiny")
+    shared.wait("facts-tiny", timeout=120)
+    assert shared.status("facts-tiny") == "ready" and calls == ["step"] * 6 + ["preload"]
+
+
 def test_shared_base_accuracy_is_computed_once(attributed, monkeypatch):
     calls = []
     import workbench.faces.session as session_mod  # the base_scores the session calls

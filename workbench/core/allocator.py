@@ -23,6 +23,10 @@ import ctypes.util
 import functools
 import os
 from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 M_ARENA_MAX = -8
 """glibc's ``mallopt`` parameter for the most arenas (``malloc.h``)."""
@@ -49,9 +53,10 @@ def limit_arenas(count: int = APP_ARENAS) -> bool:
 
     glibc gives each new thread an arena of its own, up to eight per core, and keeps a freed
     block in the arena of the thread that took it: in the app, whose clicks run in a pool of
-    worker threads, memory one click freed is not reused by the next click's thread, and the
-    process's peak climbs (docs/results/bench.md: "Run MANSU" on SmolLM2's default flow peaked
-    128–191 MiB lower with two arenas, two runs each way, in the same time). Call it before the
+    worker threads, memory one click freed need not be reused by the next click's thread, and the
+    process's peak can climb (docs/results/bench.md: "Run MANSU" on SmolLM2's default flow peaked
+    128–191 MiB lower with two arenas, two runs each way, in the same time, within a spread of
+    ~270 MiB between runs of the same code: suggestive, not established). Call it before the
     threads start; it changes no number, only which arena a thread allocates from."""
     mallopt = _libc_function("mallopt")
     if mallopt is None or os.environ.get("MALLOC_ARENA_MAX"):
@@ -66,3 +71,21 @@ def hand_back_freed_memory() -> bool:
         return False
     trim(0)
     return True
+
+
+def hands_back_memory(step: Callable[P, R]) -> Callable[P, R]:
+    """``step``, then :func:`hand_back_freed_memory`, however it ends.
+
+    For the app's clicks: each frees its transients when it ends, and what glibc keeps of them
+    would stay resident under the server until the next click (docs/results/bench.md: 360–500 MiB
+    on SmolLM2 after each of setup, attribution and "Run MANSU"). The next click's peak is not
+    lowered by it: that click would have reused the kept memory."""
+
+    @functools.wraps(step)
+    def step_then_hand_back(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return step(*args, **kwargs)
+        finally:
+            hand_back_freed_memory()
+
+    return step_then_hand_back

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from workbench.core.allocator import hand_back_freed_memory, hands_back_memory
 from workbench.core.errors import WorkbenchError
 from workbench.core.files import parse_json
 from workbench.core.paths import runs_dir
@@ -220,6 +221,7 @@ class SharedModels:
                         # The setup panel's first click then only reads this cache.
                         self.prepare_base(model, split, QuantConfig("nf4"),
                                           status=lambda text: self._status.__setitem__(key, text))
+                        hand_back_freed_memory()  # its transients: not resident before the first click
                     self._status[key] = "ready"
                 except WorkbenchError as exc:
                     self._status[key] = f"error: {exc}"
@@ -484,6 +486,7 @@ class Session:
         return checked
 
     # --- setup ----------------------------------------------------------------------------
+    @hands_back_memory
     def setup(
         self,
         model_name: str,
@@ -607,6 +610,7 @@ class Session:
         return self.attribution
 
     # --- attribution ----------------------------------------------------------------------
+    @hands_back_memory
     def attribute(
         self, method: str = "atp", *, ig_steps: int = 8, edges: bool = True, baseline: str = "paired",
         progress: Progress | None = None, measure: bool = True,
@@ -648,6 +652,7 @@ class Session:
         rows = [{"component": c.name, "score": round(s, 6)} for c, s in ranked]
         return fact_heatmap(a, i), rows
 
+    @hands_back_memory
     def faithfulness_curve(self, max_k: Any = 20, *, ablation: str = "corrupt", metric: str = "logit_diff",
                            progress: Progress | None = None) -> tuple[FaithfulnessCurve, go.Figure]:
         """Faithfulness of the top-k heads/MLPs of the attribution for k = 1..max_k, and its figure."""
@@ -664,6 +669,7 @@ class Session:
                                    progress=self._bounded(progress), meter=meter)
         return curve, faithfulness_curve_figure(curve)
 
+    @hands_back_memory
     def agreement(self, reference: str = "exact", *, ig_steps: int = 8,
                   progress: Progress | None = None) -> tuple[dict[str, float], go.Figure]:
         """How the current attribution agrees with another method's (rank correlations, top-k overlap)."""
@@ -903,6 +909,7 @@ class Session:
             self._last_mansu = _MansuRun(run, method_config, bool(use_oracle), bool(measure_cad))
         return self.current
 
+    @hands_back_memory
     def _execute(self, model: LoadedModel, split: FactSplit, quant: QuantConfig, method: str, *,
                  method_config: MethodConfig | None, optim: OptimConfig | None, stop: StopRule | None,
                  circuit: Circuit | None, oracle: LoadedModel | None, measure_cad: bool,
