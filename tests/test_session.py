@@ -473,16 +473,21 @@ def test_every_heavy_step_hands_freed_memory_back(runs_root, monkeypatch):
         s.setup("facts-tiny", quant_type="int3")
     assert calls == ["step"]
     s.setup("facts-tiny")
-    s.attribute("atp", edges=False)
+    s.attribute("atp", edges=False, measure=False)  # the app's click: the readout follows it
+    s.measure_faithfulness()
     s.faithfulness_curve(2)
     s.agreement("exact")
-    assert calls == ["step"] * 5
-    s.unlearn("mansu", mansu={"max_rounds": 1}, measure_cad=False, use_oracle=False)
     assert calls == ["step"] * 6
+    s.attribute("atp", edges=False)  # measuring inside: trimmed after each, harmless
+    assert calls == ["step"] * 8
+    path = s.save_circuit()
+    s.load_circuit(path)  # an upload: its prompt pairs and readout
+    s.unlearn("mansu", mansu={"max_rounds": 1}, measure_cad=False, use_oracle=False)
+    assert calls == ["step"] * 11  # the upload and its readout, the run
     shared = SharedModels()
     shared.preload("facts-tiny")
     shared.wait("facts-tiny", timeout=120)
-    assert shared.status("facts-tiny") == "ready" and calls == ["step"] * 6 + ["preload"]
+    assert shared.status("facts-tiny") == "ready" and calls == ["step"] * 11 + ["preload"]
 
 
 def test_shared_base_accuracy_is_computed_once(attributed, monkeypatch):

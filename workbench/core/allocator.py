@@ -49,17 +49,19 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
 def limit_arenas(count: int = APP_ARENAS) -> bool:
     """Let glibc keep at most ``count`` malloc arenas; False where it cannot (not glibc) or when
-    ``$MALLOC_ARENA_MAX`` is set (the user's choice stands).
+    ``$MALLOC_ARENA_MAX`` or ``glibc.malloc.arena_max`` in ``$GLIBC_TUNABLES`` is set (the user's
+    choice stands).
 
     glibc gives each new thread an arena of its own, up to eight per core, and keeps a freed
     block in the arena of the thread that took it: in the app, whose clicks run in a pool of
     worker threads, memory one click freed need not be reused by the next click's thread, and the
     process's peak can climb (docs/results/bench.md: "Run MANSU" on SmolLM2's default flow peaked
     128–191 MiB lower with two arenas, two runs each way, in the same time, within a spread of
-    ~270 MiB between runs of the same code: suggestive, not established). Call it before the
+    ~240 MiB between runs of the same code: suggestive, not established). Call it before the
     threads start; it changes no number, only which arena a thread allocates from."""
     mallopt = _libc_function("mallopt")
-    if mallopt is None or os.environ.get("MALLOC_ARENA_MAX"):
+    if (mallopt is None or os.environ.get("MALLOC_ARENA_MAX")
+            or "glibc.malloc.arena_max" in os.environ.get("GLIBC_TUNABLES", "")):
         return False
     return bool(mallopt(M_ARENA_MAX, count))
 

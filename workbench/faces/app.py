@@ -888,7 +888,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
 
     args = parse_args(argv, prog)
-    # before any thread: clicks run on a pool of threads, each of which would keep its own heap
+    # before the click threads start: each of the pool's threads would keep a heap of its own
     limit_arenas()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -700,6 +700,7 @@ class Session:
         else:
             self._measured_selection = None  # the readout says "measuring…" until measured
 
+    @hands_back_memory
     def measure_faithfulness(self) -> Faithfulness | None:
         """Recompute faithfulness of the current selection (kept on the session for the readout)."""
 
@@ -848,6 +849,7 @@ class Session:
         tag = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in Path(model.name).name)
         return circuit.save(self.workdir() / f"circuit-{tag}.json")
 
+    @hands_back_memory
     def load_circuit(self, path: str | Path) -> Circuit:
         """Replace the circuit by an uploaded JSON file (validated against the loaded model)."""
 
