@@ -34,7 +34,7 @@ from workbench.quant.parameters import single_use_linear_owners
 from workbench.unlearning.batches import Batches, ScoredSet
 from workbench.unlearning.mansu.config import MansuConfig, StatePrecision
 from workbench.unlearning.mansu.deltas import SparseDeltas
-from workbench.unlearning.mansu.fisher import diagonal_fisher, fisher_rows, per_example_bytes
+from workbench.unlearning.mansu.fisher import FISHER_CHUNK, diagonal_fisher, fisher_rows, per_example_bytes
 from workbench.unlearning.mansu.grid import Grid, weight_grid
 from workbench.unlearning.mansu.projection import HeldProjector, projectors_for
 
@@ -55,8 +55,8 @@ Above :data:`GRID_CACHE_WEIGHTS` candidate weights (no circuit restriction) it h
 candidate tensors as codes too, and a round writes their new codes: the gradient of a weight
 held as codes is the same as a tensor's."""
 
-GRADIENT_CHUNK = 16
-"""Facts per forward/backward of a gradient (as the Fisher's chunks): activation memory grows
+GRADIENT_CHUNK = FISHER_CHUNK
+"""Facts per forward/backward of a gradient (the Fisher's chunk, one number for both): activation memory grows
 with the rows of one backward (on SmolLM2's short facts ~0.75 GB above the start for 16, ~20 MiB
 per fact of it the saved activations; 7.7 GB for 256 in one pass), so larger batches are summed
 in chunks; when a chunk's would still outweigh the working budget, the blocks are recomputed in
