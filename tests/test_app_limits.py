@@ -96,3 +96,13 @@ def test_the_total_runs_quota_holds_across_sessions(tmp_path):
         (s.runs_root / "x.bin").write_bytes(b"0" * size)
     with pytest.raises(WorkbenchError, match="run store is full.*--runs-total-mb"):
         Session(runs_root=tmp_path, limits=limits)._check_quota()
+
+
+def test_a_malformed_working_budget_stops_the_app_at_its_start(monkeypatch):
+    """``$WORKBENCH_WORKING_MB`` is read by the first click that sizes work; the app checks it at
+    its start instead (before it changes anything), so the operator sees the error, not a user."""
+    from workbench.faces.app import configure
+
+    monkeypatch.setenv("WORKBENCH_WORKING_MB", "lots")
+    with pytest.raises(WorkbenchError, match="WORKBENCH_WORKING_MB must be a whole number of MiB, got 'lots'"):
+        configure(parse_args([]))

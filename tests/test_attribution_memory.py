@@ -11,7 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from workbench.core.device import device_memory_bytes
+from workbench.core.device import WORKING_MB_ENV, device_memory_bytes, working_budget_setting
 from workbench.core.errors import WorkbenchError
 from workbench.interpretability import attribution as attribution_module
 from workbench.interpretability.attribution import (
@@ -194,3 +194,26 @@ def test_on_a_gpu_the_default_budget_is_at_most_half_what_the_model_leaves_of_it
     total["value"] = weights + 2 * (2 * per_pair)  # the model leaves room for 4 pairs: passes get half of it
     assert toy_llama_gqa.working_budget_bytes() == 2 * per_pair
     assert passes(toy_llama_gqa, pairs, AttributionConfig(edges=True)) == [2, 2, 2, 2]
+
+
+def test_workbench_working_mb_replaces_the_default_budget(toy_llama_gqa, monkeypatch):
+    """``$WORKBENCH_WORKING_MB`` (``workbench --working-mb``) sets the budget in MiB, larger or
+    smaller than the default; on a GPU the cap of half what the model leaves still applies."""
+    monkeypatch.delenv(WORKING_MB_ENV, raising=False)
+    assert working_budget_setting() is None and toy_llama_gqa.working_budget_bytes() == MIN_WORKING_BYTES
+    monkeypatch.setenv(WORKING_MB_ENV, "")
+    assert working_budget_setting() is None
+    monkeypatch.setenv(WORKING_MB_ENV, " 3 ")
+    assert toy_llama_gqa.working_budget_bytes() == 3 * 2**20
+    monkeypatch.setenv(WORKING_MB_ENV, "4096")
+    assert toy_llama_gqa.working_budget_bytes() == 4096 * 2**20
+    monkeypatch.setattr(loaded_module, "module_device", lambda module: torch.device("cuda", 0))
+    monkeypatch.setattr(loaded_module, "device_memory_bytes", lambda device: toy_llama_gqa.weight_bytes + 2 * 2**30)
+    assert toy_llama_gqa.working_budget_bytes() == 2**30
+
+
+@pytest.mark.parametrize("value", ["lots", "0", "-2", "1.5", "1e3"])
+def test_a_malformed_working_budget_is_refused(toy_llama_gqa, monkeypatch, value):
+    monkeypatch.setenv(WORKING_MB_ENV, value)
+    with pytest.raises(WorkbenchError, match=f"WORKBENCH_WORKING_MB must be .*{value}"):
+        toy_llama_gqa.working_budget_bytes()

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from workbench.core.errors import WorkbenchError
 from workbench.faces.bench import COLUMNS, bench_attribution, format_table, toy_pairs
 
 
@@ -244,3 +245,15 @@ def test_memory_bench_refuses_unknown_flows():
     from workbench.unlearning.mansu.config import StatePrecision
 
     assert get_args(StatePrecision) == STATE_PRECISIONS
+
+
+def test_the_memory_bench_says_which_working_budget_its_children_inherit(monkeypatch):
+    from workbench.faces.bench_memory import budget_note
+
+    monkeypatch.delenv("WORKBENCH_WORKING_MB", raising=False)
+    assert budget_note() == "working budget: the default (each model's bytes, at least 256 MiB)"
+    monkeypatch.setenv("WORKBENCH_WORKING_MB", "128")
+    assert budget_note() == "working budget: 128 MiB ($WORKBENCH_WORKING_MB)"
+    monkeypatch.setenv("WORKBENCH_WORKING_MB", "0")
+    with pytest.raises(WorkbenchError, match="at least 1"):
+        budget_note()

@@ -201,3 +201,24 @@ def test_mansu_with_a_compact_quantized_model_is_the_same_run(facts_tiny, split,
     assert sorted(codes) == sorted(tensors) and codes_history == tensors_history
     for name, delta in tensors.items():
         assert torch.equal(codes[name], delta), name
+
+
+def test_a_working_budget_below_the_weights_outside_the_circuit_holds_them_as_codes(facts_tiny, monkeypatch):
+    """Q(w) outside MANSU's candidates is held as tensors while it fits the model's working budget
+    (and 1 GiB); a smaller budget (``$WORKBENCH_WORKING_MB``) holds it as codes."""
+    import workbench.unlearning.mansu.state as state
+    from workbench.models.loaded import LoadedModel
+
+    cfg = QuantConfig("nf4")
+    names = quantizable_parameters(facts_tiny.hf, cfg)[:1]
+    others = sum(p.numel() * p.element_size() for n, p in facts_tiny.hf.named_parameters()
+                 if n in quantizable_parameters(facts_tiny.hf, cfg) and n not in names)
+    assert compact_bytes(state.quantized_working_copy(facts_tiny, cfg, names)) == 0  # the default budget: tensors
+    monkeypatch.setattr(LoadedModel, "working_budget_bytes", lambda self: others)
+    assert compact_bytes(state.quantized_working_copy(facts_tiny, cfg, names)) == 0  # fits exactly: tensors
+    monkeypatch.setattr(LoadedModel, "working_budget_bytes", lambda self: others - 1)
+    work = state.quantized_working_copy(facts_tiny, cfg, names)
+    assert 0 < compact_bytes(work) < others
+    ids = _ids(facts_tiny)
+    with torch.no_grad():
+        assert torch.equal(work(ids).logits, quantized_copy(facts_tiny.hf, cfg)(ids).logits)

@@ -73,7 +73,30 @@ def test_cli_dtype_reaches_load_model_and_is_restored(llama_dir, monkeypatch, ca
     assert DTYPE_ENV not in __import__("os").environ
 
 
-def test_stored_sum_adds_in_float32_and_rounds_once():
+def test_cli_working_mb_reaches_the_budget_and_is_restored(llama_dir, monkeypatch, capsys):
+    """``workbench --working-mb MB``: the budget every step of the command is sized to, then the
+    environment as it was; a budget that is not a whole number of MiB ≥ 1 is a usage error."""
+    from workbench.core.device import WORKING_MB_ENV
+    from workbench.models.loaded import LoadedModel
+
+    monkeypatch.setenv(WORKING_MB_ENV, "7")
+    seen = []
+    import workbench.faces.cli.measure as measure_cli
+
+    real = measure_cli.load_model
+    monkeypatch.setattr(measure_cli, "load_model",
+                        lambda name, **kw: (m := real(name, **kw), seen.append(LoadedModel.working_budget_bytes(m)))[0])
+    main(["--working-mb", "64", "quant-report", "--model", str(llama_dir)])
+    assert seen == [64 * 2**20]
+    assert __import__("os").environ[WORKING_MB_ENV] == "7"
+    for bad in ("0", "x"):
+        with pytest.raises(SystemExit) as stop:
+            main(["--working-mb", bad, "quant-report", "--model", str(llama_dir)])
+        assert stop.value.code == 2
+    assert "--working-mb: must be at least 1 MiB, got 0" in capsys.readouterr().err
+
+
+
     base = torch.tensor([256.0, 1.0], dtype=torch.bfloat16)
     delta = torch.tensor([1.00390625, 0.5])  # 1 + 2^-8: half a bf16 ulp above 1
     out = stored_sum(base, delta)

@@ -29,6 +29,28 @@ DTYPE_ENV = "WORKBENCH_DTYPE"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """The storage dtypes a model may be loaded in, by name."""
 
+WORKING_MB_ENV = "WORKBENCH_WORKING_MB"
+"""A working budget in MiB that replaces the default one (``workbench --working-mb``; read by
+:meth:`~workbench.models.loaded.LoadedModel.working_budget_bytes`)."""
+
+
+def working_budget_setting() -> int | None:
+    """``$WORKBENCH_WORKING_MB`` in bytes, or ``None`` when it is unset or empty.
+
+    Raises:
+        WorkbenchError: when it is not a whole number of MiB of at least 1.
+    """
+    raw = os.environ.get(WORKING_MB_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        mib = int(raw)
+    except ValueError:
+        raise WorkbenchError(f"${WORKING_MB_ENV} must be a whole number of MiB, got {raw!r}") from None
+    if mib < 1:
+        raise WorkbenchError(f"${WORKING_MB_ENV} must be at least 1 (MiB), got {mib}")
+    return mib * 2**20
+
 
 def choose_dtype(requested: str | torch.dtype | None = None) -> torch.dtype:
     """The storage dtype models are loaded in: ``requested`` (a name of :data:`DTYPES` or a

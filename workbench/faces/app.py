@@ -37,6 +37,7 @@ from gradio.themes import Default as DefaultTheme
 
 from workbench.core.allocator import limit_arenas
 from workbench.core.checks import Range
+from workbench.core.device import working_budget_setting
 from workbench.core.errors import WorkbenchError
 from workbench.core.paths import cache_dir, runs_dir
 from workbench.data.files import FILE_FORMATS
@@ -938,6 +939,7 @@ def configure(args: argparse.Namespace) -> Limits:
                              ("--runs-quota-mb", args.runs_quota_mb, 0), ("--runs-total-mb", args.runs_total_mb, 0)):
         if not Range(low, integer=isinstance(value, int)).admits(value):
             raise WorkbenchError(f"{flag} must be a finite number >= {low}, got {value!r}")
+    working_budget_setting()  # a malformed $WORKBENCH_WORKING_MB stops the start, not the first click
     # The start model is the operator's own choice, so its directory counts as listed.
     start = [] if args.model in BUILTINS else [args.model]
     SHARED.restrict(ModelRoots.of([*args.models_dir, *start]))

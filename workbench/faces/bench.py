@@ -39,7 +39,7 @@ from workbench.core.components import all_components
 from workbench.core.errors import WorkbenchError
 from workbench.core.progress import silent
 from workbench.faces.bench_flow import FLOW_COLUMNS, bench_flow
-from workbench.faces.bench_memory import MEMORY_COLUMNS, circuit_note, memory_rows, passes_note, run_flow
+from workbench.faces.bench_memory import MEMORY_COLUMNS, budget_note, circuit_note, memory_rows, passes_note, run_flow
 from workbench.interpretability.attribution import (
     AttributionConfig,
     PromptPairs,
@@ -461,6 +461,7 @@ def _memory_section(model_name: str) -> list[dict[str, Any]]:
     circuit ≤ 4 GB on SmolLM2."""
     print("== memory: peak RSS per phase / model bytes, one child process per flow (targets: app flow <= 3x, "
           "MANSU without a circuit <= 4 GB on SmolLM2)")
+    print(budget_note())
     flows = ("flow", "mansu-no-circuit", "gradient")
     rows = [row for flow in flows for row in memory_rows(run_flow(flow, model_name))]
     print(format_rows(rows, MEMORY_COLUMNS))
@@ -539,6 +540,7 @@ def run_bench(sections: Sequence[str] = (), *, quick: bool = False, flow_threads
     if "scale" in chosen:
         print("== scale: a random 1B-class Llama in bfloat16, each phase's peak RSS / model bytes (target <= 3); "
               f"MANSU's state: {scale_state}")
+        print(budget_note())
         size = "reduced" if quick else "full"
         rows = memory_rows(run_flow("scale", size, state_precision=scale_state))
         # the app's default attribution (edges) on the same model: passes sized to memory, then 32 pairs at once

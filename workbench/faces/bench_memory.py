@@ -57,6 +57,7 @@ from typing import Any
 
 import torch
 
+from workbench.core.device import WORKING_MB_ENV, working_budget_setting
 from workbench.core.errors import WorkbenchError
 from workbench.data.facts import Fact, FactSplit
 from workbench.experiments import flow as flow_module
@@ -347,6 +348,15 @@ MEMORY_COLUMNS = (
     ("peak_rss_mib", "peak RSS MiB", "{:.0f}"), ("peak_over_model", "peak/model", "{:.2f}"),
     ("above_imports_over_model", "(peak-imports)/model", "{:.2f}"),
 )
+
+
+def budget_note() -> str:
+    """The working budget the children size their work to (they inherit this process's
+    environment), as one line; a malformed ``$WORKBENCH_WORKING_MB`` is refused before any child runs."""
+    setting = working_budget_setting()
+    if setting is None:
+        return "working budget: the default (each model's bytes, at least 256 MiB)"
+    return f"working budget: {setting // 2**20} MiB (${WORKING_MB_ENV})"
 
 
 def circuit_note(rows: list[dict[str, Any]]) -> str | None:

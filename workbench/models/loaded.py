@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from workbench.core.device import device_memory_bytes, module_device
+from workbench.core.device import device_memory_bytes, module_device, working_budget_setting
 from workbench.core.errors import WorkbenchError
 from workbench.core.sharing import sharing_copy
 from workbench.models.adapter import ModelAdapter, build_adapter, check_family
@@ -34,7 +34,7 @@ Architecture = Literal[
 ]
 
 MIN_WORKING_BYTES = 256 * 2**20
-"""The least working memory a step is sized to (:meth:`LoadedModel.working_budget_bytes`)."""
+"""The least working memory a step is sized to by default (:meth:`LoadedModel.working_budget_bytes`)."""
 
 
 def hf_module(model: LoadedModel | torch.nn.Module) -> torch.nn.Module:
@@ -108,11 +108,14 @@ class LoadedModel:
 
     def working_budget_bytes(self) -> int:
         """The memory one step of work on this model may take beside it: an attribution pass, a
-        chunk of MANSU's gradient kept whole. The model's own bytes, at least
+        chunk of MANSU's gradient kept whole, MANSU's quantized weights outside its circuit held
+        as tensors. ``$WORKBENCH_WORKING_MB`` when set (a smaller budget: less memory, more
+        passes, the same numbers to float rounding), else the model's own bytes, at least
         :data:`MIN_WORKING_BYTES`; on a CUDA device at most half of what the model leaves of the
         device's total memory (its total, not its free memory: the same budget at every call, so
         work sized ahead is sized as the work that follows)."""
-        budget = max(self.weight_bytes, MIN_WORKING_BYTES)
+        setting = working_budget_setting()
+        budget = setting if setting is not None else max(self.weight_bytes, MIN_WORKING_BYTES)
         total = device_memory_bytes(module_device(self.hf))
         return budget if total is None else max(1, min(budget, (total - self.weight_bytes) // 2))
 

@@ -6,10 +6,10 @@ import argparse
 import contextlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from workbench import __version__
-from workbench.core.device import DTYPE_ENV, DTYPES
+from workbench.core.device import DTYPE_ENV, DTYPES, WORKING_MB_ENV
 from workbench.core.errors import WorkbenchError
 from workbench.faces.cli import circuits, comparisons, measure, models, runs, serve, sweep
 from workbench.faces.cli.common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USER_ERROR, Printer
@@ -43,10 +43,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", dest="model_dtype", choices=tuple(DTYPES), default=None,
                         help="storage dtype every model of this command is loaded in (default: $WORKBENCH_DTYPE, "
                              "else float32); updates still accumulate in float32")
+    parser.add_argument("--working-mb", dest="working_mb", type=_positive_mib, default=None, metavar="MB",
+                        help="working memory each step may take beside the model, in MiB (default: "
+                             "$WORKBENCH_WORKING_MB, else the model's bytes, at least 256): smaller takes less "
+                             "memory and more passes, the same numbers to float rounding")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in GROUPS:
         group.add_commands(sub)
     return parser
+
+
+def _positive_mib(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of MiB: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 MiB, got {value}")
+    return value
+
+
+@contextlib.contextmanager
+def _settings(args: argparse.Namespace) -> Iterator[None]:
+    """The global flags as the environment variables the library reads (``load_model`` the dtype,
+    ``LoadedModel.working_budget_bytes`` the budget), for this command only: ``main`` is called
+    in-process too (tests, notebooks), so what was there before is restored."""
+    values = {DTYPE_ENV: args.model_dtype, WORKING_MB_ENV: None if args.working_mb is None else str(args.working_mb)}
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update({name: value for name, value in values.items() if value is not None})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -57,12 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra_args = extra
     out = Printer(as_json=getattr(args, "json", False), stream=sys.stdout)
-    saved_dtype = os.environ.get(DTYPE_ENV)
     try:
-        if args.model_dtype is not None:  # load_model reads it; restored below (main is called in-process too)
-            os.environ[DTYPE_ENV] = args.model_dtype
         # under --json stdout is the JSON document alone: anything else printed goes to stderr
-        with contextlib.redirect_stdout(sys.stderr) if out.as_json else contextlib.nullcontext():
+        with _settings(args), contextlib.redirect_stdout(sys.stderr) if out.as_json else contextlib.nullcontext():
             return int(args.func(args, out) or EXIT_OK)
     except WorkbenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -75,8 +104,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         # does not raise again, and end quietly as other Unix tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
-    finally:
-        if saved_dtype is None:
-            os.environ.pop(DTYPE_ENV, None)
-        else:
-            os.environ[DTYPE_ENV] = saved_dtype

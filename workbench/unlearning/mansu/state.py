@@ -331,7 +331,9 @@ def storage_dtypes(model: LoadedModel, quant: QuantConfig) -> set[torch.dtype]:
 
 def quantized_working_copy(model: LoadedModel, quant: QuantConfig, names: list[str]) -> torch.nn.Module:
     """The model at Q(w), the candidate tensors ``names`` as tensors (rounds write them), the other
-    quantized weights as codes when they weigh more than :data:`COMPACT_QWORK_BYTES`; every
+    quantized weights as codes when they weigh more than :data:`COMPACT_QWORK_BYTES` or the
+    model's working budget (:meth:`~workbench.models.loaded.LoadedModel.working_budget_bytes`;
+    the same logits and gradients either way, the codes 1.7× slower per forward); every
     quantized weight as codes above :data:`GRID_CACHE_WEIGHTS` candidate weights (rounds write
     new codes: :func:`~workbench.quant.compact.write_quantized`)."""
     quantized, held = set(model.adapter.quantizable(quant)), set(names)
@@ -339,7 +341,7 @@ def quantized_working_copy(model: LoadedModel, quant: QuantConfig, names: list[s
         return compact_quantized_copy(model.hf, quant, materialized=())
     others = sum(p.numel() * p.element_size() for n, p in model.hf.named_parameters()
                  if n in quantized and n not in held)
-    if others > COMPACT_QWORK_BYTES:
+    if others > min(COMPACT_QWORK_BYTES, model.working_budget_bytes()):
         return compact_quantized_copy(model.hf, quant, materialized=names)
     return quantized_copy(model.hf, quant)
 
