@@ -222,3 +222,16 @@ def test_a_working_budget_below_the_weights_outside_the_circuit_holds_them_as_co
     ids = _ids(facts_tiny)
     with torch.no_grad():
         assert torch.equal(work(ids).logits, quantized_copy(facts_tiny.hf, cfg)(ids).logits)
+
+
+def test_no_bridge_over_a_model_that_computes_its_weights(facts_tiny):
+    """TransformerLens' components read ``module.weight``, a placeholder of zeros in a compact
+    copy: attribution over it gave all-zero scores before this refusal."""
+    from workbench.models.loaded import LoadedModel
+
+    compact = LoadedModel(name="q", hf=compact_quantized_copy(facts_tiny.hf, QuantConfig("nf4"), materialized=()),
+                          tokenizer=facts_tiny.tokenizer)
+    with pytest.raises(WorkbenchError, match="compute their weight at forward.*attribute a model that holds"):
+        compact.bridge()
+    held = LoadedModel(name="q", hf=quantized_copy(facts_tiny.hf, QuantConfig("nf4")), tokenizer=facts_tiny.tokenizer)
+    assert held.bridge() is not None

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from workbench.core.computed_weight import installed
 from workbench.core.device import device_memory_bytes, module_device, working_budget_setting
 from workbench.core.errors import WorkbenchError
 from workbench.core.sharing import sharing_copy
@@ -35,6 +36,17 @@ Architecture = Literal[
 
 MIN_WORKING_BYTES = 256 * 2**20
 """The least working memory a step is sized to by default (:meth:`LoadedModel.working_budget_bytes`)."""
+
+
+def _check_weights_held(hf: torch.nn.Module) -> None:
+    """Refuse a bridge over a model that computes weights in its modules' forwards (a compact
+    quantized copy, MANSU's working models): the bridge's components read ``module.weight``
+    themselves, which is a placeholder of zeros there, so every score would silently be 0."""
+    computed = [name for name, module in hf.named_modules() if installed(module) is not None]
+    if computed:
+        raise WorkbenchError(
+            f"{len(computed)} module(s) of this model compute their weight at forward ({computed[0]}, ...): "
+            "TransformerLens' bridge would read placeholders; attribute a model that holds its weights as tensors")
 
 
 def hf_module(model: LoadedModel | torch.nn.Module) -> torch.nn.Module:
@@ -160,6 +172,8 @@ class LoadedModel:
         with self._bridge_lock:
             if self._bridge is None:
                 from transformer_lens.model_bridge import TransformerBridge
+
+                _check_weights_held(self.hf)
 
                 # The bridge runs where the model is, over the model's own parameters (shared, not
                 # copied: the base is read-only everywhere). Families whose bridge splits a joint
