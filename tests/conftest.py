@@ -22,6 +22,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # session's facts-tiny would be evicted and reloaded (its bridge booted again) in module after
 # module. The LRU itself is tested in test_model_roots.py; the app sets its own (--max-models).
 os.environ.setdefault("WORKBENCH_MAX_MODELS", "6")
+# the tests choose the dtype and working budget themselves:
+# one exported in the shell would change the defaults they check
+for _setting in ("WORKBENCH_DTYPE", "WORKBENCH_WORKING_MB"):
+    os.environ.pop(_setting, None)
 
 
 def _session_cache() -> Path:

@@ -93,10 +93,17 @@ def test_cli_working_mb_reaches_the_budget_and_is_restored(llama_dir, monkeypatc
         with pytest.raises(SystemExit) as stop:
             main(["--working-mb", bad, "quant-report", "--model", str(llama_dir)])
         assert stop.value.code == 2
-    assert "--working-mb: must be at least 1 MiB, got 0" in capsys.readouterr().err
+    assert "--working-mb: the budget must be at least 1 (MiB), got 0" in capsys.readouterr().err
+    # a command that fails restores the environment too; a malformed setting fails at the start
+    assert main(["--working-mb", "64", "quant-report", "--model", str(llama_dir / "missing")]) == 1
+    assert __import__("os").environ[WORKING_MB_ENV] == "7"
+    monkeypatch.setenv(WORKING_MB_ENV, "lots")
+    seen.clear()
+    assert main(["quant-report", "--model", str(llama_dir)]) == 1
+    assert not seen and "WORKBENCH_WORKING_MB must be a whole number of MiB, got 'lots'" in capsys.readouterr().err
 
 
-
+def test_stored_sum_adds_in_float32_and_rounds_once():
     base = torch.tensor([256.0, 1.0], dtype=torch.bfloat16)
     delta = torch.tensor([1.00390625, 0.5])  # 1 + 2^-8: half a bf16 ulp above 1
     out = stored_sum(base, delta)

@@ -34,22 +34,28 @@ WORKING_MB_ENV = "WORKBENCH_WORKING_MB"
 :meth:`~workbench.models.loaded.LoadedModel.working_budget_bytes`)."""
 
 
+def working_mib(text: str, what: str = f"${WORKING_MB_ENV}") -> int:
+    """A working budget as written (``$WORKBENCH_WORKING_MB``, ``--working-mb``): whole MiB, ≥ 1.
+
+    Raises:
+        WorkbenchError: for anything else (a sign, a fraction, a unit, digits grouped by ``_``).
+    """
+    raw = text.strip()
+    if not raw.isdigit():
+        raise WorkbenchError(f"{what} must be a whole number of MiB, got {raw!r}")
+    if int(raw) < 1:
+        raise WorkbenchError(f"{what} must be at least 1 (MiB), got {int(raw)}")
+    return int(raw)
+
+
 def working_budget_setting() -> int | None:
     """``$WORKBENCH_WORKING_MB`` in bytes, or ``None`` when it is unset or empty.
 
     Raises:
-        WorkbenchError: when it is not a whole number of MiB of at least 1.
+        WorkbenchError: when it is not a whole number of MiB of at least 1 (:func:`working_mib`).
     """
-    raw = os.environ.get(WORKING_MB_ENV, "").strip()
-    if not raw:
-        return None
-    try:
-        mib = int(raw)
-    except ValueError:
-        raise WorkbenchError(f"${WORKING_MB_ENV} must be a whole number of MiB, got {raw!r}") from None
-    if mib < 1:
-        raise WorkbenchError(f"${WORKING_MB_ENV} must be at least 1 (MiB), got {mib}")
-    return mib * 2**20
+    raw = os.environ.get(WORKING_MB_ENV, "")
+    return working_mib(raw) * 2**20 if raw.strip() else None
 
 
 def choose_dtype(requested: str | torch.dtype | None = None) -> torch.dtype:

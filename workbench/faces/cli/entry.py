@@ -9,7 +9,7 @@ import sys
 from collections.abc import Iterator, Sequence
 
 from workbench import __version__
-from workbench.core.device import DTYPE_ENV, DTYPES, WORKING_MB_ENV
+from workbench.core.device import DTYPE_ENV, DTYPES, WORKING_MB_ENV, working_budget_setting, working_mib
 from workbench.core.errors import WorkbenchError
 from workbench.faces.cli import circuits, comparisons, measure, models, runs, serve, sweep
 from workbench.faces.cli.common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USER_ERROR, Printer
@@ -45,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "else float32); updates still accumulate in float32")
     parser.add_argument("--working-mb", dest="working_mb", type=_positive_mib, default=None, metavar="MB",
                         help="working memory each step may take beside the model, in MiB (default: "
-                             "$WORKBENCH_WORKING_MB, else the model's bytes, at least 256): smaller takes less "
-                             "memory and more passes, the same numbers to float rounding")
+                             "$WORKBENCH_WORKING_MB, else the model's bytes, at least 256; on a GPU at most half "
+                             "of what the model leaves): smaller takes less memory and more passes, the same "
+                             "numbers to float rounding")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in GROUPS:
         group.add_commands(sub)
@@ -55,12 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _positive_mib(text: str) -> int:
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number of MiB: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1 MiB, got {value}")
-    return value
+        return working_mib(text, "the budget")
+    except WorkbenchError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 @contextlib.contextmanager
@@ -72,6 +70,7 @@ def _settings(args: argparse.Namespace) -> Iterator[None]:
     saved = {name: os.environ.get(name) for name in values}
     os.environ.update({name: value for name, value in values.items() if value is not None})
     try:
+        working_budget_setting()  # one set in the shell is checked before any model loads, as the flag is
         yield
     finally:
         for name, value in saved.items():

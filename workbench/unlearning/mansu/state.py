@@ -48,7 +48,8 @@ does not change) and costs one pass of the quantizer per round instead of 13 byt
 
 COMPACT_QWORK_BYTES = 1 << 30
 """Above this many bytes of quantized weights outside the candidate tensors (a 1B model in
-bfloat16, not SmolLM2 in float32), the model at Q(w+Δ) holds them as codes, half a byte per
+bfloat16, not SmolLM2 in float32), or above the model's working budget when that is smaller
+(:func:`quantized_working_copy`), the model at Q(w+Δ) holds them as codes, half a byte per
 4-bit weight, dequantized by each module's forward (:func:`~workbench.quant.compact.compact_quantized_copy`:
 the same logits and gradients, one dequantization per module per forward); below it, as tensors.
 Above :data:`GRID_CACHE_WEIGHTS` candidate weights (no circuit restriction) it holds the
