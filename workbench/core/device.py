@@ -41,7 +41,7 @@ def working_mib(text: str, what: str = f"${WORKING_MB_ENV}") -> int:
         WorkbenchError: for anything else (a sign, a fraction, a unit, digits grouped by ``_``).
     """
     raw = text.strip()
-    if not raw.isdigit():
+    if not (raw.isascii() and raw.isdigit()):  # int() would also take "+5", "1_000", "٣"
         raise WorkbenchError(f"{what} must be a whole number of MiB, got {raw!r}")
     if int(raw) < 1:
         raise WorkbenchError(f"{what} must be at least 1 (MiB), got {int(raw)}")
