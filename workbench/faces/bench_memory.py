@@ -66,6 +66,7 @@ from workbench.faces.session import SHARED, Session
 from workbench.interpretability import attribution as attribution_module
 from workbench.interpretability.attribution import AttributionConfig
 from workbench.measurement.metrics import measure_update
+from workbench.models.loaded import MIN_WORKING_BYTES
 from workbench.models.scoring import FactBatch, encode_prompts, last_token_logits
 from workbench.models.toy import toy_model
 from workbench.quant import QuantConfig
@@ -355,7 +356,7 @@ def budget_note() -> str:
     environment), as one line; a malformed ``$WORKBENCH_WORKING_MB`` is refused before any child runs."""
     setting = working_budget_setting()
     if setting is None:
-        return "working budget: the default (each model's bytes, at least 256 MiB)"
+        return f"working budget: the default (each model's bytes, at least {MIN_WORKING_BYTES // 2**20} MiB)"
     return f"working budget: {setting // 2**20} MiB (${WORKING_MB_ENV})"
 
 
