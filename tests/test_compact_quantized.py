@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from workbench.core.errors import WorkbenchError
+from workbench.models.adapter import SUPPORTED_FAMILIES
+from workbench.models.toy import toy_model
 from workbench.quant import QuantConfig
 from workbench.quant.compact import compact_bytes, compact_quantized_copy, pack_codes, unpack_codes
 from workbench.quant.model import quantized_copy
@@ -224,14 +226,48 @@ def test_a_working_budget_below_the_weights_outside_the_circuit_holds_them_as_co
         assert torch.equal(work(ids).logits, quantized_copy(facts_tiny.hf, cfg)(ids).logits)
 
 
-def test_no_bridge_over_a_model_that_computes_its_weights(facts_tiny):
-    """TransformerLens' components read ``module.weight``, a placeholder of zeros in a compact
-    copy: attribution over it gave all-zero scores before this refusal."""
+@pytest.mark.parametrize("family", [*SUPPORTED_FAMILIES, "facts-tiny"])
+def test_a_bridge_over_a_compact_copy_attributes_as_over_the_full_copy(family, facts_tiny, split):
+    """TransformerLens' components read ``module.weight`` themselves (GPT-2's c_attn split at
+    boot, each head's q/k/v with edges): over the placeholders a compact copy holds, every score
+    was 0 (facts-tiny) or wrong (every family with edges). The bridge's own copy answers those
+    reads with the computed weight: nodes and edges equal to the bit."""
+    from conftest import own_top1_split
+
+    from workbench.interpretability.attribution import AttributionConfig, attribute
     from workbench.models.loaded import LoadedModel
 
-    compact = LoadedModel(name="q", hf=compact_quantized_copy(facts_tiny.hf, QuantConfig("nf4"), materialized=()),
-                          tokenizer=facts_tiny.tokenizer)
-    with pytest.raises(WorkbenchError, match="compute their weight at forward.*attribute a model that holds"):
-        compact.bridge()
-    held = LoadedModel(name="q", hf=quantized_copy(facts_tiny.hf, QuantConfig("nf4")), tokenizer=facts_tiny.tokenizer)
-    assert held.bridge() is not None
+    kv_heads = None if family in ("gpt2", "gpt_neox") else 2  # grouped-query attention where the family has it
+    base = facts_tiny if family == "facts-tiny" else toy_model(family, n_kv_heads=kv_heads)
+    forget = split.forget if family == "facts-tiny" else own_top1_split(base).forget
+    cfg = QuantConfig("nf4")
+    full = LoadedModel(name="q", hf=quantized_copy(base.hf, cfg), tokenizer=base.tokenizer)
+    compact = LoadedModel(name="q", hf=compact_quantized_copy(base.hf, cfg, materialized=()), tokenizer=base.tokenizer)
+    config = AttributionConfig(edges=True)
+    expected, got = attribute(full, forget, config), attribute(compact, forget, config)
+    assert got.scores == expected.scores and got.edge_scores == expected.edge_scores
+    assert max(abs(v) for v in expected.scores.values()) > 0 and expected.edge_scores
+    # the compact model itself still holds placeholders (get_parameter, requires_grad_ go through them)
+    name = quantizable_parameters(compact.hf, cfg)[0]
+    assert isinstance(compact.hf.get_parameter(name), torch.nn.Parameter)
+
+
+def test_a_weight_read_answers_with_its_gradient_to_the_placeholder(toy_llama_gqa):
+    """Read from outside its module's forward, a computed weight takes its gradient into the
+    placeholder's ``.grad``, as the forward's own use does."""
+    from workbench.core.computed_weight import answer_weight_reads, installed
+
+    cfg = QuantConfig("nf4")
+    compact = compact_quantized_copy(toy_llama_gqa.hf, cfg, materialized=())
+    name = quantizable_parameters(compact, cfg)[0]
+    owner = compact.get_submodule(name.rpartition(".")[0])
+    at_forward = installed(owner)
+    assert at_forward is not None and answer_weight_reads(compact) >= 1
+    assert answer_weight_reads(compact) == 0  # once per module
+    read = owner.weight
+    assert torch.equal(read, quantized_copy(toy_llama_gqa.hf, cfg).get_parameter(name))
+    at_forward.placeholder.requires_grad_(True)
+    (owner.weight * 2).sum().backward()
+    assert torch.equal(at_forward.placeholder.grad, torch.full_like(read, 2.0))
+    # the base's modules keep their class
+    assert type(toy_llama_gqa.hf.get_submodule(name.rpartition(".")[0])) is torch.nn.Linear

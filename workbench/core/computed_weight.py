@@ -16,10 +16,15 @@ With grad, autograd would keep every module's computed weight until the backward
 again, for the length of one backward). A ``saved_tensors_hooks`` pair inside the module's
 forward saves a note of the weight instead (its view's size, stride and offset) and computes it
 again when the backward needs it.
+
+Code that reads ``module.weight`` itself instead of calling the module (TransformerLens' bridge)
+would read the placeholder: :func:`answer_weight_reads` makes a private copy's modules answer
+such reads with the computed weight.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,3 +113,39 @@ def installed(module: nn.Module) -> WeightAtForward | None:
     """The :class:`WeightAtForward` computing ``module``'s weight, if any."""
     found = getattr(module.forward, "at_forward", None)
     return found if isinstance(found, WeightAtForward) else None
+
+
+def answer_weight_reads(model: nn.Module) -> int:
+    """Make every module of ``model`` that computes its weight answer a read of ``module.weight``
+    from outside its forward with the computed weight instead of the placeholder; the number of
+    such modules.
+
+    For a private copy handed to code that reads weights itself: TransformerLens' bridge splits
+    GPT-2's joint ``c_attn`` at boot and, with edges, computes each head's q/k/v from
+    ``module.weight``; over placeholders every score was 0. Not for the workbench's own models:
+    there ``module.weight`` must stay the placeholder ``Parameter`` (``get_parameter``,
+    ``requires_grad_``, ``.grad`` go through it). Each read computes the weight anew (a
+    transient the size of one weight, saved by the reader's graph if it takes a gradient)."""
+    count = 0
+    for module in model.modules():
+        if installed(module) is not None and not isinstance(type(module).__dict__.get("weight"), property):
+            module.__class__ = _answering_class(type(module))
+            count += 1
+    return count
+
+
+@functools.cache
+def _answering_class(cls: type[nn.Module]) -> type[nn.Module]:
+    """``cls`` with a ``weight`` property (a class attribute is found before ``nn.Module.__getattr__``)."""
+
+    def weight(self: nn.Module) -> Tensor:
+        held = self._parameters["weight"]
+        at_forward = installed(self)
+        if at_forward is None or held is not at_forward.placeholder:
+            return held  # type: ignore[return-value]  # inside its forward: the computed weight itself
+        if torch.is_grad_enabled() and at_forward.placeholder.requires_grad:
+            return _Computed.apply(at_forward.placeholder, at_forward)
+        return at_forward.value()
+
+    return type(cls.__name__, (cls,), {"weight": property(weight), "__module__": cls.__module__,
+                                       "__qualname__": cls.__qualname__})

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from workbench.core.computed_weight import installed
+from workbench.core.computed_weight import answer_weight_reads
 from workbench.core.device import device_memory_bytes, module_device, working_budget_setting
 from workbench.core.errors import WorkbenchError
 from workbench.core.sharing import sharing_copy
@@ -36,17 +36,6 @@ Architecture = Literal[
 
 MIN_WORKING_BYTES = 256 * 2**20
 """The least working memory a step is sized to by default (:meth:`LoadedModel.working_budget_bytes`)."""
-
-
-def _check_weights_held(hf: torch.nn.Module) -> None:
-    """Refuse a bridge over a model that computes weights in its modules' forwards (a compact
-    quantized copy, MANSU's working models): the bridge's components read ``module.weight``
-    themselves, which is a placeholder of zeros there, so every score would silently be 0."""
-    computed = [name for name, module in hf.named_modules() if installed(module) is not None]
-    if computed:
-        raise WorkbenchError(
-            f"{len(computed)} module(s) of this model compute their weight at forward ({computed[0]}, ...): "
-            "TransformerLens' bridge would read placeholders; attribute a model that holds its weights as tensors")
 
 
 def hf_module(model: LoadedModel | torch.nn.Module) -> torch.nn.Module:
@@ -173,13 +162,14 @@ class LoadedModel:
             if self._bridge is None:
                 from transformer_lens.model_bridge import TransformerBridge
 
-                _check_weights_held(self.hf)
-
                 # The bridge runs where the model is, over the model's own parameters (shared, not
                 # copied: the base is read-only everywhere). Families whose bridge splits a joint
                 # weight (GPT-2's c_attn, NeoX's query_key_value, Phi-3's qkv/gate_up) hold their
                 # own copy of that weight's pieces.
                 hf_copy = sharing_copy(self.hf, same_parameters=True)
+                # A weight computed at forward (a compact quantized variant) is read by the
+                # bridge's components as the weight, not as the placeholder the model holds
+                answer_weight_reads(hf_copy)
                 # In-memory models have no config.architectures, which the bridge's registry
                 # needs for model types it does not map itself (e.g. gemma3_text).
                 config: Any = hf_copy.config
