@@ -271,3 +271,79 @@ def test_a_weight_read_answers_with_its_gradient_to_the_placeholder(toy_llama_gq
     assert torch.equal(at_forward.placeholder.grad, torch.full_like(read, 2.0))
     # the base's modules keep their class
     assert type(toy_llama_gqa.hf.get_submodule(name.rpartition(".")[0])) is torch.nn.Linear
+
+
+def _codes_test_update(model):
+    from workbench.models.update import Update
+
+    names = ["transformer.h.1.mlp.c_fc.weight", "transformer.h.0.attn.c_proj.weight", "transformer.h.0.ln_1.weight"]
+    deltas = {n: torch.zeros_like(model.state()[n]) for n in names}
+    for d in deltas.values():
+        d[:4] = 0.3  # moves codes of the quantized weights, and a norm the quantizer leaves alone
+    return Update(deltas)
+
+
+def test_a_measurement_with_q_w_as_codes_is_the_same_measurement(facts_tiny, split, monkeypatch):
+    """When Q(w) would exceed the working budget the measurement builds its quantized variants
+    with Q(w) held as codes, and every number it reports, CAD's attributions through the bridge
+    included, equals the measurement holding Q(w) as tensors."""
+    import json
+
+    import workbench.measurement.metrics as metrics
+    from workbench.core.memo import clear_base_memo
+    from workbench.models.loaded import LoadedModel
+
+    update = _codes_test_update(facts_tiny)
+    cfg = QuantConfig("nf4")
+    assert not facts_tiny.reads_quantized_as_codes(cfg)  # the default budget: tensors
+    expected = metrics.measure_update(facts_tiny, split, update, quant=cfg)
+    clear_base_memo()  # base_q's scores and attribution measured again, as codes
+    built: list[str] = []
+    as_codes = metrics.variant_model_as_codes
+
+    def watched(model, upd, quant, vname):
+        built.append(vname)
+        vmodel = as_codes(model, upd, quant, vname)
+        assert compact_bytes(vmodel.hf) > 0
+        return vmodel
+
+    monkeypatch.setattr(metrics, "variant_model_as_codes", watched)
+    # (not a smaller budget: that would also run attribution in smaller passes, other last bits)
+    monkeypatch.setattr(LoadedModel, "reads_quantized_as_codes", lambda self, quant: True)
+    got = metrics.measure_update(facts_tiny, split, update, quant=cfg)
+    assert sorted(built) == sorted(metrics.QUANTIZED_VARIANTS)
+    assert json.dumps(got.to_json(), sort_keys=True) == json.dumps(expected.to_json(), sort_keys=True)
+    assert got.cad is not None and got.params_changed > 0
+
+
+@pytest.mark.parametrize("vname", ["base_q", "after_qbase_delta", "after_q"])
+def test_a_variant_as_codes_holds_the_variants_weights(facts_tiny, vname):
+    """Weight for weight (read through ``module.weight``, as the bridge reads it) the variant as
+    codes is the variant as tensors; the base is untouched."""
+    from workbench.core.computed_weight import answer_weight_reads
+    from workbench.measurement.metrics import quantized_base, variant_model, variant_model_as_codes
+
+    update = _codes_test_update(facts_tiny)
+    cfg = QuantConfig("nf4")
+    before = {n: p.clone() for n, p in facts_tiny.hf.named_parameters()}
+    tensors = variant_model(facts_tiny, update, cfg, vname, quantized_base(facts_tiny, cfg)).hf
+    codes = variant_model_as_codes(facts_tiny, update, cfg, vname).hf
+    answer_weight_reads(codes)
+    for name, p in tensors.named_parameters():
+        owner, _, attr = name.rpartition(".")
+        assert torch.equal(getattr(codes.get_submodule(owner), attr), p), name
+    assert all(torch.equal(p, before[n]) for n, p in facts_tiny.hf.named_parameters())
+    with pytest.raises(WorkbenchError, match="not a quantized variant"):
+        variant_model_as_codes(facts_tiny, update, cfg, "after_fp")
+
+
+def test_the_measurement_reads_q_w_as_codes_exactly_above_the_budget(facts_tiny, monkeypatch):
+    from workbench.models.loaded import LoadedModel
+
+    cfg = QuantConfig("nf4")
+    params = dict(facts_tiny.hf.named_parameters(remove_duplicate=False))
+    held = sum(params[n].numel() * params[n].element_size() for n in facts_tiny.adapter.quantizable(cfg))
+    monkeypatch.setattr(LoadedModel, "working_budget_bytes", lambda self: held)
+    assert not facts_tiny.reads_quantized_as_codes(cfg)
+    monkeypatch.setattr(LoadedModel, "working_budget_bytes", lambda self: held - 1)
+    assert facts_tiny.reads_quantized_as_codes(cfg)

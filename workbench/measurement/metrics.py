@@ -27,7 +27,7 @@ update in every quantized model, as they would in a bitsandbytes 4-bit deploymen
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -74,6 +74,7 @@ from workbench.quant import (
     compare_quantization,
     quantize_dequantize,
 )
+from workbench.quant.compact import compact_quantized_copy
 from workbench.unlearning.result import ALREADY_AT_TARGET
 
 DEFAULT_CAD_MIN = 0.1
@@ -122,11 +123,18 @@ VARIANTS = ("base_fp", "base_q", "after_fp", "after_qbase_delta", "after_q")
 """The five models of the module docstring, in the order they are measured."""
 
 
-def quantized_base(model: LoadedModel, quant: QuantConfig) -> dict[str, torch.Tensor]:
-    """Q(w) of every weight the quantizer touches (the only tensors the quantized variants share)."""
+QUANTIZED_VARIANTS = ("base_q", "after_qbase_delta", "after_q")
+"""The variants that hold Q(w) wherever the update does not write."""
+
+
+def quantized_base(model: LoadedModel, quant: QuantConfig,
+                   only: Collection[str] | None = None) -> dict[str, torch.Tensor]:
+    """Q(w) of every weight the quantizer touches (the only tensors the quantized variants
+    share), or of those in ``only``."""
     base = model.state()
     tr = model.adapter.transposed
-    return {n: quantize_dequantize(base[n], quant, transposed=n in tr) for n in model.adapter.quantizable(quant)}
+    return {n: quantize_dequantize(base[n], quant, transposed=n in tr) for n in model.adapter.quantizable(quant)
+            if only is None or n in only}
 
 
 def variant_state(model: LoadedModel, update: Update, quant: QuantConfig, vname: str,
@@ -161,9 +169,27 @@ def variant_model(model: LoadedModel, update: Update, quant: QuantConfig, vname:
     """Variant ``vname`` as a model that shares every unchanged weight with ``model`` (no copy)."""
     if vname == "base_fp":
         return model
-    label = {"base_q": f"{model.name}|{quant.label}", "after_fp": f"{model.name}+Δ",
-             "after_qbase_delta": f"{model.name}|{quant.label}+Δ", "after_q": f"{model.name}+Δ|{quant.label}"}[vname]
-    return model.with_state(variant_state(model, update, quant, vname, qbase), label)
+    return model.with_state(variant_state(model, update, quant, vname, qbase), _variant_label(model, quant, vname))
+
+
+def variant_model_as_codes(model: LoadedModel, update: Update, quant: QuantConfig, vname: str) -> LoadedModel:
+    """Quantized variant ``vname``, the model :func:`variant_model` gives, holding Q(w) as codes
+    wherever the update does not write (:func:`~workbench.quant.compact.compact_quantized_copy`,
+    dequantized by each forward, also when the bridge reads a weight): the same logits and
+    attributions, without Q(w) as tensors, a second model's worth of them."""
+    if vname not in QUANTIZED_VARIANTS:
+        raise WorkbenchError(f"not a quantized variant: {vname!r}; choose from {', '.join(QUANTIZED_VARIANTS)}")
+    own = variant_state(model, update, quant, vname, quantized_base(model, quant, only=update.deltas))
+    copy = compact_quantized_copy(model.hf, quant, materialized=own)
+    for name, value in own.items():  # the update's tensors, as variant_model holds them
+        p = copy.get_parameter(name)
+        p.data = value.detach().to(device=p.device, dtype=p.dtype)
+    return model.with_tree(copy, _variant_label(model, quant, vname))
+
+
+def _variant_label(model: LoadedModel, quant: QuantConfig, vname: str) -> str:
+    return {"base_q": f"{model.name}|{quant.label}", "after_fp": f"{model.name}+Δ",
+            "after_qbase_delta": f"{model.name}|{quant.label}+Δ", "after_q": f"{model.name}+Δ|{quant.label}"}[vname]
 
 
 def quantized_states(
@@ -258,7 +284,11 @@ def _base_variants(model: LoadedModel, quant: QuantConfig,
 
     def variant(vname: str) -> LoadedModel:
         if vname not in models:
-            models[vname] = variant_model(model, Update({}), quant, vname, quantized_base(model, quant))
+            if vname == "base_q" and model.reads_quantized_as_codes(quant):
+                models[vname] = variant_model_as_codes(model, Update({}), quant, vname)
+            else:  # (base_fp is the model: no Q(w) for it)
+                qbase = quantized_base(model, quant) if vname == "base_q" else {}
+                models[vname] = variant_model(model, Update({}), quant, vname, qbase)
         return models[vname]
 
     return variant
@@ -400,8 +430,10 @@ def measure_update(
     update.check_fits(model)
     circuit_list = list(circuit) if circuit is not None else None
     config = attribution_config or AttributionConfig()
-    report(0.05, f"{quant.label} of the base weights")
-    qbase = quantized_base(model, quant)
+    # Q(w) as codes when as tensors it would exceed the working budget (the variants' numbers are the same)
+    as_codes = model.reads_quantized_as_codes(quant)
+    report(0.05, f"{quant.label} of the base weights" + (", held as codes" if as_codes else ""))
+    qbase = {} if as_codes else quantized_base(model, quant)
     scores: dict[str, dict[str, FactScores]] = {}
     attributions: dict[str, Attribution] = {}
     kl = 0.0
@@ -409,7 +441,8 @@ def measure_update(
     # Q(w)) and holds only its own tensors, and only scores are kept.
     for i, vname in enumerate(VARIANTS):
         report(0.1 + 0.6 * i / len(VARIANTS), f"evaluating {vname}")
-        vmodel = variant_model(model, update, quant, vname, qbase)
+        vmodel = (variant_model_as_codes(model, update, quant, vname) if as_codes and vname in QUANTIZED_VARIANTS
+                  else variant_model(model, update, quant, vname, qbase))
         if vname == "after_qbase_delta":
             # Q(w) where the update writes is read by no later variant (Q(w)+Δ holds its own sums,
             # Q(w+Δ) replaces them): let it go rather than hold it beside those tensors

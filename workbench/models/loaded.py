@@ -29,6 +29,8 @@ from workbench.models.adapter import ModelAdapter, build_adapter, check_family
 if TYPE_CHECKING:  # only for the annotation: importing transformers costs seconds
     from transformers import PreTrainedModel
 
+    from workbench.quant import QuantConfig
+
 # The HF ``model_type`` of every admitted family (``models.adapter.SUPPORTED_FAMILIES``).
 Architecture = Literal[
     "gpt2", "gpt_neox", "llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "phi3", "olmo2"
@@ -120,6 +122,16 @@ class LoadedModel:
         total = device_memory_bytes(module_device(self.hf))
         return budget if total is None else max(1, min(budget, (total - self.weight_bytes) // 2))
 
+    def reads_quantized_as_codes(self, quant: QuantConfig) -> bool:
+        """Whether a quantized variant made to be read (evaluated, attributed), not trained, holds
+        the quantized weights it shares with Q(w) as codes
+        (:func:`~workbench.quant.compact.compact_quantized_copy`): when, as tensors, they would
+        weigh more than :meth:`working_budget_bytes`. The same logits and attributions either
+        way (tested); codes cost one dequantization per module and forward."""
+        params = dict(self.hf.named_parameters(remove_duplicate=False))
+        held = sum(params[n].numel() * params[n].element_size() for n in self.adapter.quantizable(quant))
+        return held > self.working_budget_bytes()
+
     def state(self) -> dict[str, torch.Tensor]:
         """The HF parameters by name (the live tensors: read, never write)."""
         return {name: p.detach() for name, p in self.hf.named_parameters()}
@@ -210,7 +222,11 @@ class LoadedModel:
         for key, value in new_state.items():
             p = hf_copy.get_parameter(key)
             p.data = value.detach().to(device=p.device, dtype=p.dtype)
-        # Same modules and shapes: the layout carries over.
+        return self.with_tree(hf_copy, name)
+
+    def with_tree(self, hf_copy: Any, name: str) -> LoadedModel:
+        """A new model over ``hf_copy``, a copy of this model's tree (same modules and shapes:
+        the layout carries over); read-only like every LoadedModel."""
         return LoadedModel(name=name, hf=hf_copy, tokenizer=self.tokenizer, path=None, _adapter=self._adapter)
 
 
