@@ -25,11 +25,10 @@ from workbench.core.device import device_memory_bytes, module_device, working_bu
 from workbench.core.errors import WorkbenchError
 from workbench.core.sharing import sharing_copy
 from workbench.models.adapter import ModelAdapter, build_adapter, check_family
+from workbench.quant import QuantConfig
 
 if TYPE_CHECKING:  # only for the annotation: importing transformers costs seconds
     from transformers import PreTrainedModel
-
-    from workbench.quant import QuantConfig
 
 # The HF ``model_type`` of every admitted family (``models.adapter.SUPPORTED_FAMILIES``).
 Architecture = Literal[
