@@ -252,6 +252,32 @@ def test_a_bridge_over_a_compact_copy_attributes_as_over_the_full_copy(family, f
     assert isinstance(compact.hf.get_parameter(name), torch.nn.Parameter)
 
 
+def test_a_bridge_over_a_weight_summed_at_forward_attributes_as_over_the_held_sum(toy_gpt2):
+    """MANSU's w+Δ model computes a written weight as base + delta; GPT-2's joint c_attn is the
+    hard case (the bridge splits it at boot, reading ``module.weight``)."""
+    from conftest import own_top1_split
+
+    from workbench.core.computed_weight import install
+    from workbench.core.sharing import sharing_copy
+    from workbench.interpretability.attribution import AttributionConfig, attribute
+    from workbench.models.loaded import LoadedModel
+    from workbench.models.update import SparseDelta, SumAtForward, stored_sum
+
+    hf, name = toy_gpt2.hf, "transformer.h.0.attn.c_attn.weight"
+    base = hf.get_parameter(name).detach()
+    delta = torch.randn(base.shape, generator=torch.Generator().manual_seed(0)) * 0.3
+    held, summed = sharing_copy(hf), sharing_copy(hf)
+    held.get_parameter(name).data = stored_sum(base, delta)
+    install(summed.get_submodule(name.rpartition(".")[0]), SumAtForward(base, SparseDelta.of(delta)))
+    forget = own_top1_split(toy_gpt2).forget
+    config = AttributionConfig(edges=True)
+    expected = attribute(LoadedModel(name="held", hf=held, tokenizer=toy_gpt2.tokenizer), forget, config)
+    got = attribute(LoadedModel(name="summed", hf=summed, tokenizer=toy_gpt2.tokenizer), forget, config)
+    assert got.scores == expected.scores and got.edge_scores == expected.edge_scores
+    base_scores = attribute(toy_gpt2, forget, config).scores
+    assert got.scores != base_scores  # the delta is seen
+
+
 def test_a_weight_read_answers_with_its_gradient_to_the_placeholder(toy_llama_gqa):
     """Read from outside its module's forward, a computed weight takes its gradient into the
     placeholder's ``.grad``, as the forward's own use does."""
