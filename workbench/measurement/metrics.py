@@ -438,7 +438,8 @@ def measure_update(
     attributions: dict[str, Attribution] = {}
     kl = 0.0
     # One variant at a time, released before the next: each shares the base's weights (and
-    # Q(w)) and holds only its own tensors, and only scores are kept.
+    # Q(w)) and holds only its own tensors, and only scores are kept. As codes, each quantized
+    # variant quantizes the base again (one pass over the weights each, instead of Q(w) held throughout).
     for i, vname in enumerate(VARIANTS):
         report(0.1 + 0.6 * i / len(VARIANTS), f"evaluating {vname}")
         vmodel = (variant_model_as_codes(model, update, quant, vname) if as_codes and vname in QUANTIZED_VARIANTS
