@@ -373,3 +373,14 @@ def test_the_measurement_reads_q_w_as_codes_exactly_above_the_budget(facts_tiny,
     assert not facts_tiny.reads_quantized_as_codes(cfg)
     monkeypatch.setattr(LoadedModel, "working_budget_bytes", lambda self: held - 1)
     assert facts_tiny.reads_quantized_as_codes(cfg)
+
+
+def test_quantized_bytes_counts_each_tensor_once_and_leaves_out_the_excluded(toy_gpt2):
+    cfg = QuantConfig("nf4", include_embeddings=True, include_lm_head=True)
+    names = toy_gpt2.adapter.quantizable(cfg)
+    params = dict(toy_gpt2.hf.named_parameters(remove_duplicate=False))
+    tensors = {id(params[n]): params[n] for n in names}
+    assert toy_gpt2.quantized_bytes(cfg) == sum(p.numel() * p.element_size() for p in tensors.values())
+    one = names[0]
+    assert toy_gpt2.quantized_bytes(cfg, excluding=[one]) == (
+        toy_gpt2.quantized_bytes(cfg) - params[one].numel() * params[one].element_size())

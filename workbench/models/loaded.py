@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -127,9 +128,19 @@ class LoadedModel:
         (:func:`~workbench.quant.compact.compact_quantized_copy`): when, as tensors, they would
         weigh more than :meth:`working_budget_bytes`. The same logits and attributions either
         way (tested); codes cost one dequantization per module and forward."""
-        params = dict(self.hf.named_parameters(remove_duplicate=False))
-        held = sum(params[n].numel() * params[n].element_size() for n in self.adapter.quantizable(quant))
-        return held > self.working_budget_bytes()
+        return self.quantized_bytes(quant) > self.working_budget_bytes()
+
+    def quantized_bytes(self, quant: QuantConfig, excluding: Collection[str] = ()) -> int:
+        """Bytes of the weights ``quant`` quantizes, as this model stores them, less those named in
+        ``excluding``; a tied weight once, under any of its names."""
+        names = set(self.adapter.quantizable(quant)) - set(excluding)
+        seen: set[int] = set()
+        total = 0
+        for name, p in self.hf.named_parameters(remove_duplicate=False):
+            if name in names and id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel() * p.element_size()
+        return total
 
     def state(self) -> dict[str, torch.Tensor]:
         """The HF parameters by name (the live tensors: read, never write)."""
