@@ -153,6 +153,7 @@ def test_scale_bench_reduced_runs_every_phase_in_a_child_process(state, held):
     assert len(mansu["circuit"].split()) == 10 and 0 < mansu["candidate_weights"] < mansu["model_weights"] == n_params
     assert f"{mansu['candidate_weights']:,} candidate weights" in circuit_note(memory_rows(report))
     assert mansu["state_precision"] == held  # as the run decided it
+    _check_start_held(report, mapped=False)  # built in the child: no checkpoint file mapped
     assert f"MANSU holds {'bfloat16' if held == 'storage' else 'float32'} state" in circuit_note(memory_rows(report))
 
 
@@ -195,6 +196,52 @@ def test_gradient_bench_runs_each_gradient_both_ways_mansus_choice_first():
     assert phases[3]["tokens_per_fact"] == phases[1]["tokens_per_fact"]
     assert phases[3]["per_fact_bytes"] < phases[6]["per_fact_bytes"] and phases[3]["budget_bytes"] >= 2**28
     assert all(p["seconds"] > 0 and p["peak_rss_bytes"] >= report["imports_rss_bytes"] for p in phases)
+    _check_start_held(report, mapped=True)  # facts-tiny is read from its safetensors file
+
+
+def _check_start_held(report, *, mapped):
+    """Each phase of a memory report says what the process held when it started, in parts that add
+    up to it (read moments apart), and the peak above it; after the load, a model read from a
+    checkpoint holds that file's pages (transformers maps it), one built in memory none."""
+    from workbench.faces.bench_memory import held_notes, memory_rows
+
+    for i, p in enumerate(report["phases"]):
+        assert 0 < p["start_rss_bytes"] <= p["peak_rss_bytes"]
+        assert abs(sum(p["start_held"].values()) - p["start_rss_bytes"]) < 16 * 2**20
+        assert p["above_start_over_model"] == (p["peak_rss_bytes"] - p["start_rss_bytes"]) / report["model_bytes"]
+        if i > 0:
+            files = p["start_held"]["weight_files"]
+            assert files >= 0.9 * report["model_bytes"] if mapped else files == 0
+    last = report["phases"][-1]
+    note = held_notes(memory_rows(report))
+    assert len(note) == 1 and note[0].startswith(f'{report["flow"]}: when "{last["phase"]}" started')
+    assert f"{last['start_rss_bytes'] / report['model_bytes']:.2f}x the model" in note[0]
+
+
+def test_held_by_kind_sorts_resident_pages_by_what_is_mapped():
+    """``/proc/self/smaps`` lines: each mapping's ``Rss`` goes to checkpoint files, other files or
+    anonymous memory by its header's path (none, ``[heap]``, a library, a ``.safetensors``)."""
+    from workbench.faces.bench_memory import held_by_kind
+
+    smaps = """\
+55d0c0000000-55d0c1000000 rw-p 00000000 00:00 0                          [heap]
+Size:              16384 kB
+Rss:                8000 kB
+Pss:                8000 kB
+7f0000000000-7f0010000000 r--p 00000000 08:01 1234                       /cache/model.safetensors
+Size:             262144 kB
+Rss:              262000 kB
+7f0020000000-7f0020800000 r-xp 00000000 08:01 99                         /usr/lib/libtorch_cpu.so
+Rss:               4000 kB
+Swap:                 0 kB
+7f0030000000-7f0031000000 rw-p 00000000 00:00 0 
+Rss:               1000 kB
+7f0040000000-7f0041000000 r--p 00000000 08:01 7                          /data/pytorch_model.bin
+Rss:                 24 kB
+""".splitlines()
+    assert held_by_kind(smaps) == {"weight_files": (262000 + 24) * 1024, "other_files": 4000 * 1024,
+                                   "anonymous": (8000 + 1000) * 1024}
+    assert held_by_kind([]) == {"weight_files": 0, "other_files": 0, "anonymous": 0}
 
 
 def test_gradient_bench_runs_a_fisher_over_the_budget_both_ways(toy_llama_gqa, monkeypatch):

@@ -39,7 +39,15 @@ from workbench.core.components import all_components
 from workbench.core.errors import WorkbenchError
 from workbench.core.progress import silent
 from workbench.faces.bench_flow import FLOW_COLUMNS, bench_flow
-from workbench.faces.bench_memory import MEMORY_COLUMNS, budget_note, circuit_note, memory_rows, passes_note, run_flow
+from workbench.faces.bench_memory import (
+    MEMORY_COLUMNS,
+    budget_note,
+    circuit_note,
+    held_notes,
+    memory_rows,
+    passes_note,
+    run_flow,
+)
 from workbench.interpretability.attribution import (
     AttributionConfig,
     PromptPairs,
@@ -465,6 +473,8 @@ def _memory_section(model_name: str) -> list[dict[str, Any]]:
     flows = ("flow", "mansu-no-circuit", "gradient")
     rows = [row for flow in flows for row in memory_rows(run_flow(flow, model_name))]
     print(format_rows(rows, MEMORY_COLUMNS))
+    for line in held_notes(rows):
+        print(line)
     return rows
 
 
@@ -546,7 +556,7 @@ def run_bench(sections: Sequence[str] = (), *, quick: bool = False, flow_threads
         # the app's default attribution (edges) on the same model: passes sized to memory, then 32 pairs at once
         rows += memory_rows(run_flow("scale-edges", size))
         print(format_rows(rows, MEMORY_COLUMNS))
-        for line in (circuit_note(rows), passes_note(rows)):
+        for line in (circuit_note(rows), passes_note(rows), *held_notes(rows)):
             if line:
                 print(line)
         report["scale"] = rows

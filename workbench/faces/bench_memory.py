@@ -51,7 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -107,10 +107,47 @@ def _trim() -> None:
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
 
 
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+"""Files whose mapped pages count as a model's weights in :func:`held_by_kind` (transformers reads a
+safetensors checkpoint by mapping it: the loaded model's weights are then those file pages)."""
+
+
+def held_by_kind(smaps: Iterable[str]) -> dict[str, int]:
+    """Resident bytes of ``/proc/<pid>/smaps``'s lines by kind of mapping: ``weight_files`` (pages of
+    mapped checkpoint files, :data:`WEIGHT_FILE_SUFFIXES`), ``other_files`` (every other file:
+    shared libraries' code and data) and ``anonymous`` (the heap, stacks and anonymous mappings:
+    Python's objects, the C allocators' memory, tensors the process made)."""
+    held = {"weight_files": 0, "other_files": 0, "anonymous": 0}
+    kind = "anonymous"
+    for line in smaps:
+        fields = line.split()
+        if not fields:
+            continue
+        if "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's header: range perms offset dev inode [path]
+            path = fields[5] if len(fields) > 5 else ""
+            kind = ("weight_files" if path.endswith(WEIGHT_FILE_SUFFIXES)
+                    else "other_files" if path.startswith("/") else "anonymous")
+        elif fields[0] == "Rss:":
+            held[kind] += int(fields[1]) * 1024
+    return held
+
+
+def _held_now() -> dict[str, int]:
+    """:func:`held_by_kind` of this process (empty where there is no ``/proc/self/smaps``)."""
+    try:
+        with open("/proc/self/smaps") as fh:
+            return held_by_kind(fh)
+    except OSError:
+        return {}
+
+
 def _phase(rows: list[dict[str, Any]], name: str, fn: Callable[[], Any]) -> Any:
-    """Run ``fn`` as phase ``name``: its seconds and the process's peak RSS while it ran."""
+    """Run ``fn`` as phase ``name``: its seconds, the process's peak RSS while it ran, and what the
+    process held when it started (``start_rss_bytes``, and by kind: ``start_held``), which is what
+    earlier phases left and the phase's peak stands on."""
 
     _trim()
+    start_rss, start_held = _rss_bytes("VmRSS"), _held_now()
     exact = True
     try:
         with open("/proc/self/clear_refs", "w") as fh:
@@ -127,6 +164,7 @@ def _phase(rows: list[dict[str, Any]], name: str, fn: Callable[[], Any]) -> Any:
     seconds = time.perf_counter() - start
     peak = _rss_bytes("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     rows.append({"phase": name, "seconds": seconds, "peak_rss_bytes": peak, "exact": exact,
+                 "start_rss_bytes": start_rss, "start_held": start_held,
                  "cuda_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None})
     return out
 
@@ -318,6 +356,7 @@ def _report(flow: str, model_name: str, model_bytes: int, baseline: int, rows: l
     for row in rows:
         row["peak_over_model"] = row["peak_rss_bytes"] / model_bytes
         row["above_imports_over_model"] = (row["peak_rss_bytes"] - baseline) / model_bytes
+        row["above_start_over_model"] = (row["peak_rss_bytes"] - row["start_rss_bytes"]) / model_bytes
     return {"flow": flow, "model": model_name, "model_bytes": model_bytes, "imports_rss_bytes": baseline,
             "max_rss_bytes": max(row["peak_rss_bytes"] for row in rows), "phases": rows}
 
@@ -348,7 +387,10 @@ MEMORY_COLUMNS = (
     ("flow", "flow", "{}"), ("phase", "phase", "{}"), ("seconds", "s", "{:.1f}"),
     ("peak_rss_mib", "peak RSS MiB", "{:.0f}"), ("peak_over_model", "peak/model", "{:.2f}"),
     ("above_imports_over_model", "(peak-imports)/model", "{:.2f}"),
+    ("start_rss_mib", "start MiB", "{:.0f}"), ("above_start_over_model", "(peak-start)/model", "{:.2f}"),
 )
+"""Columns of the memory tables: ``start`` is what the process held when the phase began (after
+handing freed memory back): what the earlier phases left, which the phase's peak stands on."""
 
 
 def budget_note() -> str:
@@ -384,8 +426,22 @@ def _count(n: int, one: str, many: str) -> str:
 
 def memory_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     """One table row per phase of a child's report."""
-    return [{"flow": report["flow"], **row, "peak_rss_mib": row["peak_rss_bytes"] / 2**20}
+    return [{"flow": report["flow"], **row, "peak_rss_mib": row["peak_rss_bytes"] / 2**20,
+             "start_rss_mib": row["start_rss_bytes"] / 2**20, "model_bytes": report["model_bytes"]}
             for row in report["phases"]]
+
+
+def held_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """For each flow in ``rows``, what the process held when its last phase started, by kind
+    (:func:`held_by_kind`), as one line: the floor that phase's peak stood on."""
+    last = {row["flow"]: row for row in rows if row.get("start_held")}
+    mib = 2**20
+    return [f"{flow}: when \"{row['phase']}\" started the process held {row['start_rss_bytes'] / mib:,.0f} MiB, "
+            f"{row['start_rss_bytes'] / row['model_bytes']:.2f}x the model: checkpoint files' pages "
+            f"{row['start_held']['weight_files'] / mib:,.0f} MiB, other files' pages (libraries' code and data) "
+            f"{row['start_held']['other_files'] / mib:,.0f} MiB, anonymous memory (heap, Python objects, "
+            f"tensors) {row['start_held']['anonymous'] / mib:,.0f} MiB"
+            for flow, row in last.items()]
 
 
 if __name__ == "__main__":
