@@ -199,6 +199,18 @@ def test_gradient_bench_runs_each_gradient_both_ways_mansus_choice_first():
     _check_start_held(report, mapped=True)  # facts-tiny is read from its safetensors file
 
 
+def test_graddiff_bench_runs_the_shared_loop_for_the_steps_asked():
+    """The memory section's GradDiff flow on facts-tiny: the load, then exactly the steps asked of
+    the gradient baselines' loop (no forget target to stop it earlier), in a child process."""
+    from workbench.faces.bench_memory import run_flow
+
+    report = run_flow("graddiff", "facts-tiny", rounds=2)
+    assert [p["phase"] for p in report["phases"]] == ["load", "graddiff"]
+    graddiff = report["phases"][1]
+    assert (graddiff["steps"], graddiff["stopped"]) == (2, "budget") and graddiff["seconds"] > 0
+    _check_start_held(report, mapped=True)
+
+
 def _check_start_held(report, *, mapped):
     """Each phase of a memory report says what the process held when it started, in parts that add
     up to it (read moments apart), and the peak above it; after the load, a model read from a

@@ -463,14 +463,15 @@ def format_rows(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str
 
 
 def _memory_section(model_name: str) -> list[dict[str, Any]]:
-    """The ``memory`` section: the app's default flow, MANSU without a circuit, and MANSU's retain
-    gradient on short and long prompts with the blocks kept and recomputed, each in a child process
-    (:mod:`workbench.faces.bench_memory`). Targets: flow ≤ 3× the model, MANSU without a
-    circuit ≤ 4 GB on SmolLM2."""
+    """The ``memory`` section: the app's default flow, MANSU without a circuit, GradDiff's training
+    loop (the gradient baselines' shared loop; no target: measured so the README can say what it
+    takes), and MANSU's retain gradient on short and long prompts with the blocks kept and
+    recomputed, each in a child process (:mod:`workbench.faces.bench_memory`). Targets: flow ≤ 3×
+    the model, MANSU without a circuit ≤ 4 GB on SmolLM2."""
     print("== memory: peak RSS per phase / model bytes, one child process per flow (targets: app flow <= 3x, "
           "MANSU without a circuit <= 4 GB on SmolLM2)")
     print(budget_note())
-    flows = ("flow", "mansu-no-circuit", "gradient")
+    flows = ("flow", "mansu-no-circuit", "graddiff", "gradient")
     rows = [row for flow in flows for row in memory_rows(run_flow(flow, model_name))]
     print(format_rows(rows, MEMORY_COLUMNS))
     for line in held_notes(rows):

@@ -16,6 +16,10 @@ Flows:
   ``rounds`` rounds).
 - ``mansu-no-circuit``: load, then MANSU over every quantized weight (``use_circuit=False``)
   for ``rounds`` rounds, without the measurement.
+- ``graddiff``: load, then ``rounds`` steps of GradDiff (the gradient baselines' shared loop, at
+  its defaults otherwise: a float32 copy of the model, Adam over every quantized weight), without
+  the measurement. The loop's memory is the same at every step after the first, which makes
+  Adam's moments.
 - ``scale``: a randomly initialised Llama-shape model built in bfloat16 (:data:`SCALE_FULL`,
   nothing downloaded; ``model`` ``reduced`` for :data:`SCALE_REDUCED`), its word-level
   tokenizer, and facts whose answers are its own top-1: ``load`` (build), ``attribution``
@@ -75,8 +79,9 @@ from workbench.unlearning.mansu import candidates as mansu_candidates
 from workbench.unlearning.mansu import fisher as mansu_fisher
 from workbench.unlearning.mansu import state as mansu_state
 from workbench.unlearning.registry import unlearn
+from workbench.unlearning.task import StopRule
 
-FLOWS = ("flow", "mansu-no-circuit", "scale", "scale-edges", "gradient")
+FLOWS = ("flow", "mansu-no-circuit", "graddiff", "scale", "scale-edges", "gradient")
 LONG_CONTEXT_WORDS = 200
 """The ``gradient`` flow's shared context before each long fact's prompt (a long document's question)."""
 SCALE_FULL = {"layers": 22, "d_model": 2048, "heads": 32, "kv_heads": 4, "d_mlp": 5632, "vocab": 32000}
@@ -347,6 +352,12 @@ def child(flow: str, model_name: str, rounds: int, state_precision: str = "auto"
             model, split, quant = session.model, session.split, session.quant
             _phase(rows, "mansu", lambda: unlearn(model, split, method="mansu", quant=quant,
                                                   method_config=config, progress=lambda f, m: None))
+        elif flow == "graddiff":
+            model, split, quant = session.model, session.split, session.quant
+            steps = StopRule(max_steps=rounds, forget_target=None)  # exactly ``rounds`` steps
+            result = _phase(rows, "graddiff", lambda: unlearn(model, split, method="graddiff", quant=quant,
+                                                              stop=steps, progress=lambda f, m: None))
+            rows[-1].update(steps=result.steps, stopped=result.stopped)
         else:
             raise SystemExit(f"unknown flow {flow!r}; choose from {', '.join(FLOWS)}")
     return _report(flow, model_name, model_bytes, baseline, rows)
