@@ -340,6 +340,11 @@ def test_a_measurement_with_q_w_as_codes_is_the_same_measurement(facts_tiny, spl
     assert sorted(built) == sorted(metrics.QUANTIZED_VARIANTS)
     assert json.dumps(got.to_json(), sort_keys=True) == json.dumps(expected.to_json(), sort_keys=True)
     assert got.cad is not None and got.params_changed > 0
+    # measured again, Q(w)'s scores and attribution memoised: Q(w) is not made at all
+    built.clear()
+    again = metrics.measure_update(facts_tiny, split, update, quant=cfg)
+    assert sorted(built) == sorted(set(metrics.QUANTIZED_VARIANTS) - {"base_q"})
+    assert json.dumps(again.to_json(), sort_keys=True) == json.dumps(expected.to_json(), sort_keys=True)
 
 
 @pytest.mark.parametrize("vname", ["base_q", "after_qbase_delta", "after_q"])

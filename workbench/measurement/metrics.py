@@ -26,6 +26,7 @@ update in every quantized model, as they would in a bitsandbytes 4-bit deploymen
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, fields, replace
@@ -263,26 +264,38 @@ def _with_multiple_choice(sname: str, facts: Sequence[Fact]) -> bool:
     return sname == "forget" or (sname == "retain" and answer_criterion(facts) == "mc")
 
 
-def _variant_scores(vname: str, vmodel: LoadedModel, split: FactSplit, quant: QuantConfig,
+VariantSource = Callable[[], LoadedModel]
+"""A variant model, made when first called and the same model at every later call
+(:func:`_variant_source`): a base variant whose numbers are memoised is then never made."""
+
+
+def _variant_source(make: Callable[[], LoadedModel]) -> VariantSource:
+    return functools.cache(make)
+
+
+def _variant_scores(vname: str, variant: VariantSource, split: FactSplit, quant: QuantConfig,
                     key_model: LoadedModel, logits: dict[str, torch.Tensor] | None = None) -> dict[str, FactScores]:
     """Scores of one variant on every fact set of ``split`` (multiple choice on forget only);
     the base variants' through :func:`base_scores` (memoised under ``key_model``, the base).
     ``logits``: per set, its prompt logits already taken (see ``evaluate_facts``)."""
     if vname in BASE_VARIANTS:
-        return base_scores(key_model, split, quant, variants=(vname,), built={vname: vmodel})[vname]
+        return base_scores(key_model, split, quant, variants=(vname,), built={vname: variant})[vname]
     given = logits or {}
+    vmodel = variant()
     return {sname: evaluate_facts(vmodel, facts, multiple_choice=_with_multiple_choice(sname, facts),
                                   last_logits=given.get(sname))
             for sname, facts in _fact_sets(split).items()}
 
 
 def _base_variants(model: LoadedModel, quant: QuantConfig,
-                   built: dict[str, LoadedModel] | None = None) -> Callable[[str], LoadedModel]:
+                   built: dict[str, VariantSource] | None = None) -> Callable[[str], LoadedModel]:
     """``variant(name)``: the base variant, made on first use only (a memo hit needs no Q(w),
-    which costs a pass over the weights)."""
-    models = dict(built or {})
+    which costs a pass over the weights); from ``built`` when it has the name."""
+    models: dict[str, LoadedModel] = {}
 
     def variant(vname: str) -> LoadedModel:
+        if vname not in models and built is not None and vname in built:
+            models[vname] = built[vname]()
         if vname not in models:
             if vname == "base_q" and model.reads_quantized_as_codes(quant):
                 models[vname] = variant_model_as_codes(model, Update({}), quant, vname)
@@ -310,7 +323,7 @@ def base_measurement(model: LoadedModel, split: FactSplit, quant: QuantConfig,
 
 def base_scores(model: LoadedModel, split: FactSplit, quant: QuantConfig, *, multiple_choice: bool = True,
                 variants: Sequence[str] = BASE_VARIANTS,
-                built: dict[str, LoadedModel] | None = None) -> dict[str, dict[str, FactScores]]:
+                built: dict[str, VariantSource] | None = None) -> dict[str, dict[str, FactScores]]:
     """The base's scores as :func:`measure_update` takes them: w and Q(w) on every fact set of
     ``split``, with multiple choice where the measurement reads it (``multiple_choice=False``:
     none, ``mc`` nan).
@@ -318,7 +331,8 @@ def base_scores(model: LoadedModel, split: FactSplit, quant: QuantConfig, *, mul
     Memoised under the base's weight fingerprint (Q(w) is fixed by w and the quantizer, and
     hashing a variant's weights would cost a pass over them), the multiple choice apart: the
     app's setup reads top-1 from the very scores every run's measurement then reuses, so the
-    first "Run MANSU" does not evaluate the base again. ``built``: variant models already made."""
+    first "Run MANSU" does not evaluate the base again. ``built``: where to take variant models
+    from, called only if a score is not memoised."""
     variant = _base_variants(model, quant, built)
 
     out: dict[str, dict[str, FactScores]] = {}
@@ -439,26 +453,30 @@ def measure_update(
     kl = 0.0
     # One variant at a time, released before the next: each shares the base's weights (and
     # Q(w)) and holds only its own tensors, and only scores are kept. As codes, each quantized
-    # variant quantizes the base again (one pass over the weights each, instead of Q(w) held throughout).
+    # variant quantizes the base again (one pass over the weights each, instead of Q(w) held throughout;
+    # Q(w) itself only when its numbers are not memoised).
     for i, vname in enumerate(VARIANTS):
         report(0.1 + 0.6 * i / len(VARIANTS), f"evaluating {vname}")
-        vmodel = (variant_model_as_codes(model, update, quant, vname) if as_codes and vname in QUANTIZED_VARIANTS
-                  else variant_model(model, update, quant, vname, qbase))
+        variant = _variant_source(
+            lambda vname=vname, qbase=qbase: variant_model_as_codes(model, update, quant, vname)
+            if as_codes and vname in QUANTIZED_VARIANTS else variant_model(model, update, quant, vname, qbase))
+        if vname not in BASE_VARIANTS:
+            variant()  # the update's: always evaluated, and made now, before Q(w) is let go below
         if vname == "after_qbase_delta":
             # Q(w) where the update writes is read by no later variant (Q(w)+Δ holds its own sums,
             # Q(w+Δ) replaces them): let it go rather than hold it beside those tensors
             for n in update.deltas:
                 qbase.pop(n, None)
         if vname == "after_fp":  # its retain logits serve its evaluation and the retain KL
-            after_logits = prompt_logits(vmodel, split.retain)
-            scores[vname] = _variant_scores(vname, vmodel, split, quant, model, {"retain": after_logits})
-            kl = retain_kl(model, vmodel, split.retain, after_logits)
+            after_logits = prompt_logits(variant(), split.retain)
+            scores[vname] = _variant_scores(vname, variant, split, quant, model, {"retain": after_logits})
+            kl = retain_kl(model, variant(), split.retain, after_logits)
             del after_logits
         else:
-            scores[vname] = _variant_scores(vname, vmodel, split, quant, model)
+            scores[vname] = _variant_scores(vname, variant, split, quant, model)
         if cad and vname in _CAD_VARIANTS:
-            attributions[vname] = _variant_attribution(vname, vmodel, split.forget, config, quant, model)
-        del vmodel
+            attributions[vname] = _variant_attribution(vname, variant, split.forget, config, quant, model)
+        del variant
         hand_back_freed_memory()  # the variant's evaluation batches: not kept under the next one's
     del qbase
     accuracies = _accuracies(scores)
@@ -520,11 +538,11 @@ _CAD_PAIRS = {"fp": ("base_fp", "after_fp"), "quantized": ("base_q", "after_q")}
 _CAD_VARIANTS = ("base_fp", "base_q", "after_fp", "after_q")
 
 
-def _variant_attribution(vname: str, vmodel: LoadedModel, forget: Sequence[Fact], config: AttributionConfig,
+def _variant_attribution(vname: str, variant: VariantSource, forget: Sequence[Fact], config: AttributionConfig,
                          quant: QuantConfig | None, key_model: LoadedModel) -> Attribution:
     """The variant's attribution on the forget set; the base variants' memoised (as in :func:`_variant_scores`)."""
     def compute() -> Attribution:
-        return attribute(vmodel, forget, config, progress=silent)
+        return attribute(variant(), forget, config, progress=silent)
 
     if vname in BASE_VARIANTS and quant is not None:
         return base_memo(_attribution_key(vname, key_model, quant, forget, config), compute)
@@ -559,8 +577,8 @@ def cad_for_variants(variants: dict[str, LoadedModel], forget: Sequence[Fact], c
     across calls on the same model."""
     config = attribution_config or AttributionConfig()
     base = variants["base_fp"]
-    return cad_of({v: _variant_attribution(v, variants[v], forget, config, quant, base) for v in _CAD_VARIANTS},
-                  circuit)
+    return cad_of({v: _variant_attribution(v, lambda v=v: variants[v], forget, config, quant, base)
+                   for v in _CAD_VARIANTS}, circuit)
 
 
 def cad_calibration(model: LoadedModel, oracle: LoadedModel, split: FactSplit, circuit: list[Component] | None,
