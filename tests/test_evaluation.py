@@ -176,3 +176,30 @@ def test_answer_probabilities_and_the_retain_kl_over_row_chunks_equal_the_whole_
     la = torch.log_softmax(prompt_logits(after, facts).float(), -1)
     whole = float((lb.exp() * (lb - la)).sum(-1).mean())
     assert metrics_mod.retain_kl(facts_tiny, after, facts) == whole > 0
+
+
+def test_first_token_reads_come_chunk_by_chunk_with_the_whole_logits_bits(facts_tiny, monkeypatch):
+    """evaluate_facts reads top-1 and the answer's first-token probability and log-probability
+    from each chunk's logits as the forwards come, never holding [n, vocab]: the same bits as
+    from the whole logits, over chunks of 5 facts (several seams) and the default chunk."""
+    import workbench.measurement.evaluation as evaluation_mod
+    from workbench.measurement.evaluation import FirstTokenReads, _first_token_reads
+    from workbench.models.scoring import encode_prompts, last_token_logits
+
+    facts = builtin_split(facts_tiny).retain
+    ids, last, answers = encode_prompts(facts_tiny.tokenizer, [f.prompt for f in facts], [f.answer for f in facts])
+    assert len(facts) > 10
+    for batch_size in (5, 128):  # the same forwards either way: logits taken whole, or read per chunk
+        whole = FirstTokenReads.of(last_token_logits(facts_tiny.hf, ids, last, batch_size), answers)
+        chunked = _first_token_reads(facts_tiny.hf, ids, last, answers, batch_size)
+        assert whole.correct.any()
+        for field in ("correct", "prob", "logprob"):
+            assert torch.equal(getattr(chunked, field), getattr(whole, field)), (batch_size, field)
+
+    def whole_logits(*args, **kwargs):
+        raise AssertionError("evaluate_facts took the [n, vocab] logits whole")
+
+    monkeypatch.setattr(evaluation_mod, "last_token_logits", whole_logits)
+    scores = evaluate_facts(facts_tiny, facts, multiple_choice=False)
+    assert scores.correct == tuple(bool(c) for c in whole.correct)
+    assert scores.mean_prob == float(whole.prob.mean())

@@ -298,9 +298,11 @@ def test_the_retain_kl_reuses_the_after_evaluations_logits_with_the_same_numbers
     sets = (split.forget, split.retain, split.forget_paraphrase, split.retain_paraphrase)
     like_retain = sum(1 for f in sets if f and len(f) == len(split.retain))
     runs: list[int] = []
-    real_last = evaluation_mod.last_token_logits
-    monkeypatch.setattr(evaluation_mod, "last_token_logits",
-                        lambda hf, ids, *a, **kw: runs.append(len(ids)) or real_last(hf, ids, *a, **kw))
+    # (the evaluation reads each chunk as it comes; prompt_logits takes them whole)
+    for reader in ("last_token_logits", "last_token_logit_chunks"):
+        real = getattr(evaluation_mod, reader)
+        monkeypatch.setattr(evaluation_mod, reader,
+                            lambda hf, ids, *a, real=real, **kw: runs.append(len(ids)) or real(hf, ids, *a, **kw))
     measure_update(facts_tiny, split, Update({name: delta}), quant=NF4, cad=False)
     assert runs.count(len(split.retain)) == 5 * like_retain + 1
 

@@ -30,6 +30,7 @@ from workbench.models.scoring import (
     by_rows,
     encode_prompts,
     is_top1,
+    last_token_logit_chunks,
     last_token_logits,
     span_scores,
 )
@@ -105,17 +106,16 @@ def evaluate_facts(
         return FactScores(top1=float("nan"), mc=float("nan"), mean_prob=float("nan"), n=0)
     ids, last, answers = encode_prompts(tokenizer, [f.prompt for f in facts], [f.answer for f in facts])
     if last_logits is None:
-        logits = last_token_logits(hf, ids, last, batch_size)
+        reads = _first_token_reads(hf, ids, last, answers, batch_size)
     elif last_logits.ndim != 2 or last_logits.shape[0] != len(facts):
         raise WorkbenchError(f"last_logits must be [{len(facts)}, vocab], got {tuple(last_logits.shape)}")
     else:
-        logits = last_logits
-    correct = is_top1(logits, answers)
-    probs = _at_answers(torch.softmax, logits, answers)
+        reads = FirstTokenReads.of(last_logits, answers)
+    correct, probs = reads.correct, reads.prob
     mc = _mc_accuracy(hf, tokenizer, facts, batch_size) if multiple_choice else float("nan")
     batch = FactBatch.from_facts(tokenizer, facts)
     if batch.targets.shape[1] == 1:  # one token each: the span is the first token (no second pass)
-        logp, exact = _at_answers(torch.log_softmax, logits, answers), correct
+        logp, exact = reads.logprob, correct
     else:
         logp, exact = span_scores(hf, batch, batch_size)
     return FactScores(
@@ -142,6 +142,36 @@ def _at_answers(normalise: Callable[..., torch.Tensor], logits: torch.Tensor, an
         return normalise(part.float(), dim=-1)[torch.arange(part.shape[0]), part_answers]
 
     return by_rows(at_answers, logits, answers.to(logits.device), rows=ROWS_PER_SOFTMAX).cpu()
+
+
+@dataclass(frozen=True)
+class FirstTokenReads:
+    """Per fact, in input order (``[n]`` each, on the CPU), from the logits at its last prompt
+    token: whether the answer's first token is the argmax, and its probability and log-probability."""
+
+    correct: torch.Tensor
+    prob: torch.Tensor
+    logprob: torch.Tensor
+
+    @classmethod
+    def of(cls, logits: torch.Tensor, answers: torch.Tensor) -> FirstTokenReads:
+        """From ``[n, vocab]`` logits and ``[n]`` answer token ids."""
+        return cls(correct=is_top1(logits, answers.to(logits.device)).cpu(),
+                   prob=_at_answers(torch.softmax, logits, answers),
+                   logprob=_at_answers(torch.log_softmax, logits, answers))
+
+
+def _first_token_reads(hf: torch.nn.Module, ids: torch.Tensor, last: torch.Tensor, answers: torch.Tensor,
+                       batch_size: int) -> FirstTokenReads:
+    """:class:`FirstTokenReads` read chunk by chunk as the forwards come, so the ``[n, vocab]``
+    logits are never held at once (119 MiB for SmolLM2's 634 retain facts in float32). Each
+    number is a row's own reduction, so it is the same bits as from the whole logits (tested)."""
+    n = answers.shape[0]
+    correct, prob, logprob = torch.empty(n, dtype=torch.bool), torch.empty(n), torch.empty(n)
+    for rows, logits in last_token_logit_chunks(hf, ids, last, batch_size):
+        part = FirstTokenReads.of(logits, answers[rows])
+        correct[rows], prob[rows], logprob[rows] = part.correct, part.prob, part.logprob
+    return FirstTokenReads(correct=correct, prob=prob, logprob=logprob)
 
 
 def prompt_logits(model: LoadedModel, facts: Sequence[Fact], *, batch_size: int = 128) -> torch.Tensor:
