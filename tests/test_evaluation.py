@@ -203,3 +203,28 @@ def test_first_token_reads_come_chunk_by_chunk_with_the_whole_logits_bits(facts_
     scores = evaluate_facts(facts_tiny, facts, multiple_choice=False)
     assert scores.correct == tuple(bool(c) for c in whole.correct)
     assert scores.mean_prob == float(whole.prob.mean())
+
+
+def test_span_scoring_passes_keep_their_answer_logits_within_the_cap(facts_tiny, monkeypatch):
+    """span_scores takes as many facts per pass as keep facts × A × vocab float32 logits within
+    SPAN_LOGITS_BYTES (at most the batch size asked; at least one): smaller passes, the same
+    scores to float rounding, the same exact matches."""
+    import workbench.models.scoring as scoring
+    from workbench.models.scoring import FactBatch, span_rows, span_scores
+
+    facts = builtin_split(facts_tiny).retain
+    batch = FactBatch.from_facts(facts_tiny.tokenizer, facts)
+    vocab, span = facts_tiny.hf.config.vocab_size, batch.targets.shape[1]
+    assert span_rows(facts_tiny.hf, batch, 64) == 64  # a tiny vocabulary: the batch size asked
+    whole = span_scores(facts_tiny.hf, batch, 64)
+    monkeypatch.setattr(scoring, "SPAN_LOGITS_BYTES", 5 * span * vocab * 4 + 3)
+    assert span_rows(facts_tiny.hf, batch, 64) == 5 and span_rows(facts_tiny.hf, batch, 4) == 4
+    passes: list[int] = []
+    real = scoring.span_logits
+    monkeypatch.setattr(scoring, "span_logits", lambda model, part: passes.append(len(part)) or real(model, part))
+    sized = span_scores(facts_tiny.hf, batch, 64)
+    assert passes == [5] * (len(facts) // 5) + ([len(facts) % 5] if len(facts) % 5 else [])
+    assert torch.allclose(sized[0], whole[0], atol=1e-5) and torch.equal(sized[1], whole[1])
+    monkeypatch.setattr(scoring, "SPAN_LOGITS_BYTES", 1)
+    assert span_rows(facts_tiny.hf, batch, 64) == 1
+    assert span_rows(torch.nn.Linear(2, 2), batch, 64) == 64  # no vocabulary said: the batch size
