@@ -260,3 +260,39 @@ def test_unlearn_checks_the_method_config_type(facts_tiny, split):
                 lambda: QuailConfig(margin_scale=-1), lambda: LoraConfig(rank=0)):
         with pytest.raises(WorkbenchError):
             bad()
+
+
+# The reference logits each baseline's losses read: the frozen base's, on forget and on retain
+# (SURE and LoRA run GradDiff's objective by default).
+REFERENCE_READ = {"ga": set(), "graddiff": set(), "simnpo": set(), "rmu": set(), "sure": set(), "lora": set(),
+                  "npo": {"forget"}, "npo_gdr": {"forget"}, "quail": {"forget"}, "ga_klr": {"retain"},
+                  "npo_klr": {"forget", "retain"}}
+
+
+@pytest.mark.parametrize("method", BASELINES)
+def test_a_baseline_computes_only_the_reference_logits_its_losses_read(facts_tiny, split, method, monkeypatch):
+    """The frozen base's answer-span logits over a whole side (~0.9 GB on SmolLM2's retain set)
+    are computed only for a side a loss reads: never for GA, GradDiff, SimNPO or RMU."""
+    import workbench.unlearning.batches as batches_mod
+
+    read: list[str] = []
+    real = batches_mod.span_logits
+
+    def counted(model, batch):
+        read.append("forget" if len(batch) == len(split.forget) else "retain")
+        return real(model, batch)
+
+    monkeypatch.setattr(batches_mod, "span_logits", counted)
+    result = unlearn(facts_tiny, split, method=method, optim=OptimConfig(lr=3e-3),
+                     stop=StopRule(max_steps=2, forget_target=None))
+    assert result.steps == 2 and result.update.nnz() > 0
+    assert set(read) == REFERENCE_READ[method] and len(read) == len(set(read))  # once per side at most
+
+
+def test_a_loss_that_reads_an_undeclared_reference_is_refused(facts_tiny, split, monkeypatch):
+    """An objective that says it reads no reference but does gets an error naming it, not a wrong loss."""
+    from workbench.unlearning.methods.npo import NPO
+
+    monkeypatch.setattr(NPO, "forget_reference", False)
+    with pytest.raises(WorkbenchError, match="npo: a loss read the reference logits without declaring it"):
+        unlearn(facts_tiny, split, method="npo", optim=OptimConfig(lr=3e-3), stop=StopRule(max_steps=1))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -30,8 +31,33 @@ from workbench.unlearning.readings import take_reading
 from workbench.unlearning.result import UnlearningResult, accuracy_text, already_at_target, nothing_to_unlearn
 from workbench.unlearning.task import OptimConfig, TrainableSet, UnlearningTask
 
-Objective = Callable[[torch.nn.Module, FactBatch, torch.Tensor, FactBatch, torch.Tensor], torch.Tensor]
-"""(trainable model, forget batch, its reference logits, retain batch, its reference logits) -> loss."""
+Objective = Callable[[torch.nn.Module, FactBatch, torch.Tensor | None, FactBatch, torch.Tensor | None], torch.Tensor]
+"""(trainable model, forget batch, its reference logits, retain batch, its reference logits) -> loss.
+
+The frozen base's reference logits of a side are ``None`` when the objective says it does not
+read them (a ``forget_reference``/``retain_reference`` attribute that is False, as
+:class:`~workbench.unlearning.objectives.ForgetRetainObjective`'s methods say): on SmolLM2's
+default split they take ~0.9 GB, computed once per run, for nothing when no loss reads them."""
+
+
+@dataclass(frozen=True)
+class DeclaredObjective:
+    """An objective function with what it reads of the reference logits said (a function cannot
+    carry the ``forget_reference``/``retain_reference`` a class of objectives says)."""
+
+    loss: Objective
+    forget_reference: bool
+    retain_reference: bool
+
+    def __call__(self, model: torch.nn.Module, fb: FactBatch, ref_f: torch.Tensor | None, rb: FactBatch,
+                 ref_r: torch.Tensor | None) -> torch.Tensor:
+        return self.loss(model, fb, ref_f, rb, ref_r)
+
+
+def reads_reference(objective: Objective, side: str) -> bool:
+    """Whether ``objective`` reads the reference logits of ``side`` (``forget``/``retain``); an
+    objective that does not say is given them."""
+    return bool(getattr(objective, f"{side}_reference", True))
 
 
 def trainable_names(model: LoadedModel, trainable: TrainableSet, quant: QuantConfig | None = None) -> list[str]:
@@ -140,7 +166,9 @@ def _step(objective: Objective, work: torch.nn.Module, task: UnlearningTask, opt
     f_idx = torch.randperm(len(batches.forget), generator=gen)[: optim.forget_batch]
     r_idx = torch.randperm(len(batches.retain), generator=gen)[: optim.retain_batch]
     fb, rb = batches.forget.subset(f_idx), batches.retain.subset(r_idx)
-    loss = objective(work, fb, batches.ref_forget[f_idx], rb, batches.ref_retain[r_idx])
+    ref_f = batches.ref_forget[f_idx] if reads_reference(objective, "forget") else None
+    ref_r = batches.ref_retain[r_idx] if reads_reference(objective, "retain") else None
+    loss = objective(work, fb, ref_f, rb, ref_r)
     if not torch.isfinite(loss):
         raise WorkbenchError(
             f"{method}: the loss became {float(loss.detach())} at step {step}; the run was stopped and "

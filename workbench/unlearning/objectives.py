@@ -14,6 +14,7 @@ from typing import ClassVar
 import torch
 
 from workbench.core.checks import Range, check_config
+from workbench.core.errors import WorkbenchError
 from workbench.models.scoring import FactBatch, span_logits
 
 
@@ -48,25 +49,38 @@ class ForgetRetainObjective:
     name: ClassVar[str]
     label: ClassVar[str]
     summary: ClassVar[str]
+    forget_reference: ClassVar[bool] = False
+    """Whether :meth:`forget_loss` reads the reference logits (else it is given ``None``)."""
+    retain_reference: ClassVar[bool] = False
+    """Whether :meth:`retain_loss` reads the reference logits (else it is given ``None``)."""
 
     def __init__(self, config: BaselineConfig | None = None) -> None:
         self.config = config or BaselineConfig()
 
-    def forget_loss(self, logits: torch.Tensor, ref_logits: torch.Tensor, batch: FactBatch) -> torch.Tensor:
+    def forget_loss(self, logits: torch.Tensor, ref_logits: torch.Tensor | None, batch: FactBatch) -> torch.Tensor:
         raise NotImplementedError
 
-    def retain_loss(self, model: torch.nn.Module, batch: FactBatch, ref_logits: torch.Tensor) -> torch.Tensor | None:
+    def retain_loss(self, model: torch.nn.Module, batch: FactBatch,
+                    ref_logits: torch.Tensor | None) -> torch.Tensor | None:
         """The retain term, or ``None`` for a forget-only method (no retain forward is run then)."""
         return None
 
-    def __call__(self, model: torch.nn.Module, fb: FactBatch, ref_f: torch.Tensor, rb: FactBatch,
-                 ref_r: torch.Tensor) -> torch.Tensor:
+    def __call__(self, model: torch.nn.Module, fb: FactBatch, ref_f: torch.Tensor | None, rb: FactBatch,
+                 ref_r: torch.Tensor | None) -> torch.Tensor:
         loss = self.forget_loss(span_logits(model, fb), reference_span(ref_f, fb), fb)
         retain = self.retain_loss(model, rb, reference_span(ref_r, rb))
         return loss if retain is None else loss + self.config.alpha * retain
 
 
-def reference_span(ref_logits: torch.Tensor, batch: FactBatch) -> torch.Tensor:
+def reference_span(ref_logits: torch.Tensor | None, batch: FactBatch) -> torch.Tensor | None:
     """The reference logits' answer positions that ``batch`` keeps (a sampled subset trims the
-    span to its own longest answer)."""
-    return ref_logits[:, : batch.targets.shape[1]]
+    span to its own longest answer); ``None`` when not given."""
+    return None if ref_logits is None else ref_logits[:, : batch.targets.shape[1]]
+
+
+def given(ref_logits: torch.Tensor | None, method: str) -> torch.Tensor:
+    """``ref_logits``, which a loss reads: a method whose loss reads them but does not say so
+    (``forget_reference``/``retain_reference``) gets this error instead of a wrong loss."""
+    if ref_logits is None:
+        raise WorkbenchError(f"{method}: a loss read the reference logits without declaring it")
+    return ref_logits

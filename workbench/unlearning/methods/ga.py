@@ -14,5 +14,5 @@ class GradientAscent(ForgetRetainObjective):
     label = "gradient ascent"
     summary = "gradient ascent: −NLL on forget"
 
-    def forget_loss(self, logits: torch.Tensor, ref_logits: torch.Tensor, batch: FactBatch) -> torch.Tensor:
+    def forget_loss(self, logits: torch.Tensor, ref_logits: torch.Tensor | None, batch: FactBatch) -> torch.Tensor:
         return losses.gradient_ascent(logits, batch.targets, batch.mask)

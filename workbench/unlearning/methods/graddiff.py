@@ -14,5 +14,5 @@ class GradDiff(GradientAscent):
     label = "GradDiff"
     summary = "GA + GDR: −NLL_f + α·NLL_r"
 
-    def retain_loss(self, model: torch.nn.Module, batch: FactBatch, ref_logits: torch.Tensor) -> torch.Tensor:
+    def retain_loss(self, model: torch.nn.Module, batch: FactBatch, ref_logits: torch.Tensor | None) -> torch.Tensor:
         return losses.nll(span_logits(model, batch), batch.targets, batch.mask)

@@ -36,7 +36,8 @@ from workbench.models.loaded import LoadedModel
 from workbench.models.scoring import FactBatch, span_logits, uncached
 from workbench.quant import QuantConfig, bin_geometry
 from workbench.unlearning import losses
-from workbench.unlearning.loop import run_gradient_method
+from workbench.unlearning.loop import DeclaredObjective, run_gradient_method
+from workbench.unlearning.objectives import given
 from workbench.unlearning.result import UnlearningResult
 from workbench.unlearning.task import UnlearningTask
 
@@ -99,18 +100,19 @@ def quail(task: UnlearningTask, config: QuailConfig | None = None) -> Unlearning
     # row's own tokens, so they follow their example whatever the sampling.
     by_row = {_row_key(batches.forget, i): float(m) for i, m in enumerate(margins)}
 
-    def objective(work: torch.nn.Module, fb: FactBatch, ref_f: torch.Tensor, rb: FactBatch,
-                  _ref_r: torch.Tensor) -> torch.Tensor:
+    def objective(work: torch.nn.Module, fb: FactBatch, ref_f: torch.Tensor | None, rb: FactBatch,
+                  _ref_r: torch.Tensor | None) -> torch.Tensor:
         logits = span_logits(work, fb)
         m = torch.tensor([by_row[_row_key(fb, i)] for i in range(len(fb))], device=fb.ids.device)
         loss = losses.gradient_ascent(logits, fb.targets, fb.mask)
         # The margin is computed for the answer's first token (its logit step under quantization).
-        loss = loss + config.hinge_weight * losses.quail_hinge(logits[:, 0], ref_f[:, 0], fb.answers, m)
+        loss = loss + config.hinge_weight * losses.quail_hinge(logits[:, 0], given(ref_f, "quail")[:, 0], fb.answers, m)
         if config.alpha > 0:
             loss = loss + config.alpha * losses.nll(span_logits(work, rb), rb.targets, rb.mask)
         return loss
 
-    result = run_gradient_method(task, objective, method="quail")
+    declared = DeclaredObjective(objective, forget_reference=True, retain_reference=False)
+    result = run_gradient_method(task, declared, method="quail")
     result.diagnostics.update({
         "margin_mean": float(margins.mean()), "margin_min": float(margins.min()), "margin_max": float(margins.max()),
         "quant": quant.label, "config": config.__dict__,

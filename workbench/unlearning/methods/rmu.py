@@ -32,7 +32,7 @@ from workbench.core.errors import WorkbenchError
 from workbench.models.loaded import LoadedModel
 from workbench.models.scoring import FactBatch, uncached
 from workbench.unlearning import losses
-from workbench.unlearning.loop import run_gradient_method, trainable_names
+from workbench.unlearning.loop import DeclaredObjective, run_gradient_method, trainable_names
 from workbench.unlearning.result import UnlearningResult
 from workbench.unlearning.task import UnlearningTask
 
@@ -113,8 +113,8 @@ def rmu(task: UnlearningTask, config: RmuConfig | None = None) -> UnlearningResu
     coeff = config.steering_scale * mean_norm
     control = control_vector(acts.shape[-1], coeff, config.seed)
 
-    def objective(work: torch.nn.Module, fb: FactBatch, _ref_f: torch.Tensor, rb: FactBatch,
-                  _ref_r: torch.Tensor) -> torch.Tensor:
+    def objective(work: torch.nn.Module, fb: FactBatch, _ref_f: torch.Tensor | None, rb: FactBatch,
+                  _ref_r: torch.Tensor | None) -> torch.Tensor:
         f_acts, f_mask = hidden_at(work, fb, layer)
         loss = losses.rmu_forget(f_acts, f_mask, control)
         if config.alpha > 0:
@@ -124,7 +124,8 @@ def rmu(task: UnlearningTask, config: RmuConfig | None = None) -> UnlearningResu
             loss = loss + config.alpha * losses.rmu_retain(r_acts, frozen, r_mask)
         return loss
 
-    result = run_gradient_method(task, objective, method="rmu", names=names)
+    declared = DeclaredObjective(objective, forget_reference=False, retain_reference=False)
+    result = run_gradient_method(task, declared, method="rmu", names=names)
     result.diagnostics.update({"layer": layer, "steering_coeff": coeff, "base_forget_norm": mean_norm,
                                "config": config.__dict__})
     return result

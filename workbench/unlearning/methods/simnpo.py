@@ -14,6 +14,6 @@ class SimNPO(GradientAscent):
     label = "SimNPO"
     summary = "reference-free, length-normalised NPO (β = 0.1, γ = 0)"
 
-    def forget_loss(self, logits: torch.Tensor, ref_logits: torch.Tensor, batch: FactBatch) -> torch.Tensor:
+    def forget_loss(self, logits: torch.Tensor, ref_logits: torch.Tensor | None, batch: FactBatch) -> torch.Tensor:
         return losses.simnpo(logits, batch.targets, beta=self.config.beta, gamma=self.config.gamma,
                              mask=batch.mask)
