@@ -207,7 +207,8 @@ def test_mansu_with_a_compact_quantized_model_is_the_same_run(facts_tiny, split,
 
 def test_a_working_budget_below_the_weights_outside_the_circuit_holds_them_as_codes(facts_tiny, monkeypatch):
     """Q(w) outside MANSU's candidates is held as tensors while it fits the model's working budget
-    (and 1 GiB); a smaller budget (``$WORKBENCH_WORKING_MB``) holds it as codes."""
+    (and 1 GiB) beside a gradient step; a smaller budget (``$WORKBENCH_WORKING_MB``), or a step
+    that leaves too little of it, holds it as codes."""
     import workbench.unlearning.mansu.state as state
     from workbench.models.loaded import LoadedModel
 
@@ -218,12 +219,58 @@ def test_a_working_budget_below_the_weights_outside_the_circuit_holds_them_as_co
     assert compact_bytes(state.quantized_working_copy(facts_tiny, cfg, names)) == 0  # the default budget: tensors
     monkeypatch.setattr(LoadedModel, "working_budget_bytes", lambda self: others)
     assert compact_bytes(state.quantized_working_copy(facts_tiny, cfg, names)) == 0  # fits exactly: tensors
+    assert compact_bytes(state.quantized_working_copy(facts_tiny, cfg, names, beside=1)) > 0  # a step beside: codes
+    monkeypatch.setattr(LoadedModel, "working_budget_bytes", lambda self: others + 100)
+    assert compact_bytes(state.quantized_working_copy(facts_tiny, cfg, names, beside=100)) == 0
+    assert compact_bytes(state.quantized_working_copy(facts_tiny, cfg, names, beside=101)) > 0
     monkeypatch.setattr(LoadedModel, "working_budget_bytes", lambda self: others - 1)
     work = state.quantized_working_copy(facts_tiny, cfg, names)
     assert 0 < compact_bytes(work) < others
     ids = _ids(facts_tiny)
     with torch.no_grad():
         assert torch.equal(work(ids).logits, quantized_copy(facts_tiny.hf, cfg)(ids).logits)
+
+
+def test_mansu_holds_q_w_as_codes_when_it_and_a_gradient_step_outgrow_the_budget(facts_tiny, split, monkeypatch):
+    """MANSU holds its model at Q(w) through every gradient step: as tensors only when those and
+    one step's saved activations fit the working budget together. A budget that holds the
+    tensors alone but not the step beside them gives codes; one byte more than both, tensors."""
+    import workbench.unlearning.mansu.state as state
+    from workbench.core.components import all_components
+    from workbench.models.loaded import LoadedModel
+    from workbench.unlearning.mansu import MansuConfig
+    from workbench.unlearning.registry import unlearn
+
+    heads0 = [c for c in all_components(facts_tiny.n_layers, facts_tiny.n_heads, include_embed=False)
+              if c.layer == 0 and c.kind != "mlp"]
+    cfg = QuantConfig("nf4")
+    built: list[int] = []
+    steps: list[int] = []
+    real_copy, real_memory = state.compact_quantized_copy, state.gradient_memory
+    monkeypatch.setattr(state, "compact_quantized_copy", lambda *a, **k: built.append(1) or real_copy(*a, **k))
+
+    def measured(*args, **kwargs):
+        memory = real_memory(*args, **kwargs)
+        steps.append(memory.step_bytes)
+        return memory
+
+    monkeypatch.setattr(state, "gradient_memory", measured)
+
+    def codes_with(budget: int) -> bool:
+        built.clear()
+        monkeypatch.setattr(LoadedModel, "working_budget_bytes", lambda self: budget)
+        unlearn(facts_tiny, split, method="mansu", quant=cfg, circuit=heads0, progress=lambda f, m: None,
+                method_config=MansuConfig(max_rounds=1, use_fisher=False))
+        return bool(built)
+
+    names = sorted({n for n in quantizable_parameters(facts_tiny.hf, cfg) if ".h.0.attn." in n})
+    others = facts_tiny.quantized_bytes(cfg, excluding=names)
+    assert not codes_with(1 << 40)
+    saved = steps[-1]  # a step's saved activations, within that budget
+    assert 0 < saved < 1 << 40
+    assert codes_with(others)  # Q(w)'s tensors fit, the step beside them does not
+    assert not codes_with(others + saved)  # both fit
+    assert codes_with(others + saved - 1) and steps[-1] == saved
 
 
 @pytest.mark.parametrize("family", [*SUPPORTED_FAMILIES, "facts-tiny"])

@@ -154,14 +154,16 @@ def test_bare_module_needs_a_tokenizer(toy_gpt2):
 def test_answer_probabilities_and_the_retain_kl_over_row_chunks_equal_the_whole_tensors(facts_tiny, monkeypatch):
     """Softmax is row by row, so normalising the [n, vocab] logits a chunk of rows at a time (which
     spares float copies of the whole tensor: five of them in the retain KL) gives each row's value
-    bit for bit; chunks of 5 rows exercise the seams on a tiny model."""
+    bit for bit; chunks of 5 rows exercise the seams on a tiny model. The retain KL walks both
+    models' logits a chunk of facts at a time (5 facts: several chunks, and the default chunk):
+    the same bits as on the whole logits, and w+Δ's first-token reads from that walk are the
+    evaluation's own."""
     import workbench.measurement.evaluation as evaluation_mod
     import workbench.measurement.metrics as metrics_mod
-    from workbench.measurement.evaluation import _at_answers, prompt_logits
+    from workbench.measurement.evaluation import _at_answers, prompt_logits, retain_reads_and_kl
     from workbench.models.scoring import encode_prompts
 
     monkeypatch.setattr(evaluation_mod, "ROWS_PER_SOFTMAX", 5)
-    monkeypatch.setattr(metrics_mod, "ROWS_PER_SOFTMAX", 5)
     split = builtin_split(facts_tiny)
     facts = split.retain
     logits = prompt_logits(facts_tiny, facts)
@@ -176,6 +178,18 @@ def test_answer_probabilities_and_the_retain_kl_over_row_chunks_equal_the_whole_
     la = torch.log_softmax(prompt_logits(after, facts).float(), -1)
     whole = float((lb.exp() * (lb - la)).sum(-1).mean())
     assert metrics_mod.retain_kl(facts_tiny, after, facts) == whole > 0
+    def numbers(scores):
+        return scores.top1, scores.exact, scores.logprob, scores.mean_prob, scores.correct
+
+    for batch_size in (5, 128):  # another chunk of facts pads differently: compared at its own
+        lb = torch.log_softmax(prompt_logits(facts_tiny, facts, batch_size=batch_size).float(), -1)
+        la = torch.log_softmax(prompt_logits(after, facts, batch_size=batch_size).float(), -1)
+        reads, kl = retain_reads_and_kl(facts_tiny, after, facts, batch_size=batch_size)
+        assert kl == float((lb.exp() * (lb - la)).sum(-1).mean())
+        evaluated = evaluate_facts(after, facts, batch_size=batch_size)
+        assert numbers(evaluate_facts(after, facts, first_token=reads, batch_size=batch_size)) == numbers(evaluated)
+    reads, kl = retain_reads_and_kl(facts_tiny, after, [])
+    assert reads.correct.numel() == 0 and math.isnan(kl)
 
 
 def test_first_token_reads_come_chunk_by_chunk_with_the_whole_logits_bits(facts_tiny, monkeypatch):

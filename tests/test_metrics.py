@@ -273,36 +273,39 @@ def test_base_scores_are_the_setups_and_the_measurements_and_taken_ahead_of_a_ru
     assert warm == cold
 
 
-def test_the_retain_kl_reuses_the_after_evaluations_logits_with_the_same_numbers(facts_tiny, split, monkeypatch):
-    """w+Δ's retain prompts run once for its evaluation and the retain KL: given logits change
-    neither (equal to computing them again), and wrong ones are refused."""
+def test_the_retain_kl_shares_the_after_evaluations_forwards_with_the_same_numbers(facts_tiny, split, monkeypatch):
+    """w+Δ's retain prompts run once for its evaluation and the retain KL: reads taken by the KL's
+    walk change no number of the evaluation (equal to taking them again), reads of another fact
+    set are refused, and the measurement never holds a set's [n, vocab] logits whole."""
     import workbench.measurement.evaluation as evaluation_mod
-    from workbench.measurement.evaluation import prompt_logits
+    from workbench.measurement.evaluation import retain_reads_and_kl
     from workbench.measurement.metrics import retain_kl
 
     name = "transformer.h.1.mlp.c_fc.weight"
     delta = torch.zeros_like(facts_tiny.state()[name])
     delta[:4, :4] = 0.5
     after = facts_tiny.with_state({name: facts_tiny.state()[name] + delta}, "after")
-    logits = prompt_logits(after, split.retain)
-    given = evaluate_facts(after, split.retain, last_logits=logits)
+    reads, kl = retain_reads_and_kl(facts_tiny, after, split.retain)
+    given = evaluate_facts(after, split.retain, first_token=reads)
     again = evaluate_facts(after, split.retain)
     assert (given.top1, given.exact, given.logprob, given.mean_prob, given.correct) == (
         again.top1, again.exact, again.logprob, again.mean_prob, again.correct)
-    assert retain_kl(facts_tiny, after, split.retain, logits) == retain_kl(facts_tiny, after, split.retain) > 0
-    with pytest.raises(WorkbenchError, match="last_logits must be"):
-        evaluate_facts(after, split.retain, last_logits=logits[:-1])
+    assert kl == retain_kl(facts_tiny, after, split.retain) > 0
+    with pytest.raises(WorkbenchError, match="first_token must read"):
+        evaluate_facts(after, split.retain[:-1], first_token=reads)
     # in the measurement: each set of the retain set's size runs once per variant, and the retain
-    # set once more for the base's side of the KL; w+Δ's run serves its evaluation and the KL (one
-    # more run before)
+    # set once more for the base's side of the KL; w+Δ's run serves its evaluation and the KL
     sets = (split.forget, split.retain, split.forget_paraphrase, split.retain_paraphrase)
     like_retain = sum(1 for f in sets if f and len(f) == len(split.retain))
     runs: list[int] = []
-    # (the evaluation reads each chunk as it comes; prompt_logits takes them whole)
-    for reader in ("last_token_logits", "last_token_logit_chunks"):
-        real = getattr(evaluation_mod, reader)
-        monkeypatch.setattr(evaluation_mod, reader,
-                            lambda hf, ids, *a, real=real, **kw: runs.append(len(ids)) or real(hf, ids, *a, **kw))
+    real = evaluation_mod.last_token_logit_chunks
+    monkeypatch.setattr(evaluation_mod, "last_token_logit_chunks",
+                        lambda hf, ids, *a, **kw: runs.append(len(ids)) or real(hf, ids, *a, **kw))
+
+    def whole(*args, **kwargs):
+        raise AssertionError("the measurement took a fact set's [n, vocab] logits whole")
+
+    monkeypatch.setattr(evaluation_mod, "last_token_logits", whole)
     measure_update(facts_tiny, split, Update({name: delta}), quant=NF4, cad=False)
     assert runs.count(len(split.retain)) == 5 * like_retain + 1
 

@@ -44,11 +44,11 @@ from workbench.data.facts import AnswerCriterion, Fact, FactSplit, answer_criter
 from workbench.interpretability.attribution import Attribution, AttributionConfig, attribute
 from workbench.interpretability.cad import CADResult, circuit_attribution_divergence
 from workbench.measurement.evaluation import (
-    ROWS_PER_SOFTMAX,
     FactScores,
+    FirstTokenReads,
     evaluate_facts,
     multiple_choice_accuracy,
-    prompt_logits,
+    retain_reads_and_kl,
 )
 from workbench.measurement.results import (
     BinWidthRatios,
@@ -68,7 +68,6 @@ from workbench.measurement.results import (
     VariantLogprobs,
 )
 from workbench.models.loaded import LoadedModel
-from workbench.models.scoring import by_rows
 from workbench.models.update import Update, stored_sum
 from workbench.quant import (
     QuantConfig,
@@ -208,22 +207,11 @@ def build_variants(model: LoadedModel, update: Update, quant: QuantConfig) -> di
     return {v: variant_model(model, update, quant, v, qbase) for v in VARIANTS}
 
 
-def retain_kl(base: LoadedModel, after: LoadedModel, facts: Sequence[Fact],
-              after_logits: torch.Tensor | None = None) -> float:
-    """Mean KL(p_base ‖ p_after) of the next-token distribution at the retain prompts' answer position.
-
-    ``after_logits``: ``after``'s :func:`~workbench.measurement.evaluation.prompt_logits` on
-    ``facts`` when the caller already took them (the measurement's evaluation of w+Δ)."""
-
-    base_logits = prompt_logits(base, facts)
-    after_logits = prompt_logits(after, facts) if after_logits is None else after_logits
-
-    def kl(base_part: torch.Tensor, after_part: torch.Tensor) -> torch.Tensor:
-        lb, la = torch.log_softmax(base_part.float(), -1), torch.log_softmax(after_part.float(), -1)
-        return (lb.exp() * (lb - la)).sum(-1)
-
-    # row chunks: the same bits as on the whole [n, vocab] tensors, without five float copies of them
-    return float(by_rows(kl, base_logits, after_logits.to(base_logits.device), rows=ROWS_PER_SOFTMAX).mean())
+def retain_kl(base: LoadedModel, after: LoadedModel, facts: Sequence[Fact]) -> float:
+    """Mean KL(p_base ‖ p_after) of the next-token distribution at the retain prompts' answer
+    position (:func:`~workbench.measurement.evaluation.retain_reads_and_kl`, which the measurement
+    calls to take w+Δ's retain reads from the same forwards)."""
+    return retain_reads_and_kl(base, after, facts)[1]
 
 
 # The base's own numbers (w and Q(w) on each fact set, their attributions for CAD) are the
@@ -274,16 +262,16 @@ def _variant_source(make: Callable[[], LoadedModel]) -> VariantSource:
 
 
 def _variant_scores(vname: str, variant: VariantSource, split: FactSplit, quant: QuantConfig,
-                    key_model: LoadedModel, logits: dict[str, torch.Tensor] | None = None) -> dict[str, FactScores]:
+                    key_model: LoadedModel, reads: dict[str, FirstTokenReads] | None = None) -> dict[str, FactScores]:
     """Scores of one variant on every fact set of ``split`` (multiple choice on forget only);
     the base variants' through :func:`base_scores` (memoised under ``key_model``, the base).
-    ``logits``: per set, its prompt logits already taken (see ``evaluate_facts``)."""
+    ``reads``: per set, its first-token reads already taken (see ``evaluate_facts``)."""
     if vname in BASE_VARIANTS:
         return base_scores(key_model, split, quant, variants=(vname,), built={vname: variant})[vname]
-    given = logits or {}
+    given = reads or {}
     vmodel = variant()
     return {sname: evaluate_facts(vmodel, facts, multiple_choice=_with_multiple_choice(sname, facts),
-                                  last_logits=given.get(sname))
+                                  first_token=given.get(sname))
             for sname, facts in _fact_sets(split).items()}
 
 
@@ -467,11 +455,9 @@ def measure_update(
             # Q(w+Δ) replaces them): let it go rather than hold it beside those tensors
             for n in update.deltas:
                 qbase.pop(n, None)
-        if vname == "after_fp":  # its retain logits serve its evaluation and the retain KL
-            after_logits = prompt_logits(variant(), split.retain)
-            scores[vname] = _variant_scores(vname, variant, split, quant, model, {"retain": after_logits})
-            kl = retain_kl(model, variant(), split.retain, after_logits)
-            del after_logits
+        if vname == "after_fp":  # its retain forwards serve its evaluation and the retain KL
+            reads, kl = retain_reads_and_kl(model, variant(), split.retain)
+            scores[vname] = _variant_scores(vname, variant, split, quant, model, {"retain": reads})
         else:
             scores[vname] = _variant_scores(vname, variant, split, quant, model)
         if cad and vname in _CAD_VARIANTS:

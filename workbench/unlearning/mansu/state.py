@@ -330,18 +330,20 @@ def storage_dtypes(model: LoadedModel, quant: QuantConfig) -> set[torch.dtype]:
     return {state[n].dtype for n in model.adapter.quantizable(quant)}
 
 
-def quantized_working_copy(model: LoadedModel, quant: QuantConfig, names: list[str]) -> torch.nn.Module:
+def quantized_working_copy(model: LoadedModel, quant: QuantConfig, names: list[str],
+                           beside: int = 0) -> torch.nn.Module:
     """The model at Q(w), the candidate tensors ``names`` as tensors (rounds write them), the other
-    quantized weights as codes when they weigh more than :data:`COMPACT_QWORK_BYTES` or the
-    model's working budget (:meth:`~workbench.models.loaded.LoadedModel.working_budget_bytes`;
-    the same logits and gradients either way; a forward on codes took 1.7× as long on the 1B
-    bench model in bfloat16, a few % longer on SmolLM2 in float32); every
-    quantized weight as codes above :data:`GRID_CACHE_WEIGHTS` candidate weights (rounds write
-    new codes: :func:`~workbench.quant.compact.write_quantized`)."""
+    quantized weights as codes when they weigh more than :data:`COMPACT_QWORK_BYTES`, or more
+    than the model's working budget (:meth:`~workbench.models.loaded.LoadedModel.working_budget_bytes`)
+    leaves beside ``beside`` bytes: one gradient step's (:attr:`GradientMemory.step_bytes`), as
+    the copy is held through every step of the run. The same logits and gradients either way; a
+    forward on codes took 1.7× as long on the 1B bench model in bfloat16, a few % longer on
+    SmolLM2 in float32. Every quantized weight as codes above :data:`GRID_CACHE_WEIGHTS`
+    candidate weights (rounds write new codes: :func:`~workbench.quant.compact.write_quantized`)."""
     if many_candidates(model.state(), names):
         return compact_quantized_copy(model.hf, quant, materialized=())
     others = model.quantized_bytes(quant, excluding=names)
-    if others > min(COMPACT_QWORK_BYTES, model.working_budget_bytes()):
+    if others > min(COMPACT_QWORK_BYTES, model.working_budget_bytes() - beside):
         return compact_quantized_copy(model.hf, quant, materialized=names)
     return quantized_copy(model.hf, quant)
 
@@ -372,6 +374,12 @@ class GradientMemory:
     @property
     def recompute(self) -> bool:
         return self.saved > self.budget
+
+    @property
+    def step_bytes(self) -> int:
+        """What one gradient chunk holds beside the model: its saved activations, or, recomputing
+        the blocks, the budget its passes are sized to."""
+        return min(self.saved, self.budget)
 
     def facts_per_pass(self) -> int:
         """Facts per backward for a pass that cannot recompute its blocks (the Fisher's per-example
@@ -485,8 +493,8 @@ def setup_state(model: LoadedModel, batches: Batches, circuit: tuple[Component, 
                                "storage" if config.state_in_storage_dtype else "float32",
                                fisher_memory.facts_per_pass())
 
-    qwork = quantized_working_copy(model, quant, names)
     memory = gradient_memory(model, work, names, (retain_sample, batches.forget))
+    qwork = quantized_working_copy(model, quant, names, beside=memory.step_bytes)
     if memory.recompute:
         report(0.12, memory.message())
     n_candidates = int(sum(int(masks[n].sum()) for n in names))  # each all-true mask only for its count
