@@ -296,3 +296,65 @@ def test_a_loss_that_reads_an_undeclared_reference_is_refused(facts_tiny, split,
     monkeypatch.setattr(NPO, "forget_reference", False)
     with pytest.raises(WorkbenchError, match="npo: a loss read the reference logits without declaring it"):
         unlearn(facts_tiny, split, method="npo", optim=OptimConfig(lr=3e-3), stop=StopRule(max_steps=1))
+
+
+@pytest.mark.parametrize("method", ["graddiff", "npo_klr", "rmu", "sure", "lora"])
+def test_a_step_over_the_working_budget_recomputes_the_blocks_with_the_same_numbers(facts_tiny, split, method,
+                                                                                    monkeypatch):
+    """A step whose saved activations outweigh the working budget recomputes each block in its
+    backward: the same update and history to the bit (plain forward/backward, both references,
+    hidden states, a gradient mask, LoRA's adapters), said in the diagnostics; within the budget
+    the blocks are never wrapped."""
+    import workbench.unlearning.loop as loop_mod
+    from workbench.models.loaded import LoadedModel
+
+    entered: list[int] = []
+    real = loop_mod.blocks_recomputed
+
+    def counted(*args, **kwargs):
+        entered.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop_mod, "blocks_recomputed", counted)
+
+    def run(budget: int):
+        entered.clear()
+        monkeypatch.setattr(LoadedModel, "working_budget_bytes", lambda self: budget)
+        result = unlearn(facts_tiny, split, method=method, optim=OptimConfig(lr=3e-3),
+                         stop=StopRule(max_steps=3, forget_target=None))
+        return result, len(entered)
+
+    plain, plain_entered = run(1 << 40)
+    recomputed, recomputed_entered = run(1)
+    assert plain_entered == 0 and recomputed_entered == 3  # once per step
+    assert "blocks_recomputed" not in plain.diagnostics and recomputed.diagnostics["blocks_recomputed"] is True
+    assert plain.update.nnz() > 0 and sorted(plain.update.deltas) == sorted(recomputed.update.deltas)
+    for name, delta in plain.update.deltas.items():
+        assert torch.equal(recomputed.update.deltas[name], delta), name
+    assert plain.history == recomputed.history
+
+
+def test_step_memory_counts_both_sides_rows_of_their_longest_fact(facts_tiny, batches, monkeypatch):
+    """A step's estimate: per side, the longest fact's saved bytes times the rows a step takes
+    (at most the side's size); recomputing only above the budget."""
+    import copy
+
+    from workbench.models.loaded import LoadedModel
+    from workbench.models.recompute import saved_bytes
+    from workbench.models.scoring import span_logits
+    from workbench.unlearning.loop import StepMemory, step_memory
+
+    work = copy.deepcopy(facts_tiny.hf).float().train()  # as the loop hands it over
+    for p in work.parameters():
+        p.requires_grad_(True)
+    work.eval()  # the estimate's own forwards run without dropout
+    one_forget = saved_bytes(work, lambda: span_logits(work, batches.forget.longest()))
+    one_retain = saved_bytes(work, lambda: span_logits(work, batches.retain.longest()))
+    work.train()
+    optim = OptimConfig(forget_batch=3, retain_batch=10**5)
+    monkeypatch.setattr(LoadedModel, "working_budget_bytes", lambda self: 12345)
+    memory = step_memory(facts_tiny, work, optim, batches.forget, batches.retain)
+    assert memory == StepMemory(3 * one_forget + len(batches.retain) * one_retain, 12345)
+    assert work.training  # as it was
+    assert StepMemory(11, 10).recompute and not StepMemory(10, 10).recompute
+    assert "20 MiB, over the 10 MiB budget" in StepMemory(20 << 20, 10 << 20).message("graddiff")
