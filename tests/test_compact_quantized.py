@@ -369,6 +369,7 @@ def test_a_measurement_with_q_w_as_codes_is_the_same_measurement(facts_tiny, spl
     update = _codes_test_update(facts_tiny)
     cfg = QuantConfig("nf4")
     assert not facts_tiny.reads_quantized_as_codes(cfg)  # the default budget: tensors
+    monkeypatch.setattr(LoadedModel, "reads_quantized_as_codes", lambda self, quant, beside=0: False)
     expected = metrics.measure_update(facts_tiny, split, update, quant=cfg)
     clear_base_memo()  # base_q's scores and attribution measured again, as codes
     built: list[str] = []
@@ -382,7 +383,7 @@ def test_a_measurement_with_q_w_as_codes_is_the_same_measurement(facts_tiny, spl
 
     monkeypatch.setattr(metrics, "variant_model_as_codes", watched)
     # (not a smaller budget: that would also run attribution in smaller passes, other last bits)
-    monkeypatch.setattr(LoadedModel, "reads_quantized_as_codes", lambda self, quant: True)
+    monkeypatch.setattr(LoadedModel, "reads_quantized_as_codes", lambda self, quant, beside=0: True)
     got = metrics.measure_update(facts_tiny, split, update, quant=cfg)
     assert sorted(built) == sorted(metrics.QUANTIZED_VARIANTS)
     assert json.dumps(got.to_json(), sort_keys=True) == json.dumps(expected.to_json(), sort_keys=True)
@@ -423,8 +424,33 @@ def test_the_measurement_reads_q_w_as_codes_exactly_above_the_budget(facts_tiny,
     held = sum(params[n].numel() * params[n].element_size() for n in facts_tiny.adapter.quantizable(cfg))
     monkeypatch.setattr(LoadedModel, "working_budget_bytes", lambda self: held)
     assert not facts_tiny.reads_quantized_as_codes(cfg)
+    assert facts_tiny.reads_quantized_as_codes(cfg, beside=1)  # a step held beside it: codes
     monkeypatch.setattr(LoadedModel, "working_budget_bytes", lambda self: held - 1)
     assert facts_tiny.reads_quantized_as_codes(cfg)
+
+
+def test_the_measurement_holds_q_w_as_codes_beside_cads_passes(facts_tiny, split, monkeypatch):
+    """CAD's attribution passes are sized to the whole working budget, so a measurement (or the
+    base measurement the app takes at its start) that attributes holds Q(w) as codes whatever
+    Q(w) weighs; one without CAD holds it as tensors while it fits the budget."""
+    import workbench.measurement.metrics as metrics
+    from workbench.core.memo import clear_base_memo
+
+    update = _codes_test_update(facts_tiny)
+    cfg = QuantConfig("nf4")
+    built: list[str] = []
+    as_codes = metrics.variant_model_as_codes
+    monkeypatch.setattr(metrics, "variant_model_as_codes",
+                        lambda model, upd, quant, vname: built.append(vname) or as_codes(model, upd, quant, vname))
+    clear_base_memo()
+    metrics.measure_update(facts_tiny, split, update, quant=cfg, cad=False)
+    assert not built
+    clear_base_memo()
+    metrics.base_measurement(facts_tiny, split, cfg)
+    assert built == ["base_q"]  # one Q(w), as codes, for its scores and its attribution
+    built.clear()
+    metrics.measure_update(facts_tiny, split, update, quant=cfg)
+    assert sorted(built) == sorted(set(metrics.QUANTIZED_VARIANTS) - {"base_q"})  # Q(w)'s numbers memoised
 
 
 def test_quantized_bytes_counts_each_tensor_once_and_leaves_out_the_excluded(toy_gpt2):

@@ -275,17 +275,18 @@ def _variant_scores(vname: str, variant: VariantSource, split: FactSplit, quant:
             for sname, facts in _fact_sets(split).items()}
 
 
-def _base_variants(model: LoadedModel, quant: QuantConfig,
-                   built: dict[str, VariantSource] | None = None) -> Callable[[str], LoadedModel]:
+def _base_variants(model: LoadedModel, quant: QuantConfig, built: dict[str, VariantSource] | None = None,
+                   attributed: bool = False) -> Callable[[str], LoadedModel]:
     """``variant(name)``: the base variant, made on first use only (a memo hit needs no Q(w),
-    which costs a pass over the weights); from ``built`` when it has the name."""
+    which costs a pass over the weights); from ``built`` when it has the name. ``attributed``:
+    the variants will be attributed (Q(w) held as codes beside the passes: :func:`_q_w_as_codes`)."""
     models: dict[str, LoadedModel] = {}
 
     def variant(vname: str) -> LoadedModel:
         if vname not in models and built is not None and vname in built:
             models[vname] = built[vname]()
         if vname not in models:
-            if vname == "base_q" and model.reads_quantized_as_codes(quant):
+            if vname == "base_q" and _q_w_as_codes(model, quant, attributed):
                 models[vname] = variant_model_as_codes(model, Update({}), quant, vname)
             else:  # (base_fp is the model: no Q(w) for it)
                 qbase = quantized_base(model, quant) if vname == "base_q" else {}
@@ -295,15 +296,24 @@ def _base_variants(model: LoadedModel, quant: QuantConfig,
     return variant
 
 
+def _q_w_as_codes(model: LoadedModel, quant: QuantConfig, attributed: bool) -> bool:
+    """Whether the measurement holds Q(w) as codes: above the working budget, or, when the
+    variants are attributed (CAD), whenever Q(w) weighs anything: an attribution's passes are
+    sized to the whole budget, and Q(w) is held beside them (:meth:`LoadedModel.reads_quantized_as_codes`).
+    On SmolLM2 in float32 Q(w) as tensors (425 MiB) beside a CAD pass set the setup's and the
+    measurement's peaks."""
+    return model.reads_quantized_as_codes(quant, beside=model.working_budget_bytes() if attributed else 0)
+
+
 def base_measurement(model: LoadedModel, split: FactSplit, quant: QuantConfig,
                      attribution_config: AttributionConfig | None = None) -> None:
     """Take ahead of any run what :func:`measure_update` reads from the base alone (memoised):
     the scores of w and Q(w) (:func:`base_scores`) and their forget-set attributions for CAD.
     The app does this in the background from its start, so the first "Run MANSU" measures only
     the update's variants."""
-    base_scores(model, split, quant)
+    variant = _base_variants(model, quant, attributed=True)  # one Q(w) for the scores and the attribution
+    base_scores(model, split, quant, built={v: functools.partial(variant, v) for v in BASE_VARIANTS})
     config = attribution_config or AttributionConfig()
-    variant = _base_variants(model, quant)
     for vname in BASE_VARIANTS:
         base_memo(_attribution_key(vname, model, quant, split.forget, config),
                   lambda v=vname: attribute(variant(v), split.forget, config, progress=silent))
@@ -432,8 +442,8 @@ def measure_update(
     update.check_fits(model)
     circuit_list = list(circuit) if circuit is not None else None
     config = attribution_config or AttributionConfig()
-    # Q(w) as codes when as tensors it would exceed the working budget (the variants' numbers are the same)
-    as_codes = model.reads_quantized_as_codes(quant)
+    # Q(w) as codes when as tensors it would not fit the budget beside CAD's passes (the same numbers)
+    as_codes = _q_w_as_codes(model, quant, attributed=cad)
     report(0.05, f"{quant.label} of the base weights" + (", held as codes" if as_codes else ""))
     qbase = {} if as_codes else quantized_base(model, quant)
     scores: dict[str, dict[str, FactScores]] = {}
