@@ -749,3 +749,34 @@ def test_a_circuit_s_whole_tensors_hold_no_mask_and_the_run_is_the_same(facts_ti
     assert sorted(lean.update.deltas) == sorted(every.update.deltas)
     for n, d in lean.update.deltas.items():
         assert torch.equal(d, every.update.deltas[n]), n
+
+
+def test_the_background_start_hands_freed_memory_back_between_its_steps(facts_tiny, split, monkeypatch):
+    """The app's background start (base accuracies, the base's CAD attributions, the forget set's
+    pairs and readout meter) hands what each step freed back before the next one starts."""
+    import workbench.faces.session as session_mod
+    from workbench.quant import QuantConfig
+
+    order: list[str] = []
+    monkeypatch.setattr(session_mod, "hand_back_freed_memory", lambda: order.append("trim") or True)
+    monkeypatch.setattr(session_mod.SharedModels, "base_accuracy", lambda self, *a: order.append("accuracy"))
+    monkeypatch.setattr(session_mod, "base_measurement", lambda *a: order.append("cad"))
+    monkeypatch.setattr(session_mod, "prepare_forget_set", lambda *a: order.append("pairs"))
+    session_mod.SharedModels().prepare_base(facts_tiny, split, QuantConfig("nf4"))
+    assert order == ["accuracy", "trim", "cad", "trim", "pairs"]
+
+
+def test_mansu_hands_freed_memory_back_before_its_retain_fisher(facts_tiny, split, monkeypatch):
+    """MANSU's setup hands what the projectors' forwards freed back before the Fisher's passes."""
+    import workbench.unlearning.mansu.state as state
+
+    order: list[str] = []
+    monkeypatch.setattr(state, "hand_back_freed_memory", lambda: order.append("trim") or True)
+    real_projectors, real_fisher = state.null_space_projectors, state.retain_fisher
+    monkeypatch.setattr(state, "null_space_projectors",
+                        lambda *a, **k: order.append("projectors") or real_projectors(*a, **k))
+    monkeypatch.setattr(state, "retain_fisher", lambda *a, **k: order.append("fisher") or real_fisher(*a, **k))
+    unlearn(facts_tiny, split, method="mansu", quant=NF4, progress=SILENT,
+            circuit=all_components(facts_tiny.n_layers, facts_tiny.n_heads, include_embed=False),
+            method_config=MansuConfig(max_rounds=1, params_per_round=16))
+    assert order == ["projectors", "trim", "fisher"]

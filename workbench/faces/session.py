@@ -192,10 +192,15 @@ class SharedModels:
         base alone (the forget set's multiple choice, the CAD attributions of w and Q(w)), so the
         first "Run MANSU" measures only the update's variants; last, the forget set's prompt pairs,
         dataset means, clean runs and readout meter the default attribution and its readout start from."""
+        # Each step's transients handed back before the next: the next does not reuse all of
+        # them (at a 128 MiB budget on SmolLM2 the readout meter's forwards peaked with 448 MiB
+        # in use and ~800 MiB more freed by the base's attributions, still resident).
         status(f"measuring base accuracy, full precision vs {quant.label}")
         self.base_accuracy(model, split, quant)
+        hand_back_freed_memory()
         status(f"attributing the base for CAD, full precision and {quant.label}")
         base_measurement(model, split, quant)
+        hand_back_freed_memory()
         status("making the forget set's prompt pairs, clean runs and readout baselines for attribution")
         prepare_forget_set(model, split, attribution_config())
 
