@@ -357,19 +357,18 @@ def _codes_test_update(model):
 
 
 def test_a_measurement_with_q_w_as_codes_is_the_same_measurement(facts_tiny, split, monkeypatch):
-    """When Q(w) would exceed the working budget the measurement builds its quantized variants
-    with Q(w) held as codes, and every number it reports, CAD's attributions through the bridge
-    included, equals the measurement holding Q(w) as tensors."""
+    """When Q(w) is held as codes (above the working budget, or beside CAD's passes) the
+    measurement builds its quantized variants from codes, and every number it reports, CAD's
+    attributions through the bridge included, equals the measurement holding Q(w) as tensors."""
     import json
 
     import workbench.measurement.metrics as metrics
     from workbench.core.memo import clear_base_memo
-    from workbench.models.loaded import LoadedModel
 
     update = _codes_test_update(facts_tiny)
     cfg = QuantConfig("nf4")
     assert not facts_tiny.reads_quantized_as_codes(cfg)  # the default budget: tensors
-    monkeypatch.setattr(LoadedModel, "reads_quantized_as_codes", lambda self, quant, beside=0: False)
+    monkeypatch.setattr(metrics, "_q_w_as_codes", lambda model, quant, attributed: False)
     expected = metrics.measure_update(facts_tiny, split, update, quant=cfg)
     clear_base_memo()  # base_q's scores and attribution measured again, as codes
     built: list[str] = []
@@ -383,7 +382,7 @@ def test_a_measurement_with_q_w_as_codes_is_the_same_measurement(facts_tiny, spl
 
     monkeypatch.setattr(metrics, "variant_model_as_codes", watched)
     # (not a smaller budget: that would also run attribution in smaller passes, other last bits)
-    monkeypatch.setattr(LoadedModel, "reads_quantized_as_codes", lambda self, quant, beside=0: True)
+    monkeypatch.setattr(metrics, "_q_w_as_codes", lambda model, quant, attributed: True)
     got = metrics.measure_update(facts_tiny, split, update, quant=cfg)
     assert sorted(built) == sorted(metrics.QUANTIZED_VARIANTS)
     assert json.dumps(got.to_json(), sort_keys=True) == json.dumps(expected.to_json(), sort_keys=True)
@@ -424,7 +423,6 @@ def test_the_measurement_reads_q_w_as_codes_exactly_above_the_budget(facts_tiny,
     held = sum(params[n].numel() * params[n].element_size() for n in facts_tiny.adapter.quantizable(cfg))
     monkeypatch.setattr(LoadedModel, "working_budget_bytes", lambda self: held)
     assert not facts_tiny.reads_quantized_as_codes(cfg)
-    assert facts_tiny.reads_quantized_as_codes(cfg, beside=1)  # a step held beside it: codes
     monkeypatch.setattr(LoadedModel, "working_budget_bytes", lambda self: held - 1)
     assert facts_tiny.reads_quantized_as_codes(cfg)
 

@@ -297,12 +297,12 @@ def _base_variants(model: LoadedModel, quant: QuantConfig, built: dict[str, Vari
 
 
 def _q_w_as_codes(model: LoadedModel, quant: QuantConfig, attributed: bool) -> bool:
-    """Whether the measurement holds Q(w) as codes: above the working budget, or, when the
-    variants are attributed (CAD), whenever Q(w) weighs anything: an attribution's passes are
-    sized to the whole budget, and Q(w) is held beside them (:meth:`LoadedModel.reads_quantized_as_codes`).
-    On SmolLM2 in float32 Q(w) as tensors (425 MiB) beside a CAD pass set the setup's and the
-    measurement's peaks."""
-    return model.reads_quantized_as_codes(quant, beside=model.working_budget_bytes() if attributed else 0)
+    """Whether the measurement holds Q(w) as codes: when the variants are attributed (CAD), whose
+    passes are sized to the whole working budget, so that Q(w) held beside them as tensors would
+    not fit it with them (on SmolLM2 in float32, 425 MiB of tensors beside a CAD pass set the
+    setup's and the measurement's peaks); otherwise above the budget
+    (:meth:`LoadedModel.reads_quantized_as_codes`)."""
+    return attributed or model.reads_quantized_as_codes(quant)
 
 
 def base_measurement(model: LoadedModel, split: FactSplit, quant: QuantConfig,

@@ -122,15 +122,13 @@ class LoadedModel:
         total = device_memory_bytes(module_device(self.hf))
         return budget if total is None else max(1, min(budget, (total - self.weight_bytes) // 2))
 
-    def reads_quantized_as_codes(self, quant: QuantConfig, beside: int = 0) -> bool:
+    def reads_quantized_as_codes(self, quant: QuantConfig) -> bool:
         """Whether a quantized variant made to be read (evaluated, attributed), not trained, holds
         the quantized weights it shares with Q(w) as codes
         (:func:`~workbench.quant.compact.compact_quantized_copy`): when, as tensors, they would
-        weigh more than what :meth:`working_budget_bytes` leaves beside ``beside`` bytes (the
-        steps run while they are held: an attribution's passes are sized to the whole budget).
-        The same logits and attributions either way (tested); codes cost one dequantization per
-        module and forward."""
-        return self.quantized_bytes(quant) > self.working_budget_bytes() - beside
+        weigh more than :meth:`working_budget_bytes`. The same logits and attributions either
+        way (tested); codes cost one dequantization per module and forward."""
+        return self.quantized_bytes(quant) > self.working_budget_bytes()
 
     def quantized_bytes(self, quant: QuantConfig, excluding: Collection[str] = ()) -> int:
         """Bytes of the weights ``quant`` quantizes, as this model stores them, less those named in
