@@ -179,6 +179,33 @@ def test_mansu_over_every_weight_is_the_same_when_grids_and_scores_are_not_held(
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama-bf16"])
+def test_mansus_kept_grids_are_packed_to_a_byte_per_weight_and_unpack_to_the_quantizers(
+        family, toy_gpt2, toy_llama_gqa):
+    """The grids kept for a circuit's candidates hold each weight's code and each block's absmax
+    (about 1 byte per weight, not 13) and give, per use, every field :func:`weight_grid` computes
+    with the quantizer: GPT-2's Conv1D (blocks along the transpose) and bfloat16 weights."""
+    from workbench.quant import transposed_parameters
+    from workbench.unlearning.mansu.grid import weight_grid
+    from workbench.unlearning.mansu.state import GridStore
+
+    model = toy_gpt2 if family == "gpt2" else bf16_copy(toy_llama_gqa)
+    params = dict(model.hf.named_parameters())
+    layout = transposed_parameters(model.hf)
+    names = sorted(n for n in params if n.endswith(".weight") and params[n].dim() == 2 and "embed" not in n
+                   and "wte" not in n and "wpe" not in n)
+    base = {n: params[n].detach() for n in names}
+    transposed = {n: n in layout for n in names}
+    assert any(transposed.values()) == (family == "gpt2")
+    store = GridStore(base, names, NF4, transposed)
+    weights = sum(base[n].numel() for n in names)
+    assert weights <= store.kept_bytes() <= weights * 1.07  # a byte per weight, 4 per 64-weight block
+    for n in names:
+        kept, built = store[n], weight_grid(base[n], NF4, transposed=transposed[n])
+        for field in ("code", "rank", "absmax", "values", "bin_width", "is_block_max"):
+            assert torch.equal(getattr(kept, field), getattr(built, field)), (n, field)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama-bf16"])
 def test_mansu_over_every_weight_sums_the_written_weights_at_forward(family, toy_gpt2, toy_llama_gqa, monkeypatch):
     """Over every weight, the model at w+Δ computes each written weight as base + delta in its
     module's forward instead of holding a copy: GPT-2's Conv1D and a bfloat16 Llama (w+Δ

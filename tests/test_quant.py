@@ -332,6 +332,32 @@ def test_bin_width_definition_nf4() -> None:
     assert abs(gaps.min().item() - lo) < 1e-4 and abs(gaps.max().item() - hi) < 1e-4
 
 
+@pytest.mark.parametrize("qtype,bs", [("nf4", 64), ("nf4", 128), ("fp4", 64), ("int8", 256)])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_placement_unpacks_to_bin_geometrys_values_in_a_byte_per_weight(
+        qtype: str, bs: int, transposed: bool, dtype: torch.dtype) -> None:
+    """A placement kept packed (codes and block absmaxes) unpacks, from the same weight, to every
+    field :func:`bin_geometry` computes with the quantizer, including a last partial block and
+    an all-zero block; it holds a byte per weight and one float per block."""
+    from workbench.quant import packed_placement, unpack_placement
+
+    cfg = QuantConfig(qtype, bs)
+    w = _rng_weight((45, 37), seed=11).to(dtype)  # 1,665 weights: the last block is partial
+    w[:7], w[:, :6] = 0.0, 0.0  # the first block all zero in either layout (up to 256 a block)
+    packed = packed_placement(w, cfg, transposed=transposed)
+    assert packed.code.dtype == torch.uint8 and packed.nbytes() == w.numel() + 4 * math.ceil(w.numel() / bs)
+    placed, geo = unpack_placement(packed, w), bin_geometry(w, cfg, transposed=transposed)
+    assert torch.equal(placed.code, geo.code.reshape(-1)) and placed.rank.dtype == torch.int16
+    assert torch.equal(placed.rank.long(), geo.rank.reshape(-1))
+    for mine, theirs in ((placed.absmax, geo.absmax), (placed.bin_width, geo.bin_width),
+                         (placed.is_block_max, geo.is_block_max)):
+        assert torch.equal(mine, theirs.reshape(-1))
+    assert bool(placed.is_block_max.any()) and bool((placed.bin_width == 0).any())
+    with pytest.raises(WorkbenchError, match="packed from one of shape"):
+        unpack_placement(packed, w.t())
+
+
 # ----------------------------------------------------------------------------- comparison
 
 

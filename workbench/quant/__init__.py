@@ -63,10 +63,13 @@ from workbench.quant.config import FOUR_BIT_BLOCKSIZES, INT8_BLOCKSIZES, QUANT_T
 from workbench.quant.geometry import (
     BinGeometry,
     BinPlacement,
+    PackedPlacement,
     bin_geometry,
     bin_histogram,
     bin_occupancy,
     bin_placement,
+    packed_placement,
+    unpack_placement,
     weight_relative_error,
 )
 from workbench.quant.model import fake_quantize_model, fake_quantize_state, quantized_copy
@@ -86,6 +89,7 @@ __all__ = [
     "BinGeometry",
     "BinPlacement",
     "ModuleComparison",
+    "PackedPlacement",
     "QuantComparison",
     "QuantConfig",
     "QuantType",
@@ -101,6 +105,7 @@ __all__ = [
     "decision_boundaries",
     "fake_quantize_model",
     "fake_quantize_state",
+    "packed_placement",
     "quantizable_parameters",
     "quantize_codes",
     "quantize_dequantize",
@@ -108,5 +113,6 @@ __all__ = [
     "quantized_copy",
     "single_use_linear_owners",
     "transposed_parameters",
+    "unpack_placement",
     "weight_relative_error",
 ]

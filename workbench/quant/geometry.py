@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from workbench.core.errors import WorkbenchError
 from workbench.core.progress import Progress, each
 from workbench.quant.bnb import _bnb_codes, _check_weight, _layout, _per_weight, _unlayout
 from workbench.quant.codes import _qdq
@@ -75,25 +76,68 @@ class BinPlacement:
 def bin_placement(w: Tensor, cfg: QuantConfig, *, transposed: bool = False) -> BinPlacement:
     """Per weight (flat, in ``w``'s layout): code, rank, block absmax, bin width and whether it
     is its block's absmax; the very values :func:`bin_geometry` gives (one bnb call, look-ups)."""
+    return unpack_placement(packed_placement(w, cfg, transposed=transposed), w)
+
+
+@dataclass(frozen=True, eq=False)  # holds tensors: no elementwise ==
+class PackedPlacement:
+    """A :class:`BinPlacement` in about one byte per weight: what decides every field of it.
+
+    Attributes:
+        code: uint8, bnb's code of each weight, flat in the weight's own layout.
+        block_absmax: float32 ``(n_blocks,)``, each block's exact absmax, in bnb's order.
+        shape: the weight's shape; ``transposed``: blocks run along its transpose (Conv1D).
+        cfg: the quantizer (its tables give rank and bin width from the code).
+
+    Ranks and bin widths are look-ups on the code, the per-weight absmax a broadcast of the
+    block's, and whether a weight is its block's absmax a comparison with the weight itself:
+    :func:`unpack_placement` rebuilds them without the quantizer (MANSU keeps its candidates'
+    grids this way, 1 byte per weight instead of 13).
+    """
+
+    code: Tensor
+    block_absmax: Tensor
+    shape: torch.Size
+    transposed: bool
+    cfg: QuantConfig
+
+    def nbytes(self) -> int:
+        return self.code.nbytes + self.block_absmax.nbytes
+
+
+def packed_placement(w: Tensor, cfg: QuantConfig, *, transposed: bool = False) -> PackedPlacement:
+    """:class:`PackedPlacement` of ``w`` (one bnb call)."""
     cfg = _check_config(cfg)
     w = _check_weight(w, "weight")
-    x = _layout(w, transposed, "weight")
-    placed = _placement(x, cfg)
-    shape = w.shape if transposed else torch.Size([w.numel()])  # un-transposed, then flattened
-
-    def back(t: Tensor) -> Tensor:
-        return _unlayout(t, shape, transposed).reshape(-1)
-
-    return BinPlacement(code=back(placed.code), rank=back(placed.rank), absmax=back(placed.absmax),
-                        bin_width=back(placed.bin_width), is_block_max=back(placed.is_block_max))
+    c = _bnb_codes(_layout(w, transposed, "weight"), cfg)
+    return PackedPlacement(code=_own_flat(c.codes, w.shape, transposed), block_absmax=c.absmax,
+                           shape=w.shape, transposed=transposed, cfg=cfg)
 
 
-def _placement(x: Tensor, cfg: QuantConfig, rank_dtype: torch.dtype = torch.int16) -> BinPlacement:
-    """:class:`BinPlacement` of ``x``, flat in bnb's quantization order."""
+def unpack_placement(packed: PackedPlacement, w: Tensor) -> BinPlacement:
+    """The :class:`BinPlacement` ``packed`` holds; ``w`` is the weight it was packed from."""
+    if tuple(w.shape) != tuple(packed.shape):
+        raise WorkbenchError(f"unpack_placement: weight of shape {tuple(w.shape)}, "
+                             f"packed from one of shape {tuple(packed.shape)}")
+    t = _tables(packed.cfg.type)
+    in_bnb_order = _per_weight(packed.block_absmax, w.numel(), packed.cfg.blocksize)
+    absmax = _own_flat(in_bnb_order, w.shape, packed.transposed)
+    return BinPlacement(code=packed.code, rank=_lookup(t.rank.to(torch.int16), packed.code), absmax=absmax,
+                        bin_width=_lookup(t.width_by_code, packed.code) * absmax,
+                        is_block_max=w.reshape(-1).float().abs() == absmax)
+
+
+def _own_flat(flat: Tensor, shape: torch.Size, transposed: bool) -> Tensor:
+    """A flat tensor in bnb's order, flat in the weight's own layout (the transpose undone)."""
+    return _unlayout(flat, shape if transposed else torch.Size([flat.numel()]), transposed).reshape(-1)
+
+
+def _placement(x: Tensor, cfg: QuantConfig) -> BinPlacement:
+    """:class:`BinPlacement` of ``x``, flat in bnb's quantization order, int64 ranks."""
     c = _bnb_codes(x, cfg)
     t = _tables(cfg.type)
     am = _per_weight(c.absmax, x.numel(), cfg.blocksize)
-    return BinPlacement(code=c.codes, rank=_lookup(t.rank.to(rank_dtype), c.codes), absmax=am,
+    return BinPlacement(code=c.codes, rank=_lookup(t.rank, c.codes), absmax=am,
                         bin_width=_lookup(t.width_by_code, c.codes) * am, is_block_max=x.float().abs() == am)
 
 
@@ -106,7 +150,7 @@ def bin_geometry(w: Tensor, cfg: QuantConfig, *, transposed: bool = False) -> Bi
     cfg = _check_config(cfg)
     w = _check_weight(w, "weight")
     x = _layout(w, transposed, "weight")
-    placed = _placement(x, cfg, rank_dtype=torch.int64)
+    placed = _placement(x, cfg)
     t = _tables(cfg.type)
     xf = x.float()
     rank, am, c = placed.rank, placed.absmax, placed.code

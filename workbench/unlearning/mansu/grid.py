@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workbench.quant import QuantConfig, bin_placement, code_order, code_table
+from workbench.quant import BinPlacement, QuantConfig, bin_placement, code_order, code_table
 
 
 @dataclass(frozen=True, eq=False)
@@ -46,7 +46,12 @@ class Grid:
 def weight_grid(w: torch.Tensor, quant: QuantConfig, *, transposed: bool) -> Grid:
     # bin_placement, not bin_geometry: a grid needs no distances to the boundaries, and above
     # 16M candidate weights it is rebuilt for every tensor twice a round
-    placed = bin_placement(w, quant, transposed=transposed)
+    return placement_grid(bin_placement(w, quant, transposed=transposed), quant)
+
+
+def placement_grid(placed: BinPlacement, quant: QuantConfig) -> Grid:
+    """The :class:`Grid` of a weight placed as ``placed`` (:func:`~workbench.quant.bin_placement`,
+    or a kept :class:`~workbench.quant.PackedPlacement` unpacked)."""
     values = code_table(quant)[code_order(quant)]
     return Grid(
         # int16 codes (≤ 256 of them): 4 bytes per candidate weight instead of 16 as int64

@@ -29,23 +29,24 @@ from workbench.models.loaded import LoadedModel
 from workbench.models.prefix import PrefixCache
 from workbench.models.recompute import saved_bytes
 from workbench.models.scoring import FactBatch, span_logits
-from workbench.quant import QuantConfig, quantized_copy
+from workbench.quant import PackedPlacement, QuantConfig, packed_placement, quantized_copy, unpack_placement
 from workbench.quant.compact import compact_quantized_copy
 from workbench.quant.parameters import single_use_linear_owners
 from workbench.unlearning.batches import Batches, ScoredSet
 from workbench.unlearning.mansu.config import MansuConfig, StatePrecision
 from workbench.unlearning.mansu.deltas import SparseDeltas
 from workbench.unlearning.mansu.fisher import FISHER_CHUNK, diagonal_fisher, fisher_rows, per_example_bytes
-from workbench.unlearning.mansu.grid import Grid, weight_grid
+from workbench.unlearning.mansu.grid import Grid, placement_grid, weight_grid
 from workbench.unlearning.mansu.projection import HeldProjector, projectors_for
 
 T = TypeVar("T")
 
 GRID_CACHE_WEIGHTS = 16_000_000
-"""Up to this many weights in the candidate tensors, their grids are kept for the whole run (13
-bytes per weight, ~200 MB here); above it (no circuit restriction: every weight of the model)
-each grid is rebuilt from the base weights when a round needs it, which is exact (the base
-does not change) and costs one pass of the quantizer per round instead of 13 bytes per weight."""
+"""Up to this many weights in the candidate tensors, their grids are kept for the whole run,
+packed (codes and block absmaxes, about 1 byte per weight, unpacked per use by look-ups);
+above it (no circuit restriction: every weight of the model) each grid is rebuilt from the base
+weights when a round needs it, which is exact (the base does not change) and costs one pass of
+the quantizer per round instead of a byte per weight."""
 
 COMPACT_QWORK_BYTES = 1 << 30
 """Above this many bytes of quantized weights outside the candidate tensors (a 1B model in
@@ -138,21 +139,29 @@ class CandidateMasks:
 
 
 class GridStore:
-    """The quantization grid of each candidate tensor (:func:`weight_grid` of its base value),
-    kept when the candidates are few (:data:`GRID_CACHE_WEIGHTS`), rebuilt on each use otherwise."""
+    """The quantization grid of each candidate tensor (:func:`weight_grid` of its base value).
+
+    When the candidates are few (:data:`GRID_CACHE_WEIGHTS`) each is kept packed (its codes and
+    block absmaxes, about 1 byte per weight, :func:`~workbench.quant.packed_placement`) and
+    unpacked from the base weight on each use (look-ups, no quantizer); otherwise rebuilt with
+    the quantizer on each use. Either gives :func:`weight_grid`'s values (the base does not change).
+    """
 
     def __init__(self, base: Mapping[str, torch.Tensor], names: list[str], quant: QuantConfig,
                  transposed: Mapping[str, bool]) -> None:
         self._base, self._quant, self._transposed = base, quant, transposed
-        self._kept: dict[str, Grid] | None = None
+        self._kept: dict[str, PackedPlacement] | None = None
         if not many_candidates(base, names):
-            self._kept = {n: self._build(n) for n in names}
-
-    def _build(self, name: str) -> Grid:
-        return weight_grid(self._base[name], self._quant, transposed=self._transposed[name])
+            self._kept = {n: packed_placement(base[n], quant, transposed=transposed[n]) for n in names}
 
     def __getitem__(self, name: str) -> Grid:
-        return self._kept[name] if self._kept is not None else self._build(name)
+        if self._kept is None:
+            return weight_grid(self._base[name], self._quant, transposed=self._transposed[name])
+        return placement_grid(unpack_placement(self._kept[name], self._base[name]), self._quant)
+
+    def kept_bytes(self) -> int:
+        """Bytes the kept grids hold (0 when rebuilt on each use)."""
+        return sum(p.nbytes() for p in (self._kept or {}).values())
 
     @property
     def per_use(self) -> bool:
