@@ -239,6 +239,7 @@ def large_circuit_paths(monkeypatch) -> None:
     import workbench.unlearning.mansu.candidates as candidates
     import workbench.unlearning.mansu.state as mansu_state
 
-    for module, threshold in ((mansu_state, "GRID_CACHE_WEIGHTS"), (mansu_state, "COMPACT_QWORK_BYTES"),
+    for module, threshold in ((mansu_state, "MANY_CANDIDATES_WEIGHTS"), (mansu_state, "GRID_KEEP_WEIGHTS"),
+                              (mansu_state, "COMPACT_QWORK_BYTES"),
                               (candidates, "SCORE_CACHE_WEIGHTS")):
         monkeypatch.setattr(module, threshold, 0)

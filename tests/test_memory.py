@@ -168,7 +168,8 @@ def test_mansu_over_every_weight_is_the_same_when_grids_and_scores_are_not_held(
         return result.update.deltas, result.history, result.diagnostics.get("retain_output_change")
 
     held, held_history, held_change = run()
-    monkeypatch.setattr(state, "GRID_CACHE_WEIGHTS", 0)
+    monkeypatch.setattr(state, "MANY_CANDIDATES_WEIGHTS", 0)
+    monkeypatch.setattr(state, "GRID_KEEP_WEIGHTS", 0)
     monkeypatch.setattr(candidates, "SCORE_CACHE_WEIGHTS", 0)
     rebuilt, rebuilt_history, rebuilt_change = run()
     assert sum(int((d != 0).sum()) for d in held.values()) > 0
@@ -226,7 +227,7 @@ def test_mansu_over_every_weight_sums_the_written_weights_at_forward(family, toy
         return result.update.deltas, result.history, result.diagnostics.get("retain_output_change")
 
     held, held_history, held_change = run()
-    monkeypatch.setattr(state, "GRID_CACHE_WEIGHTS", 0)
+    monkeypatch.setattr(state, "MANY_CANDIDATES_WEIGHTS", 0)
     summed, summed_history, summed_change = run()
     assert held and summed_history == held_history and summed_change == held_change
     assert sorted(held) == sorted(summed)

@@ -184,7 +184,7 @@ def _projected(state: MansuState, name: str, raw: torch.Tensor, mask: torch.Tens
 def _grid_steps(state: MansuState, name: str, sign: torch.Tensor,
                 config: MansuConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Each option's delta (the weight put on the code ``k`` away, floor rule) and where it is
-    allowed; the grid (rebuilt per use above :data:`~.state.GRID_CACHE_WEIGHTS`) is let go on
+    allowed; the grid (rebuilt per use above :data:`~.state.GRID_KEEP_WEIGHTS`) is let go on
     return."""
     ks = [config.code_steps] if config.code_choice == "fixed" else range(1, config.max_code_steps + 1)
     grid = state.grids[name]

@@ -41,12 +41,17 @@ from workbench.unlearning.mansu.projection import HeldProjector, projectors_for
 
 T = TypeVar("T")
 
-GRID_CACHE_WEIGHTS = 16_000_000
+MANY_CANDIDATES_WEIGHTS = 16_000_000
+"""Above this many weights in the candidate tensors (no circuit restriction: every weight of
+the model) MANSU holds the model at Q(w+Δ) all as codes and sums written weights at forward
+(:func:`many_candidates`)."""
+
+GRID_KEEP_WEIGHTS = 256_000_000
 """Up to this many weights in the candidate tensors, their grids are kept for the whole run,
-packed (codes and block absmaxes, about 1 byte per weight, unpacked per use by look-ups);
-above it (no circuit restriction: every weight of the model) each grid is rebuilt from the base
-weights when a round needs it, which is exact (the base does not change) and costs one pass of
-the quantizer per round instead of a byte per weight."""
+packed (codes and block absmaxes, about 1 byte per weight, so ~256 MB at most, unpacked per use
+by look-ups: SmolLM2 without a circuit keeps 106 MB); above it (a larger model without a circuit)
+each grid is rebuilt from the base weights when a round needs it, which is exact (the base does
+not change) and costs a pass of the quantizer per tensor twice a round instead of a byte per weight."""
 
 COMPACT_QWORK_BYTES = 1 << 30
 """Above this many bytes of quantized weights outside the candidate tensors (a 1B model in
@@ -54,7 +59,7 @@ bfloat16, not SmolLM2 in float32), or above the model's working budget when that
 (:func:`quantized_working_copy`), the model at Q(w+Δ) holds them as codes, half a byte per
 4-bit weight, dequantized by each module's forward (:func:`~workbench.quant.compact.compact_quantized_copy`:
 the same logits and gradients, one dequantization per module per forward); below it, as tensors.
-Above :data:`GRID_CACHE_WEIGHTS` candidate weights (no circuit restriction) it holds the
+Above :data:`MANY_CANDIDATES_WEIGHTS` candidate weights (no circuit restriction) it holds the
 candidate tensors as codes too, and a round writes their new codes: the gradient of a weight
 held as codes is the same as a tensor's."""
 
@@ -67,10 +72,14 @@ the backward (:class:`GradientMemory`)."""
 
 
 def many_candidates(tensors: Mapping[str, torch.Tensor], names: list[str]) -> bool:
-    """More than :data:`GRID_CACHE_WEIGHTS` weights in the candidate tensors ``names`` (MANSU
-    without a circuit): grids rebuilt per use, the model at Q(w+Δ) all codes, written weights
-    summed at forward. Read at call time, so a test can lower the threshold."""
-    return sum(tensors[n].numel() for n in names) > GRID_CACHE_WEIGHTS
+    """More than :data:`MANY_CANDIDATES_WEIGHTS` weights in the candidate tensors ``names`` (MANSU
+    without a circuit): the model at Q(w+Δ) all codes, written weights summed at forward. Read at
+    call time, so a test can lower the threshold."""
+    return _weights(tensors, names) > MANY_CANDIDATES_WEIGHTS
+
+
+def _weights(tensors: Mapping[str, torch.Tensor], names: list[str]) -> int:
+    return sum(tensors[n].numel() for n in names)
 
 
 PHASES = ("setup", "gradients", "selection", "quantizer", "evaluation")
@@ -141,7 +150,7 @@ class CandidateMasks:
 class GridStore:
     """The quantization grid of each candidate tensor (:func:`weight_grid` of its base value).
 
-    When the candidates are few (:data:`GRID_CACHE_WEIGHTS`) each is kept packed (its codes and
+    Up to :data:`GRID_KEEP_WEIGHTS` candidate weights each is kept packed (its codes and
     block absmaxes, about 1 byte per weight, :func:`~workbench.quant.packed_placement`) and
     unpacked from the base weight on each use (look-ups, no quantizer); otherwise rebuilt with
     the quantizer on each use. Either gives :func:`weight_grid`'s values (the base does not change).
@@ -151,7 +160,7 @@ class GridStore:
                  transposed: Mapping[str, bool]) -> None:
         self._base, self._quant, self._transposed = base, quant, transposed
         self._kept: dict[str, PackedPlacement] | None = None
-        if not many_candidates(base, names):
+        if _weights(base, names) <= GRID_KEEP_WEIGHTS:
             self._kept = {n: packed_placement(base[n], quant, transposed=transposed[n]) for n in names}
 
     def __getitem__(self, name: str) -> Grid:
@@ -165,7 +174,7 @@ class GridStore:
 
     @property
     def per_use(self) -> bool:
-        """Grids rebuilt on each use (many candidates): scoring then sets MANSU's memory peak."""
+        """Grids rebuilt on each use (above :data:`GRID_KEEP_WEIGHTS`): scoring then sets MANSU's memory peak."""
         return self._kept is None
 
 
@@ -348,7 +357,7 @@ def quantized_working_copy(model: LoadedModel, quant: QuantConfig, names: list[s
     leaves beside ``beside`` bytes: one gradient step's (:attr:`GradientMemory.step_bytes`), as
     the copy is held through every step of the run. The same logits and gradients either way; a
     forward on codes took 1.7× as long on the 1B bench model in bfloat16, a few % longer on
-    SmolLM2 in float32. Every quantized weight as codes above :data:`GRID_CACHE_WEIGHTS`
+    SmolLM2 in float32. Every quantized weight as codes above :data:`MANY_CANDIDATES_WEIGHTS`
     candidate weights (rounds write new codes: :func:`~workbench.quant.compact.write_quantized`)."""
     if many_candidates(model.state(), names):
         return compact_quantized_copy(model.hf, quant, materialized=())
@@ -361,7 +370,7 @@ def quantized_working_copy(model: LoadedModel, quant: QuantConfig, names: list[s
 def summed_at_forward(work: torch.nn.Module, names: list[str]) -> frozenset[str]:
     """The candidate tensors that ``work`` computes as w+Δ in their module's forward once a round
     writes them (:class:`~workbench.models.update.SumAtForward`), rather than holding a copy:
-    above :data:`GRID_CACHE_WEIGHTS` candidate weights, every weight read by one Linear/Conv1D
+    above :data:`MANY_CANDIDATES_WEIGHTS` candidate weights, every weight read by one Linear/Conv1D
     alone. The copy would cost 4 bytes per written float32 weight next to the delta MANSU keeps;
     the sum costs one addition per module per forward and gives the same tensor."""
     if not many_candidates(dict(work.named_parameters()), names):
