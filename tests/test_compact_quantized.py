@@ -174,8 +174,9 @@ def test_the_graph_keeps_notes_not_dequantized_weights(toy_llama_gqa, monkeypatc
 @pytest.mark.parametrize("overrides", [{}, {"forget_direction": "quantized", "guard_precision": "both"}],
                          ids=["default (average direction)", "quantized direction, both guards"])
 def test_mansu_with_a_compact_quantized_model_is_the_same_run(facts_tiny, split, monkeypatch, overrides):
-    """MANSU's model at Q(w+Δ) holds the weights outside the circuit as codes above a size;
-    forced here on facts-tiny, the run (update and history) must not change at all."""
+    """MANSU's working models hold what they can compactly above a size (Q(w+Δ) every quantized
+    weight as codes, w+Δ each written weight summed at forward); forced here on facts-tiny, the
+    run (update and history) must not change at all."""
     import workbench.unlearning.mansu.state as state
     from workbench.core.components import all_components
     from workbench.unlearning.mansu import MansuConfig
@@ -197,8 +198,11 @@ def test_mansu_with_a_compact_quantized_model_is_the_same_run(facts_tiny, split,
     tensors, tensors_history = run()
     assert not built
     monkeypatch.setattr(state, "COMPACT_QWORK_BYTES", 0)
+    summed = []
+    real_summed = state.summed_at_forward
+    monkeypatch.setattr(state, "summed_at_forward", lambda *a: summed.extend(real_summed(*a)) or real_summed(*a))
     codes, codes_history = run()
-    assert built
+    assert built and summed  # Q(w+Δ) all codes, w+Δ's written weights summed at forward
     assert sum(int((d != 0).sum()) for d in tensors.values()) > 0
     assert sorted(codes) == sorted(tensors) and codes_history == tensors_history
     for name, delta in tensors.items():
@@ -208,7 +212,8 @@ def test_mansu_with_a_compact_quantized_model_is_the_same_run(facts_tiny, split,
 def test_a_working_budget_below_the_weights_outside_the_circuit_holds_them_as_codes(facts_tiny, monkeypatch):
     """Q(w) outside MANSU's candidates is held as tensors while it fits the model's working budget
     (and 1 GiB) beside a gradient step; a smaller budget (``$WORKBENCH_WORKING_MB``), or a step
-    that leaves too little of it, holds it as codes."""
+    that leaves too little of it, makes the working models compact: every quantized weight as
+    codes (the candidates' too), the same logits."""
     import workbench.unlearning.mansu.state as state
     from workbench.models.loaded import LoadedModel
 
@@ -216,16 +221,22 @@ def test_a_working_budget_below_the_weights_outside_the_circuit_holds_them_as_co
     names = quantizable_parameters(facts_tiny.hf, cfg)[:1]
     others = sum(p.numel() * p.element_size() for n, p in facts_tiny.hf.named_parameters()
                  if n in quantizable_parameters(facts_tiny.hf, cfg) and n not in names)
-    assert compact_bytes(state.quantized_working_copy(facts_tiny, cfg, names)) == 0  # the default budget: tensors
+
+    def compact(beside: int = 0) -> bool:
+        return state.compact_working_models(facts_tiny, cfg, names, beside=beside)
+
+    assert not compact()  # the default budget: tensors
     monkeypatch.setattr(LoadedModel, "working_budget_bytes", lambda self: others)
-    assert compact_bytes(state.quantized_working_copy(facts_tiny, cfg, names)) == 0  # fits exactly: tensors
-    assert compact_bytes(state.quantized_working_copy(facts_tiny, cfg, names, beside=1)) > 0  # a step beside: codes
+    assert not compact() and compact(beside=1)  # fits exactly: tensors; a step beside: codes
     monkeypatch.setattr(LoadedModel, "working_budget_bytes", lambda self: others + 100)
-    assert compact_bytes(state.quantized_working_copy(facts_tiny, cfg, names, beside=100)) == 0
-    assert compact_bytes(state.quantized_working_copy(facts_tiny, cfg, names, beside=101)) > 0
+    assert not compact(beside=100) and compact(beside=101)
     monkeypatch.setattr(LoadedModel, "working_budget_bytes", lambda self: others - 1)
-    work = state.quantized_working_copy(facts_tiny, cfg, names)
+    assert compact()
+    assert compact_bytes(state.quantized_working_copy(facts_tiny, cfg, False)) == 0
+    work = state.quantized_working_copy(facts_tiny, cfg, True)
     assert 0 < compact_bytes(work) < others
+    # the candidate as codes too: more codes than a copy that holds it as a tensor
+    assert compact_bytes(work) > compact_bytes(compact_quantized_copy(facts_tiny.hf, cfg, materialized=names))
     ids = _ids(facts_tiny)
     with torch.no_grad():
         assert torch.equal(work(ids).logits, quantized_copy(facts_tiny.hf, cfg)(ids).logits)

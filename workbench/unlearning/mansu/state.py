@@ -351,31 +351,41 @@ def storage_dtypes(model: LoadedModel, quant: QuantConfig) -> set[torch.dtype]:
     return {state[n].dtype for n in model.adapter.quantizable(quant)}
 
 
-def quantized_working_copy(model: LoadedModel, quant: QuantConfig, names: list[str],
-                           beside: int = 0) -> torch.nn.Module:
-    """The model at Q(w), the candidate tensors ``names`` as tensors (rounds write them), the other
-    quantized weights as codes when they weigh more than :data:`COMPACT_QWORK_BYTES`, or more
-    than the model's working budget (:meth:`~workbench.models.loaded.LoadedModel.working_budget_bytes`)
+def compact_working_models(model: LoadedModel, quant: QuantConfig, names: list[str], beside: int = 0) -> bool:
+    """Whether MANSU's two working models hold what they can compactly: the model at Q(w+Δ) every
+    quantized weight as codes (:func:`quantized_working_copy`), the model at w+Δ each written
+    weight as base + delta computed in its module's forward (:func:`summed_at_forward`).
+
+    Above :data:`MANY_CANDIDATES_WEIGHTS` candidate weights; or when the quantized weights outside
+    the candidate tensors ``names``, as tensors, weigh more than :data:`COMPACT_QWORK_BYTES`, or
+    more than the model's working budget (:meth:`~workbench.models.loaded.LoadedModel.working_budget_bytes`)
     leaves beside ``beside`` bytes: one gradient step's (:attr:`GradientMemory.step_bytes`), as
-    the copy is held through every step of the run. The same logits and gradients either way; a
-    forward on codes took 1.7× as long on the 1B bench model in bfloat16, a few % longer on
-    SmolLM2 in float32. Every quantized weight as codes above :data:`MANY_CANDIDATES_WEIGHTS`
-    candidate weights (rounds write new codes: :func:`~workbench.quant.compact.write_quantized`)."""
+    the copies are held through every step of the run. Then the candidate tensors' copies, 8 bytes
+    per float32 weight between the two models, are not kept either (SmolLM2's default circuit:
+    ~90 MiB). The same logits and gradients either way (tested); a forward on codes took 1.7× as
+    long on the 1B bench model in bfloat16, a few % longer on SmolLM2 in float32."""
     if many_candidates(model.state(), names):
-        return compact_quantized_copy(model.hf, quant, materialized=())
+        return True
     others = model.quantized_bytes(quant, excluding=names)
-    if others > min(COMPACT_QWORK_BYTES, model.working_budget_bytes() - beside):
-        return compact_quantized_copy(model.hf, quant, materialized=names)
+    return others > min(COMPACT_QWORK_BYTES, model.working_budget_bytes() - beside)
+
+
+def quantized_working_copy(model: LoadedModel, quant: QuantConfig, compact: bool) -> torch.nn.Module:
+    """The model at Q(w): every quantized weight as codes when ``compact``
+    (:func:`compact_working_models`; rounds write new codes:
+    :func:`~workbench.quant.compact.write_quantized`), as tensors otherwise."""
+    if compact:
+        return compact_quantized_copy(model.hf, quant, materialized=())
     return quantized_copy(model.hf, quant)
 
 
-def summed_at_forward(work: torch.nn.Module, names: list[str]) -> frozenset[str]:
+def summed_at_forward(work: torch.nn.Module, names: list[str], compact: bool) -> frozenset[str]:
     """The candidate tensors that ``work`` computes as w+Δ in their module's forward once a round
     writes them (:class:`~workbench.models.update.SumAtForward`), rather than holding a copy:
-    above :data:`MANY_CANDIDATES_WEIGHTS` candidate weights, every weight read by one Linear/Conv1D
+    when ``compact`` (:func:`compact_working_models`), every weight read by one Linear/Conv1D
     alone. The copy would cost 4 bytes per written float32 weight next to the delta MANSU keeps;
     the sum costs one addition per module per forward and gives the same tensor."""
-    if not many_candidates(dict(work.named_parameters()), names):
+    if not compact:
         return frozenset()
     return frozenset(single_use_linear_owners(work, names))
 
@@ -518,7 +528,8 @@ def setup_state(model: LoadedModel, batches: Batches, circuit: tuple[Component, 
                                fisher_memory.facts_per_pass())
 
     memory = gradient_memory(model, work, names, (retain_sample, batches.forget))
-    qwork = quantized_working_copy(model, quant, names, beside=memory.step_bytes)
+    compact = compact_working_models(model, quant, names, beside=memory.step_bytes)
+    qwork = quantized_working_copy(model, quant, compact)
     if memory.recompute:
         report(0.12, memory.message())
     n_candidates = int(sum(int(masks[n].sum()) for n in names))  # each all-true mask only for its count
@@ -541,6 +552,6 @@ def setup_state(model: LoadedModel, batches: Batches, circuit: tuple[Component, 
         # (forgotten facts contribute nothing to it), and each round's evaluation refreshes them.
         still=batches.forget_answered(answers),
         q_still=batches.forget_answered(q_answers) if config.forget_direction != "full_precision" else None,
-        projectors=projectors, fisher=fisher, summed=summed_at_forward(work, names),
+        projectors=projectors, fisher=fisher, summed=summed_at_forward(work, names, compact),
         recompute_blocks_of=model.adapter if memory.recompute else None,
     )
