@@ -57,13 +57,12 @@ against 3.82 GB, next to that run's 4 GB target): not taken."""
 
 COMPACT_QWORK_BYTES = 1 << 30
 """Above this many bytes of quantized weights outside the candidate tensors (a 1B model in
-bfloat16, not SmolLM2 in float32), or above the model's working budget when that is smaller
-(:func:`quantized_working_copy`), the model at Q(w+Δ) holds them as codes, half a byte per
-4-bit weight, dequantized by each module's forward (:func:`~workbench.quant.compact.compact_quantized_copy`:
-the same logits and gradients, one dequantization per module per forward); below it, as tensors.
-Above :data:`MANY_CANDIDATES_WEIGHTS` candidate weights (no circuit restriction) it holds the
-candidate tensors as codes too, and a round writes their new codes: the gradient of a weight
-held as codes is the same as a tensor's."""
+bfloat16, not SmolLM2 in float32), or above what the model's working budget leaves beside a
+gradient step when that is smaller, MANSU's working models go compact (:func:`compact_working_models`):
+the model at Q(w+Δ) holds every quantized weight as codes, half a byte per 4-bit weight,
+dequantized by each module's forward (:func:`~workbench.quant.compact.compact_quantized_copy`:
+the same logits and gradients; a round writes the candidates' new codes), and the model at w+Δ
+sums each written weight at forward; below it, both hold tensors."""
 
 GRADIENT_CHUNK = FISHER_CHUNK
 """Facts per forward/backward of a gradient (the Fisher's chunk, one number for both): activation memory grows
