@@ -103,8 +103,12 @@ def test_cli_bench_quick_writes_every_section(tmp_path, capsys):
     assert {"attribution", "quantization", "unlearning"} <= set(report)
     assert report["attribution"][0]["max_abs_diff_tl"] < 1e-4  # ours agrees with TransformerLens
     assert report["unlearning"][0]["mansu_update_over_model"] < 0.05  # the MANSU update-size target
-    for title in ("tl/ours", "ours/bnb", "MANSU/GD to target", "s in all"):
+    for title in ("tl/ours", "ours/bnb", "MANSU/GD to target", "s in all", "its libraries alone",
+                  "imported alone in a fresh process"):
         assert title in printed
+    for section in ("memory", "scale"):  # the floor's row stands right under its flow's phases
+        phases = [row["phase"] for row in report[section]]
+        assert phases[phases.index("its libraries alone") - 1] in ("mansu", "measurement")
     assert main(["bench", "speed"]) == 1  # unknown section: a clear error, exit code 1
     assert main(["bench", "flow", "--threads", "0"]) == 1  # checked before any section runs
     assert "--threads must be a positive integer, got 0" in capsys.readouterr().err
@@ -154,6 +158,8 @@ def test_scale_bench_reduced_runs_every_phase_in_a_child_process(state, held):
     assert f"{mansu['candidate_weights']:,} candidate weights" in circuit_note(memory_rows(report))
     assert mansu["state_precision"] == held  # as the run decided it
     _check_start_held(report, mapped=False)  # built in the child: no checkpoint file mapped
+    if state == "auto":
+        _check_libraries_alone(report)
     assert f"MANSU holds {'bfloat16' if held == 'storage' else 'float32'} state" in circuit_note(memory_rows(report))
 
 
@@ -209,6 +215,37 @@ def test_graddiff_bench_runs_the_shared_loop_for_the_steps_asked():
     graddiff = report["phases"][1]
     assert (graddiff["steps"], graddiff["stopped"]) == (2, "budget") and graddiff["seconds"] > 0
     _check_start_held(report, mapped=True)
+    _check_libraries_alone(report)
+
+
+def _check_libraries_alone(report):
+    """A flow's report lists the modules it imported that are not the workbench's, and those
+    imported alone in a fresh process make a row of the memory tables: a resident size above a
+    bare interpreter's (torch alone is ~200 MiB) and below the flow's peak (by its last phase the
+    flow has imported them all, and holds the workbench, the model and its data besides; an earlier
+    phase can peak below them, before the libraries it has not yet needed)."""
+    from workbench.faces.bench_memory import LIBRARIES_PHASE, libraries_note, run_libraries
+
+    names = report["libraries"]
+    assert {"torch", "transformers", "transformer_lens", "bitsandbytes"} <= set(names)
+    assert not [n for n in names if n == "workbench" or n.startswith("workbench.") or n == "__main__"]
+    row = run_libraries(report)
+    assert (row["flow"], row["phase"], row["modules"]) == (report["flow"], LIBRARIES_PHASE, len(names))
+    bare = run_libraries({**report, "libraries": []})["peak_rss_bytes"]
+    assert bare + 150 * 2**20 < row["peak_rss_bytes"] < report["max_rss_bytes"]
+    assert row["peak_over_model"] == row["peak_rss_bytes"] / report["model_bytes"]
+    assert row["failed"] <= len(names) // 100  # a few modules need another's set-up first; not the stack
+    assert f"hold {row['peak_rss_mib']:,.0f} MiB, {row['peak_over_model']:.2f}x the model" in libraries_note(row)
+
+
+def test_the_libraries_row_counts_a_module_that_fails_to_import_and_refuses_a_report_without_a_list():
+    from workbench.faces.bench_memory import libraries_note, run_libraries
+
+    row = run_libraries({"flow": "f", "model_bytes": 2**30, "libraries": ["json", "no_such_module_for_the_bench"]})
+    assert (row["modules"], row["failed"]) == (2, 1)
+    assert "(1 of them failed to import alone)" in libraries_note(row)
+    with pytest.raises(WorkbenchError, match="the 'f' report lists no libraries"):
+        run_libraries({"flow": "f", "model_bytes": 2**30})
 
 
 def _check_start_held(report, *, mapped):

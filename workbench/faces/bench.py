@@ -44,9 +44,11 @@ from workbench.faces.bench_memory import (
     budget_note,
     circuit_note,
     held_notes,
+    libraries_note,
     memory_rows,
     passes_note,
     run_flow,
+    run_libraries,
 )
 from workbench.interpretability.attribution import (
     AttributionConfig,
@@ -472,9 +474,12 @@ def _memory_section(model_name: str) -> list[dict[str, Any]]:
           "MANSU without a circuit <= 4 GB on SmolLM2)")
     print(budget_note())
     flows = ("flow", "mansu-no-circuit", "graddiff", "gradient")
-    rows = [row for flow in flows for row in memory_rows(run_flow(flow, model_name))]
+    reports = [run_flow(flow, model_name) for flow in flows]
+    # the app flow's floor: its libraries alone, right under its phases
+    libraries = run_libraries(reports[0])
+    rows = [*memory_rows(reports[0]), libraries, *(row for report in reports[1:] for row in memory_rows(report))]
     print(format_rows(rows, MEMORY_COLUMNS))
-    for line in held_notes(rows):
+    for line in (*held_notes(rows), libraries_note(libraries)):
         print(line)
     return rows
 
@@ -553,11 +558,13 @@ def run_bench(sections: Sequence[str] = (), *, quick: bool = False, flow_threads
               f"MANSU's state: {scale_state}")
         print(budget_note())
         size = "reduced" if quick else "full"
-        rows = memory_rows(run_flow("scale", size, state_precision=scale_state))
+        scale = run_flow("scale", size, state_precision=scale_state)
+        libraries = run_libraries(scale)
+        rows = [*memory_rows(scale), libraries]
         # the app's default attribution (edges) on the same model: passes sized to memory, then 32 pairs at once
         rows += memory_rows(run_flow("scale-edges", size))
         print(format_rows(rows, MEMORY_COLUMNS))
-        for line in (circuit_note(rows), passes_note(rows), *held_notes(rows)):
+        for line in (circuit_note(rows), passes_note(rows), *held_notes(rows), libraries_note(libraries)):
             if line:
                 print(line)
         report["scale"] = rows

@@ -39,6 +39,12 @@ Flows:
   in as many facts per pass as MANSU would take (``facts_per_pass``), and, when fewer, in a whole
   chunk of 16; the two must agree to float rounding.
 
+Each flow's report also lists the modules its process imported besides the workbench's own
+(``libraries``, in import order); :func:`run_libraries` imports those alone in a fresh child and
+reports its resident size: the floor the flow's phases stand on that the workbench's code does not
+hold (on SmolLM2 the required stack, torch, transformers, bitsandbytes and TransformerLens with
+what they import, is about the model's own size).
+
 The child prints one JSON line; :func:`run_flow` starts it and parses that line. The script
 only uses interfaces that predate issue 17, so the same file measures an older checkout
 (``PYTHONPATH=<old checkout> python workbench/faces/bench_memory.py flow smollm2``).
@@ -369,7 +375,47 @@ def _report(flow: str, model_name: str, model_bytes: int, baseline: int, rows: l
         row["above_imports_over_model"] = (row["peak_rss_bytes"] - baseline) / model_bytes
         row["above_start_over_model"] = (row["peak_rss_bytes"] - row["start_rss_bytes"]) / model_bytes
     return {"flow": flow, "model": model_name, "model_bytes": model_bytes, "imports_rss_bytes": baseline,
-            "max_rss_bytes": max(row["peak_rss_bytes"] for row in rows), "phases": rows}
+            "max_rss_bytes": max(row["peak_rss_bytes"] for row in rows), "phases": rows,
+            "libraries": imported_libraries()}
+
+
+def imported_libraries() -> list[str]:
+    """The modules this process has imported that are not the workbench's (nor the script run as
+    ``__main__``), in the order their imports began."""
+    return [name for name in sys.modules
+            if name not in ("__main__", "__mp_main__") and name != "workbench" and not name.startswith("workbench.")]
+
+
+LIBRARIES_PHASE = "its libraries alone"
+"""The phase name of :func:`run_libraries`'s row in the memory tables."""
+
+
+def run_libraries(report: dict[str, Any], *, pythonpath: str | None = None) -> dict[str, Any]:
+    """Import the modules a flow's ``report`` lists under ``libraries`` in a fresh child process
+    (:mod:`workbench.faces.bench_libraries`, which imports nothing of the workbench's); a row of
+    the memory tables (:func:`memory_rows`' keys) for ``report``'s flow: its resident size after
+    the imports as the peak, over ``report``'s model bytes, and the modules counted."""
+    names = report.get("libraries")
+    if names is None:
+        raise WorkbenchError(f"the {report.get('flow')!r} report lists no libraries (a checkout before the list)")
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
+        json.dump(names, fh)
+    try:
+        out = _run_child(LIBRARIES_SCRIPT, [fh.name], pythonpath, "libraries")
+    finally:
+        os.unlink(fh.name)
+    return {"flow": report["flow"], "phase": LIBRARIES_PHASE, "peak_rss_bytes": out["rss_bytes"],
+            "peak_rss_mib": out["rss_bytes"] / 2**20, "peak_over_model": out["rss_bytes"] / report["model_bytes"],
+            "model_bytes": report["model_bytes"], "modules": out["modules"], "failed": out["failed"]}
+
+
+def libraries_note(row: dict[str, Any]) -> str:
+    """:func:`run_libraries`' row as one line."""
+    failed = f" ({row['failed']} of them failed to import alone)" if row["failed"] else ""
+    return (f"{row['flow']}: the {row['modules']:,} modules it imported besides the workbench's{failed}, "
+            f"imported alone in a fresh process, hold {row['peak_rss_mib']:,.0f} MiB, "
+            f"{row['peak_over_model']:.2f}x the model: a floor under every phase that the workbench's "
+            f"code does not hold")
 
 
 def run_flow(flow: str, model_name: str, *, rounds: int = 3, pythonpath: str | None = None,
@@ -384,13 +430,22 @@ def run_flow(flow: str, model_name: str, *, rounds: int = 3, pythonpath: str | N
         raise WorkbenchError(f"MANSU state precision must be one of {', '.join(STATE_PRECISIONS)}, "
                              f"got {state_precision!r}")
     extra = [state_precision] if state_precision != "auto" else []  # an older checkout takes three
+    return _run_child(Path(__file__).resolve(), [flow, model_name, str(rounds), *extra], pythonpath,
+                      f"{flow}, {model_name}")
+
+
+LIBRARIES_SCRIPT = Path(__file__).resolve().with_name("bench_libraries.py")
+
+
+def _run_child(script: Path, args: list[str], pythonpath: str | None, label: str) -> dict[str, Any]:
+    """Run ``script`` with ``args`` on one torch thread; the JSON line it prints."""
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=pythonpath or str(Path(__file__).resolve().parents[2]))
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), flow, model_name, str(rounds), *extra],
+    proc = subprocess.run([sys.executable, str(script), *args],
                           env=env, capture_output=True, text=True, check=False)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
-        raise WorkbenchError(f"memory bench child ({flow}, {model_name}) failed: {proc.stderr.strip()[-2000:]}")
+        raise WorkbenchError(f"memory bench child ({label}) failed: {proc.stderr.strip()[-2000:]}")
     return json.loads(lines[-1])
 
 
