@@ -5,7 +5,7 @@ PIP    := $(VENV)/bin/pip
 # Re-install when the dependency list changes.
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: app test lint demo lab install browser-deps clean-cache
+.PHONY: app test lint demo lab install browser-deps allocator-deps clean-cache
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -25,9 +25,15 @@ install: $(STAMP)
 browser-deps:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
+# Debian's jemalloc, which the app runs under where it is installed (README, "Memory"); without
+# apt or root the app runs on the C library's malloc, so a failure here only says so.
+allocator-deps:
+	@ldconfig -p 2>/dev/null | grep -q libjemalloc.so.2 || (apt-get update -qq && apt-get install -y -qq libjemalloc2 >/dev/null) \
+		|| echo "note: libjemalloc2 not installed; the app runs on the C library's malloc (more memory)"
+
 # The Gradio app on http://127.0.0.1:7860 (WORKBENCH_MODEL=facts make app for another start model;
 # APP_ARGS="--host 0.0.0.0 --open-browser" for more, see `python app.py --help`).
-app: install
+app: install allocator-deps
 	$(PY) app.py $(APP_ARGS)
 
 demo: install

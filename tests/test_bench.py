@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
 
+from workbench.core.allocator import jemalloc_library
 from workbench.core.errors import WorkbenchError
 from workbench.faces.bench import COLUMNS, bench_attribution, format_table, toy_pairs
 
@@ -104,7 +106,7 @@ def test_cli_bench_quick_writes_every_section(tmp_path, capsys):
     assert report["attribution"][0]["max_abs_diff_tl"] < 1e-4  # ours agrees with TransformerLens
     assert report["unlearning"][0]["mansu_update_over_model"] < 0.05  # the MANSU update-size target
     for title in ("tl/ours", "ours/bnb", "MANSU/GD to target", "s in all", "its libraries alone",
-                  "imported alone in a fresh process"):
+                  "imported alone in a fresh process", "memory allocator in the flows' processes: "):
         assert title in printed
     for section in ("memory", "scale"):  # the floor's row stands right under its flow's phases
         phases = [row["phase"] for row in report[section]]
@@ -214,6 +216,9 @@ def test_graddiff_bench_runs_the_shared_loop_for_the_steps_asked():
     assert [p["phase"] for p in report["phases"]] == ["load", "graddiff"]
     graddiff = report["phases"][1]
     assert (graddiff["steps"], graddiff["stopped"]) == (2, "budget") and graddiff["seconds"] > 0
+    # the child ran under the app's allocator: jemalloc where it is installed
+    chosen = os.environ.get("WORKBENCH_MALLOC", "").strip().lower()
+    assert report["allocator"] == ("system" if chosen == "system" or not jemalloc_library() else "jemalloc")
     _check_start_held(report, mapped=True)
     _check_libraries_alone(report)
 

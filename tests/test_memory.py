@@ -590,6 +590,110 @@ def test_without_malloc_trim_handing_back_does_nothing(monkeypatch):
         allocator._libc_function.cache_clear()
 
 
+def test_the_apps_allocator_environment_preloads_jemalloc_once_and_keeps_the_users_settings(monkeypatch):
+    from workbench.core import allocator
+
+    lib = "/opt/lib/libjemalloc.so.2"
+    monkeypatch.setattr(allocator, "jemalloc_library", lambda: lib)
+    env = allocator.app_allocator_environment({"HOME": "/h"})
+    assert env is not None and env["HOME"] == "/h"
+    assert (env["LD_PRELOAD"], env["MALLOC_CONF"]) == (lib, allocator.JEMALLOC_CONF)
+    assert allocator.app_allocator_environment(env) is None  # restarted once, never twice
+    theirs = allocator.app_allocator_environment({"LD_PRELOAD": "/x/libmine.so", "MALLOC_CONF": "narenas:1"})
+    assert theirs is not None and (theirs["LD_PRELOAD"], theirs["MALLOC_CONF"]) == (f"{lib}:/x/libmine.so", "narenas:1")
+    assert allocator.app_allocator_environment({"WORKBENCH_MALLOC": " System "}) is None
+    with pytest.raises(WorkbenchError, match=r"\$WORKBENCH_MALLOC must be one of jemalloc, system .*'tcmalloc'"):
+        allocator.app_allocator_environment({"WORKBENCH_MALLOC": "tcmalloc"})
+    monkeypatch.setattr(allocator, "jemalloc_library", lambda: None)
+    assert allocator.app_allocator_environment({}) is None  # not installed: the C library's, quietly
+    with pytest.raises(WorkbenchError, match="no libjemalloc.so.2 is installed: install Debian's libjemalloc2"):
+        allocator.app_allocator_environment({"WORKBENCH_MALLOC": "jemalloc"})  # asked for: said
+
+
+_RESTARTED = """
+import os
+from workbench.core.allocator import allocator_in_use, restart_under_app_allocator
+restart_under_app_allocator()
+print(allocator_in_use(), os.environ.get("MALLOC_CONF"))
+"""
+
+
+def _jemalloc_or_skip() -> str:
+    from workbench.core.allocator import jemalloc_library
+
+    library = jemalloc_library()
+    if library is None:
+        pytest.skip("needs an installed libjemalloc.so.2 (make app installs Debian's libjemalloc2)")
+    return library
+
+
+@pytest.mark.parametrize("choice", ["", "system"])
+def test_the_app_restarts_itself_under_jemalloc_unless_told_not_to(choice):
+    """What ``python app.py`` does first: the same command again, with jemalloc preloaded."""
+    import os
+    import subprocess
+    import sys
+
+    from workbench.core.allocator import JEMALLOC_CONF
+
+    _jemalloc_or_skip()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WORKBENCH_MALLOC", "MALLOC_", "LD_PRELOAD"))}
+    out = subprocess.run([sys.executable, "-c", _RESTARTED], env={**env, "WORKBENCH_MALLOC": choice},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == (["system", "None"] if choice == "system" else ["jemalloc", JEMALLOC_CONF])
+
+
+def test_freed_memory_is_handed_back_under_jemalloc_too():
+    """With jemalloc told never to return freed pages by itself, handing back returns them: the
+    app's trims between clicks and the memory bench's between phases work under either allocator."""
+    import os
+    import subprocess
+    import sys
+
+    library = _jemalloc_or_skip()
+    env = {**os.environ, "LD_PRELOAD": library, "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}
+    script = _FRAGMENTED.replace("print(", "from workbench.core.allocator import allocator_in_use\n"
+                                           "print(allocator_in_use(), ")
+    in_use, handed_back, returned = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                                                   text=True, check=True).stdout.split()
+    assert (in_use, handed_back) == ("jemalloc", "True")
+    assert int(returned) > 150 * 2**20  # of ~225 MiB freed
+
+
+def test_make_apps_app_runs_under_jemalloc_and_says_so(tmp_path):
+    """``python app.py`` (what ``make app`` runs) restarts under jemalloc before it serves: the
+    serving process maps the library, and its log names the allocator."""
+    from conftest import launch_app, stop_app
+
+    _jemalloc_or_skip()
+    proc, _ = launch_app(tmp_path, ["--no-preload"], env={"WORKBENCH_MALLOC": ""})
+    try:
+        maps = open(f"/proc/{proc.pid}/maps").read()  # the same process: restarting replaced its program
+    finally:
+        stop_app(proc)
+    assert "libjemalloc" in maps
+    assert "memory allocator: jemalloc" in (tmp_path / "app.log").read_text()
+
+
+def test_workbench_app_starts_the_apps_process_under_the_apps_allocator(monkeypatch):
+    import argparse
+
+    from workbench.core import allocator
+    from workbench.faces.cli import serve
+
+    started = {}
+    monkeypatch.setattr(allocator, "jemalloc_library", lambda: "/opt/lib/libjemalloc.so.2")
+    monkeypatch.delenv("WORKBENCH_MALLOC", raising=False)
+    monkeypatch.delenv("WORKBENCH_MALLOC_PRELOADED", raising=False)
+    monkeypatch.setattr(serve.subprocess, "call", lambda cmd, env: started.update(cmd=cmd, env=env) or 0)
+    assert serve.cmd_app(argparse.Namespace(extra_args=["--port", "7999"]), None) == 0
+    assert started["cmd"][-2:] == ["--port", "7999"]
+    assert started["env"]["LD_PRELOAD"].startswith("/opt/lib/libjemalloc.so.2")
+    monkeypatch.setenv("WORKBENCH_MALLOC", "system")
+    serve.cmd_app(argparse.Namespace(extra_args=[]), None)
+    assert started["env"] is None  # the CLI's own environment, unchanged
+
+
 _ARENAS = r"""
 import ctypes, ctypes.util, sys, tempfile, threading
 from workbench.core.allocator import limit_arenas

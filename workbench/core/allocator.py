@@ -14,6 +14,14 @@ the returned pages are faulted in again when next used: a cost in time, never in
 
 The app also limits glibc to two arenas (:func:`limit_arenas`), so that what one click's thread
 frees is there for the next click's.
+
+Where Debian's ``libjemalloc2`` (or another ``libjemalloc.so.2``) is installed, the app runs under
+jemalloc instead (:func:`app_allocator_environment`; ``$WORKBENCH_MALLOC=system`` keeps the C
+library's): glibc's heap kept 300–600 MiB of freed fragments resident at every peak of SmolLM2's
+default flow, which trims between steps did not prevent, and under jemalloc, set to hand freed
+pages back after a second, the flow's peak was 0.4–0.6× the model lower (docs/results/bench.md).
+A preloaded allocator cannot be switched in a running process, so the app's entry points start
+(or restart) Python with it; the library itself and the tests run under whatever they were given.
 """
 
 from __future__ import annotations
@@ -22,8 +30,12 @@ import ctypes
 import ctypes.util
 import functools
 import os
-from collections.abc import Callable
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
 from typing import ParamSpec, TypeVar
+
+from workbench.core.errors import WorkbenchError
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -47,6 +59,99 @@ def _malloc_trim() -> Callable[[int], int] | None:
     return _libc_function("malloc_trim")
 
 
+MALLOC_ENV = "WORKBENCH_MALLOC"
+"""The app's allocator: ``jemalloc`` (required), ``system`` (the C library's), or unset: jemalloc
+where its library is installed, else the C library's."""
+MALLOC_CHOICES = ("jemalloc", "system")
+JEMALLOC_CONF = "background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0"
+"""jemalloc's settings for the app (unless ``$MALLOC_CONF`` is set): a background thread returns
+freed pages a second after they were last used, and none are kept "muzzy" (lazily freed, still
+counted as resident) after that."""
+_PRELOADED = "WORKBENCH_MALLOC_PRELOADED"
+"""Set in the environment the app restarts in: it is not restarted twice, even when the
+preload failed (the dynamic loader then only warns)."""
+JEMALLOC_NAME = "libjemalloc.so.2"
+_JEMALLOC_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
+                  "/usr/local/lib", "/opt/homebrew/lib")
+
+
+def jemalloc_library() -> str | None:
+    """The path of an installed ``libjemalloc.so.2``: from the dynamic loader's cache, else the usual
+    library folders; ``None`` when there is none."""
+    try:
+        cache = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):  # no ldconfig (not Linux, or a minimal image)
+        cache = ""
+    for line in cache.splitlines():
+        name, _, path = line.partition("=>")
+        if name.strip().startswith(JEMALLOC_NAME) and os.path.isfile(path.strip()):
+            return path.strip()
+    found = (os.path.join(d, JEMALLOC_NAME) for d in _JEMALLOC_DIRS)
+    return next((path for path in found if os.path.isfile(path)), None)
+
+
+def malloc_choice(env: Mapping[str, str]) -> str | None:
+    """``$WORKBENCH_MALLOC`` as written: one of :data:`MALLOC_CHOICES`, or ``None`` when unset."""
+    choice = env.get(MALLOC_ENV, "").strip().lower()
+    if choice and choice not in MALLOC_CHOICES:
+        raise WorkbenchError(f"${MALLOC_ENV} must be one of {', '.join(MALLOC_CHOICES)} (or unset), got {choice!r}")
+    return choice or None
+
+
+def app_allocator_environment(env: Mapping[str, str]) -> dict[str, str] | None:
+    """``env`` with jemalloc preloaded for the app, or ``None`` to start it in ``env`` as it is: with
+    ``$WORKBENCH_MALLOC=system``, without an installed jemalloc (unless it was asked for: an
+    error), or when ``env`` already is such an environment. The user's ``$LD_PRELOAD`` entries stay
+    after jemalloc's; their ``$MALLOC_CONF`` stands."""
+    choice = malloc_choice(env)
+    if choice == "system" or env.get(_PRELOADED):
+        return None
+    library = jemalloc_library()
+    if library is None:
+        if choice == "jemalloc":
+            raise WorkbenchError(f"${MALLOC_ENV}=jemalloc but no {JEMALLOC_NAME} is installed: install Debian's "
+                                 f"libjemalloc2 (make install does), or set ${MALLOC_ENV}=system")
+        return None
+    preload = ":".join(entry for entry in (library, env.get("LD_PRELOAD", "")) if entry)
+    return {**env, "LD_PRELOAD": preload, "MALLOC_CONF": env.get("MALLOC_CONF") or JEMALLOC_CONF,
+            _PRELOADED: library}
+
+
+def restart_under_app_allocator() -> None:
+    """Re-run this very command (``sys.orig_argv``) under jemalloc when
+    :func:`app_allocator_environment` asks for it; return otherwise. Call it first, before the
+    imports that take seconds: they would be paid twice."""
+    env = app_allocator_environment(os.environ)
+    if env is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, sys.orig_argv, env)
+
+
+def allocator_in_use() -> str:
+    """Which malloc this process runs on: ``jemalloc`` when its library is mapped, else ``system``."""
+    try:
+        with open("/proc/self/maps") as fh:
+            return "jemalloc" if any("libjemalloc" in line for line in fh) else "system"
+    except OSError:  # no /proc: nothing here preloads anything there
+        return "system"
+
+
+MALLCTL_ARENAS_ALL = 4096
+"""jemalloc's index for "every arena" in ``mallctl`` names (``MALLCTL_ARENAS_ALL``)."""
+
+
+def _jemalloc_purge() -> bool:
+    """Return jemalloc's unused dirty pages to the OS now; False where jemalloc is not this
+    process's malloc (its ``mallctl`` is then not among the process's symbols)."""
+    try:
+        mallctl = ctypes.CDLL(None).mallctl
+    except (OSError, AttributeError):
+        return False
+    mallctl.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    return mallctl(f"arena.{MALLCTL_ARENAS_ALL}.purge".encode(), None, None, None, 0) == 0
+
+
 def limit_arenas(count: int = APP_ARENAS) -> bool:
     """Let glibc keep at most ``count`` malloc arenas; False where it cannot (not glibc) or when
     ``$MALLOC_ARENA_MAX`` or ``glibc.malloc.arena_max`` in ``$GLIBC_TUNABLES`` is set (the user's
@@ -67,10 +172,12 @@ def limit_arenas(count: int = APP_ARENAS) -> bool:
 
 
 def hand_back_freed_memory() -> bool:
-    """Return the allocator's free pages to the OS; False where there is no ``malloc_trim``."""
+    """Return the allocator's free pages to the OS: jemalloc's (when it is this process's malloc)
+    and glibc's; False where neither can (no jemalloc and no ``malloc_trim``)."""
+    purged = _jemalloc_purge()
     trim = _malloc_trim()
     if trim is None:
-        return False
+        return purged
     trim(0)
     return True
 

@@ -35,7 +35,7 @@ from typing import Any
 import gradio as gr
 from gradio.themes import Default as DefaultTheme
 
-from workbench.core.allocator import limit_arenas
+from workbench.core.allocator import allocator_in_use, limit_arenas
 from workbench.core.checks import Range
 from workbench.core.device import working_budget_setting
 from workbench.core.errors import WorkbenchError
@@ -892,6 +892,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     # before the click threads start: each of the pool's threads would keep a heap of its own
     limit_arenas()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.info("memory allocator: %s (WORKBENCH_MALLOC=system or jemalloc to choose)", allocator_in_use())
     try:
         limits = configure(args)
     except WorkbenchError as exc:

@@ -41,6 +41,7 @@ from workbench.core.progress import silent
 from workbench.faces.bench_flow import FLOW_COLUMNS, bench_flow
 from workbench.faces.bench_memory import (
     MEMORY_COLUMNS,
+    allocator_note,
     budget_note,
     circuit_note,
     held_notes,
@@ -479,7 +480,7 @@ def _memory_section(model_name: str) -> list[dict[str, Any]]:
     libraries = run_libraries(reports[0])
     rows = [*memory_rows(reports[0]), libraries, *(row for report in reports[1:] for row in memory_rows(report))]
     print(format_rows(rows, MEMORY_COLUMNS))
-    for line in (*held_notes(rows), libraries_note(libraries)):
+    for line in (allocator_note(rows), *held_notes(rows), libraries_note(libraries)):
         print(line)
     return rows
 
@@ -564,7 +565,8 @@ def run_bench(sections: Sequence[str] = (), *, quick: bool = False, flow_threads
         # the app's default attribution (edges) on the same model: passes sized to memory, then 32 pairs at once
         rows += memory_rows(run_flow("scale-edges", size))
         print(format_rows(rows, MEMORY_COLUMNS))
-        for line in (circuit_note(rows), passes_note(rows), *held_notes(rows), libraries_note(libraries)):
+        for line in (allocator_note(rows), circuit_note(rows), passes_note(rows), *held_notes(rows),
+                     libraries_note(libraries)):
             if line:
                 print(line)
         report["scale"] = rows

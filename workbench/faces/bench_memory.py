@@ -113,9 +113,22 @@ def _trim() -> None:
     import gc
 
     gc.collect()
-    # its own call, not ``core.allocator``: this file also measures checkouts that predate that module
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    try:  # jemalloc's purge and glibc's trim
+        from workbench.core.allocator import hand_back_freed_memory
+    except ImportError:  # this file also measures checkouts that predate that module: glibc's trim
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    else:
+        hand_back_freed_memory()
+
+
+def _allocator() -> str:
+    """The malloc this process runs on (``jemalloc`` or ``system``), as the report records it."""
+    try:
+        from workbench.core.allocator import allocator_in_use
+    except ImportError:  # a checkout from before the app chose its allocator
+        return "unknown"
+    return allocator_in_use()
 
 
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -376,7 +389,7 @@ def _report(flow: str, model_name: str, model_bytes: int, baseline: int, rows: l
         row["above_start_over_model"] = (row["peak_rss_bytes"] - row["start_rss_bytes"]) / model_bytes
     return {"flow": flow, "model": model_name, "model_bytes": model_bytes, "imports_rss_bytes": baseline,
             "max_rss_bytes": max(row["peak_rss_bytes"] for row in rows), "phases": rows,
-            "libraries": imported_libraries()}
+            "libraries": imported_libraries(), "allocator": _allocator()}
 
 
 def imported_libraries() -> list[str]:
@@ -438,8 +451,12 @@ LIBRARIES_SCRIPT = Path(__file__).resolve().with_name("bench_libraries.py")
 
 
 def _run_child(script: Path, args: list[str], pythonpath: str | None, label: str) -> dict[str, Any]:
-    """Run ``script`` with ``args`` on one torch thread; the JSON line it prints."""
-    env = dict(os.environ, OMP_NUM_THREADS="1",
+    """Run ``script`` with ``args`` on one torch thread, under the app's allocator (what the app's
+    users get: :func:`~workbench.core.allocator.app_allocator_environment`); the JSON line it prints."""
+    # imported here: the child is this file, run on checkouts whose ``workbench`` may lack it
+    from workbench.core.allocator import app_allocator_environment
+
+    env = dict(app_allocator_environment(os.environ) or os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=pythonpath or str(Path(__file__).resolve().parents[2]))
     proc = subprocess.run([sys.executable, str(script), *args],
                           env=env, capture_output=True, text=True, check=False)
@@ -493,8 +510,18 @@ def _count(n: int, one: str, many: str) -> str:
 def memory_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     """One table row per phase of a child's report."""
     return [{"flow": report["flow"], **row, "peak_rss_mib": row["peak_rss_bytes"] / 2**20,
-             "start_rss_mib": row["start_rss_bytes"] / 2**20, "model_bytes": report["model_bytes"]}
+             "start_rss_mib": row["start_rss_bytes"] / 2**20, "model_bytes": report["model_bytes"],
+             "allocator": report.get("allocator", "unknown")}
             for row in report["phases"]]
+
+
+def allocator_note(rows: list[dict[str, Any]]) -> str:
+    """Which malloc the flows' processes ran on, as one line (their peaks depend on it)."""
+    from workbench.core.allocator import MALLOC_ENV  # in the parent only, as in :func:`_run_child`
+
+    used = sorted({row["allocator"] for row in rows if "allocator" in row})
+    return (f"memory allocator in the flows' processes: {', '.join(used) or 'unknown'} (the app's: jemalloc "
+            f"where installed, else the C library's; ${MALLOC_ENV}=system chooses the C library's)")
 
 
 def held_notes(rows: list[dict[str, Any]]) -> list[str]:

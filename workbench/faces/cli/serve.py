@@ -8,9 +8,11 @@ seconds, which every other command would otherwise pay at start-up. Every flag a
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 
+from workbench.core.allocator import app_allocator_environment
 from workbench.faces.cli.common import Printer
 
 APP_LAUNCHER = "import sys; from workbench.faces.app import main; main(sys.argv[1:], prog='workbench app')"
@@ -24,7 +26,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_app(args: argparse.Namespace, out: Printer) -> int:
+    # the app's process under jemalloc where it is installed, as `python app.py` restarts itself
+    env = app_allocator_environment(os.environ)
     try:
-        return subprocess.call([sys.executable, "-c", APP_LAUNCHER, *args.extra_args])
+        return subprocess.call([sys.executable, "-c", APP_LAUNCHER, *args.extra_args], env=env)
     except KeyboardInterrupt:
         return 0  # Ctrl-C reached the app too (same terminal): it has stopped
