@@ -4,6 +4,7 @@ measurement built on them gives exactly the numbers of the old deep-copy measure
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -668,7 +669,7 @@ def test_make_apps_app_runs_under_jemalloc_and_says_so(tmp_path):
     _jemalloc_or_skip()
     proc, _ = launch_app(tmp_path, ["--no-preload"], env={"WORKBENCH_MALLOC": ""})
     try:
-        maps = open(f"/proc/{proc.pid}/maps").read()  # the same process: restarting replaced its program
+        maps = Path(f"/proc/{proc.pid}/maps").read_text()  # the same process: restarting replaced its program
     finally:
         stop_app(proc)
     assert "libjemalloc" in maps
