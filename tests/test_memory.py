@@ -581,6 +581,7 @@ def test_without_malloc_trim_handing_back_does_nothing(monkeypatch):
     from workbench.core import allocator
 
     allocator._libc_function.cache_clear()
+    monkeypatch.setattr(allocator, "_mallctl", lambda: None)  # and no jemalloc either
     try:
         monkeypatch.setattr(ctypes.util, "find_library", lambda name: "libno-such-c.so")
         assert allocator.hand_back_freed_memory() is False  # no C library by that name

@@ -141,15 +141,23 @@ MALLCTL_ARENAS_ALL = 4096
 """jemalloc's index for "every arena" in ``mallctl`` names (``MALLCTL_ARENAS_ALL``)."""
 
 
-def _jemalloc_purge() -> bool:
-    """Return jemalloc's unused dirty pages to the OS now; False where jemalloc is not this
-    process's malloc (its ``mallctl`` is then not among the process's symbols)."""
+@functools.cache
+def _mallctl() -> Callable[..., int] | None:
+    """jemalloc's ``mallctl`` when jemalloc is this process's malloc (it is then among the
+    process's symbols), else ``None``."""
     try:
         mallctl = ctypes.CDLL(None).mallctl
     except (OSError, AttributeError):
-        return False
+        return None
     mallctl.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
-    return mallctl(f"arena.{MALLCTL_ARENAS_ALL}.purge".encode(), None, None, None, 0) == 0
+    return mallctl
+
+
+def _jemalloc_purge() -> bool:
+    """Return jemalloc's unused dirty pages to the OS now; False where jemalloc is not this
+    process's malloc."""
+    mallctl = _mallctl()
+    return mallctl is not None and mallctl(f"arena.{MALLCTL_ARENAS_ALL}.purge".encode(), None, None, None, 0) == 0
 
 
 def limit_arenas(count: int = APP_ARENAS) -> bool:
