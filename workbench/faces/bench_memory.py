@@ -52,7 +52,6 @@ only uses interfaces that predate issue 17, so the same file measures an older c
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -67,6 +66,7 @@ from typing import Any
 
 import torch
 
+from workbench.core import allocator
 from workbench.core.device import WORKING_MB_ENV, working_budget_setting
 from workbench.core.errors import WorkbenchError
 from workbench.data.facts import Fact, FactSplit
@@ -108,27 +108,17 @@ def _rss_bytes(field: str) -> int:
 
 
 def _trim() -> None:
-    import ctypes
-    import ctypes.util
     import gc
 
     gc.collect()
-    try:  # jemalloc's purge and glibc's trim
-        from workbench.core.allocator import hand_back_freed_memory
-    except ImportError:  # this file also measures checkouts that predate that module: glibc's trim
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    else:
-        hand_back_freed_memory()
+    allocator.hand_back_freed_memory()  # jemalloc's purge and glibc's trim
 
 
 def _allocator() -> str:
     """The malloc this process runs on (``jemalloc`` or ``system``), as the report records it."""
-    try:
-        from workbench.core.allocator import allocator_in_use
-    except ImportError:  # a checkout from before the app chose its allocator
-        return "unknown"
-    return allocator_in_use()
+    # looked up, not imported by name: this file's child also runs on older checkouts, which lack it
+    in_use = getattr(allocator, "allocator_in_use", None)
+    return in_use() if in_use is not None else "unknown"
 
 
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -453,10 +443,7 @@ LIBRARIES_SCRIPT = Path(__file__).resolve().with_name("bench_libraries.py")
 def _run_child(script: Path, args: list[str], pythonpath: str | None, label: str) -> dict[str, Any]:
     """Run ``script`` with ``args`` on one torch thread, under the app's allocator (what the app's
     users get: :func:`~workbench.core.allocator.app_allocator_environment`); the JSON line it prints."""
-    # imported here: the child is this file, run on checkouts whose ``workbench`` may lack it
-    from workbench.core.allocator import app_allocator_environment
-
-    env = dict(app_allocator_environment(os.environ) or os.environ, OMP_NUM_THREADS="1",
+    env = dict(allocator.app_allocator_environment(os.environ) or os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=pythonpath or str(Path(__file__).resolve().parents[2]))
     proc = subprocess.run([sys.executable, str(script), *args],
                           env=env, capture_output=True, text=True, check=False)
@@ -517,11 +504,9 @@ def memory_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 def allocator_note(rows: list[dict[str, Any]]) -> str:
     """Which malloc the flows' processes ran on, as one line (their peaks depend on it)."""
-    from workbench.core.allocator import MALLOC_ENV  # in the parent only, as in :func:`_run_child`
-
     used = sorted({row["allocator"] for row in rows if "allocator" in row})
     return (f"memory allocator in the flows' processes: {', '.join(used) or 'unknown'} (the app's: jemalloc "
-            f"where installed, else the C library's; ${MALLOC_ENV}=system chooses the C library's)")
+            f"where installed, else the C library's; ${allocator.MALLOC_ENV}=system chooses the C library's)")
 
 
 def held_notes(rows: list[dict[str, Any]]) -> list[str]:
