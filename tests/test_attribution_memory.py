@@ -24,7 +24,7 @@ from workbench.interpretability.attribution import (
     passes,
 )
 from workbench.models import loaded as loaded_module
-from workbench.models.loaded import MIN_WORKING_BYTES
+from workbench.models.loaded import MIN_WORKING_BYTES, WORKING_SHARE
 from workbench.models.toy import toy_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -140,7 +140,7 @@ def test_pairs_per_pass_follow_the_budget_and_a_fixed_batch_wins(toy_llama_gqa):
     assert size(pass_bytes=1) == 1  # never fewer than one pair
     assert size(pass_bytes=10**15) == MAX_PAIRS_PER_PASS
     assert size(pass_bytes=1, batch_size=5) == 5
-    # by default the model's bytes, at least MIN_WORKING_BYTES: a small model keeps the whole batch
+    # by default a quarter of the model's bytes, at least MIN_WORKING_BYTES: a small model keeps the whole batch
     assert toy_llama_gqa.weight_bytes < MIN_WORKING_BYTES
     assert size() == min(MAX_PAIRS_PER_PASS, MIN_WORKING_BYTES // per_pair) == MAX_PAIRS_PER_PASS
     assert toy_llama_gqa.weight_bytes == sum(p.numel() * 4 for p in toy_llama_gqa.hf.parameters())
@@ -181,7 +181,7 @@ def test_pass_sizes_must_be_whole_and_positive(field, value):
 
 def test_on_a_gpu_the_default_budget_is_at_most_half_what_the_model_leaves_of_it(toy_llama_gqa, monkeypatch):
     """No GPU here: the device and its total memory are stood in for, the rule is what is tested.
-    On the CPU (and the meta device) the budget is the model's bytes, at least 256 MiB."""
+    On the CPU (and the meta device) the budget is a quarter of the model's bytes, at least 128 MiB."""
     assert device_memory_bytes(torch.device("cpu")) is None and device_memory_bytes(torch.device("meta")) is None
     assert toy_llama_gqa.working_budget_bytes() == MIN_WORKING_BYTES
     pairs = _pairs(toy_llama_gqa, 8)
@@ -195,6 +195,18 @@ def test_on_a_gpu_the_default_budget_is_at_most_half_what_the_model_leaves_of_it
     total["value"] = weights + 2 * (2 * per_pair)  # the model leaves room for 4 pairs: passes get half of it
     assert toy_llama_gqa.working_budget_bytes() == 2 * per_pair
     assert passes(toy_llama_gqa, pairs, AttributionConfig(edges=True)) == [2, 2, 2, 2]
+
+
+def test_the_default_budget_is_a_quarter_of_a_model_above_four_times_the_least_budget(toy_llama_gqa, monkeypatch):
+    """A model whose bytes are over four times :data:`MIN_WORKING_BYTES` (SmolLM2 in float32, 513 MiB)
+    gets a quarter of them; a tiny one the least budget (the toy model stands in for the big one
+    through its byte count, which is all the rule reads)."""
+    monkeypatch.delenv(WORKING_MB_ENV, raising=False)
+    assert toy_llama_gqa.working_budget_bytes() == MIN_WORKING_BYTES
+    for weights, budget in ((513 * 2**20, 513 * 2**20 // 4), (4 * MIN_WORKING_BYTES - 4, MIN_WORKING_BYTES),
+                            (2**32, 2**30)):
+        monkeypatch.setattr(loaded_module.LoadedModel, "weight_bytes", property(lambda self, w=weights: w))
+        assert toy_llama_gqa.working_budget_bytes() == budget == max(weights // WORKING_SHARE, MIN_WORKING_BYTES)
 
 
 def test_workbench_working_mb_replaces_the_default_budget(toy_llama_gqa, monkeypatch):

@@ -168,7 +168,7 @@ def test_scale_bench_reduced_runs_every_phase_in_a_child_process(state, held):
 def test_scale_edges_bench_reduced_attributes_with_edges_in_sized_then_whole_passes():
     """``workbench bench scale``'s second flow at its reduced size: the app's default attribution
     (edges) on the scale model, in sized passes then in one pass of 32 pairs, each a phase that
-    says the passes it ran (the reduced model is far under 256 MiB, so both run 32 at once)."""
+    says the passes it ran (the reduced model is far under 128 MiB, so both run 32 at once)."""
     from workbench.faces.bench_memory import memory_rows, passes_note, run_flow
 
     report = run_flow("scale-edges", "reduced")
@@ -352,7 +352,7 @@ def test_the_memory_bench_says_which_working_budget_its_children_inherit(monkeyp
     from workbench.faces.bench_memory import budget_note
 
     monkeypatch.delenv("WORKBENCH_WORKING_MB", raising=False)
-    assert budget_note() == "working budget: the default (each model's bytes, at least 256 MiB)"
+    assert budget_note() == "working budget: the default (a quarter of each model's bytes, at least 128 MiB)"
     monkeypatch.setenv("WORKBENCH_WORKING_MB", "128")
     assert budget_note() == "working budget: 128 MiB ($WORKBENCH_WORKING_MB)"
     monkeypatch.setenv("WORKBENCH_WORKING_MB", "0")

@@ -536,7 +536,7 @@ def test_attribute_passes_are_sized_by_batch_size_or_pass_mb(capsys, facts_tiny,
         data = _json_stdout(capsys, "attribute", "--model", "facts-tiny", "--edges", "--out", str(tmp_path / "c.json"),
                             *flags)
         scores[tuple(flags)] = {r["component"]: r["score"] for r in data["top"]}
-        if not flags:  # facts-tiny is far below 256 MiB: its groups run whole, up to 32 pairs
+        if not flags:  # facts-tiny is far below 128 MiB: its groups run whole, up to 32 pairs
             assert max(sizes) == min(32, len(split.forget)) and sum(sizes) == len(split.forget)
         elif flags[0] == "--batch-size":
             assert max(sizes) == 3 and sum(sizes) == len(split.forget)

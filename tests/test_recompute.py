@@ -199,7 +199,7 @@ def test_mansu_recomputes_only_when_a_gradient_would_save_more_than_its_budget(t
     assert measured(most).chunk_facts == 3 and measured(most).per_fact == per_fact(40)
     assert "3 facts would save" in measured(most - 1).message()
     assert not any(p.requires_grad or p.grad is not None for p in work.parameters())
-    # a tiny model's gradients stay far under the default budget (at least 256 MiB): never recomputed
+    # a tiny model's gradients stay far under the default budget (at least 128 MiB): never recomputed
     monkeypatch.undo()
     assert mansu_state.gradient_memory(model, work, names, (many, few)).recompute is False
 

@@ -778,8 +778,8 @@ class AttributionConfig:
             ``pass_bytes`` (see :meth:`_Layout.pass_bytes_per_token`). The scores do not depend
             on it beyond float rounding (tested to 1e-5).
         pass_bytes: the working memory one pass may take when ``batch_size`` is ``None``;
-            ``None``: :meth:`LoadedModel.working_budget_bytes` (the model's own bytes, at least
-            256 MiB, less on a GPU the model nearly fills). So the attribution of a
+            ``None``: :meth:`LoadedModel.working_budget_bytes` (a quarter of the model's own
+            bytes, at least 128 MiB, less on a GPU the model nearly fills). So the attribution of a
             big model, or with edges, takes memory in proportion to the model, not to 32 pairs.
         baseline: ``paired`` (default), ``mean`` or ``resample`` (see :data:`BaselineName`);
             used when facts are given (ready :class:`PromptPairs` carry their own).

@@ -36,7 +36,14 @@ Architecture = Literal[
     "gpt2", "gpt_neox", "llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "phi3", "olmo2"
 ]
 
-MIN_WORKING_BYTES = 256 * 2**20
+WORKING_SHARE = 4
+"""By default a step of work may take the model's bytes ÷ this beside it
+(:meth:`LoadedModel.working_budget_bytes`). A quarter, not the whole: on SmolLM2 in float32 the
+default app flow peaked at 3.14× / 3.20× / 3.73× the model (load / attribution / MANSU, under
+jemalloc) with the model's bytes as the budget and at 2.71× / 2.69× / 3.36× with 128 MiB, for 8%
+more time in MANSU (docs/results/bench.md, issue 17): memory is what keeps real-size models out."""
+
+MIN_WORKING_BYTES = 128 * 2**20
 """The least working memory a step is sized to by default (:meth:`LoadedModel.working_budget_bytes`)."""
 
 
@@ -113,12 +120,12 @@ class LoadedModel:
         """The memory one step of work on this model may take beside it: an attribution pass, a
         chunk of MANSU's gradient kept whole, MANSU's quantized weights outside its circuit held
         as tensors. ``$WORKBENCH_WORKING_MB`` when set (a smaller budget: less memory, more
-        passes, the same numbers to float rounding), else the model's own bytes, at least
-        :data:`MIN_WORKING_BYTES`; on a CUDA device at most half of what the model leaves of the
-        device's total memory (its total, not its free memory: the same budget at every call, so
+        passes, the same numbers to float rounding), else a quarter of the model's own bytes
+        (:data:`WORKING_SHARE`), at least :data:`MIN_WORKING_BYTES`; on a CUDA device at most
+        half of what the model leaves of the device's total memory (its total, not its free memory: the same budget at every call, so
         work sized ahead is sized as the work that follows)."""
         setting = working_budget_setting()
-        budget = setting if setting is not None else max(self.weight_bytes, MIN_WORKING_BYTES)
+        budget = setting if setting is not None else max(self.weight_bytes // WORKING_SHARE, MIN_WORKING_BYTES)
         total = device_memory_bytes(module_device(self.hf))
         return budget if total is None else max(1, min(budget, (total - self.weight_bytes) // 2))
 

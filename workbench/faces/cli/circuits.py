@@ -32,8 +32,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="pairs per forward/backward (default: per length group, as many as fit in --pass-mb, "
                         "at most 32)")
     p.add_argument("--pass-mb", type=int, default=None, metavar="MB",
-                   help="working memory one pass may take, estimated from above (default: the model's own size, "
-                        "at least 256)")
+                   help="working memory one pass may take, estimated from above (default: a quarter of the model's "
+                        "own size, at least 128)")
     p.add_argument("--fact", type=int, action="append", metavar="N",
                    help="also show fact N's own attribution (which heads and MLPs carry it); repeatable")
     p.add_argument("--per-fact", metavar="FILE",
