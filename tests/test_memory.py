@@ -180,6 +180,40 @@ def test_mansu_over_every_weight_is_the_same_when_grids_and_scores_are_not_held(
         assert torch.equal(rebuilt[name], delta), name
 
 
+def test_a_round_scores_twice_when_every_score_would_outweigh_the_working_budget(facts_tiny, split, monkeypatch):
+    """The working budget decides whether a round holds every candidate's score (one scoring per
+    tensor) or scores each tensor twice, holding one at a time: the same run either way. Here the
+    scores' bytes are inflated past facts-tiny's budget, and the scorings counted."""
+    from types import SimpleNamespace
+
+    import workbench.unlearning.mansu.candidates as candidates
+
+    config = MansuConfig(use_circuit=False, max_rounds=2)
+    scored: list[str] = []
+    score_module = candidates.score_module
+    monkeypatch.setattr(candidates, "score_module", lambda state, name, *a: (scored.append(name),
+                                                                            score_module(state, name, *a))[1])
+
+    def run() -> tuple[dict[str, torch.Tensor], list[dict[str, float]], int]:
+        scored.clear()
+        result = unlearn(facts_tiny, split, method="mansu", quant=NF4, progress=SILENT, method_config=config)
+        return result.update.deltas, result.history, len(scored)
+
+    held, held_history, once = run()
+    monkeypatch.setattr(candidates, "SCORE_BYTES_PER_WEIGHT", facts_tiny.working_budget_bytes())
+    twice_deltas, twice_history, twice = run()
+    assert once > 0 and twice == 2 * once  # every tensor scored twice in every round
+    assert twice_history == held_history and sorted(held) == sorted(twice_deltas)
+    assert all(torch.equal(held[name], twice_deltas[name]) for name in held)
+    budget = 12 * 1000
+    for n_weights, holds in ((999, True), (1000, True), (1001, False)):
+        state = SimpleNamespace(n_weights=lambda n=n_weights: n, working_budget=budget)
+        monkeypatch.setattr(candidates, "SCORE_BYTES_PER_WEIGHT", 12)
+        assert candidates.holds_every_score(state) is holds  # type: ignore[arg-type]
+    monkeypatch.setattr(candidates, "SCORE_CACHE_WEIGHTS", 999)
+    assert not candidates.holds_every_score(SimpleNamespace(n_weights=lambda: 1000, working_budget=10**12))
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama-bf16"])
 def test_mansus_kept_grids_are_packed_to_a_byte_per_weight_and_unpack_to_the_quantizers(
         family, toy_gpt2, toy_llama_gqa):

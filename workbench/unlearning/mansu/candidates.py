@@ -272,9 +272,25 @@ def rank_moves(scores: list[ModuleScores], per_round: int, config: MansuConfig, 
 
 
 SCORE_CACHE_WEIGHTS = 16_000_000
-"""Up to this many weights in the candidate tensors, a round scores every tensor once and holds
-all the scores (12 bytes per weight) to rank them; above it (no circuit restriction) it scores
-each tensor twice, holding one tensor's scores at a time (:func:`select_moves`)."""
+"""Up to this many weights in the candidate tensors, and while their scores fit in the working
+budget (:func:`holds_every_score`), a round scores every tensor once and holds all the scores
+(:data:`SCORE_BYTES_PER_WEIGHT`) to rank them; otherwise (no circuit restriction, or a circuit
+whose scores outweigh the budget) it scores each tensor twice, holding one tensor's scores at a
+time (:func:`select_moves`)."""
+
+SCORE_BYTES_PER_WEIGHT = 12
+"""A candidate's gain, cost and step in float32 (fewer bytes in a 16-bit state: an estimate from above)."""
+
+
+def holds_every_score(state: MansuState) -> bool:
+    """Whether a round holds every candidate tensor's scores at once (one scoring per tensor)
+    rather than scoring each twice: when there are at most :data:`SCORE_CACHE_WEIGHTS` weights
+    and their scores fit in the working budget. SmolLM2's default circuit (13.3M weights, 152 MiB
+    of scores) holds them under a budget of the model's bytes and scores twice under the default
+    quarter of them (at 128 MiB the highest sample of MANSU's run was while holding them). The
+    moves are the same either way (tested); the cost is a second scoring per round."""
+    n = state.n_weights()
+    return n <= SCORE_CACHE_WEIGHTS and n * SCORE_BYTES_PER_WEIGHT <= state.working_budget
 
 
 def select_moves(state: MansuState, gradients: Gradients, config: MansuConfig) -> list[Move]:
@@ -286,7 +302,7 @@ def select_moves(state: MansuState, gradients: Gradients, config: MansuConfig) -
     def scores() -> Iterator[ModuleScores]:
         return (score_module(state, n, gradients, config) for n in state.names)
 
-    if config.use_fisher and state.n_weights() <= SCORE_CACHE_WEIGHTS:
+    if config.use_fisher and holds_every_score(state):
         return rank_moves(list(scores()), state.per_round, config, storage_state=state.storage_state)
     damping = 0.0
     if config.use_fisher:  # first pass: only the costs the damping is the mean of

@@ -195,7 +195,9 @@ class MansuState:
     its base accuracy; ``guard_base_q`` the same for Q(w), when the guard watches both
     precisions), ``n_candidates``, ``max_per_round``, ``storage_state`` (the Fisher, averaged
     forget direction and projectors held in the weights' storage dtype: the configuration's
-    ``state_precision`` as :meth:`~.config.MansuConfig.for_storage` decides it for this model).
+    ``state_precision`` as :meth:`~.config.MansuConfig.for_storage` decides it for this model),
+    ``working_budget`` (:meth:`~workbench.models.loaded.LoadedModel.working_budget_bytes`, which
+    sets whether a round holds every candidate's score at once: :func:`~.candidates.select_moves`).
 
     Changed by rounds: ``masks`` (a move that cannot change its code, or that the guard
     blocked at the smallest round size, is masked out for good; :class:`CandidateMasks`),
@@ -227,6 +229,7 @@ class MansuState:
     q_still: torch.Tensor | None
     guard_base_q: float | None = None
     storage_state: bool = False
+    working_budget: int = 0  # bytes: the model's working budget, read at setup (select_moves' choice)
     owned: set[str] = field(default_factory=set)
     summed: frozenset[str] = frozenset()
     projectors: dict[str, HeldProjector] = field(default_factory=dict)
@@ -544,7 +547,7 @@ def setup_state(model: LoadedModel, batches: Batches, circuit: tuple[Component, 
         guard_base=guard_batch.accuracy(answers),
         guard_base_q=guard_batch.accuracy(q_answers) if config.guard_precision == "both" else None,
         n_candidates=n_candidates, per_round=per_round, max_per_round=max_per_round,
-        storage_state=config.state_in_storage_dtype,
+        storage_state=config.state_in_storage_dtype, working_budget=model.working_budget_bytes(),
         # float32 whatever the storage dtype: updates accumulate there (rounded only when written)
         deltas=SparseDeltas(base),
         # Which forget facts each model still answers: the forget gradient only runs over those
