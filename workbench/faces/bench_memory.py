@@ -468,7 +468,8 @@ def budget_note() -> str:
     environment), as one line; a malformed ``$WORKBENCH_WORKING_MB`` is refused before any child runs."""
     setting = working_budget_setting()
     if setting is None:
-        return f"working budget: the default (a quarter of each model's bytes, at least {MIN_WORKING_BYTES // 2**20} MiB)"
+        least = MIN_WORKING_BYTES // 2**20
+        return f"working budget: the default (a quarter of each model's bytes, at least {least} MiB)"
     return f"working budget: {setting // 2**20} MiB (${WORKING_MB_ENV})"
 
 

@@ -122,8 +122,9 @@ class LoadedModel:
         as tensors. ``$WORKBENCH_WORKING_MB`` when set (a smaller budget: less memory, more
         passes, the same numbers to float rounding), else a quarter of the model's own bytes
         (:data:`WORKING_SHARE`), at least :data:`MIN_WORKING_BYTES`; on a CUDA device at most
-        half of what the model leaves of the device's total memory (its total, not its free memory: the same budget at every call, so
-        work sized ahead is sized as the work that follows)."""
+        half of what the model leaves of the device's total memory (its total, not its free
+        memory: the same budget at every call, so work sized ahead is sized as the work that
+        follows)."""
         setting = working_budget_setting()
         budget = setting if setting is not None else max(self.weight_bytes // WORKING_SHARE, MIN_WORKING_BYTES)
         total = device_memory_bytes(module_device(self.hf))

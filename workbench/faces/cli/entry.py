@@ -45,9 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "else float32); updates still accumulate in float32")
     parser.add_argument("--working-mb", dest="working_mb", type=_positive_mib, default=None, metavar="MB",
                         help="working memory each step may take beside the model, in MiB (default: "
-                             "$WORKBENCH_WORKING_MB, else a quarter of the model's bytes, at least 128; on a GPU at most half "
-                             "of what the model leaves): smaller takes less memory and more passes, the same "
-                             "numbers to float rounding")
+                             "$WORKBENCH_WORKING_MB, else a quarter of the model's bytes, at least 128; on a GPU "
+                             "at most half of what the model leaves): smaller takes less memory and more passes, "
+                             "the same numbers to float rounding")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in GROUPS:
         group.add_commands(sub)
