@@ -10,8 +10,9 @@ import pytest
 import torch
 from conftest import bf16_copy, large_circuit_paths, own_top1_split
 
-from workbench.core.components import all_components
+from workbench.core.components import all_components, mlp
 from workbench.core.errors import WorkbenchError
+from workbench.core.memo import clear_base_memo
 from workbench.core.sharing import sharing_copy
 from workbench.data.facts import FactSplit
 from workbench.interpretability.attribution import AttributionConfig, attribute
@@ -813,8 +814,8 @@ def test_the_app_limits_arenas_before_its_threads_start(monkeypatch):
 def test_a_step_that_hands_back_memory_trims_however_it_ends(monkeypatch):
     from workbench.core import allocator
 
-    calls: list[int] = []
-    monkeypatch.setattr(allocator, "hand_back_freed_memory", lambda: calls.append(1) or True)
+    calls: list[bool] = []
+    monkeypatch.setattr(allocator, "hand_back_freed_memory", lambda collect=False: calls.append(collect) or True)
 
     @allocator.hands_back_memory
     def step(x: int) -> int:
@@ -824,10 +825,10 @@ def test_a_step_that_hands_back_memory_trims_however_it_ends(monkeypatch):
         assert calls == []  # not before the step's own work
         return 2 * x
 
-    assert step(3) == 6 and calls == [1]
+    assert step(3) == 6 and calls == [True]  # a click may have let go of models: collected first
     with pytest.raises(ValueError, match="negative"):
         step(-1)
-    assert calls == [1, 1]  # a failed click's transients too
+    assert calls == [True, True]  # a failed click's transients too
     assert step.__name__ == "step" and step.__doc__ == "A step."
 
 
@@ -835,7 +836,7 @@ def test_mansu_hands_freed_memory_back_before_each_rounds_gradients_and_selectio
     import workbench.unlearning.mansu.method as method
 
     calls: list[int] = []
-    monkeypatch.setattr(method, "hand_back_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(method, "hand_back_freed_memory", lambda collect=False: calls.append(1) or True)
     result = unlearn(facts_tiny, split, method="mansu", quant=NF4, progress=SILENT,
                      circuit=all_components(facts_tiny.n_layers, facts_tiny.n_heads, include_embed=False),
                      method_config=MansuConfig(max_rounds=2, params_per_round=16))
@@ -846,13 +847,62 @@ def test_mansu_hands_freed_memory_back_before_each_rounds_gradients_and_selectio
 def test_the_measurement_hands_freed_memory_back_after_each_variant(facts_tiny, split, monkeypatch):
     import workbench.measurement.metrics as metrics
 
-    calls: list[int] = []
-    monkeypatch.setattr(metrics, "hand_back_freed_memory", lambda: calls.append(1) or True)
+    calls: list[bool] = []
+    monkeypatch.setattr(metrics, "hand_back_freed_memory", lambda collect=False: calls.append(collect) or True)
     name = "transformer.h.1.mlp.c_fc.weight"
     delta = torch.zeros_like(facts_tiny.state()[name])
     delta[:4, :4] = 0.3
     measure_update(facts_tiny, split, Update({name: delta}), quant=NF4, cad=False)
-    assert len(calls) == len(metrics.VARIANTS)
+    assert calls == [True] * len(metrics.VARIANTS)  # each variant collected (a bridge is cyclic), then handed back
+
+
+def test_the_measurement_holds_one_variant_at_a_time_without_the_cycle_collector(
+        facts_tiny, split, monkeypatch, no_cycle_collector):
+    """Each variant, attributed for CAD or not, is freed before the next is made and none is left
+    when the measurement returns, with Python's cycle collector off: a bridge is a web of
+    reference cycles, and waiting for the collector left earlier variants' tensors under later
+    variants' CAD passes (on SmolLM2, in a process of ~600k objects, it ran rarely)."""
+    import weakref
+
+    name = "transformer.h.1.mlp.c_fc.weight"
+    delta = torch.zeros_like(facts_tiny.state()[name])
+    delta[:4, :4] = 0.3
+    made: list[tuple[str, list[weakref.ref]]] = []  # per variant, its modules (a copy's own objects)
+    with_tree = LoadedModel.with_tree
+
+    def alive() -> list[str]:
+        return [lbl for lbl, refs in made if any(ref() is not None for ref in refs)]
+
+    def watched(self, hf_copy, label):
+        assert alive() == [], f"alive when {label} is made"
+        made.append((label, [weakref.ref(m) for m in hf_copy.modules()]))
+        return with_tree(self, hf_copy, label)
+
+    monkeypatch.setattr(LoadedModel, "with_tree", watched)
+    clear_base_memo()  # the base variants made here too
+    measure_update(facts_tiny, split, Update({name: delta}), quant=NF4, circuit=[mlp(1)])
+    assert len(made) >= 4  # Q(w), w+Δ, Q(w)+Δ, Q(w+Δ)
+    assert alive() == []
+
+
+def test_handing_back_with_collect_frees_what_only_the_cycle_collector_frees(no_cycle_collector):
+    """``collect=True`` runs the cycle collector first (a bridge's modules and hooks refer to each
+    other; a model copy in such a cycle outlives its last name); without it the cycle stays."""
+    import weakref
+
+    from workbench.core.allocator import hand_back_freed_memory
+
+    class Node:
+        pass
+
+    node = Node()
+    node.itself, node.weights = node, torch.zeros(1024)
+    weights = weakref.ref(node.weights)
+    del node
+    hand_back_freed_memory()
+    assert weights() is not None
+    hand_back_freed_memory(collect=True)
+    assert weights() is None
 
 
 def test_the_measurement_lets_go_of_q_w_where_the_update_writes_once_q_w_plus_delta_is_built(
@@ -926,12 +976,13 @@ def test_the_background_start_hands_freed_memory_back_between_its_steps(facts_ti
     from workbench.quant import QuantConfig
 
     order: list[str] = []
-    monkeypatch.setattr(session_mod, "hand_back_freed_memory", lambda: order.append("trim") or True)
+    monkeypatch.setattr(session_mod, "hand_back_freed_memory",
+                        lambda collect=False: order.append("collect, trim" if collect else "trim") or True)
     monkeypatch.setattr(session_mod.SharedModels, "base_accuracy", lambda self, *a: order.append("accuracy"))
     monkeypatch.setattr(session_mod, "base_measurement", lambda *a: order.append("cad"))
     monkeypatch.setattr(session_mod, "prepare_forget_set", lambda *a: order.append("pairs"))
     session_mod.SharedModels().prepare_base(facts_tiny, split, QuantConfig("nf4"))
-    assert order == ["accuracy", "trim", "cad", "trim", "pairs"]
+    assert order == ["accuracy", "collect, trim", "cad", "collect, trim", "pairs"]
 
 
 def test_mansu_hands_freed_memory_back_before_its_retain_fisher(facts_tiny, split, monkeypatch):
@@ -939,7 +990,7 @@ def test_mansu_hands_freed_memory_back_before_its_retain_fisher(facts_tiny, spli
     import workbench.unlearning.mansu.state as state
 
     order: list[str] = []
-    monkeypatch.setattr(state, "hand_back_freed_memory", lambda: order.append("trim") or True)
+    monkeypatch.setattr(state, "hand_back_freed_memory", lambda collect=False: order.append("trim") or True)
     real_projectors, real_fisher = state.null_space_projectors, state.retain_fisher
     monkeypatch.setattr(state, "null_space_projectors",
                         lambda *a, **k: order.append("projectors") or real_projectors(*a, **k))

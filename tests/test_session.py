@@ -466,8 +466,11 @@ def test_every_heavy_step_hands_freed_memory_back(runs_root, monkeypatch):
     from workbench.core import allocator
 
     calls: list[str] = []
-    monkeypatch.setattr(allocator, "hand_back_freed_memory", lambda: calls.append("step") or True)
-    monkeypatch.setattr(session_mod, "hand_back_freed_memory", lambda: calls.append("preload") or True)
+    # every one collects first: a click or a preload step may have let go of models (bridges are cyclic)
+    monkeypatch.setattr(allocator, "hand_back_freed_memory",
+                        lambda collect=False: calls.append("step" * collect) or True)
+    monkeypatch.setattr(session_mod, "hand_back_freed_memory",
+                        lambda collect=False: calls.append("preload" * collect) or True)
     s = Session(runs_root=runs_root)
     with pytest.raises(WorkbenchError):
         s.setup("facts-tiny", quant_type="int3")

@@ -29,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import gc
 import os
 import subprocess
 import sys
@@ -179,9 +180,18 @@ def limit_arenas(count: int = APP_ARENAS) -> bool:
     return bool(mallopt(M_ARENA_MAX, count))
 
 
-def hand_back_freed_memory() -> bool:
+def hand_back_freed_memory(*, collect: bool = False) -> bool:
     """Return the allocator's free pages to the OS: jemalloc's (when it is this process's malloc)
-    and glibc's; False where neither can (no jemalloc and no ``malloc_trim``)."""
+    and glibc's; False where neither can (no jemalloc and no ``malloc_trim``).
+
+    ``collect``: first free what only Python's cycle collector frees, where models were let go.
+    A TransformerLens bridge is a web of reference cycles, so a variant model that was attributed
+    (its bridge holding its copy of the tree and the variant's own tensors) is not freed when its
+    last name goes but when the collector next runs, which in a process holding hundreds of
+    thousands of objects can be many steps later (docs/results/bench.md). A full collection takes
+    about a second in the app's process: not for the calls inside a round's per-tensor loops."""
+    if collect:
+        gc.collect()
     purged = _jemalloc_purge()
     trim = _malloc_trim()
     if trim is None:
@@ -203,6 +213,6 @@ def hands_back_memory(step: Callable[P, R]) -> Callable[P, R]:
         try:
             return step(*args, **kwargs)
         finally:
-            hand_back_freed_memory()
+            hand_back_freed_memory(collect=True)  # a click may have let go of models (bridges are cyclic)
 
     return step_then_hand_back

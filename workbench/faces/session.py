@@ -197,10 +197,10 @@ class SharedModels:
         # in use and ~800 MiB more freed by the base's attributions, still resident).
         status(f"measuring base accuracy, full precision vs {quant.label}")
         self.base_accuracy(model, split, quant)
-        hand_back_freed_memory()
+        hand_back_freed_memory(collect=True)
         status(f"attributing the base for CAD, full precision and {quant.label}")
         base_measurement(model, split, quant)
-        hand_back_freed_memory()
+        hand_back_freed_memory(collect=True)
         status("making the forget set's prompt pairs, clean runs and readout baselines for attribution")
         prepare_forget_set(model, split, attribution_config())
 
@@ -226,7 +226,7 @@ class SharedModels:
                         # The setup panel's first click then only reads this cache.
                         self.prepare_base(model, split, QuantConfig("nf4"),
                                           status=lambda text: self._status.__setitem__(key, text))
-                        hand_back_freed_memory()  # its transients: not resident before the first click
+                        hand_back_freed_memory(collect=True)  # its transients: not resident before the first click
                     self._status[key] = "ready"
                 except WorkbenchError as exc:
                     self._status[key] = f"error: {exc}"

@@ -473,7 +473,9 @@ def measure_update(
         if cad and vname in _CAD_VARIANTS:
             attributions[vname] = _variant_attribution(vname, variant, split.forget, config, quant, model)
         del variant
-        hand_back_freed_memory()  # the variant's evaluation batches: not kept under the next one's
+        # the variant (an attributed one's bridge is a reference cycle) and its evaluation
+        # batches: freed and handed back, not kept under the next variant's
+        hand_back_freed_memory(collect=True)
     del qbase
     accuracies = _accuracies(scores)
     report(0.68, "the exact update in float32 (storage-rounding term)")
