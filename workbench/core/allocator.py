@@ -185,11 +185,12 @@ def hand_back_freed_memory(*, collect: bool = False) -> bool:
     and glibc's; False where neither can (no jemalloc and no ``malloc_trim``).
 
     ``collect``: first free what only Python's cycle collector frees, where models were let go.
-    A TransformerLens bridge is a web of reference cycles, so a variant model that was attributed
+    TransformerLens' bridges over some families hold reference cycles (over GPT-2's joint QKV
+    attention, in the census of docs/results/bench.md), so a variant model that was attributed
     (its bridge holding its copy of the tree and the variant's own tensors) is not freed when its
     last name goes but when the collector next runs, which in a process holding hundreds of
-    thousands of objects can be many steps later (docs/results/bench.md). A full collection takes
-    about a second in the app's process: not for the calls inside a round's per-tensor loops."""
+    thousands of objects can be many steps later. A full collection took 0.5–0.65 s in SmolLM2's
+    flow: not for the calls inside a round's per-tensor loops."""
     if collect:
         gc.collect()
     purged = _jemalloc_purge()
@@ -213,6 +214,6 @@ def hands_back_memory(step: Callable[P, R]) -> Callable[P, R]:
         try:
             return step(*args, **kwargs)
         finally:
-            hand_back_freed_memory(collect=True)  # a click may have let go of models (bridges are cyclic)
+            hand_back_freed_memory(collect=True)  # a click may have let go of models (some bridges are cyclic)
 
     return step_then_hand_back

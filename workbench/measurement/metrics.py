@@ -473,7 +473,7 @@ def measure_update(
         if cad and vname in _CAD_VARIANTS:
             attributions[vname] = _variant_attribution(vname, variant, split.forget, config, quant, model)
         del variant
-        # the variant (an attributed one's bridge is a reference cycle) and its evaluation
+        # the variant (an attributed one's bridge may hold reference cycles) and its evaluation
         # batches: freed and handed back, not kept under the next variant's
         hand_back_freed_memory(collect=True)
     del qbase
