@@ -40,13 +40,8 @@ demo: install
 	$(PY) -m workbench demo
 
 # The suite includes the browser tests (Playwright driving Debian's Chromium) and the gradio_client tests.
-# It runs in TEST_JOBS worker processes (pytest-xdist; each worker gets its share of the cores for
-# torch): much of it waits on child processes (the app, bench children, notebook kernels, Chromium),
-# so two workers on two cores finish sooner. A test file runs whole in one worker, in its own order
-# (its module fixtures built once). `make test TEST_JOBS=0` runs it in this one process.
-TEST_JOBS ?= 2
 test: install browser-deps
-	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile
+	$(PY) -m pytest -q
 
 # Static checks: ruff (style, imports, likely bugs) and pyright in basic mode (types).
 lint: install

@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-# pytest-xdist's workers (`make test` runs two) share the cores: each takes its part of them
-torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # The suite loads a dozen models in one process; with the library's default of two cached, the
