@@ -442,6 +442,55 @@ def test_a_variant_as_codes_holds_the_variants_weights(facts_tiny, vname):
         variant_model_as_codes(facts_tiny, update, cfg, "after_fp")
 
 
+def _held_sparse(update):
+    from workbench.models.update import SparseDelta, Update
+
+    held = {}
+    for name, d in update.deltas.items():
+        index = torch.nonzero(d.reshape(-1)).reshape(-1)
+        held[name] = SparseDelta(d.shape, index, d.reshape(-1)[index])
+    return Update(held, update.meta)
+
+
+def test_the_after_model_sums_a_sparse_update_at_forward_to_the_held_sums_weights(facts_tiny):
+    """The measurement's after_fp variant holds a sparse update's Linear/Conv1D weights as base +
+    delta summed at forward (no copy of them) and the rest as tensors: weight for weight the
+    variant as tensors; the base untouched."""
+    from workbench.core.computed_weight import answer_weight_reads
+    from workbench.measurement.metrics import after_model_summing, variant_model
+    from workbench.models.update import SumAtForward
+
+    dense = _codes_test_update(facts_tiny)
+    before = {n: p.clone() for n, p in facts_tiny.hf.named_parameters()}
+    tensors = variant_model(facts_tiny, dense, QuantConfig("nf4"), "after_fp", {}).hf
+    summed = after_model_summing(facts_tiny, _held_sparse(dense)).hf
+    at_forward = {n: installed(summed.get_submodule(n.rpartition(".")[0])) for n in dense.names}
+    assert sorted(n for n, a in at_forward.items() if isinstance(a, SumAtForward)) == sorted(
+        n for n in dense.names if ".mlp." in n or ".attn." in n)  # the norm's weight is held
+    answer_weight_reads(summed)
+    for name, p in tensors.named_parameters():
+        owner, _, attr = name.rpartition(".")
+        assert torch.equal(getattr(summed.get_submodule(owner), attr), p), name
+    assert all(torch.equal(p, before[n]) for n, p in facts_tiny.hf.named_parameters())
+    # a dense update is held as tensors, as before
+    held = after_model_summing(facts_tiny, dense).hf
+    assert not any(installed(m) for m in held.modules())
+
+
+def test_a_measurement_of_a_sparse_update_is_the_measurement_of_its_dense_one(facts_tiny, split):
+    """Every number, CAD's attributions of the summed after_fp included, equals the dense update's."""
+    import json
+
+    from workbench.measurement.metrics import measure_update
+
+    dense = _codes_test_update(facts_tiny)
+    cfg = QuantConfig("nf4")
+    expected = measure_update(facts_tiny, split, dense, quant=cfg)
+    got = measure_update(facts_tiny, split, _held_sparse(dense), quant=cfg)
+    assert json.dumps(got.to_json(), sort_keys=True) == json.dumps(expected.to_json(), sort_keys=True)
+    assert got.cad is not None and got.params_changed == dense.nnz() > 0
+
+
 def test_the_measurement_reads_q_w_as_codes_exactly_above_the_budget(facts_tiny, monkeypatch):
     from workbench.models.loaded import LoadedModel
 

@@ -36,10 +36,11 @@ import torch
 
 from workbench.core.allocator import hand_back_freed_memory
 from workbench.core.components import Component
+from workbench.core.computed_weight import install
 from workbench.core.errors import WorkbenchError
 from workbench.core.memo import base_memo
 from workbench.core.progress import Progress, silent
-from workbench.core.sharing import widened_copy
+from workbench.core.sharing import sharing_copy, widened_copy
 from workbench.data.facts import AnswerCriterion, Fact, FactSplit, answer_criterion, chance_level
 from workbench.interpretability.attribution import Attribution, AttributionConfig, attribute
 from workbench.interpretability.cad import CADResult, circuit_attribution_divergence
@@ -68,11 +69,12 @@ from workbench.measurement.results import (
     VariantLogprobs,
 )
 from workbench.models.loaded import LoadedModel
-from workbench.models.update import Update, stored_sum
+from workbench.models.update import SparseDelta, SumAtForward, Update
 from workbench.quant import (
     QuantConfig,
     compare_quantization,
     quantize_dequantize,
+    single_use_linear_owners,
 )
 from workbench.quant.compact import compact_quantized_copy
 from workbench.unlearning.result import ALREADY_AT_TARGET
@@ -185,6 +187,27 @@ def variant_model_as_codes(model: LoadedModel, update: Update, quant: QuantConfi
         p = copy.get_parameter(name)
         p.data = value.detach().to(device=p.device, dtype=p.dtype)
     return model.with_tree(copy, _variant_label(model, quant, vname))
+
+
+def after_model_summing(model: LoadedModel, update: Update) -> LoadedModel:
+    """The after_fp variant, the model :func:`variant_model` gives, holding w+Δ of each weight the
+    update keeps sparse and only its own Linear/Conv1D reads as the base's tensor and the delta,
+    summed by each forward of its module (:class:`~workbench.models.update.SumAtForward`: the stored
+    sum, bit for bit): the same logits and attributions without a copy of those weights."""
+    sparse = [n for n in update.deltas if isinstance(update.held(n), SparseDelta)]
+    owners = single_use_linear_owners(model.hf, sparse)
+    base, copy = model.state(), sharing_copy(model.hf)
+    for name in update.deltas:
+        if name in owners:
+            delta = update.held(name)
+            assert isinstance(delta, SparseDelta)
+            owner = copy.get_submodule(name.rpartition(".")[0])
+            install(owner, SumAtForward(base[name], delta.to(base[name].device)))
+        else:
+            copy.get_parameter(name).data = update.added_to(name, base[name])
+    for p in copy.parameters():
+        p.requires_grad_(False)
+    return model.with_tree(copy.eval(), f"{model.name}+Δ")  # _variant_label's
 
 
 def _variant_label(model: LoadedModel, quant: QuantConfig, vname: str) -> str:
@@ -401,8 +424,8 @@ class _CodeChanges:
 
 def _code_changes(model: LoadedModel, update: Update, quant: QuantConfig) -> _CodeChanges:
     names = model.adapter.quantizable(quant)
-    qdeltas = {n: d for n, d in update.deltas.items() if n in names}
-    comparison = compare_quantization(model.state(), qdeltas, names, quant,
+    quantized = update.only(names)
+    comparison = compare_quantization(model.state(), quantized.deltas, names, quant,
                                       transposed=model.adapter.transposed, progress=silent)
     analysis = comparison.to_dict()
     overall = analysis["overall"]
@@ -415,7 +438,7 @@ def _code_changes(model: LoadedModel, update: Update, quant: QuantConfig) -> _Co
         codes_changed=overall["code_flips"],
         codes_changed_fraction=overall["code_flips"] / max(1, overall["n_weights"]),
         params_changed=update.nnz(),
-        params_changed_unquantized=update.nnz() - sum(int((d != 0).sum()) for d in qdeltas.values()),
+        params_changed_unquantized=update.nnz() - quantized.nnz(),
         moved_code_changed_fraction=overall.get("changed_flip_fraction"),
         absmax_changes=overall.get("absmax_changes"),
         update_to_bin_width=BinWidthRatios(median=overall.get("ratio_median"), p90=overall.get("ratio_p90")),
@@ -455,9 +478,8 @@ def measure_update(
     # Q(w) itself only when its numbers are not memoised).
     for i, vname in enumerate(VARIANTS):
         report(0.1 + 0.6 * i / len(VARIANTS), f"evaluating {vname}")
-        variant = _variant_source(
-            lambda vname=vname, qbase=qbase: variant_model_as_codes(model, update, quant, vname)
-            if as_codes and vname in QUANTIZED_VARIANTS else variant_model(model, update, quant, vname, qbase))
+        variant = _variant_source(lambda vname=vname, qbase=qbase: _measured_variant(model, update, quant, vname,
+                                                                                    qbase, as_codes))
         if vname not in BASE_VARIANTS:
             variant()  # the update's: always evaluated, and made now, before Q(w) is let go below
         if vname == "after_qbase_delta":
@@ -513,6 +535,17 @@ def measure_update(
     )
 
 
+def _measured_variant(model: LoadedModel, update: Update, quant: QuantConfig, vname: str,
+                      qbase: dict[str, torch.Tensor], as_codes: bool) -> LoadedModel:
+    """Variant ``vname`` as the measurement makes it: w+Δ summed at forward where the update is
+    sparse, Q(w) as codes when ``as_codes``; the numbers of :func:`variant_model`'s."""
+    if vname == "after_fp":
+        return after_model_summing(model, update)
+    if as_codes and vname in QUANTIZED_VARIANTS:
+        return variant_model_as_codes(model, update, quant, vname)
+    return variant_model(model, update, quant, vname, qbase)
+
+
 def _storage_term(model: LoadedModel, update: Update, forget: Sequence[Fact]) -> float:
     """forget top-1 of w+Δ rounded to the storage dtype − of w+Δ exact, both run in float32 (so
     the difference is the rounding alone, not the 16-bit arithmetic); exactly 0 for a float32 model.
@@ -524,8 +557,8 @@ def _storage_term(model: LoadedModel, update: Update, forget: Sequence[Fact]) ->
     base = model.state()
 
     def top1(rounded: bool) -> float:
-        after = {name: stored_sum(base[name], delta) if rounded else stored_sum(base[name].float(), delta)
-                 for name, delta in update.deltas.items()}
+        after = {name: update.added_to(name, base[name] if rounded else base[name].float())
+                 for name in update.deltas}
         wide = widened_copy(model.hf, after)
         return evaluate_facts(wide, forget, tokenizer=model.tokenizer, multiple_choice=False).top1
 

@@ -157,7 +157,7 @@ def cmd_quant_report(args: argparse.Namespace, out: Printer) -> int:
     if args.update:
         update = _update(args.update, args.runs_root)
         update.check_fits(model)
-        deltas = {n: d for n, d in update.deltas.items() if n in names}
+        deltas = update.only(names).deltas
         report["comparison"] = compare_quantization(state, deltas, names, q, transposed=tr).to_dict()
     out.json(report)
     out.line(f"model {args.model} · {q.label} · {report['n_modules']} modules · {report['n_weights']:,} weights")

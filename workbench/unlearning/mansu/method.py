@@ -190,7 +190,9 @@ def run_round(state: MansuState, task: UnlearningTask, config: MansuConfig,
 
 def _result(state: MansuState, task: UnlearningTask, config: MansuConfig, rounds: int, stopped: str,
             seconds: float) -> UnlearningResult:
-    update = Update({n: d for n, d in state.deltas.items() if bool((d != 0).any())},
+    # sparse, as the run holds them: the few thousand weights moved, not the tensors they sit in
+    moved = {n: state.deltas.sparse(n) for n in state.deltas.written()}
+    update = Update({n: d for n, d in moved.items() if bool((d.values != 0).any())},
                     {"method": config.label, "base_fingerprint": task.model.fingerprint})
     diagnostics = MansuDiagnostics(
         fisher_bound=fisher_bound(state.fisher, update) if state.fisher else None,
