@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -11,6 +13,66 @@ import torch
 from workbench.core.allocator import jemalloc_library
 from workbench.core.errors import WorkbenchError
 from workbench.faces.bench import COLUMNS, bench_attribution, format_table, toy_pairs
+
+
+class SharedRuns:
+    """The bench's expensive calls, each run once per distinct set of arguments in this module.
+
+    ``workbench bench --quick`` runs the same child flows (the memory section's on facts-tiny, the
+    scale section's at the reduced size), the same libraries rows and the same quantization and
+    unlearning sections that the tests below check one by one: each test asserts its own things
+    on the one real run instead of running it again (a child flow is tens of seconds). Whichever
+    test comes first runs it; every caller gets its own deep copy, so no test sees another's edits.
+    """
+
+    def __init__(self) -> None:
+        self._done: dict[tuple, Any] = {}
+
+    def _once(self, key: tuple, run) -> Any:
+        if key not in self._done:
+            self._done[key] = run()
+        return copy.deepcopy(self._done[key])
+
+    def run_flow(self, flow: str, model_name: str, *, rounds: int = 3, state_precision: str = "auto") -> dict:
+        from workbench.faces.bench_memory import run_flow
+
+        return self._once(("flow", flow, model_name, rounds, state_precision),
+                          lambda: run_flow(flow, model_name, rounds=rounds, state_precision=state_precision))
+
+    def run_libraries(self, report: dict) -> dict:
+        from workbench.faces.bench_memory import run_libraries
+
+        names = report.get("libraries")
+        key = ("libraries", report.get("flow"), report.get("model_bytes"), None if names is None else tuple(names))
+        return self._once(key, lambda: run_libraries(report))
+
+    def bench_quantization(self, model, *, density: float = 0.01, seed: int = 0) -> dict:
+        from workbench.faces.bench import bench_quantization
+
+        return self._once(("quantization", model.name, density, seed),
+                          lambda: _on_one_thread(lambda: bench_quantization(model, density=density, seed=seed)))
+
+    def bench_unlearning(self, model, *, steps: int = 5) -> dict:
+        from workbench.faces.bench import bench_unlearning
+
+        return self._once(("unlearning", model.name, steps),
+                          lambda: _on_one_thread(lambda: bench_unlearning(model, steps=steps)))
+
+
+def _on_one_thread(run):
+    """``run()`` on one torch thread, as ``workbench bench`` runs these sections (so a row is the
+    CLI's whichever test computes it; two threads beside other processes are also far slower)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run()
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def shared():
+    return SharedRuns()
 
 
 def test_bench_quick_table_structure():
@@ -38,15 +100,17 @@ def test_bench_quick_table_structure():
     assert len({len(line) for line in lines}) == 1  # aligned columns
 
 
-def test_bench_quantization_and_unlearning_rows(facts_tiny):
-    """The quantization and unlearning sections measure what their columns say (no timing asserts)."""
-    from workbench.faces.bench import QUANT_COLUMNS, UNLEARN_COLUMNS, bench_quantization, bench_unlearning, format_rows
+def test_bench_quantization_and_unlearning_rows(facts_tiny, shared):
+    """The quantization and unlearning sections measure what their columns say (no timing asserts).
+    Called as ``workbench bench --quick`` calls them (its default density, 3 steps): one run each
+    for this test and the CLI's."""
+    from workbench.faces.bench import QUANT_COLUMNS, UNLEARN_COLUMNS, format_rows
 
-    q = bench_quantization(facts_tiny, density=0.05)
+    q = shared.bench_quantization(facts_tiny)
     assert q["analysis_s"] > 0 and q["bnb_pass_s"] > 0 and math.isfinite(q["analysis_over_bnb"])
     assert q["weights"] > 0 and 0 < q["codes_changed"] < q["weights"]
-    u = bench_unlearning(facts_tiny, steps=2)
-    assert u["mansu_steps"] == 2 and u["graddiff_steps"] == 2
+    u = shared.bench_unlearning(facts_tiny, steps=3)
+    assert u["mansu_steps"] == 3 and u["graddiff_steps"] == 3
     assert sum(u["mansu_seconds_by_phase"].values()) <= u["mansu_s"]
     assert u["mansu_round_over_graddiff_step"] < u["mansu_over_graddiff"]  # setup excluded
     # the to-target runs are the methods' defaults, stopped by the shared rule (or their budgets)
@@ -91,12 +155,17 @@ def test_peak_memory_catches_a_peak_shorter_than_its_sampling_interval():
     assert mem.peak_mb > 32
 
 
-def test_cli_bench_quick_writes_every_section(tmp_path, capsys):
-    """``workbench bench --quick``, the fast version of the full bench, end to end."""
+def test_cli_bench_quick_writes_every_section(tmp_path, capsys, monkeypatch, shared):
+    """``workbench bench --quick``, the fast version of the full bench, end to end. Its child flows,
+    libraries rows, quantization and unlearning sections are the runs the tests of this module
+    check one by one (:class:`SharedRuns`): run once, by whichever test comes first."""
     import json
 
+    from workbench.faces import bench
     from workbench.faces.cli import main
 
+    for name in ("run_flow", "run_libraries", "bench_quantization", "bench_unlearning"):
+        monkeypatch.setattr(bench, name, getattr(shared, name))
     out = tmp_path / "bench.json"
     assert main(["bench", "--quick", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -138,14 +207,14 @@ def test_bench_flow_times_every_step_and_both_paths_measure_the_same():
 
 
 @pytest.mark.parametrize(("state", "held"), [("auto", "storage"), ("float32", "float32")])
-def test_scale_bench_reduced_runs_every_phase_in_a_child_process(state, held):
+def test_scale_bench_reduced_runs_every_phase_in_a_child_process(state, held, shared):
     """``workbench bench scale`` at its reduced size: a random bf16 Llama built in a child process,
     attributed, unlearned (MANSU, 3 rounds, top-10 circuit, its state in ``state``: the default,
     "auto", holds it in the model's bf16) and measured; peak RSS per phase."""
     from workbench.faces.bench import format_rows
-    from workbench.faces.bench_memory import MEMORY_COLUMNS, circuit_note, memory_rows, run_flow
+    from workbench.faces.bench_memory import MEMORY_COLUMNS, circuit_note, memory_rows
 
-    report = run_flow("scale", "reduced", state_precision=state)
+    report = shared.run_flow("scale", "reduced", state_precision=state)  # "auto": the CLI's run
     assert [p["phase"] for p in report["phases"]] == ["load", "attribution", "mansu", "measurement"]
     # a 2-layer d128 Llama with a 2000-word vocabulary, in bfloat16 (2 bytes per parameter)
     n_params = 2 * 2000 * 128 + 2 * (2 * 128 * 128 + 2 * 128 * 32 + 3 * 128 * 352 + 2 * 128) + 128
@@ -157,21 +226,22 @@ def test_scale_bench_reduced_runs_every_phase_in_a_child_process(state, held):
     assert "peak/model" in format_rows(memory_rows(report), MEMORY_COLUMNS)
     mansu = report["phases"][2]  # says what its circuit held: MANSU's state is per candidate weight
     assert len(mansu["circuit"].split()) == 10 and 0 < mansu["candidate_weights"] < mansu["model_weights"] == n_params
-    assert f"{mansu['candidate_weights']:,} candidate weights" in circuit_note(memory_rows(report))
+    note = circuit_note(memory_rows(report))
+    assert note is not None and f"{mansu['candidate_weights']:,} candidate weights" in note
     assert mansu["state_precision"] == held  # as the run decided it
     _check_start_held(report, mapped=False)  # built in the child: no checkpoint file mapped
     if state == "auto":
-        _check_libraries_alone(report)
-    assert f"MANSU holds {'bfloat16' if held == 'storage' else 'float32'} state" in circuit_note(memory_rows(report))
+        _check_libraries_alone(report, shared)
+    assert f"MANSU holds {'bfloat16' if held == 'storage' else 'float32'} state" in note
 
 
-def test_scale_edges_bench_reduced_attributes_with_edges_in_sized_then_whole_passes():
+def test_scale_edges_bench_reduced_attributes_with_edges_in_sized_then_whole_passes(shared):
     """``workbench bench scale``'s second flow at its reduced size: the app's default attribution
     (edges) on the scale model, in sized passes then in one pass of 32 pairs, each a phase that
     says the passes it ran (the reduced model is far under 128 MiB, so both run 32 at once)."""
-    from workbench.faces.bench_memory import memory_rows, passes_note, run_flow
+    from workbench.faces.bench_memory import memory_rows, passes_note
 
-    report = run_flow("scale-edges", "reduced")
+    report = shared.run_flow("scale-edges", "reduced")  # the CLI's run
     phases = report["phases"]
     assert [p["phase"] for p in phases] == ["load", "attribution (edges, sized passes)",
                                              "attribution (edges, 32 pairs per pass)"]
@@ -183,14 +253,12 @@ def test_scale_edges_bench_reduced_attributes_with_edges_in_sized_then_whole_pas
     assert passes_note(several) == "p: 3 passes of 11 + 11 + 10 pairs"
 
 
-def test_gradient_bench_runs_each_gradient_both_ways_mansus_choice_first():
+def test_gradient_bench_runs_each_gradient_both_ways_mansus_choice_first(shared):
     """The memory section's third flow on facts-tiny: MANSU's retain gradient over short facts and
     over long ones, each as MANSU decides (a tiny model keeps its blocks), then the other way;
     the child raises if the two gradients of a set differ in any bit. Then the retain Fisher on
     the same facts, a whole chunk per pass (a tiny model's facts fit the budget)."""
-    from workbench.faces.bench_memory import run_flow
-
-    report = run_flow("gradient", "facts-tiny")
+    report = shared.run_flow("gradient", "facts-tiny")  # the CLI's run
     phases = report["phases"]
     assert [p["phase"] for p in phases] == [
         "load", "gradient, 32 facts, blocks kept (MANSU's choice)", "gradient, 32 facts, blocks recomputed",
@@ -207,36 +275,35 @@ def test_gradient_bench_runs_each_gradient_both_ways_mansus_choice_first():
     _check_start_held(report, mapped=True)  # facts-tiny is read from its safetensors file
 
 
-def test_graddiff_bench_runs_the_shared_loop_for_the_steps_asked():
+def test_graddiff_bench_runs_the_shared_loop_for_the_steps_asked(shared):
     """The memory section's GradDiff flow on facts-tiny: the load, then exactly the steps asked of
-    the gradient baselines' loop (no forget target to stop it earlier), in a child process."""
-    from workbench.faces.bench_memory import run_flow
-
-    report = run_flow("graddiff", "facts-tiny", rounds=2)
+    the gradient baselines' loop (no forget target to stop it earlier), in a child process. Three
+    steps, as the CLI's memory section asks (its default rounds): one run for both tests."""
+    report = shared.run_flow("graddiff", "facts-tiny", rounds=3)
     assert [p["phase"] for p in report["phases"]] == ["load", "graddiff"]
     graddiff = report["phases"][1]
-    assert (graddiff["steps"], graddiff["stopped"]) == (2, "budget") and graddiff["seconds"] > 0
+    assert (graddiff["steps"], graddiff["stopped"]) == (3, "budget") and graddiff["seconds"] > 0
     # the child ran under the app's allocator: jemalloc where it is installed
     chosen = os.environ.get("WORKBENCH_MALLOC", "").strip().lower()
     assert report["allocator"] == ("system" if chosen == "system" or not jemalloc_library() else "jemalloc")
     _check_start_held(report, mapped=True)
-    _check_libraries_alone(report)
+    _check_libraries_alone(report, shared)
 
 
-def _check_libraries_alone(report):
+def _check_libraries_alone(report, shared):
     """A flow's report lists the modules it imported that are not the workbench's, and those
     imported alone in a fresh process make a row of the memory tables: a resident size above a
     bare interpreter's (torch alone is ~200 MiB) and below the flow's peak (by its last phase the
     flow has imported them all, and holds the workbench, the model and its data besides; an earlier
     phase can peak below them, before the libraries it has not yet needed)."""
-    from workbench.faces.bench_memory import LIBRARIES_PHASE, libraries_note, run_libraries
+    from workbench.faces.bench_memory import LIBRARIES_PHASE, libraries_note
 
     names = report["libraries"]
     assert {"torch", "transformers", "transformer_lens", "bitsandbytes"} <= set(names)
     assert not [n for n in names if n == "workbench" or n.startswith("workbench.") or n == "__main__"]
-    row = run_libraries(report)
+    row = shared.run_libraries(report)
     assert (row["flow"], row["phase"], row["modules"]) == (report["flow"], LIBRARIES_PHASE, len(names))
-    bare = run_libraries({**report, "libraries": []})["peak_rss_bytes"]
+    bare = shared.run_libraries({**report, "libraries": []})["peak_rss_bytes"]
     assert bare + 150 * 2**20 < row["peak_rss_bytes"] < report["max_rss_bytes"]
     assert row["peak_over_model"] == row["peak_rss_bytes"] / report["model_bytes"]
     assert row["failed"] <= len(names) // 100  # a few modules need another's set-up first; not the stack
