@@ -96,7 +96,9 @@ def test_sigkill_during_build_run_and_save_loses_no_completed_run(tmp_path):
     (hooks / "sitecustomize.py").write_text(HOOKS)
     cache, runs = tmp_path / "cache", tmp_path / "runs"
     log = tmp_path / "app.log"
-    env = {"WORKBENCH_CACHE": str(cache), "WORKBENCH_RUNS": str(runs),
+    # One torch thread in the servers: their runs are on facts-tiny, where a second thread gains little and,
+    # beside the rest of a shared 2-core machine, two threads wait on each other. The build sets its own.
+    env = {"WORKBENCH_CACHE": str(cache), "WORKBENCH_RUNS": str(runs), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(hooks), str(ROOT)])}
 
     # 1. killed while building the start model into an empty cache
