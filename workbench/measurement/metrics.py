@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -280,8 +281,34 @@ VariantSource = Callable[[], LoadedModel]
 (:func:`_variant_source`): a base variant whose numbers are memoised is then never made."""
 
 
-def _variant_source(make: Callable[[], LoadedModel]) -> VariantSource:
-    return functools.cache(make)
+class _MadeOnce:
+    """The measurement's :data:`VariantSource`, which can tell whether its model outlived it."""
+
+    def __init__(self, make: Callable[[], LoadedModel]) -> None:
+        self._make: Callable[[], LoadedModel] | None = make
+        self._made: LoadedModel | None = None
+
+    def __call__(self) -> LoadedModel:
+        if self._made is None:
+            assert self._make is not None, "a variant source is not called after it let go of its model"
+            self._made, self._make = self._make(), None
+        return self._made
+
+    def let_go(self, base: LoadedModel) -> Callable[[], bool]:
+        """Drop the model made (not ``base``, which is not let go), and tell whether it outlived its
+        last reference: then a reference cycle holds it or its bridge (TransformerLens' bridges over
+        some families are cyclic), which only Python's cycle collector frees. A collection takes
+        0.5–1 s in a process of many objects: asked for only when one is needed."""
+        made, self._made = self._made, None
+        if made is None or made is base:
+            return lambda: False
+        refs = [weakref.ref(made)] + ([weakref.ref(made._bridge)] if made._bridge is not None else [])
+        del made
+        return lambda: any(ref() is not None for ref in refs)
+
+
+def _variant_source(make: Callable[[], LoadedModel]) -> _MadeOnce:
+    return _MadeOnce(make)
 
 
 def _variant_scores(vname: str, variant: VariantSource, split: FactSplit, quant: QuantConfig,
@@ -494,10 +521,11 @@ def measure_update(
             scores[vname] = _variant_scores(vname, variant, split, quant, model)
         if cad and vname in _CAD_VARIANTS:
             attributions[vname] = _variant_attribution(vname, variant, split.forget, config, quant, model)
+        outlived = variant.let_go(model)
         del variant
-        # the variant (an attributed one's bridge may hold reference cycles) and its evaluation
-        # batches: freed and handed back, not kept under the next variant's
-        hand_back_freed_memory(collect=True)
+        # the variant and its evaluation batches: freed and handed back, not kept under the next
+        # variant's (collecting first when a reference cycle keeps the variant: an attributed one's bridge)
+        hand_back_freed_memory(collect=outlived())
     del qbase
     accuracies = _accuracies(scores)
     report(0.68, "the exact update in float32 (storage-rounding term)")
