@@ -64,6 +64,16 @@ def _wait_for(log: Path, marker: str, proc, seconds: float = 300) -> None:
         time.sleep(0.2)
 
 
+def _wait_for_a_round(job, seconds: float = 300) -> None:
+    """Until the job reports a finished MANSU round (its progress), so a kill lands in the middle of
+    the run; polled instead of a fixed sleep, which waited 8 s whatever the machine's speed."""
+    deadline = time.monotonic() + seconds
+    while not any((unit.desc or "").startswith("MANSU round") for unit in job.status().progress_data or ()):
+        assert not job.done(), "the long run ended before the kill"
+        assert time.monotonic() < deadline, f"no MANSU round reported within {seconds} s"
+        time.sleep(0.2)
+
+
 def _kill(proc) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
@@ -117,7 +127,7 @@ def test_sigkill_during_build_run_and_save_loses_no_completed_run(tmp_path):
         _live, *compare = _short_run(alice).result(timeout=600)
         finished = compare[-1]["value"]
         long_job = _short_run(alice, max_rounds=5000, params_per_round=1)
-        time.sleep(8)
+        _wait_for_a_round(long_job)
         assert not long_job.done(), "the long run ended before the kill"
     finally:
         _kill(proc)
