@@ -182,8 +182,12 @@ def running_app(workdir: Path, args: list[str] | None = None, env: dict[str, str
 
 @pytest.fixture(scope="session")
 def app_server(tmp_path_factory):
-    """The app with its default flags (see :func:`running_app`), shared by the browser and API tests."""
-    with running_app(tmp_path_factory.mktemp("app")) as url:
+    """The app with its default flags (see :func:`running_app`), shared by the browser and API tests.
+
+    Torch runs on one thread in the server (as in test_faults' servers): its jobs are on facts-tiny,
+    where a second thread gains little, and beside the test process, the browser and the rest of a
+    shared 2-core machine two threads wait on each other."""
+    with running_app(tmp_path_factory.mktemp("app"), env={"OMP_NUM_THREADS": "1"}) as url:
         yield url
 
 
