@@ -921,6 +921,15 @@ def test_the_measurement_collects_a_variant_that_a_reference_cycle_keeps(facts_t
     assert calls.count(True) == len(made) and len(calls) == len(metrics.VARIANTS)
 
 
+def test_booted_bridge_reads_the_bridge_without_booting_one(facts_tiny):
+    """The measurement watches a variant's bridge only when one was booted: asking must not boot it."""
+    variant = facts_tiny.with_state({}, "no change")
+    assert variant.booted_bridge() is None
+    assert variant.booted_bridge() is None  # still none: asking did not boot one
+    bridge = variant.bridge()
+    assert variant.booted_bridge() is bridge
+
+
 def test_handing_back_with_collect_frees_what_only_the_cycle_collector_frees(no_cycle_collector):
     """``collect=True`` runs the cycle collector first (a bridge's modules and hooks refer to each
     other; a model copy in such a cycle outlives its last name); without it the cycle stays."""

@@ -278,7 +278,7 @@ def _with_multiple_choice(sname: str, facts: Sequence[Fact]) -> bool:
 
 VariantSource = Callable[[], LoadedModel]
 """A variant model, made when first called and the same model at every later call
-(:func:`_variant_source`): a base variant whose numbers are memoised is then never made."""
+(:class:`_MadeOnce`): a base variant whose numbers are memoised is then never made."""
 
 
 class _MadeOnce:
@@ -302,13 +302,11 @@ class _MadeOnce:
         made, self._made = self._made, None
         if made is None or made is base:
             return lambda: False
-        refs = [weakref.ref(made)] + ([weakref.ref(made._bridge)] if made._bridge is not None else [])
+        bridge = made.booted_bridge()
+        refs = [weakref.ref(made)] + ([weakref.ref(bridge)] if bridge is not None else [])
+        del bridge
         del made
         return lambda: any(ref() is not None for ref in refs)
-
-
-def _variant_source(make: Callable[[], LoadedModel]) -> _MadeOnce:
-    return _MadeOnce(make)
 
 
 def _variant_scores(vname: str, variant: VariantSource, split: FactSplit, quant: QuantConfig,
@@ -505,8 +503,8 @@ def measure_update(
     # Q(w) itself only when its numbers are not memoised).
     for i, vname in enumerate(VARIANTS):
         report(0.1 + 0.6 * i / len(VARIANTS), f"evaluating {vname}")
-        variant = _variant_source(lambda vname=vname, qbase=qbase: _measured_variant(model, update, quant, vname,
-                                                                                    qbase, as_codes))
+        variant = _MadeOnce(lambda vname=vname, qbase=qbase: _measured_variant(model, update, quant, vname, qbase,
+                                                                           as_codes))
         if vname not in BASE_VARIANTS:
             variant()  # the update's: always evaluated, and made now, before Q(w) is let go below
         if vname == "after_qbase_delta":

@@ -219,6 +219,10 @@ class LoadedModel:
                 self._bridge = bridge
             return self._bridge
 
+    def booted_bridge(self) -> Any | None:
+        """The bridge :meth:`bridge` booted, or ``None`` when none was (this never boots one)."""
+        return self._bridge
+
     def with_state(self, new_state: dict[str, torch.Tensor], name: str) -> LoadedModel:
         """A new model: ``hf``'s tree with the parameters named in ``new_state`` replaced.
 
